@@ -1,0 +1,55 @@
+"""CortexFlow: fast, verifiable inference for robot vision-language-action policies.
+
+Public API::
+
+    import cortexflow as cf
+    engine = cf.create_pi0_inference(checkpoint_path, num_views=2, backend="pytorch", device="cuda")
+    actions = engine.predict(images, "pick up the cube", state)   # (chunk, action_dim) numpy
+"""
+
+from cortexflow.backends import ComputeBackend, PyTorchBackend, available_backends, register_backend
+from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType
+from cortexflow.engine import VLAInferenceEngine
+from cortexflow.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    CortexFlowError,
+    CortexFlowWarning,
+    InputError,
+    NormStatsError,
+    TokenizerError,
+)
+from cortexflow.factory import create_pi0_inference, create_pi05_inference
+from cortexflow.models.base import VLAModel
+from cortexflow.models.pi0 import Pi0Model, Pi05Model
+from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActionPostprocessor",
+    "BackendType",
+    "BackendUnavailableError",
+    "CheckpointError",
+    "ComputeBackend",
+    "ConfigError",
+    "CortexFlowError",
+    "CortexFlowWarning",
+    "InferenceConfig",
+    "InputError",
+    "ModelConfig",
+    "NormStatsError",
+    "ObservationPreprocessor",
+    "Pi05Model",
+    "Pi0Model",
+    "PyTorchBackend",
+    "TokenizerError",
+    "VLAInferenceEngine",
+    "VLAModel",
+    "VLAModelType",
+    "available_backends",
+    "create_pi0_inference",
+    "create_pi05_inference",
+    "register_backend",
+]

@@ -1,0 +1,54 @@
+"""Compute backends and the registry that maps a backend name to its class.
+
+Only ``pytorch`` ships in this version. A custom backend is any :class:`ComputeBackend` subclass;
+register it under a name with :func:`register_backend`, or pass the class or an instance directly
+as ``backend=`` to the engine factories.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cortexflow.backends.base import ComputeBackend
+from cortexflow.backends.pytorch import PyTorchBackend
+from cortexflow.config import BackendType
+from cortexflow.errors import BackendUnavailableError, ConfigError
+
+_REGISTRY: dict[str, type[ComputeBackend]] = {BackendType.PYTORCH.value: PyTorchBackend}
+
+
+def register_backend(name: str, backend_class: type[ComputeBackend]) -> None:
+    """Make ``backend=name`` create ``backend_class(device, dtype)``."""
+    if not (isinstance(backend_class, type) and issubclass(backend_class, ComputeBackend)):
+        raise ConfigError(f"{backend_class!r} is not a ComputeBackend subclass")
+    _REGISTRY[name.lower()] = backend_class
+
+
+def available_backends() -> list[str]:
+    """Names that ``create_backend`` accepts in this installation."""
+    return sorted(_REGISTRY)
+
+
+def create_backend(
+    backend: "BackendType | str | ComputeBackend | type[ComputeBackend]",
+    device: torch.device,
+    dtype: torch.dtype,
+) -> ComputeBackend:
+    """Build the backend named by ``backend`` (an enum, a name, a class or an instance)."""
+    if isinstance(backend, ComputeBackend):
+        return backend
+    if isinstance(backend, type) and issubclass(backend, ComputeBackend):
+        return backend(device, dtype)
+    name = backend.value if isinstance(backend, BackendType) else str(backend).strip().lower()
+    if name not in _REGISTRY:
+        known = [m.value for m in BackendType]
+        if name in known:
+            raise BackendUnavailableError(
+                f"backend {name!r} is not available in this version of CortexFlow; "
+                f"available backends: {', '.join(available_backends())}"
+            )
+        raise ConfigError(f"unknown backend {backend!r}; available backends: {', '.join(available_backends())}")
+    return _REGISTRY[name](device, dtype)
+
+
+__all__ = ["ComputeBackend", "PyTorchBackend", "available_backends", "create_backend", "register_backend"]

@@ -1,0 +1,221 @@
+"""Public configuration types: which model, which backend, which dimensions, how to run.
+
+``ModelConfig`` holds the architecture (filled from the checkpoint's tensor shapes and config, then
+overridden by the user); ``InferenceConfig`` holds the run-time choices (views, chunk, backend,
+device, dtype, CUDA graphs, tokenizer and norm-stats paths).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import torch
+
+from cortexflow.errors import ConfigError
+
+
+class BackendType(str, Enum):
+    """How a model is computed. ``pytorch`` is the reference every other backend is checked against."""
+
+    PYTORCH = "pytorch"
+    TRITON = "triton"
+    CUDA = "cuda"
+    ONNX = "onnx"
+
+    @classmethod
+    def parse(cls, value: "BackendType | str") -> "BackendType":
+        """Accept an enum member or its name/value in any case (``"triton"``, ``"TRITON"``)."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower()
+            for member in cls:
+                if key in (member.value, member.name.lower()):
+                    return member
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"unknown backend {value!r}; expected one of: {choices}")
+
+
+class VLAModelType(str, Enum):
+    """Which policy architecture a checkpoint holds."""
+
+    PI0 = "pi0"
+    PI05 = "pi05"
+    OPENVLA = "openvla"
+    RT1 = "rt1"
+    RT2 = "rt2"
+
+    @classmethod
+    def parse(cls, value: "VLAModelType | str") -> "VLAModelType":
+        """Accept an enum member or a name such as ``"pi0"``, ``"pi05"``, ``"pi0.5"``."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace(".", "").replace("_", "").replace("-", "")
+            for member in cls:
+                if key in (member.value, member.name.lower()):
+                    return member
+        choices = ", ".join(m.value for m in cls)
+        raise ConfigError(f"unknown model type {value!r}; expected one of: {choices}")
+
+
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+def parse_dtype(value: "torch.dtype | str") -> torch.dtype:
+    """Map ``torch.bfloat16`` / ``"bfloat16"`` / ``"bf16"`` (and the fp16/fp32 spellings) to a dtype."""
+    if isinstance(value, torch.dtype):
+        if value in (torch.bfloat16, torch.float16, torch.float32):
+            return value
+    elif isinstance(value, str):
+        key = value.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+    raise ConfigError(f"unsupported dtype {value!r}; expected bfloat16, float16 or float32")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a Pi0 / Pi0.5 policy. Defaults are the published Pi0 sizes.
+
+    Vision: SigLIP (``vision_*``); prefix LLM: Gemma-2B (``encoder_*``); action expert: Gemma-300M
+    (``decoder_*``). Both Gemmas share ``num_heads``, ``num_kv_heads`` and ``head_dim`` because they
+    attend jointly.
+    """
+
+    model_type: VLAModelType = VLAModelType.PI0
+    image_size: int = 224
+    patch_size: int = 14
+    vision_encoder_dim: int = 1152
+    num_vision_layers: int = 27
+    num_vision_heads: int = 16
+    vision_mlp_dim: int = 4304
+    vision_norm_eps: float = 1e-6
+    encoder_dim: int = 2048
+    num_encoder_layers: int = 18
+    encoder_mlp_dim: int = 16384
+    decoder_dim: int = 1024
+    num_decoder_layers: int = 18
+    decoder_mlp_dim: int = 4096
+    num_heads: int = 8
+    num_kv_heads: int = 1
+    head_dim: int = 256
+    vocab_size: int = 257152
+    rms_norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    action_dim: int = 32
+    chunk_size: int = 50
+    num_diffusion_steps: int = 10
+    max_token_len: int = 48
+    discrete_state_input: bool = False
+
+    def __post_init__(self) -> None:
+        self.model_type = VLAModelType.parse(self.model_type)
+
+    @classmethod
+    def for_model(cls, model_type: "VLAModelType | str", **overrides: Any) -> "ModelConfig":
+        """The published configuration of ``model_type`` (Pi0: prompt 48; Pi0.5: prompt 200, discrete state)."""
+        model_type = VLAModelType.parse(model_type)
+        if model_type == VLAModelType.PI05:
+            base = cls(model_type=model_type, max_token_len=200, discrete_state_input=True)
+        elif model_type == VLAModelType.PI0:
+            base = cls(model_type=model_type)
+        else:
+            raise ConfigError(f"no Pi0-family configuration for model type {model_type.value!r}")
+        return base.replace(**overrides)
+
+    def replace(self, **overrides: Any) -> "ModelConfig":
+        """A copy with the given fields changed; unknown field names raise ``ConfigError``."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise ConfigError(f"unknown ModelConfig field(s) {unknown}; valid fields: {sorted(names)}")
+        return dataclasses.replace(self, **overrides)
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` when the dimensions cannot form a working model."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, int) and not isinstance(value, bool) and value <= 0:
+                problems.append(f"{f.name}={value} must be positive")
+        if self.image_size % self.patch_size:
+            problems.append(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_encoder_dim % self.num_vision_heads:
+            problems.append(
+                f"vision_encoder_dim {self.vision_encoder_dim} not divisible by num_vision_heads {self.num_vision_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            problems.append(f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}")
+        if self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.num_encoder_layers != self.num_decoder_layers:
+            problems.append(
+                f"num_encoder_layers {self.num_encoder_layers} != num_decoder_layers {self.num_decoder_layers}: "
+                "the action expert attends to the prefix layer by layer"
+            )
+        if self.decoder_dim % 2:
+            problems.append(f"decoder_dim {self.decoder_dim} must be even (sin/cos time embedding)")
+        if problems:
+            raise ConfigError("invalid model configuration: " + "; ".join(problems))
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per view (256 for 224/14)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON view (enum as its value)."""
+        data = dataclasses.asdict(self)
+        data["model_type"] = self.model_type.value
+        return data
+
+
+@dataclass
+class InferenceConfig:
+    """Run-time choices of an engine. ``None`` means: take it from the checkpoint / model.
+
+    ``backend`` is a :class:`BackendType`, its name, or a ``ComputeBackend`` class or instance;
+    ``device`` is ``"cuda"``, ``"cuda:N"``, ``"cpu"`` or ``"auto"``; ``normalize=None`` normalises
+    state and actions exactly when norm stats are given."""
+
+    num_views: int = 2
+    chunk_size: int | None = None
+    backend: Any = BackendType.PYTORCH
+    device: str = "cuda"
+    dtype: torch.dtype | str = torch.bfloat16
+    use_cuda_graphs: bool = True
+    tokenizer_path: str | None = None
+    norm_stats_path: str | None = None
+    max_tokenize_len: int | None = None
+    discrete_state_input: bool | None = None
+    normalize: bool | None = None
+    num_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backend, str):
+            self.backend = BackendType.parse(self.backend)
+        self.dtype = parse_dtype(self.dtype)
+        if not isinstance(self.num_views, int) or self.num_views < 1:
+            raise ConfigError(f"num_views must be a positive integer, got {self.num_views!r}")
+        for name in ("chunk_size", "max_tokenize_len", "num_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")

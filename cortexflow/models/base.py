@@ -1,0 +1,69 @@
+"""The model interface: what a policy computes, independent of how (the backend) it is computed."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from cortexflow.config import ModelConfig, VLAModelType
+
+if TYPE_CHECKING:
+    from cortexflow.backends.base import ComputeBackend
+
+Weights = Mapping[str, torch.Tensor]
+
+
+class VLAModel(ABC):
+    """A vision-language-action policy: dimensions, weights, and its forward pass over backend ops.
+
+    Subclasses declare their weights (``get_weight_shapes``), the static per-call buffers
+    (``get_buffer_shapes``), how a raw checkpoint maps onto their weight names
+    (``preprocess_checkpoint``), and the three stages, each written once against the op interface of
+    :class:`~cortexflow.backends.base.ComputeBackend`.
+    """
+
+    model_type: VLAModelType
+
+    def __init__(self, config: ModelConfig):
+        config.validate()
+        self.config = config
+
+    @abstractmethod
+    def get_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical weight name -> shape, for every weight the forward pass reads."""
+
+    @abstractmethod
+    def get_buffer_shapes(self, num_views: int, chunk_size: int, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        """Static input/output buffer name -> shape for one call (the CUDA-graph inputs and outputs)."""
+
+    @abstractmethod
+    def buffer_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the static buffer ``name`` when the model computes in ``compute_dtype``."""
+
+    @abstractmethod
+    def preprocess_checkpoint(self, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Rename a raw state dict (any supported layout) to canonical names; raise on bad keys."""
+
+    def weight_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype weight ``name`` is stored in at run time (default: the compute dtype)."""
+        return compute_dtype
+
+    @abstractmethod
+    def vision_encoder(self, ops: "ComputeBackend", weights: Weights, inputs: Mapping[str, Any]) -> Any:
+        """Stage 1: images -> image tokens."""
+
+    @abstractmethod
+    def transformer_encoder(self, ops: "ComputeBackend", weights: Weights, inputs: Mapping[str, Any]) -> Any:
+        """Stage 2: the prefix pass (prefill), producing what the decoder attends to."""
+
+    @abstractmethod
+    def transformer_decoder(self, ops: "ComputeBackend", weights: Weights, inputs: Mapping[str, Any]) -> Any:
+        """Stage 3: the action decoder (flow-matching steps, token decode, ...)."""
+
+    @abstractmethod
+    def forward(
+        self, backend: "ComputeBackend", weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None
+    ) -> torch.Tensor:
+        """One whole call over the static ``buffers``: runs the three stages through ``backend``."""

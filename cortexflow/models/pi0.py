@@ -1,0 +1,264 @@
+"""Pi0 and Pi0.5 (Physical Intelligence): SigLIP + Gemma-2B prefix, Gemma-300M action expert, flow matching.
+
+Token layout (see ``specs/pi0_pi05.md`` §2): the prefix is ``[V x 256 image tokens][L text tokens]``
+with bidirectional attention among valid tokens; the suffix is ``[state][H actions]`` (Pi0) or
+``[H actions]`` (Pi0.5). RoPE positions count valid tokens only, so masked views and padding take no
+positions. The prefix pass fills a per-layer KV cache that every denoising step reuses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Mapping
+
+import torch
+
+from cortexflow.checkpoints.pi0_layout import match_keys
+from cortexflow.config import ModelConfig, VLAModelType
+from cortexflow.errors import CheckpointError
+from cortexflow.models.base import VLAModel, Weights
+from cortexflow.models.flow_matching import euler_integrate, sinusoidal_time_embedding
+from cortexflow.models.gemma import (
+    adaptive_gemma_layer,
+    gemma_layer,
+    gemma_layer_shapes,
+    modulation,
+    project_qkv,
+)
+from cortexflow.models.siglip import siglip_tower, siglip_weight_shapes
+
+
+def _no_timer(_stage: str):
+    return contextlib.nullcontext()
+
+
+class Pi0Model(VLAModel):
+    """Pi0: state token + action tokens mixed with the time embedding by an MLP; plain RMSNorm expert."""
+
+    model_type = VLAModelType.PI0
+
+    # ---- declarations -------------------------------------------------------------------------
+    def get_weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        shapes = siglip_weight_shapes(c)
+        shapes["projector.weight"] = (c.encoder_dim, c.vision_encoder_dim)
+        shapes["projector.bias"] = (c.encoder_dim,)
+        shapes["llm.embed"] = (c.vocab_size, c.encoder_dim)
+        adaptive = self.model_type == VLAModelType.PI05
+        for i in range(c.num_encoder_layers):
+            shapes.update(gemma_layer_shapes(f"llm.layers.{i}", c.encoder_dim, c.encoder_mlp_dim, c, False))
+        for i in range(c.num_decoder_layers):
+            shapes.update(gemma_layer_shapes(f"expert.layers.{i}", c.decoder_dim, c.decoder_mlp_dim, c, adaptive))
+        if adaptive:
+            shapes["expert.norm_mod.weight"] = (3 * c.decoder_dim, c.decoder_dim)
+            shapes["expert.norm_mod.bias"] = (3 * c.decoder_dim,)
+        else:
+            shapes["expert.norm"] = (c.decoder_dim,)
+        shapes.update(self._head_shapes())
+        return shapes
+
+    def _head_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, a = self.config.decoder_dim, self.config.action_dim
+        shapes = {
+            "state_proj": ((d, a), (d,)),
+            "action_in_proj": ((d, a), (d,)),
+            "action_time_mlp_in": ((d, 2 * d), (d,)),
+            "action_time_mlp_out": ((d, d), (d,)),
+            "action_out_proj": ((a, d), (a,)),
+        }
+        return {f"{k}.{p}": s for k, (w, b) in shapes.items() for p, s in (("weight", w), ("bias", b))}
+
+    def get_buffer_shapes(self, num_views: int, chunk_size: int, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        c = self.config
+        return {
+            "images": (batch_size, num_views, 3, c.image_size, c.image_size),
+            "image_masks": (batch_size, num_views),
+            "token_ids": (batch_size, c.max_token_len),
+            "token_mask": (batch_size, c.max_token_len),
+            "state": (batch_size, c.action_dim),
+            "noise": (batch_size, chunk_size, c.action_dim),
+            "actions": (batch_size, chunk_size, c.action_dim),
+        }
+
+    def buffer_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
+        return {"image_masks": torch.bool, "token_mask": torch.bool, "token_ids": torch.int64}.get(name, torch.float32)
+
+    def weight_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
+        """Patch/position embeddings and RMSNorm scales stay fp32 (as openpi PyTorch keeps them)."""
+        if name.startswith(("vision.patch.", "vision.pos")) or name.endswith("norm"):
+            return torch.float32
+        return compute_dtype
+
+    def preprocess_checkpoint(self, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        match = match_keys(checkpoint.keys(), self.config)
+        if match.missing or match.unexpected:
+            raise CheckpointError(
+                f"checkpoint does not match {self.model_type.value}: "
+                f"missing {match.missing[:20]}{' ...' if len(match.missing) > 20 else ''}; "
+                f"unexpected {match.unexpected[:20]}{' ...' if len(match.unexpected) > 20 else ''}"
+            )
+        return {name: checkpoint[raw] for name, raw in match.sources.items()}
+
+    # ---- stages -------------------------------------------------------------------------------
+    def vision_encoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``images (B, V, 3, S, S)`` fp32 in [-1, 1] -> image tokens ``(B, V*T, D_llm)`` (projected, unscaled)."""
+        images = inputs["images"]
+        b, views = images.shape[:2]
+        tokens = siglip_tower(ops, weights, images.flatten(0, 1), self.config, ops.dtype)
+        tokens = ops.linear(tokens, weights["projector.weight"], weights["projector.bias"])
+        return tokens.reshape(b, views * tokens.shape[1], tokens.shape[2])
+
+    def embed_prefix(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefix embeddings ``(B, P, D)`` = [image tokens, text embeddings x bf16(sqrt(D))] and validity ``(B, P)``."""
+        image_tokens = inputs["image_tokens"]
+        table = weights["llm.embed"]
+        text = ops.embedding(inputs["token_ids"], table)
+        normalizer = torch.tensor(self.config.encoder_dim**0.5, dtype=table.dtype).item()
+        x = torch.cat([image_tokens.to(ops.dtype), (text * normalizer).to(ops.dtype)], dim=1)
+        per_view = image_tokens.shape[1] // inputs["image_masks"].shape[1]
+        valid = torch.cat([inputs["image_masks"].repeat_interleave(per_view, dim=1), inputs["token_mask"]], dim=1)
+        return x, valid
+
+    def transformer_encoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> dict[str, Any]:
+        """Prefix pass over the Gemma-2B layers -> ``{"kv_cache": [(k, v)] per layer, "prefix_mask": (B, P)}``.
+
+        k/v are ``(B, P, Hkv, Dh)`` after RoPE. The last layer computes K/V only (its output is unused)."""
+        c = self.config
+        x, valid = self.embed_prefix(ops, weights, inputs)
+        positions = torch.cumsum(valid.long(), dim=1) - 1
+        mask = valid[:, None, :] & valid[:, :, None]
+        cache = []
+        last = c.num_encoder_layers - 1
+        for i in range(last):
+            x, kv = gemma_layer(ops, weights, f"llm.layers.{i}", x, positions, mask, c)
+            cache.append(kv)
+        h = ops.rms_norm(x, weights[f"llm.layers.{last}.attn_norm"], c.rms_norm_eps)
+        _, k, v = project_qkv(ops, weights, f"llm.layers.{last}", h, positions, c)
+        cache.append((k, v))
+        return {"kv_cache": cache, "prefix_mask": valid}
+
+    def suffix_attention_mask(self, prefix_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """``(B, S, P+S)``: every suffix token sees the valid prefix; the state token sees itself, not the actions."""
+        b = prefix_mask.shape[0]
+        s = chunk_size + 1
+        suffix = torch.ones(s, s, dtype=torch.bool, device=prefix_mask.device)
+        suffix[0, 1:] = False
+        return torch.cat([prefix_mask[:, None, :].expand(b, s, -1), suffix[None].expand(b, s, s)], dim=2)
+
+    def suffix_tokens(self, ops, weights: Weights, x_t: torch.Tensor, t: float, inputs: Mapping[str, Any]):
+        """Pi0 suffix ``[state_proj(state), mlp_out(swish(mlp_in([action_in_proj(x_t), emb(t)])))]`` in fp32."""
+        b, h, _ = x_t.shape
+        d = self.config.decoder_dim
+        state = ops.linear(inputs["state"].float(), weights["state_proj.weight"], weights["state_proj.bias"])
+        actions = ops.linear(x_t, weights["action_in_proj.weight"], weights["action_in_proj.bias"])
+        emb = sinusoidal_time_embedding(t, d, b, x_t.device)
+        mixed = torch.cat([actions, emb[:, None, :].expand(b, h, d)], dim=-1)
+        mixed = ops.silu(ops.linear(mixed, weights["action_time_mlp_in.weight"], weights["action_time_mlp_in.bias"]))
+        mixed = ops.linear(mixed, weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"])
+        return torch.cat([state[:, None, :], mixed], dim=1), None
+
+    def expert_layer(self, ops, weights, i, x, positions, mask, kv, cond):
+        """One action-expert layer (plain RMSNorm for Pi0)."""
+        return gemma_layer(ops, weights, f"expert.layers.{i}", x, positions, mask, self.config, kv)[0]
+
+    def final_norm(self, ops, weights, x, cond):
+        """Expert output norm before ``action_out_proj``."""
+        return ops.rms_norm(x, weights["expert.norm"], self.config.rms_norm_eps)
+
+    def velocity(self, ops, weights: Weights, x_t: torch.Tensor, t: float, ctx: Mapping[str, Any]) -> torch.Tensor:
+        """The flow ``v(x_t, t)`` ``(B, H, A)``: suffix through the 18 expert layers against the prefix cache."""
+        c = self.config
+        tokens, cond = self.suffix_tokens(ops, weights, x_t, t, ctx)
+        x = tokens.to(ops.dtype)
+        for i, kv in enumerate(ctx["kv_cache"]):
+            x = self.expert_layer(ops, weights, i, x, ctx["suffix_positions"], ctx["suffix_mask"], kv, cond)
+        x = self.final_norm(ops, weights, x, cond)[:, -x_t.shape[1]:]
+        return ops.linear(x, weights["action_out_proj.weight"], weights["action_out_proj.bias"]).float()
+
+    def transformer_decoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> torch.Tensor:
+        """``num_diffusion_steps`` Euler steps from ``noise (B, H, A)`` at t=1 to actions at t=0 (fp32)."""
+        noise = inputs["noise"]
+        prefix_mask = inputs["prefix_mask"]
+        chunk = noise.shape[1]
+        mask = self.suffix_attention_mask(prefix_mask, chunk)
+        suffix_len = mask.shape[1]
+        start = prefix_mask.long().sum(dim=1, keepdim=True)
+        positions = start + torch.arange(suffix_len, device=noise.device)[None, :]
+        ctx = dict(inputs, suffix_mask=mask, suffix_positions=positions)
+        step = lambda x_t, t: self.velocity(ops, weights, x_t, t, ctx)  # noqa: E731
+        return euler_integrate(step, noise, self.config.num_diffusion_steps)
+
+    # ---- whole call ---------------------------------------------------------------------------
+    def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None) -> torch.Tensor:
+        """Vision -> prefix -> denoising over the static ``buffers``; writes and returns ``buffers["actions"]``."""
+        timer = timer or _no_timer
+        with timer("vision_encoder"):
+            image_tokens = backend.vision_encoder(self, weights, {"images": buffers["images"]})
+        with timer("transformer_encoder"):
+            prefix = backend.transformer_encoder(
+                self,
+                weights,
+                {
+                    "image_tokens": image_tokens,
+                    "image_masks": buffers["image_masks"],
+                    "token_ids": buffers["token_ids"],
+                    "token_mask": buffers["token_mask"],
+                },
+            )
+        with timer("transformer_decoder"):
+            decoder_inputs = dict(prefix, noise=buffers["noise"])
+            if "state" in buffers:
+                decoder_inputs["state"] = buffers["state"]
+            actions = backend.transformer_decoder(self, weights, decoder_inputs)
+        buffers["actions"].copy_(actions)
+        return buffers["actions"]
+
+
+class Pi05Model(Pi0Model):
+    """Pi0.5: no state token (state is in the prompt), adaptive RMSNorm expert conditioned on time."""
+
+    model_type = VLAModelType.PI05
+
+    def _head_shapes(self) -> dict[str, tuple[int, ...]]:
+        d, a = self.config.decoder_dim, self.config.action_dim
+        shapes = {
+            "action_in_proj": ((d, a), (d,)),
+            "time_mlp_in": ((d, d), (d,)),
+            "time_mlp_out": ((d, d), (d,)),
+            "action_out_proj": ((a, d), (a,)),
+        }
+        return {f"{k}.{p}": s for k, (w, b) in shapes.items() for p, s in (("weight", w), ("bias", b))}
+
+    def get_buffer_shapes(self, num_views: int, chunk_size: int, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+        shapes = super().get_buffer_shapes(num_views, chunk_size, batch_size)
+        del shapes["state"]
+        return shapes
+
+    def suffix_attention_mask(self, prefix_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
+        """``(B, H, P+H)``: actions see the valid prefix and every action."""
+        b = prefix_mask.shape[0]
+        suffix = torch.ones(b, chunk_size, chunk_size, dtype=torch.bool, device=prefix_mask.device)
+        return torch.cat([prefix_mask[:, None, :].expand(b, chunk_size, -1), suffix], dim=2)
+
+    def suffix_tokens(self, ops, weights: Weights, x_t: torch.Tensor, t: float, inputs: Mapping[str, Any]):
+        """Pi0.5 suffix ``action_in_proj(x_t)`` and the time condition ``swish(mlp_out(swish(mlp_in(emb(t)))))``."""
+        b = x_t.shape[0]
+        emb = sinusoidal_time_embedding(t, self.config.decoder_dim, b, x_t.device)
+        cond = ops.silu(ops.linear(emb, weights["time_mlp_in.weight"], weights["time_mlp_in.bias"]))
+        cond = ops.silu(ops.linear(cond, weights["time_mlp_out.weight"], weights["time_mlp_out.bias"]))
+        tokens = ops.linear(x_t, weights["action_in_proj.weight"], weights["action_in_proj.bias"])
+        return tokens, cond
+
+    def expert_layer(self, ops, weights, i, x, positions, mask, kv, cond):
+        """One adaptive-norm expert layer (Pi0.5)."""
+        return adaptive_gemma_layer(ops, weights, f"expert.layers.{i}", x, positions, mask, self.config, kv, cond)
+
+    def final_norm(self, ops, weights, x, cond):
+        """Adaptive final norm: scale and shift from the time condition; its gate is unused."""
+        scale, shift, _ = modulation(ops, weights, "expert.norm_mod", cond)
+        return ops.ada_rms_norm(x, scale, shift, self.config.rms_norm_eps)
+
+
+def model_class(model_type: VLAModelType) -> type[Pi0Model]:
+    """The model class implementing ``model_type``."""
+    return {VLAModelType.PI0: Pi0Model, VLAModelType.PI05: Pi05Model}[model_type]

@@ -1,0 +1,145 @@
+"""Turn one robot observation into model inputs, and model outputs back into robot actions.
+
+``ObservationPreprocessor`` validates and converts images (resize-with-pad, [-1, 1], NCHW), view
+masks, the prompt (tokenised in the Pi0 or Pi0.5 format, or given as ids) and the state
+(normalised, zero-padded); ``ActionPostprocessor`` un-normalises the action chunk. Both are plain
+callables so an engine's ``preprocessor`` / ``postprocessor`` can be replaced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from cortexflow.config import ModelConfig, VLAModelType
+from cortexflow.errors import InputError, NormStatsError, TokenizerError
+from cortexflow.processing import (
+    NormStats,
+    PromptTokenizer,
+    normalize,
+    pad_to_dim,
+    prepare_image_masks,
+    prepare_images,
+    tokenize_ids,
+    tokenize_pi0_prompt,
+    tokenize_pi05_prompt,
+    unnormalize,
+)
+
+
+def normalization_mode(model_type: VLAModelType) -> str:
+    """Pi0 uses z-score statistics, Pi0.5 quantiles (openpi ``use_quantile_norm``)."""
+    return "zscore" if model_type == VLAModelType.PI0 else "quantile"
+
+
+@dataclass
+class ObservationPreprocessor:
+    """Callable: one observation -> dict of CPU tensors named like the model's static buffers.
+
+    Output layout: ``images (V, 3, S, S)`` fp32, ``image_masks (V,)`` bool, ``token_ids (L,)`` int64,
+    ``token_mask (L,)`` bool and, when the model takes it, ``state (A,)`` fp32 (normalised, padded)."""
+
+    config: ModelConfig
+    num_views: int
+    tokenizer: PromptTokenizer | None = None
+    state_stats: NormStats | None = None
+    discrete_state_input: bool = False
+    uses_state_token: bool = True
+
+    def __call__(
+        self,
+        images: Any,
+        prompt: str | None = None,
+        state: Any = None,
+        prompt_tokens: Any = None,
+        image_masks: Any = None,
+    ) -> dict[str, torch.Tensor]:
+        out = {
+            "images": prepare_images(images, self.num_views, self.config.image_size),
+            "image_masks": prepare_image_masks(image_masks, self.num_views),
+        }
+        needs_state = self.uses_state_token or (self.discrete_state_input and prompt_tokens is None)
+        normalized = self.normalized_state(state) if needs_state else None
+        ids, mask = self.tokens(prompt, prompt_tokens, normalized)
+        out["token_ids"] = torch.from_numpy(ids)
+        out["token_mask"] = torch.from_numpy(mask)
+        if self.uses_state_token:
+            out["state"] = torch.from_numpy(pad_to_dim(normalized, self.config.action_dim).astype(np.float32))
+        return out
+
+    def normalized_state(self, state: Any) -> np.ndarray:
+        """The robot state as a finite 1-D fp32 array, normalised when statistics are loaded."""
+        if state is None:
+            raise InputError(
+                f"this {self.config.model_type.value} policy needs the robot state: pass state= as a 1-D array "
+                f"of length {self.state_stats.dim if self.state_stats else f'<= {self.config.action_dim}'}"
+            )
+        if isinstance(state, torch.Tensor):
+            state = state.detach().float().cpu().numpy()
+        try:
+            array = np.asarray(state, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"state must be a 1-D array of numbers, got {type(state).__name__}: {err}") from err
+        if array.ndim != 1 or array.size == 0:
+            raise InputError(f"state must be a non-empty 1-D array, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise InputError(f"state contains NaN or inf at indices {np.flatnonzero(~np.isfinite(array)).tolist()}")
+        if self.state_stats is not None:
+            if array.size != self.state_stats.dim:
+                raise InputError(
+                    f"state has length {array.size} but the norm stats describe a state of length {self.state_stats.dim}"
+                )
+            return normalize(array, self.state_stats, normalization_mode(self.config.model_type))
+        if array.size > self.config.action_dim:
+            raise InputError(f"state has length {array.size}; the model takes at most {self.config.action_dim} values")
+        return array
+
+    def tokens(self, prompt: str | None, prompt_tokens: Any, normalized_state: np.ndarray | None):
+        """Token ids and mask ``(max_token_len,)`` from a string prompt or from given ids."""
+        max_len = self.config.max_token_len
+        if prompt is not None and prompt_tokens is not None:
+            raise InputError("pass either task_prompt or prompt_tokens, not both")
+        if prompt_tokens is not None:
+            return tokenize_ids(prompt_tokens, max_len, self.config.vocab_size)
+        if prompt is None:
+            raise InputError("no prompt: pass task_prompt (with a tokenizer) or prompt_tokens (token ids)")
+        if not isinstance(prompt, str):
+            raise InputError(f"task_prompt must be a string, got {type(prompt).__name__}")
+        if self.tokenizer is None:
+            raise TokenizerError(
+                "a string prompt needs a tokenizer: pass tokenizer_path= (a PaliGemma tokenizer.model or a "
+                "Hugging Face tokenizer folder), or pass prompt_tokens= with token ids"
+            )
+        if self.discrete_state_input:
+            return tokenize_pi05_prompt(self.tokenizer, prompt, normalized_state, max_len)
+        return tokenize_pi0_prompt(self.tokenizer, prompt, max_len)
+
+
+@dataclass
+class ActionPostprocessor:
+    """Callable: normalised action chunk ``(..., H, A)`` -> robot actions (un-normalised when stats exist)."""
+
+    model_type: VLAModelType
+    action_stats: NormStats | None = None
+
+    def __call__(self, actions: np.ndarray) -> np.ndarray:
+        if self.action_stats is None:
+            return actions
+        return unnormalize(actions, self.action_stats, normalization_mode(self.model_type)).astype(np.float32)
+
+
+def split_norm_stats(stats: dict[str, NormStats] | None, normalize_requested: bool | None):
+    """(state stats, action stats) to use, checking that normalisation asked for has its statistics."""
+    if normalize_requested is False:
+        return None, None
+    if stats is None:
+        if normalize_requested:
+            raise NormStatsError(
+                "normalize=True but no norm stats were given: pass norm_stats_path= (an openpi norm_stats.json, "
+                "a checkpoint folder with assets/*/norm_stats.json, or LeRobot stats)"
+            )
+        return None, None
+    return stats.get("state"), stats.get("actions")

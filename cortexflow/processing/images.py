@@ -1,0 +1,180 @@
+"""Camera image pre-processing for Pi0 / Pi0.5: validation, resize-with-pad and scaling to [-1, 1].
+
+Images arrive as HWC RGB, either ``uint8`` in [0, 255] or floating point in [-1, 1]; the model consumes
+float32 NCHW in [-1, 1] at 224x224 (openpi ``ResizeImages`` followed by ``x / 255 * 2 - 1``).
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cortexflow.errors import InputError
+
+FLOAT_RANGE_TOLERANCE = 1e-3
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+
+
+def resize_with_pad(image: np.ndarray, height: int = 224, width: int = 224) -> np.ndarray:
+    """Resize an HWC image to fit ``height`` x ``width`` keeping its aspect ratio, then pad to that size.
+
+    openpi semantics: ``ratio = max(w / width, h / height)``, the image is resized bilinearly (antialiased,
+    like PIL) to ``(int(h / ratio), int(w / ratio))`` and pasted at offset ``int((target - new) / 2)`` on a
+    black background: 0 for ``uint8`` images, -1.0 for float images in [-1, 1]. ``uint8`` results are
+    rounded and clipped back to ``uint8``; float results are float32. An image already of the target size
+    is returned unchanged.
+    """
+    cur_height, cur_width = image.shape[:2]
+    if (cur_height, cur_width) == (height, width):
+        return image
+    ratio = max(cur_width / width, cur_height / height)
+    new_height = max(1, int(cur_height / ratio))
+    new_width = max(1, int(cur_width / ratio))
+    resized = _resize_bilinear(image, new_height, new_width)
+
+    background = 0 if image.dtype == np.uint8 else -1.0
+    out = np.full((height, width, image.shape[2]), background, dtype=resized.dtype)
+    top = int((height - new_height) / 2)
+    left = int((width - new_width) / 2)
+    out[top : top + new_height, left : left + new_width] = resized
+    return out
+
+
+def _resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Antialiased bilinear resize of an HWC image; ``uint8`` in gives rounded ``uint8`` out, else float32."""
+    chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    resized = F.interpolate(
+        chw[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )[0].permute(1, 2, 0)
+    if image.dtype == np.uint8:
+        return resized.round().clamp(0, 255).to(torch.uint8).numpy()
+    return resized.numpy()
+
+
+def prepare_images(images, num_views: int, image_size: int = 224) -> torch.Tensor:
+    """Validate camera images and turn them into a float32 ``(num_views, 3, image_size, image_size)`` tensor.
+
+    ``images`` is a ``(V, H, W, 3)`` numpy array or torch tensor, a list/tuple of V HWC arrays or tensors
+    (views may differ in size), or a single HWC image when ``num_views == 1``. ``uint8`` views are
+    resized-with-pad as ``uint8`` and then mapped to ``x / 255 * 2 - 1``; float views must already lie in
+    [-1, 1] and are resized-with-pad in float32. The result is NCHW in [-1, 1] on the CPU.
+    """
+    views = _split_views(images, num_views)
+    prepared = [_prepare_view(view, index, image_size) for index, view in enumerate(views)]
+    return torch.stack(prepared)
+
+
+def _split_views(images, num_views: int) -> list:
+    """Return the views of ``images`` as a list of HWC arrays/tensors, checking their count."""
+    if isinstance(images, (np.ndarray, torch.Tensor)):
+        if images.ndim == 4:
+            views = list(images)
+        elif images.ndim == 3 and num_views == 1:
+            views = [images]
+        elif images.ndim == 3:
+            raise InputError(
+                f"got a single HWC image of shape {tuple(images.shape)} but num_views={num_views}; "
+                f"expected a ({num_views}, H, W, 3) array or a list of {num_views} HWC images"
+            )
+        else:
+            raise InputError(
+                f"images have rank {images.ndim} (shape {tuple(images.shape)}); expected a (V, H, W, 3) "
+                "array, a list of HWC images, or one HWC image when num_views == 1"
+            )
+    elif isinstance(images, Sequence) and not isinstance(images, (str, bytes)):
+        views = list(images)
+    else:
+        raise InputError(
+            f"images of type {type(images).__name__} are not supported; expected a numpy array, "
+            "a torch tensor, or a list/tuple of HWC images"
+        )
+    if len(views) != num_views:
+        raise InputError(f"got {len(views)} camera views, expected num_views={num_views}")
+    return views
+
+
+def _prepare_view(view, index: int, image_size: int) -> torch.Tensor:
+    """Validate one HWC view, resize-with-pad it and return it as float32 CHW in [-1, 1]."""
+    image = _to_numpy(view, index)
+    _check_shape(image, index)
+    if image.dtype == np.uint8:
+        resized = resize_with_pad(image, image_size, image_size).astype(np.float32) / 255.0 * 2.0 - 1.0
+    else:
+        _check_float_range(image, index)
+        image = np.clip(image.astype(np.float32), -1.0, 1.0)
+        resized = resize_with_pad(image, image_size, image_size)
+    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+
+
+def _to_numpy(view, index: int) -> np.ndarray:
+    """Return view ``index`` as a numpy array of an accepted dtype (``uint8`` or float)."""
+    if isinstance(view, torch.Tensor):
+        view = view.detach().cpu()
+        if view.dtype == torch.bfloat16:
+            view = view.float()
+        view = view.numpy()
+    if not isinstance(view, np.ndarray):
+        raise InputError(
+            f"view {index} is of type {type(view).__name__}; expected a numpy array or torch tensor"
+        )
+    if view.dtype != np.uint8 and view.dtype not in _FLOAT_DTYPES:
+        raise InputError(
+            f"view {index} has dtype {view.dtype}; expected uint8 in [0, 255] or float "
+            "(float16/float32/float64/bfloat16) in [-1, 1]"
+        )
+    return view
+
+
+def _check_shape(image: np.ndarray, index: int) -> None:
+    """Check that view ``index`` is a non-empty HWC image with 3 channels."""
+    if image.ndim != 3:
+        raise InputError(
+            f"view {index} has rank {image.ndim} (shape {image.shape}); expected an HWC image (H, W, 3)"
+        )
+    if image.shape[2] != 3:
+        hint = " It looks like CHW; transpose it to HWC." if image.shape[0] == 3 else ""
+        raise InputError(
+            f"view {index} has shape {image.shape} with {image.shape[2]} channels; "
+            f"expected an HWC RGB image (H, W, 3).{hint}"
+        )
+    if image.shape[0] == 0 or image.shape[1] == 0:
+        raise InputError(f"view {index} is empty (shape {image.shape}); expected H > 0 and W > 0")
+
+
+def _check_float_range(image: np.ndarray, index: int) -> None:
+    """Check that float view ``index`` is finite and within [-1, 1] (up to ``FLOAT_RANGE_TOLERANCE``)."""
+    if not np.isfinite(image).all():
+        raise InputError(f"view {index} contains NaN or inf; expected finite values in [-1, 1]")
+    low, high = float(image.min()), float(image.max())
+    if low < -1.0 - FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
+        raise InputError(
+            f"float view {index} has values in [{low:.4g}, {high:.4g}]; expected uint8 in [0, 255] "
+            "or float in [-1, 1]"
+        )
+
+
+def prepare_image_masks(image_masks, num_views: int) -> torch.Tensor:
+    """Return a bool ``(num_views,)`` tensor saying which camera views are valid.
+
+    ``None`` means every view is valid. Otherwise ``image_masks`` is a list, numpy array or tensor of
+    ``num_views`` booleans (0/1 integers are accepted too); at least one view must be valid.
+    """
+    if image_masks is None:
+        return torch.ones(num_views, dtype=torch.bool)
+    if isinstance(image_masks, torch.Tensor):
+        image_masks = image_masks.detach().cpu().numpy()
+    masks = np.asarray(image_masks)
+    if masks.shape != (num_views,):
+        raise InputError(
+            f"image_masks has shape {masks.shape}; expected {num_views} booleans, one per view"
+        )
+    if masks.dtype != np.bool_:
+        if not np.issubdtype(masks.dtype, np.integer) or not np.isin(masks, (0, 1)).all():
+            raise InputError(
+                f"image_masks {masks.tolist()} are not booleans; expected True/False for each view"
+            )
+        masks = masks.astype(np.bool_)
+    if not masks.any():
+        raise InputError("image_masks are all False; expected at least one valid camera view")
+    return torch.from_numpy(masks.copy())
