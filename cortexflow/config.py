@@ -211,7 +211,10 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
-            self.backend = BackendType.parse(self.backend)
+            try:
+                self.backend = BackendType.parse(self.backend)
+            except ConfigError:  # maybe a name given to register_backend; checked when the backend is created
+                self.backend = self.backend.strip().lower()
         self.dtype = parse_dtype(self.dtype)
         if not isinstance(self.num_views, int) or self.num_views < 1:
             raise ConfigError(f"num_views must be a positive integer, got {self.num_views!r}")
