@@ -253,7 +253,8 @@ class VLAInferenceEngine:
                 self._graph(batch).replay()
             else:
                 self.model.forward(self.backend, self.weights, buffers, timer)
-            actions = buffers["actions"].cpu().numpy()
+            # A copy: on CPU .cpu() would alias the static buffer that the next call overwrites.
+            actions = buffers["actions"].to("cpu", copy=True).numpy()
         finished = time.perf_counter()
         result = self.postprocessor(actions)
         self.last_timings = {"preprocess": (prepared - start) * 1e3, **timer.times_ms}

@@ -119,6 +119,8 @@ def _read_header(file: Path) -> dict[str, TensorInfo]:
             if header_len <= 0 or header_len + 8 > size:
                 raise ValueError(f"header length {header_len} does not fit a file of {size} bytes")
             header = json.loads(handle.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{file} is not a valid safetensors file (corrupt or truncated): {err}") from err
     data_len = size - 8 - header_len

@@ -24,6 +24,8 @@ from cortexflow.checkpoints.pi0_layout import (
     LANGUAGE,
     VISION,
     LayoutMatch,
+    _LEGACY_PREFIXES,
+    canonical_to_openpi,
     detect_layout,
     detect_model_type,
     match_keys,
@@ -184,12 +186,32 @@ def inspect_checkpoint(
         num_parameters=0,
         dtypes=dtypes,
         total_bytes=files.total_bytes,
-        missing=list(match.missing),
+        missing=_missing_keys(match, config),
         unexpected=list(match.unexpected),
         skipped=list(match.skipped),
     )
     _check_tensors(files, model, match, report)
     return report
+
+
+def _missing_keys(match: LayoutMatch, config: ModelConfig) -> list[str]:
+    """Each missing weight as ``<key expected in the checkpoint's layout> (<canonical name>)``."""
+    names = canonical_to_openpi(config)
+    out = []
+    for canonical in match.missing:
+        key = names.get(canonical)
+        if key is None:
+            out.append(canonical)
+            continue
+        if match.layout == "lerobot-legacy":
+            for old, new in _LEGACY_PREFIXES:
+                if key.startswith(new):
+                    key = old + key[len(new):]
+                    break
+        if match.layout.startswith("lerobot"):
+            key = "model." + key
+        out.append(f"{key} ({canonical})")
+    return out
 
 
 def _check_tensors(files: CheckpointFiles, model: Pi0Model, match: LayoutMatch, report: CheckpointReport) -> None:

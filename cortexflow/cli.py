@@ -1,0 +1,648 @@
+"""The ``cortexflow`` command line: ``demo``, ``run`` and ``info``.
+
+Every :class:`~cortexflow.errors.CortexFlowError` becomes one red ``error: ...`` line on stderr and exit
+code 2; ``info`` exits 1 when the checkpoint has key problems. ``run`` prints its result as JSON on
+stdout and everything else (progress, warnings) on stderr, so its output can be piped.
+"""
+
+import functools
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Callable, List, Optional
+
+import numpy as np
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from cortexflow.config import VLAModelType, dtype_name, parse_dtype
+from cortexflow.errors import ConfigError, CortexFlowError, CortexFlowWarning, InputError, TokenizerError
+
+app = typer.Typer(
+    name="cortexflow",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+EXIT_PROBLEMS = 1
+EXIT_ERROR = 2
+IMAGE_SUFFIXES_PIL = (".png", ".jpg", ".jpeg")
+STAGE_ROWS = (
+    ("preprocess", "preprocess (validate, resize, tokenise)"),
+    ("vision_encoder", "vision_encoder (SigLIP)"),
+    ("transformer_encoder", "transformer_encoder (prefix LLM)"),
+    ("transformer_decoder", "transformer_decoder (action expert, all steps)"),
+)
+
+
+# ---- output helpers -----------------------------------------------------------------------------
+def _stdout() -> Console:
+    console = Console(highlight=False, soft_wrap=False)
+    if not console.is_terminal:  # pipes and test runners: do not squeeze tables into 80 columns
+        console = Console(highlight=False, width=max(console.width, 120))
+    return console
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _error_line(message: str) -> None:
+    """One red line on stderr (rich markup in the message is not interpreted)."""
+    _stderr().print(Text("error: " + " ".join(message.split()), style="bold red"))
+
+
+def _warning_line(message: str) -> None:
+    _stderr().print(Text("warning: " + " ".join(message.split()), style="yellow"))
+
+
+def _cli_errors(func: Callable) -> Callable:
+    """Turn CortexFlowError into ``error: ...`` + exit 2, and CortexFlowWarning into ``warning: ...`` lines."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CortexFlowWarning)
+            try:
+                return func(*args, **kwargs)
+            except CortexFlowError as err:
+                _error_line(str(err) or type(err).__name__)
+                raise typer.Exit(EXIT_ERROR) from None
+            finally:
+                for item in caught:
+                    if issubclass(item.category, CortexFlowWarning):
+                        _warning_line(str(item.message))
+                    else:
+                        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+
+    return wrapper
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _human_count(n: int) -> str:
+    for limit, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= limit:
+            return f"{n:,} ({n / limit:.2f}{suffix})"
+    return f"{n:,}"
+
+
+# ---- argument parsing ---------------------------------------------------------------------------
+def parse_model_config(value: Optional[str]) -> Optional[dict]:
+    """``--model-config``: a JSON object, or the path of a JSON file holding one (ModelConfig field overrides)."""
+    if value is None:
+        return None
+    text = value.strip()
+    source = "--model-config"
+    if not text.startswith("{"):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise ConfigError(
+                f"--model-config {value!r} is neither a JSON object nor an existing JSON file"
+            )
+        try:
+            text = path.read_text()
+        except OSError as err:
+            raise ConfigError(f"cannot read --model-config file {path}: {err}") from err
+        source = str(path)
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        raise ConfigError(f"{source} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source} must be a JSON object of ModelConfig fields, got {type(data).__name__}")
+    return data
+
+
+def _parse_number_list(value: str, option: str, kind: type) -> list:
+    items = [item.strip() for item in value.replace(";", ",").split(",")]
+    if value.strip().startswith("["):
+        try:
+            parsed = json.loads(value)
+        except ValueError as err:
+            raise InputError(f"{option} {value!r} is not a valid JSON list: {err}") from err
+        if not isinstance(parsed, list):
+            raise InputError(f"{option} must be a list of numbers, got {value!r}")
+        items = [str(v) for v in parsed]
+    if not items or any(item == "" for item in items):
+        raise InputError(f"{option} {value!r} has an empty entry; expected comma-separated numbers like '1,2,3'")
+    out = []
+    for item in items:
+        try:
+            out.append(kind(item))
+        except ValueError:
+            what = "an integer token id" if kind is int else "a number"
+            raise InputError(f"{option}: {item!r} is not {what}") from None
+    return out
+
+
+def parse_prompt_tokens(value: Optional[str]) -> Optional[np.ndarray]:
+    """``--prompt-tokens "2,15,7"`` -> int64 ids."""
+    if value is None:
+        return None
+    return np.asarray(_parse_number_list(value, "--prompt-tokens", int), dtype=np.int64)
+
+
+def load_state(state: Optional[str], state_file: Optional[Path]) -> Optional[np.ndarray]:
+    """``--state "0.1,0.2"`` or ``--state-file`` (.npy array, or .json list / {"state": [...]})."""
+    if state is not None and state_file is not None:
+        raise InputError("pass either --state or --state-file, not both")
+    if state is not None:
+        return np.asarray(_parse_number_list(state, "--state", float), dtype=np.float32)
+    if state_file is None:
+        return None
+    path = Path(state_file).expanduser()
+    if not path.is_file():
+        raise InputError(f"state file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data = np.load(path, allow_pickle=False)
+        elif suffix == ".json":
+            data = json.loads(path.read_text())
+            if isinstance(data, dict):
+                if "state" not in data:
+                    raise InputError(f"state file {path} holds a JSON object without a 'state' entry")
+                data = data["state"]
+        else:
+            raise InputError(f"state file {path} has suffix {suffix!r}; expected .npy or .json")
+    except (OSError, ValueError) as err:
+        raise InputError(f"cannot read state file {path}: {err}") from err
+    try:
+        return np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"state file {path} does not hold a list of numbers: {err}") from err
+
+
+def load_image(path: Path) -> np.ndarray:
+    """One HWC image from ``.npy`` (uint8 or float in [-1, 1]) or, with Pillow installed, PNG/JPEG (RGB uint8)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"image file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise InputError(f"image path {str(path)!r} is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read image {path} as a .npy array: {err}") from err
+    if suffix in IMAGE_SUFFIXES_PIL:
+        try:
+            from PIL import Image
+        except ImportError:
+            raise InputError(
+                f"reading {suffix} image {path} needs Pillow, which is not installed: pip install pillow, "
+                "or save the image as an HWC uint8 .npy file (numpy.save)"
+            ) from None
+        try:
+            with Image.open(path) as img:
+                return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        except Exception as err:  # Pillow raises several types for unreadable files
+            raise InputError(f"cannot read image {path}: {err}") from err
+    raise InputError(f"image {path} has suffix {suffix!r}; expected .npy (HWC uint8 or float) or .png/.jpg/.jpeg")
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """``auto`` -> bfloat16 on a GPU, float32 on the CPU; else the name, validated."""
+    from cortexflow.engine import resolve_device
+
+    if dtype.strip().lower() == "auto":
+        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
+    return dtype_name(parse_dtype(dtype))
+
+
+def detect_model(checkpoint: Path, model: str, model_config: Optional[dict]) -> VLAModelType:
+    """``--model auto`` -> the type found in the checkpoint's tensors; else the parsed name."""
+    from cortexflow.checkpoints.loader import inspect_checkpoint
+
+    if model.strip().lower() == "auto":
+        return inspect_checkpoint(checkpoint, model_config).model_type
+    model_type = VLAModelType.parse(model)
+    if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
+        raise ConfigError(f"--model {model!r}: this version runs pi0 and pi05 checkpoints only")
+    return model_type
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def _version_callback(value: bool) -> None:
+    if value:
+        from cortexflow import __version__
+
+        typer.echo(f"cortexflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """CortexFlow: fast, verifiable inference for robot vision-language-action policies (Pi0, Pi0.5).
+
+    Start with `cortexflow demo` (no checkpoint needed), inspect a checkpoint with `cortexflow info`,
+    and run one observation through a checkpoint with `cortexflow run`."""
+
+
+@app.command("demo", short_help="Build and run a tiny random Pi0/Pi0.5 on a synthetic observation (no checkpoint needed).")
+@_cli_errors
+def demo_command(
+    model: Annotated[
+        str, typer.Option("--model", "-m", metavar='NAME', help="Which policy to build: pi0 (continuous state token) or pi05 (state in the prompt).")
+    ] = "pi0",
+    views: Annotated[int, typer.Option("--views", metavar='N', help="Number of camera views (synthetic 480x640 images).")] = 2,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", metavar='N', help="Flow-matching denoising steps [default: 3, the demo model's].")
+    ] = None,
+    chunk: Annotated[
+        Optional[int], typer.Option("--chunk", metavar='N', help="Action chunk length (rows of the output) [default: 5].")
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar='N', help="Seed of the random weights, the synthetic observation and the noise.")
+    ] = 0,
+    repeat: Annotated[
+        int, typer.Option("--repeat", metavar='N', help="How many times to call predict (first call + median of the rest).")
+    ] = 3,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (config, actions, latencies, stage timings) instead of tables.")
+    ] = False,
+) -> None:
+    """Build a small deterministic random Pi0/Pi0.5, run it on a synthetic observation, print actions and timings.
+
+    The model is written as a real openpi-layout model.safetensors into a temporary folder and loaded
+    through create_pi0_inference / create_pi05_inference on CPU in float32, so this exercises the same
+    path as a real checkpoint. The demo model has no tokenizer: the prompt "pick up the red cube" is fed
+    as byte ids ([BOS=2] + its UTF-8 bytes mod the vocabulary size). Same seed -> identical actions.
+    """
+    from cortexflow.demo import build_demo_engine, demo_observation, run_demo
+
+    if repeat < 1:
+        raise ConfigError(f"--repeat must be at least 1, got {repeat}")
+    with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed) as demo:
+        observation = demo_observation(demo.engine, seed=seed)
+        result = run_demo(demo, observation, seed=seed, repeat=repeat)
+        if json_output:
+            typer.echo(json.dumps(_demo_json(demo, observation, result), indent=2))
+        else:
+            _print_demo(demo, observation, result)
+
+
+def _stage_rows(timings: dict) -> list[tuple[str, float, float]]:
+    total = timings.get("total", 0.0)
+    rows = []
+    for key, _label in STAGE_ROWS:
+        value = timings.get(key, 0.0)
+        rows.append((key, value, 100.0 * value / total if total else 0.0))
+    other = max(0.0, total - sum(v for _, v, _ in rows))
+    rows.append(("other", other, 100.0 * other / total if total else 0.0))
+    rows.append(("total", total, 100.0 if total else 0.0))
+    return rows
+
+
+def _demo_json(demo, observation, result) -> dict:
+    return {
+        "model": demo.model_type.value,
+        "config": demo.config.to_dict(),
+        "num_parameters": demo.num_parameters,
+        "checkpoint": {"path": str(demo.checkpoint_dir / "model.safetensors"), "layout": demo.layout,
+                       "bytes": demo.checkpoint_bytes, "temporary": True},
+        "device": str(demo.engine.device),
+        "dtype": dtype_name(demo.engine.dtype),
+        "seed": demo.seed,
+        "tokenizer": None,
+        "prompt": observation.prompt,
+        "prompt_token_ids": observation.prompt_tokens.tolist(),
+        "prompt_encoding": "no tokenizer: [BOS=2] + UTF-8 bytes mod vocab_size",
+        "image_shape": list(observation.images.shape),
+        "state": observation.state.tolist(),
+        "actions": result.actions.tolist(),
+        "shape": list(result.actions.shape),
+        "deterministic": result.deterministic,
+        "latency_ms": {"first": result.first_ms, "median_rest": result.median_rest_ms, "all": result.latencies_ms},
+        "timings_ms": {name: value for name, value, _ in _stage_rows(result.timings_ms)},
+    }
+
+
+def _print_demo(demo, observation, result) -> None:
+    out = _stdout()
+    cfg = demo.config
+    out.print(Text(f"CortexFlow demo: a tiny random {cfg.model_type.value} policy on CPU (float32)", style="bold"))
+    built = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    built.add_column(style="cyan", no_wrap=True)
+    built.add_column()
+    built.add_row("model", f"{cfg.model_type.value}, deterministic random weights (seed {demo.seed})")
+    built.add_row(
+        "vision", f"SigLIP-style, {cfg.image_size}px / {cfg.patch_size}px patches ({cfg.num_patches} tokens per view), "
+        f"width {cfg.vision_encoder_dim}, {cfg.num_vision_layers} layers, {cfg.num_vision_heads} heads, mlp {cfg.vision_mlp_dim}"
+    )
+    built.add_row(
+        "prefix LLM", f"Gemma-style, width {cfg.encoder_dim}, {cfg.num_encoder_layers} layers, mlp {cfg.encoder_mlp_dim}, "
+        f"vocab {cfg.vocab_size}, prompt <= {cfg.max_token_len} tokens"
+    )
+    built.add_row(
+        "action expert", f"width {cfg.decoder_dim}, {cfg.num_decoder_layers} layers, mlp {cfg.decoder_mlp_dim}, "
+        f"{cfg.num_heads} heads / {cfg.num_kv_heads} kv head(s) x {cfg.head_dim}"
+    )
+    built.add_row(
+        "actions", f"chunk {cfg.chunk_size} x action_dim {cfg.action_dim}, {cfg.num_diffusion_steps} flow-matching steps"
+    )
+    built.add_row("parameters", _human_count(demo.num_parameters))
+    built.add_row(
+        "checkpoint", f"{demo.checkpoint_dir / 'model.safetensors'} ({demo.layout} layout, "
+        f"{_human_bytes(demo.checkpoint_bytes)}, temporary: removed on exit)"
+    )
+    v, h, w, c = observation.images.shape
+    built.add_row("observation", f"{v} synthetic camera view{'s' if v != 1 else ''} {h}x{w}x{c} uint8 (gradients + a red square)")
+    built.add_row("state", "[" + ", ".join(f"{s:.3f}" for s in observation.state) + "]")
+    built.add_row(
+        "prompt", f"{observation.prompt!r} -> {len(observation.prompt_tokens)} token ids. The demo model has no "
+        f"tokenizer: ids are [BOS=2] + the UTF-8 bytes mod {cfg.vocab_size}"
+        + (" of openpi's Pi0.5 text 'Task: ..., State: <bins>;\\nAction: '" if cfg.discrete_state_input else "")
+    )
+    out.print(built)
+    out.print()
+
+    actions = result.actions
+    max_rows = 10
+    table = Table(title=f"Action chunk {tuple(actions.shape)}", box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column("step", justify="right", style="cyan")
+    for j in range(actions.shape[1]):
+        table.add_column(f"a{j}", justify="right")
+    for i, row in enumerate(actions[:max_rows]):
+        table.add_row(str(i), *(f"{x:+.4f}" for x in row))
+    out.print(table)
+    if actions.shape[0] > max_rows:
+        out.print(f"  ... {actions.shape[0] - max_rows} more rows (use --json for all)")
+
+    median = result.median_rest_ms
+    latency = f"first call {result.first_ms:.1f} ms"
+    if median is not None:
+        latency += f", median of the other {len(result.latencies_ms) - 1}: {median:.1f} ms"
+    out.print(Text("latency: ", style="bold") + Text(latency))
+    same = "yes" if result.deterministic else "NO"
+    out.print(Text("deterministic: ", style="bold") + Text(
+        f"{same} (all {len(result.latencies_ms)} calls with seed {demo.seed} gave identical actions)"
+        if result.deterministic else f"{same}: calls with the same noise differed"
+    ))
+    out.print()
+
+    stages = Table(title="Stage timings of the last call", box=box.SIMPLE_HEAD, title_justify="left")
+    stages.add_column("stage")
+    stages.add_column("ms", justify="right")
+    stages.add_column("%", justify="right")
+    labels = dict(STAGE_ROWS)
+    labels["other"] = "other (buffer copies, post-processing)"
+    for name, value, percent in _stage_rows(result.timings_ms):
+        style = "bold" if name == "total" else None
+        stages.add_row(labels.get(name, name), f"{value:.2f}", f"{percent:.1f}", style=style)
+    out.print(stages)
+
+
+@app.command("run", short_help="Run one observation through a checkpoint; print the actions as JSON.")
+@_cli_errors
+def run_command(
+    checkpoint: Annotated[
+        Path,
+        typer.Option("--checkpoint", "-c", metavar='PATH', help="Checkpoint: a model.safetensors file, or a folder (openpi PyTorch, LeRobot, sharded with an index)."),
+    ],
+    image: Annotated[
+        List[Path],
+        typer.Option("--image", "-i", metavar='FILE', help="One camera view per --image, in the model's view order: .npy (HWC uint8, or float in [-1,1]) or PNG/JPEG (needs Pillow). Any size; resized-with-pad to 224."),
+    ],
+    prompt: Annotated[
+        Optional[str], typer.Option("--prompt", "-p", metavar='TEXT', help="Task instruction text (needs --tokenizer).")
+    ] = None,
+    prompt_tokens: Annotated[
+        Optional[str],
+        typer.Option("--prompt-tokens", metavar='IDS', help="Token ids instead of --prompt, comma-separated ('2,15,7') or a JSON list; no BOS is added."),
+    ] = None,
+    state: Annotated[
+        Optional[str], typer.Option("--state", metavar='NUMBERS', help="Robot state, comma-separated numbers ('0.1,0.2,...') or a JSON list.")
+    ] = None,
+    state_file: Annotated[
+        Optional[Path], typer.Option("--state-file", metavar='FILE', help="Robot state from a .npy array or a .json list (or {\"state\": [...]}).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option("--model", "-m", metavar='NAME', help="auto (detect from the checkpoint's tensors), pi0 or pi05.")
+    ] = "auto",
+    views: Annotated[
+        Optional[int], typer.Option("--views", metavar='N', help="Number of camera views the engine expects [default: the number of --image].")
+    ] = None,
+    tokenizer: Annotated[
+        Optional[Path], typer.Option("--tokenizer", metavar='PATH', help="PaliGemma tokenizer.model (SentencePiece), tokenizer.json, or a folder holding one.")
+    ] = None,
+    norm_stats: Annotated[
+        Optional[Path],
+        typer.Option("--norm-stats", metavar='PATH', help="Normalisation stats: openpi norm_stats.json, LeRobot stats .json/.safetensors, or a folder with assets/*/norm_stats.json. When given, state is normalised and actions un-normalised."),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", metavar='DEVICE', help="auto (GPU if there is one), cpu, cuda or cuda:N.")
+    ] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", metavar='DTYPE', help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")
+    ] = "auto",
+    backend: Annotated[
+        str, typer.Option("--backend", metavar='NAME', help="Compute backend; this version ships 'pytorch'.")
+    ] = "pytorch",
+    chunk: Annotated[
+        Optional[int], typer.Option("--chunk", metavar='N', help="Action chunk length [default: from the checkpoint's config, else 50].")
+    ] = None,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", metavar='N', help="Flow-matching denoising steps [default: from the checkpoint's config, else 10].")
+    ] = None,
+    seed: Annotated[
+        Optional[int], typer.Option("--seed", metavar='N', help="Seed the starting noise for reproducible actions [default: fresh random noise].")
+    ] = None,
+    mask_view: Annotated[
+        Optional[List[int]], typer.Option("--mask-view", metavar='I', help="Index (0-based) of a view to mark absent; repeat for several.")
+    ] = None,
+    model_config: Annotated[
+        Optional[str],
+        typer.Option("--model-config", metavar='JSON|FILE', help="ModelConfig field overrides as a JSON object ('{\"max_token_len\": 64}') or the path of a JSON file."),
+    ] = None,
+    cuda_graphs: Annotated[
+        bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture a CUDA graph (pays off only over many calls).")
+    ] = False,
+) -> None:
+    """Run one observation through a checkpoint and print the action chunk as JSON on stdout.
+
+    Output: {"actions": [[...]], "shape": [chunk, action_dim], "model": "pi0", "latency_ms": ...,
+    "timings_ms": {...}}. Progress and warnings go to stderr.
+    """
+    from cortexflow.engine import resolve_device
+    from cortexflow.factory import create_pi0_inference, create_pi05_inference
+
+    err = _stderr()
+    if not image:
+        raise InputError("pass at least one --image")
+    overrides = parse_model_config(model_config)
+    tokens = parse_prompt_tokens(prompt_tokens)
+    if prompt is not None and tokens is not None:
+        raise InputError("pass either --prompt or --prompt-tokens, not both")
+    if prompt is None and tokens is None:
+        raise InputError("no prompt: pass --prompt TEXT (with --tokenizer) or --prompt-tokens IDS")
+    robot_state = load_state(state, state_file)
+    images = [load_image(path) for path in image]
+    num_views = len(images) if views is None else views
+    if num_views < 1:
+        raise InputError(f"--views must be at least 1, got {num_views}")
+    masks = None
+    if mask_view:
+        bad = [i for i in mask_view if not 0 <= i < num_views]
+        if bad:
+            raise InputError(f"--mask-view {bad} out of range: there are {num_views} views (indices 0..{num_views - 1})")
+        masks = [i not in set(mask_view) for i in range(num_views)]
+
+    if prompt is not None and tokenizer is None:
+        raise TokenizerError(
+            "--prompt needs --tokenizer (a PaliGemma tokenizer.model, a tokenizer.json, or a folder holding one); "
+            "or pass --prompt-tokens with token ids"
+        )
+    model_type = detect_model(checkpoint, model, overrides)
+    if model_type == VLAModelType.PI0 and robot_state is None:
+        raise InputError("a pi0 policy needs the robot state: pass --state NUMBERS or --state-file FILE")
+    resolved_device = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, device)
+    create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
+    err.print(Text(f"loading {model_type.value} checkpoint {checkpoint} ({resolved_device}, {compute_dtype}) ...", style="dim"))
+    engine = create(
+        checkpoint,
+        num_views=num_views,
+        chunk_size=chunk,
+        backend=backend,
+        device=device,
+        dtype=compute_dtype,
+        tokenizer_path=None if tokenizer is None else str(tokenizer),
+        norm_stats_path=None if norm_stats is None else str(norm_stats),
+        use_cuda_graphs=cuda_graphs,
+        model_config=overrides,
+        num_steps=steps,
+    )
+    if model_type == VLAModelType.PI05 and tokens is not None and robot_state is not None and engine.config.discrete_state_input:
+        _warning_line("pi05 takes the state inside the prompt: with --prompt-tokens the --state is not used")
+    noise = None
+    if seed is not None:
+        rng = np.random.default_rng(seed)
+        noise = rng.standard_normal((engine.chunk_size, engine.config.action_dim)).astype(np.float32)
+    start = time.perf_counter()
+    actions = engine.predict(images, prompt, robot_state, noise=noise, prompt_tokens=tokens, image_masks=masks)
+    latency = (time.perf_counter() - start) * 1e3
+    report = engine.checkpoint_report
+    err.print(Text(
+        f"{model_type.value} ({report.layout if report else 'custom'} layout, "
+        f"{engine.config.num_diffusion_steps} steps) on {engine.device} {dtype_name(engine.dtype)}: {latency:.1f} ms",
+        style="dim",
+    ))
+    result = {
+        "actions": actions.tolist(),
+        "shape": list(actions.shape),
+        "model": model_type.value,
+        "latency_ms": latency,
+        "timings_ms": {k: round(v, 4) for k, v in engine.last_timings.items()},
+    }
+    typer.echo(json.dumps(result))
+
+
+@app.command("info", short_help="Describe a checkpoint (type, dims, parameters, key problems) without loading it.")
+@_cli_errors
+def info_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded).")
+    ],
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    model_config: Annotated[
+        Optional[str],
+        typer.Option("--model-config", metavar='JSON|FILE', help="ModelConfig field overrides (JSON object or path of a JSON file) to check the checkpoint against."),
+    ] = None,
+) -> None:
+    """Describe a checkpoint from its safetensors headers only (no tensor is loaded).
+
+    Prints the model type (detected from the tensors), the key layout (openpi, lerobot, lerobot-legacy),
+    every ModelConfig dimension, the parameter count, the dtypes, the total size, and every key problem:
+    missing, unexpected, mis-shaped or wrongly typed tensors, and those skipped as unused.
+
+    Exit code 0: the checkpoint matches its architecture; 1: it has missing, unexpected, mis-shaped or
+    wrongly typed tensors (listed); 2: it cannot be read at all.
+    """
+    from cortexflow.checkpoints.loader import inspect_checkpoint
+
+    report = inspect_checkpoint(checkpoint, parse_model_config(model_config))
+    if json_output:
+        typer.echo(json.dumps({
+            "path": report.path,
+            "model_type": report.model_type.value,
+            "layout": report.layout,
+            "config": report.config.to_dict(),
+            "num_parameters": report.num_parameters,
+            "dtypes": report.dtypes,
+            "total_bytes": report.total_bytes,
+            "ok": report.ok,
+            "missing": report.missing,
+            "unexpected": report.unexpected,
+            "mis_shaped": report.mis_shaped,
+            "wrong_dtype": report.wrong_dtype,
+            "skipped": report.skipped,
+        }, indent=2))
+    else:
+        _print_info(report)
+    if not report.ok:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+def _print_info(report) -> None:
+    out = _stdout()
+    summary = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    summary.add_column(style="cyan", no_wrap=True)
+    summary.add_column()
+    summary.add_row("checkpoint", report.path)
+    summary.add_row("model type", report.model_type.value)
+    summary.add_row("layout", report.layout)
+    summary.add_row("parameters", _human_count(report.num_parameters) + " (in tensors the model uses)")
+    summary.add_row("dtypes", ", ".join(f"{name}: {count} tensors" for name, count in sorted(report.dtypes.items())))
+    summary.add_row("total size", f"{_human_bytes(report.total_bytes)} ({report.total_bytes:,} bytes)")
+    status = Text("ok", style="green") if report.ok else Text("PROBLEMS (see below)", style="bold red")
+    summary.add_row("status", status)
+    out.print(summary)
+    out.print()
+
+    dims = Table(title="Model configuration", box=box.SIMPLE_HEAD, title_justify="left")
+    dims.add_column("field", style="cyan")
+    dims.add_column("value", justify="right")
+    for name, value in report.config.to_dict().items():
+        dims.add_row(name, str(value))
+    dims.add_row("num_patches (derived)", str(report.config.num_patches))
+    out.print(dims)
+
+    for label, items, style in (
+        ("missing tensors", report.missing, "red"),
+        ("unexpected tensors", report.unexpected, "red"),
+        ("mis-shaped tensors", report.mis_shaped, "red"),
+        ("wrongly typed tensors", report.wrong_dtype, "red"),
+        ("skipped as unused", report.skipped, "dim"),
+    ):
+        if not items:
+            continue
+        out.print(Text(f"{label} ({len(items)}):", style=f"bold {style}"))
+        for item in items:
+            out.print(Text(f"  {item}", style=style if style != "red" else None))
+    if not report.ok:
+        out.print(Text(f"checkpoint does not match the {report.model_type.value} architecture", style="bold red"))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
