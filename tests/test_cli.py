@@ -108,8 +108,7 @@ def test_demo_bad_option_is_one_line_error():
 def test_console_script_runs_demo():
     script = Path(sys.executable).parent / "cortexflow"
     script = str(script) if script.exists() else shutil.which("cortexflow")
-    if script is None:
-        pytest.skip("the cortexflow console script is not installed (pip install -e .)")
+    assert script is not None, "the cortexflow console script is not installed (pip install -e .)"
     done = subprocess.run([script, "demo", "--json", "--repeat", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     data = json.loads(done.stdout)
