@@ -294,7 +294,6 @@ class _progress_bar:
             DownloadColumn(),
             TimeRemainingColumn(),
             console=Console(file=sys.stderr),
-            transient=True,
         )
         self._progress.__enter__()
         task = self._progress.add_task(Path(self.label).name, total=self.total)
