@@ -1,11 +1,14 @@
 """Compute backends and the registry that maps a backend name to its class.
 
-Only ``pytorch`` ships in this version. A custom backend is any :class:`ComputeBackend` subclass;
-register it under a name with :func:`register_backend`, or pass the class or an instance directly
-as ``backend=`` to the engine factories.
+``pytorch`` is always there; ``triton`` is imported only when asked for (it needs the ``triton``
+package and a CUDA GPU, or ``TRITON_INTERPRET=1`` for CPU tests). A custom backend is any
+:class:`ComputeBackend` subclass; register it under a name with :func:`register_backend`, or pass the
+class or an instance directly as ``backend=`` to the engine factories.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -15,6 +18,13 @@ from cortexflow.config import BackendType
 from cortexflow.errors import BackendUnavailableError, ConfigError
 
 _REGISTRY: dict[str, type[ComputeBackend]] = {BackendType.PYTORCH.value: PyTorchBackend}
+# Backends whose module is imported on first use: name -> "module:Class".
+_LAZY: dict[str, str] = {BackendType.TRITON.value: "cortexflow.backends.triton_backend:TritonBackend"}
+
+
+def _lazy_class(name: str) -> type[ComputeBackend]:
+    module_name, class_name = _LAZY[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def register_backend(name: str, backend_class: type[ComputeBackend]) -> None:
@@ -25,8 +35,8 @@ def register_backend(name: str, backend_class: type[ComputeBackend]) -> None:
 
 
 def available_backends() -> list[str]:
-    """Names that ``create_backend`` accepts in this installation."""
-    return sorted(_REGISTRY)
+    """Names that ``create_backend`` accepts (lazy ones may still fail for lack of a package or GPU)."""
+    return sorted(set(_REGISTRY) | set(_LAZY))
 
 
 def create_backend(
@@ -40,6 +50,8 @@ def create_backend(
     if isinstance(backend, type) and issubclass(backend, ComputeBackend):
         return backend(device, dtype)
     name = backend.value if isinstance(backend, BackendType) else str(backend).strip().lower()
+    if name in _LAZY and name not in _REGISTRY:
+        return _lazy_class(name)(device, dtype)
     if name not in _REGISTRY:
         known = [m.value for m in BackendType]
         if name in known:

@@ -77,12 +77,13 @@ class ComputeBackend(ABC):
 
     @abstractmethod
     def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
     ) -> torch.Tensor:
         """Softmax attention with fp32 logits.
 
         ``q (B, Lq, Hq, Dh)``, ``k, v (B, Lk, Hkv, Dh)`` with ``Hq`` a multiple of ``Hkv`` (grouped /
-        multi-query), ``mask (B, Lq, Lk)`` bool (True = may attend). Returns ``(B, Lq, Hq * Dh)``."""
+        multi-query), ``mask (B, Lq, Lk)`` bool (True = may attend) or None (every query sees every key).
+        Returns ``(B, Lq, Hq * Dh)``."""
 
     @abstractmethod
     def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:

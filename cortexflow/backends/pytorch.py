@@ -66,7 +66,8 @@ class PyTorchBackend(ComputeBackend):
         kt = k.permute(0, 2, 3, 1)  # (B, Hkv, Dh, Lk)
         logits = torch.matmul(qg.float(), kt.float()) * scale  # fp32 logits
         logits = logits.view(batch, kv_heads, group, q_len, -1)
-        logits = logits.masked_fill(~mask[:, None, None, :, :], MASKED_LOGIT)
+        if mask is not None:
+            logits = logits.masked_fill(~mask[:, None, None, :, :], MASKED_LOGIT)
         probs = torch.softmax(logits, dim=-1).to(v.dtype)
         probs = probs.view(batch, kv_heads, group * q_len, -1)
         out = torch.matmul(probs, v.permute(0, 2, 1, 3))  # (B, Hkv, group*Lq, Dh)

@@ -1,0 +1,90 @@
+"""The ``triton`` backend: the model's ops as fused Triton kernels.
+
+Fused in Triton (``cortexflow/kernels/``): LayerNorm, RMSNorm and adaptive RMSNorm (fp32 statistics,
+one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, and attention (flash
+style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits).
+Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
+``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
+PyTorch op with a one-time warning naming the op.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from cortexflow.backends.pytorch import PyTorchBackend
+from cortexflow.errors import BackendUnavailableError, CortexFlowWarning
+
+try:
+    import triton  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only where triton is absent
+    raise BackendUnavailableError(
+        "the triton backend needs the 'triton' package: pip install triton (it ships with CUDA builds of torch)"
+    ) from err
+
+from cortexflow.kernels import attention as attention_kernel
+from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
+from cortexflow.kernels.runtime import interpreting
+
+MAX_NORM_WIDTH = 16384
+MAX_HEAD_DIM = 256
+
+
+class TritonBackend(PyTorchBackend):
+    """PyTorch reference semantics, computed with fused Triton kernels (GPU, or CPU under the interpreter)."""
+
+    name = "triton"
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        super().__init__(device, dtype)
+        if self.device.type != "cuda" and not interpreting():
+            raise BackendUnavailableError(
+                f"the triton backend runs on a CUDA GPU (asked for device {str(self.device)!r}); use backend='pytorch' "
+                "on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
+            )
+        self._inv_freq: dict[tuple[int, float], torch.Tensor] = {}
+        self._warned: set[str] = set()
+
+    def _fallback(self, op: str, reason: str) -> None:
+        if op not in self._warned:
+            self._warned.add(op)
+            warnings.warn(f"triton backend: {op} falls back to the PyTorch op ({reason})", CortexFlowWarning, stacklevel=3)
+
+    def layer_norm(self, x, weight, bias, eps):
+        if x.shape[-1] > MAX_NORM_WIDTH:
+            self._fallback("layer_norm", f"width {x.shape[-1]} > {MAX_NORM_WIDTH}")
+            return super().layer_norm(x, weight, bias, eps)
+        return layer_norm.layer_norm(x, weight, bias, eps)
+
+    def rms_norm(self, x, weight, eps):
+        if x.shape[-1] > MAX_NORM_WIDTH:
+            self._fallback("rms_norm", f"width {x.shape[-1]} > {MAX_NORM_WIDTH}")
+            return super().rms_norm(x, weight, eps)
+        return rms_norm.rms_norm(x, weight, eps)
+
+    def ada_rms_norm(self, x, scale, shift, eps):
+        if x.shape[-1] > MAX_NORM_WIDTH or x.dim() != 3:
+            self._fallback("ada_rms_norm", f"shape {tuple(x.shape)} (expects (B, L, D), D <= {MAX_NORM_WIDTH})")
+            return super().ada_rms_norm(x, scale, shift, eps)
+        return rms_norm.rms_norm(x, None, eps, scale, shift)
+
+    def rope(self, x, positions, base):
+        key = (x.shape[-1], float(base))
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope.inverse_frequencies(x.shape[-1], base, x.device)
+        return rope.rope(x, positions, self._inv_freq[key])
+
+    def attention(self, q, k, v, mask, scale):
+        if q.shape[-1] > MAX_HEAD_DIM:
+            self._fallback("attention", f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+            return super().attention(q, k, v, mask, scale)
+        out = attention_kernel.attention(q, k, v, mask, scale)
+        return out.reshape(out.shape[0], out.shape[1], -1)
+
+    def gelu_tanh(self, x):
+        return gelu_gate.gelu_tanh(x)
+
+    def gelu_tanh_gate(self, gate, up):
+        return gelu_gate.gelu_tanh_gate(gate, up)

@@ -1,0 +1,69 @@
+"""Element-wise tanh-GELU and Gemma's gated product ``gelu_tanh(gate) * up`` in Triton (fp32 math).
+
+The gated form also accepts one fused ``(..., 2M)`` tensor holding ``[gate | up]`` (the output of a
+concatenated gate/up projection), so the MLP needs a single GEMM for both.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    tanh = 2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0
+    return 0.5 * x * (1.0 + tanh)
+
+
+@triton.jit
+def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, GATED: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    g = tl.load(gate_ptr + row * gate_stride + cols, mask=valid, other=0.0).to(tl.float32)
+    y = _gelu_tanh(g)
+    if GATED:
+        u = tl.load(up_ptr + row * up_stride + cols, mask=valid, other=0.0).to(tl.float32)
+        y = y * u
+    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+    n_cols = gate.shape[-1]
+    gate2 = gate.reshape(-1, n_cols)  # a view when rows are evenly strided (e.g. the gate half of [gate | up])
+    up2 = None if up is None else up.reshape(-1, n_cols)
+    out = torch.empty(gate2.shape, dtype=gate.dtype, device=gate.device)
+    block = 1024
+    grid = (gate2.shape[0], triton.cdiv(n_cols, block))
+    _gelu_gate_kernel[grid](
+        gate2, up2 if up2 is not None else gate2, out, n_cols,
+        gate2.stride(0), up2.stride(0) if up2 is not None else 0,
+        GATED=up is not None, BLOCK=block, num_warps=4,
+    )
+    return out.reshape(*gate.shape[:-1], n_cols)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh-approximated GELU of ``x``."""
+    return _launch(x, None)
+
+
+def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` for same-shape ``gate``/``up`` (rows may be strided views of one tensor)."""
+    if gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.shape != up.shape:
+        gate, up = gate.contiguous(), up.contiguous()
+    return _launch(gate, up)
+
+
+def gelu_tanh_gate_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` where ``gate_up (..., 2M)`` = ``[gate | up]`` along the last dim."""
+    m = gate_up.shape[-1] // 2
+    flat = gate_up.reshape(-1, 2 * m)
+    return gelu_tanh_gate(flat[:, :m], flat[:, m:]).reshape(*gate_up.shape[:-1], m)
+
+
+def gelu_tanh_gate_reference(gate, up):
+    """The same computation in PyTorch (fp32 math)."""
+    return (torch.nn.functional.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)

@@ -1,0 +1,75 @@
+"""Row RMSNorm (Gemma) and adaptive RMSNorm (Pi0.5) in one Triton kernel.
+
+``y = x * rsqrt(mean(x^2) + eps)``, then ``* (1 + w)`` (plain, ``w (D,)``) or ``* (1 + scale[b]) +
+shift[b]`` (adaptive, ``scale/shift (B, D)`` with ``x (B, L, D)``); statistics and affine in fp32, the
+result in ``x``'s dtype. One program normalises one row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cortexflow.kernels.runtime import next_power_of_two
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, out_ptr, w_ptr, scale_ptr, shift_ptr,
+    n_cols, rows_per_batch, eps,
+    HAS_WEIGHT: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    valid = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=valid, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    y = x * rstd
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+        y = y * (1.0 + w)
+    if ADAPTIVE:
+        batch = row // rows_per_batch
+        scale = tl.load(scale_ptr + batch * n_cols + cols, mask=valid, other=0.0).to(tl.float32)
+        shift = tl.load(shift_ptr + batch * n_cols + cols, mask=valid, other=0.0).to(tl.float32)
+        y = y * (1.0 + scale) + shift
+    tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RMSNorm of ``x (..., D)`` (plain with ``weight``, adaptive with ``scale``/``shift`` ``(B, D)`` for ``x (B, L, D)``)."""
+    adaptive = scale is not None
+    x2 = x.contiguous()
+    out = torch.empty_like(x2)
+    n_cols = x2.shape[-1]
+    rows = x2.numel() // n_cols
+    rows_per_batch = x2.shape[1] if adaptive else 1
+    dummy = x2
+    _rms_norm_kernel[(rows,)](
+        x2, out,
+        weight if weight is not None else dummy,
+        scale.contiguous() if adaptive else dummy,
+        shift.contiguous() if adaptive else dummy,
+        n_cols, rows_per_batch, eps,
+        HAS_WEIGHT=weight is not None, ADAPTIVE=adaptive, BLOCK=next_power_of_two(n_cols),
+        num_warps=4 if n_cols <= 1024 else 8,
+    )
+    return out
+
+
+def rms_norm_reference(x, weight, eps, scale=None, shift=None):
+    """The same computation in PyTorch (fp32 statistics, result in ``x.dtype``)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * (1.0 + weight.float())
+    if scale is not None:
+        y = y * (1.0 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    return y.to(x.dtype)
