@@ -1,8 +1,17 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures.
+
+CI has no GPU: Triton kernels run in Triton's CPU interpreter, which must be switched on before any
+``@triton.jit`` function is first launched.
+"""
 
 import io
+import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 TINY_TOKENIZER_SENTENCES = [
     "pick up the red block and place it in the bowl",
@@ -21,7 +30,7 @@ def tiny_tokenizer_path(tmp_path_factory):
 
     Like PaliGemma's it has byte fallback (any text encodes), splits digits and has a "\\n" piece.
     """
-    sentencepiece = pytest.importorskip("sentencepiece")
+    import sentencepiece
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(TINY_TOKENIZER_SENTENCES * 10),

@@ -415,8 +415,15 @@ def test_unknown_backend(pi0_dir):
         _engine(pi0_dir, backend="tensorflow")
 
 
-def test_triton_backend_not_available(pi0_dir):
-    with pytest.raises(BackendUnavailableError, match=r"backend 'triton' is not available in this version"):
+def test_backend_not_available(pi0_dir):
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cuda' is not available in this version"):
+        _engine(pi0_dir, backend="cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_triton_backend_needs_a_gpu(pi0_dir, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match=r"triton backend runs on a CUDA GPU"):
         _engine(pi0_dir, backend="triton")
 
 

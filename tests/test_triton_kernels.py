@@ -1,0 +1,146 @@
+"""Each Triton kernel against its PyTorch reference (CPU: Triton interpreter; GPU: real kernels).
+
+Shapes exercise the masking paths: widths and head dims that are not powers of two, token counts
+that are not multiples of the block, several query heads per KV head, fully masked query rows.
+fp32 must match to rounding; fp16 to fp16 precision; bf16 within a couple of bf16 ulps (the
+interpreter truncates fp32->bf16 casts).
+"""
+
+import numpy as np
+import pytest
+import torch
+
+
+
+from cortexflow.kernels.attention import attention, attention_reference  # noqa: E402
+from cortexflow.kernels.gelu_gate import (  # noqa: E402
+    gelu_tanh,
+    gelu_tanh_gate,
+    gelu_tanh_gate_fused,
+    gelu_tanh_gate_reference,
+)
+from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
+from cortexflow.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from cortexflow.kernels.rope import inverse_frequencies, rope, rope_reference  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def assert_close(out, ref, dtype):
+    """Relative L2 and element-wise bounds scaled to the dtype's precision."""
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    bound = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    assert rel <= bound, f"rel L2 {rel:.3e} > {bound:.1e}"
+    ulp = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6}[dtype]
+    max_abs = (out - ref).abs().max().item()
+    assert max_abs <= ulp * (ref.abs().max().item() + 1.0), f"max |d| {max_abs:.3e}"
+
+
+def randn(*shape, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator).to(dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 1, 72), (3, 3, 16), (8, 2, 40)])
+def test_attention_with_mask_and_mqa(dtype, heads, kv_heads, head_dim):
+    q = randn(2, 37, heads, head_dim, dtype=dtype, seed=1)
+    k = randn(2, 70, kv_heads, head_dim, dtype=dtype, seed=2)
+    v = randn(2, 70, kv_heads, head_dim, dtype=dtype, seed=3)
+    generator = torch.Generator().manual_seed(4)
+    mask = (torch.rand(2, 37, 70, generator=generator) > 0.4).to(DEVICE)
+    mask[1, 3] = False  # a query that sees nothing: uniform average, as the reference
+    scale = head_dim**-0.5
+    assert_close(attention(q, k, v, mask, scale), attention_reference(q, k, v, mask, scale), dtype)
+    assert_close(attention(q, k, v, None, scale), attention_reference(q, k, v, None, scale), dtype)
+
+
+def test_attention_reads_strided_views():
+    """K/V given as slices of a larger cache and Q as a view of a fused projection."""
+    cache = randn(1, 90, 1, 32, dtype=torch.float32, seed=5)
+    fused = randn(1, 20, 6 * 32, dtype=torch.float32, seed=6)
+    q = fused.view(1, 20, 6, 32)[:, :, :4]
+    k, v = cache[:, :50], cache[:, 40:90]
+    assert_close(attention(q, k, v, None, 0.2), attention_reference(q, k, v, None, 0.2), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_plain_and_adaptive(dtype):
+    x = randn(2, 9, 200, dtype=dtype, seed=7)
+    w = randn(200, dtype=torch.float32, seed=8)
+    assert_close(rms_norm(x, w, 1e-6), rms_norm_reference(x, w, 1e-6), dtype)
+    assert_close(rms_norm(x, None, 1e-6), rms_norm_reference(x, None, 1e-6), dtype)
+    scale, shift = randn(2, 200, dtype=torch.float32, seed=9), randn(2, 200, dtype=torch.float32, seed=10)
+    assert_close(rms_norm(x, None, 1e-6, scale, shift), rms_norm_reference(x, None, 1e-6, scale, shift), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_layer_norm(dtype):
+    x = randn(3, 11, 72, dtype=dtype, seed=11) * 3 + 1
+    w, b = randn(72, dtype=dtype, seed=12), randn(72, dtype=dtype, seed=13)
+    assert_close(layer_norm(x, w, b, 1e-6), layer_norm_reference(x, w, b, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_into_a_cache_slice(dtype):
+    x = randn(2, 7, 3, 48, dtype=dtype, seed=14)
+    positions = torch.tensor([[0, 1, 2, 5, 6, 9, 700], [3, 4, 5, 6, 7, 8, 9]], device=DEVICE)
+    inv = inverse_frequencies(48, 10000.0, torch.device(DEVICE))
+    expected = rope_reference(x, positions, inv)
+    assert_close(rope(x, positions, inv), expected, dtype)
+    cache = torch.full((2, 12, 3, 48), float("nan"), dtype=dtype, device=DEVICE)
+    rope(x, positions, inv, out=cache[:, 4:11])
+    assert_close(cache[:, 4:11], expected, dtype)
+    assert torch.isnan(cache[:, :4]).all() and torch.isnan(cache[:, 11:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_gate(dtype):
+    gate, up = randn(3, 5, 300, dtype=dtype, seed=15), randn(3, 5, 300, dtype=dtype, seed=16)
+    assert_close(gelu_tanh_gate(gate, up), gelu_tanh_gate_reference(gate, up), dtype)
+    fused = torch.cat([gate, up], -1)
+    assert_close(gelu_tanh_gate_fused(fused), gelu_tanh_gate_reference(gate, up), dtype)
+    expected = torch.nn.functional.gelu(gate.float(), approximate="tanh").to(dtype)
+    assert_close(gelu_tanh(gate), expected, dtype)
+
+
+def test_backend_matches_pytorch_end_to_end(tmp_path):
+    import cortexflow as cf
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    config = tiny_model_config("pi05", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    write_checkpoint(tmp_path, config)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    noise = rng.standard_normal((3, 8)).astype(np.float32)
+    outputs = {}
+    for backend in ("pytorch", "triton"):
+        engine = cf.create_pi05_inference(tmp_path, backend=backend, device=DEVICE, dtype="float32",
+                                          model_config=config, use_cuda_graphs=False)
+        outputs[backend] = engine.predict(images, prompt_tokens=[2, 7, 8, 9], noise=noise, image_masks=[True, False])
+    rel = np.linalg.norm(outputs["triton"] - outputs["pytorch"]) / np.linalg.norm(outputs["pytorch"])
+    assert rel <= 1e-5
+
+
+def test_unsupported_head_dim_falls_back_with_one_warning():
+    import cortexflow as cf
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    backend = TritonBackend(torch.device(DEVICE), torch.float32)
+    q, k, v = (randn(1, 5, 2, 512, dtype=torch.float32, seed=s) for s in (17, 18, 19))
+    with pytest.warns(cf.CortexFlowWarning, match="attention falls back"):
+        out = backend.attention(q, k, v, None, 0.05)
+    expected = attention_reference(q, k, v, None, 0.05).reshape(1, 5, -1)
+    assert_close(out, expected, torch.float32)
+
+
+def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
+    import cortexflow as cf
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(cf.BackendUnavailableError, match="CUDA GPU"):
+        TritonBackend(torch.device("cpu"), torch.float32)
