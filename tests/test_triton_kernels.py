@@ -20,6 +20,7 @@ from cortexflow.kernels.gelu_gate import (  # noqa: E402
     gelu_tanh_gate_reference,
 )
 from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
+from cortexflow.kernels.qkv_rope import qkv_rope, qkv_rope_reference  # noqa: E402
 from cortexflow.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies, rope, rope_reference  # noqa: E402
 
@@ -107,20 +108,41 @@ def test_gelu_gate(dtype):
     assert_close(gelu_tanh(gate), expected, dtype)
 
 
-def test_backend_matches_pytorch_end_to_end(tmp_path):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rope_writes_q_and_the_cache(dtype):
+    heads, kv_heads, head_dim = 4, 1, 24
+    qkv = randn(2, 5, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=20)
+    positions = torch.tensor([[7, 8, 9, 10, 11], [3, 4, 5, 6, 7]], device=DEVICE)
+    inv = inverse_frequencies(head_dim, 10000.0, torch.device(DEVICE))
+    keys = torch.full((2, 9, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    values = torch.full_like(keys, float("nan"))
+    q = qkv_rope(qkv, positions, inv, heads, kv_heads, keys[:, 4:], values[:, 4:])
+    q_ref, k_ref, v_ref = qkv_rope_reference(qkv, positions, inv, heads, kv_heads)
+    assert_close(q, q_ref, dtype)
+    assert_close(keys[:, 4:], k_ref, dtype)
+    assert torch.equal(values[:, 4:], v_ref)
+    assert torch.isnan(keys[:, :4]).all() and torch.isnan(values[:, :4]).all()
+
+
+@pytest.mark.parametrize("model_type", ["pi0", "pi05"])
+def test_backend_matches_pytorch_end_to_end(tmp_path, model_type):
+    """The op kernels and the fused decoder stage compute the reference function (fp32)."""
     import cortexflow as cf
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
-    config = tiny_model_config("pi05", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
     noise = rng.standard_normal((3, 8)).astype(np.float32)
+    state = rng.standard_normal(5) if model_type == "pi0" else None
+    create = cf.create_pi0_inference if model_type == "pi0" else cf.create_pi05_inference
     outputs = {}
     for backend in ("pytorch", "triton"):
-        engine = cf.create_pi05_inference(tmp_path, backend=backend, device=DEVICE, dtype="float32",
-                                          model_config=config, use_cuda_graphs=False)
-        outputs[backend] = engine.predict(images, prompt_tokens=[2, 7, 8, 9], noise=noise, image_masks=[True, False])
+        engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32",
+                        model_config=config, use_cuda_graphs=False)
+        outputs[backend] = engine.predict(images, prompt_tokens=[2, 7, 8, 9], state=state, noise=noise,
+                                          image_masks=[True, False])
     rel = np.linalg.norm(outputs["triton"] - outputs["pytorch"]) / np.linalg.norm(outputs["pytorch"])
     assert rel <= 1e-5
 

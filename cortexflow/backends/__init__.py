@@ -19,7 +19,10 @@ from cortexflow.errors import BackendUnavailableError, ConfigError
 
 _REGISTRY: dict[str, type[ComputeBackend]] = {BackendType.PYTORCH.value: PyTorchBackend}
 # Backends whose module is imported on first use: name -> "module:Class".
-_LAZY: dict[str, str] = {BackendType.TRITON.value: "cortexflow.backends.triton_backend:TritonBackend"}
+_LAZY: dict[str, str] = {
+    BackendType.TRITON.value: "cortexflow.backends.triton_backend:TritonBackend",
+    BackendType.ONNX.value: "cortexflow.backends.onnx_backend:OnnxBackend",
+}
 
 
 def _lazy_class(name: str) -> type[ComputeBackend]:

@@ -3,6 +3,7 @@
 Fused in Triton (``cortexflow/kernels/``): LayerNorm, RMSNorm and adaptive RMSNorm (fp32 statistics,
 one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, and attention (flash
 style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits).
+For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``).
 Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
 ``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
 PyTorch op with a one-time warning naming the op.
@@ -24,9 +25,11 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
         "the triton backend needs the 'triton' package: pip install triton (it ships with CUDA builds of torch)"
     ) from err
 
+from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
 from cortexflow.kernels.runtime import interpreting
+from cortexflow.models.pi0 import Pi0Model
 
 MAX_NORM_WIDTH = 16384
 MAX_HEAD_DIM = 256
@@ -45,7 +48,34 @@ class TritonBackend(PyTorchBackend):
                 "on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
             )
         self._inv_freq: dict[tuple[int, float], torch.Tensor] = {}
+        self._time_tables: dict[tuple[int, int], object] = {}
         self._warned: set[str] = set()
+
+    # ---- stages -------------------------------------------------------------------------------
+    def prepare_weights(self, model, weights):
+        """Pi0 family: fuse the expert's Q/K/V and gate/up weights (the originals become views)."""
+        if isinstance(model, Pi0Model):
+            weights = fuse_expert_weights(model, weights)
+        return weights
+
+    def transformer_decoder(self, model, weights, inputs):
+        """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""
+        if not isinstance(model, Pi0Model) or "expert.layers.0.qkv" not in weights:
+            return super().transformer_decoder(model, weights, inputs)
+        steps = model.config.num_diffusion_steps
+        key = (id(weights), steps)
+        if key not in self._time_tables:
+            self._time_tables[key] = build_time_tables(model, weights, steps)
+        return fused_decoder(self, model, weights, inputs, self._time_tables[key])
+
+    def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
+        """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""
+        key = (head_dim, float(base))
+        if key not in self._inv_freq:
+            self._inv_freq[key] = rope.inverse_frequencies(head_dim, base, device)
+        return self._inv_freq[key]
+
+    # ---- ops ----------------------------------------------------------------------------------
 
     def _fallback(self, op: str, reason: str) -> None:
         if op not in self._warned:
@@ -71,10 +101,7 @@ class TritonBackend(PyTorchBackend):
         return rms_norm.rms_norm(x, None, eps, scale, shift)
 
     def rope(self, x, positions, base):
-        key = (x.shape[-1], float(base))
-        if key not in self._inv_freq:
-            self._inv_freq[key] = rope.inverse_frequencies(x.shape[-1], base, x.device)
-        return rope.rope(x, positions, self._inv_freq[key])
+        return rope.rope(x, positions, self.inverse_frequencies(x.shape[-1], base, x.device))
 
     def attention(self, q, k, v, mask, scale):
         if q.shape[-1] > MAX_HEAD_DIM:

@@ -91,7 +91,7 @@ def attention(
     k_len, kv_heads = k.shape[1], k.shape[2]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    block_d = next_power_of_two(head_dim)
+    block_d = max(16, next_power_of_two(head_dim))  # tl.dot needs K >= 16 on the GPU
     block_m = 64
     block_n = 64 if block_d <= 128 else 32
     if mask is not None:

@@ -1,0 +1,164 @@
+"""The fused flow-matching decoder of the Triton backend for Pi0 / Pi0.5 (the ``transformer_decoder`` stage).
+
+What differs from the model's op-by-op stage (same function, fewer kernels):
+- Q/K/V and gate/up projections each run as one GEMM over concatenated weights (the separate weights
+  become views into the fused ones, so no memory is added);
+- one kernel splits the fused QKV output, applies RoPE, and writes the suffix K/V straight into a
+  per-call KV buffer behind the prefix cache (no concatenation per step);
+- residual adds ride on the GEMM (``addmm``) for Pi0 and on one ``addcmul`` for Pi0.5's gated residuals;
+- everything that depends only on the time step is computed once per weights and step count: Pi0's
+  time half of ``action_time_mlp_in`` (folded with ``action_in_proj`` into one fp32 GEMM) and Pi0.5's
+  time MLP and all 37 adaRMS modulations;
+- Pi0's state token is projected once per call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cortexflow.kernels import rms_norm as rms_kernel
+from cortexflow.kernels.attention import attention
+from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
+from cortexflow.kernels.qkv_rope import qkv_rope
+from cortexflow.models.flow_matching import euler_times, sinusoidal_time_embedding
+from cortexflow.models.gemma import attention_scale
+from cortexflow.models.pi0 import Pi0Model, Pi05Model
+
+
+def fuse_expert_weights(model: Pi0Model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``expert.layers.i.qkv`` / ``.gate_up`` and turn the separate weights into views of them."""
+    for i in range(model.config.num_decoder_layers):
+        p = f"expert.layers.{i}"
+        if f"{p}.qkv" in weights:
+            continue
+        for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+            tensors = [weights[f"{p}.{part}"] for part in parts]
+            joined = torch.cat(tensors, dim=0)
+            weights[f"{p}.{fused}"] = joined
+            start = 0
+            for part, tensor in zip(parts, tensors):
+                weights[f"{p}.{part}"] = joined[start:start + tensor.shape[0]]
+                start += tensor.shape[0]
+    return weights
+
+
+@dataclass
+class TimeTables:
+    """Per-step precomputed terms (fp32). Pi0: ``action_weight (D, A)``, ``action_bias (steps, D)``;
+    Pi0.5: ``modulation (steps, layers, 2, 3, D)`` and ``final_modulation (steps, 3, D)``."""
+
+    times: list[float]
+    action_weight: torch.Tensor | None = None
+    action_bias: torch.Tensor | None = None
+    modulation: torch.Tensor | None = None
+    final_modulation: torch.Tensor | None = None
+
+
+def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_steps: int) -> TimeTables:
+    """Everything in the decoder that depends only on t, for the ``num_steps`` Euler times."""
+    c = model.config
+    d = c.decoder_dim
+    times = euler_times(num_steps)
+    device = weights["action_in_proj.weight"].device
+    emb = torch.cat([sinusoidal_time_embedding(t, d, 1, device) for t in times])  # (steps, D) fp32
+    w = lambda name: weights[name].float()  # noqa: E731
+    if isinstance(model, Pi05Model):
+        cond = F.silu(F.linear(emb, w("time_mlp_in.weight"), w("time_mlp_in.bias")))
+        cond = F.silu(F.linear(cond, w("time_mlp_out.weight"), w("time_mlp_out.bias")))
+        mods = []
+        for i in range(c.num_decoder_layers):
+            for norm in ("attn_norm_mod", "mlp_norm_mod"):
+                name = f"expert.layers.{i}.{norm}"
+                mods.append(F.linear(cond, w(f"{name}.weight"), w(f"{name}.bias")))
+        modulation = torch.stack(mods, 1).view(num_steps, c.num_decoder_layers, 2, 3, d)
+        final = F.linear(cond, w("expert.norm_mod.weight"), w("expert.norm_mod.bias")).view(num_steps, 3, d)
+        return TimeTables(times, modulation=modulation.contiguous(), final_modulation=final.contiguous())
+    mlp_in = w("action_time_mlp_in.weight")
+    action_half, time_half = mlp_in[:, :d], mlp_in[:, d:]
+    action_weight = action_half @ w("action_in_proj.weight")
+    action_bias = action_half @ w("action_in_proj.bias") + emb @ time_half.T + w("action_time_mlp_in.bias")
+    return TimeTables(times, action_weight=action_weight, action_bias=action_bias)
+
+
+def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables) -> torch.Tensor:
+    """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32."""
+    c = model.config
+    dtype = backend.dtype
+    noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
+    b, chunk, _ = noise.shape
+    pi05 = isinstance(model, Pi05Model)
+    mask = model.suffix_attention_mask(prefix_mask, chunk)
+    s = mask.shape[1]
+    p = prefix_mask.shape[1]
+    positions = prefix_mask.long().sum(1, keepdim=True) + torch.arange(s, device=noise.device)[None]
+    cache = inputs["kv_cache"]
+    keys = torch.empty((len(cache), b, p + s) + cache[0][0].shape[2:], dtype=dtype, device=noise.device)
+    values = torch.empty_like(keys)
+    for i, (k, v) in enumerate(cache):
+        keys[i, :, :p] = k
+        values[i, :, :p] = v
+    inv_freq = backend.inverse_frequencies(c.head_dim, c.rope_base, noise.device)
+    scale = attention_scale(c)
+    eps = c.rms_norm_eps
+    hidden = torch.empty((b, s, c.decoder_dim), dtype=dtype, device=noise.device)
+    if not pi05:
+        state = F.linear(inputs["state"].float(), weights["state_proj.weight"].float(), weights["state_proj.bias"].float())
+        hidden[:, 0] = state.to(dtype)
+    dt = float(np.float32(-1.0 / len(tables.times)))
+    x_t = noise.float()
+    for step in range(len(tables.times)):
+        if pi05:
+            tokens = F.linear(x_t, weights["action_in_proj.weight"].float(), weights["action_in_proj.bias"].float())
+            hidden.copy_(tokens)
+        else:
+            mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
+            tokens = F.linear(mixed, weights["action_time_mlp_out.weight"].float(), weights["action_time_mlp_out.bias"].float())
+            hidden[:, 1:] = tokens.view(b, chunk, -1)
+        x = hidden
+        for i in range(c.num_decoder_layers):
+            x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, eps, c,
+                              tables.modulation[step, i] if pi05 else None)
+        if pi05:
+            final = tables.final_modulation[step]
+            h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
+        else:
+            h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps)
+        velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
+        x_t = torch.add(x_t, velocity.float(), alpha=dt)
+    return x_t
+
+
+def _norm(x, weight, eps, modulation):
+    """Plain RMSNorm with ``weight`` or adaptive with ``modulation (3, D)`` = (scale, shift, gate)."""
+    if modulation is None:
+        return rms_kernel.rms_norm(x, weight, eps)
+    b = x.shape[0]
+    return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1))
+
+
+def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation):
+    """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``."""
+    pre = f"expert.layers.{i}"
+    b, s, d = x.shape
+    attn_mod = None if modulation is None else modulation[0]
+    mlp_mod = None if modulation is None else modulation[1]
+    h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
+    qkv = F.linear(h, weights[f"{pre}.qkv"])
+    q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
+    a = attention(q, keys, values, mask, scale).view(b * s, -1)
+    x2 = x.reshape(b * s, d)
+    if attn_mod is None:
+        x2 = torch.addmm(x2, a, weights[f"{pre}.o"].T)
+    else:
+        x2 = torch.addcmul(x2, F.linear(a, weights[f"{pre}.o"]), attn_mod[2].to(x.dtype))
+    h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
+    act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
+    if mlp_mod is None:
+        x2 = torch.addmm(x2, act, weights[f"{pre}.down"].T)
+    else:
+        x2 = torch.addcmul(x2, F.linear(act, weights[f"{pre}.down"]), mlp_mod[2].to(x.dtype))
+    return x2.view(b, s, d)

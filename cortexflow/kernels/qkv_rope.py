@@ -1,0 +1,84 @@
+"""Split a fused QKV projection, rotate Q and K (split-half RoPE) and write K/V straight into a KV cache.
+
+Input ``qkv (B, S, (Hq + 2*Hkv) * D)`` laid out ``[q heads | k heads | v heads]``; outputs ``q (B, S, Hq, D)``
+(rotated) and the cache slices ``k_out, v_out (B, S, Hkv, D)`` (any strides with a contiguous last dim,
+e.g. ``cache[:, P:P+S]``). One program handles one head of one token.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cortexflow.kernels.runtime import next_power_of_two
+
+
+@triton.jit
+def _qkv_rope_kernel(
+    qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr,
+    n_q_heads, n_kv_heads, half,
+    s_qkv_b, s_qkv_t, s_q_b, s_q_t, s_q_h, s_k_b, s_k_t, s_k_h, s_v_b, s_v_t, s_v_h, s_pos_b,
+    BLOCK_HALF: tl.constexpr,
+):
+    b = tl.program_id(0)
+    t = tl.program_id(1)
+    head = tl.program_id(2)
+    cols = tl.arange(0, BLOCK_HALF)
+    valid = cols < half
+    src = qkv_ptr + b * s_qkv_b + t * s_qkv_t + head * 2 * half
+    x1 = tl.load(src + cols, mask=valid, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + cols, mask=valid, other=0.0).to(tl.float32)
+    if head < n_q_heads + n_kv_heads:
+        pos = tl.load(pos_ptr + b * s_pos_b + t).to(tl.float32)
+        angle = pos * tl.load(inv_freq_ptr + cols, mask=valid, other=0.0)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        y1 = x1 * cos - x2 * sin
+        y2 = x2 * cos + x1 * sin
+        if head < n_q_heads:
+            dst = q_ptr + b * s_q_b + t * s_q_t + head * s_q_h
+        else:
+            dst = k_ptr + b * s_k_b + t * s_k_t + (head - n_q_heads) * s_k_h
+    else:
+        y1 = x1
+        y2 = x2
+        dst = v_ptr + b * s_v_b + t * s_v_t + (head - n_q_heads - n_kv_heads) * s_v_h
+    tl.store(dst + cols, y1.to(dst.dtype.element_ty), mask=valid)
+    tl.store(dst + half + cols, y2.to(dst.dtype.element_ty), mask=valid)
+
+
+def qkv_rope(
+    qkv: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    n_q_heads: int,
+    n_kv_heads: int,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+) -> torch.Tensor:
+    """Returns rotated ``q (B, S, Hq, D)``; writes rotated K and plain V into ``k_out`` / ``v_out``."""
+    b, s, width = qkv.shape
+    head_dim = width // (n_q_heads + 2 * n_kv_heads)
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    q = torch.empty((b, s, n_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
+    _qkv_rope_kernel[(b, s, n_q_heads + 2 * n_kv_heads)](
+        qkv, q, k_out, v_out, positions, inv_freq,
+        n_q_heads, n_kv_heads, head_dim // 2,
+        qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), q.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
+        positions.stride(0),
+        BLOCK_HALF=next_power_of_two(head_dim // 2), num_warps=2,
+    )
+    return q
+
+
+def qkv_rope_reference(qkv, positions, inv_freq, n_q_heads, n_kv_heads):
+    """The same computation in PyTorch: returns (q, k, v) with q and k rotated."""
+    from cortexflow.kernels.rope import rope_reference
+
+    b, s, width = qkv.shape
+    head_dim = width // (n_q_heads + 2 * n_kv_heads)
+    q, k, v = qkv.view(b, s, -1, head_dim).split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
+    return rope_reference(q, positions, inv_freq), rope_reference(k, positions, inv_freq), v
