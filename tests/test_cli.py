@@ -228,7 +228,7 @@ def test_run_wrong_view_count(checkpoints, images):
         (["--prompt-tokens", "2,999", "--state", STATE], ["outside the vocabulary"]),
         (["--prompt-tokens", TOKENS, "--state", "0.1,nan"], ["NaN or inf"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--dtype", "float64"], ["unsupported dtype 'float64'"]),
-        (["--prompt-tokens", TOKENS, "--state", STATE, "--backend", "triton"], ["'triton' is not available in this version"]),
+        (["--prompt-tokens", TOKENS, "--state", STATE, "--backend", "cuda"], ["'cuda' is not available in this version"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--model", "pi05"], ["holds a pi0 model", "create_pi0_inference"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--mask-view", "2"], ["--mask-view [2] out of range"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--model-config", '{"hidden": 1}'], ["unknown ModelConfig field"]),

@@ -18,6 +18,7 @@ import triton.language as tl
 from cortexflow.kernels.runtime import next_power_of_two, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
+_MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
 LOG2E = 1.4426950408889634
 
 
@@ -61,7 +62,7 @@ def _attention_kernel(
                 mask_ptr + b * smb + offs_m[:, None] * smq + keys[None, :] * smk,
                 mask=(offs_m[:, None] < q_len) & k_valid[None, :], other=0,
             )
-            s = tl.where(allowed != 0, s, MASKED_LOGIT)
+            s = tl.where(allowed != 0, s, _MASKED_LOGIT)
         s = tl.where(k_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
