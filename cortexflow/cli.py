@@ -644,5 +644,222 @@ def _print_info(report) -> None:
         out.print(Text(f"checkpoint does not match the {report.model_type.value} architecture", style="bold red"))
 
 
+# ---- measurement tools: verify, bench, profile ---------------------------------------------------
+JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
+
+
+def _progress(message: str) -> None:
+    _stderr().print(Text(message, style="dim"))
+
+
+def _parse_switches(value: str, option: str) -> list:
+    """``"on,off"`` -> ``[True, False]`` (also true/false, yes/no, 1/0)."""
+    words = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
+    items = [item.strip().lower() for item in value.split(",")]
+    bad = [item for item in items if item not in words]
+    if bad or not items:
+        raise InputError(f"{option} {value!r}: expected a comma-separated list of on/off")
+    return [words[item] for item in items]
+
+
+def _report(report: dict, json_path: Optional[str], print_tables: Callable) -> None:
+    """Tables on stdout and the JSON file, or (``--json -``) only the JSON on stdout."""
+    if json_path == "-":
+        typer.echo(json.dumps(report, indent=2))
+        return
+    print_tables(report, _stdout())
+    if json_path:
+        path = Path(json_path).expanduser()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))
+        except OSError as err:
+            raise InputError(f"cannot write the JSON report to {path}: {err}") from err
+        _stderr().print(Text(f"wrote {path}", style="dim"))
+
+
+@app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")
+@_cli_errors
+def verify_command(
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0 or pi05.")] = "pi0",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="The backend to check (any registered name).")] = "pytorch",
+    against: Annotated[str, typer.Option("--against", metavar="NAME", help="The reference backend; it runs in float32.")] = "pytorch",
+    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5 sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="The checked backend's dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (inputs use N+1).")] = 0,
+    views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs.")] = 2,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown).")] = 3,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
+) -> None:
+    """Compare a backend with the reference module by module on random weights and random inputs.
+
+    Modules: patch embedding, SigLIP layer 0, the SigLIP tower, the projector, the vision stage, prefix
+    layer 0, the prefix KV cache, one denoising step, and the whole action chunk. Each module gets the
+    reference's output of the one before, so an error shows where it arises. Reported per module:
+    max |Δ| and ‖Δ‖/‖ref‖ against the reference in float32, and each backend's time (median, GPU
+    synchronised). Modules a backend does not implement are shown as n/a.
+
+    Exit code 0: the final actions are within the limit (float32: ‖Δ‖/‖ref‖ <= 1e-4; bfloat16/float16:
+    <= 2e-2); 1: they are not; 2: the check could not run.
+    """
+    from cortexflow.tools.verify import print_verify, run_verify
+
+    report = run_verify(model, backend, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
+                        repeats=repeats, log=_progress)
+    _report(report, json_path, print_verify)
+    if not report["passed"]:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
+@app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")
+@_cli_errors
+def bench_command(
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05.")] = "pi0,pi05",
+    backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
+    views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
+    prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (padded to the model's maximum).")] = "20",
+    chunk: Annotated[str, typer.Option("--chunk", metavar="LIST", help="Comma-separated action chunk lengths.")] = "50",
+    steps: Annotated[str, typer.Option("--steps", metavar="LIST", help="Comma-separated denoising step counts.")] = "10",
+    graphs: Annotated[str, typer.Option("--graphs", metavar="LIST", help="Whole-predict CUDA graph: on, off or on,off (GPU only; the CPU runs off).")] = "on,off",
+    iters: Annotated[int, typer.Option("--iters", metavar="N", help="Timed calls per case.")] = 100,
+    warmup: Annotated[int, typer.Option("--warmup", metavar="N", help="Untimed calls per case first.")] = 10,
+    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="real (published sizes), tiny, or auto (real on a GPU, tiny on CPU).")] = "auto",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
+) -> None:
+    """Time whole predict calls (input copies, forward, copy back) over the grid models x backends x views
+    x prompt lengths x chunks x steps x CUDA graphs, on random non-zero weights.
+
+    Per case: median, p90 and min latency after warm-up (CUDA events on a GPU, the host clock on CPU),
+    peak GPU memory, and the stage split of the last call when no CUDA graph hides it. The JSON also
+    records the device, the torch/triton/CUDA versions and the command line.
+    """
+    from cortexflow.tools.bench import print_bench, run_bench
+
+    results = run_bench(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        backends=[b.strip() for b in backends.split(",") if b.strip()],
+        views=_parse_number_list(views, "--views", int),
+        prompt_lens=_parse_number_list(prompt_len, "--prompt-len", int),
+        chunks=_parse_number_list(chunk, "--chunk", int),
+        steps=_parse_number_list(steps, "--steps", int),
+        graphs=_parse_switches(graphs, "--graphs"),
+        iters=iters,
+        warmup=warmup,
+        size=size,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        log=_progress,
+    )
+    _report(results, json_path, print_bench)
+
+
+@app.command("profile", short_help="Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor.")
+@_cli_errors
+def profile_command(
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0 or pi05.")] = "pi0",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Backend to profile.")] = "pytorch",
+    views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views.")] = 2,
+    prompt_len: Annotated[int, typer.Option("--prompt-len", metavar="N", help="Prompt tokens (padded to the model's maximum).")] = 20,
+    chunk: Annotated[Optional[int], typer.Option("--chunk", metavar="N", help="Action chunk length [default: the model's].")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="Denoising steps [default: the model's].")] = None,
+    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="real (published sizes), tiny, or auto (real on a GPU, tiny on CPU).")] = "auto",
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    top: Annotated[int, typer.Option("--top", metavar="N", help="Kernels (CPU: ops) listed, by total time.")] = 20,
+    repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Un-profiled calls whose median stage times are shown.")] = 3,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
+    peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", metavar="X", help="Use this peak TFLOP/s instead of measuring it (with --peak-gbps).")] = None,
+    peak_gbps: Annotated[Optional[float], typer.Option("--peak-gbps", metavar="X", help="Use this peak memory bandwidth in GB/s instead of measuring it.")] = None,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
+) -> None:
+    """Run one predict without CUDA graphs under torch.profiler and show where the time goes.
+
+    Per stage (vision, prefix, all denoising steps): time, FLOPs and minimum bytes (spec counts), the
+    achieved TFLOP/s and GB/s, and on a GPU the floor max(FLOP/peak, bytes/bandwidth) against the peaks
+    measured at the start (a bf16 8192^3 matmul, a 1 GiB device copy) and the gap to it. Then the top
+    kernels by total GPU time (CPU: ops by self time) with call counts and shares.
+    """
+    from cortexflow.tools.profile import print_profile, run_profile
+
+    report = run_profile(model, backend, views=views, size=size, device=device, dtype=dtype, prompt_len=prompt_len,
+                         chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,
+                         peak_gbps=peak_gbps, log=_progress)
+    _report(report, json_path, print_profile)
+
+
+# ---- serving: serve, loadtest (bodies in cortexflow/serving/commands.py) -------------------------
+@app.command("serve", short_help="Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged).")
+@_cli_errors
+def serve_command(
+    checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint; pi0 for demo), pi0 or pi05 (openvla: not implemented yet).")] = "auto",
+    robot: Annotated[str, typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments).")] = "droid",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
+    host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", metavar="N", help="TCP port (0: any free port, printed at start).")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Refuse connections without 'Authorization: Api-Key KEY' (env CORTEXFLOW_API_KEY).")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH", help="PaliGemma tokenizer.model, tokenizer.json or a folder holding one (needed for text prompts except with demo).")] = None,
+    norm_stats: Annotated[Optional[str], typer.Option("--norm-stats", metavar="PATH", help="openpi norm_stats.json, LeRobot stats, or a folder with assets/*/norm_stats.json.")] = None,
+    device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one queue.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
+    chunk: Annotated[Optional[int], typer.Option("--chunk", metavar="N", help="Action chunk length [default: the checkpoint's].")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="Denoising steps [default: the checkpoint's].")] = None,
+    views: Annotated[Optional[int], typer.Option("--views", metavar="N", help="Camera views for --robot raw [default: 3].")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Use the same seeded noise for every request (actions depend only on the observation).")] = None,
+    default_prompt: Annotated[Optional[str], typer.Option("--default-prompt", metavar="TEXT", help="Prompt for requests that carry none.")] = None,
+    adapt_to_pi: Annotated[bool, typer.Option("--adapt-to-pi/--no-adapt-to-pi", help="ALOHA only: convert joints/grippers between ALOHA and Pi0 conventions (openpi's default).")] = True,
+    cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the whole predict in a CUDA graph (GPU only).")] = True,
+    queue_size: Annotated[int, typer.Option("--queue-size", metavar="N", help="Requests that may wait for the engine; beyond that clients get 'server busy'.")] = 32,
+    max_message_mb: Annotated[float, typer.Option("--max-message-mb", metavar="MB", help="Largest request frame answered (bigger: error reply; over twice this: connection closed, 1009).")] = 32.0,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight.")] = 30.0,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph).")] = True,
+) -> None:
+    """Serve a Pi0/Pi0.5 policy to robots: a WebSocket server speaking openpi's protocol.
+
+    On connect the server sends msgpack metadata (model, action dims, chunk size, robot config); each
+    msgpack-numpy observation is answered with {"actions", "server_timing"}, or an error text frame.
+    GET /healthz answers 200, GET /metrics the Prometheus counters. SIGINT/SIGTERM stop the server after
+    the request in flight.
+    """
+    from cortexflow.serving.commands import serve
+    from cortexflow.serving.policy import PolicyOptions
+
+    options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
+                            dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
+                            views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
+                            adapt_to_pi=adapt_to_pi)
+    serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
+          shutdown_timeout=shutdown_timeout, warmup=warmup, info=_progress, warn=_warning_line)
+
+
+@app.command("loadtest", short_help="Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors.")
+@_cli_errors
+def loadtest_command(
+    url: Annotated[str, typer.Option("--url", metavar="URL", help="Server address, e.g. ws://127.0.0.1:8000.")] = "ws://127.0.0.1:8000",
+    clients: Annotated[int, typer.Option("--clients", "-n", metavar="N", help="Concurrent connections (1..1024).")] = 4,
+    requests: Annotated[int, typer.Option("--requests", metavar="M", help="Requests per connection, sent one after the other.")] = 50,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Sent as 'Authorization: Api-Key KEY'.")] = None,
+    robot: Annotated[Optional[str], typer.Option("--robot", metavar="NAME", help="Observation format [default: the robot in the server's metadata].")] = None,
+    timeout: Annotated[float, typer.Option("--timeout", metavar="S", help="Limit on connecting and on each reply.")] = 30.0,
+    image_size: Annotated[int, typer.Option("--image-size", metavar="PX", help="Side of the synthetic camera images.")] = 224,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the synthetic observations.")] = 0,
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Send synthetic observations from concurrent clients and report latency percentiles, throughput and
+    errors. Exit code 0: every request answered with actions; 1: some errors; 2: the test could not run."""
+    from cortexflow.serving.commands import format_report, loadtest
+
+    report = loadtest(url, clients, requests, api_key=api_key, timeout=timeout, robot=robot, seed=seed,
+                      image_size=image_size)
+    typer.echo(format_report(report, json_output))
+    if report.errors:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

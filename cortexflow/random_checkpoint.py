@@ -43,18 +43,28 @@ def tiny_model_config(model_type: "VLAModelType | str" = VLAModelType.PI0, **ove
     return ModelConfig.for_model(model_type, **small)
 
 
-def random_weights(config: ModelConfig, seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Canonical-name weights of ``config``'s model, drawn with ``torch.Generator().manual_seed(seed)``."""
-    generator = torch.Generator().manual_seed(seed)
+def random_weights(
+    config: ModelConfig,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: "torch.device | str | None" = None,
+) -> dict[str, torch.Tensor]:
+    """Canonical-name weights of ``config``'s model, drawn in fp32 with a generator seeded with ``seed``.
+
+    ``device=None`` (or a CPU device) draws on the CPU with ``torch.Generator().manual_seed(seed)``;
+    another device draws there with that device's generator (needed for the 3B real-size weights,
+    which take minutes on a CPU). The same seed gives different values on different device types."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
     weights = {}
     for name, shape in model_class(config.model_type)(config).get_weight_shapes().items():
+        tensor = torch.randn(shape, generator=generator, device=device)
         if len(shape) >= 2 and name != "vision.pos" and name != "llm.embed":
-            fan_in = math.prod(shape[1:])
-            tensor = torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+            tensor /= math.sqrt(math.prod(shape[1:]))
         elif name in ("vision.pos", "llm.embed"):
-            tensor = torch.randn(shape, generator=generator) * 0.02
+            tensor *= 0.02
         else:
-            tensor = torch.randn(shape, generator=generator) * 0.02 + 0.01
+            tensor = tensor * 0.02 + 0.01
         weights[name] = tensor.to(dtype)
     return weights
 

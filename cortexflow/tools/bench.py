@@ -1,0 +1,295 @@
+"""``cortexflow bench``: latency and memory of whole ``predict`` calls over a grid of workloads.
+
+The grid is models x backends x views x prompt lengths x chunk sizes x denoising steps x CUDA graphs
+(on/off). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
+drawn on the device) are shared by all its engines. A case is timed as whole ``predict`` calls (input
+copies, forward, copy back) after warm-up: CUDA events on a GPU, the host clock on the CPU; median,
+p90 and min, the peak GPU memory during the case, and the per-stage split of the last call when no CUDA
+graph hides it. A backend that cannot run here (``triton`` on a CPU, a name this version lacks, a stage
+it does not implement, too little GPU memory) is reported as skipped with the reason; a case that
+raises anything else is reported as failed with the error, and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from cortexflow.backends import available_backends, create_backend
+from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
+from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType, dtype_name
+from cortexflow.engine import VLAInferenceEngine
+from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.models.pi0 import model_class
+from cortexflow.random_checkpoint import random_weights
+from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size
+
+#: Failures that make a case "skipped" (cannot run here); any other exception makes it "failed".
+SKIP_ERRORS = (BackendUnavailableError, NotImplementedError, torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One point of the grid."""
+
+    model: str
+    backend: str
+    views: int
+    prompt_len: int
+    chunk: int
+    steps: int
+    cuda_graphs: bool
+
+
+@dataclass
+class Observation:
+    """One synthetic call: HWC uint8 images, prompt token ids (BOS first), state and noise."""
+
+    images: np.ndarray
+    tokens: list[int]
+    state: np.ndarray
+    noise: np.ndarray
+
+
+def random_observation(config: ModelConfig, views: int, prompt_len: int, rng: np.random.Generator) -> Observation:
+    """Random non-zero inputs for one call of a model with ``config`` (224x224 images, so no resize)."""
+    tokens = rng.integers(3, config.vocab_size, size=prompt_len).tolist()
+    tokens[0] = 2
+    return Observation(
+        images=rng.integers(0, 256, size=(views, config.image_size, config.image_size, 3), dtype=np.uint8),
+        tokens=tokens,
+        state=rng.standard_normal(config.action_dim).astype(np.float32),
+        noise=rng.standard_normal((config.chunk_size, config.action_dim)).astype(np.float32),
+    )
+
+
+def make_engine(state_dict, config: ModelConfig, views: int, graphs: bool, dtype: torch.dtype,
+                device: torch.device, backend: str = "pytorch") -> VLAInferenceEngine:
+    """An engine over an in-memory openpi-layout state dict (its tensors are reused, not copied)."""
+    model = model_class(config.model_type)(config)
+    inference = InferenceConfig(num_views=views, device=str(device), dtype=dtype, use_cuda_graphs=graphs, backend=backend)
+    return VLAInferenceEngine(state_dict, inference_config=inference, model=model)
+
+
+def predict_call(engine: VLAInferenceEngine, observation: Observation) -> Callable[[], np.ndarray]:
+    """The timed call: ``predict`` with token ids and fixed noise (state only where the model has a state token)."""
+    state = observation.state if "state" in engine.buffers(1) else None
+    return lambda: engine.predict(observation.images, state=state, prompt_tokens=observation.tokens,
+                                  noise=observation.noise)
+
+
+def time_calls(call: Callable[[], object], device: torch.device, iters: int, warmup: int) -> dict:
+    """Median / p90 / min ms of ``iters`` calls after ``warmup``: CUDA events on a GPU, else the host clock."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        call()
+    event_ms, host_ms = [], []
+    for _ in range(iters):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize(device)
+            start.record()
+        t0 = time.perf_counter()
+        call()
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+        if cuda:
+            end.record()
+            end.synchronize()
+            event_ms.append(start.elapsed_time(end))
+    times = sorted(event_ms or host_ms)
+    return {
+        "median_ms": statistics.median(times),
+        "p90_ms": times[math.ceil(0.9 * len(times)) - 1],  # nearest rank
+        "min_ms": times[0],
+        "mean_ms": statistics.fmean(times),
+        "host_median_ms": statistics.median(host_ms),
+        "iters": iters,
+        "warmup": warmup,
+        "timing": "cuda_events" if cuda else "host_clock",
+    }
+
+
+class GpuMemory:
+    """Peak / current allocated GPU bytes (zeros on CPU)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.device) if self.cuda else 0
+
+    def peak(self) -> int:
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
+
+
+def check_backend_names(backends: Sequence[str]) -> list[str]:
+    """Lower-cased names; a name that is neither registered nor a known backend type is an error."""
+    known = set(available_backends()) | {b.value for b in BackendType}
+    names = [b.strip().lower() for b in backends]
+    unknown = [b for b in names if b not in known]
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {unknown}; available: {', '.join(available_backends())}")
+    return names
+
+
+def run_bench(
+    models: Sequence[str] = ("pi0", "pi05"),
+    backends: Sequence[str] = ("pytorch",),
+    views: Sequence[int] = (1, 2, 3),
+    prompt_lens: Sequence[int] = (20,),
+    chunks: Sequence[int] = (50,),
+    steps: Sequence[int] = (10,),
+    graphs: Sequence[bool] = (True, False),
+    iters: int = 100,
+    warmup: int = 10,
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    seed: int = 0,
+    iters_without_graphs: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Time every case of the grid; returns ``{"environment", "workload", "runs", "skipped", "failed"}``.
+
+    On a CPU CUDA graphs do not exist, so only the ``graphs=off`` cases run. ``iters_without_graphs``
+    (default ``iters``) sets the call count of the slower un-graphed cases."""
+    resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
+    size = resolve_size(size, resolved_device)
+    backends = check_backend_names(backends)
+    model_types = [VLAModelType.parse(m).value for m in models]
+    if iters < 1 or warmup < 0:
+        raise ConfigError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
+    for option, values in (("views", views), ("prompt length", prompt_lens), ("chunk", chunks), ("steps", steps)):
+        if not values or any(int(v) < 1 for v in values):
+            raise ConfigError(f"every {option} must be a positive integer, got {list(values)}")
+    cuda = resolved_device.type == "cuda"
+    graph_modes = list(dict.fromkeys(bool(g) for g in graphs)) if cuda else [False]
+    log = log or (lambda _message: None)
+    rng = np.random.default_rng(seed)
+    results = {
+        "tool": "cortexflow bench",
+        "environment": environment_info(resolved_device),
+        "workload": {"size": size, "dtype": dtype_name(compute_dtype), "iters": iters, "warmup": warmup,
+                     "iters_without_graphs": iters_without_graphs or iters, "seed": seed,
+                     "weights": "random non-zero (cortexflow.random_checkpoint.random_weights)"},
+        "runs": [],
+        "skipped": [],
+        "failed": [],
+    }
+    memory = GpuMemory(resolved_device)
+    for model_name in model_types:
+        base = model_config(model_name, size)
+        log(f"drawing {size} {model_name} weights on {resolved_device} ...")
+        weights = random_weights(base, seed, compute_dtype, resolved_device)
+        state_dict = to_checkpoint_keys(weights, base, "openpi")
+        weight_bytes = memory.allocated()
+        for backend in backends:
+            try:
+                create_backend(backend, resolved_device, compute_dtype)
+            except Exception as err:  # noqa: BLE001 - one backend's failure must not stop the grid
+                kind = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
+                results[kind].append({"model": model_name, "backend": backend, "reason": f"{type(err).__name__}: {err}"})
+                log(f"{model_name} {backend}: {kind} ({type(err).__name__}: {err})")
+                continue
+            for case in _cases(model_name, backend, views, prompt_lens, chunks, steps, graph_modes):
+                n = iters if case.cuda_graphs or iters_without_graphs is None else iters_without_graphs
+                entry = _run_case(case, base, state_dict, compute_dtype, resolved_device, memory, rng, n, warmup)
+                if "reason" in entry:
+                    kind = entry.pop("outcome")
+                    results[kind].append(entry)
+                    log(f"{_label(case)}: {kind} ({entry['reason']})")
+                    continue
+                entry["weights_gib"] = weight_bytes / 2**30
+                results["runs"].append(entry)
+                peak = f", peak {entry['peak_gpu_gib']:.2f} GiB" if resolved_device.type == "cuda" else ""
+                log(f"{_label(case)}: median {entry['median_ms']:.2f} ms{peak}")
+        del weights, state_dict
+        memory.reset()
+    return results
+
+
+def _cases(model, backend, views, prompt_lens, chunks, steps, graph_modes):
+    for v in views:
+        for p in prompt_lens:
+            for c in chunks:
+                for s in steps:
+                    for g in graph_modes:
+                        yield Case(model, backend, int(v), int(p), int(c), int(s), g)
+
+
+def _label(case: Case) -> str:
+    return (f"{case.model} {case.backend} views={case.views} prompt={case.prompt_len} chunk={case.chunk} "
+            f"steps={case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
+
+
+def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: GpuMemory,
+              rng: np.random.Generator, iters: int, warmup: int) -> dict:
+    """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed)."""
+    config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
+    entry = asdict(case)
+    if case.prompt_len > config.max_token_len:
+        return {**entry, "outcome": "skipped",
+                "reason": f"prompt length {case.prompt_len} > the model's max_token_len {config.max_token_len}"}
+    memory.reset()
+    engine = None
+    try:
+        engine = make_engine(state_dict, config, case.views, case.cuda_graphs, dtype, device, case.backend)
+        call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
+        stats = time_calls(call, device, iters, warmup)
+        entry.update(stats)
+        entry.update(
+            cuda_graphs=engine.use_cuda_graphs,
+            dtype=dtype_name(dtype),
+            stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
+            peak_gpu_gib=memory.peak() / 2**30,
+            prefix_tokens=case.views * config.num_patches + config.max_token_len,
+            valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,
+        )
+        return entry
+    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
+        outcome = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
+        return {**entry, "outcome": outcome, "reason": f"{type(err).__name__}: {err}"}
+    finally:
+        del engine
+        memory.reset()
+
+
+def print_bench(results: dict, console) -> None:
+    """The runs as a rich table (ms and GiB), then the skipped and failed cases with their reasons."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    env, work = results["environment"], results["workload"]
+    title = (f"{env['device']}  torch {env['torch']}  ({work['size']} size, {work['dtype']}, "
+             f"{'CUDA events' if env['device_type'] == 'cuda' else 'host clock'})")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for header in ("model", "backend", "views", "prompt", "chunk", "steps", "graphs", "median ms", "p90 ms",
+                   "min ms", "peak GiB", "iters"):
+        table.add_column(header, justify="left" if header in ("model", "backend") else "right")
+    for r in results["runs"]:
+        table.add_row(r["model"], r["backend"], str(r["views"]), str(r["prompt_len"]), str(r["chunk"]), str(r["steps"]),
+                      "on" if r["cuda_graphs"] else "off", f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
+                      f"{r['min_ms']:.2f}", f"{r['peak_gpu_gib']:.2f}", str(r["iters"]))
+    console.print(table)
+    for kind, style in (("skipped", "yellow"), ("failed", "red")):
+        for r in results[kind]:
+            what = [r["model"], r["backend"]] + [f"{k}={r[k]}" for k in ("views", "prompt_len", "chunk", "steps",
+                                                                         "cuda_graphs") if k in r]
+            reason = " ".join(r["reason"].split())
+            console.print(Text(f"{kind} {' '.join(what)}: {reason[:500]}", style=style))

@@ -1,0 +1,250 @@
+"""``cortexflow profile``: where one ``predict`` call's time goes, and how far each stage is from its floor.
+
+One un-graphed ``predict`` runs under ``torch.profiler`` (CPU and, on a GPU, CUDA activities). The
+report has the per-stage times (the engine's ``last_timings``: median of a few un-profiled calls, and
+those of the profiled call), the top kernels by total GPU time (on a CPU: the top ops by self CPU time)
+with their call counts and shares, and per stage the FLOPs and minimum bytes of
+:mod:`cortexflow.tools.flops`, the achieved FLOP/s and bytes/s, and, against the device's peaks measured
+at the start (a large bf16 matmul, a large device-to-device copy), the floor
+``max(flop / peak, bytes / bandwidth)`` and the gap to it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.autograd import DeviceType
+
+from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
+from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.errors import ConfigError
+from cortexflow.random_checkpoint import random_weights
+from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size, synchronize
+from cortexflow.tools.bench import make_engine, predict_call, random_observation
+from cortexflow.tools.flops import stage_costs
+
+#: Engine stage name -> the cost in :func:`cortexflow.tools.flops.stage_costs` it runs.
+STAGES = (("vision_encoder", "vision"), ("transformer_encoder", "prefix"), ("transformer_decoder", "expert"))
+
+
+def measure_device_peaks(device: torch.device, matmul_size: int = 8192, copy_bytes: int = 2**30, iters: int = 20) -> dict:
+    """Measured peaks of a GPU: TFLOP/s of a ``matmul_size``-cubed bf16 matmul and GB/s of a device copy
+    of ``copy_bytes`` (read + written bytes over time), each the mean of ``iters`` runs timed with CUDA events."""
+    a = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+    matmul_ms = _event_ms(lambda: torch.mm(a, b, out=c), iters)
+    del a, b, c
+    src = torch.randint(0, 255, (copy_bytes,), device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    copy_ms = _event_ms(lambda: dst.copy_(src), iters)
+    del src, dst
+    torch.cuda.empty_cache()
+    return {
+        "matmul_tflops": 2 * matmul_size**3 / (matmul_ms * 1e-3) / 1e12,
+        "copy_gbps": 2 * copy_bytes / (copy_ms * 1e-3) / 1e9,
+        "matmul": f"bf16 {matmul_size}x{matmul_size}x{matmul_size}",
+        "copy_bytes": copy_bytes,
+    }
+
+
+def _event_ms(fn: Callable[[], object], iters: int) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def kernel_rows(prof, cuda: bool, top: int) -> tuple[list[dict], float]:
+    """Top ``top`` kernels by total GPU time (CPU: ops by self CPU time) and the total over all of them, ms."""
+    averages = prof.key_averages()
+    if cuda:
+        items = [(e.key, e.count, e.self_device_time_total) for e in averages if e.device_type == DeviceType.CUDA]
+    else:
+        items = [(e.key, e.count, e.self_cpu_time_total) for e in averages
+                 if e.device_type == DeviceType.CPU and not e.is_user_annotation]
+    items = [item for item in items if item[2] > 0]
+    total_us = sum(us for _, _, us in items)
+    rows = [
+        {"name": name, "count": count, "total_ms": us / 1e3, "mean_us": us / count,
+         "share": us / total_us if total_us else 0.0}
+        for name, count, us in sorted(items, key=lambda item: -item[2])[:top]
+    ]
+    return rows, total_us / 1e3
+
+
+def run_profile(
+    model: str = "pi0",
+    backend: str = "pytorch",
+    views: int = 2,
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    prompt_len: int = 20,
+    chunk: int | None = None,
+    steps: int | None = None,
+    top: int = 20,
+    repeats: int = 3,
+    seed: int = 0,
+    peak_tflops: float | None = None,
+    peak_gbps: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Profile one un-graphed ``predict`` of ``model`` on ``backend``; returns the report dict.
+
+    ``peak_tflops`` / ``peak_gbps`` replace the measured peaks (on a CPU nothing is measured, so without
+    them there is no floor)."""
+    resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
+    size = resolve_size(size, resolved_device)
+    cuda = resolved_device.type == "cuda"
+    log = log or (lambda _message: None)
+    overrides = {k: v for k, v in (("chunk_size", chunk), ("num_diffusion_steps", steps)) if v is not None}
+    config = model_config(VLAModelType.parse(model).value, size, **overrides)
+    if not 1 <= prompt_len <= config.max_token_len:
+        raise ConfigError(f"prompt length must be 1..{config.max_token_len} (the model's max_token_len), got {prompt_len}")
+    if views < 1 or top < 1 or repeats < 1:
+        raise ConfigError(f"views, top and repeats must be at least 1, got {views}, {top}, {repeats}")
+
+    peaks = None
+    if cuda:
+        log("measuring the device's matmul and copy peaks ...")
+        peaks = {**measure_device_peaks(resolved_device), "source": "measured"}
+    if peak_tflops is not None or peak_gbps is not None:
+        if peak_tflops is None or peak_gbps is None:
+            raise ConfigError("give both peak TFLOP/s and peak GB/s, or neither")
+        peaks = {**(peaks or {}), "matmul_tflops": peak_tflops, "copy_gbps": peak_gbps, "source": "given"}
+
+    log(f"drawing {size} {config.model_type.value} weights on {resolved_device} ...")
+    weights = random_weights(config, seed, compute_dtype, resolved_device)
+    engine = make_engine(to_checkpoint_keys(weights, config, "openpi"), config, views, False, compute_dtype,
+                         resolved_device, backend)
+    del weights
+    call = predict_call(engine, random_observation(config, views, prompt_len, np.random.default_rng(seed)))
+    with torch.inference_mode():
+        for _ in range(2):
+            call()
+        timings = []
+        for _ in range(repeats):
+            call()
+            timings.append(dict(engine.last_timings))
+        stages_ms = {name: statistics.median(t[name] for t in timings) for name in timings[0]}
+        log("profiling one call ...")
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        synchronize(resolved_device)
+        with torch.profiler.profile(activities=activities) as prof:
+            call()
+            synchronize(resolved_device)
+    kernels, kernel_total_ms = kernel_rows(prof, cuda, top)
+
+    weight_bytes = torch.finfo(compute_dtype).bits // 8
+    costs = stage_costs(config, views, prompt_len, weight_bytes=weight_bytes)
+    executed = stage_costs(config, views, config.max_token_len, weight_bytes=weight_bytes)
+    rows = [_stage_row(stage, costs[key], executed[key], stages_ms.get(stage), peaks) for stage, key in STAGES]
+    model_ms = sum(r["time_ms"] for r in rows)
+    floor = sum(r["floor_ms"] for r in rows) if peaks else None
+    return {
+        "tool": "cortexflow profile",
+        "model": config.model_type.value,
+        "backend": engine.backend.name,
+        "size": size,
+        "dtype": dtype_name(compute_dtype),
+        "seed": seed,
+        "workload": {"views": views, "prompt_tokens": prompt_len, "padded_prompt_tokens": config.max_token_len,
+                     "chunk": config.chunk_size, "steps": config.num_diffusion_steps, "repeats": repeats,
+                     "cuda_graphs": False},
+        "environment": environment_info(resolved_device),
+        "peaks": peaks,
+        "stages_ms": stages_ms,
+        "profiled_stages_ms": dict(engine.last_timings),
+        "stages": rows,
+        "totals": {
+            "stages_ms": model_ms,
+            "flop": sum(r["flop"] for r in rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "floor_ms": floor,
+            "gap": model_ms / floor if floor else None,
+        },
+        "kernels": {
+            "source": "CUDA kernels (GPU time)" if cuda else "CPU ops (self CPU time)",
+            "total_ms": kernel_total_ms,
+            "top": kernels,
+        },
+    }
+
+
+def _stage_row(stage: str, cost, executed, time_ms: float | None, peaks: dict | None) -> dict:
+    """One stage: time, work, achieved rates and, with peaks, the floor and the gap to it."""
+    time_ms = float(time_ms or 0.0)
+    seconds = time_ms / 1e3
+    row = {
+        "stage": stage,
+        "time_ms": time_ms,
+        "flop": cost.total_flop,
+        "bytes": cost.total_bytes,
+        "repeats": cost.repeats,
+        "flop_parts_per_call": cost.parts,
+        "flop_executed": executed.total_flop,
+        "achieved_tflops": cost.total_flop / seconds / 1e12 if seconds else None,
+        "achieved_gbps": cost.total_bytes / seconds / 1e9 if seconds else None,
+        "compute_ms": None, "memory_ms": None, "floor_ms": None, "bound": None, "gap": None,
+    }
+    if peaks:
+        flops, bandwidth = peaks["matmul_tflops"] * 1e12, peaks["copy_gbps"] * 1e9
+        compute_ms, memory_ms = 1e3 * cost.total_flop / flops, 1e3 * cost.total_bytes / bandwidth
+        floor = 1e3 * cost.floor_s(flops, bandwidth)
+        row.update(compute_ms=compute_ms, memory_ms=memory_ms, floor_ms=floor,
+                   bound="compute" if compute_ms >= memory_ms else "memory",
+                   gap=time_ms / floor if floor else None)
+    return row
+
+
+def print_profile(report: dict, console, name_width: int = 90) -> None:
+    """Peaks, the per-stage roofline table and the top-kernel table."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    env, work, peaks = report["environment"], report["workload"], report["peaks"]
+    console.print(Text(
+        f"{report['model']} ({report['size']}) on {env['device']}, backend {report['backend']} {report['dtype']}: "
+        f"{work['views']} views, prompt {work['prompt_tokens']} (padded to {work['padded_prompt_tokens']}), "
+        f"chunk {work['chunk']}, {work['steps']} steps, no CUDA graph", style="bold"))
+    if peaks:
+        console.print(f"peaks ({peaks['source']}): {peaks['matmul_tflops']:.0f} TFLOP/s matmul, "
+                      f"{peaks['copy_gbps']:.0f} GB/s copy")
+    else:
+        console.print(Text("no device peaks on the CPU: no floor (give --peak-tflops and --peak-gbps for one)", style="dim"))
+    stages = Table(title=f"Stages (median of {work['repeats']} un-profiled calls)", box=box.SIMPLE_HEAD,
+                   title_justify="left")
+    for header in ("stage", "ms", "GFLOP", "MB", "TFLOP/s", "GB/s", "floor ms", "bound", "x floor"):
+        stages.add_column(header, justify="left" if header in ("stage", "bound") else "right")
+    fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
+    for r in report["stages"]:
+        stages.add_row(r["stage"], f"{r['time_ms']:.2f}", f"{r['flop'] / 1e9:.4g}", f"{r['bytes'] / 1e6:.4g}",
+                       fmt(r["achieved_tflops"], ".2f"), fmt(r["achieved_gbps"], ".0f"), fmt(r["floor_ms"], ".3f"),
+                       r["bound"] or "-", fmt(r["gap"], ".1f"))
+    t = report["totals"]
+    stages.add_row("total", f"{t['stages_ms']:.2f}", f"{t['flop'] / 1e9:.4g}", f"{t['bytes'] / 1e6:.4g}", "", "",
+                   fmt(t["floor_ms"], ".3f"), "", fmt(t["gap"], ".1f"), style="bold")
+    console.print(stages)
+    other = {k: v for k, v in report["stages_ms"].items() if k not in {s for s, _ in STAGES}}
+    console.print(Text("other timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in other.items()), style="dim"))
+    k = report["kernels"]
+    kernels = Table(title=f"Top {len(k['top'])} {k['source']}", box=box.SIMPLE_HEAD, title_justify="left")
+    for header in ("kernel" if report["environment"]["device_type"] == "cuda" else "op", "calls", "total ms",
+                   "mean us", "share"):
+        kernels.add_column(header, justify="left" if header in ("kernel", "op") else "right")
+    for r in k["top"]:
+        name = r["name"] if len(r["name"]) <= name_width else r["name"][: name_width - 3] + "..."
+        kernels.add_row(name, str(r["count"]), f"{r['total_ms']:.3f}", f"{r['mean_us']:.1f}", f"{100 * r['share']:.1f}%")
+    console.print(kernels)
+    console.print(Text(f"all {k['source']} of the profiled call: {k['total_ms']:.2f} ms", style="dim"))

@@ -1,0 +1,430 @@
+"""``cortexflow verify``: a backend's error against the reference backend, module by module.
+
+Both backends run on the same random weights and the same fresh random inputs. The reference runs in
+fp32; the checked backend in its own dtype, on the same weights rounded to that dtype (the reference
+gets the rounded values in fp32, so what is measured is the error of the computation, not of rounding
+the weights). Each module is fed the reference's output of the module before it, so an error shows
+where it arises rather than where it accumulates; the last module, the action chunk, runs the whole
+forward on each backend from the images.
+
+Module functions over the ops (patch embedding, one SigLIP layer, the tower, the projector, one prefix
+layer) get the backend's prepared weights, or its raw canonical weights when the prepared ones lack a
+name the function reads; stages get the prepared weights. A module a backend does not implement
+(``NotImplementedError`` / ``BackendUnavailableError``) is reported as ``n/a``; one that raises anything
+else as ``error`` with the exception (a failure when it is the action chunk).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from cortexflow.backends import create_backend
+from cortexflow.backends.base import ComputeBackend
+from cortexflow.config import ModelConfig, dtype_name
+from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.models.gemma import gemma_layer
+from cortexflow.models.pi0 import Pi0Model, model_class
+from cortexflow.models.siglip import siglip_embed, siglip_layer, siglip_tower
+from cortexflow.random_checkpoint import random_weights
+from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size, synchronize
+
+#: ``‖Δ‖/‖ref‖`` allowed on the final actions, by the checked backend's dtype.
+THRESHOLDS = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+PROMPT_LEN = 20
+NOT_IMPLEMENTED = (NotImplementedError, BackendUnavailableError)
+
+
+@dataclass
+class Side:
+    """One backend with its weights in its dtype: ``raw`` (canonical names) and ``prepared`` by the backend."""
+
+    label: str
+    backend: ComputeBackend
+    raw: dict[str, torch.Tensor]
+    prepared: dict[str, torch.Tensor]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.backend.dtype
+
+
+@dataclass
+class Context:
+    """The shared model, inputs, and the reference's outputs (memoised) that feed the next modules."""
+
+    model: Pi0Model
+    one_step_model: Pi0Model
+    buffers: dict[str, torch.Tensor]
+    reference: Side
+    outputs: dict[str, Any] = field(default_factory=dict)
+    prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def images_flat(self) -> torch.Tensor:
+        return self.buffers["images"].flatten(0, 1)
+
+    def reference_output(self, name: str) -> Any:
+        """The reference's output of module ``name`` (computed on first use)."""
+        if name not in self.outputs:
+            self.outputs[name] = _reference_run(MODULES_BY_NAME[name], self)[1]
+        return self.outputs[name]
+
+    def prefix_inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference's prefix embeddings ``(B, P, D)`` fp32, positions ``(B, P)`` and mask ``(B, P, P)``."""
+        if self.prefix is None:
+            inputs = self.encoder_inputs(self.reference)
+            x, valid = self.model.embed_prefix(self.reference.backend, self.reference.raw, inputs)
+            positions = torch.cumsum(valid.long(), dim=1) - 1
+            self.prefix = (x, positions, valid[:, None, :] & valid[:, :, None])
+        return self.prefix
+
+    def encoder_inputs(self, side: Side) -> dict[str, torch.Tensor]:
+        """``transformer_encoder`` inputs: the reference's image tokens in ``side``'s dtype, masks, token ids."""
+        b = self.buffers
+        return {
+            "image_tokens": self.reference_output("vision_encoder").to(side.dtype),
+            "image_masks": b["image_masks"],
+            "token_ids": b["token_ids"],
+            "token_mask": b["token_mask"],
+        }
+
+
+@dataclass(frozen=True)
+class Module:
+    """A checked piece of the model: ``build(side, ctx, weights)`` returns the call to compare and time."""
+
+    name: str
+    description: str
+    build: Callable[[Side, Context, Any], Callable[[], Any]]
+    op_level: bool = False
+
+
+def _patch_embed(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    images = ctx.images_flat
+    return lambda: siglip_embed(side.backend, w, images)
+
+
+def _vision_layer(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    x = ctx.reference_output("patch_embed").to(side.dtype)
+    return lambda: siglip_layer(side.backend, w, 0, x, ctx.config)
+
+
+def _vision_tower(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    images = ctx.images_flat
+    return lambda: siglip_tower(side.backend, w, images, ctx.config, side.dtype)
+
+
+def _projector(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    tokens = ctx.reference_output("vision_tower").to(side.dtype)
+    return lambda: side.backend.linear(tokens, w["projector.weight"], w["projector.bias"])
+
+
+def _vision_encoder(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    inputs = {"images": ctx.buffers["images"]}
+    return lambda: side.backend.vision_encoder(ctx.model, w, inputs)
+
+
+def _prefix_layer(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    x, positions, mask = ctx.prefix_inputs()
+    x = x.to(side.dtype)
+    return lambda: gemma_layer(side.backend, w, "llm.layers.0", x, positions, mask, ctx.config)[0]
+
+
+def _prefix(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    inputs = ctx.encoder_inputs(side)
+    return lambda: side.backend.transformer_encoder(ctx.model, w, inputs)
+
+
+def _decoder_inputs(side: Side, ctx: Context) -> dict[str, Any]:
+    prefix = ctx.reference_output("prefix")
+    inputs = {
+        "kv_cache": [(k.to(side.dtype), v.to(side.dtype)) for k, v in prefix["kv_cache"]],
+        "prefix_mask": prefix["prefix_mask"],
+        "noise": ctx.buffers["noise"],
+    }
+    if "state" in ctx.buffers:
+        inputs["state"] = ctx.buffers["state"]
+    return inputs
+
+
+def _denoise_step(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    inputs = _decoder_inputs(side, ctx)
+    weights = side.backend.prepare_weights(ctx.one_step_model, dict(side.raw))
+    return lambda: side.backend.transformer_decoder(ctx.one_step_model, weights, inputs)
+
+
+def _actions(side: Side, ctx: Context, w) -> Callable[[], Any]:
+    buffers = {name: tensor.clone() for name, tensor in ctx.buffers.items()}
+    return lambda: ctx.model.forward(side.backend, w, buffers)
+
+
+MODULES: tuple[Module, ...] = (
+    Module("patch_embed", "patch + position embedding (siglip_embed)", _patch_embed, op_level=True),
+    Module("vision_layer", "SigLIP layer 0 (siglip_layer)", _vision_layer, op_level=True),
+    Module("vision_tower", "SigLIP tower (siglip_tower)", _vision_tower, op_level=True),
+    Module("projector", "projector linear", _projector, op_level=True),
+    Module("vision_encoder", "vision stage (backend.vision_encoder)", _vision_encoder),
+    Module("prefix_layer", "prefix Gemma layer 0 (gemma_layer)", _prefix_layer, op_level=True),
+    Module("prefix", "prefix KV cache, all layers (backend.transformer_encoder)", _prefix),
+    Module("denoise_step", "one Euler step (backend.transformer_decoder, 1 step)", _denoise_step),
+    Module("actions", "action chunk, whole forward (model.forward)", _actions),
+)
+MODULES_BY_NAME = {m.name: m for m in MODULES}
+
+
+def comparable(output: Any) -> torch.Tensor:
+    """A module's output as one fp32 tensor: the prefix's KV cache is every k and v flattened and joined."""
+    if isinstance(output, dict):
+        return torch.cat([t.float().flatten() for kv in output["kv_cache"] for t in kv])
+    return output.float()
+
+
+def describe_shape(output: Any) -> str:
+    if isinstance(output, dict):
+        kv = output["kv_cache"]
+        return f"{len(kv)}x2x{tuple(kv[0][0].shape)}"
+    return str(tuple(output.shape))
+
+
+def error_stats(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """``max |Δ|``, ``‖Δ‖/‖ref‖`` and ``‖ref‖`` (computed in fp64)."""
+    ref = reference.double()
+    delta = output.double() - ref
+    ref_norm = ref.norm().item()
+    return {
+        "max_abs": delta.abs().max().item(),
+        "rel_l2": delta.norm().item() / ref_norm if ref_norm > 0 else math.inf,
+        "ref_norm": ref_norm,
+    }
+
+
+def median_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs, synchronising the GPU before and after each."""
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _first_run(module: Module, side: Side, ctx: Context) -> tuple[Callable[[], Any], Any, str]:
+    """Build and run ``module`` once on ``side``: (call, output, which weights it used)."""
+    if not module.op_level:
+        fn = module.build(side, ctx, side.prepared)
+        return fn, fn(), "prepared"
+    try:
+        fn = module.build(side, ctx, side.prepared)
+        return fn, fn(), "prepared"
+    except KeyError as err:
+        missing = err.args[0] if err.args else None
+        if missing in side.prepared or missing not in side.raw:
+            raise
+        fn = module.build(side, ctx, side.raw)
+        return fn, fn(), f"raw (prepared weights lack {missing})"
+
+
+def _reference_run(module: Module, ctx: Context) -> tuple[Callable[[], Any], Any, str]:
+    """``_first_run`` on the reference, which must implement every module."""
+    try:
+        return _first_run(module, ctx.reference, ctx)
+    except NOT_IMPLEMENTED as err:
+        raise BackendUnavailableError(
+            f"reference backend {ctx.reference.backend.name!r} cannot compute {module.name}: {err}"
+        ) from err
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Turn off TF32 in matmuls and convolutions (the reference must be real fp32), restoring it after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def random_inputs(model: Pi0Model, views: int, prompt_len: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random non-zero buffers for one call: images in [-1, 1], ``prompt_len`` valid token ids (BOS first),
+    state and noise ~ N(0, 1); every view present. ``actions`` is the output buffer (zeros)."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    shapes = model.get_buffer_shapes(views, config.chunk_size)
+    ids = torch.randint(3, config.vocab_size, shapes["token_ids"], generator=generator)
+    ids[:, 0] = 2
+    mask = torch.zeros(shapes["token_mask"], dtype=torch.bool)
+    mask[:, :prompt_len] = True
+    buffers = {
+        "images": torch.rand(shapes["images"], generator=generator) * 2 - 1,
+        "image_masks": torch.ones(shapes["image_masks"], dtype=torch.bool),
+        "token_ids": ids * mask,
+        "token_mask": mask,
+        "noise": torch.randn(shapes["noise"], generator=generator),
+        "actions": torch.zeros(shapes["actions"]),
+    }
+    if "state" in shapes:
+        buffers["state"] = torch.randn(shapes["state"], generator=generator)
+    return {name: tensor.to(device) for name, tensor in buffers.items()}
+
+
+def split_weights(model: Pi0Model, drawn: dict[str, torch.Tensor], dtype: torch.dtype):
+    """Drawn fp32 weights -> (the checked backend's, in their run-time dtypes; the reference's, the same values in fp32).
+
+    Empties ``drawn`` as it goes so that the real-size model is never held three times."""
+    checked, reference = {}, {}
+    for name in list(drawn):
+        tensor = drawn.pop(name)
+        checked[name] = tensor.to(model.weight_dtype(name, dtype))
+        reference[name] = checked[name] if checked[name].dtype == torch.float32 else checked[name].float()
+    return checked, reference
+
+
+def run_verify(
+    model: str = "pi0",
+    backend: "str | ComputeBackend | type[ComputeBackend]" = "pytorch",
+    against: str = "pytorch",
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    seed: int = 0,
+    views: int = 2,
+    repeats: int = 3,
+    modules: Iterable[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) module by module; returns the report dict.
+
+    ``modules`` selects some of :data:`MODULES` by name (default: all). ``report["passed"]`` says whether
+    the final actions are within :data:`THRESHOLDS` of the reference."""
+    resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
+    size = resolve_size(size, resolved_device)
+    selected = [m.name for m in MODULES] if modules is None else list(modules)
+    unknown = sorted(set(selected) - set(MODULES_BY_NAME))
+    if unknown:
+        raise ConfigError(f"unknown verify module(s) {unknown}; known: {', '.join(MODULES_BY_NAME)}")
+    if views < 1 or repeats < 1:
+        raise ConfigError(f"views and repeats must be at least 1, got {views} and {repeats}")
+    log = log or (lambda _message: None)
+    config = model_config(model, size)
+    pi_model = model_class(config.model_type)(config)
+    threshold = THRESHOLDS[compute_dtype]
+    checked_backend = create_backend(backend, resolved_device, compute_dtype)
+    reference_backend = create_backend(against, resolved_device, torch.float32)
+    prompt_len = min(PROMPT_LEN, config.max_token_len)
+    log(f"drawing {size} {config.model_type.value} weights on {resolved_device} ...")
+    checked_raw, reference_raw = split_weights(
+        pi_model, random_weights(config, seed, torch.float32, resolved_device), compute_dtype
+    )
+    rows = []
+    with torch.inference_mode(), exact_fp32():
+        reference = Side("reference", reference_backend, reference_raw,
+                         reference_backend.prepare_weights(pi_model, dict(reference_raw)))
+        checked = Side("backend", checked_backend, checked_raw,
+                       checked_backend.prepare_weights(pi_model, dict(checked_raw)))
+        ctx = Context(
+            model=pi_model,
+            one_step_model=model_class(config.model_type)(config.replace(num_diffusion_steps=1)),
+            buffers=random_inputs(pi_model, views, prompt_len, seed + 1, resolved_device),
+            reference=reference,
+        )
+        for name in selected:
+            log(f"checking {name} ...")
+            rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device))
+    actions = next((r for r in rows if r["name"] == "actions"), None)
+    return {
+        "tool": "cortexflow verify",
+        "model": config.model_type.value,
+        "size": size,
+        "backend": checked_backend.name,
+        "dtype": dtype_name(compute_dtype),
+        "reference": {"backend": reference_backend.name, "dtype": "float32"},
+        "threshold_rel_l2": threshold,
+        "seed": seed,
+        "workload": {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
+                     "steps": config.num_diffusion_steps, "repeats": repeats},
+        "environment": environment_info(resolved_device),
+        "config": config.to_dict(),
+        "modules": rows,
+        "passed": actions is not None and actions["status"] == "ok",
+    }
+
+
+def _check_module(module: Module, ctx: Context, checked: Side, threshold: float, repeats: int,
+                  device: torch.device) -> dict:
+    ref_fn, ref_out, _ = _reference_run(module, ctx)
+    ctx.outputs.setdefault(module.name, ref_out)
+    row = {"name": module.name, "description": module.description, "shape": describe_shape(ref_out),
+           "threshold": threshold, "reference_ms": median_ms(ref_fn, repeats, device)}
+    try:
+        fn, out, weights = _first_run(module, checked, ctx)
+    except Exception as err:  # noqa: BLE001 - the checked backend's failure is a result, not a crash
+        status = "n/a" if isinstance(err, NOT_IMPLEMENTED) else "error"
+        return {**row, "status": status, "reason": f"{type(err).__name__}: {' '.join(str(err).split())}",
+                "backend_ms": None, "max_abs": None, "rel_l2": None, "ref_norm": None, "weights": None}
+    row.update(backend_ms=median_ms(fn, repeats, device), weights=weights, reason=None)
+    got, want = comparable(out), comparable(ref_out)
+    if got.shape != want.shape:
+        return {**row, "status": "mismatch", "reason": f"output shape {describe_shape(out)} != {row['shape']}",
+                "max_abs": None, "rel_l2": None, "ref_norm": None}
+    stats = error_stats(got, want)
+    return {**row, **stats, "status": "ok" if stats["rel_l2"] <= threshold else "over"}
+
+
+def print_verify(report: dict, console) -> None:
+    """The report as a rich table (error, threshold and time per module) and a verdict line."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    ref = report["reference"]
+    title = (f"{report['model']} ({report['size']}) on {report['environment']['device']}: "
+             f"{report['backend']} {report['dtype']} vs {ref['backend']} {ref['dtype']}")
+    table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
+    for header, justify in (("module", "left"), ("output", "left"), ("max |Δ|", "right"), ("‖Δ‖/‖ref‖", "right"),
+                            ("limit", "right"), ("status", "left"), ("ref ms", "right"), ("backend ms", "right")):
+        table.add_column(header, justify=justify)
+    styles = {"ok": "green", "over": "yellow", "n/a": "dim", "mismatch": "red", "error": "red"}
+    for row in report["modules"]:
+        number = lambda key: "-" if row.get(key) is None else f"{row[key]:.3e}"  # noqa: E731
+        ms = lambda key: "-" if row.get(key) is None else f"{row[key]:.2f}"  # noqa: E731
+        status = row["status"]
+        if row["name"] == "actions" and status != "ok":
+            status = "FAIL" if status == "over" else f"FAIL ({status})"
+        table.add_row(row["name"], row["shape"], number("max_abs"), number("rel_l2"), f"{row['threshold']:.0e}",
+                      Text(status, style="bold red" if status.startswith("FAIL") else styles.get(status)),
+                      ms("reference_ms"), ms("backend_ms"))
+    console.print(table)
+    for row in report["modules"]:
+        if row.get("reason"):
+            console.print(Text(f"{row['name']}: {row['reason'][:400]}", style="dim"))
+        elif row.get("weights", "prepared") not in (None, "prepared"):
+            console.print(Text(f"{row['name']}: ran on {row['weights']}", style="dim"))
+    w = report["workload"]
+    console.print(Text(f"{w['views']} views, prompt {w['prompt_tokens']} tokens, chunk {w['chunk']}, {w['steps']} steps; "
+                       f"times: median of {w['repeats']} runs; the limit applies to the final actions", style="dim"))
+    actions = next((r for r in report["modules"] if r["name"] == "actions"), None)
+    if actions is None:
+        return
+    if report["passed"]:
+        console.print(Text(f"PASS: final actions ‖Δ‖/‖ref‖ = {actions['rel_l2']:.3e} <= {actions['threshold']:.0e}",
+                           style="bold green"))
+    elif actions["rel_l2"] is None:
+        console.print(Text(f"FAIL: final actions not computed ({actions['reason'][:400]})", style="bold red"))
+    else:
+        console.print(Text(f"FAIL: final actions ‖Δ‖/‖ref‖ = {actions['rel_l2']:.3e} > {actions['threshold']:.0e}",
+                           style="bold red"))
+
