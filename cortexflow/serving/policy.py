@@ -1,0 +1,260 @@
+"""A served policy: one engine, one robot mapping, the prompt encoding and the noise policy.
+
+:func:`build_policy` makes the engine from a checkpoint (or the built-in tiny random model for
+``checkpoint="demo"``) and wraps it in a :class:`ServedPolicy`, whose ``prepare`` (validate and map an
+observation; cheap, runs on the server's event loop) and ``infer`` (run the engine; runs on the server's
+single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.engine import VLAInferenceEngine
+from cortexflow.errors import ConfigError, CortexFlowError
+from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
+
+DEMO_CHECKPOINT = "demo"
+DEMO_WEIGHTS_SEED = 0
+DEMO_ACTION_DIM = 32  # the real models' padded action width, so every robot mapping fits the demo model
+ROBOT_VIEWS = 3  # Pi0 / Pi0.5 image slots: base, left wrist, right wrist
+UNSUPPORTED_MODELS = {
+    VLAModelType.OPENVLA: "OpenVLA",
+    VLAModelType.RT1: "RT-1",
+    VLAModelType.RT2: "RT-2",
+}
+
+
+def byte_tokenizer(vocab_size: int):
+    """A tokenizer for the demo model (which has none): ``[BOS=2] + UTF-8 bytes``, each id mod ``vocab_size``,
+    the encoding ``cortexflow demo`` uses. Pi0 / Pi0.5 prompt formats are applied around it as usual."""
+    from cortexflow.demo import DEMO_BOS_ID
+    from cortexflow.processing import PromptTokenizer
+
+    def encode(text: str) -> list[int]:
+        return [b % vocab_size for b in text.encode("utf-8")]
+
+    def decode(ids: list[int]) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", "replace")
+
+    return PromptTokenizer(encode, decode, DEMO_BOS_ID % vocab_size, vocab_size, "utf-8 bytes (demo model, no tokenizer)")
+
+
+@dataclass
+class PolicyOptions:
+    """What to serve; the ``cortexflow serve`` options. ``checkpoint="demo"`` is the tiny random model."""
+
+    checkpoint: str
+    model: str = "auto"
+    robot: str = "droid"
+    backend: str = "pytorch"
+    device: str = "auto"
+    dtype: str = "auto"
+    tokenizer: str | None = None
+    norm_stats: str | None = None
+    chunk: int | None = None
+    steps: int | None = None
+    views: int | None = None
+    seed: int | None = None
+    default_prompt: str | None = None
+    cuda_graphs: bool = True
+    adapt_to_pi: bool = True
+    model_config: Mapping[str, Any] | None = None
+
+
+@dataclass
+class ServedPolicy:
+    """An engine behind a robot mapping. ``infer`` must only ever be called from one thread at a time."""
+
+    engine: VLAInferenceEngine
+    mapping: RobotMapping
+    checkpoint: str = "?"
+    seed: int | None = None
+    default_prompt: str | None = None
+    prompt_encoding: str | None = None
+    _noise: np.ndarray | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        config = self.engine.config
+        if self.mapping.action_dim is not None and self.mapping.action_dim > config.action_dim:
+            raise ConfigError(
+                f"robot {self.mapping.name!r} needs {self.mapping.action_dim}-D actions but the model has "
+                f"action_dim {config.action_dim}"
+            )
+        if self.mapping.state_dim is not None and self.mapping.state_dim > config.action_dim:
+            raise ConfigError(
+                f"robot {self.mapping.name!r} sends a {self.mapping.state_dim}-D state but the model takes at most "
+                f"{config.action_dim} values"
+            )
+        if self.seed is not None:
+            rng = np.random.default_rng(self.seed)
+            self._noise = rng.standard_normal((self.engine.chunk_size, config.action_dim)).astype(np.float32)
+
+    # ---- what the server calls -----------------------------------------------------------------
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Sent to every client on connect (openpi: ``WebsocketClientPolicy.get_server_metadata()``)."""
+        from cortexflow import __version__
+
+        engine, config, mapping = self.engine, self.engine.config, self.mapping
+        stats = engine.preprocessor.state_stats
+        return {
+            "server": "cortexflow",
+            "version": __version__,
+            "model": config.model_type.value,
+            "checkpoint": self.checkpoint,
+            "backend": getattr(engine.backend, "name", type(engine.backend).__name__),
+            "device": str(engine.device),
+            "dtype": dtype_name(engine.dtype),
+            "robot": mapping.name,
+            "action_dim": mapping.action_dim if mapping.action_dim is not None else config.action_dim,
+            "model_action_dim": config.action_dim,
+            "chunk_size": engine.chunk_size,
+            "action_horizon": engine.chunk_size,
+            "num_steps": config.num_diffusion_steps,
+            "num_views": engine.num_views,
+            "state_dim": mapping.state_dim if mapping.state_dim is not None else (stats.dim if stats else None),
+            "robot_config": mapping.describe(),
+            "prompt": {
+                "text": self.prompt_encoding is not None,
+                "encoding": self.prompt_encoding,
+                "max_tokens": config.max_token_len,
+                "default": self.default_prompt,
+            },
+            "actions_unnormalized": engine.postprocessor.action_stats is not None,
+            "noise_seed": self.seed,
+        }
+
+    def prepare(self, observation: Any) -> EngineRequest:
+        """Validate and map one observation (raises :class:`~cortexflow.errors.InputError`)."""
+        return self.mapping.to_engine(observation, self.default_prompt)
+
+    def infer(self, request: EngineRequest) -> tuple[np.ndarray, dict[str, float]]:
+        """Run the engine: robot actions ``(chunk, robot action_dim)`` fp32 and the engine's stage timings (ms)."""
+        start = time.perf_counter()
+        noise = request.noise if request.noise is not None else self._noise
+        actions = self.engine.predict(
+            request.images,
+            request.prompt,
+            request.state,
+            noise=noise,
+            prompt_tokens=request.prompt_tokens,
+            image_masks=request.image_masks,
+        )
+        robot_actions = np.ascontiguousarray(self.mapping.to_robot(actions), dtype=np.float32)
+        timings = {k: float(v) for k, v in self.engine.last_timings.items()}
+        timings["infer_ms"] = (time.perf_counter() - start) * 1e3
+        return robot_actions, timings
+
+    # ---- conveniences ---------------------------------------------------------------------------
+    def example_observation(self, seed: int = 0, height: int = 224, width: int = 224) -> dict[str, Any]:
+        """A synthetic observation in this robot's format (warm-up, load tests, examples)."""
+        return self.mapping.example_observation(seed, height, width, text_prompt=self.prompt_encoding is not None)
+
+    def predict(self, observation: Any) -> np.ndarray:
+        """``prepare`` + ``infer`` in the caller's thread: the actions the server would send for ``observation``."""
+        return self.infer(self.prepare(observation))[0]
+
+    def warmup(self) -> None:
+        """One call on a synthetic observation (captures the CUDA graph before the first client)."""
+        try:
+            self.predict(self.example_observation())
+        except CortexFlowError as err:
+            raise ConfigError(f"the warm-up request on a synthetic {self.mapping.name} observation failed: {err}") from err
+
+
+def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:
+    name = (options.model or "auto").strip().lower()
+    if name == "auto":
+        return VLAModelType.PI0 if demo else None
+    model_type = VLAModelType.parse(name)
+    if model_type in UNSUPPORTED_MODELS:
+        raise ConfigError(
+            f"--model {options.model}: {UNSUPPORTED_MODELS[model_type]} is not implemented in CortexFlow yet; "
+            "this version serves pi0 and pi05 policies"
+        )
+    return model_type
+
+
+def _resolve_dtype(dtype: str, device: str) -> str:
+    from cortexflow.config import parse_dtype
+    from cortexflow.engine import resolve_device
+
+    if str(dtype).strip().lower() == "auto":
+        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
+    return dtype_name(parse_dtype(dtype))
+
+
+def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> ServedPolicy:
+    """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it."""
+    from cortexflow.checkpoints.loader import inspect_checkpoint
+    from cortexflow.factory import create_pi0_inference, create_pi05_inference
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    log = log or (lambda message: None)
+    demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
+    model_type = _model_type(options, demo)
+    robot = str(options.robot).strip().lower()
+    mapping_probe = make_mapping(robot)  # validates the robot name before any loading
+    if robot != "raw" and options.views not in (None, ROBOT_VIEWS):
+        raise ConfigError(f"--views is for --robot raw; {robot} uses the model's {ROBOT_VIEWS} image slots")
+    num_views = ROBOT_VIEWS if robot != "raw" else (options.views or ROBOT_VIEWS)
+    if not demo and options.tokenizer is None and robot != "raw":
+        raise ConfigError(
+            f"--robot {robot} clients send the task as text: pass --tokenizer PATH (the PaliGemma tokenizer.model, "
+            "a tokenizer.json, or a folder holding one); only --checkpoint demo runs without one"
+        )
+    dtype = _resolve_dtype(options.dtype, options.device)
+    overrides = dict(options.model_config or {})
+    common = dict(
+        num_views=num_views,
+        chunk_size=options.chunk,
+        backend=options.backend,
+        device=options.device,
+        dtype=dtype,
+        tokenizer_path=options.tokenizer,
+        norm_stats_path=options.norm_stats,
+        use_cuda_graphs=options.cuda_graphs,
+        num_steps=options.steps,
+        progress=False,
+    )
+    if demo:
+        config = tiny_model_config(model_type, **{"action_dim": DEMO_ACTION_DIM, **overrides})
+        create = create_pi05_inference if config.model_type == VLAModelType.PI05 else create_pi0_inference
+        with tempfile.TemporaryDirectory(prefix=f"cortexflow-serve-{config.model_type.value}-") as directory:
+            write_checkpoint(directory, config, seed=DEMO_WEIGHTS_SEED)
+            engine = create(directory, model_config=config, **common)  # weights are in memory after this
+        label = f"demo (tiny random {config.model_type.value}, weights seed {DEMO_WEIGHTS_SEED})"
+    else:
+        if model_type is None:
+            model_type = inspect_checkpoint(options.checkpoint, overrides or None).model_type
+        create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
+        log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
+        engine = create(options.checkpoint, model_config=overrides or None, **common)
+        label = str(options.checkpoint)
+    if options.tokenizer is not None:
+        encoding = f"tokenizer {options.tokenizer}"
+    elif demo:
+        engine.preprocessor.tokenizer = byte_tokenizer(engine.config.vocab_size)
+        encoding = "utf-8 bytes: [BOS=2] + bytes mod vocab_size (demo model, no tokenizer)"
+    else:
+        encoding = None
+    stats = engine.preprocessor.state_stats
+    mapping = make_mapping(
+        robot, adapt_to_pi=options.adapt_to_pi, num_views=num_views, state_dim=stats.dim if stats else None
+    )
+    del mapping_probe
+    return ServedPolicy(
+        engine=engine,
+        mapping=mapping,
+        checkpoint=label,
+        seed=options.seed,
+        default_prompt=options.default_prompt,
+        prompt_encoding=encoding,
+    )

@@ -1,0 +1,473 @@
+"""WebSocket policy server speaking openpi's protocol, so ``openpi_client.WebsocketClientPolicy`` works unchanged.
+
+Protocol (openpi ``WebsocketPolicyServer``): on connect the server sends one binary msgpack frame with the
+metadata; then each binary frame from the client is a msgpack-numpy observation and is answered by one
+binary frame ``{"actions": (chunk, action_dim) float32, "server_timing": {"infer_ms", "queue_ms",
+"total_ms", "prev_total_ms"}, "policy_timing": {...}}``, or by a *text* frame holding an error message
+(the openpi client raises it as ``RuntimeError``). A bad request never closes the connection or stops the
+server; the client may send the next request on the same connection.
+
+Serving: one engine per GPU, each on its own engine thread (the CUDA engine is not thread-safe).
+Requests from all connections go through one bounded FIFO queue; a full queue is answered at once with ``server busy``. ``GET /healthz`` answers 200 and
+``GET /metrics`` the Prometheus counters (neither needs the API key). With an API key, a WebSocket
+handshake without ``Authorization: Api-Key <key>`` (as the openpi client sends it) is refused with HTTP
+401. Frames larger than ``max_message_bytes`` are answered with an error; frames larger than twice that
+are not read at all: the connection is closed with code 1009 (message too big). Shutdown (SIGINT/SIGTERM
+under :meth:`PolicyServer.run`, or :meth:`PolicyServer.stop`) refuses new connections and requests,
+answers queued requests with ``server is shutting down``, finishes the request in flight, sends its
+reply, then closes every connection with code 1001.
+
+In-process use (tests, notebooks)::
+
+    server = PolicyServer(policy, port=0).start()     # background thread, ephemeral port
+    client = WebsocketClientPolicy("127.0.0.1", server.port)
+    ...
+    server.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import http
+import ipaddress
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cortexflow.errors import ConfigError, CortexFlowError
+from cortexflow.serving import _deps, codec
+from cortexflow.serving.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
+
+logger = logging.getLogger("cortexflow.serving")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_QUEUE_SIZE = 32
+DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+CLOSE_MESSAGE_TOO_BIG = 1009
+HEALTH_PATH = "/healthz"
+METRICS_PATH = "/metrics"
+
+
+class ShuttingDown(Exception):
+    """A queued request that the server will not run because it is stopping."""
+
+
+@dataclass
+class _Job:
+    request: Any
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class PolicyServer:
+    """Serve ``policy`` (a :class:`~cortexflow.serving.policy.ServedPolicy`, or any object with ``metadata``,
+    ``prepare(observation)`` and ``infer(prepared) -> (actions, timings)``) over WebSocket.
+
+    ``policy`` may also be a list of equivalent policies, one engine per GPU: each gets its own engine
+    thread, all take requests from the one FIFO queue (the next request goes to the next free engine).
+    ``port=0`` binds an ephemeral port (read it from :attr:`port` once started). ``api_key=None`` accepts
+    every connection. ``warmup`` runs ``policy.warmup()`` on the engine thread before listening."""
+
+    def __init__(
+        self,
+        policy: Any,
+        host: str = DEFAULT_HOST,
+        port: int = DEFAULT_PORT,
+        *,
+        api_key: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        warmup: bool = True,
+    ):
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise ConfigError(f"port must be an integer in 0..65535 (0: any free port), got {port!r}")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ConfigError(f"queue size must be a positive integer, got {queue_size!r}")
+        if not isinstance(max_message_bytes, int) or max_message_bytes < 1024:
+            raise ConfigError(f"max message size must be at least 1024 bytes, got {max_message_bytes!r}")
+        if api_key is not None and (not api_key.strip() or any(c.isspace() for c in api_key)):
+            raise ConfigError("the API key must be a non-empty string without spaces")
+        if shutdown_timeout <= 0:
+            raise ConfigError(f"shutdown timeout must be positive, got {shutdown_timeout!r}")
+        self.policies = list(policy) if isinstance(policy, (list, tuple)) else [policy]
+        if not self.policies:
+            raise ConfigError("PolicyServer needs at least one policy")
+        self.policy = self.policies[0]
+        self.host = host
+        self.requested_port = port
+        self.api_key = api_key
+        self.max_message_bytes = max_message_bytes
+        self.queue_size = queue_size
+        self.shutdown_timeout = float(shutdown_timeout)
+        self.warmup = warmup
+        metadata = dict(self.policy.metadata)
+        if len(self.policies) > 1:
+            metadata["device"] = ",".join(str(p.metadata.get("device", "?")) for p in self.policies)
+        self.metadata = {
+            **metadata,
+            "server_config": {
+                "max_message_bytes": max_message_bytes,
+                "queue_size": queue_size,
+                "api_key_required": api_key is not None,
+                "engines": len(self.policies),
+            },
+        }
+        info = {k: str(metadata[k]) for k in ("model", "robot", "backend", "device") if k in metadata}
+        self.metrics = ServerMetrics(
+            info=info,
+            gauges={
+                "queue_depth": lambda: self._queue.qsize() if self._queue is not None else 0,
+                "queue_capacity": lambda: self.queue_size,
+                "requests_in_flight": lambda: self._in_flight,
+                "engines": lambda: len(self.policies),
+            },
+        )
+        self._queue: asyncio.Queue | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+        self._stopping = False
+        self._in_flight = 0
+        self._active_requests = 0
+        self._port: int | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+        self._thread_error: BaseException | None = None
+        self._stopped = threading.Event()
+
+    # ---- addresses --------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The bound port (the ephemeral one for ``port=0``); the requested port before start."""
+        return self._port if self._port is not None else self.requested_port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"ws://{host}:{self.port}"
+
+    @property
+    def hard_max_message_bytes(self) -> int:
+        """Frames above this are not read: the connection is closed with 1009 (message too big)."""
+        return max(2 * self.max_message_bytes, self.max_message_bytes + 65536)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    # ---- lifecycle --------------------------------------------------------------------------------
+    async def serve(self, on_ready: Callable[["PolicyServer"], None] | None = None) -> None:
+        """Run until :meth:`request_stop`; then shut down gracefully. The coroutine behind :meth:`run`/:meth:`start`."""
+        server_module = _deps.websockets_server()
+        _deps.msgpack()
+        self._loop = loop = asyncio.get_running_loop()
+        self._stop_event = asyncio.Event()
+        self._queue = asyncio.Queue(self.queue_size)
+        if self._stopping:  # stop asked for before the loop existed
+            self._stop_event.set()
+        executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cortexflow-engine-{i}")
+                     for i in range(len(self.policies))]
+        try:
+            warmups = [getattr(p, "warmup", None) for p in self.policies]
+            if self.warmup and all(callable(w) for w in warmups):
+                start = time.perf_counter()
+                for executor, warmup in zip(executors, warmups):  # one at a time: CUDA graph captures must not overlap
+                    await loop.run_in_executor(executor, warmup)
+                logger.info("warm-up request done in %.1f ms", (time.perf_counter() - start) * 1e3)
+            async with server_module.serve(
+                self._handle,
+                self.host,
+                self.requested_port,
+                process_request=self._process_request,
+                compression=None,
+                max_size=self.hard_max_message_bytes,
+                max_queue=4,
+                server_header="cortexflow",
+            ) as server:
+                self._port = server.sockets[0].getsockname()[1]
+                workers = [asyncio.create_task(self._worker(p, ex)) for p, ex in zip(self.policies, executors)]
+                self._ready.set()
+                logger.debug("serving on %s", self.url)
+                if on_ready is not None:
+                    on_ready(self)
+                await self._stop_event.wait()
+                await self._drain()
+                server.close()  # closes open connections with 1001 (going away)
+                await server.wait_closed()
+                for _ in workers:
+                    await self._queue.put(None)
+                await asyncio.gather(*workers)
+        finally:
+            for executor in executors:
+                executor.shutdown(wait=False)
+            self._stopped.set()
+
+    def run(self, on_ready: Callable[["PolicyServer"], None] | None = None) -> None:
+        """Serve in this (main) thread until SIGINT or SIGTERM, then shut down gracefully."""
+
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            task = asyncio.current_task()
+            signals = (signal.SIGINT, signal.SIGTERM)
+
+            def on_signal(signum: int) -> None:
+                if not self._stopping:
+                    logger.info("%s: finishing the request in flight, then stopping (again to abort)",
+                                signal.Signals(signum).name)
+                    self.request_stop()
+                elif task is not None:
+                    task.cancel()
+
+            for sig in signals:
+                try:
+                    loop.add_signal_handler(sig, on_signal, sig)
+                except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
+                    pass
+            try:
+                await self.serve(on_ready)
+            finally:
+                for sig in signals:
+                    try:
+                        loop.remove_signal_handler(sig)
+                    except (NotImplementedError, RuntimeError):
+                        pass
+
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            logger.warning("aborted before the request in flight finished")
+
+    def start(self, timeout: float = 60.0) -> "PolicyServer":
+        """Serve from a background thread; return once listening (``port`` is then the bound port)."""
+        if self._thread is not None:
+            raise RuntimeError("this PolicyServer was already started")
+
+        def target() -> None:
+            try:
+                asyncio.run(self.serve())
+            except BaseException as err:  # reported by start() or stop()
+                self._thread_error = err
+                if not self._ready.is_set():
+                    self._ready.set()
+                else:
+                    logger.exception("policy server stopped with an error")
+
+        self._thread = threading.Thread(target=target, name="cortexflow-policy-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            self.stop(timeout=5.0)
+            raise TimeoutError(f"the policy server did not start within {timeout} s")
+        if self._thread_error is not None:
+            self._thread.join(5.0)
+            raise self._thread_error
+        return self
+
+    def request_stop(self) -> None:
+        """Begin the graceful shutdown (thread-safe, idempotent)."""
+        self._stopping = True
+        loop, event = self._loop, self._stop_event
+        if loop is not None and event is not None:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # loop already closed
+                pass
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Shut down gracefully and wait for the background thread (see :meth:`start`)."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the policy server did not stop within {timeout} s")
+
+    def __enter__(self) -> "PolicyServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    async def _drain(self) -> None:
+        """Refuse what is queued, then wait (up to ``shutdown_timeout``) for the reply in flight to be sent."""
+        self._stopping = True
+        assert self._queue is not None
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                break
+            if job is not None and not job.future.done():
+                job.future.set_exception(ShuttingDown())
+        deadline = time.monotonic() + self.shutdown_timeout
+        while (self._active_requests > 0 or self._in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._active_requests > 0 or self._in_flight:
+            logger.warning("shutdown timeout (%.1f s): closing with a request still running", self.shutdown_timeout)
+
+    # ---- engine worker ----------------------------------------------------------------------------
+    async def _worker(self, policy: Any, executor: ThreadPoolExecutor) -> None:
+        """Runs queued jobs one after the other, in arrival order, on ``policy``'s engine thread."""
+        loop = asyncio.get_running_loop()
+        assert self._queue is not None
+        while True:
+            job = await self._queue.get()
+            if job is None:
+                return
+            if job.future.done():
+                continue
+            self._in_flight += 1
+            started = time.perf_counter()
+            try:
+                actions, timings = await loop.run_in_executor(executor, policy.infer, job.request)
+            except Exception as err:  # handed to the waiting connection handler
+                if not job.future.done():
+                    job.future.set_exception(err)
+            else:
+                if not job.future.done():
+                    job.future.set_result((actions, timings, started, time.perf_counter()))
+            finally:
+                self._in_flight -= 1
+
+    # ---- HTTP side: health, metrics, authentication -----------------------------------------------
+    def _process_request(self, connection: Any, request: Any) -> Any:
+        path = request.path.split("?", 1)[0]
+        if path == HEALTH_PATH:
+            if self._stopping:
+                return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+            return connection.respond(http.HTTPStatus.OK, "ok\n")
+        if path == METRICS_PATH:
+            response = connection.respond(http.HTTPStatus.OK, self.metrics.render())
+            del response.headers["Content-Type"]
+            response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
+            return response
+        if self._stopping:
+            self.metrics.connection_refused()
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+        if self.api_key is not None:
+            header = request.headers.get("Authorization")
+            if not header:
+                self.metrics.connection_refused()
+                return connection.respond(
+                    http.HTTPStatus.UNAUTHORIZED,
+                    "missing API key: send the header 'Authorization: Api-Key <key>' "
+                    "(openpi_client: WebsocketClientPolicy(host, port, api_key=KEY))\n",
+                )
+            scheme, _, key = header.strip().partition(" ")
+            if scheme.lower() != "api-key" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+                self.metrics.connection_refused()
+                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid API key\n")
+        return None
+
+    # ---- WebSocket side ---------------------------------------------------------------------------
+    async def _handle(self, websocket: Any) -> None:
+        closed_errors = _deps.websockets_exceptions().ConnectionClosed
+        self.metrics.connection_opened()
+        peer = getattr(websocket, "remote_address", None)
+        logger.info("connection from %s opened", peer)
+        try:
+            await websocket.send(codec.pack(self.metadata))
+            prev_total_ms = None
+            while True:
+                try:
+                    message = await websocket.recv()
+                except closed_errors as closed:
+                    if closed.sent is not None and closed.sent.code == CLOSE_MESSAGE_TOO_BIG:
+                        self.metrics.request()
+                        self.metrics.error("too_large")
+                        logger.warning("connection from %s closed: frame above %d bytes", peer, self.hard_max_message_bytes)
+                    break
+                start = time.perf_counter()
+                self._active_requests += 1
+                try:
+                    reply = await self._answer(message, start, prev_total_ms)
+                    await websocket.send(reply)
+                finally:
+                    self._active_requests -= 1
+                prev_total_ms = (time.perf_counter() - start) * 1e3
+        except closed_errors:
+            pass
+        except Exception:  # never let one connection take the server down
+            logger.exception("connection from %s failed", peer)
+        finally:
+            self.metrics.connection_closed()
+            logger.info("connection from %s closed", peer)
+
+    def _error(self, reason: str, message: str) -> str:
+        self.metrics.error(reason)
+        logger.info("request error (%s): %s", reason, message)
+        return message
+
+    async def _answer(self, message: Any, start: float, prev_total_ms: float | None) -> bytes | str:
+        """The reply frame for one request: packed actions (bytes) or an error message (str)."""
+        self.metrics.request()
+        if self._stopping:
+            return self._error("shutting_down", "server is shutting down; reconnect when it is back")
+        if isinstance(message, str):
+            return self._error(
+                "undecodable", "undecodable request: expected a binary msgpack-numpy frame (as openpi_client sends), "
+                "got a text frame"
+            )
+        if len(message) > self.max_message_bytes:
+            return self._error(
+                "too_large", f"request too large: {len(message)} bytes; the server accepts at most "
+                f"{self.max_message_bytes} bytes per frame (--max-message-mb)"
+            )
+        try:
+            observation = codec.unpack(message)
+        except codec.UndecodableFrame as err:
+            return self._error("undecodable", f"undecodable request: {err}")
+        try:
+            request = self.policy.prepare(observation)
+        except CortexFlowError as err:
+            return self._error("bad_request", f"bad request: {err}")
+        except Exception as err:
+            logger.exception("preparing a request failed")
+            return self._error("internal", f"internal server error: {type(err).__name__}: {err}")
+        assert self._queue is not None and self._loop is not None
+        job = _Job(request, self._loop.create_future())
+        try:  # no await between the shutdown check above and this put: the drain cannot miss the job
+            self._queue.put_nowait(job)
+        except asyncio.QueueFull:
+            return self._error(
+                "busy", f"server busy: {self.queue_size} requests are already waiting for the engine "
+                "(--queue-size); retry shortly"
+            )
+        try:
+            actions, policy_timing, started, finished = await job.future
+        except ShuttingDown:
+            return self._error("shutting_down", "server is shutting down; this request was not run")
+        except CortexFlowError as err:
+            return self._error("bad_request", f"bad request: {err}")
+        except Exception as err:
+            logger.error("inference failed: %s: %s", type(err).__name__, err, exc_info=err)
+            return self._error("internal", f"internal server error: {type(err).__name__}: {err}")
+        server_timing = {
+            "infer_ms": (finished - started) * 1e3,
+            "queue_ms": (started - job.enqueued) * 1e3,
+            "total_ms": (time.perf_counter() - start) * 1e3,
+        }
+        if prev_total_ms is not None:
+            server_timing["prev_total_ms"] = prev_total_ms
+        try:
+            reply = codec.pack({"actions": actions, "server_timing": server_timing, "policy_timing": policy_timing})
+        except Exception as err:
+            logger.exception("encoding a reply failed")
+            return self._error("internal", f"internal server error: cannot encode the reply: {err}")
+        self.metrics.reply(time.perf_counter() - start, finished - started, started - job.enqueued)
+        return reply
