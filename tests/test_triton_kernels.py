@@ -59,6 +59,32 @@ def test_attention_with_mask_and_mqa(dtype, heads, kv_heads, head_dim):
     assert_close(attention(q, k, v, None, scale), attention_reference(q, k, v, None, scale), dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("num_splits", [2, 3, 40])
+def test_attention_split_keys_matches(dtype, num_splits):
+    """Split-KV (flash-decoding) with the log-sum-exp combine: ranges of unequal fill, a range whose keys
+    are all masked for some rows, a row that sees nothing at all, and more splits asked than key blocks."""
+    q = randn(2, 11, 8, 48, dtype=dtype, seed=11)
+    k = randn(2, 300, 1, 48, dtype=dtype, seed=12)
+    v = randn(2, 300, 1, 48, dtype=dtype, seed=13)
+    generator = torch.Generator().manual_seed(14)
+    mask = (torch.rand(2, 11, 300, generator=generator) > 0.3).to(DEVICE)
+    mask[0, :4, :200] = False  # the first ranges see nothing for these rows
+    mask[1, 5] = False
+    scale = 48**-0.5
+    ref = attention_reference(q, k, v, mask, scale)
+    assert_close(attention(q, k, v, mask, scale, num_splits=num_splits), ref, dtype)
+    assert_close(attention(q, k, v, None, scale, num_splits=num_splits), attention_reference(q, k, v, None, scale), dtype)
+
+
+def test_choose_splits_fills_the_gpu_only_for_small_grids():
+    from cortexflow.kernels.attention import choose_splits
+
+    assert choose_splits(row_blocks=7, k_len=611, block_n=32, processors=132) == 5  # the denoising step
+    assert choose_splits(row_blocks=70, k_len=560, block_n=32, processors=132) == 1  # the prefix
+    assert choose_splits(row_blocks=2, k_len=40, block_n=32, processors=132) == 1  # too few keys to split
+
+
 def test_attention_reads_strided_views():
     """K/V given as slices of a larger cache and Q as a view of a fused projection."""
     cache = randn(1, 90, 1, 32, dtype=torch.float32, seed=5)
@@ -124,10 +150,14 @@ def test_qkv_rope_writes_q_and_the_cache(dtype):
     assert torch.isnan(keys[:, :4]).all() and torch.isnan(values[:, :4]).all()
 
 
+@pytest.mark.parametrize("fold_norms", ["1", "0"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
-def test_backend_matches_pytorch_end_to_end(tmp_path, model_type):
-    """The op kernels and the fused decoder stage compute the reference function (fp32)."""
+def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, fold_norms):
+    """The op kernels and the fused decoder stage compute the reference function (fp32), with the expert's
+    RMSNorms folded into their GEMMs and without."""
     import cortexflow as cf
+
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", fold_norms)
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
@@ -166,3 +196,29 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(cf.BackendUnavailableError, match="CUDA GPU"):
         TritonBackend(torch.device("cpu"), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(51, 96, 200), (7, 40, 64), (70, 33, 130)])
+def test_norm_linear_matches_unfused(dtype, m, n, k):
+    """RMSNorm folded into the GEMM: per-row rstd after the product, column scale on load, bias; odd sizes."""
+    from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference
+
+    x = randn(m, k, dtype=dtype, seed=21) * 3.0
+    weight = randn(n, k, dtype=dtype, seed=22) / k**0.5
+    col_scale = (1.0 + 0.3 * randn(k, dtype=torch.float32, seed=23))
+    bias = randn(n, dtype=dtype, seed=24)
+    for eps, scale, b in ((1e-6, col_scale, None), (1e-6, col_scale, bias), (None, None, bias), (None, None, None)):
+        out = norm_linear(x, weight, eps, scale, b)
+        assert out.shape == (m, n) and out.dtype == dtype
+        assert_close(out, norm_linear_reference(x, weight, eps, scale, b), dtype)
+
+
+def test_norm_linear_reads_strided_rows():
+    from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference
+
+    big = randn(2, 9, 64, dtype=torch.float32, seed=25)
+    x = big[:, 1:]  # (2, 8, 64): rows strided by batch
+    weight = randn(24, 64, dtype=torch.float32, seed=26)
+    assert_close(norm_linear(x, weight, 1e-6), norm_linear_reference(x, weight, 1e-6), torch.float32)
+    assert norm_linear(x, weight, 1e-6).shape == (2, 8, 24)

@@ -11,6 +11,7 @@ PyTorch op with a one-time warning naming the op.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -50,6 +51,9 @@ class TritonBackend(PyTorchBackend):
         self._inv_freq: dict[tuple[int, float], torch.Tensor] = {}
         self._time_tables: dict[tuple[int, int], object] = {}
         self._warned: set[str] = set()
+        # RMSNorm folded into the expert's QKV and gate/up GEMMs (kernels/norm_linear.py) instead of
+        # a norm kernel + cuBLAS; CORTEXFLOW_TRITON_FOLD_NORMS=0 turns it off (for A/B timing).
+        self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "1") != "0"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
@@ -66,7 +70,7 @@ class TritonBackend(PyTorchBackend):
         key = (id(weights), steps)
         if key not in self._time_tables:
             self._time_tables[key] = build_time_tables(model, weights, steps)
-        return fused_decoder(self, model, weights, inputs, self._time_tables[key])
+        return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

@@ -9,7 +9,11 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
 - everything that depends only on the time step is computed once per weights and step count: Pi0's
   time half of ``action_time_mlp_in`` (folded with ``action_in_proj`` into one fp32 GEMM) and Pi0.5's
   time MLP and all 37 adaRMS modulations;
-- Pi0's state token is projected once per call.
+- Pi0's state token is projected once per call;
+- with ``fold_norms`` (the default on a GPU) each RMSNorm rides on the GEMM after it
+  (:mod:`cortexflow.kernels.norm_linear`): the norm's column factor (``1 + w``, or Pi0.5's ``1 + scale_t``)
+  is applied as ``x`` is loaded, the per-row ``rsqrt(mean x^2 + eps)`` after the product, and Pi0.5's
+  shift becomes a per-step bias ``shift_t @ W^T``; the normalised activations never reach memory.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.nn.functional as F
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
+from cortexflow.kernels.norm_linear import norm_linear
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.models.flow_matching import euler_times, sinusoidal_time_embedding
 from cortexflow.models.gemma import attention_scale
@@ -49,13 +54,20 @@ def fuse_expert_weights(model: Pi0Model, weights: dict[str, torch.Tensor]) -> di
 @dataclass
 class TimeTables:
     """Per-step precomputed terms (fp32). Pi0: ``action_weight (D, A)``, ``action_bias (steps, D)``;
-    Pi0.5: ``modulation (steps, layers, 2, 3, D)`` and ``final_modulation (steps, 3, D)``."""
+    Pi0.5: ``modulation (steps, layers, 2, 3, D)`` and ``final_modulation (steps, 3, D)``.
+
+    For folded norms: ``norm_scales`` — the column factor of the attention and MLP norms, ``(layers, 2, D)``
+    for Pi0 (``1 + w``) and ``(steps, layers, 2, D)`` for Pi0.5 (``1 + scale_t``); Pi0.5's shift projected
+    through the following weight, ``qkv_bias (steps, layers, Nqkv)`` and ``gate_up_bias (steps, layers, 2F)``."""
 
     times: list[float]
     action_weight: torch.Tensor | None = None
     action_bias: torch.Tensor | None = None
     modulation: torch.Tensor | None = None
     final_modulation: torch.Tensor | None = None
+    norm_scales: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    gate_up_bias: torch.Tensor | None = None
 
 
 def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_steps: int) -> TimeTables:
@@ -76,16 +88,30 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
                 mods.append(F.linear(cond, w(f"{name}.weight"), w(f"{name}.bias")))
         modulation = torch.stack(mods, 1).view(num_steps, c.num_decoder_layers, 2, 3, d)
         final = F.linear(cond, w("expert.norm_mod.weight"), w("expert.norm_mod.bias")).view(num_steps, 3, d)
-        return TimeTables(times, modulation=modulation.contiguous(), final_modulation=final.contiguous())
+        norm_scales = 1.0 + modulation[:, :, :, 0]  # (steps, layers, 2, D)
+        shift = modulation[:, :, :, 1]
+        qkv_bias = torch.stack([shift[:, i, 0] @ w(f"expert.layers.{i}.qkv").T for i in range(c.num_decoder_layers)], 1)
+        gate_up_bias = torch.stack(
+            [shift[:, i, 1] @ w(f"expert.layers.{i}.gate_up").T for i in range(c.num_decoder_layers)], 1
+        )
+        return TimeTables(times, modulation=modulation.contiguous(), final_modulation=final.contiguous(),
+                          norm_scales=norm_scales.contiguous(), qkv_bias=qkv_bias.contiguous(),
+                          gate_up_bias=gate_up_bias.contiguous())
     mlp_in = w("action_time_mlp_in.weight")
     action_half, time_half = mlp_in[:, :d], mlp_in[:, d:]
     action_weight = action_half @ w("action_in_proj.weight")
     action_bias = action_half @ w("action_in_proj.bias") + emb @ time_half.T + w("action_time_mlp_in.bias")
-    return TimeTables(times, action_weight=action_weight, action_bias=action_bias)
+    norm_scales = torch.stack([
+        torch.stack([1.0 + w(f"expert.layers.{i}.attn_norm"), 1.0 + w(f"expert.layers.{i}.mlp_norm")])
+        for i in range(c.num_decoder_layers)
+    ])
+    return TimeTables(times, action_weight=action_weight, action_bias=action_bias, norm_scales=norm_scales)
 
 
-def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables) -> torch.Tensor:
-    """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32."""
+def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = True) -> torch.Tensor:
+    """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
+
+    ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it (see the module doc)."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -120,8 +146,13 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables)
             hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
+            folded = None
+            if fold_norms:
+                scales = tables.norm_scales[step, i] if pi05 else tables.norm_scales[i]
+                biases = (tables.qkv_bias[step, i], tables.gate_up_bias[step, i]) if pi05 else (None, None)
+                folded = (scales, biases)
             x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, eps, c,
-                              tables.modulation[step, i] if pi05 else None)
+                              tables.modulation[step, i] if pi05 else None, folded)
         if pi05:
             final = tables.final_modulation[step]
             h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
@@ -140,14 +171,19 @@ def _norm(x, weight, eps, modulation):
     return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1))
 
 
-def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation):
-    """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``."""
+def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None):
+    """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``.
+
+    ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs."""
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
     attn_mod = None if modulation is None else modulation[0]
     mlp_mod = None if modulation is None else modulation[1]
-    h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
-    qkv = F.linear(h, weights[f"{pre}.qkv"])
+    if folded is not None:
+        qkv = norm_linear(x, weights[f"{pre}.qkv"], eps, folded[0][0], folded[1][0])
+    else:
+        h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
+        qkv = F.linear(h, weights[f"{pre}.qkv"])
     q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
     a = attention(q, keys, values, mask, scale).view(b * s, -1)
     x2 = x.reshape(b * s, d)
@@ -155,8 +191,11 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
         x2 = torch.addmm(x2, a, weights[f"{pre}.o"].T)
     else:
         x2 = torch.addcmul(x2, F.linear(a, weights[f"{pre}.o"]), attn_mod[2].to(x.dtype))
-    h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
-    act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
+    if folded is not None:
+        act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
+    else:
+        h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
+        act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
     if mlp_mod is None:
         x2 = torch.addmm(x2, act, weights[f"{pre}.down"].T)
     else:

@@ -1,12 +1,20 @@
 """Fused softmax attention (flash-attention style, forward only) in Triton, with grouped / multi-query
-KV heads and an optional boolean mask.
+KV heads, an optional boolean mask and split-KV ("flash-decoding") for short query blocks.
 
 Layouts: ``q (B, Lq, Hq, D)``, ``k, v (B, Lk, Hkv, D)`` (any strides with a contiguous last dim; ``Hq``
 a multiple of ``Hkv``), ``mask (B, Lq, Lk)`` bool (True = may attend) or None; output ``(B, Lq, Hq, D)``.
 Logits are fp32 (``q·k * scale``); masked logits get openpi's finite -2.3819763e38 (so a query with no
 visible key averages all keys, exactly like the reference); softmax is online in fp32; ``p`` is cast to
-``v``'s dtype for the second product. One program handles ``BLOCK_M`` queries of one head and loops over
-the keys; ``D`` need not be a power of two (SigLIP's 72 is padded to 128 in registers).
+``v``'s dtype for the second product. ``D`` need not be a power of two (SigLIP's 72 is padded to 128 in
+registers).
+
+Work split: the ``Hq / Hkv`` query heads that share one KV head are packed into the rows of one tile
+(row ``r`` = query ``r // group``, head ``r % group`` of the group), so a KV tile is loaded once for the
+whole group (Pi0's Gemma has 8 query heads on 1 KV head). One program handles ``BLOCK_M`` such rows of
+one (batch, KV head) and a range of keys. When the (row block, batch, KV head) grid is too small to fill
+the GPU — the denoising step: 51 queries x 8 heads = 7 row blocks — the keys are split into ranges
+processed in parallel; each writes its unnormalised fp32 accumulator with its running max and sum, and
+a second kernel merges the ranges (the log-sum-exp combine).
 """
 
 from __future__ import annotations
@@ -15,33 +23,39 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.runtime import next_power_of_two, upcast_dots
+from cortexflow.kernels.runtime import interpreting, next_power_of_two, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
 LOG2E = 1.4426950408889634
+#: A key range of a split holds at least this many key blocks (fewer make the partials cost more than they save).
+MIN_BLOCKS_PER_SPLIT = 4
 
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr,
-    scale_log2, q_len, k_len, head_dim, n_q_heads, group,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
-    HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // n_q_heads
-    h = bh % n_q_heads
-    kv_h = h // group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    b_kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = b_kvh // n_kv_heads
+    kv_h = b_kvh % n_kv_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rows = q_len * group
+    row_valid = rows < n_rows
+    query = rows // group
+    head = kv_h * group + rows % group
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_valid = offs_d < head_dim
     q = tl.load(
-        q_ptr + b * sqb + h * sqh + offs_m[:, None] * sql + offs_d[None, :],
-        mask=(offs_m[:, None] < q_len) & d_valid[None, :], other=0.0,
+        q_ptr + b * sqb + query[:, None] * sql + head[:, None] * sqh + offs_d[None, :],
+        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -50,17 +64,19 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = k_ptr + b * skb + kv_h * skh
     v_base = v_ptr + b * svb + kv_h * svh
-    for start in range(0, k_len, BLOCK_N):
+    key_start = split * keys_per_split
+    key_end = tl.minimum(key_start + keys_per_split, k_len)
+    for start in range(key_start, key_end, BLOCK_N):
         keys = start + offs_n
-        k_valid = keys < k_len
+        k_valid = keys < key_end
         kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0)
         if UPCAST:
             kt = kt.to(tl.float32)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
         if HAS_MASK:
             allowed = tl.load(
-                mask_ptr + b * smb + offs_m[:, None] * smq + keys[None, :] * smk,
-                mask=(offs_m[:, None] < q_len) & k_valid[None, :], other=0,
+                mask_ptr + b * smb + query[:, None] * smq + keys[None, :] * smk,
+                mask=row_valid[:, None] & k_valid[None, :], other=0,
             )
             s = tl.where(allowed != 0, s, _MASKED_LOGIT)
         s = tl.where(k_valid[None, :], s, float("-inf"))
@@ -76,20 +92,89 @@ def _attention_kernel(
             p_cast = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p_cast, v, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]
+    if SPLIT:
+        # Partials, laid out (split, batch*kv_head, row, D) and (split, batch*kv_head, row, 2).
+        n_bkv = tl.num_programs(1)
+        base = (split * n_bkv + b_kvh) * n_rows + rows
+        tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(
+            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
+
+
+@triton.jit
+def _combine_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr,
+    q_len, head_dim, n_kv_heads, group, n_splits,
+    sob, sol, soh,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the key ranges: ``out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s`` with ``m = max_s m_s``."""
+    pid_m = tl.program_id(0)
+    b_kvh = tl.program_id(1)
+    n_bkv = tl.num_programs(1)
+    b = b_kvh // n_kv_heads
+    kv_h = b_kvh % n_kv_heads
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_rows = q_len * group
+    row_valid = rows < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(0, n_splits):
+        base = (split * n_bkv + b_kvh) * n_rows + rows
+        m_s = tl.load(part_ml_ptr + base * 2, mask=row_valid, other=0.0)
+        l_s = tl.load(part_ml_ptr + base * 2 + 1, mask=row_valid, other=0.0)
+        acc_s = tl.load(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        m_new = tl.maximum(m_run, m_s)
+        alpha = tl.exp2(m_run - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_run = m_new
+    out = acc / tl.where(row_valid, l_run, 1.0)[:, None]
+    query = rows // group
+    head = kv_h * group + rows % group
     tl.store(
-        out_ptr + b * sob + h * soh + offs_m[:, None] * sol + offs_d[None, :],
+        out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=(offs_m[:, None] < q_len) & d_valid[None, :],
+        mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
     )
 
 
+def _processor_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
+    """Key ranges to run in parallel: enough programs for one wave on ``processors`` SMs when the
+    (row block x batch x KV head) grid alone is less than half a wave, each range >= 4 key blocks."""
+    if 2 * row_blocks >= processors:
+        return 1
+    wanted = triton.cdiv(processors, row_blocks)
+    most = max(1, triton.cdiv(k_len, block_n * MIN_BLOCKS_PER_SPLIT))
+    return max(1, min(wanted, most))
+
+
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype."""
+    """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
+
+    ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU)."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = max(16, next_power_of_two(head_dim))  # tl.dot needs K >= 16 on the GPU
@@ -100,17 +185,35 @@ def attention(
         mask_strides = mask.stride()
     else:
         mask, mask_strides = q, (0, 0, 0)
-    grid = (triton.cdiv(q_len, block_m), b * q_heads)
+    n_rows = q_len * group
+    row_blocks = triton.cdiv(n_rows, block_m)
+    if num_splits is None:
+        num_splits = 1 if interpreting() else choose_splits(row_blocks * b * kv_heads, k_len, block_n, _processor_count(q.device))
+    keys_per_split = triton.cdiv(triton.cdiv(k_len, max(1, num_splits)), block_n) * block_n
+    num_splits = triton.cdiv(k_len, keys_per_split)  # no empty range
+    split = num_splits > 1
+    if split:
+        part_acc = torch.empty((num_splits, b * kv_heads, n_rows, block_d), dtype=torch.float32, device=q.device)
+        part_ml = torch.empty((num_splits, b * kv_heads, n_rows, 2), dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out
+    grid = (row_blocks, b * kv_heads, num_splits)
     _attention_kernel[grid](
-        q, k, v, mask, out,
-        scale * LOG2E, q_len, k_len, head_dim, q_heads, q_heads // kv_heads,
+        q, k, v, mask, out, part_acc, part_ml,
+        scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
-        HAS_MASK=mask is not q, UPCAST=upcast_dots(q.dtype),
+        HAS_MASK=mask is not q, SPLIT=split, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=8 if block_d >= 256 else 4, num_stages=2,
     )
+    if split:
+        _combine_kernel[(row_blocks, b * kv_heads)](
+            part_acc, part_ml, out, q_len, head_dim, kv_heads, group, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4,
+        )
     return out
 
 

@@ -1,0 +1,127 @@
+"""Micro-benchmark of the denoising step's kernel choices on one GPU (real Pi0 shapes, bf16).
+
+- attention over the cached prefix: split-KV counts (1 = one program per row block) vs the default
+  choice and torch's ``scaled_dot_product_attention`` (K/V expanded to the query heads, boolean mask);
+  the prefix and vision shapes for comparison;
+- the expert's RMSNorm + QKV / gate-up GEMM: norm kernel + cuBLAS (``F.linear``) vs the folded
+  ``norm_linear`` Triton kernel at several N tiles.
+
+Each variant is captured 50 times in one CUDA graph and replayed (no launch overhead, as in ``predict``);
+the time per call is the median over 20 replays / 50. Writes ``$OUT/micro_decoder_kernels.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cortexflow.kernels.attention import attention, attention_reference  # noqa: E402
+from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference  # noqa: E402
+from cortexflow.kernels.rms_norm import rms_norm  # noqa: E402
+
+CALLS = 50
+
+
+def graph_time_us(fn) -> float:
+    """Median GPU time of one ``fn()`` when 50 calls run back to back inside a CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    times = []
+    for _ in range(20):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def rel(out, ref) -> float:
+    out, ref = out.float(), ref.float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def attention_cases(rows: list) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = {
+        "decoder (51 q x 8 heads, 611 keys, 1 kv head, D 256)": (1, 51, 8, 611, 1, 256, True),
+        "prefix (560 x 8 heads, 1 kv head, D 256)": (1, 560, 8, 560, 1, 256, True),
+        "vision (2 images, 256 x 16 heads, D 72)": (2, 256, 16, 256, 16, 72, False),
+    }
+    for label, (b, lq, hq, lk, hkv, d, masked) in shapes.items():
+        q = torch.randn(b, lq, hq, d, device="cuda", generator=g).bfloat16()
+        k = torch.randn(b, lk, hkv, d, device="cuda", generator=g).bfloat16()
+        v = torch.randn(b, lk, hkv, d, device="cuda", generator=g).bfloat16()
+        mask = (torch.rand(b, lq, lk, device="cuda", generator=g) > 0.2) if masked else None
+        scale = d**-0.5
+        ref = attention_reference(q, k, v, mask, scale)
+        variants = {"default": lambda: attention(q, k, v, mask, scale)}
+        for splits in (1, 2, 3, 5, 10, 20):
+            variants[f"splits={splits}"] = (lambda s=splits: attention(q, k, v, mask, scale, num_splits=s))
+        ke, ve = k.repeat_interleave(hq // hkv, 2).transpose(1, 2), v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
+        qt = q.transpose(1, 2)
+        sdpa_mask = None if mask is None else mask[:, None]
+        variants["torch sdpa"] = lambda: F.scaled_dot_product_attention(qt, ke, ve, attn_mask=sdpa_mask, scale=scale)
+        for name, fn in variants.items():
+            out = fn()
+            out = out.transpose(1, 2) if name == "torch sdpa" else out
+            rows.append({"kernel": "attention", "shape": label, "variant": name,
+                         "us": graph_time_us(fn), "rel_err": rel(out, ref)})
+
+
+def norm_linear_cases(rows: list) -> None:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for label, (m, k, n) in {"qkv (51 x 1024 -> 2560)": (51, 1024, 2560),
+                             "gate_up (51 x 1024 -> 8192)": (51, 1024, 8192),
+                             "qkv, batch 4 (204 x 1024 -> 2560)": (204, 1024, 2560)}.items():
+        x = (torch.randn(m, k, device="cuda", generator=g) * 4).bfloat16()
+        w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16()
+        norm_w = (0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
+        col = 1.0 + norm_w.float()
+        ref = norm_linear_reference(x, w, 1e-6, col)
+        variants = {
+            "rms_norm kernel + cuBLAS": lambda: F.linear(rms_norm(x, norm_w, 1e-6), w),
+            "cuBLAS alone (no norm)": lambda: F.linear(x, w),
+            "norm_linear default": lambda: norm_linear(x, w, 1e-6, col),
+        }
+        for bn in (16, 32, 64):
+            variants[f"norm_linear block_n={bn}"] = (lambda b=bn: norm_linear(x, w, 1e-6, col, block_n=b))
+        for name, fn in variants.items():
+            out = fn()
+            rows.append({"kernel": "norm+linear", "shape": label, "variant": name, "us": graph_time_us(fn),
+                         "rel_err": None if "no norm" in name else rel(out, ref)})
+
+
+def main() -> None:
+    rows: list = []
+    attention_cases(rows)
+    norm_linear_cases(rows)
+    out = Path(os.environ.get("OUT", "."))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "calls_per_graph": CALLS, "rows": rows}
+    (out / "micro_decoder_kernels.json").write_text(json.dumps(result, indent=2))
+    print(f"{'kernel':12} {'shape':52} {'variant':28} {'us':>8} {'rel err':>9}")
+    for r in rows:
+        err = "-" if r["rel_err"] is None else f"{r['rel_err']:.2e}"
+        print(f"{r['kernel']:12} {r['shape']:52} {r['variant']:28} {r['us']:8.2f} {err:>9}")
+
+
+if __name__ == "__main__":
+    main()
