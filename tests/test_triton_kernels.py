@@ -80,7 +80,7 @@ def test_attention_split_keys_matches(dtype, num_splits):
 def test_choose_splits_fills_the_gpu_only_for_small_grids():
     from cortexflow.kernels.attention import choose_splits
 
-    assert choose_splits(row_blocks=7, k_len=611, block_n=32, processors=132) == 5  # the denoising step
+    assert choose_splits(row_blocks=7, k_len=611, block_n=32, processors=132) == 10  # the denoising step
     assert choose_splits(row_blocks=70, k_len=560, block_n=32, processors=132) == 1  # the prefix
     assert choose_splits(row_blocks=2, k_len=40, block_n=32, processors=132) == 1  # too few keys to split
 

@@ -52,8 +52,9 @@ class TritonBackend(PyTorchBackend):
         self._time_tables: dict[tuple[int, int], object] = {}
         self._warned: set[str] = set()
         # RMSNorm folded into the expert's QKV and gate/up GEMMs (kernels/norm_linear.py) instead of
-        # a norm kernel + cuBLAS; CORTEXFLOW_TRITON_FOLD_NORMS=0 turns it off (for A/B timing).
-        self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "1") != "0"
+        # a norm kernel + cuBLAS. Off by default: on the H100 the folded Triton GEMM took 13-20 us where
+        # norm kernel + cuBLAS took 6-8 us (benchmarks/NOTES.md); CORTEXFLOW_TRITON_FOLD_NORMS=1 turns it on.
+        self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "0") == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):

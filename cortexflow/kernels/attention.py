@@ -29,7 +29,7 @@ MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
 LOG2E = 1.4426950408889634
 #: A key range of a split holds at least this many key blocks (fewer make the partials cost more than they save).
-MIN_BLOCKS_PER_SPLIT = 4
+MIN_BLOCKS_PER_SPLIT = 2
 
 
 @triton.jit
@@ -157,7 +157,7 @@ def _processor_count(device: torch.device) -> int:
 
 def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
     """Key ranges to run in parallel: enough programs for one wave on ``processors`` SMs when the
-    (row block x batch x KV head) grid alone is less than half a wave, each range >= 4 key blocks."""
+    (row block x batch x KV head) grid alone is less than half a wave, each range >= 2 key blocks."""
     if 2 * row_blocks >= processors:
         return 1
     wanted = triton.cdiv(processors, row_blocks)

@@ -27,6 +27,7 @@ def _norm_linear_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
     m_size, n_size, k_size, eps, sxm, swn, som,
     NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -51,7 +52,7 @@ def _norm_linear_kernel(
         if UPCAST:
             acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
         else:
-            acc += tl.dot(a, w)
+            acc += tl.dot(a, w, input_precision=DOT_PRECISION)
     if NORM:
         acc = acc * (1.0 / tl.sqrt(sum_sq / k_size + eps))[:, None]
     if HAS_BIAS:
@@ -99,7 +100,8 @@ def norm_linear(
         x2, weight, col_scale if col_scale is not None else x2, bias if bias is not None else x2, out,
         m_size, n_size, k_size, 0.0 if eps is None else eps, x2.stride(0), weight.stride(0), out.stride(0),
         NORM=eps is not None, HAS_SCALE=col_scale is not None, HAS_BIAS=bias is not None,
-        UPCAST=upcast_dots(weight.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128,
+        UPCAST=upcast_dots(weight.dtype), DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=128,
         num_warps=4, num_stages=3,
     )
     return out.view(*lead, n_size)
