@@ -20,10 +20,18 @@ from cortexflow.errors import (
     NormStatsError,
     TokenizerError,
 )
-from cortexflow.factory import create_pi0_inference, create_pi05_inference
+from cortexflow.factory import (
+    create_openvla_inference,
+    create_pi0_inference,
+    create_pi05_inference,
+    create_rt2_inference,
+)
 from cortexflow.models.base import VLAModel
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
+from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
+from cortexflow.models.rt2 import RT2Config, RT2Model
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
+from cortexflow.token_engine import TokenVLAEngine
 
 __version__ = "0.1.0"
 
@@ -41,15 +49,22 @@ __all__ = [
     "ModelConfig",
     "NormStatsError",
     "ObservationPreprocessor",
+    "OpenVLAConfig",
+    "OpenVLAModel",
     "Pi05Model",
     "Pi0Model",
     "PyTorchBackend",
+    "RT2Config",
+    "RT2Model",
+    "TokenVLAEngine",
     "TokenizerError",
     "VLAInferenceEngine",
     "VLAModel",
     "VLAModelType",
     "available_backends",
+    "create_openvla_inference",
     "create_pi0_inference",
     "create_pi05_inference",
+    "create_rt2_inference",
     "register_backend",
 ]

@@ -1,0 +1,309 @@
+"""OpenVLA checkpoints in the Hugging Face layout: key map, detection, config, validation and loading.
+
+The folder holds ``model.safetensors.index.json`` + shards (bf16), ``config.json`` (``OpenVLAConfig``
+with ``norm_stats`` and ``text_config``), optionally ``dataset_statistics.json``, and the Llama
+``tokenizer.model``. Keys (spec §1.11): ``vision_backbone.featurizer.*`` (DINOv2, LayerScale as
+``ls{1,2}.scale_factor``; Prismatic's ``.gamma`` is accepted too), ``vision_backbone.fused_featurizer.*``
+(SigLIP), ``projector.fc{1,2,3}.*``, ``language_model.model.*`` and ``language_model.lm_head.weight``.
+The blocks after each tower's output block, the towers' final norms and SigLIP's attention-pool head are
+present but never used: they are skipped without being read.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+
+from cortexflow.checkpoints.files import FLOAT_DTYPES, CheckpointFiles
+from cortexflow.config import VLAModelType
+from cortexflow.errors import CheckpointError, ConfigError
+from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
+
+FEATURIZER = "vision_backbone.featurizer."
+FUSED = "vision_backbone.fused_featurizer."
+LANGUAGE = "language_model.model."
+LM_HEAD = "language_model.lm_head.weight"
+_BLOCK = {"norm1": "norm1", "qkv": "attn.qkv", "proj": "attn.proj", "norm2": "norm2", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+_LLAMA = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+          "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+DINO_HEAD_DIM = 64
+SIGLIP_HEAD_DIM = 72
+LLAMA_HEAD_DIM = 128
+
+
+def is_openvla_checkpoint(keys: Iterable[str]) -> bool:
+    """Whether the tensor names are those of an OpenVLA (Prismatic HF) checkpoint."""
+    keys = list(keys)
+    return any(k.startswith(FEATURIZER) for k in keys) and any(k.startswith(LANGUAGE) for k in keys)
+
+
+def canonical_to_hf(config: OpenVLAConfig) -> dict[str, str]:
+    """Canonical weight name -> Hugging Face OpenVLA key, for every weight the model uses."""
+    names: dict[str, str] = {}
+    for spec, root in ((config.dino_spec(), FEATURIZER), (config.siglip_spec(), FUSED)):
+        p = spec.prefix
+        names[f"{p}.patch.weight"] = root + "patch_embed.proj.weight"
+        names[f"{p}.patch.bias"] = root + "patch_embed.proj.bias"
+        names[f"{p}.pos"] = root + "pos_embed"
+        if spec.class_token:
+            names[f"{p}.cls"] = root + "cls_token"
+        if spec.num_registers:
+            names[f"{p}.reg"] = root + "reg_token"
+        for i in range(spec.out_layer + 1):
+            for short, long in _BLOCK.items():
+                for param in ("weight", "bias"):
+                    names[f"{p}.blocks.{i}.{short}.{param}"] = f"{root}blocks.{i}.{long}.{param}"
+            if spec.layer_scale:
+                names[f"{p}.blocks.{i}.ls1"] = f"{root}blocks.{i}.ls1.scale_factor"
+                names[f"{p}.blocks.{i}.ls2"] = f"{root}blocks.{i}.ls2.scale_factor"
+    for fc in ("fc1", "fc2", "fc3"):
+        for param in ("weight", "bias"):
+            names[f"projector.{fc}.{param}"] = f"projector.{fc}.{param}"
+    names["llm.embed"] = LANGUAGE + "embed_tokens.weight"
+    names["llm.norm"] = LANGUAGE + "norm.weight"
+    names["llm.lm_head"] = LM_HEAD
+    for i in range(config.llm_layers):
+        for short, long in _LLAMA.items():
+            names[f"llm.layers.{i}.{short}"] = f"{LANGUAGE}layers.{i}.{long}.weight"
+        names[f"llm.layers.{i}.attn_norm"] = f"{LANGUAGE}layers.{i}.input_layernorm.weight"
+        names[f"llm.layers.{i}.mlp_norm"] = f"{LANGUAGE}layers.{i}.post_attention_layernorm.weight"
+    return names
+
+
+def _is_unused(key: str, config: OpenVLAConfig) -> bool:
+    """Tensors real checkpoints hold that the model never reads (dead blocks, final norms, MAP head)."""
+    for root, out_layer in ((FEATURIZER, config.dino_layers - 2), (FUSED, config.siglip_layers - 2)):
+        if not key.startswith(root):
+            continue
+        rest = key[len(root):]
+        if rest.startswith(("norm.", "attn_pool.", "fc_norm.", "head.")) or rest == "mask_token":
+            return True
+        m = re.match(r"blocks\.(\d+)\.", rest)
+        if m and out_layer < int(m.group(1)) < getattr(config, "dino_layers" if root == FEATURIZER else "siglip_layers"):
+            return True
+    return key.endswith("rotary_emb.inv_freq")
+
+
+@dataclass
+class OpenVLAMatch:
+    """``sources``: canonical name -> raw key; ``missing`` canonical names; ``unexpected`` raw keys;
+    ``skipped`` raw keys deliberately not loaded."""
+
+    sources: dict[str, str] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def match_openvla_keys(raw_keys: Iterable[str], config: OpenVLAConfig) -> OpenVLAMatch:
+    """Map a checkpoint's raw keys onto the canonical names ``config`` needs (canonical names pass through)."""
+    raw_keys = list(raw_keys)
+    present = set(raw_keys)
+    match = OpenVLAMatch()
+    used: set[str] = set()
+    for canonical, hf in canonical_to_hf(config).items():
+        candidates = [hf, canonical]
+        if hf.endswith(".scale_factor"):
+            candidates.insert(1, hf.removesuffix(".scale_factor") + ".gamma")
+        found = next((c for c in candidates if c in present), None)
+        if found is None:
+            match.missing.append(f"{hf} ({canonical})")
+        else:
+            match.sources[canonical] = found
+            used.add(found)
+    for key in raw_keys:
+        if key in used:
+            continue
+        (match.skipped if _is_unused(key, config) else match.unexpected).append(key)
+    return match
+
+
+def to_canonical_tensor(tensor: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Drop the leading singleton dims of ``cls_token [1,1,D]``, ``reg_token [1,R,D]``, ``pos_embed [1,N,D]``."""
+    if tuple(tensor.shape) != tuple(shape) and tensor.numel() == math.prod(shape) and tensor.shape[0] == 1:
+        return tensor.reshape(shape)
+    return tensor
+
+
+def _raw_shape_ok(raw: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    return raw == tuple(expected) or raw == (1, *expected) or (len(expected) == 1 and raw == (1, 1, *expected))
+
+
+def _blocks(keys: list[str], root: str) -> int:
+    pattern = re.compile(re.escape(root) + r"blocks\.(\d+)\.")
+    found = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    return max(found) + 1 if found else 0
+
+
+def infer_openvla_config(
+    shapes: Mapping[str, tuple[int, ...]], checkpoint_config: Mapping[str, Any], overrides: Any = None
+) -> OpenVLAConfig:
+    """OpenVLA-7B's config with every dimension the tensor shapes determine, ``config.json``'s
+    ``text_config`` (heads, RMSNorm eps, RoPE base), ``pad_to_multiple_of`` and ``n_action_bins``,
+    then ``overrides`` (an ``OpenVLAConfig`` replaces it, a mapping overrides the fields it names)."""
+    if isinstance(overrides, OpenVLAConfig):
+        return overrides
+    keys = list(shapes)
+    found: dict[str, Any] = {}
+    get = lambda key: tuple(shapes[key]) if key in shapes else None  # noqa: E731
+    for name, root, head_dim in (("dino", FEATURIZER, DINO_HEAD_DIM), ("siglip", FUSED, SIGLIP_HEAD_DIM)):
+        if (s := get(root + "patch_embed.proj.weight")) and len(s) == 4:
+            found[f"{name}_dim"], found["patch_size"] = s[0], s[3]
+            if s[0] % head_dim == 0:
+                found[f"{name}_heads"] = s[0] // head_dim
+        if (s := get(root + "pos_embed")) and len(s) >= 2:
+            side = math.isqrt(s[-2])
+            if side * side == s[-2]:
+                found["image_size"] = side * found.get("patch_size", 14)
+        if n := _blocks(keys, root):
+            found[f"{name}_layers"] = n
+        if (s := get(root + "blocks.0.mlp.fc1.weight")) and len(s) == 2:
+            found[f"{name}_mlp_dim"] = s[0]
+    if (s := get(FEATURIZER + "reg_token")) and len(s) == 3:
+        found["dino_registers"] = s[1]
+    if (s := get("projector.fc1.weight")) and len(s) == 2:
+        found["projector_dim"] = s[0]
+    if (s := get(LANGUAGE + "embed_tokens.weight")) and len(s) == 2:
+        found["vocab_size"], found["llm_dim"] = s
+    pattern = re.compile(re.escape(LANGUAGE) + r"layers\.(\d+)\.")
+    layers = {int(m.group(1)) for k in keys if (m := pattern.match(k))}
+    if layers:
+        found["llm_layers"] = max(layers) + 1
+    if (s := get(LANGUAGE + "layers.0.mlp.gate_proj.weight")) and len(s) == 2:
+        found["llm_mlp_dim"] = s[0]
+    text = checkpoint_config.get("text_config") if isinstance(checkpoint_config.get("text_config"), Mapping) else {}
+    llm_dim = found.get("llm_dim", OpenVLAConfig.llm_dim)
+    heads = text.get("num_attention_heads") or (llm_dim // LLAMA_HEAD_DIM if llm_dim % LLAMA_HEAD_DIM == 0 else None)
+    if heads:
+        found["num_heads"] = int(heads)
+        found["head_dim"] = llm_dim // int(heads)
+        if (s := get(LANGUAGE + "layers.0.self_attn.k_proj.weight")) and len(s) == 2 and s[0] % found["head_dim"] == 0:
+            found["num_kv_heads"] = s[0] // found["head_dim"]
+    if text.get("rms_norm_eps") is not None:
+        found["rms_norm_eps"] = float(text["rms_norm_eps"])
+    if text.get("rope_theta") is not None:
+        found["rope_base"] = float(text["rope_theta"])
+    for name in ("pad_to_multiple_of", "n_action_bins"):
+        if checkpoint_config.get(name) is not None:
+            found[name] = int(checkpoint_config[name])
+    config = OpenVLAConfig().replace(**found)
+    if overrides:
+        config = config.replace(**dict(overrides))
+    return config
+
+
+@dataclass
+class OpenVLAReport:
+    """What ``cortexflow info`` prints for an OpenVLA checkpoint."""
+
+    path: str
+    config: OpenVLAConfig
+    num_parameters: int
+    dtypes: dict[str, int]
+    total_bytes: int
+    datasets: list[str]
+    model_type: VLAModelType = VLAModelType.OPENVLA
+    layout: str = "openvla-hf"
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mis_shaped: list[str] = field(default_factory=list)
+    wrong_dtype: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mis_shaped or self.wrong_dtype)
+
+    def problems(self) -> str:
+        """One message naming every bad tensor (at most 20 per kind, with the count)."""
+        parts = []
+        for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
+                             ("mis-shaped", self.mis_shaped), ("wrongly typed", self.wrong_dtype)):
+            if items:
+                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
+                parts.append(f"{label} tensors: {shown}")
+        return "; ".join(parts)
+
+
+def inspect_openvla_checkpoint(path: str | Path, model_config: Any = None,
+                               files: CheckpointFiles | None = None) -> OpenVLAReport:
+    """Read headers only: dimensions, parameters, dtypes, datasets with statistics, key problems."""
+    from cortexflow.processing.action_tokens import read_dataset_statistics
+
+    files = files or CheckpointFiles.open(path)
+    if not is_openvla_checkpoint(files.tensors):
+        sample = ", ".join(sorted(files.tensors)[:5])
+        raise CheckpointError(f"{path} is not an OpenVLA checkpoint: no 'vision_backbone.featurizer.*' and "
+                              f"'language_model.model.*' tensors (found e.g. {sample})")
+    shapes = {name: info.shape for name, info in files.tensors.items()}
+    try:
+        config = infer_openvla_config(shapes, files.config, model_config)
+        config.validate()
+    except ConfigError as err:
+        raise CheckpointError(f"{path}: cannot derive a valid OpenVLA configuration: {err}") from err
+    match = match_openvla_keys(files.tensors, config)
+    dtypes: dict[str, int] = {}
+    for info in files.tensors.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+    report = OpenVLAReport(
+        path=str(path), config=config, num_parameters=0, dtypes=dtypes, total_bytes=files.total_bytes,
+        datasets=sorted(read_dataset_statistics(files.root, files.config)),
+        missing=match.missing, unexpected=match.unexpected, skipped=match.skipped,
+    )
+    expected = OpenVLAModel(config).get_weight_shapes()
+    for name, raw in match.sources.items():
+        info = files.tensors[raw]
+        if not _raw_shape_ok(info.shape, expected[name]):
+            report.mis_shaped.append(f"{raw} {list(info.shape)} (expected {list(expected[name])})")
+        elif info.dtype not in FLOAT_DTYPES:
+            report.wrong_dtype.append(f"{raw} {info.dtype} (expected a float type)")
+        else:
+            report.num_parameters += math.prod(info.shape)
+    return report
+
+
+def load_openvla_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype, model_config: Any = None):
+    """Validate and load an OpenVLA folder onto ``device`` in ``dtype``.
+
+    Returns ``(model, weights, report, files)``; one ``CheckpointError`` lists every bad tensor, and
+    tensors with NaN or inf are refused."""
+    files = CheckpointFiles.open(path)
+    report = inspect_openvla_checkpoint(path, model_config, files)
+    if not report.ok:
+        raise CheckpointError(f"{path} does not match the OpenVLA architecture: {report.problems()}")
+    model = OpenVLAModel(report.config)
+    expected = model.get_weight_shapes()
+    weights = {}
+    for name, raw in match_openvla_keys(files.tensors, report.config).sources.items():
+        tensor = to_canonical_tensor(files.read(raw), expected[name]).to(device=device, dtype=dtype)
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"tensor {raw!r} in {path} contains NaN or inf values")
+        weights[name] = tensor
+    return model, weights, report, files
+
+
+def to_hf_keys(weights: Mapping[str, torch.Tensor], config: OpenVLAConfig) -> dict[str, torch.Tensor]:
+    """Canonical weights -> Hugging Face OpenVLA keys and shapes (for writing checkpoints)."""
+    names = canonical_to_hf(config)
+    out = {}
+    for canonical, tensor in weights.items():
+        key = names[canonical]
+        if key.endswith(("cls_token", "reg_token", "pos_embed")):
+            tensor = tensor.reshape(1, -1, tensor.shape[-1])
+        out[key] = tensor
+    return out
+
+
+def inspect_any_checkpoint(path: str | Path, model_config: Any = None):
+    """``cortexflow info``: an :class:`OpenVLAReport` for an OpenVLA folder, else the Pi0-family report."""
+    from cortexflow.checkpoints.loader import inspect_checkpoint
+
+    files = CheckpointFiles.open(path)
+    if is_openvla_checkpoint(files.tensors):
+        return inspect_openvla_checkpoint(path, model_config, files)
+    return inspect_checkpoint(path, model_config, files)

@@ -1,0 +1,85 @@
+"""Llama-2 decoder (transformers ``LlamaForCausalLM`` semantics) written against backend ops.
+
+Canonical weights: ``llm.embed (V, D)``, ``llm.layers.{i}.{q,k,v,o} (H*Dh, D)/(D, H*Dh)``,
+``llm.layers.{i}.{gate,up} (M, D)``, ``llm.layers.{i}.down (D, M)`` (no biases),
+``llm.layers.{i}.{attn_norm,mlp_norm} (D,)``, ``llm.norm (D,)``, ``llm.lm_head (V, D)`` (untied).
+
+RMSNorm is ``x * rsqrt(mean(x^2) + eps) * w`` in fp32. The backends' ``rms_norm`` op scales by
+``(1 + w)`` (Gemma's convention), so :func:`prepare_llama_norms` stores ``w - 1`` in fp32 once, under
+``{name}.minus_one``; ``1 + (w - 1)`` is then exactly ``w`` in fp32. RoPE is rotate-half over the whole
+head (Hugging Face checkpoints are permuted for it), base from the config; attention is causal.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from cortexflow.models.token_decoding import DecoderDims, DecoderLM
+
+if TYPE_CHECKING:
+    from cortexflow.backends.base import ComputeBackend
+
+NORM_OFFSET_SUFFIX = ".minus_one"
+
+
+def llama_weight_shapes(
+    num_layers: int, dim: int, mlp_dim: int, num_heads: int, num_kv_heads: int, head_dim: int, vocab_size: int
+) -> dict[str, tuple[int, ...]]:
+    """Shapes of every Llama weight."""
+    q_dim, kv_dim = num_heads * head_dim, num_kv_heads * head_dim
+    shapes: dict[str, tuple[int, ...]] = {
+        "llm.embed": (vocab_size, dim),
+        "llm.norm": (dim,),
+        "llm.lm_head": (vocab_size, dim),
+    }
+    for i in range(num_layers):
+        p = f"llm.layers.{i}"
+        shapes.update({
+            f"{p}.q": (q_dim, dim),
+            f"{p}.k": (kv_dim, dim),
+            f"{p}.v": (kv_dim, dim),
+            f"{p}.o": (dim, q_dim),
+            f"{p}.gate": (mlp_dim, dim),
+            f"{p}.up": (mlp_dim, dim),
+            f"{p}.down": (dim, mlp_dim),
+            f"{p}.attn_norm": (dim,),
+            f"{p}.mlp_norm": (dim,),
+        })
+    return shapes
+
+
+def is_llama_norm(name: str) -> bool:
+    """Whether canonical weight ``name`` is a Llama RMSNorm scale."""
+    return name == "llm.norm" or name.endswith((".attn_norm", ".mlp_norm"))
+
+
+def prepare_llama_norms(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``{name}.minus_one = w - 1`` (fp32) for every Llama norm scale ``w`` (see the module doc)."""
+    out = dict(weights)
+    for name, tensor in weights.items():
+        if name.startswith("llm.") and is_llama_norm(name):
+            out[name + NORM_OFFSET_SUFFIX] = tensor.float() - 1.0
+    return out
+
+
+class LlamaLM(DecoderLM):
+    """Llama-2: RMSNorm with a plain ``w`` scale, SiLU-gated MLP, untied LM head, unscaled embeddings."""
+
+    def norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, weights[name + NORM_OFFSET_SUFFIX], self.dims.rms_norm_eps)
+
+    def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
+        gate = ops.linear(h, weights[f"{layer}.gate"])
+        up = ops.linear(h, weights[f"{layer}.up"])
+        return ops.linear(ops.silu(gate) * up, weights[f"{layer}.down"])
+
+    def embed(self, ops: "ComputeBackend", weights, ids: torch.Tensor) -> torch.Tensor:
+        return ops.embedding(ids, weights["llm.embed"])
+
+    def lm_head(self, weights) -> torch.Tensor:
+        return weights["llm.lm_head"]
+
+
+__all__ = ["DecoderDims", "LlamaLM", "llama_weight_shapes", "prepare_llama_norms"]

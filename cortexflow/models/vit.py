@@ -1,0 +1,120 @@
+"""timm-style ViT featurizers of OpenVLA: DINOv2 ViT-L/14 with registers and LayerScale, and SigLIP So400m/14.
+
+Both are pre-LN ViTs with a fused ``qkv`` projection and an exact (erf) GELU MLP, written against the
+backend ops. OpenVLA reads the hidden state *after* block ``out_layer`` (the second-to-last block), without
+the final norm and without prefix tokens, so the blocks after it are never run.
+
+Canonical weights under ``{p}`` (``dino`` or ``siglip``): ``{p}.patch.{weight (D,3,p,p), bias}``,
+``{p}.pos (N, D)`` (patch tokens only), ``{p}.blocks.{i}.{norm1,qkv,proj,norm2,fc1,fc2}.{weight,bias}``,
+and for DINOv2 ``{p}.cls (D,)``, ``{p}.reg (R, D)``, ``{p}.blocks.{i}.ls1`` / ``.ls2 (D,)`` (LayerScale).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cortexflow.backends.base import ComputeBackend
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    """One featurizer: width, heads, MLP width, blocks actually run (``out_layer + 1``), prefix tokens."""
+
+    prefix: str
+    dim: int
+    num_heads: int
+    mlp_dim: int
+    out_layer: int
+    num_registers: int = 0
+    class_token: bool = False
+    layer_scale: bool = False
+    patch_size: int = 14
+    num_patches: int = 256
+    norm_eps: float = 1e-6
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
+
+
+def gelu(ops: "ComputeBackend", x: torch.Tensor) -> torch.Tensor:
+    """Exact (erf) GELU: the backend's ``gelu`` op when it defines one, else PyTorch's."""
+    op = getattr(ops, "gelu", None)
+    return op(x) if op is not None else F.gelu(x)
+
+
+def vit_weight_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
+    """Shapes of every weight the featurizer reads (blocks ``0..out_layer``)."""
+    d, m, p = spec.dim, spec.mlp_dim, spec.prefix
+    shapes: dict[str, tuple[int, ...]] = {
+        f"{p}.patch.weight": (d, 3, spec.patch_size, spec.patch_size),
+        f"{p}.patch.bias": (d,),
+        f"{p}.pos": (spec.num_patches, d),
+    }
+    if spec.class_token:
+        shapes[f"{p}.cls"] = (d,)
+    if spec.num_registers:
+        shapes[f"{p}.reg"] = (spec.num_registers, d)
+    for i in range(spec.out_layer + 1):
+        b = f"{p}.blocks.{i}"
+        for name, (w, bias) in {
+            "norm1": ((d,), (d,)),
+            "qkv": ((3 * d, d), (3 * d,)),
+            "proj": ((d, d), (d,)),
+            "norm2": ((d,), (d,)),
+            "fc1": ((m, d), (m,)),
+            "fc2": ((d, m), (d,)),
+        }.items():
+            shapes[f"{b}.{name}.weight"] = w
+            shapes[f"{b}.{name}.bias"] = bias
+        if spec.layer_scale:
+            shapes[f"{b}.ls1"] = (d,)
+            shapes[f"{b}.ls2"] = (d,)
+    return shapes
+
+
+def vit_block(ops: "ComputeBackend", weights, spec: ViTSpec, i: int, x: torch.Tensor) -> torch.Tensor:
+    """``x + ls1 * proj(MHA(norm1(x)))``, then ``+ ls2 * fc2(gelu(fc1(norm2(.))))`` on ``x (N, T, D)``.
+
+    The fused ``qkv`` output is split as (3, heads, head_dim), as timm does."""
+    w = lambda name: weights[f"{spec.prefix}.blocks.{i}.{name}"]  # noqa: E731
+    n, t, d = x.shape
+    heads = spec.num_heads
+    head_dim = d // heads
+    h = ops.layer_norm(x, w("norm1.weight"), w("norm1.bias"), spec.norm_eps)
+    qkv = ops.linear(h, w("qkv.weight"), w("qkv.bias")).view(n, t, 3, heads, head_dim)
+    attn = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, 1.0 / math.sqrt(head_dim))
+    attn = ops.linear(attn, w("proj.weight"), w("proj.bias"))
+    x = x + (attn * w("ls1").to(attn.dtype) if spec.layer_scale else attn)
+    h = ops.layer_norm(x, w("norm2.weight"), w("norm2.bias"), spec.norm_eps)
+    h = ops.linear(gelu(ops, ops.linear(h, w("fc1.weight"), w("fc1.bias"))), w("fc2.weight"), w("fc2.bias"))
+    return x + (h * w("ls2").to(h.dtype) if spec.layer_scale else h)
+
+
+def vit_features(
+    ops: "ComputeBackend", weights, spec: ViTSpec, images: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Normalised ``images (N, 3, S, S)`` -> patch features after block ``out_layer`` ``(N, T, D)`` in ``dtype``.
+
+    The position embedding is added to the patch tokens only; [CLS, registers] are prepended after it
+    (timm ``no_embed_class``) and sliced off at the end."""
+    p = spec.prefix
+    x = ops.patch_embed(images.to(dtype), weights[f"{p}.patch.weight"], weights[f"{p}.patch.bias"])
+    x = x + weights[f"{p}.pos"].to(dtype)
+    n = x.shape[0]
+    prefix_tokens = []
+    if spec.class_token:
+        prefix_tokens.append(weights[f"{p}.cls"].to(dtype).view(1, 1, -1).expand(n, 1, -1))
+    if spec.num_registers:
+        prefix_tokens.append(weights[f"{p}.reg"].to(dtype)[None].expand(n, -1, -1))
+    if prefix_tokens:
+        x = torch.cat([*prefix_tokens, x], dim=1)
+    for i in range(spec.out_layer + 1):
+        x = vit_block(ops, weights, spec, i, x)
+    return x[:, spec.num_prefix_tokens:]
