@@ -263,7 +263,7 @@ def main(
 @_cli_errors
 def demo_command(
     model: Annotated[
-        str, typer.Option("--model", "-m", metavar='NAME', help="Which policy to build: pi0 (continuous state token) or pi05 (state in the prompt).")
+        str, typer.Option("--model", "-m", metavar='NAME', help="Which policy to build: pi0 (continuous state token), pi05 (state in the prompt), openvla or rt2 (action tokens).")
     ] = "pi0",
     views: Annotated[int, typer.Option("--views", metavar='N', help="Number of camera views (synthetic 480x640 images).")] = 2,
     steps: Annotated[
@@ -293,6 +293,9 @@ def demo_command(
 
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1, got {repeat}")
+    if VLAModelType.parse(model) in (VLAModelType.OPENVLA, VLAModelType.RT2):
+        _token_demo(model, seed, repeat, json_output)
+        return
     with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed) as demo:
         observation = demo_observation(demo.engine, seed=seed)
         result = run_demo(demo, observation, seed=seed, repeat=repeat)
@@ -300,6 +303,25 @@ def demo_command(
             typer.echo(json.dumps(_demo_json(demo, observation, result), indent=2))
         else:
             _print_demo(demo, observation, result)
+
+
+def _token_demo(model: str, seed: int, repeat: int, json_output: bool) -> None:
+    """``demo --model openvla|rt2``: the tiny random token-decoding policy (no tokenizer, CPU, fp32)."""
+    from cortexflow.token_demo import run_token_demo
+
+    result = run_token_demo(model, seed=seed, repeat=repeat)
+    data = result.to_dict()
+    if json_output:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    out = _stdout()
+    out.print(Text(f"CortexFlow demo: a tiny random {result.model} policy on CPU (float32)", style="bold"))
+    out.print(f"prompt {data['prompt']!r} as {len(result.prompt_token_ids)} ids ([BOS] + UTF-8 bytes; no tokenizer)")
+    out.print(f"generated token ids: {result.tokens}")
+    out.print(f"actions {list(result.actions.shape)}: {np.array2string(result.actions, precision=4)}")
+    rest = data["latency_ms"]["median_rest"]
+    out.print(f"latency: first {data['latency_ms']['first']:.1f} ms" + (f", median of the rest {rest:.1f} ms" if rest else ""))
+    out.print(f"deterministic: {result.deterministic}")
 
 
 def _stage_rows(timings: dict) -> list[tuple[str, float, float]]:
@@ -579,9 +601,9 @@ def info_command(
     Exit code 0: the checkpoint matches its architecture; 1: it has missing, unexpected, mis-shaped or
     wrongly typed tensors (listed); 2: it cannot be read at all.
     """
-    from cortexflow.checkpoints.loader import inspect_checkpoint
+    from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
-    report = inspect_checkpoint(checkpoint, parse_model_config(model_config))
+    report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
     if json_output:
         typer.echo(json.dumps({
             "path": report.path,
@@ -597,6 +619,7 @@ def info_command(
             "mis_shaped": report.mis_shaped,
             "wrong_dtype": report.wrong_dtype,
             "skipped": report.skipped,
+            **({"datasets": report.datasets} if hasattr(report, "datasets") else {}),
         }, indent=2))
     else:
         _print_info(report)
@@ -615,6 +638,8 @@ def _print_info(report) -> None:
     summary.add_row("parameters", _human_count(report.num_parameters) + " (in tensors the model uses)")
     summary.add_row("dtypes", ", ".join(f"{name}: {count} tensors" for name, count in sorted(report.dtypes.items())))
     summary.add_row("total size", f"{_human_bytes(report.total_bytes)} ({report.total_bytes:,} bytes)")
+    if hasattr(report, "datasets"):
+        summary.add_row("datasets (unnorm_key)", ", ".join(report.datasets) or "none")
     status = Text("ok", style="green") if report.ok else Text("PROBLEMS (see below)", style="bold red")
     summary.add_row("status", status)
     out.print(summary)
@@ -702,7 +727,23 @@ def verify_command(
 
     Exit code 0: the final actions are within the limit (float32: ‖Δ‖/‖ref‖ <= 1e-4; bfloat16/float16:
     <= 2e-2); 1: they are not; 2: the check could not run.
+
+    --backend onnx: the three stages exported to ONNX (cached; dynamic batch 1-16, opset 20, unrolled
+    decoder) and run in ONNX Runtime on the CPU, each against the PyTorch fp32 stage (vision_encoder,
+    prefix, decoder, and the whole chain as actions); every stage must reach ‖Δ‖/‖ref‖ <= 1e-5 in
+    float32 (2e-2 in float16). Needs pip install "cortexflow[onnx]".
     """
+    if backend.strip().lower() == "onnx":
+        from cortexflow.onnx.verify import print_onnx_verify, run_onnx_verify
+
+        onnx_size = "tiny" if size.strip().lower() == "auto" else size.strip().lower()
+        onnx_dtype = "float32" if dtype.strip().lower() == "auto" else dtype
+        report = run_onnx_verify(model, size=onnx_size, dtype=onnx_dtype, seed=seed, views=views, repeats=repeats,
+                                 log=_progress)
+        _report(report, json_path, print_onnx_verify)
+        if not report["passed"]:
+            raise typer.Exit(EXIT_PROBLEMS)
+        return
     from cortexflow.tools.verify import print_verify, run_verify
 
     report = run_verify(model, backend, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
@@ -729,6 +770,11 @@ def bench_command(
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
+    batch_scaling: Annotated[bool, typer.Option("--batch-scaling", help="Instead of the predict grid: time one image encoder (--encoder) at each batch size (--batches) on each of --backends (pytorch, triton, onnx).")] = False,
+    encoder: Annotated[str, typer.Option("--encoder", metavar="NAME", help="--batch-scaling: siglip (the policy's tower, real size), siglip_tiny, vit_small_patch16_224 or resnet18d (timm, random init).")] = "siglip_tiny",
+    batches: Annotated[str, typer.Option("--batches", metavar="LIST", help="--batch-scaling: comma-separated batch sizes.")] = "1,2,3,4,5,6",
+    max_seconds: Annotated[float, typer.Option("--max-seconds", metavar="S", help="--batch-scaling: stop timing a batch size after S seconds of runs (at least 3 runs).")] = 10.0,
+    png: Annotated[Optional[Path], typer.Option("--png", metavar="PATH", help="--batch-scaling: also plot latency, images/s and scaling efficiency against the batch size to PATH.")] = None,
 ) -> None:
     """Time whole predict calls (input copies, forward, copy back) over the grid models x backends x views
     x prompt lengths x chunks x steps x CUDA graphs, on random non-zero weights.
@@ -736,7 +782,23 @@ def bench_command(
     Per case: median, p90 and min latency after warm-up (CUDA events on a GPU, the host clock on CPU),
     peak GPU memory, and the stage split of the last call when no CUDA graph hides it. The JSON also
     records the device, the torch/triton/CUDA versions and the command line.
+
+    With --batch-scaling: per backend and batch size B, latency per batch and per image, images/s, the
+    scaling efficiency L(B)/(B·L(1)), the marginal ms per extra image and the achieved FLOP/s (and its
+    share of a matmul measured on the device); --iters, --warmup, --device, --dtype, --seed and --json
+    apply; the onnx backend exports the encoder with a dynamic batch into the export cache first.
     """
+    if batch_scaling:
+        from cortexflow.tools.batch_scaling import plot_batch_scaling, print_batch_scaling, run_batch_scaling
+
+        report = run_batch_scaling(
+            encoder, [b.strip() for b in backends.split(",") if b.strip()], _parse_number_list(batches, "--batches", int),
+            device=device, dtype=dtype, iters=iters, warmup=warmup, max_seconds=max_seconds, seed=seed, log=_progress,
+        )
+        _report(report, json_path, print_batch_scaling)
+        if png is not None:
+            _stderr().print(Text(f"wrote {plot_batch_scaling(report, png)}", style="dim"))
+        return
     from cortexflow.tools.bench import print_bench, run_bench
 
     results = run_bench(
@@ -790,6 +852,84 @@ def profile_command(
                          chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,
                          peak_gbps=peak_gbps, log=_progress)
     _report(report, json_path, print_profile)
+
+
+# ---- ONNX export --------------------------------------------------------------------------------
+@app.command("export", short_help="Export a policy's stages (or a perception encoder) to ONNX, checked in ONNX Runtime.")
+@_cli_errors
+def export_command(
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the .onnx files (+ .onnx.data over 2 GB) and manifest.json.")],
+    checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors (openpi / LeRobot); 'demo': the tiny random model of cortexflow demo.")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (detected from the tensors; pi0 for demo), pi0 or pi05.")] = "auto",
+    stages: Annotated[str, typer.Option("--stages", metavar="LIST", help="Comma-separated stages (vision, prefix, decoder) or all.")] = "all",
+    batch: Annotated[str, typer.Option("--batch", metavar="SPEC", help="static (batch 1), static:N, or dynamic:A-B (a symbolic batch axis, checked at two sizes).")] = "dynamic:1-16",
+    opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset: 20, or 23 (native Attention and RMSNormalization).")] = 20,
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="fp32 or fp16 (weights and activations; images, noise, state and actions stay fp32).")] = "fp32",
+    decoder: Annotated[str, typer.Option("--decoder", metavar="FORM", help="unrolled (the whole denoising loop in one graph) or step (one velocity evaluation; the host runs the Euler loop).")] = "unrolled",
+    simplify: Annotated[bool, typer.Option("--simplify", help="Simplify each graph with onnxslim (or onnxsim).")] = False,
+    views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views (fixed in the exported shapes).")] = 2,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", metavar="JSON|PATH", help="ModelConfig field overrides (a JSON object or a JSON file).")] = None,
+    encoder: Annotated[Optional[str], typer.Option("--encoder", metavar="NAME", help="Export a perception encoder instead of a policy: siglip, siglip_tiny, vit_small_patch16_224 or resnet18d (random init; no --checkpoint).")] = None,
+    seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (demo and --encoder).")] = 0,
+    check: Annotated[bool, typer.Option("--check/--no-check", help="Load each file in ONNX Runtime and compare it with PyTorch (nothing is written when it fails).")] = True,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help="Also write the manifest to PATH ('-': print only the manifest JSON, on stdout).")] = None,
+) -> None:
+    """Export a Pi0 / Pi0.5 checkpoint's stages to ONNX with torch.onnx (dynamo), one file per stage:
+    vision (images -> image tokens), prefix (image tokens + prompt -> KV cache) and decoder (KV cache +
+    noise [+ state] -> actions, or one denoising step).
+
+    Each file is loaded in ONNX Runtime and compared with the PyTorch stage at two batch sizes (one that
+    differs from the traced size, so a batch frozen by the exporter fails) before it is kept. The
+    manifest records inputs and outputs (shapes with the symbolic 'batch' dim, dtypes), the settings,
+    the checkpoint's hash, the exporter and the package versions. Needs pip install "cortexflow[onnx]".
+    """
+    if (checkpoint is None) == (encoder is None):
+        raise ConfigError("pass either --checkpoint PATH|demo (a policy) or --encoder NAME (a perception encoder)")
+    if encoder is not None:
+        from cortexflow.encoders import create_encoder, export_encoder
+
+        _progress(f"exporting encoder {encoder} ({batch} batch, opset {opset}, {dtype}) ...")
+        manifest = export_encoder(create_encoder(encoder, seed=seed), out, batch=batch, opset=opset, dtype=parse_dtype(dtype),
+                                  simplify=simplify, check=check)
+    else:
+        from cortexflow.onnx import export_checkpoint
+
+        manifest = export_checkpoint(
+            checkpoint, out, model=model, stages=stages, batch=batch, opset=opset, dtype=dtype, simplify=simplify,
+            decoder=decoder, num_views=views, check=check, model_config=parse_model_config(model_config), seed=seed,
+            progress=_progress,
+        )
+    if json_path == "-":
+        typer.echo(json.dumps(manifest, indent=2))
+        return
+    _print_export(manifest, out)
+    if json_path:
+        path = Path(json_path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(manifest, indent=2))
+
+
+def _print_export(manifest: dict, out: Path) -> None:
+    console = _stdout()
+    settings = manifest["settings"]
+    batch = settings["batch"]
+    what = manifest.get("model") or manifest.get("encoder", {}).get("name")
+    table = Table(title=f"{what} -> {out} (opset {settings['opset']}, {settings['dtype']}, "
+                        f"{'dynamic batch %d..%d' % (batch['min'], batch['max']) if batch['mode'] == 'dynamic' else 'static batch %d' % batch['min']})",
+                  box=box.SIMPLE_HEAD, title_justify="left")
+    for header in ("stage", "file", "size", "inputs", "outputs", "‖Δ‖/‖ref‖ vs torch"):
+        table.add_column(header)
+
+    def shapes(items):
+        return Text("\n".join(f"{i['name']} ({', '.join(map(str, i['shape']))}) {i['dtype']}" for i in items))
+
+    for stage, entry in manifest["stages"].items():
+        parity = entry.get("parity")
+        checked = f"{parity['rel_l2']:.2e} (batch {', '.join(map(str, parity['batches']))})" if parity else "not checked"
+        files = entry["file"] + (f" + {entry['external_data']}" if entry.get("external_data") else "")
+        table.add_row(stage, files, _human_bytes(entry["bytes"]), shapes(entry["inputs"]), shapes(entry["outputs"]), checked)
+    console.print(table)
+    console.print(Text(f"manifest: {out / 'manifest.json'}", style="dim"))
 
 
 # ---- serving: serve, loadtest (bodies in cortexflow/serving/commands.py) -------------------------

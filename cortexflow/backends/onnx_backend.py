@@ -4,8 +4,9 @@ On the first call the stages are exported (``torch.onnx.export(..., dynamo=True)
 the export cache (:mod:`cortexflow.onnx.cache`), each checked in ONNX Runtime against PyTorch; later
 engine starts with the same weights and settings load the cached files without exporting. Sessions
 use the CPU provider, or the CUDA provider with IO binding when ``onnxruntime-gpu`` is installed and
-the engine's device is a GPU. The per-op methods are inherited from :class:`PyTorchBackend` (they are
-not used by the stages); CUDA graphs are off for this backend.
+the engine's device is a GPU. Single ops (``linear``, ``attention``, ...) are not exported: calling one
+raises ``NotImplementedError`` (so a tool that checks ops reports them as not implemented instead of
+silently measuring PyTorch); CUDA graphs are off for this backend.
 
 Options (constructor keywords, or ``OnnxBackend.configured(**options)`` to get a class to pass as
 ``backend=``): ``cache_dir`` (default: see :func:`cortexflow.onnx.cache.default_cache_dir`, env
@@ -21,6 +22,7 @@ from typing import Any, Mapping
 
 import torch
 
+from cortexflow.backends.base import ComputeBackend
 from cortexflow.backends.pytorch import PyTorchBackend
 from cortexflow.errors import ConfigError, InputError
 
@@ -144,6 +146,22 @@ class OnnxBackend(PyTorchBackend):
 
             return euler_integrate(velocity, noise, c.num_diffusion_steps)
         return bundle.run("decoder", noise=noise, **feeds)["actions"]
+
+
+def _stage_only(op: str):
+    def not_exported(self, *args, **kwargs):
+        raise NotImplementedError(
+            f"the onnx backend runs whole stages (vision_encoder, transformer_encoder, transformer_decoder) in "
+            f"ONNX Runtime; the single op {op!r} is not exported"
+        )
+
+    not_exported.__name__ = op
+    return not_exported
+
+
+for _op in sorted(ComputeBackend.__abstractmethods__):
+    setattr(OnnxBackend, _op, _stage_only(_op))
+del _op
 
 
 class _Bundle:
