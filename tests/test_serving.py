@@ -531,15 +531,17 @@ def test_loadtest_reports_percentiles_throughput_and_errors(start_server):
 
 
 # ---- configuration errors, optional dependencies, the command line ----------------------------------
-def test_openvla_and_bad_options_are_refused():
-    with pytest.raises(ConfigError, match="OpenVLA is not implemented"):
+def test_unimplemented_models_and_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="RT-1 is not implemented"):
+        demo_policy("droid", model="rt1")
+    with pytest.raises(ConfigError, match="--checkpoint demo is the tiny random pi0/pi05"):
         demo_policy("droid", model="openvla")
     with pytest.raises(ConfigError, match="unknown robot"):
         demo_policy("franka")
     with pytest.raises(ConfigError, match="--tokenizer"):
         build_policy(PolicyOptions(checkpoint="/nonexistent", model="pi0", robot="droid", device="cpu"))
-    result = runner.invoke(app, ["serve", "--checkpoint", "demo", "--model", "openvla", "--device", "cpu"])
-    assert result.exit_code == 2 and "OpenVLA is not implemented" in result.stderr
+    result = runner.invoke(app, ["serve", "--checkpoint", "demo", "--model", "rt1", "--device", "cpu"])
+    assert result.exit_code == 2 and "RT-1 is not implemented" in result.stderr
     assert make_mapping("raw", num_views=2).describe()["num_views"] == 2
 
 

@@ -65,7 +65,11 @@ def serve(
         warmup=warmup,
     )
     meta = server.metadata
-    if not meta.get("actions_unnormalized") and options.checkpoint != "demo":
+    if meta.get("action_decoding") == "tokens":
+        if not meta.get("actions_unnormalized"):
+            warn("no action statistics (openvla: none in the checkpoint; rt2: no --norm-stats): actions are "
+                 "returned normalised in [-1, 1]")
+    elif not meta.get("actions_unnormalized") and options.checkpoint != "demo":
         warn("no --norm-stats: state is used as given and actions are returned normalised")
     _configure_logging()
 

@@ -83,7 +83,12 @@ def observation_for(metadata: dict, robot: str | None = None, seed: int = 0, ima
             f"the server's metadata names no known robot ({metadata.get('robot')!r}); pass --robot "
             f"({', '.join(ROBOT_NAMES)})"
         )
-    mapping = make_mapping(name, num_views=int(metadata.get("num_views") or 3), state_dim=metadata.get("state_dim"))
+    if metadata.get("action_decoding") == "tokens":  # OpenVLA / RT-2: one image and a prompt
+        from cortexflow.serving.token_policy import TokenRobotMapping
+
+        mapping: Any = TokenRobotMapping(name)
+    else:
+        mapping = make_mapping(name, num_views=int(metadata.get("num_views") or 3), state_dim=metadata.get("state_dim"))
     text = bool((metadata.get("prompt") or {}).get("text", True))
     return mapping.example_observation(seed, image_size, image_size, text_prompt=text)
 

@@ -3,7 +3,8 @@
 :func:`build_policy` makes the engine from a checkpoint (or the built-in tiny random model for
 ``checkpoint="demo"``) and wraps it in a :class:`ServedPolicy`, whose ``prepare`` (validate and map an
 observation; cheap, runs on the server's event loop) and ``infer`` (run the engine; runs on the server's
-single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls.
+single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls. Token-decoding
+models (OpenVLA, RT-2) are served by :class:`~cortexflow.serving.token_policy.TokenServedPolicy`.
 """
 
 from __future__ import annotations
@@ -24,11 +25,8 @@ DEMO_CHECKPOINT = "demo"
 DEMO_WEIGHTS_SEED = 0
 DEMO_ACTION_DIM = 32  # the real models' padded action width, so every robot mapping fits the demo model
 ROBOT_VIEWS = 3  # Pi0 / Pi0.5 image slots: base, left wrist, right wrist
-UNSUPPORTED_MODELS = {
-    VLAModelType.OPENVLA: "OpenVLA",
-    VLAModelType.RT1: "RT-1",
-    VLAModelType.RT2: "RT-2",
-}
+UNSUPPORTED_MODELS = {VLAModelType.RT1: "RT-1"}
+TOKEN_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
 
 
 def byte_tokenizer(vocab_size: int):
@@ -66,10 +64,64 @@ class PolicyOptions:
     cuda_graphs: bool = True
     adapt_to_pi: bool = True
     model_config: Mapping[str, Any] | None = None
+    unnorm_key: str | None = None
+
+
+def common_metadata(engine: Any, mapping: RobotMapping, checkpoint: str, prompt: dict[str, Any]) -> dict[str, Any]:
+    """The metadata fields every served engine shares (server, model, checkpoint, device, robot, prompt)."""
+    from cortexflow import __version__
+
+    return {
+        "server": "cortexflow",
+        "version": __version__,
+        "model": engine.config.model_type.value,
+        "checkpoint": checkpoint,
+        "backend": getattr(engine.backend, "name", type(engine.backend).__name__),
+        "device": str(engine.device),
+        "dtype": dtype_name(engine.dtype),
+        "robot": mapping.name,
+        "robot_config": mapping.describe(),
+        "prompt": prompt,
+    }
+
+
+def engine_timings(engine: Any, start: float) -> dict[str, float]:
+    """The engine's stage timings of its last call (ms) plus ``infer_ms`` since ``start``."""
+    timings = {k: float(v) for k, v in engine.last_timings.items()}
+    timings["infer_ms"] = (time.perf_counter() - start) * 1e3
+    return timings
+
+
+class MappedPolicy:
+    """What every served policy shares: ``prepare`` through ``self.mapping``, ``predict``, ``warmup``.
+    Subclasses define ``metadata`` and ``infer(request) -> (actions, timings)``."""
+
+    mapping: RobotMapping
+    default_prompt: str | None
+    prompt_encoding: str | None
+
+    def prepare(self, observation: Any) -> EngineRequest:
+        """Validate and map one observation (raises :class:`~cortexflow.errors.InputError`)."""
+        return self.mapping.to_engine(observation, self.default_prompt)
+
+    def example_observation(self, seed: int = 0, height: int = 224, width: int = 224) -> dict[str, Any]:
+        """A synthetic observation in this robot's format (warm-up, load tests, examples)."""
+        return self.mapping.example_observation(seed, height, width, text_prompt=self.prompt_encoding is not None)
+
+    def predict(self, observation: Any) -> np.ndarray:
+        """``prepare`` + ``infer`` in the caller's thread: the actions the server would send for ``observation``."""
+        return self.infer(self.prepare(observation))[0]
+
+    def warmup(self) -> None:
+        """One call on a synthetic observation (captures the CUDA graph before the first client)."""
+        try:
+            self.predict(self.example_observation())
+        except CortexFlowError as err:
+            raise ConfigError(f"the warm-up request on a synthetic {self.mapping.name} observation failed: {err}") from err
 
 
 @dataclass
-class ServedPolicy:
+class ServedPolicy(MappedPolicy):
     """An engine behind a robot mapping. ``infer`` must only ever be called from one thread at a time."""
 
     engine: VLAInferenceEngine
@@ -100,19 +152,16 @@ class ServedPolicy:
     @property
     def metadata(self) -> dict[str, Any]:
         """Sent to every client on connect (openpi: ``WebsocketClientPolicy.get_server_metadata()``)."""
-        from cortexflow import __version__
-
         engine, config, mapping = self.engine, self.engine.config, self.mapping
         stats = engine.preprocessor.state_stats
+        prompt = {
+            "text": self.prompt_encoding is not None,
+            "encoding": self.prompt_encoding,
+            "max_tokens": config.max_token_len,
+            "default": self.default_prompt,
+        }
         return {
-            "server": "cortexflow",
-            "version": __version__,
-            "model": config.model_type.value,
-            "checkpoint": self.checkpoint,
-            "backend": getattr(engine.backend, "name", type(engine.backend).__name__),
-            "device": str(engine.device),
-            "dtype": dtype_name(engine.dtype),
-            "robot": mapping.name,
+            **common_metadata(engine, mapping, self.checkpoint, prompt),
             "action_dim": mapping.action_dim if mapping.action_dim is not None else config.action_dim,
             "model_action_dim": config.action_dim,
             "chunk_size": engine.chunk_size,
@@ -120,20 +169,9 @@ class ServedPolicy:
             "num_steps": config.num_diffusion_steps,
             "num_views": engine.num_views,
             "state_dim": mapping.state_dim if mapping.state_dim is not None else (stats.dim if stats else None),
-            "robot_config": mapping.describe(),
-            "prompt": {
-                "text": self.prompt_encoding is not None,
-                "encoding": self.prompt_encoding,
-                "max_tokens": config.max_token_len,
-                "default": self.default_prompt,
-            },
             "actions_unnormalized": engine.postprocessor.action_stats is not None,
             "noise_seed": self.seed,
         }
-
-    def prepare(self, observation: Any) -> EngineRequest:
-        """Validate and map one observation (raises :class:`~cortexflow.errors.InputError`)."""
-        return self.mapping.to_engine(observation, self.default_prompt)
 
     def infer(self, request: EngineRequest) -> tuple[np.ndarray, dict[str, float]]:
         """Run the engine: robot actions ``(chunk, robot action_dim)`` fp32 and the engine's stage timings (ms)."""
@@ -148,25 +186,7 @@ class ServedPolicy:
             image_masks=request.image_masks,
         )
         robot_actions = np.ascontiguousarray(self.mapping.to_robot(actions), dtype=np.float32)
-        timings = {k: float(v) for k, v in self.engine.last_timings.items()}
-        timings["infer_ms"] = (time.perf_counter() - start) * 1e3
-        return robot_actions, timings
-
-    # ---- conveniences ---------------------------------------------------------------------------
-    def example_observation(self, seed: int = 0, height: int = 224, width: int = 224) -> dict[str, Any]:
-        """A synthetic observation in this robot's format (warm-up, load tests, examples)."""
-        return self.mapping.example_observation(seed, height, width, text_prompt=self.prompt_encoding is not None)
-
-    def predict(self, observation: Any) -> np.ndarray:
-        """``prepare`` + ``infer`` in the caller's thread: the actions the server would send for ``observation``."""
-        return self.infer(self.prepare(observation))[0]
-
-    def warmup(self) -> None:
-        """One call on a synthetic observation (captures the CUDA graph before the first client)."""
-        try:
-            self.predict(self.example_observation())
-        except CortexFlowError as err:
-            raise ConfigError(f"the warm-up request on a synthetic {self.mapping.name} observation failed: {err}") from err
+        return robot_actions, engine_timings(self.engine, start)
 
 
 def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:
@@ -177,7 +197,7 @@ def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:
     if model_type in UNSUPPORTED_MODELS:
         raise ConfigError(
             f"--model {options.model}: {UNSUPPORTED_MODELS[model_type]} is not implemented in CortexFlow yet; "
-            "this version serves pi0 and pi05 policies"
+            "this version serves pi0, pi05, openvla and rt2 policies"
         )
     return model_type
 
@@ -191,8 +211,9 @@ def _resolve_dtype(dtype: str, device: str) -> str:
     return dtype_name(parse_dtype(dtype))
 
 
-def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> ServedPolicy:
-    """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it."""
+def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> MappedPolicy:
+    """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it; OpenVLA
+    and RT-2 go to :func:`~cortexflow.serving.token_policy.build_token_policy`."""
     from cortexflow.checkpoints.loader import inspect_checkpoint
     from cortexflow.factory import create_pi0_inference, create_pi05_inference
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
@@ -200,6 +221,14 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     log = log or (lambda message: None)
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
     model_type = _model_type(options, demo)
+    if model_type is None and not demo:
+        model_type = inspect_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
+    if model_type in TOKEN_MODELS:
+        from cortexflow.serving.token_policy import build_token_policy
+
+        return build_token_policy(options, model_type, log)
+    if options.unnorm_key is not None:
+        raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
     robot = str(options.robot).strip().lower()
     mapping_probe = make_mapping(robot)  # validates the robot name before any loading
     if robot != "raw" and options.views not in (None, ROBOT_VIEWS):
@@ -232,8 +261,6 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
             engine = create(directory, model_config=config, **common)  # weights are in memory after this
         label = f"demo (tiny random {config.model_type.value}, weights seed {DEMO_WEIGHTS_SEED})"
     else:
-        if model_type is None:
-            model_type = inspect_checkpoint(options.checkpoint, overrides or None).model_type
         create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
         log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
         engine = create(options.checkpoint, model_config=overrides or None, **common)

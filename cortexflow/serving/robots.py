@@ -164,6 +164,14 @@ def _example_image(rng: np.random.Generator, height: int, width: int, chw: bool 
     return rng.integers(0, 256, size=shape, dtype=np.uint8)
 
 
+def example_prompt(text_prompt: bool = True) -> dict[str, Any]:
+    """The example task as ``{"prompt": text}``, or as ``{"prompt_tokens": [BOS=2] + UTF-8 bytes}`` for a
+    server without a tokenizer."""
+    if text_prompt:
+        return {"prompt": EXAMPLE_PROMPT}
+    return {"prompt_tokens": np.array([2, *(b % 256 for b in EXAMPLE_PROMPT.encode())], dtype=np.int64)}
+
+
 class DroidMapping(RobotMapping):
     name = "droid"
     action_dim = 8
@@ -362,10 +370,7 @@ class RawMapping(RobotMapping):
             "images": np.stack([_example_image(rng, height, width) for _ in range(self.num_views)]),
             "state": rng.uniform(-1.0, 1.0, dim).astype(np.float32),
         }
-        if text_prompt:
-            obs["prompt"] = EXAMPLE_PROMPT
-        else:
-            obs["prompt_tokens"] = np.array([2, *(b % 256 for b in EXAMPLE_PROMPT.encode())], dtype=np.int64)
+        obs.update(example_prompt(text_prompt))
         return obs
 
 
