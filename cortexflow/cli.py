@@ -706,14 +706,14 @@ def _report(report: dict, json_path: Optional[str], print_tables: Callable) -> N
 @app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")
 @_cli_errors
 def verify_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0 or pi05.")] = "pi0",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla or rt2.")] = "pi0",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="The backend to check (any registered name).")] = "pytorch",
     against: Annotated[str, typer.Option("--against", metavar="NAME", help="The reference backend; it runs in float32.")] = "pytorch",
-    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5 sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
+    size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5, OpenVLA-7B, PaliGemma-3B sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="The checked backend's dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (inputs use N+1).")] = 0,
-    views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs.")] = 2,
+    views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs (ignored for openvla/rt2: one image).")] = 2,
     repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown).")] = 3,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
@@ -724,6 +724,14 @@ def verify_command(
     reference's output of the one before, so an error shows where it arises. Reported per module:
     max |Δ| and ‖Δ‖/‖ref‖ against the reference in float32, and each backend's time (median, GPU
     synchronised). Modules a backend does not implement are shown as n/a.
+
+    --model openvla: the DINOv2 tower, the SigLIP tower, the projector, the vision stage, Llama layer 0,
+    the prefill logits, the decode logits (prefill + cached steps fed the reference's tokens) and the
+    whole greedy generation (7 tokens, constrained to the action ids) with its actions and token
+    agreement. --model rt2: patch embedding, SigLIP layer 0, the tower, the projector, the vision stage,
+    Gemma layer 0, then the same prefill / decode / actions modules. In bfloat16/float16 a token that
+    flips at a near-tie of the reference's logits passes as "tie" when the decode logits are within the
+    limit; in float32 every token must agree.
 
     Exit code 0: the final actions are within the limit (float32: ‖Δ‖/‖ref‖ <= 1e-4; bfloat16/float16:
     <= 2e-2); 1: they are not; 2: the check could not run.
@@ -756,10 +764,10 @@ def verify_command(
 @app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")
 @_cli_errors
 def bench_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05.")] = "pi0,pi05",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2 (openvla/rt2 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
     backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
-    prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (padded to the model's maximum).")] = "20",
+    prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (padded to the model's maximum; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
     chunk: Annotated[str, typer.Option("--chunk", metavar="LIST", help="Comma-separated action chunk lengths.")] = "50",
     steps: Annotated[str, typer.Option("--steps", metavar="LIST", help="Comma-separated denoising step counts.")] = "10",
     graphs: Annotated[str, typer.Option("--graphs", metavar="LIST", help="Whole-predict CUDA graph: on, off or on,off (GPU only; the CPU runs off).")] = "on,off",
@@ -782,6 +790,10 @@ def bench_command(
     Per case: median, p90 and min latency after warm-up (CUDA events on a GPU, the host clock on CPU),
     peak GPU memory, and the stage split of the last call when no CUDA graph hides it. The JSON also
     records the device, the torch/triton/CUDA versions and the command line.
+
+    openvla / rt2: one row per backend x prompt length x graphs of TokenVLAEngine.predict (one image,
+    greedy tokens: OpenVLA 7 unconstrained, RT-2 chunk x action_dim constrained, as their factories
+    default); --views, --chunk and --steps are ignored for them (noted in the output).
 
     With --batch-scaling: per backend and batch size B, latency per batch and per image, images/s, the
     scaling efficiency L(B)/(B·L(1)), the marginal ms per extra image and the achieved FLOP/s (and its
@@ -937,7 +949,7 @@ def _print_export(manifest: dict, out: Path) -> None:
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint; pi0 for demo), pi0 or pi05 (openvla: not implemented yet).")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
     robot: Annotated[str, typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments).")] = "droid",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
@@ -948,6 +960,8 @@ def serve_command(
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one queue.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     chunk: Annotated[Optional[int], typer.Option("--chunk", metavar="N", help="Action chunk length [default: the checkpoint's].")] = None,
+    unnorm_key: Annotated[Optional[str], typer.Option("--unnorm-key", metavar="DATASET", help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint has several).")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", metavar="JSON|FILE", help="Model config overrides as a JSON object or file (rt2: '{\"action_dim\": 7, \"chunk_size\": 4}').")] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", metavar="N", help="Denoising steps [default: the checkpoint's].")] = None,
     views: Annotated[Optional[int], typer.Option("--views", metavar="N", help="Camera views for --robot raw [default: 3].")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", metavar="N", help="Use the same seeded noise for every request (actions depend only on the observation).")] = None,
@@ -959,7 +973,7 @@ def serve_command(
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight.")] = 30.0,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph).")] = True,
 ) -> None:
-    """Serve a Pi0/Pi0.5 policy to robots: a WebSocket server speaking openpi's protocol.
+    """Serve a Pi0/Pi0.5, OpenVLA or RT-2 policy to robots: a WebSocket server speaking openpi's protocol.
 
     On connect the server sends msgpack metadata (model, action dims, chunk size, robot config); each
     msgpack-numpy observation is answered with {"actions", "server_timing"}, or an error text frame.
@@ -972,7 +986,8 @@ def serve_command(
     options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
-                            adapt_to_pi=adapt_to_pi)
+                            adapt_to_pi=adapt_to_pi, unnorm_key=unnorm_key,
+                            model_config=parse_model_config(model_config))
     serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
           shutdown_timeout=shutdown_timeout, warmup=warmup, info=_progress, warn=_warning_line)
 

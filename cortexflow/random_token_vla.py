@@ -48,7 +48,8 @@ def _draw(name: str, shape: tuple[int, ...], generator: torch.Generator, device,
     """Non-zero random values by role: norm scales near 1, LayerScale near 0.5, embeddings small,
     matrices ~ N(0, 1/fan_in), biases ~ N(0.01, 0.02^2)."""
     t = torch.randn(shape, generator=generator, device=device)
-    if name.endswith(("norm1.weight", "norm2.weight")) or name == "llm.norm" or name.endswith(("attn_norm", "mlp_norm")):
+    if (name.endswith(("norm1.weight", "norm2.weight", "ln1.weight", "ln2.weight", "post_ln.weight"))
+            or name == "llm.norm" or name.endswith(("attn_norm", "mlp_norm"))):
         t = 1.0 + 0.1 * t
     elif name.endswith((".ls1", ".ls2")):
         t = 0.5 + 0.1 * t
@@ -70,6 +71,18 @@ def random_openvla_weights(config: OpenVLAConfig, seed: int = 0, dtype: torch.dt
     generator = torch.Generator(device=device).manual_seed(seed)
     return {name: _draw(name, shape, generator, device, dtype)
             for name, shape in OpenVLAModel(config).get_weight_shapes().items()}
+
+
+def random_rt2_weights(config: RT2Config, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       device: "torch.device | str | None" = None) -> dict[str, torch.Tensor]:
+    """Canonical-name RT-2-style weights (SigLIP, projector, Gemma with its final norm), drawn like
+    :func:`random_openvla_weights` with a generator seeded with ``seed`` on ``device`` (default CPU)."""
+    from cortexflow.models.rt2 import RT2Model
+
+    device = torch.device("cpu") if device is None else torch.device(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    return {name: _draw(name, shape, generator, device, dtype)
+            for name, shape in RT2Model(config).get_weight_shapes().items()}
 
 
 def example_norm_stats(action_dim: int = 7, datasets: tuple[str, ...] = ("bridge_orig",)) -> dict[str, Any]:

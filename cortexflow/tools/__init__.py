@@ -1,7 +1,9 @@
 """Measurement tools behind ``cortexflow verify``, ``bench`` and ``profile``, plus their shared set-up.
 
-- :mod:`cortexflow.tools.verify` — a backend's error against the reference, module by module;
-- :mod:`cortexflow.tools.bench` — latency and memory of whole ``predict`` calls over a grid of workloads;
+- :mod:`cortexflow.tools.verify` — a backend's error against the reference, module by module
+  (:mod:`cortexflow.tools.token_verify` for the token-decoding OpenVLA and RT-2);
+- :mod:`cortexflow.tools.bench` — latency and memory of whole ``predict`` calls over a grid of workloads
+  (:mod:`cortexflow.tools.token_bench` for OpenVLA and RT-2);
 - :mod:`cortexflow.tools.profile` — one call under ``torch.profiler``: stages, kernels, roofline gap;
 - :mod:`cortexflow.tools.flops` — FLOP and byte counts per stage and the floor they imply.
 
@@ -22,6 +24,8 @@ from cortexflow.config import ModelConfig, parse_dtype
 from cortexflow.errors import ConfigError
 
 SIZES = ("tiny", "real")
+#: Token-decoding policies (greedy action tokens): verified and benchmarked by ``token_verify`` / ``token_bench``.
+TOKEN_MODELS = ("openvla", "rt2")
 
 
 def resolve_device_dtype(device: str, dtype: "str | torch.dtype") -> tuple[torch.device, torch.dtype]:
@@ -51,6 +55,57 @@ def model_config(model: str, size: str, **overrides) -> ModelConfig:
     if size == "tiny":
         return tiny_model_config(model, **overrides)
     return ModelConfig.for_model(model, **overrides)
+
+
+def is_token_model(model: str) -> bool:
+    """Whether ``model`` names a token-decoding policy (OpenVLA, RT-2 style) rather than a Pi0-family one."""
+    from cortexflow.config import VLAModelType
+
+    return VLAModelType.parse(model).value in TOKEN_MODELS
+
+
+def token_model(model: str, size: str, **overrides):
+    """The token-decoding policy ``model`` (``openvla`` / ``rt2``) in its published (``size="real"``:
+    OpenVLA-7B; RT-2 style over PaliGemma-3B) or tiny test configuration with ``overrides``, as an
+    ``OpenVLAModel`` / ``RT2Model``."""
+    from cortexflow.config import VLAModelType
+    from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
+    from cortexflow.models.rt2 import RT2Config, RT2Model
+    from cortexflow.random_token_vla import tiny_openvla_config, tiny_rt2_config
+
+    kind = VLAModelType.parse(model)
+    if kind == VLAModelType.OPENVLA:
+        return OpenVLAModel(tiny_openvla_config(**overrides) if size == "tiny" else OpenVLAConfig().replace(**overrides))
+    if kind == VLAModelType.RT2:
+        return RT2Model(tiny_rt2_config(**overrides) if size == "tiny" else RT2Config().replace(**overrides))
+    raise ConfigError(f"{kind.value} is not a token-decoding policy; expected one of {', '.join(TOKEN_MODELS)}")
+
+
+def random_token_weights(model, seed: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random non-zero canonical-name weights of a token-decoding ``model``, drawn on ``device``."""
+    from cortexflow.config import VLAModelType
+    from cortexflow.random_token_vla import random_openvla_weights, random_rt2_weights
+
+    draw = random_openvla_weights if model.config.model_type == VLAModelType.OPENVLA else random_rt2_weights
+    return draw(model.config, seed, dtype, device)
+
+
+def random_prompt_ids(model, length: int, rng) -> list[int]:
+    """``length`` prompt ids for a token-decoding ``model`` as its engine sees them: BOS, random ids below
+    the action ids (from the numpy generator ``rng``), and the model's closing id (OpenVLA's "▁") last."""
+    from cortexflow.config import VLAModelType
+
+    bos = model.config.bos_id if model.model_type == VLAModelType.OPENVLA else 2  # PaliGemma's BOS
+    high = min(model.action_id_range[0], model.config.vocab_size)
+    base = [bos, *rng.integers(3, high, size=max(length - 1, 0)).tolist()]
+    ids = model.finish_prompt_ids(base[:length])
+    if len(ids) > length:
+        ids = model.finish_prompt_ids(base[:length - 1])
+    if len(ids) != length or ids[0] != bos:
+        shortest = len(model.finish_prompt_ids([bos]))
+        raise ConfigError(f"{model.model_type.value} needs a prompt of at least {shortest} ids (BOS and its closing "
+                          f"id), got {length}")
+    return ids
 
 
 def synchronize(device: torch.device) -> None:
@@ -86,10 +141,15 @@ def environment_info(device: torch.device) -> dict:
 
 __all__ = [
     "SIZES",
+    "TOKEN_MODELS",
     "environment_info",
+    "is_token_model",
     "model_config",
     "package_version",
+    "random_prompt_ids",
+    "random_token_weights",
     "resolve_device_dtype",
     "resolve_size",
     "synchronize",
+    "token_model",
 ]

@@ -1,7 +1,8 @@
 """``cortexflow bench``: latency and memory of whole ``predict`` calls over a grid of workloads.
 
 The grid is models x backends x views x prompt lengths x chunk sizes x denoising steps x CUDA graphs
-(on/off). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
+(on/off). The token-decoding OpenVLA and RT-2 contribute one row per backend x prompt length x CUDA
+graphs (views, chunk and steps do not apply; see :mod:`cortexflow.tools.token_bench`). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
 drawn on the device) are shared by all its engines. A case is timed as whole ``predict`` calls (input
 copies, forward, copy back) after warm-up: CUDA events on a GPU, the host clock on the CPU; median,
 p90 and min, the peak GPU memory during the case, and the per-stage split of the last call when no CUDA
@@ -29,7 +30,7 @@ from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.models.pi0 import model_class
 from cortexflow.random_checkpoint import random_weights
-from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size
+from cortexflow.tools import environment_info, is_token_model, model_config, resolve_device_dtype, resolve_size
 
 #: Failures that make a case "skipped" (cannot run here); any other exception makes it "failed".
 SKIP_ERRORS = (BackendUnavailableError, NotImplementedError, torch.cuda.OutOfMemoryError)
@@ -37,14 +38,14 @@ SKIP_ERRORS = (BackendUnavailableError, NotImplementedError, torch.cuda.OutOfMem
 
 @dataclass(frozen=True)
 class Case:
-    """One point of the grid."""
+    """One point of the grid (``steps`` is None for the token-decoding policies, which have no denoising)."""
 
     model: str
     backend: str
     views: int
     prompt_len: int
     chunk: int
-    steps: int
+    steps: int | None
     cuda_graphs: bool
 
 
@@ -193,10 +194,17 @@ def run_bench(
     }
     memory = GpuMemory(resolved_device)
     for model_name in model_types:
-        base = model_config(model_name, size)
         log(f"drawing {size} {model_name} weights on {resolved_device} ...")
-        weights = random_weights(base, seed, compute_dtype, resolved_device)
-        state_dict = to_checkpoint_keys(weights, base, "openpi")
+        token = None
+        if is_token_model(model_name):
+            from cortexflow.tools.token_bench import TokenWorkload
+
+            token = TokenWorkload(model_name, size, seed, compute_dtype, resolved_device)
+            results.setdefault("notes", []).append(token.note())
+        else:
+            base = model_config(model_name, size)
+            weights = random_weights(base, seed, compute_dtype, resolved_device)
+            state_dict = to_checkpoint_keys(weights, base, "openpi")
         weight_bytes = memory.allocated()
         for backend in backends:
             try:
@@ -206,9 +214,14 @@ def run_bench(
                 results[kind].append({"model": model_name, "backend": backend, "reason": f"{type(err).__name__}: {err}"})
                 log(f"{model_name} {backend}: {kind} ({type(err).__name__}: {err})")
                 continue
-            for case in _cases(model_name, backend, views, prompt_lens, chunks, steps, graph_modes):
+            cases = (token.cases(backend, prompt_lens, graph_modes) if token is not None
+                     else _cases(model_name, backend, views, prompt_lens, chunks, steps, graph_modes))
+            for case in cases:
                 n = iters if case.cuda_graphs or iters_without_graphs is None else iters_without_graphs
-                entry = _run_case(case, base, state_dict, compute_dtype, resolved_device, memory, rng, n, warmup)
+                if token is not None:
+                    entry = token.run(case, memory, rng, n, warmup)
+                else:
+                    entry = _run_case(case, base, state_dict, compute_dtype, resolved_device, memory, rng, n, warmup)
                 if "reason" in entry:
                     kind = entry.pop("outcome")
                     results[kind].append(entry)
@@ -218,7 +231,7 @@ def run_bench(
                 results["runs"].append(entry)
                 peak = f", peak {entry['peak_gpu_gib']:.2f} GiB" if resolved_device.type == "cuda" else ""
                 log(f"{_label(case)}: median {entry['median_ms']:.2f} ms{peak}")
-        del weights, state_dict
+        token = weights = state_dict = None
         memory.reset()
     return results
 
@@ -234,7 +247,7 @@ def _cases(model, backend, views, prompt_lens, chunks, steps, graph_modes):
 
 def _label(case: Case) -> str:
     return (f"{case.model} {case.backend} views={case.views} prompt={case.prompt_len} chunk={case.chunk} "
-            f"steps={case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
+            f"steps={'-' if case.steps is None else case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
 
 
 def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: GpuMemory,
@@ -283,10 +296,13 @@ def print_bench(results: dict, console) -> None:
                    "min ms", "peak GiB", "iters"):
         table.add_column(header, justify="left" if header in ("model", "backend") else "right")
     for r in results["runs"]:
-        table.add_row(r["model"], r["backend"], str(r["views"]), str(r["prompt_len"]), str(r["chunk"]), str(r["steps"]),
+        table.add_row(r["model"], r["backend"], str(r["views"]), str(r["prompt_len"]), str(r["chunk"]),
+                      "-" if r["steps"] is None else str(r["steps"]),
                       "on" if r["cuda_graphs"] else "off", f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
                       f"{r['min_ms']:.2f}", f"{r['peak_gpu_gib']:.2f}", str(r["iters"]))
     console.print(table)
+    for note in results.get("notes", ()):
+        console.print(Text(note, style="dim"))
     for kind, style in (("skipped", "yellow"), ("failed", "red")):
         for r in results[kind]:
             what = [r["model"], r["backend"]] + [f"{k}={r[k]}" for k in ("views", "prompt_len", "chunk", "steps",

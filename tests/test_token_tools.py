@@ -1,0 +1,157 @@
+"""``cortexflow verify`` and ``bench`` on the token-decoding OpenVLA and RT-2 (tiny models, CPU).
+
+The Triton backend runs under TRITON_INTERPRET=1 (conftest) with 56 px images (16 image tokens instead
+of 256) so that the interpreter stays fast; the PyTorch runs use the tiny configs unchanged.
+"""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cortexflow.backends import PyTorchBackend, register_backend
+from cortexflow.backends import _REGISTRY as BACKEND_REGISTRY
+from cortexflow.cli import app
+from cortexflow.errors import ConfigError
+from cortexflow.tools.token_verify import run_token_verify
+from cortexflow.tools.verify import run_verify
+
+runner = CliRunner()
+OPENVLA_MODULES = ["dino_tower", "siglip_tower", "projector", "vision_encoder", "llm_layer", "prefill_logits",
+                   "decode_logits", "actions"]
+RT2_MODULES = ["patch_embed", "vision_layer", "vision_tower", "projector", "vision_encoder", "llm_layer",
+               "prefill_logits", "decode_logits", "actions"]
+EXPECTED = {"openvla": OPENVLA_MODULES, "rt2": RT2_MODULES}
+VISION = {"openvla": OPENVLA_MODULES[:4], "rt2": RT2_MODULES[:5]}
+LANGUAGE = ("llm_layer", "prefill_logits", "decode_logits")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class NoisyRmsNormBackend(PyTorchBackend):
+    """RMSNorm with 5% relative noise added: the Llama / Gemma layers go wrong, the ViTs (LayerNorm) do not."""
+
+    name = "noisy-rms"
+
+    def rms_norm(self, x, weight, eps):
+        y = super().rms_norm(x, weight, eps)
+        generator = torch.Generator(device=y.device).manual_seed(0)
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+        return (y.float() + 0.05 * y.float().std() * noise).to(y.dtype)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the tiny models are faster so on a shared CI machine (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def noisy():
+    register_backend(NoisyRmsNormBackend.name, NoisyRmsNormBackend)
+    yield
+    BACKEND_REGISTRY.pop(NoisyRmsNormBackend.name, None)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def rows_by_name(report):
+    return {row["name"]: row for row in report["modules"]}
+
+
+def check_passing_report(report, model):
+    rows = rows_by_name(report)
+    assert list(rows) == EXPECTED[model]
+    for row in rows.values():
+        assert row["status"] == "ok", row
+        assert row["rel_l2"] <= 1e-5 and row["max_abs"] <= 1e-4, row
+        assert row["ref_norm"] > 0 and row["reference_ms"] > 0 and row["backend_ms"] > 0, row
+    actions = rows["actions"]
+    assert actions["tokens_agree"] == actions["tokens_total"] == report["workload"]["generated_tokens"]
+    assert actions["tokens"] == actions["reference_tokens"] and actions["first_token_mismatch"] is None
+    assert rows["decode_logits"]["tokens_agree"] == rows["decode_logits"]["tokens_total"]
+    assert report["passed"] and report["failure"] is None and report["threshold_rel_l2"] == 1e-4
+    assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
+
+
+@pytest.mark.parametrize("model", ["openvla", "rt2"])
+def test_verify_triton_matches_pytorch(model):
+    pytest.importorskip("triton")
+    report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
+                              overrides={"image_size": 56})
+    assert report["backend"] == "triton"
+    check_passing_report(report, model)
+    # the image tokens went through the 56 px towers (16 patches)
+    shapes = rows_by_name(report)
+    assert shapes["vision_encoder"]["shape"].startswith("(1, 16,")
+    assert report["config"]["model_type"] == model
+
+
+def test_verify_rt2_pytorch_via_run_verify():
+    report = run_verify("rt2", "pytorch", size="tiny", device="cpu", dtype="float32", repeats=1)
+    check_passing_report(report, "rt2")
+    rows = rows_by_name(report)
+    assert rows["actions"]["shape"] == "(2, 3)" and rows["decode_logits"]["shape"] == "(6, 640)"
+
+
+def test_verify_openvla_cli_json(tmp_path):
+    path = tmp_path / "verify.json"
+    result = invoke("verify", "--model", "openvla", "--backend", "pytorch", "--size", "tiny", "--device", "cpu",
+                    "--dtype", "float32", "--repeats", "1", "--json", path)
+    assert result.exit_code == 0, result.output
+    assert "PASS" in result.stdout and "dino_tower" in result.stdout and "7/7 greedy tokens agree" in result.stdout
+    report = json.loads(path.read_text())
+    check_passing_report(report, "openvla")
+    rows = rows_by_name(report)
+    assert rows["actions"]["shape"] == "(7,)" and rows["prefill_logits"]["shape"] == "(1, 384)"
+    assert rows["llm_layer"]["shape"] == "(1, 276, 64)"  # 256 image tokens + 20 prompt ids
+
+
+@pytest.mark.parametrize("model", ["openvla", "rt2"])
+def test_verify_finds_noisy_rms_norm(noisy, tmp_path, model):
+    path = tmp_path / "verify.json"
+    result = invoke("verify", "--model", model, "--backend", "noisy-rms", "--size", "tiny", "--device", "cpu",
+                    "--dtype", "float32", "--repeats", "1", "--json", path)
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.stdout
+    report = json.loads(path.read_text())
+    rows = rows_by_name(report)
+    assert list(rows) == EXPECTED[model] and not report["passed"]
+    for name in VISION[model]:
+        assert rows[name]["status"] == "ok" and rows[name]["rel_l2"] <= 1e-6, rows[name]
+    for name in LANGUAGE:
+        assert rows[name]["status"] == "over" and rows[name]["rel_l2"] > 1e-3, rows[name]
+
+
+def test_verify_rejects_unknown_token_module():
+    with pytest.raises(ConfigError, match="denoise_step"):
+        run_verify("openvla", size="tiny", device="cpu", modules=["denoise_step"])
+
+
+def test_bench_token_models_cpu(tmp_path):
+    path = tmp_path / "bench.json"
+    result = invoke("bench", "--models", "openvla,rt2", "--backends", "pytorch", "--views", "1,2", "--chunk", "5",
+                    "--steps", "2", "--prompt-len", "8,20,100", "--iters", "2", "--warmup", "1", "--size", "tiny",
+                    "--device", "cpu", "--json", path)
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    runs = data["runs"]
+    assert [(r["model"], r["prompt_len"]) for r in runs] == [("openvla", 8), ("openvla", 20), ("rt2", 8), ("rt2", 20)]
+    for r in runs:
+        assert r["views"] == 1 and r["steps"] is None and r["cuda_graphs"] is False and r["timing"] == "host_clock"
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] and r["iters"] == 2
+        assert r["peak_gpu_gib"] == 0 and set(r["stages_ms"]) == {"preprocess", "model", "total"}
+        assert r["valid_prefix_tokens"] == 256 + r["prompt_len"] and r["padded_prompt_len"] >= r["prompt_len"]
+    by_model = {r["model"]: r for r in runs}
+    assert by_model["openvla"]["generated_tokens"] == 7 and by_model["openvla"]["chunk"] == 1
+    assert by_model["rt2"]["generated_tokens"] == 6 and by_model["rt2"]["chunk"] == 2
+    assert by_model["openvla"]["constrained"] is False and by_model["rt2"]["constrained"] is True
+    assert sorted(s["model"] for s in data["skipped"]) == ["openvla", "rt2"]
+    assert all("max_text_tokens 64" in s["reason"] for s in data["skipped"])
+    assert len(data["notes"]) == 2 and "are ignored" in data["notes"][0]
+    assert "openvla" in result.stdout and "do not apply" in result.stdout
