@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import torch
 
 from cortexflow.checkpoints.files import FLOAT_DTYPES, CheckpointFiles
+from cortexflow.checkpoints.key_problems import KeyProblems
 from cortexflow.checkpoints.pi0_layout import (
     EMBEDDING_KEYS,
     EXPERT,
@@ -45,7 +46,7 @@ _CONFIG_FIELDS = {
 
 
 @dataclass
-class CheckpointReport:
+class CheckpointReport(KeyProblems):
     """What ``cortexflow info`` prints: the model found, its dimensions, and any key problems."""
 
     path: str
@@ -60,24 +61,6 @@ class CheckpointReport:
     mis_shaped: list[str] = field(default_factory=list)
     wrong_dtype: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mis_shaped or self.wrong_dtype)
-
-    def problems(self) -> str:
-        """One message naming every bad tensor (at most 20 per kind, with the count)."""
-        parts = []
-        for label, items in (
-            ("missing", self.missing),
-            ("unexpected", self.unexpected),
-            ("mis-shaped", self.mis_shaped),
-            ("wrongly typed", self.wrong_dtype),
-        ):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                parts.append(f"{label} tensors: {shown}")
-        return "; ".join(parts)
 
 
 def _layer_count(openpi_keys: list[str], prefix: str) -> int:

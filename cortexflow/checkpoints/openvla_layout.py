@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from cortexflow.checkpoints.files import FLOAT_DTYPES, CheckpointFiles
+from cortexflow.checkpoints.key_problems import KeyProblems
 from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError, ConfigError
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
@@ -198,7 +199,7 @@ def infer_openvla_config(
 
 
 @dataclass
-class OpenVLAReport:
+class OpenVLAReport(KeyProblems):
     """What ``cortexflow info`` prints for an OpenVLA checkpoint."""
 
     path: str
@@ -214,20 +215,6 @@ class OpenVLAReport:
     mis_shaped: list[str] = field(default_factory=list)
     wrong_dtype: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not (self.missing or self.unexpected or self.mis_shaped or self.wrong_dtype)
-
-    def problems(self) -> str:
-        """One message naming every bad tensor (at most 20 per kind, with the count)."""
-        parts = []
-        for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("mis-shaped", self.mis_shaped), ("wrongly typed", self.wrong_dtype)):
-            if items:
-                shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
-                parts.append(f"{label} tensors: {shown}")
-        return "; ".join(parts)
 
 
 def inspect_openvla_checkpoint(path: str | Path, model_config: Any = None,
