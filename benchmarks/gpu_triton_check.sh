@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One GPU call: the bench grid of the Triton backend (CUDA graphs on; default settings: split-KV decode
-# attention, norms not folded, plus one A/B run with folded norms), OpenVLA-7B latency (PyTorch eager,
-# PyTorch + graphs, Triton + graphs), Triton kernel tests on the real GPU, module-by-module verify at real
-# size and a per-kernel profile. Everything lands in $OUT; each step has its own time limit so one slow
-# step cannot eat the rest. PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py.
+# One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings), A/B runs with
+# the fused split combine (bench + verify) and with folded norms, OpenVLA-7B latency (PyTorch eager,
+# PyTorch + graphs, Triton + graphs), kernel micro-benchmarks, the Triton and token-VLA tests on the real
+# GPU, module-by-module verify at real size and a per-kernel profile. Everything lands in $OUT; each step
+# has its own time limit so one slow step cannot eat the rest. PyTorch-backend Pi0 numbers come from
+# bench_pytorch_baseline.py.
 #   bash benchmarks/gpu_triton_check.sh            # on the GPU machine; OUT=... to choose the folder
-#   QUICK=1 bash benchmarks/gpu_triton_check.sh    # ~4 min: bench grid, OpenVLA (30 calls), verify Pi0 only
+#   QUICK=1 bash benchmarks/gpu_triton_check.sh    # ~5 min: bench grid + fused-combine A/B, OpenVLA (30 calls), verify Pi0
 set -u
 QUICK="${QUICK:-0}"; ITERS=100; [ "$QUICK" = 1 ] && ITERS=30
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -16,6 +17,10 @@ python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda',
 BENCH=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters "$ITERS" --warmup 5)
 step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
 step 60 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --json "$OUT/bench_pi05.json" 2>&1 | tail -6
+step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
+  --json "$OUT/bench_pi0_fused_combine.json" 2>&1 | tail -6
+step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
+  --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -4
 [ "$QUICK" = 1 ] || step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
   --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -6
 step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -8
@@ -24,7 +29,8 @@ if [ "$QUICK" = 1 ]; then
     --json "$OUT/verify_pi0.json" 2>&1 | tail -6
   exit 0
 fi
-step 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
+step 120 python3 benchmarks/micro_decoder_kernels.py 2>&1 | tee "$OUT/micro.txt" | tail -30
+step 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
 for model in pi0 pi05; do
   step 60 python3 -m cortexflow.cli verify --model "$model" --backend triton --size real --device cuda --dtype bfloat16 \
     --json "$OUT/verify_$model.json" 2>&1 | tail -6

@@ -72,7 +72,8 @@ def attention_cases(rows: list) -> None:
         mask = (torch.rand(b, lq, lk, device="cuda", generator=g) > 0.2) if masked else None
         scale = d**-0.5
         ref = attention_reference(q, k, v, mask, scale)
-        variants = {"default": lambda: attention(q, k, v, mask, scale)}
+        variants = {"default": lambda: attention(q, k, v, mask, scale, fused_combine=False),
+                    "default, fused combine": lambda: attention(q, k, v, mask, scale, fused_combine=True)}
         for splits in (1, 2, 3, 5, 10, 20):
             variants[f"splits={splits}"] = (lambda s=splits: attention(q, k, v, mask, scale, num_splits=s))
         ke, ve = k.repeat_interleave(hq // hkv, 2).transpose(1, 2), v.repeat_interleave(hq // hkv, 2).transpose(1, 2)

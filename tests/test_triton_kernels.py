@@ -61,9 +61,11 @@ def test_attention_with_mask_and_mqa(dtype, heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_splits", [2, 3, 40])
-def test_attention_split_keys_matches(dtype, num_splits):
-    """Split-KV (flash-decoding) with the log-sum-exp combine: ranges of unequal fill, a range whose keys
-    are all masked for some rows, a row that sees nothing at all, and more splits asked than key blocks."""
+@pytest.mark.parametrize("fused_combine", [False, True])
+def test_attention_split_keys_matches(dtype, num_splits, fused_combine):
+    """Split-KV (flash-decoding) with the log-sum-exp combine (a second kernel, or the last-arriving range
+    program): ranges of unequal fill, a range whose keys are all masked for some rows, a row that sees
+    nothing at all, and more splits asked than key blocks."""
     q = randn(2, 11, 8, 48, dtype=dtype, seed=11)
     k = randn(2, 300, 1, 48, dtype=dtype, seed=12)
     v = randn(2, 300, 1, 48, dtype=dtype, seed=13)
@@ -73,8 +75,27 @@ def test_attention_split_keys_matches(dtype, num_splits):
     mask[1, 5] = False
     scale = 48**-0.5
     ref = attention_reference(q, k, v, mask, scale)
-    assert_close(attention(q, k, v, mask, scale, num_splits=num_splits), ref, dtype)
-    assert_close(attention(q, k, v, None, scale, num_splits=num_splits), attention_reference(q, k, v, None, scale), dtype)
+    assert_close(attention(q, k, v, mask, scale, num_splits=num_splits, fused_combine=fused_combine), ref, dtype)
+    assert_close(attention(q, k, v, None, scale, num_splits=num_splits, fused_combine=fused_combine),
+                 attention_reference(q, k, v, None, scale), dtype)
+
+
+def test_fused_combine_leaves_its_counters_at_zero():
+    """The last-arriving range program resets its arrival counter, so a second call (as in a CUDA graph
+    replay) starts from zero and merges again; a counter left non-zero would skip or repeat the merge."""
+    from cortexflow.kernels.attention import arrival_counters
+
+    q = randn(1, 51, 8, 32, dtype=torch.float32, seed=21)
+    k = randn(1, 200, 1, 32, dtype=torch.float32, seed=22)
+    v = randn(1, 200, 1, 32, dtype=torch.float32, seed=23)
+    scale = 32**-0.5
+    ref = attention_reference(q, k, v, None, scale)
+    counters = arrival_counters(q.device, 1)
+    counters.fill_(0)
+    for _ in range(2):
+        out = attention(q, k, v, None, scale, num_splits=4, fused_combine=True)
+        assert_close(out, ref, torch.float32)
+        assert int(counters.abs().sum()) == 0
 
 
 def test_choose_splits_fills_the_gpu_only_for_small_grids():

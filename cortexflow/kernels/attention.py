@@ -14,10 +14,15 @@ whole group (Pi0's Gemma has 8 query heads on 1 KV head). One program handles ``
 one (batch, KV head) and a range of keys. When the (row block, batch, KV head) grid is too small to fill
 the GPU — the denoising step: 51 queries x 8 heads = 7 row blocks — the keys are split into ranges
 processed in parallel; each writes its unnormalised fp32 accumulator with its running max and sum, and
-a second kernel merges the ranges (the log-sum-exp combine).
+a second kernel merges the ranges (the log-sum-exp combine). With ``fused_combine`` there is no second
+kernel: each range program bumps an arrival counter of its (row block, batch x KV head) tile after
+writing its partials, and the last one to arrive merges all ranges and resets the counter to 0 (so the
+counters stay zero between calls and inside CUDA graph replays). One launch instead of two per call.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -33,11 +38,46 @@ MIN_BLOCKS_PER_SPLIT = 2
 
 
 @triton.jit
+def _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim, group, n_splits,
+                  sob, sol, soh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Merge the key ranges of rows ``rows`` of tile ``b_kvh``:
+    ``out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s`` with ``m = max_s m_s``."""
+    n_rows = q_len * group
+    row_valid = rows < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_run = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(0, n_splits):
+        base = (split * n_bkv + b_kvh) * n_rows + rows
+        # .cg: read at L2, where the other programs' partials are (never a stale L1 line).
+        m_s = tl.load(part_ml_ptr + base * 2, mask=row_valid, other=0.0, cache_modifier=".cg")
+        l_s = tl.load(part_ml_ptr + base * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
+        acc_s = tl.load(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], mask=row_valid[:, None], other=0.0,
+                        cache_modifier=".cg")
+        m_new = tl.maximum(m_run, m_s)
+        alpha = tl.exp2(m_run - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_run = l_run * alpha + l_s * beta
+        acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_run = m_new
+    out = acc / tl.where(row_valid, l_run, 1.0)[:, None]
+    query = rows // group
+    head = kv_h * group + rows % group
+    tl.store(
+        out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
+    )
+
+
+@triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
-    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -99,6 +139,17 @@ def _attention_kernel(
         tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
         tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
         tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)
+        if FUSED_COMBINE:
+            # Every thread's partials are written before the (release) arrival; the last program to
+            # arrive (acquire) merges all ranges, then zeroes the counter for the next call.
+            tl.debug_barrier()
+            counter = counter_ptr + pid_m * n_bkv + b_kvh
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == tl.num_programs(2) - 1:
+                tl.debug_barrier()
+                _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
+                              group, tl.num_programs(2), sob, sol, soh, BLOCK_M, BLOCK_D)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
         out = acc / l_i[:, None]
         tl.store(
@@ -115,38 +166,29 @@ def _combine_kernel(
     sob, sol, soh,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the key ranges: ``out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s`` with ``m = max_s m_s``."""
+    """The separate merge of the key ranges (one program per row block and batch x KV head)."""
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
-    n_bkv = tl.num_programs(1)
-    b = b_kvh // n_kv_heads
-    kv_h = b_kvh % n_kv_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n_rows = q_len * group
-    row_valid = rows < n_rows
-    offs_d = tl.arange(0, BLOCK_D)
-    m_run = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_run = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for split in range(0, n_splits):
-        base = (split * n_bkv + b_kvh) * n_rows + rows
-        m_s = tl.load(part_ml_ptr + base * 2, mask=row_valid, other=0.0)
-        l_s = tl.load(part_ml_ptr + base * 2 + 1, mask=row_valid, other=0.0)
-        acc_s = tl.load(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], mask=row_valid[:, None], other=0.0)
-        m_new = tl.maximum(m_run, m_s)
-        alpha = tl.exp2(m_run - m_new)
-        beta = tl.exp2(m_s - m_new)
-        l_run = l_run * alpha + l_s * beta
-        acc = acc * alpha[:, None] + acc_s * beta[:, None]
-        m_run = m_new
-    out = acc / tl.where(row_valid, l_run, 1.0)[:, None]
-    query = rows // group
-    head = kv_h * group + rows % group
-    tl.store(
-        out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
-    )
+    _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b_kvh // n_kv_heads, b_kvh % n_kv_heads, b_kvh,
+                  tl.num_programs(1), rows, q_len, head_dim, group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
+
+
+#: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
+FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
+_ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 4096
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the fused combine, kept per device and reused by every call
+    (the last program of each tile resets its counter). Grows, never shrinks; first allocated outside
+    a CUDA graph capture by the engine's warm-up call."""
+    counters = _ARRIVAL_COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[device] = counters
+    return counters
 
 
 def _processor_count(device: torch.device) -> int:
@@ -167,11 +209,13 @@ def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) ->
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, fused_combine: bool | None = None,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
-    ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU)."""
+    ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU);
+    ``fused_combine`` merges them in the last-arriving range program instead of a second kernel
+    (default: :data:`FUSED_COMBINE_DEFAULT`)."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -192,23 +236,25 @@ def attention(
     keys_per_split = triton.cdiv(triton.cdiv(k_len, max(1, num_splits)), block_n) * block_n
     num_splits = triton.cdiv(k_len, keys_per_split)  # no empty range
     split = num_splits > 1
+    fused = split and (FUSED_COMBINE_DEFAULT if fused_combine is None else fused_combine)
     if split:
         part_acc = torch.empty((num_splits, b * kv_heads, n_rows, block_d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_splits, b * kv_heads, n_rows, 2), dtype=torch.float32, device=q.device)
     else:
         part_acc = part_ml = out
+    counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
     grid = (row_blocks, b * kv_heads, num_splits)
     _attention_kernel[grid](
-        q, k, v, mask, out, part_acc, part_ml,
+        q, k, v, mask, out, part_acc, part_ml, counters,
         scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
-        HAS_MASK=mask is not q, SPLIT=split, UPCAST=upcast_dots(q.dtype),
+        HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         num_warps=8 if block_d >= 256 else 4, num_stages=2,
     )
-    if split:
+    if split and not fused:
         _combine_kernel[(row_blocks, b * kv_heads)](
             part_acc, part_ml, out, q_len, head_dim, kv_heads, group, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
