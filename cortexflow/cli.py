@@ -949,7 +949,7 @@ def _print_export(manifest: dict, out: Path) -> None:
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
     robot: Annotated[str, typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments).")] = "droid",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",

@@ -156,6 +156,8 @@ def test_mismatched_robots_and_options_are_refused_at_start(openvla_dir, rt2_dir
         build_policy(openvla_options(openvla_dir, "aloha"))
     with pytest.raises(ConfigError, match=r"--robot droid takes 8-D actions but openvla decodes 7-D"):
         build_policy(openvla_options(openvla_dir, "droid"))
+    with pytest.raises(ConfigError, match=r"openvla decodes 7-D"):  # --model auto finds OpenVLA in the tensors
+        build_policy(openvla_options(openvla_dir, "droid", model="auto"))
     with pytest.raises(ConfigError, match=r"--robot droid takes 8-D actions but rt2 decodes 3-D.*action_dim"):
         build_policy(PolicyOptions(checkpoint=str(rt2_dir), model="rt2", robot="droid", device="cpu",
                                    model_config={"action_dim": 3, "chunk_size": 2}))

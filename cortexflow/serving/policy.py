@@ -214,7 +214,7 @@ def _resolve_dtype(dtype: str, device: str) -> str:
 def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> MappedPolicy:
     """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it; OpenVLA
     and RT-2 go to :func:`~cortexflow.serving.token_policy.build_token_policy`."""
-    from cortexflow.checkpoints.loader import inspect_checkpoint
+    from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
     from cortexflow.factory import create_pi0_inference, create_pi05_inference
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
@@ -222,7 +222,9 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
     model_type = _model_type(options, demo)
     if model_type is None and not demo:
-        model_type = inspect_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
+        # OpenVLA folders are recognised by their tensors; an RT-2 policy reads a Pi0-family checkpoint,
+        # so it is never auto-detected (--model rt2).
+        model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
     if model_type in TOKEN_MODELS:
         from cortexflow.serving.token_policy import build_token_policy
 
