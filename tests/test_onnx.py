@@ -283,7 +283,7 @@ def test_encoder_export_matches_pytorch(name, batch, tmp_path):
     from cortexflow.encoders.timm_compat import timm_available
 
     if name in TIMM_ENCODERS and not timm_available():
-        pytest.skip("timm is not installed (pip install --no-deps timm pyyaml huggingface_hub)")
+        pytest.skip("timm is not importable (pip install --no-deps timm pyyaml huggingface_hub safetensors pillow)")
     encoder = create_encoder(name, seed=3)
     manifest = export_encoder(encoder, tmp_path, batch=batch)
     assert manifest["encoder"]["name"] == name and manifest["settings"]["batch"]["mode"] == batch.split(":")[0]
