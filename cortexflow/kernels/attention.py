@@ -182,8 +182,10 @@ _MIN_COUNTERS = 4096
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     """Zeroed int32 arrival counters for the fused combine, kept per device and reused by every call
-    (the last program of each tile resets its counter). Grows, never shrinks; first allocated outside
-    a CUDA graph capture by the engine's warm-up call."""
+    (the last program of each tile resets its counter, so they are all zero again when a launch ends).
+    Grows, never shrinks; first allocated outside a CUDA graph capture by the engine's warm-up call.
+    One set per device: two fused-combine launches running at the same time on different streams of one
+    GPU would share counters (CortexFlow runs one engine per GPU, one call at a time)."""
     counters = _ARRIVAL_COUNTERS.get(device)
     if counters is None or counters.numel() < count:
         counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
