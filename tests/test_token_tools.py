@@ -145,7 +145,7 @@ def test_bench_token_models_cpu(tmp_path):
     for r in runs:
         assert r["views"] == 1 and r["steps"] is None and r["cuda_graphs"] is False and r["timing"] == "host_clock"
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"] and r["iters"] == 2
-        assert r["peak_gpu_gib"] == 0 and set(r["stages_ms"]) == {"preprocess", "model", "total"}
+        assert r["peak_gpu_gib"] is None and set(r["stages_ms"]) == {"preprocess", "model", "total"}
         assert r["valid_prefix_tokens"] == 256 + r["prompt_len"] and r["padded_prompt_len"] >= r["prompt_len"]
     by_model = {r["model"]: r for r in runs}
     assert by_model["openvla"]["generated_tokens"] == 7 and by_model["openvla"]["chunk"] == 1

@@ -137,6 +137,10 @@ class GpuMemory:
     def peak(self) -> int:
         return torch.cuda.max_memory_allocated(self.device) if self.cuda else 0
 
+    def peak_gib(self) -> float | None:
+        """Peak allocated GPU memory in GiB since the last reset; None on CPU (nothing measured)."""
+        return self.peak() / 2**30 if self.cuda else None
+
 
 def check_backend_names(backends: Sequence[str]) -> list[str]:
     """Lower-cased names; a name that is neither registered nor a known backend type is an error."""
@@ -269,7 +273,7 @@ def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: 
             cuda_graphs=engine.use_cuda_graphs,
             dtype=dtype_name(dtype),
             stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-            peak_gpu_gib=memory.peak() / 2**30,
+            peak_gpu_gib=memory.peak_gib(),
             prefix_tokens=case.views * config.num_patches + config.max_token_len,
             valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,
         )
@@ -299,7 +303,8 @@ def print_bench(results: dict, console) -> None:
         table.add_row(r["model"], r["backend"], str(r["views"]), str(r["prompt_len"]), str(r["chunk"]),
                       "-" if r["steps"] is None else str(r["steps"]),
                       "on" if r["cuda_graphs"] else "off", f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}",
-                      f"{r['min_ms']:.2f}", f"{r['peak_gpu_gib']:.2f}", str(r["iters"]))
+                      f"{r['min_ms']:.2f}", "-" if r["peak_gpu_gib"] is None else f"{r['peak_gpu_gib']:.2f}",
+                      str(r["iters"]))
     console.print(table)
     for note in results.get("notes", ()):
         console.print(Text(note, style="dim"))

@@ -90,7 +90,7 @@ class TokenWorkload:
                 cuda_graphs=engine.use_cuda_graphs,
                 dtype=dtype_name(self.dtype),
                 stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-                peak_gpu_gib=memory.peak() / 2**30,
+                peak_gpu_gib=memory.peak_gib(),
                 prefix_tokens=config.num_patches + padded,
                 valid_prefix_tokens=config.num_patches + len(ids),
                 padded_prompt_len=padded,
