@@ -171,14 +171,16 @@ def test_qkv_rope_writes_q_and_the_cache(dtype):
     assert torch.isnan(keys[:, :4]).all() and torch.isnan(values[:, :4]).all()
 
 
-@pytest.mark.parametrize("fold_norms", ["1", "0"])
+@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "skinny gemms"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
-def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, fold_norms):
-    """The op kernels and the fused decoder stage compute the reference function (fp32), with the expert's
-    RMSNorms folded into their GEMMs and without."""
+def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
+    """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
+    separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the expert's
+    GEMMs as split-K Triton GEMMs with their epilogues (Euler update included)."""
     import cortexflow as cf
 
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", fold_norms)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "1" if decoder_variant == "skinny gemms" else "0")
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)

@@ -55,6 +55,10 @@ class TritonBackend(PyTorchBackend):
         # a norm kernel + cuBLAS. Off by default: on the H100 the folded Triton GEMM took 13-20 us where
         # norm kernel + cuBLAS took 6-8 us (benchmarks/NOTES.md); CORTEXFLOW_TRITON_FOLD_NORMS=1 turns it on.
         self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "0") == "1"
+        # The expert's GEMMs (QKV, o-proj + residual, gate/up + GELU gate, down + residual, action head +
+        # Euler update) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue
+        # kernels. Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
+        self.skinny_gemms = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0") == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
@@ -71,7 +75,8 @@ class TritonBackend(PyTorchBackend):
         key = (id(weights), steps)
         if key not in self._time_tables:
             self._time_tables[key] = build_time_tables(model, weights, steps)
-        return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms)
+        return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
+                             skinny_gemms=self.skinny_gemms)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

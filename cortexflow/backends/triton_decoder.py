@@ -10,7 +10,11 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
   time half of ``action_time_mlp_in`` (folded with ``action_in_proj`` into one fp32 GEMM) and Pi0.5's
   time MLP and all 37 adaRMS modulations;
 - Pi0's state token is projected once per call;
-- with ``fold_norms`` (the default on a GPU) each RMSNorm rides on the GEMM after it
+- with ``skinny_gemms`` the expert's GEMMs are split-K Triton GEMMs with their epilogues
+  (:mod:`cortexflow.kernels.skinny_gemm`): QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
+  intermediate), down + residual, and the action head fused with the Euler update of the fp32 state;
+- with ``fold_norms`` (off by default: slower than norm kernel + cuBLAS on the H100) each RMSNorm rides
+  on the GEMM after it
   (:mod:`cortexflow.kernels.norm_linear`): the norm's column factor (``1 + w``, or Pi0.5's ``1 + scale_t``)
   is applied as ``x`` is loaded, the per-row ``rsqrt(mean x^2 + eps)`` after the product, and Pi0.5's
   shift becomes a per-step bias ``shift_t @ W^T``; the normalised activations never reach memory.
@@ -29,6 +33,7 @@ from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.norm_linear import norm_linear
 from cortexflow.kernels.qkv_rope import qkv_rope
+from cortexflow.kernels.skinny_gemm import skinny_euler_, skinny_gelu_gate, skinny_linear
 from cortexflow.models.flow_matching import euler_times, sinusoidal_time_embedding
 from cortexflow.models.gemma import attention_scale
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
@@ -108,10 +113,12 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
     return TimeTables(times, action_weight=action_weight, action_bias=action_bias, norm_scales=norm_scales)
 
 
-def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = True) -> torch.Tensor:
+def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
+                  skinny_gemms: bool = False) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
-    ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it (see the module doc)."""
+    ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
+    the expert's GEMMs as split-K Triton GEMMs with their epilogues (see the module doc)."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -135,7 +142,7 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
         state = F.linear(inputs["state"].float(), weights["state_proj.weight"].float(), weights["state_proj.bias"].float())
         hidden[:, 0] = state.to(dtype)
     dt = float(np.float32(-1.0 / len(tables.times)))
-    x_t = noise.float()
+    x_t = noise.to(torch.float32, copy=True)  # updated in place by the fused Euler step
     for step in range(len(tables.times)):
         if pi05:
             tokens = F.linear(x_t, weights["action_in_proj.weight"].float(), weights["action_in_proj.bias"].float())
@@ -152,14 +159,17 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
                 biases = (tables.qkv_bias[step, i], tables.gate_up_bias[step, i]) if pi05 else (None, None)
                 folded = (scales, biases)
             x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, eps, c,
-                              tables.modulation[step, i] if pi05 else None, folded)
+                              tables.modulation[step, i] if pi05 else None, folded, skinny_gemms)
         if pi05:
             final = tables.final_modulation[step]
             h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
         else:
             h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps)
-        velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
-        x_t = torch.add(x_t, velocity.float(), alpha=dt)
+        if skinny_gemms:
+            skinny_euler_(x_t, h, weights["action_out_proj.weight"], weights["action_out_proj.bias"], dt)
+        else:
+            velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
+            x_t = torch.add(x_t, velocity.float(), alpha=dt)
     return x_t
 
 
@@ -171,10 +181,12 @@ def _norm(x, weight, eps, modulation):
     return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1))
 
 
-def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None):
+def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None,
+                  skinny=False):
     """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``.
 
-    ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs."""
+    ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs;
+    ``skinny`` runs the GEMMs of the unfolded path as split-K Triton GEMMs with their epilogues."""
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
     attn_mod = None if modulation is None else modulation[0]
@@ -183,21 +195,26 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
         qkv = norm_linear(x, weights[f"{pre}.qkv"], eps, folded[0][0], folded[1][0])
     else:
         h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
-        qkv = F.linear(h, weights[f"{pre}.qkv"])
+        qkv = skinny_linear(h, weights[f"{pre}.qkv"]) if skinny else F.linear(h, weights[f"{pre}.qkv"])
     q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
     a = attention(q, keys, values, mask, scale).view(b * s, -1)
-    x2 = x.reshape(b * s, d)
-    if attn_mod is None:
-        x2 = torch.addmm(x2, a, weights[f"{pre}.o"].T)
-    else:
-        x2 = torch.addcmul(x2, F.linear(a, weights[f"{pre}.o"]), attn_mod[2].to(x.dtype))
+    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny)
     if folded is not None:
         act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
     else:
         h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
-        act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
-    if mlp_mod is None:
-        x2 = torch.addmm(x2, act, weights[f"{pre}.down"].T)
-    else:
-        x2 = torch.addcmul(x2, F.linear(act, weights[f"{pre}.down"]), mlp_mod[2].to(x.dtype))
+        if skinny:
+            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"])
+        else:
+            act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
+    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny)
     return x2.view(b, s, d)
+
+
+def _residual_linear(residual, a, weight, modulation, skinny):
+    """``residual + a @ weightᵀ`` (Pi0), or Pi0.5's gated ``residual + gate ⊙ (a @ weightᵀ)`` with
+    ``modulation[2]`` the gate; ``(M, D)``."""
+    if modulation is None:
+        return skinny_linear(a, weight, residual=residual) if skinny else torch.addmm(residual, a, weight.T)
+    y = skinny_linear(a, weight) if skinny else F.linear(a, weight)
+    return torch.addcmul(residual, y, modulation[2].to(residual.dtype))

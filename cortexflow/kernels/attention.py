@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.runtime import interpreting, next_power_of_two, upcast_dots
+from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
@@ -176,21 +176,6 @@ def _combine_kernel(
 
 #: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
 FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
-_ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
-_MIN_COUNTERS = 4096
-
-
-def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
-    """Zeroed int32 arrival counters for the fused combine, kept per device and reused by every call
-    (the last program of each tile resets its counter, so they are all zero again when a launch ends).
-    Grows, never shrinks; first allocated outside a CUDA graph capture by the engine's warm-up call.
-    One set per device: two fused-combine launches running at the same time on different streams of one
-    GPU would share counters (CortexFlow runs one engine per GPU, one call at a time)."""
-    counters = _ARRIVAL_COUNTERS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
-        _ARRIVAL_COUNTERS[device] = counters
-    return counters
 
 
 def _processor_count(device: torch.device) -> int:

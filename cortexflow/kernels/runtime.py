@@ -20,3 +20,21 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 def next_power_of_two(n: int) -> int:
     """Smallest power of two >= n (Triton block sizes must be powers of two)."""
     return 1 << (max(1, n) - 1).bit_length()
+
+
+_ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MIN_COUNTERS = 4096
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for kernels whose last-arriving program finishes a tile (the fused
+    attention combine, split-K GEMMs), kept per device and reused by every launch: the finishing
+    program resets its counter, so all are zero again when a launch ends. Grows, never shrinks; first
+    allocated outside a CUDA graph capture by the engine's warm-up call. One set per device: two such
+    launches running at the same time on different streams of one GPU would share counters (CortexFlow
+    runs one engine per GPU, one call at a time)."""
+    counters = _ARRIVAL_COUNTERS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
+        _ARRIVAL_COUNTERS[device] = counters
+    return counters
