@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings), A/B runs with
-# the fused split combine (bench + verify) and with folded norms, OpenVLA-7B latency (PyTorch eager,
-# PyTorch + graphs, Triton + graphs), kernel micro-benchmarks, the Triton and token-VLA tests on the real
-# GPU, module-by-module verify at real size and a per-kernel profile. Everything lands in $OUT; each step
-# has its own time limit so one slow step cannot eat the rest. PyTorch-backend Pi0 numbers come from
-# bench_pytorch_baseline.py.
+# One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings); A/B runs (bench +
+# real-size verify) with the fused split combine, the split-K skinny GEMMs, both, and folded norms;
+# OpenVLA-7B latency (PyTorch eager, PyTorch + graphs, Triton + graphs); kernel micro-benchmarks; the
+# Triton and token-VLA tests on the real GPU; module-by-module verify at real size and a per-kernel
+# profile. Everything lands in $OUT; each step has its own time limit so one slow step cannot eat the
+# rest. PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py.
 #   bash benchmarks/gpu_triton_check.sh            # on the GPU machine; OUT=... to choose the folder
-#   QUICK=1 bash benchmarks/gpu_triton_check.sh    # ~5 min: bench grid + fused-combine A/B, OpenVLA (30 calls), verify Pi0
+#   QUICK=1 bash benchmarks/gpu_triton_check.sh    # ~6 min: bench grid + A/B runs, OpenVLA (30 calls), verify Pi0
 set -u
 QUICK="${QUICK:-0}"; ITERS=100; [ "$QUICK" = 1 ] && ITERS=30
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -21,6 +21,14 @@ step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views
   --json "$OUT/bench_pi0_fused_combine.json" 2>&1 | tail -6
 step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
   --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -4
+for variant in "CORTEXFLOW_TRITON_SKINNY_GEMM=1 skinny_gemm" \
+               "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 skinny_gemm_fused_combine"; do
+  set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+  step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0,pi05 --views 2 --prompt-len 20,60 \
+    --json "$OUT/bench_$tag.json" 2>&1 | tail -6
+  step 60 env "${flags[@]}" python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
+    --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_$tag.json" 2>&1 | tail -4
+done
 [ "$QUICK" = 1 ] || step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
   --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -6
 step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -8
