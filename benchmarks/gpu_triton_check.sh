@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings); A/B runs (bench +
-# real-size verify) with the fused split combine, the split-K skinny GEMMs, both, and folded norms;
+# real-size verify) with the fused split combine, the split-K skinny GEMMs, all opt-in kernels (those two
+# and the Triton patch embedding), and folded norms;
 # OpenVLA-7B latency (PyTorch eager, PyTorch + graphs, Triton + graphs); kernel micro-benchmarks; the
 # Triton and token-VLA tests on the real GPU; module-by-module verify at real size and a per-kernel
 # profile. Everything lands in $OUT; each step has its own time limit so one slow step cannot eat the
@@ -22,7 +23,7 @@ step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views
 step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
   --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -4
 for variant in "CORTEXFLOW_TRITON_SKINNY_GEMM=1 skinny_gemm" \
-               "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 skinny_gemm_fused_combine"; do
+               "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 CORTEXFLOW_TRITON_PATCH_EMBED=1 all_opt_in"; do
   set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
   step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0,pi05 --views 2 --prompt-len 20,60 \
     --json "$OUT/bench_$tag.json" 2>&1 | tail -6

@@ -171,16 +171,18 @@ def test_qkv_rope_writes_q_and_the_cache(dtype):
     assert torch.isnan(keys[:, :4]).all() and torch.isnan(values[:, :4]).all()
 
 
-@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "skinny gemms"])
+@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
-    separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the expert's
-    GEMMs as split-K Triton GEMMs with their epilogues (Euler update included)."""
+    separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the opt-in
+    kernels: the expert's GEMMs as split-K Triton GEMMs with their epilogues (Euler update included) and
+    the Triton patch embedding."""
     import cortexflow as cf
 
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "1" if decoder_variant == "skinny gemms" else "0")
+    for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
+        monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
@@ -245,3 +247,26 @@ def test_norm_linear_reads_strided_rows():
     weight = randn(24, 64, dtype=torch.float32, seed=26)
     assert_close(norm_linear(x, weight, 1e-6), norm_linear_reference(x, weight, 1e-6), torch.float32)
     assert norm_linear(x, weight, 1e-6).shape == (2, 8, 24)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size,patch,dim", [(28, 14, 72), (42, 14, 40), (12, 4, 16)])
+def test_patch_embed_matches_conv(dtype, size, patch, dim):
+    """Implicit-im2col patch GEMM vs conv2d: 2x2, 3x3 and 3x3 grids, K = 588 / 588 / 48, D not a power
+    of two, images given as a channels-last view (strided)."""
+    from cortexflow.kernels.patch_embed import patch_embed, patch_embed_reference
+
+    images = randn(2, size, size, 3, dtype=dtype, seed=31).permute(0, 3, 1, 2)  # (N, C, H, W), strided
+    weight = randn(dim, 3, patch, patch, dtype=dtype, seed=32) / patch
+    bias = randn(dim, dtype=dtype, seed=33)
+    out = patch_embed(images, weight, bias)
+    assert out.shape == (2, (size // patch) ** 2, dim)
+    assert_close(out, patch_embed_reference(images, weight, bias), dtype)
+
+
+def test_patch_embed_rejects_images_that_do_not_tile():
+    from cortexflow.kernels.patch_embed import patch_embed
+
+    with pytest.raises(ValueError, match="do not tile"):
+        patch_embed(randn(1, 3, 30, 28, dtype=torch.float32, seed=1), randn(8, 3, 14, 14, dtype=torch.float32, seed=2),
+                    randn(8, dtype=torch.float32, seed=3))

@@ -1,8 +1,9 @@
 """The ``triton`` backend: the model's ops as fused Triton kernels.
 
 Fused in Triton (``cortexflow/kernels/``): LayerNorm, RMSNorm and adaptive RMSNorm (fp32 statistics,
-one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, and attention (flash
-style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits).
+one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, attention (flash
+style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits) and
+optionally the patch embedding (one implicit-im2col GEMM reading the image directly).
 For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``).
 Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
 ``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
@@ -28,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
 
 from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
 from cortexflow.kernels import attention as attention_kernel
-from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
+from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope
 from cortexflow.kernels.runtime import interpreting
 from cortexflow.models.pi0 import Pi0Model
 
@@ -59,6 +60,9 @@ class TritonBackend(PyTorchBackend):
         # Euler update) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue
         # kernels. Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
         self.skinny_gemms = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0") == "1"
+        # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
+        # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
+        self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
@@ -91,6 +95,15 @@ class TritonBackend(PyTorchBackend):
         if op not in self._warned:
             self._warned.add(op)
             warnings.warn(f"triton backend: {op} falls back to the PyTorch op ({reason})", CortexFlowWarning, stacklevel=3)
+
+    def patch_embed(self, images, weight, bias):
+        if not self.patch_embed_kernel:
+            return super().patch_embed(images, weight, bias)
+        p = weight.shape[-1]
+        if images.shape[-2] % p or images.shape[-1] % p or weight.shape[-2] != p:
+            self._fallback("patch_embed", f"images {tuple(images.shape[-2:])} do not tile into {p}x{p} patches")
+            return super().patch_embed(images, weight, bias)
+        return patch_embed.patch_embed(images, weight, bias)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.shape[-1] > MAX_NORM_WIDTH:
