@@ -15,13 +15,13 @@ if not torch.cuda.is_available():
     # Triton reads TRITON_INTERPRET when a @triton.jit function is created: import every kernel now, so
     # a test that switches the interpreter off (to check the no-GPU error) cannot be the first importer.
     try:
-        import cortexflow.kernels.attention  # noqa: F401
-        import cortexflow.kernels.gelu_gate  # noqa: F401
-        import cortexflow.kernels.layer_norm  # noqa: F401
-        import cortexflow.kernels.norm_linear  # noqa: F401
-        import cortexflow.kernels.qkv_rope  # noqa: F401
-        import cortexflow.kernels.rms_norm  # noqa: F401
-        import cortexflow.kernels.rope  # noqa: F401
+        import importlib
+        import pkgutil
+
+        import cortexflow.kernels
+
+        for _module in pkgutil.iter_modules(cortexflow.kernels.__path__):
+            importlib.import_module(f"cortexflow.kernels.{_module.name}")
     except ImportError:  # no triton: the kernel tests fail with their own message
         pass
 
