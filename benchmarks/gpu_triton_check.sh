@@ -2,7 +2,7 @@
 # One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings); A/B runs (bench +
 # real-size verify) with the fused split combine, the split-K skinny GEMMs, all opt-in kernels (those two
 # and the Triton patch embedding), and folded norms;
-# OpenVLA-7B latency (PyTorch eager, PyTorch + graphs, Triton + graphs); kernel micro-benchmarks; the
+# OpenVLA-7B latency (PyTorch eager, PyTorch + graphs, Triton + graphs) and profile; kernel micro-benchmarks; the
 # Triton and token-VLA tests on the real GPU; module-by-module verify at real size and a per-kernel
 # profile. Everything lands in $OUT; each step has its own time limit so one slow step cannot eat the
 # rest. PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py.
@@ -33,6 +33,8 @@ done
 [ "$QUICK" = 1 ] || step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
   --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -6
 step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -8
+step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 25 \
+  --json "$OUT/profile_openvla_triton.json" 2>&1 | tail -40
 if [ "$QUICK" = 1 ]; then
   step 60 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real --device cuda --dtype bfloat16 \
     --json "$OUT/verify_pi0.json" 2>&1 | tail -6

@@ -835,7 +835,7 @@ def bench_command(
 @app.command("profile", short_help="Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor.")
 @_cli_errors
 def profile_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0 or pi05.")] = "pi0",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla or rt2 (openvla/rt2: one image; --views, --chunk and --steps do not apply).")] = "pi0",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Backend to profile.")] = "pytorch",
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views.")] = 2,
     prompt_len: Annotated[int, typer.Option("--prompt-len", metavar="N", help="Prompt tokens (padded to the model's maximum).")] = 20,
@@ -857,6 +857,10 @@ def profile_command(
     achieved TFLOP/s and GB/s, and on a GPU the floor max(FLOP/peak, bytes/bandwidth) against the peaks
     measured at the start (a bf16 8192^3 matmul, a 1 GiB device copy) and the gap to it. Then the top
     kernels by total GPU time (CPU: ops by self time) with call counts and shares.
+
+    openvla / rt2: the whole call's time against two roofline rows, prefill (vision + LLM over image
+    and prompt tokens) and decode (the single-token steps, memory-bound); the engine runs one fused
+    call, so the rows are not timed separately.
     """
     from cortexflow.tools.profile import print_profile, run_profile
 

@@ -155,3 +155,37 @@ def test_bench_token_models_cpu(tmp_path):
     assert all("max_text_tokens 64" in s["reason"] for s in data["skipped"])
     assert len(data["notes"]) == 2 and "are ignored" in data["notes"][0]
     assert "openvla" in result.stdout and "do not apply" in result.stdout
+
+
+def test_profile_token_model_counts_and_floor():
+    """``profile --model openvla``: the prefill/decode counts against a hand count from the config, the
+    floor from the given peaks, and the top ops of the profiled call."""
+    from cortexflow.random_token_vla import tiny_openvla_config
+    from cortexflow.tools.profile import run_profile
+
+    report = run_profile("openvla", size="tiny", device="cpu", prompt_len=20, top=4, repeats=1,
+                         peak_tflops=100.0, peak_gbps=1000.0)
+    c = tiny_openvla_config()
+    layer = c.llm_dim * (2 * c.num_heads * c.head_dim + 2 * c.num_kv_heads * c.head_dim) + 3 * c.llm_dim * c.llm_mlp_dim
+    head = c.vocab_size * c.llm_dim
+    prefill, decode = report["stages"]
+    assert (prefill["stage"], decode["stage"]) == ("prefill", "decode")
+    assert decode["repeats"] == c.action_dim - 1
+    assert decode["flop_parts_per_call"] == {"llm_linears": 2 * c.llm_layers * layer, "head": 2 * head}
+    assert prefill["flop_parts_per_call"]["head"] == 2 * head
+    image_tokens = (c.image_size // c.patch_size) ** 2
+    assert prefill["flop_parts_per_call"]["llm_linears"] == 2 * c.llm_layers * layer * (image_tokens + 20)
+    for row in (prefill, decode):  # the row's flop and bytes are totals over its repeats
+        expected = 1e3 * max(row["flop"] / 100e12, row["bytes"] / 1000e9)
+        assert row["floor_ms"] == pytest.approx(expected)
+    totals = report["totals"]
+    assert totals["floor_ms"] == pytest.approx(prefill["floor_ms"] + decode["floor_ms"])
+    assert totals["stages_ms"] > 0 and totals["gap"] == pytest.approx(totals["stages_ms"] / totals["floor_ms"])
+    assert len(report["kernels"]["top"]) == 4 and report["kernels"]["total_ms"] > 0
+
+
+def test_cli_profile_rt2_prints_the_rows():
+    result = runner.invoke(app, ["profile", "--model", "rt2", "--size", "tiny", "--device", "cpu", "--top", "3",
+                                 "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "prefill" in result.output and "decode" in result.output and "greedy tokens" in result.output

@@ -90,6 +90,14 @@ def random_token_weights(model, seed: int, dtype: torch.dtype, device: torch.dev
     return draw(model.config, seed, dtype, device)
 
 
+def random_token_image(model, rng) -> "np.ndarray":
+    """One random HWC uint8 image of a token-decoding ``model``'s input size (numpy generator ``rng``)."""
+    import numpy as np
+
+    size = getattr(model.config, "paligemma", model.config).image_size
+    return rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+
+
 def random_prompt_ids(model, length: int, rng) -> list[int]:
     """``length`` prompt ids for a token-decoding ``model`` as its engine sees them: BOS, random ids below
     the action ids (from the numpy generator ``rng``), and the model's closing id (OpenVLA's "▁") last."""

@@ -102,7 +102,15 @@ def run_profile(
     """Profile one un-graphed ``predict`` of ``model`` on ``backend``; returns the report dict.
 
     ``peak_tflops`` / ``peak_gbps`` replace the measured peaks (on a CPU nothing is measured, so without
-    them there is no floor)."""
+    them there is no floor). ``openvla`` / ``rt2`` go to :func:`cortexflow.tools.token_profile.run_token_profile`
+    (one image: ``views``, ``chunk`` and ``steps`` do not apply)."""
+    from cortexflow.tools import is_token_model
+
+    if is_token_model(model):
+        from cortexflow.tools.token_profile import run_token_profile
+
+        return run_token_profile(model, backend, size, device, dtype, prompt_len, top, repeats, seed,
+                                 peak_tflops, peak_gbps, log)
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     cuda = resolved_device.type == "cuda"
@@ -148,7 +156,7 @@ def run_profile(
     weight_bytes = torch.finfo(compute_dtype).bits // 8
     costs = stage_costs(config, views, prompt_len, weight_bytes=weight_bytes)
     executed = stage_costs(config, views, config.max_token_len, weight_bytes=weight_bytes)
-    rows = [_stage_row(stage, costs[key], executed[key], stages_ms.get(stage), peaks) for stage, key in STAGES]
+    rows = [row_with_floor(stage, costs[key], executed[key], stages_ms.get(stage, 0.0), peaks) for stage, key in STAGES]
     model_ms = sum(r["time_ms"] for r in rows)
     floor = sum(r["floor_ms"] for r in rows) if peaks else None
     return {
@@ -181,10 +189,11 @@ def run_profile(
     }
 
 
-def _stage_row(stage: str, cost, executed, time_ms: float | None, peaks: dict | None) -> dict:
-    """One stage: time, work, achieved rates and, with peaks, the floor and the gap to it."""
-    time_ms = float(time_ms or 0.0)
-    seconds = time_ms / 1e3
+def row_with_floor(stage: str, cost, executed, time_ms: float | None, peaks: dict | None) -> dict:
+    """One stage: time, work, achieved rates and, with peaks, the floor and the gap to it (``time_ms``
+    None: the stage is not timed on its own; its rates and gap are None)."""
+    time_ms = None if time_ms is None else float(time_ms)
+    seconds = (time_ms or 0.0) / 1e3
     row = {
         "stage": stage,
         "time_ms": time_ms,
@@ -203,7 +212,7 @@ def _stage_row(stage: str, cost, executed, time_ms: float | None, peaks: dict | 
         floor = 1e3 * cost.floor_s(flops, bandwidth)
         row.update(compute_ms=compute_ms, memory_ms=memory_ms, floor_ms=floor,
                    bound="compute" if compute_ms >= memory_ms else "memory",
-                   gap=time_ms / floor if floor else None)
+                   gap=time_ms / floor if floor and time_ms is not None else None)
     return row
 
 
@@ -214,10 +223,11 @@ def print_profile(report: dict, console, name_width: int = 90) -> None:
     from rich.text import Text
 
     env, work, peaks = report["environment"], report["workload"], report["peaks"]
-    console.print(Text(
-        f"{report['model']} ({report['size']}) on {env['device']}, backend {report['backend']} {report['dtype']}: "
+    description = work.get("description") or (
         f"{work['views']} views, prompt {work['prompt_tokens']} (padded to {work['padded_prompt_tokens']}), "
-        f"chunk {work['chunk']}, {work['steps']} steps, no CUDA graph", style="bold"))
+        f"chunk {work['chunk']}, {work['steps']} steps")
+    console.print(Text(f"{report['model']} ({report['size']}) on {env['device']}, backend {report['backend']} "
+                       f"{report['dtype']}: {description}, no CUDA graph", style="bold"))
     if peaks:
         console.print(f"peaks ({peaks['source']}): {peaks['matmul_tflops']:.0f} TFLOP/s matmul, "
                       f"{peaks['copy_gbps']:.0f} GB/s copy")
@@ -229,7 +239,7 @@ def print_profile(report: dict, console, name_width: int = 90) -> None:
         stages.add_column(header, justify="left" if header in ("stage", "bound") else "right")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     for r in report["stages"]:
-        stages.add_row(r["stage"], f"{r['time_ms']:.2f}", f"{r['flop'] / 1e9:.4g}", f"{r['bytes'] / 1e6:.4g}",
+        stages.add_row(r["stage"], fmt(r["time_ms"], ".2f"), f"{r['flop'] / 1e9:.4g}", f"{r['bytes'] / 1e6:.4g}",
                        fmt(r["achieved_tflops"], ".2f"), fmt(r["achieved_gbps"], ".0f"), fmt(r["floor_ms"], ".3f"),
                        r["bound"] or "-", fmt(r["gap"], ".1f"))
     t = report["totals"]

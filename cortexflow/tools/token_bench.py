@@ -24,7 +24,7 @@ import torch
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.errors import ConfigError
 from cortexflow.token_engine import TokenVLAEngine
-from cortexflow.tools import random_prompt_ids, random_token_weights, token_model
+from cortexflow.tools import random_prompt_ids, random_token_image, random_token_weights, token_model
 
 #: Whether greedy decoding is restricted to the action ids, as ``create_*_inference`` defaults.
 CONSTRAINED = {VLAModelType.OPENVLA: False, VLAModelType.RT2: True}
@@ -76,8 +76,7 @@ class TokenWorkload:
             ids = random_prompt_ids(self.model, case.prompt_len, rng)
         except ConfigError as err:
             return {**entry, "outcome": "skipped", "reason": str(err)}
-        size = getattr(config, "paligemma", config).image_size
-        image = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+        image = random_token_image(self.model, rng)
         memory.reset()
         engine = None
         try:

@@ -1,0 +1,163 @@
+"""``cortexflow profile --model openvla|rt2``: one token-decoding ``predict`` under ``torch.profiler``.
+
+The report has the same shape as the Pi0 one (:func:`cortexflow.tools.profile.run_profile`): engine
+timings, the top kernels (GPU) or ops (CPU), and two roofline rows whose floors add up to the call's:
+
+- ``prefill``: the vision tower(s) + projector over the image tokens and the LLM over the image tokens
+  plus the prompt ids, logits for the last position only. FLOPs = 2 x the linear weights' elements x the
+  tokens that pass through them, plus the two attention products (causal: half of ``P² x q_dim`` each
+  per layer); bytes = every weight read once (the LLM's embedding table excluded: only rows are read).
+- ``decode``: each of the remaining ``generated - 1`` single-token steps reads the LLM layers and the
+  output head again, plus the KV cache of the prefill: memory-bound.
+
+The engine runs one fused call, so only the whole call's time is measured (no split between the rows).
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Callable
+
+import numpy as np
+import torch
+
+from cortexflow.config import dtype_name
+from cortexflow.errors import ConfigError
+from cortexflow.tools import (
+    environment_info,
+    random_prompt_ids,
+    random_token_image,
+    random_token_weights,
+    resolve_device_dtype,
+    resolve_size,
+    synchronize,
+    token_model,
+)
+from cortexflow.tools.flops import StageCost
+
+
+def token_costs(model, weights: dict[str, torch.Tensor], prompt_len: int, weight_bytes: int) -> list[StageCost]:
+    """``prefill`` and ``decode`` costs of one call with ``prompt_len`` ids (see the module doc)."""
+    dims = model.lm.dims
+    tokens = model.prefill_length(prompt_len)
+    layer_params = sum(t.numel() for name, t in weights.items() if name.startswith("llm.layers.") and t.dim() == 2)
+    head = weights.get("llm.lm_head", weights["llm.embed"])
+    head_params = head.numel()
+    vision_params = sum(t.numel() for name, t in weights.items() if not name.startswith("llm.") and t.dim() >= 2)
+    image_tokens = tokens - prompt_len
+    q_dim = dims.num_heads * dims.head_dim
+    kv_dim = dims.num_kv_heads * dims.head_dim
+    attention = 2 * tokens * tokens * q_dim * dims.num_layers  # QK^T and PV, causal halves
+    prefill = StageCost(
+        "prefill",
+        flop=2 * vision_params * image_tokens + 2 * layer_params * tokens + 2 * head_params + attention,
+        bytes=(vision_params + layer_params + head_params) * weight_bytes,
+        parts={"vision": 2 * vision_params * image_tokens, "llm_linears": 2 * layer_params * tokens,
+               "attention": attention, "head": 2 * head_params},
+    )
+    kv_cache = 2 * dims.num_layers * tokens * kv_dim * weight_bytes
+    decode = StageCost(
+        "decode",
+        flop=2 * (layer_params + head_params),
+        bytes=(layer_params + head_params) * weight_bytes + kv_cache,
+        repeats=max(model.num_generated_tokens - 1, 0),
+        parts={"llm_linears": 2 * layer_params, "head": 2 * head_params},
+    )
+    return [prefill, decode]
+
+
+def run_token_profile(
+    model: str = "openvla",
+    backend: str = "pytorch",
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    prompt_len: int = 20,
+    top: int = 20,
+    repeats: int = 3,
+    seed: int = 0,
+    peak_tflops: float | None = None,
+    peak_gbps: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Profile one un-graphed ``TokenVLAEngine.predict`` of ``model``; the report of ``run_profile``'s shape."""
+    from cortexflow.token_engine import TokenVLAEngine
+    from cortexflow.tools.profile import kernel_rows, measure_device_peaks, row_with_floor
+
+    resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
+    size = resolve_size(size, resolved_device)
+    cuda = resolved_device.type == "cuda"
+    log = log or (lambda _message: None)
+    if top < 1 or repeats < 1:
+        raise ConfigError(f"top and repeats must be at least 1, got {top}, {repeats}")
+    vla = token_model(model, size)
+    rng = np.random.default_rng(seed)
+    ids = random_prompt_ids(vla, prompt_len, rng)
+    if prompt_len > vla.config.max_text_tokens:
+        raise ConfigError(f"prompt length must be at most {vla.config.max_text_tokens} ids, got {prompt_len}")
+
+    peaks = None
+    if cuda:
+        log("measuring the device's matmul and copy peaks ...")
+        peaks = {**measure_device_peaks(resolved_device), "source": "measured"}
+    if peak_tflops is not None or peak_gbps is not None:
+        if peak_tflops is None or peak_gbps is None:
+            raise ConfigError("give both peak TFLOP/s and peak GB/s, or neither")
+        peaks = {**(peaks or {}), "matmul_tflops": peak_tflops, "copy_gbps": peak_gbps, "source": "given"}
+
+    log(f"drawing {size} {vla.model_type.value} weights on {resolved_device} ...")
+    weights = random_token_weights(vla, seed, compute_dtype, resolved_device)
+    costs = token_costs(vla, weights, len(ids), torch.finfo(compute_dtype).bits // 8)
+    engine = TokenVLAEngine(vla, weights, backend=backend, device=resolved_device, dtype=compute_dtype,
+                            use_cuda_graphs=False)
+    del weights
+    image = random_token_image(vla, rng)
+    call = lambda: engine.predict(image, prompt_tokens=ids)  # noqa: E731
+    with torch.inference_mode():
+        for _ in range(2):
+            call()
+        timings = []
+        for _ in range(repeats):
+            call()
+            timings.append(dict(engine.last_timings))
+        stages_ms = {name: statistics.median(t[name] for t in timings) for name in timings[0]}
+        log("profiling one call ...")
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        synchronize(resolved_device)
+        with torch.profiler.profile(activities=activities) as prof:
+            call()
+            synchronize(resolved_device)
+    kernels, kernel_total_ms = kernel_rows(prof, cuda, top)
+
+    rows = [row_with_floor(cost.name, cost, cost, None, peaks) for cost in costs]
+    model_ms = stages_ms["model"]
+    floor = sum(r["floor_ms"] for r in rows) if peaks else None
+    return {
+        "tool": "cortexflow profile",
+        "model": vla.model_type.value,
+        "backend": engine.backend.name,
+        "size": size,
+        "dtype": dtype_name(compute_dtype),
+        "seed": seed,
+        "workload": {"views": 1, "prompt_tokens": len(ids), "padded_prompt_tokens": engine.bucket_length(len(ids)),
+                     "generated_tokens": vla.num_generated_tokens, "repeats": repeats, "cuda_graphs": False,
+                     "description": (f"1 image, {len(ids)} prompt ids (padded to {engine.bucket_length(len(ids))}), "
+                                     f"{vla.num_generated_tokens} greedy tokens")},
+        "environment": environment_info(resolved_device),
+        "peaks": peaks,
+        "stages_ms": stages_ms,
+        "profiled_stages_ms": dict(engine.last_timings),
+        "stages": rows,
+        "totals": {
+            "stages_ms": model_ms,
+            "flop": sum(r["flop"] for r in rows),
+            "bytes": sum(r["bytes"] for r in rows),
+            "floor_ms": floor,
+            "gap": model_ms / floor if floor else None,
+        },
+        "kernels": {
+            "source": "CUDA kernels (GPU time)" if cuda else "CPU ops (self CPU time)",
+            "total_ms": kernel_total_ms,
+            "top": kernels,
+        },
+    }
