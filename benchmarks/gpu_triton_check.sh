@@ -33,6 +33,8 @@ done
 [ "$QUICK" = 1 ] || step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
   --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -6
 step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -8
+step 150 env CORTEXFLOW_TRITON_SKINNY_GEMM=1 python3 benchmarks/bench_openvla.py --iters "$ITERS" \
+  --json "$OUT/bench_openvla_skinny_gemm.json" 2>&1 | tail -8
 step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 25 \
   --json "$OUT/profile_openvla_triton.json" 2>&1 | tail -40
 if [ "$QUICK" = 1 ]; then

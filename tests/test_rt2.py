@@ -152,8 +152,12 @@ def test_bad_inputs(engine):
         engine.predict(_image("black"), "pick up the block " * 20)
 
 
-def test_triton_backend_matches_pytorch(checkpoint, config, engine):
+@pytest.mark.parametrize("opt_in_kernels", ["0", "1"])
+def test_triton_backend_matches_pytorch(checkpoint, config, engine, monkeypatch, opt_in_kernels):
+    """Same tokens and chunk on the Triton backend, with the default and with the opt-in kernels."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in_kernels)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in_kernels)
     triton_engine = cf.create_rt2_inference(checkpoint, backend="triton", device=TRITON_DEVICE, dtype="float32",
                                             model_config=config, constrained_decoding=False)
     ids = engine.prompt_ids(PROMPT)

@@ -95,3 +95,21 @@ def test_choose_k_splits_fills_the_gpu_only_for_few_tiles():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="features"):
         skinny_linear(rand(3, 10, dtype=torch.float32), rand(4, 12, dtype=torch.float32))
+
+
+def test_triton_backend_linear_uses_the_skinny_gemm_for_few_rows(monkeypatch):
+    """With CORTEXFLOW_TRITON_SKINNY_GEMM=1 the backend's linear runs the split-K kernel for <= 64 rows
+    (weights promoted to x's dtype, as the reference op does) and cuBLAS/torch above."""
+    import cortexflow.kernels.skinny_gemm as skinny
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "1")
+    backend = TritonBackend(torch.device(DEVICE), torch.float32)
+    calls = []
+    original = skinny.skinny_linear
+    monkeypatch.setattr(skinny, "skinny_linear", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    x, weight, bias = rand(1, 3, 48, dtype=torch.float32), rand(20, 48, dtype=torch.float16), rand(20, dtype=torch.float16)
+    assert_close(backend.linear(x, weight, bias), skinny_linear_reference(x, weight.float(), bias.float()), torch.float32)
+    big = rand(65, 48, dtype=torch.float32)
+    assert_close(backend.linear(big, weight, bias), skinny_linear_reference(big, weight.float(), bias.float()), torch.float32)
+    assert calls == [(1, 3, 48)]

@@ -79,9 +79,14 @@ def check_passing_report(report, model):
     assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
 
 
+@pytest.mark.parametrize("opt_in_kernels", ["0", "1"])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
-def test_verify_triton_matches_pytorch(model):
+def test_verify_triton_matches_pytorch(model, opt_in_kernels, monkeypatch):
+    """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
+    the default kernels and with the opt-in ones (split-K GEMMs for few-row linears, patch embedding)."""
     pytest.importorskip("triton")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in_kernels)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in_kernels)
     report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"

@@ -29,12 +29,14 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
 
 from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
 from cortexflow.kernels import attention as attention_kernel
-from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope
+from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
 from cortexflow.kernels.runtime import interpreting
 from cortexflow.models.pi0 import Pi0Model
 
 MAX_NORM_WIDTH = 16384
 MAX_HEAD_DIM = 256
+#: With skinny GEMMs on, ``linear`` calls of at most this many rows (single-token decode steps) use them.
+SKINNY_MAX_ROWS = 64
 
 
 class TritonBackend(PyTorchBackend):
@@ -57,8 +59,9 @@ class TritonBackend(PyTorchBackend):
         # norm kernel + cuBLAS took 6-8 us (benchmarks/NOTES.md); CORTEXFLOW_TRITON_FOLD_NORMS=1 turns it on.
         self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "0") == "1"
         # The expert's GEMMs (QKV, o-proj + residual, gate/up + GELU gate, down + residual, action head +
-        # Euler update) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue
-        # kernels. Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
+        # Euler update) and every other ``linear`` of <= SKINNY_MAX_ROWS rows (the token VLAs' decode
+        # steps) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue kernels.
+        # Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
         self.skinny_gemms = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0") == "1"
         # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
         # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
@@ -95,6 +98,13 @@ class TritonBackend(PyTorchBackend):
         if op not in self._warned:
             self._warned.add(op)
             warnings.warn(f"triton backend: {op} falls back to the PyTorch op ({reason})", CortexFlowWarning, stacklevel=3)
+
+    def linear(self, x, weight, bias=None):
+        if not self.skinny_gemms or x.numel() > SKINNY_MAX_ROWS * x.shape[-1]:
+            return super().linear(x, weight, bias)
+        weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
+        bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)
+        return skinny_gemm.skinny_linear(x, weight, bias)
 
     def patch_embed(self, images, weight, bias):
         if not self.patch_embed_kernel:
