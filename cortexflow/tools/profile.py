@@ -113,7 +113,6 @@ def run_profile(
                                  peak_tflops, peak_gbps, log)
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
-    cuda = resolved_device.type == "cuda"
     log = log or (lambda _message: None)
     overrides = {k: v for k, v in (("chunk_size", chunk), ("num_diffusion_steps", steps)) if v is not None}
     config = model_config(VLAModelType.parse(model).value, size, **overrides)
@@ -122,21 +121,46 @@ def run_profile(
     if views < 1 or top < 1 or repeats < 1:
         raise ConfigError(f"views, top and repeats must be at least 1, got {views}, {top}, {repeats}")
 
-    peaks = None
-    if cuda:
-        log("measuring the device's matmul and copy peaks ...")
-        peaks = {**measure_device_peaks(resolved_device), "source": "measured"}
-    if peak_tflops is not None or peak_gbps is not None:
-        if peak_tflops is None or peak_gbps is None:
-            raise ConfigError("give both peak TFLOP/s and peak GB/s, or neither")
-        peaks = {**(peaks or {}), "matmul_tflops": peak_tflops, "copy_gbps": peak_gbps, "source": "given"}
-
+    peaks = device_peaks(resolved_device, peak_tflops, peak_gbps, log)
     log(f"drawing {size} {config.model_type.value} weights on {resolved_device} ...")
     weights = random_weights(config, seed, compute_dtype, resolved_device)
     engine = make_engine(to_checkpoint_keys(weights, config, "openpi"), config, views, False, compute_dtype,
                          resolved_device, backend)
     del weights
     call = predict_call(engine, random_observation(config, views, prompt_len, np.random.default_rng(seed)))
+    stages_ms, kernels = profile_call(call, engine, resolved_device, repeats, top, log)
+
+    weight_bytes = torch.finfo(compute_dtype).bits // 8
+    costs = stage_costs(config, views, prompt_len, weight_bytes=weight_bytes)
+    executed = stage_costs(config, views, config.max_token_len, weight_bytes=weight_bytes)
+    rows = [row_with_floor(stage, costs[key], executed[key], stages_ms.get(stage, 0.0), peaks) for stage, key in STAGES]
+    workload = {"views": views, "prompt_tokens": prompt_len, "padded_prompt_tokens": config.max_token_len,
+                "chunk": config.chunk_size, "steps": config.num_diffusion_steps, "repeats": repeats,
+                "cuda_graphs": False}
+    return build_report(config.model_type.value, engine, size, compute_dtype, seed, workload, resolved_device,
+                        peaks, stages_ms, rows, sum(r["time_ms"] for r in rows), kernels)
+
+
+def device_peaks(device: torch.device, peak_tflops: float | None, peak_gbps: float | None,
+                 log: Callable[[str], None]) -> dict | None:
+    """The peaks the floor divides by: measured on a GPU, replaced by the given ones; None on a CPU
+    without given peaks. Giving only one of the two is an error."""
+    peaks = None
+    if device.type == "cuda":
+        log("measuring the device's matmul and copy peaks ...")
+        peaks = {**measure_device_peaks(device), "source": "measured"}
+    if peak_tflops is not None or peak_gbps is not None:
+        if peak_tflops is None or peak_gbps is None:
+            raise ConfigError("give both peak TFLOP/s and peak GB/s, or neither")
+        peaks = {**(peaks or {}), "matmul_tflops": peak_tflops, "copy_gbps": peak_gbps, "source": "given"}
+    return peaks
+
+
+def profile_call(call: Callable[[], object], engine, device: torch.device, repeats: int, top: int,
+                 log: Callable[[str], None]) -> tuple[dict, dict]:
+    """Two warm-up calls, the median ``engine.last_timings`` of ``repeats`` calls, then one call under
+    ``torch.profiler``: ``(stages_ms, kernels)`` with ``kernels`` the report's kernel section."""
+    cuda = device.type == "cuda"
     with torch.inference_mode():
         for _ in range(2):
             call()
@@ -147,29 +171,29 @@ def run_profile(
         stages_ms = {name: statistics.median(t[name] for t in timings) for name in timings[0]}
         log("profiling one call ...")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        synchronize(resolved_device)
+        synchronize(device)
         with torch.profiler.profile(activities=activities) as prof:
             call()
-            synchronize(resolved_device)
-    kernels, kernel_total_ms = kernel_rows(prof, cuda, top)
+            synchronize(device)
+    top_rows, total_ms = kernel_rows(prof, cuda, top)
+    return stages_ms, {"source": "CUDA kernels (GPU time)" if cuda else "CPU ops (self CPU time)",
+                       "total_ms": total_ms, "top": top_rows}
 
-    weight_bytes = torch.finfo(compute_dtype).bits // 8
-    costs = stage_costs(config, views, prompt_len, weight_bytes=weight_bytes)
-    executed = stage_costs(config, views, config.max_token_len, weight_bytes=weight_bytes)
-    rows = [row_with_floor(stage, costs[key], executed[key], stages_ms.get(stage, 0.0), peaks) for stage, key in STAGES]
-    model_ms = sum(r["time_ms"] for r in rows)
+
+def build_report(model: str, engine, size: str, dtype: torch.dtype, seed: int, workload: dict, device: torch.device,
+                 peaks: dict | None, stages_ms: dict, rows: list[dict], model_ms: float, kernels: dict) -> dict:
+    """The profile report: workload, environment, peaks, stage times, roofline rows with their totals
+    (the floor is the sum of the rows' floors) and the kernels."""
     floor = sum(r["floor_ms"] for r in rows) if peaks else None
     return {
         "tool": "cortexflow profile",
-        "model": config.model_type.value,
+        "model": model,
         "backend": engine.backend.name,
         "size": size,
-        "dtype": dtype_name(compute_dtype),
+        "dtype": dtype_name(dtype),
         "seed": seed,
-        "workload": {"views": views, "prompt_tokens": prompt_len, "padded_prompt_tokens": config.max_token_len,
-                     "chunk": config.chunk_size, "steps": config.num_diffusion_steps, "repeats": repeats,
-                     "cuda_graphs": False},
-        "environment": environment_info(resolved_device),
+        "workload": workload,
+        "environment": environment_info(device),
         "peaks": peaks,
         "stages_ms": stages_ms,
         "profiled_stages_ms": dict(engine.last_timings),
@@ -181,11 +205,7 @@ def run_profile(
             "floor_ms": floor,
             "gap": model_ms / floor if floor else None,
         },
-        "kernels": {
-            "source": "CUDA kernels (GPU time)" if cuda else "CPU ops (self CPU time)",
-            "total_ms": kernel_total_ms,
-            "top": kernels,
-        },
+        "kernels": kernels,
     }
 
 

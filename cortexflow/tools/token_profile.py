@@ -15,22 +15,18 @@ The engine runs one fused call, so only the whole call's time is measured (no sp
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable
 
 import numpy as np
 import torch
 
-from cortexflow.config import dtype_name
 from cortexflow.errors import ConfigError
 from cortexflow.tools import (
-    environment_info,
     random_prompt_ids,
     random_token_image,
     random_token_weights,
     resolve_device_dtype,
     resolve_size,
-    synchronize,
     token_model,
 )
 from cortexflow.tools.flops import StageCost
@@ -82,28 +78,19 @@ def run_token_profile(
 ) -> dict:
     """Profile one un-graphed ``TokenVLAEngine.predict`` of ``model``; the report of ``run_profile``'s shape."""
     from cortexflow.token_engine import TokenVLAEngine
-    from cortexflow.tools.profile import kernel_rows, measure_device_peaks, row_with_floor
+    from cortexflow.tools.profile import build_report, device_peaks, profile_call, row_with_floor
 
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
-    cuda = resolved_device.type == "cuda"
     log = log or (lambda _message: None)
     if top < 1 or repeats < 1:
         raise ConfigError(f"top and repeats must be at least 1, got {top}, {repeats}")
     vla = token_model(model, size)
-    rng = np.random.default_rng(seed)
-    ids = random_prompt_ids(vla, prompt_len, rng)
     if prompt_len > vla.config.max_text_tokens:
         raise ConfigError(f"prompt length must be at most {vla.config.max_text_tokens} ids, got {prompt_len}")
-
-    peaks = None
-    if cuda:
-        log("measuring the device's matmul and copy peaks ...")
-        peaks = {**measure_device_peaks(resolved_device), "source": "measured"}
-    if peak_tflops is not None or peak_gbps is not None:
-        if peak_tflops is None or peak_gbps is None:
-            raise ConfigError("give both peak TFLOP/s and peak GB/s, or neither")
-        peaks = {**(peaks or {}), "matmul_tflops": peak_tflops, "copy_gbps": peak_gbps, "source": "given"}
+    rng = np.random.default_rng(seed)
+    ids = random_prompt_ids(vla, prompt_len, rng)
+    peaks = device_peaks(resolved_device, peak_tflops, peak_gbps, log)
 
     log(f"drawing {size} {vla.model_type.value} weights on {resolved_device} ...")
     weights = random_token_weights(vla, seed, compute_dtype, resolved_device)
@@ -112,52 +99,13 @@ def run_token_profile(
                             use_cuda_graphs=False)
     del weights
     image = random_token_image(vla, rng)
-    call = lambda: engine.predict(image, prompt_tokens=ids)  # noqa: E731
-    with torch.inference_mode():
-        for _ in range(2):
-            call()
-        timings = []
-        for _ in range(repeats):
-            call()
-            timings.append(dict(engine.last_timings))
-        stages_ms = {name: statistics.median(t[name] for t in timings) for name in timings[0]}
-        log("profiling one call ...")
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        synchronize(resolved_device)
-        with torch.profiler.profile(activities=activities) as prof:
-            call()
-            synchronize(resolved_device)
-    kernels, kernel_total_ms = kernel_rows(prof, cuda, top)
-
+    stages_ms, kernels = profile_call(lambda: engine.predict(image, prompt_tokens=ids), engine, resolved_device,
+                                      repeats, top, log)
     rows = [row_with_floor(cost.name, cost, cost, None, peaks) for cost in costs]
-    model_ms = stages_ms["model"]
-    floor = sum(r["floor_ms"] for r in rows) if peaks else None
-    return {
-        "tool": "cortexflow profile",
-        "model": vla.model_type.value,
-        "backend": engine.backend.name,
-        "size": size,
-        "dtype": dtype_name(compute_dtype),
-        "seed": seed,
-        "workload": {"views": 1, "prompt_tokens": len(ids), "padded_prompt_tokens": engine.bucket_length(len(ids)),
-                     "generated_tokens": vla.num_generated_tokens, "repeats": repeats, "cuda_graphs": False,
-                     "description": (f"1 image, {len(ids)} prompt ids (padded to {engine.bucket_length(len(ids))}), "
-                                     f"{vla.num_generated_tokens} greedy tokens")},
-        "environment": environment_info(resolved_device),
-        "peaks": peaks,
-        "stages_ms": stages_ms,
-        "profiled_stages_ms": dict(engine.last_timings),
-        "stages": rows,
-        "totals": {
-            "stages_ms": model_ms,
-            "flop": sum(r["flop"] for r in rows),
-            "bytes": sum(r["bytes"] for r in rows),
-            "floor_ms": floor,
-            "gap": model_ms / floor if floor else None,
-        },
-        "kernels": {
-            "source": "CUDA kernels (GPU time)" if cuda else "CPU ops (self CPU time)",
-            "total_ms": kernel_total_ms,
-            "top": kernels,
-        },
-    }
+    padded = engine.bucket_length(len(ids))
+    workload = {"views": 1, "prompt_tokens": len(ids), "padded_prompt_tokens": padded,
+                "generated_tokens": vla.num_generated_tokens, "repeats": repeats, "cuda_graphs": False,
+                "description": (f"1 image, {len(ids)} prompt ids (padded to {padded}), "
+                                f"{vla.num_generated_tokens} greedy tokens")}
+    return build_report(vla.model_type.value, engine, size, compute_dtype, seed, workload, resolved_device, peaks,
+                        stages_ms, rows, stages_ms["model"], kernels)
