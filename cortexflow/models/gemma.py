@@ -20,13 +20,10 @@ if TYPE_CHECKING:
     from cortexflow.backends.base import ComputeBackend
 
 
-def gemma_layer_shapes(
-    prefix: str, width: int, mlp_dim: int, config: ModelConfig, adaptive_norms: bool
-) -> dict[str, tuple[int, ...]]:
-    """Weight shapes of one Gemma layer named ``prefix``."""
-    q_dim = config.num_heads * config.head_dim
-    kv_dim = config.num_kv_heads * config.head_dim
-    shapes = {
+def gated_decoder_linear_shapes(prefix: str, width: int, mlp_dim: int, q_dim: int, kv_dim: int) -> dict[str, tuple[int, ...]]:
+    """``(out, in)`` shapes of the seven projections of a gated-MLP decoder layer (Gemma, Llama):
+    ``q, k, v, o`` and ``gate, up, down``, named ``{prefix}.{name}``."""
+    return {
         f"{prefix}.q": (q_dim, width),
         f"{prefix}.k": (kv_dim, width),
         f"{prefix}.v": (kv_dim, width),
@@ -35,6 +32,14 @@ def gemma_layer_shapes(
         f"{prefix}.up": (mlp_dim, width),
         f"{prefix}.down": (width, mlp_dim),
     }
+
+
+def gemma_layer_shapes(
+    prefix: str, width: int, mlp_dim: int, config: ModelConfig, adaptive_norms: bool
+) -> dict[str, tuple[int, ...]]:
+    """Weight shapes of one Gemma layer named ``prefix``."""
+    shapes = gated_decoder_linear_shapes(prefix, width, mlp_dim, config.num_heads * config.head_dim,
+                                         config.num_kv_heads * config.head_dim)
     for norm in ("attn_norm", "mlp_norm"):
         if adaptive_norms:
             shapes[f"{prefix}.{norm}_mod.weight"] = (3 * width, width)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cortexflow.models.gemma import gated_decoder_linear_shapes
 from cortexflow.models.token_decoding import DecoderDims, DecoderLM
 
 if TYPE_CHECKING:
@@ -36,17 +37,8 @@ def llama_weight_shapes(
     }
     for i in range(num_layers):
         p = f"llm.layers.{i}"
-        shapes.update({
-            f"{p}.q": (q_dim, dim),
-            f"{p}.k": (kv_dim, dim),
-            f"{p}.v": (kv_dim, dim),
-            f"{p}.o": (dim, q_dim),
-            f"{p}.gate": (mlp_dim, dim),
-            f"{p}.up": (mlp_dim, dim),
-            f"{p}.down": (dim, mlp_dim),
-            f"{p}.attn_norm": (dim,),
-            f"{p}.mlp_norm": (dim,),
-        })
+        shapes.update(gated_decoder_linear_shapes(p, dim, mlp_dim, q_dim, kv_dim))
+        shapes.update({f"{p}.attn_norm": (dim,), f"{p}.mlp_norm": (dim,)})
     return shapes
 
 
