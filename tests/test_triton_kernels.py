@@ -17,6 +17,8 @@ from cortexflow.kernels.gelu_gate import (  # noqa: E402
     gelu_tanh,
     gelu_tanh_gate,
     gelu_tanh_gate_fused,
+    silu_gate_fused,
+    silu_gate_reference,
     gelu_tanh_gate_reference,
 )
 from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
@@ -156,6 +158,15 @@ def test_gelu_gate(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_gate(dtype):
+    """Llama's ``silu(gate) * up`` from the fused ``[gate | up]`` GEMM output (odd width: masking)."""
+    gate, up = randn(2, 3, 1100, dtype=dtype, seed=17), randn(2, 3, 1100, dtype=dtype, seed=18)
+    expected = silu_gate_reference(gate, up)
+    assert_close(silu_gate_fused(torch.cat([gate, up], -1)), expected, dtype)
+    assert (silu_gate_fused(torch.cat([gate, up], -1)).float() - gelu_tanh_gate_reference(gate, up).float()).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_qkv_rope_writes_q_and_the_cache(dtype):
     heads, kv_heads, head_dim = 4, 1, 24
     qkv = randn(2, 5, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=20)
@@ -169,6 +180,26 @@ def test_qkv_rope_writes_q_and_the_cache(dtype):
     assert_close(keys[:, 4:], k_ref, dtype)
     assert torch.equal(values[:, 4:], v_ref)
     assert torch.isnan(keys[:, :4]).all() and torch.isnan(values[:, :4]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_rope_writes_the_cache_row_given_on_the_device(dtype):
+    """A decode step: one token (Llama geometry, no GQA) written at the cache row held in a device tensor,
+    so a replayed CUDA graph can write a different row each step; prefill-style writes at row 0 too."""
+    heads, kv_heads, head_dim = 3, 3, 32
+    inv = inverse_frequencies(head_dim, 10000.0, torch.device(DEVICE))
+    keys = torch.full((2, 10, kv_heads, head_dim), float("nan"), dtype=dtype, device=DEVICE)
+    values = torch.full_like(keys, float("nan"))
+    for row, length in ((0, 4), (6, 1), (7, 2)):
+        qkv = randn(2, length, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=21 + row)
+        positions = (row + torch.arange(length, device=DEVICE))[None].expand(2, -1)
+        write_at = torch.tensor([row], device=DEVICE)
+        q = qkv_rope(qkv, positions, inv, heads, kv_heads, keys, values, write_at=write_at)
+        q_ref, k_ref, v_ref = qkv_rope_reference(qkv, positions, inv, heads, kv_heads)
+        assert_close(q, q_ref, dtype)
+        assert_close(keys[:, row:row + length], k_ref, dtype)
+        assert torch.equal(values[:, row:row + length], v_ref)
+    assert torch.isnan(keys[:, 4:6]).all() and torch.isnan(values[:, 9:]).all()
 
 
 @pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels"])

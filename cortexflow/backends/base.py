@@ -46,6 +46,12 @@ class ComputeBackend(ABC):
         """KV cache + state + noise -> actions (see the model's ``transformer_decoder``)."""
         return model.transformer_decoder(self, weights, inputs)
 
+    def decoder_lm_layer(self, lm, weights: Weights, i: int, x: torch.Tensor, positions: torch.Tensor,
+                         mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
+                         write_at: torch.Tensor | None) -> torch.Tensor:
+        """Layer ``i`` of a token VLA's decoder LM (see ``DecoderLM.layer``; default: its op-by-op code)."""
+        return lm.layer(self, weights, i, x, positions, mask, cache, write_at)
+
     def prepare_weights(self, model: "VLAModel", weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook to re-lay-out or fuse weights once after loading (default: unchanged)."""
         return weights

@@ -28,10 +28,12 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     ) from err
 
 from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
+from cortexflow.backends.triton_token_decoder import fuse_layer_projections, fused_token_layer  # noqa: E402
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
 from cortexflow.kernels.runtime import interpreting
 from cortexflow.models.pi0 import Pi0Model
+from cortexflow.models.token_decoding import TokenDecodingModel
 
 MAX_NORM_WIDTH = 16384
 MAX_HEAD_DIM = 256
@@ -69,10 +71,20 @@ class TritonBackend(PyTorchBackend):
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
-        """Pi0 family: fuse the expert's Q/K/V and gate/up weights (the originals become views)."""
+        """Fuse the Q/K/V and gate/up weights (the originals become views): the Pi0 family's expert, and
+        every layer of a token VLA's decoder LM (in place, one layer at a time)."""
         if isinstance(model, Pi0Model):
             weights = fuse_expert_weights(model, weights)
+        elif isinstance(model, TokenDecodingModel):
+            lm = model.lm
+            weights = fuse_layer_projections(weights, (f"{lm.prefix}.layers.{i}" for i in range(lm.dims.num_layers)))
         return weights
+
+    def decoder_lm_layer(self, lm, weights, i, x, positions, mask, cache, write_at):
+        """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
+        if f"{lm.prefix}.layers.{i}.qkv" not in weights or lm.dims.head_dim > MAX_HEAD_DIM or lm.dims.head_dim % 2:
+            return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
+        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at)
 
     def transformer_decoder(self, model, weights, inputs):
         """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cortexflow.backends.triton_token_decoder import fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
@@ -41,19 +42,7 @@ from cortexflow.models.pi0 import Pi0Model, Pi05Model
 
 def fuse_expert_weights(model: Pi0Model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Add ``expert.layers.i.qkv`` / ``.gate_up`` and turn the separate weights into views of them."""
-    for i in range(model.config.num_decoder_layers):
-        p = f"expert.layers.{i}"
-        if f"{p}.qkv" in weights:
-            continue
-        for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
-            tensors = [weights[f"{p}.{part}"] for part in parts]
-            joined = torch.cat(tensors, dim=0)
-            weights[f"{p}.{fused}"] = joined
-            start = 0
-            for part, tensor in zip(parts, tensors):
-                weights[f"{p}.{part}"] = joined[start:start + tensor.shape[0]]
-                start += tensor.shape[0]
-    return weights
+    return fuse_layer_projections(weights, (f"expert.layers.{i}" for i in range(model.config.num_decoder_layers)))
 
 
 @dataclass

@@ -209,14 +209,16 @@ def attention(
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out = torch.empty((b, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = max(16, next_power_of_two(head_dim))  # tl.dot needs K >= 16 on the GPU
-    block_m = 64
+    n_rows = q_len * group
+    # Row tile: 64, or the rows rounded up to a power of two (>= 16 for tl.dot) when fewer, so a
+    # single-token decode step (1 row per KV head without GQA) does not compute 63 padding rows.
+    block_m = min(64, max(16, next_power_of_two(n_rows)))
     block_n = 64 if block_d <= 128 else 32
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mask_strides = mask.stride()
     else:
         mask, mask_strides = q, (0, 0, 0)
-    n_rows = q_len * group
     row_blocks = triton.cdiv(n_rows, block_m)
     if num_splits is None:
         num_splits = 1 if interpreting() else choose_splits(row_blocks * b * kv_heads, k_len, block_n, _processor_count(q.device))

@@ -1,6 +1,7 @@
-"""Element-wise tanh-GELU and Gemma's gated product ``gelu_tanh(gate) * up`` in Triton (fp32 math).
+"""Element-wise tanh-GELU, Gemma's gated product ``gelu_tanh(gate) * up`` and Llama's ``silu(gate) * up``
+in Triton (fp32 math).
 
-The gated form also accepts one fused ``(..., 2M)`` tensor holding ``[gate | up]`` (the output of a
+The gated forms also accept one fused ``(..., 2M)`` tensor holding ``[gate | up]`` (the output of a
 concatenated gate/up projection), so the MLP needs a single GEMM for both.
 """
 
@@ -18,19 +19,23 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, GATED: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, GATED: tl.constexpr,
+                      SILU: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=valid, other=0.0).to(tl.float32)
-    y = _gelu_tanh(g)
+    if SILU:
+        y = g / (1.0 + tl.exp(-g))
+    else:
+        y = _gelu_tanh(g)
     if GATED:
         u = tl.load(up_ptr + row * up_stride + cols, mask=valid, other=0.0).to(tl.float32)
         y = y * u
     tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
+def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
     n_cols = gate.shape[-1]
     gate2 = gate.reshape(-1, n_cols)  # a view when rows are evenly strided (e.g. the gate half of [gate | up])
     up2 = None if up is None else up.reshape(-1, n_cols)
@@ -40,7 +45,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor | None) -> torch.Tensor:
     _gelu_gate_kernel[grid](
         gate2, up2 if up2 is not None else gate2, out, n_cols,
         gate2.stride(0), up2.stride(0) if up2 is not None else 0,
-        GATED=up is not None, BLOCK=block, num_warps=4,
+        GATED=up is not None, SILU=silu, BLOCK=block, num_warps=4,
     )
     return out.reshape(*gate.shape[:-1], n_cols)
 
@@ -50,18 +55,30 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return _launch(x, None)
 
 
-def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up`` for same-shape ``gate``/``up`` (rows may be strided views of one tensor)."""
+def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (``silu(gate) * up`` with ``silu``) for same-shape ``gate``/``up`` (rows may
+    be strided views of one tensor)."""
     if gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.shape != up.shape:
         gate, up = gate.contiguous(), up.contiguous()
-    return _launch(gate, up)
+    return _launch(gate, up, silu)
 
 
-def gelu_tanh_gate_fused(gate_up: torch.Tensor) -> torch.Tensor:
-    """``gelu_tanh(gate) * up`` where ``gate_up (..., 2M)`` = ``[gate | up]`` along the last dim."""
+def gelu_tanh_gate_fused(gate_up: torch.Tensor, silu: bool = False) -> torch.Tensor:
+    """``gelu_tanh(gate) * up`` (``silu(gate) * up`` with ``silu``) where ``gate_up (..., 2M)`` =
+    ``[gate | up]`` along the last dim."""
     m = gate_up.shape[-1] // 2
     flat = gate_up.reshape(-1, 2 * m)
-    return gelu_tanh_gate(flat[:, :m], flat[:, m:]).reshape(*gate_up.shape[:-1], m)
+    return gelu_tanh_gate(flat[:, :m], flat[:, m:], silu).reshape(*gate_up.shape[:-1], m)
+
+
+def silu_gate_fused(gate_up: torch.Tensor) -> torch.Tensor:
+    """Llama's ``silu(gate) * up`` where ``gate_up (..., 2M)`` = ``[gate | up]`` along the last dim."""
+    return gelu_tanh_gate_fused(gate_up, silu=True)
+
+
+def silu_gate_reference(gate, up):
+    """``silu(gate) * up`` in PyTorch (fp32 math)."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
 def gelu_tanh_gate_reference(gate, up):

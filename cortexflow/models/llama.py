@@ -48,12 +48,13 @@ def is_llama_norm(name: str) -> bool:
 
 
 def prepare_llama_norms(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add ``{name}.minus_one = w - 1`` (fp32) for every Llama norm scale ``w`` (see the module doc)."""
-    out = dict(weights)
-    for name, tensor in weights.items():
+    """Add ``{name}.minus_one = w - 1`` (fp32) for every Llama norm scale ``w`` (see the module doc), in place
+    (the dict is the one the loader returned; a copy would keep every original tensor alive while a
+    backend re-lays the weights out)."""
+    for name, tensor in list(weights.items()):
         if name.startswith("llm.") and is_llama_norm(name):
-            out[name + NORM_OFFSET_SUFFIX] = tensor.float() - 1.0
-    return out
+            weights[name + NORM_OFFSET_SUFFIX] = tensor.float() - 1.0
+    return weights
 
 
 class LlamaLM(DecoderLM):

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from cortexflow.checkpoints.pi0_layout import match_keys
-from cortexflow.config import ModelConfig, VLAModelType
+from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError
 from cortexflow.models.base import VLAModel, Weights
 from cortexflow.models.flow_matching import euler_integrate, sinusoidal_time_embedding
@@ -167,7 +167,6 @@ class Pi0Model(VLAModel):
 
     def velocity(self, ops, weights: Weights, x_t: torch.Tensor, t: float, ctx: Mapping[str, Any]) -> torch.Tensor:
         """The flow ``v(x_t, t)`` ``(B, H, A)``: suffix through the 18 expert layers against the prefix cache."""
-        c = self.config
         tokens, cond = self.suffix_tokens(ops, weights, x_t, t, ctx)
         x = tokens.to(ops.dtype)
         for i, kv in enumerate(ctx["kv_cache"]):

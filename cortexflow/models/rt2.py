@@ -33,6 +33,8 @@ RT2_PROMPT = "Q: what action should the robot take to {instruction}? A:"
 class GemmaLM(DecoderLM):
     """Gemma: RMSNorm with ``(1 + w)``, tanh-GELU gated MLP, embeddings scaled by sqrt(D), tied LM head."""
 
+    gated_activation = "gelu_tanh"
+
     def __init__(self, dims: DecoderDims, width: int):
         super().__init__(dims)
         self.width = width

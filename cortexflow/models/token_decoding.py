@@ -39,6 +39,9 @@ class DecoderLM:
     """A decoder-only LM with canonical weights ``{prefix}.layers.{i}.{q,k,v,o,gate,up,down,...}``."""
 
     prefix = "llm"
+    #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma); fused
+    #: backends read it, the op-by-op ``mlp`` below is the reference.
+    gated_activation = "silu"
 
     def __init__(self, dims: DecoderDims):
         self.dims = dims
@@ -126,7 +129,7 @@ class DecoderLM:
         the cache; return the greedy token read at sequence index ``last_index (1,)`` -> ``(B,)``."""
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         for i in range(self.dims.num_layers):
-            x = self.layer(ops, weights, i, x, positions, mask, cache, None)
+            x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, None)
         return self.next_token(ops, weights, x.index_select(1, last_index), allowed)
 
     def step(
@@ -145,7 +148,7 @@ class DecoderLM:
         mask = visible[:, None, :].expand(x.shape[0], 1, max_len)
         positions = position[None].expand(x.shape[0], 1)
         for i in range(self.dims.num_layers):
-            x = self.layer(ops, weights, i, x, positions, mask, cache, position)
+            x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, position)
         return self.next_token(ops, weights, x, allowed)
 
     def generate(

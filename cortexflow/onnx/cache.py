@@ -70,7 +70,7 @@ def cached_policy_bundle(
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
     try:
-        manifest = _policy.export_policy(
+        _policy.export_policy(
             model, weights, staging, num_views=num_views, chunk_size=chunk_size, settings=settings, check=True,
             source={"cache_key": key}, fingerprint=fingerprint, progress=progress,
         )

@@ -23,7 +23,6 @@ from cortexflow.errors import ConfigError
 from cortexflow.models.pi0 import Pi0Model, model_class
 from cortexflow.onnx.exporter import rel_error
 from cortexflow.onnx.settings import DEFAULT_BATCH, parse_export_dtype
-from cortexflow.onnx.stages import kv_cache_list
 
 #: ``‖Δ‖/‖ref‖`` every stage must meet, by export dtype (ORT fp32 vs PyTorch fp32: 1e-5 on CPU).
 STAGE_THRESHOLDS = {torch.float32: 1e-5, torch.float16: 2e-2}

@@ -119,7 +119,7 @@ def prefill_logits(model, ops, w, x: torch.Tensor, cache) -> torch.Tensor:
     positions = torch.arange(length, device=x.device)[None]
     mask = model.prefill_mask(length, torch.tensor([length], device=x.device), x.device)
     for i in range(model.lm.dims.num_layers):
-        x = model.lm.layer(ops, w, i, x, positions, mask, cache, None)
+        x = ops.decoder_lm_layer(model.lm, w, i, x, positions, mask, cache, None)
     return _logits(model, ops, w, x[:, -1:])
 
 
@@ -135,7 +135,7 @@ def teacher_forced_logits(model, ops, w, x: torch.Tensor, tokens: torch.Tensor) 
         h = lm.embed(ops, w, tokens[s].view(1, 1))
         mask = (visible <= position)[None, None, :]
         for i in range(lm.dims.num_layers):
-            h = lm.layer(ops, w, i, h, position[None], mask, cache, position)
+            h = ops.decoder_lm_layer(lm, w, i, h, position[None], mask, cache, position)
         rows.append(_logits(model, ops, w, h))
     return torch.cat(rows, dim=0)
 
@@ -168,7 +168,7 @@ def _llm_layer(side: Side, ctx: TokenContext, w) -> Callable[[], Any]:
     positions = torch.arange(length, device=x.device)[None]
     mask = model.prefill_mask(length, torch.tensor([length], device=x.device), x.device)
     cache = _scratch_cache(model, length, side.dtype, x.device)
-    return lambda: model.lm.layer(side.backend, w, 0, x, positions, mask, cache, None)
+    return lambda: side.backend.decoder_lm_layer(model.lm, w, 0, x, positions, mask, cache, None)
 
 
 def _prefill_logits(side: Side, ctx: TokenContext, w) -> Callable[[], Any]:
