@@ -75,6 +75,7 @@ def attention_cases(rows: list) -> None:
         "decoder (51 q x 8 heads, 611 keys, 1 kv head, D 256)": (1, 51, 8, 611, 1, 256, True),
         "prefix (560 x 8 heads, 1 kv head, D 256)": (1, 560, 8, 560, 1, 256, True),
         "vision (2 images, 256 x 16 heads, D 72)": (2, 256, 16, 256, 16, 72, False),
+        "openvla decode (1 q x 32 heads, 290 keys, 32 kv heads, D 128)": (1, 1, 32, 290, 32, 128, True),
     }
     for label, (b, lq, hq, lk, hkv, d, masked) in shapes.items():
         q = torch.randn(b, lq, hq, d, device="cuda", generator=g).bfloat16()
@@ -87,6 +88,16 @@ def attention_cases(rows: list) -> None:
                     "default, fused combine": lambda: attention(q, k, v, mask, scale, fused_combine=True)}
         for splits in (1, 2, 3, 5, 10, 20):
             variants[f"splits={splits}"] = (lambda s=splits: attention(q, k, v, mask, scale, num_splits=s))
+        if label.startswith(("decoder", "openvla")):
+            # The tuning sweep: row tile x key ranges x warps x rows per combine program.
+            for bm in (16, 32, 64):
+                for splits in (None, 5, 10, 20):
+                    for warps in (4, 8):
+                        for cbm in (4, 16, 64):
+                            variants[f"bm={bm} splits={splits or 'auto'} warps={warps} cbm={cbm}"] = (
+                                lambda bm=bm, s=splits, w=warps, c=cbm: attention(
+                                    q, k, v, mask, scale, num_splits=s, fused_combine=False, block_m=bm,
+                                    num_warps=w, combine_block_m=c))
         ke, ve = k.repeat_interleave(hq // hkv, 2).transpose(1, 2), v.repeat_interleave(hq // hkv, 2).transpose(1, 2)
         qt = q.transpose(1, 2)
         sdpa_mask = None if mask is None else mask[:, None]
@@ -172,10 +183,10 @@ def main() -> None:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "calls_per_graph": CALLS, "rows": rows}
     (out / "micro_decoder_kernels.json").write_text(json.dumps(result, indent=2))
-    print(f"{'kernel':12} {'shape':52} {'variant':28} {'us':>8} {'rel err':>9}")
+    print(f"{'kernel':12} {'shape':52} {'variant':36} {'us':>8} {'rel err':>9}")
     for r in rows:
         err = "-" if r["rel_err"] is None else f"{r['rel_err']:.2e}"
-        print(f"{r['kernel']:12} {r['shape']:52} {r['variant']:28} {r['us']:8.2f} {err:>9}")
+        print(f"{r['kernel']:12} {r['shape'][:52]:52} {r['variant']:36} {r['us']:8.2f} {err:>9}")
 
 
 if __name__ == "__main__":

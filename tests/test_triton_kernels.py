@@ -82,6 +82,26 @@ def test_attention_split_keys_matches(dtype, num_splits, fused_combine):
                  attention_reference(q, k, v, None, scale), dtype)
 
 
+@pytest.mark.parametrize("block_m, combine_block_m", [(16, 4), (32, 16), (64, 64)])
+def test_attention_tiling_knobs_keep_the_result(block_m, combine_block_m):
+    """The tuning knobs (rows per attention program, rows per combine program) change the tiling only:
+    88 packed rows (11 queries x 8 heads) over 16/32/64-row tiles, with split keys, and a single-token
+    decode step without GQA (1 row per KV head)."""
+    q = randn(2, 11, 8, 48, dtype=torch.float32, seed=31)
+    k = randn(2, 150, 1, 48, dtype=torch.float32, seed=32)
+    v = randn(2, 150, 1, 48, dtype=torch.float32, seed=33)
+    mask = (torch.rand(2, 11, 150, generator=torch.Generator().manual_seed(34)) > 0.3).to(DEVICE)
+    scale = 48**-0.5
+    out = attention(q, k, v, mask, scale, num_splits=3, fused_combine=False, block_m=block_m,
+                    combine_block_m=combine_block_m)
+    assert_close(out, attention_reference(q, k, v, mask, scale), torch.float32)
+    q1 = randn(1, 1, 4, 32, dtype=torch.float32, seed=35)
+    k1, v1 = randn(1, 70, 4, 32, dtype=torch.float32, seed=36), randn(1, 70, 4, 32, dtype=torch.float32, seed=37)
+    mask1 = torch.arange(70, device=DEVICE)[None, None, :] <= 60
+    out1 = attention(q1, k1, v1, mask1, 32**-0.5, num_splits=2, block_m=block_m, combine_block_m=combine_block_m)
+    assert_close(out1, attention_reference(q1, k1, v1, mask1, 32**-0.5), torch.float32)
+
+
 def test_fused_combine_leaves_its_counters_at_zero():
     """The last-arriving range program resets its arrival counter, so a second call (as in a CUDA graph
     replay) starts from zero and merges again; a counter left non-zero would skip or repeat the merge."""

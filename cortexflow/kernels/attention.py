@@ -174,6 +174,11 @@ def _combine_kernel(
                   tl.num_programs(1), rows, q_len, head_dim, group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
 
 
+#: Rows per program of the separate combine kernel. Each program reads ``splits x rows x D`` fp32
+#: partials; with the attention's 64-row tiles the Pi0 denoising step had only 7 combine programs
+#: (10.3 us per call on the H100), so the combine uses small row blocks to spread over more SMs.
+COMBINE_BLOCK_M = 16
+
 #: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
 FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
 
@@ -196,13 +201,16 @@ def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) ->
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    num_splits: int | None = None, fused_combine: bool | None = None,
+    num_splits: int | None = None, fused_combine: bool | None = None, block_m: int | None = None,
+    num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
     ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU);
     ``fused_combine`` merges them in the last-arriving range program instead of a second kernel
-    (default: :data:`FUSED_COMBINE_DEFAULT`)."""
+    (default: :data:`FUSED_COMBINE_DEFAULT`). Tuning knobs (defaults from the H100 micro-benchmark):
+    ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
+    rows per program of the separate combine kernel."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -212,7 +220,10 @@ def attention(
     n_rows = q_len * group
     # Row tile: 64, or the rows rounded up to a power of two (>= 16 for tl.dot) when fewer, so a
     # single-token decode step (1 row per KV head without GQA) does not compute 63 padding rows.
-    block_m = min(64, max(16, next_power_of_two(n_rows)))
+    if block_m is None:
+        block_m = min(64, max(16, next_power_of_two(n_rows)))
+    if num_warps is None:
+        num_warps = 8 if block_d >= 256 else 4
     block_n = 64 if block_d <= 128 else 32
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
@@ -241,13 +252,14 @@ def attention(
         HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=8 if block_d >= 256 else 4, num_stages=2,
+        num_warps=num_warps, num_stages=2,
     )
     if split and not fused:
-        _combine_kernel[(row_blocks, b * kv_heads)](
+        combine_m = min(combine_block_m, max(1, next_power_of_two(n_rows)))
+        _combine_kernel[(triton.cdiv(n_rows, combine_m), b * kv_heads)](
             part_acc, part_ml, out, q_len, head_dim, kv_heads, group, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8 if block_d >= 256 else 4,
+            BLOCK_M=combine_m, BLOCK_D=block_d, num_warps=4,
         )
     return out
 
