@@ -91,7 +91,7 @@ def attention_cases(rows: list) -> None:
         if label.startswith(("decoder", "openvla")):
             # The tuning sweep: row tile x key ranges x warps x rows per combine program.
             for bm in (16, 32, 64):
-                for splits in (None, 5, 10, 20):
+                for splits in (None, 10, 20):
                     for warps in (4, 8):
                         for cbm in (4, 16, 64):
                             variants[f"bm={bm} splits={splits or 'auto'} warps={warps} cbm={cbm}"] = (
