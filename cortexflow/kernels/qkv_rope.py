@@ -2,7 +2,9 @@
 
 Input ``qkv (B, S, (Hq + 2*Hkv) * D)`` laid out ``[q heads | k heads | v heads]``; outputs ``q (B, S, Hq, D)``
 (rotated) and the cache slices ``k_out, v_out (B, S, Hkv, D)`` (any strides with a contiguous last dim,
-e.g. ``cache[:, P:P+S]``). One program handles one head of one token.
+e.g. ``cache[:, P:P+S]``). With ``write_at`` (a ``(1,)`` int64 device tensor) token ``t`` goes to cache row
+``write_at + t`` instead, so a CUDA graph can replay a single-token decode step that writes a different row
+each time. One program handles one head of one token.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ from cortexflow.kernels.runtime import next_power_of_two
 
 @triton.jit
 def _qkv_rope_kernel(
-    qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr,
+    qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
     n_q_heads, n_kv_heads, half,
     s_qkv_b, s_qkv_t, s_q_b, s_q_t, s_q_h, s_k_b, s_k_t, s_k_h, s_v_b, s_v_t, s_v_h, s_pos_b,
-    BLOCK_HALF: tl.constexpr,
+    HAS_WRITE_AT: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
     head = tl.program_id(2)
+    row = t
+    if HAS_WRITE_AT:
+        row = t + tl.load(write_at_ptr)
     cols = tl.arange(0, BLOCK_HALF)
     valid = cols < half
     src = qkv_ptr + b * s_qkv_b + t * s_qkv_t + head * 2 * half
@@ -39,11 +44,11 @@ def _qkv_rope_kernel(
         if head < n_q_heads:
             dst = q_ptr + b * s_q_b + t * s_q_t + head * s_q_h
         else:
-            dst = k_ptr + b * s_k_b + t * s_k_t + (head - n_q_heads) * s_k_h
+            dst = k_ptr + b * s_k_b + row * s_k_t + (head - n_q_heads) * s_k_h
     else:
         y1 = x1
         y2 = x2
-        dst = v_ptr + b * s_v_b + t * s_v_t + (head - n_q_heads - n_kv_heads) * s_v_h
+        dst = v_ptr + b * s_v_b + row * s_v_t + (head - n_q_heads - n_kv_heads) * s_v_h
     tl.store(dst + cols, y1.to(dst.dtype.element_ty), mask=valid)
     tl.store(dst + half + cols, y2.to(dst.dtype.element_ty), mask=valid)
 
@@ -56,20 +61,23 @@ def qkv_rope(
     n_kv_heads: int,
     k_out: torch.Tensor,
     v_out: torch.Tensor,
+    write_at: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Returns rotated ``q (B, S, Hq, D)``; writes rotated K and plain V into ``k_out`` / ``v_out``."""
+    """Returns rotated ``q (B, S, Hq, D)``; writes rotated K and plain V into ``k_out`` / ``v_out``, at rows
+    ``0..S-1`` or, with ``write_at``, at rows ``write_at..write_at+S-1`` (never checked against the
+    cache length on the device: the caller keeps ``write_at + S <= k_out.shape[1]``)."""
     b, s, width = qkv.shape
     head_dim = width // (n_q_heads + 2 * n_kv_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = torch.empty((b, s, n_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _qkv_rope_kernel[(b, s, n_q_heads + 2 * n_kv_heads)](
-        qkv, q, k_out, v_out, positions, inv_freq,
+        qkv, q, k_out, v_out, positions, inv_freq, write_at if write_at is not None else positions,
         n_q_heads, n_kv_heads, head_dim // 2,
         qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), q.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
         positions.stride(0),
-        BLOCK_HALF=next_power_of_two(head_dim // 2), num_warps=2,
+        HAS_WRITE_AT=write_at is not None, BLOCK_HALF=next_power_of_two(head_dim // 2), num_warps=2,
     )
     return q
 
