@@ -1,52 +1,60 @@
 #!/usr/bin/env bash
-# One GPU call: the bench grid of the Triton backend (CUDA graphs on, default settings); A/B runs (bench +
-# real-size verify) with the fused split combine, the split-K skinny GEMMs, all opt-in kernels (those two
-# and the Triton patch embedding), and folded norms;
-# OpenVLA-7B latency (PyTorch eager, PyTorch + graphs, Triton + graphs) and profile; kernel micro-benchmarks; the
-# Triton and token-VLA tests on the real GPU; module-by-module verify at real size and a per-kernel
-# profile. Everything lands in $OUT; each step has its own time limit so one slow step cannot eat the
-# rest. PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py.
-#   bash benchmarks/gpu_triton_check.sh            # on the GPU machine; OUT=... to choose the folder
-#   QUICK=1 bash benchmarks/gpu_triton_check.sh    # ~6 min: bench grid + A/B runs, OpenVLA (30 calls), verify Pi0
+# One GPU call for the Triton backend. Each step has its own time limit so one slow step cannot eat the
+# rest; everything lands in $OUT (PACK=1 packs it into $OUT/results.tgz: the device tool returns 8 files).
+#   bash benchmarks/gpu_triton_check.sh                 # ~8 min: the numbers of issues 3 and 5
+#       Pi0 1/2/3 views and Pi0.5 (median of ITERS=100, CUDA graphs), OpenVLA-7B (PyTorch eager, PyTorch +
+#       graphs, Triton + graphs), real-size verify of Pi0 and Pi0.5, per-kernel profiles of Pi0 and OpenVLA
+#   MODE=ab bash benchmarks/gpu_triton_check.sh         # A/B of the opt-in kernels (fused combine, split-K
+#       skinny GEMMs, Triton patch embedding, folded norms): bench + real-size verify each, OpenVLA too
+#   MODE=extra bash benchmarks/gpu_triton_check.sh      # kernel micro-benchmarks + the Triton/token-VLA tests on the GPU
+# PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
-QUICK="${QUICK:-0}"; ITERS=100; [ "$QUICK" = 1 ] && ITERS=30
+MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"
 step() { local limit=$1; shift; timeout "$limit" "$@" || echo "step failed or timed out (rc $?): $*"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])" | tee -a "$OUT/gpu.txt"
 BENCH=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters "$ITERS" --warmup 5)
-step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
-step 60 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --json "$OUT/bench_pi05.json" 2>&1 | tail -6
-step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-  --json "$OUT/bench_pi0_fused_combine.json" 2>&1 | tail -6
-step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
-  --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -4
-for variant in "CORTEXFLOW_TRITON_SKINNY_GEMM=1 skinny_gemm" \
-               "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 CORTEXFLOW_TRITON_PATCH_EMBED=1 all_opt_in"; do
-  set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-  step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0,pi05 --views 2 --prompt-len 20,60 \
-    --json "$OUT/bench_$tag.json" 2>&1 | tail -6
-  step 60 env "${flags[@]}" python3 -m cortexflow.cli verify --model pi0 --backend triton --size real \
-    --device cuda --dtype bfloat16 --json "$OUT/verify_pi0_$tag.json" 2>&1 | tail -4
-done
-[ "$QUICK" = 1 ] || step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-  --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -6
-step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -8
-step 150 env CORTEXFLOW_TRITON_SKINNY_GEMM=1 python3 benchmarks/bench_openvla.py --iters "$ITERS" \
-  --json "$OUT/bench_openvla_skinny_gemm.json" 2>&1 | tail -8
-step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 25 \
-  --json "$OUT/profile_openvla_triton.json" 2>&1 | tail -40
-if [ "$QUICK" = 1 ]; then
-  step 60 python3 -m cortexflow.cli verify --model pi0 --backend triton --size real --device cuda --dtype bfloat16 \
-    --json "$OUT/verify_pi0.json" 2>&1 | tail -6
-  exit 0
+VERIFY=(python3 -m cortexflow.cli verify --backend triton --size real --device cuda --dtype bfloat16)
+case "$MODE" in
+final)
+  step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
+  step 60 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --json "$OUT/bench_pi05.json" 2>&1 | tail -4
+  step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -6
+  for model in pi0 pi05; do
+    step 60 "${VERIFY[@]}" --model "$model" --json "$OUT/verify_$model.json" > "$OUT/verify_$model.txt" 2>&1
+    tail -2 "$OUT/verify_$model.txt"
+  done
+  step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real --top 30 \
+    --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1
+  step 100 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
+    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
+  ;;
+ab)
+  step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
+    --json "$OUT/bench_pi0_fused_combine.json" 2>&1 | tail -4
+  step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -2
+  for variant in "CORTEXFLOW_TRITON_SKINNY_GEMM=1 skinny_gemm" \
+                 "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 CORTEXFLOW_TRITON_PATCH_EMBED=1 all_opt_in"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0,pi05 --views 2 --prompt-len 20,60 \
+      --json "$OUT/bench_$tag.json" 2>&1 | tail -6
+    step 60 env "${flags[@]}" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_$tag.json" 2>&1 | tail -2
+  done
+  step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
+    --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -4
+  step 150 env CORTEXFLOW_TRITON_SKINNY_GEMM=1 python3 benchmarks/bench_openvla.py --iters "$ITERS" \
+    --json "$OUT/bench_openvla_skinny_gemm.json" 2>&1 | tail -6
+  ;;
+extra)
+  step 240 env OUT="$OUT" python3 benchmarks/micro_decoder_kernels.py > "$OUT/micro.txt" 2>&1
+  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py \
+    > "$OUT/kernel_tests.txt" 2>&1
+  tail -3 "$OUT/kernel_tests.txt"
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra)"; exit 2 ;;
+esac
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
 fi
-step 120 python3 benchmarks/micro_decoder_kernels.py 2>&1 | tee "$OUT/micro.txt" | tail -30
-step 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py 2>&1 | tail -5 | tee "$OUT/kernel_tests.txt"
-for model in pi0 pi05; do
-  step 60 python3 -m cortexflow.cli verify --model "$model" --backend triton --size real --device cuda --dtype bfloat16 \
-    --json "$OUT/verify_$model.json" 2>&1 | tail -6
-done
-step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real \
-  --top 30 --json "$OUT/profile_pi0_triton.json" 2>&1 | tail -40

@@ -123,9 +123,10 @@ def test_fused_combine_leaves_its_counters_at_zero():
 def test_choose_splits_fills_the_gpu_only_for_small_grids():
     from cortexflow.kernels.attention import choose_splits
 
-    assert choose_splits(row_blocks=7, k_len=611, block_n=32, processors=132) == 10  # the denoising step
+    assert choose_splits(row_blocks=26, k_len=611, block_n=32, processors=132) == 6  # the denoising step, 16-row tiles
+    assert choose_splits(row_blocks=32, k_len=290, block_n=64, processors=132) == 5  # OpenVLA decode: 1 block a range
     assert choose_splits(row_blocks=70, k_len=560, block_n=32, processors=132) == 1  # the prefix
-    assert choose_splits(row_blocks=2, k_len=40, block_n=32, processors=132) == 1  # too few keys to split
+    assert choose_splits(row_blocks=2, k_len=30, block_n=32, processors=132) == 1  # one key block: nothing to split
 
 
 def test_attention_reads_strided_views():

@@ -33,8 +33,9 @@ from cortexflow.kernels.runtime import arrival_counters, interpreting, next_powe
 MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
 LOG2E = 1.4426950408889634
-#: A key range of a split holds at least this many key blocks (fewer make the partials cost more than they save).
-MIN_BLOCKS_PER_SPLIT = 2
+#: A key range of a split holds at least this many key blocks. 1 on the H100 micro-benchmark: OpenVLA's
+#: decode step (290 keys, 64-key blocks) ran 7.0 us at 5 ranges vs 7.9 us at 3.
+MIN_BLOCKS_PER_SPLIT = 1
 
 
 @triton.jit
@@ -176,8 +177,12 @@ def _combine_kernel(
 
 #: Rows per program of the separate combine kernel. Each program reads ``splits x rows x D`` fp32
 #: partials; with the attention's 64-row tiles the Pi0 denoising step had only 7 combine programs
-#: (10.3 us per call on the H100), so the combine uses small row blocks to spread over more SMs.
-COMBINE_BLOCK_M = 16
+#: (10.3 us per call on the H100), so the combine uses small row blocks to spread over more SMs
+#: (micro-benchmark, Pi0 decode attention + combine: 64 rows 23.6 us, 16 rows 18.1 us, 4 rows 15.0 us).
+COMBINE_BLOCK_M = 4
+#: Row tile when the grid is small (the split-key regime): Pi0's decode attention (408 packed rows,
+#: D 256) took 12.1 us with 16-row tiles vs 15.0 us with 64-row tiles (combine at 4 rows both).
+SMALL_GRID_BLOCK_M = 16
 
 #: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
 FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
@@ -220,8 +225,12 @@ def attention(
     n_rows = q_len * group
     # Row tile: 64, or the rows rounded up to a power of two (>= 16 for tl.dot) when fewer, so a
     # single-token decode step (1 row per KV head without GQA) does not compute 63 padding rows.
+    processors = _processor_count(q.device)
     if block_m is None:
-        block_m = min(64, max(16, next_power_of_two(n_rows)))
+        # 64-row tiles, unless they leave most SMs idle (then the keys get split anyway and smaller
+        # tiles give more, lighter programs); never more rows than there are (a decode step's 1 row).
+        block_m = 64 if 2 * triton.cdiv(n_rows, 64) * b * kv_heads >= processors or interpreting() else SMALL_GRID_BLOCK_M
+        block_m = min(block_m, max(16, next_power_of_two(n_rows)))
     if num_warps is None:
         num_warps = 8 if block_d >= 256 else 4
     block_n = 64 if block_d <= 128 else 32
@@ -232,7 +241,7 @@ def attention(
         mask, mask_strides = q, (0, 0, 0)
     row_blocks = triton.cdiv(n_rows, block_m)
     if num_splits is None:
-        num_splits = 1 if interpreting() else choose_splits(row_blocks * b * kv_heads, k_len, block_n, _processor_count(q.device))
+        num_splits = 1 if interpreting() else choose_splits(row_blocks * b * kv_heads, k_len, block_n, processors)
     keys_per_split = triton.cdiv(triton.cdiv(k_len, max(1, num_splits)), block_n) * block_n
     num_splits = triton.cdiv(k_len, keys_per_split)  # no empty range
     split = num_splits > 1
