@@ -187,7 +187,9 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
         qkv = skinny_linear(h, weights[f"{pre}.qkv"]) if skinny else F.linear(h, weights[f"{pre}.qkv"])
     q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
     a = attention(q, keys, values, mask, scale).view(b * s, -1)
-    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny)
+    # Layer 0's input is the step's token buffer (its state row is written once per call): never
+    # overwritten. Every later residual is this decoder's own temporary, updated in place.
+    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny, inplace=i > 0)
     if folded is not None:
         act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
     else:
@@ -196,14 +198,17 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
             act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"])
         else:
             act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
-    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny)
+    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny, inplace=True)
     return x2.view(b, s, d)
 
 
-def _residual_linear(residual, a, weight, modulation, skinny):
+def _residual_linear(residual, a, weight, modulation, skinny, inplace=False):
     """``residual + a @ weightᵀ`` (Pi0), or Pi0.5's gated ``residual + gate ⊙ (a @ weightᵀ)`` with
-    ``modulation[2]`` the gate; ``(M, D)``."""
+    ``modulation[2]`` the gate; ``(M, D)``. ``inplace`` (Pi0, cuBLAS path) accumulates into ``residual``:
+    an out-of-place ``addmm`` first copies the residual into its output (one more kernel)."""
     if modulation is None:
-        return skinny_linear(a, weight, residual=residual) if skinny else torch.addmm(residual, a, weight.T)
+        if skinny:
+            return skinny_linear(a, weight, residual=residual)
+        return residual.addmm_(a, weight.T) if inplace else torch.addmm(residual, a, weight.T)
     y = skinny_linear(a, weight) if skinny else F.linear(a, weight)
     return torch.addcmul(residual, y, modulation[2].to(residual.dtype))

@@ -8,7 +8,8 @@ Same function as :meth:`cortexflow.models.token_decoding.DecoderLM.layer`, fewer
   device tensor for a decode step (so the CUDA graph of a step replays for every position);
 - one kernel for the gated activation (``silu(gate) * up`` for Llama, ``gelu_tanh(gate) * up`` for Gemma)
   over the fused ``[gate | up]`` GEMM output;
-- both residual adds ride on the GEMM (``addmm``: cuBLAS reads the residual as its C operand).
+- both residual adds ride on the GEMM (``addmm``: cuBLAS reads the residual as its C operand), in place
+  after layer 0 (an out-of-place ``addmm`` first copies the residual into its output).
 
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
@@ -65,8 +66,12 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     else:
         keys, values = cache_k, cache_v
     attn = backend.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
-    x2 = torch.addmm(x.reshape(b * length, width), attn.reshape(b * length, -1), weights[f"{p}.o"].T)
+    # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
+    # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
+    x2 = x.reshape(b * length, width)
+    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
+        torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
     h = lm.norm(backend, weights, f"{p}.mlp_norm", x2.view(b, length, width))
     act = gelu_tanh_gate_fused(F.linear(h, weights[f"{p}.gate_up"]), silu=lm.gated_activation == "silu")
-    x2 = torch.addmm(x2, act.reshape(b * length, -1), weights[f"{p}.down"].T)
+    x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
     return x2.view(b, length, width)
