@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Batch-scaling study on the GPU machine (issue 4): each encoder on the GPU (PyTorch; Triton too for the
 # SigLIP tower) and on the same machine's CPU (PyTorch vs ONNX Runtime's CPU provider), batch 1..6.
-# JSON + PNG per run land in $OUT. Not yet run on the H100 (no device time was left in the session that
-# wrote it); its CPU half was smoke-run on CPU with siglip_tiny.
+# JSON + PNG per run land in $OUT (PACK=1: one archive).
 #   bash benchmarks/gpu_batch_scaling.sh                 # OUT=... to choose the folder
 #   ENCODERS="siglip_tiny resnet18d" DEVICES=cpu bash benchmarks/gpu_batch_scaling.sh   # quick CPU smoke run
 set -u
@@ -23,3 +22,7 @@ for device in $DEVICES; do
       || echo "failed or timed out: $enc on $device"
   done
 done
+# PACK=1: one archive (the device tool returns at most 8 files).
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/batch_scaling.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/batch_scaling.tgz "$OUT/batch_scaling.tgz"
+fi
