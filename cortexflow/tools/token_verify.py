@@ -183,7 +183,7 @@ def _prefill_logits(side: Side, ctx: TokenContext, w) -> Callable[[], Any]:
 
 def _decode_logits(side: Side, ctx: TokenContext, w) -> Callable[[], Any]:
     image_tokens = ctx.reference_output("vision_encoder").to(side.dtype)
-    tokens = ctx.reference_output("actions")["tokens"]
+    tokens = ctx.reference_output("actions")["tokens"].to(image_tokens.device)  # a CPU tensor (numpy tokens)
     model = ctx.model
 
     def run():
