@@ -68,6 +68,10 @@ class TritonBackend(PyTorchBackend):
         # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
         # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
         self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
+        # Token VLAs' single-token decode steps as fused decode GEMVs (kernels/decode_gemv.py: norm
+        # prologue, residual / gated-activation epilogues) instead of cuBLAS + norm/activation kernels.
+        # CORTEXFLOW_TRITON_DECODE_GEMV=0 turns it off (A/B runs).
+        self.decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "1") == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
@@ -84,7 +88,7 @@ class TritonBackend(PyTorchBackend):
         """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
         if f"{lm.prefix}.layers.{i}.qkv" not in weights or lm.dims.head_dim > MAX_HEAD_DIM or lm.dims.head_dim % 2:
             return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
-        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at)
+        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=self.decode_gemv)
 
     def transformer_decoder(self, model, weights, inputs):
         """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""

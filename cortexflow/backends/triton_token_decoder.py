@@ -11,6 +11,11 @@ Same function as :meth:`cortexflow.models.token_decoding.DecoderLM.layer`, fewer
 - both residual adds ride on the GEMM (``addmm``: cuBLAS reads the residual as its C operand), in place
   after layer 0 (an out-of-place ``addmm`` first copies the residual into its output).
 
+A single-token decode step (one row) goes further (``decode_gemv``, :mod:`cortexflow.kernels.decode_gemv`):
+each projection is one GEMV kernel that also does what sits around it: the RMSNorm before Q/K/V and
+before gate/up (recomputed per program from the one row), the residual adds, and the gated activation.
+That is 4 GEMVs + QKV/RoPE + attention (+ combine) per layer.
+
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
 element-wise kernels for the MLP, 2 adds).
@@ -23,6 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 
@@ -49,11 +55,15 @@ def fuse_layer_projections(weights: dict[str, torch.Tensor], layer_prefixes) -> 
 
 
 def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                      cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None) -> torch.Tensor:
-    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``."""
+                      cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
+                      gemv: bool = False) -> torch.Tensor:
+    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``:
+    a one-row call (a decode step at batch 1) runs its projections as fused decode GEMVs."""
     d = lm.dims
     p = f"{lm.prefix}.layers.{i}"
     b, length, width = x.shape
+    if gemv and b * length == 1:
+        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at)
     h = lm.norm(backend, weights, f"{p}.attn_norm", x)
     qkv = F.linear(h, weights[f"{p}.qkv"])
     cache_k, cache_v = cache[0][i], cache[1][i]
@@ -75,3 +85,26 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     act = gelu_tanh_gate_fused(F.linear(h, weights[f"{p}.gate_up"]), silu=lm.gated_activation == "silu")
     x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
     return x2.view(b, length, width)
+
+
+def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at):
+    """The one-row layer: 4 fused GEMVs (norm + QKV, o + residual, norm + gate/up + activation,
+    down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``."""
+    d = lm.dims
+    p = f"{lm.prefix}.layers.{i}"
+    eps = d.rms_norm_eps
+    qkv = decode_gemv(x, weights[f"{p}.qkv"], norm_weight=lm.norm_scale(weights, f"{p}.attn_norm"), eps=eps)
+    cache_k, cache_v = cache[0][i], cache[1][i]
+    inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
+    q = qkv_rope(qkv, positions.reshape(1, 1), inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v,
+                 write_at=write_at)
+    if write_at is None:
+        keys, values = cache_k[:, :1], cache_v[:, :1]
+    else:
+        keys, values = cache_k, cache_v
+    attn = backend.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
+    # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
+    x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1))
+    act = decode_gemv(x2, weights[f"{p}.gate_up"], norm_weight=lm.norm_scale(weights, f"{p}.mlp_norm"), eps=eps,
+                      gated=lm.gated_activation)
+    return decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1))

@@ -60,8 +60,8 @@ def prepare_llama_norms(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 class LlamaLM(DecoderLM):
     """Llama-2: RMSNorm with a plain ``w`` scale, SiLU-gated MLP, untied LM head, unscaled embeddings."""
 
-    def norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, weights[name + NORM_OFFSET_SUFFIX], self.dims.rms_norm_eps)
+    def norm_scale(self, weights, name: str) -> torch.Tensor:
+        return weights[name + NORM_OFFSET_SUFFIX]
 
     def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
         gate = ops.linear(h, weights[f"{layer}.gate"])

@@ -39,9 +39,6 @@ class GemmaLM(DecoderLM):
         super().__init__(dims)
         self.width = width
 
-    def norm(self, ops, weights, name: str, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, weights[name], self.dims.rms_norm_eps)
-
     def mlp(self, ops, weights, layer: str, h: torch.Tensor) -> torch.Tensor:
         return gated_mlp(ops, weights, layer, h)
 

@@ -47,8 +47,13 @@ class DecoderLM:
         self.dims = dims
 
     # ---- what differs between LMs -------------------------------------------------------------
+    def norm_scale(self, weights, name: str) -> torch.Tensor:
+        """The RMSNorm ``name``'s weight in the backends' ``(1 + w)`` convention (Gemma's own weight)."""
+        return weights[name]
+
     def norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """RMSNorm ``name`` of ``x``."""
+        return ops.rms_norm(x, self.norm_scale(weights, name), self.dims.rms_norm_eps)
 
     def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,141 @@
+"""Single-token decode GEMVs with the decoder layer's norms and epilogues fused in (Triton).
+
+A token VLA's decode step multiplies one activation row by every weight of the layer: ``y = W x`` with
+``x (K,)`` and ``W (N, K)`` row-major. That is a pure weight stream (M = 1: no tensor-core tile fits), so
+one kernel per projection reads ``W`` once and does the small work around it in the same pass:
+
+- ``norm_weight`` (prologue): ``x`` is RMS-normalised first, ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` in
+  fp32 and rounded to ``x``'s dtype as the reference's normalised activations are; every program
+  recomputes the statistics of the ``K`` inputs (a few KB from L2), so no norm kernel runs before;
+- ``residual``: ``y = residual + W x`` (one rounding of the fp32 sum);
+- ``gated`` (``silu`` or tanh-GELU): ``W`` holds ``[gate | up]`` (``2F`` rows) and the result is
+  ``act(gate) * up`` with both halves rounded to the output dtype first, as the reference rounds the
+  two GEMM outputs before its activation kernel; ``F`` outputs.
+
+Layout: ``x (K,)``, ``W (N, K)`` with unit stride along ``K``; output ``(N,)`` (``(F,)`` gated). One
+program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K`` chunks, accumulating in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+#: Defaults of the tiling (rows per program, K chunk, warps); ``decode_gemv`` takes overrides.
+BLOCK_N = 8
+BLOCK_K = 512
+NUM_WARPS = 4
+
+
+@triton.jit
+def _gelu_tanh(x):
+    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
+
+
+@triton.jit
+def _decode_gemv_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
+    n_out, k_dim, up_offset, stride_w, eps,
+    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_out
+    offs_k = tl.arange(0, BLOCK_K)
+    if NORM:
+        squares = tl.zeros([BLOCK_K], tl.float32)
+        for k0 in range(0, k_dim, BLOCK_K):
+            kk = k0 + offs_k
+            xv = tl.load(x_ptr + kk, mask=kk < k_dim, other=0.0).to(tl.float32)
+            squares += xv * xv
+        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_dim + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    w_rows = w_ptr + rows[:, None] * stride_w
+    for k0 in range(0, k_dim, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_dim
+        xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+        if NORM:
+            scale = 1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            xv = (xv * rstd * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+        tile_ok = row_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
+        acc += w.to(tl.float32) * xv[None, :]
+        if GATED:
+            w_up = tl.load(w_rows + up_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
+            acc_up += w_up.to(tl.float32) * xv[None, :]
+    y = tl.sum(acc, axis=1)
+    out_ty = out_ptr.dtype.element_ty
+    if GATED:
+        gate = y.to(out_ty).to(tl.float32)
+        up = tl.sum(acc_up, axis=1).to(out_ty).to(tl.float32)
+        if SILU:
+            y = gate / (1.0 + tl.exp(-gate)) * up
+        else:
+            y = _gelu_tanh(gate) * up
+    if RESIDUAL:
+        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ty), mask=row_ok)
+
+
+def decode_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    gated: str | None = None,
+    out: torch.Tensor | None = None,
+    block_n: int = BLOCK_N,
+    block_k: int = BLOCK_K,
+    num_warps: int = NUM_WARPS,
+) -> torch.Tensor:
+    """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
+
+    ``norm_weight (K,)``: RMS-normalise ``x`` first with scale ``1 + norm_weight``; ``residual (N,)``: add
+    it; ``gated`` ("silu" or "gelu_tanh"): ``weight`` is ``[gate | up]`` and the result ``act(gate) * up``
+    ``(N/2,)``. Returns the output with ``x``'s leading dims, in ``x``'s dtype; ``out`` may be
+    ``residual`` itself (in place)."""
+    k_dim = x.shape[-1]
+    if x.numel() != k_dim:
+        raise ValueError(f"decode_gemv takes one row, got x of shape {tuple(x.shape)}")
+    if weight.shape[-1] != k_dim or weight.stride(-1) != 1:
+        raise ValueError(f"weight {tuple(weight.shape)} (stride {weight.stride()}) does not match x's K={k_dim}")
+    if gated not in (None, "silu", "gelu_tanh"):
+        raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh', got {gated!r}")
+    n_out = weight.shape[0] // 2 if gated else weight.shape[0]
+    x1 = x.reshape(k_dim)
+    if not x1.is_contiguous():
+        x1 = x1.contiguous()
+    if out is None:
+        out = torch.empty(n_out, dtype=x.dtype, device=x.device)
+    res = residual.reshape(n_out) if residual is not None else out
+    _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
+        x1, weight, out, res, norm_weight if norm_weight is not None else x1,
+        n_out, k_dim, n_out, weight.stride(0), eps,
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, GATED=gated is not None,
+        SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    return out.view(*x.shape[:-1], n_out)
+
+
+def decode_gemv_reference(x, weight, *, norm_weight=None, eps=1e-6, residual=None, gated=None):
+    """The same computation as the op-by-op reference runs it (norm kernel, GEMM, activation, add)."""
+    import torch.nn.functional as F
+
+    h = x
+    if norm_weight is not None:
+        xf = x.float()
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + norm_weight.float())).to(x.dtype)
+    y = F.linear(h, weight)
+    if gated:
+        gate, up = y.chunk(2, dim=-1)
+        act = F.silu(gate.float()) if gated == "silu" else F.gelu(gate.float(), approximate="tanh")
+        y = (act * up.float()).to(x.dtype)
+    if residual is not None:
+        y = (residual.float() + y.float()).to(x.dtype)
+    return y
