@@ -77,7 +77,10 @@ def main() -> None:
         timed = [r for r in rows if r["shape"] == label and "us" in r]
         base = next(r for r in timed if r["variant"].startswith("cuBLAS"))
         best = min((r for r in timed if r["variant"].startswith("decode_gemv")), key=lambda r: r["us"])
-        default = next((r for r in timed if r["variant"] == "decode_gemv bn=8 bk=512 w=4"), None)
+        from cortexflow.kernels.decode_gemv import default_tiling
+        k, n, _, gated = SHAPES[label]
+        bn, bk, warps = default_tiling(n, k, gated is not None)
+        default = next((r for r in timed if r["variant"] == f"decode_gemv bn={bn} bk={bk} w={warps}"), None)
         print(f"{label}")
         for r in (base, default, best):
             if r:

@@ -22,10 +22,19 @@ import torch
 import triton
 import triton.language as tl
 
-#: Defaults of the tiling (rows per program, K chunk, warps); ``decode_gemv`` takes overrides.
-BLOCK_N = 8
-BLOCK_K = 512
-NUM_WARPS = 4
+def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
+    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the H100 sweep
+    (``benchmarks/micro_decode_gemv.py``, ``results/h100_2026-11-24_v7/``) for each kind of projection.
+    Gated gate/up (OpenVLA 65.8 µs vs cuBLAS + norm + gate 70.8; RT-2 49.8 vs 53.3): 16 rows, 512, 4 warps.
+    Long K (OpenVLA down, K 11008: 36.8 vs 37.5): 4 rows, 1024, 8 warps. Wide N (QKV, 12288 rows: 38.8 vs
+    39.7): 32 rows, 1024, 8 warps. Otherwise (o, 4096 x 4096): 8 rows, 1024, 4 warps."""
+    if gated:
+        return 16, 512, 4
+    if k_dim > 8192:
+        return 4, 1024, 8
+    if n_rows >= 8192:
+        return 32, 1024, 8
+    return 8, 1024, 4
 
 
 @triton.jit
@@ -90,16 +99,16 @@ def decode_gemv(
     residual: torch.Tensor | None = None,
     gated: str | None = None,
     out: torch.Tensor | None = None,
-    block_n: int = BLOCK_N,
-    block_k: int = BLOCK_K,
-    num_warps: int = NUM_WARPS,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
 ) -> torch.Tensor:
     """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
 
     ``norm_weight (K,)``: RMS-normalise ``x`` first with scale ``1 + norm_weight``; ``residual (N,)``: add
     it; ``gated`` ("silu" or "gelu_tanh"): ``weight`` is ``[gate | up]`` and the result ``act(gate) * up``
     ``(N/2,)``. Returns the output with ``x``'s leading dims, in ``x``'s dtype; ``out`` may be
-    ``residual`` itself (in place)."""
+    ``residual`` itself (in place). Tiling: :func:`default_tiling` unless given."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
         raise ValueError(f"decode_gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -114,6 +123,8 @@ def decode_gemv(
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     res = residual.reshape(n_out) if residual is not None else out
+    tiling = default_tiling(weight.shape[0], k_dim, gated is not None)
+    block_n, block_k, num_warps = block_n or tiling[0], block_k or tiling[1], num_warps or tiling[2]
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
