@@ -79,14 +79,19 @@ def check_passing_report(report, model):
     assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
 
 
-@pytest.mark.parametrize("opt_in_kernels", ["0", "1"])
+@pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off"])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
-def test_verify_triton_matches_pytorch(model, opt_in_kernels, monkeypatch):
+def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
-    the default kernels and with the opt-in ones (split-K GEMMs for few-row linears, patch embedding)."""
+    the default kernels (decode GEMV for RT-2's Gemma, cuBLAS for OpenVLA's Llama), with the opt-in ones
+    (split-K GEMMs for few-row linears, which then serve the decode steps, and the patch embedding), and
+    with the decode GEMV forced on and off for both LMs."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in_kernels)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in_kernels)
+    opt_in = "1" if variant == "opt-in kernels" else "0"
+    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in)
+    gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0"}.get(variant, "auto")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
     report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"
@@ -194,3 +199,14 @@ def test_cli_profile_rt2_prints_the_rows():
                                  "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "prefill" in result.output and "decode" in result.output and "greedy tokens" in result.output
+
+
+def test_bad_decode_gemv_setting_is_refused(monkeypatch):
+    """A typo in CORTEXFLOW_TRITON_DECODE_GEMV is an error naming the allowed values, not a silent default."""
+    pytest.importorskip("triton")
+    from cortexflow.backends import create_backend
+    from cortexflow.errors import BackendUnavailableError
+
+    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", "yes")
+    with pytest.raises(BackendUnavailableError, match="auto, 0 or 1"):
+        create_backend("triton", TRITON_DEVICE, torch.float32)

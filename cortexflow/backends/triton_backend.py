@@ -70,8 +70,12 @@ class TritonBackend(PyTorchBackend):
         self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
         # Token VLAs' single-token decode steps as fused decode GEMVs (kernels/decode_gemv.py: norm
         # prologue, residual / gated-activation epilogues) instead of cuBLAS + norm/activation kernels.
-        # CORTEXFLOW_TRITON_DECODE_GEMV=0 turns it off (A/B runs).
-        self.decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "1") == "1"
+        # CORTEXFLOW_TRITON_DECODE_GEMV: "auto" (default: where the LM measured faster with it, i.e. RT-2's
+        # Gemma, not OpenVLA's Llama), "1" always, "0" never.
+        self.decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
+        if self.decode_gemv not in ("auto", "0", "1"):
+            raise BackendUnavailableError(
+                f"CORTEXFLOW_TRITON_DECODE_GEMV must be auto, 0 or 1, got {self.decode_gemv!r}")
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
@@ -88,7 +92,8 @@ class TritonBackend(PyTorchBackend):
         """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
         if f"{lm.prefix}.layers.{i}.qkv" not in weights or lm.dims.head_dim > MAX_HEAD_DIM or lm.dims.head_dim % 2:
             return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
-        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=self.decode_gemv)
+        gemv = self.decode_gemv == "1" or (self.decode_gemv == "auto" and lm.prefers_decode_gemv)
+        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=gemv)
 
     def transformer_decoder(self, model, weights, inputs):
         """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""

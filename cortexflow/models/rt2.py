@@ -34,6 +34,8 @@ class GemmaLM(DecoderLM):
     """Gemma: RMSNorm with ``(1 + w)``, tanh-GELU gated MLP, embeddings scaled by sqrt(D), tied LM head."""
 
     gated_activation = "gelu_tanh"
+    #: RT-2 on the H100: 234.8 ms with the decode GEMV vs 243.0 ms without (120 tokens, Triton + graphs).
+    prefers_decode_gemv = True
 
     def __init__(self, dims: DecoderDims, width: int):
         super().__init__(dims)

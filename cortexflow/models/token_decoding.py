@@ -42,6 +42,9 @@ class DecoderLM:
     #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma); fused
     #: backends read it, the op-by-op ``mlp`` below is the reference.
     gated_activation = "silu"
+    #: Whether fused backends run this LM's single-token decode steps as fused decode GEMVs by default
+    #: (measured per model on the H100: see benchmarks/NOTES.md, "decode GEMV").
+    prefers_decode_gemv = False
 
     def __init__(self, dims: DecoderDims):
         self.dims = dims
