@@ -7,6 +7,8 @@ stdout and everything else (progress, warnings) on stderr, so its output can be 
 
 import functools
 import json
+import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -868,6 +870,22 @@ def profile_command(
                          chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,
                          peak_gbps=peak_gbps, log=_progress)
     _report(report, json_path, print_profile)
+    _exit_after_cuda_profiling()
+
+
+def _exit_after_cuda_profiling() -> None:
+    """End the process now that the report is written, when the profiler traced CUDA.
+
+    On the H100 machine the process did not exit after a complete report (four runs, each killed by its
+    time limit 60-100 s later): the profiler's CUPTI session is torn down at interpreter exit, which is
+    known not to go well with CUDA graphs in the same process (pytorch/pytorch#144455). Nothing is left
+    to do here, so skip the interpreter's teardown."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 # ---- ONNX export --------------------------------------------------------------------------------
