@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.gelu_gate import _gelu_tanh
+
 def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
     """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the H100 sweep
     (``benchmarks/micro_decode_gemv.py``, ``results/h100_2026-11-24_v7/``) for each kind of projection.
@@ -35,12 +37,6 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]
     if n_rows >= 8192:
         return 32, 1024, 8
     return 8, 1024, 4
-
-
-@triton.jit
-def _gelu_tanh(x):
-    inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return 0.5 * x * (1.0 + (2.0 / (1.0 + tl.exp(-2.0 * inner)) - 1.0))
 
 
 @triton.jit
