@@ -223,18 +223,20 @@ def test_qkv_rope_writes_the_cache_row_given_on_the_device(dtype):
     assert torch.isnan(keys[:, 4:6]).all() and torch.isnan(values[:, 9:]).all()
 
 
-@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels"])
+@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
     separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the opt-in
     kernels: the expert's GEMMs as split-K Triton GEMMs with their epilogues (Euler update included) and
-    the Triton patch embedding."""
+    the Triton patch embedding; and only gate/up + GELU and the action head + Euler as split-K GEMMs."""
     import cortexflow as cf
 
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
     for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
         monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
+    if decoder_variant == "skinny mlp_head":
+        monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "mlp_head")
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)

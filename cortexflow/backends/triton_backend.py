@@ -64,7 +64,12 @@ class TritonBackend(PyTorchBackend):
         # Euler update) and every other ``linear`` of <= SKINNY_MAX_ROWS rows (the token VLAs' decode
         # steps) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue kernels.
         # Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
-        self.skinny_gemms = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0") == "1"
+        # CORTEXFLOW_TRITON_SKINNY_GEMM=mlp_head: only the expert's gate/up + GELU and action head + Euler
+        # (one K range each), the two shapes where the kernel beat cuBLAS in the H100 micro-benchmark.
+        skinny = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0")
+        if skinny not in ("0", "1", "mlp_head"):
+            raise BackendUnavailableError(f"CORTEXFLOW_TRITON_SKINNY_GEMM must be 0, 1 or mlp_head, got {skinny!r}")
+        self.skinny_gemms = {"0": "off", "1": "all", "mlp_head": "mlp_head"}[skinny]
         # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
         # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
         self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
@@ -121,7 +126,7 @@ class TritonBackend(PyTorchBackend):
             warnings.warn(f"triton backend: {op} falls back to the PyTorch op ({reason})", CortexFlowWarning, stacklevel=3)
 
     def linear(self, x, weight, bias=None):
-        if not self.skinny_gemms or x.numel() > SKINNY_MAX_ROWS * x.shape[-1]:
+        if self.skinny_gemms != "all" or x.numel() > SKINNY_MAX_ROWS * x.shape[-1]:
             return super().linear(x, weight, bias)
         weight = weight if weight.dtype == x.dtype else weight.to(x.dtype)
         bias = bias if bias is None or bias.dtype == x.dtype else bias.to(x.dtype)

@@ -10,8 +10,10 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
   time half of ``action_time_mlp_in`` (folded with ``action_in_proj`` into one fp32 GEMM) and Pi0.5's
   time MLP and all 37 adaRMS modulations;
 - Pi0's state token is projected once per call;
-- with ``skinny_gemms`` the expert's GEMMs are split-K Triton GEMMs with their epilogues
-  (:mod:`cortexflow.kernels.skinny_gemm`): QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
+- with ``skinny_gemms="all"`` the expert's GEMMs are split-K Triton GEMMs with their epilogues
+  (:mod:`cortexflow.kernels.skinny_gemm`); ``"mlp_head"`` only the two where that kernel (at one K range)
+  beat cuBLAS + epilogue kernel on the H100: gate/up + GELU gate and the action head + Euler update.
+  All of them: QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
   intermediate), down + residual, and the action head fused with the Euler update of the fp32 state;
 - with ``fold_norms`` (off by default: slower than norm kernel + cuBLAS on the H100) each RMSNorm rides
   on the GEMM after it
@@ -103,7 +105,7 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
-                  skinny_gemms: bool = False) -> torch.Tensor:
+                  skinny_gemms: str = "off") -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
@@ -154,8 +156,9 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
         else:
             h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps)
-        if skinny_gemms:
-            skinny_euler_(x_t, h, weights["action_out_proj.weight"], weights["action_out_proj.bias"], dt)
+        if skinny_gemms != "off":
+            skinny_euler_(x_t, h, weights["action_out_proj.weight"], weights["action_out_proj.bias"], dt,
+                          num_splits=1 if skinny_gemms == "mlp_head" else None)
         else:
             velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
             x_t = torch.add(x_t, velocity.float(), alpha=dt)
@@ -171,11 +174,13 @@ def _norm(x, weight, eps, modulation):
 
 
 def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None,
-                  skinny=False):
+                  skinny="off"):
     """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``.
 
     ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs;
-    ``skinny`` runs the GEMMs of the unfolded path as split-K Triton GEMMs with their epilogues."""
+    ``skinny`` ("off" / "mlp_head" / "all") runs some or all GEMMs of the unfolded path as split-K Triton
+    GEMMs with their epilogues."""
+    skinny_all = skinny == "all"
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
     attn_mod = None if modulation is None else modulation[0]
@@ -184,21 +189,21 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
         qkv = norm_linear(x, weights[f"{pre}.qkv"], eps, folded[0][0], folded[1][0])
     else:
         h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
-        qkv = skinny_linear(h, weights[f"{pre}.qkv"]) if skinny else F.linear(h, weights[f"{pre}.qkv"])
+        qkv = skinny_linear(h, weights[f"{pre}.qkv"]) if skinny_all else F.linear(h, weights[f"{pre}.qkv"])
     q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
     a = attention(q, keys, values, mask, scale).view(b * s, -1)
     # Layer 0's input is the step's token buffer (its state row is written once per call): never
     # overwritten. Every later residual is this decoder's own temporary, updated in place.
-    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny, inplace=i > 0)
+    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny_all, inplace=i > 0)
     if folded is not None:
         act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
     else:
         h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
-        if skinny:
-            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"])
+        if skinny != "off":
+            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"], num_splits=1 if skinny == "mlp_head" else None)
         else:
             act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
-    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny, inplace=True)
+    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny_all, inplace=True)
     return x2.view(b, s, d)
 
 
