@@ -59,23 +59,12 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
                       gemv: bool = False) -> torch.Tensor:
     """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``:
     a one-row call (a decode step at batch 1) runs its projections as fused decode GEMVs."""
-    d = lm.dims
     p = f"{lm.prefix}.layers.{i}"
     b, length, width = x.shape
     if gemv and b * length == 1:
         return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at)
     h = lm.norm(backend, weights, f"{p}.attn_norm", x)
-    qkv = F.linear(h, weights[f"{p}.qkv"])
-    cache_k, cache_v = cache[0][i], cache[1][i]
-    inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
-    if positions.stride(-1) != 1:
-        positions = positions.contiguous()
-    q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v, write_at=write_at)
-    if write_at is None:
-        keys, values = cache_k[:, :length], cache_v[:, :length]
-    else:
-        keys, values = cache_k, cache_v
-    attn = backend.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
+    attn = _attend(backend, lm, i, F.linear(h, weights[f"{p}.qkv"]), positions, mask, cache, write_at)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
     x2 = x.reshape(b * length, width)
@@ -87,22 +76,30 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     return x2.view(b, length, width)
 
 
+def _attend(backend, lm, i, qkv, positions, mask, cache, write_at):
+    """RoPE on the fused ``qkv (B, L, (Hq + 2 Hkv) * Dh)`` with K/V written into layer ``i``'s cache (rows
+    ``0..L-1``, or the row in ``write_at``), then attention over this call's keys (prefill) or the whole
+    cache (step); ``(B, L, Hq * Dh)``."""
+    d = lm.dims
+    length = qkv.shape[1]
+    cache_k, cache_v = cache[0][i], cache[1][i]
+    inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, qkv.device)
+    positions = positions.reshape(qkv.shape[0], length)
+    if positions.stride(-1) != 1:
+        positions = positions.contiguous()
+    q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v, write_at=write_at)
+    if write_at is None:
+        cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
+    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim))
+
+
 def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at):
     """The one-row layer: 4 fused GEMVs (norm + QKV, o + residual, norm + gate/up + activation,
     down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``."""
-    d = lm.dims
     p = f"{lm.prefix}.layers.{i}"
-    eps = d.rms_norm_eps
+    eps = lm.dims.rms_norm_eps
     qkv = decode_gemv(x, weights[f"{p}.qkv"], norm_weight=lm.norm_scale(weights, f"{p}.attn_norm"), eps=eps)
-    cache_k, cache_v = cache[0][i], cache[1][i]
-    inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
-    q = qkv_rope(qkv, positions.reshape(1, 1), inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v,
-                 write_at=write_at)
-    if write_at is None:
-        keys, values = cache_k[:, :1], cache_v[:, :1]
-    else:
-        keys, values = cache_k, cache_v
-    attn = backend.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
+    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
     x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1))
     act = decode_gemv(x2, weights[f"{p}.gate_up"], norm_weight=lm.norm_scale(weights, f"{p}.mlp_norm"), eps=eps,

@@ -22,6 +22,7 @@ counters stay zero between calls and inside CUDA graph replays). One launch inst
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -190,8 +191,14 @@ FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") =
 
 def _processor_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_processor_count(device.index if device.index is not None else torch.cuda.current_device())
     return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_processor_count(index: int) -> int:
+    """SMs of CUDA device ``index`` (asked once: every attention call needs it)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
@@ -223,12 +230,11 @@ def attention(
     out = torch.empty((b, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = max(16, next_power_of_two(head_dim))  # tl.dot needs K >= 16 on the GPU
     n_rows = q_len * group
-    # Row tile: 64, or the rows rounded up to a power of two (>= 16 for tl.dot) when fewer, so a
-    # single-token decode step (1 row per KV head without GQA) does not compute 63 padding rows.
     processors = _processor_count(q.device)
     if block_m is None:
         # 64-row tiles, unless they leave most SMs idle (then the keys get split anyway and smaller
-        # tiles give more, lighter programs); never more rows than there are (a decode step's 1 row).
+        # tiles give more, lighter programs); never more rows than there are, rounded up to a power of
+        # two >= 16 for tl.dot (a decode step without GQA has 1 row per KV head).
         block_m = 64 if 2 * triton.cdiv(n_rows, 64) * b * kv_heads >= processors or interpreting() else SMALL_GRID_BLOCK_M
         block_m = min(block_m, max(16, next_power_of_two(n_rows)))
     if num_warps is None:

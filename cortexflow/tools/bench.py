@@ -279,11 +279,17 @@ def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: 
         )
         return entry
     except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
-        outcome = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
-        return {**entry, "outcome": outcome, "reason": f"{type(err).__name__}: {err}"}
+        return failed_case(entry, err)
     finally:
         del engine
         memory.reset()
+
+
+def failed_case(entry: dict, err: Exception) -> dict:
+    """A grid row for a case that raised: ``skipped`` (backend missing, not implemented, out of GPU
+    memory) or ``failed``, with the error as the reason."""
+    outcome = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
+    return {**entry, "outcome": outcome, "reason": f"{type(err).__name__}: {err}"}
 
 
 def print_bench(results: dict, console) -> None:

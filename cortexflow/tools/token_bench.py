@@ -65,7 +65,7 @@ class TokenWorkload:
 
     def run(self, case, memory, rng: np.random.Generator, iters: int, warmup: int) -> dict:
         """Time one case like ``bench._run_case``; when it cannot run, a dict with ``reason`` and ``outcome``."""
-        from cortexflow.tools.bench import SKIP_ERRORS, time_calls
+        from cortexflow.tools.bench import failed_case, time_calls
 
         entry = asdict(case)
         config = self.model.config
@@ -98,8 +98,7 @@ class TokenWorkload:
             )
             return entry
         except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
-            outcome = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
-            return {**entry, "outcome": outcome, "reason": f"{type(err).__name__}: {err}"}
+            return failed_case(entry, err)
         finally:
             del engine
             memory.reset()
