@@ -10,6 +10,9 @@ peak GPU memory over the variant (weights included). Writes JSON to ``$OUT/bench
 
     python benchmarks/bench_openvla.py                 # H100: real size, bf16, 100 iterations
     python benchmarks/bench_openvla.py --tiny          # CPU smoke test (tiny config, fp32, PyTorch only)
+    python benchmarks/bench_openvla.py --triton-only --triton-env no_fold=CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS=0
+        # A/B: the default Triton path and one more with those environment settings (same weights drawn
+        # again for every variant: a Triton engine re-lays its weights out in place)
 """
 
 from __future__ import annotations
@@ -34,12 +37,19 @@ from cortexflow.token_engine import TokenVLAEngine
 PROMPT_IDS = 26
 
 
-def _variants(device: torch.device) -> list[tuple[str, str, bool]]:
-    """(name, backend, CUDA graphs) to run on ``device``."""
+def _variants(device: torch.device, triton_only: bool, triton_envs: list[str]) -> list[tuple[str, str, bool, dict]]:
+    """(name, backend, CUDA graphs, environment settings) to run on ``device``."""
     if device.type != "cuda":
-        return [("pytorch (eager)", "pytorch", False)]
-    return [("pytorch (eager)", "pytorch", False), ("pytorch + graphs", "pytorch", True),
-            ("triton + graphs", "triton", True)]
+        return [("pytorch (eager)", "pytorch", False, {})]
+    variants = [] if triton_only else [("pytorch (eager)", "pytorch", False, {}), ("pytorch + graphs", "pytorch", True, {})]
+    variants.append(("triton + graphs", "triton", True, {}))
+    for spec in triton_envs:
+        name, _, settings = spec.partition("=")
+        env = dict(item.split("=", 1) for item in settings.split(",") if item)
+        if not name or not env:
+            raise SystemExit(f"--triton-env wants NAME=VAR=VALUE[,VAR=VALUE...], got {spec!r}")
+        variants.append((f"triton [{name}]", "triton", True, env))
+    return variants
 
 
 def _time_calls(engine: TokenVLAEngine, image, ids, iters: int, device: torch.device) -> list[float]:
@@ -67,6 +77,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default=None, help="[cuda; tiny: cpu]")
     parser.add_argument("--json", dest="json_path", default=None, help="output path [$OUT/bench_openvla.json]")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--triton-only", action="store_true", help="skip the PyTorch variants (A/B runs)")
+    parser.add_argument("--triton-env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
+                        help="one more Triton + graphs variant with these environment settings (repeatable)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -77,19 +90,33 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     weights = random_openvla_weights(config, seed=args.seed, dtype=dtype, device=device)
     draw_s = time.perf_counter() - t0
+    num_parameters = sum(t.numel() for t in weights.values())
     stats = ActionStats.from_entry("bridge_orig", example_norm_stats(config.action_dim)["bridge_orig"])
     rng = np.random.default_rng(args.seed)
     image = rng.integers(0, 256, (config.image_size, config.image_size, 3), dtype=np.uint8)
     ids = [config.bos_id, *rng.integers(3, model_vocab - config.n_action_bins, PROMPT_IDS - 2).tolist()]
 
     rows, tokens_by_variant = [], {}
-    for name, backend, graphs in _variants(device):
+    for name, backend, graphs, env in _variants(device, args.triton_only, args.triton_env):
+        if weights is None:  # a Triton engine fused / folded the last draw in place: draw the same values again
+            weights = random_openvla_weights(config, seed=args.seed, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        engine = TokenVLAEngine(OpenVLAModel(config), weights, backend=backend, device=device, dtype=dtype,
-                                unnormalize=stats.unnormalize, use_cuda_graphs=graphs)
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            engine = TokenVLAEngine(OpenVLAModel(config), weights, backend=backend, device=device, dtype=dtype,
+                                    unnormalize=stats.unnormalize, use_cuda_graphs=graphs)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        if backend == "triton":
+            weights = None
         t0 = time.perf_counter()
         for _ in range(args.warmup):
             engine.predict(image, prompt_tokens=ids)
@@ -99,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_by_variant[name] = engine.last_tokens.tolist()
         q = np.percentile(times, [10, 90])
         rows.append({
-            "variant": name, "backend": backend, "cuda_graphs": engine.use_cuda_graphs,
+            "variant": name, "backend": backend, "cuda_graphs": engine.use_cuda_graphs, "environment": env,
             "median_ms": statistics.median(times), "p10_ms": float(q[0]), "p90_ms": float(q[1]),
             "min_ms": min(times), "iters": iters, "warmup_s": warm_s,
             "peak_gpu_gib": None if peak is None else peak / 2**30,
@@ -107,10 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens": engine.last_tokens.tolist(),
         })
         del engine
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
     reference = rows[0]["tokens"]
     for row in rows:
-        row["same_tokens_as_eager"] = row["tokens"] == reference
+        row["same_tokens_as_eager"] = row["tokens"] == reference  # the first variant's, with --triton-only
     result = {
         "benchmark": "openvla-7b" if not args.tiny else "openvla-tiny",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -118,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": config.to_dict(),
         "workload": {"images": 1, "image_size": config.image_size, "prompt_ids": len(ids) + 1,
                      "action_tokens": config.action_dim},
-        "num_parameters_used": sum(t.numel() for t in weights.values()),
+        "num_parameters_used": num_parameters,
         "weights_draw_s": draw_s,
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0],
                      "cuda": torch.version.cuda, "triton": _triton_version()},
@@ -132,10 +161,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"\nOpenVLA {'tiny' if args.tiny else '7B'} on {result['device']} ({result['dtype']}), 1 image, "
           f"{config.action_dim} tokens, {iters} calls per variant -> {out_path}")
-    print(f"{'variant':<20}{'median ms':>11}{'p10':>9}{'p90':>9}{'peak GiB':>10}  same tokens")
+    print(f"{'variant':<28}{'median ms':>11}{'p10':>9}{'p90':>9}{'peak GiB':>10}  same tokens")
     for row in rows:
         peak = "-" if row["peak_gpu_gib"] is None else f"{row['peak_gpu_gib']:.2f}"
-        print(f"{row['variant']:<20}{row['median_ms']:>11.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}{peak:>10}"
+        print(f"{row['variant']:<28}{row['median_ms']:>11.2f}{row['p10_ms']:>9.2f}{row['p90_ms']:>9.2f}{peak:>10}"
               f"  {row['same_tokens_as_eager']}")
     return result
 

@@ -7,6 +7,10 @@
 #   MODE=ab bash benchmarks/gpu_triton_check.sh         # A/B of the opt-in kernels (fused combine, split-K
 #       skinny GEMMs, Triton patch embedding, folded norms): bench + real-size verify each, OpenVLA too
 #   MODE=extra bash benchmarks/gpu_triton_check.sh      # kernel micro-benchmarks + the Triton/token-VLA tests on the GPU
+#   MODE=token_ab bash benchmarks/gpu_triton_check.sh   # ~5 min: OpenVLA / RT-2 A/B (folded norms, concurrent vision
+#       towers, decode GEMV modes), real-size OpenVLA verify and profile, the token-VLA kernel tests on the GPU
+#   MODE=token_final bash benchmarks/gpu_triton_check.sh # ~7 min: OpenVLA eager / graphs / Triton (+ fused combine
+#       A/B), RT-2 with the fused combine, Pi0 1/2/3 views, the Triton / OpenVLA / RT-2 tests on the GPU
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -53,7 +57,38 @@ extra)
     > "$OUT/kernel_tests.txt" 2>&1
   tail -3 "$OUT/kernel_tests.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra)"; exit 2 ;;
+token_ab)
+  TV=CORTEXFLOW_TRITON
+  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_ab.json" \
+    --triton-env "v6_path=${TV}_FOLD_TOKEN_NORMS=0,${TV}_CONCURRENT=0" \
+    --triton-env "fold_only=${TV}_CONCURRENT=0" \
+    --triton-env "concurrent_only=${TV}_FOLD_TOKEN_NORMS=0" \
+    --triton-env "gemv_out=${TV}_DECODE_GEMV=out" 2>&1 | tail -8
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -3
+  step 90 env "${TV}_FOLD_TOKEN_NORMS=0" "${RT2[@]}" --json "$OUT/bench_rt2_no_fold.json" 2>&1 | tail -3
+  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
+  tail -4 "$OUT/verify_openvla.txt"
+  step 100 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
+    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
+  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_decode_gemv.py tests/test_triton_kernels.py \
+    tests/test_token_tools.py -k "decode_gemv or fold or rstd or verify_triton or bad_decode" \
+    > "$OUT/gpu_tests_token.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_token.txt"
+  ;;
+token_final)
+  TV=CORTEXFLOW_TRITON
+  step 300 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" \
+    --triton-env "fused_combine=${TV}_FUSED_COMBINE=1" \
+    --triton-env "fused_combine_gemv_out=${TV}_FUSED_COMBINE=1,${TV}_DECODE_GEMV=out" 2>&1 | tail -7
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 90 env "${TV}_FUSED_COMBINE=1" "${RT2[@]}" --json "$OUT/bench_rt2_fused_combine.json" 2>&1 | tail -2
+  step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py \
+    > "$OUT/gpu_tests.txt" 2>&1
+  tail -3 "$OUT/gpu_tests.txt"
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

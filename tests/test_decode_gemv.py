@@ -21,7 +21,8 @@ def check(out, ref, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("variant", ["plain", "norm", "residual", "norm+silu gate", "norm+gelu gate"])
+@pytest.mark.parametrize("variant", ["plain", "norm", "folded norm", "residual", "norm+silu gate", "norm+gelu gate",
+                                     "folded norm+silu gate"])
 def test_decode_gemv_matches_reference(dtype, variant):
     """Odd K (1100: a partial last chunk) and odd N (37 outputs: a partial last row block)."""
     k, n = 1100, 37
@@ -29,7 +30,9 @@ def test_decode_gemv_matches_reference(dtype, variant):
     gated = {"norm+silu gate": "silu", "norm+gelu gate": "gelu_tanh"}.get(variant)
     w = rand(2 * n if gated else n, k, dtype=dtype, seed=2, scale=k**-0.5)
     kwargs = {"gated": gated}
-    if "norm" in variant:
+    if variant.startswith("folded norm"):
+        kwargs.update(normalize=True, eps=1e-5)
+    elif "norm" in variant:
         kwargs.update(norm_weight=rand(k, dtype=torch.float32, seed=3, scale=0.2), eps=1e-5)
     if variant == "residual":
         kwargs["residual"] = rand(1, 1, n, dtype=dtype, seed=4)

@@ -79,19 +79,24 @@ def check_passing_report(report, model):
     assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
 
 
-@pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off"])
+@pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off",
+                                     "decode gemv out", "norms not folded"])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
 def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
-    the default kernels (decode GEMV for RT-2's Gemma, cuBLAS for OpenVLA's Llama), with the opt-in ones
-    (split-K GEMMs for few-row linears, which then serve the decode steps, and the patch embedding), and
-    with the decode GEMV forced on and off for both LMs."""
+    the default kernels (norm weights folded into QKV and gate/up; decode GEMV for RT-2's Gemma, cuBLAS
+    for OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
+    decode steps, and the patch embedding), with the decode GEMV forced on, off and on for the o / down
+    projections only, and with the norms kept as kernels."""
     pytest.importorskip("triton")
     opt_in = "1" if variant == "opt-in kernels" else "0"
     monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in)
     monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in)
-    gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0"}.get(variant, "auto")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "1" if variant == "opt-in kernels" else "auto")
+    gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0", "decode gemv out": "out",
+            "norms not folded": "1" if model == "rt2" else "0"}.get(variant, "auto")
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "0" if variant == "norms not folded" else "1")
     report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"
@@ -208,5 +213,50 @@ def test_bad_decode_gemv_setting_is_refused(monkeypatch):
     from cortexflow.errors import BackendUnavailableError
 
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", "yes")
-    with pytest.raises(BackendUnavailableError, match="auto, 0 or 1"):
+    with pytest.raises(BackendUnavailableError, match="auto, 0, 1 or out"):
         create_backend("triton", TRITON_DEVICE, torch.float32)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "yes")
+    with pytest.raises(BackendUnavailableError, match="FUSED_COMBINE must be auto, 0 or 1"):
+        create_backend("triton", TRITON_DEVICE, torch.float32)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
+    for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT"):
+        monkeypatch.setenv(name, "on")
+        with pytest.raises(BackendUnavailableError, match=f"{name} must be 0 or 1"):
+            create_backend("triton", TRITON_DEVICE, torch.float32)
+        monkeypatch.setenv(name, "1")
+
+
+def test_norm_folding_runs_once_and_changes_the_fused_weights():
+    """Folding scales the fused QKV / gate/up columns by the norm weight once (a marker stops a second
+    pass), leaves the reference's separate tensors alone, and keeps the layer's output (fp32)."""
+    pytest.importorskip("triton")
+    from cortexflow.backends import create_backend
+    from cortexflow.backends.triton_token_decoder import fold_norm_weights
+    from cortexflow.tools import random_token_weights, token_model
+
+    model = token_model("openvla", "tiny")
+    weights = model.prepare_weights(random_token_weights(model, 3, torch.float32, torch.device(TRITON_DEVICE)))
+    original_q = weights["llm.layers.0.q"].clone()
+    backend = create_backend("triton", TRITON_DEVICE, torch.float32)
+    folded = backend.prepare_weights(model, dict(weights))
+    assert model.lm.norms_folded_key in folded and torch.equal(weights["llm.layers.0.q"], original_q)
+    scale = 1.0 + model.lm.norm_scale(weights, "llm.layers.0.attn_norm")
+    assert torch.allclose(folded["llm.layers.0.qkv"][: original_q.shape[0]], original_q * scale, rtol=1e-6)
+    again = fold_norm_weights(model.lm, folded)["llm.layers.0.qkv"][: original_q.shape[0]]
+    assert torch.allclose(again, original_q * scale, rtol=1e-6)
+    # The op-by-op reference layer on the folded dict (another backend handed the same weights) drops the
+    # folded scales and so computes what it computes on the original weights.
+    reference = create_backend("pytorch", torch.device("cpu"), torch.float32)
+    lm, d = model.lm, model.lm.dims
+    width = folded["llm.layers.0.o"].shape[0]
+    x = torch.randn(1, 5, width, generator=torch.Generator().manual_seed(4)).to(TRITON_DEVICE)
+    positions = torch.arange(5, device=TRITON_DEVICE)[None]
+    mask = torch.ones(1, 5, 5, dtype=torch.bool, device=TRITON_DEVICE).tril()
+
+    def layer(w):
+        cache = tuple(torch.zeros(d.num_layers, 1, 5, d.num_kv_heads, d.head_dim, device=TRITON_DEVICE) for _ in range(2))
+        return lm.layer(reference, w, 0, x, positions, mask, cache, None)
+
+    expected, got = layer(weights), layer(folded)
+    assert ((got - expected).norm() / expected.norm()).item() < 1e-5

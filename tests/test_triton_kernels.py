@@ -23,7 +23,7 @@ from cortexflow.kernels.gelu_gate import (  # noqa: E402
 )
 from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference  # noqa: E402
 from cortexflow.kernels.qkv_rope import qkv_rope, qkv_rope_reference  # noqa: E402
-from cortexflow.kernels.rms_norm import rms_norm, rms_norm_reference  # noqa: E402
+from cortexflow.kernels.rms_norm import rms_norm, rms_norm_reference, rms_rstd, rms_rstd_reference  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies, rope, rope_reference  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -149,6 +149,15 @@ def test_rms_norm_plain_and_adaptive(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_rstd_per_row(dtype):
+    """The folded norm's statistics kernel: one fp32 value per row (odd width, rows of different scale)."""
+    x = randn(2, 3, 1100, dtype=dtype, seed=30) * torch.arange(1, 7, device=DEVICE).view(2, 3, 1).to(dtype)
+    rstd = rms_rstd(x, 1e-6)
+    assert rstd.shape == (6,) and rstd.dtype == torch.float32
+    assert_close(rstd, rms_rstd_reference(x, 1e-6), torch.float32 if dtype == torch.float32 else torch.float16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_layer_norm(dtype):
     x = randn(3, 11, 72, dtype=dtype, seed=11) * 3 + 1
     w, b = randn(72, dtype=dtype, seed=12), randn(72, dtype=dtype, seed=13)
@@ -221,6 +230,49 @@ def test_qkv_rope_writes_the_cache_row_given_on_the_device(dtype):
         assert_close(keys[:, row:row + length], k_ref, dtype)
         assert torch.equal(values[:, row:row + length], v_ref)
     assert torch.isnan(keys[:, 4:6]).all() and torch.isnan(values[:, 9:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("source", ["rstd tensor", "recomputed from the input row"])
+def test_qkv_rope_applies_the_folded_norm(dtype, source):
+    """With the norm weight folded into the QKV weight, each token's QKV is scaled by its rstd before RoPE:
+    from a ``(B*S,)`` tensor (prefill) or recomputed from the layer input (decode step: one row; here also
+    several, which the kernel allows)."""
+    heads, kv_heads, head_dim, width = 2, 1, 32, 300
+    b, s = (2, 3) if source == "rstd tensor" else (1, 1)
+    x = randn(b, s, width, dtype=dtype, seed=40) * 4
+    qkv = randn(b, s, (heads + 2 * kv_heads) * head_dim, dtype=dtype, seed=41) * 20
+    positions = (5 + torch.arange(s, device=DEVICE))[None].expand(b, -1).contiguous()
+    inv = inverse_frequencies(head_dim, 10000.0, torch.device(DEVICE))
+    keys = torch.zeros((b, 8, kv_heads, head_dim), dtype=dtype, device=DEVICE)
+    values = torch.zeros_like(keys)
+    rstd = rms_rstd_reference(x, 1e-5)
+    kwargs = {"rstd": rstd} if source == "rstd tensor" else {"norm_input": x}
+    q = qkv_rope(qkv, positions, inv, heads, kv_heads, keys, values, eps=1e-5, **kwargs)
+    q_ref, k_ref, v_ref = qkv_rope_reference(qkv, positions, inv, heads, kv_heads, rstd=rstd)
+    assert_close(q, q_ref, dtype)
+    assert_close(keys[:, :s], k_ref, dtype)
+    assert_close(values[:, :s], v_ref, dtype)
+    unscaled, _, _ = qkv_rope_reference(qkv, positions, inv, heads, kv_heads)
+    assert (q.float() - unscaled.float()).abs().max() > 0.1  # the scaling really happened
+    with pytest.raises(ValueError, match="not both"):
+        qkv_rope(qkv, positions, inv, heads, kv_heads, keys, values, rstd=rstd, norm_input=x)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("silu", [True, False])
+def test_gated_activation_applies_the_folded_norm(dtype, silu):
+    """The gate kernel scales gate and up by the row's rstd (given, or recomputed from the input row)."""
+    x = randn(3, 1, 700, dtype=dtype, seed=42) * 3
+    gate, up = randn(3, 1, 1100, dtype=dtype, seed=43) * 2, randn(3, 1, 1100, dtype=dtype, seed=44) * 2
+    rstd = rms_rstd_reference(x, 1e-6)
+    reference = (silu_gate_reference if silu else gelu_tanh_gate_reference)(gate, up, rstd=rstd)
+    fused = torch.cat([gate, up], -1)
+    assert_close(gelu_tanh_gate_fused(fused, silu=silu, rstd=rstd), reference, dtype)
+    assert_close(gelu_tanh_gate_fused(fused, silu=silu, norm_input=x), reference, dtype)
+    assert (gelu_tanh_gate_fused(fused, silu=silu).float() - reference.float()).abs().max() > 0.1
+    with pytest.raises(ValueError, match="rstd has 2 values"):
+        gelu_tanh_gate_fused(fused, silu=silu, rstd=rstd[:2])
 
 
 @pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head"])

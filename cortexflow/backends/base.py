@@ -56,6 +56,11 @@ class ComputeBackend(ABC):
         """Hook to re-lay-out or fuse weights once after loading (default: unchanged)."""
         return weights
 
+    def run_concurrently(self, first, second):
+        """``(first(), second())`` for two independent computations (e.g. two vision towers). Default: one
+        after the other; a GPU backend may overlap them on two streams."""
+        return first(), second()
+
     # ---- ops ----------------------------------------------------------------------------------
     @abstractmethod
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -28,7 +28,11 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     ) from err
 
 from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
-from cortexflow.backends.triton_token_decoder import fuse_layer_projections, fused_token_layer  # noqa: E402
+from cortexflow.backends.triton_token_decoder import (  # noqa: E402
+    fold_norm_weights,
+    fuse_layer_projections,
+    fused_token_layer,
+)
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
 from cortexflow.kernels.runtime import interpreting
@@ -75,30 +79,80 @@ class TritonBackend(PyTorchBackend):
         self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
         # Token VLAs' single-token decode steps as fused decode GEMVs (kernels/decode_gemv.py: norm
         # prologue, residual / gated-activation epilogues) instead of cuBLAS + norm/activation kernels.
-        # CORTEXFLOW_TRITON_DECODE_GEMV: "auto" (default: where the LM measured faster with it, i.e. RT-2's
-        # Gemma, not OpenVLA's Llama), "1" always, "0" never.
-        self.decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
-        if self.decode_gemv not in ("auto", "0", "1"):
+        # CORTEXFLOW_TRITON_DECODE_GEMV: "auto" (default: each LM's measured best, ``DecoderLM.decode_gemv``),
+        # "1" every projection, "out" only the o and down projections (residual fused), "0" none.
+        decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
+        if decode_gemv not in ("auto", "0", "1", "out"):
             raise BackendUnavailableError(
-                f"CORTEXFLOW_TRITON_DECODE_GEMV must be auto, 0 or 1, got {self.decode_gemv!r}")
+                f"CORTEXFLOW_TRITON_DECODE_GEMV must be auto, 0, 1 or out, got {decode_gemv!r}")
+        self.decode_gemv = {"auto": "auto", "0": "off", "1": "all", "out": "out"}[decode_gemv]
+        # Token VLAs: the RMSNorm weights before QKV and gate/up folded into those weights at load, so a
+        # decode step runs no norm kernel (its consumer applies the row statistic).
+        # CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS=0 keeps the norm kernels (for A/B runs).
+        self.fold_token_norms = self._flag("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "1")
+        # The split attention's ranges merged by the last-arriving program (kernels/attention.py) instead of a
+        # combine kernel. CORTEXFLOW_TRITON_FUSED_COMBINE: "auto" (default: in the decoder layers of token VLAs
+        # whose LM measured faster with it, ``DecoderLM.fused_combine``; Pi0's loop reads the variable at
+        # import), "1" every attention call of this backend, "0" none.
+        fused_combine = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
+        if fused_combine not in ("auto", "0", "1"):
+            raise BackendUnavailableError(
+                f"CORTEXFLOW_TRITON_FUSED_COMBINE must be auto, 0 or 1, got {fused_combine!r}")
+        self.fused_combine = {"auto": None, "0": False, "1": True}[fused_combine]
+        # Independent stages on two CUDA streams (OpenVLA's two vision towers): CORTEXFLOW_TRITON_CONCURRENT=0|1.
+        self.concurrent_stages = self._flag("CORTEXFLOW_TRITON_CONCURRENT", "1")
+        self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+    @staticmethod
+    def _flag(name: str, default: str) -> bool:
+        value = os.environ.get(name, default)
+        if value not in ("0", "1"):
+            raise BackendUnavailableError(f"{name} must be 0 or 1, got {value!r}")
+        return value == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):
         """Fuse the Q/K/V and gate/up weights (the originals become views): the Pi0 family's expert, and
-        every layer of a token VLA's decoder LM (in place, one layer at a time)."""
+        every layer of a token VLA's decoder LM (in place, one layer at a time); for a token VLA whose
+        layers the fused layer runs, also fold the pre-attention / pre-MLP norm weights into them."""
         if isinstance(model, Pi0Model):
             weights = fuse_expert_weights(model, weights)
         elif isinstance(model, TokenDecodingModel):
             lm = model.lm
             weights = fuse_layer_projections(weights, (f"{lm.prefix}.layers.{i}" for i in range(lm.dims.num_layers)))
+            if self.fold_token_norms and self._fused_token_layer_fits(lm):
+                weights = fold_norm_weights(lm, weights)
         return weights
+
+    @staticmethod
+    def _fused_token_layer_fits(lm) -> bool:
+        """Whether the fused token layer's kernels were written for ``lm``'s head size."""
+        return lm.dims.head_dim <= MAX_HEAD_DIM and lm.dims.head_dim % 2 == 0
 
     def decoder_lm_layer(self, lm, weights, i, x, positions, mask, cache, write_at):
         """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
-        if f"{lm.prefix}.layers.{i}.qkv" not in weights or lm.dims.head_dim > MAX_HEAD_DIM or lm.dims.head_dim % 2:
+        if f"{lm.prefix}.layers.{i}.qkv" not in weights or not self._fused_token_layer_fits(lm):
             return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
-        gemv = self.decode_gemv == "1" or (self.decode_gemv == "auto" and lm.prefers_decode_gemv)
+        gemv = lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
         return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=gemv)
+
+    def run_concurrently(self, first, second):
+        """``(first(), second())``: on a GPU ``first`` runs on a side stream while ``second`` runs on the
+        current one, which then waits for the side stream (a fork and a join, so a CUDA graph captures
+        both branches). Sequential on CPU or with CORTEXFLOW_TRITON_CONCURRENT=0."""
+        if not self.concurrent_stages or self.device.type != "cuda":
+            return super().run_concurrently(first, second)
+        main = torch.cuda.current_stream(self.device)
+        side = self._side_streams.get(self.device)
+        if side is None:
+            side = self._side_streams[self.device] = torch.cuda.Stream(self.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            a = first()
+        b = second()
+        main.wait_stream(side)
+        a.record_stream(main)  # a's memory was allocated on the side stream and is read on this one
+        return a, b
 
     def transformer_decoder(self, model, weights, inputs):
         """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""
@@ -162,11 +216,13 @@ class TritonBackend(PyTorchBackend):
     def rope(self, x, positions, base):
         return rope.rope(x, positions, self.inverse_frequencies(x.shape[-1], base, x.device))
 
-    def attention(self, q, k, v, mask, scale):
+    def attention(self, q, k, v, mask, scale, fused_combine: bool | None = None):
+        """``fused_combine``: the caller's preference, used when CORTEXFLOW_TRITON_FUSED_COMBINE is auto."""
         if q.shape[-1] > MAX_HEAD_DIM:
             self._fallback("attention", f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
             return super().attention(q, k, v, mask, scale)
-        out = attention_kernel.attention(q, k, v, mask, scale)
+        fused = self.fused_combine if self.fused_combine is not None else fused_combine
+        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def gelu_tanh(self, x):

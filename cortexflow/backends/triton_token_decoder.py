@@ -31,6 +31,10 @@ import torch.nn.functional as F
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
+from cortexflow.kernels.rms_norm import rms_rstd
+
+#: Rows of a fused weight scaled per step when folding norm weights in (bounds the fp32 temporaries).
+FOLD_ROWS = 4096
 
 #: The fused projections of a gated-MLP decoder layer: fused name -> the parts it concatenates (rows).
 FUSED_PROJECTIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
@@ -54,32 +58,79 @@ def fuse_layer_projections(weights: dict[str, torch.Tensor], layer_prefixes) -> 
     return weights
 
 
+def fold_norm_weights(lm, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold each layer's pre-attention and pre-MLP RMSNorm weights into the fused QKV and gate/up weights,
+    in place: ``W[:, k] *= 1 + norm_scale[k]`` (fp32 math, one rounding). Afterwards the projection of the
+    un-normalised input ``x`` times the row's ``rsqrt(mean(x^2) + eps)`` is the reference's projection of
+    ``norm(x)``, so a decode step needs no norm kernel: the consumer of the projection (QKV/RoPE, the gated
+    activation, or the decode GEMV's prologue) applies the row statistic. Needs the fused weights
+    (:func:`fuse_layer_projections`); adds the ``lm.norms_folded_key`` marker, so it runs once and the
+    op-by-op layer of any backend on the same weights drops the folded scales (``DecoderLM.pre_norm``)."""
+    marker = lm.norms_folded_key
+    if marker in weights:
+        return weights
+    for i in range(lm.dims.num_layers):
+        p = f"{lm.prefix}.layers.{i}"
+        for fused, norm in (("qkv", "attn_norm"), ("gate_up", "mlp_norm")):
+            w = weights[f"{p}.{fused}"]
+            scale = 1.0 + lm.norm_scale(weights, f"{p}.{norm}").float()
+            for rows in w.split(FOLD_ROWS):  # in row chunks: the fp32 temporaries stay small
+                rows.copy_((rows.float() * scale[None, :]).to(rows.dtype))
+    weights[marker] = torch.ones((), device=weights[f"{lm.prefix}.layers.0.qkv"].device)
+    return weights
+
+
 def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                       cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
-                      gemv: bool = False) -> torch.Tensor:
-    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``:
-    a one-row call (a decode step at batch 1) runs its projections as fused decode GEMVs."""
+                      gemv: str = "off") -> torch.Tensor:
+    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``, for
+    a one-row call (a decode step at batch 1): "all" runs every projection as a fused decode GEMV, "out"
+    only the two that end in the residual (o, down), "off" none (cuBLAS)."""
     p = f"{lm.prefix}.layers.{i}"
     b, length, width = x.shape
-    if gemv and b * length == 1:
-        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at)
-    h = lm.norm(backend, weights, f"{p}.attn_norm", x)
-    attn = _attend(backend, lm, i, F.linear(h, weights[f"{p}.qkv"]), positions, mask, cache, write_at)
+    one_row = b * length == 1
+    folded = lm.norms_folded_key in weights
+    if gemv == "all" and one_row:
+        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded)
+    eps = lm.dims.rms_norm_eps
+    qkv, scaling = _normed_projection(backend, lm, weights, f"{p}.attn_norm", weights[f"{p}.qkv"], x, folded)
+    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling, eps)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
     x2 = x.reshape(b * length, width)
-    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
-        torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
-    h = lm.norm(backend, weights, f"{p}.mlp_norm", x2.view(b, length, width))
-    act = gelu_tanh_gate_fused(F.linear(h, weights[f"{p}.gate_up"]), silu=lm.gated_activation == "silu")
-    x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
-    return x2.view(b, length, width)
+    if gemv == "out" and one_row:
+        x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x2, out=None if i == 0 else x2.view(-1)).view(1, width)
+    else:
+        x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
+            torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
+    x3 = x2.view(b, length, width)
+    gate_up, scaling = _normed_projection(backend, lm, weights, f"{p}.mlp_norm", weights[f"{p}.gate_up"], x3, folded)
+    act = gelu_tanh_gate_fused(gate_up, silu=lm.gated_activation == "silu", eps=eps, **scaling)
+    if gemv == "out" and one_row:
+        decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1))
+    else:
+        x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
+    return x3
 
 
-def _attend(backend, lm, i, qkv, positions, mask, cache, write_at):
+def _normed_projection(backend, lm, weights, norm: str, weight: torch.Tensor, x: torch.Tensor, folded: bool):
+    """``(projection, scaling)``: the projection of ``norm(x)``, or with folded norms the projection of
+    ``x`` and the keyword (``rstd=`` for several rows: one statistics kernel; ``norm_input=`` for one row:
+    its consumer recomputes the statistic) that makes the consumer scale it into the same values."""
+    if not folded:
+        return F.linear(lm.norm(backend, weights, norm, x), weight), {}
+    if x.shape[0] * x.shape[1] == 1:
+        scaling = {"norm_input": x.contiguous()}
+    else:
+        scaling = {"rstd": rms_rstd(x, lm.dims.rms_norm_eps)}
+    return F.linear(x, weight), scaling
+
+
+def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6):
     """RoPE on the fused ``qkv (B, L, (Hq + 2 Hkv) * Dh)`` with K/V written into layer ``i``'s cache (rows
     ``0..L-1``, or the row in ``write_at``), then attention over this call's keys (prefill) or the whole
-    cache (step); ``(B, L, Hq * Dh)``."""
+    cache (step); ``(B, L, Hq * Dh)``. ``scaling``: the folded norm's row statistic (``qkv_rope``'s
+    ``rstd=`` or ``norm_input=``)."""
     d = lm.dims
     length = qkv.shape[1]
     cache_k, cache_v = cache[0][i], cache[1][i]
@@ -87,21 +138,26 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at):
     positions = positions.reshape(qkv.shape[0], length)
     if positions.stride(-1) != 1:
         positions = positions.contiguous()
-    q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v, write_at=write_at)
+    q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v, write_at=write_at,
+                 eps=eps, **(scaling or {}))
     if write_at is None:
         cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
-    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim))
+    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim), fused_combine=lm.fused_combine)
 
 
-def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at):
+def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded):
     """The one-row layer: 4 fused GEMVs (norm + QKV, o + residual, norm + gate/up + activation,
-    down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``."""
+    down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``. ``folded``: the norm weights
+    live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic."""
     p = f"{lm.prefix}.layers.{i}"
     eps = lm.dims.rms_norm_eps
-    qkv = decode_gemv(x, weights[f"{p}.qkv"], norm_weight=lm.norm_scale(weights, f"{p}.attn_norm"), eps=eps)
+
+    def norm_args(name):
+        return {"normalize": True} if folded else {"norm_weight": lm.norm_scale(weights, name)}
+
+    qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, **norm_args(f"{p}.attn_norm"))
     attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
     x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1))
-    act = decode_gemv(x2, weights[f"{p}.gate_up"], norm_weight=lm.norm_scale(weights, f"{p}.mlp_norm"), eps=eps,
-                      gated=lm.gated_activation)
+    act = decode_gemv(x2, weights[f"{p}.gate_up"], eps=eps, gated=lm.gated_activation, **norm_args(f"{p}.mlp_norm"))
     return decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1))

@@ -22,14 +22,13 @@ counters stay zero between calls and inside CUDA graph replays). One launch inst
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, upcast_dots
+from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, processor_count, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
@@ -189,18 +188,6 @@ SMALL_GRID_BLOCK_M = 16
 FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
 
 
-def _processor_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return _cuda_processor_count(device.index if device.index is not None else torch.cuda.current_device())
-    return 1
-
-
-@functools.lru_cache(maxsize=None)
-def _cuda_processor_count(index: int) -> int:
-    """SMs of CUDA device ``index`` (asked once: every attention call needs it)."""
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
     """Key ranges to run in parallel: enough programs for one wave on ``processors`` SMs when the
     (row block x batch x KV head) grid alone is less than half a wave, each range >= 2 key blocks."""
@@ -230,7 +217,7 @@ def attention(
     out = torch.empty((b, q_len, q_heads, head_dim), dtype=q.dtype, device=q.device)
     block_d = max(16, next_power_of_two(head_dim))  # tl.dot needs K >= 16 on the GPU
     n_rows = q_len * group
-    processors = _processor_count(q.device)
+    processors = processor_count(q.device)
     if block_m is None:
         # 64-row tiles, unless they leave most SMs idle (then the keys get split anyway and smaller
         # tiles give more, lighter programs); never more rows than there are, rounded up to a power of

@@ -7,6 +7,8 @@ one kernel per projection reads ``W`` once and does the small work around it in 
 - ``norm_weight`` (prologue): ``x`` is RMS-normalised first, ``x * rsqrt(mean(x^2) + eps) * (1 + w)`` in
   fp32 and rounded to ``x``'s dtype as the reference's normalised activations are; every program
   recomputes the statistics of the ``K`` inputs (a few KB from L2), so no norm kernel runs before;
+  ``normalize=True`` without ``norm_weight``: the same without the ``(1 + w)`` factor (the norm's weight
+  was folded into ``W``);
 - ``residual``: ``y = residual + W x`` (one rounding of the fp32 sum);
 - ``gated`` (``silu`` or tanh-GELU): ``W`` holds ``[gate | up]`` (``2F`` rows) and the result is
   ``act(gate) * up`` with both halves rounded to the output dtype first, as the reference rounds the
@@ -43,7 +45,7 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]
 def _decode_gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
     n_out, k_dim, up_offset, stride_w, eps,
-    NORM: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
+    NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -64,8 +66,11 @@ def _decode_gemv_kernel(
         k_ok = kk < k_dim
         xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         if NORM:
-            scale = 1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-            xv = (xv * rstd * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+            if SCALE:
+                scale = 1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                xv = (xv * rstd * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
+            else:
+                xv = (xv * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
         tile_ok = row_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
@@ -91,6 +96,7 @@ def decode_gemv(
     weight: torch.Tensor,
     *,
     norm_weight: torch.Tensor | None = None,
+    normalize: bool = False,
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     gated: str | None = None,
@@ -101,7 +107,8 @@ def decode_gemv(
 ) -> torch.Tensor:
     """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
 
-    ``norm_weight (K,)``: RMS-normalise ``x`` first with scale ``1 + norm_weight``; ``residual (N,)``: add
+    ``norm_weight (K,)``: RMS-normalise ``x`` first with scale ``1 + norm_weight`` (``normalize``: without
+    a scale, the norm weight being folded into ``weight``); ``residual (N,)``: add
     it; ``gated`` ("silu" or "gelu_tanh"): ``weight`` is ``[gate | up]`` and the result ``act(gate) * up``
     ``(N/2,)``. Returns the output with ``x``'s leading dims, in ``x``'s dtype; ``out`` may be
     ``residual`` itself (in place). Tiling: :func:`default_tiling` unless given."""
@@ -124,20 +131,21 @@ def decode_gemv(
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
-        NORM=norm_weight is not None, RESIDUAL=residual is not None, GATED=gated is not None,
+        NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None, GATED=gated is not None,
         SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out.view(*x.shape[:-1], n_out)
 
 
-def decode_gemv_reference(x, weight, *, norm_weight=None, eps=1e-6, residual=None, gated=None):
+def decode_gemv_reference(x, weight, *, norm_weight=None, normalize=False, eps=1e-6, residual=None, gated=None):
     """The same computation as the op-by-op reference runs it (norm kernel, GEMM, activation, add)."""
     import torch.nn.functional as F
 
     h = x
-    if norm_weight is not None:
+    if norm_weight is not None or normalize:
         xf = x.float()
-        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * (1.0 + norm_weight.float())).to(x.dtype)
+        scale = 1.0 + norm_weight.float() if norm_weight is not None else 1.0
+        h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
     y = F.linear(h, weight)
     if gated:
         gate, up = y.chunk(2, dim=-1)

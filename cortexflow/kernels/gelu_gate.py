@@ -3,6 +3,12 @@ in Triton (fp32 math).
 
 The gated forms also accept one fused ``(..., 2M)`` tensor holding ``[gate | up]`` (the output of a
 concatenated gate/up projection), so the MLP needs a single GEMM for both.
+
+Folded norm: when the RMSNorm before gate/up had its weight folded into the gate/up weight, the GEMM ran
+on the un-normalised rows, so each row's gate and up are first multiplied by the row's rstd and rounded
+to the tensor's dtype (as the reference's projection outputs are). The rstd comes from a ``(rows,)`` fp32
+tensor (``rstd=``) or is recomputed by every program from the row of the layer input (``norm_input=``:
+meant for one-row decode steps, where it saves the statistics kernel).
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from cortexflow.kernels.runtime import next_power_of_two
 
 @triton.jit
 def _gelu_tanh(x):
@@ -19,33 +27,60 @@ def _gelu_tanh(x):
 
 
 @triton.jit
-def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, n_cols, gate_stride, up_stride, GATED: tl.constexpr,
-                      SILU: tl.constexpr, BLOCK: tl.constexpr):
+def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, rstd_ptr, norm_x_ptr, n_cols, gate_stride, up_stride,
+                      norm_cols, eps, GATED: tl.constexpr, SILU: tl.constexpr, RSTD: tl.constexpr,
+                      BLOCK: tl.constexpr, BLOCK_X: tl.constexpr):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     valid = cols < n_cols
     g = tl.load(gate_ptr + row * gate_stride + cols, mask=valid, other=0.0).to(tl.float32)
+    if RSTD != 0:
+        if RSTD == 1:
+            rstd = tl.load(rstd_ptr + row)
+        else:
+            squares = tl.zeros([BLOCK_X], tl.float32)
+            for c0 in range(0, norm_cols, BLOCK_X):
+                xc = c0 + tl.arange(0, BLOCK_X)
+                xv = tl.load(norm_x_ptr + row * norm_cols + xc, mask=xc < norm_cols, other=0.0).to(tl.float32)
+                squares += xv * xv
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / norm_cols + eps)
+        g = (g * rstd).to(gate_ptr.dtype.element_ty).to(tl.float32)
     if SILU:
         y = g / (1.0 + tl.exp(-g))
     else:
         y = _gelu_tanh(g)
     if GATED:
         u = tl.load(up_ptr + row * up_stride + cols, mask=valid, other=0.0).to(tl.float32)
+        if RSTD != 0:
+            u = (u * rstd).to(up_ptr.dtype.element_ty).to(tl.float32)
         y = y * u
     tl.store(out_ptr + row * n_cols + cols, y.to(out_ptr.dtype.element_ty), mask=valid)
 
 
-def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False) -> torch.Tensor:
+def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False, rstd: torch.Tensor | None = None,
+            norm_input: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     n_cols = gate.shape[-1]
     gate2 = gate.reshape(-1, n_cols)  # a view when rows are evenly strided (e.g. the gate half of [gate | up])
     up2 = None if up is None else up.reshape(-1, n_cols)
+    rows = gate2.shape[0]
+    if rstd is not None and norm_input is not None:
+        raise ValueError("pass rstd or norm_input, not both")
+    if rstd is not None and rstd.numel() != rows:
+        raise ValueError(f"rstd has {rstd.numel()} values for {rows} rows")
+    norm_cols = 1
+    if norm_input is not None:
+        norm_cols = norm_input.shape[-1]
+        if norm_input.numel() != rows * norm_cols or not norm_input.is_contiguous():
+            raise ValueError(f"norm_input {tuple(norm_input.shape)} is not {rows} contiguous rows")
     out = torch.empty(gate2.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    grid = (gate2.shape[0], triton.cdiv(n_cols, block))
+    grid = (rows, triton.cdiv(n_cols, block))
     _gelu_gate_kernel[grid](
-        gate2, up2 if up2 is not None else gate2, out, n_cols,
-        gate2.stride(0), up2.stride(0) if up2 is not None else 0,
-        GATED=up is not None, SILU=silu, BLOCK=block, num_warps=4,
+        gate2, up2 if up2 is not None else gate2, out, rstd if rstd is not None else gate2,
+        norm_input if norm_input is not None else gate2, n_cols,
+        gate2.stride(0), up2.stride(0) if up2 is not None else 0, norm_cols, eps,
+        GATED=up is not None, SILU=silu, RSTD=1 if rstd is not None else (2 if norm_input is not None else 0),
+        BLOCK=block, BLOCK_X=min(next_power_of_two(norm_cols), 8192), num_warps=4,
     )
     return out.reshape(*gate.shape[:-1], n_cols)
 
@@ -55,20 +90,23 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return _launch(x, None)
 
 
-def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def gelu_tanh_gate(gate: torch.Tensor, up: torch.Tensor, silu: bool = False, *, rstd: torch.Tensor | None = None,
+                   norm_input: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` (``silu(gate) * up`` with ``silu``) for same-shape ``gate``/``up`` (rows may
-    be strided views of one tensor)."""
+    be strided views of one tensor). ``rstd`` / ``norm_input``: the folded-norm row scaling (module doc)."""
     if gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.shape != up.shape:
         gate, up = gate.contiguous(), up.contiguous()
-    return _launch(gate, up, silu)
+    return _launch(gate, up, silu, rstd, norm_input, eps)
 
 
-def gelu_tanh_gate_fused(gate_up: torch.Tensor, silu: bool = False) -> torch.Tensor:
+def gelu_tanh_gate_fused(gate_up: torch.Tensor, silu: bool = False, *, rstd: torch.Tensor | None = None,
+                         norm_input: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``gelu_tanh(gate) * up`` (``silu(gate) * up`` with ``silu``) where ``gate_up (..., 2M)`` =
-    ``[gate | up]`` along the last dim."""
+    ``[gate | up]`` along the last dim; ``rstd`` / ``norm_input`` as in :func:`gelu_tanh_gate`."""
     m = gate_up.shape[-1] // 2
     flat = gate_up.reshape(-1, 2 * m)
-    return gelu_tanh_gate(flat[:, :m], flat[:, m:], silu).reshape(*gate_up.shape[:-1], m)
+    return gelu_tanh_gate(flat[:, :m], flat[:, m:], silu, rstd=rstd, norm_input=norm_input,
+                          eps=eps).reshape(*gate_up.shape[:-1], m)
 
 
 def silu_gate_fused(gate_up: torch.Tensor) -> torch.Tensor:
@@ -76,11 +114,20 @@ def silu_gate_fused(gate_up: torch.Tensor) -> torch.Tensor:
     return gelu_tanh_gate_fused(gate_up, silu=True)
 
 
-def silu_gate_reference(gate, up):
-    """``silu(gate) * up`` in PyTorch (fp32 math)."""
+def _scale_rows(t, rstd):
+    """``t (..., M)`` times ``rstd`` (one value per row), rounded to ``t``'s dtype (the folded-norm step)."""
+    if rstd is None:
+        return t
+    return (t.float() * rstd.float().reshape(*t.shape[:-1], 1)).to(t.dtype)
+
+
+def silu_gate_reference(gate, up, rstd=None):
+    """``silu(gate) * up`` in PyTorch (fp32 math); ``rstd``: scale each row of both first."""
+    gate, up = _scale_rows(gate, rstd), _scale_rows(up, rstd)
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-def gelu_tanh_gate_reference(gate, up):
+def gelu_tanh_gate_reference(gate, up, rstd=None):
     """The same computation in PyTorch (fp32 math)."""
+    gate, up = _scale_rows(gate, rstd), _scale_rows(up, rstd)
     return (torch.nn.functional.gelu(gate.float(), approximate="tanh") * up.float()).to(gate.dtype)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.runtime import interpreting, upcast_dots
+from cortexflow.kernels.runtime import interpreting, processor_count, upcast_dots
 
 
 @triton.jit
@@ -61,10 +61,6 @@ def _norm_linear_kernel(
              mask=m_valid[:, None] & n_valid[None, :])
 
 
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def choose_block_n(n_size: int, m_blocks: int, processors: int) -> int:
     """The widest N tile (64, 32 or 16) that still gives at least one program per SM."""
     for block_n in (64, 32):
@@ -94,7 +90,7 @@ def norm_linear(
     block_m = 64 if m_size > 32 else 32 if m_size > 16 else 16
     m_blocks = triton.cdiv(m_size, block_m)
     if block_n is None:
-        block_n = 32 if interpreting() else choose_block_n(n_size, m_blocks, _processors(x.device))
+        block_n = 32 if interpreting() else choose_block_n(n_size, m_blocks, processor_count(x.device))
     grid = (triton.cdiv(n_size, block_n), m_blocks)
     _norm_linear_kernel[grid](
         x2, weight, col_scale if col_scale is not None else x2, bias if bias is not None else x2, out,

@@ -5,6 +5,13 @@ Input ``qkv (B, S, (Hq + 2*Hkv) * D)`` laid out ``[q heads | k heads | v heads]`
 e.g. ``cache[:, P:P+S]``). With ``write_at`` (a ``(1,)`` int64 device tensor) token ``t`` goes to cache row
 ``write_at + t`` instead, so a CUDA graph can replay a single-token decode step that writes a different row
 each time. One program handles one head of one token.
+
+Folded norm: when the RMSNorm before the projection had its weight folded into the QKV weight, ``qkv`` is
+the projection of the un-normalised rows and every value is first multiplied by its token's rstd
+(``rsqrt(mean(x^2) + eps)`` of the layer input ``x``) and rounded to ``qkv``'s dtype, as the reference's
+projection output is. The rstd is read from a ``(B*S,)`` fp32 tensor (``rstd=``, the prefill: one
+:func:`~cortexflow.kernels.rms_norm.rms_rstd` kernel for all rows) or recomputed by each program from
+the input row (``norm_input=``, a decode step: one row, so no statistics kernel runs at all).
 """
 
 from __future__ import annotations
@@ -18,10 +25,10 @@ from cortexflow.kernels.runtime import next_power_of_two
 
 @triton.jit
 def _qkv_rope_kernel(
-    qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
-    n_q_heads, n_kv_heads, half,
+    qkv_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr, rstd_ptr, norm_x_ptr,
+    n_q_heads, n_kv_heads, half, seq_len, norm_cols, eps,
     s_qkv_b, s_qkv_t, s_q_b, s_q_t, s_q_h, s_k_b, s_k_t, s_k_h, s_v_b, s_v_t, s_v_h, s_pos_b,
-    HAS_WRITE_AT: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HAS_WRITE_AT: tl.constexpr, RSTD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     b = tl.program_id(0)
     t = tl.program_id(1)
@@ -34,6 +41,19 @@ def _qkv_rope_kernel(
     src = qkv_ptr + b * s_qkv_b + t * s_qkv_t + head * 2 * half
     x1 = tl.load(src + cols, mask=valid, other=0.0).to(tl.float32)
     x2 = tl.load(src + half + cols, mask=valid, other=0.0).to(tl.float32)
+    if RSTD != 0:
+        token = b * seq_len + t
+        if RSTD == 1:
+            rstd = tl.load(rstd_ptr + token)
+        else:
+            squares = tl.zeros([BLOCK_X], tl.float32)
+            for c0 in range(0, norm_cols, BLOCK_X):
+                xc = c0 + tl.arange(0, BLOCK_X)
+                xv = tl.load(norm_x_ptr + token * norm_cols + xc, mask=xc < norm_cols, other=0.0).to(tl.float32)
+                squares += xv * xv
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / norm_cols + eps)
+        x1 = (x1 * rstd).to(qkv_ptr.dtype.element_ty).to(tl.float32)
+        x2 = (x2 * rstd).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     if head < n_q_heads + n_kv_heads:
         pos = tl.load(pos_ptr + b * s_pos_b + t).to(tl.float32)
         angle = pos * tl.load(inv_freq_ptr + cols, mask=valid, other=0.0)
@@ -62,31 +82,51 @@ def qkv_rope(
     k_out: torch.Tensor,
     v_out: torch.Tensor,
     write_at: torch.Tensor | None = None,
+    *,
+    rstd: torch.Tensor | None = None,
+    norm_input: torch.Tensor | None = None,
+    eps: float = 1e-6,
 ) -> torch.Tensor:
     """Returns rotated ``q (B, S, Hq, D)``; writes rotated K and plain V into ``k_out`` / ``v_out``, at rows
     ``0..S-1`` or, with ``write_at``, at rows ``write_at..write_at+S-1`` (never checked against the
-    cache length on the device: the caller keeps ``write_at + S <= k_out.shape[1]``)."""
+    cache length on the device: the caller keeps ``write_at + S <= k_out.shape[1]``).
+
+    Folded norm: ``rstd (B*S,)`` fp32 scales each token's QKV first; or ``norm_input (B, S, Dx)`` (the
+    contiguous un-normalised layer input) from which each program recomputes its token's rstd with ``eps``."""
     b, s, width = qkv.shape
+    if rstd is not None and norm_input is not None:
+        raise ValueError("pass rstd or norm_input, not both")
+    if rstd is not None and rstd.numel() != b * s:
+        raise ValueError(f"rstd has {rstd.numel()} values for {b * s} tokens")
+    if norm_input is not None and (norm_input.numel() != b * s * norm_input.shape[-1] or not norm_input.is_contiguous()):
+        raise ValueError(f"norm_input {tuple(norm_input.shape)} is not a contiguous ({b}, {s}, D) tensor")
+    norm_cols = norm_input.shape[-1] if norm_input is not None else 1
     head_dim = width // (n_q_heads + 2 * n_kv_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
     q = torch.empty((b, s, n_q_heads, head_dim), dtype=qkv.dtype, device=qkv.device)
     _qkv_rope_kernel[(b, s, n_q_heads + 2 * n_kv_heads)](
         qkv, q, k_out, v_out, positions, inv_freq, write_at if write_at is not None else positions,
-        n_q_heads, n_kv_heads, head_dim // 2,
+        rstd if rstd is not None else inv_freq, norm_input if norm_input is not None else qkv,
+        n_q_heads, n_kv_heads, head_dim // 2, s, norm_cols, eps,
         qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), q.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
         positions.stride(0),
-        HAS_WRITE_AT=write_at is not None, BLOCK_HALF=next_power_of_two(head_dim // 2), num_warps=2,
+        HAS_WRITE_AT=write_at is not None, RSTD=1 if rstd is not None else (2 if norm_input is not None else 0),
+        BLOCK_HALF=next_power_of_two(head_dim // 2), BLOCK_X=min(next_power_of_two(norm_cols), 8192),
+        num_warps=4 if norm_input is not None else 2,
     )
     return q
 
 
-def qkv_rope_reference(qkv, positions, inv_freq, n_q_heads, n_kv_heads):
-    """The same computation in PyTorch: returns (q, k, v) with q and k rotated."""
+def qkv_rope_reference(qkv, positions, inv_freq, n_q_heads, n_kv_heads, rstd=None):
+    """The same computation in PyTorch: returns (q, k, v) with q and k rotated (after scaling token ``i``
+    by ``rstd[i]`` and rounding, when given)."""
     from cortexflow.kernels.rope import rope_reference
 
     b, s, width = qkv.shape
+    if rstd is not None:
+        qkv = (qkv.float() * rstd.float().view(b, s, 1)).to(qkv.dtype)
     head_dim = width // (n_q_heads + 2 * n_kv_heads)
     q, k, v = qkv.view(b, s, -1, head_dim).split([n_q_heads, n_kv_heads, n_kv_heads], dim=2)
     return rope_reference(q, positions, inv_freq), rope_reference(k, positions, inv_freq), v

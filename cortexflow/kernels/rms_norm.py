@@ -3,6 +3,10 @@
 ``y = x * rsqrt(mean(x^2) + eps)``, then ``* (1 + w)`` (plain, ``w (D,)``) or ``* (1 + scale[b]) +
 shift[b]`` (adaptive, ``scale/shift (B, D)`` with ``x (B, L, D)``); statistics and affine in fp32, the
 result in ``x``'s dtype. One program normalises one row.
+
+``rms_rstd`` computes only the statistics, ``rsqrt(mean(x^2) + eps)`` per row in fp32, for layers whose
+norm weight is folded into the next projection's weight (the projection then runs on ``x`` itself and
+its consumer multiplies each output row by its rstd).
 """
 
 from __future__ import annotations
@@ -62,6 +66,32 @@ def rms_norm(
         num_warps=4 if n_cols <= 1024 else 8,
     )
     return out
+
+
+@triton.jit
+def _rms_rstd_kernel(x_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps))
+
+
+def rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``rsqrt(mean(x^2) + eps)`` of every row of ``x (..., D)`` in fp32, shape ``(rows,)`` (rows = all
+    leading dims flattened)."""
+    x2 = x.contiguous()
+    n_cols = x2.shape[-1]
+    rows = x2.numel() // n_cols
+    rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+    _rms_rstd_kernel[(rows,)](x2, rstd, n_cols, eps, BLOCK=next_power_of_two(n_cols),
+                              num_warps=4 if n_cols <= 1024 else 8)
+    return rstd
+
+
+def rms_rstd_reference(x, eps):
+    """The same statistics in PyTorch: ``(rows,)`` fp32."""
+    xf = x.float().reshape(-1, x.shape[-1])
+    return torch.rsqrt(xf.pow(2).mean(-1) + eps)
 
 
 def rms_norm_reference(x, weight, eps, scale=None, shift=None):

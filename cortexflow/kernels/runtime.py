@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -20,6 +21,18 @@ def upcast_dots(dtype: torch.dtype) -> bool:
 def next_power_of_two(n: int) -> int:
     """Smallest power of two >= n (Triton block sizes must be powers of two)."""
     return 1 << (max(1, n) - 1).bit_length()
+
+
+def processor_count(device: torch.device) -> int:
+    """SMs of a CUDA ``device`` (1 elsewhere), asked of the driver once per device."""
+    if device.type == "cuda":
+        return _cuda_processor_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 1
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_processor_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 _ARRIVAL_COUNTERS: dict[torch.device, torch.Tensor] = {}

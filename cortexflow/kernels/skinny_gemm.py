@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.runtime import arrival_counters, interpreting, upcast_dots
+from cortexflow.kernels.runtime import arrival_counters, interpreting, processor_count, upcast_dots
 
 LINEAR, GELU_GATE, EULER = 0, 1, 2
 BLOCK_N = 64
@@ -118,10 +118,6 @@ def _skinny_gemm_kernel(
                   EPILOGUE, HAS_BIAS, HAS_RES)
 
 
-def _processors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def choose_k_splits(tiles: int, k_size: int, processors: int) -> int:
     """K ranges per output tile: enough programs for one wave on ``processors`` SMs when the tiles alone
     fill less than half of it, each range >= 2 K blocks."""
@@ -149,7 +145,7 @@ def _launch(x, weight, out, epilogue, bias=None, residual=None, dt=0.0, num_spli
     block_m = 64 if m_size > 32 else 32 if m_size > 16 else 16
     grid_n, grid_m = triton.cdiv(half_n, BLOCK_N), triton.cdiv(m_size, block_m)
     if num_splits is None:
-        num_splits = 1 if interpreting() else choose_k_splits(grid_n * grid_m, k_size, _processors(x.device))
+        num_splits = 1 if interpreting() else choose_k_splits(grid_n * grid_m, k_size, processor_count(x.device))
     k_per_split = triton.cdiv(triton.cdiv(k_size, max(1, num_splits)), BLOCK_K) * BLOCK_K
     num_splits = triton.cdiv(k_size, k_per_split)  # no empty range
     split = num_splits > 1

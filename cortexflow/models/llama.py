@@ -61,7 +61,7 @@ class LlamaLM(DecoderLM):
     """Llama-2: RMSNorm with a plain ``w`` scale, SiLU-gated MLP, untied LM head, unscaled embeddings."""
 
     #: OpenVLA-7B on the H100: no gain from the decode GEMV (median 49.4 ms vs 48.7-48.9 ms via cuBLAS).
-    prefers_decode_gemv = False
+    decode_gemv = "off"
 
     def norm_scale(self, weights, name: str) -> torch.Tensor:
         return weights[name + NORM_OFFSET_SUFFIX]

@@ -252,8 +252,10 @@ class OpenVLAModel(TokenDecodingModel):
         """``images (1, 6, S, S)`` (DINOv2 view, SigLIP view; normalised) -> patch embeddings ``(1, 256, D_llm)``."""
         c = self.config
         images = inputs["images"]
-        dino = vit_features(ops, weights, c.dino_spec(), images[:, :3], ops.dtype)
-        siglip = vit_features(ops, weights, c.siglip_spec(), images[:, 3:], ops.dtype)
+        # The towers are independent until the concatenation: a GPU backend may overlap them (two streams).
+        dino, siglip = ops.run_concurrently(
+            lambda: vit_features(ops, weights, c.dino_spec(), images[:, :3], ops.dtype),
+            lambda: vit_features(ops, weights, c.siglip_spec(), images[:, 3:], ops.dtype))
         x = torch.cat([dino, siglip], dim=-1)
         x = gelu(ops, ops.linear(x, weights["projector.fc1.weight"], weights["projector.fc1.bias"]))
         x = gelu(ops, ops.linear(x, weights["projector.fc2.weight"], weights["projector.fc2.bias"]))

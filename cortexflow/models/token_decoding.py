@@ -42,9 +42,13 @@ class DecoderLM:
     #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma); fused
     #: backends read it, the op-by-op ``mlp`` below is the reference.
     gated_activation = "silu"
-    #: Whether fused backends run this LM's single-token decode steps as fused decode GEMVs by default
-    #: (measured per model on the H100: see benchmarks/NOTES.md, "decode GEMV").
-    prefers_decode_gemv = False
+    #: Which projections of a single-token decode step fused backends run as fused decode GEMVs by
+    #: default: "all", "out" (o and down, with their residuals) or "off" (measured per model on the H100:
+    #: see benchmarks/NOTES.md, "decode GEMV").
+    decode_gemv = "off"
+    #: Whether fused backends merge the split attention's key ranges in the attention kernel itself (no
+    #: combine kernel) in this LM's layers by default (measured per model on the H100: benchmarks/NOTES.md).
+    fused_combine = False
 
     def __init__(self, dims: DecoderDims):
         self.dims = dims
@@ -57,6 +61,20 @@ class DecoderLM:
     def norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm ``name`` of ``x``."""
         return ops.rms_norm(x, self.norm_scale(weights, name), self.dims.rms_norm_eps)
+
+    @property
+    def norms_folded_key(self) -> str:
+        """Present in the weights once a fast backend folded every layer's pre-attention and pre-MLP norm
+        weight into the QKV and gate/up weights (whose separate q/k/v/gate/up entries are views of them)."""
+        return f"{self.prefix}.fused.norms_folded"
+
+    def pre_norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
+        """A layer's pre-attention / pre-MLP RMSNorm ``name``: without its scale when the scale was folded
+        into the following projection (:attr:`norms_folded_key`), so the same weights stay correct for
+        every backend."""
+        if self.norms_folded_key in weights:
+            return ops.rms_norm(x, None, self.dims.rms_norm_eps)
+        return self.norm(ops, weights, name, x)
 
     def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -89,7 +107,7 @@ class DecoderLM:
         d = self.dims
         p = f"{self.prefix}.layers.{i}"
         b, length, _ = x.shape
-        h = self.norm(ops, weights, f"{p}.attn_norm", x)
+        h = self.pre_norm(ops, weights, f"{p}.attn_norm", x)
         q = ops.linear(h, weights[f"{p}.q"]).view(b, length, d.num_heads, d.head_dim)
         k = ops.linear(h, weights[f"{p}.k"]).view(b, length, d.num_kv_heads, d.head_dim)
         v = ops.linear(h, weights[f"{p}.v"]).view(b, length, d.num_kv_heads, d.head_dim)
@@ -106,7 +124,7 @@ class DecoderLM:
             keys, values = cache_k, cache_v
         attn = ops.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
         x = x + ops.linear(attn, weights[f"{p}.o"])
-        h = self.norm(ops, weights, f"{p}.mlp_norm", x)
+        h = self.pre_norm(ops, weights, f"{p}.mlp_norm", x)
         return x + self.mlp(ops, weights, p, h)
 
     def next_token(
