@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.rms_norm import row_rstd
 from cortexflow.kernels.runtime import next_power_of_two
 
 @triton.jit
@@ -38,12 +39,7 @@ def _gelu_gate_kernel(gate_ptr, up_ptr, out_ptr, rstd_ptr, norm_x_ptr, n_cols, g
         if RSTD == 1:
             rstd = tl.load(rstd_ptr + row)
         else:
-            squares = tl.zeros([BLOCK_X], tl.float32)
-            for c0 in range(0, norm_cols, BLOCK_X):
-                xc = c0 + tl.arange(0, BLOCK_X)
-                xv = tl.load(norm_x_ptr + row * norm_cols + xc, mask=xc < norm_cols, other=0.0).to(tl.float32)
-                squares += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / norm_cols + eps)
+            rstd = row_rstd(norm_x_ptr, row, norm_cols, eps, BLOCK_X)
         g = (g * rstd).to(gate_ptr.dtype.element_ty).to(tl.float32)
     if SILU:
         y = g / (1.0 + tl.exp(-g))

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.rms_norm import row_rstd
 from cortexflow.kernels.runtime import next_power_of_two
 
 
@@ -46,12 +47,7 @@ def _qkv_rope_kernel(
         if RSTD == 1:
             rstd = tl.load(rstd_ptr + token)
         else:
-            squares = tl.zeros([BLOCK_X], tl.float32)
-            for c0 in range(0, norm_cols, BLOCK_X):
-                xc = c0 + tl.arange(0, BLOCK_X)
-                xv = tl.load(norm_x_ptr + token * norm_cols + xc, mask=xc < norm_cols, other=0.0).to(tl.float32)
-                squares += xv * xv
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / norm_cols + eps)
+            rstd = row_rstd(norm_x_ptr, token, norm_cols, eps, BLOCK_X)
         x1 = (x1 * rstd).to(qkv_ptr.dtype.element_ty).to(tl.float32)
         x2 = (x2 * rstd).to(qkv_ptr.dtype.element_ty).to(tl.float32)
     if head < n_q_heads + n_kv_heads:

@@ -69,11 +69,21 @@ def rms_norm(
 
 
 @triton.jit
+def row_rstd(x_ptr, row, n_cols, eps, BLOCK: tl.constexpr):
+    """``rsqrt(mean(x[row]^2) + eps)`` in fp32 for a row-major ``(rows, n_cols)`` tensor, read in
+    ``BLOCK``-wide chunks (one pass when ``BLOCK >= n_cols``). Shared by the folded-norm consumers."""
+    squares = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        squares += x * x
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / n_cols + eps)
+
+
+@triton.jit
 def _rms_rstd_kernel(x_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr):
     row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * n_cols + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps))
+    tl.store(rstd_ptr + row, row_rstd(x_ptr, row, n_cols, eps, BLOCK))
 
 
 def rms_rstd(x: torch.Tensor, eps: float) -> torch.Tensor:
