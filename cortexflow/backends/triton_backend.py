@@ -70,9 +70,7 @@ class TritonBackend(PyTorchBackend):
         # Off until timed on the GPU: CORTEXFLOW_TRITON_SKINNY_GEMM=1 turns it on.
         # CORTEXFLOW_TRITON_SKINNY_GEMM=mlp_head: only the expert's gate/up + GELU and action head + Euler
         # (one K range each), the two shapes where the kernel beat cuBLAS in the H100 micro-benchmark.
-        skinny = os.environ.get("CORTEXFLOW_TRITON_SKINNY_GEMM", "0")
-        if skinny not in ("0", "1", "mlp_head"):
-            raise BackendUnavailableError(f"CORTEXFLOW_TRITON_SKINNY_GEMM must be 0, 1 or mlp_head, got {skinny!r}")
+        skinny = self._setting("CORTEXFLOW_TRITON_SKINNY_GEMM", "0", ("0", "1", "mlp_head"))
         self.skinny_gemms = {"0": "off", "1": "all", "mlp_head": "mlp_head"}[skinny]
         # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
         # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
@@ -81,10 +79,7 @@ class TritonBackend(PyTorchBackend):
         # prologue, residual / gated-activation epilogues) instead of cuBLAS + norm/activation kernels.
         # CORTEXFLOW_TRITON_DECODE_GEMV: "auto" (default: each LM's measured best, ``DecoderLM.decode_gemv``),
         # "1" every projection, "out" only the o and down projections (residual fused), "0" none.
-        decode_gemv = os.environ.get("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
-        if decode_gemv not in ("auto", "0", "1", "out"):
-            raise BackendUnavailableError(
-                f"CORTEXFLOW_TRITON_DECODE_GEMV must be auto, 0, 1 or out, got {decode_gemv!r}")
+        decode_gemv = self._setting("CORTEXFLOW_TRITON_DECODE_GEMV", "auto", ("auto", "0", "1", "out"))
         self.decode_gemv = {"auto": "auto", "0": "off", "1": "all", "out": "out"}[decode_gemv]
         # Token VLAs: the RMSNorm weights before QKV and gate/up folded into those weights at load, so a
         # decode step runs no norm kernel (its consumer applies the row statistic).
@@ -94,21 +89,24 @@ class TritonBackend(PyTorchBackend):
         # combine kernel. CORTEXFLOW_TRITON_FUSED_COMBINE: "auto" (default: in the decoder layers of token VLAs
         # whose LM measured faster with it, ``DecoderLM.fused_combine``; Pi0's loop reads the variable at
         # import), "1" every attention call of this backend, "0" none.
-        fused_combine = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
-        if fused_combine not in ("auto", "0", "1"):
-            raise BackendUnavailableError(
-                f"CORTEXFLOW_TRITON_FUSED_COMBINE must be auto, 0 or 1, got {fused_combine!r}")
+        fused_combine = self._setting("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto", ("auto", "0", "1"))
         self.fused_combine = {"auto": None, "0": False, "1": True}[fused_combine]
         # Independent stages on two CUDA streams (OpenVLA's two vision towers): CORTEXFLOW_TRITON_CONCURRENT=0|1.
         self.concurrent_stages = self._flag("CORTEXFLOW_TRITON_CONCURRENT", "1")
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @staticmethod
-    def _flag(name: str, default: str) -> bool:
+    def _setting(name: str, default: str, choices: tuple[str, ...]) -> str:
+        """Environment variable ``name`` (``default`` when unset), refused unless one of ``choices``."""
         value = os.environ.get(name, default)
-        if value not in ("0", "1"):
-            raise BackendUnavailableError(f"{name} must be 0 or 1, got {value!r}")
-        return value == "1"
+        if value not in choices:
+            allowed = f"{', '.join(choices[:-1])} or {choices[-1]}"
+            raise BackendUnavailableError(f"{name} must be {allowed}, got {value!r}")
+        return value
+
+    @classmethod
+    def _flag(cls, name: str, default: str) -> bool:
+        return cls._setting(name, default, ("0", "1")) == "1"
 
     # ---- stages -------------------------------------------------------------------------------
     def prepare_weights(self, model, weights):

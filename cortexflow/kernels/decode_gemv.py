@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
+from cortexflow.kernels.rms_norm import row_rstd
 
 def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
     """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the H100 sweep
@@ -52,12 +53,7 @@ def _decode_gemv_kernel(
     row_ok = rows < n_out
     offs_k = tl.arange(0, BLOCK_K)
     if NORM:
-        squares = tl.zeros([BLOCK_K], tl.float32)
-        for k0 in range(0, k_dim, BLOCK_K):
-            kk = k0 + offs_k
-            xv = tl.load(x_ptr + kk, mask=kk < k_dim, other=0.0).to(tl.float32)
-            squares += xv * xv
-        rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_dim + eps)
+        rstd = row_rstd(x_ptr, 0, k_dim, eps, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     w_rows = w_ptr + rows[:, None] * stride_w
@@ -66,11 +62,10 @@ def _decode_gemv_kernel(
         k_ok = kk < k_dim
         xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
         if NORM:
+            xv = xv * rstd
             if SCALE:
-                scale = 1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-                xv = (xv * rstd * scale).to(x_ptr.dtype.element_ty).to(tl.float32)
-            else:
-                xv = (xv * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+                xv = xv * (1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32))
+            xv = xv.to(x_ptr.dtype.element_ty).to(tl.float32)
         tile_ok = row_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
@@ -131,8 +126,8 @@ def decode_gemv(
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
-        NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None, GATED=gated is not None,
-        SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
+        GATED=gated is not None, SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
     )
     return out.view(*x.shape[:-1], n_out)
 
