@@ -11,6 +11,8 @@
 #       towers, decode GEMV modes), real-size OpenVLA verify and profile, the token-VLA kernel tests on the GPU
 #   MODE=token_final bash benchmarks/gpu_triton_check.sh # ~7 min: OpenVLA eager / graphs / Triton (+ fused combine
 #       A/B), RT-2 with the fused combine, Pi0 1/2/3 views, the Triton / OpenVLA / RT-2 tests on the GPU
+#   MODE=pdl bash benchmarks/gpu_triton_check.sh        # ~8 min: programmatic dependent launch: GPU tests, OpenVLA
+#       A/B (PDL, decode GEMV for every projection, both), RT-2 with and without PDL
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -88,7 +90,19 @@ token_final)
     > "$OUT/gpu_tests.txt" 2>&1
   tail -3 "$OUT/gpu_tests.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final)"; exit 2 ;;
+pdl)
+  TV=CORTEXFLOW_TRITON
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
+    -k "pdl or decode_gemv or verify_triton" > "$OUT/gpu_tests_pdl.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_pdl.txt"
+  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_pdl.json" \
+    --triton-env "pdl=${TV}_PDL=1" --triton-env "gemv_all=${TV}_DECODE_GEMV=1" \
+    --triton-env "gemv_all_pdl=${TV}_DECODE_GEMV=1,${TV}_PDL=1" 2>&1 | tail -8
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -2
+  step 90 env "${TV}_PDL=1" "${RT2[@]}" --json "$OUT/bench_rt2_pdl.json" 2>&1 | tail -2
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

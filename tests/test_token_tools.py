@@ -80,20 +80,28 @@ def check_passing_report(report, model):
 
 
 @pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off",
-                                     "decode gemv out", "norms not folded"])
+                                     "decode gemv out", "norms not folded", "pdl, decode gemv on",
+                                     "pdl, decode gemv off"])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
 def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
-    the default kernels (norm weights folded into QKV and gate/up; decode GEMV for RT-2's Gemma, cuBLAS
-    for OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
+    the default kernels (norm weights folded into QKV and gate/up; decode GEMVs for RT-2's Gemma and
+    OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
     decode steps, and the patch embedding), with the decode GEMV forced on, off and on for the o / down
-    projections only, and with the norms kept as kernels."""
+    projections only, with the norms kept as kernels, and with programmatic dependent launch (Hopper)."""
     pytest.importorskip("triton")
+    from cortexflow.kernels.pdl import pdl_supported
+
+    pdl = variant.startswith("pdl")
+    if pdl and not pdl_supported(torch.device(TRITON_DEVICE)):
+        pytest.skip("programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0 (Hopper)")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "1" if pdl else "0")
     opt_in = "1" if variant == "opt-in kernels" else "0"
     monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in)
     monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "1" if variant == "opt-in kernels" else "auto")
     gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0", "decode gemv out": "out",
+            "pdl, decode gemv on": "1", "pdl, decode gemv off": "0",
             "norms not folded": "1" if model == "rt2" else "0"}.get(variant, "auto")
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "0" if variant == "norms not folded" else "1")

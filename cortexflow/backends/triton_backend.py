@@ -35,6 +35,7 @@ from cortexflow.backends.triton_token_decoder import (  # noqa: E402
 )
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
+from cortexflow.kernels.pdl import pdl_supported
 from cortexflow.kernels.runtime import interpreting
 from cortexflow.models.pi0 import Pi0Model
 from cortexflow.models.token_decoding import TokenDecodingModel
@@ -43,6 +44,10 @@ MAX_NORM_WIDTH = 16384
 MAX_HEAD_DIM = 256
 #: With skinny GEMMs on, ``linear`` calls of at most this many rows (single-token decode steps) use them.
 SKINNY_MAX_ROWS = 64
+#: Whether CORTEXFLOW_TRITON_PDL=auto turns programmatic dependent launch on (where supported). H100,
+#: one process, 100 calls: OpenVLA 45.18 -> 44.40 ms (decode GEMV for every projection), RT-2 224.0 ->
+#: 211.0 ms (benchmarks/results/h100_2026-11-24_v9/).
+PDL_DEFAULT = True
 
 
 class TritonBackend(PyTorchBackend):
@@ -93,6 +98,16 @@ class TritonBackend(PyTorchBackend):
         self.fused_combine = {"auto": None, "0": False, "1": True}[fused_combine]
         # Independent stages on two CUDA streams (OpenVLA's two vision towers): CORTEXFLOW_TRITON_CONCURRENT=0|1.
         self.concurrent_stages = self._flag("CORTEXFLOW_TRITON_CONCURRENT", "1")
+        # Token VLAs' one-row decode steps with programmatic dependent launch (kernels/pdl.py): each Triton
+        # kernel of the layer may start while the one before finishes (a GEMV loads its first weight chunk).
+        # CORTEXFLOW_TRITON_PDL: "auto" (default: on where the GPU supports it, compute capability >= 9.0,
+        # if PDL_DEFAULT), "1" on (refused on an older GPU), "0" off.
+        pdl = self._setting("CORTEXFLOW_TRITON_PDL", "auto", ("auto", "0", "1"))
+        if pdl == "1" and not pdl_supported(self.device):
+            raise BackendUnavailableError(
+                "CORTEXFLOW_TRITON_PDL=1 needs a CUDA GPU of compute capability 9.0 or later (Hopper) and no "
+                f"Triton interpreter; device {str(self.device)!r} has none: unset it or set it to 0 or auto")
+        self.pdl = pdl == "1" or (pdl == "auto" and PDL_DEFAULT and pdl_supported(self.device))
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
 
     @staticmethod
@@ -214,13 +229,14 @@ class TritonBackend(PyTorchBackend):
     def rope(self, x, positions, base):
         return rope.rope(x, positions, self.inverse_frequencies(x.shape[-1], base, x.device))
 
-    def attention(self, q, k, v, mask, scale, fused_combine: bool | None = None):
-        """``fused_combine``: the caller's preference, used when CORTEXFLOW_TRITON_FUSED_COMBINE is auto."""
+    def attention(self, q, k, v, mask, scale, fused_combine: bool | None = None, pdl: bool = False):
+        """``fused_combine``: the caller's preference, used when CORTEXFLOW_TRITON_FUSED_COMBINE is auto;
+        ``pdl``: launch with programmatic dependent launch (the caller checked ``self.pdl``)."""
         if q.shape[-1] > MAX_HEAD_DIM:
             self._fallback("attention", f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
             return super().attention(q, k, v, mask, scale)
         fused = self.fused_combine if self.fused_combine is not None else fused_combine
-        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused)
+        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused, pdl=pdl)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def gelu_tanh(self, x):

@@ -90,16 +90,18 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     b, length, width = x.shape
     one_row = b * length == 1
     folded = lm.norms_folded_key in weights
+    pdl = one_row and backend.pdl
     if gemv == "all" and one_row:
-        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded)
+        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl)
     eps = lm.dims.rms_norm_eps
     qkv, scaling = _normed_projection(backend, lm, weights, f"{p}.attn_norm", weights[f"{p}.qkv"], x, folded)
-    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling, eps)
+    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling, eps, pdl)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
     x2 = x.reshape(b * length, width)
     if gemv == "out" and one_row:
-        x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x2, out=None if i == 0 else x2.view(-1)).view(1, width)
+        x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x2, out=None if i == 0 else x2.view(-1),
+                         pdl=pdl).view(1, width)
     else:
         x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
             torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
@@ -107,7 +109,7 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     gate_up, scaling = _normed_projection(backend, lm, weights, f"{p}.mlp_norm", weights[f"{p}.gate_up"], x3, folded)
     act = gelu_tanh_gate_fused(gate_up, silu=lm.gated_activation == "silu", eps=eps, **scaling)
     if gemv == "out" and one_row:
-        decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1))
+        decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1), pdl=pdl)
     else:
         x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
     return x3
@@ -126,11 +128,11 @@ def _normed_projection(backend, lm, weights, norm: str, weight: torch.Tensor, x:
     return F.linear(x, weight), scaling
 
 
-def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6):
+def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6, pdl=False):
     """RoPE on the fused ``qkv (B, L, (Hq + 2 Hkv) * Dh)`` with K/V written into layer ``i``'s cache (rows
     ``0..L-1``, or the row in ``write_at``), then attention over this call's keys (prefill) or the whole
     cache (step); ``(B, L, Hq * Dh)``. ``scaling``: the folded norm's row statistic (``qkv_rope``'s
-    ``rstd=`` or ``norm_input=``)."""
+    ``rstd=`` or ``norm_input=``); ``pdl``: launch both kernels with programmatic dependent launch."""
     d = lm.dims
     length = qkv.shape[1]
     cache_k, cache_v = cache[0][i], cache[1][i]
@@ -139,25 +141,29 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None,
     if positions.stride(-1) != 1:
         positions = positions.contiguous()
     q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, cache_k, cache_v, write_at=write_at,
-                 eps=eps, **(scaling or {}))
+                 eps=eps, pdl=pdl, **(scaling or {}))
     if write_at is None:
         cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
-    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim), fused_combine=lm.fused_combine)
+    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim), fused_combine=lm.fused_combine,
+                             pdl=pdl)
 
 
-def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded):
+def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl):
     """The one-row layer: 4 fused GEMVs (norm + QKV, o + residual, norm + gate/up + activation,
     down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``. ``folded``: the norm weights
-    live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic."""
+    live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
+    every kernel with programmatic dependent launch (each GEMV loads its first weight chunk while the
+    kernel before it finishes)."""
     p = f"{lm.prefix}.layers.{i}"
     eps = lm.dims.rms_norm_eps
 
     def norm_args(name):
         return {"normalize": True} if folded else {"norm_weight": lm.norm_scale(weights, name)}
 
-    qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, **norm_args(f"{p}.attn_norm"))
-    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at)
+    qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
+    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, pdl=pdl)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
-    x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1))
-    act = decode_gemv(x2, weights[f"{p}.gate_up"], eps=eps, gated=lm.gated_activation, **norm_args(f"{p}.mlp_norm"))
-    return decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1))
+    x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1), pdl=pdl)
+    act = decode_gemv(x2, weights[f"{p}.gate_up"], eps=eps, gated=lm.gated_activation, pdl=pdl,
+                      **norm_args(f"{p}.mlp_norm"))
+    return decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1), pdl=pdl)

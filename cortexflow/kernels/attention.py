@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.pdl import pdl_release, pdl_wait
 from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, processor_count, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
@@ -79,8 +80,10 @@ def _attention_kernel(
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -165,9 +168,11 @@ def _combine_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr,
     q_len, head_dim, n_kv_heads, group, n_splits,
     sob, sol, soh,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     """The separate merge of the key ranges (one program per row block and batch x KV head)."""
+    pdl_release(PDL)
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -201,7 +206,7 @@ def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) ->
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     num_splits: int | None = None, fused_combine: bool | None = None, block_m: int | None = None,
-    num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M,
+    num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
@@ -209,7 +214,8 @@ def attention(
     ``fused_combine`` merges them in the last-arriving range program instead of a second kernel
     (default: :data:`FUSED_COMBINE_DEFAULT`). Tuning knobs (defaults from the H100 micro-benchmark):
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
-    rows per program of the separate combine kernel."""
+    rows per program of the separate combine kernel. ``pdl``: launch both kernels with programmatic
+    dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -246,6 +252,7 @@ def attention(
         part_acc = part_ml = out
     counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
     grid = (row_blocks, b * kv_heads, num_splits)
+    launch = {"launch_pdl": True} if pdl else {}
     _attention_kernel[grid](
         q, k, v, mask, out, part_acc, part_ml, counters,
         scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,
@@ -253,15 +260,15 @@ def attention(
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
         HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl,
+        num_warps=num_warps, num_stages=2, **launch,
     )
     if split and not fused:
         combine_m = min(combine_block_m, max(1, next_power_of_two(n_rows)))
         _combine_kernel[(triton.cdiv(n_rows, combine_m), b * kv_heads)](
             part_acc, part_ml, out, q_len, head_dim, kv_heads, group, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
-            BLOCK_M=combine_m, BLOCK_D=block_d, num_warps=4,
+            BLOCK_M=combine_m, BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch,
         )
     return out
 

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
+from cortexflow.kernels.pdl import pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 
 def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
@@ -43,29 +44,48 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]
 
 
 @triton.jit
+def _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM: tl.constexpr, SCALE: tl.constexpr):
+    """``x[kk]`` in fp32, RMS-normalised (and scaled by ``1 + w``) and rounded as the reference's norm."""
+    xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM:
+        xv = xv * rstd
+        if SCALE:
+            xv = xv * (1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32))
+        xv = xv.to(x_ptr.dtype.element_ty).to(tl.float32)
+    return xv
+
+
+@triton.jit
 def _decode_gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
     n_out, k_dim, up_offset, stride_w, eps,
     NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
     offs_k = tl.arange(0, BLOCK_K)
+    w_rows = w_ptr + rows[:, None] * stride_w
+    # The first weight chunk does not depend on the previous kernel: with PDL it loads while that runs.
+    k_ok = offs_k < k_dim
+    tile_ok = row_ok[:, None] & k_ok[None, :]
+    w = tl.load(w_rows + offs_k[None, :], mask=tile_ok, other=0.0)
+    if GATED:
+        w_up = tl.load(w_rows + up_offset * stride_w + offs_k[None, :], mask=tile_ok, other=0.0)
+    pdl_wait(PDL)
+    rstd = 1.0
     if NORM:
         rstd = row_rstd(x_ptr, 0, k_dim, eps, BLOCK_K)
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    xv = _x_chunk(x_ptr, norm_w_ptr, offs_k, k_ok, rstd, NORM, SCALE)
+    acc = w.to(tl.float32) * xv[None, :]
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_rows = w_ptr + rows[:, None] * stride_w
-    for k0 in range(0, k_dim, BLOCK_K):
+    if GATED:
+        acc_up = w_up.to(tl.float32) * xv[None, :]
+    for k0 in range(BLOCK_K, k_dim, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_dim
-        xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
-        if NORM:
-            xv = xv * rstd
-            if SCALE:
-                xv = xv * (1.0 + tl.load(norm_w_ptr + kk, mask=k_ok, other=0.0).to(tl.float32))
-            xv = xv.to(x_ptr.dtype.element_ty).to(tl.float32)
+        xv = _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM, SCALE)
         tile_ok = row_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
@@ -99,6 +119,7 @@ def decode_gemv(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
 
@@ -106,7 +127,9 @@ def decode_gemv(
     a scale, the norm weight being folded into ``weight``); ``residual (N,)``: add
     it; ``gated`` ("silu" or "gelu_tanh"): ``weight`` is ``[gate | up]`` and the result ``act(gate) * up``
     ``(N/2,)``. Returns the output with ``x``'s leading dims, in ``x``'s dtype; ``out`` may be
-    ``residual`` itself (in place). Tiling: :func:`default_tiling` unless given."""
+    ``residual`` itself (in place). Tiling: :func:`default_tiling` unless given. ``pdl``: launch with
+programmatic dependent launch (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the
+previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
         raise ValueError(f"decode_gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -127,7 +150,8 @@ def decode_gemv(
         x1, weight, out, res, norm_weight if norm_weight is not None else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
-        GATED=gated is not None, SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        GATED=gated is not None, SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out.view(*x.shape[:-1], n_out)
 

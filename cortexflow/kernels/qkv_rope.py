@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.pdl import pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 from cortexflow.kernels.runtime import next_power_of_two
 
@@ -30,7 +31,10 @@ def _qkv_rope_kernel(
     n_q_heads, n_kv_heads, half, seq_len, norm_cols, eps,
     s_qkv_b, s_qkv_t, s_q_b, s_q_t, s_q_h, s_k_b, s_k_t, s_k_h, s_v_b, s_v_t, s_v_h, s_pos_b,
     HAS_WRITE_AT: tl.constexpr, RSTD: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_X: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
+    pdl_wait(PDL)
     b = tl.program_id(0)
     t = tl.program_id(1)
     head = tl.program_id(2)
@@ -82,13 +86,15 @@ def qkv_rope(
     rstd: torch.Tensor | None = None,
     norm_input: torch.Tensor | None = None,
     eps: float = 1e-6,
+    pdl: bool = False,
 ) -> torch.Tensor:
     """Returns rotated ``q (B, S, Hq, D)``; writes rotated K and plain V into ``k_out`` / ``v_out``, at rows
     ``0..S-1`` or, with ``write_at``, at rows ``write_at..write_at+S-1`` (never checked against the
     cache length on the device: the caller keeps ``write_at + S <= k_out.shape[1]``).
 
     Folded norm: ``rstd (B*S,)`` fp32 scales each token's QKV first; or ``norm_input (B, S, Dx)`` (the
-    contiguous un-normalised layer input) from which each program recomputes its token's rstd with ``eps``."""
+    contiguous un-normalised layer input) from which each program recomputes its token's rstd with ``eps``.
+    ``pdl``: launch with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     b, s, width = qkv.shape
     if rstd is not None and norm_input is not None:
         raise ValueError("pass rstd or norm_input, not both")
@@ -110,7 +116,7 @@ def qkv_rope(
         positions.stride(0),
         HAS_WRITE_AT=write_at is not None, RSTD=1 if rstd is not None else (2 if norm_input is not None else 0),
         BLOCK_HALF=next_power_of_two(head_dim // 2), BLOCK_X=min(next_power_of_two(norm_cols), 8192),
-        num_warps=4 if norm_input is not None else 2,
+        PDL=pdl, num_warps=4 if norm_input is not None else 2, **({"launch_pdl": True} if pdl else {}),
     )
     return q
 

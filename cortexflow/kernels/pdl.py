@@ -1,0 +1,51 @@
+"""Programmatic dependent launch (PDL) for chains of small kernels on Hopper and later.
+
+A decode step is a chain of short kernels (GEMV, QKV/RoPE, attention, GEMV, ...), each waiting for the
+one before: between two of them the GPU drains the first kernel's last programs, then launches the
+next one, whose programs then wait for their first loads. With PDL (a kernel launched with
+``launch_pdl=True``) the next kernel's programs may become resident while the previous kernel still
+runs, do the work that does not depend on it (a GEMV loads its first weight chunk), and block in
+``griddepcontrol.wait`` until the previous kernel has finished and its writes are visible.
+
+Rules every kernel with ``PDL`` set follows (they keep the chain exactly as ordered as without PDL):
+- :func:`pdl_release` first: the next kernel in the stream may be launched once every program of this
+  one has started (it still waits for this one to finish before it touches its results);
+- before :func:`pdl_wait`: only loads of data no kernel of the chain writes (weights); no stores.
+After the wait everything the previous kernels wrote is visible, and since each of them also waited for
+its predecessor, so is everything before it.
+
+A kernel with ``PDL`` off compiles neither instruction (the interpreter has no inline assembly).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from cortexflow.kernels.runtime import interpreting
+
+
+def pdl_supported(device: torch.device) -> bool:
+    """Whether kernels on ``device`` can be launched with PDL: a CUDA GPU of compute capability 9.0 or
+    later, not under the Triton interpreter."""
+    if device.type != "cuda" or interpreting():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
+
+
+@triton.jit
+def pdl_release(PDL: tl.constexpr):
+    """Let the next kernel of the stream launch (``griddepcontrol.launch_dependents``) when ``PDL``."""
+    if PDL:
+        gdc_launch_dependents()
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """Block until the previous kernel of the stream has finished and its writes are visible
+    (``griddepcontrol.wait``) when ``PDL``."""
+    if PDL:
+        gdc_wait()
