@@ -11,8 +11,8 @@
 #       towers, decode GEMV modes), real-size OpenVLA verify and profile, the token-VLA kernel tests on the GPU
 #   MODE=token_final bash benchmarks/gpu_triton_check.sh # ~7 min: OpenVLA eager / graphs / Triton (+ fused combine
 #       A/B), RT-2 with the fused combine, Pi0 1/2/3 views, the Triton / OpenVLA / RT-2 tests on the GPU
-#   MODE=pdl bash benchmarks/gpu_triton_check.sh        # ~8 min: programmatic dependent launch: GPU tests, OpenVLA
-#       A/B (PDL, decode GEMV for every projection, both), RT-2 with and without PDL
+#   MODE=pdl bash benchmarks/gpu_triton_check.sh        # ~8 min: token-VLA decode path: GPU tests, OpenVLA A/B
+#       (default, QKV/RoPE as its own kernel, PDL off, cuBLAS path), RT-2 with and without the fused QKV/RoPE, verify
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -93,14 +93,16 @@ token_final)
 pdl)
   TV=CORTEXFLOW_TRITON
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
-    -k "pdl or decode_gemv or verify_triton" > "$OUT/gpu_tests_pdl.txt" 2>&1
+    -k "pdl or decode_gemv or decode_qkv_rope or verify_triton" > "$OUT/gpu_tests_pdl.txt" 2>&1
   tail -3 "$OUT/gpu_tests_pdl.txt"
   step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_pdl.json" \
-    --triton-env "pdl=${TV}_PDL=1" --triton-env "gemv_all=${TV}_DECODE_GEMV=1" \
-    --triton-env "gemv_all_pdl=${TV}_DECODE_GEMV=1,${TV}_PDL=1" 2>&1 | tail -8
+    --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" --triton-env "no_pdl=${TV}_PDL=0" \
+    --triton-env "cublas_no_pdl=${TV}_DECODE_GEMV=0,${TV}_PDL=0" 2>&1 | tail -8
   RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -2
-  step 90 env "${TV}_PDL=1" "${RT2[@]}" --json "$OUT/bench_rt2_pdl.json" 2>&1 | tail -2
+  step 90 env "${TV}_DECODE_QKV_ROPE=0" "${RT2[@]}" --json "$OUT/bench_rt2_separate_qkv_rope.json" 2>&1 | tail -2
+  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
+  tail -4 "$OUT/verify_openvla.txt"
   ;;
 *) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl)"; exit 2 ;;
 esac

@@ -75,3 +75,54 @@ def test_decode_gemv_rejects_bad_input():
         decode_gemv(x[0], rand(8, 63, dtype=torch.float32, seed=13))
     with pytest.raises(ValueError, match="gated"):
         decode_gemv(x[0], w, gated="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", ["norm", "folded norm"])
+def test_decode_qkv_rope_matches_gemv_then_qkv_rope(dtype, norm):
+    """The fused QKV + RoPE + cache-write GEMV gives the values of the decode GEMV followed by the QKV/RoPE
+    kernel (same rounding points) and of the op-by-op reference. Odd sizes: head_dim 24 (half 12, not a
+    power of two: a partial pair block), K 200 (a partial chunk), 3 query heads on 1 KV head."""
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_reference
+    from cortexflow.kernels.qkv_rope import qkv_rope
+    from cortexflow.kernels.rope import inverse_frequencies
+
+    hq, hkv, d, k, max_len = 3, 1, 24, 200, 9
+    x = rand(1, 1, k, dtype=dtype, seed=20, scale=3.0)
+    w = rand((hq + 2 * hkv) * d, k, dtype=dtype, seed=21, scale=k**-0.5)
+    kwargs = {"normalize": True} if norm == "folded norm" else {"norm_weight": rand(k, dtype=torch.float32, seed=22,
+                                                                                       scale=0.2)}
+    position = torch.tensor([5], device=DEVICE)
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    caches = [rand(1, max_len, hkv, d, dtype=dtype, seed=23 + i) for i in range(2)]
+    caches += [c.clone() for c in caches]
+    write_at = torch.tensor([6], device=DEVICE)
+    q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, eps=1e-5,
+                        block_h=4, block_k=64, **kwargs)
+    qkv = decode_gemv(x, w, eps=1e-5, block_k=64, **kwargs)
+    q2 = qkv_rope(qkv, position.view(1, 1), inv_freq, hq, hkv, caches[2], caches[3], write_at=write_at)
+    assert q.shape == (1, 1, hq, d)
+    for a, b in ((q, q2), (caches[0], caches[2]), (caches[1], caches[3])):
+        assert (a.float() - b.float()).abs().max() <= (1e-6 if dtype == torch.float32 else 1e-2)
+    rq, rk, rv = decode_qkv_rope_reference(x, w, hq, hkv, position, inv_freq, eps=1e-5, **kwargs)
+    check(q, rq, dtype)
+    check(caches[0][:, 6:7], rk, dtype)
+    check(caches[1][:, 6:7], rv, dtype)
+    untouched = rand(1, max_len, hkv, d, dtype=dtype, seed=23)
+    assert torch.equal(caches[0][:, :6], untouched[:, :6]) and torch.equal(caches[0][:, 7:], untouched[:, 7:])
+
+
+def test_decode_qkv_rope_rejects_bad_input():
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
+
+    x = rand(1, 1, 32, dtype=torch.float32, seed=30)
+    w = rand(4 * 8, 32, dtype=torch.float32, seed=31)
+    cache = rand(1, 5, 1, 8, dtype=torch.float32, seed=32)
+    pos = torch.tensor([1], device=DEVICE)
+    inv = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="one row"):
+        decode_qkv_rope(rand(2, 32, dtype=torch.float32, seed=33), w, 2, 1, pos, inv, cache, cache, pos)
+    with pytest.raises(ValueError, match="fused"):
+        decode_qkv_rope(x, rand(4 * 7, 32, dtype=torch.float32, seed=34), 2, 1, pos, inv, cache, cache, pos)
+    with pytest.raises(ValueError, match="k_cache"):
+        decode_qkv_rope(x, w, 2, 1, pos, inv, cache[:, :, :, :4], cache, pos)

@@ -80,7 +80,8 @@ def check_passing_report(report, model):
 
 
 @pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off",
-                                     "decode gemv out", "norms not folded", "pdl, decode gemv on",
+                                     "decode gemv out", "norms not folded", "separate qkv/rope kernel",
+                                     "pdl, decode gemv on",
                                      "pdl, decode gemv off"])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
 def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
@@ -88,7 +89,8 @@ def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     the default kernels (norm weights folded into QKV and gate/up; decode GEMVs for RT-2's Gemma and
     OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
     decode steps, and the patch embedding), with the decode GEMV forced on, off and on for the o / down
-    projections only, with the norms kept as kernels, and with programmatic dependent launch (Hopper)."""
+    projections only, with the norms kept as kernels, with the QKV/RoPE kernel after the QKV GEMV
+    instead of in its epilogue, and with programmatic dependent launch (Hopper)."""
     pytest.importorskip("triton")
     from cortexflow.kernels.pdl import pdl_supported
 
@@ -101,10 +103,11 @@ def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "1" if variant == "opt-in kernels" else "auto")
     gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0", "decode gemv out": "out",
-            "pdl, decode gemv on": "1", "pdl, decode gemv off": "0",
+            "pdl, decode gemv on": "1", "pdl, decode gemv off": "0", "separate qkv/rope kernel": "1",
             "norms not folded": "1" if model == "rt2" else "0"}.get(variant, "auto")
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "0" if variant == "norms not folded" else "1")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "0" if variant == "separate qkv/rope kernel" else "1")
     report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"
@@ -228,7 +231,8 @@ def test_bad_decode_gemv_setting_is_refused(monkeypatch):
     with pytest.raises(BackendUnavailableError, match="FUSED_COMBINE must be auto, 0 or 1"):
         create_backend("triton", TRITON_DEVICE, torch.float32)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
-    for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT"):
+    for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT",
+                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE"):
         monkeypatch.setenv(name, "on")
         with pytest.raises(BackendUnavailableError, match=f"{name} must be 0 or 1"):
             create_backend("triton", TRITON_DEVICE, torch.float32)

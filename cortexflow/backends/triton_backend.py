@@ -86,6 +86,10 @@ class TritonBackend(PyTorchBackend):
         # "1" every projection, "out" only the o and down projections (residual fused), "0" none.
         decode_gemv = self._setting("CORTEXFLOW_TRITON_DECODE_GEMV", "auto", ("auto", "0", "1", "out"))
         self.decode_gemv = {"auto": "auto", "0": "off", "1": "all", "out": "out"}[decode_gemv]
+        # Token VLAs' decode GEMV for QKV with RoPE and the KV-cache write in its epilogue
+        # (kernels/decode_qkv_rope.py) instead of a QKV GEMV + QKV/RoPE kernel:
+        # CORTEXFLOW_TRITON_DECODE_QKV_ROPE=0|1.
+        self.decode_qkv_rope = self._flag("CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "1")
         # Token VLAs: the RMSNorm weights before QKV and gate/up folded into those weights at load, so a
         # decode step runs no norm kernel (its consumer applies the row statistic).
         # CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS=0 keeps the norm kernels (for A/B runs).

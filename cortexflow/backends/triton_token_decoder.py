@@ -13,8 +13,10 @@ Same function as :meth:`cortexflow.models.token_decoding.DecoderLM.layer`, fewer
 
 A single-token decode step (one row) goes further (``decode_gemv``, :mod:`cortexflow.kernels.decode_gemv`):
 each projection is one GEMV kernel that also does what sits around it: the RMSNorm before Q/K/V and
-before gate/up (recomputed per program from the one row), the residual adds, and the gated activation.
-That is 4 GEMVs + QKV/RoPE + attention (+ combine) per layer.
+before gate/up (recomputed per program from the one row), RoPE and the KV-cache write after Q/K/V
+(:mod:`cortexflow.kernels.decode_qkv_rope`), the residual adds, and the gated activation. That is
+4 GEMVs + attention (+ combine) per layer, launched with programmatic dependent launch on Hopper
+(:mod:`cortexflow.kernels.pdl`: each GEMV loads its first weight chunk while the kernel before finishes).
 
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from cortexflow.kernels.decode_gemv import decode_gemv
+from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
@@ -149,8 +152,9 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None,
 
 
 def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl):
-    """The one-row layer: 4 fused GEMVs (norm + QKV, o + residual, norm + gate/up + activation,
-    down + residual), QKV/RoPE into the cache, attention. ``x (1, 1, D)``. ``folded``: the norm weights
+    """The one-row layer: 4 fused GEMVs (norm + QKV with RoPE and the cache write in its epilogue, o +
+    residual, norm + gate/up + activation, down + residual) and attention; with
+    ``backend.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``x (1, 1, D)``. ``folded``: the norm weights
     live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
     every kernel with programmatic dependent launch (each GEMV loads its first weight chunk while the
     kernel before it finishes)."""
@@ -160,8 +164,18 @@ def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write
     def norm_args(name):
         return {"normalize": True} if folded else {"norm_weight": lm.norm_scale(weights, name)}
 
-    qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
-    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, pdl=pdl)
+    if backend.decode_qkv_rope and write_at is not None:
+        d = lm.dims
+        inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
+        cache_k, cache_v = cache[0][i], cache[1][i]
+        q = decode_qkv_rope(x, weights[f"{p}.qkv"], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
+                            cache_v, write_at, eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
+        attn = backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim),
+                                 fused_combine=lm.fused_combine, pdl=pdl)
+        attn = attn.reshape(1, 1, -1)
+    else:
+        qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
+        attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, pdl=pdl)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
     x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1), pdl=pdl)
     act = decode_gemv(x2, weights[f"{p}.gate_up"], eps=eps, gated=lm.gated_activation, pdl=pdl,

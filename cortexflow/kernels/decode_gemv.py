@@ -56,32 +56,33 @@ def _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM: tl.constexpr, SCALE: tl.co
 
 
 @triton.jit
-def _decode_gemv_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
-    n_out, k_dim, up_offset, stride_w, eps,
-    NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
+def gemv_rows(
+    x_ptr, w_ptr, norm_w_ptr, rows, row_ok, k_dim, second_offset, stride_w, eps,
+    NORM: tl.constexpr, SCALE: tl.constexpr, TWO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    """fp32 dot products of the (normalised) row ``x`` with weight rows ``rows`` and, when ``TWO``, also
+    with rows ``rows + second_offset``: ``(y, y2)`` of shape ``(BLOCK_N,)`` (``y2`` zeros without ``TWO``).
+    Starts the kernel's PDL protocol: releases the next kernel, loads the first weight chunk (which no
+    kernel writes) and only then waits for the previous kernel before reading ``x``."""
     pdl_release(PDL)
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < n_out
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None] * stride_w
     # The first weight chunk does not depend on the previous kernel: with PDL it loads while that runs.
     k_ok = offs_k < k_dim
     tile_ok = row_ok[:, None] & k_ok[None, :]
     w = tl.load(w_rows + offs_k[None, :], mask=tile_ok, other=0.0)
-    if GATED:
-        w_up = tl.load(w_rows + up_offset * stride_w + offs_k[None, :], mask=tile_ok, other=0.0)
+    if TWO:
+        w2 = tl.load(w_rows + second_offset * stride_w + offs_k[None, :], mask=tile_ok, other=0.0)
     pdl_wait(PDL)
     rstd = 1.0
     if NORM:
         rstd = row_rstd(x_ptr, 0, k_dim, eps, BLOCK_K)
     xv = _x_chunk(x_ptr, norm_w_ptr, offs_k, k_ok, rstd, NORM, SCALE)
     acc = w.to(tl.float32) * xv[None, :]
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if GATED:
-        acc_up = w_up.to(tl.float32) * xv[None, :]
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    if TWO:
+        acc2 = w2.to(tl.float32) * xv[None, :]
     for k0 in range(BLOCK_K, k_dim, BLOCK_K):
         kk = k0 + offs_k
         k_ok = kk < k_dim
@@ -89,14 +90,27 @@ def _decode_gemv_kernel(
         tile_ok = row_ok[:, None] & k_ok[None, :]
         w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
         acc += w.to(tl.float32) * xv[None, :]
-        if GATED:
-            w_up = tl.load(w_rows + up_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
-            acc_up += w_up.to(tl.float32) * xv[None, :]
-    y = tl.sum(acc, axis=1)
+        if TWO:
+            w2 = tl.load(w_rows + second_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
+            acc2 += w2.to(tl.float32) * xv[None, :]
+    return tl.sum(acc, axis=1), tl.sum(acc2, axis=1)
+
+
+@triton.jit
+def _decode_gemv_kernel(
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
+    n_out, k_dim, up_offset, stride_w, eps,
+    NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < n_out
+    y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
+                        NORM, SCALE, GATED, BLOCK_N, BLOCK_K, PDL)
     out_ty = out_ptr.dtype.element_ty
     if GATED:
         gate = y.to(out_ty).to(tl.float32)
-        up = tl.sum(acc_up, axis=1).to(out_ty).to(tl.float32)
+        up = y_up.to(out_ty).to(tl.float32)
         if SILU:
             y = gate / (1.0 + tl.exp(-gate)) * up
         else:
