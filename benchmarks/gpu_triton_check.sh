@@ -13,6 +13,8 @@
 #       A/B), RT-2 with the fused combine, Pi0 1/2/3 views, the Triton / OpenVLA / RT-2 tests on the GPU
 #   MODE=pdl bash benchmarks/gpu_triton_check.sh        # ~8 min: token-VLA decode path: GPU tests, OpenVLA A/B
 #       (default, QKV/RoPE as its own kernel, PDL off, cuBLAS path), RT-2 with and without the fused QKV/RoPE, verify
+#   MODE=pi0_pdl bash benchmarks/gpu_triton_check.sh    # ~8 min: Pi0 expert with PDL / split-K GEMMs A/B, Triton
+#       tests on the GPU, OpenVLA default vs separate QKV/RoPE (200 calls)
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -104,7 +106,22 @@ pdl)
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
   tail -4 "$OUT/verify_openvla.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl)"; exit 2 ;;
+pi0_pdl)
+  TV=CORTEXFLOW_TRITON
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py tests/test_decode_gemv.py \
+    tests/test_triton_kernels.py > "$OUT/gpu_tests_pi0_pdl.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_pi0_pdl.txt"
+  for variant in "${TV}_PDL=1 default" "${TV}_PDL=0 no_pdl" "${TV}_SKINNY_GEMM=1 skinny" \
+                 "${TV}_SKINNY_GEMM=1 ${TV}_PDL=0 skinny_no_pdl" "${TV}_SKINNY_GEMM=mlp_head mlp_head"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
+      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -1
+  done
+  step 60 env "${TV}_SKINNY_GEMM=1" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_skinny.json" 2>&1 | tail -1
+  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters 200 --json "$OUT/bench_openvla.json" \
+    --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" 2>&1 | tail -4
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

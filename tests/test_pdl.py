@@ -34,6 +34,28 @@ def decode_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_fr
     return decode_gemv(act, w["down"], residual=h, out=h.view(-1), pdl=pdl)
 
 
+def expert_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_freq, pdl):
+    """A Pi0-expert-style layer over several rows, all Triton: RMSNorm, split-K QKV GEMM, QKV/RoPE into
+    the cache, split attention + combine, split-K o GEMM + residual, RMSNorm, split-K gate/up + GELU
+    gate, split-K down GEMM + residual, then an Euler update of an fp32 state (``w["state"]``)."""
+    from cortexflow.kernels.attention import attention
+    from cortexflow.kernels.qkv_rope import qkv_rope
+    from cortexflow.kernels.rms_norm import rms_norm
+    from cortexflow.kernels.skinny_gemm import skinny_euler_, skinny_gelu_gate, skinny_linear
+
+    rows = x.shape[1]
+    h = rms_norm(x, w["attn_norm"], 1e-6, pdl=pdl)
+    qkv = skinny_linear(h, w["qkv"], num_splits=3, pdl=pdl)
+    token_positions = positions + torch.arange(rows, device=positions.device)[None]  # (1, rows)
+    q = qkv_rope(qkv, token_positions, inv_freq, 4, 2, cache_k, cache_v, write_at=write_at, pdl=pdl)
+    attn = attention(q, cache_k, cache_v, mask.expand(1, rows, -1), 0.125, num_splits=4, pdl=pdl)
+    h2 = skinny_linear(attn.reshape(1, rows, -1), w["o"], residual=x, num_splits=2, pdl=pdl)
+    act = skinny_gelu_gate(rms_norm(h2, w["mlp_norm"], 1e-6, pdl=pdl), w["gate_up"], num_splits=2, pdl=pdl)
+    out = skinny_linear(act, w["down"], residual=h2, num_splits=4, pdl=pdl)
+    skinny_euler_(w["state"], out, w["head"], None, -0.1, num_splits=2, pdl=pdl)
+    return out
+
+
 def make_inputs(seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
 
@@ -44,47 +66,53 @@ def make_inputs(seed):
     w = {"qkv": rand(8 * 64, width, scale=width**-0.5), "o": rand(width, 4 * 64, scale=0.05),
          "gate_up": rand(2 * ffn, width, scale=width**-0.5), "down": rand(width, ffn, scale=ffn**-0.5),
          "attn_norm": rand(width, scale=0.1).float(), "mlp_norm": rand(width, scale=0.1).float()}
+    w["head"] = rand(16, width, scale=width**-0.5)
+    w["state"] = torch.randn(1, 7, 16, device="cuda", generator=g)
     cache_k, cache_v = rand(1, max_len, 2, 64), rand(1, max_len, 2, 64)
     return w, cache_k, cache_v
 
 
 @needs_hopper
-def test_decode_layer_chain_is_identical_with_pdl_eager_and_in_a_graph():
+@pytest.mark.parametrize("chain, rows", [(decode_layer_chain, 1), (expert_layer_chain, 7)])
+def test_layer_chain_is_identical_with_pdl_eager_and_in_a_graph(chain, rows):
+    """Token-VLA decode layer (one row) and Pi0-expert layer (7 rows, split-K GEMMs, fp32 state update)."""
     from cortexflow.kernels.rope import inverse_frequencies
 
     w, cache_k, cache_v = make_inputs(0)
     inv_freq = inverse_frequencies(64, 10000.0, CUDA)
     max_len = cache_k.shape[1]
     results = {}
+    state = w.pop("state")
     for pdl in (False, True):
         ck, cv = cache_k.clone(), cache_v.clone()
-        x = torch.empty(1, 1, 256, device="cuda", dtype=torch.bfloat16)
+        w["state"] = state.clone()
+        x = torch.empty(1, rows, 256, device="cuda", dtype=torch.bfloat16)
         write_at = torch.zeros(1, dtype=torch.long, device="cuda")
         positions = torch.zeros(1, 1, dtype=torch.long, device="cuda")
         mask = torch.zeros(1, 1, max_len, dtype=torch.bool, device="cuda")
 
         def set_step(step):
             g = torch.Generator(device="cuda").manual_seed(100 + step)
-            x.copy_(torch.randn(1, 1, 256, device="cuda", generator=g).bfloat16())
+            x.copy_(torch.randn(1, rows, 256, device="cuda", generator=g).bfloat16())
             write_at.fill_(40 + step)
             positions.fill_(40 + step)
             mask.copy_((torch.arange(max_len, device="cuda") <= 40 + step)[None, None])
 
         outs = []
         set_step(0)
-        outs.append(decode_layer_chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl).clone())  # eager
+        outs.append(chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl).clone())  # eager
         graph = torch.cuda.CUDAGraph()
         set_step(1)
-        decode_layer_chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl)  # warm-up (compiles)
+        chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl)  # warm-up (compiles)
         torch.cuda.synchronize()
         with torch.cuda.graph(graph):
-            out = decode_layer_chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl)
+            out = chain(x, w, ck, cv, write_at, positions, mask, inv_freq, pdl)
         for step in range(2, 12):
             set_step(step)
             graph.replay()
             outs.append(out.clone())
         torch.cuda.synchronize()
-        results[pdl] = (torch.stack(outs), ck.clone(), cv.clone())
+        results[pdl] = (torch.stack(outs), ck.clone(), cv.clone(), w["state"].clone())
     plain, with_pdl = results[False], results[True]
     assert plain[0].float().norm() > 0
     for a, b in zip(plain, with_pdl):

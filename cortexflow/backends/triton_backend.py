@@ -102,8 +102,9 @@ class TritonBackend(PyTorchBackend):
         self.fused_combine = {"auto": None, "0": False, "1": True}[fused_combine]
         # Independent stages on two CUDA streams (OpenVLA's two vision towers): CORTEXFLOW_TRITON_CONCURRENT=0|1.
         self.concurrent_stages = self._flag("CORTEXFLOW_TRITON_CONCURRENT", "1")
-        # Token VLAs' one-row decode steps with programmatic dependent launch (kernels/pdl.py): each Triton
-        # kernel of the layer may start while the one before finishes (a GEMV loads its first weight chunk).
+        # Chains of Triton kernels with programmatic dependent launch (kernels/pdl.py): each kernel may start
+        # while the one before finishes (a GEMV or split-K GEMM loads its first weight tile early). Used
+        # by the token VLAs' one-row decode steps and by the Pi0 family's expert layers.
         # CORTEXFLOW_TRITON_PDL: "auto" (default: on where the GPU supports it, compute capability >= 9.0,
         # if PDL_DEFAULT), "1" on (refused on an older GPU), "0" off.
         pdl = self._setting("CORTEXFLOW_TRITON_PDL", "auto", ("auto", "0", "1"))
@@ -180,7 +181,7 @@ class TritonBackend(PyTorchBackend):
         if key not in self._time_tables:
             self._time_tables[key] = build_time_tables(model, weights, steps)
         return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
-                             skinny_gemms=self.skinny_gemms)
+                             skinny_gemms=self.skinny_gemms, pdl=self.pdl)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

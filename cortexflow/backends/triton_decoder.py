@@ -105,11 +105,14 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
-                  skinny_gemms: str = "off") -> torch.Tensor:
+                  skinny_gemms: str = "off", pdl: bool = False) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
-    the expert's GEMMs as split-K Triton GEMMs with their epilogues (see the module doc)."""
+    the expert's GEMMs as split-K Triton GEMMs with their epilogues (see the module doc); ``pdl``
+    launches the expert's Triton kernels with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`),
+    so with ``skinny_gemms="all"`` a layer is a chain of Triton kernels that each start while the one
+    before finishes."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -150,36 +153,36 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
                 biases = (tables.qkv_bias[step, i], tables.gate_up_bias[step, i]) if pi05 else (None, None)
                 folded = (scales, biases)
             x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, eps, c,
-                              tables.modulation[step, i] if pi05 else None, folded, skinny_gemms)
+                              tables.modulation[step, i] if pi05 else None, folded, skinny_gemms, pdl)
         if pi05:
             final = tables.final_modulation[step]
             h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
         else:
-            h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps)
+            h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps, pdl=pdl)
         if skinny_gemms != "off":
             skinny_euler_(x_t, h, weights["action_out_proj.weight"], weights["action_out_proj.bias"], dt,
-                          num_splits=1 if skinny_gemms == "mlp_head" else None)
+                          num_splits=1 if skinny_gemms == "mlp_head" else None, pdl=pdl)
         else:
             velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
             x_t = torch.add(x_t, velocity.float(), alpha=dt)
     return x_t
 
 
-def _norm(x, weight, eps, modulation):
+def _norm(x, weight, eps, modulation, pdl=False):
     """Plain RMSNorm with ``weight`` or adaptive with ``modulation (3, D)`` = (scale, shift, gate)."""
     if modulation is None:
-        return rms_kernel.rms_norm(x, weight, eps)
+        return rms_kernel.rms_norm(x, weight, eps, pdl=pdl)
     b = x.shape[0]
-    return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1))
+    return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1), pdl=pdl)
 
 
 def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None,
-                  skinny="off"):
+                  skinny="off", pdl=False):
     """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``.
 
     ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs;
     ``skinny`` ("off" / "mlp_head" / "all") runs some or all GEMMs of the unfolded path as split-K Triton
-    GEMMs with their epilogues."""
+    GEMMs with their epilogues; ``pdl``: the Triton kernels with programmatic dependent launch."""
     skinny_all = skinny == "all"
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
@@ -188,32 +191,33 @@ def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, sca
     if folded is not None:
         qkv = norm_linear(x, weights[f"{pre}.qkv"], eps, folded[0][0], folded[1][0])
     else:
-        h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod)
-        qkv = skinny_linear(h, weights[f"{pre}.qkv"]) if skinny_all else F.linear(h, weights[f"{pre}.qkv"])
-    q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:])
-    a = attention(q, keys, values, mask, scale).view(b * s, -1)
+        h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod, pdl)
+        qkv = skinny_linear(h, weights[f"{pre}.qkv"], pdl=pdl) if skinny_all else F.linear(h, weights[f"{pre}.qkv"])
+    q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:], pdl=pdl)
+    a = attention(q, keys, values, mask, scale, pdl=pdl).view(b * s, -1)
     # Layer 0's input is the step's token buffer (its state row is written once per call): never
     # overwritten. Every later residual is this decoder's own temporary, updated in place.
-    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny_all, inplace=i > 0)
+    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny_all, inplace=i > 0, pdl=pdl)
     if folded is not None:
         act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
     else:
-        h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod).view(b * s, d)
+        h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod, pdl).view(b * s, d)
         if skinny != "off":
-            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"], num_splits=1 if skinny == "mlp_head" else None)
+            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"], num_splits=1 if skinny == "mlp_head" else None,
+                                   pdl=pdl)
         else:
             act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
-    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny_all, inplace=True)
+    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny_all, inplace=True, pdl=pdl)
     return x2.view(b, s, d)
 
 
-def _residual_linear(residual, a, weight, modulation, skinny, inplace=False):
+def _residual_linear(residual, a, weight, modulation, skinny, inplace=False, pdl=False):
     """``residual + a @ weightᵀ`` (Pi0), or Pi0.5's gated ``residual + gate ⊙ (a @ weightᵀ)`` with
     ``modulation[2]`` the gate; ``(M, D)``. ``inplace`` (Pi0, cuBLAS path) accumulates into ``residual``:
     an out-of-place ``addmm`` first copies the residual into its output (one more kernel)."""
     if modulation is None:
         if skinny:
-            return skinny_linear(a, weight, residual=residual)
+            return skinny_linear(a, weight, residual=residual, pdl=pdl)
         return residual.addmm_(a, weight.T) if inplace else torch.addmm(residual, a, weight.T)
-    y = skinny_linear(a, weight) if skinny else F.linear(a, weight)
+    y = skinny_linear(a, weight, pdl=pdl) if skinny else F.linear(a, weight)
     return torch.addcmul(residual, y, modulation[2].to(residual.dtype))

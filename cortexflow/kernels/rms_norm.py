@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from cortexflow.kernels.pdl import pdl_release, pdl_wait
 from cortexflow.kernels.runtime import next_power_of_two
 
 
@@ -22,16 +23,19 @@ from cortexflow.kernels.runtime import next_power_of_two
 def _rms_norm_kernel(
     x_ptr, out_ptr, w_ptr, scale_ptr, shift_ptr,
     n_cols, rows_per_batch, eps,
-    HAS_WEIGHT: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, ADAPTIVE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     valid = cols < n_cols
+    if HAS_WEIGHT:  # a weight: no kernel writes it, so it may load before the wait
+        w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
+    pdl_wait(PDL)
     x = tl.load(x_ptr + row * n_cols + cols, mask=valid, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
     y = x * rstd
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + cols, mask=valid, other=0.0).to(tl.float32)
         y = y * (1.0 + w)
     if ADAPTIVE:
         batch = row // rows_per_batch
@@ -47,8 +51,10 @@ def rms_norm(
     eps: float,
     scale: torch.Tensor | None = None,
     shift: torch.Tensor | None = None,
+    pdl: bool = False,
 ) -> torch.Tensor:
-    """RMSNorm of ``x (..., D)`` (plain with ``weight``, adaptive with ``scale``/``shift`` ``(B, D)`` for ``x (B, L, D)``)."""
+    """RMSNorm of ``x (..., D)`` (plain with ``weight``, adaptive with ``scale``/``shift`` ``(B, D)`` for ``x (B, L, D)``).
+    ``pdl``: launch with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     adaptive = scale is not None
     x2 = x.contiguous()
     out = torch.empty_like(x2)
@@ -62,8 +68,8 @@ def rms_norm(
         scale.contiguous() if adaptive else dummy,
         shift.contiguous() if adaptive else dummy,
         n_cols, rows_per_batch, eps,
-        HAS_WEIGHT=weight is not None, ADAPTIVE=adaptive, BLOCK=next_power_of_two(n_cols),
-        num_warps=4 if n_cols <= 1024 else 8,
+        HAS_WEIGHT=weight is not None, ADAPTIVE=adaptive, BLOCK=next_power_of_two(n_cols), PDL=pdl,
+        num_warps=4 if n_cols <= 1024 else 8, **({"launch_pdl": True} if pdl else {}),
     )
     return out
 

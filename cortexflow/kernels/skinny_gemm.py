@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
+from cortexflow.kernels.pdl import pdl_release, pdl_wait
 from cortexflow.kernels.runtime import arrival_counters, interpreting, processor_count, upcast_dots
 
 LINEAR, GELU_GATE, EULER = 0, 1, 2
@@ -58,8 +59,9 @@ def _skinny_gemm_kernel(
     m_size, half_n, k_size, k_per_split, dt, sxm, swn, srm, som,
     EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, SPLIT: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_release(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     split = tl.program_id(2)
@@ -68,11 +70,28 @@ def _skinny_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     m_valid = offs_m < m_size
     n_valid = offs_n < half_n
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_size)
-    for k0 in range(k_start, k_end, BLOCK_K):
+    # The first weight tile does not depend on the previous kernel: with PDL it loads while that runs
+    # (every range holds at least one K block).
+    ks = k_start + offs_k
+    k_valid = ks < k_end
+    w_mask = k_valid[:, None] & n_valid[None, :]
+    w = tl.load(w_ptr + offs_n[None, :] * swn + ks[:, None], mask=w_mask, other=0.0)
+    if EPILOGUE == 1:
+        w_up = tl.load(w_ptr + (half_n + offs_n)[None, :] * swn + ks[:, None], mask=w_mask, other=0.0)
+    pdl_wait(PDL)
+    a = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        w = w.to(tl.float32)
+    acc = tl.dot(a, w, input_precision=DOT_PRECISION)
+    acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if EPILOGUE == 1:
+        if UPCAST:
+            w_up = w_up.to(tl.float32)
+        acc_up = tl.dot(a, w_up, input_precision=DOT_PRECISION)
+    for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
         ks = k0 + offs_k
         k_valid = ks < k_end
         a = tl.load(x_ptr + offs_m[:, None] * sxm + ks[None, :], mask=m_valid[:, None] & k_valid[None, :], other=0.0)
@@ -133,8 +152,9 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
-def _launch(x, weight, out, epilogue, bias=None, residual=None, dt=0.0, num_splits=None):
-    """Run the kernel for ``x2 (M, K)``, ``weight (planes * N, K)``, ``out (M, N)``."""
+def _launch(x, weight, out, epilogue, bias=None, residual=None, dt=0.0, num_splits=None, pdl=False):
+    """Run the kernel for ``x2 (M, K)``, ``weight (planes * N, K)``, ``out (M, N)``; ``pdl``: with
+    programmatic dependent launch (:mod:`cortexflow.kernels.pdl`: the first weight tile loads early)."""
     x2 = _rows(x)
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
@@ -158,37 +178,40 @@ def _launch(x, weight, out, epilogue, bias=None, residual=None, dt=0.0, num_spli
         m_size, half_n, k_size, k_per_split, dt, x2.stride(0), weight.stride(0), res2.stride(0), out.stride(0),
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split,
         UPCAST=upcast_dots(weight.dtype), DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=3,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, num_warps=4, num_stages=3,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, num_splits: int | None = None) -> torch.Tensor:
-    """``x @ weightᵀ (+ bias) (+ residual)`` for ``x (..., K)``, ``weight (N, K)``; ``(..., N)`` in x's dtype."""
+                  residual: torch.Tensor | None = None, num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
+    """``x @ weightᵀ (+ bias) (+ residual)`` for ``x (..., K)``, ``weight (N, K)``; ``(..., N)`` in x's dtype.
+    ``pdl``: launch with programmatic dependent launch (as for every function of this module)."""
     n = weight.shape[0]
     out = torch.empty((x.numel() // x.shape[-1], n), dtype=x.dtype, device=x.device)
     if residual is not None and residual.shape[-1] != n:
         raise ValueError(f"residual has {residual.shape[-1]} features, the output {n}")
-    _launch(x, weight, out, LINEAR, bias, None if residual is None else _rows(residual), num_splits=num_splits)
+    _launch(x, weight, out, LINEAR, bias, None if residual is None else _rows(residual), num_splits=num_splits,
+            pdl=pdl)
     return out.view(*x.shape[:-1], n)
 
 
 def skinny_gelu_gate(x: torch.Tensor, gate_up_weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     num_splits: int | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """``gelu_tanh(x @ W_gateᵀ) * (x @ W_upᵀ)`` with ``gate_up_weight (2F, K) = [W_gate; W_up]``; ``(..., F)``."""
     f = gate_up_weight.shape[0] // 2
     out = torch.empty((x.numel() // x.shape[-1], f), dtype=x.dtype, device=x.device)
-    _launch(x, gate_up_weight, out, GELU_GATE, bias, num_splits=num_splits)
+    _launch(x, gate_up_weight, out, GELU_GATE, bias, num_splits=num_splits, pdl=pdl)
     return out.view(*x.shape[:-1], f)
 
 
 def skinny_euler_(state: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dt: float,
-                  num_splits: int | None = None) -> torch.Tensor:
+                  num_splits: int | None = None, pdl: bool = False) -> torch.Tensor:
     """In place on the contiguous fp32 ``state (..., N)``: ``state += dt * (x @ weightᵀ + bias)``; returns it."""
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("skinny_euler_ updates a contiguous float32 state in place")
-    _launch(x, weight, state.view(-1, state.shape[-1]), EULER, bias, dt=float(dt), num_splits=num_splits)
+    _launch(x, weight, state.view(-1, state.shape[-1]), EULER, bias, dt=float(dt), num_splits=num_splits, pdl=pdl)
     return state
 
 
