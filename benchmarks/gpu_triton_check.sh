@@ -15,6 +15,8 @@
 #       (default, QKV/RoPE as its own kernel, PDL off, cuBLAS path), RT-2 with and without the fused QKV/RoPE, verify
 #   MODE=pi0_pdl bash benchmarks/gpu_triton_check.sh    # ~8 min: Pi0 expert with PDL / split-K GEMMs A/B, Triton
 #       tests on the GPU, OpenVLA default vs separate QKV/RoPE (200 calls)
+#   MODE=final12 bash benchmarks/gpu_triton_check.sh    # ~9 min: OpenVLA eager / graphs / Triton, Pi0 default vs
+#       split-K gate/up + head with PDL (two rounds), Pi0.5, RT-2, Pi0 verify, OpenVLA profile
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -121,7 +123,26 @@ pi0_pdl)
   step 300 python3 benchmarks/bench_openvla.py --triton-only --iters 200 --json "$OUT/bench_openvla.json" \
     --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" 2>&1 | tail -4
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl)"; exit 2 ;;
+final12)
+  TV=CORTEXFLOW_TRITON
+  step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
+  for round in 1 2; do
+    for variant in "${TV}_SKINNY_GEMM=0 default" "${TV}_SKINNY_GEMM=mlp_head mlp_head"; do
+      set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+      views=2; [ "$round" = 1 ] && views=1,2,3
+      step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
+        --json "$OUT/bench_pi0_${tag}_r$round.json" 2>&1 | tail -1
+      [ "$round" = 1 ] && step 60 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+        --json "$OUT/bench_pi05_${tag}.json" 2>&1 | tail -1
+    done
+  done
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
+  step 60 env "${TV}_SKINNY_GEMM=mlp_head" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_mlp_head.json" 2>&1 | tail -1
+  step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
+    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
