@@ -17,6 +17,8 @@
 #       tests on the GPU, OpenVLA default vs separate QKV/RoPE (200 calls)
 #   MODE=final12 bash benchmarks/gpu_triton_check.sh    # ~9 min: OpenVLA eager / graphs / Triton, Pi0 default vs
 #       split-K gate/up + head with PDL (two rounds), Pi0.5, RT-2, Pi0 verify, OpenVLA profile
+#   MODE=token12 bash benchmarks/gpu_triton_check.sh    # ~6 min: OpenVLA eager / graphs / Triton, RT-2, real-size
+#       OpenVLA verify, the token-VLA / PDL tests on the GPU
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -142,7 +144,18 @@ final12)
   step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
     --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12)"; exit 2 ;;
+token12)
+  TV=CORTEXFLOW_TRITON
+  step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
+  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
+  tail -2 "$OUT/verify_openvla.txt"
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
+    tests/test_rt2.py -k "pdl or decode or verify_triton or rt2" > "$OUT/gpu_tests_token.txt" 2>&1
+  tail -2 "$OUT/gpu_tests_token.txt"
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

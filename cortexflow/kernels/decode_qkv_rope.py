@@ -18,7 +18,12 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import default_tiling, gemv_rows
+from cortexflow.kernels.decode_gemv import gemv_rows
+
+#: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
+#: graph with PDL (``benchmarks/micro_decode_chain.py``, H100: 155.9 µs a layer vs 157.5 with 16 pairs,
+#: 1024, 8 warps, the decode GEMV's QKV tiling).
+DEFAULT_TILING = (4, 512, 4)
 
 
 @triton.jit
@@ -80,8 +85,7 @@ def decode_qkv_rope(
     int64 device tensor, never checked against ``L`` on the device). ``position``: the token's RoPE
     position, a one-element int tensor. ``norm_weight`` / ``normalize`` / ``eps``: the RMSNorm prologue
     of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``pdl``: programmatic dependent launch.
-    Tiling defaults to the QKV tiling of :func:`~cortexflow.kernels.decode_gemv.default_tiling`
-    (``block_h`` = half its rows per program: each program also owns the partner rows)."""
+    Tiling defaults to :data:`DEFAULT_TILING` (``block_h`` pairs per program: ``2 * block_h`` weight rows)."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -99,9 +103,8 @@ def decode_qkv_rope(
     if not x1.is_contiguous():
         x1 = x1.contiguous()
     half = head_dim // 2
-    rows, chunk, warps = default_tiling(weight.shape[0], k_dim, gated=False)
-    block_h = block_h or min(max(1, rows // 2), triton.next_power_of_2(half))
-    block_k, num_warps = block_k or chunk, num_warps or warps
+    block_h = block_h or min(DEFAULT_TILING[0], triton.next_power_of_2(half))
+    block_k, num_warps = block_k or DEFAULT_TILING[1], num_warps or DEFAULT_TILING[2]
     q = torch.empty((1, 1, n_q_heads, head_dim), dtype=x.dtype, device=x.device)
     grid = (n_heads * triton.cdiv(half, block_h),)
     _decode_qkv_rope_kernel[grid](
