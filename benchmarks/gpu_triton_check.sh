@@ -19,6 +19,8 @@
 #       split-K gate/up + head with PDL (two rounds), Pi0.5, RT-2, Pi0 verify, OpenVLA profile
 #   MODE=token12 bash benchmarks/gpu_triton_check.sh    # ~6 min: OpenVLA eager / graphs / Triton, RT-2, real-size
 #       OpenVLA verify, the token-VLA / PDL tests on the GPU
+#   MODE=head12 bash benchmarks/gpu_triton_check.sh     # ~5 min: the LM head as a decode GEMV, A/B on OpenVLA and
+#       RT-2, token tests on the GPU, real-size OpenVLA verify
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -155,7 +157,20 @@ token12)
     tests/test_rt2.py -k "pdl or decode or verify_triton or rt2" > "$OUT/gpu_tests_token.txt" 2>&1
   tail -2 "$OUT/gpu_tests_token.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12)"; exit 2 ;;
+head12)
+  TV=CORTEXFLOW_TRITON
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
+    -k "pdl or decode or greedy or verify_triton or bad_decode" > "$OUT/gpu_tests_head.txt" 2>&1
+  tail -2 "$OUT/gpu_tests_head.txt"
+  step 240 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_head.json" \
+    --triton-env "head_on_cublas=${TV}_DECODE_HEAD=0" 2>&1 | tail -3
+  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
+  step 60 env "${TV}_DECODE_HEAD=0" "${RT2[@]}" --json "$OUT/bench_rt2_head_on_cublas.json" 2>&1 | tail -1
+  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
+  tail -2 "$OUT/verify_openvla.txt"
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12)"; exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

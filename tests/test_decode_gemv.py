@@ -126,3 +126,44 @@ def test_decode_qkv_rope_rejects_bad_input():
         decode_qkv_rope(x, rand(4 * 7, 32, dtype=torch.float32, seed=34), 2, 1, pos, inv, cache, cache, pos)
     with pytest.raises(ValueError, match="k_cache"):
         decode_qkv_rope(x, w, 2, 1, pos, inv, cache[:, :, :, :4], cache, pos)
+
+
+@pytest.mark.parametrize("allowed", [None, (40, 72)])
+def test_triton_greedy_head_matches_the_reference_head(allowed, monkeypatch):
+    """The Triton backend's one-row next token (final norm + LM head as one decode GEMV, then argmax) picks
+    the reference's token for several inputs (which pick different tokens), with and without an allowed
+    id range, and follows a change of the final norm's scale."""
+    pytest.importorskip("triton")
+    from cortexflow.backends import create_backend
+    from cortexflow.models.llama import LlamaLM, prepare_llama_norms
+    from cortexflow.models.token_decoding import DecoderDims
+
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    lm = LlamaLM(DecoderDims(num_layers=1, num_heads=2, num_kv_heads=2, head_dim=8, rope_base=10000.0,
+                             rms_norm_eps=1e-5))
+    width, vocab = 16, 96
+    weights = prepare_llama_norms({"llm.norm": 1.0 + rand(width, dtype=torch.float32, seed=40, scale=0.2),
+                                   "llm.lm_head": rand(vocab, width, dtype=torch.float32, seed=41)})
+    triton_backend = create_backend("triton", DEVICE, torch.float32)
+    reference_backend = create_backend("pytorch", DEVICE, torch.float32)
+    picked = set()
+    for seed in range(6):
+        h = rand(1, 1, width, dtype=torch.float32, seed=50 + seed, scale=2.0)
+        expected = lm.next_token(reference_backend, weights, h, allowed)
+        got = triton_backend.decoder_lm_next_token(lm, weights, h, allowed)
+        assert got.shape == (1,) and got.item() == expected.item()
+        lo, hi = allowed or (0, vocab)
+        assert lo <= got.item() < hi
+        picked.add(got.item())
+    assert len(picked) > 2
+    # the final norm's scale reaches the head: where another scale changes the reference's token, ours follows
+    other = prepare_llama_norms({"llm.norm": torch.linspace(0.05, 3.0, width, device=DEVICE),
+                                 "llm.lm_head": weights["llm.lm_head"]})
+    changed = 0
+    for seed in range(60, 72):
+        h = rand(1, 1, width, dtype=torch.float32, seed=seed, scale=2.0)
+        pair = [lm.next_token(reference_backend, w, h, None).item() for w in (weights, other)]
+        assert [triton_backend.decoder_lm_next_token(lm, w, h, None).item() for w in (weights, other)] == pair
+        changed += pair[0] != pair[1]
+    assert changed > 0

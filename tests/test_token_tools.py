@@ -90,7 +90,7 @@ def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
     decode steps, and the patch embedding), with the decode GEMV forced on, off and on for the o / down
     projections only, with the norms kept as kernels, with the QKV/RoPE kernel after the QKV GEMV
-    instead of in its epilogue, and with programmatic dependent launch (Hopper)."""
+    instead of in its epilogue (and the LM head on cuBLAS), and with programmatic dependent launch (Hopper)."""
     pytest.importorskip("triton")
     from cortexflow.kernels.pdl import pdl_supported
 
@@ -108,6 +108,7 @@ def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "0" if variant == "norms not folded" else "1")
     monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "0" if variant == "separate qkv/rope kernel" else "1")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_HEAD", "0" if variant == "separate qkv/rope kernel" else "1")
     report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"
@@ -232,7 +233,7 @@ def test_bad_decode_gemv_setting_is_refused(monkeypatch):
         create_backend("triton", TRITON_DEVICE, torch.float32)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
     for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT",
-                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE"):
+                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "CORTEXFLOW_TRITON_DECODE_HEAD"):
         monkeypatch.setenv(name, "on")
         with pytest.raises(BackendUnavailableError, match=f"{name} must be 0 or 1"):
             create_backend("triton", TRITON_DEVICE, torch.float32)

@@ -52,6 +52,12 @@ class ComputeBackend(ABC):
         """Layer ``i`` of a token VLA's decoder LM (see ``DecoderLM.layer``; default: its op-by-op code)."""
         return lm.layer(self, weights, i, x, positions, mask, cache, write_at)
 
+    def decoder_lm_next_token(self, lm, weights: Weights, h: torch.Tensor,
+                              allowed: tuple[int, int] | None) -> torch.Tensor:
+        """A token VLA's greedy next token from the last hidden rows ``h (B, 1, D)`` (see
+        ``DecoderLM.next_token``; default: its op-by-op code)."""
+        return lm.next_token(self, weights, h, allowed)
+
     def prepare_weights(self, model: "VLAModel", weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hook to re-lay-out or fuse weights once after loading (default: unchanged)."""
         return weights

@@ -35,6 +35,7 @@ from cortexflow.backends.triton_token_decoder import (  # noqa: E402
 )
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
+from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.pdl import pdl_supported
 from cortexflow.kernels.runtime import interpreting
 from cortexflow.models.pi0 import Pi0Model
@@ -90,6 +91,9 @@ class TritonBackend(PyTorchBackend):
         # (kernels/decode_qkv_rope.py) instead of a QKV GEMV + QKV/RoPE kernel:
         # CORTEXFLOW_TRITON_DECODE_QKV_ROPE=0|1.
         self.decode_qkv_rope = self._flag("CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "1")
+        # ... and the final RMSNorm + LM head (or its allowed rows) of a one-row step as one decode GEMV before
+        # the argmax, instead of a norm kernel, cuBLAS and an fp32 copy: CORTEXFLOW_TRITON_DECODE_HEAD=0|1.
+        self.decode_head = self._flag("CORTEXFLOW_TRITON_DECODE_HEAD", "1")
         # Token VLAs: the RMSNorm weights before QKV and gate/up folded into those weights at load, so a
         # decode step runs no norm kernel (its consumer applies the row statistic).
         # CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS=0 keeps the norm kernels (for A/B runs).
@@ -153,6 +157,23 @@ class TritonBackend(PyTorchBackend):
             return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
         gemv = lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
         return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=gemv)
+
+    def decoder_lm_next_token(self, lm, weights, h, allowed):
+        """Token VLAs, one row (a decode step or the prefill's last row at batch 1) when the LM's decode
+        steps run GEMVs: the final RMSNorm, the LM head (or its ``allowed`` rows) and the rounding to the
+        compute dtype in one decode GEMV, then the argmax over those logits (the reference's argmax of the
+        same rounded values upcast to fp32 picks the same first maximum)."""
+        gemv = lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
+        if not self.decode_head or h.numel() != h.shape[-1] or gemv != "all" or not self._fused_token_layer_fits(lm):
+            return super().decoder_lm_next_token(lm, weights, h, allowed)
+        head = lm.lm_head(weights)
+        lo = 0
+        if allowed is not None:
+            lo, hi = allowed
+            head = head[lo:hi]
+        logits = decode_gemv(h, head, norm_weight=lm.norm_scale(weights, f"{lm.prefix}.norm"),
+                             eps=lm.dims.rms_norm_eps, pdl=self.pdl)
+        return logits.view(1, -1).argmax(dim=-1) + lo
 
     def run_concurrently(self, first, second):
         """``(first(), second())``: on a GPU ``first`` runs on a side stream while ``second`` runs on the

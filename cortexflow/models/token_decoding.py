@@ -156,7 +156,7 @@ class DecoderLM:
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         for i in range(self.dims.num_layers):
             x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, None)
-        return self.next_token(ops, weights, x.index_select(1, last_index), allowed)
+        return ops.decoder_lm_next_token(self, weights, x.index_select(1, last_index), allowed)
 
     def step(
         self,
@@ -175,7 +175,7 @@ class DecoderLM:
         positions = position[None].expand(x.shape[0], 1)
         for i in range(self.dims.num_layers):
             x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, position)
-        return self.next_token(ops, weights, x, allowed)
+        return ops.decoder_lm_next_token(self, weights, x, allowed)
 
     def generate(
         self,
