@@ -18,6 +18,7 @@ peak GPU memory over the variant (weights included). Writes JSON to ``$OUT/bench
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -52,7 +53,10 @@ def _variants(device: torch.device, triton_only: bool, triton_envs: list[str]) -
     return variants
 
 
-def _time_calls(engine: TokenVLAEngine, image, ids, iters: int, device: torch.device) -> list[float]:
+def _time_calls(engine: TokenVLAEngine, image, ids, iters: int, device: torch.device,
+                host: dict[str, list[float]]) -> list[float]:
+    """Per-call ms (CUDA events around ``predict`` on a GPU); appends the engine's host-side preprocess
+    and model times of each call to ``host``."""
     times = []
     for _ in range(iters):
         if device.type == "cuda":
@@ -66,6 +70,8 @@ def _time_calls(engine: TokenVLAEngine, image, ids, iters: int, device: torch.de
             t0 = time.perf_counter()
             engine.predict(image, prompt_tokens=ids)
             times.append((time.perf_counter() - t0) * 1e3)
+        for key in ("preprocess", "model"):
+            host.setdefault(key, []).append(engine.last_timings[key])
     return times
 
 
@@ -80,6 +86,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--triton-only", action="store_true", help="skip the PyTorch variants (A/B runs)")
     parser.add_argument("--triton-env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
                         help="one more Triton + graphs variant with these environment settings (repeatable)")
+    parser.add_argument("--gc-freeze", action="store_true",
+                        help="gc.collect() + gc.freeze() after each engine's warm-up: Python's collector then "
+                             "skips every object alive at that point (shows whether its pauses reach the timings)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device or ("cpu" if args.tiny else "cuda"))
@@ -121,7 +130,13 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.warmup):
             engine.predict(image, prompt_tokens=ids)
         warm_s = time.perf_counter() - t0
-        times = _time_calls(engine, image, ids, iters, device)
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
+        host: dict[str, list[float]] = {}
+        times = _time_calls(engine, image, ids, iters, device, host)
+        if args.gc_freeze:
+            gc.unfreeze()
         peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         tokens_by_variant[name] = engine.last_tokens.tolist()
         q = np.percentile(times, [10, 90])
@@ -132,6 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_gpu_gib": None if peak is None else peak / 2**30,
             "peak_gpu_gb": None if peak is None else peak / 1e9,
             "tokens": engine.last_tokens.tolist(),
+            "gc_frozen": args.gc_freeze, "times_ms": times,
+            "host_preprocess_ms": host["preprocess"], "host_model_ms": host["model"],
         })
         del engine
         if device.type == "cuda":
