@@ -554,3 +554,24 @@ def test_tokenize_ids(rng):
 def test_tokenize_ids_errors(tokens, message):
     with pytest.raises(InputError, match=message):
         tokenize_ids(tokens, max_len=16, vocab_size=320)
+
+
+def test_openvla_pixels_are_the_normalisation_formula_bit_for_bit():
+    """The table lookup gives exactly ``(u / 255 - mean) / std`` computed in fp32 tensors, per view and
+    channel, for every uint8 value, at the model size and through the resize path."""
+    import torch
+
+    from cortexflow.processing.vla_inputs import (
+        DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD, prepare_openvla_image, resize_naive,
+    )
+
+    rng = np.random.default_rng(3)
+    every_value = np.arange(256, dtype=np.uint8).repeat(3 * 196).reshape(224, 224, 3)
+    for image in (every_value, rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+                  rng.integers(0, 256, (90, 130, 3), dtype=np.uint8)):
+        pixels = torch.from_numpy(resize_naive(image, 224)).permute(2, 0, 1).float() / 255.0
+        expected = torch.cat([(pixels - torch.tensor(m)[:, None, None]) / torch.tensor(s)[:, None, None]
+                              for m, s in ((DINO_MEAN, DINO_STD), (SIGLIP_MEAN, SIGLIP_STD))])
+        got = prepare_openvla_image(image, 224)
+        assert got.shape == (6, 224, 224) and got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, expected)

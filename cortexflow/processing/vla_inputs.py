@@ -8,6 +8,7 @@ A 224 x 224 input is not resampled. Prompts are tokenised with the checkpoint's 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,31 @@ def resize_naive(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def prepare_openvla_image(image: Any, size: int = 224) -> torch.Tensor:
-    """OpenVLA ``pixel_values`` ``(6, size, size)`` float32: the DINOv2 view then the SigLIP view."""
-    pixels = torch.from_numpy(resize_naive(image_as_uint8(image), size)).permute(2, 0, 1).float() / 255.0
-    views = []
-    for mean, std in ((DINO_MEAN, DINO_STD), (SIGLIP_MEAN, SIGLIP_STD)):
-        views.append((pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])
-    return torch.cat(views, dim=0)
+    """OpenVLA ``pixel_values`` ``(6, size, size)`` float32: the DINOv2 view then the SigLIP view, each
+    ``(u / 255 - mean[c]) / std[c]`` of the resized uint8 pixels ``u``.
+
+    Done as a lookup of each uint8 value in a table of those fp32 results (:func:`_openvla_pixel_table`,
+    the same operations in the same order, so bit-identical), on one thread: a robot host's busy cores
+    cannot stall it the way they stalled torch's CPU thread pool, which took 2-40 ms for these 300k values
+    on the shared H100 machine (``benchmarks/results/h100_2026-11-24_v9/run12_*``)."""
+    chw = resize_naive(image_as_uint8(image), size).transpose(2, 0, 1)
+    table = _openvla_pixel_table()
+    out = np.empty((6, size, size), dtype=np.float32)
+    for row in range(6):
+        np.take(table[row], chw[row % 3], out=out[row])
+    return torch.from_numpy(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _openvla_pixel_table() -> np.ndarray:
+    """``(6, 256)`` fp32: row ``3 * view + c`` maps a uint8 value ``u`` to ``(u / 255 - mean[c]) / std[c]``
+    of the DINOv2 (view 0) or SigLIP (view 1) normalisation, in fp32 as the tensor code computes it."""
+    u = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    rows = [(u - np.float32(mean[c])) / np.float32(std[c])
+            for mean, std in ((DINO_MEAN, DINO_STD), (SIGLIP_MEAN, SIGLIP_STD)) for c in range(3)]
+    table = np.stack(rows)
+    table.setflags(write=False)
+    return table
 
 
 class SentencePieceTokenizer:
