@@ -243,7 +243,9 @@ class VLAInferenceEngine:
         prepared = time.perf_counter()
         for name, tensor in buffers.items():
             if name in samples[0]:
-                tensor.copy_(torch.stack([s[name] for s in samples]), non_blocking=True)
+                # one sample: a view, no CPU stack op (torch's CPU ops can stall on a busy host)
+                stacked = samples[0][name][None] if batch == 1 else torch.stack([s[name] for s in samples])
+                tensor.copy_(stacked, non_blocking=True)
         if noise is None:
             noise = torch.randn(buffers["noise"].shape, dtype=torch.float32)
         buffers["noise"].copy_(noise, non_blocking=True)

@@ -62,7 +62,8 @@ def prepare_images(images, num_views: int, image_size: int = 224) -> torch.Tenso
     """
     views = _split_views(images, num_views)
     prepared = [_prepare_view(view, index, image_size) for index, view in enumerate(views)]
-    return torch.stack(prepared)
+    # numpy, one thread: torch's CPU ops on a busy robot host can stall in its thread pool (benchmarks/NOTES.md, v9)
+    return torch.from_numpy(np.stack(prepared))
 
 
 def _split_views(images, num_views: int) -> list:
@@ -94,7 +95,7 @@ def _split_views(images, num_views: int) -> list:
     return views
 
 
-def _prepare_view(view, index: int, image_size: int) -> torch.Tensor:
+def _prepare_view(view, index: int, image_size: int) -> np.ndarray:
     """Validate one HWC view, resize-with-pad it and return it as float32 CHW in [-1, 1]."""
     image = _to_numpy(view, index)
     _check_shape(image, index)
@@ -104,7 +105,7 @@ def _prepare_view(view, index: int, image_size: int) -> torch.Tensor:
         _check_float_range(image, index)
         image = np.clip(image.astype(np.float32), -1.0, 1.0)
         resized = resize_with_pad(image, image_size, image_size)
-    return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+    return np.ascontiguousarray(resized.transpose(2, 0, 1))
 
 
 def _to_numpy(view, index: int) -> np.ndarray:

@@ -86,12 +86,14 @@ def predict_call(engine: VLAInferenceEngine, observation: Observation) -> Callab
                                   noise=observation.noise)
 
 
-def time_calls(call: Callable[[], object], device: torch.device, iters: int, warmup: int) -> dict:
-    """Median / p90 / min ms of ``iters`` calls after ``warmup``: CUDA events on a GPU, else the host clock."""
+def time_calls(call: Callable[[], object], device: torch.device, iters: int, warmup: int,
+               preprocess_ms: Callable[[], float] | None = None) -> dict:
+    """Median / p90 / min ms of ``iters`` calls after ``warmup``: CUDA events on a GPU, else the host clock.
+    ``preprocess_ms``: read after each call (the engine's host preprocessing), reported as median / max."""
     cuda = device.type == "cuda"
     for _ in range(warmup):
         call()
-    event_ms, host_ms = [], []
+    event_ms, host_ms, pre_ms = [], [], []
     for _ in range(iters):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -100,6 +102,8 @@ def time_calls(call: Callable[[], object], device: torch.device, iters: int, war
         t0 = time.perf_counter()
         call()
         host_ms.append((time.perf_counter() - t0) * 1e3)
+        if preprocess_ms is not None:
+            pre_ms.append(preprocess_ms())
         if cuda:
             end.record()
             end.synchronize()
@@ -111,6 +115,7 @@ def time_calls(call: Callable[[], object], device: torch.device, iters: int, war
         "min_ms": times[0],
         "mean_ms": statistics.fmean(times),
         "host_median_ms": statistics.median(host_ms),
+        **({"preprocess_median_ms": statistics.median(pre_ms), "preprocess_max_ms": max(pre_ms)} if pre_ms else {}),
         "iters": iters,
         "warmup": warmup,
         "timing": "cuda_events" if cuda else "host_clock",
@@ -267,7 +272,7 @@ def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: 
     try:
         engine = make_engine(state_dict, config, case.views, case.cuda_graphs, dtype, device, case.backend)
         call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
-        stats = time_calls(call, device, iters, warmup)
+        stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
         entry.update(stats)
         entry.update(
             cuda_graphs=engine.use_cuda_graphs,
