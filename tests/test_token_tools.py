@@ -233,11 +233,12 @@ def test_bad_decode_gemv_setting_is_refused(monkeypatch):
         create_backend("triton", TRITON_DEVICE, torch.float32)
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
     for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT",
-                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "CORTEXFLOW_TRITON_DECODE_HEAD"):
+                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "CORTEXFLOW_TRITON_DECODE_HEAD",
+                 "CORTEXFLOW_TRITON_FOLD_NORMS", "CORTEXFLOW_TRITON_PATCH_EMBED"):
         monkeypatch.setenv(name, "on")
         with pytest.raises(BackendUnavailableError, match=f"{name} must be 0 or 1"):
             create_backend("triton", TRITON_DEVICE, torch.float32)
-        monkeypatch.setenv(name, "1")
+        monkeypatch.setenv(name, "0" if name in ("CORTEXFLOW_TRITON_FOLD_NORMS", "CORTEXFLOW_TRITON_PATCH_EMBED") else "1")
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

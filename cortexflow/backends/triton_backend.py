@@ -69,7 +69,7 @@ class TritonBackend(PyTorchBackend):
         # RMSNorm folded into the expert's QKV and gate/up GEMMs (kernels/norm_linear.py) instead of
         # a norm kernel + cuBLAS. Off by default: on the H100 the folded Triton GEMM took 13-20 us where
         # norm kernel + cuBLAS took 6-8 us (benchmarks/NOTES.md); CORTEXFLOW_TRITON_FOLD_NORMS=1 turns it on.
-        self.fold_norms = os.environ.get("CORTEXFLOW_TRITON_FOLD_NORMS", "0") == "1"
+        self.fold_norms = self._flag("CORTEXFLOW_TRITON_FOLD_NORMS", "0")
         # The expert's GEMMs (QKV, o-proj + residual, gate/up + GELU gate, down + residual, action head +
         # Euler update) and every other ``linear`` of <= SKINNY_MAX_ROWS rows (the token VLAs' decode
         # steps) as split-K Triton GEMMs (kernels/skinny_gemm.py) instead of cuBLAS + epilogue kernels.
@@ -80,7 +80,7 @@ class TritonBackend(PyTorchBackend):
         self.skinny_gemms = {"0": "off", "1": "all", "mlp_head": "mlp_head"}[skinny]
         # The patch embedding as one Triton implicit-im2col GEMM (kernels/patch_embed.py) instead of
         # cuDNN's convolution. Off until timed on the GPU: CORTEXFLOW_TRITON_PATCH_EMBED=1 turns it on.
-        self.patch_embed_kernel = os.environ.get("CORTEXFLOW_TRITON_PATCH_EMBED", "0") == "1"
+        self.patch_embed_kernel = self._flag("CORTEXFLOW_TRITON_PATCH_EMBED", "0")
         # Token VLAs' single-token decode steps as fused decode GEMVs (kernels/decode_gemv.py: norm
         # prologue, residual / gated-activation epilogues) instead of cuBLAS + norm/activation kernels.
         # CORTEXFLOW_TRITON_DECODE_GEMV: "auto" (default: each LM's measured best, ``DecoderLM.decode_gemv``),
