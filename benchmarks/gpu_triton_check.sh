@@ -31,6 +31,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])" | tee -a "$OUT/gpu.txt"
 BENCH=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters "$ITERS" --warmup 5)
 VERIFY=(python3 -m cortexflow.cli verify --backend triton --size real --device cuda --dtype bfloat16)
+RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
+TV=CORTEXFLOW_TRITON  # prefix of the Triton backend's environment settings
 case "$MODE" in
 final)
   step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
@@ -68,13 +70,11 @@ extra)
   tail -3 "$OUT/kernel_tests.txt"
   ;;
 token_ab)
-  TV=CORTEXFLOW_TRITON
   step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_ab.json" \
     --triton-env "v6_path=${TV}_FOLD_TOKEN_NORMS=0,${TV}_CONCURRENT=0" \
     --triton-env "fold_only=${TV}_CONCURRENT=0" \
     --triton-env "concurrent_only=${TV}_FOLD_TOKEN_NORMS=0" \
     --triton-env "gemv_out=${TV}_DECODE_GEMV=out" 2>&1 | tail -8
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -3
   step 90 env "${TV}_FOLD_TOKEN_NORMS=0" "${RT2[@]}" --json "$OUT/bench_rt2_no_fold.json" 2>&1 | tail -3
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
@@ -87,11 +87,9 @@ token_ab)
   tail -3 "$OUT/gpu_tests_token.txt"
   ;;
 token_final)
-  TV=CORTEXFLOW_TRITON
   step 300 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" \
     --triton-env "fused_combine=${TV}_FUSED_COMBINE=1" \
     --triton-env "fused_combine_gemv_out=${TV}_FUSED_COMBINE=1,${TV}_DECODE_GEMV=out" 2>&1 | tail -7
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 90 env "${TV}_FUSED_COMBINE=1" "${RT2[@]}" --json "$OUT/bench_rt2_fused_combine.json" 2>&1 | tail -2
   step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py \
@@ -99,21 +97,18 @@ token_final)
   tail -3 "$OUT/gpu_tests.txt"
   ;;
 pdl)
-  TV=CORTEXFLOW_TRITON
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
     -k "pdl or decode_gemv or decode_qkv_rope or verify_triton" > "$OUT/gpu_tests_pdl.txt" 2>&1
   tail -3 "$OUT/gpu_tests_pdl.txt"
   step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_pdl.json" \
     --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" --triton-env "no_pdl=${TV}_PDL=0" \
     --triton-env "cublas_no_pdl=${TV}_DECODE_GEMV=0,${TV}_PDL=0" 2>&1 | tail -8
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -2
   step 90 env "${TV}_DECODE_QKV_ROPE=0" "${RT2[@]}" --json "$OUT/bench_rt2_separate_qkv_rope.json" 2>&1 | tail -2
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
   tail -4 "$OUT/verify_openvla.txt"
   ;;
 pi0_pdl)
-  TV=CORTEXFLOW_TRITON
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py tests/test_decode_gemv.py \
     tests/test_triton_kernels.py > "$OUT/gpu_tests_pi0_pdl.txt" 2>&1
   tail -3 "$OUT/gpu_tests_pi0_pdl.txt"
@@ -128,7 +123,6 @@ pi0_pdl)
     --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" 2>&1 | tail -4
   ;;
 final12)
-  TV=CORTEXFLOW_TRITON
   step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
   for round in 1 2; do
     for variant in "${TV}_SKINNY_GEMM=0 default" "${TV}_SKINNY_GEMM=mlp_head mlp_head"; do
@@ -140,16 +134,13 @@ final12)
         --json "$OUT/bench_pi05_${tag}.json" 2>&1 | tail -1
     done
   done
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
   step 60 env "${TV}_SKINNY_GEMM=mlp_head" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_mlp_head.json" 2>&1 | tail -1
   step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
     --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
   ;;
 token12)
-  TV=CORTEXFLOW_TRITON
   step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
   tail -2 "$OUT/verify_openvla.txt"
@@ -158,13 +149,11 @@ token12)
   tail -2 "$OUT/gpu_tests_token.txt"
   ;;
 head12)
-  TV=CORTEXFLOW_TRITON
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
     -k "pdl or decode or greedy or verify_triton or bad_decode" > "$OUT/gpu_tests_head.txt" 2>&1
   tail -2 "$OUT/gpu_tests_head.txt"
   step 240 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_head.json" \
     --triton-env "head_on_cublas=${TV}_DECODE_HEAD=0" 2>&1 | tail -3
-  RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
   step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
   step 60 env "${TV}_DECODE_HEAD=0" "${RT2[@]}" --json "$OUT/bench_rt2_head_on_cublas.json" 2>&1 | tail -1
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1

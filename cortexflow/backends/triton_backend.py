@@ -155,16 +155,19 @@ class TritonBackend(PyTorchBackend):
         """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
         if f"{lm.prefix}.layers.{i}.qkv" not in weights or not self._fused_token_layer_fits(lm):
             return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
-        gemv = lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
-        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=gemv)
+        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at, gemv=self._gemv_mode(lm))
+
+    def _gemv_mode(self, lm) -> str:
+        """Which projections of ``lm``'s one-row steps run as decode GEMVs: "all", "out" or "off"."""
+        return lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
 
     def decoder_lm_next_token(self, lm, weights, h, allowed):
         """Token VLAs, one row (a decode step or the prefill's last row at batch 1) when the LM's decode
         steps run GEMVs: the final RMSNorm, the LM head (or its ``allowed`` rows) and the rounding to the
         compute dtype in one decode GEMV, then the argmax over those logits (the reference's argmax of the
         same rounded values upcast to fp32 picks the same first maximum)."""
-        gemv = lm.decode_gemv if self.decode_gemv == "auto" else self.decode_gemv
-        if not self.decode_head or h.numel() != h.shape[-1] or gemv != "all" or not self._fused_token_layer_fits(lm):
+        if (not self.decode_head or h.numel() != h.shape[-1] or self._gemv_mode(lm) != "all"
+                or not self._fused_token_layer_fits(lm)):
             return super().decoder_lm_next_token(lm, weights, h, allowed)
         head = lm.lm_head(weights)
         lo = 0

@@ -147,15 +147,20 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None,
                  eps=eps, pdl=pdl, **(scaling or {}))
     if write_at is None:
         cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
-    return backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim), fused_combine=lm.fused_combine,
+    return _attention(backend, lm, q, cache_k, cache_v, mask, pdl)
+
+
+def _attention(backend, lm, q, keys, values, mask, pdl):
+    """``lm``'s attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
+    return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(lm.dims.head_dim), fused_combine=lm.fused_combine,
                              pdl=pdl)
 
 
 def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl):
-    """The one-row layer: 4 fused GEMVs (norm + QKV with RoPE and the cache write in its epilogue, o +
-    residual, norm + gate/up + activation, down + residual) and attention; with
-    ``backend.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``x (1, 1, D)``. ``folded``: the norm weights
-    live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
+    """The one-row layer ``x (1, 1, D)``: 4 fused GEMVs (norm + QKV with RoPE and the cache write in its
+    epilogue, o + residual, norm + gate/up + activation, down + residual) and attention; with
+    ``backend.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``folded``: the
+    norm weights live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
     every kernel with programmatic dependent launch (each GEMV loads its first weight chunk while the
     kernel before it finishes)."""
     p = f"{lm.prefix}.layers.{i}"
@@ -170,9 +175,7 @@ def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write
         cache_k, cache_v = cache[0][i], cache[1][i]
         q = decode_qkv_rope(x, weights[f"{p}.qkv"], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
                             cache_v, write_at, eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
-        attn = backend.attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(d.head_dim),
-                                 fused_combine=lm.fused_combine, pdl=pdl)
-        attn = attn.reshape(1, 1, -1)
+        attn = _attention(backend, lm, q, cache_k, cache_v, mask, pdl)
     else:
         qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
         attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, pdl=pdl)

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.pdl import pdl_release, pdl_wait
+from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, processor_count, upcast_dots
 
 MASKED_LOGIT = -2.3819763e38
@@ -252,7 +252,7 @@ def attention(
         part_acc = part_ml = out
     counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
     grid = (row_blocks, b * kv_heads, num_splits)
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = launch_options(pdl)
     _attention_kernel[grid](
         q, k, v, mask, out, part_acc, part_ml, counters,
         scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,

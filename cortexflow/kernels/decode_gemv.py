@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.pdl import pdl_release, pdl_wait
+from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 
 def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
@@ -167,7 +167,7 @@ previous kernel finishes)."""
         n_out, k_dim, n_out, weight.stride(0), eps,
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
         GATED=gated is not None, SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch_options(pdl),
     )
     return out.view(*x.shape[:-1], n_out)
 

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.decode_gemv import gemv_rows
+from cortexflow.kernels.pdl import launch_options
 
 #: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
 #: graph with PDL (``benchmarks/micro_decode_chain.py``, H100: 155.9 µs a layer vs 157.5 with 16 pairs,
@@ -112,7 +113,7 @@ def decode_qkv_rope(
         write_at, n_q_heads, n_kv_heads, head_dim, half, k_dim, weight.stride(0), eps,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None,
-        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
+        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **launch_options(pdl),
     )
     return q
 

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.rms_norm import row_rstd
+from cortexflow.kernels.rms_norm import folded_norm_mode, row_rstd
 from cortexflow.kernels.runtime import next_power_of_two
 
 @triton.jit
@@ -59,15 +59,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False, rst
     gate2 = gate.reshape(-1, n_cols)  # a view when rows are evenly strided (e.g. the gate half of [gate | up])
     up2 = None if up is None else up.reshape(-1, n_cols)
     rows = gate2.shape[0]
-    if rstd is not None and norm_input is not None:
-        raise ValueError("pass rstd or norm_input, not both")
-    if rstd is not None and rstd.numel() != rows:
-        raise ValueError(f"rstd has {rstd.numel()} values for {rows} rows")
-    norm_cols = 1
-    if norm_input is not None:
-        norm_cols = norm_input.shape[-1]
-        if norm_input.numel() != rows * norm_cols or not norm_input.is_contiguous():
-            raise ValueError(f"norm_input {tuple(norm_input.shape)} is not {rows} contiguous rows")
+    rstd_mode, norm_cols = folded_norm_mode(rstd, norm_input, rows)
     out = torch.empty(gate2.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     grid = (rows, triton.cdiv(n_cols, block))
@@ -75,7 +67,7 @@ def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False, rst
         gate2, up2 if up2 is not None else gate2, out, rstd if rstd is not None else gate2,
         norm_input if norm_input is not None else gate2, n_cols,
         gate2.stride(0), up2.stride(0) if up2 is not None else 0, norm_cols, eps,
-        GATED=up is not None, SILU=silu, RSTD=1 if rstd is not None else (2 if norm_input is not None else 0),
+        GATED=up is not None, SILU=silu, RSTD=rstd_mode,
         BLOCK=block, BLOCK_X=min(next_power_of_two(norm_cols), 8192), num_warps=4,
     )
     return out.reshape(*gate.shape[:-1], n_cols)

@@ -36,6 +36,12 @@ def pdl_supported(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
+def launch_options(pdl: bool) -> dict:
+    """Extra keyword arguments of a Triton launch: ``launch_pdl=True`` when ``pdl`` (nothing otherwise,
+    so the interpreter, which has no PDL, never sees the option)."""
+    return {"launch_pdl": True} if pdl else {}
+
+
 @triton.jit
 def pdl_release(PDL: tl.constexpr):
     """Let the next kernel of the stream launch (``griddepcontrol.launch_dependents``) when ``PDL``."""

@@ -20,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.pdl import pdl_release, pdl_wait
-from cortexflow.kernels.rms_norm import row_rstd
+from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
+from cortexflow.kernels.rms_norm import folded_norm_mode, row_rstd
 from cortexflow.kernels.runtime import next_power_of_two
 
 
@@ -96,13 +96,7 @@ def qkv_rope(
     contiguous un-normalised layer input) from which each program recomputes its token's rstd with ``eps``.
     ``pdl``: launch with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     b, s, width = qkv.shape
-    if rstd is not None and norm_input is not None:
-        raise ValueError("pass rstd or norm_input, not both")
-    if rstd is not None and rstd.numel() != b * s:
-        raise ValueError(f"rstd has {rstd.numel()} values for {b * s} tokens")
-    if norm_input is not None and (norm_input.numel() != b * s * norm_input.shape[-1] or not norm_input.is_contiguous()):
-        raise ValueError(f"norm_input {tuple(norm_input.shape)} is not a contiguous ({b}, {s}, D) tensor")
-    norm_cols = norm_input.shape[-1] if norm_input is not None else 1
+    rstd_mode, norm_cols = folded_norm_mode(rstd, norm_input, b * s)
     head_dim = width // (n_q_heads + 2 * n_kv_heads)
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
@@ -114,9 +108,9 @@ def qkv_rope(
         qkv.stride(0), qkv.stride(1), q.stride(0), q.stride(1), q.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), v_out.stride(0), v_out.stride(1), v_out.stride(2),
         positions.stride(0),
-        HAS_WRITE_AT=write_at is not None, RSTD=1 if rstd is not None else (2 if norm_input is not None else 0),
+        HAS_WRITE_AT=write_at is not None, RSTD=rstd_mode,
         BLOCK_HALF=next_power_of_two(head_dim // 2), BLOCK_X=min(next_power_of_two(norm_cols), 8192),
-        PDL=pdl, num_warps=4 if norm_input is not None else 2, **({"launch_pdl": True} if pdl else {}),
+        PDL=pdl, num_warps=4 if norm_input is not None else 2, **launch_options(pdl),
     )
     return q
 

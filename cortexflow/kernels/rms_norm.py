@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.pdl import pdl_release, pdl_wait
+from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.runtime import next_power_of_two
 
 
@@ -69,9 +69,27 @@ def rms_norm(
         shift.contiguous() if adaptive else dummy,
         n_cols, rows_per_batch, eps,
         HAS_WEIGHT=weight is not None, ADAPTIVE=adaptive, BLOCK=next_power_of_two(n_cols), PDL=pdl,
-        num_warps=4 if n_cols <= 1024 else 8, **({"launch_pdl": True} if pdl else {}),
+        num_warps=4 if n_cols <= 1024 else 8, **launch_options(pdl),
     )
     return out
+
+
+def folded_norm_mode(rstd: torch.Tensor | None, norm_input: torch.Tensor | None, rows: int) -> tuple[int, int]:
+    """Check a folded-norm consumer's arguments for ``rows`` rows and return ``(mode, norm_cols)``: mode 0
+    without scaling, 1 with the ``rstd (rows,)`` tensor, 2 recomputing each row's rstd from
+    ``norm_input`` (``rows`` contiguous rows of ``norm_cols`` values; ``norm_cols`` is 1 otherwise)."""
+    if rstd is not None and norm_input is not None:
+        raise ValueError("pass rstd or norm_input, not both")
+    if rstd is not None:
+        if rstd.numel() != rows:
+            raise ValueError(f"rstd has {rstd.numel()} values for {rows} rows")
+        return 1, 1
+    if norm_input is not None:
+        norm_cols = norm_input.shape[-1]
+        if norm_input.numel() != rows * norm_cols or not norm_input.is_contiguous():
+            raise ValueError(f"norm_input {tuple(norm_input.shape)} is not {rows} contiguous rows")
+        return 2, norm_cols
+    return 0, 1
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.pdl import pdl_release, pdl_wait
+from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.runtime import arrival_counters, interpreting, processor_count, upcast_dots
 
 LINEAR, GELU_GATE, EULER = 0, 1, 2
@@ -179,7 +179,7 @@ def _launch(x, weight, out, epilogue, bias=None, residual=None, dt=0.0, num_spli
         EPILOGUE=epilogue, HAS_BIAS=bias is not None, HAS_RES=residual is not None, SPLIT=split,
         UPCAST=upcast_dots(weight.dtype), DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, PDL=pdl, num_warps=4, num_stages=3,
-        **({"launch_pdl": True} if pdl else {}),
+        **launch_options(pdl),
     )
     return out
 
