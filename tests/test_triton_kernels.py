@@ -276,14 +276,15 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
 
 
 @pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head",
-                                             "pdl, skinny all", "pdl, default"])
+                                             "pdl, skinny all", "pdl, default", "persistent expert"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
     separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the opt-in
     kernels: the expert's GEMMs as split-K Triton GEMMs with their epilogues (Euler update included) and
-    the Triton patch embedding; only gate/up + GELU and the action head + Euler as split-K GEMMs; and
-    with programmatic dependent launch (Hopper GPUs only) with and without the split-K GEMMs."""
+    the Triton patch embedding; only gate/up + GELU and the action head + Euler as split-K GEMMs;
+    with programmatic dependent launch (Hopper GPUs only) with and without the split-K GEMMs; and each
+    expert layer as one persistent kernel."""
     import cortexflow as cf
     from cortexflow.kernels.pdl import pdl_supported
 
@@ -293,6 +294,7 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
     monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "1" if pdl else "0")
 
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", "1" if decoder_variant == "persistent expert" else "0")
     for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
         monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
     if decoder_variant == "skinny mlp_head":

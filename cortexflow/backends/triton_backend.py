@@ -27,7 +27,12 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
         "the triton backend needs the 'triton' package: pip install triton (it ships with CUDA builds of torch)"
     ) from err
 
-from cortexflow.backends.triton_decoder import build_time_tables, fuse_expert_weights, fused_decoder  # noqa: E402
+from cortexflow.backends.triton_decoder import (  # noqa: E402
+    build_time_tables,
+    fuse_expert_weights,
+    fused_decoder,
+    persistent_layer_unsupported,
+)
 from cortexflow.backends.triton_token_decoder import (  # noqa: E402
     fold_norm_weights,
     fuse_layer_projections,
@@ -49,6 +54,8 @@ SKINNY_MAX_ROWS = 64
 #: one process, 100 calls: OpenVLA 45.18 -> 44.40 ms (decode GEMV for every projection), RT-2 224.0 ->
 #: 211.0 ms (benchmarks/results/h100_2026-11-24_v9/).
 PDL_DEFAULT = True
+#: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT.
+PERSISTENT_EXPERT_DEFAULT = "0"
 
 
 class TritonBackend(PyTorchBackend):
@@ -118,6 +125,9 @@ class TritonBackend(PyTorchBackend):
                 f"Triton interpreter; device {str(self.device)!r} has none: unset it or set it to 0 or auto")
         self.pdl = pdl == "1" or (pdl == "auto" and PDL_DEFAULT and pdl_supported(self.device))
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
+        # The Pi0 family's expert layers as one persistent kernel each (kernels/expert_layer.py: five phases
+        # separated by grid barriers) instead of ~10 kernels a layer: CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0|1.
+        self.persistent_expert = self._flag("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", PERSISTENT_EXPERT_DEFAULT)
 
     @staticmethod
     def _setting(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -204,8 +214,14 @@ class TritonBackend(PyTorchBackend):
         key = (id(weights), steps)
         if key not in self._time_tables:
             self._time_tables[key] = build_time_tables(model, weights, steps)
+        persistent = self.persistent_expert
+        if persistent:
+            reason = persistent_layer_unsupported(model.config)
+            if reason is not None:
+                self._fallback("persistent expert layer", reason)
+                persistent = False
         return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
-                             skinny_gemms=self.skinny_gemms, pdl=self.pdl)
+                             skinny_gemms=self.skinny_gemms, pdl=self.pdl, persistent=persistent)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

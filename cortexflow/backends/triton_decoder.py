@@ -15,6 +15,9 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
   beat cuBLAS + epilogue kernel on the H100: gate/up + GELU gate and the action head + Euler update.
   All of them: QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
   intermediate), down + residual, and the action head fused with the Euler update of the fp32 state;
+- with ``persistent`` each expert layer is one persistent Triton kernel (:mod:`cortexflow.kernels.expert_layer`:
+  norms, QKV + RoPE + cache write, attention, o + residual, gate/up + GELU gate, down + residual in five
+  phases separated by grid barriers) instead of ~10 kernels;
 - with ``fold_norms`` (off by default: slower than norm kernel + cuBLAS on the H100) each RMSNorm rides
   on the GEMM after it
   (:mod:`cortexflow.kernels.norm_linear`): the norm's column factor (``1 + w``, or Pi0.5's ``1 + scale_t``)
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 from cortexflow.backends.triton_token_decoder import fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
+from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, expert_layer
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.norm_linear import norm_linear
 from cortexflow.kernels.qkv_rope import qkv_rope
@@ -105,14 +109,16 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
-                  skinny_gemms: str = "off", pdl: bool = False) -> torch.Tensor:
+                  skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
     the expert's GEMMs as split-K Triton GEMMs with their epilogues (see the module doc); ``pdl``
     launches the expert's Triton kernels with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`),
     so with ``skinny_gemms="all"`` a layer is a chain of Triton kernels that each start while the one
-    before finishes."""
+    before finishes. ``persistent``: each expert layer as one persistent kernel (the caller checked
+    :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`); ``fold_norms`` and ``skinny_gemms``
+    then only apply to the action head."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -137,6 +143,10 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
         hidden[:, 0] = state.to(dtype)
     dt = float(np.float32(-1.0 / len(tables.times)))
     x_t = noise.to(torch.float32, copy=True)  # updated in place by the fused Euler step
+    if persistent:
+        work = ExpertWorkspace(b * s, s, c.decoder_dim, c.decoder_mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim,
+                               p + s, dtype, noise.device)
+        work.residual = torch.empty((b, s, c.decoder_dim), dtype=dtype, device=noise.device)
     for step in range(len(tables.times)):
         if pi05:
             tokens = F.linear(x_t, weights["action_in_proj.weight"].float(), weights["action_in_proj.bias"].float())
@@ -147,6 +157,10 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
+            if persistent:
+                x = _persistent_layer(weights, i, x, work, positions, mask, keys[i], values[i], inv_freq, scale, eps, c,
+                                      tables, step if pi05 else None)
+                continue
             folded = None
             if fold_norms:
                 scales = tables.norm_scales[step, i] if pi05 else tables.norm_scales[i]
@@ -166,6 +180,32 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
             x_t = torch.add(x_t, velocity.float(), alpha=dt)
     return x_t
+
+
+def persistent_layer_unsupported(config) -> str | None:
+    """Why the persistent expert-layer kernel cannot run ``config``'s expert (None when it can)."""
+    return check_expert_shapes(config.decoder_dim, config.decoder_mlp_dim, config.num_heads, config.num_kv_heads,
+                               config.head_dim)
+
+
+def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_freq, scale, eps, c, tables, step):
+    """Expert layer ``i`` as one persistent kernel on ``x (B, S, D)`` into ``work.residual`` (layer 0 reads the
+    step's token buffer, which is never overwritten; later layers update the residual in place). ``step``:
+    Pi0.5's step index (its norm scales, shift biases and residual gates depend on t), None for Pi0."""
+    pre = f"expert.layers.{i}"
+    b, s, d = x.shape
+    if step is None:
+        scales, extra = tables.norm_scales[i], {}
+    else:
+        scales = tables.norm_scales[step, i]
+        gates = tables.modulation[step, i, :, 2]
+        extra = dict(qkv_bias=tables.qkv_bias[step, i], gate_up_bias=tables.gate_up_bias[step, i],
+                     attn_gate=gates[0], mlp_gate=gates[1])
+    out = work.residual
+    expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
+                 weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,
+                 values, mask, eps, scale, work, c.num_heads, **extra)
+    return out
 
 
 def _norm(x, weight, eps, modulation, pdl=False):

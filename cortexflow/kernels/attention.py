@@ -74,6 +74,87 @@ def _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, row
 
 
 @triton.jit
+def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
+                 HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, CACHE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Online softmax of the rows ``q (BLOCK_M, BLOCK_D)`` over keys ``key_start..key_end`` of one KV head
+    (``k_base``/``v_base`` point at key 0, rows ``skl``/``svl`` apart; ``mask_rows`` at each row's mask
+    entry for key 0, keys ``smk`` apart). Returns the unnormalised fp32 ``acc``, the running max ``m`` (log2
+    units) and sum ``l``. ``CACHE``: the loads' cache modifier (".cg" where another program of the same
+    launch wrote the keys)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_valid = offs_d < head_dim
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(key_start, key_end, BLOCK_N):
+        keys = start + offs_n
+        k_valid = keys < key_end
+        kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0,
+                     cache_modifier=CACHE)
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        if HAS_MASK:
+            allowed = tl.load(mask_rows[:, None] + keys[None, :] * smk, mask=row_valid[:, None] & k_valid[None, :],
+                              other=0)
+            s = tl.where(allowed != 0, s, _MASKED_LOGIT)
+        s = tl.where(k_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0,
+                    cache_modifier=CACHE)
+        if UPCAST:
+            v = v.to(tl.float32)
+            p_cast = p
+        else:
+            p_cast = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p_cast, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, b, kv_h, b_kvh, n_bkv, pid_m, split,
+                 n_splits, rows, q_len, head_dim, group, sob, sol, soh,
+                 SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write one key range's result: the normalised output when the keys are not split; else its
+    partials, laid out (split, batch*kv_head, row, D) and (split, batch*kv_head, row, 2), and with
+    ``FUSED_COMBINE`` the merge of all ranges by the last range program of the tile to arrive."""
+    n_rows = q_len * group
+    row_valid = rows < n_rows
+    offs_d = tl.arange(0, BLOCK_D)
+    if SPLIT:
+        base = (split * n_bkv + b_kvh) * n_rows + rows
+        tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
+        tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
+        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)
+        if FUSED_COMBINE:
+            # Every thread's partials are written before the (release) arrival; the last program to
+            # arrive (acquire) merges all ranges, then zeroes the counter for the next call.
+            tl.debug_barrier()
+            counter = counter_ptr + pid_m * n_bkv + b_kvh
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                tl.debug_barrier()
+                _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
+                              group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+    else:
+        out = acc / l_i[:, None]
+        query = rows // group
+        head = kv_h * group + rows % group
+        tl.store(
+            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
+        )
+
+
+@triton.jit
 def _attention_kernel(
     q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
@@ -95,72 +176,21 @@ def _attention_kernel(
     query = rows // group
     head = kv_h * group + rows % group
     offs_d = tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    d_valid = offs_d < head_dim
     q = tl.load(
         q_ptr + b * sqb + query[:, None] * sql + head[:, None] * sqh + offs_d[None, :],
-        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+        mask=row_valid[:, None] & (offs_d < head_dim)[None, :], other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    k_base = k_ptr + b * skb + kv_h * skh
-    v_base = v_ptr + b * svb + kv_h * svh
     key_start = split * keys_per_split
     key_end = tl.minimum(key_start + keys_per_split, k_len)
-    for start in range(key_start, key_end, BLOCK_N):
-        keys = start + offs_n
-        k_valid = keys < key_end
-        kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
-        if HAS_MASK:
-            allowed = tl.load(
-                mask_ptr + b * smb + query[:, None] * smq + keys[None, :] * smk,
-                mask=row_valid[:, None] & k_valid[None, :], other=0,
-            )
-            s = tl.where(allowed != 0, s, _MASKED_LOGIT)
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0)
-        if UPCAST:
-            v = v.to(tl.float32)
-            p_cast = p
-        else:
-            p_cast = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p_cast, v, input_precision=DOT_PRECISION)
-        m_i = m_new
-    if SPLIT:
-        # Partials, laid out (split, batch*kv_head, row, D) and (split, batch*kv_head, row, 2).
-        n_bkv = tl.num_programs(1)
-        base = (split * n_bkv + b_kvh) * n_rows + rows
-        tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
-        tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
-        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)
-        if FUSED_COMBINE:
-            # Every thread's partials are written before the (release) arrival; the last program to
-            # arrive (acquire) merges all ranges, then zeroes the counter for the next call.
-            tl.debug_barrier()
-            counter = counter_ptr + pid_m * n_bkv + b_kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == tl.num_programs(2) - 1:
-                tl.debug_barrier()
-                _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
-                              group, tl.num_programs(2), sob, sol, soh, BLOCK_M, BLOCK_D)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-    else:
-        out = acc / l_i[:, None]
-        tl.store(
-            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & d_valid[None, :],
-        )
+    acc, m_i, l_i = attend_range(
+        q, k_ptr + b * skb + kv_h * skh, v_ptr + b * svb + kv_h * svh, skl, svl, mask_ptr + b * smb + query * smq, smk,
+        key_start, key_end, scale_log2, row_valid, head_dim, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N,
+        BLOCK_D)
+    finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, b, kv_h, b_kvh, tl.num_programs(1),
+                 pid_m, split, tl.num_programs(2), rows, q_len, head_dim, group, sob, sol, soh, SPLIT, FUSED_COMBINE,
+                 BLOCK_M, BLOCK_D)
 
 
 @triton.jit

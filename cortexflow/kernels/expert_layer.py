@@ -1,0 +1,439 @@
+"""One whole Pi0 / Pi0.5 action-expert layer as a single persistent Triton kernel.
+
+A denoising step runs 18 expert layers on only ``B x 51`` token rows; as a chain of ~10 kernels a layer
+(norm, QKV GEMM, QKV/RoPE, attention, combine, o GEMM, norm, gate/up GEMM, GELU gate, down GEMM) each
+kernel lasts a few microseconds, most of it launch, ramp-up and tail, while the layer's 35 MB of bf16
+weights would stream in ~12 us at the H100's 3 TB/s (benchmarks/NOTES.md). Here one launch of
+``programs`` (<= the SM count, all resident at once) runs the layer in five phases separated by grid
+barriers:
+
+1. QKV: ``rstd * (x ⊙ c_attn) @ W_qkvᵀ (+ b_qkv)`` (the RMSNorm's row statistic accumulated in the same
+   K loop, its column factor ``c`` = ``1 + w`` (Pi0) or ``1 + scale_t`` (Pi0.5) applied as ``x`` is loaded,
+   Pi0.5's shift as the bias ``shift_t @ W_qkvᵀ``), split-half RoPE on Q and K in the epilogue; Q goes to a
+   scratch buffer, K and V straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns
+   ``[c, c+PAIR)`` and ``[c+D/2, c+D/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile.
+2. Attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
+   boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
+   range program of a row block merges the ranges (log-sum-exp) into the attention output.
+3. o-projection + residual: split-K (``o_splits`` K ranges) into fp32 partials; the last K-range program
+   of an output tile sums them in order (deterministic) and writes ``x + (gate ⊙) y`` (Pi0.5's gate).
+4. gate/up: the MLP norm the same way as in 1, ``gelu_tanh(gate) * up`` in the epilogue (one item = the
+   matching gate and up columns).
+5. down-projection + residual, as 3.
+
+Layouts (all contiguous, row-major): ``x, out (M, D)`` with ``M = B*S`` token rows (``out`` may be ``x``
+itself); weights ``W_qkv ((Hq + 2 Hkv) * Dh, D)`` as ``[q heads | k heads | v heads]``, ``W_o (D, Hq*Dh)``,
+``W_gate_up (2F, D)`` as ``[gate | up]``, ``W_down (D, F)``; KV cache of the layer ``(B, P+S, Hkv, Dh)``;
+mask ``(B, S, P+S)`` bool; positions ``(B, S)`` int64.
+
+Grid barrier: a sense-reversing barrier on two int32 words (arrival count, generation) of the zeroed
+``sync`` buffer. Every program arrives with a release/acquire atomic after a CTA barrier (so all its
+threads' stores are ordered before it); the last to arrive resets the count and bumps the generation;
+the others spin on the generation with acquire loads. Data written inside the launch is read back with
+``.cg`` loads (at L2, never a stale L1 line). It needs every program resident at once, which holds with
+at most one program per SM; under the interpreter programs run one after another, so tests use one
+program (the barrier then never waits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
+from cortexflow.kernels.gelu_gate import _gelu_tanh
+from cortexflow.kernels.runtime import interpreting, next_power_of_two, processor_count, upcast_dots
+
+
+@dataclass(frozen=True)
+class ExpertTiling:
+    """Work split of :func:`expert_layer`. ``block_m`` token rows per tile; ``pair`` columns per RoPE half
+    in the QKV phase (tile width ``2 * pair``); ``block_k`` the K step of every GEMM; ``gate_up_cols`` gate
+    (and as many up) columns per gate/up tile; ``out_cols`` output columns per o / down tile and
+    ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
+    ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: enough to fill the programs);
+    ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
+
+    block_m: int = 64
+    pair: int = 16
+    block_k: int = 128
+    gate_up_cols: int = 32
+    out_cols: int = 64
+    o_splits: int = 8
+    down_splits: int = 8
+    attn_rows: int = 16
+    attn_keys: int = 32
+    attn_splits: int | None = None
+    programs: int | None = None
+    num_warps: int = 8
+    num_stages: int = 3
+
+
+#: Sizes for the CPU interpreter (tiny configs): one program, small blocks.
+INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2,
+                                  down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, programs=1)
+
+
+def default_tiling() -> ExpertTiling:
+    return INTERPRETER_TILING if interpreting() else ExpertTiling()
+
+
+@triton.jit
+def _grid_sync(sync_ptr, n_programs):
+    """Wait until every program of the launch has arrived here; everything they stored before is
+    visible (at L2) afterwards. ``sync_ptr[0]`` counts arrivals, ``sync_ptr[1]`` is the generation."""
+    tl.debug_barrier()
+    generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == n_programs - 1:
+        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
+        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
+    else:
+        current = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        while current == generation:
+            current = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end, scale_ptr,
+               NORM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``a[rows, k_start:k_end] @ W[cols1 | cols2, k_start:k_end]ᵀ`` as two fp32 ``(BLOCK_M, BLOCK_N)`` tiles
+    sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
+    ``NORM``: ``a`` is multiplied by ``scale[k]`` as it is loaded and the third result is each row's sum of
+    squares of the unscaled ``a`` (the RMSNorm statistic); else it is zeros."""
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ss = tl.zeros([BLOCK_M], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
+                    cache_modifier=".cg")
+        if NORM:
+            af = a.to(tl.float32)
+            ss += tl.sum(af * af, axis=1)
+            a = (af * tl.load(scale_ptr + ks)[None, :]).to(a_ptr.dtype.element_ty)
+        w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
+        w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
+        if UPCAST:
+            a = a.to(tl.float32)
+            w1 = w1.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+    return acc1, acc2, ss
+
+
+@triton.jit
+def _residual_phase(a_ptr, k_total, w_ptr, res_ptr, out_ptr, gate_ptr, part_ptr, counter_ptr, M, pid, n_programs,
+                    GATED: tl.constexpr, N: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``out = res + (gate ⊙) a @ Wᵀ`` over ``(M, N)``, split-K: item = (row block, tile of ``2*HALF_N``
+    columns, K range). Each K range stores fp32 partials ``part (SPLITS, rows, N)``; the last range of a
+    tile to arrive adds them in range order and writes the tile (``res`` may be ``out``)."""
+    n_tiles: tl.constexpr = N // (2 * HALF_N)
+    k_range = k_total // SPLITS
+    n_items = tl.cdiv(M, BLOCK_M) * n_tiles * SPLITS
+    m_pad = tl.cdiv(M, BLOCK_M) * BLOCK_M
+    offs_n = tl.arange(0, HALF_N)
+    for item in range(pid, n_items, n_programs):
+        split = item % SPLITS
+        tile = (item // SPLITS) % n_tiles
+        mb = item // (SPLITS * n_tiles)
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < M
+        cols1 = tile * 2 * HALF_N + offs_n
+        cols2 = cols1 + HALF_N
+        acc1, acc2, _ = _dual_tile(a_ptr, k_total, rows, row_valid, w_ptr, k_total, cols1, cols2, split * k_range,
+                                   split * k_range + k_range, gate_ptr, False, UPCAST, DOT_PRECISION,
+                                   BLOCK_M, HALF_N, BLOCK_K)
+        last = True
+        if SPLITS > 1:
+            part = part_ptr + (split * m_pad + rows[:, None]) * N
+            tl.store(part + cols1[None, :], acc1)
+            tl.store(part + cols2[None, :], acc2)
+            tl.debug_barrier()
+            counter = counter_ptr + mb * n_tiles + tile
+            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
+            if last:
+                tl.debug_barrier()
+                acc1 = tl.zeros([BLOCK_M, HALF_N], tl.float32)
+                acc2 = tl.zeros([BLOCK_M, HALF_N], tl.float32)
+                for s in range(0, SPLITS):
+                    part = part_ptr + (s * m_pad + rows[:, None]) * N
+                    acc1 += tl.load(part + cols1[None, :], cache_modifier=".cg")
+                    acc2 += tl.load(part + cols2[None, :], cache_modifier=".cg")
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+        if last:
+            if GATED:
+                acc1 = acc1 * tl.load(gate_ptr + cols1)[None, :]
+                acc2 = acc2 * tl.load(gate_ptr + cols2)[None, :]
+            _add_residual(res_ptr, out_ptr, rows, row_valid, cols1, acc1, N)
+            _add_residual(res_ptr, out_ptr, rows, row_valid, cols2, acc2, N)
+
+
+@triton.jit
+def _add_residual(res_ptr, out_ptr, rows, row_valid, cols, y, N: tl.constexpr):
+    """``out[rows, cols] = res[rows, cols] + y`` (row-major ``(M, N)``; ``res`` read at L2)."""
+    at = rows[:, None] * N + cols[None, :]
+    res = tl.load(res_ptr + at, mask=row_valid[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+    tl.store(out_ptr + at, (res + y).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit
+def _expert_layer_kernel(
+    x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
+    qkv_bias_ptr, gu_bias_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr, gemm_part_ptr, sync_ptr,
+    M, S, P, eps, scale_log2, keys_per_split, n_splits,
+    s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
+    D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+    BIAS: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, PHASES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    HALF: tl.constexpr = HD // 2
+    GROUP: tl.constexpr = HQ // HKV
+    n_mb = tl.cdiv(M, BLOCK_M)
+    counters = sync_ptr + 2
+
+    # ---- 1. QKV (+ norm, bias, RoPE), written to q scratch and the KV cache --------------------------
+    pairs: tl.constexpr = HALF // PAIR
+    n_qkv_tiles: tl.constexpr = (HQ + 2 * HKV) * pairs
+    offs_p = tl.arange(0, PAIR)
+    for item in range(pid, n_mb * n_qkv_tiles if PHASES & 1 else 0, n_programs):
+        mb = item // n_qkv_tiles
+        tile = item % n_qkv_tiles
+        head = tile // pairs
+        c0 = (tile % pairs) * PAIR
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < M
+        cols1 = head * HD + c0 + offs_p
+        cols2 = cols1 + HALF
+        acc1, acc2, ss = _dual_tile(x_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols2, 0, D, attn_scale_ptr,
+                                    True, UPCAST, DOT_PRECISION, BLOCK_M, PAIR, BLOCK_K)
+        rstd = tl.rsqrt(ss / D + eps)
+        y1 = acc1 * rstd[:, None]
+        y2 = acc2 * rstd[:, None]
+        if BIAS:
+            y1 += tl.load(qkv_bias_ptr + cols1)[None, :]
+            y2 += tl.load(qkv_bias_ptr + cols2)[None, :]
+        tok_b = rows // S
+        tok_t = rows % S
+        if head < HQ + HKV:
+            pos = tl.load(pos_ptr + tok_b * s_pos_b + tok_t, mask=row_valid, other=0).to(tl.float32)
+            angle = pos[:, None] * tl.load(inv_freq_ptr + c0 + offs_p)[None, :]
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+            z1 = y1 * cos - y2 * sin
+            z2 = y2 * cos + y1 * sin
+        else:
+            z1 = y1
+            z2 = y2
+        if head < HQ:
+            dst = q_ptr + rows[:, None] * (HQ * HD) + head * HD + c0 + offs_p[None, :]
+        elif head < HQ + HKV:
+            dst = k_ptr + tok_b[:, None] * s_kb + (P + tok_t[:, None]) * s_kl + (head - HQ) * s_kh + c0 + offs_p[None, :]
+        else:
+            dst = v_ptr + tok_b[:, None] * s_vb + (P + tok_t[:, None]) * s_vl + (head - HQ - HKV) * s_vh + c0 + offs_p[None, :]
+        tl.store(dst, z1.to(dst.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(dst + HALF, z2.to(dst.dtype.element_ty), mask=row_valid[:, None])
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 2. attention (+ merge of the key ranges by the last range program) --------------------------
+    n_rows = S * GROUP
+    n_rb = tl.cdiv(n_rows, ATTN_ROWS)
+    n_bkv = (M // S) * HKV
+    offs_d = tl.arange(0, BLOCK_HD)
+    n_keys = P + S
+    for item in range(pid, n_bkv * n_rb * n_splits if PHASES & 2 else 0, n_programs):
+        split = item % n_splits
+        pid_m = (item // n_splits) % n_rb
+        b_kvh = item // (n_splits * n_rb)
+        b = b_kvh // HKV
+        kv_h = b_kvh % HKV
+        rows = pid_m * ATTN_ROWS + tl.arange(0, ATTN_ROWS)
+        row_valid = rows < n_rows
+        query = rows // GROUP
+        head = kv_h * GROUP + rows % GROUP
+        q = tl.load(q_ptr + ((b * S + query[:, None]) * HQ + head[:, None]) * HD + offs_d[None, :],
+                    mask=row_valid[:, None] & (offs_d < HD)[None, :], other=0.0, cache_modifier=".cg")
+        if UPCAST:
+            q = q.to(tl.float32)
+        key_start = split * keys_per_split
+        key_end = tl.minimum(key_start + keys_per_split, n_keys)
+        acc, m_i, l_i = attend_range(
+            q, k_ptr + b * s_kb + kv_h * s_kh, v_ptr + b * s_vb + kv_h * s_vh, s_kl, s_vl,
+            mask_ptr + b * s_mb + query * s_mq, s_mk, key_start, key_end, scale_log2, row_valid, HD,
+            True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD)
+        finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
+                     n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 3. o-projection + residual -------------------------------------------------------------------
+    _residual_phase(attn_ptr, HQ * HD, w_o_ptr, x_ptr, out_ptr, attn_gate_ptr, gemm_part_ptr, counters,
+                    M if PHASES & 4 else 0, pid, n_programs, GATED, D, O_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 4. gate/up (+ norm, bias) and gelu_tanh(gate) * up -----------------------------------------
+    n_gu_tiles: tl.constexpr = F // GU_COLS
+    offs_g = tl.arange(0, GU_COLS)
+    for item in range(pid, n_mb * n_gu_tiles if PHASES & 8 else 0, n_programs):
+        mb = item // n_gu_tiles
+        tile = item % n_gu_tiles
+        rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_valid = rows < M
+        cols = tile * GU_COLS + offs_g
+        gate, up, ss = _dual_tile(out_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, mlp_scale_ptr,
+                                  True, UPCAST, DOT_PRECISION, BLOCK_M, GU_COLS, BLOCK_K)
+        rstd = tl.rsqrt(ss / D + eps)
+        gate = gate * rstd[:, None]
+        up = up * rstd[:, None]
+        if BIAS:
+            gate += tl.load(gu_bias_ptr + cols)[None, :]
+            up += tl.load(gu_bias_ptr + F + cols)[None, :]
+        act = _gelu_tanh(gate) * up
+        tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 5. down-projection + residual (in place) ---------------------------------------------------
+    _residual_phase(h_ptr, F, w_down_ptr, out_ptr, out_ptr, mlp_gate_ptr, gemm_part_ptr, counters,
+                    M if PHASES & 16 else 0, pid, n_programs, GATED, D, DOWN_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+
+
+class ExpertWorkspace:
+    """Scratch of :func:`expert_layer` for ``rows`` token rows of one expert config, allocated once per
+    denoising loop and shared by its layers (each launch leaves its counters at zero)."""
+
+    def __init__(self, rows: int, seq_len: int, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
+                 n_keys: int, dtype: torch.dtype, device: torch.device, tiling: ExpertTiling | None = None):
+        self.tiling = tiling or default_tiling()
+        t = self.tiling
+        self.rows, self.seq_len = rows, seq_len
+        self.q = torch.empty((rows, heads * head_dim), dtype=dtype, device=device)
+        self.attn = torch.empty_like(self.q)
+        self.h = torch.empty((rows, mlp_dim), dtype=dtype, device=device)
+        m_pad = triton.cdiv(rows, t.block_m) * t.block_m
+        self.gemm_part = torch.empty((max(t.o_splits, t.down_splits), m_pad, dim), dtype=torch.float32, device=device)
+        self.block_hd = max(16, next_power_of_two(head_dim))
+        n_rows = seq_len * (heads // kv_heads)
+        row_blocks = triton.cdiv(n_rows, t.attn_rows) * (rows // seq_len) * kv_heads
+        self.programs = t.programs or processor_count(device)
+        splits = t.attn_splits or max(1, min(triton.cdiv(self.programs, row_blocks), triton.cdiv(n_keys, t.attn_keys)))
+        self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
+        self.n_splits = triton.cdiv(n_keys, self.keys_per_split)
+        self.part_acc = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, self.block_hd),
+                                    dtype=torch.float32, device=device)
+        self.part_ml = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, 2), dtype=torch.float32,
+                                   device=device)
+        counters = max(row_blocks, triton.cdiv(rows, t.block_m) * dim // (2 * t.out_cols))
+        self.sync = torch.zeros(2 + counters, dtype=torch.int32, device=device)
+
+
+def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
+                        tiling: ExpertTiling | None = None) -> str | None:
+    """Why :func:`expert_layer` cannot run this config with ``tiling`` (None when it can)."""
+    t = tiling or default_tiling()
+    if head_dim % (2 * t.pair):
+        return f"head_dim {head_dim} is not a multiple of 2 x {t.pair}"
+    if heads % kv_heads:
+        return f"{heads} heads on {kv_heads} KV heads"
+    for name, k in (("width", dim), ("MLP width", mlp_dim), ("attention width", heads * head_dim)):
+        if k % t.block_k:
+            return f"{name} {k} is not a multiple of the K step {t.block_k}"
+    if mlp_dim % t.gate_up_cols:
+        return f"MLP width {mlp_dim} is not a multiple of {t.gate_up_cols}"
+    if dim % (2 * t.out_cols):
+        return f"width {dim} is not a multiple of 2 x {t.out_cols}"
+    if (heads * head_dim) % (t.o_splits * t.block_k) or mlp_dim % (t.down_splits * t.block_k):
+        return "the o / down K ranges do not divide into whole K steps"
+    if head_dim > 256:
+        return f"head_dim {head_dim} > 256"
+    return None
+
+
+def expert_layer(
+    x: torch.Tensor, out: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_gate_up: torch.Tensor,
+    w_down: torch.Tensor, attn_scale: torch.Tensor, mlp_scale: torch.Tensor, positions: torch.Tensor,
+    inv_freq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float, scale: float,
+    workspace: ExpertWorkspace, heads: int, qkv_bias: torch.Tensor | None = None,
+    gate_up_bias: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
+    mlp_gate: torch.Tensor | None = None, phases: int = 31,
+) -> torch.Tensor:
+    """One expert layer on ``x (M, D)`` (``M = B*S``) into ``out (M, D)`` (may be ``x``); writes the layer's
+    suffix K/V into ``keys/values[:, P:]`` (``P = keys.shape[1] - S``). ``attn_scale`` / ``mlp_scale (D,)``
+    fp32: the norms' column factors; Pi0.5: ``qkv_bias``, ``gate_up_bias`` (its shift through the weights)
+    and the residual gates ``attn_gate`` / ``mlp_gate (D,)``. The caller checked
+    :func:`check_expert_shapes`. ``phases``: a bit mask of the phases to run (1 QKV, 2 attention, 4 o,
+    8 gate/up, 16 down; the barriers always run), for timing one phase alone. Returns ``out``."""
+    t = workspace.tiling
+    m, dim = x.shape
+    s = workspace.seq_len
+    b = m // s
+    kv_heads, head_dim = keys.shape[2], keys.shape[3]
+    mlp_dim = w_down.shape[1]
+    p = keys.shape[1] - s
+    mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    assert m == workspace.rows and mask.shape == (b, s, p + s) and positions.shape == (b, s)
+    biased = qkv_bias is not None
+    gated = attn_gate is not None
+    _expert_layer_kernel[(workspace.programs,)](
+        x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
+        qkv_bias if biased else attn_scale, gate_up_bias if biased else mlp_scale,
+        attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
+        workspace.q, keys, values, mask, workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml,
+        workspace.gemm_part, workspace.sync,
+        m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
+        positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
+        values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
+        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, BIAS=biased, GATED=gated,
+        ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(x.dtype),
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
+        GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
+        BLOCK_HD=workspace.block_hd, PHASES=phases, num_warps=t.num_warps, num_stages=t.num_stages,
+    )
+    return out
+
+
+def expert_layer_reference(x, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale, positions, inv_freq, keys, values,
+                           mask, eps, scale, heads, qkv_bias=None, gate_up_bias=None, attn_gate=None, mlp_gate=None):
+    """The same layer in PyTorch (fp32 math on the given tensors): returns ``out (M, D)`` and writes the
+    suffix K/V into ``keys/values``, like :func:`expert_layer`."""
+    from cortexflow.kernels.attention import attention_reference
+    from cortexflow.kernels.rope import rope_reference
+
+    m, dim = x.shape
+    b, n_keys, kv_heads, head_dim = keys.shape
+    s = m // b
+    p = n_keys - s
+    xf = x.float()
+
+    def normed(v, col):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * col
+
+    qkv = normed(xf, attn_scale) @ w_qkv.float().T
+    if qkv_bias is not None:
+        qkv = qkv + qkv_bias
+    q, k, v = qkv.view(b, s, -1, head_dim).split([heads, kv_heads, kv_heads], dim=2)
+    q, k = rope_reference(q, positions, inv_freq), rope_reference(k, positions, inv_freq)
+    keys[:, p:] = k.to(keys.dtype)
+    values[:, p:] = v.to(values.dtype)
+    a = attention_reference(q, keys.float(), values.float(), mask, scale).reshape(m, -1)
+    y = a @ w_o.float().T
+    x2 = xf + (y * attn_gate if attn_gate is not None else y)
+    gu = normed(x2, mlp_scale) @ w_gate_up.float().T
+    if gate_up_bias is not None:
+        gu = gu + gate_up_bias
+    gate, up = gu.chunk(2, dim=-1)
+    act = torch.nn.functional.gelu(gate, approximate="tanh") * up
+    y = act @ w_down.float().T
+    return (x2 + (y * mlp_gate if mlp_gate is not None else y)).to(x.dtype)
