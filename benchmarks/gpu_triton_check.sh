@@ -21,6 +21,8 @@
 #       OpenVLA verify, the token-VLA / PDL tests on the GPU
 #   MODE=head12 bash benchmarks/gpu_triton_check.sh     # ~5 min: the LM head as a decode GEMV, A/B on OpenVLA and
 #       RT-2, token tests on the GPU, real-size OpenVLA verify
+#   MODE=persistent13 bash benchmarks/gpu_triton_check.sh # ~7 min: the persistent expert-layer kernel: its GPU tests,
+#       micro-benchmark (tilings, phases alone, vs the kernel chain), Pi0 (VIEWS, default 2) with and without it
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -159,7 +161,19 @@ head12)
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
   tail -2 "$OUT/verify_openvla.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12)"; exit 2 ;;
+persistent13)
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
+    tests/test_triton_kernels.py -k "expert or attention or end_to_end" > "$OUT/gpu_tests_persistent.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_persistent.txt"
+  step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
+  for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 100 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "${VIEWS:-2}" --prompt-len 20 \
+      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -3
+  done
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13)"
+   exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then
   tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"

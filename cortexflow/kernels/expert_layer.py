@@ -61,7 +61,7 @@ class ExpertTiling:
     pair: int = 16
     block_k: int = 128
     gate_up_cols: int = 32
-    out_cols: int = 64
+    out_cols: int = 32
     o_splits: int = 8
     down_splits: int = 8
     attn_rows: int = 16

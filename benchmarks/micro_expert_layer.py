@@ -1,0 +1,166 @@
+"""Micro-benchmark of the Pi0 expert's layers at real size (bf16, one GPU): one denoising step's 18 layers
+as the default kernel chain (RMSNorm kernels + cuBLAS GEMMs + QKV/RoPE + split attention, with PDL where
+supported) vs the persistent one-kernel-per-layer path (:mod:`cortexflow.kernels.expert_layer`) at several
+tilings, and the persistent kernel's phases timed alone (the others masked off; barriers always run).
+
+Each variant's step is captured 50 times in one CUDA graph and replayed (``micro_decoder_kernels.graph_time_us``);
+µs per layer = step time / 18. The weight floor of a layer is its 34.6 MB of bf16 weights at the measured copy
+bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
+
+    python benchmarks/micro_expert_layer.py [--prefix 532] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from micro_decoder_kernels import graph_time_us, rel  # noqa: E402
+
+from cortexflow.backends.triton_decoder import _expert_layer  # noqa: E402
+from cortexflow.kernels import expert_layer as el  # noqa: E402
+from cortexflow.kernels.pdl import pdl_supported  # noqa: E402
+from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
+
+D, F, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EPS = 1024, 4096, 8, 1, 256, 18, 1e-6
+PHASES = {"barriers only": 0, "1 QKV + RoPE": 1, "2 attention": 2, "3 o + residual": 4, "4 gate/up + GELU": 8,
+          "5 down + residual": 16, "all": 31}
+
+
+def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
+    base = el.ExpertTiling()
+    variants = {
+        "default": base,
+        "block_k 64": replace(base, block_k=64),
+        "4 warps": replace(base, num_warps=4),
+        "4 stages": replace(base, num_stages=4),
+        "2 stages": replace(base, num_stages=2),
+        "o/down 32-col tiles x 4 splits": replace(base, out_cols=16, o_splits=4, down_splits=4),
+        "down 16 splits": replace(base, down_splits=16),
+        "gate/up 16 cols": replace(base, gate_up_cols=16),
+        "half the SMs": replace(base, programs=66),
+    }
+    return {"default": base} if quick else variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prefix", type=int, default=532, help="prefix tokens in the KV cache (532: 2 views, prompt 20)")
+    parser.add_argument("--quick", action="store_true", help="default tiling only")
+    args = parser.parse_args()
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    s, p = 51, args.prefix
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    weights = {}
+    for i in range(LAYERS):
+        pre = f"expert.layers.{i}"
+        weights[f"{pre}.qkv"] = rnd((HEADS + 2 * KV_HEADS) * HEAD_DIM, D, scale=D**-0.5)
+        weights[f"{pre}.o"] = rnd(D, HEADS * HEAD_DIM, scale=(HEADS * HEAD_DIM) ** -0.5)
+        weights[f"{pre}.gate_up"] = rnd(2 * F, D, scale=D**-0.5)
+        weights[f"{pre}.down"] = rnd(D, F, scale=F**-0.5)
+        weights[f"{pre}.attn_norm"] = rnd(D, scale=0.1)
+        weights[f"{pre}.mlp_norm"] = rnd(D, scale=0.1)
+    scales = [(1.0 + weights[f"expert.layers.{i}.attn_norm"].float(), 1.0 + weights[f"expert.layers.{i}.mlp_norm"].float())
+              for i in range(LAYERS)]
+    hidden = rnd(1, s, D)
+    keys = rnd(LAYERS, 1, p + s, KV_HEADS, HEAD_DIM)
+    values = rnd(LAYERS, 1, p + s, KV_HEADS, HEAD_DIM)
+    positions = (p + torch.arange(s, device=device))[None]
+    suffix = torch.ones(s, s, dtype=torch.bool, device=device)
+    suffix[0, 1:] = False
+    mask = torch.cat([torch.ones(1, s, p, dtype=torch.bool, device=device), suffix[None]], 2).contiguous()
+    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, device)
+    scale = HEAD_DIM**-0.5
+    config = SimpleNamespace(num_heads=HEADS, num_kv_heads=KV_HEADS)
+    pdl = pdl_supported(device)
+
+    def chain():
+        x = hidden
+        for i in range(LAYERS):
+            x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, EPS, config, None,
+                              pdl=pdl)
+        return x
+
+    def persistent(work, phases=31):
+        out = work.residual
+        x = hidden.view(s, D)
+        for i in range(LAYERS):
+            pre = f"expert.layers.{i}"
+            el.expert_layer(x, out, weights[f"{pre}.qkv"], weights[f"{pre}.o"], weights[f"{pre}.gate_up"],
+                            weights[f"{pre}.down"], scales[i][0], scales[i][1], positions, inv_freq, keys[i], values[i],
+                            mask, EPS, scale, work, HEADS, phases=phases)
+            x = out
+        return out
+
+    # Bandwidth the floor divides by: a 1 GiB device copy.
+    big = torch.empty(1 << 29, dtype=torch.float16, device=device)
+    dst = torch.empty_like(big)
+    dst.copy_(big)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        dst.copy_(big)
+    end.record()
+    torch.cuda.synchronize()
+    bandwidth = 2 * big.numel() * 2 * 5 / (start.elapsed_time(end) * 1e-3)
+    del big, dst
+    layer_bytes = sum(weights[f"expert.layers.0.{n}"].numel() for n in ("qkv", "o", "gate_up", "down")) * 2
+    floor_us = layer_bytes / bandwidth * 1e6
+
+    rows = []
+    reference = chain().float()
+    chain_us = graph_time_us(chain) / LAYERS
+    rows.append(dict(variant="kernel chain (default path)", us_per_layer=chain_us, rel_vs_chain=0.0))
+    print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
+    for name, tiling in tilings(args.quick).items():
+        t0 = time.time()
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling)
+        work.residual = torch.empty(s, D, dtype=dtype, device=device)
+        out = persistent(work).float()
+        torch.cuda.synchronize()
+        err = rel(out, reference)
+        us = graph_time_us(lambda: persistent(work)) / LAYERS
+        rows.append(dict(variant=f"persistent: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling),
+                         attention_splits=work.n_splits, programs=work.programs))
+        print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
+    work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device)
+    work.residual = torch.empty(s, D, dtype=dtype, device=device)
+    for name, mask_bits in PHASES.items():
+        us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
+        rows.append(dict(variant=f"phase {name} (default tiling)", us_per_layer=us))
+    result = dict(
+        device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+        triton=__import__("triton").__version__, prefix=p, suffix=s, pdl=pdl, copy_bandwidth_GBps=bandwidth / 1e9,
+        layer_weight_MB=layer_bytes / 1e6, floor_us_per_layer=floor_us, rows=rows,
+    )
+    out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "micro_expert_layer.json").write_text(json.dumps(result, indent=1))
+    print(f"\nPi0 expert layer, prefix {p}, suffix {s}, bf16; floor {floor_us:.2f} us/layer "
+          f"({layer_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.0f} GB/s)")
+    print(f"{'variant':<52} {'us/layer':>9} {'x floor':>8} {'rel vs chain':>13}")
+    for row in rows:
+        err = row.get("rel_vs_chain")
+        print(f"{row['variant']:<52} {row['us_per_layer']:9.2f} {row['us_per_layer'] / floor_us:8.2f} "
+              f"{'' if err is None else f'{err:.2e}':>13}")
+
+
+if __name__ == "__main__":
+    main()
