@@ -34,22 +34,23 @@ from cortexflow.kernels.pdl import pdl_supported  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
 D, F, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EPS = 1024, 4096, 8, 1, 256, 18, 1e-6
-PHASES = {"barriers only": 0, "1 QKV + RoPE": 1, "2 attention": 2, "3 o + residual": 4, "4 gate/up + GELU": 8,
-          "5 down + residual": 16, "all": 31}
+PHASES = {"barriers only": 0, "0 attention norm": 1, "1 QKV + RoPE": 2, "2 attention": 4, "3 o + residual": 8,
+          "4 MLP norm": 16, "5 gate/up + GELU": 32, "6 down + residual": 64, "all": el.ALL_PHASES}
 
 
 def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
     base = el.ExpertTiling()
     variants = {
         "default": base,
+        "8 warps": replace(base, num_warps=8),
         "block_k 64": replace(base, block_k=64),
-        "4 warps": replace(base, num_warps=4),
+        "block_k 64, 5 stages": replace(base, block_k=64, num_stages=5),
+        "block_k 256, 2 stages": replace(base, block_k=256, num_stages=2),
         "4 stages": replace(base, num_stages=4),
-        "2 stages": replace(base, num_stages=2),
         "o/down 32-col tiles x 4 splits": replace(base, out_cols=16, o_splits=4, down_splits=4),
-        "down 16 splits": replace(base, down_splits=16),
-        "gate/up 16 cols": replace(base, gate_up_cols=16),
-        "half the SMs": replace(base, programs=66),
+        "o 4 splits, down 16 splits": replace(base, o_splits=4, down_splits=16),
+        "gate/up 64 cols": replace(base, gate_up_cols=64),
+        "attention 32 rows": replace(base, attn_rows=32),
     }
     return {"default": base} if quick else variants
 
@@ -97,7 +98,7 @@ def main() -> None:
                               pdl=pdl)
         return x
 
-    def persistent(work, phases=31):
+    def persistent(work, phases=el.ALL_PHASES):
         out = work.residual
         x = hidden.view(s, D)
         for i in range(LAYERS):

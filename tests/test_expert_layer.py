@@ -48,8 +48,7 @@ def _inputs(batch, seq, prefix, dim, mlp, heads, kv_heads, head_dim, dtype, seed
     mask = torch.cat([prefix_mask[:, None].expand(batch, seq, prefix), suffix[None].expand(batch, seq, seq)], 2)
     extra = {}
     if pi05:
-        extra = dict(qkv_bias=0.1 * rnd((heads + 2 * kv_heads) * head_dim), gate_up_bias=0.1 * rnd(2 * mlp),
-                     attn_gate=rnd(dim), mlp_gate=rnd(dim))
+        extra = dict(attn_shift=0.3 * rnd(dim), mlp_shift=0.3 * rnd(dim), attn_gate=rnd(dim), mlp_gate=rnd(dim))
     inv_freq = inverse_frequencies(head_dim, 10000.0, torch.device(DEVICE))
     return tensors, positions, inv_freq, keys, values, mask.contiguous().to(DEVICE), extra
 

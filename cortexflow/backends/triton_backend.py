@@ -125,7 +125,7 @@ class TritonBackend(PyTorchBackend):
                 f"Triton interpreter; device {str(self.device)!r} has none: unset it or set it to 0 or auto")
         self.pdl = pdl == "1" or (pdl == "auto" and PDL_DEFAULT and pdl_supported(self.device))
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
-        # The Pi0 family's expert layers as one persistent kernel each (kernels/expert_layer.py: five phases
+        # The Pi0 family's expert layers as one persistent kernel each (kernels/expert_layer.py: seven phases
         # separated by grid barriers) instead of ~10 kernels a layer: CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0|1.
         self.persistent_expert = self._flag("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", PERSISTENT_EXPERT_DEFAULT)
 

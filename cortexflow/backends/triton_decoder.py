@@ -16,8 +16,8 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
   All of them: QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
   intermediate), down + residual, and the action head fused with the Euler update of the fp32 state;
 - with ``persistent`` each expert layer is one persistent Triton kernel (:mod:`cortexflow.kernels.expert_layer`:
-  norms, QKV + RoPE + cache write, attention, o + residual, gate/up + GELU gate, down + residual in five
-  phases separated by grid barriers) instead of ~10 kernels;
+  norm, QKV + RoPE + cache write, attention, o + residual, norm, gate/up + GELU gate, down + residual in
+  seven phases separated by grid barriers) instead of ~10 kernels;
 - with ``fold_norms`` (off by default: slower than norm kernel + cuBLAS on the H100) each RMSNorm rides
   on the GEMM after it
   (:mod:`cortexflow.kernels.norm_linear`): the norm's column factor (``1 + w``, or Pi0.5's ``1 + scale_t``)
@@ -198,9 +198,8 @@ def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_fr
         scales, extra = tables.norm_scales[i], {}
     else:
         scales = tables.norm_scales[step, i]
-        gates = tables.modulation[step, i, :, 2]
-        extra = dict(qkv_bias=tables.qkv_bias[step, i], gate_up_bias=tables.gate_up_bias[step, i],
-                     attn_gate=gates[0], mlp_gate=gates[1])
+        mod = tables.modulation[step, i]  # (2, 3, D): (attention, MLP) x (scale, shift, gate)
+        extra = dict(attn_shift=mod[0, 1], mlp_shift=mod[1, 1], attn_gate=mod[0, 2], mlp_gate=mod[1, 2])
     out = work.residual
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
                  weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,

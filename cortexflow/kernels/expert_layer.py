@@ -4,22 +4,23 @@ A denoising step runs 18 expert layers on only ``B x 51`` token rows; as a chain
 (norm, QKV GEMM, QKV/RoPE, attention, combine, o GEMM, norm, gate/up GEMM, GELU gate, down GEMM) each
 kernel lasts a few microseconds, most of it launch, ramp-up and tail, while the layer's 35 MB of bf16
 weights would stream in ~12 us at the H100's 3 TB/s (benchmarks/NOTES.md). Here one launch of
-``programs`` (<= the SM count, all resident at once) runs the layer in five phases separated by grid
+``programs`` (<= the SM count, all resident at once) runs the layer in seven phases separated by grid
 barriers:
 
-1. QKV: ``rstd * (x ⊙ c_attn) @ W_qkvᵀ (+ b_qkv)`` (the RMSNorm's row statistic accumulated in the same
-   K loop, its column factor ``c`` = ``1 + w`` (Pi0) or ``1 + scale_t`` (Pi0.5) applied as ``x`` is loaded,
-   Pi0.5's shift as the bias ``shift_t @ W_qkvᵀ``), split-half RoPE on Q and K in the epilogue; Q goes to a
-   scratch buffer, K and V straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns
-   ``[c, c+PAIR)`` and ``[c+D/2, c+D/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile.
-2. Attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
+0. attention norm: ``h = x * rsqrt(mean(x^2) + eps) * c (+ shift)`` per token row, rounded to the compute
+   dtype as the reference's norm output is; ``c`` = ``1 + w`` (Pi0) or ``1 + scale_t`` (Pi0.5, whose
+   adaRMS shift is added too);
+1. QKV: ``h @ W_qkvᵀ`` with split-half RoPE on Q and K in the epilogue; Q goes to a scratch buffer, K and V
+   straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns ``[c, c+PAIR)`` and
+   ``[c+Dh/2, c+Dh/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile;
+2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
    boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
-   range program of a row block merges the ranges (log-sum-exp) into the attention output.
+   range program of a row block merges the ranges (log-sum-exp) into the attention output;
 3. o-projection + residual: split-K (``o_splits`` K ranges) into fp32 partials; the last K-range program
-   of an output tile sums them in order (deterministic) and writes ``x + (gate ⊙) y`` (Pi0.5's gate).
-4. gate/up: the MLP norm the same way as in 1, ``gelu_tanh(gate) * up`` in the epilogue (one item = the
-   matching gate and up columns).
-5. down-projection + residual, as 3.
+   of an output tile sums them in range order (deterministic) and writes ``x + (gate ⊙) y`` (Pi0.5's gate);
+4. MLP norm of that residual, as 0;
+5. gate/up with ``gelu_tanh(gate) * up`` in the epilogue (one item = the matching gate and up columns);
+6. down-projection + residual, as 3.
 
 Layouts (all contiguous, row-major): ``x, out (M, D)`` with ``M = B*S`` token rows (``out`` may be ``x``
 itself); weights ``W_qkv ((Hq + 2 Hkv) * Dh, D)`` as ``[q heads | k heads | v heads]``, ``W_o (D, Hq*Dh)``,
@@ -29,10 +30,10 @@ mask ``(B, S, P+S)`` bool; positions ``(B, S)`` int64.
 Grid barrier: a sense-reversing barrier on two int32 words (arrival count, generation) of the zeroed
 ``sync`` buffer. Every program arrives with a release/acquire atomic after a CTA barrier (so all its
 threads' stores are ordered before it); the last to arrive resets the count and bumps the generation;
-the others spin on the generation with acquire loads. Data written inside the launch is read back with
-``.cg`` loads (at L2, never a stale L1 line). It needs every program resident at once, which holds with
-at most one program per SM; under the interpreter programs run one after another, so tests use one
-program (the barrier then never waits).
+the others poll the generation with volatile loads, then acquire it. Data written inside the launch is
+read back with ``.cg`` loads (at L2, never a stale L1 line). It needs every program resident at once,
+which holds with at most one program per SM; under the interpreter programs run one after another, so
+tests use one program there (the barrier then never waits).
 """
 
 from __future__ import annotations
@@ -68,13 +69,17 @@ class ExpertTiling:
     attn_keys: int = 32
     attn_splits: int | None = None
     programs: int | None = None
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
 
 #: Sizes for the CPU interpreter (tiny configs): one program, small blocks.
 INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2,
                                   down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, programs=1)
+
+
+#: ``phases`` of :func:`expert_layer` that runs the whole layer.
+ALL_PHASES = 127
 
 
 def default_tiling() -> ExpertTiling:
@@ -92,32 +97,26 @@ def _grid_sync(sync_ptr, n_programs):
         tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
         tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
     else:
-        current = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+        current = tl.load(sync_ptr + 1, volatile=True)
         while current == generation:
-            current = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+            current = tl.load(sync_ptr + 1, volatile=True)
+        tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
 @triton.jit
-def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end, scale_ptr,
-               NORM: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a[rows, k_start:k_end] @ W[cols1 | cols2, k_start:k_end]ᵀ`` as two fp32 ``(BLOCK_M, BLOCK_N)`` tiles
-    sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
-    ``NORM``: ``a`` is multiplied by ``scale[k]`` as it is loaded and the third result is each row's sum of
-    squares of the unscaled ``a`` (the RMSNorm statistic); else it is zeros."""
+    sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``)."""
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    ss = tl.zeros([BLOCK_M], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
                     cache_modifier=".cg")
-        if NORM:
-            af = a.to(tl.float32)
-            ss += tl.sum(af * af, axis=1)
-            a = (af * tl.load(scale_ptr + ks)[None, :]).to(a_ptr.dtype.element_ty)
         w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
         w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
         if UPCAST:
@@ -126,7 +125,23 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
             w2 = w2.to(tl.float32)
         acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
-    return acc1, acc2, ss
+    return acc1, acc2
+
+
+@triton.jit
+def _norm_rows(x_ptr, h_ptr, scale_ptr, shift_ptr, M, eps, pid, n_programs, SHIFT: tl.constexpr, D: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """``h[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * scale (+ shift)`` for rows ``pid, pid + n_programs, ...``
+    (fp32 math, ``x`` read at L2, ``h`` rounded to its dtype)."""
+    offs = tl.arange(0, BLOCK_D)
+    valid = offs < D
+    scale = tl.load(scale_ptr + offs, mask=valid, other=0.0)
+    for row in range(pid, M, n_programs):
+        x = tl.load(x_ptr + row * D + offs, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
+        h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * scale
+        if SHIFT:
+            h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
+        tl.store(h_ptr + row * D + offs, h.to(h_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
@@ -149,9 +164,8 @@ def _residual_phase(a_ptr, k_total, w_ptr, res_ptr, out_ptr, gate_ptr, part_ptr,
         row_valid = rows < M
         cols1 = tile * 2 * HALF_N + offs_n
         cols2 = cols1 + HALF_N
-        acc1, acc2, _ = _dual_tile(a_ptr, k_total, rows, row_valid, w_ptr, k_total, cols1, cols2, split * k_range,
-                                   split * k_range + k_range, gate_ptr, False, UPCAST, DOT_PRECISION,
-                                   BLOCK_M, HALF_N, BLOCK_K)
+        acc1, acc2 = _dual_tile(a_ptr, k_total, rows, row_valid, w_ptr, k_total, cols1, cols2, split * k_range,
+                                split * k_range + k_range, UPCAST, DOT_PRECISION, BLOCK_M, HALF_N, BLOCK_K)
         last = True
         if SPLITS > 1:
             part = part_ptr + (split * m_pad + rows[:, None]) * N
@@ -188,15 +202,16 @@ def _add_residual(res_ptr, out_ptr, rows, row_valid, cols, y, N: tl.constexpr):
 @triton.jit
 def _expert_layer_kernel(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
-    qkv_bias_ptr, gu_bias_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
-    q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr, gemm_part_ptr, sync_ptr,
+    attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
+    hn_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr, gemm_part_ptr, sync_ptr,
     M, S, P, eps, scale_log2, keys_per_split, n_splits,
     s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
-    BIAS: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, PHASES: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PHASES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -205,11 +220,16 @@ def _expert_layer_kernel(
     n_mb = tl.cdiv(M, BLOCK_M)
     counters = sync_ptr + 2
 
-    # ---- 1. QKV (+ norm, bias, RoPE), written to q scratch and the KV cache --------------------------
+    # ---- 0. attention norm ------------------------------------------------------------------------
+    _norm_rows(x_ptr, hn_ptr, attn_scale_ptr, attn_shift_ptr, M if PHASES & 1 else 0, eps, pid, n_programs, SHIFT, D,
+               BLOCK_D)
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
     pairs: tl.constexpr = HALF // PAIR
     n_qkv_tiles: tl.constexpr = (HQ + 2 * HKV) * pairs
     offs_p = tl.arange(0, PAIR)
-    for item in range(pid, n_mb * n_qkv_tiles if PHASES & 1 else 0, n_programs):
+    for item in range(pid, n_mb * n_qkv_tiles if PHASES & 2 else 0, n_programs):
         mb = item // n_qkv_tiles
         tile = item % n_qkv_tiles
         head = tile // pairs
@@ -217,15 +237,8 @@ def _expert_layer_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols1 = head * HD + c0 + offs_p
-        cols2 = cols1 + HALF
-        acc1, acc2, ss = _dual_tile(x_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols2, 0, D, attn_scale_ptr,
-                                    True, UPCAST, DOT_PRECISION, BLOCK_M, PAIR, BLOCK_K)
-        rstd = tl.rsqrt(ss / D + eps)
-        y1 = acc1 * rstd[:, None]
-        y2 = acc2 * rstd[:, None]
-        if BIAS:
-            y1 += tl.load(qkv_bias_ptr + cols1)[None, :]
-            y2 += tl.load(qkv_bias_ptr + cols2)[None, :]
+        y1, y2 = _dual_tile(hn_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
+                            DOT_PRECISION, BLOCK_M, PAIR, BLOCK_K)
         tok_b = rows // S
         tok_t = rows % S
         if head < HQ + HKV:
@@ -254,7 +267,7 @@ def _expert_layer_kernel(
     n_bkv = (M // S) * HKV
     offs_d = tl.arange(0, BLOCK_HD)
     n_keys = P + S
-    for item in range(pid, n_bkv * n_rb * n_splits if PHASES & 2 else 0, n_programs):
+    for item in range(pid, n_bkv * n_rb * n_splits if PHASES & 4 else 0, n_programs):
         split = item % n_splits
         pid_m = (item // n_splits) % n_rb
         b_kvh = item // (n_splits * n_rb)
@@ -280,33 +293,34 @@ def _expert_layer_kernel(
 
     # ---- 3. o-projection + residual -------------------------------------------------------------------
     _residual_phase(attn_ptr, HQ * HD, w_o_ptr, x_ptr, out_ptr, attn_gate_ptr, gemm_part_ptr, counters,
-                    M if PHASES & 4 else 0, pid, n_programs, GATED, D, O_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+                    M if PHASES & 8 else 0, pid, n_programs, GATED, D, O_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M,
+                    OUT_HALF, BLOCK_K)
     _grid_sync(sync_ptr, n_programs)
 
-    # ---- 4. gate/up (+ norm, bias) and gelu_tanh(gate) * up -----------------------------------------
+    # ---- 4. MLP norm ------------------------------------------------------------------------------------
+    _norm_rows(out_ptr, hn_ptr, mlp_scale_ptr, mlp_shift_ptr, M if PHASES & 16 else 0, eps, pid, n_programs, SHIFT,
+               D, BLOCK_D)
+    _grid_sync(sync_ptr, n_programs)
+
+    # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
     n_gu_tiles: tl.constexpr = F // GU_COLS
     offs_g = tl.arange(0, GU_COLS)
-    for item in range(pid, n_mb * n_gu_tiles if PHASES & 8 else 0, n_programs):
+    for item in range(pid, n_mb * n_gu_tiles if PHASES & 32 else 0, n_programs):
         mb = item // n_gu_tiles
         tile = item % n_gu_tiles
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols = tile * GU_COLS + offs_g
-        gate, up, ss = _dual_tile(out_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, mlp_scale_ptr,
-                                  True, UPCAST, DOT_PRECISION, BLOCK_M, GU_COLS, BLOCK_K)
-        rstd = tl.rsqrt(ss / D + eps)
-        gate = gate * rstd[:, None]
-        up = up * rstd[:, None]
-        if BIAS:
-            gate += tl.load(gu_bias_ptr + cols)[None, :]
-            up += tl.load(gu_bias_ptr + F + cols)[None, :]
+        gate, up = _dual_tile(hn_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST, DOT_PRECISION,
+                              BLOCK_M, GU_COLS, BLOCK_K)
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
     _grid_sync(sync_ptr, n_programs)
 
-    # ---- 5. down-projection + residual (in place) ---------------------------------------------------
+    # ---- 6. down-projection + residual (in place) ---------------------------------------------------
     _residual_phase(h_ptr, F, w_down_ptr, out_ptr, out_ptr, mlp_gate_ptr, gemm_part_ptr, counters,
-                    M if PHASES & 16 else 0, pid, n_programs, GATED, D, DOWN_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+                    M if PHASES & 64 else 0, pid, n_programs, GATED, D, DOWN_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M,
+                    OUT_HALF, BLOCK_K)
 
 
 class ExpertWorkspace:
@@ -318,6 +332,7 @@ class ExpertWorkspace:
         self.tiling = tiling or default_tiling()
         t = self.tiling
         self.rows, self.seq_len = rows, seq_len
+        self.normed = torch.empty((rows, dim), dtype=dtype, device=device)
         self.q = torch.empty((rows, heads * head_dim), dtype=dtype, device=device)
         self.attn = torch.empty_like(self.q)
         self.h = torch.empty((rows, mlp_dim), dtype=dtype, device=device)
@@ -364,16 +379,16 @@ def expert_layer(
     x: torch.Tensor, out: torch.Tensor, w_qkv: torch.Tensor, w_o: torch.Tensor, w_gate_up: torch.Tensor,
     w_down: torch.Tensor, attn_scale: torch.Tensor, mlp_scale: torch.Tensor, positions: torch.Tensor,
     inv_freq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float, scale: float,
-    workspace: ExpertWorkspace, heads: int, qkv_bias: torch.Tensor | None = None,
-    gate_up_bias: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
-    mlp_gate: torch.Tensor | None = None, phases: int = 31,
+    workspace: ExpertWorkspace, heads: int, attn_shift: torch.Tensor | None = None,
+    mlp_shift: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
+    mlp_gate: torch.Tensor | None = None, phases: int = ALL_PHASES,
 ) -> torch.Tensor:
     """One expert layer on ``x (M, D)`` (``M = B*S``) into ``out (M, D)`` (may be ``x``); writes the layer's
     suffix K/V into ``keys/values[:, P:]`` (``P = keys.shape[1] - S``). ``attn_scale`` / ``mlp_scale (D,)``
-    fp32: the norms' column factors; Pi0.5: ``qkv_bias``, ``gate_up_bias`` (its shift through the weights)
-    and the residual gates ``attn_gate`` / ``mlp_gate (D,)``. The caller checked
-    :func:`check_expert_shapes`. ``phases``: a bit mask of the phases to run (1 QKV, 2 attention, 4 o,
-    8 gate/up, 16 down; the barriers always run), for timing one phase alone. Returns ``out``."""
+    fp32: the norms' column factors; Pi0.5: the adaRMS shifts ``attn_shift`` / ``mlp_shift`` and the residual
+    gates ``attn_gate`` / ``mlp_gate (D,)``. The caller checked :func:`check_expert_shapes`. ``phases``: a bit
+    mask of the phases to run (bit ``i`` = phase ``i`` of the module doc; the barriers always run), for timing
+    phases alone. Returns ``out``."""
     t = workspace.tiling
     m, dim = x.shape
     s = workspace.seq_len
@@ -383,29 +398,30 @@ def expert_layer(
     p = keys.shape[1] - s
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     assert m == workspace.rows and mask.shape == (b, s, p + s) and positions.shape == (b, s)
-    biased = qkv_bias is not None
+    shifted = attn_shift is not None
     gated = attn_gate is not None
     _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
-        qkv_bias if biased else attn_scale, gate_up_bias if biased else mlp_scale,
+        attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
         attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
-        workspace.q, keys, values, mask, workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml,
-        workspace.gemm_part, workspace.sync,
+        workspace.normed, workspace.q, keys, values, mask, workspace.attn, workspace.h, workspace.part_acc,
+        workspace.part_ml, workspace.gemm_part, workspace.sync,
         m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
-        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, BIAS=biased, GATED=gated,
+        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated,
         ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        BLOCK_HD=workspace.block_hd, PHASES=phases, num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), PHASES=phases, num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
     return out
 
 
 def expert_layer_reference(x, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale, positions, inv_freq, keys, values,
-                           mask, eps, scale, heads, qkv_bias=None, gate_up_bias=None, attn_gate=None, mlp_gate=None):
+                           mask, eps, scale, heads, attn_shift=None, mlp_shift=None, attn_gate=None, mlp_gate=None):
     """The same layer in PyTorch (fp32 math on the given tensors): returns ``out (M, D)`` and writes the
     suffix K/V into ``keys/values``, like :func:`expert_layer`."""
     from cortexflow.kernels.attention import attention_reference
@@ -417,12 +433,11 @@ def expert_layer_reference(x, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_sca
     p = n_keys - s
     xf = x.float()
 
-    def normed(v, col):
-        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * col
+    def normed(v, col, shift):
+        h = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * col
+        return h if shift is None else h + shift
 
-    qkv = normed(xf, attn_scale) @ w_qkv.float().T
-    if qkv_bias is not None:
-        qkv = qkv + qkv_bias
+    qkv = normed(xf, attn_scale, attn_shift) @ w_qkv.float().T
     q, k, v = qkv.view(b, s, -1, head_dim).split([heads, kv_heads, kv_heads], dim=2)
     q, k = rope_reference(q, positions, inv_freq), rope_reference(k, positions, inv_freq)
     keys[:, p:] = k.to(keys.dtype)
@@ -430,9 +445,7 @@ def expert_layer_reference(x, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_sca
     a = attention_reference(q, keys.float(), values.float(), mask, scale).reshape(m, -1)
     y = a @ w_o.float().T
     x2 = xf + (y * attn_gate if attn_gate is not None else y)
-    gu = normed(x2, mlp_scale) @ w_gate_up.float().T
-    if gate_up_bias is not None:
-        gu = gu + gate_up_bias
+    gu = normed(x2, mlp_scale, mlp_shift) @ w_gate_up.float().T
     gate, up = gu.chunk(2, dim=-1)
     act = torch.nn.functional.gelu(gate, approximate="tanh") * up
     y = act @ w_down.float().T
