@@ -163,7 +163,7 @@ head12)
   ;;
 persistent13)
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
-    tests/test_triton_kernels.py -k "expert or attention or end_to_end" > "$OUT/gpu_tests_persistent.txt" 2>&1
+    tests/test_triton_kernels.py -k "${TESTS:-expert or attention or end_to_end}" > "$OUT/gpu_tests_persistent.txt" 2>&1
   tail -3 "$OUT/gpu_tests_persistent.txt"
   step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
   for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
