@@ -34,8 +34,9 @@ from cortexflow.kernels.pdl import pdl_supported  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
 D, F, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EPS = 1024, 4096, 8, 1, 256, 18, 1e-6
-PHASES = {"barriers only": 0, "0 attention norm": 1, "1 QKV + RoPE": 2, "2 attention": 4, "3 o + residual": 8,
-          "4 MLP norm": 16, "5 gate/up + GELU": 32, "6 down + residual": 64, "all": el.ALL_PHASES}
+PHASES = {"barriers only": 0, "0 residual + attention norm": 1, "1 QKV + RoPE": 2, "2 attention": 4,
+          "3 o partials": 8, "4 residual + MLP norm": 16, "5 gate/up + GELU": 32, "6 down partials": 64,
+          "all": el.ALL_PHASES}
 
 
 def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
@@ -49,6 +50,8 @@ def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
         "4 stages": replace(base, num_stages=4),
         "o/down 32-col tiles x 4 splits": replace(base, out_cols=16, o_splits=4, down_splits=4),
         "o 4 splits, down 16 splits": replace(base, o_splits=4, down_splits=16),
+        "o/down 16 splits": replace(base, o_splits=16, down_splits=16),
+        "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
         "attention 32 rows": replace(base, attn_rows=32),
     }
@@ -99,13 +102,15 @@ def main() -> None:
         return x
 
     def persistent(work, phases=el.ALL_PHASES):
+        work.reset()
         out = work.residual
         x = hidden.view(s, D)
         for i in range(LAYERS):
             pre = f"expert.layers.{i}"
             el.expert_layer(x, out, weights[f"{pre}.qkv"], weights[f"{pre}.o"], weights[f"{pre}.gate_up"],
                             weights[f"{pre}.down"], scales[i][0], scales[i][1], positions, inv_freq, keys[i], values[i],
-                            mask, EPS, scale, work, HEADS, phases=phases)
+                            mask, EPS, scale, work, HEADS, launch=i, pending=i > 0, finish=i == LAYERS - 1,
+                            phases=phases)
             x = out
         return out
 
@@ -132,7 +137,7 @@ def main() -> None:
     print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
     for name, tiling in tilings(args.quick).items():
         t0 = time.time()
-        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling)
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
         work.residual = torch.empty(s, D, dtype=dtype, device=device)
         out = persistent(work).float()
         torch.cuda.synchronize()
@@ -141,7 +146,7 @@ def main() -> None:
         rows.append(dict(variant=f"persistent: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling),
                          attention_splits=work.n_splits, programs=work.programs))
         print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
-    work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device)
+    work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
     work.residual = torch.empty(s, D, dtype=dtype, device=device)
     for name, mask_bits in PHASES.items():
         us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS

@@ -145,7 +145,8 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     x_t = noise.to(torch.float32, copy=True)  # updated in place by the fused Euler step
     if persistent:
         work = ExpertWorkspace(b * s, s, c.decoder_dim, c.decoder_mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim,
-                               p + s, dtype, noise.device)
+                               p + s, dtype, noise.device, launches=len(tables.times) * c.num_decoder_layers)
+        work.reset()
         work.residual = torch.empty((b, s, c.decoder_dim), dtype=dtype, device=noise.device)
     for step in range(len(tables.times)):
         if pi05:
@@ -159,7 +160,7 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
         for i in range(c.num_decoder_layers):
             if persistent:
                 x = _persistent_layer(weights, i, x, work, positions, mask, keys[i], values[i], inv_freq, scale, eps, c,
-                                      tables, step if pi05 else None)
+                                      tables, step, pi05)
                 continue
             folded = None
             if fold_norms:
@@ -188,22 +189,27 @@ def persistent_layer_unsupported(config) -> str | None:
                                config.head_dim)
 
 
-def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_freq, scale, eps, c, tables, step):
+def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_freq, scale, eps, c, tables, step, pi05):
     """Expert layer ``i`` as one persistent kernel on ``x (B, S, D)`` into ``work.residual`` (layer 0 reads the
-    step's token buffer, which is never overwritten; later layers update the residual in place). ``step``:
-    Pi0.5's step index (its norm scales, shift biases and residual gates depend on t), None for Pi0."""
+    step's token buffer, which is never overwritten; later layers update the residual in place). ``step``
+    picks the launch's barrier counters and, for Pi0.5, the norm scales, shifts and residual gates of t."""
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
-    if step is None:
+    layers = c.num_decoder_layers
+    if not pi05:
         scales, extra = tables.norm_scales[i], {}
     else:
         scales = tables.norm_scales[step, i]
         mod = tables.modulation[step, i]  # (2, 3, D): (attention, MLP) x (scale, shift, gate)
         extra = dict(attn_shift=mod[0, 1], mlp_shift=mod[1, 1], attn_gate=mod[0, 2], mlp_gate=mod[1, 2])
+        if i > 0:
+            extra["pending_gate"] = tables.modulation[step, i - 1, 1, 2]
     out = work.residual
+    # Each layer but the last leaves its down-projection as split-K partials; the next adds them first.
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
                  weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,
-                 values, mask, eps, scale, work, c.num_heads, **extra)
+                 values, mask, eps, scale, work, c.num_heads, launch=step * layers + i,
+                 pending=i > 0, finish=i == layers - 1, **extra)
     return out
 
 

@@ -4,33 +4,37 @@ A denoising step runs 18 expert layers on only ``B x 51`` token rows; as a chain
 (norm, QKV GEMM, QKV/RoPE, attention, combine, o GEMM, norm, gate/up GEMM, GELU gate, down GEMM) each
 kernel lasts a few microseconds, most of it launch, ramp-up and tail, while the layer's 35 MB of bf16
 weights would stream in ~12 us at the H100's 3 TB/s (benchmarks/NOTES.md). Here one launch of
-``programs`` (<= the SM count, all resident at once) runs the layer in seven phases separated by grid
+``programs`` (<= the SM count, all resident at once) runs the layer in phases separated by grid
 barriers:
 
-0. attention norm: ``h = x * rsqrt(mean(x^2) + eps) * c (+ shift)`` per token row, rounded to the compute
-   dtype as the reference's norm output is; ``c`` = ``1 + w`` (Pi0) or ``1 + scale_t`` (Pi0.5, whose
-   adaRMS shift is added too);
+0. (row phase) the residual the previous launch left pending (see 6), then the attention norm
+   ``h = x * rsqrt(mean(x^2) + eps) * c (+ shift)``, rounded to the compute dtype as the reference's norm
+   output is; ``c`` = ``1 + w`` (Pi0) or ``1 + scale_t`` (Pi0.5, whose adaRMS shift is added too);
 1. QKV: ``h @ W_qkvᵀ`` with split-half RoPE on Q and K in the epilogue; Q goes to a scratch buffer, K and V
    straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns ``[c, c+PAIR)`` and
    ``[c+Dh/2, c+Dh/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile;
 2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
    boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
    range program of a row block merges the ranges (log-sum-exp) into the attention output;
-3. o-projection + residual: split-K (``o_splits`` K ranges) into fp32 partials; the last K-range program
-   of an output tile sums them in range order (deterministic) and writes ``x + (gate ⊙) y`` (Pi0.5's gate);
-4. MLP norm of that residual, as 0;
+3. o-projection, split-K: one fp32 partial per K range (``o_splits``) and output tile, stored, not added;
+4. (row phase) ``x2 = x + (gate ⊙) Σ partials`` (K ranges added in order: deterministic; Pi0.5's gate),
+   rounded like the reference's residual, then the MLP norm of ``x2`` as in 0;
 5. gate/up with ``gelu_tanh(gate) * up`` in the epilogue (one item = the matching gate and up columns);
-6. down-projection + residual, as 3.
+6. down-projection partials as 3, which the next layer's phase 0 adds to the residual (the last layer
+   adds them in a final row phase 7).
+
+A row phase gives one token row to each program (51 rows: ~1 us), where a split-K GEMM would otherwise
+need a last-arriving program per tile to add the partials up.
 
 Layouts (all contiguous, row-major): ``x, out (M, D)`` with ``M = B*S`` token rows (``out`` may be ``x``
 itself); weights ``W_qkv ((Hq + 2 Hkv) * Dh, D)`` as ``[q heads | k heads | v heads]``, ``W_o (D, Hq*Dh)``,
 ``W_gate_up (2F, D)`` as ``[gate | up]``, ``W_down (D, F)``; KV cache of the layer ``(B, P+S, Hkv, Dh)``;
 mask ``(B, S, P+S)`` bool; positions ``(B, S)`` int64.
 
-Grid barrier: a sense-reversing barrier on two int32 words (arrival count, generation) of the zeroed
-``sync`` buffer. Every program arrives with a release/acquire atomic after a CTA barrier (so all its
-threads' stores are ordered before it); the last to arrive resets the count and bumps the generation;
-the others poll the generation with volatile loads, then acquire it. Data written inside the launch is
+Grid barrier: each barrier of each launch has its own int32 counter, zeroed once per denoising loop
+(:meth:`ExpertWorkspace.reset`). Every program adds 1 with a release atomic after a CTA barrier (so all its
+threads' stores are ordered before it), polls the counter with volatile loads until all have arrived,
+then acquires it. Data written inside the launch is
 read back with ``.cg`` loads (at L2, never a stale L1 line). It needs every program resident at once,
 which holds with at most one program per SM; under the interpreter programs run one after another, so
 tests use one program there (the barrier then never waits).
@@ -79,7 +83,7 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
-ALL_PHASES = 127
+ALL_PHASES = 255
 
 
 def default_tiling() -> ExpertTiling:
@@ -87,20 +91,15 @@ def default_tiling() -> ExpertTiling:
 
 
 @triton.jit
-def _grid_sync(sync_ptr, n_programs):
+def _grid_sync(bar_ptr, n_programs):
     """Wait until every program of the launch has arrived here; everything they stored before is
-    visible (at L2) afterwards. ``sync_ptr[0]`` counts arrivals, ``sync_ptr[1]`` is the generation."""
+    visible (at L2) afterwards. ``bar_ptr``: this barrier's own int32 counter, zero before the launch."""
     tl.debug_barrier()
-    generation = tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
-    arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == n_programs - 1:
-        tl.atomic_xchg(sync_ptr, 0, sem="relaxed", scope="gpu")
-        tl.atomic_add(sync_ptr + 1, 1, sem="release", scope="gpu")
-    else:
-        current = tl.load(sync_ptr + 1, volatile=True)
-        while current == generation:
-            current = tl.load(sync_ptr + 1, volatile=True)
-        tl.atomic_add(sync_ptr + 1, 0, sem="acquire", scope="gpu")
+    tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+    arrived = tl.load(bar_ptr, volatile=True)
+    while arrived < n_programs:
+        arrived = tl.load(bar_ptr, volatile=True)
+    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -129,28 +128,39 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
 
 
 @triton.jit
-def _norm_rows(x_ptr, h_ptr, scale_ptr, shift_ptr, M, eps, pid, n_programs, SHIFT: tl.constexpr, D: tl.constexpr,
-               BLOCK_D: tl.constexpr):
-    """``h[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * scale (+ shift)`` for rows ``pid, pid + n_programs, ...``
-    (fp32 math, ``x`` read at L2, ``h`` rounded to its dtype)."""
+def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr, M, m_pad, eps, pid, n_programs,
+               PENDING: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """For rows ``pid, pid + n_programs, ...``: with ``PENDING``, finish the residual left by a split-K phase,
+    ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order, rounded to the residual's dtype);
+    with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale (+ shift)`` (rounded to its dtype).
+    Everything is read at L2."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < D
-    scale = tl.load(scale_ptr + offs, mask=valid, other=0.0)
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row * D + offs, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
-        h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * scale
-        if SHIFT:
-            h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
-        tl.store(h_ptr + row * D + offs, h.to(h_ptr.dtype.element_ty), mask=valid)
+        if PENDING:
+            y = tl.zeros([BLOCK_D], tl.float32)
+            for s in range(0, SPLITS):
+                y += tl.load(part_ptr + (s * m_pad + row) * D + offs, mask=valid, other=0.0, cache_modifier=".cg")
+            if GATED:
+                y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
+            x = (x + y).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + row * D + offs, x, mask=valid)
+            x = x.to(tl.float32)
+        if NORM:
+            h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
+            if SHIFT:
+                h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
+            tl.store(hn_ptr + row * D + offs, h.to(hn_ptr.dtype.element_ty), mask=valid)
 
 
 @triton.jit
-def _residual_phase(a_ptr, k_total, w_ptr, res_ptr, out_ptr, gate_ptr, part_ptr, counter_ptr, M, pid, n_programs,
-                    GATED: tl.constexpr, N: tl.constexpr, SPLITS: tl.constexpr, UPCAST: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``out = res + (gate ⊙) a @ Wᵀ`` over ``(M, N)``, split-K: item = (row block, tile of ``2*HALF_N``
-    columns, K range). Each K range stores fp32 partials ``part (SPLITS, rows, N)``; the last range of a
-    tile to arrive adds them in range order and writes the tile (``res`` may be ``out``)."""
+def _split_k_phase(a_ptr, k_total, w_ptr, part_ptr, M, pid, n_programs, N: tl.constexpr, SPLITS: tl.constexpr,
+                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """``a @ Wᵀ`` over ``(M, N)`` as fp32 partials ``part (SPLITS, rows, N)``, one per K range; item = (row
+    block, tile of ``2*HALF_N`` columns, K range). A row phase adds them up after the next barrier."""
     n_tiles: tl.constexpr = N // (2 * HALF_N)
     k_range = k_total // SPLITS
     n_items = tl.cdiv(M, BLOCK_M) * n_tiles * SPLITS
@@ -161,53 +171,25 @@ def _residual_phase(a_ptr, k_total, w_ptr, res_ptr, out_ptr, gate_ptr, part_ptr,
         tile = (item // SPLITS) % n_tiles
         mb = item // (SPLITS * n_tiles)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_valid = rows < M
         cols1 = tile * 2 * HALF_N + offs_n
-        cols2 = cols1 + HALF_N
-        acc1, acc2 = _dual_tile(a_ptr, k_total, rows, row_valid, w_ptr, k_total, cols1, cols2, split * k_range,
-                                split * k_range + k_range, UPCAST, DOT_PRECISION, BLOCK_M, HALF_N, BLOCK_K)
-        last = True
-        if SPLITS > 1:
-            part = part_ptr + (split * m_pad + rows[:, None]) * N
-            tl.store(part + cols1[None, :], acc1)
-            tl.store(part + cols2[None, :], acc2)
-            tl.debug_barrier()
-            counter = counter_ptr + mb * n_tiles + tile
-            last = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1
-            if last:
-                tl.debug_barrier()
-                acc1 = tl.zeros([BLOCK_M, HALF_N], tl.float32)
-                acc2 = tl.zeros([BLOCK_M, HALF_N], tl.float32)
-                for s in range(0, SPLITS):
-                    part = part_ptr + (s * m_pad + rows[:, None]) * N
-                    acc1 += tl.load(part + cols1[None, :], cache_modifier=".cg")
-                    acc2 += tl.load(part + cols2[None, :], cache_modifier=".cg")
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-        if last:
-            if GATED:
-                acc1 = acc1 * tl.load(gate_ptr + cols1)[None, :]
-                acc2 = acc2 * tl.load(gate_ptr + cols2)[None, :]
-            _add_residual(res_ptr, out_ptr, rows, row_valid, cols1, acc1, N)
-            _add_residual(res_ptr, out_ptr, rows, row_valid, cols2, acc2, N)
-
-
-@triton.jit
-def _add_residual(res_ptr, out_ptr, rows, row_valid, cols, y, N: tl.constexpr):
-    """``out[rows, cols] = res[rows, cols] + y`` (row-major ``(M, N)``; ``res`` read at L2)."""
-    at = rows[:, None] * N + cols[None, :]
-    res = tl.load(res_ptr + at, mask=row_valid[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
-    tl.store(out_ptr + at, (res + y).to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        acc1, acc2 = _dual_tile(a_ptr, k_total, rows, rows < M, w_ptr, k_total, cols1, cols1 + HALF_N,
+                                split * k_range, split * k_range + k_range, UPCAST, DOT_PRECISION, BLOCK_M, HALF_N,
+                                BLOCK_K)
+        part = part_ptr + (split * m_pad + rows[:, None]) * N
+        tl.store(part + cols1[None, :], acc1)
+        tl.store(part + HALF_N + cols1[None, :], acc2)
 
 
 @triton.jit
 def _expert_layer_kernel(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
     attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
-    hn_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr, gemm_part_ptr, sync_ptr,
-    M, S, P, eps, scale_log2, keys_per_split, n_splits,
+    pending_gate_ptr, hn_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr,
+    gemm_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2, keys_per_split, n_splits,
     s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
-    SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    SHIFT: tl.constexpr, GATED: tl.constexpr, PENDING: tl.constexpr, FINISH: tl.constexpr,
+    ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -218,11 +200,11 @@ def _expert_layer_kernel(
     HALF: tl.constexpr = HD // 2
     GROUP: tl.constexpr = HQ // HKV
     n_mb = tl.cdiv(M, BLOCK_M)
-    counters = sync_ptr + 2
+    m_pad = n_mb * BLOCK_M
 
-    # ---- 0. attention norm ------------------------------------------------------------------------
-    _norm_rows(x_ptr, hn_ptr, attn_scale_ptr, attn_shift_ptr, M if PHASES & 1 else 0, eps, pid, n_programs, SHIFT, D,
-               BLOCK_D)
+    # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
+    _row_phase(x_ptr, out_ptr, hn_ptr, gemm_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
+               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, PENDING, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr, n_programs)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
@@ -259,7 +241,7 @@ def _expert_layer_kernel(
             dst = v_ptr + tok_b[:, None] * s_vb + (P + tok_t[:, None]) * s_vl + (head - HQ - HKV) * s_vh + c0 + offs_p[None, :]
         tl.store(dst, z1.to(dst.dtype.element_ty), mask=row_valid[:, None])
         tl.store(dst + HALF, z2.to(dst.dtype.element_ty), mask=row_valid[:, None])
-    _grid_sync(sync_ptr, n_programs)
+    _grid_sync(sync_ptr + 1, n_programs)
 
     # ---- 2. attention (+ merge of the key ranges by the last range program) --------------------------
     n_rows = S * GROUP
@@ -289,18 +271,17 @@ def _expert_layer_kernel(
             True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD)
         finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
                      n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
-    _grid_sync(sync_ptr, n_programs)
+    _grid_sync(sync_ptr + 2, n_programs)
 
-    # ---- 3. o-projection + residual -------------------------------------------------------------------
-    _residual_phase(attn_ptr, HQ * HD, w_o_ptr, x_ptr, out_ptr, attn_gate_ptr, gemm_part_ptr, counters,
-                    M if PHASES & 8 else 0, pid, n_programs, GATED, D, O_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M,
-                    OUT_HALF, BLOCK_K)
-    _grid_sync(sync_ptr, n_programs)
+    # ---- 3. o-projection partials -------------------------------------------------------------------
+    _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, gemm_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D, O_SPLITS,
+                   UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+    _grid_sync(sync_ptr + 3, n_programs)
 
-    # ---- 4. MLP norm ------------------------------------------------------------------------------------
-    _norm_rows(out_ptr, hn_ptr, mlp_scale_ptr, mlp_shift_ptr, M if PHASES & 16 else 0, eps, pid, n_programs, SHIFT,
-               D, BLOCK_D)
-    _grid_sync(sync_ptr, n_programs)
+    # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
+    _row_phase(x_ptr, out_ptr, hn_ptr, gemm_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
+               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+    _grid_sync(sync_ptr + 4, n_programs)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
     n_gu_tiles: tl.constexpr = F // GU_COLS
@@ -315,20 +296,31 @@ def _expert_layer_kernel(
                               BLOCK_M, GU_COLS, BLOCK_K)
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
-    _grid_sync(sync_ptr, n_programs)
+    _grid_sync(sync_ptr + 5, n_programs)
 
-    # ---- 6. down-projection + residual (in place) ---------------------------------------------------
-    _residual_phase(h_ptr, F, w_down_ptr, out_ptr, out_ptr, mlp_gate_ptr, gemm_part_ptr, counters,
-                    M if PHASES & 64 else 0, pid, n_programs, GATED, D, DOWN_SPLITS, UPCAST, DOT_PRECISION, BLOCK_M,
-                    OUT_HALF, BLOCK_K)
+    # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual) ------
+    _split_k_phase(h_ptr, F, w_down_ptr, gemm_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D, DOWN_SPLITS,
+                   UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+    if FINISH:
+        # ---- 7. residual out + (gate ⊙) down ------------------------------------------------------------
+        _grid_sync(sync_ptr + 6, n_programs)
+        _row_phase(out_ptr, out_ptr, hn_ptr, gemm_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
+                   M if PHASES & 128 else 0, m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D,
+                   BLOCK_D)
 
 
 class ExpertWorkspace:
     """Scratch of :func:`expert_layer` for ``rows`` token rows of one expert config, allocated once per
-    denoising loop and shared by its layers (each launch leaves its counters at zero)."""
+    denoising loop and shared by its ``launches`` layer launches: the barrier counters of every launch
+    (8 int32 each, zeroed by :meth:`reset`, once per loop before the first launch), the attention merge's
+    arrival counters (left at zero by each launch), the split-K partials that one launch may leave for the
+    next, and the per-phase activations."""
+
+    BARRIERS = 8
 
     def __init__(self, rows: int, seq_len: int, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
-                 n_keys: int, dtype: torch.dtype, device: torch.device, tiling: ExpertTiling | None = None):
+                 n_keys: int, dtype: torch.dtype, device: torch.device, tiling: ExpertTiling | None = None,
+                 launches: int = 1):
         self.tiling = tiling or default_tiling()
         t = self.tiling
         self.rows, self.seq_len = rows, seq_len
@@ -349,8 +341,13 @@ class ExpertWorkspace:
                                     dtype=torch.float32, device=device)
         self.part_ml = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, 2), dtype=torch.float32,
                                    device=device)
-        counters = max(row_blocks, triton.cdiv(rows, t.block_m) * dim // (2 * t.out_cols))
-        self.sync = torch.zeros(2 + counters, dtype=torch.int32, device=device)
+        self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
+        self.launches = launches
+        self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
+
+    def reset(self) -> None:
+        """Zero every launch's barrier counters (one memset; inside a CUDA graph it replays each call)."""
+        self.sync.zero_()
 
 
 def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
@@ -381,14 +378,20 @@ def expert_layer(
     inv_freq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float, scale: float,
     workspace: ExpertWorkspace, heads: int, attn_shift: torch.Tensor | None = None,
     mlp_shift: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
-    mlp_gate: torch.Tensor | None = None, phases: int = ALL_PHASES,
+    mlp_gate: torch.Tensor | None = None, launch: int = 0, pending: bool = False,
+    pending_gate: torch.Tensor | None = None, finish: bool = True, phases: int = ALL_PHASES,
 ) -> torch.Tensor:
     """One expert layer on ``x (M, D)`` (``M = B*S``) into ``out (M, D)`` (may be ``x``); writes the layer's
     suffix K/V into ``keys/values[:, P:]`` (``P = keys.shape[1] - S``). ``attn_scale`` / ``mlp_scale (D,)``
     fp32: the norms' column factors; Pi0.5: the adaRMS shifts ``attn_shift`` / ``mlp_shift`` and the residual
-    gates ``attn_gate`` / ``mlp_gate (D,)``. The caller checked :func:`check_expert_shapes`. ``phases``: a bit
-    mask of the phases to run (bit ``i`` = phase ``i`` of the module doc; the barriers always run), for timing
-    phases alone. Returns ``out``."""
+    gates ``attn_gate`` / ``mlp_gate (D,)``. The caller checked :func:`check_expert_shapes`.
+
+    Chaining layers: ``launch`` picks this launch's barrier counters (``< workspace.launches``; all zeroed
+    by ``workspace.reset()`` before the first); ``finish=False`` leaves the down-projection as split-K
+    partials in the workspace, which the next launch adds to its input first when called with
+    ``pending=True``, ``x`` that same ``out`` buffer and ``pending_gate`` the previous layer's ``mlp_gate``.
+    ``phases``: a bit mask of the phases to run (bit ``i`` = phase ``i`` of the module doc, 128 the final
+    residual; the barriers always run), for timing phases alone. Returns ``out``."""
     t = workspace.tiling
     m, dim = x.shape
     s = workspace.seq_len
@@ -398,18 +401,24 @@ def expert_layer(
     p = keys.shape[1] - s
     mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     assert m == workspace.rows and mask.shape == (b, s, p + s) and positions.shape == (b, s)
+    if not 0 <= launch < workspace.launches:
+        raise ValueError(f"launch {launch} outside the workspace's {workspace.launches} launches")
+    if pending and x.data_ptr() != out.data_ptr():
+        raise ValueError("pending=True adds the previous layer's partials to x in place: x must be out")
     shifted = attn_shift is not None
     gated = attn_gate is not None
+    sync = workspace.sync[launch * workspace.BARRIERS:]
     _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
         attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
-        workspace.normed, workspace.q, keys, values, mask, workspace.attn, workspace.h, workspace.part_acc,
-        workspace.part_ml, workspace.gemm_part, workspace.sync,
-        m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
+        pending_gate if pending and gated else attn_scale, workspace.normed, workspace.q, keys, values, mask,
+        workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml, workspace.gemm_part, sync,
+        workspace.counters, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
-        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated,
+        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated, PENDING=pending,
+        FINISH=finish,
         ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(x.dtype),
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
