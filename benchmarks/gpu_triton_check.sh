@@ -23,6 +23,8 @@
 #       RT-2, token tests on the GPU, real-size OpenVLA verify
 #   MODE=persistent13 bash benchmarks/gpu_triton_check.sh # ~7 min: the persistent expert-layer kernel: its GPU tests,
 #       micro-benchmark (tilings, phases alone, vs the kernel chain), Pi0 (VIEWS, default 2) with and without it
+#   MODE=persistent13_final bash benchmarks/gpu_triton_check.sh # ~9 min: its GPU tests, Pi0 1/2/3 views and Pi0.5
+#       with and without it, real-size verify of Pi0 and Pi0.5 with it
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -172,7 +174,23 @@ persistent13)
       --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -3
   done
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13)"
+persistent13_final)
+  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
+    tests/test_triton_kernels.py -k "expert or end_to_end" > "$OUT/gpu_tests_persistent.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_persistent.txt"
+  for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
+      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
+    step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
+  done
+  for model in pi0 pi05; do
+    step 60 env "${TV}_PERSISTENT_EXPERT=1" "${VERIFY[@]}" --model $model --json "$OUT/verify_${model}_persistent.json" \
+      2>&1 | tail -4
+  done
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final)"
    exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then

@@ -146,6 +146,9 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             if GATED:
                 y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
             x = (x + y).to(out_ptr.dtype.element_ty)
+            # ``out`` may be ``x``: when the row is narrower than the program's threads, several warps hold
+            # copies of the same elements, so none may store before all have loaded.
+            tl.debug_barrier()
             tl.store(out_ptr + row * D + offs, x, mask=valid)
             x = x.to(tl.float32)
         if NORM:
