@@ -35,7 +35,12 @@ Grid barrier: each barrier of each launch has its own int32 counter, zeroed once
 (:meth:`ExpertWorkspace.reset`). Every program adds 1 with a release atomic after a CTA barrier (so all its
 threads' stores are ordered before it), polls the counter with volatile loads until all have arrived,
 then acquires it. Data written inside the launch is
-read back with ``.cg`` loads (at L2, never a stale L1 line). It needs every program resident at once,
+read back with ``.cg`` loads (at L2). That alone is not enough: when Triton pipelines a load into shared
+memory with ``cp.async`` and a thread's vector is under 16 bytes, it issues ``cp.async.ca``, which may hit
+a line the SM cached earlier in the launch (seen on the H100: a small fp32 config read the attention
+norm's output in the gate/up phase when both norms shared a buffer). So no buffer is read at the same
+address twice in one launch with a write in between: each norm output and each split-K phase's partials
+has its own buffer. It needs every program resident at once,
 which holds with at most one program per SM; under the interpreter programs run one after another, so
 tests use one program there (the barrier then never waits).
 """
@@ -187,8 +192,8 @@ def _split_k_phase(a_ptr, k_total, w_ptr, part_ptr, M, pid, n_programs, N: tl.co
 def _expert_layer_kernel(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
     attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
-    pending_gate_ptr, hn_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr,
-    gemm_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2, keys_per_split, n_splits,
+    pending_gate_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr,
+    part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2, keys_per_split, n_splits,
     s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
     SHIFT: tl.constexpr, GATED: tl.constexpr, PENDING: tl.constexpr, FINISH: tl.constexpr,
@@ -206,7 +211,7 @@ def _expert_layer_kernel(
     m_pad = n_mb * BLOCK_M
 
     # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
-    _row_phase(x_ptr, out_ptr, hn_ptr, gemm_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
+    _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
                M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, PENDING, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr, n_programs)
 
@@ -222,7 +227,7 @@ def _expert_layer_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols1 = head * HD + c0 + offs_p
-        y1, y2 = _dual_tile(hn_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
+        y1, y2 = _dual_tile(hn_attn_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
                             DOT_PRECISION, BLOCK_M, PAIR, BLOCK_K)
         tok_b = rows // S
         tok_t = rows % S
@@ -277,12 +282,12 @@ def _expert_layer_kernel(
     _grid_sync(sync_ptr + 2, n_programs)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
-    _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, gemm_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D, O_SPLITS,
+    _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D, O_SPLITS,
                    UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
     _grid_sync(sync_ptr + 3, n_programs)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
-    _row_phase(x_ptr, out_ptr, hn_ptr, gemm_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
+    _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr + 4, n_programs)
 
@@ -295,19 +300,19 @@ def _expert_layer_kernel(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols = tile * GU_COLS + offs_g
-        gate, up = _dual_tile(hn_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST, DOT_PRECISION,
+        gate, up = _dual_tile(hn_mlp_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST, DOT_PRECISION,
                               BLOCK_M, GU_COLS, BLOCK_K)
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
     _grid_sync(sync_ptr + 5, n_programs)
 
     # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual) ------
-    _split_k_phase(h_ptr, F, w_down_ptr, gemm_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D, DOWN_SPLITS,
+    _split_k_phase(h_ptr, F, w_down_ptr, down_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D, DOWN_SPLITS,
                    UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
     if FINISH:
         # ---- 7. residual out + (gate ⊙) down ------------------------------------------------------------
         _grid_sync(sync_ptr + 6, n_programs)
-        _row_phase(out_ptr, out_ptr, hn_ptr, gemm_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
+        _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                    M if PHASES & 128 else 0, m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D,
                    BLOCK_D)
 
@@ -327,17 +332,22 @@ class ExpertWorkspace:
         self.tiling = tiling or default_tiling()
         t = self.tiling
         self.rows, self.seq_len = rows, seq_len
-        self.normed = torch.empty((rows, dim), dtype=dtype, device=device)
+        # One buffer per use: no address is read twice in one launch with a write in between (see the
+        # module doc), so the two norms' outputs and the two split-K phases' partials never share one.
+        self.normed_attn = torch.empty((rows, dim), dtype=dtype, device=device)
+        self.normed_mlp = torch.empty((rows, dim), dtype=dtype, device=device)
         self.q = torch.empty((rows, heads * head_dim), dtype=dtype, device=device)
         self.attn = torch.empty_like(self.q)
         self.h = torch.empty((rows, mlp_dim), dtype=dtype, device=device)
         m_pad = triton.cdiv(rows, t.block_m) * t.block_m
-        self.gemm_part = torch.empty((max(t.o_splits, t.down_splits), m_pad, dim), dtype=torch.float32, device=device)
+        self.o_part = torch.empty((t.o_splits, m_pad, dim), dtype=torch.float32, device=device)
+        self.down_part = torch.empty((t.down_splits, m_pad, dim), dtype=torch.float32, device=device)
         self.block_hd = max(16, next_power_of_two(head_dim))
         n_rows = seq_len * (heads // kv_heads)
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * (rows // seq_len) * kv_heads
         self.programs = t.programs or processor_count(device)
-        splits = t.attn_splits or max(1, min(triton.cdiv(self.programs, row_blocks), triton.cdiv(n_keys, t.attn_keys)))
+        # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).
+        splits = t.attn_splits or max(1, min(self.programs // row_blocks, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
         self.n_splits = triton.cdiv(n_keys, self.keys_per_split)
         self.part_acc = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, self.block_hd),
@@ -415,8 +425,9 @@ def expert_layer(
         x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
         attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
-        pending_gate if pending and gated else attn_scale, workspace.normed, workspace.q, keys, values, mask,
-        workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml, workspace.gemm_part, sync,
+        pending_gate if pending and gated else attn_scale, workspace.normed_attn, workspace.normed_mlp, workspace.q,
+        keys, values, mask, workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml, workspace.o_part,
+        workspace.down_part, sync,
         workspace.counters, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
