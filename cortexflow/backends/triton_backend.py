@@ -4,7 +4,8 @@ Fused in Triton (``cortexflow/kernels/``): LayerNorm, RMSNorm and adaptive RMSNo
 one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, attention (flash
 style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits) and
 optionally the patch embedding (one implicit-im2col GEMM reading the image directly).
-For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``).
+For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``), each expert layer one
+persistent kernel (``kernels/expert_layer.py``).
 Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
 ``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
 PyTorch op with a one-time warning naming the op.
@@ -54,8 +55,9 @@ SKINNY_MAX_ROWS = 64
 #: one process, 100 calls: OpenVLA 45.18 -> 44.40 ms (decode GEMV for every projection), RT-2 224.0 ->
 #: 211.0 ms (benchmarks/results/h100_2026-11-24_v9/).
 PDL_DEFAULT = True
-#: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT.
-PERSISTENT_EXPERT_DEFAULT = "0"
+#: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT. H100, same run, 100 calls, whole predict: Pi0 1/2/3 views
+#: 16.74/20.48/24.13 -> 16.17/19.28/22.21 ms, Pi0.5 23.74 -> 20.25 ms (benchmarks/results/h100_2026-11-25_v10/).
+PERSISTENT_EXPERT_DEFAULT = "1"
 
 
 class TritonBackend(PyTorchBackend):
