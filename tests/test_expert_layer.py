@@ -182,3 +182,14 @@ def test_expert_layer_real_size(pi05):
     _assert_close(out, ref, torch.bfloat16)
     _assert_close(keys[0], keys[1], torch.bfloat16)
     assert int(work.counters.abs().sum()) == 0
+
+
+@pytest.mark.skipif(not ON_GPU, reason="counts the SMs of a CUDA GPU")
+def test_workspace_refuses_more_programs_than_sms():
+    from dataclasses import replace
+
+    from cortexflow.kernels.runtime import processor_count
+
+    too_many = replace(SMALL_TILING, programs=processor_count(torch.device(DEVICE)) + 1)
+    with pytest.raises(ValueError, match="at most one per SM"):
+        el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device(DEVICE), too_many)

@@ -41,8 +41,11 @@ a line the SM cached earlier in the launch (seen on the H100: a small fp32 confi
 norm's output in the gate/up phase when both norms shared a buffer). So no buffer is read at the same
 address twice in one launch with a write in between: each norm output and each split-K phase's partials
 has its own buffer. It needs every program resident at once,
-which holds with at most one program per SM; under the interpreter programs run one after another, so
-tests use one program there (the barrier then never waits).
+which holds with at most one program per SM while nothing else occupies the GPU's SMs indefinitely: two
+processes sharing one GPU through MPS, each running these kernels at once, could each hold SMs the
+other waits for (CortexFlow runs one engine per GPU; ``CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0`` avoids
+the kernel). Under the interpreter programs run one after another, so tests use one program there (the
+barrier then never waits).
 """
 
 from __future__ import annotations
@@ -346,6 +349,9 @@ class ExpertWorkspace:
         n_rows = seq_len * (heads // kv_heads)
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * (rows // seq_len) * kv_heads
         self.programs = t.programs or processor_count(device)
+        if device.type == "cuda" and self.programs > processor_count(device):
+            raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
+                             "grid barriers need every program resident at once (at most one per SM)")
         # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).
         splits = t.attn_splits or max(1, min(self.programs // row_blocks, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
