@@ -163,32 +163,27 @@ head12)
   step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
   tail -2 "$OUT/verify_openvla.txt"
   ;;
-persistent13)
+persistent13|persistent13_final)
+  # The persistent expert layer: its GPU tests, then Pi0 (and for _final Pi0.5) with and without it.
   step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
-    tests/test_triton_kernels.py -k "${TESTS:-expert or attention or end_to_end}" > "$OUT/gpu_tests_persistent.txt" 2>&1
+    tests/test_triton_kernels.py -k "${TESTS:-expert or end_to_end}" > "$OUT/gpu_tests_persistent.txt" 2>&1
   tail -3 "$OUT/gpu_tests_persistent.txt"
-  step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
+  final=0; [ "$MODE" = persistent13_final ] && final=1
+  [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
+  views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
   for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
     set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 100 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "${VIEWS:-2}" --prompt-len 20 \
-      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -3
-  done
-  ;;
-persistent13_final)
-  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
-    tests/test_triton_kernels.py -k "expert or end_to_end" > "$OUT/gpu_tests_persistent.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_persistent.txt"
-  for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
+    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
       --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
-    step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
       --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
   done
-  for model in pi0 pi05; do
-    step 60 env "${TV}_PERSISTENT_EXPERT=1" "${VERIFY[@]}" --model $model --json "$OUT/verify_${model}_persistent.json" \
-      2>&1 | tail -4
-  done
+  if [ "$final" = 1 ]; then
+    for model in pi0 pi05; do
+      step 60 env "${TV}_PERSISTENT_EXPERT=1" "${VERIFY[@]}" --model $model \
+        --json "$OUT/verify_${model}_persistent.json" 2>&1 | tail -4
+    done
+  fi
   ;;
 *) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final)"
    exit 2 ;;

@@ -147,7 +147,6 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
         work = ExpertWorkspace(b * s, s, c.decoder_dim, c.decoder_mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim,
                                p + s, dtype, noise.device, launches=len(tables.times) * c.num_decoder_layers)
         work.reset()
-        work.residual = torch.empty((b, s, c.decoder_dim), dtype=dtype, device=noise.device)
     for step in range(len(tables.times)):
         if pi05:
             tokens = F.linear(x_t, weights["action_in_proj.weight"].float(), weights["action_in_proj.bias"].float())
@@ -204,7 +203,7 @@ def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_fr
         extra = dict(attn_shift=mod[0, 1], mlp_shift=mod[1, 1], attn_gate=mod[0, 2], mlp_gate=mod[1, 2])
         if i > 0:
             extra["pending_gate"] = tables.modulation[step, i - 1, 1, 2]
-    out = work.residual
+    out = work.residual.view(b, s, d)
     # Each layer but the last leaves its down-projection as split-K partials; the next adds them first.
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
                  weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,

@@ -67,7 +67,7 @@ class ExpertTiling:
     in the QKV phase (tile width ``2 * pair``); ``block_k`` the K step of every GEMM; ``gate_up_cols`` gate
     (and as many up) columns per gate/up tile; ``out_cols`` output columns per o / down tile and
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
-    ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: enough to fill the programs);
+    ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs);
     ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
 
     block_m: int = 64
@@ -325,7 +325,8 @@ class ExpertWorkspace:
     denoising loop and shared by its ``launches`` layer launches: the barrier counters of every launch
     (8 int32 each, zeroed by :meth:`reset`, once per loop before the first launch), the attention merge's
     arrival counters (left at zero by each launch), the split-K partials that one launch may leave for the
-    next, and the per-phase activations."""
+    next, the per-phase activations, and ``residual (rows, D)``: the layers' output buffer for a caller that
+    chains them (layer 0 reads its own input, every later layer updates ``residual`` in place)."""
 
     BARRIERS = 8
 
@@ -335,6 +336,7 @@ class ExpertWorkspace:
         self.tiling = tiling or default_tiling()
         t = self.tiling
         self.rows, self.seq_len = rows, seq_len
+        self.residual = torch.empty((rows, dim), dtype=dtype, device=device)
         # One buffer per use: no address is read twice in one launch with a write in between (see the
         # module doc), so the two norms' outputs and the two split-K phases' partials never share one.
         self.normed_attn = torch.empty((rows, dim), dtype=dtype, device=device)
@@ -347,7 +349,8 @@ class ExpertWorkspace:
         self.down_part = torch.empty((t.down_splits, m_pad, dim), dtype=torch.float32, device=device)
         self.block_hd = max(16, next_power_of_two(head_dim))
         n_rows = seq_len * (heads // kv_heads)
-        row_blocks = triton.cdiv(n_rows, t.attn_rows) * (rows // seq_len) * kv_heads
+        n_bkv = (rows // seq_len) * kv_heads
+        row_blocks = triton.cdiv(n_rows, t.attn_rows) * n_bkv
         self.programs = t.programs or processor_count(device)
         if device.type == "cuda" and self.programs > processor_count(device):
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
@@ -356,10 +359,8 @@ class ExpertWorkspace:
         splits = t.attn_splits or max(1, min(self.programs // row_blocks, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
         self.n_splits = triton.cdiv(n_keys, self.keys_per_split)
-        self.part_acc = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, self.block_hd),
-                                    dtype=torch.float32, device=device)
-        self.part_ml = torch.empty((self.n_splits, (rows // seq_len) * kv_heads, n_rows, 2), dtype=torch.float32,
-                                   device=device)
+        self.part_acc = torch.empty((self.n_splits, n_bkv, n_rows, self.block_hd), dtype=torch.float32, device=device)
+        self.part_ml = torch.empty((self.n_splits, n_bkv, n_rows, 2), dtype=torch.float32, device=device)
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
         self.launches = launches
         self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
