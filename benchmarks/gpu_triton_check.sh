@@ -25,6 +25,10 @@
 #       micro-benchmark (tilings, phases alone, vs the kernel chain), Pi0 (VIEWS, default 2) with and without it
 #   MODE=persistent13_final bash benchmarks/gpu_triton_check.sh # ~9 min: its GPU tests, Pi0 1/2/3 views and Pi0.5
 #       with and without it, real-size verify of Pi0 and Pi0.5 with it
+#   MODE=encoder14 bash benchmarks/gpu_triton_check.sh  # ~7 min: the fused vision tower / prefix: GPU tests,
+#       micro-benchmark (stages op by op vs fused, attention variants), Pi0 (VIEWS, default 2) with and without, profile
+#   MODE=encoder14_final bash benchmarks/gpu_triton_check.sh # ~9 min: GPU tests, Pi0 1/2/3 views and Pi0.5 with and
+#       without the fused encoder, real-size verify of Pi0 and Pi0.5, profile
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -185,7 +189,31 @@ persistent13|persistent13_final)
     done
   fi
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final)"
+encoder14|encoder14_final)
+  # The fused vision tower and prefix: their GPU tests, then Pi0 (and for _final Pi0.5) with and without them.
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_encoder.py \
+    tests/test_triton_kernels.py -k "${TESTS:-encoder or layer_norm or end_to_end}" > "$OUT/gpu_tests_encoder.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_encoder.txt"
+  final=0; [ "$MODE" = encoder14_final ] && final=1
+  [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_encoder.py 2>&1 | tail -24
+  views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
+  for variant in "${TV}_FUSED_ENCODER=0 op_by_op" "${TV}_FUSED_ENCODER=1 fused"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
+      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
+    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
+  done
+  if [ "$final" = 1 ]; then
+    for model in pi0 pi05; do
+      step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -4
+    done
+  fi
+  step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real --top 40 \
+    --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1
+  tail -30 "$OUT/profile_pi0_triton.txt"
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final)"
    exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then

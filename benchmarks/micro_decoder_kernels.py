@@ -41,8 +41,8 @@ from cortexflow.kernels.skinny_gemm import (  # noqa: E402
 CALLS = 50
 
 
-def graph_time_us(fn) -> float:
-    """Median GPU time of one ``fn()`` when 50 calls run back to back inside a CUDA graph."""
+def graph_time_us(fn, calls: int = CALLS) -> float:
+    """Median GPU time of one ``fn()`` when ``calls`` calls (50) run back to back inside a CUDA graph."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -51,7 +51,7 @@ def graph_time_us(fn) -> float:
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        for _ in range(CALLS):
+        for _ in range(calls):
             fn()
     times = []
     for _ in range(20):
@@ -60,7 +60,7 @@ def graph_time_us(fn) -> float:
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / CALLS)
+        times.append(start.elapsed_time(end) * 1e3 / calls)
     return statistics.median(times)
 
 

@@ -5,7 +5,8 @@ one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product,
 style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits) and
 optionally the patch embedding (one implicit-im2col GEMM reading the image directly).
 For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``), each expert layer one
-persistent kernel (``kernels/expert_layer.py``).
+persistent kernel (``kernels/expert_layer.py``), and the vision tower and prefix are fused stages too
+(``triton_encoder.py``: fused projections, in-place residuals).
 Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
 ``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
 PyTorch op with a one-time warning naming the op.
@@ -34,6 +35,12 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
     fused_decoder,
     persistent_layer_unsupported,
 )
+from cortexflow.backends.triton_encoder import (  # noqa: E402
+    encoder_weights_fused,
+    fuse_encoder_weights,
+    fused_prefix,
+    fused_vision_tower,
+)
 from cortexflow.backends.triton_token_decoder import (  # noqa: E402
     fold_norm_weights,
     fuse_layer_projections,
@@ -58,6 +65,9 @@ PDL_DEFAULT = True
 #: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT. H100, same run, 100 calls, whole predict: Pi0 1/2/3 views
 #: 16.74/20.48/24.13 -> 16.17/19.28/22.21 ms, Pi0.5 23.74 -> 20.25 ms (benchmarks/results/h100_2026-11-25_v10/).
 PERSISTENT_EXPERT_DEFAULT = "1"
+#: Default of CORTEXFLOW_TRITON_FUSED_ENCODER (the Pi0 family's fused SigLIP tower and Gemma prefix,
+#: ``triton_encoder.py``).
+FUSED_ENCODER_DEFAULT = "1"
 
 
 class TritonBackend(PyTorchBackend):
@@ -130,6 +140,10 @@ class TritonBackend(PyTorchBackend):
         # The Pi0 family's expert layers as one persistent kernel each (kernels/expert_layer.py: seven phases
         # separated by grid barriers) instead of ~10 kernels a layer: CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0|1.
         self.persistent_expert = self._flag("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", PERSISTENT_EXPERT_DEFAULT)
+        # The Pi0 family's vision tower and prefix with fused Q/K/V (and gate/up) GEMMs, in-place residuals and
+        # the prefix K/V written by the QKV/RoPE kernel (triton_encoder.py) instead of the model's op-by-op
+        # stages: CORTEXFLOW_TRITON_FUSED_ENCODER=0|1.
+        self.fused_encoder = self._flag("CORTEXFLOW_TRITON_FUSED_ENCODER", FUSED_ENCODER_DEFAULT)
 
     @staticmethod
     def _setting(name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -151,6 +165,8 @@ class TritonBackend(PyTorchBackend):
         layers the fused layer runs, also fold the pre-attention / pre-MLP norm weights into them."""
         if isinstance(model, Pi0Model):
             weights = fuse_expert_weights(model, weights)
+            if self.fused_encoder:
+                weights = fuse_encoder_weights(model, weights)
         elif isinstance(model, TokenDecodingModel):
             lm = model.lm
             weights = fuse_layer_projections(weights, (f"{lm.prefix}.layers.{i}" for i in range(lm.dims.num_layers)))
@@ -207,6 +223,25 @@ class TritonBackend(PyTorchBackend):
         main.wait_stream(side)
         a.record_stream(main)  # a's memory was allocated on the side stream and is read on this one
         return a, b
+
+    def _encoder_fused(self, model, weights) -> bool:
+        return self.fused_encoder and isinstance(model, Pi0Model) and encoder_weights_fused(model, weights)
+
+    def vision_encoder(self, model, weights, inputs):
+        """Pi0 family: the fused SigLIP tower (``triton_encoder.py``) and the projector; others: op by op."""
+        if not self._encoder_fused(model, weights):
+            return super().vision_encoder(model, weights, inputs)
+        images = inputs["images"]
+        b, views = images.shape[:2]
+        tokens = fused_vision_tower(self, model, weights, images.flatten(0, 1))
+        tokens = torch.nn.functional.linear(tokens, weights["projector.weight"], weights["projector.bias"])
+        return tokens.reshape(b, views * tokens.shape[1], tokens.shape[2])
+
+    def transformer_encoder(self, model, weights, inputs):
+        """Pi0 family: the fused Gemma prefix (``triton_encoder.py``); others: op by op."""
+        if not self._encoder_fused(model, weights):
+            return super().transformer_encoder(model, weights, inputs)
+        return fused_prefix(self, model, weights, inputs)
 
     def transformer_decoder(self, model, weights, inputs):
         """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""

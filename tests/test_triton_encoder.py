@@ -1,0 +1,127 @@
+"""The Triton backend's fused vision tower and prefix (backends/triton_encoder.py) against the model's op-by-op
+stages on the PyTorch backend in fp32, on a tiny random Pi0 / Pi0.5 (CPU: Triton interpreter; GPU: real kernels).
+
+The inputs are fresh random images, prompt tokens with padding and one masked view, so the prefix mask,
+the RoPE positions after a masked view and the pending-bias chain of the in-place residuals are all exercised.
+"""
+
+import pytest
+import torch
+
+from cortexflow.backends.pytorch import PyTorchBackend
+from cortexflow.backends.triton_backend import TritonBackend
+from cortexflow.backends.triton_encoder import encoder_weights_fused, fuse_encoder_weights
+from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference
+from cortexflow.models.pi0 import model_class
+from cortexflow.random_checkpoint import random_weights, tiny_model_config
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: ‖Δ‖/‖ref‖ and max |Δ| / (max |ref| + 1) against the fp32 reference, per compute dtype (bf16: a 2-layer
+#: tower and prefix accumulate a few bf16 roundings per layer).
+BOUNDS = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 4e-2)}
+
+
+def _close(out, ref, dtype, what):
+    out, ref = out.float(), ref.float()
+    assert torch.isfinite(out).all(), what
+    rel = ((out - ref).norm() / ref.norm()).item()
+    worst = (out - ref).abs().max().item() / (ref.abs().max().item() + 1.0)
+    rel_bound, abs_bound = BOUNDS[dtype]
+    assert rel <= rel_bound, f"{what}: ‖Δ‖/‖ref‖ {rel:.3e} > {rel_bound:.1e}"
+    assert worst <= abs_bound, f"{what}: max |Δ| {worst:.3e} of the scale > {abs_bound:.1e}"
+
+
+def _setup(model_type, dtype, seed=0):
+    config = tiny_model_config(model_type, num_vision_layers=3, num_encoder_layers=3, num_decoder_layers=3,
+                               image_size=98, max_token_len=21)  # 49 patches a view, 21 tokens: no tile multiples
+    model = model_class(config.model_type)(config)
+    raw = {k: v.to(DEVICE) for k, v in random_weights(config, seed=seed).items()}
+    weights = {k: v.to(model.weight_dtype(k, dtype)) for k, v in raw.items()}
+    g = torch.Generator().manual_seed(seed + 1)
+    views, tokens = 2, config.max_token_len
+    size = config.image_size
+    images = (torch.rand(1, views, 3, size, size, generator=g) * 2 - 1).to(DEVICE)
+    token_ids = torch.randint(0, config.vocab_size, (1, tokens), generator=g).to(DEVICE)
+    token_mask = torch.zeros(1, tokens, dtype=torch.bool, device=DEVICE)
+    token_mask[:, :7] = True  # a 7-token prompt, the rest padding
+    image_masks = torch.tensor([[True, False]], device=DEVICE)  # the second view is missing
+    return model, raw, weights, images, dict(token_ids=token_ids, token_mask=token_mask, image_masks=image_masks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_type", ["pi0", "pi05"])
+def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
+    model, raw, weights, images, text = _setup(model_type, dtype)
+    reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
+    triton = TritonBackend(torch.device(DEVICE), dtype)
+    assert triton.fused_encoder
+    weights = triton.prepare_weights(model, weights)
+    assert encoder_weights_fused(model, weights)
+
+    ref_tokens = reference.vision_encoder(model, raw, {"images": images})
+    tokens = triton.vision_encoder(model, weights, {"images": images})
+    assert tokens.dtype == dtype and tokens.shape == ref_tokens.shape
+    _close(tokens, ref_tokens, dtype, "image tokens")
+
+    # The prefix on the reference's image tokens, so its error is the prefix's own.
+    inputs = dict(text, image_tokens=ref_tokens)
+    ref_prefix = reference.transformer_encoder(model, raw, inputs)
+    prefix = triton.transformer_encoder(model, weights, dict(inputs, image_tokens=ref_tokens.to(dtype)))
+    assert torch.equal(prefix["prefix_mask"], ref_prefix["prefix_mask"])
+    assert len(prefix["kv_cache"]) == len(ref_prefix["kv_cache"]) == model.config.num_encoder_layers
+    valid = ref_prefix["prefix_mask"][0]
+    for i, ((k, v), (rk, rv)) in enumerate(zip(prefix["kv_cache"], ref_prefix["kv_cache"])):
+        assert k.shape == rk.shape and v.shape == rv.shape
+        # Padding and masked-view rows are never attended to; compare the rows that are.
+        _close(k[:, valid], rk[:, valid], dtype, f"layer {i} keys")
+        _close(v[:, valid], rv[:, valid], dtype, f"layer {i} values")
+
+
+def test_fused_weights_are_views_and_fusing_twice_changes_nothing():
+    model, _, weights, _, _ = _setup("pi0", torch.float32)
+    before = {k: v.clone() for k, v in weights.items()}
+    fuse_encoder_weights(model, weights)
+    fused = {k: v for k, v in weights.items()}
+    fuse_encoder_weights(model, weights)
+    assert all(weights[k] is fused[k] for k in fused)
+    for i in range(model.config.num_vision_layers):
+        p = f"vision.layers.{i}"
+        for kind in ("weight", "bias"):
+            joined = weights[f"{p}.qkv.{kind}"]
+            assert torch.equal(joined, torch.cat([before[f"{p}.{n}.{kind}"] for n in "qkv"]))
+            for n in "qkv":  # the separate weights share the fused storage: no memory added
+                assert weights[f"{p}.{n}.{kind}"].untyped_storage().data_ptr() == joined.untyped_storage().data_ptr()
+                assert torch.equal(weights[f"{p}.{n}.{kind}"], before[f"{p}.{n}.{kind}"])
+    for i in range(model.config.num_encoder_layers):
+        p = f"llm.layers.{i}"
+        assert torch.equal(weights[f"{p}.gate_up"], torch.cat([before[f"{p}.gate"], before[f"{p}.up"]]))
+
+
+def test_fused_encoder_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "0")
+    model, _, weights, _, _ = _setup("pi0", torch.float32)
+    triton = TritonBackend(torch.device(DEVICE), torch.float32)
+    assert not triton.fused_encoder
+    weights = triton.prepare_weights(model, weights)
+    assert not encoder_weights_fused(model, weights)
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "yes")
+    with pytest.raises(Exception, match="CORTEXFLOW_TRITON_FUSED_ENCODER must be 0 or 1"):
+        TritonBackend(torch.device(DEVICE), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_layer_norm_adds_the_pending_bias_in_place(dtype):
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(37, 72, generator=g) * 2).to(dtype=dtype, device=DEVICE)
+    w, b, pending = (torch.randn(72, generator=g).to(DEVICE) for _ in range(3))
+    expected_x = (x.float() + pending).to(dtype)
+    expected = layer_norm_reference(x, w, b, 1e-6, residual_bias=pending)
+    out = layer_norm(x, w, b, 1e-6, residual_bias=pending)
+    # The residual stream now holds x + bias, rounded once (the interpreter truncates fp32 -> bf16
+    # casts instead of rounding them: one bf16 ulp there).
+    ulp = 2.0**-7 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0.0
+    assert ((x.float() - expected_x.float()).abs() <= ulp * expected_x.float().abs()).all()
+    bound = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
+    assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() <= bound
+    with pytest.raises(ValueError, match="contiguous"):
+        layer_norm(x.t(), w[:37], b[:37], 1e-6, residual_bias=pending[:37])
