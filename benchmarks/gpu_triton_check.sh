@@ -29,6 +29,8 @@
 #       micro-benchmark (stages op by op vs fused, attention variants), Pi0 (VIEWS, default 2) with and without, profile
 #   MODE=encoder14_final bash benchmarks/gpu_triton_check.sh # ~9 min: GPU tests, Pi0 1/2/3 views and Pi0.5 with and
 #       without the fused encoder, real-size verify of Pi0 and Pi0.5, profile
+#   MODE=prefetch14 bash benchmarks/gpu_triton_check.sh # ~7 min: the expert layer's L2 prefetch: GPU tests,
+#       micro-benchmark of the prefetch tilings, Pi0 2 views per CORTEXFLOW_TRITON_EXPERT_PREFETCH in PREFETCHES, Pi0.5
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -213,7 +215,24 @@ encoder14|encoder14_final)
     --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1
   tail -30 "$OUT/profile_pi0_triton.txt"
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final)"
+prefetch14)
+  # The persistent expert layer's L2 prefetch: GPU tests (bit-identical results), the micro-benchmark's prefetch
+  # tilings, Pi0 2 views at each CORTEXFLOW_TRITON_EXPERT_PREFETCH value in PREFETCHES, Pi0.5 at 0 and the last.
+  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py tests/test_triton_encoder.py \
+    tests/test_triton_kernels.py -k "${TESTS:-expert or encoder or layer_norm or end_to_end}" \
+    > "$OUT/gpu_tests_prefetch.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_prefetch.txt"
+  step 200 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py --only prefetch --no-phases 2>&1 | tail -10
+  for pf in ${PREFETCHES:-0 1 2 5 6}; do
+    step 60 env "${TV}_EXPERT_PREFETCH=$pf" "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
+      --json "$OUT/bench_pi0_prefetch$pf.json" 2>&1 | tail -3 | head -1
+  done
+  for pf in 0 ${pf:-0}; do
+    step 60 env "${TV}_EXPERT_PREFETCH=$pf" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+      --json "$OUT/bench_pi05_prefetch$pf.json" 2>&1 | tail -3 | head -1
+  done
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final, prefetch14)"
    exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then

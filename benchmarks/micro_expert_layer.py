@@ -39,7 +39,7 @@ PHASES = {"barriers only": 0, "0 residual + attention norm": 1, "1 QKV + RoPE": 
           "all": el.ALL_PHASES}
 
 
-def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
+def tilings(quick: bool, only: str | None = None) -> dict[str, el.ExpertTiling]:
     base = el.ExpertTiling()
     variants = {
         "default": base,
@@ -54,7 +54,14 @@ def tilings(quick: bool) -> dict[str, el.ExpertTiling]:
         "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
         "attention 32 rows": replace(base, attn_rows=32),
+        "prefetch o/gate-up/down at attention": replace(base, prefetch=el.PREFETCH_LATER_WEIGHTS),
+        "prefetch o/gate-up/down at QKV": replace(base, prefetch=el.PREFETCH_EARLY),
+        "prefetch at attention + next QKV": replace(base, prefetch=el.PREFETCH_LATER_WEIGHTS | el.PREFETCH_NEXT_QKV),
+        "prefetch at QKV + next QKV": replace(base, prefetch=el.PREFETCH_EARLY | el.PREFETCH_NEXT_QKV),
+        "prefetch next QKV only": replace(base, prefetch=el.PREFETCH_NEXT_QKV),
     }
+    if only:
+        return {name: t for name, t in variants.items() if name == "default" or only in name}
     return {"default": base} if quick else variants
 
 
@@ -62,6 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prefix", type=int, default=532, help="prefix tokens in the KV cache (532: 2 views, prompt 20)")
     parser.add_argument("--quick", action="store_true", help="default tiling only")
+    parser.add_argument("--only", metavar="TEXT", help="only the tilings whose name contains TEXT (and the default)")
+    parser.add_argument("--no-phases", action="store_true", help="skip timing the phases alone")
     args = parser.parse_args()
     device = torch.device("cuda")
     dtype = torch.bfloat16
@@ -110,7 +119,7 @@ def main() -> None:
             el.expert_layer(x, out, weights[f"{pre}.qkv"], weights[f"{pre}.o"], weights[f"{pre}.gate_up"],
                             weights[f"{pre}.down"], scales[i][0], scales[i][1], positions, inv_freq, keys[i], values[i],
                             mask, EPS, scale, work, HEADS, launch=i, pending=i > 0, finish=i == LAYERS - 1,
-                            phases=phases)
+                            phases=phases, next_w_qkv=weights[f"expert.layers.{(i + 1) % LAYERS}.qkv"])
             x = out
         return out
 
@@ -135,7 +144,7 @@ def main() -> None:
     chain_us = graph_time_us(chain) / LAYERS
     rows.append(dict(variant="kernel chain (default path)", us_per_layer=chain_us, rel_vs_chain=0.0))
     print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
-    for name, tiling in tilings(args.quick).items():
+    for name, tiling in tilings(args.quick, args.only).items():
         t0 = time.time()
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
         out = persistent(work).float()
@@ -146,7 +155,7 @@ def main() -> None:
                          attention_splits=work.n_splits, programs=work.programs))
         print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
     work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
-    for name, mask_bits in PHASES.items():
+    for name, mask_bits in ({} if args.no_phases else PHASES).items():
         us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
         rows.append(dict(variant=f"phase {name} (default tiling)", us_per_layer=us))
     result = dict(

@@ -65,6 +65,8 @@ PDL_DEFAULT = True
 #: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT. H100, same run, 100 calls, whole predict: Pi0 1/2/3 views
 #: 16.74/20.48/24.13 -> 16.17/19.28/22.21 ms, Pi0.5 23.74 -> 20.25 ms (benchmarks/results/h100_2026-11-25_v10/).
 PERSISTENT_EXPERT_DEFAULT = "1"
+#: Default of CORTEXFLOW_TRITON_EXPERT_PREFETCH (0: no L2 prefetch in the persistent expert layer).
+EXPERT_PREFETCH_DEFAULT = "0"
 #: Default of CORTEXFLOW_TRITON_FUSED_ENCODER (the Pi0 family's fused SigLIP tower and Gemma prefix,
 #: ``triton_encoder.py``).
 FUSED_ENCODER_DEFAULT = "1"
@@ -140,6 +142,11 @@ class TritonBackend(PyTorchBackend):
         # The Pi0 family's expert layers as one persistent kernel each (kernels/expert_layer.py: seven phases
         # separated by grid barriers) instead of ~10 kernels a layer: CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0|1.
         self.persistent_expert = self._flag("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", PERSISTENT_EXPERT_DEFAULT)
+        # ... with bulk L2 prefetches of the weights its later phases (and the next layer) read, issued while
+        # HBM would otherwise idle: CORTEXFLOW_TRITON_EXPERT_PREFETCH = a bit mask 0..7 (``ExpertTiling.prefetch``:
+        # 1 o/gate-up/down at the attention phase, 2 the same at the QKV phase, 4 the next layer's QKV).
+        self.expert_prefetch = int(self._setting("CORTEXFLOW_TRITON_EXPERT_PREFETCH", EXPERT_PREFETCH_DEFAULT,
+                                                 tuple(str(v) for v in range(8))))
         # The Pi0 family's vision tower and prefix with fused Q/K/V (and gate/up) GEMMs, in-place residuals and
         # the prefix K/V written by the QKV/RoPE kernel (triton_encoder.py) instead of the model's op-by-op
         # stages: CORTEXFLOW_TRITON_FUSED_ENCODER=0|1.
@@ -258,7 +265,8 @@ class TritonBackend(PyTorchBackend):
                 self._fallback("persistent expert layer", reason)
                 persistent = False
         return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
-                             skinny_gemms=self.skinny_gemms, pdl=self.pdl, persistent=persistent)
+                             skinny_gemms=self.skinny_gemms, pdl=self.pdl, persistent=persistent,
+                             expert_prefetch=self.expert_prefetch)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

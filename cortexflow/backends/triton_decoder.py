@@ -27,7 +27,7 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from cortexflow.backends.triton_token_decoder import fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
-from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, expert_layer
+from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.norm_linear import norm_linear
 from cortexflow.kernels.qkv_rope import qkv_rope
@@ -54,7 +54,8 @@ def fuse_expert_weights(model: Pi0Model, weights: dict[str, torch.Tensor]) -> di
 @dataclass
 class TimeTables:
     """Per-step precomputed terms (fp32). Pi0: ``action_weight (D, A)``, ``action_bias (steps, D)``;
-    Pi0.5: ``modulation (steps, layers, 2, 3, D)`` and ``final_modulation (steps, 3, D)``.
+    Pi0.5: ``modulation (steps, layers, 2, 3, D)``, ``final_modulation (steps, 3, D)`` and fp32 copies of
+    ``action_in_proj`` (``action_in_weight (D, A)``, ``action_in_bias (D,)``), made once instead of per step.
 
     For folded norms: ``norm_scales`` — the column factor of the attention and MLP norms, ``(layers, 2, D)``
     for Pi0 (``1 + w``) and ``(steps, layers, 2, D)`` for Pi0.5 (``1 + scale_t``); Pi0.5's shift projected
@@ -68,6 +69,8 @@ class TimeTables:
     norm_scales: torch.Tensor | None = None
     qkv_bias: torch.Tensor | None = None
     gate_up_bias: torch.Tensor | None = None
+    action_in_weight: torch.Tensor | None = None
+    action_in_bias: torch.Tensor | None = None
 
 
 def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_steps: int) -> TimeTables:
@@ -96,7 +99,8 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
         )
         return TimeTables(times, modulation=modulation.contiguous(), final_modulation=final.contiguous(),
                           norm_scales=norm_scales.contiguous(), qkv_bias=qkv_bias.contiguous(),
-                          gate_up_bias=gate_up_bias.contiguous())
+                          gate_up_bias=gate_up_bias.contiguous(), action_in_weight=w("action_in_proj.weight"),
+                          action_in_bias=w("action_in_proj.bias"))
     mlp_in = w("action_time_mlp_in.weight")
     action_half, time_half = mlp_in[:, :d], mlp_in[:, d:]
     action_weight = action_half @ w("action_in_proj.weight")
@@ -109,7 +113,8 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
-                  skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False) -> torch.Tensor:
+                  skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False,
+                  expert_prefetch: int = 0) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
@@ -118,7 +123,7 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     so with ``skinny_gemms="all"`` a layer is a chain of Triton kernels that each start while the one
     before finishes. ``persistent``: each expert layer as one persistent kernel (the caller checked
     :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`); ``fold_norms`` and ``skinny_gemms``
-    then only apply to the action head."""
+    then only apply to the action head; ``expert_prefetch``: its L2 prefetch bits (``ExpertTiling.prefetch``)."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -144,17 +149,24 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     dt = float(np.float32(-1.0 / len(tables.times)))
     x_t = noise.to(torch.float32, copy=True)  # updated in place by the fused Euler step
     if persistent:
+        tiling = replace(default_tiling(), prefetch=expert_prefetch)
         work = ExpertWorkspace(b * s, s, c.decoder_dim, c.decoder_mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim,
-                               p + s, dtype, noise.device, launches=len(tables.times) * c.num_decoder_layers)
+                               p + s, dtype, noise.device, tiling, launches=len(tables.times) * c.num_decoder_layers)
         work.reset()
     for step in range(len(tables.times)):
         if pi05:
-            tokens = F.linear(x_t, weights["action_in_proj.weight"].float(), weights["action_in_proj.bias"].float())
-            hidden.copy_(tokens)
+            tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
+            hidden.copy_(tokens.view(hidden.shape))
         else:
+            # The time-conditioned MLP's first layer in fp32 (K = action_dim: cheap), its second (K = D) in the
+            # compute dtype straight into the token buffer (the reference rounds its fp32 output to that
+            # dtype anyway; here the SiLU output is rounded before the product as well).
             mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
-            tokens = F.linear(mixed, weights["action_time_mlp_out.weight"].float(), weights["action_time_mlp_out.bias"].float())
-            hidden[:, 1:] = tokens.view(b, chunk, -1)
+            w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
+            if b == 1:
+                torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
+            else:
+                hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
             if persistent:
@@ -178,7 +190,7 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
                           num_splits=1 if skinny_gemms == "mlp_head" else None, pdl=pdl)
         else:
             velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
-            x_t = torch.add(x_t, velocity.float(), alpha=dt)
+            x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
     return x_t
 
 
@@ -208,7 +220,8 @@ def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_fr
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
                  weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,
                  values, mask, eps, scale, work, c.num_heads, launch=step * layers + i,
-                 pending=i > 0, finish=i == layers - 1, **extra)
+                 pending=i > 0, finish=i == layers - 1, next_w_qkv=weights[f"expert.layers.{(i + 1) % layers}.qkv"],
+                 **extra)
     return out
 
 

@@ -3,10 +3,13 @@
 The grid is models x backends x views x prompt lengths x chunk sizes x denoising steps x CUDA graphs
 (on/off). The token-decoding OpenVLA and RT-2 contribute one row per backend x prompt length x CUDA
 graphs (views, chunk and steps do not apply; see :mod:`cortexflow.tools.token_bench`). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
-drawn on the device) are shared by all its engines. A case is timed as whole ``predict`` calls (input
-copies, forward, copy back) after warm-up: CUDA events on a GPU, the host clock on the CPU; median,
-p90 and min, the peak GPU memory during the case, and the per-stage split of the last call when no CUDA
-graph hides it. A backend that cannot run here (``triton`` on a CPU, a name this version lacks, a stage
+drawn on the device, same seed for every case) are drawn again for each case and handed to its engine,
+which then holds the only reference, as it does after loading a checkpoint file: a backend that
+re-lays weights out at load (the Triton backend's fused projections) frees the originals, as it would for a
+user. A case is timed as whole ``predict`` calls (input copies, forward, copy back) after warm-up: CUDA
+events on a GPU, the host clock on the CPU; median, p90 and min, the peak GPU memory of the calls (weights,
+buffers, CUDA graph pool and activations, counted after the engine is built, so the load's transient
+working memory is not in it), and the per-stage split of the last call when no CUDA graph hides it. A backend that cannot run here (``triton`` on a CPU, a name this version lacks, a stage
 it does not implement, too little GPU memory) is reported as skipped with the reason; a case that
 raises anything else is reported as failed with the error, and the grid goes on.
 """
@@ -212,9 +215,12 @@ def run_bench(
             results.setdefault("notes", []).append(token.note())
         else:
             base = model_config(model_name, size)
-            weights = random_weights(base, seed, compute_dtype, resolved_device)
-            state_dict = to_checkpoint_keys(weights, base, "openpi")
-        weight_bytes = memory.allocated()
+
+            def draw_state_dict(base=base):
+                return to_checkpoint_keys(random_weights(base, seed, compute_dtype, resolved_device), base, "openpi")
+
+        weight_bytes = memory.allocated() if token is not None else sum(
+            t.numel() * t.element_size() for t in draw_state_dict().values())
         for backend in backends:
             try:
                 create_backend(backend, resolved_device, compute_dtype)
@@ -230,7 +236,8 @@ def run_bench(
                 if token is not None:
                     entry = token.run(case, memory, rng, n, warmup)
                 else:
-                    entry = _run_case(case, base, state_dict, compute_dtype, resolved_device, memory, rng, n, warmup)
+                    entry = _run_case(case, base, draw_state_dict, compute_dtype, resolved_device, memory, rng, n,
+                                      warmup)
                 if "reason" in entry:
                     kind = entry.pop("outcome")
                     results[kind].append(entry)
@@ -240,7 +247,7 @@ def run_bench(
                 results["runs"].append(entry)
                 peak = f", peak {entry['peak_gpu_gib']:.2f} GiB" if resolved_device.type == "cuda" else ""
                 log(f"{_label(case)}: median {entry['median_ms']:.2f} ms{peak}")
-        token = weights = state_dict = None
+        token = None
         memory.reset()
     return results
 
@@ -259,9 +266,10 @@ def _label(case: Case) -> str:
             f"steps={'-' if case.steps is None else case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
 
 
-def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: GpuMemory,
+def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
               rng: np.random.Generator, iters: int, warmup: int) -> dict:
-    """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed)."""
+    """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed).
+    ``draw_state_dict()`` gives the weights, which the case's engine then owns alone."""
     config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
     entry = asdict(case)
     if case.prompt_len > config.max_token_len:
@@ -270,7 +278,8 @@ def _run_case(case: Case, base: ModelConfig, state_dict, dtype, device, memory: 
     memory.reset()
     engine = None
     try:
-        engine = make_engine(state_dict, config, case.views, case.cuda_graphs, dtype, device, case.backend)
+        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device, case.backend)
+        memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
         call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
         stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
         entry.update(stats)
