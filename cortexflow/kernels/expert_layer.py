@@ -130,9 +130,10 @@ def _grid_sync(bar_ptr, n_programs):
 def _prefetch_l2(ptr, n_elements, pid, n_programs, CHUNKS: tl.constexpr):
     """Ask for program ``pid``'s share (of ``n_programs`` equal ones) of the contiguous tensor at ``ptr``
     (``n_elements`` elements) to be pulled into L2, as ``CHUNKS`` bulk prefetches of 16-byte multiples
-    (a share's sub-16-byte tail is left out). Returns nothing anyone waits for."""
+    (the bulk prefetch wants 16-byte aligned addresses and sizes: shares and chunks are rounded down to
+    16 bytes and the few bytes past the last whole chunk are left out). Returns nothing anyone waits for."""
     base = ptr.to(tl.pointer_type(tl.int8))
-    share = (n_elements * ptr.dtype.element_ty.primitive_bitwidth // 8) // n_programs
+    share = (n_elements * ptr.dtype.element_ty.primitive_bitwidth // 8) // n_programs // 16 * 16
     chunk = (share // CHUNKS) // 16 * 16
     if chunk > 0:
         addrs = base + pid * share + tl.arange(0, CHUNKS) * chunk
@@ -473,8 +474,10 @@ def expert_layer(
     gated = attn_gate is not None
     sync = workspace.sync[launch * workspace.BARRIERS:]
     prefetch = 0 if interpreting() else t.prefetch  # inline PTX: not for the interpreter
-    if next_w_qkv is None or next_w_qkv.shape != w_qkv.shape:
+    if next_w_qkv is None or next_w_qkv.shape != w_qkv.shape or next_w_qkv.data_ptr() % 16:
         prefetch &= ~PREFETCH_NEXT_QKV
+    if any(w.data_ptr() % 16 for w in (w_o, w_gate_up, w_down)):  # bulk prefetches need 16-byte alignment
+        prefetch &= PREFETCH_NEXT_QKV
     _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
