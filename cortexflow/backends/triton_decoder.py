@@ -53,7 +53,8 @@ def fuse_expert_weights(model: Pi0Model, weights: dict[str, torch.Tensor]) -> di
 
 @dataclass
 class TimeTables:
-    """Per-step precomputed terms (fp32). Pi0: ``action_weight (D, A)``, ``action_bias (steps, D)``;
+    """Per-step precomputed terms (fp32). Pi0: ``action_weight (D, A)``, ``action_bias (steps, D)`` and fp32
+    copies of ``action_time_mlp_out`` (``action_out_weight (D, D)``, ``action_out_bias (D,)``), made once;
     Pi0.5: ``modulation (steps, layers, 2, 3, D)``, ``final_modulation (steps, 3, D)`` and fp32 copies of
     ``action_in_proj`` (``action_in_weight (D, A)``, ``action_in_bias (D,)``), made once instead of per step.
 
@@ -71,6 +72,8 @@ class TimeTables:
     gate_up_bias: torch.Tensor | None = None
     action_in_weight: torch.Tensor | None = None
     action_in_bias: torch.Tensor | None = None
+    action_out_weight: torch.Tensor | None = None
+    action_out_bias: torch.Tensor | None = None
 
 
 def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_steps: int) -> TimeTables:
@@ -109,7 +112,8 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
         torch.stack([1.0 + w(f"expert.layers.{i}.attn_norm"), 1.0 + w(f"expert.layers.{i}.mlp_norm")])
         for i in range(c.num_decoder_layers)
     ])
-    return TimeTables(times, action_weight=action_weight, action_bias=action_bias, norm_scales=norm_scales)
+    return TimeTables(times, action_weight=action_weight, action_bias=action_bias, norm_scales=norm_scales,
+                      action_out_weight=w("action_time_mlp_out.weight"), action_out_bias=w("action_time_mlp_out.bias"))
 
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
@@ -158,15 +162,11 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
             hidden.copy_(tokens.view(hidden.shape))
         else:
-            # The time-conditioned MLP's first layer in fp32 (K = action_dim: cheap), its second (K = D) in the
-            # compute dtype straight into the token buffer (the reference rounds its fp32 output to that
-            # dtype anyway; here the SiLU output is rounded before the product as well).
+            # fp32 as the reference (the H100 run with the second layer in bf16 doubled the final actions'
+            # error, 3.3e-3 -> 6.1e-3, for ~0.15 ms: benchmarks/NOTES.md v11), on fp32 weights made once.
             mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
-            w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
-            if b == 1:
-                torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
-            else:
-                hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
+            tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
+            hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
             if persistent:
