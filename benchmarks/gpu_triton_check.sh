@@ -210,6 +210,7 @@ encoder14|encoder14_final)
     for model in pi0 pi05; do
       step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -4
     done
+    step 60 env "${TV}_FUSED_ENCODER=0" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_op_by_op.json" 2>&1 | tail -1
   fi
   step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real --top 40 \
     --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1

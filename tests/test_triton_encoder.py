@@ -2,7 +2,7 @@
 stages on the PyTorch backend in fp32, on a tiny random Pi0 / Pi0.5 (CPU: Triton interpreter; GPU: real kernels).
 
 The inputs are fresh random images, prompt tokens with padding and one masked view, so the prefix mask,
-the RoPE positions after a masked view and the pending-bias chain of the in-place residuals are all exercised.
+the RoPE positions after a masked view and the chain of residuals added by the next LayerNorm are exercised.
 """
 
 import pytest
@@ -110,18 +110,21 @@ def test_fused_encoder_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_layer_norm_adds_the_pending_bias_in_place(dtype):
+def test_layer_norm_adds_the_residual_in_place(dtype):
     g = torch.Generator().manual_seed(5)
     x = (torch.randn(37, 72, generator=g) * 2).to(dtype=dtype, device=DEVICE)
-    w, b, pending = (torch.randn(72, generator=g).to(DEVICE) for _ in range(3))
-    expected_x = (x.float() + pending).to(dtype)
-    expected = layer_norm_reference(x, w, b, 1e-6, residual_bias=pending)
-    out = layer_norm(x, w, b, 1e-6, residual_bias=pending)
-    # The residual stream now holds x + bias, rounded once (the interpreter truncates fp32 -> bf16
+    residual = (torch.randn(37, 72, generator=g) * 0.3).to(dtype=dtype, device=DEVICE)
+    w, b = (torch.randn(72, generator=g).to(DEVICE) for _ in range(2))
+    expected_x = (x.float() + residual.float()).to(dtype)
+    expected = layer_norm_reference(x, w, b, 1e-6, residual=residual)
+    out = layer_norm(x, w, b, 1e-6, residual=residual)
+    # The residual stream now holds x + residual, rounded once (the interpreter truncates fp32 -> bf16
     # casts instead of rounding them: one bf16 ulp there).
     ulp = 2.0**-7 if dtype == torch.bfloat16 and DEVICE == "cpu" else 0.0
     assert ((x.float() - expected_x.float()).abs() <= ulp * expected_x.float().abs()).all()
     bound = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}[dtype]
     assert ((out.float() - expected.float()).norm() / expected.float().norm()).item() <= bound
     with pytest.raises(ValueError, match="contiguous"):
-        layer_norm(x.t(), w[:37], b[:37], 1e-6, residual_bias=pending[:37])
+        layer_norm(x.t(), w[:37], b[:37], 1e-6, residual=residual.t())
+    with pytest.raises(ValueError, match="does not match"):
+        layer_norm(x, w, b, 1e-6, residual=residual[:5])

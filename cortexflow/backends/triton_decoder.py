@@ -162,8 +162,9 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
             hidden.copy_(tokens.view(hidden.shape))
         else:
-            # fp32 as the reference (the H100 run with the second layer in bf16 doubled the final actions'
-            # error, 3.3e-3 -> 6.1e-3, for ~0.15 ms: benchmarks/NOTES.md v11), on fp32 weights made once.
+            # fp32 as the reference, on fp32 weights made once (no per-step casts). A build with the second
+            # layer in bf16 had ~0.15 ms less kernel time in the H100 profile and the same final-actions
+            # error; not timed against this one in one run, so not taken (benchmarks/NOTES.md, v11).
             mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
             tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
             hidden[:, 1:] = tokens.view(b, chunk, -1)

@@ -3,17 +3,17 @@
 
 Same function as the model's op-by-op stages (``models/siglip.py``, ``models/gemma.py``), fewer kernels:
 - SigLIP: Q/K/V as one GEMM with the concatenated bias; the attention reads Q, K and V as strided views of
-  its output (no copies); each residual is accumulated in place by the GEMM that produces it
-  (``x += a @ Wᵀ``: no copy, no add kernel) and that GEMM's bias is added by the next LayerNorm kernel,
-  which writes ``x + bias`` back before normalising (:func:`cortexflow.kernels.layer_norm.layer_norm`);
+  its output (no copies); the o and fc2 GEMMs (bias in the epilogue) write their own output, which the next
+  LayerNorm kernel adds to the residual stream in place before normalising
+  (:func:`cortexflow.kernels.layer_norm.layer_norm`): no add kernel, and the reference's roundings;
 - Gemma prefix: Q/K/V as one GEMM, split, rotated and written into the layer's K/V cache by one kernel
   (:mod:`cortexflow.kernels.qkv_rope`); gate/up as one GEMM followed by the fused ``gelu_tanh(gate) * up``
   kernel; both residuals accumulated in place (``x += a @ Wᵀ``).
 
 The fused weights are made once per checkpoint by :func:`fuse_encoder_weights` (the separate weights become
-views into them, so no memory is added). Rounding differs from the reference only in where the residual is
-rounded (the GEMM adds into the residual in fp32 instead of rounding its own output first), which is why
-the backend's module-by-module ``verify`` compares these stages against the fp32 reference.
+views into them, so no memory is added). Rounding differs from the reference only in the prefix's
+residuals (its o and down GEMMs add into the residual in fp32 instead of rounding their own output
+first, as the expert's do); ``cortexflow verify`` compares both stages against the fp32 reference.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def fused_vision_tower(backend, model, weights, images: torch.Tensor, vision_att
     (the patch embedding is ``backend.patch_embed``).
 
     The residual stream ``x (N*T, D)`` is this function's own buffer, updated in place; ``pending`` is the
-    bias of the last GEMM that added into it, which the next LayerNorm adds first. ``vision_attention``
+    last sublayer's output, which the next LayerNorm adds to it first. ``vision_attention``
     overrides :data:`VISION_ATTENTION` (for the micro-benchmark)."""
     c = model.config
     x = siglip_embed(backend, weights, images).to(backend.dtype).contiguous()  # a new tensor: ours to update
@@ -92,20 +92,18 @@ def fused_vision_tower(backend, model, weights, images: torch.Tensor, vision_att
     pending = None
     for i in range(c.num_vision_layers):
         w = lambda name: weights[f"vision.layers.{i}.{name}"]  # noqa: E731
-        h = layer_norm(rows, w("ln1.weight"), w("ln1.bias"), eps, residual_bias=pending)
+        h = layer_norm(rows, w("ln1.weight"), w("ln1.bias"), eps, residual=pending)
         qkv = F.linear(h, w(f"{VISION_QKV}.weight"), w(f"{VISION_QKV}.bias")).view(n, t, 3, heads, head_dim)
         if sdpa:  # (N, H, T, Dh) views in, (N, T, H, Dh) memory out
             q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
             attn = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).contiguous()
         else:
             attn = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, scale)
-        rows.addmm_(attn.view(n * t, d), w("o.weight").T)
-        h = layer_norm(rows, w("ln2.weight"), w("ln2.bias"), eps, residual_bias=w("o.bias"))
+        attn_out = F.linear(attn.view(n * t, d), w("o.weight"), w("o.bias"))
+        h = layer_norm(rows, w("ln2.weight"), w("ln2.bias"), eps, residual=attn_out)
         act = gelu_tanh(F.linear(h, w("fc1.weight"), w("fc1.bias")))
-        rows.addmm_(act, w("fc2.weight").T)
-        pending = w("fc2.bias")
-    out = layer_norm(rows, weights["vision.post_ln.weight"], weights["vision.post_ln.bias"], eps,
-                     residual_bias=pending)
+        pending = F.linear(act, w("fc2.weight"), w("fc2.bias"))
+    out = layer_norm(rows, weights["vision.post_ln.weight"], weights["vision.post_ln.bias"], eps, residual=pending)
     return out.view(n, t, d)
 
 
