@@ -276,7 +276,8 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
 
 
 @pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head",
-                                             "pdl, skinny all", "pdl, default", "persistent expert"])
+                                             "pdl, skinny all", "pdl, default", "persistent expert",
+                                             "op-by-op encoder, low-precision action MLP"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
@@ -284,7 +285,8 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
     kernels: the expert's GEMMs as split-K Triton GEMMs with their epilogues (Euler update included) and
     the Triton patch embedding; only gate/up + GELU and the action head + Euler as split-K GEMMs;
     with programmatic dependent launch (Hopper GPUs only) with and without the split-K GEMMs; and each
-    expert layer as one persistent kernel."""
+    expert layer as one persistent kernel; the vision tower and prefix op by op (the other variants use the
+    fused stages), with Pi0's action MLP in the compute dtype (fp32 here, so the same numbers)."""
     import cortexflow as cf
     from cortexflow.kernels.pdl import pdl_supported
 
@@ -295,6 +297,9 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
 
     monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
     monkeypatch.setenv("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", "1" if decoder_variant == "persistent expert" else "0")
+    op_by_op = decoder_variant.startswith("op-by-op encoder")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "0" if op_by_op else "1")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP", "1" if op_by_op else "0")
     for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
         monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
     if decoder_variant == "skinny mlp_head":

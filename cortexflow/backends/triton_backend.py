@@ -67,6 +67,8 @@ PDL_DEFAULT = True
 PERSISTENT_EXPERT_DEFAULT = "1"
 #: Default of CORTEXFLOW_TRITON_EXPERT_PREFETCH (0: no L2 prefetch in the persistent expert layer).
 EXPERT_PREFETCH_DEFAULT = "0"
+#: Default of CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP.
+LOW_PRECISION_ACTION_MLP_DEFAULT = "0"
 #: Default of CORTEXFLOW_TRITON_FUSED_ENCODER (the Pi0 family's fused SigLIP tower and Gemma prefix,
 #: ``triton_encoder.py``).
 FUSED_ENCODER_DEFAULT = "1"
@@ -147,6 +149,10 @@ class TritonBackend(PyTorchBackend):
         # 1 o/gate-up/down at the attention phase, 2 the same at the QKV phase, 4 the next layer's QKV).
         self.expert_prefetch = int(self._setting("CORTEXFLOW_TRITON_EXPERT_PREFETCH", EXPERT_PREFETCH_DEFAULT,
                                                  tuple(str(v) for v in range(8))))
+        # Pi0's action_time_mlp_out (the second layer of the time-conditioned action MLP) in the compute dtype
+        # instead of fp32: CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0|1.
+        self.low_precision_action_mlp = self._flag("CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP",
+                                                   LOW_PRECISION_ACTION_MLP_DEFAULT)
         # The Pi0 family's vision tower and prefix with fused Q/K/V (and gate/up) GEMMs, in-place residuals and
         # the prefix K/V written by the QKV/RoPE kernel (triton_encoder.py) instead of the model's op-by-op
         # stages: CORTEXFLOW_TRITON_FUSED_ENCODER=0|1.
@@ -266,7 +272,8 @@ class TritonBackend(PyTorchBackend):
                 persistent = False
         return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
                              skinny_gemms=self.skinny_gemms, pdl=self.pdl, persistent=persistent,
-                             expert_prefetch=self.expert_prefetch)
+                             expert_prefetch=self.expert_prefetch,
+                             low_precision_action_mlp=self.low_precision_action_mlp)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

@@ -118,7 +118,7 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
                   skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False,
-                  expert_prefetch: int = 0) -> torch.Tensor:
+                  expert_prefetch: int = 0, low_precision_action_mlp: bool = False) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
@@ -127,7 +127,8 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     so with ``skinny_gemms="all"`` a layer is a chain of Triton kernels that each start while the one
     before finishes. ``persistent``: each expert layer as one persistent kernel (the caller checked
     :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`); ``fold_norms`` and ``skinny_gemms``
-    then only apply to the action head; ``expert_prefetch``: its L2 prefetch bits (``ExpertTiling.prefetch``)."""
+    then only apply to the action head; ``expert_prefetch``: its L2 prefetch bits (``ExpertTiling.prefetch``).
+    ``low_precision_action_mlp``: Pi0's ``action_time_mlp_out`` in the compute dtype instead of fp32."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -162,12 +163,19 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
             hidden.copy_(tokens.view(hidden.shape))
         else:
-            # fp32 as the reference, on fp32 weights made once (no per-step casts). A build with the second
-            # layer in bf16 had ~0.15 ms less kernel time in the H100 profile and the same final-actions
-            # error; not timed against this one in one run, so not taken (benchmarks/NOTES.md, v11).
+            # The time MLP's first layer in fp32 (K = action_dim); its second in fp32 as the reference, on fp32
+            # weights made once (no per-step casts), or with ``low_precision_action_mlp`` in the compute dtype
+            # straight into the token buffer (the reference rounds its output to that dtype anyway; here the
+            # SiLU output is rounded before the product too).
             mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
-            tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
-            hidden[:, 1:] = tokens.view(b, chunk, -1)
+            w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
+            if low_precision_action_mlp and b == 1:
+                torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
+            elif low_precision_action_mlp:
+                hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
+            else:
+                tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
+                hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
             if persistent:
