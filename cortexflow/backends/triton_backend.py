@@ -65,12 +65,15 @@ PDL_DEFAULT = True
 #: Default of CORTEXFLOW_TRITON_PERSISTENT_EXPERT. H100, same run, 100 calls, whole predict: Pi0 1/2/3 views
 #: 16.74/20.48/24.13 -> 16.17/19.28/22.21 ms, Pi0.5 23.74 -> 20.25 ms (benchmarks/results/h100_2026-11-25_v10/).
 PERSISTENT_EXPERT_DEFAULT = "1"
-#: Default of CORTEXFLOW_TRITON_EXPERT_PREFETCH (0: no L2 prefetch in the persistent expert layer).
+#: Default of CORTEXFLOW_TRITON_EXPERT_PREFETCH (0: no L2 prefetch in the persistent expert layer). H100, Pi0
+#: 2 views: 16.45 ms without, 17.0-17.6 ms with any of the variants (h100_2026-11-25_v11/run3_*).
 EXPERT_PREFETCH_DEFAULT = "0"
-#: Default of CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP.
+#: Default of CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP. H100, two interleaved rounds, Pi0 2 views: fp32
+#: 17.30 / 17.05 ms, bf16 17.34 / 17.14 ms, same final-actions error (h100_2026-11-25_v11/run7_*): fp32 kept.
 LOW_PRECISION_ACTION_MLP_DEFAULT = "0"
 #: Default of CORTEXFLOW_TRITON_FUSED_ENCODER (the Pi0 family's fused SigLIP tower and Gemma prefix,
-#: ``triton_encoder.py``).
+#: ``triton_encoder.py``). H100, same run, Pi0 1/2/3 views 15.70/18.81/22.44 -> 14.68/17.57/20.60 ms, Pi0.5
+#: 20.72 -> 19.77 ms, same final-actions error (h100_2026-11-25_v11/run6_*).
 FUSED_ENCODER_DEFAULT = "1"
 
 
