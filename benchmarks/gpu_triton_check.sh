@@ -39,6 +39,20 @@ MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"
 step() { local limit=$1; shift; timeout "$limit" "$@" || echo "step failed or timed out (rc $?): $*"; }
+# ab_grid FINAL "ENV=VALUE... tag" ...: Pi0 (VIEWS, default 2; 1,2,3 when FINAL is 1) and, when FINAL is 1,
+# Pi0.5 at prompt 60, once per variant, into bench_pi0_<tag>.json / bench_pi05_<tag>.json.
+ab_grid() {
+  local final=$1; shift
+  local views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
+  local variant tag flags
+  for variant in "$@"; do
+    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
+    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
+      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
+    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
+  done
+}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])" | tee -a "$OUT/gpu.txt"
 BENCH=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters "$ITERS" --warmup 5)
@@ -178,14 +192,7 @@ persistent13|persistent13_final)
   tail -3 "$OUT/gpu_tests_persistent.txt"
   final=0; [ "$MODE" = persistent13_final ] && final=1
   [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
-  views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
-  for variant in "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
-      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
-    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
-  done
+  ab_grid "$final" "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"
   if [ "$final" = 1 ]; then
     for model in pi0 pi05; do
       step 60 env "${TV}_PERSISTENT_EXPERT=1" "${VERIFY[@]}" --model $model \
@@ -200,14 +207,7 @@ encoder14|encoder14_final)
   tail -3 "$OUT/gpu_tests_encoder.txt"
   final=0; [ "$MODE" = encoder14_final ] && final=1
   [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_encoder.py 2>&1 | tail -24
-  views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
-  for variant in "${TV}_FUSED_ENCODER=0 op_by_op" "${TV}_FUSED_ENCODER=1 fused"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
-      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
-    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
-  done
+  ab_grid "$final" "${TV}_FUSED_ENCODER=0 op_by_op" "${TV}_FUSED_ENCODER=1 fused"
   if [ "$final" = 1 ]; then
     for model in pi0 pi05; do
       step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -4
