@@ -109,6 +109,24 @@ def test_fused_encoder_can_be_switched_off(monkeypatch):
         TritonBackend(torch.device(DEVICE), torch.float32)
 
 
+def test_a_vision_tower_the_fused_stage_was_not_written_for_falls_back_with_one_warning():
+    """SigLIP heads of 288 (> the attention kernel's 256): the tower runs op by op (its attention on the
+    PyTorch op), with one warning naming the fused stage, and matches the reference."""
+    import cortexflow as cf
+
+    config = tiny_model_config("pi0", num_vision_heads=1, vision_encoder_dim=288, vision_mlp_dim=64,
+                               num_vision_layers=1, image_size=42)
+    model = model_class(config.model_type)(config)
+    weights = {k: v.to(DEVICE) for k, v in random_weights(config, seed=3).items()}
+    triton = TritonBackend(torch.device(DEVICE), torch.float32)
+    prepared = triton.prepare_weights(model, dict(weights))
+    images = (torch.rand(1, 1, 3, 42, 42, generator=torch.Generator().manual_seed(4)) * 2 - 1).to(DEVICE)
+    with pytest.warns(cf.CortexFlowWarning, match="fused vision tower / prefix falls back.*head_dim 288 > 256"):
+        tokens = triton.vision_encoder(model, prepared, {"images": images})
+    reference = PyTorchBackend(torch.device(DEVICE), torch.float32).vision_encoder(model, weights, {"images": images})
+    _close(tokens, reference, torch.float32, "image tokens")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_layer_norm_adds_the_residual_in_place(dtype):
     g = torch.Generator().manual_seed(5)

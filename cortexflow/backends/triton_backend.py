@@ -38,6 +38,7 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
 from cortexflow.backends.triton_encoder import (  # noqa: E402
     encoder_weights_fused,
     fuse_encoder_weights,
+    fused_encoder_unsupported,
     fused_prefix,
     fused_vision_tower,
 )
@@ -241,7 +242,15 @@ class TritonBackend(PyTorchBackend):
         return a, b
 
     def _encoder_fused(self, model, weights) -> bool:
-        return self.fused_encoder and isinstance(model, Pi0Model) and encoder_weights_fused(model, weights)
+        """Whether the fused vision tower / prefix run ``model``; a config they were not written for falls back
+        to the op-by-op stages (whose ops fall back one by one) with a one-time warning."""
+        if not (self.fused_encoder and isinstance(model, Pi0Model) and encoder_weights_fused(model, weights)):
+            return False
+        reason = fused_encoder_unsupported(model.config, MAX_NORM_WIDTH, MAX_HEAD_DIM)
+        if reason is not None:
+            self._fallback("fused vision tower / prefix", reason)
+            return False
+        return True
 
     def vision_encoder(self, model, weights, inputs):
         """Pi0 family: the fused SigLIP tower (``triton_encoder.py``) and the projector; others: op by op."""

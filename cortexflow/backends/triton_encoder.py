@@ -66,6 +66,17 @@ def fuse_encoder_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, t
     return fuse_layer_projections(weights, (f"llm.layers.{i}" for i in range(c.num_encoder_layers)))
 
 
+def fused_encoder_unsupported(config, max_width: int, max_head_dim: int) -> str | None:
+    """Why the fused stages cannot run ``config``'s vision tower and prefix (None when they can): the row
+    kernels hold a whole row (at most ``max_width``), the attention kernel at most ``max_head_dim``."""
+    vision_head_dim = config.vision_encoder_dim // config.num_vision_heads
+    if vision_head_dim > max_head_dim or config.head_dim > max_head_dim:
+        return f"head_dim {max(vision_head_dim, config.head_dim)} > {max_head_dim}"
+    if max(config.vision_encoder_dim, config.encoder_dim) > max_width:
+        return f"width {max(config.vision_encoder_dim, config.encoder_dim)} > {max_width}"
+    return None
+
+
 def encoder_weights_fused(model, weights) -> bool:
     """Whether :func:`fuse_encoder_weights` ran on ``weights``."""
     c = model.config
