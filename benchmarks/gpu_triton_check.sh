@@ -31,8 +31,8 @@
 #       without the fused encoder, real-size verify of Pi0 and Pi0.5, profile
 #   MODE=prefetch14 bash benchmarks/gpu_triton_check.sh # ~7 min: the expert layer's L2 prefetch: GPU tests,
 #       micro-benchmark of the prefetch tilings, Pi0 2 views per CORTEXFLOW_TRITON_EXPERT_PREFETCH in PREFETCHES, Pi0.5
-#   MODE=actionmlp14 bash benchmarks/gpu_triton_check.sh # ~5 min: Pi0's action MLP second layer fp32 vs bf16
-#       (CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP), two interleaved rounds of Pi0 1/2/3 views, verify of each
+#   MODE=actionmlp14 bash benchmarks/gpu_triton_check.sh # ~5 min: Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP
+#       in ACTION_MLPS (default "fp32 fused"), two interleaved rounds of Pi0 1/2/3 views, verify of each
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
@@ -236,16 +236,16 @@ prefetch14)
   done
   ;;
 actionmlp14)
-  # Pi0's action_time_mlp_out in fp32 (default) vs bf16: two interleaved rounds of Pi0 1/2/3 views, verify of each.
+  # Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP value in ACTION_MLPS (run 7: fp32 and bf16, then named
+  # CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0/1): two interleaved rounds of Pi0 1/2/3 views, verify of each.
   for round in 1 2; do
-    for lp in 0 1; do
-      step 100 env "${TV}_LOW_PRECISION_ACTION_MLP=$lp" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
-        --json "$OUT/bench_pi0_action_mlp_lp${lp}_r$round.json" 2>&1 | tail -5 | head -3
+    for mlp in ${ACTION_MLPS:-fp32 fused}; do
+      step 100 env "${TV}_ACTION_MLP=$mlp" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
+        --json "$OUT/bench_pi0_action_mlp_${mlp}_r$round.json" 2>&1 | tail -5 | head -3
     done
   done
-  for lp in 0 1; do
-    step 60 env "${TV}_LOW_PRECISION_ACTION_MLP=$lp" "${VERIFY[@]}" --model pi0 \
-      --json "$OUT/verify_pi0_action_mlp_lp$lp.json" 2>&1 | tail -1
+  for mlp in ${ACTION_MLPS:-fp32 fused}; do
+    step 60 env "${TV}_ACTION_MLP=$mlp" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_action_mlp_$mlp.json" 2>&1 | tail -1
   done
   ;;
 *) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final, prefetch14, actionmlp14)"

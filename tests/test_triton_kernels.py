@@ -277,7 +277,7 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
 
 @pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head",
                                              "pdl, skinny all", "pdl, default", "persistent expert",
-                                             "op-by-op encoder, low-precision action MLP"])
+                                             "op-by-op encoder, bf16 action MLP", "fused action MLP"])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
@@ -286,7 +286,8 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
     the Triton patch embedding; only gate/up + GELU and the action head + Euler as split-K GEMMs;
     with programmatic dependent launch (Hopper GPUs only) with and without the split-K GEMMs; and each
     expert layer as one persistent kernel; the vision tower and prefix op by op (the other variants use the
-    fused stages), with Pi0's action MLP in the compute dtype (fp32 here, so the same numbers)."""
+    fused stages), with Pi0's action MLP's second GEMM in the compute dtype (fp32 here, so the same numbers); and
+    Pi0's action MLP as one fused Triton kernel."""
     import cortexflow as cf
     from cortexflow.kernels.pdl import pdl_supported
 
@@ -299,7 +300,8 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
     monkeypatch.setenv("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", "1" if decoder_variant == "persistent expert" else "0")
     op_by_op = decoder_variant.startswith("op-by-op encoder")
     monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "0" if op_by_op else "1")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP", "1" if op_by_op else "0")
+    action_mlp = {"op-by-op encoder, bf16 action MLP": "bf16", "fused action MLP": "fused"}.get(decoder_variant, "fp32")
+    monkeypatch.setenv("CORTEXFLOW_TRITON_ACTION_MLP", action_mlp)
     for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
         monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
     if decoder_variant == "skinny mlp_head":

@@ -69,9 +69,9 @@ PERSISTENT_EXPERT_DEFAULT = "1"
 #: Default of CORTEXFLOW_TRITON_EXPERT_PREFETCH (0: no L2 prefetch in the persistent expert layer). H100, Pi0
 #: 2 views: 16.45 ms without, 17.0-17.6 ms with any of the variants (h100_2026-11-25_v11/run3_*).
 EXPERT_PREFETCH_DEFAULT = "0"
-#: Default of CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP. H100, two interleaved rounds, Pi0 2 views: fp32
-#: 17.30 / 17.05 ms, bf16 17.34 / 17.14 ms, same final-actions error (h100_2026-11-25_v11/run7_*): fp32 kept.
-LOW_PRECISION_ACTION_MLP_DEFAULT = "0"
+#: Default of CORTEXFLOW_TRITON_ACTION_MLP. H100, two interleaved rounds, Pi0 2 views: fp32 cuBLAS 17.30 / 17.05 ms,
+#: bf16 second GEMM 17.34 / 17.14 ms, same final-actions error (h100_2026-11-25_v11/run7_*).
+ACTION_MLP_DEFAULT = "fp32"
 #: Default of CORTEXFLOW_TRITON_FUSED_ENCODER (the Pi0 family's fused SigLIP tower and Gemma prefix,
 #: ``triton_encoder.py``). H100, same run, Pi0 1/2/3 views 15.70/18.81/22.44 -> 14.68/17.57/20.60 ms, Pi0.5
 #: 20.72 -> 19.77 ms, same final-actions error (h100_2026-11-25_v11/run6_*).
@@ -153,10 +153,9 @@ class TritonBackend(PyTorchBackend):
         # 1 o/gate-up/down at the attention phase, 2 the same at the QKV phase, 4 the next layer's QKV).
         self.expert_prefetch = int(self._setting("CORTEXFLOW_TRITON_EXPERT_PREFETCH", EXPERT_PREFETCH_DEFAULT,
                                                  tuple(str(v) for v in range(8))))
-        # Pi0's action_time_mlp_out (the second layer of the time-conditioned action MLP) in the compute dtype
-        # instead of fp32: CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0|1.
-        self.low_precision_action_mlp = self._flag("CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP",
-                                                   LOW_PRECISION_ACTION_MLP_DEFAULT)
+        # Pi0's time-conditioned action MLP per step: CORTEXFLOW_TRITON_ACTION_MLP=fp32 (cuBLAS fp32 GEMMs, as the
+        # reference), bf16 (its second GEMM in the compute dtype) or fused (one fp32 Triton kernel).
+        self.action_mlp = self._setting("CORTEXFLOW_TRITON_ACTION_MLP", ACTION_MLP_DEFAULT, ("fp32", "bf16", "fused"))
         # The Pi0 family's vision tower and prefix with fused Q/K/V (and gate/up) GEMMs, in-place residuals and
         # the prefix K/V written by the QKV/RoPE kernel (triton_encoder.py) instead of the model's op-by-op
         # stages: CORTEXFLOW_TRITON_FUSED_ENCODER=0|1.
@@ -285,7 +284,7 @@ class TritonBackend(PyTorchBackend):
         return fused_decoder(self, model, weights, inputs, self._time_tables[key], fold_norms=self.fold_norms,
                              skinny_gemms=self.skinny_gemms, pdl=self.pdl, persistent=persistent,
                              expert_prefetch=self.expert_prefetch,
-                             low_precision_action_mlp=self.low_precision_action_mlp)
+                             action_mlp=self.action_mlp)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

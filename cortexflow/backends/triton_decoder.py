@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from cortexflow.backends.triton_token_decoder import fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
+from cortexflow.kernels.action_mlp import action_mlp as fused_action_mlp
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
@@ -118,7 +119,7 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
 
 def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
                   skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False,
-                  expert_prefetch: int = 0, low_precision_action_mlp: bool = False) -> torch.Tensor:
+                  expert_prefetch: int = 0, action_mlp: str = "fp32") -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
     ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
@@ -128,7 +129,8 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     before finishes. ``persistent``: each expert layer as one persistent kernel (the caller checked
     :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`); ``fold_norms`` and ``skinny_gemms``
     then only apply to the action head; ``expert_prefetch``: its L2 prefetch bits (``ExpertTiling.prefetch``).
-    ``low_precision_action_mlp``: Pi0's ``action_time_mlp_out`` in the compute dtype instead of fp32."""
+    ``action_mlp``: how Pi0's time-conditioned action MLP runs: "fp32" (cuBLAS fp32 GEMMs, as the reference),
+    "bf16" (its second GEMM in the compute dtype) or "fused" (one fp32 Triton kernel, :mod:`cortexflow.kernels.action_mlp`)."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -163,19 +165,22 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
             tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
             hidden.copy_(tokens.view(hidden.shape))
         else:
-            # The time MLP's first layer in fp32 (K = action_dim); its second in fp32 as the reference, on fp32
-            # weights made once (no per-step casts), or with ``low_precision_action_mlp`` in the compute dtype
-            # straight into the token buffer (the reference rounds its output to that dtype anyway; here the
-            # SiLU output is rounded before the product too).
-            mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
-            w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
-            if low_precision_action_mlp and b == 1:
-                torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
-            elif low_precision_action_mlp:
-                hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
+            # fp32 as the reference on fp32 weights made once (no per-step casts): one fused Triton kernel, or
+            # cuBLAS GEMMs; "bf16" runs the second GEMM in the compute dtype straight into the token buffer.
+            if action_mlp == "fused":
+                fused_action_mlp(x_t, tables.action_weight, tables.action_bias[step], tables.action_out_weight,
+                                 tables.action_out_bias, hidden, row_offset=1)
             else:
-                tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
-                hidden[:, 1:] = tokens.view(b, chunk, -1)
+                mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]),
+                                           tables.action_weight.T))
+                w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
+                if action_mlp == "bf16" and b == 1:
+                    torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
+                elif action_mlp == "bf16":
+                    hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
+                else:
+                    tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
+                    hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
             if persistent:
