@@ -39,6 +39,13 @@ MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"
 step() { local limit=$1; shift; timeout "$limit" "$@" || echo "step failed or timed out (rc $?): $*"; }
+# gpu_tests NAME "-k expression" FILE...: the given test files on the GPU into gpu_tests_NAME.txt (TESTS
+# overrides the expression), its last lines shown.
+gpu_tests() {
+  local name=$1 expression=$2; shift 2
+  step 240 python3 -m pytest -q -p no:cacheprovider "$@" -k "${TESTS:-$expression}" > "$OUT/gpu_tests_$name.txt" 2>&1
+  tail -3 "$OUT/gpu_tests_$name.txt"
+}
 # ab_grid FINAL "ENV=VALUE... tag" ...: Pi0 (VIEWS, default 2; 1,2,3 when FINAL is 1) and, when FINAL is 1,
 # Pi0.5 at prompt 60, once per variant, into bench_pi0_<tag>.json / bench_pi05_<tag>.json.
 ab_grid() {
@@ -187,9 +194,7 @@ head12)
   ;;
 persistent13|persistent13_final)
   # The persistent expert layer: its GPU tests, then Pi0 (and for _final Pi0.5) with and without it.
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py \
-    tests/test_triton_kernels.py -k "${TESTS:-expert or end_to_end}" > "$OUT/gpu_tests_persistent.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_persistent.txt"
+  gpu_tests persistent "expert or end_to_end" tests/test_expert_layer.py tests/test_triton_kernels.py
   final=0; [ "$MODE" = persistent13_final ] && final=1
   [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
   ab_grid "$final" "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"
@@ -202,9 +207,7 @@ persistent13|persistent13_final)
   ;;
 encoder14|encoder14_final)
   # The fused vision tower and prefix: their GPU tests, then Pi0 (and for _final Pi0.5) with and without them.
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_encoder.py \
-    tests/test_triton_kernels.py -k "${TESTS:-encoder or layer_norm or end_to_end}" > "$OUT/gpu_tests_encoder.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_encoder.txt"
+  gpu_tests encoder "encoder or layer_norm or end_to_end" tests/test_triton_encoder.py tests/test_triton_kernels.py
   final=0; [ "$MODE" = encoder14_final ] && final=1
   [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_encoder.py 2>&1 | tail -24
   ab_grid "$final" "${TV}_FUSED_ENCODER=0 op_by_op" "${TV}_FUSED_ENCODER=1 fused"
@@ -221,10 +224,8 @@ encoder14|encoder14_final)
 prefetch14)
   # The persistent expert layer's L2 prefetch: GPU tests (bit-identical results), the micro-benchmark's prefetch
   # tilings, Pi0 2 views at each CORTEXFLOW_TRITON_EXPERT_PREFETCH value in PREFETCHES, Pi0.5 at 0 and the last.
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py tests/test_triton_encoder.py \
-    tests/test_triton_kernels.py -k "${TESTS:-expert or encoder or layer_norm or end_to_end}" \
-    > "$OUT/gpu_tests_prefetch.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_prefetch.txt"
+  gpu_tests prefetch "expert or encoder or layer_norm or end_to_end" tests/test_expert_layer.py \
+    tests/test_triton_encoder.py tests/test_triton_kernels.py
   step 200 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py --only prefetch --no-phases 2>&1 | tail -10
   for pf in ${PREFETCHES:-0 1 2 5 6}; do
     step 60 env "${TV}_EXPERT_PREFETCH=$pf" "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
@@ -237,7 +238,9 @@ prefetch14)
   ;;
 actionmlp14)
   # Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP value in ACTION_MLPS (run 7: fp32 and bf16, then named
-  # CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0/1): two interleaved rounds of Pi0 1/2/3 views, verify of each.
+  # CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0/1): its GPU tests, two interleaved rounds of Pi0 1/2/3 views,
+  # verify of each.
+  gpu_tests action_mlp "action_mlp or end_to_end" tests/test_action_mlp.py tests/test_triton_kernels.py
   for round in 1 2; do
     for mlp in ${ACTION_MLPS:-fp32 fused}; do
       step 100 env "${TV}_ACTION_MLP=$mlp" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
