@@ -23,7 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cortexflow.backends.triton_token_decoder import fuse_layer_projections
+from cortexflow.backends.triton_token_decoder import concat_as_views, fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
@@ -52,17 +52,7 @@ def fuse_encoder_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, t
     for i in range(c.num_vision_layers):
         p = f"vision.layers.{i}"
         for kind in ("weight", "bias"):
-            fused = f"{p}.{VISION_QKV}.{kind}"
-            if fused in weights:
-                continue
-            parts = [weights[f"{p}.{name}.{kind}"] for name in ("q", "k", "v")]
-            joined = torch.cat(parts, dim=0)
-            weights[fused] = joined
-            start = 0
-            for name, part in zip(("q", "k", "v"), parts):
-                weights[f"{p}.{name}.{kind}"] = joined[start:start + part.shape[0]]
-                start += part.shape[0]
-            del parts
+            concat_as_views(weights, f"{p}.{VISION_QKV}.{kind}", [f"{p}.{name}.{kind}" for name in ("q", "k", "v")])
     return fuse_layer_projections(weights, (f"llm.layers.{i}" for i in range(c.num_encoder_layers)))
 
 
@@ -127,8 +117,7 @@ def fused_prefix(backend, model, weights, inputs, attention_tiling: dict | None 
     x, valid = model.embed_prefix(backend, weights, inputs)
     x = x.contiguous()
     b, p, d = x.shape
-    positions = torch.cumsum(valid.long(), dim=1) - 1
-    mask = valid[:, None, :] & valid[:, :, None]
+    positions, mask = model.prefix_positions_and_mask(valid)
     inv_freq = backend.inverse_frequencies(c.head_dim, c.rope_base, x.device)
     scale = attention_scale(c)
     eps = c.rms_norm_eps

@@ -43,21 +43,26 @@ FOLD_ROWS = 4096
 FUSED_PROJECTIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
 
 
+def concat_as_views(weights: dict[str, torch.Tensor], fused: str, parts: list[str]) -> None:
+    """Add ``weights[fused]`` = the ``parts`` concatenated along dim 0, in place, and replace each part by a view
+    into it, so the originals can be freed (nothing when ``fused`` is there already)."""
+    if fused in weights:
+        return
+    tensors = [weights[name] for name in parts]
+    joined = torch.cat(tensors, dim=0)
+    weights[fused] = joined
+    start = 0
+    for name, tensor in zip(parts, tensors):
+        weights[name] = joined[start:start + tensor.shape[0]]
+        start += tensor.shape[0]
+
+
 def fuse_layer_projections(weights: dict[str, torch.Tensor], layer_prefixes) -> dict[str, torch.Tensor]:
     """Add ``{layer}.qkv`` / ``{layer}.gate_up`` (row-concatenated) for each layer prefix, in place, and
     replace the separate weights by views into them, so the originals are freed one layer at a time."""
     for p in layer_prefixes:
         for fused, parts in FUSED_PROJECTIONS:
-            if f"{p}.{fused}" in weights:
-                continue
-            tensors = [weights[f"{p}.{part}"] for part in parts]
-            joined = torch.cat(tensors, dim=0)
-            weights[f"{p}.{fused}"] = joined
-            start = 0
-            for part, tensor in zip(parts, tensors):
-                weights[f"{p}.{part}"] = joined[start:start + tensor.shape[0]]
-                start += tensor.shape[0]
-            del tensors
+            concat_as_views(weights, f"{p}.{fused}", [f"{p}.{part}" for part in parts])
     return weights
 
 

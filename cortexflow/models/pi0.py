@@ -119,14 +119,19 @@ class Pi0Model(VLAModel):
         valid = torch.cat([inputs["image_masks"].repeat_interleave(per_view, dim=1), inputs["token_mask"]], dim=1)
         return x, valid
 
+    @staticmethod
+    def prefix_positions_and_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From the prefix validity ``(B, P)``: RoPE positions ``(B, P)`` (counting valid tokens only) and the
+        bidirectional attention mask ``(B, P, P)`` among valid tokens."""
+        return torch.cumsum(valid.long(), dim=1) - 1, valid[:, None, :] & valid[:, :, None]
+
     def transformer_encoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Prefix pass over the Gemma-2B layers -> ``{"kv_cache": [(k, v)] per layer, "prefix_mask": (B, P)}``.
 
         k/v are ``(B, P, Hkv, Dh)`` after RoPE. The last layer computes K/V only (its output is unused)."""
         c = self.config
         x, valid = self.embed_prefix(ops, weights, inputs)
-        positions = torch.cumsum(valid.long(), dim=1) - 1
-        mask = valid[:, None, :] & valid[:, :, None]
+        positions, mask = self.prefix_positions_and_mask(valid)
         cache = []
         last = c.num_encoder_layers - 1
         for i in range(last):

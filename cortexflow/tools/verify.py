@@ -92,8 +92,7 @@ class Context:
         if self.prefix is None:
             inputs = self.encoder_inputs(self.reference)
             x, valid = self.model.embed_prefix(self.reference.backend, self.reference.raw, inputs)
-            positions = torch.cumsum(valid.long(), dim=1) - 1
-            self.prefix = (x, positions, valid[:, None, :] & valid[:, :, None])
+            self.prefix = (x, *self.model.prefix_positions_and_mask(valid))
         return self.prefix
 
     def encoder_inputs(self, side: Side) -> dict[str, torch.Tensor]:
