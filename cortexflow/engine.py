@@ -117,6 +117,7 @@ class VLAInferenceEngine:
         self.postprocessor = ActionPostprocessor(self.config.model_type, action_stats)
         self.use_cuda_graphs = bool(ic.use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
+        self._staging: dict[int, dict[str, torch.Tensor]] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.last_timings: dict[str, float] = {}
 
@@ -173,7 +174,8 @@ class VLAInferenceEngine:
         ``(V, H, W, 3)`` or a list; ``image_masks``: which views are present; ``noise``: ``(chunk, action_dim)``
         to make the call reproducible; ``prompt_tokens``: token ids instead of ``task_prompt``."""
         start = time.perf_counter()
-        sample = self.preprocessor(observation_images, task_prompt, state, prompt_tokens, image_masks)
+        sample = self.preprocessor(observation_images, task_prompt, state, prompt_tokens, image_masks,
+                                   **self._images_out(1, 0))
         noise_batch = None if noise is None else self._check_noise(noise, batch=None)[None]
         return self._run([sample], noise_batch, start)[0]
 
@@ -211,6 +213,7 @@ class VLAInferenceEngine:
                 columns["batch_states"][i],
                 columns["batch_prompt_tokens"][i],
                 columns["batch_image_masks"][i],
+                **self._images_out(batch, i),
             )
             for i in range(batch)
         ]
@@ -237,26 +240,61 @@ class VLAInferenceEngine:
             }
         return self._buffers[batch]
 
+    def staging(self, batch: int) -> dict[str, torch.Tensor]:
+        """Host-side twins of the static buffers for batch size ``batch``: on a GPU, page-locked CPU tensors
+        (the preprocessor writes the images straight into them, each call copies the inputs over
+        asynchronously and the actions back), allocated on first use; on the CPU, the static buffers themselves."""
+        buffers = self.buffers(batch)
+        if self.device.type != "cuda":
+            return buffers
+        if batch not in self._staging:
+            self._staging[batch] = {
+                name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for name, tensor in buffers.items()
+            }
+        return self._staging[batch]
+
+    def _images_out(self, batch: int, index: int) -> dict[str, np.ndarray]:
+        """``images_out=`` for the built-in preprocessor: sample ``index``'s slot of the staged images, so that
+        preparing the images allocates nothing (a replaced preprocessor is called without it)."""
+        if not isinstance(self.preprocessor, ObservationPreprocessor):
+            return {}
+        images = self.staging(batch).get("images")
+        if images is None or images.dtype != torch.float32:
+            return {}
+        return {"images_out": images[index].numpy()}
+
     def _run(self, samples: list[dict[str, torch.Tensor]], noise: torch.Tensor | None, start: float) -> np.ndarray:
         batch = len(samples)
         buffers = self.buffers(batch)
+        staging = self.staging(batch)
         prepared = time.perf_counter()
         for name, tensor in buffers.items():
-            if name in samples[0]:
-                # one sample: a view, no CPU stack op (torch's CPU ops can stall on a busy host)
-                stacked = samples[0][name][None] if batch == 1 else torch.stack([s[name] for s in samples])
-                tensor.copy_(stacked, non_blocking=True)
+            if name not in samples[0]:
+                continue
+            host = staging[name]
+            for index, sample in enumerate(samples):
+                # the built-in preprocessor already wrote the images here; no CPU stack op (torch's CPU ops
+                # can stall on a busy host, benchmarks/NOTES.md v9)
+                if sample[name].data_ptr() != host[index].data_ptr():
+                    host[index].copy_(sample[name])
+            if host is not tensor:
+                tensor.copy_(host, non_blocking=True)  # page-locked: asynchronous, ordered before the replay
         if noise is None:
             noise = torch.randn(buffers["noise"].shape, dtype=torch.float32)
-        buffers["noise"].copy_(noise, non_blocking=True)
+        staging["noise"].copy_(noise)
+        if staging is not buffers:
+            buffers["noise"].copy_(staging["noise"], non_blocking=True)
         timer = StageTimer(self.device)
         with torch.inference_mode():
             if self.use_cuda_graphs:
                 self._graph(batch).replay()
             else:
                 self.model.forward(self.backend, self.weights, buffers, timer)
-            # A copy: on CPU .cpu() would alias the static buffer that the next call overwrites.
-            actions = buffers["actions"].to("cpu", copy=True).numpy()
+            if staging is not buffers:
+                staging["actions"].copy_(buffers["actions"], non_blocking=True)
+                torch.cuda.current_stream(self.device).synchronize()
+            # A copy: the staged / static buffer is overwritten by the next call.
+            actions = staging["actions"].numpy().copy()
         finished = time.perf_counter()
         result = self.postprocessor(actions)
         self.last_timings = {"preprocess": (prepared - start) * 1e3, **timer.times_ms}

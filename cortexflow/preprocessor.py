@@ -56,9 +56,12 @@ class ObservationPreprocessor:
         state: Any = None,
         prompt_tokens: Any = None,
         image_masks: Any = None,
+        images_out: np.ndarray | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``images_out``: a float32 ``(V, 3, S, S)`` array to write the images into (the engine's staging
+        buffer; see :func:`~cortexflow.processing.images.prepare_images`); the returned ``images`` then shares it."""
         out = {
-            "images": prepare_images(images, self.num_views, self.config.image_size),
+            "images": prepare_images(images, self.num_views, self.config.image_size, out=images_out),
             "image_masks": prepare_image_masks(image_masks, self.num_views),
         }
         needs_state = self.uses_state_token or (self.discrete_state_input and prompt_tokens is None)

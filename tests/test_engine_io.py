@@ -101,3 +101,33 @@ def test_progress_bar_is_shown_when_asked(tmp_path, capsys):
     assert "loading" in capsys.readouterr().err
     cf.create_pi0_inference(tmp_path, device="cpu", dtype="float32", model_config=config, progress=False)
     assert "loading" not in capsys.readouterr().err
+
+
+def test_images_are_prepared_in_the_staging_buffer_and_calls_leave_nothing_behind(tmp_path, monkeypatch):
+    """The built-in preprocessor writes the images straight into the engine's staged buffer (no image-sized
+    allocation per call); a call with other inputs in between, or a batch, changes nothing."""
+    import cortexflow.preprocessor
+    from cortexflow.processing import prepare_images
+
+    targets = []
+
+    def spy(images, num_views, image_size, out=None):
+        targets.append(None if out is None else out.ctypes.data)
+        return prepare_images(images, num_views, image_size, out=out)
+
+    monkeypatch.setattr(cortexflow.preprocessor, "prepare_images", spy)
+    config = tiny_model_config("pi0", chunk_size=5)
+    write_checkpoint(tmp_path, config)
+    engine = cf.create_pi0_inference(tmp_path, device="cpu", dtype="float32", model_config=config)
+    images, state, noise = _inputs(2)
+    first = engine.predict(images, state=state, prompt_tokens=[2, 9], noise=noise)
+    staged = engine.staging(1)["images"]
+    assert targets == [staged.data_ptr()]
+    np.testing.assert_array_equal(staged[0].numpy(), prepare_images(images, 2, config.image_size).numpy())
+    other, other_state, _ = _inputs(3)
+    engine.predict(other, state=other_state, prompt_tokens=[2, 9, 4, 5], noise=noise)
+    np.testing.assert_array_equal(engine.predict(images, state=state, prompt_tokens=[2, 9], noise=noise), first)
+    batch = engine.predict_batch([other, images], batch_states=[other_state, state],
+                                 batch_prompt_tokens=[[2, 9, 4, 5], [2, 9]], noise=np.stack([noise, noise]))
+    np.testing.assert_array_equal(engine.staging(2)["images"][1].numpy(), staged[0].numpy())
+    np.testing.assert_allclose(batch[1], first, rtol=1e-5, atol=1e-6)

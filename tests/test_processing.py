@@ -104,6 +104,29 @@ def test_prepare_images_uint8_to_nchw_minus_one_one(rng):
     assert out.min() >= -1 and out.max() <= 1
 
 
+def test_prepare_images_into_out_is_bit_identical_and_in_place(rng):
+    """Writing into the engine's staging buffer gives exactly openpi's ``x / 255 * 2 - 1`` in float32, and
+    every view of the buffer is overwritten (it is reused call after call)."""
+    images = [rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8),
+              rng.integers(0, 256, size=(120, 200, 3), dtype=np.uint8),
+              rng.uniform(-1, 1, size=(224, 224, 3)).astype(np.float64)]
+    out = np.full((3, 3, 224, 224), np.nan, dtype=np.float32)
+    tensor = prepare_images(images, num_views=3, out=out)
+    assert tensor.data_ptr() == out.ctypes.data and np.isfinite(out).all()
+    expected = [resize_with_pad(im).transpose(2, 0, 1).astype(np.float32) / 255.0 * 2.0 - 1.0 for im in images[:2]]
+    expected.append(images[2].astype(np.float32).transpose(2, 0, 1))
+    np.testing.assert_array_equal(out, np.stack(expected))
+    np.testing.assert_array_equal(prepare_images(images, num_views=3).numpy(), out)
+
+
+@pytest.mark.parametrize("bad", [np.zeros((2, 3, 224, 224), np.float32), np.zeros((3, 3, 224, 224), np.float64),
+                                 np.zeros((3, 224, 224, 3), np.float32).transpose(0, 3, 1, 2)])
+def test_prepare_images_rejects_a_wrong_out_buffer(rng, bad):
+    images = rng.integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous float32"):
+        prepare_images(images, num_views=3, out=bad)
+
+
 def test_prepare_images_list_of_different_sizes(rng):
     wide = rng.integers(0, 256, size=(100, 200, 3), dtype=np.uint8)
     exact = rng.uniform(-1, 1, size=(224, 224, 3)).astype(np.float32)
