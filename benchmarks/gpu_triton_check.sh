@@ -33,11 +33,15 @@
 #       micro-benchmark of the prefetch tilings, Pi0 2 views per CORTEXFLOW_TRITON_EXPERT_PREFETCH in PREFETCHES, Pi0.5
 #   MODE=actionmlp14 bash benchmarks/gpu_triton_check.sh # ~5 min: Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP
 #       in ACTION_MLPS (default "fp32 fused"), two interleaved rounds of Pi0 1/2/3 views, verify of each
+#   MODE=host15 bash benchmarks/gpu_triton_check.sh     # ~8 min: the host side of predict (images prepared in place
+#       into page-locked staging) and prompt buckets: engine GPU tests, then Pi0 1/2/3 views and Pi0.5 prompt 60 of
+#       the build in OLD_TGZ (a `git archive` of the cortexflow package, default old_v11.tgz) against this one with
+#       --prompt-buckets auto and off, ROUNDS interleaved rounds (default 1)
 # PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
 set -u
 MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"
+OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 step() { local limit=$1; shift; timeout "$limit" "$@" || echo "step failed or timed out (rc $?): $*"; }
 # gpu_tests NAME "-k expression" FILE...: the given test files on the GPU into gpu_tests_NAME.txt (TESTS
 # overrides the expression), its last lines shown.
@@ -251,7 +255,42 @@ actionmlp14)
     step 60 env "${TV}_ACTION_MLP=$mlp" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_action_mlp_$mlp.json" 2>&1 | tail -1
   done
   ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final, prefetch14, actionmlp14)"
+host15)
+  gpu_tests engine "engine or buckets or staging or end_to_end or device or gpu" tests/test_engine_io.py \
+    tests/test_processing.py tests/test_triton_kernels.py
+  old="${OLD_TGZ:-old_v11.tgz}"; mkdir -p /tmp/old_build && tar xzf "$old" -C /tmp/old_build
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    # from inside the old tree: `python -m` puts the working directory first on sys.path
+    (cd /tmp/old_build && step 110 env PYTHONPATH=/tmp/old_build "${BENCH[@]}" --models pi0 --views 1,2,3 \
+      --prompt-len 20 --json "$OUT/bench_pi0_old_r$round.json" 2>&1 | tail -5 | head -3)
+    step 110 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0_new_r$round.json" 2>&1 \
+      | tail -5 | head -3
+    (cd /tmp/old_build && step 70 env PYTHONPATH=/tmp/old_build "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
+      --json "$OUT/bench_pi05_old_r$round.json" 2>&1 | tail -3 | head -1)
+    for buckets in auto off; do
+      step 70 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --prompt-buckets $buckets \
+        --json "$OUT/bench_pi05_new_${buckets}_r$round.json" 2>&1 | tail -3 | head -1
+    done
+    if [ -n "${IMAGES_AB:-}" ]; then  # images prepared on the host (the default before) against the GPU
+      step 110 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --image-preprocessing host \
+        --json "$OUT/bench_pi0_new_host_images_r$round.json" 2>&1 | tail -5 | head -3
+    fi
+  done
+  if [ -n "${VERIFY_TOO:-}" ]; then
+    for model in pi0 pi05; do
+      step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -1
+    done
+  fi
+  python3 - "$OUT" <<'PY'
+import glob, json, os, sys
+print("check: the old build reports", {json.load(open(p))["runs"][0]["prefix_tokens"] for p in glob.glob(sys.argv[1] + "/bench_pi05_old*.json")}, "prefix tokens (712 = no buckets)")
+for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
+    for run in json.load(open(path))["runs"]:
+        print(f"{os.path.basename(path):34s} {run['model']:5s} views={run['views']} median {run['median_ms']:7.2f} ms "
+              f"preprocess {run.get('preprocess_median_ms', float('nan')):5.2f} ms prefix {run['prefix_tokens']}")
+PY
+  ;;
+*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final, prefetch14, actionmlp14, host15)"
    exit 2 ;;
 esac
 if [ "${PACK:-0}" = 1 ]; then

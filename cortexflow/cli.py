@@ -769,7 +769,9 @@ def bench_command(
     models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2 (openvla/rt2 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
     backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
-    prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (padded to the model's maximum; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
+    prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (pi0/pi05: padded to the smallest --prompt-buckets length that holds them; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
+    image_preprocessing: Annotated[str, typer.Option("--image-preprocessing", metavar="WHERE", help="pi0/pi05: where the 224x224 uint8 views are scaled: auto (the GPU on a GPU), device or host.")] = "auto",
+    prompt_buckets: Annotated[str, typer.Option("--prompt-buckets", metavar="SPEC", help="pi0/pi05 padded prompt lengths: auto (32, 64, 128, ... and max_token_len), off (always max_token_len, as openpi pads) or a list like 32,64.")] = "auto",
     chunk: Annotated[str, typer.Option("--chunk", metavar="LIST", help="Comma-separated action chunk lengths.")] = "50",
     steps: Annotated[str, typer.Option("--steps", metavar="LIST", help="Comma-separated denoising step counts.")] = "10",
     graphs: Annotated[str, typer.Option("--graphs", metavar="LIST", help="Whole-predict CUDA graph: on, off or on,off (GPU only; the CPU runs off).")] = "on,off",
@@ -830,6 +832,8 @@ def bench_command(
         dtype=dtype,
         seed=seed,
         log=_progress,
+        prompt_buckets=prompt_buckets,
+        image_preprocessing=image_preprocessing,
     )
     _report(results, json_path, print_bench)
 

@@ -194,7 +194,18 @@ class InferenceConfig:
 
     ``backend`` is a :class:`BackendType`, its name, or a ``ComputeBackend`` class or instance;
     ``device`` is ``"cuda"``, ``"cuda:N"``, ``"cpu"`` or ``"auto"``; ``normalize=None`` normalises
-    state and actions exactly when norm stats are given."""
+    state and actions exactly when norm stats are given.
+
+    ``prompt_buckets``: the padded prompt lengths a call may use (see :func:`prompt_bucket_lengths`):
+    ``"auto"`` (32, 64, 128, ... below ``max_token_len``, and ``max_token_len``), ``"off"`` (always
+    ``max_token_len``, as openpi pads), or a list of lengths. A prompt runs at the smallest bucket it fits;
+    padded tokens are masked either way, so the bucket changes the work, not the result. With CUDA
+    graphs each bucket (and batch size) has its own graph, captured at its first call or by
+    ``engine.warmup()``.
+
+    ``image_preprocessing``: where the camera images are resized-with-pad and scaled: ``"host"`` (numpy /
+    torch on the CPU, then one float32 copy), ``"device"`` (each view copied as it comes, uint8 usually, and
+    prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host)."""
 
     num_views: int = 2
     chunk_size: int | None = None
@@ -208,6 +219,8 @@ class InferenceConfig:
     discrete_state_input: bool | None = None
     normalize: bool | None = None
     num_steps: int | None = None
+    prompt_buckets: Any = "auto"
+    image_preprocessing: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
@@ -218,7 +231,46 @@ class InferenceConfig:
         self.dtype = parse_dtype(self.dtype)
         if not isinstance(self.num_views, int) or self.num_views < 1:
             raise ConfigError(f"num_views must be a positive integer, got {self.num_views!r}")
+        self.prompt_buckets = parse_prompt_buckets(self.prompt_buckets)
+        if self.image_preprocessing not in ("auto", "device", "host"):
+            raise ConfigError(f"image_preprocessing must be 'auto', 'device' or 'host', got {self.image_preprocessing!r}")
         for name in ("chunk_size", "max_tokenize_len", "num_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def parse_prompt_buckets(spec: Any) -> str | tuple[int, ...]:
+    """Check an ``InferenceConfig.prompt_buckets`` value: ``"auto"``, ``"off"`` or positive lengths (sorted)."""
+    if isinstance(spec, str):
+        name = spec.strip().lower()
+        if name in ("auto", "off"):
+            return name
+        try:
+            spec = [int(part) for part in name.split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"prompt_buckets must be 'auto', 'off' or token lengths like '32,64,200', got {spec!r}") from None
+    try:
+        lengths = tuple(sorted({int(value) for value in spec}))
+    except (TypeError, ValueError):
+        raise ConfigError(f"prompt_buckets must be 'auto', 'off' or a list of token lengths, got {spec!r}") from None
+    if not lengths or lengths[0] < 1:
+        raise ConfigError(f"prompt_buckets must be positive token lengths, got {spec!r}")
+    return lengths
+
+
+def prompt_bucket_lengths(spec: str | tuple[int, ...], max_token_len: int) -> tuple[int, ...]:
+    """The padded prompt lengths for ``spec`` (see :func:`parse_prompt_buckets`), ending at ``max_token_len``:
+    ``"auto"`` -> 32, 64, 128, ... below it; ``"off"`` -> only it; lengths above it are an error."""
+    if spec == "off":
+        return (max_token_len,)
+    if spec == "auto":
+        lengths, length = [], 32
+        while length < max_token_len:
+            lengths.append(length)
+            length *= 2
+        return (*lengths, max_token_len)
+    too_long = [length for length in spec if length > max_token_len]
+    if too_long:
+        raise ConfigError(f"prompt_buckets {too_long} exceed the model's max_token_len {max_token_len}")
+    return tuple(length for length in spec if length < max_token_len) + (max_token_len,)

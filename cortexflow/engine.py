@@ -1,8 +1,9 @@
 """``VLAInferenceEngine``: validate inputs, pre-process, run the model's stages on a backend, post-process.
 
 The engine owns the static per-call buffers (one set per batch size) and, on a GPU, one CUDA graph
-per batch size that captures the whole forward (vision, prefix, every denoising step). Prompts of
-any length up to ``max_token_len`` share one graph: they are padded and masked, never re-captured.
+per batch size and prompt bucket that captures the whole forward (vision, prefix, every denoising step).
+A prompt is padded (and masked) to the smallest of the engine's ``prompt_buckets`` that holds it, so a
+20-token prompt does not pay for the 48 or 200 positions openpi pads to; the graphs share one memory pool.
 """
 
 from __future__ import annotations
@@ -17,11 +18,15 @@ import torch
 from cortexflow.backends import create_backend
 from cortexflow.checkpoints.files import CheckpointFiles
 from cortexflow.checkpoints.loader import CheckpointReport, load_pi0_checkpoint
-from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType
+from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType, prompt_bucket_lengths
 from cortexflow.errors import BackendUnavailableError, CheckpointError, InputError
 from cortexflow.models.base import VLAModel
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor, split_norm_stats
 from cortexflow.processing import PromptTokenizer, load_norm_stats
+
+
+#: The static buffers whose last dimension is the padded prompt length.
+TOKEN_BUFFERS = ("token_ids", "token_mask")
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -116,9 +121,12 @@ class VLAInferenceEngine:
         )
         self.postprocessor = ActionPostprocessor(self.config.model_type, action_stats)
         self.use_cuda_graphs = bool(ic.use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
-        self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._staging: dict[int, dict[str, torch.Tensor]] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        variable = self.model.variable_prompt_length and self.backend.variable_prompt_length
+        self.prompt_buckets = prompt_bucket_lengths(ic.prompt_buckets if variable else "off", self.config.max_token_len)
+        self._buffers: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._staging: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
         self.last_timings: dict[str, float] = {}
 
     def _merged_config(self, model_config):
@@ -230,54 +238,102 @@ class VLAInferenceEngine:
             raise InputError("noise contains NaN or inf")
         return tensor
 
-    def buffers(self, batch: int) -> dict[str, torch.Tensor]:
-        """The static buffers for batch size ``batch`` (allocated on first use, reused by every call)."""
-        if batch not in self._buffers:
-            shapes = self.model.get_buffer_shapes(self.num_views, self.chunk_size, batch)
-            self._buffers[batch] = {
-                name: torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
-                for name, shape in shapes.items()
-            }
-        return self._buffers[batch]
+    def buffers(self, batch: int, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
+        """The static buffers for batch size ``batch`` and prompts padded to ``prompt_len`` tokens (default
+        ``max_token_len``), allocated on first use and reused by every call. Only the token buffers differ
+        between prompt lengths; the images, state, noise and actions buffers of a batch size are shared."""
+        return self._buffer_set(self._buffers, batch, prompt_len, self.device, pinned=False)
 
-    def staging(self, batch: int) -> dict[str, torch.Tensor]:
-        """Host-side twins of the static buffers for batch size ``batch``: on a GPU, page-locked CPU tensors
-        (the preprocessor writes the images straight into them, each call copies the inputs over
-        asynchronously and the actions back), allocated on first use; on the CPU, the static buffers themselves."""
-        buffers = self.buffers(batch)
+    def staging(self, batch: int, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
+        """Host-side twins of :meth:`buffers`: on a GPU, page-locked CPU tensors (the preprocessor writes the
+        images straight into them, each call copies the inputs over asynchronously and the actions back),
+        allocated on first use; on the CPU, the static buffers themselves."""
         if self.device.type != "cuda":
-            return buffers
-        if batch not in self._staging:
-            self._staging[batch] = {
-                name: torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) for name, tensor in buffers.items()
-            }
-        return self._staging[batch]
+            return self.buffers(batch, prompt_len)
+        return self._buffer_set(self._staging, batch, prompt_len, torch.device("cpu"), pinned=True)
 
-    def _images_out(self, batch: int, index: int) -> dict[str, np.ndarray]:
-        """``images_out=`` for the built-in preprocessor: sample ``index``'s slot of the staged images, so that
-        preparing the images allocates nothing (a replaced preprocessor is called without it)."""
+    def _buffer_set(self, sets: dict, batch: int, prompt_len: int | None, device: torch.device, pinned: bool):
+        full = self.config.max_token_len
+        length = full if prompt_len is None else prompt_len
+        if length not in self.prompt_buckets:
+            raise ValueError(f"prompt length {length} is not one of this engine's buckets {self.prompt_buckets}")
+
+        def zeros(name, shape):
+            dtype = self.model.buffer_dtype(name, self.dtype)
+            return torch.zeros(shape, dtype=dtype, pin_memory=True) if pinned else torch.zeros(shape, dtype=dtype, device=device)
+
+        if (batch, full) not in sets:
+            shapes = self.model.get_buffer_shapes(self.num_views, self.chunk_size, batch)
+            sets[(batch, full)] = {name: zeros(name, shape) for name, shape in shapes.items()}
+        if (batch, length) not in sets:
+            sets[(batch, length)] = {
+                name: zeros(name, (*tensor.shape[:-1], length)) if name in TOKEN_BUFFERS else tensor
+                for name, tensor in sets[(batch, full)].items()
+            }
+        return sets[(batch, length)]
+
+    def prompt_bucket(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> int:
+        """The padded prompt length for a call: the smallest bucket that holds every sample's last valid token."""
+        if len(self.prompt_buckets) == 1 or "token_mask" not in samples[0]:
+            return self.config.max_token_len
+        needed = 0
+        for sample in samples:
+            valid = torch.nonzero(torch.as_tensor(sample["token_mask"]).reshape(-1))
+            if len(valid):
+                needed = max(needed, int(valid[-1]) + 1)
+        return next(length for length in self.prompt_buckets if length >= needed)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1,), seed: int = 0) -> list[tuple[int, int]]:
+        """One synthetic call (random images, a prompt of ids filling the bucket) per batch size and prompt
+        bucket, so that every CUDA graph is captured now rather than at a robot's first call with a longer
+        prompt (a capture takes seconds). Returns the ``(batch, prompt length)`` pairs run."""
+        rng = np.random.default_rng(seed)
+        size = self.config.image_size
+        stats = self.preprocessor.state_stats if isinstance(self.preprocessor, ObservationPreprocessor) else None
+        state_dim = stats.dim if stats is not None else self.config.action_dim
+        done = []
+        for batch in batch_sizes:
+            for length in self.prompt_buckets:
+                images = [rng.integers(0, 256, (self.num_views, size, size, 3), dtype=np.uint8) for _ in range(batch)]
+                tokens = [rng.integers(1, self.config.vocab_size, length).tolist() for _ in range(batch)]
+                states = [rng.standard_normal(state_dim).astype(np.float32) for _ in range(batch)]
+                noise = rng.standard_normal((batch, self.chunk_size, self.config.action_dim)).astype(np.float32)
+                self.predict_batch(images, batch_states=states, batch_prompt_tokens=tokens, noise=noise)
+                done.append((batch, length))
+        return done
+
+    def _images_out(self, batch: int, index: int) -> dict[str, Any]:
+        """``images_out=`` for the built-in preprocessor: sample ``index``'s slot of the static images buffer on
+        a GPU (the views are prepared there, see ``InferenceConfig.image_preprocessing``), else of the staged
+        images, so that preparing the images allocates nothing (a replaced preprocessor is called without it)."""
         if not isinstance(self.preprocessor, ObservationPreprocessor):
             return {}
-        images = self.staging(batch).get("images")
+        on_device = self.device.type == "cuda" and self.inference_config.image_preprocessing != "host"
+        images = (self.buffers(batch) if on_device else self.staging(batch)).get("images")
         if images is None or images.dtype != torch.float32:
             return {}
-        return {"images_out": images[index].numpy()}
+        return {"images_out": images[index] if on_device else images[index].numpy()}
 
     def _run(self, samples: list[dict[str, torch.Tensor]], noise: torch.Tensor | None, start: float) -> np.ndarray:
         batch = len(samples)
-        buffers = self.buffers(batch)
-        staging = self.staging(batch)
+        length = self.prompt_bucket(samples)
+        buffers = self.buffers(batch, length)
+        staging = self.staging(batch, length)
         prepared = time.perf_counter()
         for name, tensor in buffers.items():
             if name not in samples[0]:
                 continue
-            host = staging[name]
+            host, staged = staging[name], False
             for index, sample in enumerate(samples):
-                # the built-in preprocessor already wrote the images here; no CPU stack op (torch's CPU ops
-                # can stall on a busy host, benchmarks/NOTES.md v9)
-                if sample[name].data_ptr() != host[index].data_ptr():
-                    host[index].copy_(sample[name])
-            if host is not tensor:
+                value = sample[name][..., :length] if name in TOKEN_BUFFERS else sample[name]
+                if value.device == tensor.device and value.data_ptr() == tensor[index].data_ptr():
+                    continue  # prepared in place on the device (the built-in preprocessor's images on a GPU)
+                staged = True
+                # the built-in preprocessor may have written the images here already; no CPU stack op (torch's
+                # CPU ops can stall on a busy host, benchmarks/NOTES.md v9)
+                if value.data_ptr() != host[index].data_ptr():
+                    host[index].copy_(value)
+            if staged and host is not tensor:
                 tensor.copy_(host, non_blocking=True)  # page-locked: asynchronous, ordered before the replay
         if noise is None:
             noise = torch.randn(buffers["noise"].shape, dtype=torch.float32)
@@ -287,7 +343,7 @@ class VLAInferenceEngine:
         timer = StageTimer(self.device)
         with torch.inference_mode():
             if self.use_cuda_graphs:
-                self._graph(batch).replay()
+                self._graph(batch, length).replay()
             else:
                 self.model.forward(self.backend, self.weights, buffers, timer)
             if staging is not buffers:
@@ -302,10 +358,13 @@ class VLAInferenceEngine:
         self.last_timings["model"] = (finished - prepared) * 1e3
         return result
 
-    def _graph(self, batch: int) -> "torch.cuda.CUDAGraph":
-        """Capture the whole forward for ``batch`` once (after two warm-up runs on a side stream)."""
-        if batch not in self._graphs:
-            buffers = self.buffers(batch)
+    def _graph(self, batch: int, prompt_len: int) -> "torch.cuda.CUDAGraph":
+        """Capture the whole forward for ``batch`` and ``prompt_len`` once (after two warm-up runs on a side
+        stream). Every graph of the engine allocates from one memory pool: they only ever replay one at a
+        time on one stream, and none reads another's intermediates, so the pool holds the largest, not the sum."""
+        key = (batch, prompt_len)
+        if key not in self._graphs:
+            buffers = self.buffers(batch, prompt_len)
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
@@ -313,7 +372,9 @@ class VLAInferenceEngine:
                     self.model.forward(self.backend, self.weights, buffers)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._graph_pool):
                 self.model.forward(self.backend, self.weights, buffers)
-            self._graphs[batch] = graph
-        return self._graphs[batch]
+            if self._graph_pool is None:
+                self._graph_pool = graph.pool()
+            self._graphs[key] = graph
+        return self._graphs[key]

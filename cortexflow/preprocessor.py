@@ -23,6 +23,7 @@ from cortexflow.processing import (
     pad_to_dim,
     prepare_image_masks,
     prepare_images,
+    prepare_images_on_device,
     tokenize_ids,
     tokenize_pi0_prompt,
     tokenize_pi05_prompt,
@@ -56,12 +57,17 @@ class ObservationPreprocessor:
         state: Any = None,
         prompt_tokens: Any = None,
         image_masks: Any = None,
-        images_out: np.ndarray | None = None,
+        images_out: np.ndarray | torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``images_out``: a float32 ``(V, 3, S, S)`` array to write the images into (the engine's staging
-        buffer; see :func:`~cortexflow.processing.images.prepare_images`); the returned ``images`` then shares it."""
+        """``images_out``: where to write the float32 ``(V, 3, S, S)`` images: a host array (the engine's staging
+        buffer; :func:`~cortexflow.processing.images.prepare_images`) or a tensor on a GPU (the engine's static
+        buffer; :func:`~cortexflow.processing.images.prepare_images_on_device`); the returned ``images`` is it."""
+        if isinstance(images_out, torch.Tensor) and images_out.device.type != "cpu":
+            prepared = prepare_images_on_device(images, self.num_views, images_out)
+        else:
+            prepared = prepare_images(images, self.num_views, self.config.image_size, out=images_out)
         out = {
-            "images": prepare_images(images, self.num_views, self.config.image_size, out=images_out),
+            "images": prepared,
             "image_masks": prepare_image_masks(image_masks, self.num_views),
         }
         needs_state = self.uses_state_token or (self.discrete_state_input and prompt_tokens is None)

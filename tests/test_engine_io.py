@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 import cortexflow as cf
 from cortexflow.checkpoints.pi0_layout import PALIGEMMA, PALIGEMMA_MODEL, LANGUAGE
@@ -131,3 +132,79 @@ def test_images_are_prepared_in_the_staging_buffer_and_calls_leave_nothing_behin
                                  batch_prompt_tokens=[[2, 9, 4, 5], [2, 9]], noise=np.stack([noise, noise]))
     np.testing.assert_array_equal(engine.staging(2)["images"][1].numpy(), staged[0].numpy())
     np.testing.assert_allclose(batch[1], first, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_bucket_settings_are_checked():
+    from cortexflow.config import prompt_bucket_lengths
+
+    assert prompt_bucket_lengths(cf.InferenceConfig(device="cpu").prompt_buckets, 48) == (32, 48)
+    assert prompt_bucket_lengths("auto", 200) == (32, 64, 128, 200)
+    assert prompt_bucket_lengths(cf.InferenceConfig(device="cpu", prompt_buckets="off").prompt_buckets, 200) == (200,)
+    assert prompt_bucket_lengths(cf.InferenceConfig(device="cpu", prompt_buckets="64, 16").prompt_buckets, 200) == (16, 64, 200)
+    assert prompt_bucket_lengths(cf.InferenceConfig(device="cpu", prompt_buckets=[48, 8]).prompt_buckets, 48) == (8, 48)
+    for bad in ("sometimes", [0, 16], [], ["x"], 5):
+        with pytest.raises(cf.ConfigError, match="prompt_buckets"):
+            cf.InferenceConfig(device="cpu", prompt_buckets=bad)
+    with pytest.raises(cf.ConfigError, match=r"prompt_buckets \[64\] exceed the model's max_token_len 48"):
+        prompt_bucket_lengths((16, 64), 48)
+
+
+@pytest.mark.parametrize("model_type", ["pi0", "pi05"])
+def test_prompt_buckets_change_the_work_not_the_actions(tmp_path, model_type):
+    """A prompt padded to a shorter bucket gives the actions of openpi's full-length padding (the padded
+    tokens are masked keys either way); a batch takes the bucket of its longest prompt; warmup() runs
+    every bucket once."""
+    config = tiny_model_config(model_type, chunk_size=5)
+    write_checkpoint(tmp_path, config)
+    create = cf.create_pi0_inference if model_type == "pi0" else cf.create_pi05_inference
+    rng = np.random.default_rng(7)
+    images = [rng.integers(0, 256, size=(2, 64, 96, 3), dtype=np.uint8) for _ in range(2)]
+    states = [rng.standard_normal(6).astype(np.float32) for _ in range(2)]
+    noise = rng.standard_normal((2, 5, 8)).astype(np.float32)
+    prompts = [[2, 9, 33], [2] + rng.integers(3, 300, 11).tolist()]
+    results = {}
+    for buckets in ("off", "auto", (8, 16)):
+        engine = create(tmp_path, device="cpu", dtype="float32", model_config=config, prompt_buckets=buckets)
+        single = engine.predict(images[0], state=states[0], prompt_tokens=prompts[0], noise=noise[0])
+        batch = engine.predict_batch(images, batch_states=states, batch_prompt_tokens=prompts, noise=noise)
+        results[buckets] = (single, batch)
+        if buckets == (8, 16):
+            assert engine.prompt_buckets == (8, 16, config.max_token_len)
+            assert engine.buffers(1, 8)["token_ids"].shape == (1, 8)
+            assert engine.buffers(2, 16)["token_mask"][1].sum() == 12 and engine.buffers(2, 16)["token_mask"][0].sum() == 3
+            assert engine.buffers(1, 8)["images"] is engine.buffers(1)["images"]
+            with pytest.raises(ValueError, match="not one of this engine's buckets"):
+                engine.buffers(1, 12)
+            assert engine.warmup(batch_sizes=(1, 2)) == [(1, 8), (1, 16), (1, config.max_token_len),
+                                                         (2, 8), (2, 16), (2, config.max_token_len)]
+    for buckets in ("auto", (8, 16)):
+        for got, want in zip(results[buckets], results["off"]):
+            assert _rel(got, want) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and page-locked staging need a CUDA GPU")
+def test_graphs_of_several_buckets_share_one_pool_and_match_eager(tmp_path):
+    """On a GPU: one CUDA graph per (batch, prompt bucket), all in one memory pool, replayed in any order,
+    give the un-graphed engine's actions (inputs staged in page-locked memory, copied asynchronously)."""
+    config = tiny_model_config("pi0", chunk_size=5)
+    write_checkpoint(tmp_path, config)
+    engines = {graphs: cf.create_pi0_inference(tmp_path, device="cuda", dtype="float32", model_config=config,
+                                               use_cuda_graphs=graphs, prompt_buckets=(8, 16)) for graphs in (False, True)}
+    rng = np.random.default_rng(11)
+    calls = []
+    for length in (3, 12, 40, 3, 12):  # buckets 8, 16, 48, then the first two graphs again
+        images, state, noise = _inputs(int(rng.integers(1000)))
+        calls.append(dict(observation_images=images, state=state, noise=noise,
+                          prompt_tokens=[2] + rng.integers(3, 300, length - 1).tolist()))
+    got = [engines[True].predict(**call) for call in calls]
+    assert sorted(engines[True]._graphs) == [(1, 8), (1, 16), (1, 48)]
+    assert engines[True].staging(1)["images"].is_pinned()
+    for call, actions in zip(calls, got):
+        assert _rel(actions, engines[False].predict(**call)) < 1e-5
+    assert _rel(got[3], got[0]) > 1e-3  # different inputs really gave different actions
+    # the images prepared on the GPU (the default there) or on the host: the same inputs at the target size
+    host = cf.create_pi0_inference(tmp_path, device="cuda", dtype="float32", model_config=config,
+                                   image_preprocessing="host")
+    square = dict(calls[0], observation_images=rng.integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8))
+    assert _rel(host.predict(**square), engines[True].predict(**square)) < 1e-5
+    np.testing.assert_array_equal(host.buffers(1)["images"].cpu().numpy(), engines[True].buffers(1)["images"].cpu().numpy())

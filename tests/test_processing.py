@@ -19,6 +19,7 @@ from cortexflow.processing import (
     pad_to_dim,
     prepare_image_masks,
     prepare_images,
+    prepare_images_on_device,
     resize_with_pad,
     tokenize_ids,
     tokenize_pi0_prompt,
@@ -125,6 +126,46 @@ def test_prepare_images_rejects_a_wrong_out_buffer(rng, bad):
     images = rng.integers(0, 256, size=(3, 224, 224, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="C-contiguous float32"):
         prepare_images(images, num_views=3, out=bad)
+
+
+def _mixed_views(rng):
+    return [rng.integers(0, 256, size=(224, 224, 3), dtype=np.uint8),
+            rng.integers(0, 256, size=(96, 160, 3), dtype=np.uint8),
+            rng.uniform(-1, 1, size=(224, 224, 3)).astype(np.float64),
+            rng.uniform(-1, 1, size=(120, 90, 3)).astype(np.float32)]
+
+
+def test_prepare_images_on_device_matches_the_host_path_on_the_cpu(rng):
+    """The device path's logic (per-view upload, resize-with-pad, scaling of the uint8 views only) gives the
+    host path's values exactly when its device is the CPU (the same interpolation)."""
+    views = _mixed_views(rng)
+    out = torch.full((4, 3, 224, 224), float("nan"))
+    assert prepare_images_on_device(views, 4, out) is out
+    np.testing.assert_array_equal(out.numpy(), prepare_images(views, 4).numpy())
+    uint8_only = views[:2]
+    out2 = torch.full((2, 3, 224, 224), float("nan"))
+    np.testing.assert_array_equal(prepare_images_on_device(uint8_only, 2, out2).numpy(), prepare_images(uint8_only, 2).numpy())
+    with pytest.raises(ValueError, match=r"float32 \(4, 3, S, S\)"):
+        prepare_images_on_device(views, 4, torch.zeros(4, 3, 224, 224, dtype=torch.float16))
+    with pytest.raises(InputError, match="view 1 has shape"):
+        prepare_images_on_device([views[0], views[1][..., :2]], 2, out2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the device path's numerics need a CUDA GPU")
+def test_prepare_images_on_the_gpu_matches_the_host_path(rng):
+    """On a GPU: target-size uint8 views bit-identical to the host path, float views and resized uint8 views
+    within one uint8 level (the GPU's interpolation rounds differently) on a few pixels."""
+    views = _mixed_views(rng) + [rng.integers(0, 256, size=(480, 640, 3), dtype=np.uint8)]
+    out = torch.full((5, 3, 224, 224), float("nan"), device="cuda")
+    got = prepare_images_on_device(views, 5, out).cpu().numpy()
+    want = prepare_images(views, 5).numpy()
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_allclose(got[2], want[2], atol=0)
+    level = 2.0 / 255
+    for index in (1, 4):
+        diff = np.abs(got[index] - want[index])
+        assert diff.max() <= level + 1e-6 and (diff > 1e-6).mean() < 0.01, (index, diff.max(), (diff > 1e-6).mean())
+    assert np.abs(got[3] - want[3]).max() < 1e-5
 
 
 def test_prepare_images_list_of_different_sizes(rng):

@@ -28,6 +28,8 @@ class ComputeBackend(ABC):
 
     name: str = "abstract"
     supports_cuda_graphs: bool = True
+    #: Runs prompts padded to any length (False: exported graphs fixed at ``max_token_len``).
+    variable_prompt_length: bool = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)

@@ -25,6 +25,9 @@ class VLAModel(ABC):
     """
 
     model_type: VLAModelType
+    #: The forward pass takes ``token_ids`` / ``token_mask`` buffers of any length up to ``max_token_len``
+    #: (the engine may then pad a prompt to a shorter bucket); False: always ``max_token_len``.
+    variable_prompt_length: bool = False
 
     def __init__(self, config: ModelConfig):
         config.validate()

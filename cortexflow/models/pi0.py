@@ -36,6 +36,7 @@ class Pi0Model(VLAModel):
     """Pi0: state token + action tokens mixed with the time embedding by an MLP; plain RMSNorm expert."""
 
     model_type = VLAModelType.PI0
+    variable_prompt_length = True  # padded tokens are masked keys; every length derives from the buffers
 
     # ---- declarations -------------------------------------------------------------------------
     def get_weight_shapes(self) -> dict[str, tuple[int, ...]]:

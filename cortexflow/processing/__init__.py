@@ -1,6 +1,6 @@
 """Pre- and post-processing for Pi0 / Pi0.5: images, state/action normalisation, prompt tokenisation."""
 
-from cortexflow.processing.images import prepare_image_masks, prepare_images, resize_with_pad
+from cortexflow.processing.images import prepare_image_masks, prepare_images, prepare_images_on_device, resize_with_pad
 from cortexflow.processing.normalization import (
     NormStats,
     load_norm_stats,
@@ -27,6 +27,7 @@ __all__ = [
     "pad_to_dim",
     "prepare_image_masks",
     "prepare_images",
+    "prepare_images_on_device",
     "resize_with_pad",
     "tokenize_ids",
     "tokenize_pi0_prompt",

@@ -77,6 +77,54 @@ def prepare_images(images, num_views: int, image_size: int = 224, out: np.ndarra
     return torch.from_numpy(out)
 
 
+def prepare_images_on_device(images, num_views: int, out: torch.Tensor) -> torch.Tensor:
+    """:func:`prepare_images` computed on ``out``'s device (a GPU) into ``out (num_views, 3, S, S)`` float32.
+
+    Each view is validated on the host as there, copied over as it comes (uint8: a quarter of the float32
+    result, and no host-side resize: resizing two 480x640 views costs ~3 ms of CPU), then resized-with-pad
+    and scaled on the device. Target-size uint8 views give exactly :func:`prepare_images`'s values (the same
+    float32 operations, a true division); a resized view can differ from the CPU's by one uint8 level on a
+    few pixels (the device's interpolation sums in another order before the rounding)."""
+    views = _split_views(images, num_views)
+    if tuple(out.shape[:2]) != (num_views, 3) or out.shape[2] != out.shape[3] or out.dtype != torch.float32:
+        raise ValueError(f"out must be a float32 ({num_views}, 3, S, S) tensor, got {out.dtype} {tuple(out.shape)}")
+    hosts = []
+    for index, view in enumerate(views):
+        image = _to_numpy(view, index)
+        _check_shape(image, index)
+        if image.dtype != np.uint8:
+            _check_float_range(image, index)
+            image = np.clip(image.astype(np.float32), -1.0, 1.0)
+        hosts.append(np.ascontiguousarray(image))
+    uint8 = [image.dtype == np.uint8 for image in hosts]
+    for index, image in enumerate(hosts):
+        _resize_with_pad_into(torch.from_numpy(image).to(out.device), out[index])
+    divisor = torch.full((), 255.0, device=out.device)  # a tensor, not a Python scalar: a true division
+    for scaled in [out] if all(uint8) else [out[index] for index in range(num_views) if uint8[index]]:
+        scaled.div_(divisor).mul_(2.0).sub_(1.0)
+    return out
+
+
+def _resize_with_pad_into(image: torch.Tensor, out: torch.Tensor) -> None:
+    """:func:`resize_with_pad` of an HWC ``image`` (uint8, or float32 in [-1, 1]) on its device, written into
+    ``out (3, S, S)`` float32 as CHW in the image's own units (uint8 levels, not yet scaled)."""
+    height, width = image.shape[:2]
+    size = out.shape[-1]
+    chw = image.permute(2, 0, 1)
+    if (height, width) == (size, size):
+        out.copy_(chw)
+        return
+    ratio = max(width / size, height / size)
+    new_height, new_width = max(1, int(height / ratio)), max(1, int(width / ratio))
+    resized = F.interpolate(chw[None].float(), size=(new_height, new_width), mode="bilinear", antialias=True,
+                            align_corners=False)[0]
+    if image.dtype == torch.uint8:
+        resized = resized.round_().clamp_(0, 255)
+    out.fill_(0.0 if image.dtype == torch.uint8 else -1.0)
+    top, left = int((size - new_height) / 2), int((size - new_width) / 2)
+    out[:, top : top + new_height, left : left + new_width] = resized
+
+
 def _split_views(images, num_views: int) -> list:
     """Return the views of ``images`` as a list of HWC arrays/tensors, checking their count."""
     if isinstance(images, (np.ndarray, torch.Tensor)):

@@ -148,6 +148,13 @@ class ServedPolicy(MappedPolicy):
             rng = np.random.default_rng(self.seed)
             self._noise = rng.standard_normal((self.engine.chunk_size, config.action_dim)).astype(np.float32)
 
+    def warmup(self) -> None:
+        """The synthetic robot observation end to end, then (with CUDA graphs) one call per prompt bucket, so
+        that no client's first prompt of a new length waits seconds for a graph capture."""
+        super().warmup()
+        if self.engine.use_cuda_graphs:
+            self.engine.warmup()
+
     # ---- what the server calls -----------------------------------------------------------------
     @property
     def metadata(self) -> dict[str, Any]:

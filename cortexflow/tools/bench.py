@@ -28,7 +28,7 @@ import torch
 
 from cortexflow.backends import available_backends, create_backend
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
-from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType, dtype_name
+from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType, dtype_name, parse_prompt_buckets
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.models.pi0 import model_class
@@ -75,10 +75,12 @@ def random_observation(config: ModelConfig, views: int, prompt_len: int, rng: np
 
 
 def make_engine(state_dict, config: ModelConfig, views: int, graphs: bool, dtype: torch.dtype,
-                device: torch.device, backend: str = "pytorch") -> VLAInferenceEngine:
+                device: torch.device, backend: str = "pytorch", prompt_buckets="auto",
+                image_preprocessing: str = "auto") -> VLAInferenceEngine:
     """An engine over an in-memory openpi-layout state dict (its tensors are reused, not copied)."""
     model = model_class(config.model_type)(config)
-    inference = InferenceConfig(num_views=views, device=str(device), dtype=dtype, use_cuda_graphs=graphs, backend=backend)
+    inference = InferenceConfig(num_views=views, device=str(device), dtype=dtype, use_cuda_graphs=graphs, backend=backend,
+                                prompt_buckets=prompt_buckets, image_preprocessing=image_preprocessing)
     return VLAInferenceEngine(state_dict, inference_config=inference, model=model)
 
 
@@ -176,11 +178,19 @@ def run_bench(
     seed: int = 0,
     iters_without_graphs: int | None = None,
     log: Callable[[str], None] | None = None,
+    prompt_buckets="auto",
+    image_preprocessing: str = "auto",
 ) -> dict:
     """Time every case of the grid; returns ``{"environment", "workload", "runs", "skipped", "failed"}``.
 
     On a CPU CUDA graphs do not exist, so only the ``graphs=off`` cases run. ``iters_without_graphs``
-    (default ``iters``) sets the call count of the slower un-graphed cases."""
+    (default ``iters``) sets the call count of the slower un-graphed cases. ``prompt_buckets``: the Pi0
+    family engines' :class:`~cortexflow.config.InferenceConfig` ``prompt_buckets`` (``"off"``: openpi's padding
+    to ``max_token_len``); ``image_preprocessing``: theirs too (``"host"``: the images prepared on the CPU).
+    The inputs are 224x224 uint8 views (no resize)."""
+    prompt_buckets = parse_prompt_buckets(prompt_buckets)
+    if image_preprocessing not in ("auto", "device", "host"):
+        raise ConfigError(f"image_preprocessing must be 'auto', 'device' or 'host', got {image_preprocessing!r}")
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     backends = check_backend_names(backends)
@@ -199,6 +209,8 @@ def run_bench(
         "environment": environment_info(resolved_device),
         "workload": {"size": size, "dtype": dtype_name(compute_dtype), "iters": iters, "warmup": warmup,
                      "iters_without_graphs": iters_without_graphs or iters, "seed": seed,
+                     "prompt_buckets": prompt_buckets if isinstance(prompt_buckets, str) else list(prompt_buckets),
+                     "image_preprocessing": image_preprocessing,
                      "weights": "random non-zero (cortexflow.random_checkpoint.random_weights)"},
         "runs": [],
         "skipped": [],
@@ -237,7 +249,7 @@ def run_bench(
                     entry = token.run(case, memory, rng, n, warmup)
                 else:
                     entry = _run_case(case, base, draw_state_dict, compute_dtype, resolved_device, memory, rng, n,
-                                      warmup)
+                                      warmup, prompt_buckets, image_preprocessing)
                 if "reason" in entry:
                     kind = entry.pop("outcome")
                     results[kind].append(entry)
@@ -267,7 +279,8 @@ def _label(case: Case) -> str:
 
 
 def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
-              rng: np.random.Generator, iters: int, warmup: int) -> dict:
+              rng: np.random.Generator, iters: int, warmup: int, prompt_buckets="auto",
+              image_preprocessing: str = "auto") -> dict:
     """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed).
     ``draw_state_dict()`` gives the weights, which the case's engine then owns alone."""
     config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
@@ -278,7 +291,8 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
     memory.reset()
     engine = None
     try:
-        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device, case.backend)
+        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device, case.backend,
+                             prompt_buckets, image_preprocessing)
         memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
         call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
         stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
@@ -288,7 +302,8 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
             dtype=dtype_name(dtype),
             stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
             peak_gpu_gib=memory.peak_gib(),
-            prefix_tokens=case.views * config.num_patches + config.max_token_len,
+            prompt_bucket=(bucket := next(n for n in engine.prompt_buckets if n >= case.prompt_len)),
+            prefix_tokens=case.views * config.num_patches + bucket,
             valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,
         )
         return entry
