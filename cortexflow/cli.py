@@ -838,6 +838,39 @@ def bench_command(
     _report(results, json_path, print_bench)
 
 
+@app.command("compile-check", short_help="Compile every Triton kernel of a real-size predict for a GPU, without one.")
+@_cli_errors
+def compile_check_command(
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated: pi0, pi05.")] = "pi0,pi05",
+    views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts.")] = "2",
+    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated backend settings to compile: default, kernel-chain, skinny-gemm, fused-combine, fold-norms, expert-prefetch, patch-embed, action-mlp-fused, op-by-op-encoder; or all.")] = "default",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
+    arch: Annotated[int, typer.Option("--arch", metavar="N", help="Compute capability as major*10+minor: 90 (H100/H200), 80 (A100), 89 (L4/L40).")] = 90,
+    sms: Annotated[int, typer.Option("--sms", metavar="N", help="SM count of the GPU (grids and tilings follow it): 132 for the H100 SXM.")] = 132,
+    json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
+) -> None:
+    """Compile every Triton kernel that one real-size Pi0 / Pi0.5 predict launches, for a GPU, on a machine
+    without one, and show what each compiled kernel needs of an SM.
+
+    The forward runs on meta tensors (shapes only) with the Triton backend; each launch compiles its kernel
+    for sm_ARCH with the grid and tiling it would get on a GPU of SMS SMs, and nothing runs. Per compiled
+    specialisation: warps, pipeline stages, registers per thread, shared memory per program, local-memory
+    instructions (register spills, or stack arrays such as precise sin/cos), programs per SM and the largest grid. Exits non-zero when a kernel needs more shared memory
+    than an SM gives one program, or a persistent kernel's grid (grid barriers) cannot be resident at once.
+    Needs Triton and no TRITON_INTERPRET; says nothing about speed.
+    """
+    from cortexflow.tools.compile_check import print_compile_check, run_compile_check
+
+    report = run_compile_check(
+        models=[m.strip() for m in models.split(",") if m.strip()],
+        views=_parse_number_list(views, "--views", int),
+        variants=[v.strip() for v in variants.split(",") if v.strip()],
+        dtype=dtype, arch=arch, processors=sms, log=_progress)
+    _report(report, json_path, print_compile_check)
+    if not report["passed"]:
+        raise typer.Exit(EXIT_PROBLEMS)
+
+
 @app.command("profile", short_help="Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor.")
 @_cli_errors
 def profile_command(

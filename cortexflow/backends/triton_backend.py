@@ -51,7 +51,7 @@ from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.pdl import pdl_supported
-from cortexflow.kernels.runtime import interpreting
+from cortexflow.kernels.runtime import compile_target, interpreting
 from cortexflow.models.pi0 import Pi0Model
 from cortexflow.models.token_decoding import TokenDecodingModel
 
@@ -85,7 +85,8 @@ class TritonBackend(PyTorchBackend):
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         super().__init__(device, dtype)
-        if self.device.type != "cuda" and not interpreting():
+        # A meta device stands for a GPU while ``cortexflow compile-check`` compiles the kernels for it.
+        if self.device.type != "cuda" and not interpreting() and compile_target(self.device) is None:
             raise BackendUnavailableError(
                 f"the triton backend runs on a CUDA GPU (asked for device {str(self.device)!r}); use backend='pytorch' "
                 "on CPU, or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"

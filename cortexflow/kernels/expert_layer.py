@@ -58,7 +58,7 @@ import triton.language as tl
 
 from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.runtime import interpreting, next_power_of_two, processor_count, upcast_dots
+from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 
 
 @dataclass(frozen=True)
@@ -394,7 +394,7 @@ class ExpertWorkspace:
         n_bkv = (rows // seq_len) * kv_heads
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * n_bkv
         self.programs = t.programs or processor_count(device)
-        if device.type == "cuda" and self.programs > processor_count(device):
+        if (device.type == "cuda" or compile_target(device) is not None) and self.programs > processor_count(device):
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
                              "grid barriers need every program resident at once (at most one per SM)")
         # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).

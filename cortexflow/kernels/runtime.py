@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -23,8 +24,37 @@ def next_power_of_two(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 
 
+@dataclass(frozen=True)
+class CompileTarget:
+    """A GPU to compile the kernels for without having one (``cortexflow compile-check``): its compute
+    capability as ``major * 10 + minor`` (90: Hopper) and its SM count. While one is set, launch wrappers
+    given ``meta`` tensors choose their grids and options for it."""
+
+    arch: int = 90
+    processors: int = 132
+
+
+_compile_target: CompileTarget | None = None
+
+
+def set_compile_target(target: CompileTarget | None) -> CompileTarget | None:
+    """Make ``target`` the GPU that ``meta`` tensors stand for (None: none); returns the previous one."""
+    global _compile_target
+    previous, _compile_target = _compile_target, target
+    return previous
+
+
+def compile_target(device: torch.device) -> CompileTarget | None:
+    """The :class:`CompileTarget` that ``device`` stands for: set, and ``device`` is ``meta``; else None."""
+    return _compile_target if device.type == "meta" else None
+
+
 def processor_count(device: torch.device) -> int:
-    """SMs of a CUDA ``device`` (1 elsewhere), asked of the driver once per device."""
+    """SMs of a CUDA ``device`` (asked of the driver once per device) or of the compile target a ``meta``
+    device stands for; 1 elsewhere."""
+    target = compile_target(device)
+    if target is not None:
+        return target.processors
     if device.type == "cuda":
         return _cuda_processor_count(device.index if device.index is not None else torch.cuda.current_device())
     return 1

@@ -1,0 +1,357 @@
+"""``cortexflow compile-check``: compile every Triton kernel that a real-size ``predict`` launches for a GPU
+architecture (Hopper by default), without a GPU, and report what each compiled kernel needs of an SM.
+
+The Pi0 / Pi0.5 forward runs on ``meta`` tensors (shapes only, no memory, no arithmetic) with the Triton
+backend, while every Triton launch is turned into a compile-only call for the chosen target: the kernels
+go through Triton's whole pipeline down to a cubin (``ptxas`` ships with Triton), with the same
+specialisations (block sizes, tilings, flags, dtypes, 16-byte alignment) as on the GPU, because the
+launch wrappers choose them from the shapes and from :class:`~cortexflow.kernels.runtime.CompileTarget`'s
+SM count. Nothing is launched. What this catches that the CPU interpreter cannot: code that does not
+compile for the GPU (``tl.dot`` shapes, inline PTX such as the grid barrier, the L2 prefetch and
+programmatic dependent launch), kernels that need more shared memory than an SM has, and persistent
+kernels whose grid cannot be resident at once (their grid barriers would wait forever).
+
+Per compiled kernel the report gives registers per thread, shared memory per program, local-memory
+instructions (register spills or stack arrays) and how many programs fit on one SM, from ``cuobjdump --dump-resource-usage`` on the cubin and
+the compiler's metadata. It does not say how fast anything runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from cortexflow.config import ModelConfig, VLAModelType, dtype_name, parse_dtype
+from cortexflow.errors import ConfigError
+from cortexflow.kernels import runtime
+from cortexflow.kernels.runtime import CompileTarget, interpreting
+
+#: Opt-in paths of the Triton backend, each an environment setting (README, "Triton backend"); compiling
+#: them keeps the switches A/B runs use from failing on the GPU for a reason the CPU could have shown.
+VARIANTS: dict[str, dict[str, str]] = {
+    "default": {},
+    "kernel-chain": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0"},
+    "skinny-gemm": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_SKINNY_GEMM": "1"},
+    "fused-combine": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_FUSED_COMBINE": "1"},
+    "fold-norms": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_FOLD_NORMS": "1"},
+    "expert-prefetch": {"CORTEXFLOW_TRITON_EXPERT_PREFETCH": "7"},
+    "patch-embed": {"CORTEXFLOW_TRITON_PATCH_EMBED": "1"},
+    "action-mlp-fused": {"CORTEXFLOW_TRITON_ACTION_MLP": "fused"},
+    "op-by-op-encoder": {"CORTEXFLOW_TRITON_FUSED_ENCODER": "0"},
+}
+
+#: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
+PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
+
+#: Hopper (sm_90) per-SM limits: registers, shared memory (of which one program may take 227 KiB, and the
+#: driver reserves 1 KiB per program), resident warps and programs.
+SM_REGISTERS = 65536
+SM_SHARED_BYTES = 228 * 1024
+PROGRAM_SHARED_LIMIT = 227 * 1024
+RESERVED_SHARED_PER_PROGRAM = 1024
+SM_WARPS = 64
+SM_PROGRAMS = 32
+
+
+@dataclass
+class CompiledLaunch:
+    """One compile-only launch: the kernel's name, its grid (None when given as a function), the launch's
+    constexpr keyword arguments and the compiled kernel."""
+
+    name: str
+    grid: tuple[int, ...] | None
+    constexprs: dict[str, Any]
+    kernel: Any
+    seconds: float
+
+
+@dataclass
+class KernelUsage:
+    """What one compiled specialisation of a kernel needs of an SM."""
+
+    name: str
+    key: str
+    num_warps: int
+    num_stages: int
+    registers: int
+    shared_bytes: int
+    local_bytes: int
+    stack_bytes: int
+    local_instructions: int
+    programs_per_sm: int
+    launches: int = 0
+    max_grid: int = 0
+    compile_seconds: float = 0.0
+    constexprs: dict[str, Any] = field(default_factory=dict)
+    variants: set[str] = field(default_factory=set)
+    launches_by_variant: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """How many programs of a kernel fit on one Hopper SM at once: the least of what its registers
+    (allocated per warp in units of 256), its shared memory (plus the 1 KiB the driver reserves per
+    program), its warps and the 32-program limit allow."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = SM_REGISTERS // (per_warp * num_warps)
+    by_shared = SM_SHARED_BYTES // (shared_bytes + RESERVED_SHARED_PER_PROGRAM)
+    return max(0, min(by_registers, by_shared, SM_WARPS // num_warps, SM_PROGRAMS))
+
+
+_RESOURCE_LINE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+def cubin_resources(cubin: bytes) -> dict[str, int]:
+    """Registers per thread, stack frame, static shared and local memory (bytes per thread) of the one
+    function in ``cubin``, and how many local-memory instructions (``STL``/``LDL``) its SASS has: register
+    spills, or a dynamically indexed stack array such as the slow path of the precise ``sin``/``cos``
+    range reduction (the RoPE kernels' only ones); read with the ``cuobjdump`` that ships with Triton."""
+    from triton import knobs
+
+    tool = knobs.nvidia.cuobjdump.path
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        listing = subprocess.run([tool, "--dump-resource-usage", handle.name], capture_output=True, text=True,
+                                 check=True).stdout
+        sass = subprocess.run([tool, "--dump-sass", handle.name], capture_output=True, text=True, check=True).stdout
+    match = _RESOURCE_LINE.search(listing)
+    if match is None:
+        raise RuntimeError(f"cannot read the resource usage from cuobjdump's output:\n{listing}")
+    return {"registers": int(match.group(2)), "stack": int(match.group(3)), "static_shared": int(match.group(4)),
+            "local": int(match.group(5)), "local_instructions": len(_LOCAL_INSTRUCTION.findall(sass))}
+
+
+_LOCAL_INSTRUCTION = re.compile(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s")
+
+
+@contextlib.contextmanager
+def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
+    """Within the block, every Triton launch compiles its kernel for ``target`` and returns without running
+    it; the yielded list collects the launches. Work on ``meta`` tensors: the launch wrappers then take the
+    target's SM count (:func:`~cortexflow.kernels.runtime.processor_count`) and its PDL support."""
+    if interpreting():
+        raise ConfigError("compile-check compiles the kernels for a GPU: unset TRITON_INTERPRET (the interpreter "
+                          "replaces Triton's compiler)")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.runtime.driver import driver
+        from triton.runtime.jit import JITFunction
+    except ImportError as err:
+        raise ConfigError(f"compile-check needs Triton: pip install triton ({err})") from err
+
+    class _TargetDriver:
+        """Just enough of a Triton driver for compile-only launches: one device, one stream, ``target``."""
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", target.arch, 32)
+
+    launches: list[CompiledLaunch] = []
+    original_run = JITFunction.run
+
+    def compile_instead(self, *args, grid, warmup, **kwargs):
+        start = time.perf_counter()
+        kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
+        constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
+        launches.append(CompiledLaunch(self.fn.__name__, tuple(grid) if isinstance(grid, (tuple, list)) else None,
+                                       constexprs, kernel, time.perf_counter() - start))
+        return kernel
+
+    previous_target = runtime.set_compile_target(target)
+    previous_driver = getattr(driver, "_active", None)  # None: Triton makes its default driver when next asked
+    driver.set_active(_TargetDriver())
+    JITFunction.run = compile_instead
+    try:
+        yield launches
+    finally:
+        JITFunction.run = original_run
+        driver.set_active(previous_driver)
+        runtime.set_compile_target(previous_target)
+
+
+@contextlib.contextmanager
+def environment(settings: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``settings`` for the block, restoring the previous values after."""
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: CompileTarget,
+                    settings: dict[str, str] | None = None, chunk: int | None = None,
+                    prompt_len: int | None = None) -> list[CompiledLaunch]:
+    """Run one real-size ``predict`` forward of ``model_name`` (pi0 / pi05) with the Triton backend on meta
+    tensors, every launch compiled for ``target`` instead of run; returns the launches."""
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.models.pi0 import Pi0Model, Pi05Model
+
+    model_type = VLAModelType.parse(model_name)
+    if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
+        raise ConfigError(f"compile-check runs the Pi0 family (pi0, pi05), got {model_name!r}")
+    overrides: dict[str, Any] = {}
+    if chunk is not None:
+        overrides["chunk_size"] = chunk
+    if prompt_len is not None:
+        overrides["max_token_len"] = prompt_len
+    config = ModelConfig.for_model(model_type, **overrides)
+    model = (Pi0Model if model_type == VLAModelType.PI0 else Pi05Model)(config)
+    meta = torch.device("meta")
+    with environment(settings or {}), compile_only(target) as launches:
+        backend = TritonBackend(meta, dtype)
+        weights = {name: torch.empty(shape, dtype=model.weight_dtype(name, dtype), device=meta)
+                   for name, shape in model.get_weight_shapes().items()}
+        weights = backend.prepare_weights(model, weights)
+        buffers = {name: torch.zeros(shape, dtype=model.buffer_dtype(name, dtype), device=meta)
+                   for name, shape in model.get_buffer_shapes(views, config.chunk_size).items()}
+        with torch.inference_mode():
+            model.forward(backend, weights, buffers)
+    return launches
+
+
+def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: CompileTarget) -> list[KernelUsage]:
+    """One :class:`KernelUsage` per compiled specialisation (by the kernel's hash), with the checks: shared
+    memory within one program's limit, at least one program per SM, and for :data:`PERSISTENT_KERNELS` a
+    grid that is resident at once on ``target.processors`` SMs."""
+    usages: dict[str, KernelUsage] = {}
+    for variant, launches in launches_by_variant.items():
+        for launch in launches:
+            metadata = launch.kernel.metadata
+            key = metadata.hash
+            usage = usages.get(key)
+            if usage is None:
+                resources = cubin_resources(launch.kernel.asm["cubin"])
+                shared = metadata.shared + resources["static_shared"]
+                usage = usages[key] = KernelUsage(
+                    name=launch.name, key=key[:8], num_warps=metadata.num_warps, num_stages=metadata.num_stages,
+                    registers=resources["registers"], shared_bytes=shared, local_bytes=resources["local"],
+                    stack_bytes=resources["stack"], local_instructions=resources["local_instructions"],
+                    programs_per_sm=programs_per_sm(resources["registers"], metadata.num_warps, shared),
+                    constexprs=launch.constexprs)
+            usage.launches += 1
+            usage.compile_seconds += launch.seconds
+            usage.variants.add(variant)
+            usage.launches_by_variant[variant] = usage.launches_by_variant.get(variant, 0) + 1
+            if launch.grid is not None:
+                programs = 1
+                for size in launch.grid:
+                    programs *= int(size)
+                usage.max_grid = max(usage.max_grid, programs)
+    for usage in usages.values():
+        if usage.shared_bytes > PROGRAM_SHARED_LIMIT:
+            usage.problems.append(f"needs {usage.shared_bytes / 1024:.0f} KiB of shared memory per program, over "
+                                  f"the {PROGRAM_SHARED_LIMIT // 1024} KiB limit: the launch would fail")
+        elif usage.programs_per_sm < 1:
+            usage.problems.append("not one program fits on an SM")
+        if usage.name in PERSISTENT_KERNELS and usage.max_grid > usage.programs_per_sm * target.processors:
+            usage.problems.append(
+                f"grid of {usage.max_grid} programs with grid barriers, but only {usage.programs_per_sm} per SM x "
+                f"{target.processors} SMs can be resident: the barriers would wait forever")
+    return sorted(usages.values(), key=lambda u: (u.name, u.key))
+
+
+def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[int] = (2,),
+                      variants: Sequence[str] = ("default",), dtype: str | torch.dtype = "bfloat16",
+                      arch: int = 90, processors: int = 132,
+                      log: Callable[[str], None] | None = None) -> dict:
+    """Compile every kernel of ``models`` x ``views`` x ``variants`` (names of :data:`VARIANTS`, or ``all``)
+    for ``sm_<arch>`` with ``processors`` SMs; returns the report (kernels, problems, settings)."""
+    names = list(VARIANTS) if list(variants) == ["all"] else list(variants)
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} or all")
+    if arch < 80:
+        raise ConfigError(f"compile-check targets sm_80 or newer (the kernels use bf16 tensor cores), got sm_{arch}")
+    if processors < 1:
+        raise ConfigError(f"--sms must be at least 1, got {processors}")
+    torch_dtype = parse_dtype(dtype)
+    target = CompileTarget(arch=arch, processors=processors)
+    launches: dict[str, list[CompiledLaunch]] = {}
+    cases = []
+    start = time.perf_counter()
+    for variant in names:
+        for model_name in models:
+            for view_count in views:
+                case_start = time.perf_counter()
+                compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant])
+                launches.setdefault(variant, []).extend(compiled)
+                seconds = time.perf_counter() - case_start
+                cases.append({"variant": variant, "model": model_name, "views": view_count,
+                              "launches": len(compiled), "seconds": round(seconds, 2)})
+                if log:
+                    log(f"compiled {variant} / {model_name} / {view_count} views: {len(compiled)} launches, "
+                        f"{seconds:.1f} s")
+    usages = summarize(launches, target)
+    import triton
+
+    return {
+        "tool": "cortexflow compile-check",
+        "target": {"arch": f"sm_{arch}", "processors": processors},
+        "dtype": dtype_name(torch_dtype),
+        "models": list(models),
+        "views": list(views),
+        "variants": {name: VARIANTS[name] for name in names},
+        "versions": {"triton": triton.__version__, "torch": torch.__version__},
+        "cases": cases,
+        "seconds": round(time.perf_counter() - start, 2),
+        "kernels": [
+            {"name": u.name, "hash": u.key, "num_warps": u.num_warps, "num_stages": u.num_stages,
+             "registers": u.registers, "shared_bytes": u.shared_bytes, "local_bytes": u.local_bytes,
+             "stack_bytes": u.stack_bytes, "local_instructions": u.local_instructions, "programs_per_sm": u.programs_per_sm, "launches": u.launches,
+             "max_grid": u.max_grid, "compile_seconds": round(u.compile_seconds, 2),
+             "variants": sorted(u.variants), "launches_by_variant": u.launches_by_variant, "constexprs": {k: _jsonable(v) for k, v in u.constexprs.items()},
+             "problems": u.problems}
+            for u in usages
+        ],
+        "problems": [f"{u.name} ({u.key}): {p}" for u in usages for p in u.problems],
+        "passed": not any(u.problems for u in usages),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
+
+
+def print_compile_check(report: dict, console) -> None:
+    """The kernels table (one row per compiled specialisation), then the problems or a pass line."""
+    from rich.table import Table
+
+    target = report["target"]
+    table = Table(title=f"Triton kernels compiled for {target['arch']} ({target['processors']} SMs), "
+                        f"{report['dtype']}, Triton {report['versions']['triton']}")
+    for column in ("kernel", "hash", "warps", "stages", "regs", "shared KiB", "local ld/st", "progs/SM", "max grid",
+                   "launches", "variants"):
+        table.add_column(column, justify="left" if column in ("kernel", "hash", "variants") else "right",
+                         overflow="fold", no_wrap=column in ("kernel", "hash"))
+    for k in report["kernels"]:
+        table.add_row(k["name"], k["hash"], str(k["num_warps"]), str(k["num_stages"]), str(k["registers"]),
+                      f"{k['shared_bytes'] / 1024:.1f}", str(k["local_instructions"]), str(k["programs_per_sm"]),
+                      str(k["max_grid"]), str(k["launches"]),
+                      "all" if len(k["variants"]) == len(report["variants"]) > 1 else ",".join(k["variants"]))
+    console.print(table)
+    if report["problems"]:
+        for problem in report["problems"]:
+            console.print(f"[red]problem[/red]: {problem}")
+    else:
+        console.print(f"all {len(report['kernels'])} kernel specialisations compile for {target['arch']} and fit "
+                      f"({len(report['cases'])} forward passes, {report['seconds']:.0f} s)")

@@ -1,0 +1,105 @@
+"""``cortexflow compile-check``: every Triton kernel of a real-size Pi0 / Pi0.5 predict compiled for sm_90
+(H100) on this GPU-less machine, with each opt-in variant, and the resource checks it makes.
+
+The compile runs in a subprocess: this test process runs the kernels in Triton's interpreter
+(``conftest.py``), which replaces Triton's compiler."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from cortexflow.errors import ConfigError
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.tools import compile_check
+from cortexflow.tools.compile_check import CompiledLaunch, programs_per_sm
+
+pytest.importorskip("triton")
+
+DEFAULT_KERNELS = {"_expert_layer_kernel", "_attention_kernel", "_qkv_rope_kernel", "_layer_norm_kernel",
+                   "_gelu_gate_kernel", "_rms_norm_kernel"}
+OPT_IN_KERNELS = {"_skinny_gemm_kernel", "_combine_kernel", "_norm_linear_kernel", "_patch_embed_kernel",
+                  "_action_mlp_kernel", "_rope_kernel"}
+
+
+def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # compile for real, not from an earlier cache
+    out = tmp_path / "compile.json"
+    done = subprocess.run(
+        [sys.executable, "-c", "from cortexflow.cli import app; app()", "compile-check", "--models", "pi0,pi05",
+         "--views", "1", "--variants", "all", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "compile for sm_90 and fit" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["passed"] and not report["problems"]
+    assert report["target"] == {"arch": "sm_90", "processors": 132}
+    assert len(report["cases"]) == 2 * len(compile_check.VARIANTS)
+    names = {k["name"] for k in report["kernels"]}
+    assert DEFAULT_KERNELS | OPT_IN_KERNELS <= names, names
+    default_names = {k["name"] for k in report["kernels"] if "default" in k["variants"]}
+    assert DEFAULT_KERNELS <= default_names <= DEFAULT_KERNELS | {"_combine_kernel"}  # split prefix attention
+    for kernel in report["kernels"]:
+        assert 0 < kernel["registers"] <= 255
+        assert kernel["shared_bytes"] <= compile_check.PROGRAM_SHARED_LIMIT
+        assert kernel["programs_per_sm"] >= 1
+    experts = [k for k in report["kernels"] if k["name"] == "_expert_layer_kernel"]
+    # The persistent layer runs one program per SM of the target (132), all resident at once.
+    assert {k["max_grid"] for k in experts} == {132}
+    # 18 layers x 10 steps per predict (Pi0 and Pi0.5).
+    assert sum(k["launches_by_variant"].get("default", 0) for k in experts) == 2 * 180
+    assert sum(k["launches_by_variant"].get("kernel-chain", 0) for k in experts) == 0
+    # The opt-in prefetch is a different specialisation of the same kernel (inline PTX compiled too).
+    prefetch = [k for k in experts if "expert-prefetch" in k["variants"] and "default" not in k["variants"]]
+    assert prefetch and all(k["constexprs"]["PREFETCH"] == 7 for k in prefetch)
+
+
+def test_programs_per_sm_follows_the_hopper_limits():
+    assert programs_per_sm(registers=32, num_warps=4, shared_bytes=0) == 16           # warps: 64 / 4
+    assert programs_per_sm(registers=255, num_warps=4, shared_bytes=0) == 2           # 256 regs x 128 threads
+    assert programs_per_sm(registers=255, num_warps=8, shared_bytes=0) == 1
+    assert programs_per_sm(registers=180, num_warps=4, shared_bytes=97 * 1024) == 2   # the expert layer
+    assert programs_per_sm(registers=64, num_warps=4, shared_bytes=120 * 1024) == 1   # shared memory
+    assert programs_per_sm(registers=64, num_warps=4, shared_bytes=228 * 1024) == 0
+    assert programs_per_sm(registers=16, num_warps=1, shared_bytes=0) == 32            # program limit
+
+
+def _fake_launch(name, grid, shared, warps=4, key="abc"):
+    metadata = SimpleNamespace(hash=key * 4, shared=shared, num_warps=warps, num_stages=3)
+    return CompiledLaunch(name, grid, {"BLOCK": 16}, SimpleNamespace(metadata=metadata, asm={"cubin": b""}), 0.1)
+
+
+def test_summarize_flags_unresident_persistent_grids_and_shared_memory_overflow(monkeypatch):
+    monkeypatch.setattr(compile_check, "cubin_resources", lambda cubin: {
+        "registers": 200, "stack": 0, "static_shared": 0, "local": 0, "local_instructions": 0})
+    target = CompileTarget(arch=90, processors=4)
+    usages = compile_check.summarize({"default": [
+        _fake_launch("_expert_layer_kernel", (9,), 100 * 1024, key="aaa"),  # 2 per SM x 4 SMs = 8 < 9
+        _fake_launch("_expert_layer_kernel", (8,), 100 * 1024, key="bbb"),  # fits
+        _fake_launch("_attention_kernel", (1000,), 230 * 1024, key="ccc"),  # over 227 KiB
+        _fake_launch("_attention_kernel", (1000,), 100 * 1024, key="ddd"),  # not persistent: any grid
+    ]}, target)
+    problems = {u.key: u.problems for u in usages}
+    assert len(problems["aaaaaaaa"]) == 1 and "wait forever" in problems["aaaaaaaa"][0]
+    assert problems["bbbbbbbb"] == []
+    assert len(problems["cccccccc"]) == 1 and "227 KiB" in problems["cccccccc"][0]
+    assert problems["dddddddd"] == []
+
+
+def test_refuses_under_the_interpreter_and_bad_arguments(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ConfigError, match="unset TRITON_INTERPRET"):
+        with compile_check.compile_only(CompileTarget()):
+            pass
+    with pytest.raises(ConfigError, match="unknown variant"):
+        compile_check.run_compile_check(variants=["default", "turbo"])
+    with pytest.raises(ConfigError, match="sm_80 or newer"):
+        compile_check.run_compile_check(arch=75)
+    with pytest.raises(ConfigError, match="Pi0 family"):
+        compile_check.compile_predict("openvla", 1, None, CompileTarget())
