@@ -841,16 +841,16 @@ def bench_command(
 @app.command("compile-check", short_help="Compile every Triton kernel of a real-size predict for a GPU, without one.")
 @_cli_errors
 def compile_check_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated: pi0, pi05.")] = "pi0,pi05",
-    views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts.")] = "2",
-    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated backend settings to compile: default, kernel-chain, skinny-gemm, fused-combine, fold-norms, expert-prefetch, patch-embed, action-mlp-fused, op-by-op-encoder; or all.")] = "default",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated: pi0, pi05, openvla, rt2.")] = "pi0,pi05",
+    views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts (Pi0 family; openvla/rt2 take one image).")] = "2",
+    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated backend settings to compile: default, kernel-chain, skinny-gemm, fused-combine, fold-norms, expert-prefetch, patch-embed, action-mlp-fused, op-by-op-encoder, decode-gemv-all, token-unfused; or all.")] = "default",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
     arch: Annotated[int, typer.Option("--arch", metavar="N", help="Compute capability as major*10+minor: 90 (H100/H200), 80 (A100), 89 (L4/L40).")] = 90,
     sms: Annotated[int, typer.Option("--sms", metavar="N", help="SM count of the GPU (grids and tilings follow it): 132 for the H100 SXM.")] = 132,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
-    """Compile every Triton kernel that one real-size Pi0 / Pi0.5 predict launches, for a GPU, on a machine
-    without one, and show what each compiled kernel needs of an SM.
+    """Compile every Triton kernel that one real-size predict launches (Pi0 / Pi0.5; OpenVLA-7B / RT-2: prefill
+    and every decode step), for a GPU, on a machine without one, and show what each compiled kernel needs of an SM.
 
     The forward runs on meta tensors (shapes only) with the Triton backend; each launch compiles its kernel
     for sm_ARCH with the grid and tiling it would get on a GPU of SMS SMs, and nothing runs. Per compiled

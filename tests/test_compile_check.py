@@ -60,6 +60,30 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
     assert prefetch and all(k["constexprs"]["PREFETCH"] == 7 for k in prefetch)
 
 
+def test_token_vlas_decode_kernels_compile_for_hopper(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    out = tmp_path / "compile.json"
+    done = subprocess.run(
+        [sys.executable, "-c", "from cortexflow.cli import app; app()", "compile-check", "--models", "openvla,rt2",
+         "--variants", "default,decode-gemv-all,token-unfused", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["passed"]
+    assert [(c["model"], c["views"]) for c in report["cases"]] == [("openvla", None), ("rt2", None)] * 3
+    by_variant = {}
+    for kernel in report["kernels"]:
+        for variant in kernel["variants"]:
+            by_variant.setdefault(variant, set()).add(kernel["name"])
+    # Default decode steps: fused decode GEMVs (norm prologue / residual epilogues), QKV + RoPE + KV-cache write
+    # in one GEMV, folded norms (row statistics only), all compiled with programmatic dependent launch.
+    assert {"_decode_gemv_kernel", "_decode_qkv_rope_kernel", "_rms_rstd_kernel"} <= by_variant["default"]
+    assert "_decode_qkv_rope_kernel" not in by_variant["token-unfused"]
+    assert "_decode_gemv_kernel" not in by_variant["token-unfused"]
+    assert "_rms_norm_kernel" in by_variant["token-unfused"]
+
+
 def test_programs_per_sm_follows_the_hopper_limits():
     assert programs_per_sm(registers=32, num_warps=4, shared_bytes=0) == 16           # warps: 64 / 4
     assert programs_per_sm(registers=255, num_warps=4, shared_bytes=0) == 2           # 256 regs x 128 threads
@@ -101,5 +125,5 @@ def test_refuses_under_the_interpreter_and_bad_arguments(monkeypatch):
         compile_check.run_compile_check(variants=["default", "turbo"])
     with pytest.raises(ConfigError, match="sm_80 or newer"):
         compile_check.run_compile_check(arch=75)
-    with pytest.raises(ConfigError, match="Pi0 family"):
-        compile_check.compile_predict("openvla", 1, None, CompileTarget())
+    with pytest.raises(ConfigError, match="compile-check runs pi0, pi05, openvla, rt2"):
+        compile_check.run_compile_check(models=["pi0", "rt1"])

@@ -46,7 +46,15 @@ VARIANTS: dict[str, dict[str, str]] = {
     "patch-embed": {"CORTEXFLOW_TRITON_PATCH_EMBED": "1"},
     "action-mlp-fused": {"CORTEXFLOW_TRITON_ACTION_MLP": "fused"},
     "op-by-op-encoder": {"CORTEXFLOW_TRITON_FUSED_ENCODER": "0"},
+    # The token VLAs' (OpenVLA, RT-2) decode-step switches.
+    "decode-gemv-all": {"CORTEXFLOW_TRITON_DECODE_GEMV": "1"},
+    "token-unfused": {"CORTEXFLOW_TRITON_DECODE_GEMV": "0", "CORTEXFLOW_TRITON_DECODE_QKV_ROPE": "0",
+                      "CORTEXFLOW_TRITON_DECODE_HEAD": "0", "CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS": "0",
+                      "CORTEXFLOW_TRITON_PDL": "0"},
 }
+
+#: The models compile-check runs.
+MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelType.RT2)
 
 #: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
 PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
@@ -199,33 +207,43 @@ def environment(settings: dict[str, str]) -> Iterator[None]:
 
 
 def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: CompileTarget,
-                    settings: dict[str, str] | None = None, chunk: int | None = None,
-                    prompt_len: int | None = None) -> list[CompiledLaunch]:
-    """Run one real-size ``predict`` forward of ``model_name`` (pi0 / pi05) with the Triton backend on meta
-    tensors, every launch compiled for ``target`` instead of run; returns the launches."""
+                    settings: dict[str, str] | None = None) -> list[CompiledLaunch]:
+    """Run one real-size forward of ``model_name`` with the Triton backend on meta tensors, every launch
+    compiled for ``target`` instead of run; returns the launches. ``pi0`` / ``pi05``: one ``predict`` with
+    ``views`` cameras and the model's chunk, steps and full prompt length; ``openvla`` / ``rt2``: prefill of
+    the longest prompt and every greedy decode step (one image; ``views`` does not apply), decoding constrained
+    as their factories default."""
     from cortexflow.backends.triton_backend import TritonBackend
-    from cortexflow.models.pi0 import Pi0Model, Pi05Model
 
     model_type = VLAModelType.parse(model_name)
-    if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
-        raise ConfigError(f"compile-check runs the Pi0 family (pi0, pi05), got {model_name!r}")
-    overrides: dict[str, Any] = {}
-    if chunk is not None:
-        overrides["chunk_size"] = chunk
-    if prompt_len is not None:
-        overrides["max_token_len"] = prompt_len
-    config = ModelConfig.for_model(model_type, **overrides)
-    model = (Pi0Model if model_type == VLAModelType.PI0 else Pi05Model)(config)
     meta = torch.device("meta")
+    token_vla = model_type in (VLAModelType.OPENVLA, VLAModelType.RT2)
+    if token_vla:
+        from cortexflow.tools import token_model
+        from cortexflow.tools.token_bench import CONSTRAINED
+
+        model = token_model(model_name, "real")
+        buffer_shapes = model.get_buffer_shapes()
+    else:
+        from cortexflow.models.pi0 import Pi0Model, Pi05Model
+
+        config = ModelConfig.for_model(model_type)
+        model = (Pi0Model if model_type == VLAModelType.PI0 else Pi05Model)(config)
+        buffer_shapes = model.get_buffer_shapes(views, config.chunk_size)
     with environment(settings or {}), compile_only(target) as launches:
         backend = TritonBackend(meta, dtype)
         weights = {name: torch.empty(shape, dtype=model.weight_dtype(name, dtype), device=meta)
                    for name, shape in model.get_weight_shapes().items()}
+        if token_vla:
+            weights = model.prepare_weights(weights)
         weights = backend.prepare_weights(model, weights)
         buffers = {name: torch.zeros(shape, dtype=model.buffer_dtype(name, dtype), device=meta)
-                   for name, shape in model.get_buffer_shapes(views, config.chunk_size).items()}
+                   for name, shape in buffer_shapes.items()}
         with torch.inference_mode():
-            model.forward(backend, weights, buffers)
+            if token_vla:
+                model.forward(backend, weights, buffers, constrained=CONSTRAINED[model_type])
+            else:
+                model.forward(backend, weights, buffers)
     return launches
 
 
@@ -274,8 +292,12 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                       variants: Sequence[str] = ("default",), dtype: str | torch.dtype = "bfloat16",
                       arch: int = 90, processors: int = 132,
                       log: Callable[[str], None] | None = None) -> dict:
-    """Compile every kernel of ``models`` x ``views`` x ``variants`` (names of :data:`VARIANTS`, or ``all``)
-    for ``sm_<arch>`` with ``processors`` SMs; returns the report (kernels, problems, settings)."""
+    """Compile every kernel of ``models`` (pi0, pi05, openvla, rt2) x ``views`` (Pi0 family only) x
+    ``variants`` (names of :data:`VARIANTS`, or ``all``) for ``sm_<arch>`` with ``processors`` SMs; returns
+    the report (kernels, problems, settings)."""
+    for model_name in models:  # an unknown or unsupported name fails here, before anything compiles
+        if VLAModelType.parse(model_name) not in MODELS:
+            raise ConfigError(f"compile-check runs {', '.join(m.value for m in MODELS)}; got {model_name!r}")
     names = list(VARIANTS) if list(variants) == ["all"] else list(variants)
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
@@ -291,12 +313,13 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
     start = time.perf_counter()
     for variant in names:
         for model_name in models:
-            for view_count in views:
+            token_vla = VLAModelType.parse(model_name) in (VLAModelType.OPENVLA, VLAModelType.RT2)
+            for view_count in views[:1] if token_vla else views:
                 case_start = time.perf_counter()
                 compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant])
                 launches.setdefault(variant, []).extend(compiled)
                 seconds = time.perf_counter() - case_start
-                cases.append({"variant": variant, "model": model_name, "views": view_count,
+                cases.append({"variant": variant, "model": model_name, "views": None if token_vla else view_count,
                               "launches": len(compiled), "seconds": round(seconds, 2)})
                 if log:
                     log(f"compiled {variant} / {model_name} / {view_count} views: {len(compiled)} launches, "
@@ -333,14 +356,16 @@ def _jsonable(value: Any) -> Any:
 
 
 def print_compile_check(report: dict, console) -> None:
-    """The kernels table (one row per compiled specialisation), then the problems or a pass line."""
+    """The kernels table (one row per compiled specialisation: warps, pipeline stages, registers a thread,
+    shared memory a program, local-memory instructions, programs per SM, largest grid, launches, variants),
+    then the problems or a pass line."""
     from rich.table import Table
 
     target = report["target"]
     table = Table(title=f"Triton kernels compiled for {target['arch']} ({target['processors']} SMs), "
                         f"{report['dtype']}, Triton {report['versions']['triton']}")
-    for column in ("kernel", "hash", "warps", "stages", "regs", "shared KiB", "local ld/st", "progs/SM", "max grid",
-                   "launches", "variants"):
+    for column in ("kernel", "hash", "warps", "stages", "regs", "smem KiB", "local", "per SM", "grid", "launches",
+                   "variants"):
         table.add_column(column, justify="left" if column in ("kernel", "hash", "variants") else "right",
                          overflow="fold", no_wrap=column in ("kernel", "hash"))
     for k in report["kernels"]:
