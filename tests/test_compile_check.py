@@ -47,7 +47,7 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
     assert DEFAULT_KERNELS <= default_names <= DEFAULT_KERNELS | {"_combine_kernel"}  # split prefix attention
     for kernel in report["kernels"]:
         assert 0 < kernel["registers"] <= 255
-        assert kernel["shared_bytes"] <= compile_check.PROGRAM_SHARED_LIMIT
+        assert kernel["shared_bytes"] <= compile_check.SM_LIMITS[90].program_shared
         assert kernel["programs_per_sm"] >= 1
     experts = [k for k in report["kernels"] if k["name"] == "_expert_layer_kernel"]
     # The persistent layer runs one program per SM of the target (132), all resident at once.
@@ -92,6 +92,9 @@ def test_programs_per_sm_follows_the_hopper_limits():
     assert programs_per_sm(registers=64, num_warps=4, shared_bytes=120 * 1024) == 1   # shared memory
     assert programs_per_sm(registers=64, num_warps=4, shared_bytes=228 * 1024) == 0
     assert programs_per_sm(registers=16, num_warps=1, shared_bytes=0) == 32            # program limit
+    l4 = compile_check.SM_LIMITS[89]
+    assert programs_per_sm(registers=180, num_warps=4, shared_bytes=97 * 1024, limits=l4) == 1
+    assert programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=l4) == 24
 
 
 def _fake_launch(name, grid, shared, warps=4, key="abc"):
@@ -123,7 +126,29 @@ def test_refuses_under_the_interpreter_and_bad_arguments(monkeypatch):
             pass
     with pytest.raises(ConfigError, match="unknown variant"):
         compile_check.run_compile_check(variants=["default", "turbo"])
-    with pytest.raises(ConfigError, match="sm_80 or newer"):
+    with pytest.raises(ConfigError, match="compute capability 80, 86, 87, 89, 90"):
         compile_check.run_compile_check(arch=75)
     with pytest.raises(ConfigError, match="compile-check runs pi0, pi05, openvla, rt2"):
         compile_check.run_compile_check(models=["pi0", "rt1"])
+    with pytest.raises(ConfigError, match="unset TRITON_INTERPRET"):
+        compile_check.run_compile_check(models=["pi0"])
+
+
+def test_hopper_only_settings_are_refused_on_older_gpus(monkeypatch):
+    """The expert layer's bulk L2 prefetch (cp.async.bulk.prefetch) does not assemble below sm_90 (compile-check
+    for sm_80 found it); the backend refuses the setting there, as it refuses CORTEXFLOW_TRITON_PDL=1."""
+    import torch
+
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.errors import BackendUnavailableError
+    from cortexflow.kernels import runtime
+
+    monkeypatch.setenv("CORTEXFLOW_TRITON_EXPERT_PREFETCH", "7")
+    previous = runtime.set_compile_target(CompileTarget(arch=80, processors=108))
+    try:
+        with pytest.raises(BackendUnavailableError, match="compute capability 9.0 or later.*is 8.0"):
+            TritonBackend(torch.device("meta"), torch.bfloat16)
+        runtime.set_compile_target(CompileTarget(arch=90, processors=132))
+        assert TritonBackend(torch.device("meta"), torch.bfloat16).expert_prefetch == 7
+    finally:
+        runtime.set_compile_target(previous)

@@ -51,7 +51,7 @@ from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, patch_embed, rms_norm, rope, skinny_gemm
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.pdl import pdl_supported
-from cortexflow.kernels.runtime import compile_target, interpreting
+from cortexflow.kernels.runtime import compile_target, compute_capability, interpreting
 from cortexflow.models.pi0 import Pi0Model
 from cortexflow.models.token_decoding import TokenDecodingModel
 
@@ -154,6 +154,13 @@ class TritonBackend(PyTorchBackend):
         # 1 o/gate-up/down at the attention phase, 2 the same at the QKV phase, 4 the next layer's QKV).
         self.expert_prefetch = int(self._setting("CORTEXFLOW_TRITON_EXPERT_PREFETCH", EXPERT_PREFETCH_DEFAULT,
                                                  tuple(str(v) for v in range(8))))
+        capability = compute_capability(self.device)
+        if self.expert_prefetch and capability is not None and capability < 90:
+            # cp.async.bulk.prefetch.L2 is a Hopper (TMA) instruction: on an older GPU the kernel would not compile.
+            raise BackendUnavailableError(
+                f"CORTEXFLOW_TRITON_EXPERT_PREFETCH={self.expert_prefetch} needs a GPU of compute capability 9.0 or "
+                f"later (Hopper: bulk L2 prefetches); device {str(self.device)!r} is {capability // 10}.{capability % 10}: "
+                "unset it or set it to 0")
         # Pi0's time-conditioned action MLP per step: CORTEXFLOW_TRITON_ACTION_MLP=fp32 (cuBLAS fp32 GEMMs, as the
         # reference), bf16 (its second GEMM in the compute dtype) or fused (one fp32 Triton kernel).
         self.action_mlp = self._setting("CORTEXFLOW_TRITON_ACTION_MLP", ACTION_MLP_DEFAULT, ("fp32", "bf16", "fused"))

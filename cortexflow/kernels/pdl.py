@@ -24,19 +24,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from cortexflow.kernels.runtime import compile_target, interpreting
+from cortexflow.kernels.runtime import compute_capability, interpreting
 
 
 def pdl_supported(device: torch.device) -> bool:
     """Whether kernels on ``device`` can be launched with PDL: a CUDA GPU of compute capability 9.0 or
     later (or a ``meta`` device standing for such a compile target), not under the Triton interpreter."""
-    target = compile_target(device)
-    if target is not None:
-        return target.arch >= 90 and not interpreting()
-    if device.type != "cuda" or interpreting():
+    if interpreting():
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_capability(index) >= (9, 0)
+    capability = compute_capability(device)
+    return capability is not None and capability >= 90
 
 
 def launch_options(pdl: bool) -> dict:

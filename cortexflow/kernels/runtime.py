@@ -49,6 +49,18 @@ def compile_target(device: torch.device) -> CompileTarget | None:
     return _compile_target if device.type == "meta" else None
 
 
+def compute_capability(device: torch.device) -> int | None:
+    """``major * 10 + minor`` of a CUDA ``device`` (90: Hopper), or of the compile target a ``meta`` device
+    stands for; None elsewhere (CPU, interpreter)."""
+    target = compile_target(device)
+    if target is not None:
+        return target.arch
+    if device.type != "cuda":
+        return None
+    major, minor = torch.cuda.get_device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    return 10 * major + minor
+
+
 def processor_count(device: torch.device) -> int:
     """SMs of a CUDA ``device`` (asked of the driver once per device) or of the compile target a ``meta``
     device stands for; 1 elsewhere."""

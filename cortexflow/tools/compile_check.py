@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from cortexflow.config import ModelConfig, VLAModelType, dtype_name, parse_dtype
-from cortexflow.errors import ConfigError
+from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.kernels import runtime
 from cortexflow.kernels.runtime import CompileTarget, interpreting
 
@@ -59,14 +59,28 @@ MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelTyp
 #: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
 PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
 
-#: Hopper (sm_90) per-SM limits: registers, shared memory (of which one program may take 227 KiB, and the
-#: driver reserves 1 KiB per program), resident warps and programs.
-SM_REGISTERS = 65536
-SM_SHARED_BYTES = 228 * 1024
-PROGRAM_SHARED_LIMIT = 227 * 1024
+@dataclass(frozen=True)
+class SMLimits:
+    """What one SM of an architecture holds at once (CUDA programming guide, compute capabilities table):
+    registers, shared memory (of which one program may take ``program_shared``; the driver reserves 1 KiB per
+    program on top), resident warps and resident programs."""
+
+    registers: int
+    shared: int
+    program_shared: int
+    warps: int
+    programs: int
+
+
+#: Per compute capability (major * 10 + minor) that compile-check targets.
+SM_LIMITS = {
+    80: SMLimits(65536, 164 * 1024, 163 * 1024, 64, 32),   # A100
+    86: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 16),    # RTX 30xx, A10, A40
+    87: SMLimits(65536, 164 * 1024, 163 * 1024, 48, 16),   # Jetson AGX Orin
+    89: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 24),    # L4, L40, RTX 40xx
+    90: SMLimits(65536, 228 * 1024, 227 * 1024, 64, 32),   # H100, H200
+}
 RESERVED_SHARED_PER_PROGRAM = 1024
-SM_WARPS = 64
-SM_PROGRAMS = 32
 
 
 @dataclass
@@ -104,14 +118,14 @@ class KernelUsage:
     problems: list[str] = field(default_factory=list)
 
 
-def programs_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
-    """How many programs of a kernel fit on one Hopper SM at once: the least of what its registers
-    (allocated per warp in units of 256), its shared memory (plus the 1 KiB the driver reserves per
-    program), its warps and the 32-program limit allow."""
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SM_LIMITS[90]) -> int:
+    """How many programs of a kernel fit on one SM (Hopper's by default) at once: the least of what its
+    registers (allocated per warp in units of 256), its shared memory (plus the 1 KiB the driver reserves
+    per program), its warps and the resident-program limit allow."""
     per_warp = -(-max(registers, 1) * 32 // 256) * 256
-    by_registers = SM_REGISTERS // (per_warp * num_warps)
-    by_shared = SM_SHARED_BYTES // (shared_bytes + RESERVED_SHARED_PER_PROGRAM)
-    return max(0, min(by_registers, by_shared, SM_WARPS // num_warps, SM_PROGRAMS))
+    by_registers = limits.registers // (per_warp * num_warps)
+    by_shared = limits.shared // (shared_bytes + RESERVED_SHARED_PER_PROGRAM)
+    return max(0, min(by_registers, by_shared, limits.warps // num_warps, limits.programs))
 
 
 _RESOURCE_LINE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
@@ -251,6 +265,7 @@ def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: Comp
     """One :class:`KernelUsage` per compiled specialisation (by the kernel's hash), with the checks: shared
     memory within one program's limit, at least one program per SM, and for :data:`PERSISTENT_KERNELS` a
     grid that is resident at once on ``target.processors`` SMs."""
+    limits = SM_LIMITS[target.arch]
     usages: dict[str, KernelUsage] = {}
     for variant, launches in launches_by_variant.items():
         for launch in launches:
@@ -264,7 +279,7 @@ def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: Comp
                     name=launch.name, key=key[:8], num_warps=metadata.num_warps, num_stages=metadata.num_stages,
                     registers=resources["registers"], shared_bytes=shared, local_bytes=resources["local"],
                     stack_bytes=resources["stack"], local_instructions=resources["local_instructions"],
-                    programs_per_sm=programs_per_sm(resources["registers"], metadata.num_warps, shared),
+                    programs_per_sm=programs_per_sm(resources["registers"], metadata.num_warps, shared, limits),
                     constexprs=launch.constexprs)
             usage.launches += 1
             usage.compile_seconds += launch.seconds
@@ -276,9 +291,9 @@ def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: Comp
                     programs *= int(size)
                 usage.max_grid = max(usage.max_grid, programs)
     for usage in usages.values():
-        if usage.shared_bytes > PROGRAM_SHARED_LIMIT:
+        if usage.shared_bytes > limits.program_shared:
             usage.problems.append(f"needs {usage.shared_bytes / 1024:.0f} KiB of shared memory per program, over "
-                                  f"the {PROGRAM_SHARED_LIMIT // 1024} KiB limit: the launch would fail")
+                                  f"the {limits.program_shared // 1024} KiB limit: the launch would fail")
         elif usage.programs_per_sm < 1:
             usage.problems.append("not one program fits on an SM")
         if usage.name in PERSISTENT_KERNELS and usage.max_grid > usage.programs_per_sm * target.processors:
@@ -302,28 +317,48 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
     unknown = [name for name in names if name not in VARIANTS]
     if unknown:
         raise ConfigError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)} or all")
-    if arch < 80:
-        raise ConfigError(f"compile-check targets sm_80 or newer (the kernels use bf16 tensor cores), got sm_{arch}")
+    if arch not in SM_LIMITS:
+        raise ConfigError(f"compile-check targets compute capability {', '.join(map(str, SM_LIMITS))} (the kernels "
+                          f"use bf16 tensor cores; the SM limits are known for these), got {arch}")
     if processors < 1:
         raise ConfigError(f"--sms must be at least 1, got {processors}")
+    if interpreting():
+        raise ConfigError("compile-check compiles the kernels for a GPU: unset TRITON_INTERPRET (the interpreter "
+                          "replaces Triton's compiler)")
     torch_dtype = parse_dtype(dtype)
     target = CompileTarget(arch=arch, processors=processors)
     launches: dict[str, list[CompiledLaunch]] = {}
-    cases = []
+    cases: list[dict] = []
+    failures: list[str] = []
     start = time.perf_counter()
     for variant in names:
         for model_name in models:
             token_vla = VLAModelType.parse(model_name) in (VLAModelType.OPENVLA, VLAModelType.RT2)
             for view_count in views[:1] if token_vla else views:
                 case_start = time.perf_counter()
-                compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant])
+                case = {"variant": variant, "model": model_name, "views": None if token_vla else view_count}
+                inputs = "one image" if token_vla else f"{view_count} views"
+                try:
+                    compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant])
+                except BackendUnavailableError as err:  # a setting the backend refuses on this GPU, by design
+                    cases.append(dict(case, refused=str(err)))
+                    if log:
+                        log(f"refused {variant} / {model_name} / {inputs}: {err}")
+                    continue
+                except ConfigError:  # a wrong argument or setting: nothing else would compile either
+                    raise
+                except Exception as err:  # a kernel that does not compile: reported, the other cases go on
+                    message = f"{type(err).__name__}: {err}"
+                    cases.append(dict(case, error=message[:4000]))
+                    failures.append(f"{variant} / {model_name} / {inputs}: {message[:4000]}")
+                    if log:
+                        log(f"FAILED {variant} / {model_name} / {inputs}: {message.splitlines()[0][:300]}")
+                    continue
                 launches.setdefault(variant, []).extend(compiled)
                 seconds = time.perf_counter() - case_start
-                cases.append({"variant": variant, "model": model_name, "views": None if token_vla else view_count,
-                              "launches": len(compiled), "seconds": round(seconds, 2)})
+                cases.append(dict(case, launches=len(compiled), seconds=round(seconds, 2)))
                 if log:
-                    log(f"compiled {variant} / {model_name} / {view_count} views: {len(compiled)} launches, "
-                        f"{seconds:.1f} s")
+                    log(f"compiled {variant} / {model_name} / {inputs}: {len(compiled)} launches, {seconds:.1f} s")
     usages = summarize(launches, target)
     import triton
 
@@ -346,8 +381,8 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
              "problems": u.problems}
             for u in usages
         ],
-        "problems": [f"{u.name} ({u.key}): {p}" for u in usages for p in u.problems],
-        "passed": not any(u.problems for u in usages),
+        "problems": failures + [f"{u.name} ({u.key}): {p}" for u in usages for p in u.problems],
+        "passed": not failures and not any(u.problems for u in usages),
     }
 
 
@@ -374,9 +409,13 @@ def print_compile_check(report: dict, console) -> None:
                       str(k["max_grid"]), str(k["launches"]),
                       "all" if len(k["variants"]) == len(report["variants"]) > 1 else ",".join(k["variants"]))
     console.print(table)
+    for case in report["cases"]:
+        if "refused" in case:
+            console.print(f"refused on {target['arch']}: {case['variant']} / {case['model']}: {case['refused']}")
     if report["problems"]:
         for problem in report["problems"]:
             console.print(f"[red]problem[/red]: {problem}")
     else:
+        compiled = sum(1 for case in report["cases"] if "launches" in case)
         console.print(f"all {len(report['kernels'])} kernel specialisations compile for {target['arch']} and fit "
-                      f"({len(report['cases'])} forward passes, {report['seconds']:.0f} s)")
+                      f"({compiled} forward passes, {report['seconds']:.0f} s)")
