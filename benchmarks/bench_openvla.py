@@ -34,6 +34,7 @@ from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
 from cortexflow.processing.action_tokens import ActionStats
 from cortexflow.random_token_vla import example_norm_stats, random_openvla_weights, tiny_openvla_config
 from cortexflow.token_engine import TokenVLAEngine
+from cortexflow.tools import temporary_environment
 
 PROMPT_IDS = 26
 
@@ -113,17 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        saved = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
+        with temporary_environment(env):
             engine = TokenVLAEngine(OpenVLAModel(config), weights, backend=backend, device=device, dtype=dtype,
                                     unnormalize=stats.unnormalize, use_cuda_graphs=graphs)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         if backend == "triton":
             weights = None
         t0 = time.perf_counter()

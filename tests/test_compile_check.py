@@ -27,17 +27,21 @@ OPT_IN_KERNELS = {"_skinny_gemm_kernel", "_combine_kernel", "_norm_linear_kernel
                   "_action_mlp_kernel", "_rope_kernel"}
 
 
-def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
+def compile_check_cli(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``cortexflow compile-check ARGS --json`` in a subprocess without the interpreter and with an empty
+    Triton cache (every kernel compiled for real); returns the finished process and the JSON report."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")  # compile for real, not from an earlier cache
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     out = tmp_path / "compile.json"
-    done = subprocess.run(
-        [sys.executable, "-c", "from cortexflow.cli import app; app()", "compile-check", "--models", "pi0,pi05",
-         "--views", "1", "--variants", "all", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env=env)
+    done = subprocess.run([sys.executable, "-c", "from cortexflow.cli import app; app()", "compile-check", *args,
+                           "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, json.loads(out.read_text())
+
+
+def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
+    done, report = compile_check_cli(tmp_path, "--models", "pi0,pi05", "--views", "1", "--variants", "all")
     assert "compile for sm_90 and fit" in done.stdout
-    report = json.loads(out.read_text())
     assert report["passed"] and not report["problems"]
     assert report["target"] == {"arch": "sm_90", "processors": 132}
     assert len(report["cases"]) == 2 * len(compile_check.VARIANTS)
@@ -61,15 +65,7 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
 
 
 def test_token_vlas_decode_kernels_compile_for_hopper(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    out = tmp_path / "compile.json"
-    done = subprocess.run(
-        [sys.executable, "-c", "from cortexflow.cli import app; app()", "compile-check", "--models", "openvla,rt2",
-         "--variants", "default,decode-gemv-all,token-unfused", "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    report = json.loads(out.read_text())
+    _, report = compile_check_cli(tmp_path, "--models", "openvla,rt2", "--variants", "default,decode-gemv-all,token-unfused")
     assert report["passed"]
     assert [(c["model"], c["views"]) for c in report["cases"]] == [("openvla", None), ("rt2", None)] * 3
     by_variant = {}

@@ -13,10 +13,13 @@ and describe the machine a result came from.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import os
 import platform
 import sys
 from importlib import metadata
+from typing import Iterator
 
 import torch
 
@@ -114,6 +117,22 @@ def random_prompt_ids(model, length: int, rng) -> list[int]:
         raise ConfigError(f"{model.model_type.value} needs a prompt of at least {shortest} ids (BOS and its closing "
                           f"id), got {length}")
     return ids
+
+
+@contextlib.contextmanager
+def temporary_environment(settings: dict[str, str]) -> Iterator[None]:
+    """Set the environment variables ``settings`` for the block (the backends read their switches when
+    created), restoring the previous values, or their absence, after."""
+    previous = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def synchronize(device: torch.device) -> None:

@@ -19,7 +19,6 @@ the compiler's metadata. It does not say how fast anything runs.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import subprocess
 import tempfile
@@ -33,6 +32,7 @@ from cortexflow.config import ModelConfig, VLAModelType, dtype_name, parse_dtype
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.kernels import runtime
 from cortexflow.kernels.runtime import CompileTarget, interpreting
+from cortexflow.tools import temporary_environment
 
 #: Opt-in paths of the Triton backend, each an environment setting (README, "Triton backend"); compiling
 #: them keeps the switches A/B runs use from failing on the GPU for a reason the CPU could have shown.
@@ -205,21 +205,6 @@ def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
         runtime.set_compile_target(previous_target)
 
 
-@contextlib.contextmanager
-def environment(settings: dict[str, str]) -> Iterator[None]:
-    """Set the environment variables ``settings`` for the block, restoring the previous values after."""
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: CompileTarget,
                     settings: dict[str, str] | None = None) -> list[CompiledLaunch]:
     """Run one real-size forward of ``model_name`` with the Triton backend on meta tensors, every launch
@@ -244,7 +229,7 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
         config = ModelConfig.for_model(model_type)
         model = (Pi0Model if model_type == VLAModelType.PI0 else Pi05Model)(config)
         buffer_shapes = model.get_buffer_shapes(views, config.chunk_size)
-    with environment(settings or {}), compile_only(target) as launches:
+    with temporary_environment(settings or {}), compile_only(target) as launches:
         backend = TritonBackend(meta, dtype)
         weights = {name: torch.empty(shape, dtype=model.weight_dtype(name, dtype), device=meta)
                    for name, shape in model.get_weight_shapes().items()}
