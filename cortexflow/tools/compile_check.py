@@ -205,13 +205,43 @@ def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
         runtime.set_compile_target(previous_target)
 
 
+class TorchOpCensus:
+    """Counts the torch (aten) operators a block runs that would launch at least one GPU kernel each (everything
+    but views, ``empty*`` allocations and size queries): with the Triton launches, how many kernels one call
+    launches outside Triton (cuBLAS GEMMs, copies, elementwise ops), which a CUDA graph replays with a gap each.
+    A cuBLAS split-K GEMM launches two kernels and is counted once, so the count is a lower bound."""
+
+    def __init__(self):
+        import collections
+
+        self.counts: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[None]:
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if not func.is_view and not func.__name__.startswith(("empty", "sym_", "_local_scalar")):
+                    counts[func.__name__.split(".")[0]] += 1
+                return func(*args, **(kwargs or {}))
+
+        with _Mode():
+            yield
+
+
 def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: CompileTarget,
-                    settings: dict[str, str] | None = None) -> list[CompiledLaunch]:
+                    settings: dict[str, str] | None = None,
+                    census: TorchOpCensus | None = None) -> list[CompiledLaunch]:
     """Run one real-size forward of ``model_name`` with the Triton backend on meta tensors, every launch
     compiled for ``target`` instead of run; returns the launches. ``pi0`` / ``pi05``: one ``predict`` with
     ``views`` cameras and the model's chunk, steps and full prompt length; ``openvla`` / ``rt2``: prefill of
     the longest prompt and every greedy decode step (one image; ``views`` does not apply), decoding constrained
-    as their factories default."""
+    as their factories default. ``census``: counts the torch operators of a second forward (as every call after
+    the first runs: without the weight preparation and the backend's one-time tables); its launches compile nothing
+    new and are not returned."""
     from cortexflow.backends.triton_backend import TritonBackend
 
     model_type = VLAModelType.parse(model_name)
@@ -238,12 +268,19 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
         weights = backend.prepare_weights(model, weights)
         buffers = {name: torch.zeros(shape, dtype=model.buffer_dtype(name, dtype), device=meta)
                    for name, shape in buffer_shapes.items()}
-        with torch.inference_mode():
+        def forward():
             if token_vla:
                 model.forward(backend, weights, buffers, constrained=CONSTRAINED[model_type])
             else:
                 model.forward(backend, weights, buffers)
-    return launches
+
+        with torch.inference_mode():
+            forward()
+            first_call = len(launches)
+            if census is not None:  # a second call, as every call after the first (one-time tables are cached)
+                with census.counting():
+                    forward()
+    return launches[:first_call]
 
 
 def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: CompileTarget) -> list[KernelUsage]:
@@ -323,8 +360,9 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                 case_start = time.perf_counter()
                 case = {"variant": variant, "model": model_name, "views": None if token_vla else view_count}
                 inputs = "one image" if token_vla else f"{view_count} views"
+                census = TorchOpCensus()
                 try:
-                    compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant])
+                    compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant], census)
                 except BackendUnavailableError as err:  # a setting the backend refuses on this GPU, by design
                     cases.append(dict(case, refused=str(err)))
                     if log:
@@ -341,9 +379,11 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                     continue
                 launches.setdefault(variant, []).extend(compiled)
                 seconds = time.perf_counter() - case_start
-                cases.append(dict(case, launches=len(compiled), seconds=round(seconds, 2)))
+                cases.append(dict(case, launches=len(compiled), torch_kernels=sum(census.counts.values()),
+                                  torch_ops=dict(census.counts.most_common()), seconds=round(seconds, 2)))
                 if log:
-                    log(f"compiled {variant} / {model_name} / {inputs}: {len(compiled)} launches, {seconds:.1f} s")
+                    log(f"compiled {variant} / {model_name} / {inputs}: {len(compiled)} Triton launches, "
+                        f"{sum(census.counts.values())} torch kernels, {seconds:.1f} s")
     usages = summarize(launches, target)
     import triton
 
@@ -394,6 +434,15 @@ def print_compile_check(report: dict, console) -> None:
                       str(k["max_grid"]), str(k["launches"]),
                       "all" if len(k["variants"]) == len(report["variants"]) > 1 else ",".join(k["variants"]))
     console.print(table)
+    calls = Table(title="Kernels one call launches (every call after the first; torch ops: at least one kernel each)")
+    for column in ("variant", "model", "views", "Triton launches", "torch kernels", "most frequent torch ops"):
+        calls.add_column(column, justify="right" if column in ("views", "Triton launches", "torch kernels") else "left")
+    for case in report["cases"]:
+        if "launches" in case:
+            top = ", ".join(f"{name} {count}" for name, count in list(case["torch_ops"].items())[:4])
+            calls.add_row(case["variant"], case["model"], "-" if case["views"] is None else str(case["views"]),
+                          str(case["launches"]), str(case["torch_kernels"]), top)
+    console.print(calls)
     for case in report["cases"]:
         if "refused" in case:
             console.print(f"refused on {target['arch']}: {case['variant']} / {case['model']}: {case['refused']}")
