@@ -1,20 +1,21 @@
-"""``cortexflow compile-check``: compile every Triton kernel that a real-size ``predict`` launches for a GPU
+"""``cortexflow compile-check``: compile every Triton kernel that a real-size call launches for a GPU
 architecture (Hopper by default), without a GPU, and report what each compiled kernel needs of an SM.
 
-The Pi0 / Pi0.5 forward runs on ``meta`` tensors (shapes only, no memory, no arithmetic) with the Triton
-backend, while every Triton launch is turned into a compile-only call for the chosen target: the kernels
-go through Triton's whole pipeline down to a cubin (``ptxas`` ships with Triton), with the same
-specialisations (block sizes, tilings, flags, dtypes, 16-byte alignment) as on the GPU, because the
-launch wrappers choose them from the shapes and from :class:`~cortexflow.kernels.runtime.CompileTarget`'s
-SM count. Nothing is launched. What this catches that the CPU interpreter cannot: code that does not
-compile for the GPU (``tl.dot`` shapes, inline PTX such as the grid barrier, the L2 prefetch and
-programmatic dependent launch), kernels that need more shared memory than an SM has, and persistent
-kernels whose grid cannot be resident at once (their grid barriers would wait forever).
+The forward (a Pi0 / Pi0.5 ``predict``; OpenVLA-7B / RT-2 prefill and every decode step) runs on ``meta``
+tensors (shapes only, no memory, no arithmetic) with the Triton backend, while every Triton launch is turned
+into a compile-only call for the chosen target: the kernels go through Triton's whole pipeline down to a
+cubin (``ptxas`` ships with Triton), with the same specialisations (block sizes, tilings, flags, dtypes,
+16-byte alignment) as on the GPU, because the launch wrappers choose them from the shapes and from
+:class:`~cortexflow.kernels.runtime.CompileTarget`'s SM count and compute capability. Nothing is launched.
+What this catches that the CPU interpreter cannot: code that does not compile for the GPU (``tl.dot``
+shapes, inline PTX such as the L2 prefetch and programmatic dependent launch, instructions an older
+architecture lacks), kernels that need more shared memory than an SM gives a program, and persistent kernels
+whose grid cannot be resident at once (their grid barriers would wait forever).
 
 Per compiled kernel the report gives registers per thread, shared memory per program, local-memory
-instructions (register spills or stack arrays) and how many programs fit on one SM, from ``cuobjdump --dump-resource-usage`` on the cubin and
-the compiler's metadata. It does not say how fast anything runs.
-"""
+instructions (register spills or stack arrays) and how many programs fit on one SM, from ``cuobjdump`` on the
+cubin and the compiler's metadata; per call, the Triton launches and the torch operators that launch kernels
+(:class:`TorchOpCensus`). It does not say how fast anything runs."""
 
 from __future__ import annotations
 
