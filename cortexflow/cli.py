@@ -855,8 +855,10 @@ def compile_check_command(
     The forward runs on meta tensors (shapes only) with the Triton backend; each launch compiles its kernel
     for sm_ARCH with the grid and tiling it would get on a GPU of SMS SMs, and nothing runs. Per compiled
     specialisation: warps, pipeline stages, registers per thread, shared memory per program, local-memory
-    instructions (register spills, or stack arrays such as precise sin/cos), programs per SM and the largest grid. Exits non-zero when a kernel needs more shared memory
-    than an SM gives one program, or a persistent kernel's grid (grid barriers) cannot be resident at once.
+    instructions (register spills, or stack arrays such as precise sin/cos), programs per SM and the largest
+    grid; per call, the Triton launches and the torch ops that launch kernels. Exits non-zero when a kernel
+    does not compile, needs more shared memory than an SM gives one program, or a persistent kernel's grid
+    (grid barriers) cannot be resident at once.
     Needs Triton and no TRITON_INTERPRET; says nothing about speed.
     """
     from cortexflow.tools.compile_check import print_compile_check, run_compile_check

@@ -38,7 +38,8 @@ Compiled for sm_90 (Triton 3.7, ``cortexflow compile-check``), the arrival is a 
 fire-and-forget reduction (``MEMBAR.ALL.GPU`` + ``REDG.ADD``) and the polls are strong loads; the
 ``atomic_add(0, sem="acquire")`` after the loop is not in the PTX at all (an add of 0 whose result is
 unused is dropped), so nothing acquires: what keeps the reads after a barrier fresh is that data written
-inside the launch is read back with ``.cg`` loads (at L2), with no load issued before the poll loop ends. That alone is not enough: when Triton pipelines a load into shared
+inside the launch is read back with ``.cg`` loads (at L2), with no load issued before the poll loop ends.
+That alone is not enough: when Triton pipelines a load into shared
 memory with ``cp.async`` and a thread's vector is under 16 bytes, it issues ``cp.async.ca``, which may hit
 a line the SM cached earlier in the launch (seen on the H100: a small fp32 config read the attention
 norm's output in the gate/up phase when both norms shared a buffer). So no buffer is read at the same

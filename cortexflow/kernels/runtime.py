@@ -57,7 +57,7 @@ def compute_capability(device: torch.device) -> int | None:
         return target.arch
     if device.type != "cuda":
         return None
-    major, minor = torch.cuda.get_device_capability(device.index if device.index is not None else torch.cuda.current_device())
+    major, minor = torch.cuda.get_device_capability(_cuda_index(device))
     return 10 * major + minor
 
 
@@ -68,8 +68,12 @@ def processor_count(device: torch.device) -> int:
     if target is not None:
         return target.processors
     if device.type == "cuda":
-        return _cuda_processor_count(device.index if device.index is not None else torch.cuda.current_device())
+        return _cuda_processor_count(_cuda_index(device))
     return 1
+
+
+def _cuda_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,6 +20,7 @@ cubin and the compiler's metadata; per call, the Triton launches and the torch o
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import subprocess
 import tempfile
@@ -59,6 +60,10 @@ MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelTyp
 
 #: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
 PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
+
+#: The token-decoding policies: one image, prefill and greedy decode steps, ``views`` does not apply.
+TOKEN_VLAS = (VLAModelType.OPENVLA, VLAModelType.RT2)
+
 
 @dataclass(frozen=True)
 class SMLimits:
@@ -110,13 +115,19 @@ class KernelUsage:
     stack_bytes: int
     local_instructions: int
     programs_per_sm: int
-    launches: int = 0
     max_grid: int = 0
     compile_seconds: float = 0.0
     constexprs: dict[str, Any] = field(default_factory=dict)
-    variants: set[str] = field(default_factory=set)
     launches_by_variant: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def launches(self) -> int:
+        return sum(self.launches_by_variant.values())
+
+    @property
+    def variants(self) -> list[str]:
+        return sorted(self.launches_by_variant)
 
 
 def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SM_LIMITS[90]) -> int:
@@ -156,14 +167,18 @@ def cubin_resources(cubin: bytes) -> dict[str, int]:
 _LOCAL_INSTRUCTION = re.compile(r"\b(?:STL|LDL)(?:\.[A-Z0-9]+)*\s")
 
 
+def _refuse_interpreter() -> None:
+    if interpreting():
+        raise ConfigError("compile-check compiles the kernels for a GPU: unset TRITON_INTERPRET (the interpreter "
+                          "replaces Triton's compiler)")
+
+
 @contextlib.contextmanager
 def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
     """Within the block, every Triton launch compiles its kernel for ``target`` and returns without running
     it; the yielded list collects the launches. Work on ``meta`` tensors: the launch wrappers then take the
     target's SM count (:func:`~cortexflow.kernels.runtime.processor_count`) and its PDL support."""
-    if interpreting():
-        raise ConfigError("compile-check compiles the kernels for a GPU: unset TRITON_INTERPRET (the interpreter "
-                          "replaces Triton's compiler)")
+    _refuse_interpreter()
     try:
         from triton.backends.compiler import GPUTarget
         from triton.runtime.driver import driver
@@ -247,7 +262,7 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
 
     model_type = VLAModelType.parse(model_name)
     meta = torch.device("meta")
-    token_vla = model_type in (VLAModelType.OPENVLA, VLAModelType.RT2)
+    token_vla = model_type in TOKEN_VLAS
     if token_vla:
         from cortexflow.tools import token_model
         from cortexflow.tools.token_bench import CONSTRAINED
@@ -269,6 +284,7 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
         weights = backend.prepare_weights(model, weights)
         buffers = {name: torch.zeros(shape, dtype=model.buffer_dtype(name, dtype), device=meta)
                    for name, shape in buffer_shapes.items()}
+
         def forward():
             if token_vla:
                 model.forward(backend, weights, buffers, constrained=CONSTRAINED[model_type])
@@ -304,15 +320,10 @@ def summarize(launches_by_variant: dict[str, list[CompiledLaunch]], target: Comp
                     stack_bytes=resources["stack"], local_instructions=resources["local_instructions"],
                     programs_per_sm=programs_per_sm(resources["registers"], metadata.num_warps, shared, limits),
                     constexprs=launch.constexprs)
-            usage.launches += 1
             usage.compile_seconds += launch.seconds
-            usage.variants.add(variant)
             usage.launches_by_variant[variant] = usage.launches_by_variant.get(variant, 0) + 1
             if launch.grid is not None:
-                programs = 1
-                for size in launch.grid:
-                    programs *= int(size)
-                usage.max_grid = max(usage.max_grid, programs)
+                usage.max_grid = max(usage.max_grid, math.prod(int(size) for size in launch.grid))
     for usage in usages.values():
         if usage.shared_bytes > limits.program_shared:
             usage.problems.append(f"needs {usage.shared_bytes / 1024:.0f} KiB of shared memory per program, over "
@@ -345,9 +356,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                           f"use bf16 tensor cores; the SM limits are known for these), got {arch}")
     if processors < 1:
         raise ConfigError(f"--sms must be at least 1, got {processors}")
-    if interpreting():
-        raise ConfigError("compile-check compiles the kernels for a GPU: unset TRITON_INTERPRET (the interpreter "
-                          "replaces Triton's compiler)")
+    _refuse_interpreter()
     torch_dtype = parse_dtype(dtype)
     target = CompileTarget(arch=arch, processors=processors)
     launches: dict[str, list[CompiledLaunch]] = {}
@@ -356,7 +365,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
     start = time.perf_counter()
     for variant in names:
         for model_name in models:
-            token_vla = VLAModelType.parse(model_name) in (VLAModelType.OPENVLA, VLAModelType.RT2)
+            token_vla = VLAModelType.parse(model_name) in TOKEN_VLAS
             for view_count in views[:1] if token_vla else views:
                 case_start = time.perf_counter()
                 case = {"variant": variant, "model": model_name, "views": None if token_vla else view_count}
@@ -401,10 +410,11 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
         "kernels": [
             {"name": u.name, "hash": u.key, "num_warps": u.num_warps, "num_stages": u.num_stages,
              "registers": u.registers, "shared_bytes": u.shared_bytes, "local_bytes": u.local_bytes,
-             "stack_bytes": u.stack_bytes, "local_instructions": u.local_instructions, "programs_per_sm": u.programs_per_sm, "launches": u.launches,
-             "max_grid": u.max_grid, "compile_seconds": round(u.compile_seconds, 2),
-             "variants": sorted(u.variants), "launches_by_variant": u.launches_by_variant, "constexprs": {k: _jsonable(v) for k, v in u.constexprs.items()},
-             "problems": u.problems}
+             "stack_bytes": u.stack_bytes, "local_instructions": u.local_instructions,
+             "programs_per_sm": u.programs_per_sm, "launches": u.launches, "max_grid": u.max_grid,
+             "compile_seconds": round(u.compile_seconds, 2), "variants": u.variants,
+             "launches_by_variant": u.launches_by_variant,
+             "constexprs": {k: _jsonable(v) for k, v in u.constexprs.items()}, "problems": u.problems}
             for u in usages
         ],
         "problems": failures + [f"{u.name} ({u.key}): {p}" for u in usages for p in u.problems],
