@@ -30,6 +30,7 @@ from cortexflow.models.base import VLAModel
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
 from cortexflow.models.rt2 import RT2Config, RT2Model
+from cortexflow.models.rtc import RTCConfig
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
 from cortexflow.token_engine import TokenVLAEngine
 
@@ -45,6 +46,7 @@ __all__ = [
     "CortexFlowError",
     "CortexFlowWarning",
     "InferenceConfig",
+    "RTCConfig",
     "InputError",
     "ModelConfig",
     "NormStatsError",

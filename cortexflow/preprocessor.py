@@ -139,6 +139,18 @@ class ActionPostprocessor:
             return actions
         return unnormalize(actions, self.action_stats, normalization_mode(self.model_type)).astype(np.float32)
 
+    def to_model_space(self, actions: np.ndarray) -> np.ndarray:
+        """The inverse of ``__call__`` on robot actions ``(..., D)``: their first ``min(D, len(stats))`` dims
+        normalised with the action stats, the others as given (fp32). Real-time chunking guides a new
+        chunk towards the previous one in this space."""
+        actions = np.asarray(actions, dtype=np.float32)
+        if self.action_stats is None:
+            return actions
+        dim = min(actions.shape[-1], self.action_stats.dim)
+        head = normalize(pad_to_dim(actions[..., :dim], self.action_stats.dim), self.action_stats,
+                         normalization_mode(self.model_type))
+        return np.concatenate([head[..., :dim], actions[..., dim:]], axis=-1).astype(np.float32)
+
 
 def split_norm_stats(stats: dict[str, NormStats] | None, normalize_requested: bool | None):
     """(state stats, action stats) to use, checking that normalisation asked for has its statistics."""

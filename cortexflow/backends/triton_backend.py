@@ -82,6 +82,7 @@ class TritonBackend(PyTorchBackend):
     """PyTorch reference semantics, computed with fused Triton kernels (GPU, or CPU under the interpreter)."""
 
     name = "triton"
+    supports_guided_decoding = False  # the Pi0 denoising loop is fused over repacked expert weights
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         super().__init__(device, dtype)
