@@ -586,7 +586,7 @@ def run_command(
 @_cli_errors
 def info_command(
     checkpoint: Annotated[
-        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded).")
+        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded, openpi JAX params/, LoRA adapter).")
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     model_config: Annotated[

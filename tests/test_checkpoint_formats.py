@@ -206,6 +206,20 @@ def test_openpi_lora_leaves_are_merged(tmp_path):
         torch.testing.assert_close(with_lora.weights[name], tensor, rtol=1e-6, atol=1e-6, msg=name)
 
 
+def test_info_describes_an_orbax_checkpoint(tmp_path):
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+
+    config = tiny_model_config("pi05", num_vision_heads=3)
+    save_params(jax_params(random_weights(config), config), tmp_path)
+    result = CliRunner().invoke(app, ["info", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] and report["model_type"] == "pi05"
+    assert report["config"]["num_vision_heads"] == 3 and report["config"]["decoder_dim"] == config.decoder_dim
+
+
 def test_orbax_tree_problems_are_listed_in_one_error(tmp_path):
     config = tiny_model_config("pi0")
     flat = jax_params(random_weights(config, seed=1), config)

@@ -22,9 +22,9 @@ from cortexflow.checkpoints.files import FLOAT_DTYPES, CheckpointFiles
 from cortexflow.checkpoints.key_problems import KeyProblems
 from cortexflow.checkpoints.pi0_layout import (
     EMBEDDING_KEYS,
-    LOOKUP_TABLE_KEYS,
     EXPERT,
     LANGUAGE,
+    LOOKUP_TABLE_KEYS,
     VISION,
     LayoutMatch,
     _LEGACY_PREFIXES,
