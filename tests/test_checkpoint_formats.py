@@ -414,3 +414,42 @@ def test_siglip_head_count_from_config_table_or_warned_default(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", CortexFlowWarning)
         assert _load(tmp_path, model_config={"num_vision_heads": 4}).report.config.num_vision_heads == 4
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_adapter_saved_by_peft_matches_its_merge_and_unload(tmp_path, use_rslora):
+    """An adapter written by PEFT itself (its key spelling, patterns, a modules_to_save copy) merges to
+    exactly what PEFT's merge_and_unload gives."""
+    peft = pytest.importorskip("peft", reason="PEFT writes the reference adapter: pip install peft accelerate")
+    config = tiny_model_config("pi0")
+    base = write_checkpoint(tmp_path / "base", config, seed=5, layout="lerobot")
+    state = load_file(str(base / "model.safetensors"))
+    names = [EXPERT_Q.format(0), EXPERT_Q.format(1), EXPERT_V.format(1), "model.state_proj", "model.action_in_proj"]
+    root = torch.nn.Module()
+    for name in names:  # the policy's module tree, reduced to the linears the adapter touches
+        weight, bias = state[name + ".weight"], state.get(name + ".bias")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        linear.weight.data.copy_(weight)
+        if bias is not None:
+            linear.bias.data.copy_(bias)
+        parent = root
+        *path, leaf = name.split(".")
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(leaf, linear)
+    lora_config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=r".*(q_proj|v_proj)|model\.state_proj",
+                                  rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 10},
+                                  use_rslora=use_rslora, init_lora_weights=False, modules_to_save=["action_in_proj"])
+    wrapped = peft.get_peft_model(root, lora_config)
+    with torch.no_grad():
+        copy = wrapped.base_model.model.model.action_in_proj.modules_to_save["default"]
+        copy.weight.add_(torch.randn(copy.weight.shape, generator=torch.Generator().manual_seed(1)))
+    wrapped.save_pretrained(str(tmp_path / "adapter"))
+    merged = dict(wrapped.merge_and_unload().state_dict())
+    source = cf.checkpoints.sources.open_checkpoint(tmp_path / "adapter", base)
+    for name in names:
+        torch.testing.assert_close(source.read(name + ".weight").float(), merged[name + ".weight"], rtol=1e-6, atol=1e-6,
+                                   msg=name)
+        assert not torch.equal(merged[name + ".weight"], state[name + ".weight"]), name

@@ -9,7 +9,8 @@ s = lora_alpha / r (``use_rslora``: lora_alpha / sqrt(r)); r and alpha come from
 ``alpha_pattern`` when a pattern matches the module (PEFT's rule: the pattern full-matches the module
 path or a dotted suffix of it), else from ``r`` / ``lora_alpha`` (PEFT default alpha 8).
 ``fan_in_fan_out`` transposes the update. Other adapter entries (trained biases with ``bias`` not
-``"none"``, ``modules_to_save`` copies) replace the base tensor of the same module.
+``"none"``, ``modules_to_save`` copies, which PEFT saves under the plain ``<module>.weight`` / ``.bias``)
+replace the base tensor of the same name.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 PEFT_DEFAULT_ALPHA = 8
 _LORA_KEY = re.compile(r"^(.*)\.lora_([AB])(?:\.[^.]+)?\.weight$")
-_SAVED_COPY = re.compile(r"\.modules_to_save(?:\.[^.]+)?\.")
 
 
 def is_adapter_folder(path: Path) -> bool:
@@ -148,7 +148,7 @@ class AdapterCheckpoint(CheckpointFiles):
             if m := _LORA_KEY.match(name):
                 pairs.setdefault(m.group(1), {})[m.group(2)] = tensor
                 continue
-            target = base_key(_SAVED_COPY.sub(".", name))
+            target = base_key(name)
             if target is None:
                 unplaced.append(name)
             elif tuple(tensor.shape) != base.tensors[target].shape:
