@@ -586,7 +586,7 @@ def run_command(
 @_cli_errors
 def info_command(
     checkpoint: Annotated[
-        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded).")
+        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded, openpi JAX params/, LoRA adapter).")
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     model_config: Annotated[
@@ -669,6 +669,36 @@ def _print_info(report) -> None:
             out.print(Text(f"  {item}", style=style if style != "red" else None))
     if not report.ok:
         out.print(Text(f"checkpoint does not match the {report.model_type.value} architecture", style="bold red"))
+
+
+@app.command("convert", short_help="Write an openpi JAX (Orbax) checkpoint or a LoRA adapter as a safetensors folder.")
+@_cli_errors
+def convert_command(
+    source: Annotated[Path, typer.Argument(metavar="SRC", help="openpi JAX checkpoint (folder with params/ and assets/), a LoRA adapter folder, or any safetensors checkpoint.")],
+    destination: Annotated[Path, typer.Argument(metavar="DST", help="Output folder (created; must not hold a model.safetensors yet).")],
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="stored (keep each tensor's dtype), float32, or bfloat16 (patch/position embedding and norms stay float32, as in openpi).")] = "stored",
+    base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", metavar="PATH", help="Base checkpoint of a LoRA adapter folder (default: its base_model_name_or_path).")] = None,
+) -> None:
+    """Write SRC as DST/model.safetensors + config.json + assets/, loadable without JAX.
+
+    An Orbax params/ tree is read with orbax-checkpoint (pip install 'cortexflow[jax]'), checked leaf by
+    leaf, openpi's LoRA leaves are merged, and the tensors are written under openpi PyTorch names. A PEFT
+    LoRA adapter is written merged into its base. SRC/assets (openpi norm stats) is copied to DST/assets.
+    """
+    from cortexflow.checkpoints.convert import DTYPES, convert_checkpoint
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    _progress(f"converting {source} ...")
+    result = convert_checkpoint(source, destination, dtype=dtype, base_checkpoint=base_checkpoint)
+    out = _stdout()
+    out.print(f"{result.model_type} ({result.layout} keys): {result.num_tensors} tensors, "
+              f"{_human_bytes(result.total_bytes)} -> {result.destination / 'model.safetensors'}")
+    out.print(f"config: {result.destination / 'config.json'}")
+    for asset in result.assets:
+        out.print(f"asset: {asset}")
+    if not result.assets:
+        out.print(Text("no assets/ folder in the source: pass norm stats with --norm-stats when serving", style="yellow"))
 
 
 # ---- measurement tools: verify, bench, profile ---------------------------------------------------

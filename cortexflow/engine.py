@@ -75,9 +75,9 @@ class _TimedStage:
 class VLAInferenceEngine:
     """Runs one policy on one backend and device.
 
-    ``checkpoint`` is a checkpoint path (openpi PyTorch / LeRobot safetensors) or, with ``model=`` (a
-    custom :class:`VLAModel`), a path or an in-memory state dict that ``model.preprocess_checkpoint``
-    understands. ``model_config`` is a full :class:`ModelConfig` or a dict of fields to override.
+    ``checkpoint`` is a checkpoint path (openpi PyTorch / LeRobot safetensors, openpi JAX Orbax, a LoRA
+    adapter folder) or, with ``model=`` (a custom :class:`VLAModel`), a path or an in-memory state dict
+    that ``model.preprocess_checkpoint`` understands. ``model_config`` is a full :class:`ModelConfig` or a dict of fields to override.
     """
 
     def __init__(
@@ -98,7 +98,8 @@ class VLAInferenceEngine:
         if model is None:
             expected = VLAModelType.parse(model_type) if model_type is not None else None
             loaded = load_pi0_checkpoint(
-                checkpoint, expected, self.device, self.dtype, self._merged_config(model_config), progress
+                checkpoint, expected, self.device, self.dtype, self._merged_config(model_config), progress,
+                ic.base_checkpoint_path,
             )
             self.model, weights, self.checkpoint_report = loaded.model, loaded.weights, loaded.report
         else:

@@ -56,11 +56,13 @@ def create_pi0_inference(
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
     **options: Any,
 ) -> VLAInferenceEngine:
-    """A Pi0 engine for the checkpoint at ``checkpoint_path`` (openpi PyTorch or LeRobot safetensors).
+    """A Pi0 engine for the checkpoint at ``checkpoint_path``: openpi PyTorch or LeRobot safetensors, an
+    openpi JAX checkpoint (Orbax ``params/``; needs ``pip install 'cortexflow[jax]'``), or a PEFT LoRA
+    adapter folder (merged into its base at load).
 
     ``chunk_size=None`` takes the chunk from the checkpoint's config (50 by default). ``options`` are
     further :class:`InferenceConfig` fields (``normalize``, ``num_steps``, ``max_tokenize_len``,
-    ``discrete_state_input``) and ``progress`` (show the loading bar)."""
+    ``discrete_state_input``, ``base_checkpoint_path``) and ``progress`` (show the loading bar)."""
     return _create(
         VLAModelType.PI0, checkpoint_path, num_views, chunk_size, backend, device, dtype,
         tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, **options,
