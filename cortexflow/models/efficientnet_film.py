@@ -178,7 +178,7 @@ def normalize_input(weights: Weights, prefix: str, images: torch.Tensor, rescale
     ``(x / 255 - mean) / max(sqrt(variance), 1e-7) * rescale`` per channel, ``images (N, 3, H, W)``."""
     mean = weights[f"{prefix}.norm.mean"].float()[None, :, None, None]
     std = torch.sqrt(weights[f"{prefix}.norm.variance"].float()).clamp_min(KERAS_EPSILON)[None, :, None, None]
-    x = (images.float() / 255.0 - mean) / std * rescale.to(images.device)[None, :, None, None]
+    x = (images.float() / 255.0 - mean) / std * rescale[None, :, None, None]
     return x.to(images.dtype)
 
 

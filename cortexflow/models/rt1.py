@@ -244,7 +244,7 @@ class RT1Model(VLAModel):
     def __init__(self, config: RT1Config):
         super().__init__(config)
         self.blocks = config.blocks()
-        self._mask_cache: dict[torch.device, torch.Tensor] = {}
+        self._constants: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     # ---- declarations -------------------------------------------------------------------------
     @property
@@ -340,7 +340,7 @@ class RT1Model(VLAModel):
                                    antialias=False)
         images = (images * 255.0).to(ops.dtype)
         context = inputs["context"].to(ops.dtype)
-        rescale = torch.tensor(c.input_rescale, dtype=torch.float32)
+        rescale = self.constants(images.device)["rescale"]
         fmap = efficientnet_film(ops, weights, "tokenizer", self.blocks, images, context, rescale, c.bn_eps, c.padding)
         tokens = fmap.flatten(2).transpose(1, 2)  # (B, h*w, E), row-major over (h, w) as the Keras reshape
         return token_learner(ops, weights, "token_learner", tokens, c.ln_eps)
@@ -367,7 +367,7 @@ class RT1Model(VLAModel):
         x = ops.linear(x, weights["transformer.token_emb.weight"], weights["transformer.token_emb.bias"])
         positions = (weights["transformer.pos_emb.weight"].t() + weights["transformer.pos_emb.bias"]).to(x.dtype)
         x = x + positions[None]
-        mask = self.attention_mask(x.device)[None].expand(batch, -1, -1)
+        mask = self.constants(x.device)["mask"][None].expand(batch, -1, -1)
         for i in range(c.num_layers):
             x = self.layer(ops, weights, f"transformer.layers.{i}", x, mask)
         rows = action_logit_rows(slot, c.num_tokens, c.num_action_tokens)
@@ -391,13 +391,16 @@ class RT1Model(VLAModel):
         gated = ops.silu(ops.linear(h, weights[f"{p}.ff.gate"])) * ops.linear(h, weights[f"{p}.ff.up"])
         return x + ops.linear(gated, weights[f"{p}.ff.down"])
 
-    def attention_mask(self, device: torch.device) -> torch.Tensor:
-        """The ``(L, L)`` mask of :func:`rt1_attention_mask` on ``device`` (built once per device)."""
-        if device not in self._mask_cache:
+    def constants(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Per-device constants, built once (so that a captured CUDA graph copies nothing from the host):
+        ``mask``, the ``(L, L)`` mask of :func:`rt1_attention_mask`, and ``rescale``, the ``(3,)`` input
+        scaling after the Normalization layer."""
+        if device not in self._constants:
             c = self.config
-            self._mask_cache[device] = rt1_attention_mask(c.time_steps, c.num_tokens, c.num_action_tokens,
-                                                          c.image_sees_actions).to(device)
-        return self._mask_cache[device]
+            mask = rt1_attention_mask(c.time_steps, c.num_tokens, c.num_action_tokens, c.image_sees_actions)
+            rescale = torch.tensor(c.input_rescale, dtype=torch.float32)
+            self._constants[device] = {"mask": mask.to(device), "rescale": rescale.to(device)}
+        return self._constants[device]
 
     def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None) -> torch.Tensor:
         """One policy step over the static ``buffers`` (see ``get_buffer_shapes``): tokenizes the new frame,
