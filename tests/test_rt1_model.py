@@ -12,6 +12,7 @@ import torch
 
 from cortexflow.backends.pytorch import PyTorchBackend
 from cortexflow.errors import ConfigError
+from cortexflow.random_rt1 import random_rt1_weights, tiny_rt1_config
 from cortexflow.models.efficientnet_film import conv_padding, efficientnet_blocks, normalize_input
 from cortexflow.models.rt1 import (
     RT1_ACTIONS,
@@ -25,44 +26,6 @@ from cortexflow.models.rt1 import (
 )
 
 OPS = PyTorchBackend(torch.device("cpu"), torch.float32)
-
-
-def tiny_config(**overrides) -> RT1Config:
-    base = dict(image_size=48, input_size=(40, 56), width=0.1, depth=0.3, embedding_dim=16, context_dim=12,
-                num_tokens=3, token_learner_dim=6, num_layers=2, d_model=16, num_heads=2, head_dim=4, time_steps=3)
-    base.update(overrides)
-    return RT1Config(**base)
-
-
-class _CalibratingBackend(PyTorchBackend):
-    """Sets every batch norm's running statistics to the statistics of the batch it normalises."""
-
-    def batch_norm(self, x, mean, var, gamma, beta, eps):
-        mean.copy_(x.mean(dim=(0, 2, 3)))
-        var.copy_(x.var(dim=(0, 2, 3), unbiased=False))
-        return super().batch_norm(x, mean, var, gamma, beta, eps)
-
-
-def random_weights(model: RT1Model, seed: int) -> dict[str, torch.Tensor]:
-    """Random weights scaled by 1/sqrt(fan-in) (small for FiLM); batch-norm running statistics set from a
-    batch of random frames, so that activations keep unit scale and the image reaches the tokens."""
-    g = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, shape in model.get_weight_shapes().items():
-        w = torch.randn(shape, generator=g)
-        if len(shape) >= 2:
-            w = w / math.sqrt(math.prod(shape[1:])) * (0.2 if ".film." in name else 1.0)
-        elif name.endswith((".var", ".variance")):
-            w = 0.5 + torch.rand(shape, generator=g)
-        elif name.endswith((".gamma", "norm.weight")):
-            w = 1.0 + 0.2 * w
-        else:
-            w = 0.1 * w
-        weights[name] = w
-    c = model.config
-    frames = {"images": torch.rand(8, 3, *c.input_size, generator=g), "context": torch.randn(8, c.context_dim, generator=g)}
-    model.vision_encoder(_CalibratingBackend(torch.device("cpu"), torch.float32), weights, frames)
-    return weights
 
 
 def test_b3_blocks_and_parameter_count():
@@ -219,13 +182,13 @@ def _decoder_recompute(model, weights, frame_tokens: list[torch.Tensor]) -> torc
     return model.transformer_decoder(OPS, weights, {"history": history, "slot": torch.tensor([t])})
 
 
-@pytest.mark.parametrize("config", [tiny_config(), tiny_config(ffn="swiglu", padding="same", image_sees_actions=False,
+@pytest.mark.parametrize("config", [tiny_rt1_config(), tiny_rt1_config(ffn="swiglu", padding="same", image_sees_actions=False,
                                                                 vocab_size=512)], ids=["rt1", "rt1x-style"])
 def test_step_with_history_matches_recompute(config):
     """``forward`` (token reuse + in-place history) equals recomputing each step from all frames, across
     the window filling up and rolling; the image and the instruction both change the logits."""
     model = RT1Model(config)
-    weights = random_weights(model, 5)
+    weights = random_rt1_weights(model, 5)
     g = torch.Generator().manual_seed(6)
     shapes = model.get_buffer_shapes()
     buffers = {k: torch.zeros(s, dtype=model.buffer_dtype(k, torch.float32)) for k, s in shapes.items()}
@@ -256,6 +219,6 @@ def test_rt1x_config_dimensions():
 
 def test_bad_config_names_the_field():
     with pytest.raises(ConfigError, match="ffn"):
-        RT1Model(tiny_config(ffn="gelu"))
+        RT1Model(tiny_rt1_config(ffn="gelu"))
     with pytest.raises(ConfigError, match="unknown RT-1 config fields"):
-        tiny_config().replace(layers=3)
+        tiny_rt1_config().replace(layers=3)
