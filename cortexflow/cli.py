@@ -1077,5 +1077,26 @@ def loadtest_command(
         raise typer.Exit(EXIT_PROBLEMS)
 
 
+@app.command("convert", short_help="Convert an RT-1 TF2 checkpoint to safetensors (reads it without TensorFlow).")
+@_cli_errors
+def convert_command(
+    checkpoint: Annotated[Path, typer.Argument(metavar="CHECKPOINT", help="TF2 checkpoint: the ckpt-N prefix, its .index file or its folder.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Folder to write model.safetensors and config.json into.")],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="rt1 (the only converter of this command).")] = "rt1",
+    model_config: Annotated[Optional[str], typer.Option("--model-config", metavar="JSON|FILE", help="RT-1 config overrides the checkpoint cannot tell ('{\"input_size\": [256, 320]}').")] = None,
+) -> None:
+    """Read an RT-1 TF2 object checkpoint (tensor bundle), map its variables to CortexFlow's names and
+    torch layouts, and write fp32 safetensors plus the config; create_rt1_inference loads the folder."""
+    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint, save_converted
+
+    if VLAModelType.parse(model) != VLAModelType.RT1:
+        raise ConfigError(f"--model {model!r}: convert handles rt1 checkpoints only")
+    rt1, weights, report = load_rt1_checkpoint(checkpoint, parse_model_config(model_config))
+    folder = save_converted(rt1, weights, out)
+    typer.echo(json.dumps({"model": "rt1", "out": str(folder), "tensors": len(weights),
+                           "parameters": sum(w.numel() for w in weights.values()),
+                           "skipped_variables": report.skipped}, indent=2))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

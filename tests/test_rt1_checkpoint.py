@@ -5,6 +5,7 @@ its bad inputs, broken checkpoint files, and the safetensors conversion."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from cortexflow.checkpoints.rt1_layout import (
     actor_prefix,
     load_rt1_checkpoint,
     match_tf_checkpoint,
-    save_converted,
 )
 from cortexflow.checkpoints.tf_bundle import TensorBundle
 from cortexflow.errors import CheckpointError, InputError, TokenizerError
@@ -180,11 +180,21 @@ def test_broken_files(tmp_path):
         load_rt1_checkpoint(tmp_path / "nowhere", CONFIG)
 
 
-def test_converted_safetensors_give_the_same_step(tmp_path, expected):
-    model, weights, _ = load_rt1_checkpoint(FIXTURE, CONFIG)
-    save_converted(model, weights, tmp_path / "rt1")
+def test_cli_convert_writes_safetensors_that_give_the_same_step(tmp_path, expected):
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+
+    overrides = json.dumps({"image_size": 64, "input_size": [48, 64], "width": 0.2, "depth": 0.5})
+    result = CliRunner().invoke(app, ["convert", str(FIXTURE / "ckpt-1"), str(tmp_path / "rt1"), "--model-config",
+                                      overrides])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["skipped_variables"] == 1
     converted = cf.create_rt1_inference(tmp_path / "rt1", device="cpu")
+    model, weights, _ = load_rt1_checkpoint(FIXTURE, CONFIG)
     assert converted.config == model.config
     converted.predict(expected["frames"][0], expected["context"])
     np.testing.assert_array_equal(converted.last_tokens[0], expected["tokens"][0])
     assert torch.equal(converted.weights["transformer.output.weight"], weights["transformer.output.weight"])
+    bad = CliRunner().invoke(app, ["convert", str(FIXTURE), str(tmp_path / "x"), "--model", "pi0"])
+    assert bad.exit_code == 2 and "rt1 checkpoints only" in bad.output

@@ -241,16 +241,10 @@ def load_safetensors(path: Path, model_config: "RT1Config | Mapping[str, Any] | 
                      ) -> tuple[RT1Model, dict[str, torch.Tensor], RT1CheckpointReport]:
     """A converted checkpoint: canonical names in safetensors, the config in ``config.json`` beside it."""
     from cortexflow.checkpoints.files import CheckpointFiles
-    from cortexflow.models.rt1 import ActionField
 
     files = CheckpointFiles.open(path)
     stored = dict(files.config.get("rt1", {}))
     stored.pop("model_type", None)
-    if "actions" in stored:
-        stored["actions"] = tuple(ActionField(**a) for a in stored["actions"])
-    for key in ("input_size", "input_rescale"):
-        if key in stored:
-            stored[key] = tuple(stored[key])
     config = model_config if isinstance(model_config, RT1Config) else RT1Config().replace(**stored)
     if isinstance(model_config, Mapping):
         config = config.replace(**model_config)

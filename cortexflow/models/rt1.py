@@ -125,11 +125,17 @@ class RT1Config:
         return cls(**base)
 
     def replace(self, **overrides: Any) -> "RT1Config":
-        """A copy with fields changed; unknown names raise ``ConfigError``."""
-        names = {f.name for f in dataclasses.fields(self)}
+        """A copy with fields changed (JSON lists accepted for tuples, dicts for ``actions``); unknown
+        names raise ``ConfigError``."""
+        names = {f.name for f in dataclasses.fields(self)} - {"model_type"}
         unknown = sorted(set(overrides) - names)
         if unknown:
             raise ConfigError(f"unknown RT-1 config fields {unknown}; known: {sorted(names)}")
+        for key in ("input_size", "input_rescale"):
+            if key in overrides:
+                overrides[key] = tuple(overrides[key])
+        if "actions" in overrides:
+            overrides["actions"] = tuple(f if isinstance(f, ActionField) else ActionField(**f) for f in overrides["actions"])
         return dataclasses.replace(self, **overrides)
 
     def validate(self) -> None:
