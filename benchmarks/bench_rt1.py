@@ -4,8 +4,9 @@ Real-size RT-1 (FiLM-EfficientNet-B3, 8 layers, 6-frame window), random non-zero
 batch-norm statistics (``cortexflow.random_rt1``), random 256 x 320 uint8 frames and a random 512-D
 instruction embedding. Variants: eager PyTorch ops and the whole step as one CUDA graph, in fp32 and
 bf16, batch 1 and ``--batch``. Each: warm-up steps (the history fills), then the median (p10/p90) of
-``--iters`` whole calls timed with CUDA events, plus the graph replay alone; bf16 tokens are compared
-with fp32 on the same frames. Writes ``$OUT/bench_rt1.json`` (or ``--json PATH``), prints a table last.
+``--iters`` whole calls timed with CUDA events, plus the graph replay alone; each variant's tokens and
+logits over one episode are compared with fp32 eager's. Writes ``$OUT/bench_rt1.json`` (or ``--json
+PATH``) and prints a table last.
 
     python benchmarks/bench_rt1.py            # GPU: real size
     python benchmarks/bench_rt1.py --tiny     # CPU smoke test
@@ -68,11 +69,13 @@ def run_variant(model: RT1Model, weights, device, dtype, graphs: bool, batch: in
         graph = engine._graph(batch)
         result["graph_replay"] = _percentiles(_time(graph.replay, iters, device))
     engine.reset()
-    tokens = []
+    tokens, logits = [], []
     for frame in frames:
         engine.predict(frame, context)
         tokens.append(engine.last_tokens[0].copy())
+        logits.append(engine.buffers(1)["logits"][0].float().cpu().numpy())
     result["episode_tokens"] = np.stack(tokens).tolist()
+    result["episode_logits"] = np.stack(logits)
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
@@ -103,9 +106,12 @@ def main() -> None:
                 torch.cuda.reset_peak_memory_stats(device)
             results.append(run_variant(model, weights, device, dtype, graphs, batch, frames, context, iters,
                                        warmup=config.time_steps + 3))
-    reference = next(r["episode_tokens"] for r in results if r["dtype"] == "float32")
+    ref_tokens, ref_logits = np.array(results[0]["episode_tokens"]), results[0]["episode_logits"]  # fp32 eager
     for r in results:
-        r["episode_token_agreement_vs_fp32"] = float(np.mean(np.array(r["episode_tokens"]) == np.array(reference)))
+        r["episode_token_agreement_vs_fp32"] = float(np.mean(np.array(r["episode_tokens"]) == ref_tokens))
+        delta = r.pop("episode_logits") - ref_logits
+        r["episode_logits_max_abs_diff_vs_fp32"] = float(np.abs(delta).max())
+        r["episode_logits_rel_l2_vs_fp32"] = float(np.linalg.norm(delta) / np.linalg.norm(ref_logits))
     report = {
         "command": "python benchmarks/bench_rt1.py" + (" --tiny" if args.tiny else ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -118,11 +124,13 @@ def main() -> None:
     out = args.json or Path(os.environ.get("OUT", ".")) / "bench_rt1.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
-    print(f"{'dtype':9} {'graph':5} {'batch':>5} {'call ms':>9} {'p10':>7} {'p90':>7} {'replay ms':>9} {'tok=fp32':>8}")
+    print(f"{'dtype':9} {'graph':5} {'batch':>5} {'call ms':>9} {'p10':>7} {'p90':>7} {'replay ms':>9} {'tok=fp32':>8} "
+          f"{'logit rel':>9}")
     for r in results:
         replay = r.get("graph_replay", {}).get("median_ms", float("nan"))
         print(f"{r['dtype']:9} {str(r['cuda_graph']):5} {r['batch']:>5} {r['median_ms']:9.3f} {r['p10_ms']:7.3f} "
-              f"{r['p90_ms']:7.3f} {replay:9.3f} {r['episode_token_agreement_vs_fp32']:8.3f}")
+              f"{r['p90_ms']:7.3f} {replay:9.3f} {r['episode_token_agreement_vs_fp32']:8.3f} "
+              f"{r['episode_logits_rel_l2_vs_fp32']:9.2e}")
     print(f"wrote {out}")
 
 
