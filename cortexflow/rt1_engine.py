@@ -44,7 +44,8 @@ class RT1Engine:
         self.weights = self.backend.prepare_weights(model, placed)
         self.text_encoder = text_encoder
         self.checkpoint_report = report
-        self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
+        self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda"
+                                    and self.backend.supports_cuda_graphs)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._embeddings: dict[str, np.ndarray] = {}
@@ -56,7 +57,8 @@ class RT1Engine:
         return self.config.model_type
 
     # ---- public API ---------------------------------------------------------------------------
-    def predict(self, image: Any, instruction_embedding: Any = None, task_prompt: str | None = None) -> dict[str, np.ndarray]:
+    def predict(self, image: Any, instruction_embedding: Any = None,
+                task_prompt: str | None = None) -> dict[str, np.ndarray]:
         """One frame of the current episode -> the action dict (``world_vector (3,)``, ``rotation_delta
         (3,)``, ``gripper_closedness_action (1,)``, ..., ``terminate_episode (3,)`` one-hot int32).
 

@@ -140,7 +140,8 @@ def test_causal_mask_over_114_tokens():
     image_row = 19 * 2 + 5
     assert mask[image_row, 19 + 8:19 + 19].all()  # image tokens see earlier (zero) action slots
     rt1x = rt1_attention_mask(6, 8, 11, image_sees_actions=False).numpy()
-    np.testing.assert_array_equal(rt1x, expected & ~((np.arange(114) % 19 < 8)[:, None] & (np.arange(114) % 19 >= 8)[None]))
+    image_to_action = (np.arange(114) % 19 < 8)[:, None] & (np.arange(114) % 19 >= 8)[None]
+    np.testing.assert_array_equal(rt1x, expected & ~image_to_action)
 
 
 def test_action_logit_rows():
@@ -182,8 +183,10 @@ def _decoder_recompute(model, weights, frame_tokens: list[torch.Tensor]) -> torc
     return model.transformer_decoder(OPS, weights, {"history": history, "slot": torch.tensor([t])})
 
 
-@pytest.mark.parametrize("config", [tiny_rt1_config(), tiny_rt1_config(ffn="swiglu", padding="same", image_sees_actions=False,
-                                                                vocab_size=512)], ids=["rt1", "rt1x-style"])
+RT1X_STYLE = dict(ffn="swiglu", padding="same", image_sees_actions=False, vocab_size=512)
+
+
+@pytest.mark.parametrize("config", [tiny_rt1_config(), tiny_rt1_config(**RT1X_STYLE)], ids=["rt1", "rt1x-style"])
 def test_step_with_history_matches_recompute(config):
     """``forward`` (token reuse + in-place history) equals recomputing each step from all frames, across
     the window filling up and rolling; the image and the instruction both change the logits."""

@@ -202,7 +202,8 @@ def match_tf_checkpoint(shapes: Mapping[str, tuple[int, ...]], model: RT1Model, 
             report.mis_shaped.append(f"{full} {stored} (expected {name} {wanted[name]} in torch layout)")
             continue
         sources[name] = (full, transform)
-    used = {prefix + rel + SUFFIX for rel in UNUSED} | {prefix + rel + SUFFIX for rel, _ in tf_variable_map(model).values()}
+    mapped = [rel for rel, _ in tf_variable_map(model).values()]
+    used = {prefix + rel + SUFFIX for rel in (*UNUSED, *mapped)}
     for name in shapes:
         if not name.startswith(prefix) or SLOT_MARK in name:
             report.skipped += 1

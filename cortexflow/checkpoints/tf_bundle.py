@@ -103,7 +103,8 @@ def parse_bundle_entry(buf: bytes) -> BundleEntry:
         elif number == 5:
             fields["size"] = value
         elif number == 7:
-            raise CheckpointError("partitioned (sliced) variables are not supported; re-save the checkpoint unpartitioned")
+            raise CheckpointError("partitioned (sliced) variables are not supported; re-save the checkpoint "
+                                  "unpartitioned")
     return BundleEntry(**fields)
 
 

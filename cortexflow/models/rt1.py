@@ -135,7 +135,8 @@ class RT1Config:
             if key in overrides:
                 overrides[key] = tuple(overrides[key])
         if "actions" in overrides:
-            overrides["actions"] = tuple(f if isinstance(f, ActionField) else ActionField(**f) for f in overrides["actions"])
+            overrides["actions"] = tuple(f if isinstance(f, ActionField) else ActionField(**f)
+                                         for f in overrides["actions"])
         return dataclasses.replace(self, **overrides)
 
     def validate(self) -> None:
@@ -178,7 +179,8 @@ class RT1Config:
         return data
 
 
-def rt1_attention_mask(time_steps: int, num_image: int, num_action: int, image_sees_actions: bool = True) -> torch.Tensor:
+def rt1_attention_mask(time_steps: int, num_image: int, num_action: int,
+                       image_sees_actions: bool = True) -> torch.Tensor:
     """``(L, L)`` bool, True = query row may attend key column, over ``time_steps`` steps of
     ``[num_image image tokens, num_action action tokens]``.
 
@@ -299,7 +301,8 @@ class RT1Model(VLAModel):
                 shapes[f"{p}.ff.down"] = (c.d_model, c.ffn_dim)
         return shapes
 
-    def get_buffer_shapes(self, num_views: int = 1, chunk_size: int = 1, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
+    def get_buffer_shapes(self, num_views: int = 1, chunk_size: int = 1,
+                          batch_size: int = 1) -> dict[str, tuple[int, ...]]:
         """One step for ``batch_size`` episodes: the new frames, instruction embeddings, per-episode frame
         counts and token history (inputs, updated in place), the action logits and tokens (outputs)."""
         c = self.config
@@ -408,7 +411,8 @@ class RT1Model(VLAModel):
             self._constants[device] = {"mask": mask.to(device), "rescale": rescale.to(device)}
         return self._constants[device]
 
-    def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None) -> torch.Tensor:
+    def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor],
+                timer: Any = None) -> torch.Tensor:
         """One policy step over the static ``buffers`` (see ``get_buffer_shapes``): tokenizes the new frame,
         updates ``history`` and ``step`` in place, writes ``logits`` and argmax ``tokens``."""
         frame = backend.vision_encoder(self, weights, buffers)
