@@ -178,6 +178,11 @@ def test_broken_files(tmp_path):
         TensorBundle(index)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_rt1_checkpoint(tmp_path / "nowhere", CONFIG)
+    saved_model = tmp_path / "saved_model"
+    (saved_model / "variables").mkdir(parents=True)
+    (saved_model / "saved_model.pb").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="SavedModel"):
+        load_rt1_checkpoint(saved_model, CONFIG)
 
 
 def test_cli_convert_writes_safetensors_that_give_the_same_step(tmp_path, expected):

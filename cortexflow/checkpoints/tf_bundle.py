@@ -179,6 +179,9 @@ def resolve_prefix(path: str | Path) -> Path:
         indexes = sorted(path.glob("*.index"))
         if len(indexes) == 1:
             return indexes[0].with_suffix("")
+        if not indexes and (path / "saved_model.pb").is_file():
+            raise CheckpointError(f"{path} is a TF SavedModel: its variables/ index names variables by number, not by "
+                                  "object path; pass the training checkpoint (ckpt-N.index + .data-*) instead")
         raise CheckpointError(f"{path} holds {len(indexes)} TensorFlow checkpoint indexes and no 'checkpoint' file "
                               "naming one; pass the prefix, e.g. .../ckpt-424760")
     if path.suffix == ".index":
