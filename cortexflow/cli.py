@@ -708,7 +708,7 @@ def _report(report: dict, json_path: Optional[str], print_tables: Callable) -> N
 @app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")
 @_cli_errors
 def verify_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla or rt2.")] = "pi0",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla, rt2 or rt1.")] = "pi0",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="The backend to check (any registered name).")] = "pytorch",
     against: Annotated[str, typer.Option("--against", metavar="NAME", help="The reference backend; it runs in float32.")] = "pytorch",
     size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5, OpenVLA-7B, PaliGemma-3B sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
@@ -733,7 +733,8 @@ def verify_command(
     agreement. --model rt2: patch embedding, SigLIP layer 0, the tower, the projector, the vision stage,
     Gemma layer 0, then the same prefill / decode / actions modules. In bfloat16/float16 a token that
     flips at a near-tie of the reference's logits passes as "tie" when the decode logits are within the
-    limit; in float32 every token must agree.
+    limit; in float32 every token must agree. --model rt1: the FiLM-EfficientNet map, TokenLearner,
+    decoder layer 0, the logits over a full window, and an 8-frame episode (its continuous actions).
 
     Exit code 0: the final actions are within the limit (float32: ‖Δ‖/‖ref‖ <= 1e-4; bfloat16/float16:
     <= 2e-2); 1: they are not; 2: the check could not run.

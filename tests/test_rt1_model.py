@@ -225,3 +225,24 @@ def test_bad_config_names_the_field():
         RT1Model(tiny_rt1_config(ffn="gelu"))
     with pytest.raises(ConfigError, match="unknown RT-1 config fields"):
         tiny_rt1_config().replace(layers=3)
+
+
+class _SwishGateBackend(PyTorchBackend):
+    """A faulty backend: squeeze-excite gates through swish instead of sigmoid."""
+
+    name = "faulty"
+
+    def sigmoid(self, x):
+        return torch.nn.functional.silu(x)
+
+
+def test_verify_rt1_passes_the_reference_and_catches_a_faulty_op():
+    from cortexflow.tools.rt1_verify import run_rt1_verify
+
+    report = run_rt1_verify(device="cpu", size="tiny", repeats=1)
+    assert report["passed"]
+    assert [row["name"] for row in report["modules"]] == ["tokenizer", "token_learner", "decoder_layer0", "logits",
+                                                          "actions"]
+    faulty = run_rt1_verify(_SwishGateBackend, device="cpu", size="tiny", repeats=1)
+    assert not faulty["passed"]
+    assert faulty["modules"][0]["status"] == "over"
