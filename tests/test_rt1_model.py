@@ -91,7 +91,7 @@ def test_input_normalisation_and_batch_norm_formulas():
     images = torch.rand(2, 3, 5, 5, generator=g) * 255
     mean, variance = torch.rand(3, generator=g), torch.rand(3, generator=g) + 0.01
     rescale = 1.0 / torch.sqrt(torch.tensor([0.229, 0.224, 0.225]))
-    got = normalize_input({"t.norm.mean": mean, "t.norm.variance": variance}, "t", images, rescale)
+    got = normalize_input({"t.norm.mean": mean, "t.norm.variance": variance}, "t", images, rescale, torch.float32)
     c = (slice(None), slice(None), None, None)
     expected = (images / 255 - mean[c[1:]]) / torch.sqrt(variance)[c[1:]] * rescale[c[1:]]
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -173,19 +173,22 @@ def mbconv_block(ops, weights: Weights, prefix: str, block: MBConvBlock, x: torc
     return film(ops, weights, f"{prefix}.film", h, context)
 
 
-def normalize_input(weights: Weights, prefix: str, images: torch.Tensor, rescale: torch.Tensor) -> torch.Tensor:
+def normalize_input(weights: Weights, prefix: str, images: torch.Tensor, rescale: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
     """The Keras stem's ``Rescaling(1/255) -> Normalization(mean, variance) -> Rescaling(rescale)``:
-    ``(x / 255 - mean) / max(sqrt(variance), 1e-7) * rescale`` per channel, ``images (N, 3, H, W)``."""
+    ``(x / 255 - mean) / max(sqrt(variance), 1e-7) * rescale`` per channel of ``images (N, 3, H, W)``,
+    computed in fp32, returned in ``dtype``."""
     mean = weights[f"{prefix}.norm.mean"].float()[None, :, None, None]
     std = torch.sqrt(weights[f"{prefix}.norm.variance"].float()).clamp_min(KERAS_EPSILON)[None, :, None, None]
     x = (images.float() / 255.0 - mean) / std * rescale[None, :, None, None]
-    return x.to(images.dtype)
+    return x.to(dtype)
 
 
 def efficientnet_film(ops, weights: Weights, prefix: str, blocks: list[MBConvBlock], images: torch.Tensor,
                       context: torch.Tensor, rescale: torch.Tensor, eps: float, padding_mode: str) -> torch.Tensor:
-    """``images (N, 3, H, W)`` in [0, 255], ``context (N, Dc)`` -> FiLM-conditioned map ``(N, E, h, w)``."""
-    x = normalize_input(weights, prefix, images, rescale)
+    """``images (N, 3, H, W)`` in [0, 255] (any float dtype), ``context (N, Dc)`` -> FiLM-conditioned map
+    ``(N, E, h, w)`` in ``context.dtype``."""
+    x = normalize_input(weights, prefix, images, rescale, context.dtype)
     x = ops.silu(batch_norm(ops, weights, f"{prefix}.stem.bn", conv(ops, x, weights[f"{prefix}.stem.conv"], 2,
                                                                     padding_mode), eps))
     for i, block in enumerate(blocks):

@@ -347,7 +347,7 @@ class RT1Model(VLAModel):
         if images.shape[-2:] != (c.image_size, c.image_size):
             images = F.interpolate(images, size=(c.image_size, c.image_size), mode="bilinear", align_corners=False,
                                    antialias=False)
-        images = (images * 255.0).to(ops.dtype)
+        images = images * 255.0
         context = inputs["context"].to(ops.dtype)
         rescale = self.constants(images.device)["rescale"]
         fmap = efficientnet_film(ops, weights, "tokenizer", self.blocks, images, context, rescale, c.bn_eps, c.padding)

@@ -63,8 +63,8 @@ def _builders(model: RT1Model, frames: torch.Tensor, context: torch.Tensor, ref:
                                               mode="bilinear", align_corners=False) * 255
 
     def tokenizer(side):
-        images, rescale = cast(resized, side), model.constants(frames.device)["rescale"]
-        return lambda: efficientnet_film(side.backend, side.weights, "tokenizer", model.blocks, images,
+        rescale = model.constants(frames.device)["rescale"]
+        return lambda: efficientnet_film(side.backend, side.weights, "tokenizer", model.blocks, resized,
                                          cast(context, side), rescale, c.bn_eps, c.padding)
 
     def learner(side):
