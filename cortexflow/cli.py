@@ -767,7 +767,7 @@ def verify_command(
 @app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")
 @_cli_errors
 def bench_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2 (openvla/rt2 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2, rt1 (openvla/rt2/rt1 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
     backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
     prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (pi0/pi05: padded to the smallest --prompt-buckets length that holds them; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",

@@ -246,3 +246,13 @@ def test_verify_rt1_passes_the_reference_and_catches_a_faulty_op():
     faulty = run_rt1_verify(_SwishGateBackend, device="cpu", size="tiny", repeats=1)
     assert not faulty["passed"]
     assert faulty["modules"][0]["status"] == "over"
+
+
+def test_bench_grid_times_rt1_steps():
+    from cortexflow.tools.bench import run_bench
+
+    results = run_bench(models=("rt1",), device="cpu", size="tiny", iters=2, warmup=0)
+    (row,) = results["runs"]
+    assert (row["model"], row["views"], row["steps"], row["cuda_graphs"]) == ("rt1", 1, None, False)
+    assert row["median_ms"] > 0 and row["iters"] == 2 and row["prefix_tokens"] == 3 * (3 + 11)
+    assert not results["failed"] and "rt1" in results["notes"][0]
