@@ -24,13 +24,16 @@ from cortexflow.factory import (
     create_openvla_inference,
     create_pi0_inference,
     create_pi05_inference,
+    create_rt1_inference,
     create_rt2_inference,
 )
 from cortexflow.models.base import VLAModel
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
+from cortexflow.models.rt1 import RT1Config, RT1Model
 from cortexflow.models.rt2 import RT2Config, RT2Model
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
+from cortexflow.rt1_engine import RT1Engine
 from cortexflow.token_engine import TokenVLAEngine
 
 __version__ = "0.1.0"
@@ -54,6 +57,9 @@ __all__ = [
     "Pi05Model",
     "Pi0Model",
     "PyTorchBackend",
+    "RT1Config",
+    "RT1Engine",
+    "RT1Model",
     "RT2Config",
     "RT2Model",
     "TokenVLAEngine",
@@ -65,6 +71,7 @@ __all__ = [
     "create_openvla_inference",
     "create_pi0_inference",
     "create_pi05_inference",
+    "create_rt1_inference",
     "create_rt2_inference",
     "register_backend",
 ]

@@ -9,9 +9,11 @@ import torch
 
 from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType
 from cortexflow.engine import VLAInferenceEngine
+from cortexflow.rt1_engine import create_rt1_inference
 from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
 
-__all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt2_inference"]
+__all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
+           "create_rt2_inference"]
 
 
 def _create(
