@@ -62,7 +62,8 @@ def _steps(path: Path, known: set[str]) -> dict[str, dict]:
     for index, step in enumerate(steps):
         name = step.get("registry_name") if isinstance(step, dict) else None
         if name is None:
-            unknown.append(f"step {index}: class {step.get('class') if isinstance(step, dict) else step!r}")
+            what = f"class {step.get('class')}" if isinstance(step, dict) else f"not a step object: {step!r}"
+            unknown.append(f"step {index}: {what}")
         elif name not in known:
             unknown.append(f"step {index}: {name}")
         else:
