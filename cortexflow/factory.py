@@ -33,6 +33,9 @@ def _create(
     pipeline = _policy_pipeline(model_type, checkpoint_path, options.pop("config", None), norm_stats_path,
                                 options.pop("state_prompt_width", None))
     if pipeline is not None:
+        if options.get("normalize") is False:
+            raise ConfigError(f"normalize=False contradicts {pipeline.source}, which normalises as its checkpoint "
+                              "was trained; drop one of them")
         num_views, norm_stats_path = pipeline.num_views, None
         model_config = _with_overrides(model_config, pipeline.model_overrides)
     config = InferenceConfig(

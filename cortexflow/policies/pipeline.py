@@ -107,10 +107,11 @@ def openpi_pipeline(config: PolicyConfig | str, checkpoint: str | Path | None,
     """The pipeline of openpi config ``config`` with the norm stats of its asset id in ``checkpoint``'s ``assets/``
     (or the file ``norm_stats_path``)."""
     config = get_policy_config(config) if isinstance(config, str) else config
+    folder = None if checkpoint is None else (Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent)
     if norm_stats_path is not None:
         path = Path(norm_stats_path)
-    elif checkpoint is not None and Path(checkpoint).is_dir():
-        path = asset_norm_stats_path(checkpoint, config.asset_id)
+    elif folder is not None and folder.is_dir():
+        path = asset_norm_stats_path(folder, config.asset_id)
     else:
         raise NormStatsError(f"config {config.name!r} needs the norm stats of asset {config.asset_id!r}: pass the "
                              "checkpoint folder (with assets/) or the stats file")

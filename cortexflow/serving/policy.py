@@ -234,6 +234,15 @@ def _policy_config(options: PolicyOptions, demo: bool):
     return config
 
 
+def _default_robot(checkpoint: str, policy_config) -> str:
+    """The config's robot; ``raw`` (images in camera order) for a LeRobot folder with processor files; else droid."""
+    from cortexflow.policies import has_lerobot_processors
+
+    if policy_config is not None:
+        return policy_config.robot
+    return "raw" if has_lerobot_processors(checkpoint) else "droid"
+
+
 def _resolve_dtype(dtype: str, device: str) -> str:
     from cortexflow.config import parse_dtype
     from cortexflow.engine import resolve_device
@@ -264,7 +273,7 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
         return build_token_policy(replace(options, robot=options.robot or "droid"), model_type, log)
     if options.unnorm_key is not None:
         raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
-    robot = str(options.robot or (policy_config.robot if policy_config is not None else "droid")).strip().lower()
+    robot = str(options.robot or _default_robot(options.checkpoint, policy_config)).strip().lower()
     mapping_probe = make_mapping(robot)  # validates the robot name before any loading
     if robot != "raw" and options.views not in (None, ROBOT_VIEWS):
         raise ConfigError(f"--views is for --robot raw; {robot} uses the model's {ROBOT_VIEWS} image slots")
