@@ -65,7 +65,8 @@ def _policy_pipeline(model_type: VLAModelType, checkpoint_path: Any, config: Any
     if config is not None:
         if not isinstance(config, (str, PolicyConfig)):
             raise ConfigError(f"config must be a policy config name or a PolicyConfig, got {type(config).__name__}")
-        pipeline = openpi_pipeline(config, checkpoint_path, norm_stats_path)
+        folder = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+        pipeline = openpi_pipeline(config, folder, norm_stats_path)
     elif isinstance(checkpoint_path, (str, Path)) and has_lerobot_processors(checkpoint_path):
         if norm_stats_path is not None:
             raise ConfigError(f"{checkpoint_path} has LeRobot processor files, which name their own stats; "

@@ -148,7 +148,8 @@ def write_lerobot_policy(directory, model_type, rng, norm_map, relative=True, ma
     index = steps.index(normalizer)
     normalizer["state_file"] = f"{pre_name}_step_{index}_normalizer_processor.safetensors"
     save_file(flat, str(directory / normalizer["state_file"]))
-    unnormalizer = {"registry_name": "unnormalizer_processor", "state_file": f"{post_name}_step_0_unnormalizer_processor.safetensors",
+    unnormalizer = {"registry_name": "unnormalizer_processor",
+                    "state_file": f"{post_name}_step_0_unnormalizer_processor.safetensors",
                     "config": {"eps": EPS, "features": {"action": {"type": "ACTION", "shape": [ACTION_DIM]}},
                                "norm_map": norm_map}}
     save_file(flat, str(directory / unnormalizer["state_file"]))
