@@ -6,7 +6,6 @@ The model step of the reference is a plain engine on the same tiny checkpoint wi
 normalised by the formulas here; the configured engine must give the same actions from the raw observation."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -125,27 +124,34 @@ def plain_engine(directory, config, policy, tokenizer):
 
 @pytest.mark.parametrize("name", sorted(POLICY_CONFIGS))
 def test_config_actions_equal_the_reference_pipeline(name, checkpoints, tiny_tokenizer_path):
+    """``serve --config NAME`` on a robot observation, and the engine it builds (``create_*(config=NAME)``)."""
     policy = get_policy_config(name)
     directory, config, stats = checkpoints[policy.model_type]
-    engine = create(policy.model_type)(directory, config=name, tokenizer_path=tiny_tokenizer_path,
-                                       model_config=config, **ENGINE)
+    dims = {k: v for k, v in config.to_dict().items() if k not in ("chunk_size", "max_token_len", "discrete_state_input")}
+    served = build_policy(PolicyOptions(checkpoint=str(directory), config=name, device="cpu", seed=len(name),
+                                        tokenizer=str(tiny_tokenizer_path), cuda_graphs=False, model_config=dims))
+    engine = served.engine
     assert engine.chunk_size == policy.action_horizon and engine.config.max_token_len == policy.token_len
     assert engine.config.discrete_state_input == policy.state_in_prompt and engine.num_views == 3
+    assert served.mapping.name == policy.robot and served.metadata["policy_config"] == name
+    assert served.metadata["action_dim"] == ROBOT_ACTIONS[policy.robot]
     reference = plain_engine(directory, config, policy, tiny_tokenizer_path)
     rng = np.random.default_rng(abs(hash(name)) % 2**32)
     observation = make_mapping(policy.robot).example_observation(int(rng.integers(1 << 30)), 96, 128)
     if policy.robot == "aloha":
         observation["state"] = rng.uniform(0.05, 0.95, 14)
-    request = make_mapping(policy.robot).keys_only().to_engine(observation)
-    if policy.default_prompt is not None:  # the engine injects the config's prompt
-        request = replace(request, prompt=None)
-    noise = rng.standard_normal((policy.action_horizon, 32)).astype(np.float32)
+    if policy.default_prompt is not None:
+        del observation["prompt"]
+    request = make_mapping(policy.robot).keys_only().to_engine(observation, policy.default_prompt)
+    expected = reference_actions(policy, reference, stats[policy.asset_id], request, served._noise)
 
-    actions = engine.predict(request.images, request.prompt, request.state, noise=noise,
-                             image_masks=request.image_masks)
-    expected = reference_actions(policy, reference, stats[policy.asset_id], request, noise)
+    actions = served.predict(observation)
     assert actions.shape == (policy.action_horizon, ROBOT_ACTIONS[policy.robot])
     np.testing.assert_allclose(actions, expected, rtol=1e-4, atol=1e-4)
+    if policy.default_prompt is not None:  # the engine injects the config's prompt itself
+        direct = engine.predict(request.images, None, request.state, noise=served._noise,
+                                image_masks=request.image_masks)
+        np.testing.assert_allclose(direct, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_batched_predict_adds_each_samples_state(checkpoints, tiny_tokenizer_path):
@@ -234,25 +240,15 @@ def test_delta_config_refuses_a_call_without_state(checkpoints, tiny_tokenizer_p
         engine.predict(images, "fold the towel")
 
 
-def test_serve_config_maps_robot_keys_and_applies_the_config(checkpoints, tiny_tokenizer_path):
-    directory, config, stats = checkpoints[VLAModelType.PI0]
-    served = build_policy(PolicyOptions(checkpoint=str(directory), config="pi0_aloha_towel", device="cpu",
-                                        tokenizer=str(tiny_tokenizer_path), seed=4, cuda_graphs=False,
-                                        model_config={k: v for k, v in config.to_dict().items()
-                                                      if k not in ("chunk_size", "max_token_len", "discrete_state_input")}))
-    assert served.mapping.name == "aloha" and served.default_prompt == "fold the towel"
-    assert served.metadata["policy_config"] == "pi0_aloha_towel" and served.metadata["action_dim"] == 14
-    observation = make_mapping("aloha").example_observation(6, 48, 64)
-    del observation["prompt"]
-    actions = served.predict(observation)
-    request = make_mapping("aloha").keys_only().to_engine(observation, "fold the towel")
-    policy = get_policy_config("pi0_aloha_towel")
-    reference = plain_engine(directory, config, policy, tiny_tokenizer_path)
-    np.testing.assert_allclose(actions, reference_actions(policy, reference, stats["trossen"], request, served._noise),
-                               rtol=1e-4, atol=1e-4)
+def test_serve_config_refuses_contradicting_options(checkpoints, tiny_tokenizer_path):
+    directory, _, _ = checkpoints[VLAModelType.PI0]
+    options = dict(checkpoint=str(directory), config="pi0_aloha_towel", device="cpu", tokenizer=str(tiny_tokenizer_path))
     with pytest.raises(ConfigError, match="--robot droid contradicts --config pi0_aloha_towel"):
-        build_policy(PolicyOptions(checkpoint=str(directory), config="pi0_aloha_towel", robot="droid", device="cpu",
-                                   tokenizer=str(tiny_tokenizer_path)))
+        build_policy(PolicyOptions(robot="droid", **options))
+    with pytest.raises(ConfigError, match="--model pi05 contradicts --config pi0_aloha_towel"):
+        build_policy(PolicyOptions(model="pi05", **options))
+    with pytest.raises(ConfigError, match="unknown policy config 'towel'"):
+        build_policy(PolicyOptions(**{**options, "config": "towel"}))
 
 
 def test_cli_configs_and_info_list_the_transforms(checkpoints):
