@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from cortexflow.config import ModelConfig, VLAModelType
-from cortexflow.errors import InputError, NormStatsError, TokenizerError
+from cortexflow.errors import ConfigError, InputError, NormStatsError, TokenizerError
 from cortexflow.policies.normalize import FeatureNormalizer
 from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs
 from cortexflow.processing import (
@@ -72,7 +72,7 @@ class ObservationPreprocessor:
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
+            raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
 
     def __call__(
         self,

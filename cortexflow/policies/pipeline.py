@@ -81,7 +81,7 @@ class PolicyPipeline:
     def describe(self) -> list[str]:
         """The transforms that apply, in order, one line each."""
         overrides = self.model_overrides
-        lines = [f"{step.describe()}" for step in self.input_steps]
+        lines = [step.describe() for step in self.input_steps]
         if self.state_normalizer is not None:
             lines.append(f"normalise state: {self.state_normalizer.describe()}")
         length = overrides.get("max_token_len", "the model's")

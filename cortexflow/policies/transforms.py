@@ -121,7 +121,7 @@ class CameraSlots:
             if unknown:
                 raise InputError(f"unknown camera(s) {unknown}; this policy's cameras are {list(self.cameras)}")
             present = [images[name] for name in self.cameras if name in images]
-        elif isinstance(images, np.ndarray) and images.ndim == 4 or isinstance(images, (list, tuple)):
+        elif (isinstance(images, np.ndarray) and images.ndim == 4) or isinstance(images, (list, tuple)):
             present = list(images)
             if len(present) > len(self.cameras) + self.empty:
                 raise InputError(f"got {len(present)} images; this policy has cameras {list(self.cameras)} "
