@@ -612,7 +612,7 @@ def info_command(
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
     from cortexflow.policies.describe import policy_transforms
 
-    transforms = policy_transforms(checkpoint, config)
+    transforms = policy_transforms(checkpoint, config, report.model_type)
     if json_output:
         typer.echo(json.dumps({
             "path": report.path,

@@ -6,6 +6,7 @@ The model step of the reference is a plain engine on the same tiny checkpoint wi
 normalised by the formulas here; the configured engine must give the same actions from the raw observation."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -251,7 +252,7 @@ def test_serve_config_refuses_contradicting_options(checkpoints, tiny_tokenizer_
         build_policy(PolicyOptions(**{**options, "config": "towel"}))
 
 
-def test_cli_configs_and_info_list_the_transforms(checkpoints):
+def test_cli_configs_and_info_list_the_transforms(checkpoints, tmp_path):
     runner = CliRunner()
     result = runner.invoke(app, ["configs", "--json"])
     assert result.exit_code == 0, result.output
@@ -264,5 +265,17 @@ def test_cli_configs_and_info_list_the_transforms(checkpoints):
              "keep action dims 0..13", "Pi actions -> ALOHA"]
     positions = [next(i for i, line in enumerate(steps) if line.startswith(prefix)) for prefix in order]
     assert positions == sorted(positions), steps
+    result = runner.invoke(app, ["info", str(directory), "--config", "pi05_droid"])  # a pi0 checkpoint, droid stats
+    assert "normalise state: QUANTILES" in result.output and "15 actions per chunk" in result.output
+    listed = json.loads(runner.invoke(app, ["info", str(directory), "--config", "pi05_droid", "--json"]).output)
+    assert "is a pi05 policy but the checkpoint holds a pi0 model" in listed["transforms"]["notes"][0]
+    bare = tmp_path / "no_assets"
+    bare.mkdir()
+    shutil.copy(directory / "model.safetensors", bare / "model.safetensors")
+    result = runner.invoke(app, ["info", str(bare), "--config", "pi0_libero", "--json"])
+    listed = json.loads(result.output)["transforms"]
+    assert listed["steps"][0] == "normalise state: MEAN_STD, norm stats not found (see the note)"
+    assert any(line.startswith("un-normalise actions: MEAN_STD, norm stats not found") for line in listed["steps"])
+    assert "no norm stats for asset id 'physical-intelligence/libero'" in listed["notes"][0]
     result = runner.invoke(app, ["info", str(directory), "--config", "nope"])
     assert result.exit_code != 0 and "unknown policy config 'nope'" in result.output

@@ -122,19 +122,27 @@ def openpi_pipeline(config: PolicyConfig | str, checkpoint: str | Path | None,
     if state_norm.dim < state_dim:
         raise NormStatsError(f"{path}: the state stats cover {state_norm.dim} values but config {config.name!r} "
                              f"({config.robot}) sends a {state_dim}-value state")
-    notes = [f"norm stats: {path}"] + ([config.note] if config.note else [])
+    pipeline = unnormalized_openpi_pipeline(config)
+    pipeline.state_normalizer = state_norm
+    pipeline.output_steps = (Unnormalize(action_norm), *pipeline.output_steps)
+    pipeline.notes.insert(0, f"norm stats: {path}")
+    return pipeline
+
+
+def unnormalized_openpi_pipeline(config: PolicyConfig) -> PolicyPipeline:
+    """Config ``config``'s pipeline without its normalisation steps (which need the checkpoint's stats)."""
     return PolicyPipeline(
         name=config.name,
         source=f"config {config.name!r}",
         model_type=config.model_type,
         model_overrides=config.model_overrides(),
         input_steps=config.input_steps(),
-        state_normalizer=state_norm,
-        output_steps=(Unnormalize(action_norm), *config.output_steps()),
+        state_normalizer=None,
+        output_steps=config.output_steps(),
         robot=config.robot,
-        state_dim=state_dim,
+        state_dim=ROBOT_STATE_DIMS[config.robot],
         default_prompt=config.default_prompt,
-        notes=notes,
+        notes=[config.note] if config.note else [],
     )
 
 
