@@ -37,6 +37,7 @@ def _create(
             raise ConfigError(f"normalize=False contradicts {pipeline.source}, which normalises as its checkpoint "
                               "was trained; drop one of them")
         num_views, norm_stats_path = pipeline.num_views, None
+        tokenizer_path = tokenizer_path if tokenizer_path is not None else pipeline.tokenizer_path
         model_config = _with_overrides(model_config, pipeline.model_overrides)
     config = InferenceConfig(
         num_views=num_views,

@@ -223,6 +223,25 @@ def test_pi05_state_padding_before_the_state_tokens(tmp_path, tiny_tokenizer_pat
     assert tokenizer.decode(ids.tolist()).rstrip().endswith("128 128;\nAction:")
 
 
+def test_tokenizer_saved_beside_the_weights_is_used(tmp_path, tiny_tokenizer_path):
+    rng = np.random.default_rng(12)
+    norm_map = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}
+    write_lerobot_policy(tmp_path, VLAModelType.PI0, rng, norm_map)
+    preprocessor = json.loads((tmp_path / "policy_preprocessor.json").read_text())
+    step = next(s for s in preprocessor["steps"] if s["registry_name"] == "tokenizer_processor")
+    step["config"]["tokenizer_name"] = "tokenizer"
+    (tmp_path / "policy_preprocessor.json").write_text(json.dumps(preprocessor))
+    (tmp_path / "tokenizer").mkdir()
+    shutil.copy(tiny_tokenizer_path, tmp_path / "tokenizer" / "tokenizer.model")
+    saved = cf.create_pi0_inference(tmp_path, **ENGINE)
+    given = cf.create_pi0_inference(tmp_path, tokenizer_path=tiny_tokenizer_path, **ENGINE)
+    images = {CAMERAS[0]: rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)}
+    state = rng.normal(size=STATE_DIM)
+    for name in ("token_ids", "token_mask"):
+        np.testing.assert_array_equal(saved.preprocessor(images, "open the drawer", state)[name],
+                                      given.preprocessor(images, "open the drawer", state)[name])
+
+
 def test_unknown_processor_steps_are_named(tmp_path):
     rng = np.random.default_rng(2)
     norm_map = {"VISUAL": "IDENTITY", "STATE": "MEAN_STD", "ACTION": "MEAN_STD"}

@@ -147,6 +147,8 @@ def lerobot_pipeline(folder: str | Path, state_prompt_width: int | None = None) 
     if config.get("chunk_size"):
         overrides["chunk_size"] = int(config["chunk_size"])
     notes = []
+    saved_tokenizer = folder / str(tokenizer.get("tokenizer_name", ""))
+    tokenizer_path = str(saved_tokenizer) if tokenizer.get("tokenizer_name") and saved_tokenizer.is_dir() else None
     rename = ((pre.get("rename_observations_processor") or {}).get("config") or {}).get("rename_map")
     if rename:
         notes.append(f"rename_map {rename} applies to observation keys; images are taken in camera order")
@@ -164,5 +166,6 @@ def lerobot_pipeline(folder: str | Path, state_prompt_width: int | None = None) 
         state_dim=state_dim,
         prompt_format="lerobot" if "pi0_new_line_processor" in pre else "openpi",
         state_prompt_width=state_prompt_width,
+        tokenizer_path=tokenizer_path,
         notes=notes,
     )

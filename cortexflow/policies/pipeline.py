@@ -28,7 +28,8 @@ ROBOT_VIEWS = 3  # base, left wrist, right wrist
 class PolicyPipeline:
     """Everything a checkpoint decides around the model. ``model_overrides`` are ModelConfig fields (horizon,
     prompt length, state in the prompt); ``robot`` is the openpi robot whose observation keys a server maps
-    (None for LeRobot policies, which take images in camera order)."""
+    (None for LeRobot policies, which take images in camera order); ``tokenizer_path`` the tokenizer saved beside
+    the weights, used when the caller names none."""
 
     name: str
     source: str
@@ -43,6 +44,7 @@ class PolicyPipeline:
     default_prompt: str | None = None
     prompt_format: str = "openpi"
     state_prompt_width: int | None = None
+    tokenizer_path: str | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
