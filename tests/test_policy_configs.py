@@ -213,6 +213,14 @@ def test_config_model_type_must_match_factory_and_tensors(checkpoints):
         cf.create_pi0_inference(pi05_dir, config="pi0_libero", model_config=pi0_config, **ENGINE)
 
 
+def test_config_action_width_must_match_the_checkpoint(tmp_path):
+    config = tiny_model_config(VLAModelType.PI0, action_dim=8)
+    write_checkpoint(tmp_path, config)
+    write_assets(tmp_path, np.random.default_rng(6), asset_ids=["droid"])
+    with pytest.raises(ConfigError, match="'pi0_droid' runs a model with 32-D actions but the checkpoint's has 8-D"):
+        cf.create_pi0_inference(tmp_path, config="pi0_droid", model_config=config, **ENGINE)
+
+
 def test_norm_stats_missing_what_the_config_needs(tmp_path):
     config = tiny_model_config(VLAModelType.PI05, action_dim=32)
     write_checkpoint(tmp_path, config)

@@ -29,7 +29,8 @@ class PolicyPipeline:
     """Everything a checkpoint decides around the model. ``model_overrides`` are ModelConfig fields (horizon,
     prompt length, state in the prompt); ``robot`` is the openpi robot whose observation keys a server maps
     (None for LeRobot policies, which take images in camera order); ``tokenizer_path`` the tokenizer saved beside
-    the weights, used when the caller names none."""
+    the weights, used when the caller names none; ``action_dim`` the model's action width the policy was trained
+    with (None: any)."""
 
     name: str
     source: str
@@ -45,6 +46,7 @@ class PolicyPipeline:
     prompt_format: str = "openpi"
     state_prompt_width: int | None = None
     tokenizer_path: str | None = None
+    action_dim: int | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -61,6 +63,9 @@ class PolicyPipeline:
         from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
 
         self.check_model_type(engine.config.model_type, "the loaded model")
+        if self.action_dim is not None and engine.config.action_dim != self.action_dim:
+            raise ConfigError(f"{self.source} runs a model with {self.action_dim}-D actions but the checkpoint's "
+                              f"has {engine.config.action_dim}-D actions")
         previous = engine.preprocessor
         engine.preprocessor = ObservationPreprocessor(
             config=engine.config,
@@ -144,6 +149,7 @@ def unnormalized_openpi_pipeline(config: PolicyConfig) -> PolicyPipeline:
         robot=config.robot,
         state_dim=ROBOT_STATE_DIMS[config.robot],
         default_prompt=config.default_prompt,
+        action_dim=config.action_dim,
         notes=[config.note] if config.note else [],
     )
 
