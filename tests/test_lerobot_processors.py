@@ -21,6 +21,7 @@ from cortexflow.policies.lerobot_processors import relative_mask
 from cortexflow.policies.transforms import CameraSlots, EngineRequest
 from cortexflow.processing import NormStats, PromptTokenizer
 from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+from cortexflow.serving.policy import PolicyOptions, build_policy
 
 ENGINE = dict(device="cpu", dtype="float32", use_cuda_graphs=False)
 STATE_DIM, ACTION_DIM = 7, 6
@@ -240,6 +241,23 @@ def test_tokenizer_saved_beside_the_weights_is_used(tmp_path, tiny_tokenizer_pat
     for name in ("token_ids", "token_mask"):
         np.testing.assert_array_equal(saved.preprocessor(images, "open the drawer", state)[name],
                                       given.preprocessor(images, "open the drawer", state)[name])
+
+
+def test_serve_a_lerobot_folder(tmp_path, tiny_tokenizer_path):
+    """``cortexflow serve --checkpoint DIR`` on a LeRobot folder: raw observations, the processors applied."""
+    rng = np.random.default_rng(13)
+    norm_map = {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "MEAN_STD"}
+    write_lerobot_policy(tmp_path, VLAModelType.PI05, rng, norm_map)
+    served = build_policy(PolicyOptions(checkpoint=str(tmp_path), device="cpu", seed=1, cuda_graphs=False,
+                                        tokenizer=str(tiny_tokenizer_path)))
+    assert served.mapping.name == "raw" and served.engine.num_views == 3 and served.metadata["state_dim"] == STATE_DIM
+    served.warmup()
+    observation = served.example_observation(seed=2, height=40, width=56)
+    actions = served.predict(observation)
+    direct = served.engine.predict(list(observation["images"]), observation["prompt"], observation["state"],
+                                   noise=served._noise)
+    assert actions.shape == (8, ACTION_DIM)
+    np.testing.assert_array_equal(actions, direct)
 
 
 def test_unknown_processor_steps_are_named(tmp_path):

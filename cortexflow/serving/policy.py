@@ -318,9 +318,8 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     else:
         encoding = None
     stats = engine.preprocessor.state_stats
-    mapping = make_mapping(
-        robot, adapt_to_pi=options.adapt_to_pi, num_views=num_views, state_dim=stats.dim if stats else None
-    )
+    state_dim = getattr(engine.preprocessor, "state_dim", None) or (stats.dim if stats else None)
+    mapping = make_mapping(robot, adapt_to_pi=options.adapt_to_pi, num_views=engine.num_views, state_dim=state_dim)
     del mapping_probe
     if policy_config is not None:
         mapping = mapping.keys_only()  # the engine runs the config's steps
