@@ -593,8 +593,12 @@ def info_command(
         Optional[str],
         typer.Option("--model-config", metavar='JSON|FILE', help="ModelConfig field overrides (JSON object or path of a JSON file) to check the checkpoint against."),
     ] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config whose transforms to list (cortexflow configs).")] = None,
 ) -> None:
     """Describe a checkpoint from its safetensors headers only (no tensor is loaded).
+
+    With --config NAME, or for a LeRobot folder with processor files, also prints the transforms that will
+    apply around the model, in order.
 
     Prints the model type (detected from the tensors), the key layout (openpi, lerobot, lerobot-legacy),
     every ModelConfig dimension, the parameter count, the dtypes, the total size, and every key problem:
@@ -606,6 +610,9 @@ def info_command(
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
+    from cortexflow.policies.describe import policy_transforms
+
+    transforms = policy_transforms(checkpoint, config, report.model_type)
     if json_output:
         typer.echo(json.dumps({
             "path": report.path,
@@ -622,9 +629,16 @@ def info_command(
             "wrong_dtype": report.wrong_dtype,
             "skipped": report.skipped,
             **({"datasets": report.datasets} if hasattr(report, "datasets") else {}),
+            **({"transforms": transforms} if transforms is not None else {}),
         }, indent=2))
     else:
         _print_info(report)
+        if transforms is not None:
+            _stdout().print(f"\n[bold]{transforms['source']}[/bold]: transforms in order")
+            for index, line in enumerate(transforms["steps"], 1):
+                _stdout().print(f"  {index:2d}. {line}", markup=False, highlight=False)
+            for note in transforms["notes"]:
+                _stdout().print(f"  note: {note}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
 
@@ -1075,13 +1089,35 @@ def _print_export(manifest: dict, out: Path) -> None:
     console.print(Text(f"manifest: {out / 'manifest.json'}", style="dim"))
 
 
+@app.command("configs", short_help="List the openpi policy configs --config accepts.")
+@_cli_errors
+def configs_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON list instead of a table.")] = False,
+) -> None:
+    """List the registered openpi policy configs: model, robot, horizon, prompt length, state in the prompt,
+    delta-action mask, normalisation, norm-stats asset id and default prompt."""
+    from cortexflow.policies.describe import config_rows
+
+    rows = config_rows()
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in rows[0]:
+        table.add_column(column, no_wrap=column == "name")
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row.values()))
+    _stdout().print(table)
+
+
 # ---- serving: serve, loadtest (bodies in cortexflow/serving/commands.py) -------------------------
 @app.command("serve", short_help="Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged).")
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
     model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
-    robot: Annotated[str, typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments).")] = "droid",
+    robot: Annotated[Optional[str], typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) [default: the --config's robot, else droid].")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, default prompt.")] = None,
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", metavar="N", help="TCP port (0: any free port, printed at start).")] = 8000,
@@ -1114,7 +1150,7 @@ def serve_command(
     from cortexflow.serving.commands import serve
     from cortexflow.serving.policy import PolicyOptions
 
-    options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
+    options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, config=config, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
                             adapt_to_pi=adapt_to_pi, unnorm_key=unnorm_key,

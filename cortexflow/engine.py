@@ -45,6 +45,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _robot_states(samples: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray | None:
+    """The samples' ``robot_state`` stacked ``(B, D)`` (what the output steps add back), or None when a sample
+    has none or their lengths differ."""
+    states = [sample.get("robot_state") for sample in samples]
+    if any(state is None for state in states) or len({tuple(state.shape) for state in states}) != 1:
+        return None
+    return np.stack([state.numpy() for state in states])
+
+
 class StageTimer:
     """Records wall time per named stage (synchronising the GPU around each stage when on CUDA)."""
 
@@ -290,8 +299,10 @@ class VLAInferenceEngine:
         prompt (a capture takes seconds). Returns the ``(batch, prompt length)`` pairs run."""
         rng = np.random.default_rng(seed)
         size = self.config.image_size
-        stats = self.preprocessor.state_stats if isinstance(self.preprocessor, ObservationPreprocessor) else None
-        state_dim = stats.dim if stats is not None else self.config.action_dim
+        state_dim = self.config.action_dim
+        if isinstance(self.preprocessor, ObservationPreprocessor):
+            stats = self.preprocessor.state_stats
+            state_dim = self.preprocessor.state_dim or (stats.dim if stats is not None else state_dim)
         done = []
         for batch in batch_sizes:
             for length in self.prompt_buckets:
@@ -353,7 +364,10 @@ class VLAInferenceEngine:
             # A copy: the staged / static buffer is overwritten by the next call.
             actions = staging["actions"].numpy().copy()
         finished = time.perf_counter()
-        result = self.postprocessor(actions)
+        if isinstance(self.postprocessor, ActionPostprocessor):
+            result = self.postprocessor(actions, _robot_states(samples))
+        else:
+            result = self.postprocessor(actions)
         self.last_timings = {"preprocess": (prepared - start) * 1e3, **timer.times_ms}
         self.last_timings["total"] = (time.perf_counter() - start) * 1e3
         self.last_timings["model"] = (finished - prepared) * 1e3
