@@ -24,14 +24,17 @@ from cortexflow.factory import (
     create_openvla_inference,
     create_pi0_inference,
     create_pi05_inference,
+    create_rt1_inference,
     create_rt2_inference,
 )
 from cortexflow.models.base import VLAModel
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
+from cortexflow.models.rt1 import RT1Config, RT1Model
 from cortexflow.models.rt2 import RT2Config, RT2Model
 from cortexflow.models.rtc import RTCConfig
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
+from cortexflow.rt1_engine import RT1Engine
 from cortexflow.token_engine import TokenVLAEngine
 
 __version__ = "0.1.0"
@@ -56,6 +59,9 @@ __all__ = [
     "Pi05Model",
     "Pi0Model",
     "PyTorchBackend",
+    "RT1Config",
+    "RT1Engine",
+    "RT1Model",
     "RT2Config",
     "RT2Model",
     "TokenVLAEngine",
@@ -67,6 +73,7 @@ __all__ = [
     "create_openvla_inference",
     "create_pi0_inference",
     "create_pi05_inference",
+    "create_rt1_inference",
     "create_rt2_inference",
     "register_backend",
 ]

@@ -586,15 +586,19 @@ def run_command(
 @_cli_errors
 def info_command(
     checkpoint: Annotated[
-        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded).")
+        Path, typer.Argument(metavar="CHECKPOINT", help="Checkpoint: a model.safetensors file or a folder (openpi PyTorch, LeRobot, sharded, openpi JAX params/, LoRA adapter).")
     ],
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     model_config: Annotated[
         Optional[str],
         typer.Option("--model-config", metavar='JSON|FILE', help="ModelConfig field overrides (JSON object or path of a JSON file) to check the checkpoint against."),
     ] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config whose transforms to list (cortexflow configs).")] = None,
 ) -> None:
     """Describe a checkpoint from its safetensors headers only (no tensor is loaded).
+
+    With --config NAME, or for a LeRobot folder with processor files, also prints the transforms that will
+    apply around the model, in order.
 
     Prints the model type (detected from the tensors), the key layout (openpi, lerobot, lerobot-legacy),
     every ModelConfig dimension, the parameter count, the dtypes, the total size, and every key problem:
@@ -606,6 +610,9 @@ def info_command(
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
+    from cortexflow.policies.describe import policy_transforms
+
+    transforms = policy_transforms(checkpoint, config, report.model_type)
     if json_output:
         typer.echo(json.dumps({
             "path": report.path,
@@ -622,9 +629,16 @@ def info_command(
             "wrong_dtype": report.wrong_dtype,
             "skipped": report.skipped,
             **({"datasets": report.datasets} if hasattr(report, "datasets") else {}),
+            **({"transforms": transforms} if transforms is not None else {}),
         }, indent=2))
     else:
         _print_info(report)
+        if transforms is not None:
+            _stdout().print(f"\n[bold]{transforms['source']}[/bold]: transforms in order")
+            for index, line in enumerate(transforms["steps"], 1):
+                _stdout().print(f"  {index:2d}. {line}", markup=False, highlight=False)
+            for note in transforms["notes"]:
+                _stdout().print(f"  note: {note}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
 
@@ -671,6 +685,75 @@ def _print_info(report) -> None:
         out.print(Text(f"checkpoint does not match the {report.model_type.value} architecture", style="bold red"))
 
 
+@app.command("convert", short_help="Write an openpi JAX (Orbax), LoRA-adapter or RT-1 TF2 checkpoint as a safetensors folder.")
+@_cli_errors
+def convert_command(
+    source: Annotated[Path, typer.Argument(metavar="SRC", help="openpi JAX checkpoint (folder with params/ and assets/), a LoRA adapter folder, any safetensors checkpoint, or an RT-1 TF2 checkpoint (the ckpt-N prefix, its .index file or its folder).")],
+    destination: Annotated[Path, typer.Argument(metavar="DST", help="Output folder (created; must not hold a model.safetensors yet).")],
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (RT-1 for a TF2 checkpoint, else the Pi0 family, detected from the tensors), pi0, pi05 or rt1.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="stored (keep each tensor's dtype), float32, or bfloat16 (patch/position embedding and norms stay float32, as in openpi). RT-1 is always written in float32.")] = "stored",
+    base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", metavar="PATH", help="Base checkpoint of a LoRA adapter folder (default: its base_model_name_or_path).")] = None,
+    model_config: Annotated[Optional[str], typer.Option("--model-config", metavar="JSON|FILE", help="RT-1 only: config fields the checkpoint cannot tell ('{\"input_size\": [256, 320]}').")] = None,
+) -> None:
+    """Write SRC as DST/model.safetensors + config.json (+ assets/), loadable without JAX or TensorFlow.
+
+    An Orbax params/ tree is read with orbax-checkpoint (pip install 'cortexflow[jax]'), checked leaf by
+    leaf, openpi's LoRA leaves are merged, and the tensors are written under openpi PyTorch names. A PEFT
+    LoRA adapter is written merged into its base. SRC/assets (openpi norm stats) is copied to DST/assets.
+    An RT-1 TF2 object checkpoint (tensor bundle) is read without TensorFlow, its variables mapped to
+    CortexFlow's names and torch layouts; create_rt1_inference loads the folder.
+    """
+    from cortexflow.checkpoints.convert import DTYPES, convert_checkpoint
+    from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model_type = None if model.strip().lower() == "auto" else VLAModelType.parse(model)
+    tf_source = is_tf_checkpoint(source)
+    if model_type == VLAModelType.RT1 or (model_type is None and tf_source):
+        _convert_rt1(source, destination, dtype, base_checkpoint, model_config)
+        return
+    if tf_source:
+        raise ConfigError(f"{source} is a TensorFlow checkpoint (RT-1); --model {model} converts Pi0-family checkpoints: "
+                          "use --model rt1 or --model auto")
+    if model_config is not None:
+        raise ConfigError("--model-config applies to RT-1 checkpoints only; Pi0-family sizes come from the tensors")
+    _progress(f"converting {source} ...")
+    result = convert_checkpoint(source, destination, dtype=dtype, base_checkpoint=base_checkpoint)
+    out = _stdout()
+    if model_type is not None and result.model_type != model_type.value:
+        raise ConfigError(f"--model {model}: {source} holds a {result.model_type} checkpoint (written to {destination} anyway)")
+    out.print(f"{result.model_type} ({result.layout} keys): {result.num_tensors} tensors, "
+              f"{_human_bytes(result.total_bytes)} -> {result.destination / 'model.safetensors'}")
+    out.print(f"config: {result.destination / 'config.json'}")
+    for asset in result.assets:
+        out.print(f"asset: {asset}")
+    if not result.assets:
+        out.print(Text("no assets/ folder in the source: pass norm stats with --norm-stats when serving", style="yellow"))
+
+
+def _convert_rt1(source: Path, destination: Path, dtype: str, base_checkpoint: Optional[Path],
+                 model_config: Optional[str]) -> None:
+    """``convert`` for an RT-1 TF2 checkpoint: fp32 safetensors + config.json."""
+    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint, save_converted
+
+    if dtype not in ("stored", "float32"):
+        raise ConfigError(f"--dtype {dtype}: RT-1 checkpoints are written in float32 (use --dtype stored or float32)")
+    if base_checkpoint is not None:
+        raise ConfigError("--base-checkpoint applies to LoRA adapter folders, not to RT-1 checkpoints")
+    if (Path(destination) / "model.safetensors").exists():
+        raise InputError(f"{destination} already holds a model.safetensors; choose an empty DST folder")
+    _progress(f"converting RT-1 checkpoint {source} ...")
+    rt1, weights, report = load_rt1_checkpoint(source, parse_model_config(model_config))
+    folder = save_converted(rt1, weights, destination)
+    parameters = sum(w.numel() for w in weights.values())
+    out = _stdout()
+    out.print(f"rt1: {len(weights)} tensors, {parameters:,} parameters -> {folder / 'model.safetensors'}")
+    out.print(f"config: {folder / 'config.json'}")
+    if report.skipped:
+        out.print(f"skipped {report.skipped} variable(s) that are not part of the network (optimizer state, counters)")
+
+
 # ---- measurement tools: verify, bench, profile ---------------------------------------------------
 JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
 
@@ -708,7 +791,7 @@ def _report(report: dict, json_path: Optional[str], print_tables: Callable) -> N
 @app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")
 @_cli_errors
 def verify_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla or rt2.")] = "pi0",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla, rt2 or rt1.")] = "pi0",
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="The backend to check (any registered name).")] = "pytorch",
     against: Annotated[str, typer.Option("--against", metavar="NAME", help="The reference backend; it runs in float32.")] = "pytorch",
     size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5, OpenVLA-7B, PaliGemma-3B sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
@@ -733,7 +816,8 @@ def verify_command(
     agreement. --model rt2: patch embedding, SigLIP layer 0, the tower, the projector, the vision stage,
     Gemma layer 0, then the same prefill / decode / actions modules. In bfloat16/float16 a token that
     flips at a near-tie of the reference's logits passes as "tie" when the decode logits are within the
-    limit; in float32 every token must agree.
+    limit; in float32 every token must agree. --model rt1: the FiLM-EfficientNet map, TokenLearner,
+    decoder layer 0, the logits over a full window, and an 8-frame episode (its continuous actions).
 
     Exit code 0: the final actions are within the limit (float32: ‖Δ‖/‖ref‖ <= 1e-4; bfloat16/float16:
     <= 2e-2); 1: they are not; 2: the check could not run.
@@ -766,7 +850,7 @@ def verify_command(
 @app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")
 @_cli_errors
 def bench_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2 (openvla/rt2 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2, rt1 (openvla/rt2/rt1 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
     backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
     prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (pi0/pi05: padded to the smallest --prompt-buckets length that holds them; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
@@ -1005,13 +1089,35 @@ def _print_export(manifest: dict, out: Path) -> None:
     console.print(Text(f"manifest: {out / 'manifest.json'}", style="dim"))
 
 
+@app.command("configs", short_help="List the openpi policy configs --config accepts.")
+@_cli_errors
+def configs_command(
+    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON list instead of a table.")] = False,
+) -> None:
+    """List the registered openpi policy configs: model, robot, horizon, prompt length, state in the prompt,
+    delta-action mask, normalisation, norm-stats asset id and default prompt."""
+    from cortexflow.policies.describe import config_rows
+
+    rows = config_rows()
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for column in rows[0]:
+        table.add_column(column, no_wrap=column == "name")
+    for row in rows:
+        table.add_row(*("" if value is None else str(value) for value in row.values()))
+    _stdout().print(table)
+
+
 # ---- serving: serve, loadtest (bodies in cortexflow/serving/commands.py) -------------------------
 @app.command("serve", short_help="Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged).")
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
     model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
-    robot: Annotated[str, typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments).")] = "droid",
+    robot: Annotated[Optional[str], typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) [default: the --config's robot, else droid].")] = None,
+    config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, default prompt.")] = None,
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", metavar="N", help="TCP port (0: any free port, printed at start).")] = 8000,
@@ -1044,7 +1150,7 @@ def serve_command(
     from cortexflow.serving.commands import serve
     from cortexflow.serving.policy import PolicyOptions
 
-    options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
+    options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, config=config, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
                             adapt_to_pi=adapt_to_pi, unnorm_key=unnorm_key,

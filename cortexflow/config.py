@@ -203,6 +203,9 @@ class InferenceConfig:
     graphs each bucket (and batch size) has its own graph, captured at its first call or by
     ``engine.warmup()``.
 
+    ``base_checkpoint_path``: the base checkpoint when the checkpoint is a PEFT LoRA adapter folder
+    (default: the adapter's ``base_model_name_or_path``).
+
     ``image_preprocessing``: where the camera images are resized-with-pad and scaled: ``"host"`` (numpy /
     torch on the CPU, then one float32 copy), ``"device"`` (each view copied as it comes, uint8 usually, and
     prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host)."""
@@ -215,6 +218,7 @@ class InferenceConfig:
     use_cuda_graphs: bool = True
     tokenizer_path: str | None = None
     norm_stats_path: str | None = None
+    base_checkpoint_path: str | None = None
     max_tokenize_len: int | None = None
     discrete_state_input: bool | None = None
     normalize: bool | None = None

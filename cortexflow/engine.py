@@ -46,6 +46,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def _robot_states(samples: Sequence[Mapping[str, torch.Tensor]]) -> np.ndarray | None:
+    """The samples' ``robot_state`` stacked ``(B, D)`` (what the output steps add back), or None when a sample
+    has none or their lengths differ."""
+    states = [sample.get("robot_state") for sample in samples]
+    if any(state is None for state in states) or len({tuple(state.shape) for state in states}) != 1:
+        return None
+    return np.stack([state.numpy() for state in states])
+
+
 class StageTimer:
     """Records wall time per named stage (synchronising the GPU around each stage when on CUDA)."""
 
@@ -76,9 +85,9 @@ class _TimedStage:
 class VLAInferenceEngine:
     """Runs one policy on one backend and device.
 
-    ``checkpoint`` is a checkpoint path (openpi PyTorch / LeRobot safetensors) or, with ``model=`` (a
-    custom :class:`VLAModel`), a path or an in-memory state dict that ``model.preprocess_checkpoint``
-    understands. ``model_config`` is a full :class:`ModelConfig` or a dict of fields to override.
+    ``checkpoint`` is a checkpoint path (openpi PyTorch / LeRobot safetensors, openpi JAX Orbax, a LoRA
+    adapter folder) or, with ``model=`` (a custom :class:`VLAModel`), a path or an in-memory state dict
+    that ``model.preprocess_checkpoint`` understands. ``model_config`` is a full :class:`ModelConfig` or a dict of fields to override.
     """
 
     def __init__(
@@ -99,7 +108,8 @@ class VLAInferenceEngine:
         if model is None:
             expected = VLAModelType.parse(model_type) if model_type is not None else None
             loaded = load_pi0_checkpoint(
-                checkpoint, expected, self.device, self.dtype, self._merged_config(model_config), progress
+                checkpoint, expected, self.device, self.dtype, self._merged_config(model_config), progress,
+                ic.base_checkpoint_path,
             )
             self.model, weights, self.checkpoint_report = loaded.model, loaded.weights, loaded.report
         else:
@@ -362,8 +372,10 @@ class VLAInferenceEngine:
         prompt (a capture takes seconds). Returns the ``(batch, prompt length)`` pairs run."""
         rng = np.random.default_rng(seed)
         size = self.config.image_size
-        stats = self.preprocessor.state_stats if isinstance(self.preprocessor, ObservationPreprocessor) else None
-        state_dim = stats.dim if stats is not None else self.config.action_dim
+        state_dim = self.config.action_dim
+        if isinstance(self.preprocessor, ObservationPreprocessor):
+            stats = self.preprocessor.state_stats
+            state_dim = self.preprocessor.state_dim or (stats.dim if stats is not None else state_dim)
         done = []
         for batch in batch_sizes:
             for length in self.prompt_buckets:
@@ -429,7 +441,10 @@ class VLAInferenceEngine:
             # A copy: the staged / static buffer is overwritten by the next call.
             actions = staging["actions"].numpy().copy()
         finished = time.perf_counter()
-        result = self.postprocessor(actions)
+        if isinstance(self.postprocessor, ActionPostprocessor):
+            result = self.postprocessor(actions, _robot_states(samples))
+        else:
+            result = self.postprocessor(actions)
         self.last_timings = {"preprocess": (prepared - start) * 1e3, **timer.times_ms}
         self.last_timings["total"] = (time.perf_counter() - start) * 1e3
         self.last_timings["model"] = (finished - prepared) * 1e3

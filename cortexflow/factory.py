@@ -9,9 +9,12 @@ import torch
 
 from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType
 from cortexflow.engine import VLAInferenceEngine
+from cortexflow.errors import ConfigError
+from cortexflow.rt1_engine import create_rt1_inference
 from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
 
-__all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt2_inference"]
+__all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
+           "create_rt2_inference"]
 
 
 def _create(
@@ -29,6 +32,15 @@ def _create(
     **options: Any,
 ) -> VLAInferenceEngine:
     progress = options.pop("progress", None)
+    pipeline = _policy_pipeline(model_type, checkpoint_path, options.pop("config", None), norm_stats_path,
+                                options.pop("state_prompt_width", None))
+    if pipeline is not None:
+        if options.get("normalize") is False:
+            raise ConfigError(f"normalize=False contradicts {pipeline.source}, which normalises as its checkpoint "
+                              "was trained; drop one of them")
+        num_views, norm_stats_path = pipeline.num_views, None
+        tokenizer_path = tokenizer_path if tokenizer_path is not None else pipeline.tokenizer_path
+        model_config = _with_overrides(model_config, pipeline.model_overrides)
     config = InferenceConfig(
         num_views=num_views,
         chunk_size=chunk_size,
@@ -40,7 +52,43 @@ def _create(
         norm_stats_path=None if norm_stats_path is None else str(norm_stats_path),
         **options,
     )
-    return VLAInferenceEngine(checkpoint_path, model_config, config, model_type=model_type, progress=progress)
+    engine = VLAInferenceEngine(checkpoint_path, model_config, config, model_type=model_type, progress=progress)
+    if pipeline is not None:
+        pipeline.install(engine)
+    return engine
+
+
+def _policy_pipeline(model_type: VLAModelType, checkpoint_path: Any, config: Any, norm_stats_path: Any,
+                     state_prompt_width: int | None):
+    """The policy pipeline to install: openpi config ``config`` (a name or a PolicyConfig), else the LeRobot
+    processor files of the checkpoint folder, else None (the engine's own normalisation)."""
+    from cortexflow.policies import PolicyConfig, has_lerobot_processors, lerobot_pipeline, openpi_pipeline
+    from cortexflow.policies.pipeline import check_checkpoint_type
+
+    if config is not None:
+        if not isinstance(config, (str, PolicyConfig)):
+            raise ConfigError(f"config must be a policy config name or a PolicyConfig, got {type(config).__name__}")
+        folder = checkpoint_path if isinstance(checkpoint_path, (str, Path)) else None
+        pipeline = openpi_pipeline(config, folder, norm_stats_path)
+    elif isinstance(checkpoint_path, (str, Path)) and has_lerobot_processors(checkpoint_path):
+        if norm_stats_path is not None:
+            raise ConfigError(f"{checkpoint_path} has LeRobot processor files, which name their own stats; "
+                              "leave norm_stats_path unset")
+        pipeline = lerobot_pipeline(checkpoint_path, state_prompt_width)
+    else:
+        return None
+    factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
+    pipeline.check_model_type(model_type, factory)
+    if isinstance(checkpoint_path, (str, Path)):
+        check_checkpoint_type(pipeline, checkpoint_path)
+    return pipeline
+
+
+def _with_overrides(model_config: "ModelConfig | Mapping[str, Any] | None", overrides: dict):
+    """The policy's ModelConfig fields under the user's: a dict's keys win; a full ModelConfig takes them."""
+    if isinstance(model_config, ModelConfig):
+        return model_config.replace(**overrides)
+    return {**overrides, **dict(model_config or {})}
 
 
 def create_pi0_inference(
@@ -54,16 +102,26 @@ def create_pi0_inference(
     norm_stats_path: str | None = None,
     use_cuda_graphs: bool = True,
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
+    config: "str | None" = None,
     **options: Any,
 ) -> VLAInferenceEngine:
-    """A Pi0 engine for the checkpoint at ``checkpoint_path`` (openpi PyTorch or LeRobot safetensors).
+    """A Pi0 engine for the checkpoint at ``checkpoint_path``: openpi PyTorch or LeRobot safetensors, an
+    openpi JAX checkpoint (Orbax ``params/``; needs ``pip install 'cortexflow[jax]'``), or a PEFT LoRA
+    adapter folder (merged into its base at load).
 
     ``chunk_size=None`` takes the chunk from the checkpoint's config (50 by default). ``options`` are
     further :class:`InferenceConfig` fields (``normalize``, ``num_steps``, ``max_tokenize_len``,
-    ``discrete_state_input``) and ``progress`` (show the loading bar)."""
+    ``discrete_state_input``, ``base_checkpoint_path``) and ``progress`` (show the loading bar).
+
+    ``config="pi0_libero"`` (an openpi config name, ``cortexflow configs`` lists them) applies that config's
+    transforms: its horizon and prompt length, the norm stats of its asset id under the checkpoint's ``assets/``
+    (or ``norm_stats_path``), its default prompt, its robot inputs and outputs (ALOHA conversion, absolute actions,
+    the robot's action width); ``num_views`` becomes 3 (openpi's slots). ``predict`` then takes the robot's raw
+    state and returns the robot's actions. A LeRobot folder with ``policy_preprocessor.json`` applies its processor
+    steps the same way (``state_prompt_width=32`` for Pi0.5 fine-tunes trained with LeRobot 0.4.x)."""
     return _create(
         VLAModelType.PI0, checkpoint_path, num_views, chunk_size, backend, device, dtype,
-        tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, **options,
+        tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, config=config, **options,
     )
 
 
@@ -78,11 +136,12 @@ def create_pi05_inference(
     norm_stats_path: str | None = None,
     use_cuda_graphs: bool = True,
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
+    config: "str | None" = None,
     **options: Any,
 ) -> VLAInferenceEngine:
     """A Pi0.5 engine; same arguments as :func:`create_pi0_inference`. The state goes into the prompt
     as 256-bin tokens (``discrete_state_input``), so a string prompt needs a tokenizer."""
     return _create(
         VLAModelType.PI05, checkpoint_path, num_views, chunk_size, backend, device, dtype,
-        tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, **options,
+        tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, config=config, **options,
     )

@@ -1,9 +1,10 @@
 """Turn one robot observation into model inputs, and model outputs back into robot actions.
 
-``ObservationPreprocessor`` validates and converts images (resize-with-pad, [-1, 1], NCHW), view
-masks, the prompt (tokenised in the Pi0 or Pi0.5 format, or given as ids) and the state
-(normalised, zero-padded); ``ActionPostprocessor`` un-normalises the action chunk. Both are plain
-callables so an engine's ``preprocessor`` / ``postprocessor`` can be replaced.
+``ObservationPreprocessor`` runs a policy's input steps (:mod:`cortexflow.policies.transforms`), then validates
+and converts images (resize-with-pad, [-1, 1], NCHW), view masks, the prompt (tokenised in the Pi0 or Pi0.5
+format, or given as ids) and the state (normalised, zero-padded); ``ActionPostprocessor`` runs the output steps
+(by default: un-normalise the action chunk). Both are plain callables so an engine's ``preprocessor`` /
+``postprocessor`` can be replaced; :mod:`cortexflow.policies.pipeline` configures them from a policy config.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import numpy as np
 import torch
 
 from cortexflow.config import ModelConfig, VLAModelType
-from cortexflow.errors import InputError, NormStatsError, TokenizerError
+from cortexflow.errors import ConfigError, InputError, NormStatsError, TokenizerError
+from cortexflow.policies.normalize import FeatureNormalizer
+from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs
 from cortexflow.processing import (
     NormStats,
     PromptTokenizer,
@@ -27,8 +30,10 @@ from cortexflow.processing import (
     tokenize_ids,
     tokenize_pi0_prompt,
     tokenize_pi05_prompt,
-    unnormalize,
 )
+from cortexflow.processing.tokenizer import tokenize_joined_newline_prompt
+
+PROMPT_FORMATS = ("openpi", "lerobot")
 
 
 def normalization_mode(model_type: VLAModelType) -> str:
@@ -41,7 +46,16 @@ class ObservationPreprocessor:
     """Callable: one observation -> dict of CPU tensors named like the model's static buffers.
 
     Output layout: ``images (V, 3, S, S)`` fp32, ``image_masks (V,)`` bool, ``token_ids (L,)`` int64,
-    ``token_mask (L,)`` bool and, when the model takes it, ``state (A,)`` fp32 (normalised, padded)."""
+    ``token_mask (L,)`` bool, when the model takes it ``state (A,)`` fp32 (normalised, padded), and when a state
+    was used ``robot_state (D,)`` fp32 (after the input steps, before normalisation; the output steps' state).
+
+    ``input_steps`` run first on the call's arguments. ``state_normalizer`` replaces the model type's default
+    normalisation with ``state_stats`` (z-score for Pi0, quantile for Pi0.5). ``prompt_format``: ``"openpi"``
+    (cleaned prompt, ``"\n"`` tokenised separately) or ``"lerobot"`` (LeRobot's Pi0: the prompt as given plus
+    ``"\n"``, one string; Pi0.5 prompts are the same in both). ``state_prompt_width``: zero-pad the normalised
+    state to this width before it is written into a Pi0.5 prompt (LeRobot 0.4.x). ``state_required``: a state
+    must be given even when the model does not read it (output steps that add it back). ``state_dim``: the robot
+    state's length when the policy defines it (used for synthetic warm-up calls)."""
 
     config: ModelConfig
     num_views: int
@@ -49,6 +63,16 @@ class ObservationPreprocessor:
     state_stats: NormStats | None = None
     discrete_state_input: bool = False
     uses_state_token: bool = True
+    input_steps: tuple = ()
+    state_normalizer: FeatureNormalizer | None = None
+    prompt_format: str = "openpi"
+    state_prompt_width: int | None = None
+    state_required: bool = False
+    state_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_format not in PROMPT_FORMATS:
+            raise ConfigError(f"prompt_format must be one of {PROMPT_FORMATS}, got {self.prompt_format!r}")
 
     def __call__(
         self,
@@ -62,6 +86,10 @@ class ObservationPreprocessor:
         """``images_out``: where to write the float32 ``(V, 3, S, S)`` images: a host array (the engine's staging
         buffer; :func:`~cortexflow.processing.images.prepare_images`) or a tensor on a GPU (the engine's static
         buffer; :func:`~cortexflow.processing.images.prepare_images_on_device`); the returned ``images`` is it."""
+        if self.input_steps:
+            request = apply_inputs(self.input_steps, EngineRequest(images, image_masks, state, prompt, prompt_tokens))
+            images, image_masks, state = request.images, request.image_masks, request.state
+            prompt, prompt_tokens = request.prompt, request.prompt_tokens
         if isinstance(images_out, torch.Tensor) and images_out.device.type != "cpu":
             prepared = prepare_images_on_device(images, self.num_views, images_out)
         else:
@@ -70,8 +98,12 @@ class ObservationPreprocessor:
             "images": prepared,
             "image_masks": prepare_image_masks(image_masks, self.num_views),
         }
-        needs_state = self.uses_state_token or (self.discrete_state_input and prompt_tokens is None)
-        normalized = self.normalized_state(state) if needs_state else None
+        needs_state = self.uses_state_token or self.state_required or (self.discrete_state_input and prompt_tokens is None)
+        normalized = None
+        if needs_state:
+            raw = self.checked_state(state)
+            normalized = self.normalize_state(raw)
+            out["robot_state"] = torch.from_numpy(raw)
         ids, mask = self.tokens(prompt, prompt_tokens, normalized)
         out["token_ids"] = torch.from_numpy(ids)
         out["token_mask"] = torch.from_numpy(mask)
@@ -81,6 +113,10 @@ class ObservationPreprocessor:
 
     def normalized_state(self, state: Any) -> np.ndarray:
         """The robot state as a finite 1-D fp32 array, normalised when statistics are loaded."""
+        return self.normalize_state(self.checked_state(state))
+
+    def checked_state(self, state: Any) -> np.ndarray:
+        """The robot state as a finite, non-empty 1-D fp32 array."""
         if state is None:
             raise InputError(
                 f"this {self.config.model_type.value} policy needs the robot state: pass state= as a 1-D array "
@@ -96,6 +132,14 @@ class ObservationPreprocessor:
             raise InputError(f"state must be a non-empty 1-D array, got shape {array.shape}")
         if not np.isfinite(array).all():
             raise InputError(f"state contains NaN or inf at indices {np.flatnonzero(~np.isfinite(array)).tolist()}")
+        return array
+
+    def normalize_state(self, array: np.ndarray) -> np.ndarray:
+        """A checked state normalised with the state normaliser, or the stats in the model type's mode."""
+        if self.state_normalizer is not None:
+            if array.size > self.config.action_dim:
+                raise InputError(f"state has length {array.size}; the model takes at most {self.config.action_dim} values")
+            return self.state_normalizer.normalize(array)
         if self.state_stats is not None:
             if array.size != self.state_stats.dim:
                 raise InputError(
@@ -123,21 +167,34 @@ class ObservationPreprocessor:
                 "Hugging Face tokenizer folder), or pass prompt_tokens= with token ids"
             )
         if self.discrete_state_input:
+            if self.state_prompt_width is not None:
+                normalized_state = pad_to_dim(normalized_state, self.state_prompt_width)
             return tokenize_pi05_prompt(self.tokenizer, prompt, normalized_state, max_len)
+        if self.prompt_format == "lerobot":
+            return tokenize_joined_newline_prompt(self.tokenizer, prompt, max_len)
         return tokenize_pi0_prompt(self.tokenizer, prompt, max_len)
 
 
 @dataclass
 class ActionPostprocessor:
-    """Callable: normalised action chunk ``(..., H, A)`` -> robot actions (un-normalised when stats exist)."""
+    """Callable: normalised action chunk ``(..., H, A)`` and the robot states ``(..., D)`` of the call (or None)
+    -> robot actions, through ``steps`` (output steps). ``steps=None``: un-normalise with ``action_stats`` in the
+    model type's mode when they exist, else nothing."""
 
     model_type: VLAModelType
     action_stats: NormStats | None = None
+    steps: tuple | None = None
 
-    def __call__(self, actions: np.ndarray) -> np.ndarray:
-        if self.action_stats is None:
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            mode = "MEAN_STD" if normalization_mode(self.model_type) == "zscore" else "QUANTILES"
+            self.steps = () if self.action_stats is None else (
+                Unnormalize(FeatureNormalizer("actions", mode, self.action_stats)),)
+
+    def __call__(self, actions: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+        if not self.steps:
             return actions
-        return unnormalize(actions, self.action_stats, normalization_mode(self.model_type)).astype(np.float32)
+        return apply_outputs(self.steps, actions, states)
 
     def to_model_space(self, actions: np.ndarray) -> np.ndarray:
         """The inverse of ``__call__`` on robot actions ``(..., D)``: their first ``min(D, len(stats))`` dims

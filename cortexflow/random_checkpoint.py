@@ -80,7 +80,9 @@ def write_checkpoint(
     """Write a random (or the given canonical) checkpoint as ``directory/model.safetensors``.
 
     ``layout="openpi"`` writes the openpi PyTorch keys plus the unused expert LM head; ``"lerobot"``
-    writes ``model.``-prefixed keys and a LeRobot-style ``config.json``. Returns the directory."""
+    writes ``model.``-prefixed keys and a LeRobot-style ``config.json``. Either ``config.json`` records the
+    SigLIP head count as ``vision_config.num_attention_heads`` (the tensor shapes do not show it).
+    Returns the directory."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -93,8 +95,9 @@ def write_checkpoint(
         config.vocab_size, config.decoder_dim, generator=generator
     ).to(dtype)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    checkpoint_config: dict = {"vision_config": {"num_attention_heads": config.num_vision_heads}}
     if layout == "lerobot":
-        lerobot_config = {
+        checkpoint_config.update({
             "type": config.model_type.value,
             "chunk_size": config.chunk_size,
             "n_action_steps": config.chunk_size,
@@ -102,6 +105,6 @@ def write_checkpoint(
             "tokenizer_max_length": config.max_token_len,
             "max_action_dim": config.action_dim,
             "max_state_dim": config.action_dim,
-        }
-        (directory / "config.json").write_text(json.dumps(lerobot_config, indent=2))
+        })
+    (directory / "config.json").write_text(json.dumps(checkpoint_config, indent=2))
     return directory

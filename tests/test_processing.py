@@ -425,7 +425,7 @@ def test_load_norm_stats_errors(tmp_path, rng):
         "nan": lambda s: s["actions"]["mean"].__setitem__(2, float("nan")),
         "strings": lambda s: s["state"].update(mean=["a"] * 8),
         "nested": lambda s: s["state"].update(mean=[s["state"]["mean"]]),
-        "no_fields": lambda s: s.update(actions={"min": [0.0] * 7}),
+        "no_fields": lambda s: s.update(actions={"median": [0.0] * 7}),
         "not_an_object": lambda s: s.update(actions=[1.0] * 7),
     }
     messages = {

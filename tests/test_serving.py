@@ -28,7 +28,8 @@ from cortexflow.errors import ConfigError, InputError
 from cortexflow.serving import codec
 from cortexflow.serving.loadtest import run_loadtest
 from cortexflow.serving.policy import PolicyOptions, build_policy
-from cortexflow.serving.robots import AlohaMapping, DroidMapping, LiberoMapping, aloha_gripper_from_angular, make_mapping
+from cortexflow.policies.transforms import aloha_gripper_from_angular
+from cortexflow.serving.robots import AlohaMapping, DroidMapping, LiberoMapping, make_mapping
 from cortexflow.serving.server import PolicyServer
 
 # openpi-client 0.1.2 calls websockets' sync connect() without a context manager (deprecated in websockets 17).

@@ -126,3 +126,21 @@ class ComputeBackend(ABC):
     @abstractmethod
     def embedding(self, ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Row lookup ``table[ids]``: ``ids (B, L)`` int64 -> ``(B, L, D)``."""
+
+    @abstractmethod
+    def conv2d(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+               padding: tuple[int, int, int, int], groups: int = 1) -> torch.Tensor:
+        """2-D convolution of ``x (N, C, H, W)`` zero-padded by ``padding = (top, bottom, left, right)``
+        (explicit, possibly asymmetric), then ``weight (O, C / groups, kh, kw)`` at ``stride`` with no
+        further padding; ``groups = C = O`` is a depthwise convolution. Returns ``(N, O, H', W')``."""
+
+    @abstractmethod
+    def batch_norm(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor,
+                   beta: torch.Tensor, eps: float) -> torch.Tensor:
+        """Inference batch norm over channel dim 1 of ``x (N, C, H, W)``:
+        ``(x - mean) / sqrt(var + eps) * gamma + beta`` with per-channel ``(C,)`` statistics, in fp32,
+        result in ``x.dtype``."""
+
+    @abstractmethod
+    def sigmoid(self, x: torch.Tensor) -> torch.Tensor:
+        """``1 / (1 + exp(-x))``."""

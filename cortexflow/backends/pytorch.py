@@ -91,3 +91,19 @@ class PyTorchBackend(ComputeBackend):
     def embedding(self, ids, table):
         return F.embedding(ids, table)
 
+
+    def conv2d(self, x, weight, bias, stride, padding, groups=1):
+        top, bottom, left, right = padding
+        if any(padding):
+            x = F.pad(x, (left, right, top, bottom))
+        bias = None if bias is None else bias.to(x.dtype)
+        return F.conv2d(x, weight.to(x.dtype), bias, stride=stride, groups=groups)
+
+    def batch_norm(self, x, mean, var, gamma, beta, eps):
+        scale = gamma.float() * torch.rsqrt(var.float() + eps)
+        shift = beta.float() - mean.float() * scale
+        y = x.float() * scale[None, :, None, None] + shift[None, :, None, None]
+        return y.to(x.dtype)
+
+    def sigmoid(self, x):
+        return torch.sigmoid(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +24,7 @@ from cortexflow.checkpoints.pi0_layout import (
     EMBEDDING_KEYS,
     EXPERT,
     LANGUAGE,
+    LOOKUP_TABLE_KEYS,
     VISION,
     LayoutMatch,
     _LEGACY_PREFIXES,
@@ -32,8 +34,10 @@ from cortexflow.checkpoints.pi0_layout import (
     match_keys,
     to_openpi_key,
 )
+from cortexflow.checkpoints.sources import open_checkpoint
+from cortexflow.checkpoints.vision_heads import siglip_head_count
 from cortexflow.config import ModelConfig, VLAModelType
-from cortexflow.errors import CheckpointError, ConfigError
+from cortexflow.errors import CheckpointError, ConfigError, CortexFlowWarning
 from cortexflow.models.pi0 import Pi0Model, model_class
 
 PROGRESS_MIN_BYTES = 64 * 2**20
@@ -93,7 +97,7 @@ def infer_model_config(
         found["num_vision_layers"] = n
     if (s := shape(VISION + "encoder.layers.0.mlp.fc1.weight")) and len(s) == 2:
         found["vision_mlp_dim"] = s[0]
-    for key in EMBEDDING_KEYS:
+    for key in LOOKUP_TABLE_KEYS[layout]:
         if (s := shape(key)) and len(s) == 2:
             found["vocab_size"], found["encoder_dim"] = s
             break
@@ -136,9 +140,10 @@ def resolve_model_config(
             )
         return model_config
     config = infer_model_config(raw_shapes, checkpoint_config, model_type)
-    if model_config:
-        config = config.replace(**dict(model_config))
-    return config
+    overrides = dict(model_config or {})
+    if "num_vision_heads" not in overrides:
+        config = config.replace(num_vision_heads=siglip_head_count(checkpoint_config, config.vision_encoder_dim))
+    return config.replace(**overrides)
 
 
 def inspect_checkpoint(
@@ -146,8 +151,10 @@ def inspect_checkpoint(
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
     files: CheckpointFiles | None = None,
 ) -> CheckpointReport:
-    """Read headers only and report model type, dimensions, parameter count, dtypes and key problems."""
-    files = files or CheckpointFiles.open(path)
+    """Read headers only and report model type, dimensions, parameter count, dtypes and key problems.
+
+    ``path`` is any checkpoint :func:`open_checkpoint` reads (safetensors, Orbax ``params/``, LoRA adapter)."""
+    files = files or open_checkpoint(path)
     model_type = detect_model_type(files.tensors)
     if model_type is None:
         sample = ", ".join(sorted(files.tensors)[:5])
@@ -226,13 +233,15 @@ def load_pi0_checkpoint(
     dtype: torch.dtype,
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
     progress: bool | None = None,
+    base_checkpoint: "str | Path | None" = None,
 ) -> LoadedCheckpoint:
     """Validate and load the checkpoint at ``path`` onto ``device``; one ``CheckpointError`` lists every bad tensor.
 
-    ``expected_type`` (when given) must match the type detected from the tensors. Unused tensors (the
-    action expert's LM head, the prefix final norm) are never read. ``progress=None`` shows a bar
-    for checkpoints over 64 MiB."""
-    files = CheckpointFiles.open(path)
+    ``path`` is safetensors, an openpi Orbax checkpoint or a LoRA adapter folder (:func:`open_checkpoint`;
+    ``base_checkpoint`` is an adapter's base). ``expected_type`` (when given) must match the type detected
+    from the tensors. Unused tensors (the action expert's LM head, the prefix final norm) are never read.
+    ``progress=None`` shows a bar for checkpoints over 64 MiB."""
+    files = open_checkpoint(path, base_checkpoint)
     report = inspect_checkpoint(path, model_config, files)
     if expected_type is not None and report.model_type != expected_type:
         factory = "create_pi05_inference" if report.model_type == VLAModelType.PI05 else "create_pi0_inference"
@@ -255,7 +264,26 @@ def load_pi0_checkpoint(
                 raise CheckpointError(f"tensor {raw!r} in {path} contains NaN or inf values")
             del tensor
             advance(files.tensors[raw].nbytes)
+    _warn_if_embedding_tables_differ(files, match)
     return LoadedCheckpoint(model=model, weights=weights, report=report, files=files)
+
+
+def _warn_if_embedding_tables_differ(files: CheckpointFiles, match: LayoutMatch) -> None:
+    """Warn when the checkpoint stores both token-embedding tables (``lm_head`` and ``embed_tokens``) and
+    they differ: only the one the layout's reference looks tokens up in was loaded."""
+    used = match.sources.get("llm.embed")
+    others = [raw for raw in match.skipped if to_openpi_key(raw, match.layout) in EMBEDDING_KEYS]
+    if used is None or not others:
+        return
+    table = files.read(used)
+    for other in others:
+        if files.tensors[other].shape != files.tensors[used].shape or not torch.equal(files.read(other).to(table.dtype), table):
+            warnings.warn(
+                f"{files.root} stores two different token-embedding tables: {used!r} is used (the {match.layout} "
+                f"reference looks tokens up there) and {other!r} is ignored",
+                CortexFlowWarning,
+                stacklevel=3,
+            )
 
 
 class _progress_bar:

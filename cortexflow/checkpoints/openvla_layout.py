@@ -287,10 +287,12 @@ def to_hf_keys(weights: Mapping[str, torch.Tensor], config: OpenVLAConfig) -> di
 
 
 def inspect_any_checkpoint(path: str | Path, model_config: Any = None):
-    """``cortexflow info``: an :class:`OpenVLAReport` for an OpenVLA folder, else the Pi0-family report."""
+    """``cortexflow info``: an :class:`OpenVLAReport` for an OpenVLA folder, else the Pi0-family report
+    (safetensors, Orbax ``params/`` or LoRA adapter, as :func:`open_checkpoint` reads them)."""
     from cortexflow.checkpoints.loader import inspect_checkpoint
+    from cortexflow.checkpoints.sources import open_checkpoint
 
-    files = CheckpointFiles.open(path)
+    files = open_checkpoint(path)
     if is_openvla_checkpoint(files.tensors):
         return inspect_openvla_checkpoint(path, model_config, files)
     return inspect_checkpoint(path, model_config, files)

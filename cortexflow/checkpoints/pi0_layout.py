@@ -6,7 +6,7 @@ on-disk layouts map onto them:
 - ``openpi``: the openpi PyTorch ``model.safetensors`` (``paligemma_with_expert.paligemma.model...``;
   the token embedding is stored once, as ``paligemma_with_expert.paligemma.lm_head.weight``);
 - ``lerobot``: the same keys behind a ``model.`` prefix (the embedding may also appear as
-  ``...language_model.embed_tokens.weight``);
+  ``...language_model.embed_tokens.weight``, the table LeRobot looks tokens up in);
 - ``lerobot-legacy``: LeRobot before Sep 2025, Hugging Face PaliGemma nesting
   (``paligemma.language_model.model.layers...``, ``paligemma.vision_tower...``).
 """
@@ -24,6 +24,14 @@ VISION = PALIGEMMA_MODEL + "vision_tower.vision_model."
 LANGUAGE = PALIGEMMA_MODEL + "language_model."
 EXPERT = "paligemma_with_expert.gemma_expert.model."
 EMBEDDING_KEYS = (PALIGEMMA + "lm_head.weight", LANGUAGE + "embed_tokens.weight")
+# The token-lookup table each layout's reference reads when a checkpoint stores both: openpi PyTorch
+# ties the two and loads ``lm_head`` last; LeRobot looks tokens up in ``embed_tokens``, which wins over
+# the copy it makes from ``lm_head``.
+LOOKUP_TABLE_KEYS = {
+    "openpi": EMBEDDING_KEYS,
+    "lerobot": EMBEDDING_KEYS[::-1],
+    "lerobot-legacy": EMBEDDING_KEYS[::-1],
+}
 # Present in real checkpoints but never used for actions: the expert's random LM head and the
 # prefix LLM's final norm (prefix hidden states are never read out).
 UNUSED_KEYS = ("paligemma_with_expert.gemma_expert.lm_head.weight", LANGUAGE + "norm.weight")
@@ -167,7 +175,7 @@ def match_keys(raw_keys: Iterable[str], config: ModelConfig) -> LayoutMatch:
     wanted = canonical_to_openpi(config)
     used: set[str] = set()
     for canonical, openpi_key in wanted.items():
-        candidates = EMBEDDING_KEYS if canonical == "llm.embed" else (openpi_key,)
+        candidates = LOOKUP_TABLE_KEYS[layout] if canonical == "llm.embed" else (openpi_key,)
         found = [by_openpi[c] for c in candidates if c in by_openpi]
         if found:
             match.sources[canonical] = found[0]

@@ -16,19 +16,25 @@ from cortexflow.errors import ConfigError, InputError, NormStatsError
 EPSILON = 1e-6
 NORM_MODES = ("zscore", "quantile")
 _MODE_FIELDS = {"zscore": ("mean", "std"), "quantile": ("q01", "q99")}
-_STAT_FIELDS = ("mean", "std", "q01", "q99")
+_STAT_FIELDS = ("mean", "std", "q01", "q99", "min", "max", "q10", "q90")
 # Accepted top-level keys for each statistics group: openpi names first, then LeRobot names.
 _GROUP_KEYS = {"state": ("state", "observation.state"), "actions": ("actions", "action")}
 
 
 @dataclass
 class NormStats:
-    """Per-dimension statistics of one quantity (state or actions), each a float32 1-D array or None."""
+    """Per-dimension statistics of one quantity (state or actions), each a float32 1-D array or None.
+
+    openpi files carry mean/std/q01/q99; LeRobot files may add min/max and the 10 % / 90 % quantiles."""
 
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     q01: np.ndarray | None = None
     q99: np.ndarray | None = None
+    min: np.ndarray | None = None
+    max: np.ndarray | None = None
+    q10: np.ndarray | None = None
+    q90: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         """Convert the given fields to float32 1-D arrays and check they are finite and of one length."""
@@ -41,7 +47,7 @@ class NormStats:
             setattr(self, name, array)
             lengths[name] = array.shape[0]
         if not lengths:
-            raise NormStatsError("norm stats have none of mean, std, q01, q99; expected mean/std or q01/q99")
+            raise NormStatsError(f"norm stats have none of {', '.join(_STAT_FIELDS)}; expected mean/std or q01/q99")
         if len(set(lengths.values())) > 1:
             raise NormStatsError(
                 f"norm stats fields have different lengths {lengths}; expected all fields of one length"
@@ -104,6 +110,20 @@ def _find_norm_stats_file(directory: Path) -> Path:
             "expected exactly one, pass the path of the one to use"
         )
     return candidates[0]
+
+
+def asset_norm_stats_path(checkpoint_dir, asset_id: str) -> Path:
+    """``<checkpoint_dir>/assets/<asset_id>/norm_stats.json``, where ``asset_id`` may span several folders
+    (``physical-intelligence/libero``); a missing file is an error listing the asset ids the folder has."""
+    directory = Path(checkpoint_dir)
+    path = directory / "assets" / Path(*str(asset_id).split("/")) / "norm_stats.json"
+    if path.is_file():
+        return path
+    found = sorted(str(p.parent.relative_to(directory / "assets")) for p in directory.glob("assets/**/norm_stats.json"))
+    raise NormStatsError(
+        f"no norm stats for asset id {asset_id!r}: {path} does not exist (asset ids in {directory}/assets: "
+        f"{', '.join(found) or 'none'}); pass the stats file explicitly (norm_stats_path= / --norm-stats)"
+    )
 
 
 def _read_json(path: Path) -> dict:

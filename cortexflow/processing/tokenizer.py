@@ -149,6 +149,19 @@ def tokenize_pi0_prompt(
     return _pad_tokens(tokens, max_len)
 
 
+def tokenize_joined_newline_prompt(
+    tokenizer: PromptTokenizer, prompt: str, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """LeRobot's Pi0 prompt tokens ``BOS + prompt + "\n"``: the prompt as given (no cleaning), with ``"\n"``
+    appended unless it already ends with one, tokenised as one string.
+
+    Returns (ids int64 ``(max_len,)``, mask bool ``(max_len,)``), right-padded with id 0.
+    """
+    text = _check_prompt(prompt)
+    text = text if text.endswith("\n") else text + "\n"
+    return _pad_tokens(tokenizer.encode(text, add_bos=True), max_len)
+
+
 def discretize_state(normalized_state: np.ndarray) -> np.ndarray:
     """256-bin indices (int64) of normalised state values: ``digitize(x, linspace(-1, 1, 257)[:-1]) - 1``.
 

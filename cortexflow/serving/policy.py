@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -50,7 +50,8 @@ class PolicyOptions:
 
     checkpoint: str
     model: str = "auto"
-    robot: str = "droid"
+    robot: str | None = None  # None: the config's robot, else droid
+    config: str | None = None
     backend: str = "pytorch"
     device: str = "auto"
     dtype: str = "auto"
@@ -178,6 +179,7 @@ class ServedPolicy(MappedPolicy):
             "state_dim": mapping.state_dim if mapping.state_dim is not None else (stats.dim if stats else None),
             "actions_unnormalized": engine.postprocessor.action_stats is not None,
             "noise_seed": self.seed,
+            "policy_config": getattr(getattr(engine, "policy", None), "name", None),
         }
 
     def infer(self, request: EngineRequest) -> tuple[np.ndarray, dict[str, float]]:
@@ -209,6 +211,38 @@ def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:
     return model_type
 
 
+def _policy_config(options: PolicyOptions, demo: bool):
+    """The openpi config ``--config`` names (None without it), checked against the other options."""
+    if options.config is None:
+        return None
+    from cortexflow.policies import get_policy_config
+
+    config = get_policy_config(options.config)
+    if demo:
+        raise ConfigError("--config needs a checkpoint folder holding the config's norm stats (assets/); "
+                          "--checkpoint demo has none")
+    model = (options.model or "auto").strip().lower()
+    if model != "auto" and VLAModelType.parse(model) != config.model_type:
+        raise ConfigError(f"--model {options.model} contradicts --config {config.name} (a {config.model_type.value} policy)")
+    robot = (options.robot or config.robot).strip().lower()
+    if robot not in (config.robot, "raw"):
+        raise ConfigError(f"--robot {options.robot} contradicts --config {config.name}, which serves {config.robot} "
+                          f"observations; leave --robot out (or use raw: images in slot order)")
+    if not options.adapt_to_pi:
+        raise ConfigError(f"--no-adapt-to-pi is for hand-made --robot aloha serving; --config {config.name} "
+                          "applies openpi's ALOHA conversion as trained")
+    return config
+
+
+def _default_robot(checkpoint: str, policy_config) -> str:
+    """The config's robot; ``raw`` (images in camera order) for a LeRobot folder with processor files; else droid."""
+    from cortexflow.policies import has_lerobot_processors
+
+    if policy_config is not None:
+        return policy_config.robot
+    return "raw" if has_lerobot_processors(checkpoint) else "droid"
+
+
 def _resolve_dtype(dtype: str, device: str) -> str:
     from cortexflow.config import parse_dtype
     from cortexflow.engine import resolve_device
@@ -227,7 +261,8 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
 
     log = log or (lambda message: None)
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
-    model_type = _model_type(options, demo)
+    policy_config = _policy_config(options, demo)
+    model_type = policy_config.model_type if policy_config is not None else _model_type(options, demo)
     if model_type is None and not demo:
         # OpenVLA folders are recognised by their tensors; an RT-2 policy reads a Pi0-family checkpoint,
         # so it is never auto-detected (--model rt2).
@@ -235,10 +270,10 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     if model_type in TOKEN_MODELS:
         from cortexflow.serving.token_policy import build_token_policy
 
-        return build_token_policy(options, model_type, log)
+        return build_token_policy(replace(options, robot=options.robot or "droid"), model_type, log)
     if options.unnorm_key is not None:
         raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
-    robot = str(options.robot).strip().lower()
+    robot = str(options.robot or _default_robot(options.checkpoint, policy_config)).strip().lower()
     mapping_probe = make_mapping(robot)  # validates the robot name before any loading
     if robot != "raw" and options.views not in (None, ROBOT_VIEWS):
         raise ConfigError(f"--views is for --robot raw; {robot} uses the model's {ROBOT_VIEWS} image slots")
@@ -261,6 +296,7 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
         use_cuda_graphs=options.cuda_graphs,
         num_steps=options.steps,
         progress=False,
+        config=options.config,
     )
     if demo:
         config = tiny_model_config(model_type, **{"action_dim": DEMO_ACTION_DIM, **overrides})
@@ -282,15 +318,16 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     else:
         encoding = None
     stats = engine.preprocessor.state_stats
-    mapping = make_mapping(
-        robot, adapt_to_pi=options.adapt_to_pi, num_views=num_views, state_dim=stats.dim if stats else None
-    )
+    state_dim = getattr(engine.preprocessor, "state_dim", None) or (stats.dim if stats else None)
+    mapping = make_mapping(robot, adapt_to_pi=options.adapt_to_pi, num_views=engine.num_views, state_dim=state_dim)
     del mapping_probe
+    if policy_config is not None:
+        mapping = mapping.keys_only()  # the engine runs the config's steps
     return ServedPolicy(
         engine=engine,
         mapping=mapping,
         checkpoint=label,
         seed=options.seed,
-        default_prompt=options.default_prompt,
+        default_prompt=options.default_prompt or (policy_config.default_prompt if policy_config else None),
         prompt_encoding=encoding,
     )

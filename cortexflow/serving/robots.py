@@ -22,28 +22,21 @@ Every robot takes an optional ``prompt`` (text). Images are HWC or CHW, uint8 or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
 from cortexflow.errors import ConfigError, InputError
+from cortexflow.policies.transforms import (
+    EngineRequest,
+    apply_inputs,
+    apply_outputs,
+    robot_steps,
+)
 
 IMAGE_SLOTS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")
 ROBOT_NAMES = ("droid", "libero", "aloha", "raw")
 EXAMPLE_PROMPT = "pick up the red cube"
-
-
-@dataclass
-class EngineRequest:
-    """One observation as ``VLAInferenceEngine.predict`` arguments."""
-
-    images: Any
-    image_masks: Any = None
-    state: np.ndarray | None = None
-    prompt: str | None = None
-    prompt_tokens: Any = None
-    noise: Any = None
 
 
 # ---- field parsing -------------------------------------------------------------------------------
@@ -127,7 +120,14 @@ def parse_prompt(obs: Mapping[str, Any], default_prompt: str | None) -> str:
 
 # ---- mappings ------------------------------------------------------------------------------------
 class RobotMapping:
-    """Base class: ``to_engine(observation) -> EngineRequest`` and ``to_robot(actions) -> actions``."""
+    """Base class: ``to_engine(observation) -> EngineRequest`` and ``to_robot(actions) -> actions``.
+
+    ``input_steps`` / ``output_steps`` are the robot's transforms (:func:`~cortexflow.policies.transforms.robot_steps`):
+    ``to_engine`` ends with the input steps, ``to_robot`` is the output steps. A policy config runs those steps in
+    the engine instead and serves the mapping with :meth:`keys_only`."""
+
+    input_steps: tuple = ()
+    output_steps: tuple = ()
 
     name: str = ""
     action_dim: int | None = None  # None: every dimension of the model's actions
@@ -140,9 +140,12 @@ class RobotMapping:
         raise NotImplementedError
 
     def to_robot(self, actions: np.ndarray) -> np.ndarray:
-        if self.action_dim is None:
-            return actions
-        return np.ascontiguousarray(actions[..., : self.action_dim])
+        return apply_outputs(self.output_steps, actions, None)
+
+    def keys_only(self) -> "RobotMapping":
+        """This mapping without its transforms: observation keys to image slots, state and prompt only."""
+        self.input_steps, self.output_steps = (), ()
+        return self
 
     def describe(self) -> dict[str, Any]:
         """A plain description for the connection metadata."""
@@ -176,6 +179,7 @@ class DroidMapping(RobotMapping):
     name = "droid"
     action_dim = 8
     state_dim = 8
+    input_steps, output_steps = robot_steps("droid")
     required = (
         "observation/exterior_image_1_left",
         "observation/wrist_image_left",
@@ -216,6 +220,7 @@ class LiberoMapping(RobotMapping):
     name = "libero"
     action_dim = 7
     state_dim = 8
+    input_steps, output_steps = robot_steps("libero")
     required = ("observation/image", "observation/wrist_image", "observation/state")
     slots = {"base_0_rgb": "observation/image", "left_wrist_0_rgb": "observation/wrist_image", "right_wrist_0_rgb": None}
 
@@ -240,37 +245,6 @@ class LiberoMapping(RobotMapping):
         }
 
 
-# ALOHA <-> Pi joint/gripper conventions (openpi aloha_policy, adapt_to_pi=True).
-_ALOHA_JOINT_FLIP = np.array([1, -1, -1, 1, 1, 1, 1, 1, -1, -1, 1, 1, 1, 1], dtype=np.float64)
-_ALOHA_GRIPPERS = [6, 13]
-_PUPPET_GRIPPER_POSITION = (0.01844, 0.05800)  # open, closed linear positions (ALOHA runtime)
-_PUPPET_GRIPPER_JOINT = (-0.6213, 1.4910)  # joint angle range the ALOHA runtime expects
-_PI_GRIPPER_ANGLE = (0.4, 1.5)  # angular range measured on a Trossen robot, the Pi0 training space
-_GRIPPER_ARM_LENGTH, _GRIPPER_HORN_RADIUS = 0.036, 0.022
-
-
-def _scale_from_unit(x, low, high):
-    return x * (high - low) + low
-
-
-def _scale_to_unit(x, low, high):
-    return (x - low) / (high - low)
-
-
-def aloha_gripper_to_angular(value: np.ndarray) -> np.ndarray:
-    """ALOHA's normalised linear gripper position -> Pi0's normalised gripper angle."""
-    linear = _scale_from_unit(value, *_PUPPET_GRIPPER_POSITION)
-    a, r = _GRIPPER_ARM_LENGTH, _GRIPPER_HORN_RADIUS
-    with np.errstate(divide="ignore", invalid="ignore"):
-        angle = np.arcsin(np.clip((r * r + linear * linear - a * a) / (2.0 * r * linear), -1.0, 1.0))
-    return _scale_to_unit(angle, *_PI_GRIPPER_ANGLE)
-
-
-def aloha_gripper_from_angular(value: np.ndarray) -> np.ndarray:
-    """Pi0's normalised gripper angle -> the normalised gripper joint command ALOHA expects."""
-    return _scale_to_unit(_scale_from_unit(value, *_PI_GRIPPER_ANGLE), *_PUPPET_GRIPPER_JOINT)
-
-
 class AlohaMapping(RobotMapping):
     name = "aloha"
     action_dim = 14
@@ -281,6 +255,7 @@ class AlohaMapping(RobotMapping):
 
     def __init__(self, adapt_to_pi: bool = True):
         self.adapt_to_pi = bool(adapt_to_pi)
+        self.input_steps, self.output_steps = robot_steps(self.name, self.adapt_to_pi)
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "cameras": list(self.cameras), "required_cameras": ["cam_high"],
@@ -303,19 +278,9 @@ class AlohaMapping(RobotMapping):
             present = camera in parsed
             images.append(parsed[camera] if present else np.zeros_like(base))
             masks.append(present)
-        state = parse_vector(obs["state"], "state", self.state_dim).astype(np.float64)
-        if self.adapt_to_pi:
-            state = _ALOHA_JOINT_FLIP * state
-            state[_ALOHA_GRIPPERS] = aloha_gripper_to_angular(state[_ALOHA_GRIPPERS])
-        return EngineRequest(images=images, image_masks=masks, state=state.astype(np.float32),
-                             prompt=parse_prompt(obs, default_prompt))
-
-    def to_robot(self, actions: np.ndarray) -> np.ndarray:
-        out = np.array(actions[..., : self.action_dim], dtype=np.float64)
-        if self.adapt_to_pi:
-            out = _ALOHA_JOINT_FLIP * out
-            out[..., _ALOHA_GRIPPERS] = aloha_gripper_from_angular(out[..., _ALOHA_GRIPPERS])
-        return out.astype(np.float32)
+        request = EngineRequest(images=images, image_masks=masks, state=parse_vector(obs["state"], "state", self.state_dim),
+                                prompt=parse_prompt(obs, default_prompt))
+        return apply_inputs(self.input_steps, request)
 
     def example_observation(self, seed: int = 0, height: int = 224, width: int = 224, **_: Any) -> dict[str, Any]:
         rng = np.random.default_rng(seed)

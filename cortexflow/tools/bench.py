@@ -220,7 +220,12 @@ def run_bench(
     for model_name in model_types:
         log(f"drawing {size} {model_name} weights on {resolved_device} ...")
         token = None
-        if is_token_model(model_name):
+        if model_name == VLAModelType.RT1.value:
+            from cortexflow.tools.rt1_bench import RT1Workload
+
+            token = RT1Workload(size, seed, compute_dtype, resolved_device)
+            results.setdefault("notes", []).append(token.note())
+        elif is_token_model(model_name):
             from cortexflow.tools.token_bench import TokenWorkload
 
             token = TokenWorkload(model_name, size, seed, compute_dtype, resolved_device)

@@ -27,7 +27,7 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.backends.base import ComputeBackend
-from cortexflow.config import ModelConfig, dtype_name
+from cortexflow.config import ModelConfig, VLAModelType, dtype_name
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.models.gemma import gemma_layer
 from cortexflow.models.pi0 import Pi0Model, model_class
@@ -323,7 +323,13 @@ def run_verify(
 
     ``modules`` selects some of :data:`MODULES` by name (default: all). ``report["passed"]`` says whether
     the final actions are within :data:`THRESHOLDS` of the reference. ``model="openvla"`` / ``"rt2"``
-    runs :func:`cortexflow.tools.token_verify.run_token_verify` (its own modules; ``views`` ignored)."""
+    runs :func:`cortexflow.tools.token_verify.run_token_verify` (its own modules; ``views`` ignored);
+    ``"rt1"`` runs :func:`cortexflow.tools.rt1_verify.run_rt1_verify`."""
+    if VLAModelType.parse(model) == VLAModelType.RT1:
+        from cortexflow.tools.rt1_verify import run_rt1_verify
+
+        return run_rt1_verify(backend, against, size=size, device=device, dtype=dtype, seed=seed, repeats=repeats,
+                              log=log)
     if is_token_model(model):
         from cortexflow.tools.token_verify import run_token_verify
 
@@ -437,7 +443,9 @@ def print_verify(report: dict, console) -> None:
             console.print(Text(f"{row['name']}: {row['tokens_agree']}/{row['tokens_total']} greedy tokens agree "
                                f"({row['token_note']})", style="dim"))
     w = report["workload"]
-    if "generated_tokens" in w:
+    if "summary" in w:
+        what = w["summary"]
+    elif "generated_tokens" in w:
         what = (f"1 image, prompt {w['prompt_tokens']} ids, {w['generated_tokens']} greedy action tokens"
                 f"{' (constrained to the action ids)' if w['constrained'] else ''}")
     else:
