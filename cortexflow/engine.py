@@ -205,11 +205,11 @@ class VLAInferenceEngine:
         guidance clip and schedule. Without ``prev_actions`` the call is exactly the unguided one. A guided
         call runs eagerly (no CUDA graph) and needs a backend with ``supports_guided_decoding``."""
         start = time.perf_counter()
-        guidance = None
-        if prev_actions is not None:
-            guidance = self._chunk_guidance([prev_actions], [inference_delay], execution_horizon, rtc)
         sample = self.preprocessor(observation_images, task_prompt, state, prompt_tokens, image_masks,
                                    **self._images_out(1, 0))
+        guidance = None
+        if prev_actions is not None:
+            guidance = self._chunk_guidance([prev_actions], [inference_delay], execution_horizon, rtc, [sample])
         noise_batch = None if noise is None else self._check_noise(noise, batch=None)[None]
         return self._run([sample], noise_batch, start, guidance)[0]
 
@@ -248,10 +248,6 @@ class VLAInferenceEngine:
             if column is not None and len(column) != batch:
                 raise InputError(f"{name} has {len(column)} entries but batch_images has {batch}")
             columns[name] = column if column is not None else [None] * batch
-        guidance = None
-        if batch_prev_actions is not None:
-            delays = [0 if d is None else d for d in columns["batch_inference_delays"]]
-            guidance = self._chunk_guidance(batch_prev_actions, delays, execution_horizon, rtc)
         samples = [
             self.preprocessor(
                 batch_images[i],
@@ -263,13 +259,18 @@ class VLAInferenceEngine:
             )
             for i in range(batch)
         ]
+        guidance = None
+        if batch_prev_actions is not None:
+            delays = [0 if d is None else d for d in columns["batch_inference_delays"]]
+            guidance = self._chunk_guidance(batch_prev_actions, delays, execution_horizon, rtc, samples)
         noise_batch = None if noise is None else self._check_noise(noise, batch=batch)
         return self._run(samples, noise_batch, start, guidance)
 
     # ---- internals ----------------------------------------------------------------------------
     def _chunk_guidance(self, prev_actions: Sequence[Any], delays: Sequence[Any], execution_horizon: Any,
-                        rtc: Any) -> ChunkGuidance:
-        """Check the real-time-chunking arguments and build the guidance of a call (target and mask ``(B, H, A)``)."""
+                        rtc: Any, samples: Sequence[Mapping[str, torch.Tensor]]) -> ChunkGuidance:
+        """Check the real-time-chunking arguments and build the guidance of a call (target and mask ``(B, H, A)``);
+        the previous actions are mapped back through the output steps with each sample's robot state."""
         if not getattr(self.backend, "supports_guided_decoding", False):
             raise ConfigError(
                 f"real-time chunking (prev_actions=) needs a backend that runs the denoising loop op by op, such as "
@@ -281,7 +282,7 @@ class VLAInferenceEngine:
         to_model_space = getattr(self.postprocessor, "to_model_space", None)
         if to_model_space is None:
             raise ConfigError(
-                "real-time chunking needs engine.postprocessor.to_model_space(actions) to map prev_actions back "
+                "real-time chunking needs engine.postprocessor.to_model_space(actions, states) to map prev_actions back "
                 "into the model's (normalised) action space; the replaced postprocessor has none"
             )
         chunk, dim = self.chunk_size, self.config.action_dim
@@ -302,12 +303,16 @@ class VLAInferenceEngine:
                                  f"and 1 <= D <= {dim} (action_dim)")
             if not np.isfinite(prev).all():
                 raise InputError(f"{where} contains NaN or inf")
+            state = samples[index].get("robot_state")
+            prev = to_model_space(prev, None if state is None else state.numpy())
             remaining, given = prev.shape
+            if given > dim:
+                raise InputError(f"{where} maps to {given} model action dims; the model has {dim}")
             end = remaining if execution_horizon is None else min(remaining, chunk - execution_horizon)
             if isinstance(delay, bool) or not isinstance(delay, (int, np.integer)) or not 0 <= delay <= end:
                 name = "inference_delay" if len(prev_actions) == 1 else f"batch_inference_delays[{index}]"
                 raise InputError(f"{name} must be an integer in [0, {end}] (the guided overlap of {where}), got {delay!r}")
-            targets[index, :remaining, :given] = torch.from_numpy(to_model_space(prev))
+            targets[index, :remaining, :given] = torch.from_numpy(prev)
             weights = prefix_weights(chunk, int(delay), end, rtc.schedule)
             masks[index, :, :given] = weights[:, None]
         return ChunkGuidance(targets.to(self.device), masks.to(self.device), float(rtc.max_guidance_weight))

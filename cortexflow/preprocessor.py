@@ -18,7 +18,7 @@ import torch
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.errors import ConfigError, InputError, NormStatsError, TokenizerError
 from cortexflow.policies.normalize import FeatureNormalizer
-from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs
+from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs, invert_outputs
 from cortexflow.processing import (
     NormStats,
     PromptTokenizer,
@@ -196,17 +196,11 @@ class ActionPostprocessor:
             return actions
         return apply_outputs(self.steps, actions, states)
 
-    def to_model_space(self, actions: np.ndarray) -> np.ndarray:
-        """The inverse of ``__call__`` on robot actions ``(..., D)``: their first ``min(D, len(stats))`` dims
-        normalised with the action stats, the others as given (fp32). Real-time chunking guides a new
+    def to_model_space(self, actions: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of ``__call__``: robot actions ``(..., W)`` back through every output step (normalised,
+        deltas against ``states`` where the policy predicts deltas), fp32. Real-time chunking guides a new
         chunk towards the previous one in this space."""
-        actions = np.asarray(actions, dtype=np.float32)
-        if self.action_stats is None:
-            return actions
-        dim = min(actions.shape[-1], self.action_stats.dim)
-        head = normalize(pad_to_dim(actions[..., :dim], self.action_stats.dim), self.action_stats,
-                         normalization_mode(self.model_type))
-        return np.concatenate([head[..., :dim], actions[..., dim:]], axis=-1).astype(np.float32)
+        return invert_outputs(self.steps, actions, states)
 
 
 def split_norm_stats(stats: dict[str, NormStats] | None, normalize_requested: bool | None):

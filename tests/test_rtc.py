@@ -148,7 +148,7 @@ def test_guided_chunk_equals_the_papers_algorithm(engine):
     obs = observation(engine, 2)
     prev = previous_chunk(engine, 3)                       # 7 actions left of the previous chunk
     guided = engine.predict(**obs, prev_actions=prev, inference_delay=2)
-    reference = paper_algorithm_1(engine, obs, engine.postprocessor.to_model_space(prev), 2, len(prev), 5.0)
+    reference = paper_algorithm_1(engine, obs, engine.postprocessor.to_model_space(prev, None), 2, len(prev), 5.0)
     scale = np.abs(reference).max()
     assert np.abs(guided - reference).max() <= 1e-5 * scale
     assert not np.allclose(guided, engine.predict(**obs), atol=1e-3 * scale)   # the guidance did something
