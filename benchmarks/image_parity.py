@@ -131,8 +131,9 @@ def main() -> None:
         times = row.get("device_ms")
         timing = (f"{times['resize_fixed_point']:.3f} / {times['resize_interpolate']:.3f}, "
                   f"{times['prepare_images_on_device']:.3f}") if times else ""
-        print(f"{'x'.join(map(str, row['size'])):>10} {row['image']:>6} {row['filter']:>8} "
-              f"{'x'.join(map(str, row['out'])):>8} | {a['differing_values']:>8} of {a['values']:<9} {a['max_levels']:>4} | "
+        size, out = "x".join(map(str, row["size"])), "x".join(map(str, row["out"]))
+        print(f"{size:>10} {row['image']:>6} {row['filter']:>8} {out:>8} | "
+              f"{a['differing_values']:>8} of {a['values']:<9} {a['max_levels']:>4} | "
               f"{b['differing_values']:>8} of {b['values']:<9} {b['max_levels']:>4} | {timing}")
 
 
