@@ -22,8 +22,6 @@ counters stay zero between calls and inside CUDA graph replays). One launch inst
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -219,9 +217,6 @@ COMBINE_BLOCK_M = 4
 #: D 256) took 12.1 us with 16-row tiles vs 15.0 us with 64-row tiles (combine at 4 rows both).
 SMALL_GRID_BLOCK_M = 16
 
-#: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
-FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
-
 
 def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
     """Key ranges to run in parallel: enough programs for one wave on ``processors`` SMs when the
@@ -235,14 +230,14 @@ def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) ->
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    num_splits: int | None = None, fused_combine: bool | None = None, block_m: int | None = None,
+    num_splits: int | None = None, fused_combine: bool = False, block_m: int | None = None,
     num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
     ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU);
-    ``fused_combine`` merges them in the last-arriving range program instead of a second kernel
-    (default: :data:`FUSED_COMBINE_DEFAULT`). Tuning knobs (defaults from the H100 micro-benchmark):
+    ``fused_combine`` merges them in the last-arriving range program instead of a second kernel.
+    Tuning knobs (defaults from the H100 micro-benchmark):
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
     rows per program of the separate combine kernel. ``pdl``: launch both kernels with programmatic
     dependent launch (:mod:`cortexflow.kernels.pdl`)."""
@@ -274,7 +269,7 @@ def attention(
     keys_per_split = triton.cdiv(triton.cdiv(k_len, max(1, num_splits)), block_n) * block_n
     num_splits = triton.cdiv(k_len, keys_per_split)  # no empty range
     split = num_splits > 1
-    fused = split and (FUSED_COMBINE_DEFAULT if fused_combine is None else fused_combine)
+    fused = split and fused_combine
     if split:
         part_acc = torch.empty((num_splits, b * kv_heads, n_rows, block_d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_splits, b * kv_heads, n_rows, 2), dtype=torch.float32, device=q.device)
