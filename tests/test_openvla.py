@@ -413,7 +413,8 @@ def test_pil_image_and_float_image_agree(engine):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False, "fold_token_norms": False, "fused_combine": "off"}],
+@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
+                                          "fold_token_norms": False, "fused_combine": "off"}],
                          ids=["default", "unfused decode"])
 def test_triton_backend_matches_pytorch(checkpoint, engine, options):
     """Same tokens and actions on the Triton backend, with the default fused decode path and with every

@@ -152,7 +152,8 @@ def test_bad_inputs(engine):
         engine.predict(_image("black"), "pick up the block " * 20)
 
 
-@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False, "fold_token_norms": False, "fused_combine": "off"}],
+@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
+                                          "fold_token_norms": False, "fused_combine": "off"}],
                          ids=["default", "unfused decode"])
 def test_triton_backend_matches_pytorch(checkpoint, config, engine, options):
     """Same tokens and chunk on the Triton backend, with the default fused decode path and with every token

@@ -252,7 +252,8 @@ def test_fused_combine_follows_the_lm_shape():
     rt2, openvla = token_model("rt2", "real").lm, token_model("openvla", "real").lm
     assert (rt2.dims.num_heads, rt2.dims.num_kv_heads) == (8, 1)
     assert backend.fuses_combine(rt2) and not backend.fuses_combine(openvla)
-    assert not TritonBackend.configured(fused_combine="off")(torch.device(TRITON_DEVICE), torch.float32).fuses_combine(rt2)
+    unfused = TritonBackend.configured(fused_combine="off")(torch.device(TRITON_DEVICE), torch.float32)
+    assert not unfused.fuses_combine(rt2)
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

@@ -54,7 +54,7 @@ def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
     model, raw, weights, images, text = _setup(model_type, dtype)
     reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
     triton = TritonBackend(torch.device(DEVICE), dtype)
-    assert triton.fused_encoder
+    assert triton.options.fused_encoder
     weights = triton.prepare_weights(model, weights)
     assert encoder_weights_fused(model, weights)
 
