@@ -39,7 +39,7 @@ def bench_rows(runs: Path) -> list[dict]:
             workload = f"{run['model']} views={run['views']} prompt={run['prompt_len']}"
             row = table.setdefault(workload, {"workload": workload})
             row[f"{match['build']}_r{match['round']}"] = round(float(run["median_ms"]), 3)
-            if match["build"] == "new" and "backend_options" in run:
+            if match["build"] == "new" and run.get("backend_options"):
                 row["new_options"] = run["backend_options"]
         for failed in report.get("failed", []) + report.get("skipped", []):
             workload = f"{failed.get('model')} views={failed.get('views')} prompt={failed.get('prompt_len')}"
@@ -52,7 +52,8 @@ def bench_rows(runs: Path) -> list[dict]:
             row["new_vs_old_pct"] = round(100.0 * (sum(new) / len(new) / (sum(old) / len(old)) - 1.0), 2)
         if len(old) > 1:
             row["old_spread_pct"] = round(100.0 * (max(old) / min(old) - 1.0), 2)
-    return list(table.values())
+    order = {"pi0": 0, "pi05": 1, "openvla": 2, "rt2": 3}
+    return sorted(table.values(), key=lambda r: (order.get(r["workload"].split()[0], 9), r["workload"]))
 
 
 def verify_rows(runs: Path) -> dict:
