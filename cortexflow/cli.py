@@ -673,9 +673,9 @@ def _print_info(report) -> None:
 
 # ---- measurement tools: verify, bench, profile ---------------------------------------------------
 JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
-TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: persistent_expert, "
-                       "fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, fused_combine, "
-                       "concurrent_stages, pdl); recorded in the JSON.")
+TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
+                       "persistent_expert, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, "
+                       "fused_combine, concurrent_stages, pdl); recorded in the JSON.")
 
 
 def _progress(message: str) -> None:
@@ -762,7 +762,8 @@ def verify_command(
     from cortexflow.tools.verify import print_verify, run_verify
 
     name = backend.strip().lower()
-    report = run_verify(model, backend_specs([name], triton_options, "--triton-options")[name], against, size=size, device=device, dtype=dtype, seed=seed, views=views,
+    checked = backend_specs([name], triton_options, "--triton-options")[name]
+    report = run_verify(model, checked, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
                         repeats=repeats, log=_progress)
     _report(report, json_path, print_verify)
     if not report["passed"]:
