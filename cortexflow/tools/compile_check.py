@@ -338,7 +338,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                       log: Callable[[str], None] | None = None) -> dict:
     """Compile every kernel of ``models`` (pi0, pi05, openvla, rt2) x ``views`` (Pi0 family only) x
     ``variants`` (names of :data:`VARIANTS`, or ``all``) for ``sm_<arch>`` with ``processors`` SMs; returns
-    the report (kernels, problems, settings)."""
+    the report (kernels, problems, each variant's options)."""
     for model_name in models:  # an unknown or unsupported name fails here, before anything compiles
         if VLAModelType.parse(model_name) not in MODELS:
             raise ConfigError(f"compile-check runs {', '.join(m.value for m in MODELS)}; got {model_name!r}")
@@ -369,12 +369,12 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                 try:
                     compiled = compile_predict(model_name, view_count, torch_dtype, target,
                                                TritonOptions(**VARIANTS[variant]), census)
-                except BackendUnavailableError as err:  # a setting the backend refuses on this GPU, by design
+                except BackendUnavailableError as err:  # an option the backend refuses on this GPU, by design
                     cases.append(dict(case, refused=str(err)))
                     if log:
                         log(f"refused {variant} / {model_name} / {inputs}: {err}")
                     continue
-                except ConfigError:  # a wrong argument or setting: nothing else would compile either
+                except ConfigError:  # a wrong argument or option: nothing else would compile either
                     raise
                 except Exception as err:  # a kernel that does not compile: reported, the other cases go on
                     message = f"{type(err).__name__}: {err}"
