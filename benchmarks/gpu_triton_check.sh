@@ -30,6 +30,7 @@ DEVICE="${DEVICE:-cuda}"; SIZE="${SIZE:-real}"; BACKEND="${BACKEND:-triton}"
 GRAPHS=on; [ "$DEVICE" = cpu ] && GRAPHS=off
 OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2
 RUNS="$(mktemp -d)"; OLD_ROOT="$(mktemp -d)"
+trap 'rm -rf "$RUNS" "$OLD_ROOT"' EXIT
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
@@ -98,7 +99,6 @@ prepare_old() {
 finish() {
   python3 benchmarks/ab_summary.py "$RUNS" "$OUT" | tee "$OUT/summary.txt"
   tar czf "$OUT/results.tgz" -C "$RUNS" . && echo "wrote $OUT/summary.json, summary.txt, results.tgz ($(( SECONDS - START )) s)"
-  rm -rf "$RUNS" "$OLD_ROOT"
 }
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
