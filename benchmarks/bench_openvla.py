@@ -10,8 +10,8 @@ peak GPU memory over the variant (weights included). Writes JSON to ``$OUT/bench
 
     python benchmarks/bench_openvla.py                 # H100: real size, bf16, 100 iterations
     python benchmarks/bench_openvla.py --tiny          # CPU smoke test (tiny config, fp32, PyTorch only)
-    python benchmarks/bench_openvla.py --triton-only --triton-env no_fold=CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS=0
-        # A/B: the default Triton path and one more with those environment settings (same weights drawn
+    python benchmarks/bench_openvla.py --triton-only --triton-options no_fold=fold_token_norms=0
+        # A/B: the default Triton path and one more with those TritonOptions (same weights drawn
         # again for every variant: a Triton engine re-lays its weights out in place)
 """
 
@@ -30,27 +30,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cortexflow.backends.triton_options import TritonOptions
+from cortexflow.errors import ConfigError
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
 from cortexflow.processing.action_tokens import ActionStats
 from cortexflow.random_token_vla import example_norm_stats, random_openvla_weights, tiny_openvla_config
 from cortexflow.token_engine import TokenVLAEngine
-from cortexflow.tools import temporary_environment
 
 PROMPT_IDS = 26
 
 
-def _variants(device: torch.device, triton_only: bool, triton_envs: list[str]) -> list[tuple[str, str, bool, dict]]:
-    """(name, backend, CUDA graphs, environment settings) to run on ``device``."""
-    if device.type != "cuda":
-        return [("pytorch (eager)", "pytorch", False, {})]
-    variants = [] if triton_only else [("pytorch (eager)", "pytorch", False, {}), ("pytorch + graphs", "pytorch", True, {})]
-    variants.append(("triton + graphs", "triton", True, {}))
-    for spec in triton_envs:
+def _variants(device: torch.device, triton_only: bool,
+              triton_options: list[str]) -> list[tuple[str, str, bool, TritonOptions | None]]:
+    """(name, backend, CUDA graphs, Triton options) to run on ``device`` (the options are checked everywhere)."""
+    extra = []
+    for spec in triton_options:
         name, _, settings = spec.partition("=")
-        env = dict(item.split("=", 1) for item in settings.split(",") if item)
-        if not name or not env:
-            raise SystemExit(f"--triton-env wants NAME=VAR=VALUE[,VAR=VALUE...], got {spec!r}")
-        variants.append((f"triton [{name}]", "triton", True, env))
+        if not name or not settings:
+            raise SystemExit(f"--triton-options wants NAME=FIELD=VALUE[,FIELD=VALUE...], got {spec!r}")
+        try:
+            extra.append((f"triton [{name}]", "triton", True, TritonOptions.parse(settings, f"--triton-options {name}")))
+        except ConfigError as err:
+            raise SystemExit(str(err)) from None
+    if device.type != "cuda":
+        return [("pytorch (eager)", "pytorch", False, None)]
+    variants = [] if triton_only else [("pytorch (eager)", "pytorch", False, None),
+                                       ("pytorch + graphs", "pytorch", True, None)]
+    variants.append(("triton + graphs", "triton", True, TritonOptions()))
+    variants.extend(extra)
     return variants
 
 
@@ -85,8 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", dest="json_path", default=None, help="output path [$OUT/bench_openvla.json]")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--triton-only", action="store_true", help="skip the PyTorch variants (A/B runs)")
-    parser.add_argument("--triton-env", action="append", default=[], metavar="NAME=VAR=VALUE[,VAR=VALUE]",
-                        help="one more Triton + graphs variant with these environment settings (repeatable)")
+    parser.add_argument("--triton-options", action="append", default=[], metavar="NAME=FIELD=VALUE[,FIELD=VALUE]",
+                        help="one more Triton + graphs variant with these TritonOptions fields (repeatable)")
     parser.add_argument("--gc-freeze", action="store_true",
                         help="gc.collect() + gc.freeze() after each engine's warm-up: Python's collector then "
                              "skips every object alive at that point (shows whether its pauses reach the timings)")
@@ -107,17 +114,20 @@ def main(argv: list[str] | None = None) -> dict:
     ids = [config.bos_id, *rng.integers(3, model_vocab - config.n_action_bins, PROMPT_IDS - 2).tolist()]
 
     rows, tokens_by_variant = [], {}
-    for name, backend, graphs, env in _variants(device, args.triton_only, args.triton_env):
+    for name, backend, graphs, options in _variants(device, args.triton_only, args.triton_options):
         if weights is None:  # a Triton engine fused / folded the last draw in place: draw the same values again
             weights = random_openvla_weights(config, seed=args.seed, dtype=dtype, device=device)
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        with temporary_environment(env):
-            engine = TokenVLAEngine(OpenVLAModel(config), weights, backend=backend, device=device, dtype=dtype,
-                                    unnormalize=stats.unnormalize, use_cuda_graphs=graphs)
         if backend == "triton":
+            from cortexflow.backends.triton_backend import TritonBackend
+
+            backend = TritonBackend.configured(options)
+        engine = TokenVLAEngine(OpenVLAModel(config), weights, backend=backend, device=device, dtype=dtype,
+                                unnormalize=stats.unnormalize, use_cuda_graphs=graphs)
+        if options is not None:
             weights = None
         t0 = time.perf_counter()
         for _ in range(args.warmup):
@@ -134,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokens_by_variant[name] = engine.last_tokens.tolist()
         q = np.percentile(times, [10, 90])
         rows.append({
-            "variant": name, "backend": backend, "cuda_graphs": engine.use_cuda_graphs, "environment": env,
+            "variant": name, "backend": engine.backend.name, "cuda_graphs": engine.use_cuda_graphs,
+            "triton_options": None if options is None else options.as_dict(),
             "median_ms": statistics.median(times), "p10_ms": float(q[0]), "p90_ms": float(q[1]),
             "min_ms": min(times), "iters": iters, "warmup_s": warm_s,
             "peak_gpu_gib": None if peak is None else peak / 2**30,

@@ -1,298 +1,165 @@
 #!/usr/bin/env bash
-# One GPU call for the Triton backend. Each step has its own time limit so one slow step cannot eat the
-# rest; everything lands in $OUT (PACK=1 packs it into $OUT/results.tgz: the device tool returns 8 files).
-#   bash benchmarks/gpu_triton_check.sh                 # ~8 min: the numbers of issues 3 and 5
-#       Pi0 1/2/3 views and Pi0.5 (median of ITERS=100, CUDA graphs), OpenVLA-7B (PyTorch eager, PyTorch +
-#       graphs, Triton + graphs), real-size verify of Pi0 and Pi0.5, per-kernel profiles of Pi0 and OpenVLA
-#   MODE=ab bash benchmarks/gpu_triton_check.sh         # A/B of the opt-in kernels (fused combine, split-K
-#       skinny GEMMs, Triton patch embedding, folded norms): bench + real-size verify each, OpenVLA too
-#   MODE=extra bash benchmarks/gpu_triton_check.sh      # kernel micro-benchmarks + the Triton/token-VLA tests on the GPU
-#   MODE=token_ab bash benchmarks/gpu_triton_check.sh   # ~5 min: OpenVLA / RT-2 A/B (folded norms, concurrent vision
-#       towers, decode GEMV modes), real-size OpenVLA verify and profile, the token-VLA kernel tests on the GPU
-#   MODE=token_final bash benchmarks/gpu_triton_check.sh # ~7 min: OpenVLA eager / graphs / Triton (+ fused combine
-#       A/B), RT-2 with the fused combine, Pi0 1/2/3 views, the Triton / OpenVLA / RT-2 tests on the GPU
-#   MODE=pdl bash benchmarks/gpu_triton_check.sh        # ~8 min: token-VLA decode path: GPU tests, OpenVLA A/B
-#       (default, QKV/RoPE as its own kernel, PDL off, cuBLAS path), RT-2 with and without the fused QKV/RoPE, verify
-#   MODE=pi0_pdl bash benchmarks/gpu_triton_check.sh    # ~8 min: Pi0 expert with PDL / split-K GEMMs A/B, Triton
-#       tests on the GPU, OpenVLA default vs separate QKV/RoPE (200 calls)
-#   MODE=final12 bash benchmarks/gpu_triton_check.sh    # ~9 min: OpenVLA eager / graphs / Triton, Pi0 default vs
-#       split-K gate/up + head with PDL (two rounds), Pi0.5, RT-2, Pi0 verify, OpenVLA profile
-#   MODE=token12 bash benchmarks/gpu_triton_check.sh    # ~6 min: OpenVLA eager / graphs / Triton, RT-2, real-size
-#       OpenVLA verify, the token-VLA / PDL tests on the GPU
-#   MODE=head12 bash benchmarks/gpu_triton_check.sh     # ~5 min: the LM head as a decode GEMV, A/B on OpenVLA and
-#       RT-2, token tests on the GPU, real-size OpenVLA verify
-#   MODE=persistent13 bash benchmarks/gpu_triton_check.sh # ~7 min: the persistent expert-layer kernel: its GPU tests,
-#       micro-benchmark (tilings, phases alone, vs the kernel chain), Pi0 (VIEWS, default 2) with and without it
-#   MODE=persistent13_final bash benchmarks/gpu_triton_check.sh # ~9 min: its GPU tests, Pi0 1/2/3 views and Pi0.5
-#       with and without it, real-size verify of Pi0 and Pi0.5 with it
-#   MODE=encoder14 bash benchmarks/gpu_triton_check.sh  # ~7 min: the fused vision tower / prefix: GPU tests,
-#       micro-benchmark (stages op by op vs fused, attention variants), Pi0 (VIEWS, default 2) with and without, profile
-#   MODE=encoder14_final bash benchmarks/gpu_triton_check.sh # ~9 min: GPU tests, Pi0 1/2/3 views and Pi0.5 with and
-#       without the fused encoder, real-size verify of Pi0 and Pi0.5, profile
-#   MODE=prefetch14 bash benchmarks/gpu_triton_check.sh # ~7 min: the expert layer's L2 prefetch: GPU tests,
-#       micro-benchmark of the prefetch tilings, Pi0 2 views per CORTEXFLOW_TRITON_EXPERT_PREFETCH in PREFETCHES, Pi0.5
-#   MODE=actionmlp14 bash benchmarks/gpu_triton_check.sh # ~5 min: Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP
-#       in ACTION_MLPS (default "fp32 fused"), two interleaved rounds of Pi0 1/2/3 views, verify of each
-#   MODE=host15 bash benchmarks/gpu_triton_check.sh     # ~8 min: the host side of predict (images prepared in place
-#       into page-locked staging) and prompt buckets: engine GPU tests, then Pi0 1/2/3 views and Pi0.5 prompt 60 of
-#       the build in OLD_TGZ (a `git archive` of the cortexflow package, default old_v11.tgz) against this one with
-#       --prompt-buckets auto and off, ROUNDS interleaved rounds (default 1)
-# PyTorch-backend Pi0 numbers come from bench_pytorch_baseline.py; batch scaling from gpu_batch_scaling.sh.
+# The GPU check of the Triton backend, in one device call. Two modes:
+#
+#   bash benchmarks/gpu_triton_check.sh final [OLD]
+#       Under 9 minutes on an H100, installing nothing: the Triton backend's GPU tests (briefly), then the old
+#       build (OLD) and this one interleaved in two rounds of `cortexflow bench` (median of ITERS calls with CUDA
+#       graphs, real size, random weights): Pi0 at 1/2/3 views (prompt 20), Pi0.5 at 2 views (prompts 20 and 60),
+#       OpenVLA-7B and RT-2 (prompt 26 ids); real-size `cortexflow verify` of Pi0, Pi0.5 and OpenVLA with this
+#       build runs between the rounds.
+#   bash benchmarks/gpu_triton_check.sh extra
+#       every Triton GPU test file, then the kernel micro-benchmarks (attention, expert layer, encoder, decode
+#       GEMV and its chain).
+#
+# OLD: a tarball of the old tree, made where the git history is (the device machine gets the working tree without
+#   .git): `git archive -o old_build.tar 2fac96a`; or a commit, when git and the history are here. Default:
+#   old_build.tar in the repository root when it exists, else commit 2fac96a. The old build is unpacked into a
+#   temporary folder and run from there with its own package first on the path (checked: builds.json).
+# Results in $OUT (default benchmarks/results/latest): summary.json and summary.txt (the A/B table, verify, tests,
+#   every step's outcome) and results.tgz (every JSON and log of the run) -- 3 files, as the device tool returns 8.
+# Environment: ITERS (timed calls per case, 100), BUDGET (seconds for the mode; a step that would start later is
+#   left out and listed, 520), DEVICE / SIZE / BACKEND (cuda / real / triton; DEVICE=cpu SIZE=tiny BACKEND=pytorch
+#   SKIP_TESTS=1 runs the plumbing on a CPU), SKIP_TESTS=1 (no GPU tests).
 set -u
-MODE="${MODE:-final}"; ITERS="${ITERS:-100}"
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
-step() { local limit=$1; shift; timeout "$limit" "$@" || echo "step failed or timed out (rc $?): $*"; }
-# gpu_tests NAME "-k expression" FILE...: the given test files on the GPU into gpu_tests_NAME.txt (TESTS
-# overrides the expression), its last lines shown.
-gpu_tests() {
-  local name=$1 expression=$2; shift 2
-  step 240 python3 -m pytest -q -p no:cacheprovider "$@" -k "${TESTS:-$expression}" > "$OUT/gpu_tests_$name.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_$name.txt"
+MODE="${1:-final}"
+OLD="${2:-}"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 2
+ITERS="${ITERS:-100}"; BUDGET="${BUDGET:-520}"
+DEVICE="${DEVICE:-cuda}"; SIZE="${SIZE:-real}"; BACKEND="${BACKEND:-triton}"
+GRAPHS=on; [ "$DEVICE" = cpu ] && GRAPHS=off
+OUT="${OUT:-benchmarks/results/latest}"; mkdir -p "$OUT" && OUT="$(cd "$OUT" && pwd)" || exit 2
+RUNS="$(mktemp -d)"; OLD_ROOT="$(mktemp -d)"
+trap 'rm -rf "$RUNS" "$OLD_ROOT"' EXIT
+START=$SECONDS
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+case "$MODE" in final|extra) ;; *) echo "usage: bash benchmarks/gpu_triton_check.sh final [OLD] | extra (got $MODE)"; exit 2 ;; esac
+for arg in "$ITERS" "$BUDGET"; do
+  case "$arg" in ''|*[!0-9]*) echo "ITERS and BUDGET must be whole numbers of calls / seconds, got '$arg'"; exit 2 ;; esac
+done
+
+# step LIMIT NAME CMD...: CMD (a program, run from STEP_DIR, default the repository root) with at most LIMIT seconds
+# (fewer when the budget is nearly spent; left out when it is), its output in $RUNS/NAME.log, its outcome one line
+# of $RUNS/steps.txt, its last lines shown.
+step() {
+  local limit=$1 name=$2 left rc t0
+  shift 2
+  left=$(( BUDGET - (SECONDS - START) ))
+  if [ "$left" -lt 30 ]; then
+    echo "left out $name (the ${BUDGET} s budget is spent)" | tee -a "$RUNS/steps.txt"
+    return 1
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  t0=$SECONDS
+  (cd "${STEP_DIR:-$ROOT}" && exec timeout "$limit" "$@") > "$RUNS/$name.log" 2>&1
+  rc=$?
+  if [ "$rc" -eq 0 ]; then
+    echo "ok $name ($(( SECONDS - t0 )) s)" >> "$RUNS/steps.txt"
+  elif [ "$rc" -eq 124 ]; then
+    echo "timed out $name (limit $limit s)" >> "$RUNS/steps.txt"
+  else
+    echo "failed $name (rc $rc, $(( SECONDS - t0 )) s)" >> "$RUNS/steps.txt"
+  fi
+  echo "[$(( SECONDS - START )) s] $(tail -n 1 "$RUNS/steps.txt")"
+  tail -n "${TAIL:-3}" "$RUNS/$name.log"
+  return "$rc"
 }
-# ab_grid FINAL "ENV=VALUE... tag" ...: Pi0 (VIEWS, default 2; 1,2,3 when FINAL is 1) and, when FINAL is 1,
-# Pi0.5 at prompt 60, once per variant, into bench_pi0_<tag>.json / bench_pi05_<tag>.json.
-ab_grid() {
-  local final=$1; shift
-  local views="${VIEWS:-2}"; [ "$final" = 1 ] && views=1,2,3
-  local variant tag flags
-  for variant in "$@"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 110 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
-      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -5
-    [ "$final" = 1 ] && step 70 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-      --json "$OUT/bench_pi05_$tag.json" 2>&1 | tail -3
-  done
+
+# cf_step LIMIT NAME ROOT ARGS...: a step running `python3 -m cortexflow.cli ARGS` from ROOT with ROOT's package
+# first on the path.
+cf_step() {
+  local limit=$1 name=$2 root=$3
+  shift 3
+  STEP_DIR="$root" step "$limit" "$name" env PYTHONPATH="$root" python3 -m cortexflow.cli "$@"
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'python', sys.version.split()[0])" | tee -a "$OUT/gpu.txt"
-BENCH=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters "$ITERS" --warmup 5)
-VERIFY=(python3 -m cortexflow.cli verify --backend triton --size real --device cuda --dtype bfloat16)
-RT2=(python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 3 --models rt2)
-TV=CORTEXFLOW_TRITON  # prefix of the Triton backend's environment settings
-case "$MODE" in
-final)
-  step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
-  step 60 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --json "$OUT/bench_pi05.json" 2>&1 | tail -4
-  step 150 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -6
-  for model in pi0 pi05; do
-    step 60 "${VERIFY[@]}" --model "$model" --json "$OUT/verify_$model.json" > "$OUT/verify_$model.txt" 2>&1
-    tail -2 "$OUT/verify_$model.txt"
-  done
-  step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real --top 30 \
-    --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1
-  step 100 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
-    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
-  ;;
-ab)
-  step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-    --json "$OUT/bench_pi0_fused_combine.json" 2>&1 | tail -4
-  step 60 env CORTEXFLOW_TRITON_FUSED_COMBINE=1 "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_fused_combine.json" 2>&1 | tail -2
-  for variant in "CORTEXFLOW_TRITON_SKINNY_GEMM=1 skinny_gemm" \
-                 "CORTEXFLOW_TRITON_SKINNY_GEMM=1 CORTEXFLOW_TRITON_FUSED_COMBINE=1 CORTEXFLOW_TRITON_PATCH_EMBED=1 all_opt_in"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0,pi05 --views 2 --prompt-len 20,60 \
-      --json "$OUT/bench_$tag.json" 2>&1 | tail -6
-    step 60 env "${flags[@]}" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_$tag.json" 2>&1 | tail -2
-  done
-  step 60 env CORTEXFLOW_TRITON_FOLD_NORMS=1 "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-    --json "$OUT/bench_pi0_folded.json" 2>&1 | tail -4
-  step 150 env CORTEXFLOW_TRITON_SKINNY_GEMM=1 python3 benchmarks/bench_openvla.py --iters "$ITERS" \
-    --json "$OUT/bench_openvla_skinny_gemm.json" 2>&1 | tail -6
-  ;;
-extra)
-  step 240 env OUT="$OUT" python3 benchmarks/micro_decoder_kernels.py > "$OUT/micro.txt" 2>&1
-  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py \
-    > "$OUT/kernel_tests.txt" 2>&1
-  tail -3 "$OUT/kernel_tests.txt"
-  ;;
-token_ab)
-  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_ab.json" \
-    --triton-env "v6_path=${TV}_FOLD_TOKEN_NORMS=0,${TV}_CONCURRENT=0" \
-    --triton-env "fold_only=${TV}_CONCURRENT=0" \
-    --triton-env "concurrent_only=${TV}_FOLD_TOKEN_NORMS=0" \
-    --triton-env "gemv_out=${TV}_DECODE_GEMV=out" 2>&1 | tail -8
-  step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -3
-  step 90 env "${TV}_FOLD_TOKEN_NORMS=0" "${RT2[@]}" --json "$OUT/bench_rt2_no_fold.json" 2>&1 | tail -3
-  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
-  tail -4 "$OUT/verify_openvla.txt"
-  step 100 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
-    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
-  step 200 python3 -m pytest -q -p no:cacheprovider tests/test_decode_gemv.py tests/test_triton_kernels.py \
-    tests/test_token_tools.py -k "decode_gemv or fold or rstd or verify_triton or bad_decode" \
-    > "$OUT/gpu_tests_token.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_token.txt"
-  ;;
-token_final)
-  step 300 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" \
-    --triton-env "fused_combine=${TV}_FUSED_COMBINE=1" \
-    --triton-env "fused_combine_gemv_out=${TV}_FUSED_COMBINE=1,${TV}_DECODE_GEMV=out" 2>&1 | tail -7
-  step 90 env "${TV}_FUSED_COMBINE=1" "${RT2[@]}" --json "$OUT/bench_rt2_fused_combine.json" 2>&1 | tail -2
-  step 120 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0.json" 2>&1 | tail -6
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_openvla.py tests/test_rt2.py \
-    > "$OUT/gpu_tests.txt" 2>&1
-  tail -3 "$OUT/gpu_tests.txt"
-  ;;
-pdl)
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
-    -k "pdl or decode_gemv or decode_qkv_rope or verify_triton" > "$OUT/gpu_tests_pdl.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_pdl.txt"
-  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_pdl.json" \
-    --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" --triton-env "no_pdl=${TV}_PDL=0" \
-    --triton-env "cublas_no_pdl=${TV}_DECODE_GEMV=0,${TV}_PDL=0" 2>&1 | tail -8
-  step 90 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -2
-  step 90 env "${TV}_DECODE_QKV_ROPE=0" "${RT2[@]}" --json "$OUT/bench_rt2_separate_qkv_rope.json" 2>&1 | tail -2
-  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
-  tail -4 "$OUT/verify_openvla.txt"
-  ;;
-pi0_pdl)
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_skinny_gemm.py tests/test_decode_gemv.py \
-    tests/test_triton_kernels.py > "$OUT/gpu_tests_pi0_pdl.txt" 2>&1
-  tail -3 "$OUT/gpu_tests_pi0_pdl.txt"
-  for variant in "${TV}_PDL=1 default" "${TV}_PDL=0 no_pdl" "${TV}_SKINNY_GEMM=1 skinny" \
-                 "${TV}_SKINNY_GEMM=1 ${TV}_PDL=0 skinny_no_pdl" "${TV}_SKINNY_GEMM=mlp_head mlp_head"; do
-    set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-    step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-      --json "$OUT/bench_pi0_$tag.json" 2>&1 | tail -1
-  done
-  step 60 env "${TV}_SKINNY_GEMM=1" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_skinny.json" 2>&1 | tail -1
-  step 300 python3 benchmarks/bench_openvla.py --triton-only --iters 200 --json "$OUT/bench_openvla.json" \
-    --triton-env "separate_qkv_rope=${TV}_DECODE_QKV_ROPE=0" 2>&1 | tail -4
-  ;;
-final12)
-  step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
-  for round in 1 2; do
-    for variant in "${TV}_SKINNY_GEMM=0 default" "${TV}_SKINNY_GEMM=mlp_head mlp_head"; do
-      set -- $variant; tag=${!#}; flags=("${@:1:$#-1}")
-      views=2; [ "$round" = 1 ] && views=1,2,3
-      step 90 env "${flags[@]}" "${BENCH[@]}" --models pi0 --views "$views" --prompt-len 20 \
-        --json "$OUT/bench_pi0_${tag}_r$round.json" 2>&1 | tail -1
-      [ "$round" = 1 ] && step 60 env "${flags[@]}" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-        --json "$OUT/bench_pi05_${tag}.json" 2>&1 | tail -1
-    done
-  done
-  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
-  step 60 env "${TV}_SKINNY_GEMM=mlp_head" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_mlp_head.json" 2>&1 | tail -1
-  step 90 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --prompt-len 26 --top 30 \
-    --json "$OUT/profile_openvla_triton.json" > "$OUT/profile_openvla_triton.txt" 2>&1
-  ;;
-token12)
-  step 200 python3 benchmarks/bench_openvla.py --iters "$ITERS" --json "$OUT/bench_openvla.json" 2>&1 | tail -5
-  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
-  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
-  tail -2 "$OUT/verify_openvla.txt"
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
-    tests/test_rt2.py -k "pdl or decode or verify_triton or rt2" > "$OUT/gpu_tests_token.txt" 2>&1
-  tail -2 "$OUT/gpu_tests_token.txt"
-  ;;
-head12)
-  step 240 python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_decode_gemv.py tests/test_token_tools.py \
-    -k "pdl or decode or greedy or verify_triton or bad_decode" > "$OUT/gpu_tests_head.txt" 2>&1
-  tail -2 "$OUT/gpu_tests_head.txt"
-  step 240 python3 benchmarks/bench_openvla.py --triton-only --iters "$ITERS" --json "$OUT/bench_openvla_head.json" \
-    --triton-env "head_on_cublas=${TV}_DECODE_HEAD=0" 2>&1 | tail -3
-  step 60 "${RT2[@]}" --json "$OUT/bench_rt2.json" 2>&1 | tail -1
-  step 60 env "${TV}_DECODE_HEAD=0" "${RT2[@]}" --json "$OUT/bench_rt2_head_on_cublas.json" 2>&1 | tail -1
-  step 120 "${VERIFY[@]}" --model openvla --json "$OUT/verify_openvla.json" > "$OUT/verify_openvla.txt" 2>&1
-  tail -2 "$OUT/verify_openvla.txt"
-  ;;
-persistent13|persistent13_final)
-  # The persistent expert layer: its GPU tests, then Pi0 (and for _final Pi0.5) with and without it.
-  gpu_tests persistent "expert or end_to_end" tests/test_expert_layer.py tests/test_triton_kernels.py
-  final=0; [ "$MODE" = persistent13_final ] && final=1
-  [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py 2>&1 | tail -22
-  ab_grid "$final" "${TV}_PERSISTENT_EXPERT=0 default" "${TV}_PERSISTENT_EXPERT=1 persistent"
-  if [ "$final" = 1 ]; then
-    for model in pi0 pi05; do
-      step 60 env "${TV}_PERSISTENT_EXPERT=1" "${VERIFY[@]}" --model $model \
-        --json "$OUT/verify_${model}_persistent.json" 2>&1 | tail -4
-    done
+
+# package_path ROOT: where `import cortexflow` resolves from ROOT (must be inside ROOT).
+package_path() {
+  (cd "$1" && PYTHONPATH="$1" python3 -c "import cortexflow, os; print(os.path.dirname(cortexflow.__file__))")
+}
+
+prepare_old() {
+  local old="$OLD"
+  if [ -z "$old" ]; then
+    if [ -f old_build.tar ]; then old=old_build.tar; else old=2fac96a; fi
   fi
-  ;;
-encoder14|encoder14_final)
-  # The fused vision tower and prefix: their GPU tests, then Pi0 (and for _final Pi0.5) with and without them.
-  gpu_tests encoder "encoder or layer_norm or end_to_end" tests/test_triton_encoder.py tests/test_triton_kernels.py
-  final=0; [ "$MODE" = encoder14_final ] && final=1
-  [ "$final" = 0 ] && step 240 env OUT="$OUT" python3 benchmarks/micro_encoder.py 2>&1 | tail -24
-  ab_grid "$final" "${TV}_FUSED_ENCODER=0 op_by_op" "${TV}_FUSED_ENCODER=1 fused"
-  if [ "$final" = 1 ]; then
-    for model in pi0 pi05; do
-      step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -4
-    done
-    step 60 env "${TV}_FUSED_ENCODER=0" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_op_by_op.json" 2>&1 | tail -1
+  if [ -f "$old" ]; then
+    tar xf "$old" -C "$OLD_ROOT" || { echo "cannot unpack $old"; exit 2; }
+  elif git rev-parse --verify -q "$old^{commit}" > /dev/null 2>&1; then
+    git archive "$old" | tar x -C "$OLD_ROOT" || { echo "git archive $old failed"; exit 2; }
+  else
+    echo "OLD=$old is neither a file nor a commit here; make the tarball where the history is:"
+    echo "  git archive -o old_build.tar $old   (then pass old_build.tar, or leave OLD out)"
+    exit 2
   fi
-  step 60 python3 -m cortexflow.cli profile --model pi0 --backend triton --views 2 --size real --top 40 \
-    --json "$OUT/profile_pi0_triton.json" > "$OUT/profile_pi0_triton.txt" 2>&1
-  tail -30 "$OUT/profile_pi0_triton.txt"
-  ;;
-prefetch14)
-  # The persistent expert layer's L2 prefetch: GPU tests (bit-identical results), the micro-benchmark's prefetch
-  # tilings, Pi0 2 views at each CORTEXFLOW_TRITON_EXPERT_PREFETCH value in PREFETCHES, Pi0.5 at 0 and the last.
-  gpu_tests prefetch "expert or encoder or layer_norm or end_to_end" tests/test_expert_layer.py \
-    tests/test_triton_encoder.py tests/test_triton_kernels.py
-  step 200 env OUT="$OUT" python3 benchmarks/micro_expert_layer.py --only prefetch --no-phases 2>&1 | tail -10
-  for pf in ${PREFETCHES:-0 1 2 5 6}; do
-    step 60 env "${TV}_EXPERT_PREFETCH=$pf" "${BENCH[@]}" --models pi0 --views 2 --prompt-len 20 \
-      --json "$OUT/bench_pi0_prefetch$pf.json" 2>&1 | tail -3 | head -1
+  OLD_SOURCE="$old"
+}
+
+finish() {
+  python3 benchmarks/ab_summary.py "$RUNS" "$OUT" | tee "$OUT/summary.txt"
+  tar czf "$OUT/results.tgz" -C "$RUNS" . && echo "wrote $OUT/summary.json, summary.txt, results.tgz ($(( SECONDS - START )) s)"
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no nvidia-smi"
+  python3 -c "import sys, torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
+  python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "no triton"
+} | tee "$RUNS/machine.txt"
+python3 -c "import typer, rich" || { echo "the CLI needs typer and rich in this Python"; exit 2; }
+
+if [ "$MODE" = extra ]; then
+  TAIL=3 step 420 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
+    tests/test_expert_layer.py tests/test_pdl.py tests/test_decode_gemv.py tests/test_triton_encoder.py \
+    tests/test_openvla.py tests/test_rt2.py tests/test_token_tools.py
+  for micro in micro_decoder_kernels micro_expert_layer micro_encoder micro_decode_gemv micro_decode_chain; do
+    TAIL=12 step 150 "$micro" env OUT="$RUNS" python3 "benchmarks/$micro.py"
   done
-  for pf in 0 ${pf:-0}; do
-    step 60 env "${TV}_EXPERT_PREFETCH=$pf" "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-      --json "$OUT/bench_pi05_prefetch$pf.json" 2>&1 | tail -3 | head -1
-  done
-  ;;
-actionmlp14)
-  # Pi0's action MLP per CORTEXFLOW_TRITON_ACTION_MLP value in ACTION_MLPS (run 7: fp32 and bf16, then named
-  # CORTEXFLOW_TRITON_LOW_PRECISION_ACTION_MLP=0/1): its GPU tests, two interleaved rounds of Pi0 1/2/3 views,
-  # verify of each.
-  gpu_tests action_mlp "action_mlp or end_to_end" tests/test_action_mlp.py tests/test_triton_kernels.py
-  for round in 1 2; do
-    for mlp in ${ACTION_MLPS:-fp32 fused}; do
-      step 100 env "${TV}_ACTION_MLP=$mlp" "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 \
-        --json "$OUT/bench_pi0_action_mlp_${mlp}_r$round.json" 2>&1 | tail -5 | head -3
-    done
-  done
-  for mlp in ${ACTION_MLPS:-fp32 fused}; do
-    step 60 env "${TV}_ACTION_MLP=$mlp" "${VERIFY[@]}" --model pi0 --json "$OUT/verify_pi0_action_mlp_$mlp.json" 2>&1 | tail -1
-  done
-  ;;
-host15)
-  gpu_tests engine "engine or buckets or staging or end_to_end or device or gpu" tests/test_engine_io.py \
-    tests/test_processing.py tests/test_triton_kernels.py
-  old="${OLD_TGZ:-old_v11.tgz}"; mkdir -p /tmp/old_build && tar xzf "$old" -C /tmp/old_build
-  for round in $(seq 1 "${ROUNDS:-1}"); do
-    # from inside the old tree: `python -m` puts the working directory first on sys.path
-    (cd /tmp/old_build && step 110 env PYTHONPATH=/tmp/old_build "${BENCH[@]}" --models pi0 --views 1,2,3 \
-      --prompt-len 20 --json "$OUT/bench_pi0_old_r$round.json" 2>&1 | tail -5 | head -3)
-    step 110 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --json "$OUT/bench_pi0_new_r$round.json" 2>&1 \
-      | tail -5 | head -3
-    (cd /tmp/old_build && step 70 env PYTHONPATH=/tmp/old_build "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 \
-      --json "$OUT/bench_pi05_old_r$round.json" 2>&1 | tail -3 | head -1)
-    for buckets in auto off; do
-      step 70 "${BENCH[@]}" --models pi05 --views 2 --prompt-len 60 --prompt-buckets $buckets \
-        --json "$OUT/bench_pi05_new_${buckets}_r$round.json" 2>&1 | tail -3 | head -1
-    done
-    if [ -n "${IMAGES_AB:-}" ]; then  # images prepared on the host (the default before) against the GPU
-      step 110 "${BENCH[@]}" --models pi0 --views 1,2,3 --prompt-len 20 --image-preprocessing host \
-        --json "$OUT/bench_pi0_new_host_images_r$round.json" 2>&1 | tail -5 | head -3
-    fi
-  done
-  if [ -n "${VERIFY_TOO:-}" ]; then
-    for model in pi0 pi05; do
-      step 60 "${VERIFY[@]}" --model $model --json "$OUT/verify_$model.json" 2>&1 | tail -1
-    done
-  fi
-  python3 - "$OUT" <<'PY'
-import glob, json, os, sys
-print("check: the old build reports", {json.load(open(p))["runs"][0]["prefix_tokens"] for p in glob.glob(sys.argv[1] + "/bench_pi05_old*.json")}, "prefix tokens (712 = no buckets)")
-for path in sorted(glob.glob(os.path.join(sys.argv[1], "bench_*.json"))):
-    for run in json.load(open(path))["runs"]:
-        print(f"{os.path.basename(path):34s} {run['model']:5s} views={run['views']} median {run['median_ms']:7.2f} ms "
-              f"preprocess {run.get('preprocess_median_ms', float('nan')):5.2f} ms prefix {run['prefix_tokens']}")
-PY
-  ;;
-*) echo "unknown MODE=$MODE (final, ab, extra, token_ab, token_final, pdl, pi0_pdl, final12, token12, head12, persistent13, persistent13_final, encoder14, encoder14_final, prefetch14, actionmlp14, host15)"
-   exit 2 ;;
-esac
-if [ "${PACK:-0}" = 1 ]; then
-  tar czf /tmp/results.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/results.tgz "$OUT/results.tgz"
+  finish
+  exit 0
 fi
+
+prepare_old
+new_path="$(package_path "$ROOT")"; old_path="$(package_path "$OLD_ROOT")"
+case "$new_path" in "$ROOT"/*) ;; *) echo "the new build imports cortexflow from $new_path, not $ROOT"; exit 2 ;; esac
+case "$old_path" in "$OLD_ROOT"/*) ;; *) echo "the old build imports cortexflow from $old_path, not $OLD_ROOT"; exit 2 ;; esac
+NEW_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+cat > "$RUNS/builds.json" <<EOF
+{"old": {"source": "$OLD_SOURCE", "package": "$old_path"},
+ "new": {"commit": "$NEW_COMMIT", "package": "$new_path"},
+ "iters": $ITERS, "device": "$DEVICE", "size": "$SIZE", "backend": "$BACKEND", "budget_s": $BUDGET}
+EOF
+echo "old build: $OLD_SOURCE ($old_path); new build: $NEW_COMMIT ($new_path)"
+
+if [ -z "${SKIP_TESTS:-}" ]; then
+  step 90 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_pdl.py tests/test_expert_layer.py \
+    tests/test_triton_kernels.py -k "pdl or real_size or end_to_end"
+fi
+
+BENCH=(bench --backends "$BACKEND" --graphs "$GRAPHS" --iters "$ITERS" --warmup 5 --device "$DEVICE" --size "$SIZE")
+# bench_round ROUND FIRST SECOND: each workload group on both builds, FIRST's run before SECOND's.
+bench_round() {
+  local round=$1 group build root
+  shift
+  for group in pi0 pi05 token; do
+    for build in "$@"; do
+      root="$ROOT"; [ "$build" = old ] && root="$OLD_ROOT"
+      case "$group" in
+        pi0) cf_step 150 "bench_pi0_${build}_r$round" "$root" "${BENCH[@]}" --models pi0 --views 1,2,3 \
+               --prompt-len 20 --json "$RUNS/bench_pi0_${build}_r$round.json" ;;
+        pi05) cf_step 110 "bench_pi05_${build}_r$round" "$root" "${BENCH[@]}" --models pi05 --views 2 \
+                --prompt-len 20,60 --json "$RUNS/bench_pi05_${build}_r$round.json" ;;
+        token) cf_step 150 "bench_token_${build}_r$round" "$root" "${BENCH[@]}" --models openvla,rt2 \
+                 --prompt-len 26 --json "$RUNS/bench_token_${build}_r$round.json" ;;
+      esac
+    done
+  done
+}
+
+bench_round 1 old new
+for model in pi0 pi05 openvla; do
+  limit=80; [ "$model" = openvla ] && limit=130
+  cf_step "$limit" "verify_$model" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
+    --device "$DEVICE" --json "$RUNS/verify_$model.json"
+done
+bench_round 2 new old
+finish

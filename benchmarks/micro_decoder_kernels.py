@@ -1,12 +1,9 @@
-"""Micro-benchmark of the denoising step's kernel choices on one GPU (real Pi0 shapes, bf16).
+"""Micro-benchmark of the denoising step's attention on one GPU (real Pi0 shapes, bf16).
 
-- attention over the cached prefix: split-KV counts (1 = one program per row block) vs the default
-  choice and torch's ``scaled_dot_product_attention`` (K/V expanded to the query heads, boolean mask);
-  the prefix and vision shapes for comparison;
-- the expert's RMSNorm + QKV / gate-up GEMM: norm kernel + cuBLAS (``F.linear``) vs the folded
-  ``norm_linear`` Triton kernel at several N tiles;
-- the expert's GEMMs with their epilogues: cuBLAS (+ the GELU-gate kernel, + the Euler add) vs the
-  split-K ``skinny_gemm`` Triton kernels at the default and forced K-split counts.
+Attention over the cached prefix: split-KV counts (1 = one program per row block) vs the default
+choice, the fused (last-arriver) combine and torch's ``scaled_dot_product_attention`` (K/V expanded to
+the query heads, boolean mask); the prefix and vision shapes for comparison. (The folded-norm and split-K
+GEMM kernels this script also timed were deleted after measuring no gain: benchmarks/NOTES.md.)
 
 Each variant is captured 50 times in one CUDA graph and replayed (no launch overhead, as in ``predict``);
 the time per call is the median over 20 replays / 50. Writes ``$OUT/micro_decoder_kernels.json``.
@@ -26,17 +23,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortexflow.kernels.attention import attention, attention_reference  # noqa: E402
-from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference  # noqa: E402
-from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused  # noqa: E402
-from cortexflow.kernels.rms_norm import rms_norm  # noqa: E402
-from cortexflow.kernels.skinny_gemm import (  # noqa: E402
-    skinny_euler_,
-    skinny_euler_reference,
-    skinny_gelu_gate,
-    skinny_gelu_gate_reference,
-    skinny_linear,
-    skinny_linear_reference,
-)
 
 CALLS = 50
 
@@ -109,76 +95,9 @@ def attention_cases(rows: list) -> None:
                          "us": graph_time_us(fn), "rel_err": rel(out, ref)})
 
 
-def norm_linear_cases(rows: list) -> None:
-    g = torch.Generator(device="cuda").manual_seed(1)
-    for label, (m, k, n) in {"qkv (51 x 1024 -> 2560)": (51, 1024, 2560),
-                             "gate_up (51 x 1024 -> 8192)": (51, 1024, 8192),
-                             "qkv, batch 4 (204 x 1024 -> 2560)": (204, 1024, 2560)}.items():
-        x = (torch.randn(m, k, device="cuda", generator=g) * 4).bfloat16()
-        w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).bfloat16()
-        norm_w = (0.1 * torch.randn(k, device="cuda", generator=g)).bfloat16()
-        col = 1.0 + norm_w.float()
-        ref = norm_linear_reference(x, w, 1e-6, col)
-        variants = {
-            "rms_norm kernel + cuBLAS": lambda: F.linear(rms_norm(x, norm_w, 1e-6), w),
-            "cuBLAS alone (no norm)": lambda: F.linear(x, w),
-            "norm_linear default": lambda: norm_linear(x, w, 1e-6, col),
-        }
-        for bn in (16, 32, 64):
-            variants[f"norm_linear block_n={bn}"] = (lambda b=bn: norm_linear(x, w, 1e-6, col, block_n=b))
-        for name, fn in variants.items():
-            out = fn()
-            rows.append({"kernel": "norm+linear", "shape": label, "variant": name, "us": graph_time_us(fn),
-                         "rel_err": None if "no norm" in name else rel(out, ref)})
-
-
-def skinny_gemm_cases(rows: list) -> None:
-    """Pi0's expert GEMMs at 51 rows (one denoising step, batch 1), cuBLAS path vs split-K Triton."""
-    g = torch.Generator(device="cuda").manual_seed(2)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", generator=g) * scale).bfloat16()
-
-    for label, (m, k, n, kind) in {"qkv (51 x 1024 -> 2560)": (51, 1024, 2560, "linear"),
-                                   "o + residual (51 x 2048 -> 1024)": (51, 2048, 1024, "residual"),
-                                   "gate_up + gelu gate (51 x 1024 -> 2 x 4096)": (51, 1024, 4096, "gelu"),
-                                   "down + residual (51 x 4096 -> 1024)": (51, 4096, 1024, "residual"),
-                                   "action head + Euler (50 x 1024 -> 32)": (50, 1024, 32, "euler")}.items():
-        x = rand(m, k)
-        w = rand(2 * n if kind == "gelu" else n, k, scale=k**-0.5)
-        res, bias = rand(m, n), rand(n)
-        state = torch.randn(m, n, device="cuda", generator=g)
-        if kind == "linear":
-            ref = skinny_linear_reference(x, w)
-            cublas = lambda: F.linear(x, w)  # noqa: E731
-            triton_call = lambda s=None: skinny_linear(x, w, num_splits=s)  # noqa: E731
-        elif kind == "residual":
-            ref = skinny_linear_reference(x, w, residual=res)
-            cublas = lambda: torch.addmm(res, x, w.T)  # noqa: E731
-            triton_call = lambda s=None: skinny_linear(x, w, residual=res, num_splits=s)  # noqa: E731
-        elif kind == "gelu":
-            ref = skinny_gelu_gate_reference(x, w)
-            cublas = lambda: gelu_tanh_gate_fused(F.linear(x, w))  # noqa: E731
-            triton_call = lambda s=None: skinny_gelu_gate(x, w, num_splits=s)  # noqa: E731
-        else:
-            ref = skinny_euler_reference(state, x, w, bias, -0.1)
-            work = state.clone()
-            cublas = lambda: torch.add(work, F.linear(x, w, bias).float(), alpha=-0.1)  # noqa: E731
-            triton_call = lambda s=None: skinny_euler_(state.clone(), x, w, bias, -0.1, num_splits=s)  # noqa: E731
-        variants = {"cuBLAS (+ epilogue kernels)": cublas, "skinny_gemm default": triton_call}
-        for splits in (1, 2, 4, 8):
-            variants[f"skinny_gemm splits={splits}"] = (lambda s=splits: triton_call(s))
-        for name, fn in variants.items():
-            out = fn()
-            rows.append({"kernel": "expert gemm", "shape": label, "variant": name, "us": graph_time_us(fn),
-                         "rel_err": rel(out, ref)})
-
-
 def main() -> None:
     rows: list = []
     attention_cases(rows)
-    norm_linear_cases(rows)
-    skinny_gemm_cases(rows)
     out = Path(os.environ.get("OUT", "."))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "calls_per_graph": CALLS, "rows": rows}

@@ -54,11 +54,6 @@ def tilings(quick: bool, only: str | None = None) -> dict[str, el.ExpertTiling]:
         "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
         "attention 32 rows": replace(base, attn_rows=32),
-        "prefetch o/gate-up/down at attention": replace(base, prefetch=el.PREFETCH_LATER_WEIGHTS),
-        "prefetch o/gate-up/down at QKV": replace(base, prefetch=el.PREFETCH_EARLY),
-        "prefetch at attention + next QKV": replace(base, prefetch=el.PREFETCH_LATER_WEIGHTS | el.PREFETCH_NEXT_QKV),
-        "prefetch at QKV + next QKV": replace(base, prefetch=el.PREFETCH_EARLY | el.PREFETCH_NEXT_QKV),
-        "prefetch next QKV only": replace(base, prefetch=el.PREFETCH_NEXT_QKV),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or only in name}
@@ -119,7 +114,7 @@ def main() -> None:
             el.expert_layer(x, out, weights[f"{pre}.qkv"], weights[f"{pre}.o"], weights[f"{pre}.gate_up"],
                             weights[f"{pre}.down"], scales[i][0], scales[i][1], positions, inv_freq, keys[i], values[i],
                             mask, EPS, scale, work, HEADS, launch=i, pending=i > 0, finish=i == LAYERS - 1,
-                            phases=phases, next_w_qkv=weights[f"expert.layers.{(i + 1) % LAYERS}.qkv"])
+                            phases=phases)
             x = out
         return out
 

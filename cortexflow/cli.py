@@ -756,6 +756,9 @@ def _convert_rt1(source: Path, destination: Path, dtype: str, base_checkpoint: O
 
 # ---- measurement tools: verify, bench, profile ---------------------------------------------------
 JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
+TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
+                       "persistent_expert, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, "
+                       "fused_combine, concurrent_stages, pdl); recorded in the JSON.")
 
 
 def _progress(message: str) -> None:
@@ -800,6 +803,7 @@ def verify_command(
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (inputs use N+1).")] = 0,
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs (ignored for openvla/rt2: one image).")] = 2,
     repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown).")] = 3,
+    triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
     """Compare a backend with the reference module by module on random weights and random inputs.
@@ -838,9 +842,12 @@ def verify_command(
         if not report["passed"]:
             raise typer.Exit(EXIT_PROBLEMS)
         return
+    from cortexflow.tools import backend_specs
     from cortexflow.tools.verify import print_verify, run_verify
 
-    report = run_verify(model, backend, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
+    name = backend.strip().lower()
+    checked = backend_specs([name], triton_options, "--triton-options")[name]
+    report = run_verify(model, checked, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
                         repeats=repeats, log=_progress)
     _report(report, json_path, print_verify)
     if not report["passed"]:
@@ -865,6 +872,7 @@ def bench_command(
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
+    triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
     batch_scaling: Annotated[bool, typer.Option("--batch-scaling", help="Instead of the predict grid: time one image encoder (--encoder) at each batch size (--batches) on each of --backends (pytorch, triton, onnx).")] = False,
     encoder: Annotated[str, typer.Option("--encoder", metavar="NAME", help="--batch-scaling: siglip (the policy's tower, real size), siglip_tiny, vit_small_patch16_224 or resnet18d (timm, random init).")] = "siglip_tiny",
@@ -918,6 +926,8 @@ def bench_command(
         log=_progress,
         prompt_buckets=prompt_buckets,
         image_preprocessing=image_preprocessing,
+        triton_options=triton_options,
+        options_source="--triton-options",
     )
     _report(results, json_path, print_bench)
 
@@ -927,7 +937,7 @@ def bench_command(
 def compile_check_command(
     models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated: pi0, pi05, openvla, rt2.")] = "pi0,pi05",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts (Pi0 family; openvla/rt2 take one image).")] = "2",
-    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated backend settings to compile: default, kernel-chain, skinny-gemm, fused-combine, fold-norms, expert-prefetch, patch-embed, action-mlp-fused, op-by-op-encoder, decode-gemv-all, token-unfused; or all.")] = "default",
+    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated TritonOptions variants to compile: default, kernel-chain, op-by-op-encoder, token-unfused; or all.")] = "default",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
     arch: Annotated[int, typer.Option("--arch", metavar="N", help="Compute capability as major*10+minor: 90 (H100/H200), 80 (A100), 89 (L4/L40).")] = 90,
     sms: Annotated[int, typer.Option("--sms", metavar="N", help="SM count of the GPU (grids and tilings follow it): 132 for the H100 SXM.")] = 132,

@@ -1,5 +1,5 @@
 """``cortexflow compile-check``: every Triton kernel of a real-size Pi0 / Pi0.5 predict compiled for sm_90
-(H100) on this GPU-less machine, with each opt-in variant, and the resource checks it makes.
+(H100) on this GPU-less machine, with each TritonOptions variant, and the resource checks it makes.
 
 The compile runs in a subprocess: this test process runs the kernels in Triton's interpreter
 (``conftest.py``), which replaces Triton's compiler."""
@@ -23,8 +23,8 @@ pytest.importorskip("triton")
 
 DEFAULT_KERNELS = {"_expert_layer_kernel", "_attention_kernel", "_qkv_rope_kernel", "_layer_norm_kernel",
                    "_gelu_gate_kernel", "_rms_norm_kernel"}
-OPT_IN_KERNELS = {"_skinny_gemm_kernel", "_combine_kernel", "_norm_linear_kernel", "_patch_embed_kernel",
-                  "_action_mlp_kernel", "_rope_kernel"}
+#: Kernels only the other variants launch (the kernel chain's combine, the op-by-op encoder's RoPE).
+VARIANT_KERNELS = {"_combine_kernel", "_rope_kernel"}
 
 
 def compile_check_cli(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -46,7 +46,7 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
     assert report["target"] == {"arch": "sm_90", "processors": 132}
     assert len(report["cases"]) == 2 * len(compile_check.VARIANTS)
     names = {k["name"] for k in report["kernels"]}
-    assert DEFAULT_KERNELS | OPT_IN_KERNELS <= names, names
+    assert DEFAULT_KERNELS | VARIANT_KERNELS <= names, names
     default_names = {k["name"] for k in report["kernels"] if "default" in k["variants"]}
     assert DEFAULT_KERNELS <= default_names <= DEFAULT_KERNELS | {"_combine_kernel"}  # split prefix attention
     for kernel in report["kernels"]:
@@ -64,15 +64,15 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
     # 18 layers x 10 steps per predict (Pi0 and Pi0.5).
     assert sum(k["launches_by_variant"].get("default", 0) for k in experts) == 2 * 180
     assert sum(k["launches_by_variant"].get("kernel-chain", 0) for k in experts) == 0
-    # The opt-in prefetch is a different specialisation of the same kernel (inline PTX compiled too).
-    prefetch = [k for k in experts if "expert-prefetch" in k["variants"] and "default" not in k["variants"]]
-    assert prefetch and all(k["constexprs"]["PREFETCH"] == 7 for k in prefetch)
+    assert report["triton_options"]["kernel-chain"]["persistent_expert"] is False
+    assert report["triton_options"]["default"] == report["triton_options"]["op-by-op-encoder"] | {"fused_encoder": True}
 
 
 def test_token_vlas_decode_kernels_compile_for_hopper(tmp_path):
-    _, report = compile_check_cli(tmp_path, "--models", "openvla,rt2", "--variants", "default,decode-gemv-all,token-unfused")
+    _, report = compile_check_cli(tmp_path, "--models", "openvla,rt2", "--variants", "all")
     assert report["passed"]
-    assert [(c["model"], c["views"]) for c in report["cases"]] == [("openvla", None), ("rt2", None)] * 3
+    assert [(c["model"], c["views"]) for c in report["cases"]] == [("openvla", None), ("rt2", None)] * len(
+        compile_check.VARIANTS)
     by_variant = {}
     for kernel in report["kernels"]:
         for variant in kernel["variants"]:
@@ -83,6 +83,33 @@ def test_token_vlas_decode_kernels_compile_for_hopper(tmp_path):
     assert "_decode_qkv_rope_kernel" not in by_variant["token-unfused"]
     assert "_decode_gemv_kernel" not in by_variant["token-unfused"]
     assert "_rms_norm_kernel" in by_variant["token-unfused"]
+    # Every variant changes what the token VLAs compile or launch, except those of the Pi0 family's stages.
+    signatures = _signatures(report)
+    assert signatures["kernel-chain"] == signatures["op-by-op-encoder"] == signatures["default"]
+    assert signatures["token-unfused"] != signatures["default"]
+
+
+def _signatures(report) -> dict[str, frozenset]:
+    """Per variant: the set of (compiled specialisation, launches of it) over all compiled cases."""
+    signatures = {name: set() for name in report["variants"]}
+    for kernel in report["kernels"]:
+        for variant, launches in kernel["launches_by_variant"].items():
+            signatures[variant].add((kernel["hash"], launches))
+    return {name: frozenset(sig) for name, sig in signatures.items()}
+
+
+def test_every_pair_of_variants_compiles_or_launches_something_different(tmp_path):
+    """No variant is a no-op on the models it is for: across Pi0 and RT-2, each pair of variants differs in the
+    kernel specialisations compiled or in how often each is launched (a variant that an option no longer
+    reaches would compile the default's kernels again)."""
+    _, report = compile_check_cli(tmp_path, "--models", "pi0,rt2", "--views", "1", "--variants", "all")
+    assert report["passed"]
+    signatures = _signatures(report)
+    assert set(signatures) == set(compile_check.VARIANTS)
+    names = sorted(signatures)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert signatures[a] != signatures[b], f"variants {a} and {b} compile and launch the same kernels"
 
 
 def test_programs_per_sm_follows_the_hopper_limits():
@@ -135,21 +162,24 @@ def test_refuses_under_the_interpreter_and_bad_arguments(monkeypatch):
         compile_check.run_compile_check(models=["pi0"])
 
 
-def test_hopper_only_settings_are_refused_on_older_gpus(monkeypatch):
-    """The expert layer's bulk L2 prefetch (cp.async.bulk.prefetch) does not assemble below sm_90 (compile-check
-    for sm_80 found it); the backend refuses the setting there, as it refuses CORTEXFLOW_TRITON_PDL=1."""
+def test_hopper_only_options_are_refused_on_older_gpus(monkeypatch):
+    """Programmatic dependent launch needs sm_90: pdl="on" is refused for an sm_80 target (A100), "auto" turns it
+    off there and on for sm_90 (compile targets, as compile-check sets them: no interpreter)."""
     import torch
 
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.errors import BackendUnavailableError
     from cortexflow.kernels import runtime
 
-    monkeypatch.setenv("CORTEXFLOW_TRITON_EXPERT_PREFETCH", "7")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    meta = torch.device("meta")
     previous = runtime.set_compile_target(CompileTarget(arch=80, processors=108))
     try:
-        with pytest.raises(BackendUnavailableError, match="compute capability 9.0 or later.*is 8.0"):
-            TritonBackend(torch.device("meta"), torch.bfloat16)
+        with pytest.raises(BackendUnavailableError, match="compute capability 9.0 or later"):
+            TritonBackend.configured(pdl="on")(meta, torch.bfloat16)
+        assert not TritonBackend(meta, torch.bfloat16).pdl
         runtime.set_compile_target(CompileTarget(arch=90, processors=132))
-        assert TritonBackend(torch.device("meta"), torch.bfloat16).expert_prefetch == 7
+        assert TritonBackend.configured(pdl="on")(meta, torch.bfloat16).pdl
+        assert TritonBackend(meta, torch.bfloat16).pdl
     finally:
         runtime.set_compile_target(previous)

@@ -66,7 +66,7 @@ def _run(batch, seq, prefix, dim, mlp, heads, kv_heads, head_dim, dtype, pi05, i
     out = t["x"].clone() if inplace else torch.empty_like(t["x"])
     x = out if inplace else t["x"]
     el.expert_layer(x, out, t["w_qkv"], t["w_o"], t["w_gate_up"], t["w_down"], t["attn_scale"], t["mlp_scale"],
-                    positions, inv_freq, keys, values, mask, 1e-6, scale, work, heads, next_w_qkv=t["w_qkv"], **extra)
+                    positions, inv_freq, keys, values, mask, 1e-6, scale, work, heads, **extra)
     return out, reference, (keys, ref_keys), (values, ref_values), work
 
 
@@ -147,12 +147,11 @@ def test_check_expert_shapes_names_what_does_not_fit():
     assert "K ranges" in el.check_expert_shapes(1024, 4096, 2, 1, 256, el.ExpertTiling())
 
 
-def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_path, monkeypatch):
+def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_path):
     """A head size the kernel's RoPE tiles do not divide: one warning naming the op, reference numbers."""
     import cortexflow as cf
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", "1")
     config = tiny_model_config("pi0", head_dim=12, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(1)
@@ -193,19 +192,3 @@ def test_workspace_refuses_more_programs_than_sms():
     too_many = replace(SMALL_TILING, programs=processor_count(torch.device(DEVICE)) + 1)
     with pytest.raises(ValueError, match="at most one per SM"):
         el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device(DEVICE), too_many)
-
-
-@pytest.mark.skipif(not ON_GPU, reason="the L2 prefetch is inline PTX (cp.async.bulk.prefetch, Hopper), which the "
-                                       "interpreter cannot run; it is switched off there")
-@pytest.mark.parametrize("prefetch", [el.PREFETCH_LATER_WEIGHTS, el.PREFETCH_EARLY | el.PREFETCH_NEXT_QKV])
-def test_l2_prefetch_changes_no_result(prefetch):
-    """Prefetching weights into L2 only moves data closer: the real-size layer is bit-identical with and
-    without it (a prefetch of a wrong range would not show here, only in the timing; its byte ranges are
-    the weights' own: each program's share ends inside the tensor)."""
-    from dataclasses import replace
-
-    base = el.ExpertTiling()
-    plain = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True, base, seed=7)[0]
-    fetched = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True, replace(base, prefetch=prefetch),
-                   seed=7)[0]
-    assert torch.equal(plain, fetched)

@@ -413,14 +413,17 @@ def test_pil_image_and_float_image_agree(engine):
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("opt_in_kernels", ["0", "1"])
-def test_triton_backend_matches_pytorch(checkpoint, engine, monkeypatch, opt_in_kernels):
-    """Same tokens and actions on the Triton backend, with the default kernels and with the opt-in ones
-    (split-K GEMMs for the decode steps' few-row linears, Triton patch embedding)."""
+@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
+                                          "fold_token_norms": False, "fused_combine": "off"}],
+                         ids=["default", "unfused decode"])
+def test_triton_backend_matches_pytorch(checkpoint, engine, options):
+    """Same tokens and actions on the Triton backend, with the default fused decode path and with every
+    token switch of TritonOptions off (cuBLAS decode steps, separate norms, QKV/RoPE and combine kernels)."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in_kernels)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in_kernels)
-    triton_engine = cf.create_openvla_inference(checkpoint, backend="triton", device=TRITON_DEVICE, dtype="float32")
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    triton_engine = cf.create_openvla_inference(checkpoint, backend=TritonBackend.configured(**options),
+                                                device=TRITON_DEVICE, dtype="float32")
     for kind in ("1",):
         expected = engine.predict(_image(kind), "pick up the cup")
         got = triton_engine.predict(_image(kind), "pick up the cup")

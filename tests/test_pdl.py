@@ -35,24 +35,27 @@ def decode_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_fr
 
 
 def expert_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_freq, pdl):
-    """A Pi0-expert-style layer over several rows, all Triton: RMSNorm, split-K QKV GEMM, QKV/RoPE into
-    the cache, split attention + combine, split-K o GEMM + residual, RMSNorm, split-K gate/up + GELU
-    gate, split-K down GEMM + residual, then an Euler update of an fp32 state (``w["state"]``)."""
+    """A Pi0-expert-style layer over several rows, as the backend's kernel chain runs it: RMSNorm, cuBLAS QKV
+    GEMM, QKV/RoPE into the cache, split attention + combine, cuBLAS o GEMM + residual, RMSNorm, cuBLAS gate/up
+    + GELU gate kernel, cuBLAS down GEMM + residual, then an Euler update of an fp32 state (``w["state"]``);
+    the Triton kernels with PDL."""
+    import torch.nn.functional as F
+
     from cortexflow.kernels.attention import attention
+    from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
     from cortexflow.kernels.qkv_rope import qkv_rope
     from cortexflow.kernels.rms_norm import rms_norm
-    from cortexflow.kernels.skinny_gemm import skinny_euler_, skinny_gelu_gate, skinny_linear
 
     rows = x.shape[1]
     h = rms_norm(x, w["attn_norm"], 1e-6, pdl=pdl)
-    qkv = skinny_linear(h, w["qkv"], num_splits=3, pdl=pdl)
+    qkv = F.linear(h, w["qkv"])
     token_positions = positions + torch.arange(rows, device=positions.device)[None]  # (1, rows)
     q = qkv_rope(qkv, token_positions, inv_freq, 4, 2, cache_k, cache_v, write_at=write_at, pdl=pdl)
     attn = attention(q, cache_k, cache_v, mask.expand(1, rows, -1), 0.125, num_splits=4, pdl=pdl)
-    h2 = skinny_linear(attn.reshape(1, rows, -1), w["o"], residual=x, num_splits=2, pdl=pdl)
-    act = skinny_gelu_gate(rms_norm(h2, w["mlp_norm"], 1e-6, pdl=pdl), w["gate_up"], num_splits=2, pdl=pdl)
-    out = skinny_linear(act, w["down"], residual=h2, num_splits=4, pdl=pdl)
-    skinny_euler_(w["state"], out, w["head"], None, -0.1, num_splits=2, pdl=pdl)
+    h2 = torch.addmm(x.view(rows, -1), attn.reshape(rows, -1), w["o"].T)
+    act = gelu_tanh_gate_fused(F.linear(rms_norm(h2.view(1, rows, -1), w["mlp_norm"], 1e-6, pdl=pdl), w["gate_up"]))
+    out = h2.addmm_(act.view(rows, -1), w["down"].T).view(1, rows, -1)
+    w["state"].add_(F.linear(out, w["head"]), alpha=-0.1)
     return out
 
 
@@ -75,7 +78,7 @@ def make_inputs(seed):
 @needs_hopper
 @pytest.mark.parametrize("chain, rows", [(decode_layer_chain, 1), (expert_layer_chain, 7)])
 def test_layer_chain_is_identical_with_pdl_eager_and_in_a_graph(chain, rows):
-    """Token-VLA decode layer (one row) and Pi0-expert layer (7 rows, split-K GEMMs, fp32 state update)."""
+    """Token-VLA decode layer (one row) and Pi0-expert kernel chain (7 rows, fp32 state update)."""
     from cortexflow.kernels.rope import inverse_frequencies
 
     w, cache_k, cache_v = make_inputs(0)
@@ -119,22 +122,20 @@ def test_layer_chain_is_identical_with_pdl_eager_and_in_a_graph(chain, rows):
         assert torch.equal(a, b), f"PDL changed the result: max |Δ| {(a.float() - b.float()).abs().max():.3e}"
 
 
-def test_pdl_setting_is_checked(monkeypatch):
+def test_pdl_option_is_checked(monkeypatch):
     """A typo is refused naming the values; PDL forced on where it cannot run is refused at creation."""
-    from cortexflow.backends import create_backend
-    from cortexflow.errors import BackendUnavailableError
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.errors import BackendUnavailableError, ConfigError
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "yes")
-    with pytest.raises(BackendUnavailableError, match="CORTEXFLOW_TRITON_PDL must be auto, 0 or 1"):
-        create_backend("triton", device, torch.float32)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "1")
+    with pytest.raises(ConfigError, match="TritonOptions.pdl must be 'auto', 'on' or 'off', got 'yes'"):
+        TritonBackend.configured(pdl="yes")
+    forced_on = TritonBackend.configured(pdl="on")
     if HOPPER:
-        assert create_backend("triton", device, torch.float32).pdl
+        assert forced_on(torch.device(device), torch.float32).pdl
     else:
         with pytest.raises(BackendUnavailableError, match="compute capability 9.0"):
-            create_backend("triton", device, torch.float32)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "0")
-    assert not create_backend("triton", device, torch.float32).pdl
+            forced_on(torch.device(device), torch.float32)
+    assert not TritonBackend.configured(pdl="off")(torch.device(device), torch.float32).pdl

@@ -152,13 +152,17 @@ def test_bad_inputs(engine):
         engine.predict(_image("black"), "pick up the block " * 20)
 
 
-@pytest.mark.parametrize("opt_in_kernels", ["0", "1"])
-def test_triton_backend_matches_pytorch(checkpoint, config, engine, monkeypatch, opt_in_kernels):
-    """Same tokens and chunk on the Triton backend, with the default and with the opt-in kernels."""
+@pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
+                                          "fold_token_norms": False, "fused_combine": "off"}],
+                         ids=["default", "unfused decode"])
+def test_triton_backend_matches_pytorch(checkpoint, config, engine, options):
+    """Same tokens and chunk on the Triton backend, with the default fused decode path and with every token
+    switch of TritonOptions off (cuBLAS decode steps, separate norms, QKV/RoPE and combine kernels)."""
     pytest.importorskip("triton")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in_kernels)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in_kernels)
-    triton_engine = cf.create_rt2_inference(checkpoint, backend="triton", device=TRITON_DEVICE, dtype="float32",
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    triton_engine = cf.create_rt2_inference(checkpoint, backend=TritonBackend.configured(**options),
+                                            device=TRITON_DEVICE, dtype="float32",
                                             model_config=config, constrained_decoding=False)
     ids = engine.prompt_ids(PROMPT)
     expected = engine.predict(_image("1"), prompt_tokens=ids)

@@ -79,39 +79,39 @@ def check_passing_report(report, model):
     assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
 
 
-@pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off",
-                                     "decode gemv out", "norms not folded", "separate qkv/rope kernel",
-                                     "pdl, decode gemv on",
-                                     "pdl, decode gemv off"])
+#: TritonOptions of the token-VLA variants (the rest stay at their defaults).
+TOKEN_VARIANTS = {
+    "default": {"pdl": "off"},
+    "decode gemv off": {"decode_gemv": "off", "pdl": "off"},
+    "norms not folded": {"fold_token_norms": False, "pdl": "off"},
+    "separate qkv/rope kernel and head": {"decode_qkv_rope": False, "decode_head": False, "pdl": "off"},
+    "combine kernel": {"fused_combine": "off", "pdl": "off"},
+    "pdl, decode gemv on": {"pdl": "on"},
+    "pdl, decode gemv off": {"decode_gemv": "off", "pdl": "on"},
+}
+
+
+@pytest.mark.parametrize("variant", list(TOKEN_VARIANTS))
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
-def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
+def test_verify_triton_matches_pytorch(model, variant):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
-    the default kernels (norm weights folded into QKV and gate/up; decode GEMVs for RT-2's Gemma and
-    OpenVLA's Llama), with the opt-in ones (split-K GEMMs for few-row linears, which then serve the
-    decode steps, and the patch embedding), with the decode GEMV forced on, off and on for the o / down
-    projections only, with the norms kept as kernels, with the QKV/RoPE kernel after the QKV GEMV
-    instead of in its epilogue (and the LM head on cuBLAS), and with programmatic dependent launch (Hopper)."""
+    the default options (norm weights folded into QKV and gate/up; decode GEMVs), with the decode GEMV off,
+    with the norms kept as kernels, with the QKV/RoPE kernel after the QKV GEMV instead of in its epilogue
+    and the LM head on cuBLAS, with the attention's combine kernel in every layer, and with programmatic
+    dependent launch (Hopper)."""
     pytest.importorskip("triton")
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.backends.triton_options import TritonOptions
     from cortexflow.kernels.pdl import pdl_supported
 
-    pdl = variant.startswith("pdl")
-    if pdl and not pdl_supported(torch.device(TRITON_DEVICE)):
+    options = TOKEN_VARIANTS[variant]
+    if options["pdl"] == "on" and not pdl_supported(torch.device(TRITON_DEVICE)):
         pytest.skip("programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0 (Hopper)")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "1" if pdl else "0")
-    opt_in = "1" if variant == "opt-in kernels" else "0"
-    monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", opt_in)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PATCH_EMBED", opt_in)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "1" if variant == "opt-in kernels" else "auto")
-    gemv = {"opt-in kernels": "0", "decode gemv on": "1", "decode gemv off": "0", "decode gemv out": "out",
-            "pdl, decode gemv on": "1", "pdl, decode gemv off": "0", "separate qkv/rope kernel": "1",
-            "norms not folded": "1" if model == "rt2" else "0"}.get(variant, "auto")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", gemv)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "0" if variant == "norms not folded" else "1")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "0" if variant == "separate qkv/rope kernel" else "1")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_HEAD", "0" if variant == "separate qkv/rope kernel" else "1")
-    report = run_token_verify(model, "triton", size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
+    backend = TritonBackend.configured(**options)
+    report = run_token_verify(model, backend, size="tiny", device=TRITON_DEVICE, dtype="float32", repeats=1,
                               overrides={"image_size": 56})
     assert report["backend"] == "triton"
+    assert report["backend_options"] == {**TritonOptions().as_dict(), **options}
     check_passing_report(report, model)
     # the image tokens went through the 56 px towers (16 patches)
     shapes = rows_by_name(report)
@@ -218,27 +218,42 @@ def test_cli_profile_rt2_prints_the_rows():
     assert "prefill" in result.output and "decode" in result.output and "greedy tokens" in result.output
 
 
-def test_bad_decode_gemv_setting_is_refused(monkeypatch):
-    """A typo in CORTEXFLOW_TRITON_DECODE_GEMV is an error naming the allowed values, not a silent default."""
-    pytest.importorskip("triton")
-    from cortexflow.backends import create_backend
-    from cortexflow.errors import BackendUnavailableError
+def test_bad_triton_options_are_refused():
+    """A typo in a Triton option is an error naming the field and the allowed values, not a silent default;
+    the removed variants (decode GEMV for o/down only) are refused too."""
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.errors import ConfigError
 
-    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", "yes")
-    with pytest.raises(BackendUnavailableError, match="auto, 0, 1 or out"):
-        create_backend("triton", TRITON_DEVICE, torch.float32)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_DECODE_GEMV", "auto")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "yes")
-    with pytest.raises(BackendUnavailableError, match="FUSED_COMBINE must be auto, 0 or 1"):
-        create_backend("triton", TRITON_DEVICE, torch.float32)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_COMBINE", "auto")
-    for name in ("CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS", "CORTEXFLOW_TRITON_CONCURRENT",
-                 "CORTEXFLOW_TRITON_DECODE_QKV_ROPE", "CORTEXFLOW_TRITON_DECODE_HEAD",
-                 "CORTEXFLOW_TRITON_FOLD_NORMS", "CORTEXFLOW_TRITON_PATCH_EMBED"):
-        monkeypatch.setenv(name, "on")
-        with pytest.raises(BackendUnavailableError, match=f"{name} must be 0 or 1"):
-            create_backend("triton", TRITON_DEVICE, torch.float32)
-        monkeypatch.setenv(name, "0" if name in ("CORTEXFLOW_TRITON_FOLD_NORMS", "CORTEXFLOW_TRITON_PATCH_EMBED") else "1")
+    with pytest.raises(ConfigError, match="TritonOptions.decode_gemv must be 'all' or 'off', got 'out'"):
+        TritonOptions(decode_gemv="out")
+    with pytest.raises(ConfigError, match="fused_combine must be 'grouped' or 'off', got 'yes'"):
+        TritonOptions(fused_combine="yes")
+    for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert"):
+        with pytest.raises(ConfigError, match=f"TritonOptions.{name} must be True or False, got 'on'"):
+            TritonOptions(**{name: "on"})
+        assert TritonOptions.parse(f"{name}=on").changed() == {}
+        assert TritonOptions.parse(f" {name} = off ").changed() == {name: False}
+    with pytest.raises(ConfigError, match=r"--triton-options: unknown Triton option\(s\) \['fold_norms'\]"):
+        TritonOptions.parse("fold_norms=1")
+    with pytest.raises(ConfigError, match="expected NAME=VALUE"):
+        TritonOptions.parse("pdl")
+    with pytest.raises(ConfigError, match="decode_head must be 1 or 0"):
+        TritonOptions.parse("decode_head=maybe")
+
+
+def test_fused_combine_follows_the_lm_shape():
+    """With fused_combine="grouped" the combine is fused in LMs whose query heads share KV heads (RT-2's Gemma:
+    8 on 1) and not where each query head has its own (OpenVLA's Llama); "off" never fuses it."""
+    pytest.importorskip("triton")
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.tools import token_model
+
+    backend = TritonBackend(torch.device(TRITON_DEVICE), torch.float32)
+    rt2, openvla = token_model("rt2", "real").lm, token_model("openvla", "real").lm
+    assert (rt2.dims.num_heads, rt2.dims.num_kv_heads) == (8, 1)
+    assert backend.fuses_combine(rt2) and not backend.fuses_combine(openvla)
+    unfused = TritonBackend.configured(fused_combine="off")(torch.device(TRITON_DEVICE), torch.float32)
+    assert not unfused.fuses_combine(rt2)
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

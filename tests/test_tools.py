@@ -121,6 +121,7 @@ def test_bench_tiny_cpu_json(registered, tmp_path):
         assert key in env
     assert env["device_type"] == "cpu" and isinstance(env["command"], str)
     assert data["workload"]["size"] == "tiny" and data["workload"]["dtype"] == "float32"
+    assert data["workload"]["triton_options"] is None  # no triton backend in the grid
     runs = data["runs"]
     assert [(r["model"], r["views"]) for r in runs] == [("pi0", 1), ("pi0", 2), ("pi05", 1), ("pi05", 2)]
     for r in runs:
@@ -128,6 +129,7 @@ def test_bench_tiny_cpu_json(registered, tmp_path):
         assert r["chunk"] == 5 and r["steps"] == 2 and r["prompt_len"] == 20 and r["iters"] == 2
         assert 0 < r["min_ms"] <= r["median_ms"] <= r["p90_ms"]
         assert r["peak_gpu_gib"] is None and set(r["stages_ms"]) >= {"vision_encoder", "transformer_decoder"}
+        assert r["backend_options"] is None  # the pytorch backend has no options
     skipped = data["skipped"]
     assert [(s["model"], s["backend"]) for s in skipped] == [("pi0", "gpu-only"), ("pi05", "gpu-only")]
     assert "needs a CUDA GPU" in skipped[0]["reason"]
@@ -139,6 +141,20 @@ def test_bench_rejects_bad_options():
     assert result.exit_code == 2 and "--graphs" in result.stderr
     result = invoke("bench", "--backends", "no-such-backend", "--device", "cpu", "--size", "tiny")
     assert result.exit_code == 2 and "no-such-backend" in result.stderr
+
+
+def test_triton_options_are_checked_before_anything_runs():
+    """--triton-options: a removed or misspelt field, a bad value, or options without the triton backend are
+    errors naming the CLI option, before any weights are drawn."""
+    result = invoke("bench", "--backends", "triton", "--triton-options", "fold_norms=1", "--device", "cpu",
+                    "--size", "tiny")
+    assert result.exit_code == 2 and "--triton-options: unknown Triton option(s) ['fold_norms']" in result.stderr
+    result = invoke("bench", "--backends", "triton", "--triton-options", "pdl=maybe", "--device", "cpu")
+    assert result.exit_code == 2 and "TritonOptions.pdl must be 'auto', 'on' or 'off'" in result.stderr
+    result = invoke("bench", "--backends", "pytorch", "--triton-options", "pdl=off", "--device", "cpu")
+    assert result.exit_code == 2 and "--triton-options applies to the triton backend" in result.stderr
+    result = invoke("verify", "--backend", "pytorch", "--triton-options", "pdl=off", "--device", "cpu")
+    assert result.exit_code == 2 and "--triton-options applies to the triton backend" in result.stderr
 
 
 def test_profile_tiny_cpu(tmp_path):

@@ -54,7 +54,7 @@ def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
     model, raw, weights, images, text = _setup(model_type, dtype)
     reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
     triton = TritonBackend(torch.device(DEVICE), dtype)
-    assert triton.fused_encoder
+    assert triton.options.fused_encoder
     weights = triton.prepare_weights(model, weights)
     assert encoder_weights_fused(model, weights)
 
@@ -97,16 +97,17 @@ def test_fused_weights_are_views_and_fusing_twice_changes_nothing():
         assert torch.equal(weights[f"{p}.gate_up"], torch.cat([before[f"{p}.gate"], before[f"{p}.up"]]))
 
 
-def test_fused_encoder_can_be_switched_off(monkeypatch):
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "0")
+def test_fused_encoder_can_be_switched_off():
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.errors import ConfigError
+
     model, _, weights, _, _ = _setup("pi0", torch.float32)
-    triton = TritonBackend(torch.device(DEVICE), torch.float32)
-    assert not triton.fused_encoder
+    triton = TritonBackend(torch.device(DEVICE), torch.float32, TritonOptions(fused_encoder=False))
+    assert not triton.options.fused_encoder
     weights = triton.prepare_weights(model, weights)
     assert not encoder_weights_fused(model, weights)
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "yes")
-    with pytest.raises(Exception, match="CORTEXFLOW_TRITON_FUSED_ENCODER must be 0 or 1"):
-        TritonBackend(torch.device(DEVICE), torch.float32)
+    with pytest.raises(ConfigError, match="TritonOptions.fused_encoder must be True or False, got 'yes'"):
+        TritonOptions(fused_encoder="yes")
 
 
 def test_a_vision_tower_the_fused_stage_was_not_written_for_falls_back_with_one_warning():

@@ -275,39 +275,32 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
         gelu_tanh_gate_fused(fused, silu=silu, rstd=rstd[:2])
 
 
-@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head",
-                                             "pdl, skinny all", "pdl, default", "persistent expert",
-                                             "op-by-op encoder, bf16 action MLP", "fused action MLP"])
+#: Options of the end-to-end variants (the rest stay at their defaults).
+DECODER_VARIANTS = {
+    "kernel chain": {"persistent_expert": False, "pdl": "off"},
+    "persistent expert": {"pdl": "off"},
+    "op-by-op encoder": {"persistent_expert": False, "fused_encoder": False, "pdl": "off"},
+    "pdl, kernel chain": {"persistent_expert": False, "pdl": "on"},
+    "pdl, persistent expert": {"pdl": "on"},
+}
+
+
+@pytest.mark.parametrize("decoder_variant", list(DECODER_VARIANTS))
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
-def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
-    """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
-    separate norm kernels (the default), the expert's RMSNorms folded into their GEMMs, and the opt-in
-    kernels: the expert's GEMMs as split-K Triton GEMMs with their epilogues (Euler update included) and
-    the Triton patch embedding; only gate/up + GELU and the action head + Euler as split-K GEMMs;
-    with programmatic dependent launch (Hopper GPUs only) with and without the split-K GEMMs; and each
-    expert layer as one persistent kernel; the vision tower and prefix op by op (the other variants use the
-    fused stages), with Pi0's action MLP's second GEMM in the compute dtype (fp32 here, so the same numbers); and
-    Pi0's action MLP as one fused Triton kernel."""
+def test_backend_matches_pytorch_end_to_end(tmp_path, model_type, decoder_variant):
+    """The op kernels and the fused stages compute the reference function (fp32), for each
+    :class:`TritonOptions` path of the Pi0 family: each expert layer as a kernel chain (cuBLAS GEMMs with
+    separate norm, QKV/RoPE, attention and GELU-gate kernels) or as one persistent kernel; the vision tower
+    and prefix fused or op by op; with programmatic dependent launch (Hopper GPUs only)."""
     import cortexflow as cf
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.backends.triton_options import TritonOptions
     from cortexflow.kernels.pdl import pdl_supported
 
-    pdl = decoder_variant.startswith("pdl")
-    if pdl and not pdl_supported(torch.device(DEVICE)):
+    options = DECODER_VARIANTS[decoder_variant]
+    if options["pdl"] == "on" and not pdl_supported(torch.device(DEVICE)):
         pytest.skip("programmatic dependent launch needs a CUDA GPU of compute capability >= 9.0 (Hopper)")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PDL", "1" if pdl else "0")
-
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FOLD_NORMS", "1" if decoder_variant == "folded norms" else "0")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_PERSISTENT_EXPERT", "1" if decoder_variant == "persistent expert" else "0")
-    op_by_op = decoder_variant.startswith("op-by-op encoder")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_FUSED_ENCODER", "0" if op_by_op else "1")
-    action_mlp = {"op-by-op encoder, bf16 action MLP": "bf16", "fused action MLP": "fused"}.get(decoder_variant, "fp32")
-    monkeypatch.setenv("CORTEXFLOW_TRITON_ACTION_MLP", action_mlp)
-    for flag in ("CORTEXFLOW_TRITON_SKINNY_GEMM", "CORTEXFLOW_TRITON_PATCH_EMBED"):
-        monkeypatch.setenv(flag, "1" if decoder_variant == "opt-in kernels" else "0")
-    if decoder_variant == "skinny mlp_head":
-        monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "mlp_head")
-    if decoder_variant == "pdl, skinny all":
-        monkeypatch.setenv("CORTEXFLOW_TRITON_SKINNY_GEMM", "1")
+    triton_backend = TritonBackend.configured(**options)
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
@@ -318,11 +311,12 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, d
     state = rng.standard_normal(5) if model_type == "pi0" else None
     create = cf.create_pi0_inference if model_type == "pi0" else cf.create_pi05_inference
     outputs = {}
-    for backend in ("pytorch", "triton"):
+    for name, backend in (("pytorch", "pytorch"), ("triton", triton_backend)):
         engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32",
                         model_config=config, use_cuda_graphs=False)
-        outputs[backend] = engine.predict(images, prompt_tokens=[2, 7, 8, 9], state=state, noise=noise,
-                                          image_masks=[True, False])
+        outputs[name] = engine.predict(images, prompt_tokens=[2, 7, 8, 9], state=state, noise=noise,
+                                       image_masks=[True, False])
+    assert engine.backend.options == TritonOptions(**options)
     rel = np.linalg.norm(outputs["triton"] - outputs["pytorch"]) / np.linalg.norm(outputs["pytorch"])
     assert rel <= 1e-5
 
@@ -346,52 +340,3 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(cf.BackendUnavailableError, match="CUDA GPU"):
         TritonBackend(torch.device("cpu"), torch.float32)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(51, 96, 200), (7, 40, 64), (70, 33, 130)])
-def test_norm_linear_matches_unfused(dtype, m, n, k):
-    """RMSNorm folded into the GEMM: per-row rstd after the product, column scale on load, bias; odd sizes."""
-    from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference
-
-    x = randn(m, k, dtype=dtype, seed=21) * 3.0
-    weight = randn(n, k, dtype=dtype, seed=22) / k**0.5
-    col_scale = (1.0 + 0.3 * randn(k, dtype=torch.float32, seed=23))
-    bias = randn(n, dtype=dtype, seed=24)
-    for eps, scale, b in ((1e-6, col_scale, None), (1e-6, col_scale, bias), (None, None, bias), (None, None, None)):
-        out = norm_linear(x, weight, eps, scale, b)
-        assert out.shape == (m, n) and out.dtype == dtype
-        assert_close(out, norm_linear_reference(x, weight, eps, scale, b), dtype)
-
-
-def test_norm_linear_reads_strided_rows():
-    from cortexflow.kernels.norm_linear import norm_linear, norm_linear_reference
-
-    big = randn(2, 9, 64, dtype=torch.float32, seed=25)
-    x = big[:, 1:]  # (2, 8, 64): rows strided by batch
-    weight = randn(24, 64, dtype=torch.float32, seed=26)
-    assert_close(norm_linear(x, weight, 1e-6), norm_linear_reference(x, weight, 1e-6), torch.float32)
-    assert norm_linear(x, weight, 1e-6).shape == (2, 8, 24)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size,patch,dim", [(28, 14, 72), (42, 14, 40), (12, 4, 16)])
-def test_patch_embed_matches_conv(dtype, size, patch, dim):
-    """Implicit-im2col patch GEMM vs conv2d: 2x2, 3x3 and 3x3 grids, K = 588 / 588 / 48, D not a power
-    of two, images given as a channels-last view (strided)."""
-    from cortexflow.kernels.patch_embed import patch_embed, patch_embed_reference
-
-    images = randn(2, size, size, 3, dtype=dtype, seed=31).permute(0, 3, 1, 2)  # (N, C, H, W), strided
-    weight = randn(dim, 3, patch, patch, dtype=dtype, seed=32) / patch
-    bias = randn(dim, dtype=dtype, seed=33)
-    out = patch_embed(images, weight, bias)
-    assert out.shape == (2, (size // patch) ** 2, dim)
-    assert_close(out, patch_embed_reference(images, weight, bias), dtype)
-
-
-def test_patch_embed_rejects_images_that_do_not_tile():
-    from cortexflow.kernels.patch_embed import patch_embed
-
-    with pytest.raises(ValueError, match="do not tile"):
-        patch_embed(randn(1, 3, 30, 28, dtype=torch.float32, seed=1), randn(8, 3, 14, 14, dtype=torch.float32, seed=2),
-                    randn(8, dtype=torch.float32, seed=3))

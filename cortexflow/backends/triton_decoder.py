@@ -10,24 +10,15 @@ What differs from the model's op-by-op stage (same function, fewer kernels):
   time half of ``action_time_mlp_in`` (folded with ``action_in_proj`` into one fp32 GEMM) and Pi0.5's
   time MLP and all 37 adaRMS modulations;
 - Pi0's state token is projected once per call;
-- with ``skinny_gemms="all"`` the expert's GEMMs are split-K Triton GEMMs with their epilogues
-  (:mod:`cortexflow.kernels.skinny_gemm`); ``"mlp_head"`` only the two where that kernel (at one K range)
-  beat cuBLAS + epilogue kernel on the H100: gate/up + GELU gate and the action head + Euler update.
-  All of them: QKV, o-projection + residual, gate/up + GELU gate (no ``(M, 2F)``
-  intermediate), down + residual, and the action head fused with the Euler update of the fp32 state;
 - with ``persistent`` each expert layer is one persistent Triton kernel (:mod:`cortexflow.kernels.expert_layer`:
   norm, QKV + RoPE + cache write, attention, o + residual, norm, gate/up + GELU gate, down + residual in
-  seven phases separated by grid barriers) instead of ~10 kernels;
-- with ``fold_norms`` (off by default: slower than norm kernel + cuBLAS on the H100) each RMSNorm rides
-  on the GEMM after it
-  (:mod:`cortexflow.kernels.norm_linear`): the norm's column factor (``1 + w``, or Pi0.5's ``1 + scale_t``)
-  is applied as ``x`` is loaded, the per-row ``rsqrt(mean x^2 + eps)`` after the product, and Pi0.5's
-  shift becomes a per-step bias ``shift_t @ W^T``; the normalised activations never reach memory.
+  seven phases separated by grid barriers) instead of ~10 kernels (norm, cuBLAS GEMMs, QKV/RoPE,
+  attention, GELU gate).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,13 +26,10 @@ import torch.nn.functional as F
 
 from cortexflow.backends.triton_token_decoder import fuse_layer_projections
 from cortexflow.kernels import rms_norm as rms_kernel
-from cortexflow.kernels.action_mlp import action_mlp as fused_action_mlp
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
-from cortexflow.kernels.norm_linear import norm_linear
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.kernels.skinny_gemm import skinny_euler_, skinny_gelu_gate, skinny_linear
 from cortexflow.models.flow_matching import euler_times, sinusoidal_time_embedding
 from cortexflow.models.gemma import attention_scale
 from cortexflow.models.pi0 import Pi0Model, Pi05Model
@@ -59,9 +47,8 @@ class TimeTables:
     Pi0.5: ``modulation (steps, layers, 2, 3, D)``, ``final_modulation (steps, 3, D)`` and fp32 copies of
     ``action_in_proj`` (``action_in_weight (D, A)``, ``action_in_bias (D,)``), made once instead of per step.
 
-    For folded norms: ``norm_scales`` — the column factor of the attention and MLP norms, ``(layers, 2, D)``
-    for Pi0 (``1 + w``) and ``(steps, layers, 2, D)`` for Pi0.5 (``1 + scale_t``); Pi0.5's shift projected
-    through the following weight, ``qkv_bias (steps, layers, Nqkv)`` and ``gate_up_bias (steps, layers, 2F)``."""
+    For the persistent expert layer: ``norm_scales``, the column factor of the attention and MLP norms,
+    ``(layers, 2, D)`` for Pi0 (``1 + w``) and ``(steps, layers, 2, D)`` for Pi0.5 (``1 + scale_t``)."""
 
     times: list[float]
     action_weight: torch.Tensor | None = None
@@ -69,8 +56,6 @@ class TimeTables:
     modulation: torch.Tensor | None = None
     final_modulation: torch.Tensor | None = None
     norm_scales: torch.Tensor | None = None
-    qkv_bias: torch.Tensor | None = None
-    gate_up_bias: torch.Tensor | None = None
     action_in_weight: torch.Tensor | None = None
     action_in_bias: torch.Tensor | None = None
     action_out_weight: torch.Tensor | None = None
@@ -96,14 +81,8 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
         modulation = torch.stack(mods, 1).view(num_steps, c.num_decoder_layers, 2, 3, d)
         final = F.linear(cond, w("expert.norm_mod.weight"), w("expert.norm_mod.bias")).view(num_steps, 3, d)
         norm_scales = 1.0 + modulation[:, :, :, 0]  # (steps, layers, 2, D)
-        shift = modulation[:, :, :, 1]
-        qkv_bias = torch.stack([shift[:, i, 0] @ w(f"expert.layers.{i}.qkv").T for i in range(c.num_decoder_layers)], 1)
-        gate_up_bias = torch.stack(
-            [shift[:, i, 1] @ w(f"expert.layers.{i}.gate_up").T for i in range(c.num_decoder_layers)], 1
-        )
         return TimeTables(times, modulation=modulation.contiguous(), final_modulation=final.contiguous(),
-                          norm_scales=norm_scales.contiguous(), qkv_bias=qkv_bias.contiguous(),
-                          gate_up_bias=gate_up_bias.contiguous(), action_in_weight=w("action_in_proj.weight"),
+                          norm_scales=norm_scales.contiguous(), action_in_weight=w("action_in_proj.weight"),
                           action_in_bias=w("action_in_proj.bias"))
     mlp_in = w("action_time_mlp_in.weight")
     action_half, time_half = mlp_in[:, :d], mlp_in[:, d:]
@@ -117,20 +96,13 @@ def build_time_tables(model: Pi0Model, weights: dict[str, torch.Tensor], num_ste
                       action_out_weight=w("action_time_mlp_out.weight"), action_out_bias=w("action_time_mlp_out.bias"))
 
 
-def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, fold_norms: bool = False,
-                  skinny_gemms: str = "off", pdl: bool = False, persistent: bool = False,
-                  expert_prefetch: int = 0, action_mlp: str = "fp32") -> torch.Tensor:
+def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables, pdl: bool = False,
+                  persistent: bool = False) -> torch.Tensor:
     """Euler integration of the action chunk with the fused expert layers; returns ``(B, H, A)`` fp32.
 
-    ``fold_norms`` computes each expert RMSNorm inside the GEMM that follows it; ``skinny_gemms`` runs
-    the expert's GEMMs as split-K Triton GEMMs with their epilogues (see the module doc); ``pdl``
-    launches the expert's Triton kernels with programmatic dependent launch (:mod:`cortexflow.kernels.pdl`),
-    so with ``skinny_gemms="all"`` a layer is a chain of Triton kernels that each start while the one
-    before finishes. ``persistent``: each expert layer as one persistent kernel (the caller checked
-    :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`); ``fold_norms`` and ``skinny_gemms``
-    then only apply to the action head; ``expert_prefetch``: its L2 prefetch bits (``ExpertTiling.prefetch``).
-    ``action_mlp``: how Pi0's time-conditioned action MLP runs: "fp32" (cuBLAS fp32 GEMMs, as the reference),
-    "bf16" (its second GEMM in the compute dtype) or "fused" (one fp32 Triton kernel, :mod:`cortexflow.kernels.action_mlp`)."""
+    ``pdl`` launches the expert's Triton kernels with programmatic dependent launch
+    (:mod:`cortexflow.kernels.pdl`); ``persistent``: each expert layer as one persistent kernel (the caller
+    checked :func:`~cortexflow.kernels.expert_layer.check_expert_shapes`)."""
     c = model.config
     dtype = backend.dtype
     noise, prefix_mask = inputs["noise"], inputs["prefix_mask"]
@@ -156,55 +128,34 @@ def fused_decoder(backend, model: Pi0Model, weights, inputs, tables: TimeTables,
     dt = float(np.float32(-1.0 / len(tables.times)))
     x_t = noise.to(torch.float32, copy=True)  # updated in place by the fused Euler step
     if persistent:
-        tiling = replace(default_tiling(), prefetch=expert_prefetch)
         work = ExpertWorkspace(b * s, s, c.decoder_dim, c.decoder_mlp_dim, c.num_heads, c.num_kv_heads, c.head_dim,
-                               p + s, dtype, noise.device, tiling, launches=len(tables.times) * c.num_decoder_layers)
+                               p + s, dtype, noise.device, default_tiling(),
+                               launches=len(tables.times) * c.num_decoder_layers)
         work.reset()
     for step in range(len(tables.times)):
         if pi05:
             tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
             hidden.copy_(tokens.view(hidden.shape))
         else:
-            # fp32 as the reference on fp32 weights made once (no per-step casts): one fused Triton kernel, or
-            # cuBLAS GEMMs; "bf16" runs the second GEMM in the compute dtype straight into the token buffer.
-            if action_mlp == "fused":
-                fused_action_mlp(x_t, tables.action_weight, tables.action_bias[step], tables.action_out_weight,
-                                 tables.action_out_bias, hidden, row_offset=1)
-            else:
-                mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]),
-                                           tables.action_weight.T))
-                w_out, b_out = weights["action_time_mlp_out.weight"], weights["action_time_mlp_out.bias"]
-                if action_mlp == "bf16" and b == 1:
-                    torch.addmm(b_out, mixed.to(w_out.dtype), w_out.T, out=hidden[0, 1:])
-                elif action_mlp == "bf16":
-                    hidden[:, 1:] = F.linear(mixed.to(w_out.dtype), w_out, b_out).view(b, chunk, -1)
-                else:
-                    tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
-                    hidden[:, 1:] = tokens.view(b, chunk, -1)
+            # fp32 cuBLAS GEMMs as the reference, on fp32 weights made once (no per-step casts).
+            mixed = F.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
+            tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
+            hidden[:, 1:] = tokens.view(b, chunk, -1)
         x = hidden
         for i in range(c.num_decoder_layers):
             if persistent:
                 x = _persistent_layer(weights, i, x, work, positions, mask, keys[i], values[i], inv_freq, scale, eps, c,
                                       tables, step, pi05)
                 continue
-            folded = None
-            if fold_norms:
-                scales = tables.norm_scales[step, i] if pi05 else tables.norm_scales[i]
-                biases = (tables.qkv_bias[step, i], tables.gate_up_bias[step, i]) if pi05 else (None, None)
-                folded = (scales, biases)
             x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, eps, c,
-                              tables.modulation[step, i] if pi05 else None, folded, skinny_gemms, pdl)
+                              tables.modulation[step, i] if pi05 else None, pdl)
         if pi05:
             final = tables.final_modulation[step]
             h = rms_kernel.rms_norm(x[:, -chunk:], None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
         else:
             h = rms_kernel.rms_norm(x[:, -chunk:], weights["expert.norm"], eps, pdl=pdl)
-        if skinny_gemms != "off":
-            skinny_euler_(x_t, h, weights["action_out_proj.weight"], weights["action_out_proj.bias"], dt,
-                          num_splits=1 if skinny_gemms == "mlp_head" else None, pdl=pdl)
-        else:
-            velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
-            x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
+        velocity = F.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
+        x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
     return x_t
 
 
@@ -234,8 +185,7 @@ def _persistent_layer(weights, i, x, work, positions, mask, keys, values, inv_fr
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[f"{pre}.qkv"], weights[f"{pre}.o"],
                  weights[f"{pre}.gate_up"], weights[f"{pre}.down"], scales[0], scales[1], positions, inv_freq, keys,
                  values, mask, eps, scale, work, c.num_heads, launch=step * layers + i,
-                 pending=i > 0, finish=i == layers - 1, next_w_qkv=weights[f"expert.layers.{(i + 1) % layers}.qkv"],
-                 **extra)
+                 pending=i > 0, finish=i == layers - 1, **extra)
     return out
 
 
@@ -247,48 +197,31 @@ def _norm(x, weight, eps, modulation, pdl=False):
     return rms_kernel.rms_norm(x, None, eps, modulation[0].expand(b, -1), modulation[1].expand(b, -1), pdl=pdl)
 
 
-def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, folded=None,
-                  skinny="off", pdl=False):
-    """One expert layer on ``x (B, S, D)``; writes this layer's suffix K/V into ``keys/values[:, p:]``.
-
-    ``folded = (norm_scales (2, D), (qkv_bias, gate_up_bias))`` runs both norms inside their GEMMs;
-    ``skinny`` ("off" / "mlp_head" / "all") runs some or all GEMMs of the unfolded path as split-K Triton
-    GEMMs with their epilogues; ``pdl``: the Triton kernels with programmatic dependent launch."""
-    skinny_all = skinny == "all"
+def _expert_layer(weights, i, x, positions, mask, keys, values, p, inv_freq, scale, eps, c, modulation, pdl=False):
+    """One expert layer on ``x (B, S, D)`` as a kernel chain (norm, cuBLAS GEMMs, QKV/RoPE, attention, GELU
+    gate); writes this layer's suffix K/V into ``keys/values[:, p:]``. ``pdl``: the Triton kernels with
+    programmatic dependent launch."""
     pre = f"expert.layers.{i}"
     b, s, d = x.shape
     attn_mod = None if modulation is None else modulation[0]
     mlp_mod = None if modulation is None else modulation[1]
-    if folded is not None:
-        qkv = norm_linear(x, weights[f"{pre}.qkv"], eps, folded[0][0], folded[1][0])
-    else:
-        h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod, pdl)
-        qkv = skinny_linear(h, weights[f"{pre}.qkv"], pdl=pdl) if skinny_all else F.linear(h, weights[f"{pre}.qkv"])
+    h = _norm(x, weights.get(f"{pre}.attn_norm"), eps, attn_mod, pdl)
+    qkv = F.linear(h, weights[f"{pre}.qkv"])
     q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, keys[:, p:], values[:, p:], pdl=pdl)
     a = attention(q, keys, values, mask, scale, pdl=pdl).view(b * s, -1)
     # Layer 0's input is the step's token buffer (its state row is written once per call): never
     # overwritten. Every later residual is this decoder's own temporary, updated in place.
-    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, skinny_all, inplace=i > 0, pdl=pdl)
-    if folded is not None:
-        act = gelu_tanh_gate_fused(norm_linear(x2, weights[f"{pre}.gate_up"], eps, folded[0][1], folded[1][1]))
-    else:
-        h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod, pdl).view(b * s, d)
-        if skinny != "off":
-            act = skinny_gelu_gate(h, weights[f"{pre}.gate_up"], num_splits=1 if skinny == "mlp_head" else None,
-                                   pdl=pdl)
-        else:
-            act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
-    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, skinny_all, inplace=True, pdl=pdl)
+    x2 = _residual_linear(x.reshape(b * s, d), a, weights[f"{pre}.o"], attn_mod, inplace=i > 0)
+    h = _norm(x2.view(b, s, d), weights.get(f"{pre}.mlp_norm"), eps, mlp_mod, pdl).view(b * s, d)
+    act = gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"]))
+    x2 = _residual_linear(x2, act, weights[f"{pre}.down"], mlp_mod, inplace=True)
     return x2.view(b, s, d)
 
 
-def _residual_linear(residual, a, weight, modulation, skinny, inplace=False, pdl=False):
+def _residual_linear(residual, a, weight, modulation, inplace=False):
     """``residual + a @ weightᵀ`` (Pi0), or Pi0.5's gated ``residual + gate ⊙ (a @ weightᵀ)`` with
-    ``modulation[2]`` the gate; ``(M, D)``. ``inplace`` (Pi0, cuBLAS path) accumulates into ``residual``:
-    an out-of-place ``addmm`` first copies the residual into its output (one more kernel)."""
+    ``modulation[2]`` the gate; ``(M, D)``. ``inplace`` (Pi0) accumulates into ``residual``: an
+    out-of-place ``addmm`` first copies the residual into its output (one more kernel)."""
     if modulation is None:
-        if skinny:
-            return skinny_linear(a, weight, residual=residual, pdl=pdl)
         return residual.addmm_(a, weight.T) if inplace else torch.addmm(residual, a, weight.T)
-    y = skinny_linear(a, weight, pdl=pdl) if skinny else F.linear(a, weight)
-    return torch.addcmul(residual, y, modulation[2].to(residual.dtype))
+    return torch.addcmul(residual, F.linear(a, weight), modulation[2].to(residual.dtype))

@@ -34,13 +34,11 @@ from cortexflow.models.siglip import siglip_embed
 
 VISION_QKV = "qkv"
 #: How the SigLIP attention runs: "triton" (kernels/attention.py) or "sdpa" (torch's fused attention;
-#: CUDA only). H100, 2 views (``benchmarks/micro_encoder.py``, h100_2026-11-25_v11/run1): attention alone
-#: 13.3 us (Triton) vs 10.1 us (SDPA), vision stage 1.80 vs 1.75 ms: Triton kept (one attention kernel, tested
-#: on CPU under the interpreter).
+#: CUDA only). Triton: one attention kernel for every stage, tested on CPU under the interpreter (both timed:
+#: benchmarks/NOTES.md, "Tuning constants").
 VISION_ATTENTION = "triton"
-#: Tiling of the prefix attention (``kernels.attention.attention`` keywords). H100, 560 tokens x 8 heads on
-#: 1 KV head, D 256 (same run): 64-row tiles with 8 warps (the kernel's default for D 256) 45.7 us, with 4
-#: warps 26.6 us, 128-row tiles 29.9, 32-row 48.4-85.0, SDPA with the mask 51.2.
+#: Tiling of the prefix attention (``kernels.attention.attention`` keywords): 64-row tiles with 4 warps instead
+#: of the kernel's default 8 warps for D 256, the fastest in the sweep of benchmarks/NOTES.md, "Tuning constants".
 PREFIX_ATTENTION_TILING: dict = {"block_m": 64, "num_warps": 4}
 
 

@@ -90,16 +90,15 @@ def fold_norm_weights(lm, weights: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
                       cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
-                      gemv: str = "off") -> torch.Tensor:
-    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``, for
-    a one-row call (a decode step at batch 1): "all" runs every projection as a fused decode GEMV, "out"
-    only the two that end in the residual (o, down), "off" none (cuBLAS)."""
+                      gemv: bool = False) -> torch.Tensor:
+    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``: a
+    one-row call (a decode step at batch 1) runs every projection as a fused decode GEMV (else cuBLAS)."""
     p = f"{lm.prefix}.layers.{i}"
     b, length, width = x.shape
     one_row = b * length == 1
     folded = lm.norms_folded_key in weights
     pdl = one_row and backend.pdl
-    if gemv == "all" and one_row:
+    if gemv and one_row:
         return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl)
     eps = lm.dims.rms_norm_eps
     qkv, scaling = _normed_projection(backend, lm, weights, f"{p}.attn_norm", weights[f"{p}.qkv"], x, folded)
@@ -107,19 +106,12 @@ def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: 
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
     x2 = x.reshape(b * length, width)
-    if gemv == "out" and one_row:
-        x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x2, out=None if i == 0 else x2.view(-1),
-                         pdl=pdl).view(1, width)
-    else:
-        x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
-            torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
+    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
+        torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
     x3 = x2.view(b, length, width)
     gate_up, scaling = _normed_projection(backend, lm, weights, f"{p}.mlp_norm", weights[f"{p}.gate_up"], x3, folded)
     act = gelu_tanh_gate_fused(gate_up, silu=lm.gated_activation == "silu", eps=eps, **scaling)
-    if gemv == "out" and one_row:
-        decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1), pdl=pdl)
-    else:
-        x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
+    x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
     return x3
 
 
@@ -157,14 +149,14 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None,
 
 def _attention(backend, lm, q, keys, values, mask, pdl):
     """``lm``'s attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
-    return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(lm.dims.head_dim), fused_combine=lm.fused_combine,
-                             pdl=pdl)
+    return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(lm.dims.head_dim),
+                             fused_combine=backend.fuses_combine(lm), pdl=pdl)
 
 
 def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl):
     """The one-row layer ``x (1, 1, D)``: 4 fused GEMVs (norm + QKV with RoPE and the cache write in its
     epilogue, o + residual, norm + gate/up + activation, down + residual) and attention; with
-    ``backend.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``folded``: the
+    ``backend.options.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``folded``: the
     norm weights live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
     every kernel with programmatic dependent launch (each GEMV loads its first weight chunk while the
     kernel before it finishes)."""
@@ -174,7 +166,7 @@ def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write
     def norm_args(name):
         return {"normalize": True} if folded else {"norm_weight": lm.norm_scale(weights, name)}
 
-    if backend.decode_qkv_rope and write_at is not None:
+    if backend.options.decode_qkv_rope and write_at is not None:
         d = lm.dims
         inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
         cache_k, cache_v = cache[0][i], cache[1][i]

@@ -22,8 +22,6 @@ counters stay zero between calls and inside CUDA graph replays). One launch inst
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -34,8 +32,8 @@ from cortexflow.kernels.runtime import arrival_counters, interpreting, next_powe
 MASKED_LOGIT = -2.3819763e38
 _MASKED_LOGIT = tl.constexpr(MASKED_LOGIT)
 LOG2E = 1.4426950408889634
-#: A key range of a split holds at least this many key blocks. 1 on the H100 micro-benchmark: OpenVLA's
-#: decode step (290 keys, 64-key blocks) ran 7.0 us at 5 ranges vs 7.9 us at 3.
+#: A key range of a split holds at least this many key blocks (1: OpenVLA's decode step, 290 keys in 64-key
+#: blocks, runs faster at 5 ranges than at 3; benchmarks/NOTES.md, "Tuning constants").
 MIN_BLOCKS_PER_SPLIT = 1
 
 
@@ -211,16 +209,12 @@ def _combine_kernel(
 
 
 #: Rows per program of the separate combine kernel. Each program reads ``splits x rows x D`` fp32
-#: partials; with the attention's 64-row tiles the Pi0 denoising step had only 7 combine programs
-#: (10.3 us per call on the H100), so the combine uses small row blocks to spread over more SMs
-#: (micro-benchmark, Pi0 decode attention + combine: 64 rows 23.6 us, 16 rows 18.1 us, 4 rows 15.0 us).
+#: partials; with the attention's 64-row tiles the Pi0 denoising step would have only 7 combine programs,
+#: so the combine uses small row blocks to spread over more SMs (benchmarks/NOTES.md, v5).
 COMBINE_BLOCK_M = 4
-#: Row tile when the grid is small (the split-key regime): Pi0's decode attention (408 packed rows,
-#: D 256) took 12.1 us with 16-row tiles vs 15.0 us with 64-row tiles (combine at 4 rows both).
+#: Row tile when the grid is small (the split-key regime): Pi0's decode attention (408 packed rows, D 256)
+#: runs faster with 16-row tiles than with 64-row tiles (benchmarks/NOTES.md, v5).
 SMALL_GRID_BLOCK_M = 16
-
-#: Default of ``fused_combine``: CORTEXFLOW_TRITON_FUSED_COMBINE=1 turns it on (off until timed on the GPU).
-FUSED_COMBINE_DEFAULT = os.environ.get("CORTEXFLOW_TRITON_FUSED_COMBINE", "0") == "1"
 
 
 def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) -> int:
@@ -235,14 +229,14 @@ def choose_splits(row_blocks: int, k_len: int, block_n: int, processors: int) ->
 
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-    num_splits: int | None = None, fused_combine: bool | None = None, block_m: int | None = None,
+    num_splits: int | None = None, fused_combine: bool = False, block_m: int | None = None,
     num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
     ``num_splits`` forces the number of key ranges (default: :func:`choose_splits` for this GPU);
-    ``fused_combine`` merges them in the last-arriving range program instead of a second kernel
-    (default: :data:`FUSED_COMBINE_DEFAULT`). Tuning knobs (defaults from the H100 micro-benchmark):
+    ``fused_combine`` merges them in the last-arriving range program instead of a second kernel.
+    Tuning knobs (defaults from the micro-benchmark, benchmarks/NOTES.md v5):
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
     rows per program of the separate combine kernel. ``pdl``: launch both kernels with programmatic
     dependent launch (:mod:`cortexflow.kernels.pdl`)."""
@@ -274,7 +268,7 @@ def attention(
     keys_per_split = triton.cdiv(triton.cdiv(k_len, max(1, num_splits)), block_n) * block_n
     num_splits = triton.cdiv(k_len, keys_per_split)  # no empty range
     split = num_splits > 1
-    fused = split and (FUSED_COMBINE_DEFAULT if fused_combine is None else fused_combine)
+    fused = split and fused_combine
     if split:
         part_acc = torch.empty((num_splits, b * kv_heads, n_rows, block_d), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((num_splits, b * kv_heads, n_rows, 2), dtype=torch.float32, device=q.device)

@@ -29,13 +29,12 @@ from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 
 def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
-    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the H100
-    sweeps for each kind of projection. First ``benchmarks/micro_decode_gemv.py`` (one kernel repeated,
-    ``results/h100_2026-11-24_v7/``): gated gate/up (OpenVLA 65.8 µs vs cuBLAS + norm + gate 70.8; RT-2
-    49.8 vs 53.3): 16 rows, 512, 4 warps; wide N (QKV, 12288 rows: 38.8 vs 39.7): 32 rows, 1024, 8 warps;
-    otherwise (o, 4096 x 4096): 8 rows, 1024, 4 warps. Then ``benchmarks/micro_decode_chain.py`` (OpenVLA's
-    32 decode layers chained in one graph with PDL, ``results/h100_2026-11-24_v9/run5_*``): long K
-    (OpenVLA down, K 11008): 8 rows, 2048, 8 warps (150.3 vs 154.6 µs a layer with 4 rows, 1024)."""
+    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the sweeps for
+    each kind of projection (``benchmarks/micro_decode_gemv.py``, one kernel repeated, and
+    ``benchmarks/micro_decode_chain.py``, OpenVLA's 32 decode layers chained in one graph with PDL; timings in
+    benchmarks/NOTES.md, "Tuning constants"): gated gate/up 16 rows, 512, 4 warps; long K (> 8192, OpenVLA's
+    down) 8 rows, 2048, 8 warps; wide N (>= 8192 rows, QKV) 32 rows, 1024, 8 warps; otherwise (o) 8 rows,
+    1024, 4 warps."""
     if gated:
         return 16, 512, 4
     if k_dim > 8192:

@@ -22,8 +22,7 @@ from cortexflow.kernels.decode_gemv import gemv_rows
 from cortexflow.kernels.pdl import launch_options
 
 #: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
-#: graph with PDL (``benchmarks/micro_decode_chain.py``, H100: 155.9 µs a layer vs 157.5 with 16 pairs,
-#: 1024, 8 warps, the decode GEMV's QKV tiling).
+#: graph with PDL (``benchmarks/micro_decode_chain.py``; timings in benchmarks/NOTES.md, "Tuning constants").
 DEFAULT_TILING = (4, 512, 4)
 
 

@@ -47,7 +47,7 @@ address twice in one launch with a write in between: each norm output and each s
 has its own buffer. It needs every program resident at once,
 which holds with at most one program per SM while nothing else occupies the GPU's SMs indefinitely: two
 processes sharing one GPU through MPS, each running these kernels at once, could each hold SMs the
-other waits for (CortexFlow runs one engine per GPU; ``CORTEXFLOW_TRITON_PERSISTENT_EXPERT=0`` avoids
+other waits for (CortexFlow runs one engine per GPU; ``TritonOptions(persistent_expert=False)`` avoids
 the kernel). Under the interpreter programs run one after another, so tests use one program there (the
 barrier then never waits).
 """
@@ -72,8 +72,7 @@ class ExpertTiling:
     (and as many up) columns per gate/up tile; ``out_cols`` output columns per o / down tile and
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs);
-    ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's;
-    ``prefetch``: a bit mask of L2 prefetches (see :data:`PREFETCH_LATER_WEIGHTS`; 0 = none; GPU only)."""
+    ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
 
     block_m: int = 64
     pair: int = 16
@@ -88,20 +87,6 @@ class ExpertTiling:
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: int = 0
-
-
-#: ``ExpertTiling.prefetch`` bits. The layer's weights are read once each, phase after phase, while the
-#: barriers, row phases and the attention leave HBM idle; a bulk prefetch (``cp.async.bulk.prefetch.L2``,
-#: Hopper's TMA unit: one instruction per chunk, nothing waits for it) pulls weights into L2 ahead of the
-#: phase that reads them, each program taking an equal share. LATER_WEIGHTS: the o, gate/up and down
-#: weights, issued as the attention phase starts; EARLY: the same, issued as the QKV phase starts instead;
-#: NEXT_QKV: the next launch's QKV weight (``next_w_qkv``), issued as the gate/up phase starts.
-PREFETCH_LATER_WEIGHTS = 1
-PREFETCH_EARLY = 2
-PREFETCH_NEXT_QKV = 4
-#: Bulk prefetches per program and tensor: one per thread of a 4-warp program.
-PREFETCH_CHUNKS = tl.constexpr(128)
 
 
 #: Sizes for the CPU interpreter (tiny configs): one program, small blocks.
@@ -128,22 +113,6 @@ def _grid_sync(bar_ptr, n_programs):
         arrived = tl.load(bar_ptr, volatile=True)
     tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
-
-
-@triton.jit
-def _prefetch_l2(ptr, n_elements, pid, n_programs, CHUNKS: tl.constexpr):
-    """Ask for program ``pid``'s share (of ``n_programs`` equal ones) of the contiguous tensor at ``ptr``
-    (``n_elements`` elements) to be pulled into L2, as ``CHUNKS`` bulk prefetches of 16-byte multiples
-    (the bulk prefetch wants 16-byte aligned addresses and sizes: shares and chunks are rounded down to
-    16 bytes and the few bytes past the last whole chunk are left out). Returns nothing anyone waits for."""
-    base = ptr.to(tl.pointer_type(tl.int8))
-    share = (n_elements * ptr.dtype.element_ty.primitive_bitwidth // 8) // n_programs // 16 * 16
-    chunk = (share // CHUNKS) // 16 * 16
-    if chunk > 0:
-        addrs = base + pid * share + tl.arange(0, CHUNKS) * chunk
-        sizes = tl.full([CHUNKS], 0, tl.int32) + chunk
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n mov.u32 $0, 0;", "=r,l,r",
-                                  [addrs, sizes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -231,7 +200,7 @@ def _expert_layer_kernel(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
     attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
     pending_gate_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr,
-    part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, next_w_qkv_ptr, M, S, P, eps, scale_log2,
+    part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
     keys_per_split, n_splits,
     s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
@@ -240,7 +209,7 @@ def _expert_layer_kernel(
     DOT_PRECISION: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr, PREFETCH: tl.constexpr,
+    PHASES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -255,10 +224,6 @@ def _expert_layer_kernel(
     _grid_sync(sync_ptr, n_programs)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
-    if PREFETCH & 2:
-        _prefetch_l2(w_o_ptr, D * HQ * HD, pid, n_programs, PREFETCH_CHUNKS)
-        _prefetch_l2(w_gu_ptr, 2 * F * D, pid, n_programs, PREFETCH_CHUNKS)
-        _prefetch_l2(w_down_ptr, D * F, pid, n_programs, PREFETCH_CHUNKS)
     pairs: tl.constexpr = HALF // PAIR
     n_qkv_tiles: tl.constexpr = (HQ + 2 * HKV) * pairs
     offs_p = tl.arange(0, PAIR)
@@ -295,10 +260,6 @@ def _expert_layer_kernel(
     _grid_sync(sync_ptr + 1, n_programs)
 
     # ---- 2. attention (+ merge of the key ranges by the last range program) --------------------------
-    if PREFETCH & 1:
-        _prefetch_l2(w_o_ptr, D * HQ * HD, pid, n_programs, PREFETCH_CHUNKS)
-        _prefetch_l2(w_gu_ptr, 2 * F * D, pid, n_programs, PREFETCH_CHUNKS)
-        _prefetch_l2(w_down_ptr, D * F, pid, n_programs, PREFETCH_CHUNKS)
     n_rows = S * GROUP
     n_rb = tl.cdiv(n_rows, ATTN_ROWS)
     n_bkv = (M // S) * HKV
@@ -339,8 +300,6 @@ def _expert_layer_kernel(
     _grid_sync(sync_ptr + 4, n_programs)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
-    if PREFETCH & 4:
-        _prefetch_l2(next_w_qkv_ptr, (HQ + 2 * HKV) * HD * D, pid, n_programs, PREFETCH_CHUNKS)
     n_gu_tiles: tl.constexpr = F // GU_COLS
     offs_g = tl.arange(0, GU_COLS)
     for item in range(pid, n_mb * n_gu_tiles if PHASES & 32 else 0, n_programs):
@@ -446,7 +405,6 @@ def expert_layer(
     mlp_shift: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
     mlp_gate: torch.Tensor | None = None, launch: int = 0, pending: bool = False,
     pending_gate: torch.Tensor | None = None, finish: bool = True, phases: int = ALL_PHASES,
-    next_w_qkv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One expert layer on ``x (M, D)`` (``M = B*S``) into ``out (M, D)`` (may be ``x``); writes the layer's
     suffix K/V into ``keys/values[:, P:]`` (``P = keys.shape[1] - S``). ``attn_scale`` / ``mlp_scale (D,)``
@@ -458,9 +416,7 @@ def expert_layer(
     partials in the workspace, which the next launch adds to its input first when called with
     ``pending=True``, ``x`` that same ``out`` buffer and ``pending_gate`` the previous layer's ``mlp_gate``.
     ``phases``: a bit mask of the phases to run (bit ``i`` = phase ``i`` of the module doc, 128 the final
-    residual; the barriers always run), for timing phases alone. ``next_w_qkv``: the QKV weight the next
-    launch reads, for the tiling's :data:`PREFETCH_NEXT_QKV` (without it that prefetch is skipped).
-    Returns ``out``."""
+    residual; the barriers always run), for timing phases alone. Returns ``out``."""
     t = workspace.tiling
     m, dim = x.shape
     s = workspace.seq_len
@@ -477,11 +433,6 @@ def expert_layer(
     shifted = attn_shift is not None
     gated = attn_gate is not None
     sync = workspace.sync[launch * workspace.BARRIERS:]
-    prefetch = 0 if interpreting() else t.prefetch  # inline PTX: not for the interpreter
-    if next_w_qkv is None or next_w_qkv.shape != w_qkv.shape or next_w_qkv.data_ptr() % 16:
-        prefetch &= ~PREFETCH_NEXT_QKV
-    if any(w.data_ptr() % 16 for w in (w_o, w_gate_up, w_down)):  # bulk prefetches need 16-byte alignment
-        prefetch &= PREFETCH_NEXT_QKV
     _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
@@ -489,7 +440,7 @@ def expert_layer(
         pending_gate if pending and gated else attn_scale, workspace.normed_attn, workspace.normed_mlp, workspace.q,
         keys, values, mask, workspace.attn, workspace.h, workspace.part_acc, workspace.part_ml, workspace.o_part,
         workspace.down_part, sync,
-        workspace.counters, next_w_qkv if prefetch & PREFETCH_NEXT_QKV else w_qkv, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
+        workspace.counters, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
         D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated, PENDING=pending,
@@ -498,7 +449,7 @@ def expert_layer(
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), PHASES=phases, PREFETCH=prefetch,
+        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), PHASES=phases,
         num_warps=t.num_warps,
         num_stages=t.num_stages,
     )

@@ -60,11 +60,6 @@ def prepare_llama_norms(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 class LlamaLM(DecoderLM):
     """Llama-2: RMSNorm with a plain ``w`` scale, SiLU-gated MLP, untied LM head, unscaled embeddings."""
 
-    #: OpenVLA-7B on the H100 (session 12, one process, 100 calls): 45.2 ms with the decode GEMV vs 48.2 ms
-    #: via cuBLAS (44.4 ms with programmatic dependent launch as well). Before the GEMV loaded its first
-    #: weight chunk ahead of the row statistics (v7) it measured 49.4 vs 48.7-48.9 ms.
-    decode_gemv = "all"
-
     def norm_scale(self, weights, name: str) -> torch.Tensor:
         return weights[name + NORM_OFFSET_SUFFIX]
 

@@ -34,10 +34,6 @@ class GemmaLM(DecoderLM):
     """Gemma: RMSNorm with ``(1 + w)``, tanh-GELU gated MLP, embeddings scaled by sqrt(D), tied LM head."""
 
     gated_activation = "gelu_tanh"
-    #: RT-2 on the H100: 234.8 ms with the decode GEMV vs 243.0 ms without (120 tokens, Triton + graphs).
-    decode_gemv = "all"
-    #: RT-2 on the H100: 226.8 ms with the attention's fused combine vs 230.6 ms without (OpenVLA: 47.6 vs 47.2).
-    fused_combine = True
 
     def __init__(self, dims: DecoderDims, width: int):
         super().__init__(dims)

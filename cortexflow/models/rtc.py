@@ -115,6 +115,4 @@ def guided_euler_integrate(
 ) -> torch.Tensor:
     """:func:`~cortexflow.models.flow_matching.euler_integrate` with each step's velocity guided towards
     ``guidance.target`` (same schedule, same fp32 accumulation); returns ``x(0)`` fp32."""
-    from cortexflow.models.flow_matching import euler_integrate
-
     return euler_integrate(lambda x, t: guidance.velocity(velocity, x, t), noise, num_steps)

@@ -42,13 +42,6 @@ class DecoderLM:
     #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma); fused
     #: backends read it, the op-by-op ``mlp`` below is the reference.
     gated_activation = "silu"
-    #: Which projections of a single-token decode step fused backends run as fused decode GEMVs by
-    #: default: "all", "out" (o and down, with their residuals) or "off" (measured per model on the H100:
-    #: see benchmarks/NOTES.md, "decode GEMV").
-    decode_gemv = "off"
-    #: Whether fused backends merge the split attention's key ranges in the attention kernel itself (no
-    #: combine kernel) in this LM's layers by default (measured per model on the H100: benchmarks/NOTES.md).
-    fused_combine = False
 
     def __init__(self, dims: DecoderDims):
         self.dims = dims

@@ -2,6 +2,13 @@
 
 Images arrive as HWC RGB, either ``uint8`` in [0, 255] or floating point in [-1, 1]; the model consumes
 float32 NCHW in [-1, 1] at 224x224 (openpi ``ResizeImages`` followed by ``x / 255 * 2 - 1``).
+
+``uint8`` views get openpi's pixels exactly: resized with Pillow's bilinear filter, on the host by Pillow
+itself and on a GPU by the same fixed-point arithmetic (:mod:`cortexflow.processing.resample`). openpi cannot
+resize float views (its ``ResizeImages`` goes through ``PIL.Image.fromarray``, which refuses float RGB); its
+model resizes a non-224 float view with ``jax.image.resize`` (linear, antialiased), whose weights are Pillow's
+bilinear weights in floating point, and clips to [-1, 1]: float views are resized that way here, in float32.
+LeRobot resizes differently (bilinear without antialiasing on [0, 1] floats); these functions follow openpi.
 """
 
 from collections.abc import Sequence
@@ -11,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cortexflow.errors import InputError
+from cortexflow.processing.resample import resize_uint8_pil, resize_uint8_torch
 
 FLOAT_RANGE_TOLERANCE = 1e-3
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
@@ -19,19 +27,22 @@ _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
 def resize_with_pad(image: np.ndarray, height: int = 224, width: int = 224) -> np.ndarray:
     """Resize an HWC image to fit ``height`` x ``width`` keeping its aspect ratio, then pad to that size.
 
-    openpi semantics: ``ratio = max(w / width, h / height)``, the image is resized bilinearly (antialiased,
-    like PIL) to ``(int(h / ratio), int(w / ratio))`` and pasted at offset ``int((target - new) / 2)`` on a
-    black background: 0 for ``uint8`` images, -1.0 for float images in [-1, 1]. ``uint8`` results are
-    rounded and clipped back to ``uint8``; float results are float32. An image already of the target size
-    is returned unchanged.
+    openpi semantics: ``ratio = max(w / width, h / height)``, the image is resized to
+    ``(int(h / ratio), int(w / ratio))`` (at least 1 x 1, where openpi's Pillow call would fail) and pasted at
+    offset ``int((target - new) / 2)`` on a black background: 0 for ``uint8`` images, -1.0 for float images
+    in [-1, 1]. ``uint8`` images are resized by Pillow (bilinear, antialiased when shrinking), giving
+    openpi's pixels; float images by the same filter in float32, clipped to [-1, 1]. An image already of
+    the target size is returned unchanged.
     """
     cur_height, cur_width = image.shape[:2]
     if (cur_height, cur_width) == (height, width):
         return image
-    ratio = max(cur_width / width, cur_height / height)
-    new_height = max(1, int(cur_height / ratio))
-    new_width = max(1, int(cur_width / ratio))
-    resized = _resize_bilinear(image, new_height, new_width)
+    new_height, new_width = _fitted_size(cur_height, cur_width, height, width)
+    if image.dtype == np.uint8:
+        resized = resize_uint8_pil(image, new_height, new_width, "bilinear")
+    else:
+        chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+        resized = _resize_float_bilinear(chw, new_height, new_width).permute(1, 2, 0).numpy()
 
     background = 0 if image.dtype == np.uint8 else -1.0
     out = np.full((height, width, image.shape[2]), background, dtype=resized.dtype)
@@ -41,15 +52,17 @@ def resize_with_pad(image: np.ndarray, height: int = 224, width: int = 224) -> n
     return out
 
 
-def _resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Antialiased bilinear resize of an HWC image; ``uint8`` in gives rounded ``uint8`` out, else float32."""
-    chw = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    resized = F.interpolate(
-        chw[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False
-    )[0].permute(1, 2, 0)
-    if image.dtype == np.uint8:
-        return resized.round().clamp(0, 255).to(torch.uint8).numpy()
-    return resized.numpy()
+def _fitted_size(cur_height: int, cur_width: int, height: int, width: int) -> tuple[int, int]:
+    """The size openpi resizes a ``cur_height x cur_width`` image to before padding it to ``height x width``."""
+    ratio = max(cur_width / width, cur_height / height)
+    return max(1, int(cur_height / ratio)), max(1, int(cur_width / ratio))
+
+
+def _resize_float_bilinear(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bilinear resize of a float32 ``(C, H, W)`` tensor in [-1, 1] on its device (Pillow's
+    bilinear weights, as ``jax.image.resize`` linear), clipped to [-1, 1]; ``(C, height, width)`` out."""
+    resized = F.interpolate(chw[None], size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+    return resized[0].clamp_(-1.0, 1.0)
 
 
 def prepare_images(images, num_views: int, image_size: int = 224, out: np.ndarray | None = None) -> torch.Tensor:
@@ -81,10 +94,10 @@ def prepare_images_on_device(images, num_views: int, out: torch.Tensor) -> torch
     """:func:`prepare_images` computed on ``out``'s device (a GPU) into ``out (num_views, 3, S, S)`` float32.
 
     Each view is validated on the host as there, copied over as it comes (uint8: a quarter of the float32
-    result, and no host-side resize: resizing two 480x640 views costs ~3 ms of CPU), then resized-with-pad
-    and scaled on the device. Target-size uint8 views give exactly :func:`prepare_images`'s values (the same
-    float32 operations, a true division); a resized view can differ from the CPU's by one uint8 level on a
-    few pixels (the device's interpolation sums in another order before the rounding)."""
+    result, and no host-side resize), then resized-with-pad and scaled on the device. uint8 views give exactly
+    :func:`prepare_images`'s values: they are resized with Pillow's integer arithmetic
+    (:func:`~cortexflow.processing.resample.resize_uint8_torch`) and scaled by the same float32 operations (a
+    true division). Resized float views agree with the host's to float32 rounding (another summation order)."""
     views = _split_views(images, num_views)
     if tuple(out.shape[:2]) != (num_views, 3) or out.shape[2] != out.shape[3] or out.dtype != torch.float32:
         raise ValueError(f"out must be a float32 ({num_views}, 3, S, S) tensor, got {out.dtype} {tuple(out.shape)}")
@@ -114,12 +127,11 @@ def _resize_with_pad_into(image: torch.Tensor, out: torch.Tensor) -> None:
     if (height, width) == (size, size):
         out.copy_(chw)
         return
-    ratio = max(width / size, height / size)
-    new_height, new_width = max(1, int(height / ratio)), max(1, int(width / ratio))
-    resized = F.interpolate(chw[None].float(), size=(new_height, new_width), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
+    new_height, new_width = _fitted_size(height, width, size, size)
     if image.dtype == torch.uint8:
-        resized = resized.round_().clamp_(0, 255)
+        resized = resize_uint8_torch(chw, new_height, new_width, "bilinear")
+    else:
+        resized = _resize_float_bilinear(chw, new_height, new_width)
     out.fill_(0.0 if image.dtype == torch.uint8 else -1.0)
     top, left = int((size - new_height) / 2), int((size - new_width) / 2)
     out[:, top : top + new_height, left : left + new_width] = resized

@@ -1,9 +1,9 @@
 """Inputs of the token-decoding policies (OpenVLA, RT-2 style): one camera image and a prompt as ids.
 
 OpenVLA's image processor (spec §1.3): the RGB image is resized to exactly 224 x 224 (``resize-naive``,
-bicubic, antialiased, rounded back to uint8 as PIL does), scaled to [0, 1] and normalised twice, with
-ImageNet statistics for DINOv2 (channels 0-2) and with mean = std = 0.5 for SigLIP (channels 3-5).
-A 224 x 224 input is not resampled. Prompts are tokenised with the checkpoint's SentencePiece model.
+by Pillow's bicubic filter, as the processor's ``TVF.resize`` of a PIL image does), scaled to [0, 1] and
+normalised twice, with ImageNet statistics for DINOv2 (channels 0-2) and with mean = std = 0.5 for SigLIP
+(channels 3-5). A 224 x 224 input is not resampled. Prompts are tokenised with the checkpoint's SentencePiece model.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cortexflow.errors import InputError, TokenizerError
+from cortexflow.processing.resample import resize_uint8_pil
 from cortexflow.processing.tokenizer import _import_optional
 
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -54,12 +54,11 @@ def image_as_uint8(image: Any) -> np.ndarray:
 
 
 def resize_naive(image: np.ndarray, size: int) -> np.ndarray:
-    """Bicubic antialiased resize of a uint8 HWC image to ``size x size`` (aspect not kept), uint8 out."""
+    """A uint8 HWC image resized to ``size x size`` (aspect not kept) by Pillow's bicubic filter (a = -0.5,
+    antialiased when shrinking): the processor's pixels exactly. A ``size x size`` image is returned as is."""
     if image.shape[:2] == (size, size):
         return image
-    chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None]
-    out = F.interpolate(chw, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return resize_uint8_pil(image, size, size, "bicubic")
 
 
 def prepare_openvla_image(image: Any, size: int = 224) -> torch.Tensor:

@@ -13,13 +13,11 @@ and describe the machine a result came from.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import os
 import platform
 import sys
 from importlib import metadata
-from typing import Iterator
+from typing import Sequence
 
 import torch
 
@@ -119,20 +117,44 @@ def random_prompt_ids(model, length: int, rng) -> list[int]:
     return ids
 
 
-@contextlib.contextmanager
-def temporary_environment(settings: dict[str, str]) -> Iterator[None]:
-    """Set the environment variables ``settings`` for the block (the backends read their switches when
-    created), restoring the previous values, or their absence, after."""
-    previous = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+def backend_options(backend) -> dict | None:
+    """The typed options of a backend instance as a dict (``TritonBackend.options``), None for a backend
+    without any: what bench and verify record beside the backend's name."""
+    options = getattr(backend, "options", None)
+    return options.as_dict() if hasattr(options, "as_dict") else None
+
+
+def backend_specs(names: Sequence[str], triton_options=None, source: str = "triton_options") -> dict:
+    """What each backend name is created from: the name itself, or for ``triton`` the backend class configured
+    with ``triton_options`` (a :class:`~cortexflow.backends.triton_options.TritonOptions`, its text, or None
+    for the defaults). Options given without ``triton`` among ``names`` are an error; ``source`` names the
+    argument or CLI option in errors."""
+    if triton_options is None:
+        return {name: name for name in names}
+    from cortexflow.backends.triton_options import TritonOptions
+
+    if isinstance(triton_options, str):
+        triton_options = TritonOptions.parse(triton_options, source)
+    elif not isinstance(triton_options, TritonOptions):
+        raise ConfigError(f"{source} must be a TritonOptions or 'name=value,...' text, got {triton_options!r}")
+    if "triton" not in names:
+        raise ConfigError(f"{source} applies to the triton backend, which is not among {list(names)}: add triton "
+                          f"or leave {source} out")
+    specs = {name: name for name in names}
+    if triton_options != TritonOptions():  # the defaults stay a name, so a machine without Triton skips the rows
+        from cortexflow.backends.triton_backend import TritonBackend
+
+        specs["triton"] = TritonBackend.configured(triton_options)
+    return specs
+
+
+def triton_options_dict(spec) -> dict | None:
+    """The options a ``triton`` spec runs with (None when the grid has no triton backend)."""
+    if spec is None:
+        return None
+    from cortexflow.backends.triton_options import TritonOptions
+
+    return (TritonOptions() if isinstance(spec, str) else spec._options).as_dict()
 
 
 def synchronize(device: torch.device) -> None:
@@ -168,6 +190,8 @@ def environment_info(device: torch.device) -> dict:
 
 __all__ = [
     "SIZES",
+    "backend_options",
+    "backend_specs",
     "TOKEN_MODELS",
     "environment_info",
     "is_token_model",
@@ -179,4 +203,5 @@ __all__ = [
     "resolve_size",
     "synchronize",
     "token_model",
+    "triton_options_dict",
 ]

@@ -33,7 +33,16 @@ from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.models.pi0 import model_class
 from cortexflow.random_checkpoint import random_weights
-from cortexflow.tools import environment_info, is_token_model, model_config, resolve_device_dtype, resolve_size
+from cortexflow.tools import (
+    backend_options,
+    backend_specs,
+    environment_info,
+    is_token_model,
+    model_config,
+    resolve_device_dtype,
+    resolve_size,
+    triton_options_dict,
+)
 
 #: Failures that make a case "skipped" (cannot run here); any other exception makes it "failed".
 SKIP_ERRORS = (BackendUnavailableError, NotImplementedError, torch.cuda.OutOfMemoryError)
@@ -180,6 +189,8 @@ def run_bench(
     log: Callable[[str], None] | None = None,
     prompt_buckets="auto",
     image_preprocessing: str = "auto",
+    triton_options=None,
+    options_source: str = "triton_options",
 ) -> dict:
     """Time every case of the grid; returns ``{"environment", "workload", "runs", "skipped", "failed"}``.
 
@@ -187,13 +198,16 @@ def run_bench(
     (default ``iters``) sets the call count of the slower un-graphed cases. ``prompt_buckets``: the Pi0
     family engines' :class:`~cortexflow.config.InferenceConfig` ``prompt_buckets`` (``"off"``: openpi's padding
     to ``max_token_len``); ``image_preprocessing``: theirs too (``"host"``: the images prepared on the CPU).
-    The inputs are 224x224 uint8 views (no resize)."""
+    The inputs are 224x224 uint8 views (no resize). ``triton_options``: the ``triton`` backend's
+    :class:`~cortexflow.backends.triton_options.TritonOptions` (or their ``"name=value,..."`` text; default:
+    its defaults; ``options_source`` names it in errors); every row records its backend's options."""
     prompt_buckets = parse_prompt_buckets(prompt_buckets)
     if image_preprocessing not in ("auto", "device", "host"):
         raise ConfigError(f"image_preprocessing must be 'auto', 'device' or 'host', got {image_preprocessing!r}")
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     backends = check_backend_names(backends)
+    specs = backend_specs(backends, triton_options, options_source)
     model_types = [VLAModelType.parse(m).value for m in models]
     if iters < 1 or warmup < 0:
         raise ConfigError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
@@ -211,6 +225,7 @@ def run_bench(
                      "iters_without_graphs": iters_without_graphs or iters, "seed": seed,
                      "prompt_buckets": prompt_buckets if isinstance(prompt_buckets, str) else list(prompt_buckets),
                      "image_preprocessing": image_preprocessing,
+                     "triton_options": triton_options_dict(specs.get("triton")),
                      "weights": "random non-zero (cortexflow.random_checkpoint.random_weights)"},
         "runs": [],
         "skipped": [],
@@ -240,7 +255,7 @@ def run_bench(
             t.numel() * t.element_size() for t in draw_state_dict().values())
         for backend in backends:
             try:
-                create_backend(backend, resolved_device, compute_dtype)
+                create_backend(specs[backend], resolved_device, compute_dtype)
             except Exception as err:  # noqa: BLE001 - one backend's failure must not stop the grid
                 kind = "skipped" if isinstance(err, SKIP_ERRORS) else "failed"
                 results[kind].append({"model": model_name, "backend": backend, "reason": f"{type(err).__name__}: {err}"})
@@ -251,10 +266,10 @@ def run_bench(
             for case in cases:
                 n = iters if case.cuda_graphs or iters_without_graphs is None else iters_without_graphs
                 if token is not None:
-                    entry = token.run(case, memory, rng, n, warmup)
+                    entry = token.run(case, memory, rng, n, warmup, specs[backend])
                 else:
                     entry = _run_case(case, base, draw_state_dict, compute_dtype, resolved_device, memory, rng, n,
-                                      warmup, prompt_buckets, image_preprocessing)
+                                      warmup, prompt_buckets, image_preprocessing, specs[backend])
                 if "reason" in entry:
                     kind = entry.pop("outcome")
                     results[kind].append(entry)
@@ -285,9 +300,10 @@ def _label(case: Case) -> str:
 
 def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
               rng: np.random.Generator, iters: int, warmup: int, prompt_buckets="auto",
-              image_preprocessing: str = "auto") -> dict:
+              image_preprocessing: str = "auto", backend=None) -> dict:
     """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed).
-    ``draw_state_dict()`` gives the weights, which the case's engine then owns alone."""
+    ``draw_state_dict()`` gives the weights, which the case's engine then owns alone. ``backend``: what the
+    engine's backend is created from (default: ``case.backend``, the name)."""
     config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
     entry = asdict(case)
     if case.prompt_len > config.max_token_len:
@@ -296,8 +312,8 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
     memory.reset()
     engine = None
     try:
-        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device, case.backend,
-                             prompt_buckets, image_preprocessing)
+        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
+                             backend or case.backend, prompt_buckets, image_preprocessing)
         memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
         call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
         stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
@@ -307,6 +323,7 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
             dtype=dtype_name(dtype),
             stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
             peak_gpu_gib=memory.peak_gib(),
+            backend_options=backend_options(engine.backend),
             prompt_bucket=(bucket := next(n for n in engine.prompt_buckets if n >= case.prompt_len)),
             prefix_tokens=case.views * config.num_patches + bucket,
             valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,

@@ -8,7 +8,7 @@ cubin (``ptxas`` ships with Triton), with the same specialisations (block sizes,
 16-byte alignment) as on the GPU, because the launch wrappers choose them from the shapes and from
 :class:`~cortexflow.kernels.runtime.CompileTarget`'s SM count and compute capability. Nothing is launched.
 What this catches that the CPU interpreter cannot: code that does not compile for the GPU (``tl.dot``
-shapes, inline PTX such as the L2 prefetch and programmatic dependent launch, instructions an older
+shapes, inline PTX such as programmatic dependent launch, instructions an older
 architecture lacks), kernels that need more shared memory than an SM gives a program, and persistent kernels
 whose grid cannot be resident at once (their grid barriers would wait forever).
 
@@ -34,25 +34,20 @@ from cortexflow.config import ModelConfig, VLAModelType, dtype_name, parse_dtype
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.kernels import runtime
 from cortexflow.kernels.runtime import CompileTarget, interpreting
-from cortexflow.tools import temporary_environment
+from cortexflow.backends.triton_options import TritonOptions
 
-#: Opt-in paths of the Triton backend, each an environment setting (README, "Triton backend"); compiling
-#: them keeps the switches A/B runs use from failing on the GPU for a reason the CPU could have shown.
-VARIANTS: dict[str, dict[str, str]] = {
+#: The Triton backend's paths other than the default, each a set of :class:`TritonOptions` fields (the A/B runs
+#: of benchmarks/NOTES.md switch these); compiling them keeps those runs from failing on the GPU for a reason
+#: the CPU could have shown. Each changes what a call compiles or launches (a test checks every pair).
+VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
-    "kernel-chain": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0"},
-    "skinny-gemm": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_SKINNY_GEMM": "1"},
-    "fused-combine": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_FUSED_COMBINE": "1"},
-    "fold-norms": {"CORTEXFLOW_TRITON_PERSISTENT_EXPERT": "0", "CORTEXFLOW_TRITON_FOLD_NORMS": "1"},
-    "expert-prefetch": {"CORTEXFLOW_TRITON_EXPERT_PREFETCH": "7"},
-    "patch-embed": {"CORTEXFLOW_TRITON_PATCH_EMBED": "1"},
-    "action-mlp-fused": {"CORTEXFLOW_TRITON_ACTION_MLP": "fused"},
-    "op-by-op-encoder": {"CORTEXFLOW_TRITON_FUSED_ENCODER": "0"},
-    # The token VLAs' (OpenVLA, RT-2) decode-step switches.
-    "decode-gemv-all": {"CORTEXFLOW_TRITON_DECODE_GEMV": "1"},
-    "token-unfused": {"CORTEXFLOW_TRITON_DECODE_GEMV": "0", "CORTEXFLOW_TRITON_DECODE_QKV_ROPE": "0",
-                      "CORTEXFLOW_TRITON_DECODE_HEAD": "0", "CORTEXFLOW_TRITON_FOLD_TOKEN_NORMS": "0",
-                      "CORTEXFLOW_TRITON_PDL": "0"},
+    # The Pi0 family's expert layers as a chain of ~10 kernels instead of one persistent kernel each.
+    "kernel-chain": {"persistent_expert": False},
+    # The Pi0 family's vision tower and prefix op by op.
+    "op-by-op-encoder": {"fused_encoder": False},
+    # The token VLAs' (OpenVLA, RT-2) decode steps without their fused paths, and no programmatic dependent launch.
+    "token-unfused": {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
+                      "fold_token_norms": False, "fused_combine": "off", "pdl": "off"},
 }
 
 #: The models compile-check runs.
@@ -249,13 +244,13 @@ class TorchOpCensus:
 
 
 def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: CompileTarget,
-                    settings: dict[str, str] | None = None,
+                    options: TritonOptions | None = None,
                     census: TorchOpCensus | None = None) -> list[CompiledLaunch]:
     """Run one real-size forward of ``model_name`` with the Triton backend on meta tensors, every launch
     compiled for ``target`` instead of run; returns the launches. ``pi0`` / ``pi05``: one ``predict`` with
     ``views`` cameras and the model's chunk, steps and full prompt length; ``openvla`` / ``rt2``: prefill of
     the longest prompt and every greedy decode step (one image; ``views`` does not apply), decoding constrained
-    as their factories default. ``census``: counts the torch operators of a second forward (as every call after
+    as their factories default. ``options``: the backend's (default: its defaults). ``census``: counts the torch operators of a second forward (as every call after
     the first runs: without the weight preparation and the backend's one-time tables); its launches compile nothing
     new and are not returned."""
     from cortexflow.backends.triton_backend import TritonBackend
@@ -275,8 +270,8 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
         config = ModelConfig.for_model(model_type)
         model = (Pi0Model if model_type == VLAModelType.PI0 else Pi05Model)(config)
         buffer_shapes = model.get_buffer_shapes(views, config.chunk_size)
-    with temporary_environment(settings or {}), compile_only(target) as launches:
-        backend = TritonBackend(meta, dtype)
+    with compile_only(target) as launches:
+        backend = TritonBackend(meta, dtype, options)
         weights = {name: torch.empty(shape, dtype=model.weight_dtype(name, dtype), device=meta)
                    for name, shape in model.get_weight_shapes().items()}
         if token_vla:
@@ -343,7 +338,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                       log: Callable[[str], None] | None = None) -> dict:
     """Compile every kernel of ``models`` (pi0, pi05, openvla, rt2) x ``views`` (Pi0 family only) x
     ``variants`` (names of :data:`VARIANTS`, or ``all``) for ``sm_<arch>`` with ``processors`` SMs; returns
-    the report (kernels, problems, settings)."""
+    the report (kernels, problems, each variant's options)."""
     for model_name in models:  # an unknown or unsupported name fails here, before anything compiles
         if VLAModelType.parse(model_name) not in MODELS:
             raise ConfigError(f"compile-check runs {', '.join(m.value for m in MODELS)}; got {model_name!r}")
@@ -372,13 +367,14 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
                 inputs = "one image" if token_vla else f"{view_count} views"
                 census = TorchOpCensus()
                 try:
-                    compiled = compile_predict(model_name, view_count, torch_dtype, target, VARIANTS[variant], census)
-                except BackendUnavailableError as err:  # a setting the backend refuses on this GPU, by design
+                    compiled = compile_predict(model_name, view_count, torch_dtype, target,
+                                               TritonOptions(**VARIANTS[variant]), census)
+                except BackendUnavailableError as err:  # an option the backend refuses on this GPU, by design
                     cases.append(dict(case, refused=str(err)))
                     if log:
                         log(f"refused {variant} / {model_name} / {inputs}: {err}")
                     continue
-                except ConfigError:  # a wrong argument or setting: nothing else would compile either
+                except ConfigError:  # a wrong argument or option: nothing else would compile either
                     raise
                 except Exception as err:  # a kernel that does not compile: reported, the other cases go on
                     message = f"{type(err).__name__}: {err}"
@@ -404,6 +400,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
         "models": list(models),
         "views": list(views),
         "variants": {name: VARIANTS[name] for name in names},
+        "triton_options": {name: TritonOptions(**VARIANTS[name]).as_dict() for name in names},
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
         "cases": cases,
         "seconds": round(time.perf_counter() - start, 2),

@@ -24,7 +24,7 @@ import torch
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.errors import ConfigError
 from cortexflow.token_engine import TokenVLAEngine
-from cortexflow.tools import random_prompt_ids, random_token_image, random_token_weights, token_model
+from cortexflow.tools import backend_options, random_prompt_ids, random_token_image, random_token_weights, token_model
 
 #: Whether greedy decoding is restricted to the action ids, as ``create_*_inference`` defaults.
 CONSTRAINED = {VLAModelType.OPENVLA: False, VLAModelType.RT2: True}
@@ -63,8 +63,9 @@ class TokenWorkload:
             for g in graph_modes:
                 yield Case(self.name, backend, 1, p, self.chunk, None, g)
 
-    def run(self, case, memory, rng: np.random.Generator, iters: int, warmup: int) -> dict:
-        """Time one case like ``bench._run_case``; when it cannot run, a dict with ``reason`` and ``outcome``."""
+    def run(self, case, memory, rng: np.random.Generator, iters: int, warmup: int, backend=None) -> dict:
+        """Time one case like ``bench._run_case``; when it cannot run, a dict with ``reason`` and ``outcome``.
+        ``backend``: what the engine's backend is created from (default: ``case.backend``, the name)."""
         from cortexflow.tools.bench import failed_case, time_calls
 
         entry = asdict(case)
@@ -80,7 +81,7 @@ class TokenWorkload:
         memory.reset()
         engine = None
         try:
-            engine = TokenVLAEngine(self.model, self.weights, backend=case.backend, device=self.device,
+            engine = TokenVLAEngine(self.model, self.weights, backend=backend or case.backend, device=self.device,
                                     dtype=self.dtype, use_cuda_graphs=case.cuda_graphs, constrained=self.constrained)
             stats = time_calls(lambda: engine.predict(image, prompt_tokens=ids), self.device, iters, warmup)
             padded = engine.bucket_length(len(ids))
@@ -90,6 +91,7 @@ class TokenWorkload:
                 dtype=dtype_name(self.dtype),
                 stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
                 peak_gpu_gib=memory.peak_gib(),
+                backend_options=backend_options(engine.backend),
                 prefix_tokens=config.num_patches + padded,
                 valid_prefix_tokens=config.num_patches + len(ids),
                 padded_prompt_len=padded,

@@ -36,6 +36,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.models.vit import gelu, vit_features
 from cortexflow.token_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.tools import (
+    backend_options,
     environment_info,
     random_prompt_ids,
     random_token_weights,
@@ -340,6 +341,7 @@ def run_token_verify(
         "model": policy.model_type.value,
         "size": size,
         "backend": checked_backend.name,
+        "backend_options": backend_options(checked_backend),
         "dtype": dtype_name(compute_dtype),
         "reference": {"backend": reference_backend.name, "dtype": "float32"},
         "threshold_rel_l2": threshold,

@@ -34,6 +34,7 @@ from cortexflow.models.pi0 import Pi0Model, model_class
 from cortexflow.models.siglip import siglip_embed, siglip_layer, siglip_tower
 from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import (
+    backend_options,
     environment_info,
     is_token_model,
     model_config,
@@ -375,6 +376,7 @@ def run_verify(
         "model": config.model_type.value,
         "size": size,
         "backend": checked_backend.name,
+        "backend_options": backend_options(checked_backend),
         "dtype": dtype_name(compute_dtype),
         "reference": {"backend": reference_backend.name, "dtype": "float32"},
         "threshold_rel_l2": threshold,
