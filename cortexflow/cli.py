@@ -69,19 +69,21 @@ def _cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CortexFlowWarning)
-            try:
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CortexFlowWarning)
                 return func(*args, **kwargs)
-            except CortexFlowError as err:
-                _error_line(str(err) or type(err).__name__)
-                raise typer.Exit(EXIT_ERROR) from None
-            finally:
-                for item in caught:
-                    if issubclass(item.category, CortexFlowWarning):
-                        _warning_line(str(item.message))
-                    else:
-                        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+        except CortexFlowError as err:
+            _error_line(str(err) or type(err).__name__)
+            raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            # Replayed after leaving catch_warnings: inside it, showwarning would append to ``caught`` again.
+            for item in caught:
+                if issubclass(item.category, CortexFlowWarning):
+                    _warning_line(str(item.message))
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
     return wrapper
 
@@ -1046,6 +1048,7 @@ def serve_command(
     """
     from cortexflow.serving.commands import read_api_key_file, serve
     from cortexflow.serving.policy import PolicyOptions
+    from cortexflow.serving.server import ShutdownDeadlineError
 
     options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
@@ -1056,9 +1059,16 @@ def serve_command(
         if api_key is not None:
             raise ConfigError("pass the API key once: --api-key-file, or --api-key / CORTEXFLOW_API_KEY, not both")
         api_key = read_api_key_file(api_key_file)
-    serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
-          shutdown_timeout=shutdown_timeout, warmup=warmup, max_connections=max_connections,
-          idle_timeout=idle_timeout, info=_progress, warn=_warning_line)
+    try:
+        serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
+              shutdown_timeout=shutdown_timeout, warmup=warmup, max_connections=max_connections,
+              idle_timeout=idle_timeout, info=_progress, warn=_warning_line)
+    except ShutdownDeadlineError as err:
+        _error_line(str(err))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # An engine thread is still inside the abandoned request; finalising the interpreter under it can abort.
+        os._exit(EXIT_ERROR)
 
 
 @app.command("loadtest", short_help="Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors.")
