@@ -21,7 +21,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from test_serving import (  # noqa: F401  (openpi and start_server are fixtures)
+from test_serving import (  # noqa: F401  (start_server is a fixture)
     BAD_FRAMES,
     CHUNK,
     LIMIT,
@@ -29,7 +29,6 @@ from test_serving import (  # noqa: F401  (openpi and start_server are fixtures)
     GatedPolicy,
     demo_policy,
     http_get,
-    openpi,
     raw_connect,
     small_droid_obs,
     start_server,
@@ -93,7 +92,8 @@ CATALOGUE = {**BAD_FRAMES, **_hostile_frames()}
 
 @pytest.fixture(scope="module")
 def hostile_server():
-    server = PolicyServer(demo_policy("droid"), "127.0.0.1", 0, max_message_bytes=LIMIT).start(timeout=TIMEOUT)
+    server = PolicyServer(demo_policy("droid"), "127.0.0.1", 0, max_message_bytes=LIMIT, warmup=False)
+    server.start(timeout=TIMEOUT)
     yield server
     server.stop(timeout=TIMEOUT)
 
@@ -137,7 +137,7 @@ def test_hostile_frame_is_refused_briefly_and_the_server_keeps_serving(hostile_s
 def test_frame_bomb_is_answered_within_a_second_while_others_keep_their_latency(start_server):
     """A 32 MB frame of 32 million empty arrays (the default frame limit): refused at its first header,
     off the event loop, while another robot's requests keep their latency and /healthz answers."""
-    server = start_server("droid")
+    server = start_server("droid", warmup=False)
     n = 32_000_000
     bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
     assert len(bomb) <= server.max_message_bytes
@@ -179,7 +179,7 @@ def test_frame_bomb_is_answered_within_a_second_while_others_keep_their_latency(
 
 # ---- limits on connections ---------------------------------------------------------------------------
 def test_connection_cap_refuses_with_503_and_frees_slots(start_server):
-    server = start_server("droid", max_connections=2)
+    server = start_server("droid", warmup=False, max_connections=2)
     first, _ = within(TIMEOUT, raw_connect, server)
     second, _ = within(TIMEOUT, raw_connect, server)
     with pytest.raises(InvalidStatus) as refused:
@@ -196,7 +196,7 @@ def test_connection_cap_refuses_with_503_and_frees_slots(start_server):
 
 
 def test_idle_connection_is_closed_and_a_busy_one_is_not(start_server):
-    server = start_server("droid", idle_timeout=0.6)
+    server = start_server("droid", warmup=False, idle_timeout=0.6)
     idle, _ = within(TIMEOUT, raw_connect, server)
     busy, _ = within(TIMEOUT, raw_connect, server)
     start = time.monotonic()
@@ -290,7 +290,7 @@ def test_pipelining_clients_stay_within_the_stated_memory_bound():
 # ---- handshakes ---------------------------------------------------------------------------------------
 def test_malformed_handshakes_are_400_or_401_with_one_log_line(start_server, caplog):
     caplog.set_level(logging.INFO)
-    server = start_server("droid", api_key="k3y")
+    server = start_server("droid", warmup=False, api_key="k3y")
     two = [("Authorization", "Api-Key k3y"), ("Authorization", "Api-Key k3y")]
     with pytest.raises(InvalidStatus) as refused:
         within(TIMEOUT, raw_connect, server, two)
@@ -325,7 +325,7 @@ RAW_MISTAKES = {
 
 def test_mistyped_engine_inputs_are_bad_requests_not_internal_errors(start_server, caplog):
     caplog.set_level(logging.INFO, logger="cortexflow.serving")
-    server = start_server("raw")
+    server = start_server("raw", warmup=False)
     rng = np.random.default_rng(5)
     good = {"images": rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
             "state": rng.uniform(-1, 1, 8).astype(np.float32), "prompt": "stack"}
@@ -337,6 +337,9 @@ def test_mistyped_engine_inputs_are_bad_requests_not_internal_errors(start_serve
             reply = conn.recv(timeout=TIMEOUT)
             assert isinstance(reply, str) and reply.startswith("bad request:"), (name, reply)
             assert _good_reply(conn, good).shape == (CHUNK, 32)
+    fresh, _ = within(TIMEOUT, raw_connect, server)
+    with fresh:
+        assert _good_reply(fresh, good).shape == (CHUNK, 32)
     assert server.metrics.errors["internal"] == 0
     assert server.metrics.errors["bad_request"] == len(RAW_MISTAKES)
     assert not [r for r in caplog.records if r.exc_info]
@@ -355,14 +358,18 @@ def test_non_finite_actions_are_never_sent(start_server):
         engine.predict(obs["images"], state=obs["state"], prompt_tokens=[2, 5, 7], noise=huge)
     engine.inference_config.check_finite_actions = False  # the option off: predict returns what it computed
     assert not np.isfinite(engine.predict(obs["images"], state=obs["state"], prompt_tokens=[2, 5, 7], noise=huge)).all()
-    server = start_server(policy)  # the server checks every reply itself, whatever the engine does
+    server = start_server(policy, warmup=False)  # the server checks every reply itself, whatever the engine does
     conn, _ = within(TIMEOUT, raw_connect, server)
     with conn:
         conn.send(codec.pack({**obs, "noise": huge}))
         reply = conn.recv(timeout=TIMEOUT)
         assert isinstance(reply, str) and reply.startswith("no actions:") and "NaN or inf" in reply
         assert np.isfinite(_good_reply(conn, {**obs, "noise": rng.standard_normal((CHUNK, 32))})).all()
-    assert server.metrics.errors["non_finite"] == 1 and server.metrics.replies == 1
+    fresh, _ = within(TIMEOUT, raw_connect, server)
+    with fresh:
+        assert np.isfinite(_good_reply(fresh, obs)).all()
+    wait_until(lambda: server.metrics.replies == 2, message="the replies to be counted")
+    assert server.metrics.errors["non_finite"] == 1
     status, _, text = http_get(server, "/metrics")
     assert 'cortexflow_request_errors_total{reason="non_finite"} 1' in text
 
@@ -370,7 +377,7 @@ def test_non_finite_actions_are_never_sent(start_server):
 # ---- abandoned requests, shutdown -------------------------------------------------------------------------
 def test_queued_request_of_a_client_that_left_never_runs_nor_counts_as_a_reply(start_server):
     policy = GatedPolicy()
-    server = start_server(policy)
+    server = start_server(policy, warmup=False)
     first, _ = within(TIMEOUT, raw_connect, server)
     first.send(codec.pack({"i": 0}))
     wait_until(lambda: policy.calls == [0], message="request 0 to be in flight")
@@ -390,7 +397,7 @@ def test_queued_request_of_a_client_that_left_never_runs_nor_counts_as_a_reply(s
 
 def test_shutdown_timeout_bounds_the_shutdown_and_counts_the_abandoned_request(start_server):
     policy = GatedPolicy()
-    server = start_server(policy, shutdown_timeout=0.5)
+    server = start_server(policy, shutdown_timeout=0.5, warmup=False)
     conn, _ = within(TIMEOUT, raw_connect, server)
     conn.send(codec.pack({"i": 0}))
     wait_until(lambda: policy.calls == [0], message="request 0 to be in flight")

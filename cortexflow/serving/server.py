@@ -18,7 +18,7 @@ malformed handshake). Frames larger than ``max_message_bytes`` are answered with
 than twice that are not read at all: the connection is closed with code 1009 (message too big). Every
 reply's actions are checked: NaN or inf actions are answered with an error, never sent.
 
-Limits per client: at most ``max_connections`` WebSocket connections at once (more: HTTP 503); a
+Limits: at most ``max_connections`` WebSocket connections at once (more: HTTP 503); a
 connection answers one request at a time and buffers at most one more frame (reading pauses until that
 frame is taken), so a connection holds at most two frames, plus the decoded arrays of the one being
 answered (:attr:`PolicyServer.memory_bound_bytes`); a connection that sends no request for
