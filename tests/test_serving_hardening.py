@@ -174,7 +174,7 @@ def test_frame_bomb_is_answered_within_a_second_while_others_keep_their_latency(
     robot.close()
     assert max(answer_times) < 1.0, answer_times
     assert latencies, "the other robot got no reply while the bombs were answered"
-    assert max(latencies) < 3 * typical + 0.25, (typical, latencies)
+    assert np.median(latencies) < 2 * typical + 0.1 and max(latencies) < 3 * max(baseline) + 0.5, (baseline, latencies)
 
 
 # ---- limits on connections ---------------------------------------------------------------------------
