@@ -194,7 +194,9 @@ def main() -> None:
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+        samples = report.pop("rss_samples")  # (seconds, requests done, RSS MiB), one line
+        text = json.dumps(report, indent=1)
+        args.out.write_text(text[:-2] + f',\n "rss_samples": {json.dumps(samples)}\n}}\n')
     print(f"{total} requests ({counts['bad_refused']} hostile refused): {counts['ok']} ok, {counts['lost']} lost, "
           f"{counts['mismatched']} mismatched in {wall:.0f} s; RSS {report['rss_mib']['warm']} -> "
           f"{report['rss_mib']['end']} MiB ({report['rss_growth_percent']:+.2f} %)")
