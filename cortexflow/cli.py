@@ -69,19 +69,21 @@ def _cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CortexFlowWarning)
-            try:
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CortexFlowWarning)
                 return func(*args, **kwargs)
-            except CortexFlowError as err:
-                _error_line(str(err) or type(err).__name__)
-                raise typer.Exit(EXIT_ERROR) from None
-            finally:
-                for item in caught:
-                    if issubclass(item.category, CortexFlowWarning):
-                        _warning_line(str(item.message))
-                    else:
-                        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+        except CortexFlowError as err:
+            _error_line(str(err) or type(err).__name__)
+            raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            # Replayed after leaving catch_warnings: inside it, showwarning would append to ``caught`` again.
+            for item in caught:
+                if issubclass(item.category, CortexFlowWarning):
+                    _warning_line(str(item.message))
+                else:
+                    warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
     return wrapper
 
@@ -1131,7 +1133,8 @@ def serve_command(
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", metavar="N", help="TCP port (0: any free port, printed at start).")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Refuse connections without 'Authorization: Api-Key KEY' (env CORTEXFLOW_API_KEY).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Refuse connections without 'Authorization: Api-Key KEY'. Prefer env CORTEXFLOW_API_KEY or --api-key-file: a key on the command line is visible in ps.")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="PATH", help="Read the API key from this file (instead of --api-key).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH", help="PaliGemma tokenizer.model, tokenizer.json or a folder holding one (needed for text prompts except with demo).")] = None,
     norm_stats: Annotated[Optional[str], typer.Option("--norm-stats", metavar="PATH", help="openpi norm_stats.json, LeRobot stats, or a folder with assets/*/norm_stats.json.")] = None,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one queue.")] = "auto",
@@ -1147,7 +1150,9 @@ def serve_command(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the whole predict in a CUDA graph (GPU only).")] = True,
     queue_size: Annotated[int, typer.Option("--queue-size", metavar="N", help="Requests that may wait for the engine; beyond that clients get 'server busy'.")] = 32,
     max_message_mb: Annotated[float, typer.Option("--max-message-mb", metavar="MB", help="Largest request frame answered (bigger: error reply; over twice this: connection closed, 1009).")] = 32.0,
-    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight.")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight; past it the request is abandoned (its client sees close 1001, no reply) and the exit code is 2.")] = 30.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", metavar="N", help="WebSocket connections at once; more get HTTP 503.")] = 16,
+    idle_timeout: Annotated[float, typer.Option("--idle-timeout", metavar="S", help="Close a connection that sends no request for this long (code 1000).")] = 300.0,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph).")] = True,
 ) -> None:
     """Serve a Pi0/Pi0.5, OpenVLA or RT-2 policy to robots: a WebSocket server speaking openpi's protocol.
@@ -1157,16 +1162,29 @@ def serve_command(
     GET /healthz answers 200, GET /metrics the Prometheus counters. SIGINT/SIGTERM stop the server after
     the request in flight.
     """
-    from cortexflow.serving.commands import serve
+    from cortexflow.serving.commands import read_api_key_file, serve
     from cortexflow.serving.policy import PolicyOptions
+    from cortexflow.serving.server import ShutdownDeadlineError
 
     options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, config=config, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
                             adapt_to_pi=adapt_to_pi, unnorm_key=unnorm_key,
                             model_config=parse_model_config(model_config))
-    serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
-          shutdown_timeout=shutdown_timeout, warmup=warmup, info=_progress, warn=_warning_line)
+    if api_key_file is not None:
+        if api_key is not None:
+            raise ConfigError("pass the API key once: --api-key-file, or --api-key / CORTEXFLOW_API_KEY, not both")
+        api_key = read_api_key_file(api_key_file)
+    try:
+        serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
+              shutdown_timeout=shutdown_timeout, warmup=warmup, max_connections=max_connections,
+              idle_timeout=idle_timeout, info=_progress, warn=_warning_line)
+    except ShutdownDeadlineError as err:
+        _error_line(str(err))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # An engine thread is still inside the abandoned request; finalising the interpreter under it can abort.
+        os._exit(EXIT_ERROR)
 
 
 @app.command("loadtest", short_help="Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors.")

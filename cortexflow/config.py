@@ -208,7 +208,10 @@ class InferenceConfig:
 
     ``image_preprocessing``: where the camera images are resized-with-pad and scaled: ``"host"`` (numpy /
     torch on the CPU, then one float32 copy), ``"device"`` (each view copied as it comes, uint8 usually, and
-    prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host)."""
+    prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host).
+
+    ``check_finite_actions``: ``predict`` / ``predict_batch`` raise
+    :class:`~cortexflow.errors.NonFiniteActionsError` instead of returning actions holding NaN or inf."""
 
     num_views: int = 2
     chunk_size: int | None = None
@@ -225,6 +228,7 @@ class InferenceConfig:
     num_steps: int | None = None
     prompt_buckets: Any = "auto"
     image_preprocessing: str = "auto"
+    check_finite_actions: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
