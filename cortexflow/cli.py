@@ -69,21 +69,30 @@ def _cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CortexFlowWarning)
-            try:
-                return func(*args, **kwargs)
-            except CortexFlowError as err:
-                _error_line(str(err) or type(err).__name__)
-                raise typer.Exit(EXIT_ERROR) from None
-            finally:
-                for item in caught:
-                    if issubclass(item.category, CortexFlowWarning):
-                        _warning_line(str(item.message))
-                    else:
-                        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CortexFlowWarning)
+                try:
+                    return func(*args, **kwargs)
+                except CortexFlowError as err:
+                    _error_line(str(err) or type(err).__name__)
+                    raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            _replay_warnings(caught)
 
     return wrapper
+
+
+def _replay_warnings(caught: list) -> None:
+    """Show the warnings a command recorded, once each, after recording has stopped.
+
+    Replaying inside ``catch_warnings(record=True)`` would append every replayed warning to the list
+    being iterated, so the loop would never end."""
+    for item in caught:
+        if issubclass(item.category, CortexFlowWarning):
+            _warning_line(str(item.message))
+        else:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _human_bytes(n: int) -> str:
