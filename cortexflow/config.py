@@ -62,6 +62,19 @@ class VLAModelType(str, Enum):
         raise ConfigError(f"unknown model type {value!r}; expected one of: {choices}")
 
 
+#: The flow-matching policies (continuous actions from denoising steps).
+FLOW_MATCHING_MODELS = (VLAModelType.PI0, VLAModelType.PI05)
+#: The token-decoding policies (one image, greedy action tokens).
+TOKEN_DECODING_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
+#: Every policy this version builds, loads and runs; the other ``VLAModelType`` members are not implemented.
+SUPPORTED_MODELS = FLOW_MATCHING_MODELS + TOKEN_DECODING_MODELS
+
+
+def model_names(models: "tuple[VLAModelType, ...]" = SUPPORTED_MODELS) -> str:
+    """``"pi0, pi05, openvla, rt2"``: the names of ``models`` for messages and help texts."""
+    return ", ".join(m.value for m in models)
+
+
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -9,6 +11,7 @@ import torch
 
 from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType
 from cortexflow.engine import VLAInferenceEngine
+from cortexflow.errors import ConfigError
 from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
 
 __all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt2_inference"]
@@ -29,6 +32,7 @@ def _create(
     **options: Any,
 ) -> VLAInferenceEngine:
     progress = options.pop("progress", None)
+    _check_option_names(model_type, options)
     config = InferenceConfig(
         num_views=num_views,
         chunk_size=chunk_size,
@@ -41,6 +45,21 @@ def _create(
         **options,
     )
     return VLAInferenceEngine(checkpoint_path, model_config, config, model_type=model_type, progress=progress)
+
+
+def _check_option_names(model_type: VLAModelType, options: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` naming each keyword argument that is neither a factory argument nor an
+    :class:`InferenceConfig` field (a typo such as ``num_view=3``)."""
+    fields = {f.name for f in dataclasses.fields(InferenceConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
+        accepted = sorted(fields | {"checkpoint_path", "model_config", "progress"})
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigError(f"{factory}() got unknown argument(s) {', '.join(named)}; accepted: {', '.join(accepted)}")
 
 
 def create_pi0_inference(

@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+
 WARNING_COMMAND = textwrap.dedent("""
     import warnings
     import typer
@@ -29,3 +31,116 @@ def test_command_that_warns_exits_promptly_with_each_warning_once():
     assert done.stdout.strip() == "command done"
     assert done.stderr.count("third-party warning text") == 1, done.stderr
     assert done.stderr.count("warning: cortexflow warning text") == 1, done.stderr
+
+
+# ---- one list of names, CLI wording, cheap options first ------------------------------------------
+import pytest
+from typer.testing import CliRunner
+
+import cortexflow as cf
+from cortexflow.backends import available_backends
+from cortexflow.cli import app
+from cortexflow.config import SUPPORTED_MODELS
+
+runner = CliRunner()
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return errors[0]
+
+
+def test_demo_rejects_unimplemented_model_listing_the_supported_ones():
+    line = one_error_line(runner.invoke(app, ["demo", "--model", "rt1"]))
+    assert "not implemented" in line
+    assert all(m.value in line for m in SUPPORTED_MODELS)
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "verify", "profile", "serve"])
+def test_help_lists_every_supported_model(command):
+    text = " ".join(runner.invoke(app, [command, "--help"]).stdout.split())
+    assert all(m.value in text for m in SUPPORTED_MODELS), text
+    assert "rt1" not in text
+
+
+@pytest.mark.parametrize("command", ["run", "verify", "profile", "serve"])
+def test_help_lists_every_backend(command):
+    text = " ".join(runner.invoke(app, [command, "--help"]).stdout.split())
+    assert ", ".join(available_backends()) in text, text
+    assert "ships" not in text
+
+
+@pytest.mark.parametrize("option, value, fragment", [
+    ("--dtype", "fp8", "--dtype 'fp8'"),
+    ("--backend", "cuda", "--backend 'cuda'"),
+    ("--device", "tpu", "--device 'tpu'"),
+])
+def test_run_checks_cheap_options_before_reading_inputs(tmp_path, option, value, fragment):
+    """The image and the checkpoint do not exist: the bad option is still the one reported."""
+    line = one_error_line(runner.invoke(app, ["run", "--checkpoint", str(tmp_path / "none"), "--image",
+                                              str(tmp_path / "none.npy"), "--prompt-tokens", "2,3", option, value]))
+    assert fragment in line
+
+
+@pytest.mark.skipif(cf.__name__ and __import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command", [["run", "--image", "x.npy", "--checkpoint", "x", "--prompt-tokens", "2"],
+                                     ["verify"], ["profile"], ["bench"]])
+def test_device_error_names_the_cli_option(command):
+    line = one_error_line(runner.invoke(app, [*command, "--device", "cuda"]))
+    assert "--device cpu" in line and "device='cpu'" not in line
+
+
+def test_run_with_the_wrong_model_names_the_cli_option(tmp_path):
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "pi05", tiny_model_config("pi05"), seed=1)
+    image = tmp_path / "cam.npy"
+    np.save(image, np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    line = one_error_line(runner.invoke(app, ["run", "--checkpoint", str(checkpoint), "--image", str(image),
+                                              "--prompt-tokens", "2,3", "--model", "pi0", "--device", "cpu"]))
+    assert "--model pi05" in line and "create_" not in line
+
+
+def test_factory_keyword_typo_is_a_config_error():
+    with pytest.raises(cf.ConfigError, match=r"num_view \(did you mean num_views\?\)"):
+        cf.create_pi0_inference("unused", num_view=3)
+
+
+def test_missing_onnx_package_is_said_once(tmp_path):
+    script = ("import sys; sys.modules['onnxscript'] = None\n"
+              "from cortexflow.cli import app\n"
+              f"app(['export', '--checkpoint', 'demo', '--out', {str(tmp_path)!r}, '--stages', 'vision'])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].count("pip install") == 1 and " | " not in errors[0], done.stderr
+    assert 'pip install "cortexflow[onnx]"' in errors[0]
+
+
+def test_run_openvla_one_image_prompt_tokens(tmp_path):
+    import json
+
+    import torch
+
+    from cortexflow.random_token_vla import example_norm_stats, tiny_openvla_config, write_openvla_checkpoint
+
+    config = tiny_openvla_config()
+    write_openvla_checkpoint(tmp_path / "vla", config, seed=3, dtype=torch.float32,
+                             norm_stats=example_norm_stats(config.action_dim))
+    image = tmp_path / "cam.npy"
+    np.save(image, np.random.default_rng(3).integers(0, 256, (64, 80, 3), dtype=np.uint8))
+    args = ["run", "--checkpoint", str(tmp_path / "vla"), "--image", str(image), "--prompt-tokens",
+            f"{config.bos_id},40,41,42", "--device", "cpu", "--model-config",
+            json.dumps({"space_token_id": config.space_token_id})]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["model"] == "openvla" and data["shape"] == [config.action_dim] and len(data["tokens"]) == 7
+    assert np.isfinite(data["actions"]).all()
+    line = one_error_line(runner.invoke(app, [*args, "--state", "0.1,0.2"]))
+    assert "no robot state" in line
+    line = one_error_line(runner.invoke(app, [*args, "--steps", "4"]))
+    assert "--steps" in line
