@@ -76,8 +76,14 @@ def check_backend_option(value: str, option: str = "--backend") -> None:
     """Raise when ``value`` names no backend of this version."""
     from cortexflow.backends import available_backends
 
+    from cortexflow.config import BackendType
+
     names = [name.strip().lower() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in available_backends()]
+    planned = [name for name in unknown if name in {b.value for b in BackendType}]
+    if planned:
+        raise BackendUnavailableError(f"{option} {planned[0]}: backend {planned[0]!r} is not available in this "
+                                      f"version of CortexFlow; expected one of {backend_names()}")
     if unknown or not names:
         raise ConfigError(f"{option} {value!r}: expected {'names' if ',' in value else 'one'} of {backend_names()}")
 

@@ -75,7 +75,8 @@ def test_help_lists_every_backend(command):
 
 @pytest.mark.parametrize("option, value, fragment", [
     ("--dtype", "fp8", "--dtype 'fp8'"),
-    ("--backend", "cuda", "--backend 'cuda'"),
+    ("--backend", "cuda", "backend 'cuda' is not available"),
+    ("--backend", "tensorrt", "--backend 'tensorrt'"),
     ("--device", "tpu", "--device 'tpu'"),
 ])
 def test_run_checks_cheap_options_before_reading_inputs(tmp_path, option, value, fragment):
