@@ -302,10 +302,14 @@ def demo_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (config, actions, latencies, stage timings) instead of tables.")
     ] = False,
+    save: Annotated[
+        Optional[Path], typer.Option("--save", metavar="DIR", help=f"Keep the model as a checkpoint folder DIR ({FLOW_HELP}): model.safetensors, config.json, tokenizer.model, assets/demo/norm_stats.json; then try info, run and the Python API on it.")
+    ] = None,
 ) -> None:
     """Build a small deterministic random Pi0/Pi0.5, run it on a synthetic observation, print actions and timings.
 
-    The model is written as a real openpi-layout model.safetensors into a temporary folder and loaded
+    The model is written as a real openpi-layout model.safetensors into a temporary folder (--save: a
+    folder that is kept, with its config, a tiny tokenizer and norm stats) and loaded
     through create_pi0_inference / create_pi05_inference on CPU in float32, so this exercises the same
     path as a real checkpoint. The demo model has no tokenizer: the prompt "pick up the red cube" is fed
     as byte ids ([BOS=2] + its UTF-8 bytes mod the vocabulary size). Same seed -> identical actions.
@@ -315,16 +319,30 @@ def demo_command(
     model_type = parse_model_option(model, command="demo")
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1, got {repeat}")
+    if save is not None:
+        _check_save_folder(save, model_type)
     if model_type in TOKEN_DECODING_MODELS:
         _token_demo(model, seed, repeat, json_output)
         return
-    with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed) as demo:
+    with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed,
+                           directory=save) as demo:
         observation = demo_observation(demo.engine, seed=seed)
         result = run_demo(demo, observation, seed=seed, repeat=repeat)
         if json_output:
             typer.echo(json.dumps(_demo_json(demo, observation, result), indent=2))
         else:
             _print_demo(demo, observation, result)
+    if save is not None:
+        _progress(f"saved the demo checkpoint in {save}: cortexflow info {save}; cortexflow run --checkpoint {save} "
+                  f"--tokenizer {save / 'tokenizer.model'} --prompt \"pick up the red cube\" --image IMAGE.npy ...")
+
+
+def _check_save_folder(save: Path, model_type: VLAModelType) -> None:
+    """``demo --save DIR``: a pi0/pi05 model and a new or empty folder."""
+    if model_type not in FLOW_MATCHING_MODELS:
+        raise ConfigError(f"--save keeps {FLOW_HELP} demo models; --model {model_type.value} runs without it")
+    if save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise ConfigError(f"--save {save}: the path exists and is not an empty folder; pass a new folder")
 
 
 def _token_demo(model: str, seed: int, repeat: int, json_output: bool) -> None:
@@ -364,7 +382,7 @@ def _demo_json(demo, observation, result) -> dict:
         "config": demo.config.to_dict(),
         "num_parameters": demo.num_parameters,
         "checkpoint": {"path": str(demo.checkpoint_dir / "model.safetensors"), "layout": demo.layout,
-                       "bytes": demo.checkpoint_bytes, "temporary": True},
+                       "bytes": demo.checkpoint_bytes, "temporary": demo.temporary},
         "device": str(demo.engine.device),
         "dtype": dtype_name(demo.engine.dtype),
         "seed": demo.seed,
@@ -408,7 +426,7 @@ def _print_demo(demo, observation, result) -> None:
     built.add_row("parameters", _human_count(demo.num_parameters))
     built.add_row(
         "checkpoint", f"{demo.checkpoint_dir / 'model.safetensors'} ({demo.layout} layout, "
-        f"{_human_bytes(demo.checkpoint_bytes)}, temporary: removed on exit)"
+        f"{_human_bytes(demo.checkpoint_bytes)}, {'temporary: removed on exit' if demo.temporary else 'kept, with config.json, tokenizer.model and norm stats'})"
     )
     v, h, w, c = observation.images.shape
     built.add_row("observation", f"{v} synthetic camera view{'s' if v != 1 else ''} {h}x{w}x{c} uint8 (gradients + a red square)")

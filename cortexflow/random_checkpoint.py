@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cortexflow.checkpoints.loader import MODEL_CONFIG_KEY
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.models.pi0 import model_class
@@ -76,11 +77,15 @@ def write_checkpoint(
     layout: str = "openpi",
     dtype: torch.dtype = torch.float32,
     weights: dict[str, torch.Tensor] | None = None,
+    write_config: bool = True,
 ) -> Path:
     """Write a random (or the given canonical) checkpoint as ``directory/model.safetensors``.
 
     ``layout="openpi"`` writes the openpi PyTorch keys plus the unused expert LM head; ``"lerobot"``
-    writes ``model.``-prefixed keys and a LeRobot-style ``config.json``. Returns the directory."""
+    writes ``model.``-prefixed keys and a LeRobot-style ``config.json``. ``write_config`` adds every
+    ``ModelConfig`` field to ``config.json`` (its ``cortexflow_model_config`` entry), so the checkpoint
+    loads with the written head counts, chunk and steps and no ``model_config``; without it an openpi
+    checkpoint has no ``config.json``, as openpi's own files. Returns the directory."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -94,7 +99,7 @@ def write_checkpoint(
     ).to(dtype)
     save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
     if layout == "lerobot":
-        lerobot_config = {
+        checkpoint_config = {
             "type": config.model_type.value,
             "chunk_size": config.chunk_size,
             "n_action_steps": config.chunk_size,
@@ -103,5 +108,10 @@ def write_checkpoint(
             "max_action_dim": config.action_dim,
             "max_state_dim": config.action_dim,
         }
-        (directory / "config.json").write_text(json.dumps(lerobot_config, indent=2))
+    else:  # what openpi's converter writes (informational there)
+        checkpoint_config = {"action_dim": config.action_dim, "action_horizon": config.chunk_size}
+    if write_config:
+        checkpoint_config[MODEL_CONFIG_KEY] = config.to_dict()
+    if layout == "lerobot" or write_config:
+        (directory / "config.json").write_text(json.dumps(checkpoint_config, indent=2))
     return directory
