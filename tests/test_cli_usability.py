@@ -145,3 +145,29 @@ def test_run_openvla_one_image_prompt_tokens(tmp_path):
     assert "no robot state" in line
     line = one_error_line(runner.invoke(app, [*args, "--steps", "4"]))
     assert "--steps" in line
+
+
+# ---- the triton extra -------------------------------------------------------------------------------
+def test_triton_extra_pins_the_tested_version():
+    import tomllib
+    from pathlib import Path
+
+    from cortexflow.kernels import TESTED_TRITON_VERSION
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    pins = [req for req in project["optional-dependencies"]["triton"] if req.startswith("triton")]
+    assert pins and all(req.startswith(f"triton=={TESTED_TRITON_VERSION}") for req in pins), pins
+    assert any(req.startswith(f"triton=={TESTED_TRITON_VERSION}") for req in project["optional-dependencies"]["test"])
+
+
+def test_missing_triton_names_the_extra():
+    script = ("import sys; sys.modules['triton'] = None\n"
+              "import torch\n"
+              "from cortexflow.backends import create_backend\n"
+              "from cortexflow.errors import BackendUnavailableError\n"
+              "try:\n"
+              "    create_backend('triton', torch.device('cpu'), torch.float32)\n"
+              "except BackendUnavailableError as err:\n"
+              "    print(err)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert 'pip install "cortexflow[triton]"' in done.stdout and "triton==3.7.1" in done.stdout, done
