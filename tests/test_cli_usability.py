@@ -171,3 +171,29 @@ def test_missing_triton_names_the_extra():
               "    print(err)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert 'pip install "cortexflow[triton]"' in done.stdout and "triton==3.7.1" in done.stdout, done
+
+
+# ---- profile on the CPU ------------------------------------------------------------------------------
+def test_native_stderr_lines_dropped_and_others_kept(capfd):
+    import os
+
+    from cortexflow.tools.native_stderr import dropping_native_lines
+
+    with dropping_native_lines():
+        os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:52] profiler_start\nkeep this line\n")
+        os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
+    err = capfd.readouterr().err
+    assert "keep this line" in err and "USDT" not in err
+
+
+def test_cpu_profile_without_profiler_noise_or_zero_rates():
+    done = subprocess.run([sys.executable, "-m", "cortexflow.cli", "profile", "--model", "pi0", "--device", "cpu",
+                           "--size", "tiny", "--views", "1", "--repeats", "1", "--top", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "USDT" not in done.stderr and "USDT" not in done.stdout
+    header = next(line for line in done.stdout.splitlines() if "GFLOP/s" in line)
+    assert "floor" not in header  # no device peaks on the CPU: no floor columns
+    for stage in ("vision_encoder", "transformer_encoder", "transformer_decoder"):
+        row = next(line for line in done.stdout.splitlines() if line.strip().startswith(stage)).split()
+        assert float(row[4].replace(",", "")) > 0 and float(row[5].replace(",", "")) > 0, row
