@@ -797,7 +797,7 @@ def verify_command(
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="The checked backend's dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (inputs use N+1).")] = 0,
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs (ignored for openvla/rt2: one image).")] = 2,
-    repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown).")] = 3,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown) [default: 3; 1 under TRITON_INTERPRET=1, whose times mean nothing].")] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
     """Compare a backend with the reference module by module on random weights and random inputs.
@@ -827,6 +827,10 @@ def verify_command(
     parse_model_option(model, command="verify")
     check_common_options(device=device, backend=backend, dtype=dtype)
     check_common_options(backend=against)
+    if repeats is None:
+        from cortexflow.kernels.runtime import interpreting
+
+        repeats = 1 if interpreting() else 3
     if backend.strip().lower() == "onnx":
         from cortexflow.onnx.verify import print_onnx_verify, run_onnx_verify
 
