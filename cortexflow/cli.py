@@ -893,6 +893,9 @@ def bench_command(
     apply; the onnx backend exports the encoder with a dynamic batch into the export cache first.
     """
     check_common_options(device=device, dtype=dtype)
+    for name in models.split(","):
+        if name.strip():
+            parse_model_option(name.strip(), option="--models", command="bench")
     if batch_scaling:
         from cortexflow.tools.batch_scaling import plot_batch_scaling, print_batch_scaling, run_batch_scaling
 

@@ -79,10 +79,9 @@ def check_passing_report(report, model):
     assert report["model"] == model and report["workload"]["views"] == 1 and report["workload"]["prompt_tokens"] == 20
 
 
-@pytest.mark.parametrize("variant", ["default", "opt-in kernels", "decode gemv on", "decode gemv off",
-                                     "decode gemv out", "norms not folded", "separate qkv/rope kernel",
-                                     "pdl, decode gemv on",
-                                     "pdl, decode gemv off"])
+@pytest.mark.parametrize("variant", ["default", *(pytest.param(variant, marks=pytest.mark.slow) for variant in (
+    "opt-in kernels", "decode gemv on", "decode gemv off", "decode gemv out", "norms not folded",
+    "separate qkv/rope kernel", "pdl, decode gemv on", "pdl, decode gemv off"))])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
 def test_verify_triton_matches_pytorch(model, variant, monkeypatch):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with

@@ -275,9 +275,9 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
         gelu_tanh_gate_fused(fused, silu=silu, rstd=rstd[:2])
 
 
-@pytest.mark.parametrize("decoder_variant", ["default", "folded norms", "opt-in kernels", "skinny mlp_head",
-                                             "pdl, skinny all", "pdl, default", "persistent expert",
-                                             "op-by-op encoder, bf16 action MLP", "fused action MLP"])
+@pytest.mark.parametrize("decoder_variant", ["default", *(pytest.param(variant, marks=pytest.mark.slow) for variant in (
+    "folded norms", "opt-in kernels", "skinny mlp_head", "pdl, skinny all", "pdl, default", "persistent expert",
+    "op-by-op encoder, bf16 action MLP", "fused action MLP"))])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, monkeypatch, model_type, decoder_variant):
     """The op kernels and the fused decoder stage compute the reference function (fp32): cuBLAS GEMMs with
