@@ -75,6 +75,7 @@ def _cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        caught: list = []
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CortexFlowWarning)
@@ -1140,6 +1141,9 @@ def serve_command(
     from cortexflow.serving.commands import serve
     from cortexflow.serving.policy import PolicyOptions
 
+    for one_device in device.split(","):
+        check_common_options(device=one_device.strip())
+    check_common_options(backend=backend, dtype=dtype)
     options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,

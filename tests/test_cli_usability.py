@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import numpy as np
+import torch
 
 WARNING_COMMAND = textwrap.dedent("""
     import warnings
@@ -86,9 +87,9 @@ def test_run_checks_cheap_options_before_reading_inputs(tmp_path, option, value,
     assert fragment in line
 
 
-@pytest.mark.skipif(cf.__name__ and __import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a CUDA GPU")
 @pytest.mark.parametrize("command", [["run", "--image", "x.npy", "--checkpoint", "x", "--prompt-tokens", "2"],
-                                     ["verify"], ["profile"], ["bench"]])
+                                     ["verify"], ["profile"], ["bench"], ["serve", "--checkpoint", "demo"]])
 def test_device_error_names_the_cli_option(command):
     line = one_error_line(runner.invoke(app, [*command, "--device", "cuda"]))
     assert "--device cpu" in line and "device='cpu'" not in line
