@@ -558,6 +558,7 @@ def run_command(
 
     err = _stderr()
     check_common_options(device=device, backend=backend, dtype=dtype)
+    _refuse_demo_name(checkpoint, "run --checkpoint")
     if model.strip().lower() != "auto":
         parse_model_option(model, command="run")
     if not image:
@@ -638,6 +639,13 @@ def run_command(
     typer.echo(json.dumps(result))
 
 
+def _refuse_demo_name(checkpoint: Path, where: str) -> None:
+    """``demo`` names no folder here (serve and export build it on the fly): say how to get one."""
+    if str(checkpoint) == "demo" and not checkpoint.exists():
+        raise ConfigError(f"{where} needs a checkpoint folder; 'demo' is not one here: `cortexflow demo --save DIR` "
+                          "writes the demo model as a folder (weights, config, tokenizer, norm stats) to pass instead")
+
+
 def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, prompt: Optional[str],
                      tokens: Optional[np.ndarray], has_state: bool, backend: str, device: str, dtype: str,
                      tokenizer: Optional[Path], norm_stats: Optional[Path], unnorm_key: Optional[str],
@@ -687,6 +695,7 @@ def info_command(
     """
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
+    _refuse_demo_name(checkpoint, "info CHECKPOINT")
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
     if json_output:
         typer.echo(json.dumps({

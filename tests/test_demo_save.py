@@ -91,3 +91,10 @@ def test_written_config_is_honoured_and_checked(tmp_path, layout):
     (folder / "config.json").write_text(json.dumps(data))
     with pytest.raises(CheckpointError, match="num_vision_head"):
         inspect_checkpoint(folder)
+
+
+@pytest.mark.parametrize("args", [["info", "demo"], ["run", "--checkpoint", "demo", "--image", "x.npy", "--device", "cpu"]])
+def test_demo_as_a_checkpoint_name_points_to_save(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "cortexflow demo --save DIR" in result.stderr, result.output
