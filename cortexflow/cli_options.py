@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cortexflow.config import SUPPORTED_MODELS, VLAModelType, dtype_name, model_names, parse_dtype
+from cortexflow.config import SUPPORTED_MODELS, BackendType, VLAModelType, dtype_name, model_names, parse_dtype
 from cortexflow.errors import BackendUnavailableError, ConfigError
 
 DTYPE_CHOICES = "auto, bfloat16, float16 or float32"
@@ -73,19 +73,16 @@ def check_dtype_option(value: str, option: str = "--dtype") -> None:
 
 
 def check_backend_option(value: str, option: str = "--backend") -> None:
-    """Raise when ``value`` names no backend of this version."""
+    """Raise when ``value`` names no backend of this version (a planned one, such as ``cuda``, says so)."""
     from cortexflow.backends import available_backends
 
-    from cortexflow.config import BackendType
-
-    names = [name.strip().lower() for name in value.split(",") if name.strip()]
-    unknown = [name for name in names if name not in available_backends()]
-    planned = [name for name in unknown if name in {b.value for b in BackendType}]
-    if planned:
-        raise BackendUnavailableError(f"{option} {planned[0]}: backend {planned[0]!r} is not available in this "
-                                      f"version of CortexFlow; expected one of {backend_names()}")
-    if unknown or not names:
-        raise ConfigError(f"{option} {value!r}: expected {'names' if ',' in value else 'one'} of {backend_names()}")
+    name = value.strip().lower()
+    if name in available_backends():
+        return
+    if name in {b.value for b in BackendType}:
+        raise BackendUnavailableError(f"{option} {name}: backend {name!r} is not available in this version of "
+                                      f"CortexFlow; expected one of {backend_names()}")
+    raise ConfigError(f"{option} {value!r}: expected one of {backend_names()}")
 
 
 def check_common_options(device: str | None = None, dtype: str | None = None, backend: str | None = None) -> None:
