@@ -581,11 +581,6 @@ def run_command(
             raise InputError(f"--mask-view {bad} out of range: there are {num_views} views (indices 0..{num_views - 1})")
         masks = [i not in set(mask_view) for i in range(num_views)]
 
-    if prompt is not None and tokenizer is None:
-        raise TokenizerError(
-            "--prompt needs --tokenizer (a PaliGemma tokenizer.model, a tokenizer.json, or a folder holding one); "
-            "or pass --prompt-tokens with token ids"
-        )
     model_type = detect_model(checkpoint, model, overrides)
     if model_type in TOKEN_DECODING_MODELS:
         _run_token_model(model_type, checkpoint, images, prompt, tokens, robot_state is not None, backend, device,
@@ -593,6 +588,11 @@ def run_command(
                          {"--views": views, "--mask-view": mask_view, "--chunk": chunk, "--steps": steps,
                           "--seed": seed is not None})
         return
+    if prompt is not None and tokenizer is None:
+        raise TokenizerError(
+            "--prompt needs --tokenizer (a PaliGemma tokenizer.model, a tokenizer.json, or a folder holding one); "
+            "or pass --prompt-tokens with token ids"
+        )
     if unnorm_key is not None:
         raise InputError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
     if model_type == VLAModelType.PI0 and robot_state is None:

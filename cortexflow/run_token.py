@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cortexflow.config import VLAModelType
-from cortexflow.errors import InputError
+from cortexflow.errors import InputError, TokenizerError
 
 
 @dataclass
@@ -59,6 +59,9 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
         if unnorm_key is not None:
             raise InputError("--unnorm-key picks an OpenVLA dataset's statistics; rt2 takes --norm-stats")
         engine = create_rt2_inference(checkpoint, norm_stats_path=norm_stats, **common)
+    if prompt_tokens is None and engine.tokenizer is None:
+        raise TokenizerError(f"--prompt needs a tokenizer: {checkpoint} holds no tokenizer.model; pass --tokenizer "
+                             "PATH, or --prompt-tokens with token ids")
     start = time.perf_counter()
     actions = engine.predict(images[0], prompt, prompt_tokens=prompt_tokens)
     latency = (time.perf_counter() - start) * 1e3

@@ -146,6 +146,10 @@ def test_run_openvla_one_image_prompt_tokens(tmp_path):
     assert "no robot state" in line
     line = one_error_line(runner.invoke(app, [*args, "--steps", "4"]))
     assert "--steps" in line
+    text_prompt = [a if a != f"{config.bos_id},40,41,42" else "pick up the spoon" for a in args]
+    text_prompt[text_prompt.index("--prompt-tokens")] = "--prompt"
+    line = one_error_line(runner.invoke(app, text_prompt))
+    assert "--prompt needs a tokenizer" in line and "--tokenizer" in line
 
 
 # ---- the triton extra -------------------------------------------------------------------------------
