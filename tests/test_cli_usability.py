@@ -1,11 +1,26 @@
 """The command line as a new user meets it: warnings, one list of names, error order and wording."""
 
+import json
+import os
 import subprocess
 import sys
 import textwrap
+import tomllib
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from typer.testing import CliRunner
+
+import cortexflow as cf
+from cortexflow.backends import available_backends
+from cortexflow.cli import app
+from cortexflow.config import SUPPORTED_MODELS
+from cortexflow.kernels import TESTED_TRITON_VERSION
+from cortexflow.tools.native_stderr import dropping_native_lines
+
+runner = CliRunner()
 
 WARNING_COMMAND = textwrap.dedent("""
     import warnings
@@ -35,16 +50,6 @@ def test_command_that_warns_exits_promptly_with_each_warning_once():
 
 
 # ---- one list of names, CLI wording, cheap options first ------------------------------------------
-import pytest
-from typer.testing import CliRunner
-
-import cortexflow as cf
-from cortexflow.backends import available_backends
-from cortexflow.cli import app
-from cortexflow.config import SUPPORTED_MODELS
-
-runner = CliRunner()
-
 
 def one_error_line(result) -> str:
     assert result.exit_code == 2, (result.exit_code, result.output)
@@ -123,10 +128,6 @@ def test_missing_onnx_package_is_said_once(tmp_path):
 
 
 def test_run_openvla_one_image_prompt_tokens(tmp_path):
-    import json
-
-    import torch
-
     from cortexflow.random_token_vla import example_norm_stats, tiny_openvla_config, write_openvla_checkpoint
 
     config = tiny_openvla_config()
@@ -154,11 +155,6 @@ def test_run_openvla_one_image_prompt_tokens(tmp_path):
 
 # ---- the triton extra -------------------------------------------------------------------------------
 def test_triton_extra_pins_the_tested_version():
-    import tomllib
-    from pathlib import Path
-
-    from cortexflow.kernels import TESTED_TRITON_VERSION
-
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     pins = [req for req in project["optional-dependencies"]["triton"] if req.startswith("triton")]
     assert pins and all(req.startswith(f"triton=={TESTED_TRITON_VERSION}") for req in pins), pins
@@ -180,10 +176,6 @@ def test_missing_triton_names_the_extra():
 
 # ---- profile on the CPU ------------------------------------------------------------------------------
 def test_native_stderr_lines_dropped_and_others_kept(capfd):
-    import os
-
-    from cortexflow.tools.native_stderr import dropping_native_lines
-
     with dropping_native_lines():
         os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:52] profiler_start\nkeep this line\n")
         os.write(2, b"USDT:2026-12-06 SyncActivityProfilerHandler.cpp:59] profiler_stop\n")
