@@ -194,3 +194,15 @@ def test_cpu_profile_without_profiler_noise_or_zero_rates():
     for stage in ("vision_encoder", "transformer_encoder", "transformer_decoder"):
         row = next(line for line in done.stdout.splitlines() if line.strip().startswith(stage)).split()
         assert float(row[4].replace(",", "")) > 0 and float(row[5].replace(",", "")) > 0, row
+
+
+def test_verify_reports_each_module_as_it_finishes():
+    """Progress per module on stderr; one timed run by default under the Triton interpreter (CPU tests)."""
+    from cortexflow.kernels.runtime import interpreting
+
+    result = runner.invoke(app, ["verify", "--model", "pi0", "--backend", "pytorch", "--size", "tiny", "--device", "cpu",
+                                 "--json", "-"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["workload"]["repeats"] == (1 if interpreting() else 3)
+    assert "checking patch_embed (1/9) ..." in result.stderr
+    assert "checking actions (9/9) ..." in result.stderr and "actions: ok in " in result.stderr
