@@ -62,6 +62,23 @@ class VLAModelType(str, Enum):
         raise ConfigError(f"unknown model type {value!r}; expected one of: {choices}")
 
 
+#: The flow-matching policies (continuous actions from denoising steps).
+FLOW_MATCHING_MODELS = (VLAModelType.PI0, VLAModelType.PI05)
+#: The token-decoding policies (one image, greedy action tokens).
+TOKEN_DECODING_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
+#: The policies with a per-episode history of frames (one image per step, an instruction embedding).
+HISTORY_MODELS = (VLAModelType.RT1,)
+#: Every policy this version builds, loads and runs.
+SUPPORTED_MODELS = FLOW_MATCHING_MODELS + TOKEN_DECODING_MODELS + HISTORY_MODELS
+#: The policies ``demo``, ``run`` and ``profile`` take (the image + prompt policies).
+IMAGE_PROMPT_MODELS = FLOW_MATCHING_MODELS + TOKEN_DECODING_MODELS
+
+
+def model_names(models: "tuple[VLAModelType, ...]" = SUPPORTED_MODELS) -> str:
+    """``"pi0, pi05, openvla, rt2, rt1"``: the names of ``models`` for messages and help texts."""
+    return ", ".join(m.value for m in models)
+
+
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
