@@ -21,7 +21,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cortexflow.config import VLAModelType, dtype_name, parse_dtype
+from cortexflow.cli_options import backend_names, check_common_options, parse_model_option
+from cortexflow.config import (FLOW_MATCHING_MODELS, IMAGE_PROMPT_MODELS, TOKEN_DECODING_MODELS, VLAModelType, dtype_name, model_names,
+                               parse_dtype)
 from cortexflow.errors import ConfigError, CortexFlowError, CortexFlowWarning, InputError, TokenizerError
 
 app = typer.Typer(
@@ -32,6 +34,11 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+MODELS_HELP = model_names(IMAGE_PROMPT_MODELS)
+ALL_MODELS_HELP = model_names()
+FLOW_HELP = model_names(FLOW_MATCHING_MODELS)
+TOKEN_HELP = model_names(TOKEN_DECODING_MODELS)
+BACKENDS_HELP = backend_names()
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
 IMAGE_SUFFIXES_PIL = (".png", ".jpg", ".jpeg")
@@ -69,21 +76,31 @@ def _cli_errors(func: Callable) -> Callable:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", CortexFlowWarning)
-            try:
-                return func(*args, **kwargs)
-            except CortexFlowError as err:
-                _error_line(str(err) or type(err).__name__)
-                raise typer.Exit(EXIT_ERROR) from None
-            finally:
-                for item in caught:
-                    if issubclass(item.category, CortexFlowWarning):
-                        _warning_line(str(item.message))
-                    else:
-                        warnings.showwarning(item.message, item.category, item.filename, item.lineno)
+        caught: list = []
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CortexFlowWarning)
+                try:
+                    return func(*args, **kwargs)
+                except CortexFlowError as err:
+                    _error_line(str(err) or type(err).__name__)
+                    raise typer.Exit(EXIT_ERROR) from None
+        finally:
+            _replay_warnings(caught)
 
     return wrapper
+
+
+def _replay_warnings(caught: list) -> None:
+    """Show the warnings a command recorded, once each, after recording has stopped.
+
+    Replaying inside ``catch_warnings(record=True)`` would append every replayed warning to the list
+    being iterated, so the loop would never end."""
+    for item in caught:
+        if issubclass(item.category, CortexFlowWarning):
+            _warning_line(str(item.message))
+        else:
+            warnings.showwarning(item.message, item.category, item.filename, item.lineno)
 
 
 def _human_bytes(n: int) -> str:
@@ -228,15 +245,19 @@ def resolve_dtype(dtype: str, device: str) -> str:
 
 
 def detect_model(checkpoint: Path, model: str, model_config: Optional[dict]) -> VLAModelType:
-    """``--model auto`` -> the type found in the checkpoint's tensors; else the parsed name."""
-    from cortexflow.checkpoints.loader import inspect_checkpoint
+    """``--model auto`` -> the type found in the checkpoint's tensors; else the parsed name, which must
+    agree with the tensors (rt2 reads the PaliGemma part of a pi0/pi05 checkpoint)."""
+    from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
-    if model.strip().lower() == "auto":
-        return inspect_checkpoint(checkpoint, model_config).model_type
-    model_type = VLAModelType.parse(model)
-    if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
-        raise ConfigError(f"--model {model!r}: this version runs pi0 and pi05 checkpoints only")
-    return model_type
+    auto = model.strip().lower() == "auto"
+    model_type = None if auto else parse_model_option(model, IMAGE_PROMPT_MODELS, command="run")
+    if model_type == VLAModelType.RT2:
+        return model_type
+    found = inspect_any_checkpoint(checkpoint, None if model_type == VLAModelType.OPENVLA else model_config).model_type
+    if model_type is not None and found != model_type:
+        raise ConfigError(f"--model {model}: {checkpoint} holds a {found.value} model (detected from its tensors); "
+                          f"pass --model {found.value} or --model auto")
+    return found
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -265,7 +286,7 @@ def main(
 @_cli_errors
 def demo_command(
     model: Annotated[
-        str, typer.Option("--model", "-m", metavar='NAME', help="Which policy to build: pi0 (continuous state token), pi05 (state in the prompt), openvla or rt2 (action tokens).")
+        str, typer.Option("--model", "-m", metavar='NAME', help=f"Which policy to build: {MODELS_HELP} (pi0: continuous state token, pi05: state in the prompt, {TOKEN_HELP}: action tokens).")
     ] = "pi0",
     views: Annotated[int, typer.Option("--views", metavar='N', help="Number of camera views (synthetic 480x640 images).")] = 2,
     steps: Annotated[
@@ -283,28 +304,47 @@ def demo_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (config, actions, latencies, stage timings) instead of tables.")
     ] = False,
+    save: Annotated[
+        Optional[Path], typer.Option("--save", metavar="DIR", help=f"Keep the model as a checkpoint folder DIR ({FLOW_HELP}): model.safetensors, config.json, tokenizer.model, assets/demo/norm_stats.json; then try info, run and the Python API on it.")
+    ] = None,
 ) -> None:
     """Build a small deterministic random Pi0/Pi0.5, run it on a synthetic observation, print actions and timings.
 
-    The model is written as a real openpi-layout model.safetensors into a temporary folder and loaded
+    The model is written as a real openpi-layout model.safetensors into a temporary folder (--save: a
+    folder that is kept, with its config, a tiny tokenizer and norm stats) and loaded
     through create_pi0_inference / create_pi05_inference on CPU in float32, so this exercises the same
     path as a real checkpoint. The demo model has no tokenizer: the prompt "pick up the red cube" is fed
     as byte ids ([BOS=2] + its UTF-8 bytes mod the vocabulary size). Same seed -> identical actions.
     """
     from cortexflow.demo import build_demo_engine, demo_observation, run_demo
 
+    model_type = parse_model_option(model, IMAGE_PROMPT_MODELS, command="demo")
     if repeat < 1:
         raise ConfigError(f"--repeat must be at least 1, got {repeat}")
-    if VLAModelType.parse(model) in (VLAModelType.OPENVLA, VLAModelType.RT2):
+    if save is not None:
+        _check_save_folder(save, model_type)
+    if model_type in TOKEN_DECODING_MODELS:
         _token_demo(model, seed, repeat, json_output)
         return
-    with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed) as demo:
+    with build_demo_engine(model, num_views=views, chunk_size=chunk, num_steps=steps, seed=seed,
+                           directory=save) as demo:
         observation = demo_observation(demo.engine, seed=seed)
         result = run_demo(demo, observation, seed=seed, repeat=repeat)
         if json_output:
             typer.echo(json.dumps(_demo_json(demo, observation, result), indent=2))
         else:
             _print_demo(demo, observation, result)
+    if save is not None:
+        _progress(f"saved the demo checkpoint in {save}: cortexflow info {save}; cortexflow run --checkpoint {save} "
+                  f"--tokenizer {save / 'tokenizer.model'} --prompt \"pick up the red cube\" --image IMAGE.npy ...")
+
+
+def _check_save_folder(save: Path, model_type: VLAModelType) -> None:
+    """``demo --save DIR``: a pi0/pi05 model and a new or empty folder."""
+    if model_type not in FLOW_MATCHING_MODELS:
+        raise ConfigError(f"--save keeps {FLOW_HELP} demo models; --model {model_type.value} runs without it")
+    if save.exists() and (not save.is_dir() or any(save.iterdir())):
+        raise ConfigError(f"--save {save}: the path exists and is not an empty folder; pass a new folder")
 
 
 def _token_demo(model: str, seed: int, repeat: int, json_output: bool) -> None:
@@ -344,7 +384,7 @@ def _demo_json(demo, observation, result) -> dict:
         "config": demo.config.to_dict(),
         "num_parameters": demo.num_parameters,
         "checkpoint": {"path": str(demo.checkpoint_dir / "model.safetensors"), "layout": demo.layout,
-                       "bytes": demo.checkpoint_bytes, "temporary": True},
+                       "bytes": demo.checkpoint_bytes, "temporary": demo.temporary},
         "device": str(demo.engine.device),
         "dtype": dtype_name(demo.engine.dtype),
         "seed": demo.seed,
@@ -388,7 +428,7 @@ def _print_demo(demo, observation, result) -> None:
     built.add_row("parameters", _human_count(demo.num_parameters))
     built.add_row(
         "checkpoint", f"{demo.checkpoint_dir / 'model.safetensors'} ({demo.layout} layout, "
-        f"{_human_bytes(demo.checkpoint_bytes)}, temporary: removed on exit)"
+        f"{_human_bytes(demo.checkpoint_bytes)}, {'temporary: removed on exit' if demo.temporary else 'kept, with config.json, tokenizer.model and norm stats'})"
     )
     v, h, w, c = observation.images.shape
     built.add_row("observation", f"{v} synthetic camera view{'s' if v != 1 else ''} {h}x{w}x{c} uint8 (gradients + a red square)")
@@ -442,7 +482,7 @@ def _print_demo(demo, observation, result) -> None:
 def run_command(
     checkpoint: Annotated[
         Path,
-        typer.Option("--checkpoint", "-c", metavar='PATH', help="Checkpoint: a model.safetensors file, or a folder (openpi PyTorch, LeRobot, sharded with an index)."),
+        typer.Option("--checkpoint", "-c", metavar='PATH', help="Checkpoint: a model.safetensors file, or a folder (openpi PyTorch, LeRobot, an OpenVLA Hugging Face folder, sharded with an index)."),
     ],
     image: Annotated[
         List[Path],
@@ -462,7 +502,7 @@ def run_command(
         Optional[Path], typer.Option("--state-file", metavar='FILE', help="Robot state from a .npy array or a .json list (or {\"state\": [...]}).")
     ] = None,
     model: Annotated[
-        str, typer.Option("--model", "-m", metavar='NAME', help="auto (detect from the checkpoint's tensors), pi0 or pi05.")
+        str, typer.Option("--model", "-m", metavar='NAME', help=f"auto (detect from the checkpoint's tensors), or one of {MODELS_HELP}.")
     ] = "auto",
     views: Annotated[
         Optional[int], typer.Option("--views", metavar='N', help="Number of camera views the engine expects [default: the number of --image].")
@@ -481,7 +521,7 @@ def run_command(
         str, typer.Option("--dtype", metavar='DTYPE', help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")
     ] = "auto",
     backend: Annotated[
-        str, typer.Option("--backend", metavar='NAME', help="Compute backend; this version ships 'pytorch'.")
+        str, typer.Option("--backend", metavar='NAME', help=f"Compute backend: {BACKENDS_HELP}.")
     ] = "pytorch",
     chunk: Annotated[
         Optional[int], typer.Option("--chunk", metavar='N', help="Action chunk length [default: from the checkpoint's config, else 50].")
@@ -502,8 +542,14 @@ def run_command(
     cuda_graphs: Annotated[
         bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture a CUDA graph (pays off only over many calls).")
     ] = False,
+    unnorm_key: Annotated[
+        Optional[str], typer.Option("--unnorm-key", metavar="DATASET", help="openvla only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint has several).")
+    ] = None,
 ) -> None:
     """Run one observation through a checkpoint and print the action chunk as JSON on stdout.
+
+    openvla / rt2 take one --image and a prompt, no state; rt2 is never detected (it reads the PaliGemma
+    part of a pi0/pi05 checkpoint): pass --model rt2.
 
     Output: {"actions": [[...]], "shape": [chunk, action_dim], "model": "pi0", "latency_ms": ...,
     "timings_ms": {...}}. Progress and warnings go to stderr.
@@ -512,6 +558,10 @@ def run_command(
     from cortexflow.factory import create_pi0_inference, create_pi05_inference
 
     err = _stderr()
+    check_common_options(device=device, backend=backend, dtype=dtype)
+    _refuse_demo_name(checkpoint, "run --checkpoint")
+    if model.strip().lower() != "auto":
+        parse_model_option(model, IMAGE_PROMPT_MODELS, command="run")
     if not image:
         raise InputError("pass at least one --image")
     overrides = parse_model_config(model_config)
@@ -532,12 +582,20 @@ def run_command(
             raise InputError(f"--mask-view {bad} out of range: there are {num_views} views (indices 0..{num_views - 1})")
         masks = [i not in set(mask_view) for i in range(num_views)]
 
+    model_type = detect_model(checkpoint, model, overrides)
+    if model_type in TOKEN_DECODING_MODELS:
+        _run_token_model(model_type, checkpoint, images, prompt, tokens, robot_state is not None, backend, device,
+                         dtype, tokenizer, norm_stats, unnorm_key, overrides, cuda_graphs,
+                         {"--views": views, "--mask-view": mask_view, "--chunk": chunk, "--steps": steps,
+                          "--seed": seed is not None})
+        return
     if prompt is not None and tokenizer is None:
         raise TokenizerError(
             "--prompt needs --tokenizer (a PaliGemma tokenizer.model, a tokenizer.json, or a folder holding one); "
             "or pass --prompt-tokens with token ids"
         )
-    model_type = detect_model(checkpoint, model, overrides)
+    if unnorm_key is not None:
+        raise InputError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
     if model_type == VLAModelType.PI0 and robot_state is None:
         raise InputError("a pi0 policy needs the robot state: pass --state NUMBERS or --state-file FILE")
     resolved_device = resolve_device(device)
@@ -582,6 +640,39 @@ def run_command(
     typer.echo(json.dumps(result))
 
 
+def _refuse_demo_name(checkpoint: Path, where: str) -> None:
+    """``demo`` names no folder here (serve and export build it on the fly): say how to get one."""
+    if str(checkpoint) == "demo" and not checkpoint.exists():
+        raise ConfigError(f"{where} needs a checkpoint folder; 'demo' is not one here: `cortexflow demo --save DIR` "
+                          "writes the demo model as a folder (weights, config, tokenizer, norm stats) to pass instead")
+
+
+def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, prompt: Optional[str],
+                     tokens: Optional[np.ndarray], has_state: bool, backend: str, device: str, dtype: str,
+                     tokenizer: Optional[Path], norm_stats: Optional[Path], unnorm_key: Optional[str],
+                     overrides: Optional[dict], cuda_graphs: bool, flow_options: dict) -> None:
+    """``run`` for openvla / rt2: print the actions and generated token ids as JSON."""
+    from cortexflow.run_token import run_token_policy
+
+    compute_dtype = resolve_dtype(dtype, device)
+    _progress(f"loading {model_type.value} checkpoint {checkpoint} ({device}, {compute_dtype}) ...")
+    result = run_token_policy(
+        model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, has_state=has_state, backend=backend,
+        device=device, dtype=compute_dtype, tokenizer=None if tokenizer is None else str(tokenizer),
+        norm_stats=None if norm_stats is None else str(norm_stats), unnorm_key=unnorm_key, model_config=overrides,
+        use_cuda_graphs=cuda_graphs, flow_options=flow_options)
+    engine = result.engine
+    _progress(f"{model_type.value} on {engine.device} {dtype_name(engine.dtype)}: {result.latency_ms:.1f} ms")
+    typer.echo(json.dumps({
+        "actions": result.actions.tolist(),
+        "shape": list(result.actions.shape),
+        "model": model_type.value,
+        "tokens": result.tokens,
+        "latency_ms": result.latency_ms,
+        "timings_ms": {k: round(v, 4) for k, v in engine.last_timings.items()},
+    }))
+
+
 @app.command("info", short_help="Describe a checkpoint (type, dims, parameters, key problems) without loading it.")
 @_cli_errors
 def info_command(
@@ -609,6 +700,7 @@ def info_command(
     """
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
+    _refuse_demo_name(checkpoint, "info CHECKPOINT")
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
     from cortexflow.policies.describe import policy_transforms
 
@@ -794,15 +886,15 @@ def _report(report: dict, json_path: Optional[str], print_tables: Callable) -> N
 @app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")
 @_cli_errors
 def verify_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla, rt2 or rt1.")] = "pi0",
-    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="The backend to check (any registered name).")] = "pytorch",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"One of {ALL_MODELS_HELP}.")] = "pi0",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help=f"The backend to check: {BACKENDS_HELP}.")] = "pytorch",
     against: Annotated[str, typer.Option("--against", metavar="NAME", help="The reference backend; it runs in float32.")] = "pytorch",
     size: Annotated[str, typer.Option("--size", metavar="SIZE", help="tiny (test dimensions), real (published Pi0/Pi0.5, OpenVLA-7B, PaliGemma-3B sizes) or auto (real on a GPU, tiny on CPU).")] = "auto",
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="The checked backend's dtype: auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights (inputs use N+1).")] = 0,
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs (ignored for openvla/rt2: one image).")] = 2,
-    repeats: Annotated[int, typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown).")] = 3,
+    repeats: Annotated[Optional[int], typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown) [default: 3; 1 under TRITON_INTERPRET=1, whose times mean nothing].")] = None,
     triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
@@ -831,6 +923,13 @@ def verify_command(
     prefix, decoder, and the whole chain as actions); every stage must reach ‖Δ‖/‖ref‖ <= 1e-5 in
     float32 (2e-2 in float16). Needs pip install "cortexflow[onnx]".
     """
+    parse_model_option(model, command="verify")
+    check_common_options(device=device, backend=backend, dtype=dtype)
+    check_common_options(backend=against)
+    if repeats is None:
+        from cortexflow.kernels.runtime import interpreting
+
+        repeats = 1 if interpreting() else 3
     if backend.strip().lower() == "onnx":
         from cortexflow.onnx.verify import print_onnx_verify, run_onnx_verify
 
@@ -857,8 +956,8 @@ def verify_command(
 @app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")
 @_cli_errors
 def bench_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated models: pi0, pi05, openvla, rt2, rt1 (openvla/rt2/rt1 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
-    backends: Annotated[str, typer.Option("--backends", metavar="LIST", help="Comma-separated backend names; unavailable ones are reported as skipped.")] = "pytorch",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help=f"Comma-separated models: {ALL_MODELS_HELP} ({TOKEN_HELP} and rt1 ignore --views, --chunk and --steps: one image, their own action length, greedy decoding; rows record views=1 and steps -).")] = "pi0,pi05",
+    backends: Annotated[str, typer.Option("--backends", metavar="LIST", help=f"Comma-separated backend names ({BACKENDS_HELP}); unavailable ones are reported as skipped.")] = "pytorch",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera-view counts.")] = "1,2,3",
     prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (pi0/pi05: padded to the smallest --prompt-buckets length that holds them; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
     image_preprocessing: Annotated[str, typer.Option("--image-preprocessing", metavar="WHERE", help="pi0/pi05: where the 224x224 uint8 views are scaled: auto (the GPU on a GPU), device or host.")] = "auto",
@@ -896,6 +995,10 @@ def bench_command(
     share of a matmul measured on the device); --iters, --warmup, --device, --dtype, --seed and --json
     apply; the onnx backend exports the encoder with a dynamic batch into the export cache first.
     """
+    check_common_options(device=device, dtype=dtype)
+    for name in models.split(","):
+        if name.strip():
+            parse_model_option(name.strip(), option="--models", command="bench")
     if batch_scaling:
         from cortexflow.tools.batch_scaling import plot_batch_scaling, print_batch_scaling, run_batch_scaling
 
@@ -935,7 +1038,7 @@ def bench_command(
 @app.command("compile-check", short_help="Compile every Triton kernel of a real-size predict for a GPU, without one.")
 @_cli_errors
 def compile_check_command(
-    models: Annotated[str, typer.Option("--models", metavar="LIST", help="Comma-separated: pi0, pi05, openvla, rt2.")] = "pi0,pi05",
+    models: Annotated[str, typer.Option("--models", metavar="LIST", help=f"Comma-separated: {MODELS_HELP}.")] = "pi0,pi05",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts (Pi0 family; openvla/rt2 take one image).")] = "2",
     variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated TritonOptions variants to compile: default, kernel-chain, op-by-op-encoder, token-unfused; or all.")] = "default",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
@@ -970,8 +1073,8 @@ def compile_check_command(
 @app.command("profile", short_help="Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor.")
 @_cli_errors
 def profile_command(
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="pi0, pi05, openvla or rt2 (openvla/rt2: one image; --views, --chunk and --steps do not apply).")] = "pi0",
-    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Backend to profile.")] = "pytorch",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"One of {MODELS_HELP} ({TOKEN_HELP}: one image; --views, --chunk and --steps do not apply).")] = "pi0",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help=f"Backend to profile: {BACKENDS_HELP}.")] = "pytorch",
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views.")] = 2,
     prompt_len: Annotated[int, typer.Option("--prompt-len", metavar="N", help="Prompt tokens (padded to the model's maximum).")] = 20,
     chunk: Annotated[Optional[int], typer.Option("--chunk", metavar="N", help="Action chunk length [default: the model's].")] = None,
@@ -999,6 +1102,8 @@ def profile_command(
     """
     from cortexflow.tools.profile import print_profile, run_profile
 
+    parse_model_option(model, IMAGE_PROMPT_MODELS, command="profile")
+    check_common_options(device=device, backend=backend, dtype=dtype)
     report = run_profile(model, backend, views=views, size=size, device=device, dtype=dtype, prompt_len=prompt_len,
                          chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,
                          peak_gbps=peak_gbps, log=_progress)
@@ -1027,7 +1132,7 @@ def _exit_after_cuda_profiling() -> None:
 def export_command(
     out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Folder for the .onnx files (+ .onnx.data over 2 GB) and manifest.json.")],
     checkpoint: Annotated[Optional[str], typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors (openpi / LeRobot); 'demo': the tiny random model of cortexflow demo.")] = None,
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (detected from the tensors; pi0 for demo), pi0 or pi05.")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"auto (detected from the tensors; pi0 for demo), or one of {FLOW_HELP} (export covers the flow-matching policies).")] = "auto",
     stages: Annotated[str, typer.Option("--stages", metavar="LIST", help="Comma-separated stages (vision, prefix, decoder) or all.")] = "all",
     batch: Annotated[str, typer.Option("--batch", metavar="SPEC", help="static (batch 1), static:N, or dynamic:A-B (a symbolic batch axis, checked at two sizes).")] = "dynamic:1-16",
     opset: Annotated[int, typer.Option("--opset", metavar="N", help="ONNX opset: 20, or 23 (native Attention and RMSNormalization).")] = 20,
@@ -1052,6 +1157,8 @@ def export_command(
     """
     if (checkpoint is None) == (encoder is None):
         raise ConfigError("pass either --checkpoint PATH|demo (a policy) or --encoder NAME (a perception encoder)")
+    if model.strip().lower() != "auto":
+        parse_model_option(model, FLOW_MATCHING_MODELS, command="export")
     if encoder is not None:
         from cortexflow.encoders import create_encoder, export_encoder
 
@@ -1125,13 +1232,14 @@ def configs_command(
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), pi0, pi05, openvla or rt2 (one image + prompt, no state).")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), or one of {MODELS_HELP} ({TOKEN_HELP}: one image + prompt, no state).")] = "auto",
     robot: Annotated[Optional[str], typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) [default: the --config's robot, else droid].")] = None,
     config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, default prompt.")] = None,
-    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help="Compute backend (any registered name).")] = "pytorch",
+    backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help=f"Compute backend: {BACKENDS_HELP}.")] = "pytorch",
     host: Annotated[str, typer.Option("--host", metavar="ADDR", help="Address to bind; loopback unless told otherwise (0.0.0.0: every interface).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", metavar="N", help="TCP port (0: any free port, printed at start).")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Refuse connections without 'Authorization: Api-Key KEY' (env CORTEXFLOW_API_KEY).")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", metavar="KEY", envvar="CORTEXFLOW_API_KEY", help="Refuse connections without 'Authorization: Api-Key KEY'. Prefer env CORTEXFLOW_API_KEY or --api-key-file: a key on the command line is visible in ps.")] = None,
+    api_key_file: Annotated[Optional[str], typer.Option("--api-key-file", metavar="PATH", help="Read the API key from this file (instead of --api-key).")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", metavar="PATH", help="PaliGemma tokenizer.model, tokenizer.json or a folder holding one (needed for text prompts except with demo).")] = None,
     norm_stats: Annotated[Optional[str], typer.Option("--norm-stats", metavar="PATH", help="openpi norm_stats.json, LeRobot stats, or a folder with assets/*/norm_stats.json.")] = None,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one queue.")] = "auto",
@@ -1147,7 +1255,9 @@ def serve_command(
     cuda_graphs: Annotated[bool, typer.Option("--cuda-graphs/--no-cuda-graphs", help="Capture the whole predict in a CUDA graph (GPU only).")] = True,
     queue_size: Annotated[int, typer.Option("--queue-size", metavar="N", help="Requests that may wait for the engine; beyond that clients get 'server busy'.")] = 32,
     max_message_mb: Annotated[float, typer.Option("--max-message-mb", metavar="MB", help="Largest request frame answered (bigger: error reply; over twice this: connection closed, 1009).")] = 32.0,
-    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight.")] = 30.0,
+    shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight; past it the request is abandoned (its client sees close 1001, no reply) and the exit code is 2.")] = 30.0,
+    max_connections: Annotated[int, typer.Option("--max-connections", metavar="N", help="WebSocket connections at once; more get HTTP 503.")] = 16,
+    idle_timeout: Annotated[float, typer.Option("--idle-timeout", metavar="S", help="Close a connection that sends no request for this long (code 1000).")] = 300.0,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph).")] = True,
 ) -> None:
     """Serve a Pi0/Pi0.5, OpenVLA or RT-2 policy to robots: a WebSocket server speaking openpi's protocol.
@@ -1157,16 +1267,32 @@ def serve_command(
     GET /healthz answers 200, GET /metrics the Prometheus counters. SIGINT/SIGTERM stop the server after
     the request in flight.
     """
-    from cortexflow.serving.commands import serve
+    from cortexflow.serving.commands import read_api_key_file, serve
     from cortexflow.serving.policy import PolicyOptions
+    from cortexflow.serving.server import ShutdownDeadlineError
 
+    for one_device in device.split(","):
+        check_common_options(device=one_device.strip())
+    check_common_options(backend=backend, dtype=dtype)
     options = PolicyOptions(checkpoint=checkpoint, model=model, robot=robot, config=config, backend=backend, device=device,
                             dtype=dtype, tokenizer=tokenizer, norm_stats=norm_stats, chunk=chunk, steps=steps,
                             views=views, seed=seed, default_prompt=default_prompt, cuda_graphs=cuda_graphs,
                             adapt_to_pi=adapt_to_pi, unnorm_key=unnorm_key,
                             model_config=parse_model_config(model_config))
-    serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
-          shutdown_timeout=shutdown_timeout, warmup=warmup, info=_progress, warn=_warning_line)
+    if api_key_file is not None:
+        if api_key is not None:
+            raise ConfigError("pass the API key once: --api-key-file, or --api-key / CORTEXFLOW_API_KEY, not both")
+        api_key = read_api_key_file(api_key_file)
+    try:
+        serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
+              shutdown_timeout=shutdown_timeout, warmup=warmup, max_connections=max_connections,
+              idle_timeout=idle_timeout, info=_progress, warn=_warning_line)
+    except ShutdownDeadlineError as err:
+        _error_line(str(err))
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # An engine thread is still inside the abandoned request; finalising the interpreter under it can abort.
+        os._exit(EXIT_ERROR)
 
 
 @app.command("loadtest", short_help="Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors.")

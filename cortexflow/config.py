@@ -62,6 +62,23 @@ class VLAModelType(str, Enum):
         raise ConfigError(f"unknown model type {value!r}; expected one of: {choices}")
 
 
+#: The flow-matching policies (continuous actions from denoising steps).
+FLOW_MATCHING_MODELS = (VLAModelType.PI0, VLAModelType.PI05)
+#: The token-decoding policies (one image, greedy action tokens).
+TOKEN_DECODING_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
+#: The policies with a per-episode history of frames (one image per step, an instruction embedding).
+HISTORY_MODELS = (VLAModelType.RT1,)
+#: Every policy this version builds, loads and runs.
+SUPPORTED_MODELS = FLOW_MATCHING_MODELS + TOKEN_DECODING_MODELS + HISTORY_MODELS
+#: The policies ``demo``, ``run`` and ``profile`` take (the image + prompt policies).
+IMAGE_PROMPT_MODELS = FLOW_MATCHING_MODELS + TOKEN_DECODING_MODELS
+
+
+def model_names(models: "tuple[VLAModelType, ...]" = SUPPORTED_MODELS) -> str:
+    """``"pi0, pi05, openvla, rt2, rt1"``: the names of ``models`` for messages and help texts."""
+    return ", ".join(m.value for m in models)
+
+
 _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -208,7 +225,10 @@ class InferenceConfig:
 
     ``image_preprocessing``: where the camera images are resized-with-pad and scaled: ``"host"`` (numpy /
     torch on the CPU, then one float32 copy), ``"device"`` (each view copied as it comes, uint8 usually, and
-    prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host)."""
+    prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host).
+
+    ``check_finite_actions``: ``predict`` / ``predict_batch`` raise
+    :class:`~cortexflow.errors.NonFiniteActionsError` instead of returning actions holding NaN or inf."""
 
     num_views: int = 2
     chunk_size: int | None = None
@@ -225,6 +245,7 @@ class InferenceConfig:
     num_steps: int | None = None
     prompt_buckets: Any = "auto"
     image_preprocessing: str = "auto"
+    check_finite_actions: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from cortexflow.config import ModelConfig, VLAModelType
+from cortexflow.demo_checkpoint import DEMO_LAYOUT, save_demo_checkpoint
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError
 from cortexflow.factory import create_pi0_inference, create_pi05_inference
@@ -36,7 +37,6 @@ DEMO_PROMPT = "pick up the red cube"
 DEMO_IMAGE_HEIGHT = 480
 DEMO_IMAGE_WIDTH = 640
 DEMO_BOS_ID = 2  # PaliGemma's BOS id; the demo vocabulary is random, but the prompt keeps the real shape
-DEMO_LAYOUT = "openpi"
 STAGES = ("preprocess", "vision_encoder", "transformer_encoder", "transformer_decoder")
 
 
@@ -51,6 +51,11 @@ class DemoEngine:
     layout: str
     seed: int
     _tempdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    @property
+    def temporary(self) -> bool:
+        """Whether the checkpoint folder is a temporary one (removed by :meth:`close`) rather than kept."""
+        return self._tempdir is not None
 
     @property
     def model_type(self) -> VLAModelType:
@@ -92,10 +97,12 @@ def build_demo_engine(
 
     ``chunk_size`` / ``num_steps`` override the tiny config's action chunk (5) and denoising steps (3).
     ``seed`` seeds the weights. ``directory=None`` writes into a temporary folder that
-    :meth:`DemoEngine.close` removes."""
+    :meth:`DemoEngine.close` removes; a ``directory`` gets the complete checkpoint folder of
+    :func:`~cortexflow.demo_checkpoint.save_demo_checkpoint` (config, tokenizer and norm stats too) and is kept."""
     model_type = VLAModelType.parse(model)
     if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
-        raise ConfigError(f"the demo builds pi0 or pi05 models, not {model_type.value!r}")
+        raise ConfigError(f"build_demo_engine builds pi0 or pi05 models, not {model_type.value!r}; "
+                          "cortexflow.token_demo.run_token_demo runs openvla and rt2")
     for name, value in (("num_views", num_views), ("chunk_size", chunk_size), ("num_steps", num_steps)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -110,7 +117,10 @@ def build_demo_engine(
         tempdir = tempfile.TemporaryDirectory(prefix=f"cortexflow-demo-{model_type.value}-")
         directory = tempdir.name
     try:
-        checkpoint_dir = write_checkpoint(directory, config, seed=seed, layout=DEMO_LAYOUT)
+        if tempdir is None:
+            checkpoint_dir = save_demo_checkpoint(directory, config, seed=seed).directory
+        else:
+            checkpoint_dir = write_checkpoint(directory, config, seed=seed, layout=DEMO_LAYOUT)
         create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
         engine = create(
             checkpoint_dir,

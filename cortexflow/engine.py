@@ -19,7 +19,7 @@ from cortexflow.backends import create_backend
 from cortexflow.checkpoints.files import CheckpointFiles
 from cortexflow.checkpoints.loader import CheckpointReport, load_pi0_checkpoint
 from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType, prompt_bucket_lengths
-from cortexflow.errors import BackendUnavailableError, CheckpointError, ConfigError, InputError
+from cortexflow.errors import BackendUnavailableError, CheckpointError, ConfigError, InputError, NonFiniteActionsError
 from cortexflow.models.base import VLAModel
 from cortexflow.models.rtc import ChunkGuidance, RTCConfig, prefix_weights
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor, split_norm_stats
@@ -319,7 +319,12 @@ class VLAInferenceEngine:
 
     def _check_noise(self, noise: Any, batch: int | None) -> torch.Tensor:
         expected = (self.chunk_size, self.config.action_dim) if batch is None else (batch, self.chunk_size, self.config.action_dim)
-        tensor = torch.as_tensor(np.asarray(noise.detach().cpu() if isinstance(noise, torch.Tensor) else noise), dtype=torch.float32)
+        try:
+            array = np.asarray(noise.detach().cpu() if isinstance(noise, torch.Tensor) else noise, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise InputError(f"noise must be an array of numbers {expected} (chunk_size, action_dim), got "
+                             f"{type(noise).__name__}: {str(err)[:120]}") from None
+        tensor = torch.from_numpy(array)
         if tuple(tensor.shape) != expected:
             raise InputError(f"noise has shape {tuple(tensor.shape)}; expected {expected} (chunk_size, action_dim)")
         if not torch.isfinite(tensor).all():
@@ -450,6 +455,11 @@ class VLAInferenceEngine:
             result = self.postprocessor(actions, _robot_states(samples))
         else:
             result = self.postprocessor(actions)
+        if self.inference_config.check_finite_actions and not np.isfinite(result).all():
+            raise NonFiniteActionsError(
+                f"the model produced {int((~np.isfinite(result)).sum())} NaN or inf action values out of {result.size} "
+                "(huge noise or state values, or broken weights); nothing usable to return"
+            )
         self.last_timings = {"preprocess": (prepared - start) * 1e3, **timer.times_ms}
         self.last_timings["total"] = (time.perf_counter() - start) * 1e3
         self.last_timings["model"] = (finished - prepared) * 1e3

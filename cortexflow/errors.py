@@ -14,6 +14,10 @@ class InputError(CortexFlowError, ValueError):
     """An observation, prompt, state or noise passed to ``predict`` is malformed."""
 
 
+class NonFiniteActionsError(CortexFlowError, ArithmeticError):
+    """The model produced NaN or inf actions (``InferenceConfig.check_finite_actions``, and always in the server)."""
+
+
 class ConfigError(CortexFlowError, ValueError):
     """An engine or model configuration is inconsistent or unsupported."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -34,6 +36,7 @@ def _create(
     progress = options.pop("progress", None)
     pipeline = _policy_pipeline(model_type, checkpoint_path, options.pop("config", None), norm_stats_path,
                                 options.pop("state_prompt_width", None))
+    _check_option_names(model_type, options)
     if pipeline is not None:
         if options.get("normalize") is False:
             raise ConfigError(f"normalize=False contradicts {pipeline.source}, which normalises as its checkpoint "
@@ -89,6 +92,21 @@ def _with_overrides(model_config: "ModelConfig | Mapping[str, Any] | None", over
     if isinstance(model_config, ModelConfig):
         return model_config.replace(**overrides)
     return {**overrides, **dict(model_config or {})}
+
+
+def _check_option_names(model_type: VLAModelType, options: Mapping[str, Any]) -> None:
+    """Raise ``ConfigError`` naming each keyword argument that is neither a factory argument nor an
+    :class:`InferenceConfig` field (a typo such as ``num_view=3``)."""
+    fields = {f.name for f in dataclasses.fields(InferenceConfig)}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
+        accepted = sorted(fields | {"checkpoint_path", "model_config", "progress", "config", "state_prompt_width"})
+        named = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            named.append(f"{name} (did you mean {close[0]}?)" if close else name)
+        raise ConfigError(f"{factory}() got unknown argument(s) {', '.join(named)}; accepted: {', '.join(accepted)}")
 
 
 def create_pi0_inference(

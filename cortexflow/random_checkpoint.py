@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from cortexflow.checkpoints.loader import MODEL_CONFIG_KEY
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.models.pi0 import model_class
@@ -76,13 +77,16 @@ def write_checkpoint(
     layout: str = "openpi",
     dtype: torch.dtype = torch.float32,
     weights: dict[str, torch.Tensor] | None = None,
+    write_config: bool = True,
 ) -> Path:
     """Write a random (or the given canonical) checkpoint as ``directory/model.safetensors``.
 
     ``layout="openpi"`` writes the openpi PyTorch keys plus the unused expert LM head; ``"lerobot"``
     writes ``model.``-prefixed keys and a LeRobot-style ``config.json``. Either ``config.json`` records the
     SigLIP head count as ``vision_config.num_attention_heads`` (the tensor shapes do not show it).
-    Returns the directory."""
+    ``write_config`` adds every ``ModelConfig`` field (its ``cortexflow_model_config`` entry), so the
+    checkpoint loads with the written head counts, chunk and steps and no ``model_config``. Returns the
+    directory."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
@@ -106,5 +110,9 @@ def write_checkpoint(
             "max_action_dim": config.action_dim,
             "max_state_dim": config.action_dim,
         })
+    else:  # what openpi's converter writes (informational there)
+        checkpoint_config.update({"action_dim": config.action_dim, "action_horizon": config.chunk_size})
+    if write_config:
+        checkpoint_config[MODEL_CONFIG_KEY] = config.to_dict()
     (directory / "config.json").write_text(json.dumps(checkpoint_config, indent=2))
     return directory

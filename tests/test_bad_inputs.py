@@ -38,7 +38,7 @@ def _engine(path, **kwargs):
     kwargs.setdefault("device", "cpu")
     kwargs.setdefault("dtype", "float32")
     kwargs.setdefault("num_views", 2)
-    kwargs.setdefault("chunk_size", CHUNK)  # openpi checkpoints carry no config.json: the default would be 50
+    kwargs.setdefault("chunk_size", CHUNK)  # the chunk these tests are written for
     kwargs.setdefault("num_steps", 3)
     return cf.create_pi0_inference(path, **kwargs)
 

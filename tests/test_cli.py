@@ -101,7 +101,7 @@ def test_demo_is_deterministic():
 
 
 def test_demo_bad_option_is_one_line_error():
-    assert_one_line_error(invoke("demo", "--model", "rt9"), "unknown model type 'rt9'")
+    assert_one_line_error(invoke("demo", "--model", "rt9"), "--model 'rt9' is not a model name", "pi0, pi05, openvla, rt2")
     assert_one_line_error(invoke("demo", "--repeat", "0"), "--repeat must be at least 1")
 
 
@@ -227,9 +227,9 @@ def test_run_wrong_view_count(checkpoints, images):
         (["--prompt-tokens", "2,x,3", "--state", STATE], ["--prompt-tokens", "'x' is not an integer"]),
         (["--prompt-tokens", "2,999", "--state", STATE], ["outside the vocabulary"]),
         (["--prompt-tokens", TOKENS, "--state", "0.1,nan"], ["NaN or inf"]),
-        (["--prompt-tokens", TOKENS, "--state", STATE, "--dtype", "float64"], ["unsupported dtype 'float64'"]),
+        (["--prompt-tokens", TOKENS, "--state", STATE, "--dtype", "float64"], ["--dtype 'float64'", "bfloat16, float16 or float32"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--backend", "cuda"], ["'cuda' is not available in this version"]),
-        (["--prompt-tokens", TOKENS, "--state", STATE, "--model", "pi05"], ["holds a pi0 model", "create_pi0_inference"]),
+        (["--prompt-tokens", TOKENS, "--state", STATE, "--model", "pi05"], ["holds a pi0 model", "--model pi0"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--mask-view", "2"], ["--mask-view [2] out of range"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--model-config", '{"hidden": 1}'], ["unknown ModelConfig field"]),
         (["--prompt-tokens", TOKENS, "--state", STATE, "--norm-stats", "/nonexistent/stats.json"], ["norm stats path"]),

@@ -49,8 +49,8 @@ def model_config_for(model_type: str):
     return tiny_model_config(model_type, max_token_len=MAX_LEN, chunk_size=CHUNK, num_diffusion_steps=STEPS)
 
 
-# The loader infers every dimension from tensor shapes except the vision head count; chunk, steps and
-# prompt length come from config.json when there is one (LeRobot), else from the published defaults.
+# The loader infers every dimension from tensor shapes except the vision head count; head count, chunk,
+# steps and prompt length come from config.json when there is one, else from the published defaults.
 OVERRIDES = {"num_vision_heads": 4, "num_diffusion_steps": STEPS, "max_token_len": MAX_LEN}
 
 

@@ -300,7 +300,8 @@ def test_concurrent_clients_every_request_answered_and_matched(openpi, start_ser
     for (i, j), actions in results.items():
         np.testing.assert_allclose(actions, expected[i][j], rtol=1e-5, atol=1e-6)
     metrics = server.metrics
-    assert metrics.requests == metrics.replies == clients * requests and metrics.error_count == 0
+    wait_until(lambda: metrics.replies == clients * requests, message="the last reply to be counted (after its send)")
+    assert metrics.requests == clients * requests and metrics.error_count == 0
 
 
 # ---- bad requests -------------------------------------------------------------------------------
@@ -337,7 +338,9 @@ BAD_FRAMES = _bad_frames()
 
 @pytest.fixture(scope="module")
 def bad_request_server():
-    server = PolicyServer(demo_policy("droid"), "127.0.0.1", 0, max_message_bytes=LIMIT).start(timeout=TIMEOUT)
+    # max_connections: each case leaves its openpi client connected
+    server = PolicyServer(demo_policy("droid"), "127.0.0.1", 0, max_message_bytes=LIMIT,
+                          max_connections=64).start(timeout=TIMEOUT)
     yield server
     server.stop(timeout=TIMEOUT)
 

@@ -91,7 +91,8 @@ TOKEN_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", list(TOKEN_VARIANTS))
+@pytest.mark.parametrize("variant", ["default", *(pytest.param(variant, marks=pytest.mark.slow)
+                                                  for variant in list(TOKEN_VARIANTS)[1:])])
 @pytest.mark.parametrize("model", ["openvla", "rt2"])
 def test_verify_triton_matches_pytorch(model, variant):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with

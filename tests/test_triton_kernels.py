@@ -285,7 +285,8 @@ DECODER_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("decoder_variant", list(DECODER_VARIANTS))
+@pytest.mark.parametrize("decoder_variant", ["kernel chain", *(pytest.param(variant, marks=pytest.mark.slow)
+                                                              for variant in list(DECODER_VARIANTS)[1:])])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_backend_matches_pytorch_end_to_end(tmp_path, model_type, decoder_variant):
     """The op kernels and the fused stages compute the reference function (fp32), for each

@@ -26,9 +26,9 @@ from cortexflow.errors import BackendUnavailableError, ConfigError, CortexFlowWa
 try:
     import triton  # noqa: F401
 except ImportError as err:  # pragma: no cover - exercised only where triton is absent
-    raise BackendUnavailableError(
-        "the triton backend needs the 'triton' package: pip install triton (it ships with CUDA builds of torch)"
-    ) from err
+    from cortexflow.kernels import TRITON_INSTALL_HINT
+
+    raise BackendUnavailableError(f"the triton backend needs the 'triton' package: {TRITON_INSTALL_HINT}") from err
 
 from cortexflow.backends.triton_decoder import (  # noqa: E402
     build_time_tables,

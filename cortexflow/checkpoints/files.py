@@ -2,7 +2,8 @@
 
 A checkpoint path is a ``.safetensors`` file, or a folder holding ``model.safetensors``, a
 ``model.safetensors.index.json`` with shards, or a single ``*.safetensors`` file; an optional
-``config.json`` beside the weights is read too.
+``config.json`` beside the weights is read too. A hub id (``lerobot/pi0``) that is no local path is read
+from huggingface_hub's cache (:mod:`cortexflow.checkpoints.hub`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cortexflow.checkpoints.hub import resolve_checkpoint_path
 from cortexflow.errors import CheckpointError
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -45,9 +47,7 @@ class CheckpointFiles:
     @classmethod
     def open(cls, path: str | Path) -> "CheckpointFiles":
         """Find and read the headers of the checkpoint at ``path``; ``CheckpointError`` if unusable."""
-        path = Path(path).expanduser()
-        if not path.exists():
-            raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
+        path = resolve_checkpoint_path(path)
         root = path if path.is_dir() else path.parent
         files = _find_weight_files(path)
         tensors: dict[str, TensorInfo] = {}
@@ -102,6 +102,11 @@ def _find_weight_files(path: Path) -> list[Path]:
     weights = [c for c in candidates if "normalizer" not in c.name and "processor" not in c.name]
     if len(weights) == 1:
         return weights
+    if not weights and (path / "params" / "_METADATA").is_file():
+        raise CheckpointError(
+            f"{str(path)!r} is an openpi Orbax (JAX) checkpoint (params/_METADATA), not safetensors: convert it "
+            "with `cortexflow convert SRC DST` (pip install 'cortexflow[jax]') and pass DST"
+        )
     if not weights:
         raise CheckpointError(
             f"no model.safetensors (or model.safetensors.index.json) in {str(path)!r}; "

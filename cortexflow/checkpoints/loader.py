@@ -41,6 +41,8 @@ from cortexflow.errors import CheckpointError, ConfigError, CortexFlowWarning
 from cortexflow.models.pi0 import Pi0Model, model_class
 
 PROGRESS_MIN_BYTES = 64 * 2**20
+#: The ``config.json`` entry holding every ``ModelConfig`` field (written by CortexFlow's checkpoint writer).
+MODEL_CONFIG_KEY = "cortexflow_model_config"
 _CONFIG_FIELDS = {
     "chunk_size": ("action_horizon", "chunk_size"),
     "num_diffusion_steps": ("num_steps", "num_inference_steps"),
@@ -122,7 +124,30 @@ def infer_model_config(
             if checkpoint_config.get(name) is not None:
                 found[field_name] = checkpoint_config[name]
                 break
+    found.update(_written_model_config(checkpoint_config, model_type))
     return config.replace(**found)
+
+
+def _written_model_config(checkpoint_config: Mapping[str, Any], model_type: VLAModelType) -> dict[str, Any]:
+    """The ``ModelConfig`` fields in ``config.json``'s :data:`MODEL_CONFIG_KEY` entry (none when absent).
+
+    They describe what the tensor shapes cannot (head counts, chunk, steps, prompt length); a written model
+    type that the tensors contradict, or an unknown field, is a ``CheckpointError``."""
+    written = checkpoint_config.get(MODEL_CONFIG_KEY)
+    if written is None:
+        return {}
+    if not isinstance(written, Mapping):
+        raise CheckpointError(f"config.json: {MODEL_CONFIG_KEY!r} must be a JSON object of ModelConfig fields")
+    fields = dict(written)
+    written_type = fields.pop("model_type", model_type.value)
+    if VLAModelType.parse(written_type) != model_type:
+        raise CheckpointError(f"config.json says {MODEL_CONFIG_KEY}.model_type {written_type!r}, but the tensors "
+                              f"hold a {model_type.value} model")
+    try:
+        ModelConfig.for_model(model_type).replace(**fields)
+    except ConfigError as err:
+        raise CheckpointError(f"config.json: {MODEL_CONFIG_KEY}: {err}") from None
+    return fields
 
 
 def resolve_model_config(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cortexflow.config import dtype_name
-from cortexflow.errors import CortexFlowError
+from cortexflow.errors import BackendUnavailableError, CortexFlowError
 from cortexflow.onnx._deps import optional, require_exporter, require_onnx, require_onnxruntime
 from cortexflow.onnx.settings import BATCH_DIM, BatchSpec
 
@@ -264,6 +264,9 @@ def export_module(
                              external_data=(target.name + ".data") if external else None,
                              size_threshold_bytes=1024 if external else 2**62)
                 del program
+        except BackendUnavailableError:  # a missing package: the same for every attempt, said once
+            _remove(target)
+            raise
         except Exception as err:  # noqa: BLE001 - every exporter failure is reported together below
             failures.append(f"{used}: {type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}")
             _remove(target)

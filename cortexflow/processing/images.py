@@ -239,7 +239,10 @@ def prepare_image_masks(image_masks, num_views: int) -> torch.Tensor:
         return torch.ones(num_views, dtype=torch.bool)
     if isinstance(image_masks, torch.Tensor):
         image_masks = image_masks.detach().cpu().numpy()
-    masks = np.asarray(image_masks)
+    try:
+        masks = np.asarray(image_masks)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"image_masks must be {num_views} booleans, one per view: {str(err)[:120]}") from None
     if masks.shape != (num_views,):
         raise InputError(
             f"image_masks has shape {masks.shape}; expected {num_views} booleans, one per view"

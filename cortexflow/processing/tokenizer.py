@@ -200,7 +200,10 @@ def tokenize_ids(prompt_tokens, max_len: int, vocab_size: int) -> tuple[np.ndarr
     """
     if isinstance(prompt_tokens, torch.Tensor):
         prompt_tokens = prompt_tokens.detach().cpu().numpy()
-    ids = np.asarray(prompt_tokens)
+    try:
+        ids = np.asarray(prompt_tokens)
+    except (TypeError, ValueError) as err:
+        raise InputError(f"prompt_tokens must be a 1-D list of token ids: {str(err)[:120]}") from None
     if ids.ndim != 1 or ids.size == 0:
         raise InputError(f"prompt_tokens have shape {ids.shape}; expected a non-empty 1-D list of token ids")
     if not np.issubdtype(ids.dtype, np.integer):

@@ -47,6 +47,11 @@ def websockets_exceptions() -> ModuleType:
     return _require_websockets("websockets.exceptions")
 
 
+def websockets_protocol() -> ModuleType:
+    """``websockets.protocol`` (connection ``State``), or a :class:`ServingDependencyError`."""
+    return _require_websockets("websockets.protocol")
+
+
 def _require_websockets(module: str) -> ModuleType:
     base = _require("websockets", "websockets", "14.0")
     try:

@@ -12,7 +12,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.serving import _deps
 from cortexflow.serving.loadtest import LoadTestReport, run_loadtest
 from cortexflow.serving.policy import PolicyOptions, build_policy
-from cortexflow.serving.server import PolicyServer, is_loopback
+from cortexflow.serving.server import PolicyServer, ShutdownDeadlineError, is_loopback
 
 MIB = 1024 * 1024
 
@@ -38,16 +38,27 @@ def serve(
     queue_size: int,
     shutdown_timeout: float,
     warmup: bool,
+    max_connections: int,
+    idle_timeout: float,
     info: Callable[[str], None],
     warn: Callable[[str], None],
 ) -> None:
-    """Load the policy, serve it until SIGINT/SIGTERM, shut down gracefully."""
+    """Load the policy, serve it until SIGINT/SIGTERM, shut down gracefully; raise
+    :class:`ShutdownDeadlineError` when a request was still running at the ``--shutdown-timeout`` deadline."""
     _deps.websockets_server()  # a missing dependency is reported before a model is loaded
     _deps.msgpack()
+    if not host.strip():
+        raise ConfigError("--host is empty; pass the address to bind: 127.0.0.1 (this machine only) or 0.0.0.0 "
+                          "(every interface)")
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port must be in 0..65535 (0: any free port), got {port}")
     if max_message_mb <= 0:
         raise ConfigError(f"--max-message-mb must be positive, got {max_message_mb}")
+    if max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {max_connections}")
+    if idle_timeout <= 0 or shutdown_timeout <= 0:
+        raise ConfigError(f"--idle-timeout and --shutdown-timeout must be positive seconds, got {idle_timeout:g} "
+                          f"and {shutdown_timeout:g}")
     if api_key is not None and not api_key.strip():
         api_key = None
     if not is_loopback(host) and api_key is None:
@@ -62,6 +73,8 @@ def serve(
         max_message_bytes=max(1024, int(max_message_mb * MIB)),
         queue_size=queue_size,
         shutdown_timeout=shutdown_timeout,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
         warmup=warmup,
     )
     meta = server.metadata
@@ -83,7 +96,25 @@ def serve(
         info(f"listening on {running.url}  (health: {http}/healthz, metrics: {http}/metrics); Ctrl-C or SIGTERM stops")
 
     server.run(on_ready=ready)
+    if server.requests_abandoned:
+        raise ShutdownDeadlineError(
+            f"stopped with {server.requests_abandoned} request(s) still running at the --shutdown-timeout deadline "
+            f"({shutdown_timeout:g} s) or a second signal: their clients' connections were closed (1001) without a reply"
+        )
     info("server stopped")
+
+
+def read_api_key_file(path: str) -> str:
+    """``--api-key-file``: the key is the file's text without surrounding whitespace."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            key = file.read().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--api-key-file {path}: cannot read it ({err})") from None
+    if not key or any(c.isspace() for c in key):
+        raise ConfigError(f"--api-key-file {path}: expected one key without spaces, found "
+                          f"{'nothing' if not key else 'whitespace inside'}")
+    return key
 
 
 def loadtest(url: str, clients: int, requests: int, *, api_key: str | None, timeout: float, robot: str | None,

@@ -7,7 +7,9 @@ from typing import Callable
 
 # Seconds; robot control loops care about 10 ms .. 1 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-ERROR_REASONS = ("bad_request", "undecodable", "too_large", "busy", "shutting_down", "internal")
+# non_finite: the model produced NaN/inf actions (not sent); client_gone: the client left before its reply.
+ERROR_REASONS = ("bad_request", "undecodable", "too_large", "busy", "shutting_down", "internal", "non_finite",
+                 "client_gone")
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -104,7 +106,7 @@ class ServerMetrics:
                           "# TYPE cortexflow_server_info gauge", f"cortexflow_server_info{{{labels}}} 1"]
             lines += ["# HELP cortexflow_requests_total Inference requests received (every frame after the metadata).",
                       "# TYPE cortexflow_requests_total counter", f"cortexflow_requests_total {self.requests}"]
-            lines += ["# HELP cortexflow_replies_total Requests answered with actions.",
+            lines += ["# HELP cortexflow_replies_total Requests answered with actions (replies handed to the connection).",
                       "# TYPE cortexflow_replies_total counter", f"cortexflow_replies_total {self.replies}"]
             lines += ["# HELP cortexflow_request_errors_total Requests answered with an error, by reason.",
                       "# TYPE cortexflow_request_errors_total counter"]
@@ -113,7 +115,8 @@ class ServerMetrics:
                       "# TYPE cortexflow_connections_total counter", f"cortexflow_connections_total {self.connections_opened}"]
             lines += ["# HELP cortexflow_connections_active WebSocket connections open now.",
                       "# TYPE cortexflow_connections_active gauge", f"cortexflow_connections_active {self.connections_active}"]
-            lines += ["# HELP cortexflow_connections_refused_total Connections refused (missing or wrong API key, shutting down).",
+            lines += ["# HELP cortexflow_connections_refused_total Handshakes refused (API key, too many connections, "
+                      "malformed, shutting down).",
                       "# TYPE cortexflow_connections_refused_total counter",
                       f"cortexflow_connections_refused_total {self.connections_refused}"]
             for name, read in sorted(self.gauges.items()):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -66,6 +67,13 @@ class PolicyOptions:
     adapt_to_pi: bool = True
     model_config: Mapping[str, Any] | None = None
     unnorm_key: str | None = None
+
+
+def checkpoint_name(path: str) -> str:
+    """What clients are told about a checkpoint: its folder's name (with the file's, for a file), never the
+    server's absolute path."""
+    location = Path(str(path))
+    return f"{location.parent.name}/{location.name}" if location.suffix and location.parent.name else location.name
 
 
 def common_metadata(engine: Any, mapping: RobotMapping, checkpoint: str, prompt: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +305,7 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
         num_steps=options.steps,
         progress=False,
         config=options.config,
+        check_finite_actions=True,
     )
     if demo:
         config = tiny_model_config(model_type, **{"action_dim": DEMO_ACTION_DIM, **overrides})
@@ -309,7 +318,7 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
         create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
         log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
         engine = create(options.checkpoint, model_config=overrides or None, **common)
-        label = str(options.checkpoint)
+        label = checkpoint_name(options.checkpoint)
     if options.tokenizer is not None:
         encoding = f"tokenizer {options.tokenizer}"
     elif demo:

@@ -8,14 +8,29 @@ binary frame ``{"actions": (chunk, action_dim) float32, "server_timing": {"infer
 server; the client may send the next request on the same connection.
 
 Serving: one engine per GPU, each on its own engine thread (the CUDA engine is not thread-safe).
-Requests from all connections go through one bounded FIFO queue; a full queue is answered at once with ``server busy``. ``GET /healthz`` answers 200 and
-``GET /metrics`` the Prometheus counters (neither needs the API key). With an API key, a WebSocket
-handshake without ``Authorization: Api-Key <key>`` (as the openpi client sends it) is refused with HTTP
-401. Frames larger than ``max_message_bytes`` are answered with an error; frames larger than twice that
-are not read at all: the connection is closed with code 1009 (message too big). Shutdown (SIGINT/SIGTERM
-under :meth:`PolicyServer.run`, or :meth:`PolicyServer.stop`) refuses new connections and requests,
-answers queued requests with ``server is shutting down``, finishes the request in flight, sends its
-reply, then closes every connection with code 1001.
+Requests from all connections go through one bounded FIFO queue; a full queue is answered at once with
+``server busy``. Frames are decoded (:func:`~cortexflow.serving.codec.unpack`, bounded in values, depth and
+string lengths) and mapped to engine inputs on decoder threads, never on the event loop, within
+``DECODE_DEADLINE_S``. ``GET /healthz`` answers 200 and ``GET /metrics`` the Prometheus counters (neither
+needs the API key). With an API key, a WebSocket handshake without exactly one ``Authorization: Api-Key
+<key>`` header (as the openpi client sends it) is refused with HTTP 401 (400 for several such headers or a
+malformed handshake). Frames larger than ``max_message_bytes`` are answered with an error; frames larger
+than twice that are not read at all: the connection is closed with code 1009 (message too big). Every
+reply's actions are checked: NaN or inf actions are answered with an error, never sent.
+
+Limits: at most ``max_connections`` WebSocket connections at once (more: HTTP 503); a
+connection answers one request at a time and buffers at most one more frame (reading pauses until that
+frame is taken), so a connection holds at most two frames, plus the decoded arrays of the one being
+answered (:attr:`PolicyServer.memory_bound_bytes`); a connection that sends no request for
+``idle_timeout`` seconds is closed with code 1000; a client that leaves while its request waits in the
+queue has that request dropped (it never runs).
+
+Shutdown (SIGINT/SIGTERM under :meth:`PolicyServer.run`, or :meth:`PolicyServer.stop`) refuses new
+connections and requests, answers queued requests with ``server is shutting down``, waits for the request
+in flight (at most ``shutdown_timeout`` seconds in all), sends its reply, then closes every connection with
+code 1001. A request still running at the deadline is abandoned: its client sees the connection close
+(1001) without a reply, and :attr:`PolicyServer.requests_abandoned` counts it. A second SIGINT/SIGTERM
+abandons it at once.
 
 In-process use (tests, notebooks)::
 
@@ -35,13 +50,16 @@ import logging
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from cortexflow.errors import ConfigError, CortexFlowError
+import numpy as np
+
+from cortexflow.errors import ConfigError, CortexFlowError, NonFiniteActionsError
 from cortexflow.serving import _deps, codec
 from cortexflow.serving.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
+from cortexflow.serving.quoting import clip
+from cortexflow.serving.workers import DaemonWorkers
 
 logger = logging.getLogger("cortexflow.serving")
 
@@ -50,6 +68,13 @@ DEFAULT_PORT = 8000
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 32
 DEFAULT_SHUTDOWN_TIMEOUT_S = 30.0
+DEFAULT_MAX_CONNECTIONS = 16
+DEFAULT_IDLE_TIMEOUT_S = 300.0
+DECODE_DEADLINE_S = 5.0
+DECODER_THREADS = 2
+CLOSE_TIMEOUT_S = 5.0  # waiting for a client's answer to our close frame
+READ_BUFFER_BYTES = 1024 * 1024  # what a connection may hold beyond its frames (socket reads, a partial frame)
+CLOSE_NORMAL = 1000
 CLOSE_MESSAGE_TOO_BIG = 1009
 HEALTH_PATH = "/healthz"
 METRICS_PATH = "/metrics"
@@ -57,6 +82,18 @@ METRICS_PATH = "/metrics"
 
 class ShuttingDown(Exception):
     """A queued request that the server will not run because it is stopping."""
+
+
+class ShutdownDeadlineError(CortexFlowError, TimeoutError):
+    """The server stopped with a request still running: its client got no reply."""
+
+
+@dataclass
+class _Reply:
+    """One reply frame: packed actions (bytes) or an error message (str); ``timing`` is set for actions."""
+
+    frame: bytes | str
+    timing: tuple[float, float, float] | None = None  # latency, inference, queue wait (s)
 
 
 @dataclass
@@ -95,8 +132,13 @@ class PolicyServer:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_S,
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
         warmup: bool = True,
     ):
+        if not isinstance(host, str) or not host.strip():
+            raise ConfigError(f"host must be an address to bind (127.0.0.1: this machine only, 0.0.0.0: every "
+                              f"interface), got {host!r}")
         if not isinstance(port, int) or not 0 <= port <= 65535:
             raise ConfigError(f"port must be an integer in 0..65535 (0: any free port), got {port!r}")
         if not isinstance(queue_size, int) or queue_size < 1:
@@ -107,6 +149,10 @@ class PolicyServer:
             raise ConfigError("the API key must be a non-empty string without spaces")
         if shutdown_timeout <= 0:
             raise ConfigError(f"shutdown timeout must be positive, got {shutdown_timeout!r}")
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise ConfigError(f"max_connections must be a positive integer, got {max_connections!r}")
+        if idle_timeout <= 0:
+            raise ConfigError(f"idle_timeout must be positive (seconds), got {idle_timeout!r}")
         self.policies = list(policy) if isinstance(policy, (list, tuple)) else [policy]
         if not self.policies:
             raise ConfigError("PolicyServer needs at least one policy")
@@ -117,6 +163,8 @@ class PolicyServer:
         self.max_message_bytes = max_message_bytes
         self.queue_size = queue_size
         self.shutdown_timeout = float(shutdown_timeout)
+        self.max_connections = max_connections
+        self.idle_timeout = float(idle_timeout)
         self.warmup = warmup
         metadata = dict(self.policy.metadata)
         if len(self.policies) > 1:
@@ -128,6 +176,8 @@ class PolicyServer:
                 "queue_size": queue_size,
                 "api_key_required": api_key is not None,
                 "engines": len(self.policies),
+                "max_connections": max_connections,
+                "idle_timeout_s": self.idle_timeout,
             },
         }
         info = {k: str(metadata[k]) for k in ("model", "robot", "backend", "device") if k in metadata}
@@ -137,6 +187,7 @@ class PolicyServer:
                 "queue_depth": lambda: self._queue.qsize() if self._queue is not None else 0,
                 "queue_capacity": lambda: self.queue_size,
                 "requests_in_flight": lambda: self._in_flight,
+                "connections_capacity": lambda: self.max_connections,
                 "engines": lambda: len(self.policies),
             },
         )
@@ -146,8 +197,11 @@ class PolicyServer:
         self._stopping = False
         self._in_flight = 0
         self._active_requests = 0
+        self._admitted: set = set()  # connections past the HTTP checks whose handler has not returned
+        self.requests_abandoned = 0
         self._port: int | None = None
         self._thread: threading.Thread | None = None
+        self._decoder: DaemonWorkers | None = None
         self._ready = threading.Event()
         self._thread_error: BaseException | None = None
         self._stopped = threading.Event()
@@ -169,12 +223,22 @@ class PolicyServer:
         return max(2 * self.max_message_bytes, self.max_message_bytes + 65536)
 
     @property
+    def memory_bound_bytes(self) -> int:
+        """What the open connections may hold at once, in bytes: per connection two frames (the one being
+        answered and one buffered) of at most :attr:`hard_max_message_bytes`, the answered frame's decoded
+        values (at most ``max_message_bytes`` of data plus ``codec.MAX_OBJECTS`` Python objects, 128 bytes
+        each at most) and ``READ_BUFFER_BYTES`` of socket reads; times ``max_connections``."""
+        decoded = self.max_message_bytes + codec.MAX_OBJECTS * 128
+        return self.max_connections * (2 * self.hard_max_message_bytes + decoded + READ_BUFFER_BYTES)
+
+    @property
     def stopping(self) -> bool:
         return self._stopping
 
     # ---- lifecycle --------------------------------------------------------------------------------
     async def serve(self, on_ready: Callable[["PolicyServer"], None] | None = None) -> None:
-        """Run until :meth:`request_stop`; then shut down gracefully. The coroutine behind :meth:`run`/:meth:`start`."""
+        """Run until :meth:`request_stop`; then shut down within ``shutdown_timeout``. The coroutine behind
+        :meth:`run`/:meth:`start`."""
         server_module = _deps.websockets_server()
         _deps.msgpack()
         self._loop = loop = asyncio.get_running_loop()
@@ -182,14 +246,15 @@ class PolicyServer:
         self._queue = asyncio.Queue(self.queue_size)
         if self._stopping:  # stop asked for before the loop existed
             self._stop_event.set()
-        executors = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"cortexflow-engine-{i}")
-                     for i in range(len(self.policies))]
+        engines = [DaemonWorkers(1, f"cortexflow-engine-{i}") for i in range(len(self.policies))]
+        self._decoder = DaemonWorkers(DECODER_THREADS, "cortexflow-decoder")
+        workers: list[asyncio.Task] = []
         try:
             warmups = [getattr(p, "warmup", None) for p in self.policies]
             if self.warmup and all(callable(w) for w in warmups):
                 start = time.perf_counter()
-                for executor, warmup in zip(executors, warmups):  # one at a time: CUDA graph captures must not overlap
-                    await loop.run_in_executor(executor, warmup)
+                for engine, warmup in zip(engines, warmups):  # one at a time: CUDA graph captures must not overlap
+                    await engine.submit(warmup)
                 logger.info("warm-up request done in %.1f ms", (time.perf_counter() - start) * 1e3)
             async with server_module.serve(
                 self._handle,
@@ -198,29 +263,37 @@ class PolicyServer:
                 process_request=self._process_request,
                 compression=None,
                 max_size=self.hard_max_message_bytes,
-                max_queue=4,
+                max_queue=(0, 0),  # one frame buffered at most: reading pauses until the handler takes it
+                close_timeout=min(CLOSE_TIMEOUT_S, self.shutdown_timeout),
                 server_header="cortexflow",
             ) as server:
                 self._port = server.sockets[0].getsockname()[1]
-                workers = [asyncio.create_task(self._worker(p, ex)) for p, ex in zip(self.policies, executors)]
+                workers = [asyncio.create_task(self._worker(p, e)) for p, e in zip(self.policies, engines)]
                 self._ready.set()
                 logger.debug("serving on %s", self.url)
                 if on_ready is not None:
                     on_ready(self)
                 await self._stop_event.wait()
-                await self._drain()
+                deadline = loop.time() + self.shutdown_timeout
+                await self._drain(deadline)
                 server.close()  # closes open connections with 1001 (going away)
-                await server.wait_closed()
-                for _ in workers:
-                    await self._queue.put(None)
-                await asyncio.gather(*workers)
+                try:
+                    await asyncio.wait_for(server.wait_closed(), max(deadline - loop.time(), 0.1))
+                except TimeoutError:
+                    logger.warning("shutdown timeout (%.1f s): connections still closing were dropped",
+                                   self.shutdown_timeout)
         finally:
-            for executor in executors:
-                executor.shutdown(wait=False)
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+            for engine in engines:
+                engine.shutdown()
+            self._decoder.shutdown()
             self._stopped.set()
 
     def run(self, on_ready: Callable[["PolicyServer"], None] | None = None) -> None:
-        """Serve in this (main) thread until SIGINT or SIGTERM, then shut down gracefully."""
+        """Serve in this (main) thread until SIGINT or SIGTERM, then shut down (a second signal: at once).
+        Afterwards :attr:`requests_abandoned` says how many requests were still running and got no reply."""
 
         async def main() -> None:
             loop = asyncio.get_running_loop()
@@ -229,10 +302,11 @@ class PolicyServer:
 
             def on_signal(signum: int) -> None:
                 if not self._stopping:
-                    logger.info("%s: finishing the request in flight, then stopping (again to abort)",
-                                signal.Signals(signum).name)
+                    logger.info("%s: finishing the request in flight (at most %.1f s), then stopping (again to abort)",
+                                signal.Signals(signum).name, self.shutdown_timeout)
                     self.request_stop()
                 elif task is not None:
+                    self.requests_abandoned = max(self.requests_abandoned, self._active_requests)
                     task.cancel()
 
             for sig in signals:
@@ -252,7 +326,7 @@ class PolicyServer:
         try:
             asyncio.run(main())
         except asyncio.CancelledError:
-            logger.warning("aborted before the request in flight finished")
+            logger.warning("aborted with %d request(s) running", self.requests_abandoned)
 
     def start(self, timeout: float = 60.0) -> "PolicyServer":
         """Serve from a background thread; return once listening (``port`` is then the bound port)."""
@@ -303,10 +377,11 @@ class PolicyServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    async def _drain(self) -> None:
-        """Refuse what is queued, then wait (up to ``shutdown_timeout``) for the reply in flight to be sent."""
+    async def _drain(self, deadline: float) -> None:
+        """Refuse what is queued, then wait until ``deadline`` (loop time) for the replies in flight to be sent;
+        what is still running then is counted in :attr:`requests_abandoned`."""
         self._stopping = True
-        assert self._queue is not None
+        assert self._queue is not None and self._loop is not None
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -314,16 +389,17 @@ class PolicyServer:
                 break
             if job is not None and not job.future.done():
                 job.future.set_exception(ShuttingDown())
-        deadline = time.monotonic() + self.shutdown_timeout
-        while (self._active_requests > 0 or self._in_flight) and time.monotonic() < deadline:
+        while (self._active_requests > 0 or self._in_flight) and self._loop.time() < deadline:
             await asyncio.sleep(0.01)
         if self._active_requests > 0 or self._in_flight:
-            logger.warning("shutdown timeout (%.1f s): closing with a request still running", self.shutdown_timeout)
+            self.requests_abandoned = max(self._active_requests, self._in_flight)
+            logger.warning("shutdown timeout (%.1f s): closing with %d request(s) still running; their clients get "
+                           "no reply", self.shutdown_timeout, self.requests_abandoned)
 
     # ---- engine worker ----------------------------------------------------------------------------
-    async def _worker(self, policy: Any, executor: ThreadPoolExecutor) -> None:
-        """Runs queued jobs one after the other, in arrival order, on ``policy``'s engine thread."""
-        loop = asyncio.get_running_loop()
+    async def _worker(self, policy: Any, engine: DaemonWorkers) -> None:
+        """Runs queued jobs one after the other, in arrival order, on ``policy``'s engine thread; a job whose
+        client left (its future cancelled) is skipped."""
         assert self._queue is not None
         while True:
             job = await self._queue.get()
@@ -334,7 +410,7 @@ class PolicyServer:
             self._in_flight += 1
             started = time.perf_counter()
             try:
-                actions, timings = await loop.run_in_executor(executor, policy.infer, job.request)
+                actions, timings = await engine.submit(policy.infer, job.request)
             except Exception as err:  # handed to the waiting connection handler
                 if not job.future.done():
                     job.future.set_exception(err)
@@ -344,8 +420,25 @@ class PolicyServer:
             finally:
                 self._in_flight -= 1
 
-    # ---- HTTP side: health, metrics, authentication -----------------------------------------------
+    # ---- HTTP side: health, metrics, connection cap, authentication -------------------------------
     def _process_request(self, connection: Any, request: Any) -> Any:
+        """The HTTP answer to a request before the WebSocket upgrade, or None to accept it. Any failure is
+        a 400 with one log line (websockets would answer 500 and log a traceback)."""
+        try:
+            return self._admit(connection, request)
+        except Exception as err:
+            self.metrics.connection_refused()
+            logger.warning("handshake from %s refused: %s", getattr(connection, "remote_address", None),
+                           clip(f"{type(err).__name__}: {err}"))
+            return connection.respond(http.HTTPStatus.BAD_REQUEST, "malformed handshake request\n")
+
+    def _refuse(self, connection: Any, status: http.HTTPStatus, text: str) -> Any:
+        self.metrics.connection_refused()
+        logger.info("handshake from %s refused: %d %s", getattr(connection, "remote_address", None), status,
+                    text.strip())
+        return connection.respond(status, text)
+
+    def _admit(self, connection: Any, request: Any) -> Any:
         path = request.path.split("?", 1)[0]
         if path == HEALTH_PATH:
             if self._stopping:
@@ -357,21 +450,30 @@ class PolicyServer:
             response.headers["Content-Type"] = PROMETHEUS_CONTENT_TYPE
             return response
         if self._stopping:
-            self.metrics.connection_refused()
-            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
+            return self._refuse(connection, http.HTTPStatus.SERVICE_UNAVAILABLE, "server is shutting down\n")
         if self.api_key is not None:
-            header = request.headers.get("Authorization")
-            if not header:
-                self.metrics.connection_refused()
-                return connection.respond(
-                    http.HTTPStatus.UNAUTHORIZED,
+            headers = request.headers.get_all("Authorization")
+            if not headers:
+                return self._refuse(
+                    connection, http.HTTPStatus.UNAUTHORIZED,
                     "missing API key: send the header 'Authorization: Api-Key <key>' "
                     "(openpi_client: WebsocketClientPolicy(host, port, api_key=KEY))\n",
                 )
-            scheme, _, key = header.strip().partition(" ")
+            if len(headers) > 1:
+                return self._refuse(connection, http.HTTPStatus.BAD_REQUEST,
+                                    f"{len(headers)} Authorization headers; send exactly one\n")
+            scheme, _, key = headers[0].strip().partition(" ")
             if scheme.lower() != "api-key" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-                self.metrics.connection_refused()
-                return connection.respond(http.HTTPStatus.UNAUTHORIZED, "invalid API key\n")
+                return self._refuse(connection, http.HTTPStatus.UNAUTHORIZED, "invalid API key\n")
+        closed = _deps.websockets_protocol().State.CLOSED
+        self._admitted = {c for c in self._admitted if c.state is not closed}  # handshakes that failed later
+        if len(self._admitted) >= self.max_connections:
+            return self._refuse(
+                connection, http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many connections: this server accepts {self.max_connections} at once (--max-connections); "
+                "retry when a client has left\n",
+            )
+        self._admitted.add(connection)
         return None
 
     # ---- WebSocket side ---------------------------------------------------------------------------
@@ -380,12 +482,17 @@ class PolicyServer:
         self.metrics.connection_opened()
         peer = getattr(websocket, "remote_address", None)
         logger.info("connection from %s opened", peer)
+        gone = asyncio.ensure_future(websocket.wait_closed())
         try:
             await websocket.send(codec.pack(self.metadata))
             prev_total_ms = None
             while True:
                 try:
-                    message = await websocket.recv()
+                    message = await asyncio.wait_for(websocket.recv(), self.idle_timeout)
+                except TimeoutError:
+                    logger.info("connection from %s idle for %.0f s: closing it", peer, self.idle_timeout)
+                    await websocket.close(CLOSE_NORMAL, f"idle for {self.idle_timeout:g} s")
+                    break
                 except closed_errors as closed:
                     if closed.sent is not None and closed.sent.code == CLOSE_MESSAGE_TOO_BIG:
                         self.metrics.request()
@@ -395,8 +502,18 @@ class PolicyServer:
                 start = time.perf_counter()
                 self._active_requests += 1
                 try:
-                    reply = await self._answer(message, start, prev_total_ms)
-                    await websocket.send(reply)
+                    answer = asyncio.ensure_future(self._answer(message, start, prev_total_ms))
+                    del message  # the answer holds the frame only as long as it needs it
+                    await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+                    if not answer.done():
+                        answer.cancel()  # a queued request is dropped; one already running is not sent
+                        self.metrics.error("shutting_down" if self._stopping else "client_gone")
+                        logger.info("connection from %s closed before its reply", peer)
+                        break
+                    reply = answer.result()
+                    await websocket.send(reply.frame)
+                    if reply.timing is not None:
+                        self.metrics.reply(*reply.timing)
                 finally:
                     self._active_requests -= 1
                 prev_total_ms = (time.perf_counter() - start) * 1e3
@@ -405,16 +522,23 @@ class PolicyServer:
         except Exception:  # never let one connection take the server down
             logger.exception("connection from %s failed", peer)
         finally:
+            gone.cancel()
+            self._admitted.discard(websocket)
             self.metrics.connection_closed()
             logger.info("connection from %s closed", peer)
 
-    def _error(self, reason: str, message: str) -> str:
+    def _error(self, reason: str, message: str) -> _Reply:
+        message = clip(message)
         self.metrics.error(reason)
         logger.info("request error (%s): %s", reason, message)
-        return message
+        return _Reply(message)
 
-    async def _answer(self, message: Any, start: float, prev_total_ms: float | None) -> bytes | str:
-        """The reply frame for one request: packed actions (bytes) or an error message (str)."""
+    def _decode(self, frame: bytes) -> Any:
+        """Decoder thread: the frame -> the policy's prepared request (raises UndecodableFrame / InputError)."""
+        return self.policy.prepare(codec.unpack(frame))
+
+    async def _answer(self, message: Any, start: float, prev_total_ms: float | None) -> _Reply:
+        """The reply to one request: packed actions or an error message."""
         self.metrics.request()
         if self._stopping:
             return self._error("shutting_down", "server is shutting down; reconnect when it is back")
@@ -428,17 +552,22 @@ class PolicyServer:
                 "too_large", f"request too large: {len(message)} bytes; the server accepts at most "
                 f"{self.max_message_bytes} bytes per frame (--max-message-mb)"
             )
+        assert self._decoder is not None
+        decoding = self._decoder.submit(self._decode, message)
+        del message
         try:
-            observation = codec.unpack(message)
+            request = await asyncio.wait_for(decoding, DECODE_DEADLINE_S)
+        except TimeoutError:
+            return self._error("undecodable", f"undecodable request: decoding took longer than {DECODE_DEADLINE_S} s")
         except codec.UndecodableFrame as err:
             return self._error("undecodable", f"undecodable request: {err}")
-        try:
-            request = self.policy.prepare(observation)
         except CortexFlowError as err:
             return self._error("bad_request", f"bad request: {err}")
         except Exception as err:
-            logger.exception("preparing a request failed")
+            logger.error("preparing a request failed: %s", clip(f"{type(err).__name__}: {err}"), exc_info=err)
             return self._error("internal", f"internal server error: {type(err).__name__}: {err}")
+        if self._stopping:  # stop began while the frame was decoded
+            return self._error("shutting_down", "server is shutting down; this request was not run")
         assert self._queue is not None and self._loop is not None
         job = _Job(request, self._loop.create_future())
         try:  # no await between the shutdown check above and this put: the drain cannot miss the job
@@ -452,11 +581,18 @@ class PolicyServer:
             actions, policy_timing, started, finished = await job.future
         except ShuttingDown:
             return self._error("shutting_down", "server is shutting down; this request was not run")
+        except NonFiniteActionsError as err:
+            return self._error("non_finite", f"no actions: {err}")
         except CortexFlowError as err:
             return self._error("bad_request", f"bad request: {err}")
         except Exception as err:
-            logger.error("inference failed: %s: %s", type(err).__name__, err, exc_info=err)
+            logger.error("inference failed: %s", clip(f"{type(err).__name__}: {err}"), exc_info=err)
             return self._error("internal", f"internal server error: {type(err).__name__}: {err}")
+        actions = np.asarray(actions)
+        if not np.isfinite(actions).all():
+            bad = int((~np.isfinite(actions)).sum())
+            return self._error("non_finite", f"no actions: the model produced {bad} NaN or inf action values out of "
+                               f"{actions.size} (huge noise or state values, or broken weights)")
         server_timing = {
             "infer_ms": (finished - started) * 1e3,
             "queue_ms": (started - job.enqueued) * 1e3,
@@ -469,5 +605,4 @@ class PolicyServer:
         except Exception as err:
             logger.exception("encoding a reply failed")
             return self._error("internal", f"internal server error: cannot encode the reply: {err}")
-        self.metrics.reply(time.perf_counter() - start, finished - started, started - job.enqueued)
-        return reply
+        return _Reply(reply, (time.perf_counter() - start, finished - started, started - job.enqueued))

@@ -30,6 +30,7 @@ from cortexflow.serving.policy import (
     MappedPolicy,
     PolicyOptions,
     _resolve_dtype,
+    checkpoint_name,
     common_metadata,
     engine_timings,
 )
@@ -221,5 +222,5 @@ def build_token_policy(options: PolicyOptions, model_type: VLAModelType,
         encoding = "the checkpoint's tokenizer.model"
     else:
         encoding = None
-    return TokenServedPolicy(engine=engine, mapping=mapping, checkpoint=str(options.checkpoint),
+    return TokenServedPolicy(engine=engine, mapping=mapping, checkpoint=checkpoint_name(options.checkpoint),
                              default_prompt=options.default_prompt, prompt_encoding=encoding)

@@ -179,7 +179,9 @@ def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
         from triton.runtime.driver import driver
         from triton.runtime.jit import JITFunction
     except ImportError as err:
-        raise ConfigError(f"compile-check needs Triton: pip install triton ({err})") from err
+        from cortexflow.kernels import TRITON_INSTALL_HINT
+
+        raise ConfigError(f"compile-check needs Triton ({err}): {TRITON_INSTALL_HINT}") from err
 
     class _TargetDriver:
         """Just enough of a Triton driver for compile-only launches: one device, one stream, ``target``."""

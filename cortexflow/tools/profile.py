@@ -25,6 +25,7 @@ from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size, synchronize
 from cortexflow.tools.bench import make_engine, predict_call, random_observation
 from cortexflow.tools.flops import stage_costs
+from cortexflow.tools.native_stderr import dropping_native_lines
 
 #: Engine stage name -> the cost in :func:`cortexflow.tools.flops.stage_costs` it runs.
 STAGES = (("vision_encoder", "vision"), ("transformer_encoder", "prefix"), ("transformer_decoder", "expert"))
@@ -172,7 +173,7 @@ def profile_call(call: Callable[[], object], engine, device: torch.device, repea
         log("profiling one call ...")
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         synchronize(device)
-        with torch.profiler.profile(activities=activities) as prof:
+        with dropping_native_lines(), torch.profiler.profile(activities=activities) as prof:
             call()
             synchronize(device)
     top_rows, total_ms = kernel_rows(prof, cuda, top)
@@ -236,6 +237,16 @@ def row_with_floor(stage: str, cost, executed, time_ms: float | None, peaks: dic
     return row
 
 
+def _rate(value: float | None) -> str:
+    """A rate with three significant digits and no exponent (``0.0925``, ``41.3``, ``796000``); ``-`` for None."""
+    if value is None:
+        return "-"
+    if value >= 100 or value == 0:
+        return f"{value:,.0f}"
+    digits = max(0, 2 - int(np.floor(np.log10(abs(value)))))
+    return f"{value:.{digits}f}"
+
+
 def print_profile(report: dict, console, name_width: int = 90) -> None:
     """Peaks, the per-stage roofline table and the top-kernel table."""
     from rich import box
@@ -255,16 +266,22 @@ def print_profile(report: dict, console, name_width: int = 90) -> None:
         console.print(Text("no device peaks on the CPU: no floor (give --peak-tflops and --peak-gbps for one)", style="dim"))
     stages = Table(title=f"Stages (median of {work['repeats']} un-profiled calls)", box=box.SIMPLE_HEAD,
                    title_justify="left")
-    for header in ("stage", "ms", "GFLOP", "MB", "TFLOP/s", "GB/s", "floor ms", "bound", "x floor"):
+    headers = ("stage", "ms", "GFLOP", "MB", "GFLOP/s", "GB/s") + (("floor ms", "bound", "x floor") if peaks else ())
+    for header in headers:
         stages.add_column(header, justify="left" if header in ("stage", "bound") else "right")
     fmt = lambda value, spec: "-" if value is None else format(value, spec)  # noqa: E731
     for r in report["stages"]:
-        stages.add_row(r["stage"], fmt(r["time_ms"], ".2f"), f"{r['flop'] / 1e9:.4g}", f"{r['bytes'] / 1e6:.4g}",
-                       fmt(r["achieved_tflops"], ".2f"), fmt(r["achieved_gbps"], ".0f"), fmt(r["floor_ms"], ".3f"),
-                       r["bound"] or "-", fmt(r["gap"], ".1f"))
+        gflops = None if r["achieved_tflops"] is None else r["achieved_tflops"] * 1e3
+        row = [r["stage"], fmt(r["time_ms"], ".2f"), f"{r['flop'] / 1e9:.4g}", f"{r['bytes'] / 1e6:.4g}",
+               _rate(gflops), _rate(r["achieved_gbps"])]
+        if peaks:
+            row += [fmt(r["floor_ms"], ".3f"), r["bound"] or "-", fmt(r["gap"], ".1f")]
+        stages.add_row(*row)
     t = report["totals"]
-    stages.add_row("total", f"{t['stages_ms']:.2f}", f"{t['flop'] / 1e9:.4g}", f"{t['bytes'] / 1e6:.4g}", "", "",
-                   fmt(t["floor_ms"], ".3f"), "", fmt(t["gap"], ".1f"), style="bold")
+    total = ["total", f"{t['stages_ms']:.2f}", f"{t['flop'] / 1e9:.4g}", f"{t['bytes'] / 1e6:.4g}", "", ""]
+    if peaks:
+        total += [fmt(t["floor_ms"], ".3f"), "", fmt(t["gap"], ".1f")]
+    stages.add_row(*total, style="bold")
     console.print(stages)
     other = {k: v for k, v in report["stages_ms"].items() if k not in {s for s, _ in STAGES}}
     console.print(Text("other timings (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in other.items()), style="dim"))

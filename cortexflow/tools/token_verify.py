@@ -24,6 +24,7 @@ when the teacher-forced decode logits are within the limit. In float32 every tok
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
@@ -317,9 +318,11 @@ def run_token_verify(
         ctx = TokenContext(model=policy, modules=table,
                            buffers={"images": random_image_inputs(policy, seed + 1, resolved_device)},
                            ids=torch.tensor([ids], dtype=torch.int64, device=resolved_device), reference=reference)
-        for name in selected:
-            log(f"checking {name} ...")
+        for index, name in enumerate(selected, 1):
+            log(f"checking {name} ({index}/{len(selected)}) ...")
+            start = time.perf_counter()
             rows.append(_check_module(table[name], ctx, checked, threshold, repeats, resolved_device))
+            log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     by_name = {row["name"]: row for row in rows}
     actions, decode = by_name.get("actions"), by_name.get("decode_logits")
     if (actions is not None and actions["status"] == "over" and compute_dtype != torch.float32

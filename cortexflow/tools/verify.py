@@ -367,9 +367,11 @@ def run_verify(
             buffers=random_inputs(pi_model, views, prompt_len, seed + 1, resolved_device),
             reference=reference,
         )
-        for name in selected:
-            log(f"checking {name} ...")
+        for index, name in enumerate(selected, 1):
+            log(f"checking {name} ({index}/{len(selected)}) ...")
+            start = time.perf_counter()
             rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device))
+            log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     actions = next((r for r in rows if r["name"] == "actions"), None)
     return {
         "tool": "cortexflow verify",
