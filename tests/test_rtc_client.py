@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from cortexflow.errors import InputError
-from cortexflow.serving.rtc_client import RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY, ChunkedController
+from cortexflow.serving.chunking import RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY
+from cortexflow.serving.rtc_client import ChunkedController
 
 CHUNK = 20
 

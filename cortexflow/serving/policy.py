@@ -192,8 +192,15 @@ class ServedPolicy(MappedPolicy):
 
     def infer(self, request: EngineRequest) -> tuple[np.ndarray, dict[str, float]]:
         """Run the engine: robot actions ``(chunk, robot action_dim)`` fp32 and the engine's stage timings (ms)."""
+        return self.infer_chunk(request)[:2]
+
+    def infer_chunk(self, request: EngineRequest, prev_actions: np.ndarray | None = None,
+                    inference_delay: int = 0) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+        """:meth:`infer`, guided towards ``prev_actions`` (the remaining actions of this connection's last chunk,
+        as the engine returned them; real-time chunking) when given; also returns the engine's chunk."""
         start = time.perf_counter()
         noise = request.noise if request.noise is not None else self._noise
+        guidance = {} if prev_actions is None else {"prev_actions": prev_actions, "inference_delay": inference_delay}
         actions = self.engine.predict(
             request.images,
             request.prompt,
@@ -201,9 +208,10 @@ class ServedPolicy(MappedPolicy):
             noise=noise,
             prompt_tokens=request.prompt_tokens,
             image_masks=request.image_masks,
+            **guidance,
         )
         robot_actions = np.ascontiguousarray(self.mapping.to_robot(actions), dtype=np.float32)
-        return robot_actions, engine_timings(self.engine, start)
+        return robot_actions, engine_timings(self.engine, start), actions
 
 
 def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:

@@ -2,7 +2,7 @@
 
 :class:`ChunkedController` executes action chunks at a fixed control rate in a thread of its own while
 the next chunk is requested, and asks the server to guide each new chunk towards the actions the robot
-will still execute from the current one (the request keys of :data:`RTC_KEYS`). It needs nothing beyond
+will still execute from the current one (the request keys of :mod:`cortexflow.serving.chunking`). It needs nothing beyond
 an object with openpi-client's ``infer(observation) -> {"actions": (H, D)}`` (``WebsocketClientPolicy``).
 
 Timeline of one chunk (control steps, counted from the first action of the chunk in execution):
@@ -25,11 +25,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from cortexflow.errors import InputError
+from cortexflow.serving.chunking import RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY
 
-#: The optional request keys of a real-time-chunking request (a plain openpi client sends none of them).
-RTC_EXECUTED_STEPS = "rtc/executed_steps"
-RTC_INFERENCE_DELAY = "rtc/inference_delay"
-RTC_KEYS = (RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY)
 
 
 @dataclass

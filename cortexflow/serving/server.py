@@ -55,8 +55,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cortexflow.errors import ConfigError, CortexFlowError, NonFiniteActionsError
+from cortexflow.errors import ConfigError, CortexFlowError, InputError, NonFiniteActionsError
 from cortexflow.serving import _deps, codec
+from cortexflow.serving.chunking import RTC_KEYS, ChunkFollowUp, ChunkSession, split_follow_up
 from cortexflow.serving.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from cortexflow.serving.quoting import clip
 from cortexflow.serving.workers import DaemonWorkers
@@ -100,6 +101,8 @@ class _Reply:
 class _Job:
     request: Any
     future: asyncio.Future
+    follow_up: ChunkFollowUp | None = None
+    session: ChunkSession = field(default_factory=ChunkSession)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -410,7 +413,13 @@ class PolicyServer:
             self._in_flight += 1
             started = time.perf_counter()
             try:
-                actions, timings = await engine.submit(policy.infer, job.request)
+                infer_chunk = getattr(policy, "infer_chunk", None)
+                if infer_chunk is None:
+                    actions, timings = await engine.submit(policy.infer, job.request)
+                else:
+                    prev_actions, delay = job.session.previous_actions(job.follow_up)
+                    actions, timings, chunk = await engine.submit(infer_chunk, job.request, prev_actions, delay)
+                    job.session.last_chunk = chunk
             except Exception as err:  # handed to the waiting connection handler
                 if not job.future.done():
                     job.future.set_exception(err)
@@ -483,6 +492,7 @@ class PolicyServer:
         peer = getattr(websocket, "remote_address", None)
         logger.info("connection from %s opened", peer)
         gone = asyncio.ensure_future(websocket.wait_closed())
+        session = ChunkSession()
         try:
             await websocket.send(codec.pack(self.metadata))
             prev_total_ms = None
@@ -502,7 +512,7 @@ class PolicyServer:
                 start = time.perf_counter()
                 self._active_requests += 1
                 try:
-                    answer = asyncio.ensure_future(self._answer(message, start, prev_total_ms))
+                    answer = asyncio.ensure_future(self._answer(message, start, prev_total_ms, session))
                     del message  # the answer holds the frame only as long as it needs it
                     await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
                     if not answer.done():
@@ -533,11 +543,17 @@ class PolicyServer:
         logger.info("request error (%s): %s", reason, message)
         return _Reply(message)
 
-    def _decode(self, frame: bytes) -> Any:
-        """Decoder thread: the frame -> the policy's prepared request (raises UndecodableFrame / InputError)."""
-        return self.policy.prepare(codec.unpack(frame))
+    def _decode(self, frame: bytes) -> tuple[Any, ChunkFollowUp | None]:
+        """Decoder thread: the frame -> the policy's prepared request and its real-time-chunking keys (raises
+        UndecodableFrame / InputError)."""
+        observation, follow_up = split_follow_up(codec.unpack(frame))
+        if follow_up is not None and not hasattr(self.policy, "infer_chunk"):
+            raise InputError(f"this server's {self.metadata.get('model', 'policy')} policy does not take the "
+                             f"real-time-chunking keys {list(RTC_KEYS)}; send the observation without them")
+        return self.policy.prepare(observation), follow_up
 
-    async def _answer(self, message: Any, start: float, prev_total_ms: float | None) -> _Reply:
+    async def _answer(self, message: Any, start: float, prev_total_ms: float | None,
+                      session: ChunkSession | None = None) -> _Reply:
         """The reply to one request: packed actions or an error message."""
         self.metrics.request()
         if self._stopping:
@@ -556,7 +572,7 @@ class PolicyServer:
         decoding = self._decoder.submit(self._decode, message)
         del message
         try:
-            request = await asyncio.wait_for(decoding, DECODE_DEADLINE_S)
+            request, follow_up = await asyncio.wait_for(decoding, DECODE_DEADLINE_S)
         except TimeoutError:
             return self._error("undecodable", f"undecodable request: decoding took longer than {DECODE_DEADLINE_S} s")
         except codec.UndecodableFrame as err:
@@ -569,7 +585,7 @@ class PolicyServer:
         if self._stopping:  # stop began while the frame was decoded
             return self._error("shutting_down", "server is shutting down; this request was not run")
         assert self._queue is not None and self._loop is not None
-        job = _Job(request, self._loop.create_future())
+        job = _Job(request, self._loop.create_future(), follow_up, session if session is not None else ChunkSession())
         try:  # no await between the shutdown check above and this put: the drain cannot miss the job
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
