@@ -32,6 +32,7 @@ from cortexflow.models.pi0 import Pi0Model, Pi05Model
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
 from cortexflow.models.rt1 import RT1Config, RT1Model
 from cortexflow.models.rt2 import RT2Config, RT2Model
+from cortexflow.models.rtc import RTCConfig
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
 from cortexflow.rt1_engine import RT1Engine
 from cortexflow.token_engine import TokenVLAEngine
@@ -48,6 +49,7 @@ __all__ = [
     "CortexFlowError",
     "CortexFlowWarning",
     "InferenceConfig",
+    "RTCConfig",
     "InputError",
     "ModelConfig",
     "NormStatsError",

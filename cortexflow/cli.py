@@ -1258,7 +1258,9 @@ def serve_command(
     shutdown_timeout: Annotated[float, typer.Option("--shutdown-timeout", metavar="S", help="On SIGINT/SIGTERM, how long to wait for the request in flight; past it the request is abandoned (its client sees close 1001, no reply) and the exit code is 2.")] = 30.0,
     max_connections: Annotated[int, typer.Option("--max-connections", metavar="N", help="WebSocket connections at once; more get HTTP 503.")] = 16,
     idle_timeout: Annotated[float, typer.Option("--idle-timeout", metavar="S", help="Close a connection that sends no request for this long (code 1000).")] = 300.0,
-    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph).")] = True,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="Run one synthetic request before listening (captures the CUDA graph; with --max-batch, one per batch size).")] = True,
+    max_batch: Annotated[int, typer.Option("--max-batch", metavar="N", help="Pi0/Pi0.5: run up to N queued requests as one batched forward (1: one at a time). Each keeps its own images, prompt, state and noise.")] = 1,
+    batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", metavar="MS", help="With --max-batch: wait up to MS for more requests after the first (0: batch only what queued while the engine was busy).")] = 0.0,
 ) -> None:
     """Serve a Pi0/Pi0.5, OpenVLA or RT-2 policy to robots: a WebSocket server speaking openpi's protocol.
 
@@ -1286,7 +1288,8 @@ def serve_command(
     try:
         serve(options, host=host, port=port, api_key=api_key, max_message_mb=max_message_mb, queue_size=queue_size,
               shutdown_timeout=shutdown_timeout, warmup=warmup, max_connections=max_connections,
-              idle_timeout=idle_timeout, info=_progress, warn=_warning_line)
+              idle_timeout=idle_timeout, info=_progress, warn=_warning_line, max_batch=max_batch,
+              batch_window_ms=batch_window_ms)
     except ShutdownDeadlineError as err:
         _error_line(str(err))
         sys.stdout.flush()

@@ -19,8 +19,9 @@ from cortexflow.backends import create_backend
 from cortexflow.checkpoints.files import CheckpointFiles
 from cortexflow.checkpoints.loader import CheckpointReport, load_pi0_checkpoint
 from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType, prompt_bucket_lengths
-from cortexflow.errors import BackendUnavailableError, CheckpointError, InputError, NonFiniteActionsError
+from cortexflow.errors import BackendUnavailableError, CheckpointError, ConfigError, InputError, NonFiniteActionsError
 from cortexflow.models.base import VLAModel
+from cortexflow.models.rtc import ChunkGuidance, RTCConfig, prefix_weights
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor, split_norm_stats
 from cortexflow.processing import PromptTokenizer, load_norm_stats
 
@@ -185,17 +186,32 @@ class VLAInferenceEngine:
         noise: Any = None,
         prompt_tokens: Any = None,
         image_masks: Any = None,
+        prev_actions: Any = None,
+        inference_delay: int = 0,
+        execution_horizon: int | None = None,
+        rtc: RTCConfig | None = None,
     ) -> np.ndarray:
         """One observation -> action chunk ``(chunk_size, action_dim)`` fp32 numpy (un-normalised if stats given).
 
         ``observation_images``: ``num_views`` HWC images (uint8, or float in [-1, 1]) as an array
         ``(V, H, W, 3)`` or a list; ``image_masks``: which views are present; ``noise``: ``(chunk, action_dim)``
-        to make the call reproducible; ``prompt_tokens``: token ids instead of ``task_prompt``."""
+        to make the call reproducible; ``prompt_tokens``: token ids instead of ``task_prompt``.
+
+        Real-time chunking (:mod:`cortexflow.models.rtc`): ``prev_actions`` ``(R, D)`` are the actions of the
+        previous chunk (as ``predict`` returned them, ``D <= action_dim`` leading dims) that the robot had not
+        executed yet when this observation was taken; ``inference_delay`` of them will be executed while this
+        call runs. The new chunk is guided so that its first actions continue them. ``execution_horizon``
+        (the paper's ``s``) ends the guided overlap at ``chunk_size - s`` instead of ``R``; ``rtc`` sets the
+        guidance clip and schedule. Without ``prev_actions`` the call is exactly the unguided one. A guided
+        call runs eagerly (no CUDA graph) and needs a backend with ``supports_guided_decoding``."""
         start = time.perf_counter()
         sample = self.preprocessor(observation_images, task_prompt, state, prompt_tokens, image_masks,
                                    **self._images_out(1, 0))
+        guidance = None
+        if prev_actions is not None:
+            guidance = self._chunk_guidance([prev_actions], [inference_delay], execution_horizon, rtc, [sample])
         noise_batch = None if noise is None else self._check_noise(noise, batch=None)[None]
-        return self._run([sample], noise_batch, start)[0]
+        return self._run([sample], noise_batch, start, guidance)[0]
 
     def predict_batch(
         self,
@@ -206,10 +222,16 @@ class VLAInferenceEngine:
         noise: Any = None,
         batch_prompt_tokens: Sequence[Any] | None = None,
         batch_image_masks: Sequence[Any] | None = None,
+        batch_prev_actions: Sequence[Any] | None = None,
+        batch_inference_delays: Sequence[int] | None = None,
+        execution_horizon: int | None = None,
+        rtc: RTCConfig | None = None,
     ) -> np.ndarray:
         """B observations in one batched forward -> ``(B, chunk_size, action_dim)``.
 
-        Every ``batch_*`` argument is a sequence of length B (or None); ``noise`` is ``(B, chunk, action_dim)``."""
+        Every ``batch_*`` argument is a sequence of length B (or None); ``noise`` is ``(B, chunk, action_dim)``.
+        ``batch_prev_actions`` / ``batch_inference_delays`` guide every sample as :meth:`predict`'s
+        ``prev_actions`` / ``inference_delay`` do (all samples or none)."""
         start = time.perf_counter()
         batch = len(batch_images)
         if batch == 0:
@@ -220,6 +242,8 @@ class VLAInferenceEngine:
             ("batch_states", batch_states),
             ("batch_prompt_tokens", batch_prompt_tokens),
             ("batch_image_masks", batch_image_masks),
+            ("batch_prev_actions", batch_prev_actions),
+            ("batch_inference_delays", batch_inference_delays),
         ):
             if column is not None and len(column) != batch:
                 raise InputError(f"{name} has {len(column)} entries but batch_images has {batch}")
@@ -235,10 +259,64 @@ class VLAInferenceEngine:
             )
             for i in range(batch)
         ]
+        guidance = None
+        if batch_prev_actions is not None:
+            delays = [0 if d is None else d for d in columns["batch_inference_delays"]]
+            guidance = self._chunk_guidance(batch_prev_actions, delays, execution_horizon, rtc, samples)
         noise_batch = None if noise is None else self._check_noise(noise, batch=batch)
-        return self._run(samples, noise_batch, start)
+        return self._run(samples, noise_batch, start, guidance)
 
     # ---- internals ----------------------------------------------------------------------------
+    def _chunk_guidance(self, prev_actions: Sequence[Any], delays: Sequence[Any], execution_horizon: Any,
+                        rtc: Any, samples: Sequence[Mapping[str, torch.Tensor]]) -> ChunkGuidance:
+        """Check the real-time-chunking arguments and build the guidance of a call (target and mask ``(B, H, A)``);
+        the previous actions are mapped back through the output steps with each sample's robot state."""
+        if not getattr(self.backend, "supports_guided_decoding", False):
+            raise ConfigError(
+                f"real-time chunking (prev_actions=) needs a backend that runs the denoising loop op by op, such as "
+                f"backend='pytorch'; this engine runs the {self.backend.name!r} backend"
+            )
+        rtc = RTCConfig() if rtc is None else rtc
+        if not isinstance(rtc, RTCConfig):
+            raise InputError(f"rtc must be a cortexflow.RTCConfig or None, got {type(rtc).__name__}")
+        to_model_space = getattr(self.postprocessor, "to_model_space", None)
+        if to_model_space is None:
+            raise ConfigError(
+                "real-time chunking needs engine.postprocessor.to_model_space(actions, states) to map prev_actions back "
+                "into the model's (normalised) action space; the replaced postprocessor has none"
+            )
+        chunk, dim = self.chunk_size, self.config.action_dim
+        if execution_horizon is not None and (isinstance(execution_horizon, bool) or not isinstance(execution_horizon, int)
+                                              or not 0 <= execution_horizon < chunk):
+            raise InputError(f"execution_horizon must be an integer in [0, {chunk}) (chunk_size {chunk}) or None, "
+                             f"got {execution_horizon!r}")
+        targets = torch.zeros(len(prev_actions), chunk, dim)
+        masks = torch.zeros(len(prev_actions), chunk, dim)
+        for index, (prev, delay) in enumerate(zip(prev_actions, delays)):
+            where = "prev_actions" if len(prev_actions) == 1 else f"batch_prev_actions[{index}]"
+            try:
+                prev = np.asarray(prev, dtype=np.float32)
+            except (TypeError, ValueError) as exc:
+                raise InputError(f"{where} must be a numeric array (R, D); could not convert it: {exc}") from None
+            if prev.ndim != 2 or not 1 <= prev.shape[0] <= chunk or not 1 <= prev.shape[1] <= dim:
+                raise InputError(f"{where} has shape {prev.shape}; expected (R, D) with 1 <= R <= {chunk} (chunk_size) "
+                                 f"and 1 <= D <= {dim} (action_dim)")
+            if not np.isfinite(prev).all():
+                raise InputError(f"{where} contains NaN or inf")
+            state = samples[index].get("robot_state")
+            prev = to_model_space(prev, None if state is None else state.numpy())
+            remaining, given = prev.shape
+            if given > dim:
+                raise InputError(f"{where} maps to {given} model action dims; the model has {dim}")
+            end = remaining if execution_horizon is None else min(remaining, chunk - execution_horizon)
+            if isinstance(delay, bool) or not isinstance(delay, (int, np.integer)) or not 0 <= delay <= end:
+                name = "inference_delay" if len(prev_actions) == 1 else f"batch_inference_delays[{index}]"
+                raise InputError(f"{name} must be an integer in [0, {end}] (the guided overlap of {where}), got {delay!r}")
+            targets[index, :remaining, :given] = torch.from_numpy(prev)
+            weights = prefix_weights(chunk, int(delay), end, rtc.schedule)
+            masks[index, :, :given] = weights[:, None]
+        return ChunkGuidance(targets.to(self.device), masks.to(self.device), float(rtc.max_guidance_weight))
+
     def _check_noise(self, noise: Any, batch: int | None) -> torch.Tensor:
         expected = (self.chunk_size, self.config.action_dim) if batch is None else (batch, self.chunk_size, self.config.action_dim)
         try:
@@ -331,7 +409,8 @@ class VLAInferenceEngine:
             return {}
         return {"images_out": images[index] if on_device else images[index].numpy()}
 
-    def _run(self, samples: list[dict[str, torch.Tensor]], noise: torch.Tensor | None, start: float) -> np.ndarray:
+    def _run(self, samples: list[dict[str, torch.Tensor]], noise: torch.Tensor | None, start: float,
+             guidance: ChunkGuidance | None = None) -> np.ndarray:
         batch = len(samples)
         length = self.prompt_bucket(samples)
         buffers = self.buffers(batch, length)
@@ -358,8 +437,11 @@ class VLAInferenceEngine:
         if staging is not buffers:
             buffers["noise"].copy_(staging["noise"], non_blocking=True)
         timer = StageTimer(self.device)
-        with torch.inference_mode():
-            if self.use_cuda_graphs:
+        # A guided call differentiates the denoising loop: no inference mode (its tensors refuse autograd).
+        with torch.no_grad() if guidance is not None else torch.inference_mode():
+            if guidance is not None:
+                self.model.forward(self.backend, self.weights, buffers, timer, guidance=guidance)
+            elif self.use_cuda_graphs:
                 self._graph(batch, length).replay()
             else:
                 self.model.forward(self.backend, self.weights, buffers, timer)

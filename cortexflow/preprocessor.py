@@ -18,7 +18,7 @@ import torch
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.errors import ConfigError, InputError, NormStatsError, TokenizerError
 from cortexflow.policies.normalize import FeatureNormalizer
-from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs
+from cortexflow.policies.transforms import EngineRequest, Unnormalize, apply_inputs, apply_outputs, invert_outputs
 from cortexflow.processing import (
     NormStats,
     PromptTokenizer,
@@ -195,6 +195,12 @@ class ActionPostprocessor:
         if not self.steps:
             return actions
         return apply_outputs(self.steps, actions, states)
+
+    def to_model_space(self, actions: np.ndarray, states: np.ndarray | None = None) -> np.ndarray:
+        """The inverse of ``__call__``: robot actions ``(..., W)`` back through every output step (normalised,
+        deltas against ``states`` where the policy predicts deltas), fp32. Real-time chunking guides a new
+        chunk towards the previous one in this space."""
+        return invert_outputs(self.steps, actions, states)
 
 
 def split_norm_stats(stats: dict[str, NormStats] | None, normalize_requested: bool | None):

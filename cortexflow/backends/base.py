@@ -30,6 +30,9 @@ class ComputeBackend(ABC):
     supports_cuda_graphs: bool = True
     #: Runs prompts padded to any length (False: exported graphs fixed at ``max_token_len``).
     variable_prompt_length: bool = True
+    #: ``transformer_decoder`` runs the model's own denoising loop on ops that autograd can differentiate
+    #: with respect to the noisy actions, so real-time chunking can guide it (``engine.predict(prev_actions=)``).
+    supports_guided_decoding: bool = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)

@@ -67,6 +67,7 @@ class TritonBackend(PyTorchBackend):
     switches the fused paths; :meth:`configured` makes a class with options to pass as ``backend=``."""
 
     name = "triton"
+    supports_guided_decoding = False  # the Pi0 denoising loop is fused over repacked expert weights
     _options = TritonOptions()
 
     def __init__(self, device: torch.device, dtype: torch.dtype, options: TritonOptions | None = None):

@@ -18,6 +18,7 @@ from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError
 from cortexflow.models.base import VLAModel, Weights
 from cortexflow.models.flow_matching import euler_integrate, sinusoidal_time_embedding
+from cortexflow.models.rtc import guided_euler_integrate
 from cortexflow.models.gemma import (
     adaptive_gemma_layer,
     gemma_layer,
@@ -181,7 +182,9 @@ class Pi0Model(VLAModel):
         return ops.linear(x, weights["action_out_proj.weight"], weights["action_out_proj.bias"]).float()
 
     def transformer_decoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> torch.Tensor:
-        """``num_diffusion_steps`` Euler steps from ``noise (B, H, A)`` at t=1 to actions at t=0 (fp32)."""
+        """``num_diffusion_steps`` Euler steps from ``noise (B, H, A)`` at t=1 to actions at t=0 (fp32); with a
+        ``guidance`` input (:class:`~cortexflow.models.rtc.ChunkGuidance`) each step is guided towards the
+        previous chunk (real-time chunking)."""
         noise = inputs["noise"]
         prefix_mask = inputs["prefix_mask"]
         chunk = noise.shape[1]
@@ -191,11 +194,18 @@ class Pi0Model(VLAModel):
         positions = start + torch.arange(suffix_len, device=noise.device)[None, :]
         ctx = dict(inputs, suffix_mask=mask, suffix_positions=positions)
         step = lambda x_t, t: self.velocity(ops, weights, x_t, t, ctx)  # noqa: E731
+        guidance = inputs.get("guidance")
+        if guidance is not None:
+            return guided_euler_integrate(step, noise, self.config.num_diffusion_steps, guidance)
         return euler_integrate(step, noise, self.config.num_diffusion_steps)
 
     # ---- whole call ---------------------------------------------------------------------------
-    def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None) -> torch.Tensor:
-        """Vision -> prefix -> denoising over the static ``buffers``; writes and returns ``buffers["actions"]``."""
+    def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None,
+                guidance: Any = None) -> torch.Tensor:
+        """Vision -> prefix -> denoising over the static ``buffers``; writes and returns ``buffers["actions"]``.
+
+        ``guidance``: a :class:`~cortexflow.models.rtc.ChunkGuidance` for a real-time-chunking call (needs a
+        backend whose ``supports_guided_decoding`` is true, and autograd enabled)."""
         timer = timer or _no_timer
         with timer("vision_encoder"):
             image_tokens = backend.vision_encoder(self, weights, {"images": buffers["images"]})
@@ -214,6 +224,8 @@ class Pi0Model(VLAModel):
             decoder_inputs = dict(prefix, noise=buffers["noise"])
             if "state" in buffers:
                 decoder_inputs["state"] = buffers["state"]
+            if guidance is not None:
+                decoder_inputs["guidance"] = guidance
             actions = backend.transformer_decoder(self, weights, decoder_inputs)
         buffers["actions"].copy_(actions)
         return buffers["actions"]

@@ -153,6 +153,16 @@ class Unnormalize:
     def __call__(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
         return self.normalizer.unnormalize(actions)
 
+    def inverse(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+        """Robot-unit actions ``(..., W)`` normalised again (dims past the statistics as given)."""
+        dim, width = self.normalizer.dim, actions.shape[-1]
+        if dim is None:
+            return self.normalizer.normalize(actions)
+        padded = np.zeros((*actions.shape[:-1], dim), dtype=np.float32)
+        padded[..., : min(width, dim)] = actions[..., :dim]
+        head = self.normalizer.normalize(padded)[..., : min(width, dim)]
+        return np.concatenate([head, actions[..., dim:]], axis=-1).astype(np.float32)
+
     def describe(self) -> str:
         return f"un-normalise actions: {self.normalizer.describe()}"
 
@@ -174,6 +184,16 @@ class AbsoluteActions:
         out[..., :width] += offset[..., None, :]
         return out
 
+    def inverse(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+        """Absolute -> delta against ``state`` (the state of the call the deltas are for)."""
+        if state is None:
+            raise InputError("this policy predicts actions relative to the robot state: pass state=")
+        width = min(len(self.mask), actions.shape[-1], np.asarray(state).shape[-1])
+        offset = np.where(np.asarray(self.mask[:width], dtype=bool), np.asarray(state, dtype=np.float32)[..., :width], 0.0)
+        out = np.array(actions, dtype=np.float32)
+        out[..., :width] -= offset[..., None, :]
+        return out
+
     def describe(self) -> str:
         relative = [i for i, m in enumerate(self.mask) if m]
         return f"absolute actions: add the state to dims {_ranges(relative)} (of {len(self.mask)})"
@@ -190,6 +210,10 @@ class SliceActions:
             raise ConfigError(f"the model returns {actions.shape[-1]}-D actions; this policy needs {self.width}")
         return np.ascontiguousarray(actions[..., : self.width])
 
+    def inverse(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+        """The kept dims as they are (the dims sliced off are not recovered: the caller pads them)."""
+        return np.asarray(actions, dtype=np.float32)
+
     def describe(self) -> str:
         return f"keep action dims 0..{self.width - 1}"
 
@@ -202,6 +226,13 @@ class AlohaActionsFromPi:
         out = ALOHA_JOINT_FLIP * np.asarray(actions[..., : len(ALOHA_JOINT_FLIP)], dtype=np.float64)
         out[..., ALOHA_GRIPPERS] = aloha_gripper_from_angular(out[..., ALOHA_GRIPPERS])
         return out.astype(np.float32)
+
+    def inverse(self, actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+        """ALOHA actions -> Pi space: grippers from ALOHA's joint command back to angles, joints flipped again."""
+        low, high = PUPPET_GRIPPER_JOINT
+        out = np.array(actions[..., : len(ALOHA_JOINT_FLIP)], dtype=np.float64)
+        out[..., ALOHA_GRIPPERS] = out[..., ALOHA_GRIPPERS] * (high - low) + low - PI_GRIPPER_ANGLE[0]
+        return (ALOHA_JOINT_FLIP * out).astype(np.float32)
 
     def describe(self) -> str:
         return "Pi actions -> ALOHA: flip joints 1, 2 of each arm; grippers angle -> joint command (2025-07 constants)"
@@ -248,4 +279,17 @@ def apply_outputs(steps: Sequence[Any], actions: np.ndarray, state: np.ndarray |
     out = np.asarray(actions, dtype=np.float32)
     for step in steps:
         out = step(out, state)
+    return np.asarray(out, dtype=np.float32)
+
+
+def invert_outputs(steps: Sequence[Any], actions: np.ndarray, state: np.ndarray | None) -> np.ndarray:
+    """Robot actions back through each output step's ``inverse`` in reverse order (to the model's normalised
+    space, without the padding dims a slice removed); a step without ``inverse`` is a ConfigError naming it."""
+    out = np.asarray(actions, dtype=np.float32)
+    for step in reversed(tuple(steps)):
+        inverse = getattr(step, "inverse", None)
+        if inverse is None:
+            raise ConfigError(f"the output step {type(step).__name__} ({step.describe()}) has no inverse, so "
+                              "previous actions cannot be mapped back to the model's space")
+        out = inverse(out, state)
     return np.asarray(out, dtype=np.float32)

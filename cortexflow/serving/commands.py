@@ -42,6 +42,8 @@ def serve(
     idle_timeout: float,
     info: Callable[[str], None],
     warn: Callable[[str], None],
+    max_batch: int = 1,
+    batch_window_ms: float = 0.0,
 ) -> None:
     """Load the policy, serve it until SIGINT/SIGTERM, shut down gracefully; raise
     :class:`ShutdownDeadlineError` when a request was still running at the ``--shutdown-timeout`` deadline."""
@@ -59,6 +61,10 @@ def serve(
     if idle_timeout <= 0 or shutdown_timeout <= 0:
         raise ConfigError(f"--idle-timeout and --shutdown-timeout must be positive seconds, got {idle_timeout:g} "
                           f"and {shutdown_timeout:g}")
+    if not 1 <= max_batch <= queue_size:
+        raise ConfigError(f"--max-batch must be in 1..--queue-size ({queue_size}), got {max_batch}")
+    if not 0 <= batch_window_ms <= 1000:
+        raise ConfigError(f"--batch-window-ms must be in 0..1000, got {batch_window_ms:g}")
     if api_key is not None and not api_key.strip():
         api_key = None
     if not is_loopback(host) and api_key is None:
@@ -76,6 +82,8 @@ def serve(
         max_connections=max_connections,
         idle_timeout=idle_timeout,
         warmup=warmup,
+        max_batch=max_batch,
+        batch_window_ms=batch_window_ms,
     )
     meta = server.metadata
     if meta.get("action_decoding") == "tokens":
@@ -89,6 +97,8 @@ def serve(
     def ready(running: PolicyServer) -> None:
         http = f"http://{running.url.removeprefix('ws://')}"
         engines = f"{len(policies)} engines" if len(policies) > 1 else "one engine"
+        if max_batch > 1:
+            engines += f", batches of up to {max_batch} requests ({batch_window_ms:g} ms window)"
         info(
             f"serving {meta['model']} ({meta['checkpoint']}) for robot {meta['robot']}: {meta['chunk_size']} x "
             f"{meta['action_dim']} actions, {engines} on {meta['device']} {meta['dtype']}"

@@ -7,6 +7,7 @@ from typing import Callable
 
 # Seconds; robot control loops care about 10 ms .. 1 s.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 # non_finite: the model produced NaN/inf actions (not sent); client_gone: the client left before its reply.
 ERROR_REASONS = ("bad_request", "undecodable", "too_large", "busy", "shutting_down", "internal", "non_finite",
                  "client_gone")
@@ -63,6 +64,7 @@ class ServerMetrics:
         self.latency = Histogram()
         self.inference = Histogram()
         self.queue_wait = Histogram()
+        self.batch_size = Histogram(BATCH_SIZE_BUCKETS)
 
     def request(self) -> None:
         with self._lock:
@@ -78,6 +80,11 @@ class ServerMetrics:
             self.latency.observe(latency_s)
             self.inference.observe(inference_s)
             self.queue_wait.observe(queue_s)
+
+    def batch(self, size: int) -> None:
+        """One engine call that ran ``size`` requests (1 without cross-request batching)."""
+        with self._lock:
+            self.batch_size.observe(size)
 
     def connection_opened(self) -> None:
         with self._lock:
@@ -126,4 +133,5 @@ class ServerMetrics:
                 "cortexflow_request_latency_seconds", "Time from receiving a request to sending its actions.")
             lines += self.inference.render("cortexflow_inference_latency_seconds", "Time the engine spent on a request.")
             lines += self.queue_wait.render("cortexflow_queue_wait_seconds", "Time a request waited for the engine.")
+            lines += self.batch_size.render("cortexflow_batch_size", "Requests per engine call (--max-batch).")
         return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import numpy as np
 
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
-from cortexflow.errors import ConfigError, CortexFlowError
+from cortexflow.errors import ConfigError, CortexFlowError, InputError
 from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
 
 DEMO_CHECKPOINT = "demo"
@@ -192,8 +192,46 @@ class ServedPolicy(MappedPolicy):
 
     def infer(self, request: EngineRequest) -> tuple[np.ndarray, dict[str, float]]:
         """Run the engine: robot actions ``(chunk, robot action_dim)`` fp32 and the engine's stage timings (ms)."""
+        return self.infer_chunk(request)[:2]
+
+    def infer_batch(self, requests: list[EngineRequest], prev_actions: list[np.ndarray] | None = None,
+                    inference_delays: list[int] | None = None) -> list[tuple[np.ndarray, dict[str, float], np.ndarray]]:
+        """Several requests as one ``engine.predict_batch`` (each with its own images, prompt, state, masks and
+        noise; guided all or none): ``[(robot actions, timings, engine chunk)]`` in request order."""
+        start = time.perf_counter()
+        shape = (self.engine.chunk_size, self.engine.config.action_dim)
+        rng = np.random.default_rng()
+        noises = []
+        for request in requests:
+            noise = request.noise if request.noise is not None else self._noise
+            noise = rng.standard_normal(shape) if noise is None else np.asarray(noise, dtype=np.float32)
+            if noise.shape != shape:
+                raise InputError(f"noise has shape {noise.shape}; expected {shape} (chunk_size, action_dim)")
+            noises.append(noise)
+        guidance = {} if prev_actions is None else {"batch_prev_actions": prev_actions,
+                                                    "batch_inference_delays": inference_delays}
+        actions = self.engine.predict_batch(
+            [r.images for r in requests], [r.prompt for r in requests], [r.state for r in requests],
+            noise=np.stack(noises).astype(np.float32),
+            batch_prompt_tokens=[r.prompt_tokens for r in requests],
+            batch_image_masks=[r.image_masks for r in requests],
+            **guidance,
+        )
+        timings = {**engine_timings(self.engine, start), "batch_size": float(len(requests))}
+        return [(np.ascontiguousarray(self.mapping.to_robot(a), dtype=np.float32), timings, a) for a in actions]
+
+    def warmup_batches(self, batch_sizes) -> None:
+        """Capture the CUDA graphs of ``batch_sizes`` (every prompt bucket) now, not at a client's first batch."""
+        if self.engine.use_cuda_graphs:
+            self.engine.warmup(batch_sizes=tuple(batch_sizes))
+
+    def infer_chunk(self, request: EngineRequest, prev_actions: np.ndarray | None = None,
+                    inference_delay: int = 0) -> tuple[np.ndarray, dict[str, float], np.ndarray]:
+        """:meth:`infer`, guided towards ``prev_actions`` (the remaining actions of this connection's last chunk,
+        as the engine returned them; real-time chunking) when given; also returns the engine's chunk."""
         start = time.perf_counter()
         noise = request.noise if request.noise is not None else self._noise
+        guidance = {} if prev_actions is None else {"prev_actions": prev_actions, "inference_delay": inference_delay}
         actions = self.engine.predict(
             request.images,
             request.prompt,
@@ -201,9 +239,10 @@ class ServedPolicy(MappedPolicy):
             noise=noise,
             prompt_tokens=request.prompt_tokens,
             image_masks=request.image_masks,
+            **guidance,
         )
         robot_actions = np.ascontiguousarray(self.mapping.to_robot(actions), dtype=np.float32)
-        return robot_actions, engine_timings(self.engine, start)
+        return robot_actions, engine_timings(self.engine, start), actions
 
 
 def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:

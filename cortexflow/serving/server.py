@@ -55,8 +55,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cortexflow.errors import ConfigError, CortexFlowError, NonFiniteActionsError
+from cortexflow.errors import ConfigError, CortexFlowError, InputError, NonFiniteActionsError
 from cortexflow.serving import _deps, codec
+from cortexflow.serving.chunking import RTC_KEYS, ChunkFollowUp, ChunkSession, split_follow_up
 from cortexflow.serving.metrics import PROMETHEUS_CONTENT_TYPE, ServerMetrics
 from cortexflow.serving.quoting import clip
 from cortexflow.serving.workers import DaemonWorkers
@@ -100,6 +101,8 @@ class _Reply:
 class _Job:
     request: Any
     future: asyncio.Future
+    follow_up: ChunkFollowUp | None = None
+    session: ChunkSession = field(default_factory=ChunkSession)
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -135,6 +138,8 @@ class PolicyServer:
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT_S,
         warmup: bool = True,
+        max_batch: int = 1,
+        batch_window_ms: float = 0.0,
     ):
         if not isinstance(host, str) or not host.strip():
             raise ConfigError(f"host must be an address to bind (127.0.0.1: this machine only, 0.0.0.0: every "
@@ -153,6 +158,12 @@ class PolicyServer:
             raise ConfigError(f"max_connections must be a positive integer, got {max_connections!r}")
         if idle_timeout <= 0:
             raise ConfigError(f"idle_timeout must be positive (seconds), got {idle_timeout!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or not 1 <= max_batch <= queue_size:
+            raise ConfigError(f"max_batch must be an integer in 1..queue_size ({queue_size}), got {max_batch!r}")
+        if not 0 <= batch_window_ms <= 1000:
+            raise ConfigError(f"batch_window_ms must be in 0..1000 ms, got {batch_window_ms!r}")
+        self.max_batch = max_batch
+        self.batch_window_s = float(batch_window_ms) / 1e3
         self.policies = list(policy) if isinstance(policy, (list, tuple)) else [policy]
         if not self.policies:
             raise ConfigError("PolicyServer needs at least one policy")
@@ -253,8 +264,10 @@ class PolicyServer:
             warmups = [getattr(p, "warmup", None) for p in self.policies]
             if self.warmup and all(callable(w) for w in warmups):
                 start = time.perf_counter()
-                for engine, warmup in zip(engines, warmups):  # one at a time: CUDA graph captures must not overlap
-                    await engine.submit(warmup)
+                for engine, warmup, policy in zip(engines, warmups, self.policies):  # one at a time: CUDA graph
+                    await engine.submit(warmup)                                          # captures must not overlap
+                    if self.max_batch > 1 and hasattr(policy, "warmup_batches"):
+                        await engine.submit(policy.warmup_batches, range(2, self.max_batch + 1))
                 logger.info("warm-up request done in %.1f ms", (time.perf_counter() - start) * 1e3)
             async with server_module.serve(
                 self._handle,
@@ -398,27 +411,98 @@ class PolicyServer:
 
     # ---- engine worker ----------------------------------------------------------------------------
     async def _worker(self, policy: Any, engine: DaemonWorkers) -> None:
-        """Runs queued jobs one after the other, in arrival order, on ``policy``'s engine thread; a job whose
-        client left (its future cancelled) is skipped."""
+        """Runs queued jobs in arrival order on ``policy``'s engine thread; a job whose client left (its future
+        cancelled) is skipped. With ``max_batch > 1`` (and a policy with ``infer_batch``) the jobs queued behind
+        the first, and those arriving within ``batch_window_s``, run with it as one batched forward."""
         assert self._queue is not None
+        batching = self.max_batch > 1 and hasattr(policy, "infer_batch")
         while True:
             job = await self._queue.get()
             if job is None:
                 return
-            if job.future.done():
+            jobs = [job] + (await self._more_jobs(self.max_batch - 1) if batching else [])
+            jobs = [j for j in jobs if not j.future.done()]
+            if not jobs:
                 continue
-            self._in_flight += 1
-            started = time.perf_counter()
+            self._in_flight += len(jobs)
             try:
+                is_guided = [j.session.previous_actions(j.follow_up)[0] is not None for j in jobs]
+                guided = [j for j, g in zip(jobs, is_guided) if g]
+                plain = [j for j, g in zip(jobs, is_guided) if not g]
+                for group in (plain, guided):
+                    if len(group) == 1 or (group and not batching):
+                        for single in group:
+                            await self._run_one(policy, engine, single)
+                    elif group:
+                        await self._run_batch(policy, engine, group)
+            finally:
+                self._in_flight -= len(jobs)
+
+    async def _more_jobs(self, limit: int) -> list[_Job]:
+        """Up to ``limit`` more jobs: those already queued, then those arriving within the batch window."""
+        assert self._queue is not None and self._loop is not None
+        jobs: list[_Job] = []
+        deadline = self._loop.time() + self.batch_window_s
+        while len(jobs) < limit:
+            try:
+                job = self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                remaining = deadline - self._loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    break
+            if job is None:  # stop: leave it for the next get
+                self._queue.put_nowait(None)
+                break
+            jobs.append(job)
+        return jobs
+
+    async def _run_one(self, policy: Any, engine: DaemonWorkers, job: _Job) -> None:
+        """One request on the engine thread; its result or error goes to the waiting connection handler."""
+        started = time.perf_counter()
+        try:
+            infer_chunk = getattr(policy, "infer_chunk", None)
+            if infer_chunk is None:
                 actions, timings = await engine.submit(policy.infer, job.request)
-            except Exception as err:  # handed to the waiting connection handler
+            else:
+                prev_actions, delay = job.session.previous_actions(job.follow_up)
+                actions, timings, chunk = await engine.submit(infer_chunk, job.request, prev_actions, delay)
+                job.session.last_chunk = chunk
+        except Exception as err:
+            if not job.future.done():
+                job.future.set_exception(err)
+        else:
+            self.metrics.batch(1)
+            if not job.future.done():
+                job.future.set_result((actions, timings, started, time.perf_counter()))
+
+    async def _run_batch(self, policy: Any, engine: DaemonWorkers, jobs: list[_Job]) -> None:
+        """Several requests as one ``policy.infer_batch``; if the batch fails on a client's input, each request
+        runs alone so that only the bad one gets the error."""
+        started = time.perf_counter()
+        follow_ups = [j.session.previous_actions(j.follow_up) for j in jobs]
+        prev = None if follow_ups[0][0] is None else [p for p, _ in follow_ups]
+        delays = None if prev is None else [d for _, d in follow_ups]
+        try:
+            results = await engine.submit(policy.infer_batch, [j.request for j in jobs], prev, delays)
+        except CortexFlowError:
+            for job in jobs:
+                await self._run_one(policy, engine, job)
+            return
+        except Exception as err:
+            for job in jobs:
                 if not job.future.done():
                     job.future.set_exception(err)
-            else:
-                if not job.future.done():
-                    job.future.set_result((actions, timings, started, time.perf_counter()))
-            finally:
-                self._in_flight -= 1
+            return
+        self.metrics.batch(len(jobs))
+        finished = time.perf_counter()
+        for job, (actions, timings, chunk) in zip(jobs, results):
+            job.session.last_chunk = chunk
+            if not job.future.done():
+                job.future.set_result((actions, timings, started, finished))
 
     # ---- HTTP side: health, metrics, connection cap, authentication -------------------------------
     def _process_request(self, connection: Any, request: Any) -> Any:
@@ -483,6 +567,7 @@ class PolicyServer:
         peer = getattr(websocket, "remote_address", None)
         logger.info("connection from %s opened", peer)
         gone = asyncio.ensure_future(websocket.wait_closed())
+        session = ChunkSession()
         try:
             await websocket.send(codec.pack(self.metadata))
             prev_total_ms = None
@@ -502,7 +587,7 @@ class PolicyServer:
                 start = time.perf_counter()
                 self._active_requests += 1
                 try:
-                    answer = asyncio.ensure_future(self._answer(message, start, prev_total_ms))
+                    answer = asyncio.ensure_future(self._answer(message, start, prev_total_ms, session))
                     del message  # the answer holds the frame only as long as it needs it
                     await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
                     if not answer.done():
@@ -533,11 +618,17 @@ class PolicyServer:
         logger.info("request error (%s): %s", reason, message)
         return _Reply(message)
 
-    def _decode(self, frame: bytes) -> Any:
-        """Decoder thread: the frame -> the policy's prepared request (raises UndecodableFrame / InputError)."""
-        return self.policy.prepare(codec.unpack(frame))
+    def _decode(self, frame: bytes) -> tuple[Any, ChunkFollowUp | None]:
+        """Decoder thread: the frame -> the policy's prepared request and its real-time-chunking keys (raises
+        UndecodableFrame / InputError)."""
+        observation, follow_up = split_follow_up(codec.unpack(frame))
+        if follow_up is not None and not hasattr(self.policy, "infer_chunk"):
+            raise InputError(f"this server's {self.metadata.get('model', 'policy')} policy does not take the "
+                             f"real-time-chunking keys {list(RTC_KEYS)}; send the observation without them")
+        return self.policy.prepare(observation), follow_up
 
-    async def _answer(self, message: Any, start: float, prev_total_ms: float | None) -> _Reply:
+    async def _answer(self, message: Any, start: float, prev_total_ms: float | None,
+                      session: ChunkSession | None = None) -> _Reply:
         """The reply to one request: packed actions or an error message."""
         self.metrics.request()
         if self._stopping:
@@ -556,7 +647,7 @@ class PolicyServer:
         decoding = self._decoder.submit(self._decode, message)
         del message
         try:
-            request = await asyncio.wait_for(decoding, DECODE_DEADLINE_S)
+            request, follow_up = await asyncio.wait_for(decoding, DECODE_DEADLINE_S)
         except TimeoutError:
             return self._error("undecodable", f"undecodable request: decoding took longer than {DECODE_DEADLINE_S} s")
         except codec.UndecodableFrame as err:
@@ -569,7 +660,7 @@ class PolicyServer:
         if self._stopping:  # stop began while the frame was decoded
             return self._error("shutting_down", "server is shutting down; this request was not run")
         assert self._queue is not None and self._loop is not None
-        job = _Job(request, self._loop.create_future())
+        job = _Job(request, self._loop.create_future(), follow_up, session if session is not None else ChunkSession())
         try:  # no await between the shutdown check above and this put: the drain cannot miss the job
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
