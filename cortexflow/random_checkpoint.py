@@ -110,7 +110,7 @@ def write_checkpoint(
             "max_action_dim": config.action_dim,
             "max_state_dim": config.action_dim,
         })
-    else:  # what openpi's converter writes (informational there)
+    elif write_config:  # what openpi's converter writes (informational there)
         checkpoint_config.update({"action_dim": config.action_dim, "action_horizon": config.chunk_size})
     if write_config:
         checkpoint_config[MODEL_CONFIG_KEY] = config.to_dict()

@@ -45,8 +45,9 @@ class RT1Workload:
         for g in graph_modes:
             yield Case(self.name, backend, 1, 0, 1, None, g)
 
-    def run(self, case, memory, rng: np.random.Generator, iters: int, warmup: int) -> dict:
-        """Time one case like ``bench._run_case``; when it cannot run, a dict with ``reason`` and ``outcome``."""
+    def run(self, case, memory, rng: np.random.Generator, iters: int, warmup: int, backend=None) -> dict:
+        """Time one case like ``bench._run_case`` (``backend``: the configured backend spec, else the case's
+        name); when it cannot run, a dict with ``reason`` and ``outcome``."""
         from cortexflow.tools.bench import failed_case, time_calls
 
         entry = asdict(case)
@@ -56,7 +57,7 @@ class RT1Workload:
         memory.reset()
         engine = None
         try:
-            engine = RT1Engine(self.model, self.weights, backend=case.backend, device=self.device, dtype=self.dtype,
+            engine = RT1Engine(self.model, self.weights, backend=backend or case.backend, device=self.device, dtype=self.dtype,
                                use_cuda_graphs=case.cuda_graphs)
             stats = time_calls(lambda: engine.predict(frame, context), self.device, iters,
                                max(warmup, c.time_steps), lambda: engine.last_timings["preprocess"])
