@@ -1232,7 +1232,7 @@ def configs_command(
 @_cli_errors
 def serve_command(
     checkpoint: Annotated[str, typer.Option("--checkpoint", "-c", metavar="PATH|demo", help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 byte ids).")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"auto (from the checkpoint's tensors: pi0, pi05 or openvla; pi0 for demo), or one of {MODELS_HELP} ({TOKEN_HELP}: one image + prompt, no state).")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help=f"auto (from the checkpoint: pi0, pi05, openvla from its tensors, rt1 for a TF2 checkpoint; pi0 for demo), or one of {ALL_MODELS_HELP} ({TOKEN_HELP}: one image + prompt, no state; rt1: one frame + instruction embedding, an episode per connection).")] = "auto",
     robot: Annotated[Optional[str], typer.Option("--robot", "-r", metavar="NAME", help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) [default: the --config's robot, else droid].")] = None,
     config: Annotated[Optional[str], typer.Option("--config", metavar="NAME", help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, default prompt.")] = None,
     backend: Annotated[str, typer.Option("--backend", "-b", metavar="NAME", help=f"Compute backend: {BACKENDS_HELP}.")] = "pytorch",
@@ -1262,7 +1262,7 @@ def serve_command(
     max_batch: Annotated[int, typer.Option("--max-batch", metavar="N", help="Pi0/Pi0.5: run up to N queued requests as one batched forward (1: one at a time). Each keeps its own images, prompt, state and noise.")] = 1,
     batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", metavar="MS", help="With --max-batch: wait up to MS for more requests after the first (0: batch only what queued while the engine was busy).")] = 0.0,
 ) -> None:
-    """Serve a Pi0/Pi0.5, OpenVLA or RT-2 policy to robots: a WebSocket server speaking openpi's protocol.
+    """Serve a Pi0/Pi0.5, OpenVLA, RT-2 or RT-1 policy to robots: a WebSocket server speaking openpi's protocol.
 
     On connect the server sends msgpack metadata (model, action dims, chunk size, robot config); each
     msgpack-numpy observation is answered with {"actions", "server_timing"}, or an error text frame.

@@ -24,6 +24,8 @@ from cortexflow.engine import resolve_device
 from cortexflow.errors import InputError, TokenizerError
 
 TextEncoder = Callable[[str], Any]
+#: The buffers that hold an episode's state between steps.
+EPISODE_STATE = ("history", "step")
 
 
 class RT1Engine:
@@ -89,6 +91,31 @@ class RT1Engine:
         if reset is not None and len(reset) != batch:
             raise InputError(f"reset has {len(reset)} flags for {batch} episodes")
         return self._step(pixels, np.stack(contexts), reset)
+
+    def new_episode(self) -> dict[str, torch.Tensor]:
+        """A fresh episode state (frame-token history and frame count) for ``predict_episode``: one per robot
+        when several robots share this engine one frame at a time (the server keeps one per connection)."""
+        buffers = self.buffers(1)
+        return {name: torch.zeros_like(buffers[name]) for name in EPISODE_STATE}
+
+    def predict_episode(self, episode: dict[str, torch.Tensor], image: Any, instruction_embedding: Any = None,
+                        task_prompt: str | None = None, reset: bool = False) -> dict[str, np.ndarray]:
+        """:meth:`predict` on ``episode`` (from :meth:`new_episode`) instead of the engine's own batch-1 episode:
+        its state is copied into the static buffers, stepped, and copied back (``reset``: start it afresh)."""
+        context = self._context(instruction_embedding, task_prompt, "instruction_embedding")
+        pixels = self._image(image, "image")[None]
+        buffers = self.buffers(1)
+        own = {name: buffers[name].clone() for name in EPISODE_STATE}
+        for name in EPISODE_STATE:
+            buffers[name].copy_(episode[name])
+        try:
+            actions = self._step(pixels, context[None], [reset])
+            for name in EPISODE_STATE:
+                episode[name].copy_(buffers[name])
+        finally:
+            for name in EPISODE_STATE:
+                buffers[name].copy_(own[name])
+        return {name: value[0] for name, value in actions.items()}
 
     def reset(self) -> None:
         """Start new episodes: forget every frame of every batch size."""
@@ -193,7 +220,7 @@ class RT1Engine:
         episode state they touched is restored)."""
         if batch_size not in self._graphs:
             buffers = self.buffers(batch_size)
-            saved = {name: buffers[name].clone() for name in ("history", "step")}
+            saved = {name: buffers[name].clone() for name in EPISODE_STATE}
             run = lambda: self.model.forward(self.backend, self.weights, buffers)  # noqa: E731
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))

@@ -72,8 +72,8 @@ def test_help_lists_the_models_each_command_takes(command):
     assert "rt1" not in text
 
 
-@pytest.mark.parametrize("command", ["verify", "bench"])
-def test_verify_and_bench_help_list_every_supported_model(command):
+@pytest.mark.parametrize("command", ["verify", "bench", "serve"])
+def test_verify_bench_and_serve_help_list_every_supported_model(command):
     text = " ".join(runner.invoke(app, [command, "--help"]).stdout.split())
     assert all(m.value in text for m in SUPPORTED_MODELS), text
 

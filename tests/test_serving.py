@@ -535,8 +535,8 @@ def test_loadtest_reports_percentiles_throughput_and_errors(start_server):
 
 
 # ---- configuration errors, optional dependencies, the command line ----------------------------------
-def test_unimplemented_models_and_bad_options_are_refused():
-    with pytest.raises(ConfigError, match="RT-1 is not implemented"):
+def test_models_without_a_demo_and_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="--checkpoint demo is the tiny random pi0/pi05; serve rt1"):
         demo_policy("droid", model="rt1")
     with pytest.raises(ConfigError, match="--checkpoint demo is the tiny random pi0/pi05"):
         demo_policy("droid", model="openvla")
@@ -545,7 +545,7 @@ def test_unimplemented_models_and_bad_options_are_refused():
     with pytest.raises(ConfigError, match="--tokenizer"):
         build_policy(PolicyOptions(checkpoint="/nonexistent", model="pi0", robot="droid", device="cpu"))
     result = runner.invoke(app, ["serve", "--checkpoint", "demo", "--model", "rt1", "--device", "cpu"])
-    assert result.exit_code == 2 and "RT-1 is not implemented" in result.stderr
+    assert result.exit_code == 2 and "serve rt1 from a TF2 checkpoint" in result.stderr
     assert make_mapping("raw", num_views=2).describe()["num_views"] == 2
 
 

@@ -33,9 +33,11 @@ class ChunkFollowUp:
 
 @dataclass
 class ChunkSession:
-    """Per connection: the last chunk the engine returned for it (``(H, A)`` fp32), or None."""
+    """What the server keeps per connection: the last chunk the engine returned for it (``(H, A)`` fp32, or
+    None) and the policy's episode state for policies with a history (RT-1's frames; None until first used)."""
 
     last_chunk: np.ndarray | None = None
+    episode: Any = None
 
     def previous_actions(self, follow_up: ChunkFollowUp | None) -> tuple[np.ndarray | None, int]:
         """``(prev_actions, inference_delay)`` for ``engine.predict``: the last chunk's actions from

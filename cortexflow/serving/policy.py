@@ -26,7 +26,6 @@ DEMO_CHECKPOINT = "demo"
 DEMO_WEIGHTS_SEED = 0
 DEMO_ACTION_DIM = 32  # the real models' padded action width, so every robot mapping fits the demo model
 ROBOT_VIEWS = 3  # Pi0 / Pi0.5 image slots: base, left wrist, right wrist
-UNSUPPORTED_MODELS = {VLAModelType.RT1: "RT-1"}
 TOKEN_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
 
 
@@ -249,13 +248,7 @@ def _model_type(options: PolicyOptions, demo: bool) -> VLAModelType | None:
     name = (options.model or "auto").strip().lower()
     if name == "auto":
         return VLAModelType.PI0 if demo else None
-    model_type = VLAModelType.parse(name)
-    if model_type in UNSUPPORTED_MODELS:
-        raise ConfigError(
-            f"--model {options.model}: {UNSUPPORTED_MODELS[model_type]} is not implemented in CortexFlow yet; "
-            "this version serves pi0, pi05, openvla and rt2 policies"
-        )
-    return model_type
+    return VLAModelType.parse(name)
 
 
 def _policy_config(options: PolicyOptions, demo: bool):
@@ -311,9 +304,18 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     policy_config = _policy_config(options, demo)
     model_type = policy_config.model_type if policy_config is not None else _model_type(options, demo)
     if model_type is None and not demo:
-        # OpenVLA folders are recognised by their tensors; an RT-2 policy reads a Pi0-family checkpoint,
-        # so it is never auto-detected (--model rt2).
-        model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
+        # RT-1 TF2 checkpoints by their files, OpenVLA folders by their tensors; an RT-2 policy reads a
+        # Pi0-family checkpoint, so it is never auto-detected (--model rt2).
+        from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
+
+        if is_tf_checkpoint(options.checkpoint):
+            model_type = VLAModelType.RT1
+        else:
+            model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
+    if model_type == VLAModelType.RT1:
+        from cortexflow.serving.rt1_policy import build_rt1_policy
+
+        return build_rt1_policy(options, log)
     if model_type in TOKEN_MODELS:
         from cortexflow.serving.token_policy import build_token_policy
 

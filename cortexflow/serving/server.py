@@ -465,7 +465,11 @@ class PolicyServer:
         started = time.perf_counter()
         try:
             infer_chunk = getattr(policy, "infer_chunk", None)
-            if infer_chunk is None:
+            if hasattr(policy, "infer_episode"):
+                if job.session.episode is None:
+                    job.session.episode = await engine.submit(policy.new_episode)
+                actions, timings = await engine.submit(policy.infer_episode, job.request, job.session.episode)
+            elif infer_chunk is None:
                 actions, timings = await engine.submit(policy.infer, job.request)
             else:
                 prev_actions, delay = job.session.previous_actions(job.follow_up)
