@@ -19,6 +19,7 @@ from cortexflow.backends import create_backend
 from cortexflow.checkpoints.files import CheckpointFiles
 from cortexflow.checkpoints.loader import CheckpointReport, load_pi0_checkpoint
 from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType, prompt_bucket_lengths
+from cortexflow.cuda_graphs import capture_cuda_graph
 from cortexflow.errors import BackendUnavailableError, CheckpointError, ConfigError, InputError, NonFiniteActionsError
 from cortexflow.models.base import VLAModel
 from cortexflow.models.rtc import ChunkGuidance, RTCConfig, prefix_weights
@@ -472,15 +473,8 @@ class VLAInferenceEngine:
         key = (batch, prompt_len)
         if key not in self._graphs:
             buffers = self.buffers(batch, prompt_len)
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self.model.forward(self.backend, self.weights, buffers)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self.model.forward(self.backend, self.weights, buffers)
+            graph = capture_cuda_graph(lambda: self.model.forward(self.backend, self.weights, buffers), self.device,
+                                       pool=self._graph_pool)
             if self._graph_pool is None:
                 self._graph_pool = graph.pool()
             self._graphs[key] = graph

@@ -20,6 +20,7 @@ import torch
 from cortexflow.backends import create_backend
 from cortexflow.backends.base import ComputeBackend
 from cortexflow.config import BackendType, parse_dtype
+from cortexflow.cuda_graphs import capture_cuda_graph
 from cortexflow.engine import resolve_device
 from cortexflow.errors import InputError, TokenizerError
 
@@ -221,16 +222,7 @@ class RT1Engine:
         if batch_size not in self._graphs:
             buffers = self.buffers(batch_size)
             saved = {name: buffers[name].clone() for name in EPISODE_STATE}
-            run = lambda: self.model.forward(self.backend, self.weights, buffers)  # noqa: E731
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
+            graph = capture_cuda_graph(lambda: self.model.forward(self.backend, self.weights, buffers), self.device)
             for name, value in saved.items():
                 buffers[name].copy_(value)
             self._graphs[batch_size] = graph

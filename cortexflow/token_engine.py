@@ -18,6 +18,7 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.backends.base import ComputeBackend
+from cortexflow.cuda_graphs import capture_cuda_graph
 from cortexflow.engine import resolve_device
 from cortexflow.errors import InputError, TokenizerError
 
@@ -150,15 +151,7 @@ class TokenVLAEngine:
         """Capture the whole call for prompts padded to ``length`` (after two warm-up runs on a side stream)."""
         if length not in self._graphs:
             buffers = self.buffers(length)
-            run = lambda: self.model.forward(self.backend, self.weights, buffers, constrained=self.constrained)  # noqa: E731
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    run()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                run()
-            self._graphs[length] = graph
+            self._graphs[length] = capture_cuda_graph(
+                lambda: self.model.forward(self.backend, self.weights, buffers, constrained=self.constrained),
+                self.device)
         return self._graphs[length]
