@@ -39,8 +39,21 @@ def compile_check_cli(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess
     return done, json.loads(out.read_text())
 
 
-def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
-    done, report = compile_check_cli(tmp_path, "--models", "pi0,pi05", "--views", "1", "--variants", "all")
+@pytest.fixture(scope="module")
+def pi0_family_run(tmp_path_factory):
+    """compile-check of Pi0 and Pi0.5 at one view, every variant (compiled once for the tests below)."""
+    return compile_check_cli(tmp_path_factory.mktemp("compile_pi0"), "--models", "pi0,pi05", "--views", "1",
+                             "--variants", "all")
+
+
+@pytest.fixture(scope="module")
+def token_vla_run(tmp_path_factory):
+    """compile-check of OpenVLA and RT-2 (prefill and every decode step), every variant."""
+    return compile_check_cli(tmp_path_factory.mktemp("compile_token"), "--models", "openvla,rt2", "--variants", "all")
+
+
+def test_every_variant_compiles_for_hopper_at_real_size(pi0_family_run):
+    done, report = pi0_family_run
     assert "compile for sm_90 and fit" in done.stdout
     assert report["passed"] and not report["problems"]
     assert report["target"] == {"arch": "sm_90", "processors": 132}
@@ -68,8 +81,8 @@ def test_every_variant_compiles_for_hopper_at_real_size(tmp_path):
     assert report["triton_options"]["default"] == report["triton_options"]["op-by-op-encoder"] | {"fused_encoder": True}
 
 
-def test_token_vlas_decode_kernels_compile_for_hopper(tmp_path):
-    _, report = compile_check_cli(tmp_path, "--models", "openvla,rt2", "--variants", "all")
+def test_token_vlas_decode_kernels_compile_for_hopper(token_vla_run):
+    _, report = token_vla_run
     assert report["passed"]
     assert [(c["model"], c["views"]) for c in report["cases"]] == [("openvla", None), ("rt2", None)] * len(
         compile_check.VARIANTS)
@@ -98,14 +111,13 @@ def _signatures(report) -> dict[str, frozenset]:
     return {name: frozenset(sig) for name, sig in signatures.items()}
 
 
-def test_every_pair_of_variants_compiles_or_launches_something_different(tmp_path):
-    """No variant is a no-op on the models it is for: across Pi0 and RT-2, each pair of variants differs in the
-    kernel specialisations compiled or in how often each is launched (a variant that an option no longer
-    reaches would compile the default's kernels again)."""
-    _, report = compile_check_cli(tmp_path, "--models", "pi0,rt2", "--views", "1", "--variants", "all")
-    assert report["passed"]
-    signatures = _signatures(report)
-    assert set(signatures) == set(compile_check.VARIANTS)
+def test_every_pair_of_variants_compiles_or_launches_something_different(pi0_family_run, token_vla_run):
+    """No variant is a no-op on the models it is for: across the Pi0 family and the token VLAs, each pair of
+    variants differs in the kernel specialisations compiled or in how often each is launched (a variant that an
+    option no longer reaches would compile the default's kernels again)."""
+    pi0_signatures, token_signatures = _signatures(pi0_family_run[1]), _signatures(token_vla_run[1])
+    assert set(pi0_signatures) == set(token_signatures) == set(compile_check.VARIANTS)
+    signatures = {name: (pi0_signatures[name], token_signatures[name]) for name in pi0_signatures}
     names = sorted(signatures)
     for i, a in enumerate(names):
         for b in names[i + 1:]:
