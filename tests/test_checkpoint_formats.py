@@ -167,6 +167,27 @@ def test_orbax_params_load_equal_to_safetensors(tmp_path, model_type):
     np.testing.assert_allclose(actions[0], actions[1], rtol=1e-5, atol=1e-6)  # same weights; CPU matmul order may vary
 
 
+def test_orbax_checkpoint_with_a_policy_config(tmp_path):
+    """``config=`` on an openpi JAX checkpoint: the type check reads the Orbax metadata, the norm stats come from
+    its ``assets/<asset id>/``, and the policy runs (a Pi0.5 tree under a Pi0 config is refused)."""
+    for model_type in ("pi0", "pi05"):
+        config = tiny_model_config(model_type, num_vision_heads=6, vision_encoder_dim=48, action_dim=32)
+        save_params(jax_params(random_weights(config, seed=4), config), tmp_path / model_type)
+    rng = np.random.default_rng(6)
+    stats = {key: {"mean": rng.normal(size=8).tolist(), "std": (rng.random(8) + 0.5).tolist()}
+             for key in ("state", "actions")}
+    assets = tmp_path / "pi0" / "assets" / "physical-intelligence" / "libero"
+    assets.mkdir(parents=True)
+    (assets / "norm_stats.json").write_text(json.dumps({"norm_stats": stats}))
+    engine = cf.create_pi0_inference(tmp_path / "pi0", config="pi0_libero", device="cpu", dtype="float32")
+    actions = engine.predict(rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8), prompt_tokens=[2, 17, 40, 9],
+                             state=rng.normal(size=8).astype(np.float32))
+    assert actions.shape == (engine.chunk_size, 7) and np.isfinite(actions).all()   # LIBERO's 7 action dims
+    with pytest.raises(cf.ConfigError, match="pi05"):
+        cf.create_pi0_inference(tmp_path / "pi05", config="pi0_libero", device="cpu", dtype="float32",
+                                norm_stats_path=assets / "norm_stats.json")
+
+
 def test_orbax_bfloat16_leaves_and_nnx_value_level(tmp_path):
     ml_dtypes = pytest.importorskip("ml_dtypes", reason="installed with orbax-checkpoint")
     config = tiny_model_config("pi05")

@@ -155,10 +155,11 @@ def unnormalized_openpi_pipeline(config: PolicyConfig) -> PolicyPipeline:
 
 
 def check_checkpoint_type(pipeline: PolicyPipeline, checkpoint: str | Path) -> None:
-    """The tensors in ``checkpoint`` must be of the pipeline's model type (read from the headers only)."""
-    from cortexflow.checkpoints.files import CheckpointFiles
+    """The tensors in ``checkpoint`` (any format the loader reads: safetensors, Orbax ``params/``, an adapter
+    folder) must be of the pipeline's model type (read from the headers / metadata only)."""
     from cortexflow.checkpoints.pi0_layout import detect_model_type
+    from cortexflow.checkpoints.sources import open_checkpoint
 
-    detected = detect_model_type(CheckpointFiles.open(checkpoint).tensors)
+    detected = detect_model_type(open_checkpoint(checkpoint).tensors)
     if detected is not None:
         pipeline.check_model_type(detected, f"the checkpoint {checkpoint} (detected from its tensors)")
