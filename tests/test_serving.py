@@ -570,27 +570,9 @@ def test_missing_serving_dependencies_give_a_clear_error(monkeypatch):
 
 def test_cli_serve_loadtest_and_sigterm(openpi):
     """``cortexflow serve --checkpoint demo --port 0`` in a subprocess: a client, ``loadtest``, then SIGTERM."""
-    env = {**os.environ, "CORTEXFLOW_API_KEY": "cli-key", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortexflow.cli", "serve", "--checkpoint", "demo", "--robot", "libero",
-         "--port", "0", "--device", "cpu", "--seed", "3"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-    )
-    lines: queue.Queue = queue.Queue()
-    reader = threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True)
-    reader.start()
+    process, port, lines, seen = start_cli_server("--robot", "libero", "--seed", "3",
+                                                  env={"CORTEXFLOW_API_KEY": "cli-key"})
     try:
-        port, seen, deadline = None, [], time.monotonic() + 90
-        while port is None and time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1)
-            except queue.Empty:
-                assert process.poll() is None, "".join(seen)
-                continue
-            seen.append(line)
-            match = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line)
-            port = int(match.group(1)) if match else None
-        assert port, "".join(seen)
         client = within(TIMEOUT, openpi.WebsocketClientPolicy, "127.0.0.1", port, api_key="cli-key")
         assert client.get_server_metadata()["robot"] == "libero"
         obs = ROBOT_OBSERVATIONS["libero"](np.random.default_rng(4))
@@ -601,13 +583,50 @@ def test_cli_serve_loadtest_and_sigterm(openpi):
         data = json.loads(result.stdout)
         assert data["ok"] == 6 and data["errors"] == 0 and data["latency_ms"]["p99"] > 0
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=TIMEOUT) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait(timeout=TIMEOUT)
-    reader.join(TIMEOUT)
+    except BaseException:
+        process.kill()
+        raise
+    code, _, log = log_after_exit(process, lines, seen, TIMEOUT)
+    assert code == 0, log
+    assert "server stopped" in log and "Traceback" not in log, log
+
+
+def start_cli_server(*args, env=None):
+    """``cortexflow serve --checkpoint demo --port 0 --device cpu ARGS`` in a subprocess; returns (process, port,
+    stderr line queue, lines seen so far) once it listens (fails the test if it does not within 120 s)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cortexflow.cli", "serve", "--checkpoint", "demo", "--port", "0", "--device", "cpu",
+         *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+    seen, deadline = [], time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1)
+        except queue.Empty:
+            assert process.poll() is None, "".join(seen)
+            continue
+        seen.append(line)
+        match = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line)
+        if match:
+            return process, int(match.group(1)), lines, seen
+    process.kill()
+    pytest.fail("the server did not start: " + "".join(seen))
+
+
+def log_after_exit(process, lines, seen, seconds):
+    """Wait up to ``seconds`` for ``process`` to exit; returns (exit code, seconds taken, its whole stderr)."""
+    start = time.perf_counter()
+    try:
+        code = process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=TIMEOUT)
+        pytest.fail(f"the server did not exit within {seconds} s of SIGTERM")
+    took = time.perf_counter() - start
+    time.sleep(0.2)
     while not lines.empty():
         seen.append(lines.get_nowait())
-    log = "".join(seen)
-    assert "server stopped" in log and "Traceback" not in log, log
+    return code, took, "".join(seen)

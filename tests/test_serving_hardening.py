@@ -22,6 +22,8 @@ import msgpack
 import numpy as np
 import pytest
 from test_serving import (  # noqa: F401  (start_server is a fixture)
+    log_after_exit,
+    start_cli_server,
     BAD_FRAMES,
     CHUNK,
     LIMIT,
@@ -414,44 +416,6 @@ def test_shutdown_timeout_bounds_the_shutdown_and_counts_the_abandoned_request(s
     policy.gate.set()
 
 
-def _start_cli_server(*args, env=None):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "cortexflow.cli", "serve", "--checkpoint", "demo", "--port", "0", "--device", "cpu",
-         "--no-warmup", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-    )
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
-    seen, deadline = [], time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=1)
-        except queue.Empty:
-            assert process.poll() is None, "".join(seen)
-            continue
-        seen.append(line)
-        match = re.search(r"listening on ws://127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1)), lines, seen
-    process.kill()
-    pytest.fail("the server did not start: " + "".join(seen))
-
-
-def _log_after_exit(process, lines, seen, seconds):
-    start = time.perf_counter()
-    try:
-        code = process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=TIMEOUT)
-        pytest.fail(f"the server did not exit within {seconds} s of SIGTERM")
-    took = time.perf_counter() - start
-    time.sleep(0.2)
-    while not lines.empty():
-        seen.append(lines.get_nowait())
-    return code, took, "".join(seen)
-
-
 def test_cli_after_a_1e308_state_stops_promptly_and_an_abandoned_request_exits_non_zero(tmp_path):
     """``cortexflow serve``: a request whose state overflows float32 (a RuntimeWarning inside the server) must not
     make the next shutdown hang; a request still running at ``--shutdown-timeout`` makes the exit code 2."""
@@ -460,7 +424,7 @@ def test_cli_after_a_1e308_state_stops_promptly_and_an_abandoned_request_exits_n
     headers = {"Authorization": "Api-Key file-key"}
     overflow = {"images": np.random.default_rng(7).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8),
                 "state": np.full(8, 1e308), "prompt_tokens": np.array([2, 5, 7])}
-    process, port, lines, seen = _start_cli_server("--robot", "raw", "--api-key-file", str(key_file))
+    process, port, lines, seen = start_cli_server("--no-warmup", "--robot", "raw", "--api-key-file", str(key_file))
     try:
         with ws_connect(f"ws://127.0.0.1:{port}", open_timeout=TIMEOUT, additional_headers=headers) as conn:
             meta = codec.unpack(conn.recv(timeout=TIMEOUT))
@@ -469,13 +433,13 @@ def test_cli_after_a_1e308_state_stops_promptly_and_an_abandoned_request_exits_n
             reply = conn.recv(timeout=TIMEOUT)
             assert isinstance(reply, str) and "NaN or inf" in reply
         process.send_signal(signal.SIGTERM)
-        code, took, log = _log_after_exit(process, lines, seen, 15)
+        code, took, log = log_after_exit(process, lines, seen, 15)
         assert code == 0 and "server stopped" in log and "Traceback" not in log, log
     finally:
         if process.poll() is None:
             process.kill()
     # 3000 denoising steps keep the request in flight for seconds; the deadline is 0.3 s.
-    process, port, lines, seen = _start_cli_server("--robot", "raw", "--steps", "3000", "--shutdown-timeout", "0.3")
+    process, port, lines, seen = start_cli_server("--no-warmup", "--robot", "raw", "--steps", "3000", "--shutdown-timeout", "0.3")
     try:
         with ws_connect(f"ws://127.0.0.1:{port}", open_timeout=TIMEOUT) as conn:
             conn.recv(timeout=TIMEOUT)
@@ -484,7 +448,7 @@ def test_cli_after_a_1e308_state_stops_promptly_and_an_abandoned_request_exits_n
             conn.send(codec.pack({**overflow, "state": np.zeros(8, np.float32)}))
             time.sleep(0.5)  # the request is running
             process.send_signal(signal.SIGTERM)
-            code, took, log = _log_after_exit(process, lines, seen, 15)
+            code, took, log = log_after_exit(process, lines, seen, 15)
             with pytest.raises(ConnectionClosed):
                 conn.recv(timeout=TIMEOUT)
         assert code == 2 and took < 3.0, (code, took, log)
