@@ -1,0 +1,92 @@
+"""FP8 (E4M3, ``torch.float8_e4m3fn``) quantisation with per-row scales, and the reference products.
+
+A quantised tensor is ``data (R, C)`` in E4M3 and ``scale (R,)`` fp32 with ``value ≈ data * scale[:, None]``:
+
+- weights ``(out_features, in_features)`` get one scale per output channel, made once at load;
+- activations ``(tokens, features)`` get one scale per token, made per call (dynamic).
+
+The scale of a row is ``amax(|row|) / 448`` (448: the largest finite E4M3 value), 1 for an all-zero row;
+``row / scale`` is clamped to ``[-448, 448]`` (saturation: E4M3FN has no infinity and casts beyond its range
+to NaN) and rounded to the nearest E4M3 value, ties to even (PyTorch's cast). Quantising the same tensor
+twice gives the same bits.
+
+With per-output-channel weight scales the scale factors out of the dot product,
+``y[m, n] = scale[n] * sum_k x[m, k] * data[n, k]``, so a kernel multiplies E4M3 values (exact in bf16)
+with fp32 accumulation and applies ``scale`` once per output in its epilogue.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cortexflow.errors import ConfigError, InputError
+
+E4M3 = torch.float8_e4m3fn
+#: The largest finite E4M3FN value.
+E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class Fp8Tensor:
+    """``data (R, C)`` E4M3 and ``scale (R,)`` fp32 with ``value ≈ data * scale[:, None]``."""
+
+    data: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``data * scale[:, None]`` computed in fp32, returned in ``dtype``."""
+        return (self.data.float() * self.scale[:, None]).to(dtype)
+
+    def nbytes(self) -> int:
+        """Bytes held: one per element plus four per row."""
+        return self.data.numel() + 4 * self.scale.numel()
+
+
+def quantize_rows(x: torch.Tensor, name: str = "tensor") -> Fp8Tensor:
+    """E4M3 with one scale per row of ``x (R, C)`` (any float dtype; computed in fp32)."""
+    if x.dim() != 2:
+        raise InputError(f"{name} must be 2-D (rows, columns) to quantise per row, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise InputError(f"{name} must be a floating-point tensor to quantise, got {x.dtype}")
+    xf = x.float()
+    if not torch.isfinite(xf).all():
+        raise InputError(f"{name} holds NaN or infinite values; FP8 scales need finite values")
+    amax = xf.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    data = (xf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
+    return Fp8Tensor(data, scale)
+
+
+def quantize_weight(weight: torch.Tensor, name: str = "weight") -> Fp8Tensor:
+    """A linear weight ``(out_features, in_features)`` in E4M3 with per-output-channel scales."""
+    return quantize_rows(weight, name)
+
+
+def quantize_activation(x: torch.Tensor) -> Fp8Tensor:
+    """Activations ``(..., features)`` in E4M3 with one scale per token (leading dims flattened)."""
+    return quantize_rows(x.reshape(-1, x.shape[-1]), "activation")
+
+
+def weight_only_linear_reference(x: torch.Tensor, weight: Fp8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(weight).T + bias`` the way the weight-only kernel computes it: ``x`` rounded to its dtype,
+    products of ``x`` and the E4M3 values in fp32, the scale applied per output after the sum, the bias added
+    in fp32, one rounding to ``x.dtype``. ``x (..., K)``, ``weight (N, K)``; returns ``(..., N)``."""
+    _check_linear(x, weight)
+    y = (x.reshape(-1, x.shape[-1]).float() @ weight.data.float().T) * weight.scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _check_linear(x: torch.Tensor, weight: Fp8Tensor) -> None:
+    if weight.data.dtype != E4M3 or weight.scale.dtype != torch.float32:
+        raise ConfigError(f"an FP8 weight holds E4M3 data and fp32 scales, got {weight.data.dtype} and "
+                          f"{weight.scale.dtype}; make it with quantize_weight")
+    if x.shape[-1] != weight.shape[1]:
+        raise InputError(f"x has {x.shape[-1]} features but the FP8 weight {tuple(weight.shape)} takes {weight.shape[1]}")

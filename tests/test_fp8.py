@@ -1,0 +1,127 @@
+"""FP8 E4M3 quantisation (formula checks) and the weight-only FP8 linear kernel against its PyTorch reference."""
+
+import os
+
+import pytest
+import torch
+
+from cortexflow.errors import ConfigError, InputError
+from cortexflow.quantization.fp8 import (
+    E4M3,
+    E4M3_MAX,
+    Fp8Tensor,
+    quantize_activation,
+    quantize_weight,
+    weight_only_linear_reference,
+)
+
+
+def _e4m3_grid() -> torch.Tensor:
+    """Every finite E4M3FN value, sorted (from all 256 bit patterns)."""
+    values = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    return torch.unique(values[torch.isfinite(values)])
+
+
+def test_quantize_weight_scales_are_row_amax_over_448_and_values_round_to_nearest_even():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(37, 70, generator=g) * torch.logspace(-3, 2, 37)[:, None]
+    q = quantize_weight(w)
+    assert q.data.dtype == E4M3 and q.scale.dtype == torch.float32
+    torch.testing.assert_close(q.scale, w.abs().amax(1) / E4M3_MAX, rtol=0, atol=0)
+    # The largest entry of each row lands on +-448 exactly.
+    assert torch.equal(q.data.float().abs().amax(1), torch.full((37,), E4M3_MAX))
+    # Round to nearest, ties to even, against the list of all E4M3 values.
+    grid = _e4m3_grid()
+    scaled = (w / q.scale[:, None]).flatten()
+    idx = torch.searchsorted(grid, scaled).clamp(1, len(grid) - 1)
+    lo, hi = grid[idx - 1], grid[idx]
+    nearest = torch.where((scaled - lo).abs() <= (hi - scaled).abs(), lo, hi)
+    ties = (scaled - lo).abs() == (hi - scaled).abs()
+    assert ties.sum() < 5  # random data: ties are rare; the entries that are not ties decide
+    assert torch.equal(q.data.float().flatten()[~ties], nearest[~ties])
+    # Relative error of each entry is at most half an E4M3 ulp (2^-4 of the value) above the subnormals.
+    deq = q.dequantize()
+    big = w.abs() > q.scale[:, None] * 2.0 ** -6
+    assert ((deq - w).abs()[big] <= w.abs()[big] * 2.0 ** -4 + 1e-12).all()
+
+
+def test_quantize_saturates_and_handles_zero_rows_and_is_deterministic():
+    w = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [1e-30, 0.0, -1e-30]])
+    q = quantize_weight(w)
+    assert q.scale[0] == 1.0 and torch.equal(q.data[0].float(), torch.zeros(3))
+    assert q.data[1].float().tolist() == [224.0, -448.0, 112.0]
+    assert torch.isfinite(q.data.float()).all()
+    again = quantize_weight(w.clone())
+    assert torch.equal(q.data.view(torch.uint8), again.data.view(torch.uint8)) and torch.equal(q.scale, again.scale)
+
+
+def test_quantize_rejects_bad_input_with_the_argument_named():
+    with pytest.raises(InputError, match="2-D"):
+        quantize_weight(torch.randn(3, 4, 5))
+    with pytest.raises(InputError, match="NaN"):
+        quantize_weight(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(InputError, match="floating-point"):
+        quantize_weight(torch.ones(2, 2, dtype=torch.int32))
+    q = quantize_weight(torch.randn(4, 8))
+    with pytest.raises(InputError, match="8"):
+        weight_only_linear_reference(torch.randn(2, 5), q)
+    with pytest.raises(ConfigError, match="quantize_weight"):
+        weight_only_linear_reference(torch.randn(2, 8), Fp8Tensor(q.data.float(), q.scale))
+
+
+def test_activation_scales_are_per_token():
+    x = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(2))
+    q = quantize_activation(x)
+    assert q.shape == (6, 16)
+    torch.testing.assert_close(q.scale, x.reshape(6, 16).abs().amax(1) / E4M3_MAX, rtol=0, atol=0)
+
+
+def test_weight_only_reference_is_close_to_the_unquantised_product():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(51, 256, generator=g), torch.randn(96, 256, generator=g) * 0.05, torch.randn(96, generator=g)
+    y = weight_only_linear_reference(x, quantize_weight(w), b)
+    ref = x @ w.T + b
+    rel = (y - ref).norm() / ref.norm()
+    assert 1e-4 < rel < 3e-2  # E4M3 keeps 3 mantissa bits: a real but small error
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+@pytest.mark.parametrize("m,n,k,split_k,dtype", [
+    (51, 96, 256, 1, torch.float32),
+    (51, 96, 256, 2, torch.float32),
+    (5, 40, 200, 1, torch.bfloat16),
+    (17, 64, 384, 3, torch.bfloat16),
+])
+def test_fp8_linear_kernel_matches_the_reference(interpreter, m, n, k, split_k, dtype):
+    from cortexflow.kernels.fp8_linear import Fp8Tiling, fp8_linear
+
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = quantize_weight(torch.randn(n, k, generator=g) * 0.05)
+    bias = torch.randn(n, generator=g).to(dtype)
+    tiling = Fp8Tiling(block_m=16, block_n=32, block_k=64, split_k=split_k)
+    got = fp8_linear(x, w, bias, tiling)
+    ref = weight_only_linear_reference(x, w, bias)
+    assert got.dtype == dtype and got.shape == (m, n)
+    err = (got.float() - ref.float()).norm() / ref.float().norm()
+    assert err < (1e-6 if dtype == torch.float32 else 8e-3), err
+    assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+def test_fp8_linear_kernel_keeps_leading_dims_and_checks_shapes(interpreter):
+    from cortexflow.kernels.fp8_linear import Fp8Tiling, fp8_linear
+
+    x = torch.randn(2, 3, 64, generator=torch.Generator().manual_seed(5))
+    w = quantize_weight(torch.randn(32, 64, generator=torch.Generator().manual_seed(6)))
+    got = fp8_linear(x, w, tiling=Fp8Tiling(block_m=16, block_n=32, block_k=32))
+    assert got.shape == (2, 3, 32)
+    torch.testing.assert_close(got, weight_only_linear_reference(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="features"):
+        fp8_linear(torch.randn(3, 63), w)
+    with pytest.raises(InputError, match="fp32, fp16 or bf16"):
+        fp8_linear(torch.randn(3, 64).double(), w)
