@@ -34,3 +34,33 @@ def tiny_tokenizer_path(tmp_path_factory):
     from cortexflow.tiny_tokenizer import write_tiny_tokenizer
 
     return write_tiny_tokenizer(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def openpi():
+    """``openpi_client.websocket_client_policy``; a clear failure (not a skip) when it is not installed."""
+    try:
+        from openpi_client import websocket_client_policy
+    except ImportError as err:
+        pytest.fail(f"openpi-client is needed for these tests: pip install --no-deps openpi-client==0.1.2 ({err})")
+    return websocket_client_policy
+
+
+@pytest.fixture
+def start_server():
+    """``start(policy_or_robot, **server_kwargs)`` -> a running PolicyServer on an ephemeral port; stopped after."""
+    from cortexflow.serving.server import PolicyServer
+    from serving_support import TIMEOUT, demo_policy
+
+    servers = []
+
+    def start(policy="droid", **kwargs):
+        if isinstance(policy, str):
+            policy = demo_policy(policy)
+        server = PolicyServer(policy, "127.0.0.1", 0, **kwargs).start(timeout=TIMEOUT)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(timeout=TIMEOUT)

@@ -12,7 +12,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.serving.policy import PolicyOptions, build_policy
 from cortexflow.serving.rt1_policy import action_vector
 from test_rt1_checkpoint import CONFIG, FIXTURE
-from test_serving import TIMEOUT, openpi, openpi_client, start_server, within  # noqa: F401 (fixtures)
+from test_serving import TIMEOUT, openpi_client, within
 
 # what the fixture's checkpoint cannot tell, as `serve --model-config` passes it
 OVERRIDES = {"image_size": 64, "input_size": [48, 64], "width": 0.2, "depth": 0.5}

@@ -10,7 +10,7 @@ import pytest
 
 from cortexflow.serving.chunking import RTC_EXECUTED_STEPS, RTC_INFERENCE_DELAY, ChunkFollowUp, ChunkSession
 from cortexflow.serving.rtc_client import ChunkedController
-from test_serving import TIMEOUT, demo_policy, openpi_client, small_droid_obs, start_server, openpi, within  # noqa: F401
+from test_serving import TIMEOUT, demo_policy, openpi_client, small_droid_obs, within
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 

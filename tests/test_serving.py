@@ -31,67 +31,16 @@ from cortexflow.serving.policy import PolicyOptions, build_policy
 from cortexflow.policies.transforms import aloha_gripper_from_angular
 from cortexflow.serving.robots import AlohaMapping, DroidMapping, LiberoMapping, make_mapping
 from cortexflow.serving.server import PolicyServer
+from serving_support import TIMEOUT, demo_policy, within  # noqa: F401 (imported from here by other test modules)
 
 # openpi-client 0.1.2 calls websockets' sync connect() without a context manager (deprecated in websockets 17).
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 
-TIMEOUT = 20.0
 CHUNK = 5  # the tiny model's action chunk
 runner = CliRunner()
 
 
-# ---- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def openpi():
-    """``openpi_client.websocket_client_policy``; a clear failure (not a skip) when it is not installed."""
-    try:
-        from openpi_client import websocket_client_policy
-    except ImportError as err:
-        pytest.fail(f"openpi-client is needed for these tests: pip install --no-deps openpi-client==0.1.2 ({err})")
-    return websocket_client_policy
-
-
-def within(seconds, fn, *args, **kwargs):
-    """Run ``fn`` in a daemon thread; fail the test (instead of hanging) if it takes longer than ``seconds``."""
-    result = {}
-
-    def target():
-        try:
-            result["value"] = fn(*args, **kwargs)
-        except BaseException as err:  # re-raised in the test thread
-            result["error"] = err
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} did not finish within {seconds} s")
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
-def demo_policy(robot="droid", model="pi0", seed=0, **options):
-    return build_policy(PolicyOptions(checkpoint="demo", model=model, robot=robot, device="cpu", seed=seed, **options))
-
-
-@pytest.fixture
-def start_server():
-    """``start(policy_or_robot, **server_kwargs)`` -> a running PolicyServer on an ephemeral port; stopped after."""
-    servers = []
-
-    def start(policy="droid", **kwargs):
-        if isinstance(policy, str):
-            policy = demo_policy(policy)
-        server = PolicyServer(policy, "127.0.0.1", 0, **kwargs).start(timeout=TIMEOUT)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop(timeout=TIMEOUT)
-
-
+# ---- helpers (the openpi and start_server fixtures are in conftest.py) ------------------------------
 def openpi_client(openpi, server, **kwargs):
     return within(TIMEOUT, openpi.WebsocketClientPolicy, "127.0.0.1", server.port, **kwargs)
 

@@ -13,8 +13,8 @@ import pytest
 
 from cortexflow.errors import ConfigError
 from cortexflow.serving.server import PolicyServer
-from test_serving import (  # noqa: F401  (start_server, openpi are fixtures)
-    TIMEOUT, demo_policy, http_get, openpi, openpi_client, small_droid_obs, start_server, within)
+from test_serving import (
+    TIMEOUT, demo_policy, http_get, openpi_client, small_droid_obs)
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 CLIENTS = 16

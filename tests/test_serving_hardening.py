@@ -9,7 +9,6 @@ peak RSS from ``/proc`` (Linux).
 
 import logging
 import os
-import queue
 import re
 import signal
 import socket
@@ -21,7 +20,7 @@ import time
 import msgpack
 import numpy as np
 import pytest
-from test_serving import (  # noqa: F401  (start_server is a fixture)
+from test_serving import (
     log_after_exit,
     start_cli_server,
     BAD_FRAMES,
@@ -33,7 +32,6 @@ from test_serving import (  # noqa: F401  (start_server is a fixture)
     http_get,
     raw_connect,
     small_droid_obs,
-    start_server,
     wait_until,
     within,
 )

@@ -24,7 +24,7 @@ from cortexflow.random_token_vla import (
 from cortexflow.serving.loadtest import run_loadtest
 from cortexflow.serving.policy import PolicyOptions, build_policy
 from cortexflow.serving.robots import LiberoMapping
-from test_serving import TIMEOUT, openpi, openpi_client, start_server, within  # noqa: F401 (fixtures)
+from test_serving import TIMEOUT, openpi_client, within
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager:DeprecationWarning")
 
