@@ -125,3 +125,37 @@ def test_fp8_linear_kernel_keeps_leading_dims_and_checks_shapes(interpreter):
         fp8_linear(torch.randn(3, 63), w)
     with pytest.raises(InputError, match="fp32, fp16 or bf16"):
         fp8_linear(torch.randn(3, 64).double(), w)
+
+
+def test_quantize_named_is_deterministic_and_names_missing_weights():
+    from cortexflow.quantization.fp8 import quantize_named
+
+    g = torch.Generator().manual_seed(7)
+    weights = {"a.weight": torch.randn(8, 16, generator=g).bfloat16(), "b.weight": torch.randn(4, 16, generator=g)}
+    first = quantize_named(weights, ["b.weight", "a.weight"])
+    second = quantize_named({k: v.clone() for k, v in weights.items()}, ["a.weight", "b.weight"])
+    assert list(first) == ["a.weight", "b.weight"]
+    for name in first:
+        assert torch.equal(first[name].data.view(torch.uint8), second[name].data.view(torch.uint8))
+        assert torch.equal(first[name].scale, second[name].scale)
+    with pytest.raises(ConfigError, match="c.weight"):
+        quantize_named(weights, ["a.weight", "c.weight"])
+
+
+def test_fp8_support_check(monkeypatch):
+    from cortexflow.kernels import runtime
+    from cortexflow.quantization.fp8 import fp8_unsupported_reason
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "interpreter" in fp8_unsupported_reason(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert "CUDA GPU" in fp8_unsupported_reason(torch.device("cpu"))
+    for arch, ok in ((80, False), (86, False), (89, True), (90, True)):
+        previous = runtime.set_compile_target(runtime.CompileTarget(arch=arch))
+        try:
+            reason = fp8_unsupported_reason(torch.device("meta"))
+        finally:
+            runtime.set_compile_target(previous)
+        assert (reason is None) == ok, (arch, reason)
+        if not ok:
+            assert f"{arch // 10}.{arch % 10}" in reason

@@ -18,6 +18,7 @@ with fp32 accumulation and applies ``scale`` once per output in its epilogue.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable, Mapping
 
 import torch
 
@@ -90,3 +91,35 @@ def _check_linear(x: torch.Tensor, weight: Fp8Tensor) -> None:
                           f"{weight.scale.dtype}; make it with quantize_weight")
     if x.shape[-1] != weight.shape[1]:
         raise InputError(f"x has {x.shape[-1]} features but the FP8 weight {tuple(weight.shape)} takes {weight.shape[1]}")
+
+
+#: The first compute capability with FP8 tensor cores (Ada, sm_89; Hopper is 90).
+FP8_MIN_CAPABILITY = 89
+
+
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why FP8 kernels cannot run on ``device`` (None when they can): a CPU, Triton's interpreter, or a GPU
+    (or compile target) of compute capability below 8.9."""
+    from cortexflow.kernels.runtime import compute_capability, interpreting
+
+    device = torch.device(device)
+    if interpreting():
+        return "Triton's CPU interpreter has no FP8 tensor cores (TRITON_INTERPRET=1 is set)"
+    capability = compute_capability(device)
+    if capability is None:
+        return f"FP8 needs a CUDA GPU, got device {str(device)!r}"
+    if capability < FP8_MIN_CAPABILITY:
+        return (f"FP8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); {str(device)!r} has "
+                f"{capability // 10}.{capability % 10}")
+    return None
+
+
+def quantize_named(weights: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, Fp8Tensor]:
+    """Per-output-channel E4M3 copies of the linear weights ``names`` of ``weights`` (each ``(out, in)``), in
+    name order; a name missing from ``weights`` is an error naming it."""
+    names = sorted(set(names))
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise ConfigError(f"cannot quantise weights that are not loaded: {', '.join(missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    return {n: quantize_weight(weights[n], n) for n in names}
