@@ -69,10 +69,10 @@ def _put(tree: dict, path: str, value: np.ndarray) -> None:
     tree[leaf] = value
 
 
-def flax_rt1_variables(config: RT1Config, seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+def flax_rt1_variables(config: RT1Config, seed: int = 0, values: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """``{"params", "batch_stats", "step"}`` with the Linen names and Flax layouts of ``models/rt1.py`` for
     ``config``, and the canonical torch-layout tensors each leaf must become (written independently of
-    the converter's table)."""
+    the converter's table). ``values=False``: parameters are zero-stride zeros (shapes only, any size)."""
     rng = np.random.default_rng(seed)
     tree: dict = {"params": {}, "batch_stats": {}, "step": np.int64(900000)}
     expected: dict[str, np.ndarray] = {}
@@ -80,7 +80,10 @@ def flax_rt1_variables(config: RT1Config, seed: int = 0) -> tuple[dict, dict[str
     def param(path, shape, scale=None, offset=0.0):
         fan_in = math.prod(shape[:-1]) if len(shape) > 1 else 1
         scale = scale if scale is not None else 1 / math.sqrt(fan_in)
-        value = (offset + rng.standard_normal(shape) * scale).astype(np.float32)
+        if not values:
+            value = np.broadcast_to(np.float32(offset), shape)
+        else:
+            value = (offset + rng.standard_normal(shape) * scale).astype(np.float32)
         _put(tree["params"], path, value)
         return value
 
@@ -455,6 +458,27 @@ def test_cli_convert_auto_detects_flax_and_safetensors_give_the_same_step(tmp_pa
 
 
 # ---- §3.8, each difference against its formula at the real RT-1-X size --------------------------------------
+def test_published_rt1x_variable_tree_maps_onto_the_rt1x_config():
+    """The full-size Flax tree of ``RT1(num_image_tokens=81, layer_size=256, vocab_size=512)`` (shapes only)
+    matches ``RT1Config.rt1x_jax()`` exactly, with the config read back from its shapes."""
+    from cortexflow.checkpoints.flax_checkpoint import flatten
+    from cortexflow.checkpoints.rt1x_jax_layout import infer_flax_config, match_flax_checkpoint, module_prefix
+
+    config = RT1Config.rt1x_jax()
+    tree, _ = flax_rt1_variables(config, values=False)
+    shapes = {name: tuple(np.shape(a)) for name, a in flatten(tree).items()}
+    assert shapes["params/Transformer_0/Dense_1/kernel"] == (1380, 512)
+    assert shapes["params/image_tokenizer/TokenLearnerModuleV11_0/token_masking/Dense_1/kernel"] == (64, 81)
+    prefix = module_prefix(shapes)
+    assert prefix == "params/" and infer_flax_config(shapes, prefix, RT1Config.rt1x_jax()) == config
+    _, report = match_flax_checkpoint(shapes, RT1Model(config), prefix)
+    assert report.ok and report.skipped == 1
+    params = sum(math.prod(s) for n, s in shapes.items() if n.startswith("params/"))
+    declared = sum(math.prod(s) for n, s in RT1Model(config).get_weight_shapes().items()
+                   if not n.startswith("tokenizer.norm.") and not n.endswith((".bn.mean", ".bn.var")))
+    assert params == declared
+
+
 def test_rt1x_same_padding_gives_a_10x10_map_and_81_tokens():
     config = RT1Config.rt1x_jax()
     size = [300, 300]
