@@ -780,9 +780,9 @@ def _print_info(report) -> None:
 @app.command("convert", short_help="Write an openpi JAX (Orbax), LoRA-adapter or RT-1 TF2 checkpoint as a safetensors folder.")
 @_cli_errors
 def convert_command(
-    source: Annotated[Path, typer.Argument(metavar="SRC", help="openpi JAX checkpoint (folder with params/ and assets/), a LoRA adapter folder, any safetensors checkpoint, or an RT-1 TF2 checkpoint (the ckpt-N prefix, its .index file or its folder).")],
+    source: Annotated[Path, typer.Argument(metavar="SRC", help="openpi JAX checkpoint (folder with params/ and assets/), a LoRA adapter folder, any safetensors checkpoint, an RT-1 TF2 checkpoint (the ckpt-N prefix, its .index file or its folder), or an RT-1-X Flax checkpoint (msgpack file or its folder).")],
     destination: Annotated[Path, typer.Argument(metavar="DST", help="Output folder (created; must not hold a model.safetensors yet).")],
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (RT-1 for a TF2 checkpoint, else the Pi0 family, detected from the tensors), pi0, pi05 or rt1.")] = "auto",
+    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="auto (RT-1 for a TF2 or Flax RT-1-X checkpoint, else the Pi0 family, detected from the tensors), pi0, pi05 or rt1.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="stored (keep each tensor's dtype), float32, or bfloat16 (patch/position embedding and norms stay float32, as in openpi). RT-1 is always written in float32.")] = "stored",
     base_checkpoint: Annotated[Optional[Path], typer.Option("--base-checkpoint", metavar="PATH", help="Base checkpoint of a LoRA adapter folder (default: its base_model_name_or_path).")] = None,
     model_config: Annotated[Optional[str], typer.Option("--model-config", metavar="JSON|FILE", help="RT-1 only: config fields the checkpoint cannot tell ('{\"input_size\": [256, 320]}').")] = None,
@@ -793,20 +793,21 @@ def convert_command(
     leaf, openpi's LoRA leaves are merged, and the tensors are written under openpi PyTorch names. A PEFT
     LoRA adapter is written merged into its base. SRC/assets (openpi norm stats) is copied to DST/assets.
     An RT-1 TF2 object checkpoint (tensor bundle) is read without TensorFlow, its variables mapped to
-    CortexFlow's names and torch layouts; create_rt1_inference loads the folder.
+    CortexFlow's names and torch layouts; create_rt1_inference loads the folder. An RT-1-X Flax checkpoint
+    (open_x_embodiment rt_1_x_jax: msgpack, or Orbax with orbax-checkpoint) is read without flax the same way.
     """
     from cortexflow.checkpoints.convert import DTYPES, convert_checkpoint
-    from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
+    from cortexflow.checkpoints.rt1_layout import is_rt1_checkpoint
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_type = None if model.strip().lower() == "auto" else VLAModelType.parse(model)
-    tf_source = is_tf_checkpoint(source)
-    if model_type == VLAModelType.RT1 or (model_type is None and tf_source):
+    rt1_source = is_rt1_checkpoint(source)
+    if model_type == VLAModelType.RT1 or (model_type is None and rt1_source):
         _convert_rt1(source, destination, dtype, base_checkpoint, model_config)
         return
-    if tf_source:
-        raise ConfigError(f"{source} is a TensorFlow checkpoint (RT-1); --model {model} converts Pi0-family checkpoints: "
+    if rt1_source:
+        raise ConfigError(f"{source} is a TensorFlow checkpoint (RT-1) or a Flax checkpoint (RT-1-X); --model {model} converts Pi0-family checkpoints: "
                           "use --model rt1 or --model auto")
     if model_config is not None:
         raise ConfigError("--model-config applies to RT-1 checkpoints only; Pi0-family sizes come from the tensors")
@@ -826,7 +827,7 @@ def convert_command(
 
 def _convert_rt1(source: Path, destination: Path, dtype: str, base_checkpoint: Optional[Path],
                  model_config: Optional[str]) -> None:
-    """``convert`` for an RT-1 TF2 checkpoint: fp32 safetensors + config.json."""
+    """``convert`` for an RT-1 TF2 or RT-1-X Flax checkpoint: fp32 safetensors + config.json."""
     from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint, save_converted
 
     if dtype not in ("stored", "float32"):

@@ -257,15 +257,30 @@ def load_safetensors(path: Path, model_config: "RT1Config | Mapping[str, Any] | 
 
 def load_rt1_checkpoint(path: str | Path, model_config: "RT1Config | Mapping[str, Any] | None" = None
                         ) -> tuple[RT1Model, dict[str, torch.Tensor], RT1CheckpointReport]:
-    """Load RT-1 from a TF2 checkpoint (prefix, ``.index`` file or folder) or a converted safetensors
+    """Load RT-1 from a TF2 checkpoint (prefix, ``.index`` file or folder), an RT-1-X Flax checkpoint
+    (msgpack file, Orbax folder, or a folder of them: see ``rt1x_jax_layout``) or a converted safetensors
     file / folder; returns fp32 CPU weights."""
+    from cortexflow.checkpoints.flax_checkpoint import is_flax_checkpoint
+
     path = Path(path).expanduser()
     if not path.exists() and not Path(f"{path}.index").exists():
         raise CheckpointError(f"checkpoint path {str(path)!r} does not exist")
     is_safetensors = path.suffix == ".safetensors" or (path.is_dir() and any(path.glob("*.safetensors")))
     if is_safetensors:
         return load_safetensors(path, model_config)
+    if is_flax_checkpoint(path):
+        from cortexflow.checkpoints.rt1x_jax_layout import load_flax_checkpoint
+
+        return load_flax_checkpoint(path, model_config)
     return load_tf_checkpoint(path, model_config)
+
+
+def is_rt1_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is an RT-1 source checkpoint by its files: TF2 or Flax (RT-1-X); cheap."""
+    from cortexflow.checkpoints.flax_checkpoint import is_flax_checkpoint
+    from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
+
+    return is_flax_checkpoint(path) or is_tf_checkpoint(path)
 
 
 def save_converted(model: RT1Model, weights: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
