@@ -316,7 +316,7 @@ class VLAInferenceEngine:
             targets[index, :remaining, :given] = torch.from_numpy(prev)
             weights = prefix_weights(chunk, int(delay), end, rtc.schedule)
             masks[index, :, :given] = weights[:, None]
-        return ChunkGuidance(targets.to(self.device), masks.to(self.device), float(rtc.max_guidance_weight))
+        return ChunkGuidance(targets.to(self.device), masks.to(self.device), float(rtc.max_guidance_weight), rtc.jacobian)
 
     def _check_noise(self, noise: Any, batch: int | None) -> torch.Tensor:
         expected = (self.chunk_size, self.config.action_dim) if batch is None else (batch, self.chunk_size, self.config.action_dim)

@@ -154,6 +154,59 @@ def test_guided_chunk_equals_the_papers_algorithm(engine):
     assert not np.allclose(guided, engine.predict(**obs), atol=1e-3 * scale)   # the guidance did something
 
 
+def lerobot_identity_guidance(engine, obs, prev_model_space, delay, horizon, beta):
+    """LeRobot 0.6.1's ``RTCProcessor.denoise_step`` written out in its convention (time from 1 to 0): the
+    velocity ``v`` is evaluated before ``x_t`` requires grad, so its correction is the weighted error itself;
+    prefix weights: ones for the first ``delay`` rows, ``linspace(1, 0, n + 2)[1:-1]`` over the next
+    ``n = horizon - delay``, zeros after; ``w = min(beta, c (tau'^2 + tau^2) / tau'^2)`` with ``tau = 1 - time``,
+    ``tau' = 1 - tau`` and ``c = tau' / tau``; the step ``x <- x + dt (v - w * correction)``."""
+    model, weights = engine.model, engine.weights
+    sample = engine.preprocessor(obs["observation_images"], None, obs["state"], obs["prompt_tokens"], None)
+    buffers = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    with torch.no_grad():
+        tokens = engine.backend.vision_encoder(model, weights, {"images": buffers["images"]})
+        prefix = engine.backend.transformer_encoder(model, weights, {
+            "image_tokens": tokens, "image_masks": buffers["image_masks"],
+            "token_ids": buffers["token_ids"], "token_mask": buffers["token_mask"]})
+        mask = model.suffix_attention_mask(prefix["prefix_mask"], CHUNK)
+        start = prefix["prefix_mask"].long().sum(dim=1, keepdim=True)
+        ctx = dict(prefix, suffix_mask=mask, suffix_positions=start + torch.arange(mask.shape[1])[None, :])
+        if "state" in buffers:
+            ctx["state"] = buffers["state"]
+        n = horizon - delay
+        w_rows = torch.cat([torch.ones(delay), torch.linspace(1, 0, n + 2)[1:-1], torch.zeros(CHUNK - horizon)])
+        prev = torch.zeros(1, CHUNK, ACTION_DIM)
+        prev[0, : len(prev_model_space)] = torch.from_numpy(prev_model_space)
+        x = torch.from_numpy(obs["noise"])[None].float()
+        dt = float(np.float32(-1.0 / STEPS))
+        for time in euler_times(STEPS):
+            v = model.velocity(engine.backend, weights, x, time, ctx).float()
+            err = (prev - (x - time * v)) * w_rows[None, :, None]
+            tau = torch.tensor(1.0 - time)
+            c = torch.nan_to_num((1 - tau) / tau, posinf=beta)
+            w = torch.minimum(torch.nan_to_num(c * ((1 - tau) ** 2 + tau**2) / (1 - tau) ** 2, posinf=beta),
+                              torch.tensor(beta))
+            x = x + dt * (v - w * err)
+    return engine.postprocessor(x[0].numpy())
+
+
+def test_identity_jacobian_equals_lerobots_rtc_formula(engine):
+    obs = observation(engine, 4)
+    prev = previous_chunk(engine, 2)                       # 8 actions left
+    rtc = RTCConfig(max_guidance_weight=10.0, schedule="linear", jacobian="identity")
+    # LeRobot's execution_horizon is where the guided overlap ends (row 8); CortexFlow's is the paper's s, the
+    # rows executed before the next chunk starts: the overlap ends at chunk - s.
+    guided = engine.predict(**obs, prev_actions=prev, inference_delay=3, execution_horizon=CHUNK - 8, rtc=rtc)
+    reference = lerobot_identity_guidance(engine, obs, engine.postprocessor.to_model_space(prev, None), 3, 8, 10.0)
+    scale = np.abs(reference).max()
+    assert np.abs(guided - reference).max() <= 1e-5 * scale
+    vjp = engine.predict(**obs, prev_actions=prev, inference_delay=3, execution_horizon=CHUNK - 8,
+                         rtc=RTCConfig(max_guidance_weight=10.0, schedule="linear"))
+    assert not np.allclose(guided, vjp, atol=1e-4 * scale)   # the two Jacobians differ on a real expert
+    with pytest.raises(ConfigError, match="jacobian"):
+        RTCConfig(jacobian="none")
+
+
 def test_guidance_pulls_the_start_of_the_chunk_to_the_previous_one(engine):
     delay = 3
     gaps_plain, gaps_guided, jumps_plain, jumps_guided = [], [], [], []

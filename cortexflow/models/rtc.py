@@ -13,6 +13,9 @@ the previous chunk that the robot will still execute. The paper writes its flow 
   i.e. ``w = min(beta, (t^2 + (1 - t)^2) / (t * (1 - t)))``;
 * guided velocity ``v - w * g`` (the paper's ``v_pi + w * g`` with the sign of ``v`` flipped).
 
+``jacobian="identity"`` takes ``d x0 / d x_t`` as the identity, so ``g = e``: no backward pass through the
+expert, as LeRobot 0.6.1's ``RTCProcessor`` computes it (it evaluates ``v`` before ``x_t`` requires grad).
+
 Everything here is fp32; the velocity may be computed in any dtype and is upcast.
 """
 
@@ -28,6 +31,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.models.flow_matching import euler_integrate
 
 SCHEDULES = ("exp", "linear", "ones", "zeros")
+JACOBIANS = ("vjp", "identity")
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,13 @@ class RTCConfig:
     ``max_guidance_weight``: the clip ``beta`` of the guidance weight (the paper uses 5; 0 turns guidance
     off and gives plain sampling). ``schedule``: the soft mask over the overlap after the first
     ``inference_delay`` actions — ``"exp"`` (the paper's), ``"linear"``, ``"ones"`` (hard mask over the whole
-    overlap) or ``"zeros"`` (only the first ``inference_delay`` actions are guided)."""
+    overlap) or ``"zeros"`` (only the first ``inference_delay`` actions are guided). ``jacobian``: ``"vjp"`` (the
+    paper's guidance through the expert's vector-Jacobian product) or ``"identity"`` (``d x0 / d x_t`` taken
+    as the identity, LeRobot's variant: no backward pass)."""
 
     max_guidance_weight: float = 5.0
     schedule: str = "exp"
+    jacobian: str = "vjp"
 
     def __post_init__(self) -> None:
         beta = self.max_guidance_weight
@@ -48,6 +55,8 @@ class RTCConfig:
             raise ConfigError(f"RTCConfig.max_guidance_weight must be a finite number >= 0, got {beta!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"RTCConfig.schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.jacobian not in JACOBIANS:
+            raise ConfigError(f"RTCConfig.jacobian must be one of {', '.join(JACOBIANS)}, got {self.jacobian!r}")
 
 
 def prefix_weights(chunk_size: int, inference_delay: int, overlap_end: int, schedule: str = "exp") -> torch.Tensor:
@@ -85,17 +94,25 @@ class ChunkGuidance:
 
     ``target``: ``(B, H, A)`` fp32 previous actions in model space (normalised, padded to the model's action
     dim); ``weights``: ``(B, H, A)`` fp32, :func:`prefix_weights` along the chunk for the guided action dims
-    and 0 elsewhere (rows past the overlap, dims the previous chunk did not give). Both on the model's device."""
+    and 0 elsewhere (rows past the overlap, dims the previous chunk did not give). Both on the model's device.
+    ``jacobian``: see :class:`RTCConfig`."""
 
     target: torch.Tensor
     weights: torch.Tensor
     max_guidance_weight: float
+    jacobian: str = "vjp"
 
     def velocity(self, velocity: Callable[[torch.Tensor, float], torch.Tensor], x_t: torch.Tensor, t: float) -> torch.Tensor:
         """The guided velocity ``v - w * g`` at ``(x_t, t)`` (fp32, ``x_t``'s shape).
 
-        ``v`` is evaluated once, with autograd on for ``x_t`` only; ``g`` is its vector-Jacobian product."""
+        ``v`` is evaluated once, with autograd on for ``x_t`` only; ``g`` is its vector-Jacobian product
+        (``jacobian="vjp"``) or the weighted error itself (``"identity"``, ``v`` evaluated without autograd)."""
         weight = guidance_weight(t, self.max_guidance_weight)
+        if self.jacobian == "identity":
+            v = velocity(x_t, t).float()
+            if weight == 0.0:
+                return v
+            return v - weight * (self.target - (x_t.float() - t * v)) * self.weights
         with torch.enable_grad():
             x = x_t.detach().float().requires_grad_(True)
             v = velocity(x, t).float()
