@@ -1,6 +1,6 @@
 """What real-time chunking costs per call: Pi0 / Pi0.5 ``predict`` unguided (CUDA graph on a GPU, and eager)
 against a guided call (``prev_actions`` of 40 remaining actions, ``inference_delay`` 4, the paper's exp
-schedule, beta 5), on the PyTorch backend with random non-zero weights, 2 views, 224x224 uint8 images,
+schedule, beta 5; the paper's VJP guidance and LeRobot's identity-Jacobian variant), on the PyTorch backend with random non-zero weights, 2 views, 224x224 uint8 images,
 20 prompt ids, chunk 50, 10 steps. Also reports how far the guided chunk's first ``inference_delay``
 actions are from the previous chunk against the unguided one (same noise).
 
@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import torch
 
+from cortexflow import RTCConfig
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
 from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size
@@ -41,18 +42,21 @@ def bench_model(model: str, size: str, device, dtype, iters: int, warmup: int) -
     prev = eager.predict(prev_obs.images, state=state, prompt_tokens=prev_obs.tokens, noise=prev_obs.noise)
     prev_left = prev[config.chunk_size - PREV_LEFT:]
 
-    def call(engine, guided):
-        kwargs = dict(prev_actions=prev_left, inference_delay=DELAY) if guided else {}
+    def call(engine, jacobian=None):
+        kwargs = {} if jacobian is None else dict(prev_actions=prev_left, inference_delay=DELAY,
+                                                  rtc=RTCConfig(jacobian=jacobian))
         return lambda: engine.predict(obs.images, state=state, prompt_tokens=obs.tokens, noise=obs.noise, **kwargs)
 
     for name, engine in engines.items():
-        out[name] = time_calls(call(engine, False), device, iters, warmup)
-    out["guided_eager"] = time_calls(call(eager, True), device, iters, warmup)
-    plain, guided = call(eager, False)(), call(eager, True)()
-    out["gap_to_previous_first_delay_actions"] = {
-        "unguided": float(np.linalg.norm(plain[:DELAY] - prev_left[:DELAY])),
-        "guided": float(np.linalg.norm(guided[:DELAY] - prev_left[:DELAY])),
-    }
+        out[name] = time_calls(call(engine), device, iters, warmup)
+    out["guided_eager"] = time_calls(call(eager, "vjp"), device, iters, warmup)
+    out["guided_identity_eager"] = time_calls(call(eager, "identity"), device, iters, warmup)
+    plain = call(eager)()
+    out["gap_to_previous_first_delay_actions"] = {"unguided": float(np.linalg.norm(plain[:DELAY] - prev_left[:DELAY]))}
+    for jacobian in ("vjp", "identity"):
+        guided = call(eager, jacobian)()
+        out["gap_to_previous_first_delay_actions"][f"guided_{jacobian}"] = float(
+            np.linalg.norm(guided[:DELAY] - prev_left[:DELAY]))
     return out
 
 
@@ -80,7 +84,8 @@ def main() -> int:
     for entry in results["models"]:
         cells = "  ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in entry.items() if isinstance(v, dict) and "median_ms" in v)
         gap = entry["gap_to_previous_first_delay_actions"]
-        print(f"{entry['model']} ({entry['size']}): {cells}  gap {gap['unguided']:.3f} -> {gap['guided']:.3f}")
+        print(f"{entry['model']} ({entry['size']}): {cells}  gap {gap['unguided']:.3f} -> vjp {gap['guided_vjp']:.3f}, "
+              f"identity {gap['guided_identity']:.3f}")
     return 0
 
 
