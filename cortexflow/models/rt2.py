@@ -22,7 +22,7 @@ import torch
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.errors import ConfigError, InputError
 from cortexflow.models.base import Weights
-from cortexflow.models.gemma import gated_mlp, gemma_layer_shapes
+from cortexflow.models.gemma import gemma_layer_shapes
 from cortexflow.models.siglip import siglip_tower, siglip_weight_shapes
 from cortexflow.models.token_decoding import DecoderDims, DecoderLM, TokenDecodingModel
 from cortexflow.processing.action_tokens import binning_action_id_range, binning_tokens_to_values
@@ -38,9 +38,6 @@ class GemmaLM(DecoderLM):
     def __init__(self, dims: DecoderDims, width: int):
         super().__init__(dims)
         self.width = width
-
-    def mlp(self, ops, weights, layer: str, h: torch.Tensor) -> torch.Tensor:
-        return gated_mlp(ops, weights, layer, h)
 
     def embed(self, ops, weights, ids: torch.Tensor) -> torch.Tensor:
         table = weights["llm.embed"]
