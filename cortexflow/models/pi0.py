@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cortexflow.checkpoints.pi0_layout import match_keys
+from cortexflow.models.pi0_keys import match_keys
 from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError
 from cortexflow.models.base import VLAModel, Weights
