@@ -151,7 +151,7 @@ def test_triton_greedy_head_matches_the_reference_head(allowed, monkeypatch):
     for seed in range(6):
         h = rand(1, 1, width, dtype=torch.float32, seed=50 + seed, scale=2.0)
         expected = lm.next_token(reference_backend, weights, h, allowed)
-        got = triton_backend.decoder_lm_next_token(lm, weights, h, allowed)
+        got = lm.next_token(triton_backend, weights, h, allowed)
         assert got.shape == (1,) and got.item() == expected.item()
         lo, hi = allowed or (0, vocab)
         assert lo <= got.item() < hi
@@ -164,6 +164,6 @@ def test_triton_greedy_head_matches_the_reference_head(allowed, monkeypatch):
     for seed in range(60, 72):
         h = rand(1, 1, width, dtype=torch.float32, seed=seed, scale=2.0)
         pair = [lm.next_token(reference_backend, w, h, None).item() for w in (weights, other)]
-        assert [triton_backend.decoder_lm_next_token(lm, w, h, None).item() for w in (weights, other)] == pair
+        assert [lm.next_token(triton_backend, w, h, None).item() for w in (weights, other)] == pair
         changed += pair[0] != pair[1]
     assert changed > 0

@@ -10,7 +10,7 @@ import torch
 
 from cortexflow.backends.pytorch import PyTorchBackend
 from cortexflow.backends.triton_backend import TritonBackend
-from cortexflow.backends.triton_encoder import encoder_weights_fused, fuse_encoder_weights
+from cortexflow.backends.triton_encoder import fuse_encoder_weights, prefix_layers_fused, vision_stack_fused
 from cortexflow.kernels.layer_norm import layer_norm, layer_norm_reference
 from cortexflow.models.pi0 import model_class
 from cortexflow.random_checkpoint import random_weights, tiny_model_config
@@ -48,6 +48,11 @@ def _setup(model_type, dtype, seed=0):
     return model, raw, weights, images, dict(token_ids=token_ids, token_mask=token_mask, image_masks=image_masks)
 
 
+def _encoder_weights_fused(model, weights) -> bool:
+    groups = model.fusable_weights()
+    return vision_stack_fused(groups.vision_stacks[0], weights) and prefix_layers_fused(groups.encoder_layers, weights)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
@@ -56,7 +61,7 @@ def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
     triton = TritonBackend(torch.device(DEVICE), dtype)
     assert triton.options.fused_encoder
     weights = triton.prepare_weights(model, weights)
-    assert encoder_weights_fused(model, weights)
+    assert _encoder_weights_fused(model, weights)
 
     ref_tokens = reference.vision_encoder(model, raw, {"images": images})
     tokens = triton.vision_encoder(model, weights, {"images": images})
@@ -80,9 +85,9 @@ def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
 def test_fused_weights_are_views_and_fusing_twice_changes_nothing():
     model, _, weights, _, _ = _setup("pi0", torch.float32)
     before = {k: v.clone() for k, v in weights.items()}
-    fuse_encoder_weights(model, weights)
+    fuse_encoder_weights(model.fusable_weights(), weights)
     fused = {k: v for k, v in weights.items()}
-    fuse_encoder_weights(model, weights)
+    fuse_encoder_weights(model.fusable_weights(), weights)
     assert all(weights[k] is fused[k] for k in fused)
     for i in range(model.config.num_vision_layers):
         p = f"vision.layers.{i}"
@@ -105,7 +110,7 @@ def test_fused_encoder_can_be_switched_off():
     triton = TritonBackend(torch.device(DEVICE), torch.float32, TritonOptions(fused_encoder=False))
     assert not triton.options.fused_encoder
     weights = triton.prepare_weights(model, weights)
-    assert not encoder_weights_fused(model, weights)
+    assert not _encoder_weights_fused(model, weights)
     with pytest.raises(ConfigError, match="TritonOptions.fused_encoder must be True or False, got 'yes'"):
         TritonOptions(fused_encoder="yes")
 

@@ -12,7 +12,7 @@ import importlib
 
 import torch
 
-from cortexflow.backends.base import ComputeBackend
+from cortexflow.ops import ComputeBackend
 from cortexflow.backends.pytorch import PyTorchBackend
 from cortexflow.config import BackendType
 from cortexflow.errors import BackendUnavailableError, ConfigError

@@ -22,9 +22,13 @@ from typing import Any, Mapping
 
 import torch
 
-from cortexflow.backends.base import ComputeBackend
+from cortexflow.ops import ComputeBackend
 from cortexflow.backends.pytorch import PyTorchBackend
+from cortexflow.config import VLAModelType
 from cortexflow.errors import ConfigError, InputError
+
+#: The model types whose stages the exported bundles run (the Pi0 family).
+FLOW_MATCHING_MODELS = (VLAModelType.PI0, VLAModelType.PI05)
 
 
 class OnnxBackend(PyTorchBackend):
@@ -78,10 +82,9 @@ class OnnxBackend(PyTorchBackend):
 
     def bundle(self, model, weights: Mapping[str, torch.Tensor], num_views: int, chunk_size: int | None = None) -> "_Bundle":
         """The ORT sessions for ``model`` at ``num_views`` and ``chunk_size`` (exported or loaded from the cache)."""
-        from cortexflow.models.pi0 import Pi0Model
         from cortexflow.onnx.cache import cached_policy_bundle
 
-        if not isinstance(model, Pi0Model):
+        if getattr(model, "model_type", None) not in FLOW_MATCHING_MODELS:
             raise ConfigError(f"the onnx backend runs Pi0-family models (Pi0Model subclasses), not {type(model).__name__}")
         chunk = int(chunk_size or model.config.chunk_size)
         fingerprint = self._weights_fingerprint(weights)
@@ -120,8 +123,6 @@ class OnnxBackend(PyTorchBackend):
         return out
 
     def transformer_decoder(self, model, weights, inputs):
-        from cortexflow.models.flow_matching import euler_integrate
-
         c = model.config
         prefix_mask, noise = inputs["prefix_mask"], inputs["noise"]
         prefix_len = self._views_from(model, "decoder", prefix_mask, 1, "prefix_mask")
@@ -146,7 +147,7 @@ class OnnxBackend(PyTorchBackend):
                 t_tensor = torch.tensor(t, dtype=torch.float32, device=x_t.device)
                 return bundle.run("decoder", x_t=x_t.contiguous(), t=t_tensor, **feeds)["velocity"]
 
-            return euler_integrate(velocity, noise, c.num_diffusion_steps)
+            return model.integrate(velocity, noise)
         return bundle.run("decoder", noise=noise, **feeds)["actions"]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cortexflow.backends.base import ComputeBackend
+from cortexflow.ops import ComputeBackend
 
 # The value openpi adds to masked attention logits (big_vision's large negative).
 MASKED_LOGIT = -2.3819763e38

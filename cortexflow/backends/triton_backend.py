@@ -3,9 +3,10 @@
 Fused in Triton (``cortexflow/kernels/``): LayerNorm, RMSNorm and adaptive RMSNorm (fp32 statistics,
 one pass), split-half RoPE, tanh-GELU and the gated ``gelu(gate) * up`` product, and attention (flash
 style: fp32 online softmax, grouped/multi-query KV, boolean mask, never materialising the logits).
-For Pi0 / Pi0.5 the whole denoising loop is a fused stage (``triton_decoder.py``), each expert layer one
-persistent kernel (``kernels/expert_layer.py``), and the vision tower and prefix are fused stages too
-(``triton_encoder.py``: fused projections, in-place residuals).
+The fused units of the op interface (:mod:`cortexflow.ops`) are overridden where a kernel exists: the
+expert stack of a denoising step (``triton_decoder.py``; each expert layer one persistent kernel,
+``kernels/expert_layer.py``), the SigLIP tower and the Gemma prefix (``triton_encoder.py``: fused projections,
+in-place residuals), a token LM's decoder layer and greedy head (``triton_token_decoder.py``: decode GEMVs).
 Linears stay on cuBLAS through ``torch.nn.functional.linear`` (bias fused by cuBLASLt); see
 ``benchmarks/NOTES.md`` for where that leaves time. Shapes a kernel was not written for fall back to the
 PyTorch op with a one-time warning naming the op. The fused paths are switched by
@@ -31,33 +32,34 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     raise BackendUnavailableError(f"the triton backend needs the 'triton' package: {TRITON_INSTALL_HINT}") from err
 
 from cortexflow.backends.triton_decoder import (  # noqa: E402
-    build_time_tables,
-    fuse_expert_weights,
-    fused_decoder,
+    fused_expert_stack,
     persistent_layer_unsupported,
+    start_workspace,
 )
 from cortexflow.backends.triton_encoder import (  # noqa: E402
-    encoder_weights_fused,
     fuse_encoder_weights,
-    fused_encoder_unsupported,
     fused_prefix,
     fused_vision_tower,
+    prefix_layers_fused,
+    prefix_unsupported,
+    vision_stack_fused,
+    vision_stack_unsupported,
 )
 from cortexflow.backends.triton_token_decoder import (  # noqa: E402
+    MAX_HEAD_DIM,
+    fits_fused_layer,
     fold_norm_weights,
     fuse_layer_projections,
     fused_token_layer,
+    fuses_combine,
+    greedy_head,
 )
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
-from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.pdl import pdl_supported
 from cortexflow.kernels.runtime import compile_target, interpreting
-from cortexflow.models.pi0 import Pi0Model
-from cortexflow.models.token_decoding import TokenDecodingModel
 
 MAX_NORM_WIDTH = 16384
-MAX_HEAD_DIM = 256
 
 
 class TritonBackend(PyTorchBackend):
@@ -67,7 +69,7 @@ class TritonBackend(PyTorchBackend):
     switches the fused paths; :meth:`configured` makes a class with options to pass as ``backend=``."""
 
     name = "triton"
-    supports_guided_decoding = False  # the Pi0 denoising loop is fused over repacked expert weights
+    supports_guided_decoding = False  # the denoising loop runs on per-step tables over fused expert weights
     _options = TritonOptions()
 
     def __init__(self, device: torch.device, dtype: torch.dtype, options: TritonOptions | None = None):
@@ -82,7 +84,7 @@ class TritonBackend(PyTorchBackend):
             raise ConfigError(f"TritonBackend(options=...) takes a TritonOptions, got {type(options).__name__}")
         self.options = options = self._options if options is None else options
         self._inv_freq: dict[tuple[int, float], torch.Tensor] = {}
-        self._time_tables: dict[tuple[int, int], object] = {}
+        self._per_weights: dict[tuple[int, object], object] = {}
         self._warned: set[str] = set()
         self._side_streams: dict[torch.device, torch.cuda.Stream] = {}
         if options.pdl == "on" and not pdl_supported(self.device):
@@ -102,55 +104,101 @@ class TritonBackend(PyTorchBackend):
         chosen = TritonOptions.from_mapping({**base.as_dict(), **fields}, "TritonBackend.configured")
         return type(cls.__name__, (cls,), {"_options": chosen})
 
-    # ---- stages -------------------------------------------------------------------------------
-    def prepare_weights(self, model, weights):
-        """Fuse the Q/K/V and gate/up weights (the originals become views): the Pi0 family's expert, and
-        every layer of a token VLA's decoder LM (in place, one layer at a time); for a token VLA whose
-        layers the fused layer runs, also fold the pre-attention / pre-MLP norm weights into them."""
-        if isinstance(model, Pi0Model):
-            weights = fuse_expert_weights(model, weights)
-            if self.options.fused_encoder:
-                weights = fuse_encoder_weights(model, weights)
-        elif isinstance(model, TokenDecodingModel):
-            lm = model.lm
-            weights = fuse_layer_projections(weights, (f"{lm.prefix}.layers.{i}" for i in range(lm.dims.num_layers)))
-            if self.options.fold_token_norms and self._fused_token_layer_fits(lm):
-                weights = fold_norm_weights(lm, weights)
+    # ---- weights ------------------------------------------------------------------------------
+    def fuse_weights(self, weights, groups):
+        """Concatenate Q/K/V and gate/up of every decoder layer (the Pi0 family's expert, a token VLA's LM) and,
+        with ``fused_encoder``, SigLIP's Q/K/V and the prefix layers' projections (the originals become views,
+        one layer at a time, in place); fold the norm scales of decoder layers that allow it into their fused
+        projections when the fused layer runs them (``fold_token_norms``)."""
+        weights = fuse_layer_projections(weights, (layer.prefix for layer in groups.decoder_layers))
+        if self.options.fused_encoder:
+            weights = fuse_encoder_weights(groups, weights)
+        foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)]
+        if self.options.fold_token_norms and foldable:
+            weights = fold_norm_weights(foldable, weights)
         return weights
 
-    @staticmethod
-    def _fused_token_layer_fits(lm) -> bool:
-        """Whether the fused token layer's kernels were written for ``lm``'s head size."""
-        return lm.dims.head_dim <= MAX_HEAD_DIM and lm.dims.head_dim % 2 == 0
+    def per_weights(self, weights, key, build):
+        """Kept per weights dict and key (the tables of a denoising loop are made on the first call)."""
+        full_key = (id(weights), key)
+        if full_key not in self._per_weights:
+            self._per_weights[full_key] = build()
+        return self._per_weights[full_key]
 
-    def decoder_lm_layer(self, lm, weights, i, x, positions, mask, cache, write_at):
-        """Token VLAs: the fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
-        if f"{lm.prefix}.layers.{i}.qkv" not in weights or not self._fused_token_layer_fits(lm):
-            return super().decoder_lm_layer(lm, weights, i, x, positions, mask, cache, write_at)
-        return fused_token_layer(self, lm, weights, i, x, positions, mask, cache, write_at,
+    # ---- fused units --------------------------------------------------------------------------
+    def pre_ln_encoder(self, weights, stack, x):
+        """The fused SigLIP tower (``triton_encoder.py``) when its weights were fused; else op by op."""
+        if not self._encoder_fused(vision_stack_fused(stack, weights),
+                                   vision_stack_unsupported(stack, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
+            return super().pre_ln_encoder(weights, stack, x)
+        return fused_vision_tower(weights, stack, x)
+
+    def prefix_kv_cache(self, weights, layers, x, positions, mask):
+        """The fused Gemma prefix (``triton_encoder.py``) when its weights were fused; else op by op."""
+        if not self._encoder_fused(prefix_layers_fused(layers, weights),
+                                   prefix_unsupported(layers, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
+            return super().prefix_kv_cache(weights, layers, x, positions, mask)
+        return fused_prefix(self, weights, layers, x, positions, mask)
+
+    def _encoder_fused(self, fused: bool, unsupported: str | None) -> bool:
+        """Whether a fused encoder unit runs: its weights were fused (``fused_encoder``) and its config fits;
+        a config it was not written for falls back to the op-by-op composition (whose ops fall back one by
+        one) with a one-time warning."""
+        if not (self.options.fused_encoder and fused):
+            return False
+        if unsupported is not None:
+            self._fallback("fused vision tower / prefix", unsupported)
+            return False
+        return True
+
+    def decoder_layer(self, weights, layer, x, positions, mask, cache, write_at):
+        """The fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
+        if layer.name("qkv") not in weights or not fits_fused_layer(layer.dims):
+            return super().decoder_layer(weights, layer, x, positions, mask, cache, write_at)
+        return fused_token_layer(self, weights, layer, x, positions, mask, cache, write_at,
                                  gemv=self.options.decode_gemv == "all")
 
-    def fuses_combine(self, lm) -> bool:
-        """Whether the attention of ``lm``'s fused layers merges its key ranges in the last-arriving program:
-        with ``fused_combine="grouped"``, in LMs whose query heads share a KV head."""
-        return self.options.fused_combine == "grouped" and lm.dims.num_kv_heads < lm.dims.num_heads
+    def fuses_combine(self, dims) -> bool:
+        """Whether the attention of fused layers with ``dims`` merges its key ranges in the last-arriving
+        program: with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
+        return fuses_combine(self, dims)
 
-    def decoder_lm_next_token(self, lm, weights, h, allowed):
-        """Token VLAs, one row (a decode step or the prefill's last row at batch 1) when the LM's decode
-        steps run GEMVs: the final RMSNorm, the LM head (or its ``allowed`` rows) and the rounding to the
-        compute dtype in one decode GEMV, then the argmax over those logits (the reference's argmax of the
-        same rounded values upcast to fp32 picks the same first maximum)."""
+    def lm_head_argmax(self, h, norm_weight, head, eps, allowed, dims):
+        """One row (a decode step or the prefill's last row at batch 1) when the LM's decode steps run GEMVs:
+        the final RMSNorm, the LM head (or its ``allowed`` rows) and the rounding to the compute dtype in one
+        decode GEMV, then the argmax (``triton_token_decoder.greedy_head``)."""
         if (not self.options.decode_head or h.numel() != h.shape[-1] or self.options.decode_gemv != "all"
-                or not self._fused_token_layer_fits(lm)):
-            return super().decoder_lm_next_token(lm, weights, h, allowed)
-        head = lm.lm_head(weights)
-        lo = 0
-        if allowed is not None:
-            lo, hi = allowed
-            head = head[lo:hi]
-        logits = decode_gemv(h, head, norm_weight=lm.norm_scale(weights, f"{lm.prefix}.norm"),
-                             eps=lm.dims.rms_norm_eps, pdl=self.pdl)
-        return logits.view(1, -1).argmax(dim=-1) + lo
+                or not fits_fused_layer(dims)):
+            return super().lm_head_argmax(h, norm_weight, head, eps, allowed, dims)
+        return greedy_head(self, h, norm_weight, head, eps, allowed)
+
+    def table_denoising(self, weights, expert):
+        """The denoising loop on per-step tables whenever the expert's projections were fused."""
+        return expert.layers[0].name("qkv") in weights
+
+    def begin_denoising(self, weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps):
+        """Adds the RoPE frequencies, whether the expert's Triton kernels launch with programmatic dependent
+        launch and, with ``persistent_expert`` (for an expert the kernel was written for), the persistent
+        kernel's workspace for ``num_steps`` steps."""
+        ctx = super().begin_denoising(weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps)
+        d = expert.layers[0].dims
+        ctx.backend_state["inv_freq"] = self.inverse_frequencies(d.head_dim, d.rope_base, positions.device)
+        ctx.backend_state["pdl"] = self.pdl
+        persistent = self.options.persistent_expert
+        if persistent:
+            reason = persistent_layer_unsupported(weights, expert)
+            if reason is not None:
+                self._fallback("persistent expert layer", reason)
+                persistent = False
+        if persistent:
+            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
+        return ctx
+
+    def expert_stack(self, weights, ctx, x, step):
+        """Every expert layer of the step as a persistent kernel or a kernel chain (``triton_decoder.py``)."""
+        if ctx.expert.layers[0].name("qkv") not in weights:
+            return super().expert_stack(weights, ctx, x, step)
+        return fused_expert_stack(self, weights, ctx, x, step)
 
     def run_concurrently(self, first, second):
         """``(first(), second())``: on a GPU ``first`` runs on a side stream while ``second`` runs on the
@@ -169,49 +217,6 @@ class TritonBackend(PyTorchBackend):
         main.wait_stream(side)
         a.record_stream(main)  # a's memory was allocated on the side stream and is read on this one
         return a, b
-
-    def _encoder_fused(self, model, weights) -> bool:
-        """Whether the fused vision tower / prefix run ``model``; a config they were not written for falls back
-        to the op-by-op stages (whose ops fall back one by one) with a one-time warning."""
-        if not (self.options.fused_encoder and isinstance(model, Pi0Model) and encoder_weights_fused(model, weights)):
-            return False
-        reason = fused_encoder_unsupported(model.config, MAX_NORM_WIDTH, MAX_HEAD_DIM)
-        if reason is not None:
-            self._fallback("fused vision tower / prefix", reason)
-            return False
-        return True
-
-    def vision_encoder(self, model, weights, inputs):
-        """Pi0 family: the fused SigLIP tower (``triton_encoder.py``) and the projector; others: op by op."""
-        if not self._encoder_fused(model, weights):
-            return super().vision_encoder(model, weights, inputs)
-        images = inputs["images"]
-        b, views = images.shape[:2]
-        tokens = fused_vision_tower(self, model, weights, images.flatten(0, 1))
-        tokens = torch.nn.functional.linear(tokens, weights["projector.weight"], weights["projector.bias"])
-        return tokens.reshape(b, views * tokens.shape[1], tokens.shape[2])
-
-    def transformer_encoder(self, model, weights, inputs):
-        """Pi0 family: the fused Gemma prefix (``triton_encoder.py``); others: op by op."""
-        if not self._encoder_fused(model, weights):
-            return super().transformer_encoder(model, weights, inputs)
-        return fused_prefix(self, model, weights, inputs)
-
-    def transformer_decoder(self, model, weights, inputs):
-        """Pi0 family: the fused denoising loop (``triton_decoder.py``); other models: op by op."""
-        if not isinstance(model, Pi0Model) or "expert.layers.0.qkv" not in weights:
-            return super().transformer_decoder(model, weights, inputs)
-        steps = model.config.num_diffusion_steps
-        key = (id(weights), steps)
-        if key not in self._time_tables:
-            self._time_tables[key] = build_time_tables(model, weights, steps)
-        persistent = self.options.persistent_expert
-        if persistent:
-            reason = persistent_layer_unsupported(model.config)
-            if reason is not None:
-                self._fallback("persistent expert layer", reason)
-                persistent = False
-        return fused_decoder(self, model, weights, inputs, self._time_tables[key], pdl=self.pdl, persistent=persistent)
 
     def inverse_frequencies(self, head_dim: int, base: float, device: torch.device) -> torch.Tensor:
         """Cached RoPE ``base ** (-2i/head_dim)`` (fp32)."""

@@ -1,7 +1,7 @@
-"""The fused vision tower and prefix of the Triton backend for Pi0 / Pi0.5 (the ``vision_encoder`` and
-``transformer_encoder`` stages).
+"""The Triton backend's encoder units: ``pre_ln_encoder`` (the SigLIP tower of the Pi0 family) and
+``prefix_kv_cache`` (its Gemma prefix), over weights fused by :func:`fuse_encoder_weights`.
 
-Same function as the model's op-by-op stages (``models/siglip.py``, ``models/gemma.py``), fewer kernels:
+Same function as the units' default compositions (:class:`cortexflow.ops.ComputeBackend`), fewer kernels:
 - SigLIP: Q/K/V as one GEMM with the concatenated bias; the attention reads Q, K and V as strided views of
   its output (no copies); the o and fc2 GEMMs (bias in the epilogue) write their own output, which the next
   LayerNorm kernel adds to the residual stream in place before normalising
@@ -10,8 +10,8 @@ Same function as the model's op-by-op stages (``models/siglip.py``, ``models/gem
   (:mod:`cortexflow.kernels.qkv_rope`); gate/up as one GEMM followed by the fused ``gelu_tanh(gate) * up``
   kernel; both residuals accumulated in place (``x += a @ Wᵀ``).
 
-The fused weights are made once per checkpoint by :func:`fuse_encoder_weights` (the separate weights become
-views into them, so no memory is added). Rounding differs from the reference only in the prefix's
+The fused weights are made once per checkpoint by :func:`fuse_encoder_weights` over the groups the model
+declares (the separate weights become views into them, so no memory is added). Rounding differs from the reference only in the prefix's
 residuals (its o and down GEMMs add into the residual in fp32 instead of rounding their own output
 first, as the expert's do); ``cortexflow verify`` compares both stages against the fp32 reference.
 """
@@ -19,6 +19,7 @@ first, as the expert's do); ``cortexflow verify`` compares both stages against t
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -29,8 +30,7 @@ from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
 from cortexflow.kernels.layer_norm import layer_norm
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.models.gemma import attention_scale
-from cortexflow.models.siglip import siglip_embed
+from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer
 
 VISION_QKV = "qkv"
 #: How the SigLIP attention runs: "triton" (kernels/attention.py) or "sdpa" (torch's fused attention;
@@ -42,55 +42,67 @@ VISION_ATTENTION = "triton"
 PREFIX_ATTENTION_TILING: dict = {"block_m": 64, "num_warps": 4}
 
 
-def fuse_encoder_weights(model, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Add ``vision.layers.i.qkv.{weight,bias}`` and ``llm.layers.i.{qkv,gate_up}`` (row-concatenated), in
-    place, and turn the separate weights into views of them (one layer at a time, so peak memory grows by
-    one layer's projections at most)."""
-    c = model.config
-    for i in range(c.num_vision_layers):
-        p = f"vision.layers.{i}"
-        for kind in ("weight", "bias"):
-            concat_as_views(weights, f"{p}.{VISION_QKV}.{kind}", [f"{p}.{name}.{kind}" for name in ("q", "k", "v")])
-    return fuse_layer_projections(weights, (f"llm.layers.{i}" for i in range(c.num_encoder_layers)))
+def fuse_encoder_weights(groups: FusableWeights, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Add ``{layer}.qkv.{weight,bias}`` for every layer of ``groups.vision_stacks`` and ``{layer}.{qkv,gate_up}``
+    for ``groups.encoder_layers`` (row-concatenated), in place, and turn the separate weights into views of
+    them (one layer at a time, so peak memory grows by one layer's projections at most)."""
+    for stack in groups.vision_stacks:
+        for i in range(stack.num_layers):
+            p = stack.layer(i)
+            for kind in ("weight", "bias"):
+                concat_as_views(weights, f"{p}.{VISION_QKV}.{kind}", [f"{p}.{name}.{kind}" for name in ("q", "k", "v")])
+    return fuse_layer_projections(weights, (layer.prefix for layer in groups.encoder_layers))
 
 
-def fused_encoder_unsupported(config, max_width: int, max_head_dim: int) -> str | None:
-    """Why the fused stages cannot run ``config``'s vision tower and prefix (None when they can): the row
-    kernels hold a whole row (at most ``max_width``), the attention kernel at most ``max_head_dim``."""
-    vision_head_dim = config.vision_encoder_dim // config.num_vision_heads
-    if vision_head_dim > max_head_dim or config.head_dim > max_head_dim:
-        return f"head_dim {max(vision_head_dim, config.head_dim)} > {max_head_dim}"
-    if max(config.vision_encoder_dim, config.encoder_dim) > max_width:
-        return f"width {max(config.vision_encoder_dim, config.encoder_dim)} > {max_width}"
+def vision_stack_fused(stack: EncoderStack, weights) -> bool:
+    """Whether :func:`fuse_encoder_weights` fused ``stack``."""
+    return f"{stack.layer(stack.num_layers - 1)}.{VISION_QKV}.weight" in weights
+
+
+def prefix_layers_fused(layers: Sequence[GatedLayer], weights) -> bool:
+    """Whether :func:`fuse_encoder_weights` fused ``layers``."""
+    return layers[-1].name("qkv") in weights
+
+
+def vision_stack_unsupported(stack: EncoderStack, width: int, max_width: int, max_head_dim: int) -> str | None:
+    """Why the fused tower cannot run ``stack`` of ``width`` features (None when it can): the row kernels hold a
+    whole row (at most ``max_width``), the attention kernel at most ``max_head_dim``."""
+    head_dim = width // stack.num_heads
+    if head_dim > max_head_dim:
+        return f"head_dim {head_dim} > {max_head_dim}"
+    if width > max_width:
+        return f"width {width} > {max_width}"
     return None
 
 
-def encoder_weights_fused(model, weights) -> bool:
-    """Whether :func:`fuse_encoder_weights` ran on ``weights``."""
-    c = model.config
-    return (f"vision.layers.{c.num_vision_layers - 1}.{VISION_QKV}.weight" in weights
-            and f"llm.layers.{c.num_encoder_layers - 1}.qkv" in weights)
+def prefix_unsupported(layers: Sequence[GatedLayer], width: int, max_width: int, max_head_dim: int) -> str | None:
+    """Why the fused prefix cannot run ``layers`` of ``width`` features (None when it can)."""
+    head_dim = layers[0].dims.head_dim
+    if head_dim > max_head_dim:
+        return f"head_dim {head_dim} > {max_head_dim}"
+    if width > max_width:
+        return f"width {width} > {max_width}"
+    return None
 
 
-def fused_vision_tower(backend, model, weights, images: torch.Tensor, vision_attention: str | None = None) -> torch.Tensor:
-    """SigLIP on ``images (N, 3, S, S)`` in [-1, 1] -> post-LN tokens ``(N, T, D)`` in the backend's dtype
-    (the patch embedding is ``backend.patch_embed``).
+def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_attention: str | None = None) -> torch.Tensor:
+    """``ComputeBackend.pre_ln_encoder`` over the fused weights: the embedded tokens ``x (N, T, D)`` -> post-LN
+    tokens ``(N, T, D)`` in ``x.dtype``.
 
-    The residual stream ``x (N*T, D)`` is this function's own buffer, updated in place; ``pending`` is the
+    The residual stream ``x (N*T, D)`` is the caller's temporary, updated in place; ``pending`` is the
     last sublayer's output, which the next LayerNorm adds to it first. ``vision_attention``
     overrides :data:`VISION_ATTENTION` (for the micro-benchmark)."""
-    c = model.config
-    x = siglip_embed(backend, weights, images).to(backend.dtype).contiguous()  # a new tensor: ours to update
+    x = x.contiguous()
     n, t, d = x.shape
-    heads = c.num_vision_heads
+    heads = stack.num_heads
     head_dim = d // heads
-    eps = c.vision_norm_eps
+    eps = stack.eps
     scale = 1.0 / math.sqrt(head_dim)
     sdpa = (vision_attention or VISION_ATTENTION) == "sdpa" and x.is_cuda
     rows = x.view(n * t, d)
     pending = None
-    for i in range(c.num_vision_layers):
-        w = lambda name: weights[f"vision.layers.{i}.{name}"]  # noqa: E731
+    for i in range(stack.num_layers):
+        w = lambda name: weights[f"{stack.layer(i)}.{name}"]  # noqa: E731
         h = layer_norm(rows, w("ln1.weight"), w("ln1.bias"), eps, residual=pending)
         qkv = F.linear(h, w(f"{VISION_QKV}.weight"), w(f"{VISION_QKV}.bias")).view(n, t, 3, heads, head_dim)
         if sdpa:  # (N, H, T, Dh) views in, (N, T, H, Dh) memory out
@@ -102,38 +114,36 @@ def fused_vision_tower(backend, model, weights, images: torch.Tensor, vision_att
         h = layer_norm(rows, w("ln2.weight"), w("ln2.bias"), eps, residual=attn_out)
         act = gelu_tanh(F.linear(h, w("fc1.weight"), w("fc1.bias")))
         pending = F.linear(act, w("fc2.weight"), w("fc2.bias"))
-    out = layer_norm(rows, weights["vision.post_ln.weight"], weights["vision.post_ln.bias"], eps, residual=pending)
+    out = layer_norm(rows, weights[f"{stack.final_norm}.weight"], weights[f"{stack.final_norm}.bias"], eps,
+                     residual=pending)
     return out.view(n, t, d)
 
 
-def fused_prefix(backend, model, weights, inputs, attention_tiling: dict | None = None) -> dict:
-    """The Gemma prefix pass -> ``{"kv_cache": [(k, v)] per layer, "prefix_mask": (B, P)}``, as
-    ``Pi0Model.transformer_encoder`` returns it (k/v ``(B, P, Hkv, Dh)`` after RoPE; the last layer computes
-    K/V only). ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
-    c = model.config
+def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor, positions: torch.Tensor,
+                 mask: torch.Tensor, attention_tiling: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``ComputeBackend.prefix_kv_cache`` over the fused weights -> per layer ``(k, v)`` ``(B, P, Hkv, Dh)``
+    after RoPE (the last layer computes K/V only). ``x (B, P, D)`` is the caller's temporary, updated in
+    place. ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
+    d = layers[0].dims
     tiling = PREFIX_ATTENTION_TILING if attention_tiling is None else attention_tiling
-    x, valid = model.embed_prefix(backend, weights, inputs)
     x = x.contiguous()
-    b, p, d = x.shape
-    positions, mask = model.prefix_positions_and_mask(valid)
-    inv_freq = backend.inverse_frequencies(c.head_dim, c.rope_base, x.device)
-    scale = attention_scale(c)
-    eps = c.rms_norm_eps
-    rows = x.view(b * p, d)
+    b, p, width = x.shape
+    inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
+    scale = d.attention_scale
+    eps = d.rms_norm_eps
+    rows = x.view(b * p, width)
     cache = []
-    for i in range(c.num_encoder_layers):
-        pre = f"llm.layers.{i}"
-        h = rms_kernel.rms_norm(rows, weights[f"{pre}.attn_norm"], eps)
-        qkv = F.linear(h, weights[f"{pre}.qkv"]).view(b, p, -1)
-        k = torch.empty((b, p, c.num_kv_heads, c.head_dim), dtype=x.dtype, device=x.device)
+    for layer in layers:
+        h = rms_kernel.rms_norm(rows, weights[layer.attn_norm], eps)
+        qkv = F.linear(h, weights[layer.name("qkv")]).view(b, p, -1)
+        k = torch.empty((b, p, d.num_kv_heads, d.head_dim), dtype=x.dtype, device=x.device)
         v = torch.empty_like(k)
-        q = qkv_rope(qkv, positions, inv_freq, c.num_heads, c.num_kv_heads, k, v)
+        q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, k, v)
         cache.append((k, v))
-        if i == c.num_encoder_layers - 1:
+        if layer is layers[-1]:
             break  # the last layer's output is unused: only its K/V are needed
         a = attention(q, k, v, mask, scale, **tiling)
-        rows.addmm_(a.view(b * p, -1), weights[f"{pre}.o"].T)
-        h = rms_kernel.rms_norm(rows, weights[f"{pre}.mlp_norm"], eps)
-        rows.addmm_(gelu_tanh_gate_fused(F.linear(h, weights[f"{pre}.gate_up"])), weights[f"{pre}.down"].T)
-    return {"kv_cache": cache, "prefix_mask": valid}
-
+        rows.addmm_(a.view(b * p, -1), weights[layer.name("o")].T)
+        h = rms_kernel.rms_norm(rows, weights[layer.mlp_norm], eps)
+        rows.addmm_(gelu_tanh_gate_fused(F.linear(h, weights[layer.name("gate_up")])), weights[layer.name("down")].T)
+    return cache

@@ -1,6 +1,8 @@
-"""The Triton backend's decoder layer for the token VLAs (OpenVLA's Llama-2, RT-2's Gemma).
+"""The Triton backend's ``decoder_layer`` unit (a token LM's layer: OpenVLA's Llama-2, RT-2's Gemma) and the
+weight fusion it runs on.
 
-Same function as :meth:`cortexflow.models.token_decoding.DecoderLM.layer`, fewer kernels per layer:
+Same function as the unit's default composition (:meth:`cortexflow.ops.ComputeBackend.decoder_layer`), fewer
+kernels per layer:
 - Q/K/V and gate/up each run as one GEMM over concatenated weights (:func:`fuse_layer_projections`; the
   separate weights become views into the fused ones, so no memory is added);
 - one kernel (:mod:`cortexflow.kernels.qkv_rope`) splits the QKV output, rotates Q and K and writes K/V
@@ -26,6 +28,7 @@ element-wise kernels for the MLP, 2 adds).
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +38,10 @@ from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
+from cortexflow.ops import DecoderDims, GatedLayer
+
+#: The largest head size the attention and RoPE kernels were written for.
+MAX_HEAD_DIM = 256
 
 #: Rows of a fused weight scaled per step when folding norm weights in (bounds the fp32 temporaries).
 FOLD_ROWS = 4096
@@ -66,76 +73,95 @@ def fuse_layer_projections(weights: dict[str, torch.Tensor], layer_prefixes) -> 
     return weights
 
 
-def fold_norm_weights(lm, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fold each layer's pre-attention and pre-MLP RMSNorm weights into the fused QKV and gate/up weights,
-    in place: ``W[:, k] *= 1 + norm_scale[k]`` (fp32 math, one rounding). Afterwards the projection of the
-    un-normalised input ``x`` times the row's ``rsqrt(mean(x^2) + eps)`` is the reference's projection of
-    ``norm(x)``, so a decode step needs no norm kernel: the consumer of the projection (QKV/RoPE, the gated
-    activation, or the decode GEMV's prologue) applies the row statistic. Needs the fused weights
-    (:func:`fuse_layer_projections`); adds the ``lm.norms_folded_key`` marker, so it runs once and the
-    op-by-op layer of any backend on the same weights drops the folded scales (``DecoderLM.pre_norm``)."""
-    marker = lm.norms_folded_key
-    if marker in weights:
-        return weights
-    for i in range(lm.dims.num_layers):
-        p = f"{lm.prefix}.layers.{i}"
-        for fused, norm in (("qkv", "attn_norm"), ("gate_up", "mlp_norm")):
-            w = weights[f"{p}.{fused}"]
-            scale = 1.0 + lm.norm_scale(weights, f"{p}.{norm}").float()
+def fold_norm_weights(layers: Sequence[GatedLayer], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold each layer's pre-attention and pre-MLP RMSNorm scales into the fused QKV and gate/up weights, in
+    place: ``W[:, k] *= 1 + norm_scale[k]`` (fp32 math, one rounding), then replace the scales by zeros (so
+    ``1 + 0`` leaves the norm a plain normalisation). Afterwards the projection of the un-normalised input
+    ``x`` times the row's ``rsqrt(mean(x^2) + eps)`` is the reference's projection of ``norm(x)``, so a decode
+    step needs no norm kernel: the consumer of the projection (QKV/RoPE, the gated activation, or the decode
+    GEMV's prologue) applies the row statistic. The result stays correct for any backend's default
+    composition, and a second fold changes nothing (it scales by ``1 + 0``). Needs the fused weights
+    (:func:`fuse_layer_projections`); marks each layer with :func:`folded_key` for the fused layer."""
+    marker = None
+    for layer in layers:
+        for fused, norm in (("qkv", layer.attn_norm), ("gate_up", layer.mlp_norm)):
+            w = weights[layer.name(fused)]
+            scale = 1.0 + weights[norm].float()
             for rows in w.split(FOLD_ROWS):  # in row chunks: the fp32 temporaries stay small
                 rows.copy_((rows.float() * scale[None, :]).to(rows.dtype))
-    weights[marker] = torch.ones((), device=weights[f"{lm.prefix}.layers.0.qkv"].device)
+            weights[norm] = torch.zeros_like(weights[norm])
+        if marker is None:
+            marker = torch.ones((), device=weights[layer.name("qkv")].device)
+        weights[folded_key(layer)] = marker
     return weights
 
 
-def fused_token_layer(backend, lm, weights, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                      cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
+def folded_key(layer: GatedLayer) -> str:
+    """Present in the weights once :func:`fold_norm_weights` folded ``layer``'s norm scales (this backend's
+    own marker: the default compositions never read it)."""
+    return layer.name("norms_folded")
+
+
+def fits_fused_layer(dims: DecoderDims) -> bool:
+    """Whether the fused layer's kernels were written for ``dims``' head size."""
+    return dims.head_dim <= MAX_HEAD_DIM and dims.head_dim % 2 == 0
+
+
+def fuses_combine(backend, dims: DecoderDims) -> bool:
+    """Whether the attention of layers with ``dims`` merges its key ranges in the last-arriving program:
+    with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
+    return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
+
+
+def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
+                      mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
                       gemv: bool = False) -> torch.Tensor:
-    """One pre-norm layer of ``lm`` over ``x (B, L, D)``; arguments as in ``DecoderLM.layer``. ``gemv``: a
-    one-row call (a decode step at batch 1) runs every projection as a fused decode GEMV (else cuBLAS)."""
-    p = f"{lm.prefix}.layers.{i}"
+    """``layer`` over ``x (B, L, D)``; arguments as in ``ComputeBackend.decoder_layer``. ``gemv``: a one-row
+    call (a decode step at batch 1) runs every projection as a fused decode GEMV (else cuBLAS)."""
+    i = layer.index
     b, length, width = x.shape
     one_row = b * length == 1
-    folded = lm.norms_folded_key in weights
+    folded = folded_key(layer) in weights
     pdl = one_row and backend.pdl
     if gemv and one_row:
-        return _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl)
-    eps = lm.dims.rms_norm_eps
-    qkv, scaling = _normed_projection(backend, lm, weights, f"{p}.attn_norm", weights[f"{p}.qkv"], x, folded)
-    attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling, eps, pdl)
+        return _decode_step_layer(backend, weights, layer, x, positions, mask, cache, write_at, folded, pdl)
+    eps = layer.dims.rms_norm_eps
+    qkv, scaling = _normed_projection(backend, weights, layer.attn_norm, weights[layer.name("qkv")], x, folded, eps)
+    attn = _attend(backend, layer, qkv, positions, mask, cache, write_at, scaling, eps, pdl)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
     x2 = x.reshape(b * length, width)
-    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[f"{p}.o"].T) if i > 0 else \
-        torch.addmm(x2, attn.reshape(b * length, -1), weights[f"{p}.o"].T)
+    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[layer.name("o")].T) if i > 0 else \
+        torch.addmm(x2, attn.reshape(b * length, -1), weights[layer.name("o")].T)
     x3 = x2.view(b, length, width)
-    gate_up, scaling = _normed_projection(backend, lm, weights, f"{p}.mlp_norm", weights[f"{p}.gate_up"], x3, folded)
-    act = gelu_tanh_gate_fused(gate_up, silu=lm.gated_activation == "silu", eps=eps, **scaling)
-    x2.addmm_(act.reshape(b * length, -1), weights[f"{p}.down"].T)
+    gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, weights[layer.name("gate_up")], x3,
+                                          folded, eps)
+    act = gelu_tanh_gate_fused(gate_up, silu=layer.activation == "silu", eps=eps, **scaling)
+    x2.addmm_(act.reshape(b * length, -1), weights[layer.name("down")].T)
     return x3
 
 
-def _normed_projection(backend, lm, weights, norm: str, weight: torch.Tensor, x: torch.Tensor, folded: bool):
+def _normed_projection(backend, weights, norm: str, weight: torch.Tensor, x: torch.Tensor, folded: bool, eps: float):
     """``(projection, scaling)``: the projection of ``norm(x)``, or with folded norms the projection of
     ``x`` and the keyword (``rstd=`` for several rows: one statistics kernel; ``norm_input=`` for one row:
     its consumer recomputes the statistic) that makes the consumer scale it into the same values."""
     if not folded:
-        return F.linear(lm.norm(backend, weights, norm, x), weight), {}
+        return F.linear(backend.rms_norm(x, weights[norm], eps), weight), {}
     if x.shape[0] * x.shape[1] == 1:
         scaling = {"norm_input": x.contiguous()}
     else:
-        scaling = {"rstd": rms_rstd(x, lm.dims.rms_norm_eps)}
+        scaling = {"rstd": rms_rstd(x, eps)}
     return F.linear(x, weight), scaling
 
 
-def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6, pdl=False):
-    """RoPE on the fused ``qkv (B, L, (Hq + 2 Hkv) * Dh)`` with K/V written into layer ``i``'s cache (rows
+def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6, pdl=False):
+    """RoPE on the fused ``qkv (B, L, (Hq + 2 Hkv) * Dh)`` with K/V written into the layer's ``cache`` (rows
     ``0..L-1``, or the row in ``write_at``), then attention over this call's keys (prefill) or the whole
     cache (step); ``(B, L, Hq * Dh)``. ``scaling``: the folded norm's row statistic (``qkv_rope``'s
     ``rstd=`` or ``norm_input=``); ``pdl``: launch both kernels with programmatic dependent launch."""
-    d = lm.dims
+    d = layer.dims
     length = qkv.shape[1]
-    cache_k, cache_v = cache[0][i], cache[1][i]
+    cache_k, cache_v = cache
     inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, qkv.device)
     positions = positions.reshape(qkv.shape[0], length)
     if positions.stride(-1) != 1:
@@ -144,40 +170,53 @@ def _attend(backend, lm, i, qkv, positions, mask, cache, write_at, scaling=None,
                  eps=eps, pdl=pdl, **(scaling or {}))
     if write_at is None:
         cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
-    return _attention(backend, lm, q, cache_k, cache_v, mask, pdl)
+    return _attention(backend, d, q, cache_k, cache_v, mask, pdl)
 
 
-def _attention(backend, lm, q, keys, values, mask, pdl):
-    """``lm``'s attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
-    return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(lm.dims.head_dim),
-                             fused_combine=backend.fuses_combine(lm), pdl=pdl)
+def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl):
+    """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
+    return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(dims.head_dim),
+                             fused_combine=fuses_combine(backend, dims), pdl=pdl)
 
 
-def _decode_step_layer(backend, lm, weights, i, x, positions, mask, cache, write_at, folded, pdl):
+def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, cache, write_at, folded, pdl):
     """The one-row layer ``x (1, 1, D)``: 4 fused GEMVs (norm + QKV with RoPE and the cache write in its
     epilogue, o + residual, norm + gate/up + activation, down + residual) and attention; with
     ``backend.options.decode_qkv_rope`` off, QKV/RoPE runs as its own kernel after the QKV GEMV. ``folded``: the
     norm weights live in the QKV and gate/up weights, so the GEMV prologues only apply the row statistic. ``pdl``:
     every kernel with programmatic dependent launch (each GEMV loads its first weight chunk while the
     kernel before it finishes)."""
-    p = f"{lm.prefix}.layers.{i}"
-    eps = lm.dims.rms_norm_eps
+    i = layer.index
+    d = layer.dims
+    eps = d.rms_norm_eps
 
     def norm_args(name):
-        return {"normalize": True} if folded else {"norm_weight": lm.norm_scale(weights, name)}
+        return {"normalize": True} if folded else {"norm_weight": weights[name]}
 
     if backend.options.decode_qkv_rope and write_at is not None:
-        d = lm.dims
         inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
-        cache_k, cache_v = cache[0][i], cache[1][i]
-        q = decode_qkv_rope(x, weights[f"{p}.qkv"], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
-                            cache_v, write_at, eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
-        attn = _attention(backend, lm, q, cache_k, cache_v, mask, pdl)
+        cache_k, cache_v = cache
+        q = decode_qkv_rope(x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
+                            cache_v, write_at, eps=eps, pdl=pdl, **norm_args(layer.attn_norm))
+        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl)
     else:
-        qkv = decode_gemv(x, weights[f"{p}.qkv"], eps=eps, pdl=pdl, **norm_args(f"{p}.attn_norm"))
-        attn = _attend(backend, lm, i, qkv, positions, mask, cache, write_at, pdl=pdl)
+        qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, pdl=pdl, **norm_args(layer.attn_norm))
+        attn = _attend(backend, layer, qkv, positions, mask, cache, write_at, pdl=pdl)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
-    x2 = decode_gemv(attn, weights[f"{p}.o"], residual=x, out=None if i == 0 else x.view(-1), pdl=pdl)
-    act = decode_gemv(x2, weights[f"{p}.gate_up"], eps=eps, gated=lm.gated_activation, pdl=pdl,
-                      **norm_args(f"{p}.mlp_norm"))
-    return decode_gemv(act, weights[f"{p}.down"], residual=x2, out=x2.view(-1), pdl=pdl)
+    x2 = decode_gemv(attn, weights[layer.name("o")], residual=x, out=None if i == 0 else x.view(-1), pdl=pdl)
+    act = decode_gemv(x2, weights[layer.name("gate_up")], eps=eps, gated=layer.activation, pdl=pdl,
+                      **norm_args(layer.mlp_norm))
+    return decode_gemv(act, weights[layer.name("down")], residual=x2, out=x2.view(-1), pdl=pdl)
+
+
+def greedy_head(backend, h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float,
+                allowed: tuple[int, int] | None) -> torch.Tensor:
+    """The final RMSNorm, the LM head (or its ``allowed`` rows) and the rounding to the compute dtype of one row
+    ``h`` in one decode GEMV, then the argmax over those logits (the reference's argmax of the same rounded
+    values upcast to fp32 picks the same first maximum) -> ``(1,)``."""
+    lo = 0
+    if allowed is not None:
+        lo, hi = allowed
+        head = head[lo:hi]
+    logits = decode_gemv(h, head, norm_weight=norm_weight, eps=eps, pdl=backend.pdl)
+    return logits.view(1, -1).argmax(dim=-1) + lo

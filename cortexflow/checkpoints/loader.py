@@ -20,7 +20,7 @@ import torch
 
 from cortexflow.checkpoints.files import FLOAT_DTYPES, CheckpointFiles
 from cortexflow.checkpoints.key_problems import KeyProblems
-from cortexflow.checkpoints.pi0_layout import (
+from cortexflow.models.pi0_keys import (
     EMBEDDING_KEYS,
     EXPERT,
     LANGUAGE,

@@ -32,7 +32,7 @@ from cortexflow.checkpoints.openpi_jax_layout import (
     slice_leaf,
 )
 from cortexflow.checkpoints.orbax_reader import LeafInfo, numpy_to_torch, read_leaf_infos, restore_arrays
-from cortexflow.checkpoints.pi0_layout import canonical_to_openpi
+from cortexflow.models.pi0_keys import canonical_to_openpi
 from cortexflow.config import ModelConfig
 from cortexflow.errors import CheckpointError
 from cortexflow.models.pi0 import model_class

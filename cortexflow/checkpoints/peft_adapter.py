@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from cortexflow.checkpoints.files import CheckpointFiles
-from cortexflow.checkpoints.pi0_layout import detect_layout, to_openpi_key
+from cortexflow.models.pi0_keys import detect_layout, to_openpi_key
 from cortexflow.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from cortexflow.config import ModelConfig, VLAModelType
-
-if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
-
-Weights = Mapping[str, torch.Tensor]
+from cortexflow.ops import ComputeBackend, FusableWeights, Weights
 
 
 class VLAModel(ABC):
@@ -21,7 +17,7 @@ class VLAModel(ABC):
     Subclasses declare their weights (``get_weight_shapes``), the static per-call buffers
     (``get_buffer_shapes``), how a raw checkpoint maps onto their weight names
     (``preprocess_checkpoint``), and the three stages, each written once against the op interface of
-    :class:`~cortexflow.backends.base.ComputeBackend`.
+    :class:`~cortexflow.ops.ComputeBackend`.
     """
 
     model_type: VLAModelType
@@ -52,6 +48,10 @@ class VLAModel(ABC):
     def weight_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
         """The dtype weight ``name`` is stored in at run time (default: the compute dtype)."""
         return compute_dtype
+
+    def fusable_weights(self) -> FusableWeights:
+        """The weight-name groups a backend may re-lay out once after loading (default: none)."""
+        return FusableWeights()
 
     @abstractmethod
     def vision_encoder(self, ops: "ComputeBackend", weights: Weights, inputs: Mapping[str, Any]) -> Any:

@@ -9,15 +9,16 @@ A layer with canonical prefix ``{p}`` (``llm.layers.3`` or ``expert.layers.3``) 
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from cortexflow.config import ModelConfig
+from cortexflow.ops import DecoderDims, GatedLayer, gated_layer
+from cortexflow.ops import project_qkv as ops_project_qkv
 
 if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
+    from cortexflow.ops import ComputeBackend
 
 
 def gated_decoder_linear_shapes(prefix: str, width: int, mlp_dim: int, q_dim: int, kv_dim: int) -> dict[str, tuple[int, ...]]:
@@ -49,27 +50,33 @@ def gemma_layer_shapes(
     return shapes
 
 
-def attention_scale(config: ModelConfig) -> float:
-    """Gemma's query scaling ``head_dim ** -0.5`` (1/16 for head_dim 256)."""
-    return 1.0 / math.sqrt(config.head_dim)
+def gemma_dims(config: ModelConfig, num_layers: int) -> DecoderDims:
+    """The attention geometry of a stack of ``num_layers`` Gemma layers of ``config`` (prefix LLM or expert)."""
+    return DecoderDims(num_layers, config.num_heads, config.num_kv_heads, config.head_dim, config.rope_base,
+                       config.rms_norm_eps)
+
+
+def gemma_layers(prefix: str, dims: DecoderDims, adaptive_norms: bool = False) -> tuple[GatedLayer, ...]:
+    """The layers ``{prefix}.{i}`` of a Gemma stack: tanh-GELU gated MLP, plain RMSNorm scales
+    ``attn_norm`` / ``mlp_norm`` or (``adaptive_norms``) norms modulated per call."""
+    return tuple(
+        GatedLayer(f"{prefix}.{i}", i, dims, "gelu_tanh",
+                   None if adaptive_norms else f"{prefix}.{i}.attn_norm",
+                   None if adaptive_norms else f"{prefix}.{i}.mlp_norm")
+        for i in range(dims.num_layers))
+
+
+def gemma_layer_spec(prefix: str, config: ModelConfig, adaptive_norms: bool = False) -> GatedLayer:
+    """The Gemma layer named ``prefix`` (``llm.layers.3``) of ``config`` as a :class:`GatedLayer`."""
+    return GatedLayer(prefix, int(prefix.rsplit(".", 1)[1]), gemma_dims(config, 1), "gelu_tanh",
+                      None if adaptive_norms else f"{prefix}.attn_norm", None if adaptive_norms else f"{prefix}.mlp_norm")
 
 
 def project_qkv(
     ops: "ComputeBackend", weights, prefix: str, h: torch.Tensor, positions: torch.Tensor, config: ModelConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalised hidden ``h (B, L, D)`` -> RoPE'd ``q (B, L, H, Dh)``, RoPE'd ``k`` and ``v (B, L, Hkv, Dh)``."""
-    b, length, _ = h.shape
-    q = ops.linear(h, weights[f"{prefix}.q"]).view(b, length, config.num_heads, config.head_dim)
-    k = ops.linear(h, weights[f"{prefix}.k"]).view(b, length, config.num_kv_heads, config.head_dim)
-    v = ops.linear(h, weights[f"{prefix}.v"]).view(b, length, config.num_kv_heads, config.head_dim)
-    return ops.rope(q, positions, config.rope_base), ops.rope(k, positions, config.rope_base), v
-
-
-def gated_mlp(ops: "ComputeBackend", weights, prefix: str, h: torch.Tensor) -> torch.Tensor:
-    """``down(gelu_tanh(gate(h)) * up(h))`` on ``h (B, L, D)``."""
-    gate = ops.linear(h, weights[f"{prefix}.gate"])
-    up = ops.linear(h, weights[f"{prefix}.up"])
-    return ops.linear(ops.gelu_tanh_gate(gate, up), weights[f"{prefix}.down"])
+    return ops_project_qkv(ops, weights, gemma_layer_spec(prefix, config), h, positions)
 
 
 def gemma_layer(
@@ -86,13 +93,14 @@ def gemma_layer(
 
     Keys/values are ``past_kv`` (cached, ``(B, Lp, Hkv, Dh)``) followed by this layer's own;
     ``mask (B, L, Lp + L)``. Returns the new hidden states and this layer's own (k, v)."""
-    h = ops.rms_norm(x, weights[f"{prefix}.attn_norm"], config.rms_norm_eps)
-    q, k, v = project_qkv(ops, weights, prefix, h, positions, config)
-    keys, values = (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 1), torch.cat([past_kv[1], v], 1))
-    attn = ops.attention(q, keys, values, mask, attention_scale(config))
-    x = x + ops.linear(attn, weights[f"{prefix}.o"])
-    h = ops.rms_norm(x, weights[f"{prefix}.mlp_norm"], config.rms_norm_eps)
-    return x + gated_mlp(ops, weights, prefix, h), (k, v)
+    own = []
+
+    def after_past(k, v):
+        own.append((k, v))
+        return (k, v) if past_kv is None else (torch.cat([past_kv[0], k], 1), torch.cat([past_kv[1], v], 1))
+
+    x = gated_layer(ops, weights, gemma_layer_spec(prefix, config), x, positions, mask, after_past)
+    return x, own[0]
 
 
 def adaptive_gemma_layer(
@@ -110,15 +118,13 @@ def adaptive_gemma_layer(
 
     ``mod = Dense(cond)`` split into (scale, shift, gate); ``h = rmsnorm(x) * (1+scale) + shift``;
     ``x = x + sublayer(h) * gate``, for both the attention and the MLP."""
-    scale, shift, gate = modulation(ops, weights, f"{prefix}.attn_norm_mod", cond)
-    h = ops.ada_rms_norm(x, scale, shift, config.rms_norm_eps)
-    q, k, v = project_qkv(ops, weights, prefix, h, positions, config)
-    keys, values = torch.cat([past_kv[0], k], 1), torch.cat([past_kv[1], v], 1)
-    attn = ops.attention(q, keys, values, mask, attention_scale(config))
-    x = x + ops.linear(attn, weights[f"{prefix}.o"]) * gate.to(x.dtype)[:, None, :]
-    scale, shift, gate = modulation(ops, weights, f"{prefix}.mlp_norm_mod", cond)
-    h = ops.ada_rms_norm(x, scale, shift, config.rms_norm_eps)
-    return x + gated_mlp(ops, weights, prefix, h) * gate.to(x.dtype)[:, None, :]
+    names = (f"{prefix}.attn_norm_mod", f"{prefix}.mlp_norm_mod")
+
+    def after_past(k, v):
+        return torch.cat([past_kv[0], k], 1), torch.cat([past_kv[1], v], 1)
+
+    return gated_layer(ops, weights, gemma_layer_spec(prefix, config, adaptive_norms=True), x, positions, mask,
+                       after_past, lambda j: modulation(ops, weights, names[j], cond))
 
 
 def modulation(

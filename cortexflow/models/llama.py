@@ -20,7 +20,7 @@ from cortexflow.models.gemma import gated_decoder_linear_shapes
 from cortexflow.models.token_decoding import DecoderDims, DecoderLM
 
 if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
+    from cortexflow.ops import ComputeBackend
 
 NORM_OFFSET_SUFFIX = ".minus_one"
 
@@ -60,13 +60,10 @@ def prepare_llama_norms(weights: dict[str, torch.Tensor]) -> dict[str, torch.Ten
 class LlamaLM(DecoderLM):
     """Llama-2: RMSNorm with a plain ``w`` scale, SiLU-gated MLP, untied LM head, unscaled embeddings."""
 
-    def norm_scale(self, weights, name: str) -> torch.Tensor:
-        return weights[name + NORM_OFFSET_SUFFIX]
+    gated_activation = "silu"
 
-    def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
-        gate = ops.linear(h, weights[f"{layer}.gate"])
-        up = ops.linear(h, weights[f"{layer}.up"])
-        return ops.linear(ops.silu(gate) * up, weights[f"{layer}.down"])
+    def norm_scale_name(self, name: str) -> str:
+        return name + NORM_OFFSET_SUFFIX
 
     def embed(self, ops: "ComputeBackend", weights, ids: torch.Tensor) -> torch.Tensor:
         return ops.embedding(ids, weights["llm.embed"])

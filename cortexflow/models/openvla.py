@@ -19,6 +19,7 @@ import torch
 from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError, ConfigError, InputError
 from cortexflow.models.base import Weights
+from cortexflow.models.openvla_keys import match_openvla_keys, to_canonical_tensor
 from cortexflow.models.llama import LlamaLM, llama_weight_shapes, prepare_llama_norms
 from cortexflow.models.token_decoding import DecoderDims, TokenDecodingModel, causal_mask
 from cortexflow.models.vit import ViTSpec, gelu, vit_features, vit_weight_shapes
@@ -199,8 +200,6 @@ class OpenVLAModel(TokenDecodingModel):
 
     def preprocess_checkpoint(self, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Hugging Face OpenVLA keys (or canonical names) -> canonical names; unknown keys are an error."""
-        from cortexflow.checkpoints.openvla_layout import match_openvla_keys, to_canonical_tensor
-
         match = match_openvla_keys(checkpoint.keys(), self.config)
         if match.missing or match.unexpected:
             raise CheckpointError(f"checkpoint does not match OpenVLA: missing {match.missing[:20]}; "

@@ -9,28 +9,51 @@ positions. The prefix pass fills a per-layer KV cache that every denoising step 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
-from cortexflow.checkpoints.pi0_layout import match_keys
+from cortexflow.models.pi0_keys import match_keys
 from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError
 from cortexflow.models.base import VLAModel, Weights
-from cortexflow.models.flow_matching import euler_integrate, sinusoidal_time_embedding
+from cortexflow.models.flow_matching import euler_integrate, euler_times, sinusoidal_time_embedding
 from cortexflow.models.rtc import guided_euler_integrate
 from cortexflow.models.gemma import (
     adaptive_gemma_layer,
+    gemma_dims,
     gemma_layer,
     gemma_layer_shapes,
+    gemma_layers,
     modulation,
-    project_qkv,
 )
-from cortexflow.models.siglip import siglip_tower, siglip_weight_shapes
+from cortexflow.models.siglip import siglip_stack, siglip_tower, siglip_weight_shapes
+from cortexflow.ops import ExpertConditioning, ExpertStack, FusableWeights
 
 
 def _no_timer(_stage: str):
     return contextlib.nullcontext()
+
+
+@dataclass
+class DenoisingTables:
+    """What the decoder computes from the time alone, for the Euler ``times``, made once per weights and step
+    count (fp32): the expert's per-step ``conditioning``; Pi0: ``action_weight (D, A)`` and
+    ``action_bias (steps, D)`` (``action_in_proj`` folded into the action half of ``action_time_mlp_in``, its
+    time half applied to each step's time embedding) and ``action_out_weight (D, D)`` / ``action_out_bias (D,)``
+    (``action_time_mlp_out``); Pi0.5: ``action_in_weight (D, A)`` / ``action_in_bias (D,)`` (``action_in_proj``)."""
+
+    times: list[float]
+    conditioning: ExpertConditioning
+    action_weight: torch.Tensor | None = None
+    action_bias: torch.Tensor | None = None
+    action_in_weight: torch.Tensor | None = None
+    action_in_bias: torch.Tensor | None = None
+    action_out_weight: torch.Tensor | None = None
+    action_out_bias: torch.Tensor | None = None
 
 
 class Pi0Model(VLAModel):
@@ -69,6 +92,20 @@ class Pi0Model(VLAModel):
             "action_out_proj": ((a, d), (a,)),
         }
         return {f"{k}.{p}": s for k, (w, b) in shapes.items() for p, s in (("weight", w), ("bias", b))}
+
+    def prefix_layers(self):
+        """The Gemma-2B prefix layers ``llm.layers.i``."""
+        return gemma_layers("llm.layers", gemma_dims(self.config, self.config.num_encoder_layers))
+
+    def expert(self) -> ExpertStack:
+        """The action expert's layers ``expert.layers.i`` and its final norm (plain RMSNorm for Pi0)."""
+        dims = gemma_dims(self.config, self.config.num_decoder_layers)
+        adaptive = self.model_type == VLAModelType.PI05
+        return ExpertStack(gemma_layers("expert.layers", dims, adaptive), None if adaptive else "expert.norm")
+
+    def fusable_weights(self) -> FusableWeights:
+        """SigLIP's q/k/v, and q/k/v and gate/up of every prefix and expert layer."""
+        return FusableWeights((siglip_stack(self.config),), self.prefix_layers(), self.expert().layers)
 
     def get_buffer_shapes(self, num_views: int, chunk_size: int, batch_size: int = 1) -> dict[str, tuple[int, ...]]:
         c = self.config
@@ -131,17 +168,9 @@ class Pi0Model(VLAModel):
         """Prefix pass over the Gemma-2B layers -> ``{"kv_cache": [(k, v)] per layer, "prefix_mask": (B, P)}``.
 
         k/v are ``(B, P, Hkv, Dh)`` after RoPE. The last layer computes K/V only (its output is unused)."""
-        c = self.config
         x, valid = self.embed_prefix(ops, weights, inputs)
         positions, mask = self.prefix_positions_and_mask(valid)
-        cache = []
-        last = c.num_encoder_layers - 1
-        for i in range(last):
-            x, kv = gemma_layer(ops, weights, f"llm.layers.{i}", x, positions, mask, c)
-            cache.append(kv)
-        h = ops.rms_norm(x, weights[f"llm.layers.{last}.attn_norm"], c.rms_norm_eps)
-        _, k, v = project_qkv(ops, weights, f"llm.layers.{last}", h, positions, c)
-        cache.append((k, v))
+        cache = ops.prefix_kv_cache(weights, self.prefix_layers(), x, positions, mask)
         return {"kv_cache": cache, "prefix_mask": valid}
 
     def suffix_attention_mask(self, prefix_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -192,12 +221,75 @@ class Pi0Model(VLAModel):
         suffix_len = mask.shape[1]
         start = prefix_mask.long().sum(dim=1, keepdim=True)
         positions = start + torch.arange(suffix_len, device=noise.device)[None, :]
+        guidance = inputs.get("guidance")
+        expert = self.expert()
+        if guidance is None and ops.table_denoising(weights, expert):
+            return self.decode_with_tables(ops, weights, inputs, expert, mask, positions)
         ctx = dict(inputs, suffix_mask=mask, suffix_positions=positions)
         step = lambda x_t, t: self.velocity(ops, weights, x_t, t, ctx)  # noqa: E731
-        guidance = inputs.get("guidance")
         if guidance is not None:
             return guided_euler_integrate(step, noise, self.config.num_diffusion_steps, guidance)
-        return euler_integrate(step, noise, self.config.num_diffusion_steps)
+        return self.integrate(step, noise)
+
+    def integrate(self, velocity: Callable[[torch.Tensor, float], torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+        """``num_diffusion_steps`` Euler steps of ``velocity(x_t, t)`` from ``noise (B, H, A)`` at t=1 -> fp32 actions."""
+        return euler_integrate(velocity, noise, self.config.num_diffusion_steps)
+
+    # ---- the decoder on per-step tables ---------------------------------------------------------
+    def denoising_tables(self, weights: Weights, num_steps: int) -> DenoisingTables:
+        """Everything in the decoder that depends only on t, for the ``num_steps`` Euler times (fp32)."""
+        c = self.config
+        d = c.decoder_dim
+        times = euler_times(num_steps)
+        device = weights["action_in_proj.weight"].device
+        emb = torch.cat([sinusoidal_time_embedding(t, d, 1, device) for t in times])  # (steps, D) fp32
+        w = lambda name: weights[name].float()  # noqa: E731
+        mlp_in = w("action_time_mlp_in.weight")
+        action_half, time_half = mlp_in[:, :d], mlp_in[:, d:]
+        action_weight = action_half @ w("action_in_proj.weight")
+        action_bias = action_half @ w("action_in_proj.bias") + emb @ time_half.T + w("action_time_mlp_in.bias")
+        norm_scales = torch.stack([
+            torch.stack([1.0 + w(f"expert.layers.{i}.attn_norm"), 1.0 + w(f"expert.layers.{i}.mlp_norm")])
+            for i in range(c.num_decoder_layers)
+        ])
+        return DenoisingTables(times, ExpertConditioning(norm_scales), action_weight=action_weight,
+                               action_bias=action_bias, action_out_weight=w("action_time_mlp_out.weight"),
+                               action_out_bias=w("action_time_mlp_out.bias"))
+
+    def table_suffix_start(self, weights: Weights, inputs: Mapping[str, Any], hidden: torch.Tensor) -> None:
+        """Write the suffix rows that do not change between steps into ``hidden (B, S, D)``: Pi0's state token."""
+        state = F.linear(inputs["state"].float(), weights["state_proj.weight"].float(), weights["state_proj.bias"].float())
+        hidden[:, 0] = state.to(hidden.dtype)
+
+    def table_suffix_tokens(self, ops, tables: DenoisingTables, step: int, x_t: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Write step ``step``'s action tokens of ``x_t (B, H, A)`` into ``hidden (B, S, D)`` from the tables:
+        ``mlp_out(swish(x_t @ action_weightᵀ + action_bias[step]))``, fp32 GEMMs as the reference."""
+        mixed = ops.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
+        tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
+        hidden[:, 1:] = tokens.view(x_t.shape[0], x_t.shape[1], -1)
+
+    def decode_with_tables(self, ops, weights: Weights, inputs: Mapping[str, Any], expert: ExpertStack,
+                           mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The Euler integration of ``transformer_decoder`` on the per-step tables (:meth:`denoising_tables`,
+        kept per weights by the backend) and the expert as one unit per step (``ops.expert_stack``); the
+        same function as the op-by-op velocity, not differentiable. Returns ``(B, H, A)`` fp32."""
+        c = self.config
+        steps = c.num_diffusion_steps
+        tables = ops.per_weights(weights, ("denoising_tables", steps), lambda: self.denoising_tables(weights, steps))
+        noise = inputs["noise"]
+        b, chunk, _ = noise.shape
+        ctx = ops.begin_denoising(weights, expert, tables.conditioning, inputs["kv_cache"], positions, mask, chunk,
+                                  len(tables.times))
+        hidden = torch.empty((b, mask.shape[1], c.decoder_dim), dtype=ops.dtype, device=noise.device)
+        self.table_suffix_start(weights, inputs, hidden)
+        dt = float(np.float32(-1.0 / len(tables.times)))
+        x_t = noise.to(torch.float32, copy=True)  # updated in place by the Euler step
+        for step in range(len(tables.times)):
+            self.table_suffix_tokens(ops, tables, step, x_t, hidden)
+            h = ops.expert_stack(weights, ctx, hidden, step)
+            velocity = ops.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
+            x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
+        return x_t
 
     # ---- whole call ---------------------------------------------------------------------------
     def forward(self, backend, weights: Weights, buffers: Mapping[str, torch.Tensor], timer: Any = None,
@@ -274,6 +366,37 @@ class Pi05Model(Pi0Model):
         """Adaptive final norm: scale and shift from the time condition; its gate is unused."""
         scale, shift, _ = modulation(ops, weights, "expert.norm_mod", cond)
         return ops.ada_rms_norm(x, scale, shift, self.config.rms_norm_eps)
+
+    def denoising_tables(self, weights: Weights, num_steps: int) -> DenoisingTables:
+        """The time condition of every step, all 2 x layers + 1 adaptive-norm modulations from it, and fp32
+        copies of ``action_in_proj``."""
+        c = self.config
+        d = c.decoder_dim
+        times = euler_times(num_steps)
+        device = weights["action_in_proj.weight"].device
+        emb = torch.cat([sinusoidal_time_embedding(t, d, 1, device) for t in times])  # (steps, D) fp32
+        w = lambda name: weights[name].float()  # noqa: E731
+        cond = F.silu(F.linear(emb, w("time_mlp_in.weight"), w("time_mlp_in.bias")))
+        cond = F.silu(F.linear(cond, w("time_mlp_out.weight"), w("time_mlp_out.bias")))
+        mods = []
+        for i in range(c.num_decoder_layers):
+            for norm in ("attn_norm_mod", "mlp_norm_mod"):
+                name = f"expert.layers.{i}.{norm}"
+                mods.append(F.linear(cond, w(f"{name}.weight"), w(f"{name}.bias")))
+        mod = torch.stack(mods, 1).view(num_steps, c.num_decoder_layers, 2, 3, d)
+        final = F.linear(cond, w("expert.norm_mod.weight"), w("expert.norm_mod.bias")).view(num_steps, 3, d)
+        norm_scales = 1.0 + mod[:, :, :, 0]  # (steps, layers, 2, D)
+        conditioning = ExpertConditioning(norm_scales.contiguous(), mod.contiguous(), final.contiguous())
+        return DenoisingTables(times, conditioning, action_in_weight=w("action_in_proj.weight"),
+                               action_in_bias=w("action_in_proj.bias"))
+
+    def table_suffix_start(self, weights: Weights, inputs: Mapping[str, Any], hidden: torch.Tensor) -> None:
+        """Pi0.5's suffix is the action tokens only."""
+
+    def table_suffix_tokens(self, ops, tables: DenoisingTables, step: int, x_t: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``action_in_proj(x_t)`` in fp32 into ``hidden (B, H, D)``."""
+        tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
+        hidden.copy_(tokens.view(hidden.shape))
 
 
 def model_class(model_type: VLAModelType) -> type[Pi0Model]:

@@ -22,7 +22,8 @@ import torch
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.errors import ConfigError, InputError
 from cortexflow.models.base import Weights
-from cortexflow.models.gemma import gated_mlp, gemma_layer_shapes
+from cortexflow.models.gemma import gemma_layer_shapes
+from cortexflow.models.rt2_keys import match_rt2_keys
 from cortexflow.models.siglip import siglip_tower, siglip_weight_shapes
 from cortexflow.models.token_decoding import DecoderDims, DecoderLM, TokenDecodingModel
 from cortexflow.processing.action_tokens import binning_action_id_range, binning_tokens_to_values
@@ -38,9 +39,6 @@ class GemmaLM(DecoderLM):
     def __init__(self, dims: DecoderDims, width: int):
         super().__init__(dims)
         self.width = width
-
-    def mlp(self, ops, weights, layer: str, h: torch.Tensor) -> torch.Tensor:
-        return gated_mlp(ops, weights, layer, h)
 
     def embed(self, ops, weights, ids: torch.Tensor) -> torch.Tensor:
         table = weights["llm.embed"]
@@ -160,9 +158,7 @@ class RT2Model(TokenDecodingModel):
 
     def preprocess_checkpoint(self, checkpoint: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """openpi / LeRobot PaliGemma keys -> canonical names (the action expert's tensors are skipped)."""
-        from cortexflow.checkpoints.rt2_layout import match_rt2_keys
-
-        match = match_rt2_keys(checkpoint.keys(), self.config)
+        match = match_rt2_keys(checkpoint.keys(), self.config, self.get_weight_shapes())
         match.raise_if_bad("checkpoint")
         return {name: checkpoint[raw] for name, raw in match.sources.items()}
 

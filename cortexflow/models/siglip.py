@@ -6,15 +6,15 @@ Weights use canonical names under ``vision.``: ``patch.{weight (D,3,p,p), bias}`
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
 
 from cortexflow.config import ModelConfig
+from cortexflow.ops import EncoderStack, encoder_layer
 
 if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
+    from cortexflow.ops import ComputeBackend
 
 
 def siglip_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -50,22 +50,15 @@ def siglip_embed(ops: "ComputeBackend", weights, images: torch.Tensor) -> torch.
     return patches + weights["vision.pos"].float()
 
 
+def siglip_stack(config: ModelConfig) -> EncoderStack:
+    """The tower's encoder layers and post-LN, by weight name."""
+    return EncoderStack("vision", config.num_vision_layers, config.num_vision_heads, config.vision_norm_eps,
+                        "vision.post_ln")
+
+
 def siglip_layer(ops: "ComputeBackend", weights, i: int, x: torch.Tensor, config: ModelConfig) -> torch.Tensor:
     """One pre-LN encoder block: ``x + MHA(LN1(x))``, then ``+ fc2(gelu_tanh(fc1(LN2(.))))``; ``x (N, T, D)``."""
-    w = lambda name: weights[f"vision.layers.{i}.{name}"]  # noqa: E731
-    n, t, d = x.shape
-    heads = config.num_vision_heads
-    head_dim = d // heads
-    eps = config.vision_norm_eps
-    h = ops.layer_norm(x, w("ln1.weight"), w("ln1.bias"), eps)
-    q = ops.linear(h, w("q.weight"), w("q.bias")).view(n, t, heads, head_dim)
-    k = ops.linear(h, w("k.weight"), w("k.bias")).view(n, t, heads, head_dim)
-    v = ops.linear(h, w("v.weight"), w("v.bias")).view(n, t, heads, head_dim)
-    attn = ops.attention(q, k, v, None, 1.0 / math.sqrt(head_dim))
-    x = x + ops.linear(attn, w("o.weight"), w("o.bias"))
-    h = ops.layer_norm(x, w("ln2.weight"), w("ln2.bias"), eps)
-    h = ops.gelu_tanh(ops.linear(h, w("fc1.weight"), w("fc1.bias")))
-    return x + ops.linear(h, w("fc2.weight"), w("fc2.bias"))
+    return encoder_layer(ops, weights, siglip_stack(config), i, x)
 
 
 def siglip_tower(
@@ -73,6 +66,4 @@ def siglip_tower(
 ) -> torch.Tensor:
     """The whole tower: ``images (N, 3, S, S)`` in [-1, 1] -> post-LN tokens ``(N, T, D)`` in ``dtype``."""
     x = siglip_embed(ops, weights, images).to(dtype)
-    for i in range(config.num_vision_layers):
-        x = siglip_layer(ops, weights, i, x, config)
-    return ops.layer_norm(x, weights["vision.post_ln.weight"], weights["vision.post_ln.bias"], config.vision_norm_eps)
+    return ops.pre_ln_encoder(weights, siglip_stack(config), x)

@@ -1,7 +1,8 @@
 """Greedy autoregressive decoding over a pre-allocated KV cache, shared by OpenVLA (Llama) and RT-2 (Gemma).
 
-A :class:`DecoderLM` is a pre-norm decoder-only LM written against backend ops; subclasses say how a
-layer normalises (``norm``), what its MLP is (``mlp``), how ids are embedded and how logits are read.
+A :class:`DecoderLM` is a pre-norm decoder-only LM written against backend ops (each layer one
+``decoder_layer`` unit, the head one ``lm_head_argmax``); subclasses say where a norm's scale lives
+(``norm_scale_name``), which gated activation the MLP has, how ids are embedded and how logits are read.
 The cache is two static tensors ``(layers, B, L_max, H_kv, D_h)`` (keys after RoPE, values). The
 prefill writes positions ``0..P-1`` (``P`` is the padded prompt length: rows past the real length are
 computed but never attended to), then each single-token step writes its own position, given as a
@@ -11,66 +12,39 @@ tensor so that a CUDA graph can replay the whole loop, and attends to every cach
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from cortexflow.models.base import VLAModel
+from cortexflow.ops import DecoderDims, FusableWeights, GatedLayer
 
 if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
-
-
-@dataclass(frozen=True)
-class DecoderDims:
-    """Attention geometry of a decoder LM."""
-
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rope_base: float
-    rms_norm_eps: float
+    from cortexflow.ops import ComputeBackend
 
 
 class DecoderLM:
     """A decoder-only LM with canonical weights ``{prefix}.layers.{i}.{q,k,v,o,gate,up,down,...}``."""
 
     prefix = "llm"
-    #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma); fused
-    #: backends read it, the op-by-op ``mlp`` below is the reference.
+    #: The gated MLP's activation, ``act(gate) * up``: "silu" (Llama) or "gelu_tanh" (Gemma).
     gated_activation = "silu"
 
     def __init__(self, dims: DecoderDims):
         self.dims = dims
 
     # ---- what differs between LMs -------------------------------------------------------------
+    def norm_scale_name(self, name: str) -> str:
+        """The weight holding RMSNorm ``name``'s scale in the backends' ``(1 + w)`` convention (Gemma's own weight)."""
+        return name
+
     def norm_scale(self, weights, name: str) -> torch.Tensor:
-        """The RMSNorm ``name``'s weight in the backends' ``(1 + w)`` convention (Gemma's own weight)."""
-        return weights[name]
+        """The RMSNorm ``name``'s weight in the backends' ``(1 + w)`` convention."""
+        return weights[self.norm_scale_name(name)]
 
     def norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
         """RMSNorm ``name`` of ``x``."""
         return ops.rms_norm(x, self.norm_scale(weights, name), self.dims.rms_norm_eps)
-
-    @property
-    def norms_folded_key(self) -> str:
-        """Present in the weights once a fast backend folded every layer's pre-attention and pre-MLP norm
-        weight into the QKV and gate/up weights (whose separate q/k/v/gate/up entries are views of them)."""
-        return f"{self.prefix}.fused.norms_folded"
-
-    def pre_norm(self, ops: "ComputeBackend", weights, name: str, x: torch.Tensor) -> torch.Tensor:
-        """A layer's pre-attention / pre-MLP RMSNorm ``name``: without its scale when the scale was folded
-        into the following projection (:attr:`norms_folded_key`), so the same weights stay correct for
-        every backend."""
-        if self.norms_folded_key in weights:
-            return ops.rms_norm(x, None, self.dims.rms_norm_eps)
-        return self.norm(ops, weights, name, x)
-
-    def mlp(self, ops: "ComputeBackend", weights, layer: str, h: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def embed(self, ops: "ComputeBackend", weights, ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``(B, L)`` -> input embeddings ``(B, L, D)`` in the compute dtype."""
@@ -81,6 +55,16 @@ class DecoderLM:
         raise NotImplementedError
 
     # ---- shared -------------------------------------------------------------------------------
+    def gated_layer(self, i: int) -> GatedLayer:
+        """Layer ``i`` by weight name: ``{prefix}.layers.{i}.{q,k,v,o,gate,up,down}``, norms ``attn_norm`` /
+        ``mlp_norm`` (whose scales a backend may fold into the projections after them)."""
+        p = f"{self.prefix}.layers.{i}"
+        return GatedLayer(p, i, self.dims, self.gated_activation, self.norm_scale_name(f"{p}.attn_norm"),
+                          self.norm_scale_name(f"{p}.mlp_norm"), foldable_norms=True)
+
+    def layers(self) -> tuple[GatedLayer, ...]:
+        return tuple(self.gated_layer(i) for i in range(self.dims.num_layers))
+
     def layer(
         self,
         ops: "ComputeBackend",
@@ -92,33 +76,14 @@ class DecoderLM:
         cache: tuple[torch.Tensor, torch.Tensor],
         write_at: torch.Tensor | None,
     ) -> torch.Tensor:
-        """One pre-norm layer over ``x (B, L, D)`` at ``positions (B, L)``.
+        """One pre-norm layer over ``x (B, L, D)`` at ``positions (B, L)`` with the cache
+        ``(layers, B, L_max, Hkv, Dh)`` pair ``cache`` (see ``ComputeBackend.decoder_layer``).
 
         Prefill (``write_at=None``): K/V go to cache rows ``0..L-1`` and ``mask (B, L, L)`` applies to
         this call's own keys. Step (``write_at`` a ``(1,)`` position tensor, ``L = 1``): K/V go to that
         row and ``mask (B, 1, L_max)`` applies to the whole cache."""
-        d = self.dims
-        p = f"{self.prefix}.layers.{i}"
-        b, length, _ = x.shape
-        h = self.pre_norm(ops, weights, f"{p}.attn_norm", x)
-        q = ops.linear(h, weights[f"{p}.q"]).view(b, length, d.num_heads, d.head_dim)
-        k = ops.linear(h, weights[f"{p}.k"]).view(b, length, d.num_kv_heads, d.head_dim)
-        v = ops.linear(h, weights[f"{p}.v"]).view(b, length, d.num_kv_heads, d.head_dim)
-        q = ops.rope(q, positions, d.rope_base)
-        k = ops.rope(k, positions, d.rope_base)
-        cache_k, cache_v = cache[0][i], cache[1][i]
-        if write_at is None:
-            cache_k[:, :length].copy_(k)
-            cache_v[:, :length].copy_(v)
-            keys, values = k, v
-        else:
-            cache_k.index_copy_(1, write_at, k)
-            cache_v.index_copy_(1, write_at, v)
-            keys, values = cache_k, cache_v
-        attn = ops.attention(q, keys, values, mask, 1.0 / math.sqrt(d.head_dim))
-        x = x + ops.linear(attn, weights[f"{p}.o"])
-        h = self.pre_norm(ops, weights, f"{p}.mlp_norm", x)
-        return x + self.mlp(ops, weights, p, h)
+        return ops.decoder_layer(weights, self.gated_layer(i), x, positions, mask, (cache[0][i], cache[1][i]),
+                                 write_at)
 
     def next_token(
         self, ops: "ComputeBackend", weights, h: torch.Tensor, allowed: tuple[int, int] | None
@@ -126,13 +91,8 @@ class DecoderLM:
         """Final norm, LM head (logits upcast to fp32) and greedy argmax of ``h (B, 1, D)`` -> ids ``(B,)``.
 
         ``allowed=(lo, hi)`` restricts the argmax to ids ``lo..hi-1``."""
-        h = self.norm(ops, weights, f"{self.prefix}.norm", h)
-        head = self.lm_head(weights)
-        if allowed is not None:
-            lo, hi = allowed
-            logits = ops.linear(h[:, 0], head[lo:hi]).float()
-            return logits.argmax(dim=-1) + lo
-        return ops.linear(h[:, 0], head).float().argmax(dim=-1)
+        return ops.lm_head_argmax(h, self.norm_scale(weights, f"{self.prefix}.norm"), self.lm_head(weights),
+                                  self.dims.rms_norm_eps, allowed, self.dims)
 
     def prefill(
         self,
@@ -148,8 +108,8 @@ class DecoderLM:
         the cache; return the greedy token read at sequence index ``last_index (1,)`` -> ``(B,)``."""
         positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
         for i in range(self.dims.num_layers):
-            x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, None)
-        return ops.decoder_lm_next_token(self, weights, x.index_select(1, last_index), allowed)
+            x = self.layer(ops, weights, i, x, positions, mask, cache, None)
+        return self.next_token(ops, weights, x.index_select(1, last_index), allowed)
 
     def step(
         self,
@@ -167,8 +127,8 @@ class DecoderLM:
         mask = visible[:, None, :].expand(x.shape[0], 1, max_len)
         positions = position[None].expand(x.shape[0], 1)
         for i in range(self.dims.num_layers):
-            x = ops.decoder_lm_layer(self, weights, i, x, positions, mask, cache, position)
-        return ops.decoder_lm_next_token(self, weights, x, allowed)
+            x = self.layer(ops, weights, i, x, positions, mask, cache, position)
+        return self.next_token(ops, weights, x, allowed)
 
     def generate(
         self,
@@ -253,6 +213,10 @@ class TokenDecodingModel(VLAModel):
     def prepare_weights(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Derived tensors computed once after loading (default: none)."""
         return weights
+
+    def fusable_weights(self) -> FusableWeights:
+        """Q/K/V and gate/up of every decoder-LM layer (and the norm scales before them)."""
+        return FusableWeights(decoder_layers=self.lm.layers())
 
     def transformer_encoder(self, ops, weights, inputs: Mapping[str, Any]) -> torch.Tensor:
         """Prefill: fills the KV cache and returns the first generated token ``(1,)``."""

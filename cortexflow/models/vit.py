@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if TYPE_CHECKING:
-    from cortexflow.backends.base import ComputeBackend
+    from cortexflow.ops import ComputeBackend
 
 
 @dataclass(frozen=True)
