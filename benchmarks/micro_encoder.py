@@ -31,8 +31,9 @@ from cortexflow.backends import triton_encoder as te  # noqa: E402
 from cortexflow.backends.triton_backend import TritonBackend  # noqa: E402
 from cortexflow.config import ModelConfig  # noqa: E402
 from cortexflow.kernels.attention import attention  # noqa: E402
-from cortexflow.models.gemma import attention_scale  # noqa: E402
 from cortexflow.models.pi0 import model_class  # noqa: E402
+from cortexflow.models.siglip import siglip_embed, siglip_stack  # noqa: E402
+from cortexflow.ops import FusableWeights  # noqa: E402
 from cortexflow.random_checkpoint import random_weights  # noqa: E402
 from cortexflow.tools import environment_info  # noqa: E402
 
@@ -63,7 +64,7 @@ def main() -> None:
                if k.startswith(("vision.", "llm.", "projector."))}
     del raw
     backend = TritonBackend(device, dtype)
-    weights = te.fuse_encoder_weights(model, weights)
+    weights = te.fuse_encoder_weights(FusableWeights((siglip_stack(config),), model.prefix_layers()), weights)
     print(f"weights ready in {time.time() - started:.1f} s", flush=True)
 
     g = torch.Generator(device=device).manual_seed(1)
@@ -102,12 +103,15 @@ def main() -> None:
 
     # ---- prefix stage ----
     prefix_in = dict(text, image_tokens=ref_tokens)
-    kv = lambda out: torch.cat([t.flatten() for pair in out["kv_cache"] for t in pair])  # noqa: E731
+    kv = lambda out: torch.cat([t.flatten() for pair in out for t in pair])  # noqa: E731
     ref_prefix = time_stage("prefix: op by op (model code, Triton ops)",
-                            lambda: model.transformer_encoder(backend, weights, prefix_in))
+                            lambda: model.transformer_encoder(backend, weights, prefix_in)["kv_cache"])
+    embedded, valid = model.embed_prefix(backend, weights, prefix_in)
+    positions, prefix_mask = model.prefix_positions_and_mask(valid)
     for name, tiling in PREFIX_TILINGS.items():
         time_stage(f"prefix: fused, attention {name}",
-                   lambda t=tiling: te.fused_prefix(backend, model, weights, prefix_in, attention_tiling=t),
+                   lambda t=tiling: te.fused_prefix(backend, weights, model.prefix_layers(), embedded.clone(), positions,
+                                                    prefix_mask, attention_tiling=t),
                    ref_prefix, kv)
 
     # ---- attention alone ----
@@ -116,7 +120,7 @@ def main() -> None:
     mask = (valid[:, None, :] & valid[:, :, None]).contiguous()
     q = torch.randn(1, p, config.num_heads, config.head_dim, generator=g, device=device).to(dtype)
     k, v = (torch.randn(1, p, config.num_kv_heads, config.head_dim, generator=g, device=device).to(dtype) for _ in "kv")
-    scale = attention_scale(config)
+    scale = model.prefix_layers()[0].dims.attention_scale
     ref = attention(q, k, v, mask, scale)
     for name, tiling in PREFIX_TILINGS.items():
         time_stage(f"prefix attention ({p} tokens): triton {name}", lambda t=tiling: attention(q, k, v, mask, scale, **t),
@@ -146,7 +150,8 @@ def main() -> None:
 
 
 def _fused_vision(backend, model, weights, images, mode):
-    tokens = te.fused_vision_tower(backend, model, weights, images.flatten(0, 1), vision_attention=mode)
+    x = siglip_embed(backend, weights, images.flatten(0, 1)).to(backend.dtype)
+    tokens = te.fused_vision_tower(weights, siglip_stack(model.config), x, vision_attention=mode)
     tokens = F.linear(tokens, weights["projector.weight"], weights["projector.bias"])
     return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
 

@@ -19,7 +19,6 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -32,6 +31,8 @@ from cortexflow.backends.triton_decoder import _expert_layer  # noqa: E402
 from cortexflow.kernels import expert_layer as el  # noqa: E402
 from cortexflow.kernels.pdl import pdl_supported  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
+from cortexflow.models.gemma import gemma_layers  # noqa: E402
+from cortexflow.ops import DecoderDims  # noqa: E402
 
 D, F, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EPS = 1024, 4096, 8, 1, 256, 18, 1e-6
 PHASES = {"barriers only": 0, "0 residual + attention norm": 1, "1 QKV + RoPE": 2, "2 attention": 4,
@@ -95,13 +96,13 @@ def main() -> None:
     mask = torch.cat([torch.ones(1, s, p, dtype=torch.bool, device=device), suffix[None]], 2).contiguous()
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, device)
     scale = HEAD_DIM**-0.5
-    config = SimpleNamespace(num_heads=HEADS, num_kv_heads=KV_HEADS)
+    layers = gemma_layers("expert.layers", DecoderDims(LAYERS, HEADS, KV_HEADS, HEAD_DIM, 10000.0, EPS))
     pdl = pdl_supported(device)
 
     def chain():
         x = hidden
         for i in range(LAYERS):
-            x = _expert_layer(weights, i, x, positions, mask, keys[i], values[i], p, inv_freq, scale, EPS, config, None,
+            x = _expert_layer(weights, layers[i], x, positions, mask, keys[i], values[i], p, inv_freq, scale, EPS, None,
                               pdl=pdl)
         return x
 
