@@ -38,7 +38,9 @@ def imported_modules(node: ast.AST, current: str, is_package: bool, modules: set
             package = current.split(".") if is_package else current.split(".")[:-1]
             package = package[: len(package) - node.level + 1]
             base = ".".join(package + ([base] if base else []))
-        names = {base} | {f"{base}.{alias.name}" for alias in node.names}
+        # ``from package import module`` depends on the module (the package's __init__ runs first, but a
+        # submodule importing names of its own package that way is no circle); other names depend on ``base``.
+        names = {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names}
     found = set()
     for name in names:
         while name and name not in modules:
