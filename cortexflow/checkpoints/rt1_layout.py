@@ -16,14 +16,13 @@ and the Normalization's ``count`` are read past; any other actor variable not ma
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
-from cortexflow.checkpoints.key_problems import KeyProblems
+from cortexflow.checkpoints.key_problems import RT1CheckpointReport
 from cortexflow.errors import CheckpointError, ConfigError
 from cortexflow.models.rt1 import RT1Config, RT1Model
 
@@ -129,23 +128,6 @@ def tf_variable_map(model: RT1Model) -> dict[str, tuple[str, Transform]]:
         out[f"{p}.ff.weight"] = (f"{t}/ff/kernel", _dense)
         out[f"{p}.ff.bias"] = (f"{t}/ff/bias", _same)
     return out
-
-
-@dataclass
-class RT1CheckpointReport(KeyProblems):
-    """How a checkpoint's variables mapped onto the RT-1 model."""
-
-    format: str
-    prefix: str = ""
-    missing: list[str] = field(default_factory=list)
-    unexpected: list[str] = field(default_factory=list)
-    mis_shaped: list[str] = field(default_factory=list)
-    wrong_dtype: list[str] = field(default_factory=list)
-    skipped: int = 0
-
-    def raise_if_bad(self, path: Any) -> None:
-        if not self.ok:
-            raise CheckpointError(f"{path} is not an RT-1 checkpoint of this configuration: {self.problems()}")
 
 
 def actor_prefix(names) -> str:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 
-from cortexflow.checkpoints.rt1_layout import RT1CheckpointReport
+from cortexflow.checkpoints.key_problems import RT1CheckpointReport
 from cortexflow.errors import CheckpointError
 from cortexflow.models.rt1 import IMAGENET_MEAN, IMAGENET_STD, RT1Config, RT1Model
 
