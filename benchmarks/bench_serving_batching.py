@@ -7,7 +7,7 @@ in-process and ``cortexflow loadtest``'s client (msgpack over WebSocket, openpi'
     python benchmarks/bench_serving_batching.py --size tiny --device cpu --clients 1,4,16  # CPU: tiny demo Pi0
 
 Real size: random non-zero bf16 Pi0 weights (2 views + a masked third slot, the droid robot, 224x224 images,
-byte-token prompts), CUDA graphs per batch size captured at warm-up. Tiny: the ``--checkpoint demo`` model.
+prompts through a tiny SentencePiece tokenizer), CUDA graphs per batch size captured at warm-up. Tiny: the ``--checkpoint demo`` model.
 """
 
 from __future__ import annotations
@@ -23,16 +23,21 @@ from cortexflow.serving.server import PolicyServer
 from cortexflow.tools import environment_info, resolve_device_dtype
 
 
-def build(size: str, device: str, dtype: str, directory: str):
+def build(size: str, device: str, dtype: str, directory: str, backend: str):
     if size == "tiny":
-        return build_policy(PolicyOptions(checkpoint="demo", robot="droid", device=device, dtype=dtype))
+        return build_policy(PolicyOptions(checkpoint="demo", robot="droid", device=device, dtype=dtype, backend=backend))
+    from pathlib import Path
+
     from cortexflow.random_checkpoint import write_checkpoint
+    from cortexflow.tiny_tokenizer import write_tiny_tokenizer
     from cortexflow.tools import model_config
 
     config = model_config("pi0", "real")
     write_checkpoint(directory, config, seed=0)
+    tokenizer = write_tiny_tokenizer(Path(directory) / "tokenizer.model")  # the server tokenizes the droid task text
     return build_policy(PolicyOptions(checkpoint=directory, model="pi0", robot="droid", device=device, dtype=dtype,
-                                      default_prompt="pick up the cube", model_config=config.to_dict()))
+                                      default_prompt="pick up the cube", model_config=config.to_dict(),
+                                      tokenizer=str(tokenizer), backend=backend))
 
 
 def main() -> int:
@@ -44,13 +49,15 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=20, help="requests per client")
     parser.add_argument("--max-batch", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=2.0)
+    parser.add_argument("--backend", default="auto", help="pytorch, triton, or auto (triton on a GPU, pytorch on a CPU)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     clients = [int(c) for c in args.clients.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as directory:
-        policy = build(args.size, str(device), str(dtype).removeprefix("torch."), directory)
+        backend = args.backend if args.backend != "auto" else ("triton" if device.type == "cuda" else "pytorch")
+        policy = build(args.size, str(device), str(dtype).removeprefix("torch."), directory, backend)
         for max_batch in (1, args.max_batch):
             server = PolicyServer(policy, "127.0.0.1", 0, max_batch=max_batch, batch_window_ms=args.batch_window_ms,
                                   queue_size=max(64, max(clients)), max_connections=max(clients) + 4).start(timeout=600)
@@ -65,7 +72,7 @@ def main() -> int:
                           f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms  errors {row['errors']}", flush=True)
             finally:
                 server.stop(timeout=60)
-    result = {"environment": environment_info(device), "size": args.size, "dtype": str(dtype),
+    result = {"environment": environment_info(device), "size": args.size, "dtype": str(dtype), "backend": backend,
               "requests_per_client": args.requests, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
