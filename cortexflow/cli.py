@@ -237,11 +237,10 @@ def load_image(path: Path) -> np.ndarray:
 
 def resolve_dtype(dtype: str, device: str) -> str:
     """``auto`` -> bfloat16 on a GPU, float32 on the CPU; else the name, validated."""
+    from cortexflow.config import resolve_dtype as compute_dtype
     from cortexflow.engine import resolve_device
 
-    if dtype.strip().lower() == "auto":
-        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
-    return dtype_name(parse_dtype(dtype))
+    return dtype_name(compute_dtype(dtype, resolve_device(device)))
 
 
 def detect_model(checkpoint: Path, model: str, model_config: Optional[dict]) -> VLAModelType:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.config import TOKEN_DECODING_MODELS, VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
 from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
@@ -26,7 +26,6 @@ DEMO_CHECKPOINT = "demo"
 DEMO_WEIGHTS_SEED = 0
 DEMO_ACTION_DIM = 32  # the real models' padded action width, so every robot mapping fits the demo model
 ROBOT_VIEWS = 3  # Pi0 / Pi0.5 image slots: base, left wrist, right wrist
-TOKEN_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
 
 
 def byte_tokenizer(vocab_size: int):
@@ -284,12 +283,10 @@ def _default_robot(checkpoint: str, policy_config) -> str:
 
 
 def _resolve_dtype(dtype: str, device: str) -> str:
-    from cortexflow.config import parse_dtype
+    from cortexflow.config import resolve_dtype
     from cortexflow.engine import resolve_device
 
-    if str(dtype).strip().lower() == "auto":
-        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
-    return dtype_name(parse_dtype(dtype))
+    return dtype_name(resolve_dtype(dtype, resolve_device(device)))
 
 
 def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> MappedPolicy:
@@ -316,7 +313,7 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
         from cortexflow.serving.rt1_policy import build_rt1_policy
 
         return build_rt1_policy(options, log)
-    if model_type in TOKEN_MODELS:
+    if model_type in TOKEN_DECODING_MODELS:
         from cortexflow.serving.token_policy import build_token_policy
 
         return build_token_policy(replace(options, robot=options.robot or "droid"), model_type, log)
