@@ -38,7 +38,7 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
     ``prompt_tokens`` are the ids the model sees, BOS included. ``flow_options`` maps the command's
     flow-matching-only options (``--chunk``, ``--steps``, ...) to their values. Raises ``InputError`` for
     more than one image, a robot state or any of those options set, which these policies do not take."""
-    from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
+    from cortexflow.factory import create_openvla_inference, create_rt2_inference
 
     name = model_type.value
     given = [option for option, value in flow_options.items() if value]

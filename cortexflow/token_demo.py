@@ -25,7 +25,7 @@ from cortexflow.random_token_vla import (
     write_openvla_checkpoint,
     write_rt2_checkpoint,
 )
-from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
+from cortexflow.factory import create_openvla_inference, create_rt2_inference
 
 
 @dataclass

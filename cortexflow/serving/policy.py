@@ -3,23 +3,26 @@
 :func:`build_policy` makes the engine from a checkpoint (or the built-in tiny random model for
 ``checkpoint="demo"``) and wraps it in a :class:`ServedPolicy`, whose ``prepare`` (validate and map an
 observation; cheap, runs on the server's event loop) and ``infer`` (run the engine; runs on the server's
-single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls. Token-decoding
-models (OpenVLA, RT-2) are served by :class:`~cortexflow.serving.token_policy.TokenServedPolicy`.
+single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls. The other families
+supply their own served policy on the same :class:`MappedPolicy` base: token decoding (OpenVLA, RT-2)
+:class:`~cortexflow.serving.decoding_policy.TokenServedPolicy`, RT-1
+:class:`~cortexflow.serving.history_policy.RT1ServedPolicy`.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from cortexflow.config import TOKEN_DECODING_MODELS, VLAModelType, dtype_name
+from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
+from cortexflow.families import FLOW_MATCHING, family_of
 from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
 
 DEMO_CHECKPOINT = "demo"
@@ -290,11 +293,10 @@ def _resolve_dtype(dtype: str, device: str) -> str:
 
 
 def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> MappedPolicy:
-    """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it; OpenVLA
-    and RT-2 go to :func:`~cortexflow.serving.token_policy.build_token_policy`."""
+    """Load the engine ``options`` describe and wrap it: the model type (from ``--model``, ``--config`` or the
+    checkpoint) picks the family (:mod:`cortexflow.families`), whose ``serve`` part builds the policy
+    (flow matching: :func:`build_flow_policy`)."""
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
-    from cortexflow.factory import create_pi0_inference, create_pi05_inference
-    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     log = log or (lambda message: None)
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
@@ -309,14 +311,20 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
             model_type = VLAModelType.RT1
         else:
             model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
-    if model_type == VLAModelType.RT1:
-        from cortexflow.serving.rt1_policy import build_rt1_policy
+    family = family_of(model_type)
+    if family is not FLOW_MATCHING:
+        return family.part("serve")(options, model_type, log)
+    return build_flow_policy(options, model_type, log, policy_config)
 
-        return build_rt1_policy(options, log)
-    if model_type in TOKEN_DECODING_MODELS:
-        from cortexflow.serving.token_policy import build_token_policy
 
-        return build_token_policy(replace(options, robot=options.robot or "droid"), model_type, log)
+def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Callable[[str], None],
+                      policy_config: Any = None) -> ServedPolicy:
+    """A flow-matching policy (Pi0, Pi0.5; ``checkpoint="demo"`` the tiny random one) behind its robot mapping;
+    ``policy_config``: the openpi config ``options.config`` names, already checked."""
+    from cortexflow.factory import create_pi0_inference, create_pi05_inference
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
     if options.unnorm_key is not None:
         raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
     robot = str(options.robot or _default_robot(options.checkpoint, policy_config)).strip().lower()

@@ -1,9 +1,9 @@
 """Measurement tools behind ``cortexflow verify``, ``bench`` and ``profile``, plus their shared set-up.
 
 - :mod:`cortexflow.tools.verify` — a backend's error against the reference, module by module
-  (:mod:`cortexflow.tools.token_verify` for the token-decoding OpenVLA and RT-2);
+  (:mod:`cortexflow.tools.decoding_verify` for the token-decoding OpenVLA and RT-2);
 - :mod:`cortexflow.tools.bench` — latency and memory of whole ``predict`` calls over a grid of workloads
-  (:mod:`cortexflow.tools.token_bench` for OpenVLA and RT-2);
+  (:mod:`cortexflow.tools.bench_workloads` for OpenVLA, RT-2 and RT-1);
 - :mod:`cortexflow.tools.profile` — one call under ``torch.profiler``: stages, kernels, roofline gap;
 - :mod:`cortexflow.tools.flops` — FLOP and byte counts per stage and the floor they imply.
 

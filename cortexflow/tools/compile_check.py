@@ -259,7 +259,7 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
     token_vla = model_type in TOKEN_DECODING_MODELS
     if token_vla:
         from cortexflow.tools import token_model
-        from cortexflow.tools.token_bench import CONSTRAINED
+        from cortexflow.tools.bench_workloads import CONSTRAINED
 
         model = token_model(model_name, "real")
         buffer_shapes = model.get_buffer_shapes()

@@ -21,8 +21,15 @@ from torch.autograd import DeviceType
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.errors import ConfigError
+from cortexflow.families import family_of
 from cortexflow.random_checkpoint import random_weights
-from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size, synchronize
+from cortexflow.tools import (
+    environment_info,
+    model_config,
+    resolve_device_dtype,
+    resolve_size,
+    synchronize,
+)
 from cortexflow.tools.bench import make_engine, predict_call, random_observation
 from cortexflow.tools.flops import stage_costs
 from cortexflow.tools.native_stderr import dropping_native_lines
@@ -103,15 +110,33 @@ def run_profile(
     """Profile one un-graphed ``predict`` of ``model`` on ``backend``; returns the report dict.
 
     ``peak_tflops`` / ``peak_gbps`` replace the measured peaks (on a CPU nothing is measured, so without
-    them there is no floor). ``openvla`` / ``rt2`` go to :func:`cortexflow.tools.token_profile.run_token_profile`
-    (one image: ``views``, ``chunk`` and ``steps`` do not apply)."""
-    from cortexflow.tools import is_token_model
+    them there is no floor). The model's family (:mod:`cortexflow.families`) supplies the run:
+    :func:`run_flow_profile` for pi0 / pi05, :func:`cortexflow.tools.decoding_profile.run_token_profile` for
+    openvla / rt2 (one image: ``views``, ``chunk`` and ``steps`` do not apply)."""
+    profile = family_of(model).part("profile")
+    return profile(model=model, backend=backend, views=views, size=size, device=device, dtype=dtype,
+                   prompt_len=prompt_len, chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed,
+                   peak_tflops=peak_tflops, peak_gbps=peak_gbps, log=log)
 
-    if is_token_model(model):
-        from cortexflow.tools.token_profile import run_token_profile
 
-        return run_token_profile(model, backend, size, device, dtype, prompt_len, top, repeats, seed,
-                                 peak_tflops, peak_gbps, log)
+def run_flow_profile(
+    model: str = "pi0",
+    backend: str = "pytorch",
+    views: int = 2,
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    prompt_len: int = 20,
+    chunk: int | None = None,
+    steps: int | None = None,
+    top: int = 20,
+    repeats: int = 3,
+    seed: int = 0,
+    peak_tflops: float | None = None,
+    peak_gbps: float | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """:func:`run_profile` for a flow-matching policy: vision, prefix and expert stages against their floors."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     log = log or (lambda _message: None)

@@ -27,8 +27,9 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.backends.base import ComputeBackend
-from cortexflow.config import ModelConfig, VLAModelType, dtype_name
+from cortexflow.config import ModelConfig, dtype_name
 from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.families import family_of
 from cortexflow.models.gemma import gemma_layer
 from cortexflow.models.pi0 import Pi0Model, model_class
 from cortexflow.models.siglip import siglip_embed, siglip_layer, siglip_tower
@@ -36,7 +37,6 @@ from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import (
     backend_options,
     environment_info,
-    is_token_model,
     model_config,
     resolve_device_dtype,
     resolve_size,
@@ -322,20 +322,30 @@ def run_verify(
 ) -> dict:
     """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) module by module; returns the report dict.
 
-    ``modules`` selects some of :data:`MODULES` by name (default: all). ``report["passed"]`` says whether
-    the final actions are within :data:`THRESHOLDS` of the reference. ``model="openvla"`` / ``"rt2"``
-    runs :func:`cortexflow.tools.token_verify.run_token_verify` (its own modules; ``views`` ignored);
-    ``"rt1"`` runs :func:`cortexflow.tools.rt1_verify.run_rt1_verify`."""
-    if VLAModelType.parse(model) == VLAModelType.RT1:
-        from cortexflow.tools.rt1_verify import run_rt1_verify
+    ``modules`` selects some of the family's modules by name (default: all). ``report["passed"]`` says whether
+    the final actions are within :data:`THRESHOLDS` of the reference. The model's family
+    (:mod:`cortexflow.families`) supplies the check: :func:`run_flow_verify` for pi0 / pi05,
+    :func:`cortexflow.tools.decoding_verify.run_token_verify` for openvla / rt2 (its own modules; ``views``
+    ignored), :func:`cortexflow.tools.history_verify.run_rt1_verify` for rt1."""
+    verify = family_of(model).part("verify")
+    return verify(model=model, backend=backend, against=against, size=size, device=device, dtype=dtype, seed=seed,
+                  views=views, repeats=repeats, modules=modules, log=log)
 
-        return run_rt1_verify(backend, against, size=size, device=device, dtype=dtype, seed=seed, repeats=repeats,
-                              log=log)
-    if is_token_model(model):
-        from cortexflow.tools.token_verify import run_token_verify
 
-        return run_token_verify(model, backend, against, size=size, device=device, dtype=dtype, seed=seed,
-                                repeats=repeats, modules=modules, log=log)
+def run_flow_verify(
+    model: str = "pi0",
+    backend: "str | ComputeBackend | type[ComputeBackend]" = "pytorch",
+    against: str = "pytorch",
+    size: str = "auto",
+    device: str = "auto",
+    dtype: "str | torch.dtype" = "auto",
+    seed: int = 0,
+    views: int = 2,
+    repeats: int = 3,
+    modules: Iterable[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """:func:`run_verify` for a flow-matching policy: :data:`MODULES` checked one by one."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     selected = [m.name for m in MODULES] if modules is None else list(modules)

@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cortexflow.decoding_engine import TokenVLAEngine
 from cortexflow.errors import ConfigError
 from cortexflow.tools import (
     random_prompt_ids,
@@ -30,6 +31,12 @@ from cortexflow.tools import (
     token_model,
 )
 from cortexflow.tools.flops import StageCost
+from cortexflow.tools.profile import (
+    build_report,
+    device_peaks,
+    profile_call,
+    row_with_floor,
+)
 
 
 def token_costs(model, weights: dict[str, torch.Tensor], prompt_len: int, weight_bytes: int) -> list[StageCost]:
@@ -75,10 +82,14 @@ def run_token_profile(
     peak_tflops: float | None = None,
     peak_gbps: float | None = None,
     log: Callable[[str], None] | None = None,
+    *,
+    views: int | None = None,
+    chunk: int | None = None,
+    steps: int | None = None,
 ) -> dict:
-    """Profile one un-graphed ``TokenVLAEngine.predict`` of ``model``; the report of ``run_profile``'s shape."""
-    from cortexflow.token_engine import TokenVLAEngine
-    from cortexflow.tools.profile import build_report, device_peaks, profile_call, row_with_floor
+    """Profile one un-graphed ``TokenVLAEngine.predict`` of ``model``; the report of ``run_profile``'s shape.
+    ``views``, ``chunk`` and ``steps`` (:func:`~cortexflow.tools.profile.run_profile`'s) do not apply: the
+    models take one image and decode their own number of tokens."""
 
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)

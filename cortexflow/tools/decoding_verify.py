@@ -33,9 +33,9 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.decoding_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.errors import ConfigError
 from cortexflow.models.vit import gelu, vit_features
-from cortexflow.token_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.tools import (
     backend_options,
     environment_info,
@@ -283,8 +283,10 @@ def run_token_verify(
     modules: Iterable[str] | None = None,
     log: Callable[[str], None] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    views: int | None = None,
 ) -> dict:
-    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on OpenVLA or RT-2, module by module.
+    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on OpenVLA or RT-2, module by module
+    (``views`` does not apply: the models take one image).
 
     Returns the report dict of :func:`cortexflow.tools.verify.run_verify` (same keys; the workload
     describes one image, the prompt in ids and the generated tokens). ``overrides`` changes fields of the

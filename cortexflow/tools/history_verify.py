@@ -89,8 +89,11 @@ def _builders(model: RT1Model, frames: torch.Tensor, context: torch.Tensor, ref:
 
 def run_rt1_verify(backend: Any = "pytorch", against: str = "pytorch", size: str = "auto", device: str = "auto",
                    dtype: "str | torch.dtype" = "auto", seed: int = 0, repeats: int = 3,
-                   log: Callable[[str], None] | None = None) -> dict:
-    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on RT-1; returns the verify report dict."""
+                   log: Callable[[str], None] | None = None, *, model: str = "rt1", views: int | None = None,
+                   modules: Any = None) -> dict:
+    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on RT-1; returns the verify report dict.
+    ``model``, ``views`` and ``modules`` (:func:`~cortexflow.tools.verify.run_verify`'s) do not apply: RT-1's
+    checks are fixed (:data:`MODULES`)."""
     if repeats < 1:
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
     log = log or (lambda _message: None)
