@@ -348,7 +348,7 @@ def _check_save_folder(save: Path, model_type: VLAModelType) -> None:
 
 def _token_demo(model: str, seed: int, repeat: int, json_output: bool) -> None:
     """``demo --model openvla|rt2``: the tiny random token-decoding policy (no tokenizer, CPU, fp32)."""
-    from cortexflow.token_demo import run_token_demo
+    from cortexflow.demo import run_token_demo
 
     result = run_token_demo(model, seed=seed, repeat=repeat)
     data = result.to_dict()
@@ -999,7 +999,11 @@ def bench_command(
         if name.strip():
             parse_model_option(name.strip(), option="--models", command="bench")
     if batch_scaling:
-        from cortexflow.tools.batch_scaling import plot_batch_scaling, print_batch_scaling, run_batch_scaling
+        from cortexflow.tools.batch_scaling import (
+            plot_batch_scaling,
+            print_batch_scaling,
+            run_batch_scaling,
+        )
 
         report = run_batch_scaling(
             encoder, [b.strip() for b in backends.split(",") if b.strip()], _parse_number_list(batches, "--batches", int),
