@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Optional
@@ -24,7 +23,7 @@ from rich.text import Text
 from cortexflow.cli_options import backend_names, check_common_options, parse_model_option
 from cortexflow.config import (FLOW_MATCHING_MODELS, IMAGE_PROMPT_MODELS, TOKEN_DECODING_MODELS, VLAModelType, dtype_name, model_names,
                                parse_dtype)
-from cortexflow.errors import ConfigError, CortexFlowError, CortexFlowWarning, InputError, TokenizerError
+from cortexflow.errors import ConfigError, CortexFlowError, CortexFlowWarning, InputError
 
 app = typer.Typer(
     name="cortexflow",
@@ -553,10 +552,8 @@ def run_command(
     Output: {"actions": [[...]], "shape": [chunk, action_dim], "model": "pi0", "latency_ms": ...,
     "timings_ms": {...}}. Progress and warnings go to stderr.
     """
-    from cortexflow.engine import resolve_device
-    from cortexflow.factory import create_pi0_inference, create_pi05_inference
+    from cortexflow.tools.run import run_flow_policy
 
-    err = _stderr()
     check_common_options(device=device, backend=backend, dtype=dtype)
     _refuse_demo_name(checkpoint, "run --checkpoint")
     if model.strip().lower() != "auto":
@@ -588,55 +585,23 @@ def run_command(
                          {"--views": views, "--mask-view": mask_view, "--chunk": chunk, "--steps": steps,
                           "--seed": seed is not None})
         return
-    if prompt is not None and tokenizer is None:
-        raise TokenizerError(
-            "--prompt needs --tokenizer (a PaliGemma tokenizer.model, a tokenizer.json, or a folder holding one); "
-            "or pass --prompt-tokens with token ids"
-        )
-    if unnorm_key is not None:
-        raise InputError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
-    if model_type == VLAModelType.PI0 and robot_state is None:
-        raise InputError("a pi0 policy needs the robot state: pass --state NUMBERS or --state-file FILE")
-    resolved_device = resolve_device(device)
-    compute_dtype = resolve_dtype(dtype, device)
-    create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
-    err.print(Text(f"loading {model_type.value} checkpoint {checkpoint} ({resolved_device}, {compute_dtype}) ...", style="dim"))
-    engine = create(
-        checkpoint,
-        num_views=num_views,
-        chunk_size=chunk,
-        backend=backend,
-        device=device,
-        dtype=compute_dtype,
-        tokenizer_path=None if tokenizer is None else str(tokenizer),
-        norm_stats_path=None if norm_stats is None else str(norm_stats),
-        use_cuda_graphs=cuda_graphs,
-        model_config=overrides,
-        num_steps=steps,
-    )
-    if model_type == VLAModelType.PI05 and tokens is not None and robot_state is not None and engine.config.discrete_state_input:
-        _warning_line("pi05 takes the state inside the prompt: with --prompt-tokens the --state is not used")
-    noise = None
-    if seed is not None:
-        rng = np.random.default_rng(seed)
-        noise = rng.standard_normal((engine.chunk_size, engine.config.action_dim)).astype(np.float32)
-    start = time.perf_counter()
-    actions = engine.predict(images, prompt, robot_state, noise=noise, prompt_tokens=tokens, image_masks=masks)
-    latency = (time.perf_counter() - start) * 1e3
-    report = engine.checkpoint_report
-    err.print(Text(
-        f"{model_type.value} ({report.layout if report else 'custom'} layout, "
-        f"{engine.config.num_diffusion_steps} steps) on {engine.device} {dtype_name(engine.dtype)}: {latency:.1f} ms",
-        style="dim",
-    ))
-    result = {
+    result = run_flow_policy(
+        model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, state=robot_state, image_masks=masks,
+        num_views=num_views, backend=backend, device=device, dtype=resolve_dtype(dtype, device),
+        tokenizer=None if tokenizer is None else str(tokenizer),
+        norm_stats=None if norm_stats is None else str(norm_stats), unnorm_key=unnorm_key, model_config=overrides,
+        use_cuda_graphs=cuda_graphs, chunk=chunk, steps=steps, seed=seed, log=_progress, warn=_warning_line)
+    engine, actions, report = result.engine, result.actions, result.engine.checkpoint_report
+    _progress(f"{model_type.value} ({report.layout if report else 'custom'} layout, "
+              f"{engine.config.num_diffusion_steps} steps) on {engine.device} {dtype_name(engine.dtype)}: "
+              f"{result.latency_ms:.1f} ms")
+    typer.echo(json.dumps({
         "actions": actions.tolist(),
         "shape": list(actions.shape),
         "model": model_type.value,
-        "latency_ms": latency,
+        "latency_ms": result.latency_ms,
         "timings_ms": {k: round(v, 4) for k, v in engine.last_timings.items()},
-    }
-    typer.echo(json.dumps(result))
+    }))
 
 
 def _refuse_demo_name(checkpoint: Path, where: str) -> None:
@@ -651,7 +616,7 @@ def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, p
                      tokenizer: Optional[Path], norm_stats: Optional[Path], unnorm_key: Optional[str],
                      overrides: Optional[dict], cuda_graphs: bool, flow_options: dict) -> None:
     """``run`` for openvla / rt2: print the actions and generated token ids as JSON."""
-    from cortexflow.run_token import run_token_policy
+    from cortexflow.tools.run import run_token_policy
 
     compute_dtype = resolve_dtype(dtype, device)
     _progress(f"loading {model_type.value} checkpoint {checkpoint} ({device}, {compute_dtype}) ...")

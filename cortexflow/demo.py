@@ -116,7 +116,7 @@ def build_demo_engine(
     model_type = VLAModelType.parse(model)
     if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
         raise ConfigError(f"build_demo_engine builds pi0 or pi05 models, not {model_type.value!r}; "
-                          "cortexflow.token_demo.run_token_demo runs openvla and rt2")
+                          "cortexflow.demo.run_token_demo runs openvla and rt2")
     for name, value in (("num_views", num_views), ("chunk_size", chunk_size), ("num_steps", num_steps)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
