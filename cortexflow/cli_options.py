@@ -16,6 +16,14 @@ from cortexflow.errors import BackendUnavailableError, ConfigError
 DTYPE_CHOICES = "auto, bfloat16, float16 or float32"
 
 
+def cli_option(*flags: str, help: str, metavar: str | None = None) -> dict:
+    """``dataclasses.field(metadata=...)`` for an options dataclass field that is also a command-line option:
+    its ``flags`` (``"--chunk"``, or ``"--cuda-graphs/--no-cuda-graphs"`` for a switch), ``metavar`` and
+    ``help``. In ``help``, ``{backends}``, ``{all_models}`` and ``{token_models}`` stand for the current names
+    (filled in when the command is built, so the dataclass's module imports no backend)."""
+    return {"cli": {"flags": flags, "metavar": metavar, "help": help}}
+
+
 def backend_names() -> str:
     """``"onnx, pytorch, triton"``: every backend name a command accepts (registered and lazily imported)."""
     from cortexflow.backends import available_backends

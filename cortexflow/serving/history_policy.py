@@ -150,7 +150,7 @@ class RT1ServedPolicy(MappedPolicy):
 def build_rt1_policy(options: PolicyOptions, model_type: VLAModelType = VLAModelType.RT1,
                      log: Callable[[str], None] | None = None) -> RT1ServedPolicy:
     """Load an RT-1 engine (``create_rt1_inference``: a TF2 checkpoint or a converted folder) and wrap it."""
-    from cortexflow.history_engine import create_rt1_inference
+    from cortexflow.factory import create_rt1_inference
     from cortexflow.serving.policy import _resolve_dtype
 
     if str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cortexflow.cli_options import cli_option
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
@@ -48,26 +49,65 @@ def byte_tokenizer(vocab_size: int):
 
 @dataclass
 class PolicyOptions:
-    """What to serve; the ``cortexflow serve`` options. ``checkpoint="demo"`` is the tiny random model."""
+    """What to serve. ``checkpoint="demo"`` is the tiny random model. Every field is also a ``cortexflow serve``
+    option (its flags and help in the field's metadata, see :func:`~cortexflow.cli_options.cli_option`);
+    ``model_config`` is given there as JSON text or a JSON file."""
 
-    checkpoint: str
-    model: str = "auto"
-    robot: str | None = None  # None: the config's robot, else droid
-    config: str | None = None
-    backend: str = "pytorch"
-    device: str = "auto"
-    dtype: str = "auto"
-    tokenizer: str | None = None
-    norm_stats: str | None = None
-    chunk: int | None = None
-    steps: int | None = None
-    views: int | None = None
-    seed: int | None = None
-    default_prompt: str | None = None
-    cuda_graphs: bool = True
-    adapt_to_pi: bool = True
-    model_config: Mapping[str, Any] | None = None
-    unnorm_key: str | None = None
+    checkpoint: str = field(metadata=cli_option(
+        "--checkpoint", "-c", metavar="PATH|demo",
+        help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 "
+             "byte ids)."))
+    model: str = field(default="auto", metadata=cli_option(
+        "--model", "-m", metavar="NAME",
+        help="auto (from the checkpoint: pi0, pi05, openvla from its tensors, rt1 for a TF2 checkpoint; pi0 for demo), "
+             "or one of {all_models} ({token_models}: one image + prompt, no state; rt1: one frame + instruction "
+             "embedding, an episode per connection)."))
+    robot: str | None = field(default=None, metadata=cli_option(
+        "--robot", "-r", metavar="NAME",
+        help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) "
+             "[default: the --config's robot, else droid]."))
+    config: str | None = field(default=None, metadata=cli_option(
+        "--config", metavar="NAME",
+        help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, "
+             "default prompt."))
+    backend: str = field(default="pytorch", metadata=cli_option(
+        "--backend", "-b", metavar="NAME", help="Compute backend: {backends}."))
+    device: str = field(default="auto", metadata=cli_option(
+        "--device", metavar="DEVICE",
+        help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one "
+             "queue."))
+    dtype: str = field(default="auto", metadata=cli_option(
+        "--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."))
+    tokenizer: str | None = field(default=None, metadata=cli_option(
+        "--tokenizer", metavar="PATH",
+        help="PaliGemma tokenizer.model, tokenizer.json or a folder holding one (needed for text prompts except with "
+             "demo)."))
+    norm_stats: str | None = field(default=None, metadata=cli_option(
+        "--norm-stats", metavar="PATH",
+        help="openpi norm_stats.json, LeRobot stats, or a folder with assets/*/norm_stats.json."))
+    chunk: int | None = field(default=None, metadata=cli_option(
+        "--chunk", metavar="N", help="Action chunk length [default: the checkpoint's]."))
+    steps: int | None = field(default=None, metadata=cli_option(
+        "--steps", metavar="N", help="Denoising steps [default: the checkpoint's]."))
+    views: int | None = field(default=None, metadata=cli_option(
+        "--views", metavar="N", help="Camera views for --robot raw [default: 3]."))
+    seed: int | None = field(default=None, metadata=cli_option(
+        "--seed", metavar="N",
+        help="Use the same seeded noise for every request (actions depend only on the observation)."))
+    default_prompt: str | None = field(default=None, metadata=cli_option(
+        "--default-prompt", metavar="TEXT", help="Prompt for requests that carry none."))
+    cuda_graphs: bool = field(default=True, metadata=cli_option(
+        "--cuda-graphs/--no-cuda-graphs", help="Capture the whole predict in a CUDA graph (GPU only)."))
+    adapt_to_pi: bool = field(default=True, metadata=cli_option(
+        "--adapt-to-pi/--no-adapt-to-pi",
+        help="ALOHA only: convert joints/grippers between ALOHA and Pi0 conventions (openpi's default)."))
+    model_config: Mapping[str, Any] | None = field(default=None, metadata=cli_option(
+        "--model-config", metavar="JSON|FILE",
+        help="Model config overrides as a JSON object or file (rt2: '{\"action_dim\": 7, \"chunk_size\": 4}')."))
+    unnorm_key: str | None = field(default=None, metadata=cli_option(
+        "--unnorm-key", metavar="DATASET",
+        help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
+             "has several)."))
 
 
 def checkpoint_name(path: str) -> str:
