@@ -32,9 +32,8 @@ from cortexflow.demo_checkpoint import DEMO_LAYOUT, save_demo_checkpoint
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError
 from cortexflow.factory import (
+    create_inference,
     create_openvla_inference,
-    create_pi0_inference,
-    create_pi05_inference,
     create_rt2_inference,
 )
 from cortexflow.processing import discretize_state
@@ -135,8 +134,8 @@ def build_demo_engine(
             checkpoint_dir = save_demo_checkpoint(directory, config, seed=seed).directory
         else:
             checkpoint_dir = write_checkpoint(directory, config, seed=seed, layout=DEMO_LAYOUT)
-        create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
-        engine = create(
+        engine = create_inference(
+            model_type,
             checkpoint_dir,
             num_views=num_views,
             device="cpu",

@@ -93,8 +93,7 @@ def _policy_pipeline(model_type: VLAModelType, checkpoint_path: Any, config: Any
         pipeline = lerobot_pipeline(checkpoint_path, state_prompt_width)
     else:
         return None
-    factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
-    pipeline.check_model_type(model_type, factory)
+    pipeline.check_model_type(model_type, f"create_{model_type.value}_inference")
     if isinstance(checkpoint_path, (str, Path)):
         check_checkpoint_type(pipeline, checkpoint_path)
     return pipeline
@@ -113,7 +112,7 @@ def _check_option_names(model_type: VLAModelType, options: Mapping[str, Any]) ->
     fields = {f.name for f in dataclasses.fields(InferenceConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
+        factory = f"create_{model_type.value}_inference"
         accepted = sorted(fields | {"checkpoint_path", "model_config", "progress", "config", "state_prompt_width"})
         named = []
         for name in unknown:
@@ -297,3 +296,19 @@ def create_rt1_inference(
         text_encoder = universal_sentence_encoder(use_model_path)
     return RT1Engine(model, weights, backend=backend, device=device, dtype=parse_dtype(dtype),
                      use_cuda_graphs=use_cuda_graphs, text_encoder=text_encoder, report=report)
+
+
+#: Each model type's constructor; :func:`create_inference` picks from it.
+CREATORS = {
+    VLAModelType.PI0: create_pi0_inference,
+    VLAModelType.PI05: create_pi05_inference,
+    VLAModelType.OPENVLA: create_openvla_inference,
+    VLAModelType.RT2: create_rt2_inference,
+    VLAModelType.RT1: create_rt1_inference,
+}
+
+
+def create_inference(model: "VLAModelType | str", checkpoint_path: Any, **options: Any) -> Any:
+    """The engine for ``checkpoint_path`` built by ``model``'s constructor (``create_pi0_inference`` for pi0,
+    ..., ``create_rt1_inference`` for rt1) with ``options``, the keyword arguments that constructor takes."""
+    return CREATORS[VLAModelType.parse(model)](checkpoint_path, **options)

@@ -73,6 +73,11 @@ HISTORY = PolicyFamily("history", HISTORY_MODELS, {
 FAMILIES = (FLOW_MATCHING, TOKEN_DECODING, HISTORY)
 
 
+def models_for(role: str) -> tuple[VLAModelType, ...]:
+    """The model types whose family has a part for ``role`` (what a command for that role accepts)."""
+    return tuple(model for family in FAMILIES if role in family.parts for model in family.models)
+
+
 def family_of(model: "VLAModelType | str") -> PolicyFamily:
     """The family of ``model`` (a model type or its name, as :meth:`VLAModelType.parse` reads it)."""
     model_type = VLAModelType.parse(model)

@@ -44,15 +44,32 @@ def main(
     and run one observation through a checkpoint with `cortexflow run`."""
 
 
-app.command("demo", short_help="Build and run a tiny random Pi0/Pi0.5 on a synthetic observation (no checkpoint needed).")(demo.demo_command)
-app.command("run", short_help="Run one observation through a checkpoint; print the actions as JSON.")(run.run_command)
-app.command("info", short_help="Describe a checkpoint (type, dims, parameters, key problems) without loading it.")(checkpoints.info_command)
-app.command("convert", short_help="Write an openpi JAX (Orbax), LoRA-adapter or RT-1 TF2 checkpoint as a safetensors folder.")(checkpoints.convert_command)
-app.command("verify", short_help="Check a backend against the fp32 reference module by module (error and time).")(measure.verify_command)
-app.command("bench", short_help="Time whole predict calls over models x backends x workloads (random weights).")(measure.bench_command)
-app.command("compile-check", short_help="Compile every Triton kernel of a real-size predict for a GPU, without one.")(measure.compile_check_command)
-app.command("profile", short_help="Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor.")(measure.profile_command)
-app.command("export", short_help="Export a policy's stages (or a perception encoder) to ONNX, checked in ONNX Runtime.")(export.export_command)
-app.command("configs", short_help="List the openpi policy configs --config accepts.")(checkpoints.configs_command)
-app.command("serve", short_help="Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged).")(serve.serve_command)
-app.command("loadtest", short_help="Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors.")(serve.loadtest_command)
+#: Every command: its name, its function and the one-line help ``cortexflow --help`` lists, in that order.
+COMMANDS = (
+    ("demo", demo.demo_command,
+     "Build and run a tiny random Pi0/Pi0.5 on a synthetic observation (no checkpoint needed)."),
+    ("run", run.run_command,
+     "Run one observation through a checkpoint; print the actions as JSON."),
+    ("info", checkpoints.info_command,
+     "Describe a checkpoint (type, dims, parameters, key problems) without loading it."),
+    ("convert", checkpoints.convert_command,
+     "Write an openpi JAX (Orbax), LoRA-adapter or RT-1 TF2 checkpoint as a safetensors folder."),
+    ("verify", measure.verify_command,
+     "Check a backend against the fp32 reference module by module (error and time)."),
+    ("bench", measure.bench_command,
+     "Time whole predict calls over models x backends x workloads (random weights)."),
+    ("compile-check", measure.compile_check_command,
+     "Compile every Triton kernel of a real-size predict for a GPU, without one."),
+    ("profile", measure.profile_command,
+     "Profile one predict: stage times, top kernels, FLOP/s and the gap to the floor."),
+    ("export", export.export_command,
+     "Export a policy's stages (or a perception encoder) to ONNX, checked in ONNX Runtime."),
+    ("configs", checkpoints.configs_command,
+     "List the openpi policy configs --config accepts."),
+    ("serve", serve.serve_command,
+     "Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged)."),
+    ("loadtest", serve.loadtest_command,
+     "Load-test a policy server: N clients x M requests; p50/p90/p99, throughput, errors."),
+)
+for name, command, short_help in COMMANDS:
+    app.command(name, short_help=short_help)(command)

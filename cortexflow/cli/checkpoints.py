@@ -20,7 +20,7 @@ from cortexflow.cli.common import (
     refuse_demo_name,
     stdout_console,
 )
-from cortexflow.config import VLAModelType
+from cortexflow.config import VLAModelType, is_auto
 from cortexflow.errors import ConfigError, InputError
 
 
@@ -149,7 +149,7 @@ def convert_command(
 
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    model_type = None if model.strip().lower() == "auto" else VLAModelType.parse(model)
+    model_type = None if is_auto(model) else VLAModelType.parse(model)
     tf_source = is_tf_checkpoint(source)
     if model_type == VLAModelType.RT1 or (model_type is None and tf_source):
         _convert_rt1(source, destination, dtype, base_checkpoint, model_config)

@@ -21,6 +21,7 @@ from cortexflow.config import (
     TOKEN_DECODING_MODELS,
     VLAModelType,
     dtype_name,
+    is_auto,
     model_names,
 )
 from cortexflow.errors import (
@@ -250,7 +251,7 @@ def detect_model(checkpoint: Path, model: str, model_config: Optional[dict]) -> 
     agree with the tensors (rt2 reads the PaliGemma part of a pi0/pi05 checkpoint)."""
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
-    auto = model.strip().lower() == "auto"
+    auto = is_auto(model)
     model_type = None if auto else parse_model_option(model, IMAGE_PROMPT_MODELS, command="run")
     if model_type == VLAModelType.RT2:
         return model_type

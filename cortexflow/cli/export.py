@@ -18,7 +18,7 @@ from cortexflow.cli.common import (
     stdout_console,
 )
 from cortexflow.cli_options import parse_model_option
-from cortexflow.config import FLOW_MATCHING_MODELS, parse_dtype
+from cortexflow.config import FLOW_MATCHING_MODELS, is_auto, parse_dtype
 from cortexflow.errors import ConfigError
 
 
@@ -51,7 +51,7 @@ def export_command(
     """
     if (checkpoint is None) == (encoder is None):
         raise ConfigError("pass either --checkpoint PATH|demo (a policy) or --encoder NAME (a perception encoder)")
-    if model.strip().lower() != "auto":
+    if not is_auto(model):
         parse_model_option(model, FLOW_MATCHING_MODELS, command="export")
     if encoder is not None:
         from cortexflow.encoders import create_encoder, export_encoder

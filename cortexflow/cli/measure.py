@@ -23,7 +23,8 @@ from cortexflow.cli.common import (
     write_report,
 )
 from cortexflow.cli_options import check_common_options, parse_model_option
-from cortexflow.config import IMAGE_PROMPT_MODELS
+from cortexflow.config import is_auto
+from cortexflow.families import models_for
 
 JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
 
@@ -82,8 +83,8 @@ def verify_command(
     if backend.strip().lower() == "onnx":
         from cortexflow.onnx.verify import print_onnx_verify, run_onnx_verify
 
-        onnx_size = "tiny" if size.strip().lower() == "auto" else size.strip().lower()
-        onnx_dtype = "float32" if dtype.strip().lower() == "auto" else dtype
+        onnx_size = "tiny" if is_auto(size) else size.strip().lower()
+        onnx_dtype = "float32" if is_auto(dtype) else dtype
         report = run_onnx_verify(model, size=onnx_size, dtype=onnx_dtype, seed=seed, views=views, repeats=repeats,
                                  log=progress_line)
         write_report(report, json_path, print_onnx_verify)
@@ -252,7 +253,7 @@ def profile_command(
     """
     from cortexflow.tools.profile import print_profile, run_profile
 
-    parse_model_option(model, IMAGE_PROMPT_MODELS, command="profile")
+    parse_model_option(model, models_for("profile"), command="profile")
     check_common_options(device=device, backend=backend, dtype=dtype)
     report = run_profile(model, backend, views=views, size=size, device=device, dtype=dtype, prompt_len=prompt_len,
                          chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,

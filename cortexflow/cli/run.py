@@ -28,6 +28,7 @@ from cortexflow.config import (
     TOKEN_DECODING_MODELS,
     VLAModelType,
     dtype_name,
+    is_auto,
 )
 from cortexflow.errors import InputError
 
@@ -112,7 +113,7 @@ def run_command(
 
     check_common_options(device=device, backend=backend, dtype=dtype)
     refuse_demo_name(checkpoint, "run --checkpoint")
-    if model.strip().lower() != "auto":
+    if not is_auto(model):
         parse_model_option(model, IMAGE_PROMPT_MODELS, command="run")
     if not image:
         raise InputError("pass at least one --image")

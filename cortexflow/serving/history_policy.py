@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from cortexflow.config import VLAModelType
+from cortexflow.config import VLAModelType, is_auto
 from cortexflow.errors import ConfigError, InputError
 from cortexflow.serving.policy import (
     DEMO_CHECKPOINT,
@@ -166,7 +166,7 @@ def build_rt1_policy(options: PolicyOptions, model_type: VLAModelType = VLAModel
         problems.append(f"--robot {robot} (RT-1 takes its own inputs: --robot raw)")
     if problems:
         raise ConfigError(f"--model rt1 does not take: {', '.join(problems)}")
-    dtype = "float32" if str(options.dtype).strip().lower() == "auto" else _resolve_dtype(options.dtype, options.device)
+    dtype = "float32" if is_auto(options.dtype) else _resolve_dtype(options.dtype, options.device)
     (log or (lambda message: None))(f"loading rt1 checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
     engine = create_rt1_inference(options.checkpoint, backend=options.backend, device=options.device, dtype=dtype,
                                   use_cuda_graphs=options.cuda_graphs, model_config=options.model_config or None)

@@ -361,7 +361,7 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
                       policy_config: Any = None) -> ServedPolicy:
     """A flow-matching policy (Pi0, Pi0.5; ``checkpoint="demo"`` the tiny random one) behind its robot mapping;
     ``policy_config``: the openpi config ``options.config`` names, already checked."""
-    from cortexflow.factory import create_pi0_inference, create_pi05_inference
+    from cortexflow.factory import create_inference
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
@@ -395,15 +395,14 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
     )
     if demo:
         config = tiny_model_config(model_type, **{"action_dim": DEMO_ACTION_DIM, **overrides})
-        create = create_pi05_inference if config.model_type == VLAModelType.PI05 else create_pi0_inference
         with tempfile.TemporaryDirectory(prefix=f"cortexflow-serve-{config.model_type.value}-") as directory:
             write_checkpoint(directory, config, seed=DEMO_WEIGHTS_SEED)
-            engine = create(directory, model_config=config, **common)  # weights are in memory after this
+            # the weights are in memory once the engine is built, so the folder may go
+            engine = create_inference(config.model_type, directory, model_config=config, **common)
         label = f"demo (tiny random {config.model_type.value}, weights seed {DEMO_WEIGHTS_SEED})"
     else:
-        create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
         log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
-        engine = create(options.checkpoint, model_config=overrides or None, **common)
+        engine = create_inference(model_type, options.checkpoint, model_config=overrides or None, **common)
         label = checkpoint_name(options.checkpoint)
     if options.tokenizer is not None:
         encoding = f"tokenizer {options.tokenizer}"

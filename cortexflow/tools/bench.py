@@ -326,6 +326,34 @@ def _label(case: Case) -> str:
             f"steps={'-' if case.steps is None else case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
 
 
+def timed_entry(case: Case, make_engine: Callable[[], object], call: Callable[[object], Callable[[], object]],
+                memory: GpuMemory, device: torch.device, iters: int, warmup: int, dtype: torch.dtype,
+                describe: Callable[[object], dict], preprocess_ms: bool = False,
+                peak_of_calls_only: bool = False) -> dict:
+    """The bench row of ``case``: the engine ``make_engine()`` builds, ``call(engine)`` timed (``preprocess_ms``:
+    with the engine's host preprocessing time per call), the fields every family records (graphs, dtype, stage
+    split, peak GPU memory: from the engine's build on, or with ``peak_of_calls_only`` from its first call) and
+    ``describe(engine)``'s; a failed row when anything raises."""
+    entry = asdict(case)
+    memory.reset()
+    engine = None
+    try:
+        engine = make_engine()
+        if peak_of_calls_only:
+            memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
+        pre = (lambda: engine.last_timings["preprocess"]) if preprocess_ms else None
+        entry.update(time_calls(call(engine), device, iters, warmup, pre))
+        entry.update(cuda_graphs=engine.use_cuda_graphs, dtype=dtype_name(dtype),
+                     stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
+                     peak_gpu_gib=memory.peak_gib(), **describe(engine))
+        return entry
+    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
+        return failed_case(entry, err)
+    finally:
+        del engine
+        memory.reset()
+
+
 def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
               rng: np.random.Generator, iters: int, warmup: int, prompt_buckets="auto",
               image_preprocessing: str = "auto", backend=None) -> dict:
@@ -333,35 +361,21 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
     ``draw_state_dict()`` gives the weights, which the case's engine then owns alone. ``backend``: what the
     engine's backend is created from (default: ``case.backend``, the name)."""
     config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
-    entry = asdict(case)
     if case.prompt_len > config.max_token_len:
-        return {**entry, "outcome": "skipped",
+        return {**asdict(case), "outcome": "skipped",
                 "reason": f"prompt length {case.prompt_len} > the model's max_token_len {config.max_token_len}"}
-    memory.reset()
-    engine = None
-    try:
-        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
-                             backend or case.backend, prompt_buckets, image_preprocessing)
-        memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
-        call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
-        stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
-        entry.update(stats)
-        entry.update(
-            cuda_graphs=engine.use_cuda_graphs,
-            dtype=dtype_name(dtype),
-            stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-            peak_gpu_gib=memory.peak_gib(),
-            backend_options=backend_options(engine.backend),
-            prompt_bucket=(bucket := next(n for n in engine.prompt_buckets if n >= case.prompt_len)),
-            prefix_tokens=case.views * config.num_patches + bucket,
-            valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,
-        )
-        return entry
-    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
-        return failed_case(entry, err)
-    finally:
-        del engine
-        memory.reset()
+    def describe(engine: VLAInferenceEngine) -> dict:
+        bucket = next(n for n in engine.prompt_buckets if n >= case.prompt_len)
+        return dict(backend_options=backend_options(engine.backend), prompt_bucket=bucket,
+                    prefix_tokens=case.views * config.num_patches + bucket,
+                    valid_prefix_tokens=case.views * config.num_patches + case.prompt_len)
+
+    return timed_entry(
+        case,
+        lambda: make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
+                            backend or case.backend, prompt_buckets, image_preprocessing),
+        lambda engine: predict_call(engine, random_observation(config, case.views, case.prompt_len, rng)),
+        memory, device, iters, warmup, dtype, describe, preprocess_ms=True, peak_of_calls_only=True)
 
 
 def failed_case(entry: dict, err: Exception) -> dict:

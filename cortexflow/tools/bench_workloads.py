@@ -19,12 +19,11 @@ The grid's views, chunk and steps axes (and, for RT-1, the prompt length) do not
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Callable
 
 import numpy as np
 import torch
 
-from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.config import VLAModelType
 from cortexflow.decoding_engine import TokenVLAEngine
 from cortexflow.errors import ConfigError
 from cortexflow.history_engine import RT1Engine
@@ -37,33 +36,10 @@ from cortexflow.tools import (
     random_token_weights,
     token_model,
 )
-from cortexflow.tools.bench import BenchGrid, Case, GpuMemory, failed_case, time_calls
+from cortexflow.tools.bench import BenchGrid, Case, GpuMemory, timed_entry
 
 #: Whether greedy decoding is restricted to the action ids, as ``create_*_inference`` defaults.
 CONSTRAINED = {VLAModelType.OPENVLA: False, VLAModelType.RT2: True}
-
-
-def timed_entry(case: Case, make_engine: Callable[[], object], call: Callable[[object], Callable[[], object]],
-                memory: GpuMemory, device: torch.device, iters: int, warmup: int, dtype: torch.dtype,
-                describe: Callable[[object], dict], preprocess_ms: bool = False) -> dict:
-    """The bench row of ``case``: the engine ``make_engine()`` builds, ``call(engine)`` timed, the common fields
-    (graphs, dtype, stage split, peak memory) and ``describe(engine)``'s; a failed row when anything raises."""
-    entry = asdict(case)
-    memory.reset()
-    engine = None
-    try:
-        engine = make_engine()
-        pre = (lambda: engine.last_timings["preprocess"]) if preprocess_ms else None
-        entry.update(time_calls(call(engine), device, iters, warmup, pre))
-        entry.update(cuda_graphs=engine.use_cuda_graphs, dtype=dtype_name(dtype),
-                     stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-                     peak_gpu_gib=memory.peak_gib(), **describe(engine))
-        return entry
-    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
-        return failed_case(entry, err)
-    finally:
-        del engine
-        memory.reset()
 
 
 class TokenWorkload:

@@ -12,7 +12,7 @@ at the start (a large bf16 matmul, a large device-to-device copy), the floor
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -119,24 +119,11 @@ def run_profile(
                    peak_tflops=peak_tflops, peak_gbps=peak_gbps, log=log)
 
 
-def run_flow_profile(
-    model: str = "pi0",
-    backend: str = "pytorch",
-    views: int = 2,
-    size: str = "auto",
-    device: str = "auto",
-    dtype: "str | torch.dtype" = "auto",
-    prompt_len: int = 20,
-    chunk: int | None = None,
-    steps: int | None = None,
-    top: int = 20,
-    repeats: int = 3,
-    seed: int = 0,
-    peak_tflops: float | None = None,
-    peak_gbps: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """:func:`run_profile` for a flow-matching policy: vision, prefix and expert stages against their floors."""
+def run_flow_profile(*, model: str, backend: str, views: int, size: str, device: str, dtype: Any, prompt_len: int,
+                     chunk: int | None, steps: int | None, top: int, repeats: int, seed: int,
+                     peak_tflops: float | None, peak_gbps: float | None, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_profile` (whose arguments these are) for a flow-matching policy: vision, prefix and expert
+    stages against their floors."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     log = log or (lambda _message: None)

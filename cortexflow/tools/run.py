@@ -18,9 +18,8 @@ from cortexflow.config import VLAModelType
 from cortexflow.engine import resolve_device
 from cortexflow.errors import InputError, TokenizerError
 from cortexflow.factory import (
+    create_inference,
     create_openvla_inference,
-    create_pi0_inference,
-    create_pi05_inference,
     create_rt2_inference,
 )
 
@@ -61,8 +60,8 @@ def run_flow_policy(model_type: VLAModelType, checkpoint: str | Path, images: li
         raise InputError("a pi0 policy needs the robot state: pass --state NUMBERS or --state-file FILE")
     if log is not None:
         log(f"loading {model_type.value} checkpoint {checkpoint} ({resolve_device(device)}, {dtype}) ...")
-    create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
-    engine = create(
+    engine = create_inference(
+        model_type,
         checkpoint,
         num_views=num_views,
         chunk_size=chunk,

@@ -332,20 +332,9 @@ def run_verify(
                   views=views, repeats=repeats, modules=modules, log=log)
 
 
-def run_flow_verify(
-    model: str = "pi0",
-    backend: "str | ComputeBackend | type[ComputeBackend]" = "pytorch",
-    against: str = "pytorch",
-    size: str = "auto",
-    device: str = "auto",
-    dtype: "str | torch.dtype" = "auto",
-    seed: int = 0,
-    views: int = 2,
-    repeats: int = 3,
-    modules: Iterable[str] | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """:func:`run_verify` for a flow-matching policy: :data:`MODULES` checked one by one."""
+def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device: str, dtype: Any, seed: int,
+                    views: int, repeats: int, modules: Iterable[str] | None, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_verify` (whose arguments these are) for a flow-matching policy: :data:`MODULES` one by one."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     selected = [m.name for m in MODULES] if modules is None else list(modules)
