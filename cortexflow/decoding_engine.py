@@ -75,11 +75,7 @@ class TokenVLAEngine(PolicyEngine):
         actions = self.model.tokens_to_actions(tokens)
         if self.unnormalize is not None:
             actions = self.unnormalize(actions)
-        self.last_timings = {
-            "preprocess": (prepared - start) * 1e3,
-            "model": (finished - prepared) * 1e3,
-            "total": (time.perf_counter() - start) * 1e3,
-        }
+        self.record_timings(start, prepared, finished)
         return np.asarray(actions, dtype=np.float32)
 
     def prompt_ids(self, task_prompt: str | None, prompt_tokens: Any = None) -> list[int]:
@@ -126,9 +122,7 @@ class TokenVLAEngine(PolicyEngine):
         if length not in self._buffers:
             shapes = self.model.get_buffer_shapes(prompt_len=length)
             if self._shared is None:
-                self._shared = {name: self._zeros(name, shape) for name, shape in shapes.items() if name != "token_ids"}
-            self._buffers[length] = dict(self._shared, token_ids=self._zeros("token_ids", shapes["token_ids"]))
+                self._shared = {name: self.zeros(name, shape) for name, shape in shapes.items() if name != "token_ids"}
+            self._buffers[length] = dict(self._shared, token_ids=self.zeros("token_ids", shapes["token_ids"]))
         return self._buffers[length]
 
-    def _zeros(self, name: str, shape) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)

@@ -127,6 +127,19 @@ class PolicyEngine:
     def model_type(self) -> VLAModelType:
         return self.config.model_type
 
+    def zeros(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """A zero static buffer ``name`` of ``shape`` on the engine's device, in the dtype the model keeps it in."""
+        return torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
+
+    def record_timings(self, start: float, prepared: float, finished: float) -> None:
+        """``last_timings`` of a call that started at ``start`` (``time.perf_counter()``), had its inputs in the
+        buffers at ``prepared`` and its outputs back at ``finished``: preprocess, model and total ms."""
+        self.last_timings = {
+            "preprocess": (prepared - start) * 1e3,
+            "model": (finished - prepared) * 1e3,
+            "total": (time.perf_counter() - start) * 1e3,
+        }
+
     def run_forward(self, key: Any, buffers: dict[str, torch.Tensor], **forward_options: Any) -> None:
         """The model's whole forward on the static ``buffers`` (``key`` names the buffer set): the CUDA graph of
         ``key`` replayed (captured on first use) when the engine uses graphs, else ``model.forward`` eagerly."""

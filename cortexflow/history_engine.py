@@ -148,8 +148,7 @@ class RT1Engine(PolicyEngine):
         finished = time.perf_counter()
         self.last_tokens = tokens
         actions = detokenize_actions(tokens, self.config.actions, self.config.vocab_size)
-        self.last_timings = {"preprocess": (prepared - start) * 1e3, "model": (finished - prepared) * 1e3,
-                             "total": (time.perf_counter() - start) * 1e3}
+        self.record_timings(start, prepared, finished)
         return actions
 
     def _image(self, image: Any, name: str) -> np.ndarray:
@@ -194,10 +193,7 @@ class RT1Engine(PolicyEngine):
         """The static buffers (and episode state) of ``batch_size`` episodes."""
         if batch_size not in self._buffers:
             shapes = self.model.get_buffer_shapes(batch_size=batch_size)
-            self._buffers[batch_size] = {
-                name: torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
-                for name, shape in shapes.items()
-            }
+            self._buffers[batch_size] = {name: self.zeros(name, shape) for name, shape in shapes.items()}
         return self._buffers[batch_size]
 
     def _capture(self, buffers: dict[str, torch.Tensor], run) -> "torch.cuda.CUDAGraph":

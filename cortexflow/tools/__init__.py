@@ -54,11 +54,6 @@ def model_config(model: str, size: str, **overrides) -> ModelConfig:
     return ModelConfig.for_model(model, **overrides)
 
 
-def is_token_model(model: str) -> bool:
-    """Whether ``model`` names a token-decoding policy (OpenVLA, RT-2 style) rather than a Pi0-family one."""
-    return VLAModelType.parse(model) in TOKEN_DECODING_MODELS
-
-
 def token_model(model: str, size: str, **overrides):
     """The token-decoding policy ``model`` (``openvla`` / ``rt2``) in its published (``size="real"``:
     OpenVLA-7B; RT-2 style over PaliGemma-3B) or tiny test configuration with ``overrides``, as an
@@ -183,7 +178,6 @@ __all__ = [
     "backend_options",
     "backend_specs",
     "environment_info",
-    "is_token_model",
     "model_config",
     "package_version",
     "random_prompt_ids",

@@ -372,23 +372,36 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
             rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     actions = next((r for r in rows if r["name"] == "actions"), None)
-    return {
+    workload = {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
+                "steps": config.num_diffusion_steps, "repeats": repeats}
+    return verify_report(config.model_type.value, size, checked_backend, reference_backend, compute_dtype, threshold,
+                         seed, workload, resolved_device, config, rows, actions is not None and actions["status"] == "ok")
+
+
+def verify_report(model: str, size: str, checked: ComputeBackend, reference: ComputeBackend, dtype: torch.dtype,
+                  threshold: float, seed: int, workload: dict, device: torch.device, config: Any, rows: list[dict],
+                  passed: bool, notes: list[str] | None = None, failure: Any = ...) -> dict:
+    """The report every family's verify returns: what was compared (backends, dtypes, threshold, workload,
+    machine, model config), the module rows and whether the final actions passed; ``notes`` and ``failure``
+    (what failed beyond the actions) where the family gives them."""
+    report = {
         "tool": "cortexflow verify",
-        "model": config.model_type.value,
+        "model": model,
         "size": size,
-        "backend": checked_backend.name,
-        "backend_options": backend_options(checked_backend),
-        "dtype": dtype_name(compute_dtype),
-        "reference": {"backend": reference_backend.name, "dtype": "float32"},
+        "backend": checked.name,
+        "backend_options": backend_options(checked),
+        "dtype": dtype_name(dtype),
+        "reference": {"backend": reference.name, "dtype": "float32"},
         "threshold_rel_l2": threshold,
         "seed": seed,
-        "workload": {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
-                     "steps": config.num_diffusion_steps, "repeats": repeats},
-        "environment": environment_info(resolved_device),
-        "config": config.to_dict(),
-        "modules": rows,
-        "passed": actions is not None and actions["status"] == "ok",
+        "workload": workload,
     }
+    if notes is not None:
+        report["notes"] = notes
+    report.update(environment=environment_info(device), config=config.to_dict(), modules=rows, passed=passed)
+    if failure is not ...:
+        report["failure"] = failure
+    return report
 
 
 def _check_module(module: Module, ctx: Context, checked: Side, threshold: float, repeats: int,
