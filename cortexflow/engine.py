@@ -1,6 +1,9 @@
-"""``VLAInferenceEngine``: validate inputs, pre-process, run the model's stages on a backend, post-process.
+"""The engine front: :class:`PolicyEngine`, what every family's engine shares (device, backend, the static
+buffers' forward run eagerly or as a CUDA graph per buffer set, timings), and :class:`VLAInferenceEngine`, the
+flow-matching family's engine: validate inputs, pre-process, run the model's stages on a backend, post-process.
+The token-decoding and RT-1 engines are :mod:`cortexflow.decoding_engine` and :mod:`cortexflow.history_engine`.
 
-The engine owns the static per-call buffers (one set per batch size) and, on a GPU, one CUDA graph
+The flow-matching engine owns the static per-call buffers (one set per batch size) and, on a GPU, one CUDA graph
 per batch size and prompt bucket that captures the whole forward (vision, prefix, every denoising step).
 A prompt is padded (and masked) to the smallest of the engine's ``prompt_buckets`` that holds it, so a
 20-token prompt does not pay for the 48 or 200 positions openpi pads to; the graphs share one memory pool.
