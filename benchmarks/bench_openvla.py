@@ -35,7 +35,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
 from cortexflow.processing.action_tokens import ActionStats
 from cortexflow.random_token_vla import example_norm_stats, random_openvla_weights, tiny_openvla_config
-from cortexflow.token_engine import TokenVLAEngine
+from cortexflow.decoding_engine import TokenVLAEngine
 
 PROMPT_IDS = 26
 

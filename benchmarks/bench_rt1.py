@@ -27,7 +27,7 @@ import torch
 
 from cortexflow.models.rt1 import RT1Config, RT1Model
 from cortexflow.random_rt1 import random_rt1_weights, tiny_rt1_config
-from cortexflow.rt1_engine import RT1Engine
+from cortexflow.history_engine import RT1Engine
 
 
 def _percentiles(times: list[float]) -> dict[str, float]:
@@ -66,7 +66,7 @@ def run_variant(model: RT1Model, weights, device, dtype, graphs: bool, batch: in
     result = {"batch": batch, "dtype": str(dtype).removeprefix("torch."), "cuda_graph": engine.use_cuda_graphs,
               **_percentiles(calls)}
     if engine.use_cuda_graphs:
-        graph = engine._graph(batch)
+        graph = engine._graphs[batch]
         result["graph_replay"] = _percentiles(_time(graph.replay, iters, device))
     engine.reset()
     tokens, logits = [], []

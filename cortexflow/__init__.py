@@ -34,8 +34,8 @@ from cortexflow.models.rt1 import RT1Config, RT1Model
 from cortexflow.models.rt2 import RT2Config, RT2Model
 from cortexflow.models.rtc import RTCConfig
 from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
-from cortexflow.rt1_engine import RT1Engine
-from cortexflow.token_engine import TokenVLAEngine
+from cortexflow.history_engine import RT1Engine
+from cortexflow.decoding_engine import TokenVLAEngine
 
 __version__ = "0.1.0"
 

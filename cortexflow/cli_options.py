@@ -10,10 +10,26 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from cortexflow.config import SUPPORTED_MODELS, BackendType, VLAModelType, dtype_name, model_names, parse_dtype
+from cortexflow.config import (
+    SUPPORTED_MODELS,
+    BackendType,
+    VLAModelType,
+    dtype_name,
+    is_auto,
+    model_names,
+    parse_dtype,
+)
 from cortexflow.errors import BackendUnavailableError, ConfigError
 
 DTYPE_CHOICES = "auto, bfloat16, float16 or float32"
+
+
+def cli_option(*flags: str, help: str, metavar: str | None = None) -> dict:
+    """``dataclasses.field(metadata=...)`` for an options dataclass field that is also a command-line option:
+    its ``flags`` (``"--chunk"``, or ``"--cuda-graphs/--no-cuda-graphs"`` for a switch), ``metavar`` and
+    ``help``. In ``help``, ``{backends}``, ``{all_models}`` and ``{token_models}`` stand for the current names
+    (filled in when the command is built, so the dataclass's module imports no backend)."""
+    return {"cli": {"flags": flags, "metavar": metavar, "help": help}}
 
 
 def backend_names() -> str:
@@ -64,7 +80,7 @@ def check_device_option(value: str, option: str = "--device") -> None:
 
 def check_dtype_option(value: str, option: str = "--dtype") -> None:
     """Raise when ``value`` is not auto or a dtype name such as bfloat16 / bf16 / float32."""
-    if value.strip().lower() == "auto":
+    if is_auto(value):
         return
     try:
         dtype_name(parse_dtype(value))

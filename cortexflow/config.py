@@ -108,6 +108,19 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def is_auto(value: Any) -> bool:
+    """Whether an option value is the word ``auto`` (any case, surrounding spaces ignored)."""
+    return isinstance(value, str) and value.strip().lower() == "auto"
+
+
+def resolve_dtype(dtype: "torch.dtype | str", device: torch.device) -> torch.dtype:
+    """The compute dtype for ``dtype`` on ``device``: ``"auto"`` -> bfloat16 on a GPU, float32 on the CPU;
+    anything else as :func:`parse_dtype` reads it."""
+    if is_auto(dtype):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return parse_dtype(dtype)
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a Pi0 / Pi0.5 policy. Defaults are the published Pi0 sizes.

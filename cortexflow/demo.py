@@ -1,4 +1,5 @@
-"""A self-contained demo: a small deterministic random Pi0 / Pi0.5, a synthetic observation, one seeded call.
+"""A self-contained demo: a small deterministic random Pi0 / Pi0.5, a synthetic observation, one seeded call
+(:func:`run_token_demo`: the same for the token-decoding OpenVLA / RT-2).
 
 Everything runs through the public path a real checkpoint takes: the random weights are written as an
 openpi-layout ``model.safetensors`` into a temporary folder, loaded with ``create_pi0_inference`` /
@@ -21,17 +22,29 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import torch
 
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.demo_checkpoint import DEMO_LAYOUT, save_demo_checkpoint
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError
-from cortexflow.factory import create_pi0_inference, create_pi05_inference
+from cortexflow.factory import (
+    create_inference,
+    create_openvla_inference,
+    create_rt2_inference,
+)
 from cortexflow.processing import discretize_state
 from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+from cortexflow.random_token_vla import (
+    example_norm_stats,
+    tiny_openvla_config,
+    tiny_rt2_config,
+    write_openvla_checkpoint,
+    write_rt2_checkpoint,
+)
 
 DEMO_PROMPT = "pick up the red cube"
 DEMO_IMAGE_HEIGHT = 480
@@ -102,7 +115,7 @@ def build_demo_engine(
     model_type = VLAModelType.parse(model)
     if model_type not in (VLAModelType.PI0, VLAModelType.PI05):
         raise ConfigError(f"build_demo_engine builds pi0 or pi05 models, not {model_type.value!r}; "
-                          "cortexflow.token_demo.run_token_demo runs openvla and rt2")
+                          "cortexflow.demo.run_token_demo runs openvla and rt2")
     for name, value in (("num_views", num_views), ("chunk_size", chunk_size), ("num_steps", num_steps)):
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -121,8 +134,8 @@ def build_demo_engine(
             checkpoint_dir = save_demo_checkpoint(directory, config, seed=seed).directory
         else:
             checkpoint_dir = write_checkpoint(directory, config, seed=seed, layout=DEMO_LAYOUT)
-        create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
-        engine = create(
+        engine = create_inference(
+            model_type,
             checkpoint_dir,
             num_views=num_views,
             device="cpu",
@@ -235,19 +248,84 @@ def run_demo(demo: DemoEngine, observation: DemoObservation, seed: int = 0, repe
         raise ConfigError(f"repeat must be a positive integer, got {repeat!r}")
     engine = demo.engine
     noise = demo_noise(engine, seed)
-    latencies, first = [], None
-    deterministic = True
-    actions = None
+    actions, latencies, deterministic = repeated_calls(
+        lambda: engine.predict(observation.images, state=observation.state, prompt_tokens=observation.prompt_tokens,
+                               noise=noise),
+        repeat,
+    )
+    return DemoResult(
+        actions=actions, latencies_ms=latencies, timings_ms=dict(engine.last_timings), deterministic=deterministic
+    )
+
+
+def repeated_calls(call: Callable[[], np.ndarray], repeat: int) -> tuple[np.ndarray, list[float], bool]:
+    """``call()`` ``repeat`` times: the last actions, each call's wall time in ms, and whether every call
+    returned the same actions as the first."""
+    latencies, first, actions, deterministic = [], None, None, True
     for _ in range(repeat):
         start = time.perf_counter()
-        actions = engine.predict(
-            observation.images, state=observation.state, prompt_tokens=observation.prompt_tokens, noise=noise
-        )
+        actions = call()
         latencies.append((time.perf_counter() - start) * 1e3)
         if first is None:
             first = actions
         elif not np.array_equal(first, actions):
             deterministic = False
-    return DemoResult(
-        actions=actions, latencies_ms=latencies, timings_ms=dict(engine.last_timings), deterministic=deterministic
+    return actions, latencies, deterministic
+
+
+@dataclass
+class TokenDemoResult:
+    """What the demo prints: the model, the prompt ids, the decoded tokens, actions and latencies."""
+
+    model: str
+    config: dict
+    prompt_token_ids: list[int]
+    tokens: list[int]
+    actions: np.ndarray
+    latencies_ms: list[float]
+    deterministic: bool
+
+    def to_dict(self) -> dict:
+        rest = self.latencies_ms[1:]
+        return {
+            "model": self.model,
+            "config": self.config,
+            "device": "cpu",
+            "dtype": "float32",
+            "prompt": DEMO_PROMPT,
+            "prompt_token_ids": self.prompt_token_ids,
+            "prompt_encoding": "no tokenizer: [BOS] + UTF-8 bytes",
+            "generated_token_ids": self.tokens,
+            "actions": self.actions.tolist(),
+            "latency_ms": {"first": self.latencies_ms[0], "median_rest": statistics.median(rest) if rest else None},
+            "deterministic": self.deterministic,
+        }
+
+
+def run_token_demo(model: "VLAModelType | str", seed: int = 0, repeat: int = 3) -> TokenDemoResult:
+    """``cortexflow demo --model openvla|rt2``: build the tiny random ``model`` in its real on-disk format (a sharded
+    Hugging Face OpenVLA folder, or an openpi-layout PaliGemma ``model.safetensors``), load it on CPU in fp32 and
+    call ``predict`` ``repeat`` times on one synthetic image; the prompt is fed as ids (BOS + UTF-8 bytes)."""
+    model_type = VLAModelType.parse(model)
+    with tempfile.TemporaryDirectory(prefix=f"cortexflow-demo-{model_type.value}-") as directory:
+        if model_type == VLAModelType.OPENVLA:
+            config = tiny_openvla_config()
+            write_openvla_checkpoint(directory, config, seed=seed, dtype=torch.float32,
+                                     norm_stats=example_norm_stats(config.action_dim))
+            engine = create_openvla_inference(directory, device="cpu", dtype="float32",
+                                              model_config={"space_token_id": config.space_token_id})
+            bos, vocab = config.bos_id, config.text_vocab_size
+        elif model_type == VLAModelType.RT2:
+            config = tiny_rt2_config()
+            write_rt2_checkpoint(directory, config, seed=seed)
+            engine = create_rt2_inference(directory, device="cpu", dtype="float32", model_config=config)
+            bos, vocab = 2, config.vocab_size
+        else:
+            raise ValueError(f"the token demo builds openvla or rt2, not {model_type.value!r}")
+    ids = [bos, *(b % vocab for b in DEMO_PROMPT.encode("utf-8"))]
+    image = synthetic_image(0, seed)
+    actions, latencies, deterministic = repeated_calls(lambda: engine.predict(image, prompt_tokens=ids), max(1, repeat))
+    return TokenDemoResult(
+        model=model_type.value, config=engine.config.to_dict(), prompt_token_ids=engine.prompt_ids(None, ids),
+        tokens=engine.last_tokens.tolist(), actions=actions, latencies_ms=latencies, deterministic=deterministic,
     )

@@ -1,6 +1,9 @@
-"""``VLAInferenceEngine``: validate inputs, pre-process, run the model's stages on a backend, post-process.
+"""The engine front: :class:`PolicyEngine`, what every family's engine shares (device, backend, the static
+buffers' forward run eagerly or as a CUDA graph per buffer set, timings), and :class:`VLAInferenceEngine`, the
+flow-matching family's engine: validate inputs, pre-process, run the model's stages on a backend, post-process.
+The token-decoding and RT-1 engines are :mod:`cortexflow.decoding_engine` and :mod:`cortexflow.history_engine`.
 
-The engine owns the static per-call buffers (one set per batch size) and, on a GPU, one CUDA graph
+The flow-matching engine owns the static per-call buffers (one set per batch size) and, on a GPU, one CUDA graph
 per batch size and prompt bucket that captures the whole forward (vision, prefix, every denoising step).
 A prompt is padded (and masked) to the smallest of the engine's ``prompt_buckets`` that holds it, so a
 20-token prompt does not pay for the 48 or 200 positions openpi pads to; the graphs share one memory pool.
@@ -17,15 +20,29 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.checkpoints.files import CheckpointFiles
-from cortexflow.checkpoints.loader import CheckpointReport, load_pi0_checkpoint
-from cortexflow.config import InferenceConfig, ModelConfig, VLAModelType, prompt_bucket_lengths
+from cortexflow.checkpoints.loader import load_pi0_checkpoint
+from cortexflow.config import (
+    InferenceConfig,
+    ModelConfig,
+    VLAModelType,
+    prompt_bucket_lengths,
+)
 from cortexflow.cuda_graphs import capture_cuda_graph
-from cortexflow.errors import BackendUnavailableError, CheckpointError, ConfigError, InputError, NonFiniteActionsError
+from cortexflow.errors import (
+    BackendUnavailableError,
+    CheckpointError,
+    ConfigError,
+    InputError,
+    NonFiniteActionsError,
+)
 from cortexflow.models.base import VLAModel
 from cortexflow.models.rtc import ChunkGuidance, RTCConfig, prefix_weights
-from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor, split_norm_stats
+from cortexflow.preprocessor import (
+    ActionPostprocessor,
+    ObservationPreprocessor,
+    split_norm_stats,
+)
 from cortexflow.processing import PromptTokenizer, load_norm_stats
-
 
 #: The static buffers whose last dimension is the padded prompt length.
 TOKEN_BUFFERS = ("token_ids", "token_mask")
@@ -83,13 +100,83 @@ class _TimedStage:
         return False
 
 
-class VLAInferenceEngine:
-    """Runs one policy on one backend and device.
+class PolicyEngine:
+    """What every policy engine shares, whatever its family: the device, dtype and backend, the checkpoint
+    report, the stage timings of the last call, and the static-buffer forward that runs eagerly or replays
+    a CUDA graph captured once per buffer set.
+
+    A family's engine (flow matching: :class:`VLAInferenceEngine`; token decoding:
+    :class:`~cortexflow.decoding_engine.TokenVLAEngine`; RT-1's history:
+    :class:`~cortexflow.history_engine.RT1Engine`) sets ``model``, ``config`` and ``weights``, allocates its
+    buffers, prepares its inputs into them, calls :meth:`run_forward` and turns the output buffers into its
+    result."""
+
+    #: Whether every CUDA graph of the engine allocates from one memory pool (safe when the graphs only ever
+    #: replay one at a time on one stream and none reads another's intermediates).
+    shares_graph_pool = False
+
+    def __init__(self, backend: Any, device: "str | torch.device", dtype: torch.dtype, use_cuda_graphs: bool,
+                 report: Any = None):
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.backend = create_backend(backend, self.device, dtype)
+        self.checkpoint_report = report
+        self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
+        self._graphs: dict[Any, torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self.last_timings: dict[str, float] = {}
+
+    @property
+    def model_type(self) -> VLAModelType:
+        return self.config.model_type
+
+    def zeros(self, name: str, shape: Sequence[int]) -> torch.Tensor:
+        """A zero static buffer ``name`` of ``shape`` on the engine's device, in the dtype the model keeps it in."""
+        return torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
+
+    def record_timings(self, start: float, prepared: float, finished: float) -> None:
+        """``last_timings`` of a call that started at ``start`` (``time.perf_counter()``), had its inputs in the
+        buffers at ``prepared`` and its outputs back at ``finished``: preprocess, model and total ms."""
+        self.last_timings = {
+            "preprocess": (prepared - start) * 1e3,
+            "model": (finished - prepared) * 1e3,
+            "total": (time.perf_counter() - start) * 1e3,
+        }
+
+    def run_forward(self, key: Any, buffers: dict[str, torch.Tensor], **forward_options: Any) -> None:
+        """The model's whole forward on the static ``buffers`` (``key`` names the buffer set): the CUDA graph of
+        ``key`` replayed (captured on first use) when the engine uses graphs, else ``model.forward`` eagerly."""
+        if self.use_cuda_graphs:
+            self._graph(key, buffers, forward_options).replay()
+        else:
+            self.model.forward(self.backend, self.weights, buffers, **forward_options)
+
+    def _graph(self, key: Any, buffers: dict[str, torch.Tensor], forward_options: dict) -> "torch.cuda.CUDAGraph":
+        """Capture the forward on ``buffers`` once per ``key`` (after two warm-up runs on a side stream)."""
+        if key not in self._graphs:
+            graph = self._capture(buffers, lambda: self.model.forward(self.backend, self.weights, buffers,
+                                                                       **forward_options))
+            if self.shares_graph_pool and self._graph_pool is None:
+                self._graph_pool = graph.pool()
+            self._graphs[key] = graph
+        return self._graphs[key]
+
+    def _capture(self, buffers: dict[str, torch.Tensor], run) -> "torch.cuda.CUDAGraph":
+        """One CUDA graph of ``run``; an engine whose buffers carry state between calls restores it here."""
+        return capture_cuda_graph(run, self.device, pool=self._graph_pool)
+
+
+class VLAInferenceEngine(PolicyEngine):
+    """Runs one flow-matching policy (Pi0, Pi0.5, or a custom :class:`VLAModel`) on one backend and device.
 
     ``checkpoint`` is a checkpoint path (openpi PyTorch / LeRobot safetensors, openpi JAX Orbax, a LoRA
     adapter folder) or, with ``model=`` (a custom :class:`VLAModel`), a path or an in-memory state dict
     that ``model.preprocess_checkpoint`` understands. ``model_config`` is a full :class:`ModelConfig` or a dict of fields to override.
     """
+
+    #: One graph per batch size and prompt bucket, all from one memory pool, so the pool holds the largest
+    #: graph's intermediates, not the sum.
+    shares_graph_pool = True
 
     def __init__(
         self,
@@ -102,10 +189,7 @@ class VLAInferenceEngine:
         progress: bool | None = None,
     ):
         self.inference_config = ic = inference_config or InferenceConfig()
-        self.device = resolve_device(ic.device)
-        self.dtype = ic.dtype
-        self.backend = create_backend(ic.backend, self.device, self.dtype)
-        self.checkpoint_report: CheckpointReport | None = None
+        super().__init__(ic.backend, ic.device, ic.dtype, ic.use_cuda_graphs)
         if model is None:
             expected = VLAModelType.parse(model_type) if model_type is not None else None
             loaded = load_pi0_checkpoint(
@@ -132,14 +216,10 @@ class VLAInferenceEngine:
             uses_state_token="state" in buffer_names,
         )
         self.postprocessor = ActionPostprocessor(self.config.model_type, action_stats)
-        self.use_cuda_graphs = bool(ic.use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
         variable = self.model.variable_prompt_length and self.backend.variable_prompt_length
         self.prompt_buckets = prompt_bucket_lengths(ic.prompt_buckets if variable else "off", self.config.max_token_len)
         self._buffers: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self._staging: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
-        self.last_timings: dict[str, float] = {}
 
     def _merged_config(self, model_config):
         """The user's model_config plus the run-time overrides of the inference config."""
@@ -443,7 +523,7 @@ class VLAInferenceEngine:
             if guidance is not None:
                 self.model.forward(self.backend, self.weights, buffers, timer, guidance=guidance)
             elif self.use_cuda_graphs:
-                self._graph(batch, length).replay()
+                self.run_forward((batch, length), buffers)
             else:
                 self.model.forward(self.backend, self.weights, buffers, timer)
             if staging is not buffers:
@@ -465,17 +545,3 @@ class VLAInferenceEngine:
         self.last_timings["total"] = (time.perf_counter() - start) * 1e3
         self.last_timings["model"] = (finished - prepared) * 1e3
         return result
-
-    def _graph(self, batch: int, prompt_len: int) -> "torch.cuda.CUDAGraph":
-        """Capture the whole forward for ``batch`` and ``prompt_len`` once (after two warm-up runs on a side
-        stream). Every graph of the engine allocates from one memory pool: they only ever replay one at a
-        time on one stream, and none reads another's intermediates, so the pool holds the largest, not the sum."""
-        key = (batch, prompt_len)
-        if key not in self._graphs:
-            buffers = self.buffers(batch, prompt_len)
-            graph = capture_cuda_graph(lambda: self.model.forward(self.backend, self.weights, buffers), self.device,
-                                       pool=self._graph_pool)
-            if self._graph_pool is None:
-                self._graph_pool = graph.pool()
-            self._graphs[key] = graph
-        return self._graphs[key]

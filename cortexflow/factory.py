@@ -1,4 +1,6 @@
-"""One-call constructors for the supported policies."""
+"""One-call constructors for the supported policies, one per model type: the flow-matching policies (Pi0,
+Pi0.5) on :class:`~cortexflow.engine.VLAInferenceEngine`, the token-decoding ones (OpenVLA, RT-2 style) on
+:class:`~cortexflow.decoding_engine.TokenVLAEngine`, RT-1 on :class:`~cortexflow.history_engine.RT1Engine`."""
 
 from __future__ import annotations
 
@@ -9,11 +11,17 @@ from typing import Any, Mapping
 
 import torch
 
-from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType
-from cortexflow.engine import VLAInferenceEngine
-from cortexflow.errors import ConfigError
-from cortexflow.rt1_engine import create_rt1_inference
-from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
+from cortexflow.config import (
+    BackendType,
+    InferenceConfig,
+    ModelConfig,
+    VLAModelType,
+    parse_dtype,
+)
+from cortexflow.decoding_engine import DEFAULT_BUCKET, TokenVLAEngine
+from cortexflow.engine import VLAInferenceEngine, resolve_device
+from cortexflow.errors import ConfigError, NormStatsError
+from cortexflow.history_engine import RT1Engine, TextEncoder, universal_sentence_encoder
 
 __all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
            "create_rt2_inference"]
@@ -65,7 +73,12 @@ def _policy_pipeline(model_type: VLAModelType, checkpoint_path: Any, config: Any
                      state_prompt_width: int | None):
     """The policy pipeline to install: openpi config ``config`` (a name or a PolicyConfig), else the LeRobot
     processor files of the checkpoint folder, else None (the engine's own normalisation)."""
-    from cortexflow.policies import PolicyConfig, has_lerobot_processors, lerobot_pipeline, openpi_pipeline
+    from cortexflow.policies import (
+        PolicyConfig,
+        has_lerobot_processors,
+        lerobot_pipeline,
+        openpi_pipeline,
+    )
     from cortexflow.policies.pipeline import check_checkpoint_type
 
     if config is not None:
@@ -80,8 +93,7 @@ def _policy_pipeline(model_type: VLAModelType, checkpoint_path: Any, config: Any
         pipeline = lerobot_pipeline(checkpoint_path, state_prompt_width)
     else:
         return None
-    factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
-    pipeline.check_model_type(model_type, factory)
+    pipeline.check_model_type(model_type, f"create_{model_type.value}_inference")
     if isinstance(checkpoint_path, (str, Path)):
         check_checkpoint_type(pipeline, checkpoint_path)
     return pipeline
@@ -100,7 +112,7 @@ def _check_option_names(model_type: VLAModelType, options: Mapping[str, Any]) ->
     fields = {f.name for f in dataclasses.fields(InferenceConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
-        factory = "create_pi05_inference" if model_type == VLAModelType.PI05 else "create_pi0_inference"
+        factory = f"create_{model_type.value}_inference"
         accepted = sorted(fields | {"checkpoint_path", "model_config", "progress", "config", "state_prompt_width"})
         named = []
         for name in unknown:
@@ -163,3 +175,140 @@ def create_pi05_inference(
         VLAModelType.PI05, checkpoint_path, num_views, chunk_size, backend, device, dtype,
         tokenizer_path, norm_stats_path, use_cuda_graphs, model_config, config=config, **options,
     )
+
+
+def create_openvla_inference(
+    checkpoint_path: str | Path,
+    backend: Any = BackendType.PYTORCH,
+    unnorm_key: str | None = None,
+    device: str = "cuda",
+    dtype: "torch.dtype | str" = "bfloat16",
+    tokenizer_path: str | Path | None = None,
+    use_cuda_graphs: bool = True,
+    model_config: "Mapping[str, Any] | Any" = None,
+    constrained_decoding: bool = False,
+    bucket: int = DEFAULT_BUCKET,
+) -> TokenVLAEngine:
+    """Load OpenVLA from a local Hugging Face folder; ``engine.predict(image, task)`` -> 7-D action.
+
+    The folder holds ``model.safetensors.index.json`` + shards (or ``model.safetensors``), ``config.json``
+    (``norm_stats``, ``text_config``), optionally ``dataset_statistics.json``, and ``tokenizer.model``
+    (or pass ``tokenizer_path``). ``unnorm_key`` picks the dataset whose q01/q99 un-normalise the
+    actions; it is required when the checkpoint has statistics for several datasets. Without any
+    statistics the actions stay normalised in [-1, 1]. ``constrained_decoding`` restricts the argmax to
+    the 256 action ids (the reference does not)."""
+    from cortexflow.checkpoints.openvla_layout import load_openvla_checkpoint
+    from cortexflow.processing.action_tokens import (
+        read_dataset_statistics,
+        select_action_stats,
+    )
+    from cortexflow.processing.vla_inputs import SPACE_PIECE, SentencePieceTokenizer
+
+    device_ = resolve_device(device)
+    dtype_ = parse_dtype(dtype)
+    path = Path(checkpoint_path).expanduser()
+    model, weights, report, files = load_openvla_checkpoint(path, device_, dtype_, model_config)
+    key, stats = select_action_stats(read_dataset_statistics(files.root, files.config), unnorm_key)
+    if stats is not None and stats.dim != model.config.action_dim:
+        model.config.action_dim = stats.dim
+    tokenizer = None
+    tokenizer_file = Path(tokenizer_path) if tokenizer_path is not None else files.root / "tokenizer.model"
+    if tokenizer_path is not None or tokenizer_file.is_file():
+        tokenizer = SentencePieceTokenizer(tokenizer_file)
+        space = tokenizer.piece_id(SPACE_PIECE)
+        overridden = isinstance(model_config, Mapping) and "space_token_id" in model_config
+        if space is not None and not overridden:
+            model.config.space_token_id = space
+    for name in ("bos_id", "space_token_id"):
+        if not 0 <= getattr(model.config, name) < model.config.vocab_size:
+            raise ConfigError(f"{name} {getattr(model.config, name)} is outside the vocabulary "
+                              f"[0, {model.config.vocab_size}); give the checkpoint's tokenizer.model or set it in model_config")
+    return TokenVLAEngine(
+        model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer,
+        unnormalize=None if stats is None else stats.unnormalize, unnorm_key=key,
+        use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=report,
+    )
+
+
+def create_rt2_inference(
+    checkpoint_path: str | Path,
+    backend: Any = BackendType.PYTORCH,
+    device: str = "cuda",
+    dtype: "torch.dtype | str" = "bfloat16",
+    tokenizer_path: str | Path | None = None,
+    norm_stats_path: str | Path | None = None,
+    use_cuda_graphs: bool = True,
+    model_config: "Mapping[str, Any] | Any" = None,
+    constrained_decoding: bool = True,
+    bucket: int = DEFAULT_BUCKET,
+) -> TokenVLAEngine:
+    """An RT-2-style policy over the PaliGemma weights of an openpi PyTorch / LeRobot checkpoint.
+
+    ``engine.predict(image, task)`` -> ``(chunk_size, action_dim)`` actions decoded from
+    ``chunk_size * action_dim`` greedy tokens (256 bins at the tail of the vocabulary, see
+    ``processing/action_tokens.py``). ``tokenizer_path``: the PaliGemma ``tokenizer.model``;
+    ``norm_stats_path``: openpi / LeRobot statistics whose action q01/q99 un-normalise (quantile) the
+    output; without them actions stay in [-1, 1]. ``model_config`` sets ``action_dim``, ``chunk_size``,
+    ``max_text_tokens``, ``prompt_template`` or backbone fields."""
+    from cortexflow.checkpoints.rt2_layout import load_rt2_checkpoint
+    from cortexflow.processing import load_norm_stats, unnormalize
+    from cortexflow.processing.vla_inputs import SentencePieceTokenizer
+
+    device_ = resolve_device(device)
+    dtype_ = parse_dtype(dtype)
+    model, weights, match = load_rt2_checkpoint(Path(checkpoint_path).expanduser(), device_, dtype_, model_config)
+    tokenizer = SentencePieceTokenizer(tokenizer_path) if tokenizer_path is not None else None
+    unnorm = None
+    if norm_stats_path is not None:
+        stats = load_norm_stats(norm_stats_path)["actions"]
+        if stats.q01 is None or stats.q99 is None:
+            raise NormStatsError(f"{norm_stats_path}: the action statistics lack q01/q99 (needed to un-normalise "
+                                 "binned actions)")
+        if stats.dim > model.config.action_dim:
+            raise NormStatsError(f"{norm_stats_path}: {stats.dim}-D action statistics but the policy decodes "
+                                 f"{model.config.action_dim}-D actions")
+        unnorm = lambda actions: unnormalize(actions, stats, "quantile")  # noqa: E731
+    return TokenVLAEngine(
+        model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer, unnormalize=unnorm,
+        use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=match,
+    )
+
+
+def create_rt1_inference(
+    checkpoint_path: str | Path,
+    backend: Any = BackendType.PYTORCH,
+    device: str = "cuda",
+    dtype: "torch.dtype | str" = "float32",
+    use_cuda_graphs: bool = True,
+    model_config: Any = None,
+    use_model_path: str | Path | None = None,
+    text_encoder: TextEncoder | None = None,
+) -> RT1Engine:
+    """An RT-1 engine for a TF2 checkpoint (``ckpt-N`` prefix, its ``.index`` or its folder) or a
+    safetensors file written by ``cortexflow convert``; ``engine.predict(frame, instruction_embedding)``
+    -> action dict. ``model_config``: an ``RT1Config`` or field overrides (``input_size``, ...);
+    ``use_model_path``: a local Universal Sentence Encoder SavedModel, so that ``task_prompt`` strings
+    work (needs TensorFlow); ``text_encoder``: any other ``str -> (512,)`` function."""
+    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint
+
+    model, weights, report = load_rt1_checkpoint(checkpoint_path, model_config)
+    if text_encoder is None and use_model_path is not None:
+        text_encoder = universal_sentence_encoder(use_model_path)
+    return RT1Engine(model, weights, backend=backend, device=device, dtype=parse_dtype(dtype),
+                     use_cuda_graphs=use_cuda_graphs, text_encoder=text_encoder, report=report)
+
+
+#: Each model type's constructor; :func:`create_inference` picks from it.
+CREATORS = {
+    VLAModelType.PI0: create_pi0_inference,
+    VLAModelType.PI05: create_pi05_inference,
+    VLAModelType.OPENVLA: create_openvla_inference,
+    VLAModelType.RT2: create_rt2_inference,
+    VLAModelType.RT1: create_rt1_inference,
+}
+
+
+def create_inference(model: "VLAModelType | str", checkpoint_path: Any, **options: Any) -> Any:
+    """The engine for ``checkpoint_path`` built by ``model``'s constructor (``create_pi0_inference`` for pi0,
+    ..., ``create_rt1_inference`` for rt1) with ``options``, the keyword arguments that constructor takes."""
+    return CREATORS[VLAModelType.parse(model)](checkpoint_path, **options)

@@ -181,7 +181,7 @@ def write_rt2_checkpoint(directory: str | Path, config: RT2Config, seed: int = 0
     final norm: the RT-2-style policy reads its PaliGemma part."""
     from safetensors.torch import load_file, save_file
 
-    from cortexflow.checkpoints.rt2_layout import FINAL_NORM
+    from cortexflow.models.rt2_keys import FINAL_NORM
     from cortexflow.random_checkpoint import write_checkpoint
 
     backbone: ModelConfig = config.paligemma.replace(num_decoder_layers=config.paligemma.num_encoder_layers)

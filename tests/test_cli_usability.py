@@ -25,13 +25,13 @@ runner = CliRunner()
 WARNING_COMMAND = textwrap.dedent("""
     import warnings
     import typer
-    from cortexflow.cli import _cli_errors
+    from cortexflow.cli import cli_errors
     from cortexflow.errors import CortexFlowWarning
 
     app = typer.Typer()
 
     @app.command()
-    @_cli_errors
+    @cli_errors
     def noisy() -> None:
         warnings.warn("third-party warning text", UserWarning)
         warnings.warn("cortexflow warning text", CortexFlowWarning)

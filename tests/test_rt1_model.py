@@ -237,7 +237,7 @@ class _SwishGateBackend(PyTorchBackend):
 
 
 def test_verify_rt1_passes_the_reference_and_catches_a_faulty_op():
-    from cortexflow.tools.rt1_verify import run_rt1_verify
+    from cortexflow.tools.history_verify import run_rt1_verify
 
     report = run_rt1_verify(device="cpu", size="tiny", repeats=1)
     assert report["passed"]

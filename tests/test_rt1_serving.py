@@ -10,7 +10,7 @@ import pytest
 import cortexflow as cf
 from cortexflow.errors import ConfigError
 from cortexflow.serving.policy import PolicyOptions, build_policy
-from cortexflow.serving.rt1_policy import action_vector
+from cortexflow.serving.history_policy import action_vector
 from test_rt1_checkpoint import CONFIG, FIXTURE
 from test_serving import TIMEOUT, openpi_client, within
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cortexflow as cf
-from cortexflow.checkpoints.rt2_layout import FINAL_NORM
+from cortexflow.models.rt2_keys import FINAL_NORM
 from cortexflow.errors import CheckpointError, InputError, NormStatsError
 from cortexflow.processing.action_tokens import (
     binning_action_id_range,

@@ -14,7 +14,7 @@ from cortexflow.backends import PyTorchBackend, register_backend
 from cortexflow.backends import _REGISTRY as BACKEND_REGISTRY
 from cortexflow.cli import app
 from cortexflow.errors import ConfigError
-from cortexflow.tools.token_verify import run_token_verify
+from cortexflow.tools.decoding_verify import run_token_verify
 from cortexflow.tools.verify import run_verify
 
 runner = CliRunner()

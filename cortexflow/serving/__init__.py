@@ -24,7 +24,7 @@ _EXPORTS = {
     "ServedPolicy": "cortexflow.serving.policy",
     "build_policy": "cortexflow.serving.policy",
     "DEMO_CHECKPOINT": "cortexflow.serving.policy",
-    "TokenServedPolicy": "cortexflow.serving.token_policy",
+    "TokenServedPolicy": "cortexflow.serving.decoding_policy",
     "PolicyServer": "cortexflow.serving.server",
     "ServerMetrics": "cortexflow.serving.metrics",
     "LoadTestReport": "cortexflow.serving.loadtest",

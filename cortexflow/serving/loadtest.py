@@ -84,7 +84,7 @@ def observation_for(metadata: dict, robot: str | None = None, seed: int = 0, ima
             f"({', '.join(ROBOT_NAMES)})"
         )
     if metadata.get("action_decoding") == "tokens":  # OpenVLA / RT-2: one image and a prompt
-        from cortexflow.serving.token_policy import TokenRobotMapping
+        from cortexflow.serving.decoding_policy import TokenRobotMapping
 
         mapping: Any = TokenRobotMapping(name)
     else:

@@ -3,30 +3,33 @@
 :func:`build_policy` makes the engine from a checkpoint (or the built-in tiny random model for
 ``checkpoint="demo"``) and wraps it in a :class:`ServedPolicy`, whose ``prepare`` (validate and map an
 observation; cheap, runs on the server's event loop) and ``infer`` (run the engine; runs on the server's
-single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls. Token-decoding
-models (OpenVLA, RT-2) are served by :class:`~cortexflow.serving.token_policy.TokenServedPolicy`.
+single engine thread) are what :class:`~cortexflow.serving.server.PolicyServer` calls. The other families
+supply their own served policy on the same :class:`MappedPolicy` base: token decoding (OpenVLA, RT-2)
+:class:`~cortexflow.serving.decoding_policy.TokenServedPolicy`, RT-1
+:class:`~cortexflow.serving.history_policy.RT1ServedPolicy`.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from cortexflow.cli_options import cli_option
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
+from cortexflow.families import FLOW_MATCHING, family_of
 from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
 
 DEMO_CHECKPOINT = "demo"
 DEMO_WEIGHTS_SEED = 0
 DEMO_ACTION_DIM = 32  # the real models' padded action width, so every robot mapping fits the demo model
 ROBOT_VIEWS = 3  # Pi0 / Pi0.5 image slots: base, left wrist, right wrist
-TOKEN_MODELS = (VLAModelType.OPENVLA, VLAModelType.RT2)
 
 
 def byte_tokenizer(vocab_size: int):
@@ -46,26 +49,65 @@ def byte_tokenizer(vocab_size: int):
 
 @dataclass
 class PolicyOptions:
-    """What to serve; the ``cortexflow serve`` options. ``checkpoint="demo"`` is the tiny random model."""
+    """What to serve. ``checkpoint="demo"`` is the tiny random model. Every field is also a ``cortexflow serve``
+    option (its flags and help in the field's metadata, see :func:`~cortexflow.cli_options.cli_option`);
+    ``model_config`` is given there as JSON text or a JSON file."""
 
-    checkpoint: str
-    model: str = "auto"
-    robot: str | None = None  # None: the config's robot, else droid
-    config: str | None = None
-    backend: str = "pytorch"
-    device: str = "auto"
-    dtype: str = "auto"
-    tokenizer: str | None = None
-    norm_stats: str | None = None
-    chunk: int | None = None
-    steps: int | None = None
-    views: int | None = None
-    seed: int | None = None
-    default_prompt: str | None = None
-    cuda_graphs: bool = True
-    adapt_to_pi: bool = True
-    model_config: Mapping[str, Any] | None = None
-    unnorm_key: str | None = None
+    checkpoint: str = field(metadata=cli_option(
+        "--checkpoint", "-c", metavar="PATH|demo",
+        help="Checkpoint folder or model.safetensors; 'demo': the tiny random model (no checkpoint, prompts as UTF-8 "
+             "byte ids)."))
+    model: str = field(default="auto", metadata=cli_option(
+        "--model", "-m", metavar="NAME",
+        help="auto (from the checkpoint: pi0, pi05, openvla from its tensors, rt1 for a TF2 checkpoint; pi0 for demo), "
+             "or one of {all_models} ({token_models}: one image + prompt, no state; rt1: one frame + instruction "
+             "embedding, an episode per connection)."))
+    robot: str | None = field(default=None, metadata=cli_option(
+        "--robot", "-r", metavar="NAME",
+        help="Observation/action mapping: droid (8-D), libero (7-D), aloha (14-D) or raw (the engine's own arguments) "
+             "[default: the --config's robot, else droid]."))
+    config: str | None = field(default=None, metadata=cli_option(
+        "--config", metavar="NAME",
+        help="openpi policy config (cortexflow configs lists them): robot, transforms, norm-stats asset, horizon, "
+             "default prompt."))
+    backend: str = field(default="pytorch", metadata=cli_option(
+        "--backend", "-b", metavar="NAME", help="Compute backend: {backends}."))
+    device: str = field(default="auto", metadata=cli_option(
+        "--device", metavar="DEVICE",
+        help="auto (GPU if there is one), cpu, cuda or cuda:N; a list (cuda:0,cuda:1) runs one engine per GPU on one "
+             "queue."))
+    dtype: str = field(default="auto", metadata=cli_option(
+        "--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32."))
+    tokenizer: str | None = field(default=None, metadata=cli_option(
+        "--tokenizer", metavar="PATH",
+        help="PaliGemma tokenizer.model, tokenizer.json or a folder holding one (needed for text prompts except with "
+             "demo)."))
+    norm_stats: str | None = field(default=None, metadata=cli_option(
+        "--norm-stats", metavar="PATH",
+        help="openpi norm_stats.json, LeRobot stats, or a folder with assets/*/norm_stats.json."))
+    chunk: int | None = field(default=None, metadata=cli_option(
+        "--chunk", metavar="N", help="Action chunk length [default: the checkpoint's]."))
+    steps: int | None = field(default=None, metadata=cli_option(
+        "--steps", metavar="N", help="Denoising steps [default: the checkpoint's]."))
+    views: int | None = field(default=None, metadata=cli_option(
+        "--views", metavar="N", help="Camera views for --robot raw [default: 3]."))
+    seed: int | None = field(default=None, metadata=cli_option(
+        "--seed", metavar="N",
+        help="Use the same seeded noise for every request (actions depend only on the observation)."))
+    default_prompt: str | None = field(default=None, metadata=cli_option(
+        "--default-prompt", metavar="TEXT", help="Prompt for requests that carry none."))
+    cuda_graphs: bool = field(default=True, metadata=cli_option(
+        "--cuda-graphs/--no-cuda-graphs", help="Capture the whole predict in a CUDA graph (GPU only)."))
+    adapt_to_pi: bool = field(default=True, metadata=cli_option(
+        "--adapt-to-pi/--no-adapt-to-pi",
+        help="ALOHA only: convert joints/grippers between ALOHA and Pi0 conventions (openpi's default)."))
+    model_config: Mapping[str, Any] | None = field(default=None, metadata=cli_option(
+        "--model-config", metavar="JSON|FILE",
+        help="Model config overrides as a JSON object or file (rt2: '{\"action_dim\": 7, \"chunk_size\": 4}')."))
+    unnorm_key: str | None = field(default=None, metadata=cli_option(
+        "--unnorm-key", metavar="DATASET",
+        help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
+             "has several)."))
 
 
 def checkpoint_name(path: str) -> str:
@@ -284,20 +326,17 @@ def _default_robot(checkpoint: str, policy_config) -> str:
 
 
 def _resolve_dtype(dtype: str, device: str) -> str:
-    from cortexflow.config import parse_dtype
+    from cortexflow.config import resolve_dtype
     from cortexflow.engine import resolve_device
 
-    if str(dtype).strip().lower() == "auto":
-        return "bfloat16" if resolve_device(device).type == "cuda" else "float32"
-    return dtype_name(parse_dtype(dtype))
+    return dtype_name(resolve_dtype(dtype, resolve_device(device)))
 
 
 def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> MappedPolicy:
-    """Load the engine ``options`` describe (``num_views=3`` for droid/libero/aloha) and wrap it; OpenVLA
-    and RT-2 go to :func:`~cortexflow.serving.token_policy.build_token_policy`."""
+    """Load the engine ``options`` describe and wrap it: the model type (from ``--model``, ``--config`` or the
+    checkpoint) picks the family (:mod:`cortexflow.families`), whose ``serve`` part builds the policy
+    (flow matching: :func:`build_flow_policy`)."""
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
-    from cortexflow.factory import create_pi0_inference, create_pi05_inference
-    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     log = log or (lambda message: None)
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
@@ -312,14 +351,20 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
             model_type = VLAModelType.RT1
         else:
             model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
-    if model_type == VLAModelType.RT1:
-        from cortexflow.serving.rt1_policy import build_rt1_policy
+    family = family_of(model_type)
+    if family is not FLOW_MATCHING:
+        return family.part("serve")(options, model_type, log)
+    return build_flow_policy(options, model_type, log, policy_config)
 
-        return build_rt1_policy(options, log)
-    if model_type in TOKEN_MODELS:
-        from cortexflow.serving.token_policy import build_token_policy
 
-        return build_token_policy(replace(options, robot=options.robot or "droid"), model_type, log)
+def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Callable[[str], None],
+                      policy_config: Any = None) -> ServedPolicy:
+    """A flow-matching policy (Pi0, Pi0.5; ``checkpoint="demo"`` the tiny random one) behind its robot mapping;
+    ``policy_config``: the openpi config ``options.config`` names, already checked."""
+    from cortexflow.factory import create_inference
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
     if options.unnorm_key is not None:
         raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
     robot = str(options.robot or _default_robot(options.checkpoint, policy_config)).strip().lower()
@@ -350,15 +395,14 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     )
     if demo:
         config = tiny_model_config(model_type, **{"action_dim": DEMO_ACTION_DIM, **overrides})
-        create = create_pi05_inference if config.model_type == VLAModelType.PI05 else create_pi0_inference
         with tempfile.TemporaryDirectory(prefix=f"cortexflow-serve-{config.model_type.value}-") as directory:
             write_checkpoint(directory, config, seed=DEMO_WEIGHTS_SEED)
-            engine = create(directory, model_config=config, **common)  # weights are in memory after this
+            # the weights are in memory once the engine is built, so the folder may go
+            engine = create_inference(config.model_type, directory, model_config=config, **common)
         label = f"demo (tiny random {config.model_type.value}, weights seed {DEMO_WEIGHTS_SEED})"
     else:
-        create = create_pi05_inference if model_type == VLAModelType.PI05 else create_pi0_inference
         log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
-        engine = create(options.checkpoint, model_config=overrides or None, **common)
+        engine = create_inference(model_type, options.checkpoint, model_config=overrides or None, **common)
         label = checkpoint_name(options.checkpoint)
     if options.tokenizer is not None:
         encoding = f"tokenizer {options.tokenizer}"

@@ -1,9 +1,9 @@
 """Measurement tools behind ``cortexflow verify``, ``bench`` and ``profile``, plus their shared set-up.
 
 - :mod:`cortexflow.tools.verify` — a backend's error against the reference, module by module
-  (:mod:`cortexflow.tools.token_verify` for the token-decoding OpenVLA and RT-2);
+  (:mod:`cortexflow.tools.decoding_verify` for the token-decoding OpenVLA and RT-2);
 - :mod:`cortexflow.tools.bench` — latency and memory of whole ``predict`` calls over a grid of workloads
-  (:mod:`cortexflow.tools.token_bench` for OpenVLA and RT-2);
+  (:mod:`cortexflow.tools.bench_workloads` for OpenVLA, RT-2 and RT-1);
 - :mod:`cortexflow.tools.profile` — one call under ``torch.profiler``: stages, kernels, roofline gap;
 - :mod:`cortexflow.tools.flops` — FLOP and byte counts per stage and the floor they imply.
 
@@ -17,16 +17,17 @@ import datetime
 import platform
 import sys
 from importlib import metadata
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from cortexflow.config import ModelConfig, parse_dtype
+from cortexflow.config import TOKEN_DECODING_MODELS, ModelConfig, VLAModelType, model_names, resolve_dtype
 from cortexflow.errors import ConfigError
 
+if TYPE_CHECKING:
+    import numpy as np
+
 SIZES = ("tiny", "real")
-#: Token-decoding policies (greedy action tokens): verified and benchmarked by ``token_verify`` / ``token_bench``.
-TOKEN_MODELS = ("openvla", "rt2")
 
 
 def resolve_device_dtype(device: str, dtype: "str | torch.dtype") -> tuple[torch.device, torch.dtype]:
@@ -34,9 +35,7 @@ def resolve_device_dtype(device: str, dtype: "str | torch.dtype") -> tuple[torch
     from cortexflow.engine import resolve_device
 
     resolved = resolve_device(device)
-    if isinstance(dtype, str) and dtype.strip().lower() == "auto":
-        return resolved, torch.bfloat16 if resolved.type == "cuda" else torch.float32
-    return resolved, parse_dtype(dtype)
+    return resolved, resolve_dtype(dtype, resolved)
 
 
 def resolve_size(size: str, device: torch.device) -> str:
@@ -58,18 +57,10 @@ def model_config(model: str, size: str, **overrides) -> ModelConfig:
     return ModelConfig.for_model(model, **overrides)
 
 
-def is_token_model(model: str) -> bool:
-    """Whether ``model`` names a token-decoding policy (OpenVLA, RT-2 style) rather than a Pi0-family one."""
-    from cortexflow.config import VLAModelType
-
-    return VLAModelType.parse(model).value in TOKEN_MODELS
-
-
 def token_model(model: str, size: str, **overrides):
     """The token-decoding policy ``model`` (``openvla`` / ``rt2``) in its published (``size="real"``:
     OpenVLA-7B; RT-2 style over PaliGemma-3B) or tiny test configuration with ``overrides``, as an
     ``OpenVLAModel`` / ``RT2Model``."""
-    from cortexflow.config import VLAModelType
     from cortexflow.models.openvla import OpenVLAConfig, OpenVLAModel
     from cortexflow.models.rt2 import RT2Config, RT2Model
     from cortexflow.random_token_vla import tiny_openvla_config, tiny_rt2_config
@@ -79,12 +70,11 @@ def token_model(model: str, size: str, **overrides):
         return OpenVLAModel(tiny_openvla_config(**overrides) if size == "tiny" else OpenVLAConfig().replace(**overrides))
     if kind == VLAModelType.RT2:
         return RT2Model(tiny_rt2_config(**overrides) if size == "tiny" else RT2Config().replace(**overrides))
-    raise ConfigError(f"{kind.value} is not a token-decoding policy; expected one of {', '.join(TOKEN_MODELS)}")
+    raise ConfigError(f"{kind.value} is not a token-decoding policy; expected one of {model_names(TOKEN_DECODING_MODELS)}")
 
 
 def random_token_weights(model, seed: int, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
     """Random non-zero canonical-name weights of a token-decoding ``model``, drawn on ``device``."""
-    from cortexflow.config import VLAModelType
     from cortexflow.random_token_vla import random_openvla_weights, random_rt2_weights
 
     draw = random_openvla_weights if model.config.model_type == VLAModelType.OPENVLA else random_rt2_weights
@@ -102,8 +92,6 @@ def random_token_image(model, rng) -> "np.ndarray":
 def random_prompt_ids(model, length: int, rng) -> list[int]:
     """``length`` prompt ids for a token-decoding ``model`` as its engine sees them: BOS, random ids below
     the action ids (from the numpy generator ``rng``), and the model's closing id (OpenVLA's "▁") last."""
-    from cortexflow.config import VLAModelType
-
     bos = model.config.bos_id if model.model_type == VLAModelType.OPENVLA else 2  # PaliGemma's BOS
     high = min(model.action_id_range[0], model.config.vocab_size)
     base = [bos, *rng.integers(3, high, size=max(length - 1, 0)).tolist()]
@@ -192,9 +180,7 @@ __all__ = [
     "SIZES",
     "backend_options",
     "backend_specs",
-    "TOKEN_MODELS",
     "environment_info",
-    "is_token_model",
     "model_config",
     "package_version",
     "random_prompt_ids",

@@ -1,8 +1,10 @@
 """``cortexflow bench``: latency and memory of whole ``predict`` calls over a grid of workloads.
 
 The grid is models x backends x views x prompt lengths x chunk sizes x denoising steps x CUDA graphs
-(on/off). The token-decoding OpenVLA and RT-2 contribute one row per backend x prompt length x CUDA
-graphs (views, chunk and steps do not apply; see :mod:`cortexflow.tools.token_bench`). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
+(on/off). Each model's family supplies its workload (:mod:`cortexflow.families`): the flow-matching one here
+(:class:`FlowWorkload`); the token-decoding OpenVLA and RT-2 contribute one row per backend x prompt length x
+CUDA graphs and RT-1 one per backend x CUDA graphs (views, chunk and steps do not apply; see
+:mod:`cortexflow.tools.bench_workloads`). Each model's random non-zero weights (:func:`~cortexflow.random_checkpoint.random_weights`,
 drawn on the device, same seed for every case) are drawn again for each case and handed to its engine,
 which then holds the only reference, as it does after loading a checkpoint file: a backend that
 re-lays weights out at load (the Triton backend's fused projections) frees the originals, as it would for a
@@ -28,16 +30,23 @@ import torch
 
 from cortexflow.backends import available_backends, create_backend
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
-from cortexflow.config import BackendType, InferenceConfig, ModelConfig, VLAModelType, dtype_name, parse_prompt_buckets
+from cortexflow.config import (
+    BackendType,
+    InferenceConfig,
+    ModelConfig,
+    VLAModelType,
+    dtype_name,
+    parse_prompt_buckets,
+)
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.families import family_of
 from cortexflow.models.pi0 import model_class
 from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import (
     backend_options,
     backend_specs,
     environment_info,
-    is_token_model,
     model_config,
     resolve_device_dtype,
     resolve_size,
@@ -232,27 +241,13 @@ def run_bench(
         "failed": [],
     }
     memory = GpuMemory(resolved_device)
+    grid = BenchGrid(views, prompt_lens, chunks, steps, graph_modes, prompt_buckets, image_preprocessing)
     for model_name in model_types:
         log(f"drawing {size} {model_name} weights on {resolved_device} ...")
-        token = None
-        if model_name == VLAModelType.RT1.value:
-            from cortexflow.tools.rt1_bench import RT1Workload
-
-            token = RT1Workload(size, seed, compute_dtype, resolved_device)
-            results.setdefault("notes", []).append(token.note())
-        elif is_token_model(model_name):
-            from cortexflow.tools.token_bench import TokenWorkload
-
-            token = TokenWorkload(model_name, size, seed, compute_dtype, resolved_device)
-            results.setdefault("notes", []).append(token.note())
-        else:
-            base = model_config(model_name, size)
-
-            def draw_state_dict(base=base):
-                return to_checkpoint_keys(random_weights(base, seed, compute_dtype, resolved_device), base, "openpi")
-
-        weight_bytes = memory.allocated() if token is not None else sum(
-            t.numel() * t.element_size() for t in draw_state_dict().values())
+        workload = family_of(model_name).part("bench")(model_name, size, seed, compute_dtype, resolved_device, grid)
+        if workload.note() is not None:
+            results.setdefault("notes", []).append(workload.note())
+        weight_bytes = workload.weight_bytes(memory)
         for backend in backends:
             try:
                 create_backend(specs[backend], resolved_device, compute_dtype)
@@ -261,15 +256,9 @@ def run_bench(
                 results[kind].append({"model": model_name, "backend": backend, "reason": f"{type(err).__name__}: {err}"})
                 log(f"{model_name} {backend}: {kind} ({type(err).__name__}: {err})")
                 continue
-            cases = (token.cases(backend, prompt_lens, graph_modes) if token is not None
-                     else _cases(model_name, backend, views, prompt_lens, chunks, steps, graph_modes))
-            for case in cases:
+            for case in workload.cases(backend):
                 n = iters if case.cuda_graphs or iters_without_graphs is None else iters_without_graphs
-                if token is not None:
-                    entry = token.run(case, memory, rng, n, warmup, specs[backend])
-                else:
-                    entry = _run_case(case, base, draw_state_dict, compute_dtype, resolved_device, memory, rng, n,
-                                      warmup, prompt_buckets, image_preprocessing, specs[backend])
+                entry = workload.run(case, memory, rng, n, warmup, specs[backend])
                 if "reason" in entry:
                     kind = entry.pop("outcome")
                     results[kind].append(entry)
@@ -279,23 +268,90 @@ def run_bench(
                 results["runs"].append(entry)
                 peak = f", peak {entry['peak_gpu_gib']:.2f} GiB" if resolved_device.type == "cuda" else ""
                 log(f"{_label(case)}: median {entry['median_ms']:.2f} ms{peak}")
-        token = None
+        workload = None
         memory.reset()
     return results
 
 
-def _cases(model, backend, views, prompt_lens, chunks, steps, graph_modes):
-    for v in views:
-        for p in prompt_lens:
-            for c in chunks:
-                for s in steps:
-                    for g in graph_modes:
-                        yield Case(model, backend, int(v), int(p), int(c), int(s), g)
+@dataclass(frozen=True)
+class BenchGrid:
+    """The grid axes and engine settings of a bench run that a family's workload turns into its cases."""
+
+    views: Sequence[int]
+    prompt_lens: Sequence[int]
+    chunks: Sequence[int]
+    steps: Sequence[int]
+    graph_modes: Sequence[bool]
+    prompt_buckets: object = "auto"
+    image_preprocessing: str = "auto"
+
+
+class FlowWorkload:
+    """A flow-matching policy (Pi0, Pi0.5) in the bench grid: every views x prompt x chunk x steps x graphs
+    case, each on freshly drawn random weights (see the module docstring). The other families' workloads
+    (:mod:`cortexflow.tools.bench_workloads`) have the same methods."""
+
+    def __init__(self, model: str, size: str, seed: int, dtype: torch.dtype, device: torch.device, grid: BenchGrid):
+        self.name, self.seed, self.dtype, self.device, self.grid = model, seed, dtype, device, grid
+        self.base = model_config(model, size)
+
+    def draw_state_dict(self) -> dict:
+        """The random weights in the openpi layout, drawn again for every case."""
+        weights = random_weights(self.base, self.seed, self.dtype, self.device)
+        return to_checkpoint_keys(weights, self.base, "openpi")
+
+    def note(self) -> None:
+        return None
+
+    def weight_bytes(self, memory: GpuMemory) -> int:
+        return sum(t.numel() * t.element_size() for t in self.draw_state_dict().values())
+
+    def cases(self, backend: str):
+        g = self.grid
+        for v in g.views:
+            for p in g.prompt_lens:
+                for c in g.chunks:
+                    for s in g.steps:
+                        for graphs in g.graph_modes:
+                            yield Case(self.name, backend, int(v), int(p), int(c), int(s), graphs)
+
+    def run(self, case: Case, memory: GpuMemory, rng: np.random.Generator, iters: int, warmup: int,
+            backend=None) -> dict:
+        return _run_case(case, self.base, self.draw_state_dict, self.dtype, self.device, memory, rng, iters, warmup,
+                         self.grid.prompt_buckets, self.grid.image_preprocessing, backend)
 
 
 def _label(case: Case) -> str:
     return (f"{case.model} {case.backend} views={case.views} prompt={case.prompt_len} chunk={case.chunk} "
             f"steps={'-' if case.steps is None else case.steps} graphs={'on' if case.cuda_graphs else 'off'}")
+
+
+def timed_entry(case: Case, make_engine: Callable[[], object], call: Callable[[object], Callable[[], object]],
+                memory: GpuMemory, device: torch.device, iters: int, warmup: int, dtype: torch.dtype,
+                describe: Callable[[object], dict], preprocess_ms: bool = False,
+                peak_of_calls_only: bool = False) -> dict:
+    """The bench row of ``case``: the engine ``make_engine()`` builds, ``call(engine)`` timed (``preprocess_ms``:
+    with the engine's host preprocessing time per call), the fields every family records (graphs, dtype, stage
+    split, peak GPU memory: from the engine's build on, or with ``peak_of_calls_only`` from its first call) and
+    ``describe(engine)``'s; a failed row when anything raises."""
+    entry = asdict(case)
+    memory.reset()
+    engine = None
+    try:
+        engine = make_engine()
+        if peak_of_calls_only:
+            memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
+        pre = (lambda: engine.last_timings["preprocess"]) if preprocess_ms else None
+        entry.update(time_calls(call(engine), device, iters, warmup, pre))
+        entry.update(cuda_graphs=engine.use_cuda_graphs, dtype=dtype_name(dtype),
+                     stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
+                     peak_gpu_gib=memory.peak_gib(), **describe(engine))
+        return entry
+    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
+        return failed_case(entry, err)
+    finally:
+        engine = None  # the engine's GPU memory is released before the next case's
+        memory.reset()
 
 
 def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
@@ -305,35 +361,21 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
     ``draw_state_dict()`` gives the weights, which the case's engine then owns alone. ``backend``: what the
     engine's backend is created from (default: ``case.backend``, the name)."""
     config = base.replace(chunk_size=case.chunk, num_diffusion_steps=case.steps)
-    entry = asdict(case)
     if case.prompt_len > config.max_token_len:
-        return {**entry, "outcome": "skipped",
+        return {**asdict(case), "outcome": "skipped",
                 "reason": f"prompt length {case.prompt_len} > the model's max_token_len {config.max_token_len}"}
-    memory.reset()
-    engine = None
-    try:
-        engine = make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
-                             backend or case.backend, prompt_buckets, image_preprocessing)
-        memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
-        call = predict_call(engine, random_observation(config, case.views, case.prompt_len, rng))
-        stats = time_calls(call, device, iters, warmup, lambda e=engine: e.last_timings["preprocess"])
-        entry.update(stats)
-        entry.update(
-            cuda_graphs=engine.use_cuda_graphs,
-            dtype=dtype_name(dtype),
-            stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-            peak_gpu_gib=memory.peak_gib(),
-            backend_options=backend_options(engine.backend),
-            prompt_bucket=(bucket := next(n for n in engine.prompt_buckets if n >= case.prompt_len)),
-            prefix_tokens=case.views * config.num_patches + bucket,
-            valid_prefix_tokens=case.views * config.num_patches + case.prompt_len,
-        )
-        return entry
-    except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
-        return failed_case(entry, err)
-    finally:
-        del engine
-        memory.reset()
+    def describe(engine: VLAInferenceEngine) -> dict:
+        bucket = next(n for n in engine.prompt_buckets if n >= case.prompt_len)
+        return dict(backend_options=backend_options(engine.backend), prompt_bucket=bucket,
+                    prefix_tokens=case.views * config.num_patches + bucket,
+                    valid_prefix_tokens=case.views * config.num_patches + case.prompt_len)
+
+    return timed_entry(
+        case,
+        lambda: make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
+                            backend or case.backend, prompt_buckets, image_preprocessing),
+        lambda engine: predict_call(engine, random_observation(config, case.views, case.prompt_len, rng)),
+        memory, device, iters, warmup, dtype, describe, preprocess_ms=True, peak_of_calls_only=True)
 
 
 def failed_case(entry: dict, err: Exception) -> dict:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from cortexflow.config import ModelConfig, VLAModelType, dtype_name, parse_dtype
+from cortexflow.config import TOKEN_DECODING_MODELS, ModelConfig, VLAModelType, dtype_name, parse_dtype
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.kernels import runtime
 from cortexflow.kernels.runtime import CompileTarget, interpreting
@@ -55,9 +55,6 @@ MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelTyp
 
 #: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
 PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
-
-#: The token-decoding policies: one image, prefill and greedy decode steps, ``views`` does not apply.
-TOKEN_VLAS = (VLAModelType.OPENVLA, VLAModelType.RT2)
 
 
 @dataclass(frozen=True)
@@ -259,10 +256,10 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
 
     model_type = VLAModelType.parse(model_name)
     meta = torch.device("meta")
-    token_vla = model_type in TOKEN_VLAS
+    token_vla = model_type in TOKEN_DECODING_MODELS
     if token_vla:
         from cortexflow.tools import token_model
-        from cortexflow.tools.token_bench import CONSTRAINED
+        from cortexflow.tools.bench_workloads import CONSTRAINED
 
         model = token_model(model_name, "real")
         buffer_shapes = model.get_buffer_shapes()
@@ -362,7 +359,7 @@ def run_compile_check(models: Sequence[str] = ("pi0", "pi05"), views: Sequence[i
     start = time.perf_counter()
     for variant in names:
         for model_name in models:
-            token_vla = VLAModelType.parse(model_name) in TOKEN_VLAS
+            token_vla = VLAModelType.parse(model_name) in TOKEN_DECODING_MODELS
             for view_count in views[:1] if token_vla else views:
                 case_start = time.perf_counter()
                 case = {"variant": variant, "model": model_name, "views": None if token_vla else view_count}

@@ -12,7 +12,7 @@ at the start (a large bf16 matmul, a large device-to-device copy), the floor
 from __future__ import annotations
 
 import statistics
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,8 +21,15 @@ from torch.autograd import DeviceType
 from cortexflow.checkpoints.pi0_layout import to_checkpoint_keys
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.errors import ConfigError
+from cortexflow.families import family_of
 from cortexflow.random_checkpoint import random_weights
-from cortexflow.tools import environment_info, model_config, resolve_device_dtype, resolve_size, synchronize
+from cortexflow.tools import (
+    environment_info,
+    model_config,
+    resolve_device_dtype,
+    resolve_size,
+    synchronize,
+)
 from cortexflow.tools.bench import make_engine, predict_call, random_observation
 from cortexflow.tools.flops import stage_costs
 from cortexflow.tools.native_stderr import dropping_native_lines
@@ -38,11 +45,11 @@ def measure_device_peaks(device: torch.device, matmul_size: int = 8192, copy_byt
     b = torch.randn(matmul_size, matmul_size, device=device, dtype=torch.bfloat16)
     c = torch.empty_like(a)
     matmul_ms = _event_ms(lambda: torch.mm(a, b, out=c), iters)
-    del a, b, c
+    a = b = c = None  # freed before the copy's gigabyte is allocated
     src = torch.randint(0, 255, (copy_bytes,), device=device, dtype=torch.uint8)
     dst = torch.empty_like(src)
     copy_ms = _event_ms(lambda: dst.copy_(src), iters)
-    del src, dst
+    src = dst = None
     torch.cuda.empty_cache()
     return {
         "matmul_tflops": 2 * matmul_size**3 / (matmul_ms * 1e-3) / 1e12,
@@ -103,15 +110,20 @@ def run_profile(
     """Profile one un-graphed ``predict`` of ``model`` on ``backend``; returns the report dict.
 
     ``peak_tflops`` / ``peak_gbps`` replace the measured peaks (on a CPU nothing is measured, so without
-    them there is no floor). ``openvla`` / ``rt2`` go to :func:`cortexflow.tools.token_profile.run_token_profile`
-    (one image: ``views``, ``chunk`` and ``steps`` do not apply)."""
-    from cortexflow.tools import is_token_model
+    them there is no floor). The model's family (:mod:`cortexflow.families`) supplies the run:
+    :func:`run_flow_profile` for pi0 / pi05, :func:`cortexflow.tools.decoding_profile.run_token_profile` for
+    openvla / rt2 (one image: ``views``, ``chunk`` and ``steps`` do not apply)."""
+    profile = family_of(model).part("profile")
+    return profile(model=model, backend=backend, views=views, size=size, device=device, dtype=dtype,
+                   prompt_len=prompt_len, chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed,
+                   peak_tflops=peak_tflops, peak_gbps=peak_gbps, log=log)
 
-    if is_token_model(model):
-        from cortexflow.tools.token_profile import run_token_profile
 
-        return run_token_profile(model, backend, size, device, dtype, prompt_len, top, repeats, seed,
-                                 peak_tflops, peak_gbps, log)
+def run_flow_profile(*, model: str, backend: str, views: int, size: str, device: str, dtype: Any, prompt_len: int,
+                     chunk: int | None, steps: int | None, top: int, repeats: int, seed: int,
+                     peak_tflops: float | None, peak_gbps: float | None, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_profile` (whose arguments these are) for a flow-matching policy: vision, prefix and expert
+    stages against their floors."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     log = log or (lambda _message: None)

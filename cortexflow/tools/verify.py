@@ -27,8 +27,9 @@ import torch
 
 from cortexflow.backends import create_backend
 from cortexflow.backends.base import ComputeBackend
-from cortexflow.config import ModelConfig, VLAModelType, dtype_name
+from cortexflow.config import ModelConfig, dtype_name
 from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.families import family_of
 from cortexflow.models.gemma import gemma_layer
 from cortexflow.models.pi0 import Pi0Model, model_class
 from cortexflow.models.siglip import siglip_embed, siglip_layer, siglip_tower
@@ -36,7 +37,6 @@ from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import (
     backend_options,
     environment_info,
-    is_token_model,
     model_config,
     resolve_device_dtype,
     resolve_size,
@@ -322,20 +322,19 @@ def run_verify(
 ) -> dict:
     """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) module by module; returns the report dict.
 
-    ``modules`` selects some of :data:`MODULES` by name (default: all). ``report["passed"]`` says whether
-    the final actions are within :data:`THRESHOLDS` of the reference. ``model="openvla"`` / ``"rt2"``
-    runs :func:`cortexflow.tools.token_verify.run_token_verify` (its own modules; ``views`` ignored);
-    ``"rt1"`` runs :func:`cortexflow.tools.rt1_verify.run_rt1_verify`."""
-    if VLAModelType.parse(model) == VLAModelType.RT1:
-        from cortexflow.tools.rt1_verify import run_rt1_verify
+    ``modules`` selects some of the family's modules by name (default: all). ``report["passed"]`` says whether
+    the final actions are within :data:`THRESHOLDS` of the reference. The model's family
+    (:mod:`cortexflow.families`) supplies the check: :func:`run_flow_verify` for pi0 / pi05,
+    :func:`cortexflow.tools.decoding_verify.run_token_verify` for openvla / rt2 (its own modules; ``views``
+    ignored), :func:`cortexflow.tools.history_verify.run_rt1_verify` for rt1."""
+    verify = family_of(model).part("verify")
+    return verify(model=model, backend=backend, against=against, size=size, device=device, dtype=dtype, seed=seed,
+                  views=views, repeats=repeats, modules=modules, log=log)
 
-        return run_rt1_verify(backend, against, size=size, device=device, dtype=dtype, seed=seed, repeats=repeats,
-                              log=log)
-    if is_token_model(model):
-        from cortexflow.tools.token_verify import run_token_verify
 
-        return run_token_verify(model, backend, against, size=size, device=device, dtype=dtype, seed=seed,
-                                repeats=repeats, modules=modules, log=log)
+def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device: str, dtype: Any, seed: int,
+                    views: int, repeats: int, modules: Iterable[str] | None, log: Callable[[str], None] | None) -> dict:
+    """:func:`run_verify` (whose arguments these are) for a flow-matching policy: :data:`MODULES` one by one."""
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     selected = [m.name for m in MODULES] if modules is None else list(modules)
@@ -373,23 +372,36 @@ def run_verify(
             rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     actions = next((r for r in rows if r["name"] == "actions"), None)
-    return {
+    workload = {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
+                "steps": config.num_diffusion_steps, "repeats": repeats}
+    return verify_report(config.model_type.value, size, checked_backend, reference_backend, compute_dtype, threshold,
+                         seed, workload, resolved_device, config, rows, actions is not None and actions["status"] == "ok")
+
+
+def verify_report(model: str, size: str, checked: ComputeBackend, reference: ComputeBackend, dtype: torch.dtype,
+                  threshold: float, seed: int, workload: dict, device: torch.device, config: Any, rows: list[dict],
+                  passed: bool, notes: list[str] | None = None, failure: Any = ...) -> dict:
+    """The report every family's verify returns: what was compared (backends, dtypes, threshold, workload,
+    machine, model config), the module rows and whether the final actions passed; ``notes`` and ``failure``
+    (what failed beyond the actions) where the family gives them."""
+    report = {
         "tool": "cortexflow verify",
-        "model": config.model_type.value,
+        "model": model,
         "size": size,
-        "backend": checked_backend.name,
-        "backend_options": backend_options(checked_backend),
-        "dtype": dtype_name(compute_dtype),
-        "reference": {"backend": reference_backend.name, "dtype": "float32"},
+        "backend": checked.name,
+        "backend_options": backend_options(checked),
+        "dtype": dtype_name(dtype),
+        "reference": {"backend": reference.name, "dtype": "float32"},
         "threshold_rel_l2": threshold,
         "seed": seed,
-        "workload": {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
-                     "steps": config.num_diffusion_steps, "repeats": repeats},
-        "environment": environment_info(resolved_device),
-        "config": config.to_dict(),
-        "modules": rows,
-        "passed": actions is not None and actions["status"] == "ok",
+        "workload": workload,
     }
+    if notes is not None:
+        report["notes"] = notes
+    report.update(environment=environment_info(device), config=config.to_dict(), modules=rows, passed=passed)
+    if failure is not ...:
+        report["failure"] = failure
+    return report
 
 
 def _check_module(module: Module, ctx: Context, checked: Side, threshold: float, repeats: int,

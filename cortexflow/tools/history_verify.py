@@ -15,13 +15,18 @@ import numpy as np
 import torch
 
 from cortexflow.backends import create_backend
-from cortexflow.config import dtype_name
 from cortexflow.errors import ConfigError
 from cortexflow.models.efficientnet_film import efficientnet_film
 from cortexflow.models.rt1 import RT1Config, RT1Model, detokenize_actions, token_learner
 from cortexflow.random_rt1 import random_rt1_weights, tiny_rt1_config
-from cortexflow.tools import environment_info, resolve_device_dtype, resolve_size
-from cortexflow.tools.verify import THRESHOLDS, error_stats, exact_fp32, median_ms
+from cortexflow.tools import resolve_device_dtype, resolve_size
+from cortexflow.tools.verify import (
+    THRESHOLDS,
+    error_stats,
+    exact_fp32,
+    median_ms,
+    verify_report,
+)
 
 MODULES = ("tokenizer", "token_learner", "decoder_layer0", "logits", "actions")
 
@@ -89,8 +94,11 @@ def _builders(model: RT1Model, frames: torch.Tensor, context: torch.Tensor, ref:
 
 def run_rt1_verify(backend: Any = "pytorch", against: str = "pytorch", size: str = "auto", device: str = "auto",
                    dtype: "str | torch.dtype" = "auto", seed: int = 0, repeats: int = 3,
-                   log: Callable[[str], None] | None = None) -> dict:
-    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on RT-1; returns the verify report dict."""
+                   log: Callable[[str], None] | None = None, *, model: str = "rt1", views: int | None = None,
+                   modules: Any = None) -> dict:
+    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on RT-1; returns the verify report dict.
+    ``model``, ``views`` and ``modules`` (:func:`~cortexflow.tools.verify.run_verify`'s) do not apply: RT-1's
+    checks are fixed (:data:`MODULES`)."""
     if repeats < 1:
         raise ConfigError(f"repeats must be at least 1, got {repeats}")
     log = log or (lambda _message: None)
@@ -141,20 +149,7 @@ def run_rt1_verify(backend: Any = "pytorch", against: str = "pytorch", size: str
             row["shape"] = str(tuple(want.shape))
             stats = error_stats(got.float().cpu(), want.float().cpu())
             rows.append({**row, **stats, "status": "ok" if stats["rel_l2"] <= threshold else "over"})
-    actions = rows[-1]
-    return {
-        "tool": "cortexflow verify",
-        "model": "rt1",
-        "size": size,
-        "backend": checked.backend.name,
-        "dtype": dtype_name(compute_dtype),
-        "reference": {"backend": reference.backend.name, "dtype": "float32"},
-        "threshold_rel_l2": threshold,
-        "seed": seed,
-        "workload": {"summary": f"{len(frames)} frames of one episode ({config.time_steps}-frame window), "
-                                f"{config.num_action_tokens} action tokens a step", "repeats": repeats},
-        "environment": environment_info(resolved_device),
-        "config": config.to_dict(),
-        "modules": rows,
-        "passed": actions["status"] == "ok",
-    }
+    workload = {"summary": f"{len(frames)} frames of one episode ({config.time_steps}-frame window), "
+                           f"{config.num_action_tokens} action tokens a step", "repeats": repeats}
+    return verify_report("rt1", size, checked.backend, reference.backend, compute_dtype, threshold, seed, workload,
+                         resolved_device, config, rows, rows[-1]["status"] == "ok")

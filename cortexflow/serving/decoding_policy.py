@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import numpy as np
 
 from cortexflow.config import VLAModelType
+from cortexflow.decoding_engine import TokenVLAEngine
 from cortexflow.errors import ConfigError, InputError
 from cortexflow.serving.policy import (
     DEMO_CHECKPOINT,
@@ -44,7 +45,6 @@ from cortexflow.serving.robots import (
     parse_image,
     parse_prompt,
 )
-from cortexflow.token_engine import TokenVLAEngine
 
 logger = logging.getLogger("cortexflow.serving")
 
@@ -133,7 +133,7 @@ def make_token_mapping(robot: str, engine: TokenVLAEngine) -> TokenRobotMapping:
 
 @dataclass
 class TokenServedPolicy(MappedPolicy):
-    """A :class:`~cortexflow.token_engine.TokenVLAEngine` behind a token robot mapping (one thread at a time)."""
+    """A :class:`~cortexflow.decoding_engine.TokenVLAEngine` behind a token robot mapping (one thread at a time)."""
 
     engine: TokenVLAEngine
     mapping: TokenRobotMapping
@@ -196,9 +196,10 @@ def _check_token_options(options: PolicyOptions, model_type: VLAModelType) -> No
 def build_token_policy(options: PolicyOptions, model_type: VLAModelType,
                        log: Callable[[str], None] | None = None) -> TokenServedPolicy:
     """Load an OpenVLA (``create_openvla_inference``) or RT-2 (``create_rt2_inference``) engine and wrap it;
-    ``--chunk`` sets RT-2's ``chunk_size``."""
-    from cortexflow.token_factory import create_openvla_inference, create_rt2_inference
+    ``--chunk`` sets RT-2's ``chunk_size``; the robot defaults to droid."""
+    from cortexflow.factory import create_openvla_inference, create_rt2_inference
 
+    options = replace(options, robot=options.robot or "droid")
     _check_token_options(options, model_type)
     make_mapping(options.robot)  # validates the robot name before any loading
     dtype = _resolve_dtype(options.dtype, options.device)

@@ -1,4 +1,5 @@
-"""``RT1Engine``: RT-1's history-keeping policy loop (spec ``openvla_rt1_rt2.md`` §3.6).
+"""``RT1Engine``, the history family's engine: RT-1's history-keeping policy loop (spec ``openvla_rt1_rt2.md``
+§3.6), on the shared :class:`~cortexflow.engine.PolicyEngine` machinery.
 
 Each episode keeps the image tokens of its last ``T`` frames (6 for RT-1) and a frame count in static
 device buffers; a step tokenizes only the new frame (the reference's token reuse), writes it into the
@@ -17,11 +18,8 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from cortexflow.backends import create_backend
-from cortexflow.backends.base import ComputeBackend
-from cortexflow.config import BackendType, parse_dtype
 from cortexflow.cuda_graphs import capture_cuda_graph
-from cortexflow.engine import resolve_device
+from cortexflow.engine import PolicyEngine
 from cortexflow.errors import InputError, TokenizerError
 
 TextEncoder = Callable[[str], Any]
@@ -29,7 +27,7 @@ TextEncoder = Callable[[str], Any]
 EPISODE_STATE = ("history", "step")
 
 
-class RT1Engine:
+class RT1Engine(PolicyEngine):
     """Runs an ``RT1Model`` step by step, keeping each episode's frame-token history on the device.
 
     ``weights``: canonical-name tensors; ``text_encoder``: maps an instruction string to its 512-D
@@ -38,26 +36,15 @@ class RT1Engine:
     def __init__(self, model, weights: Mapping[str, torch.Tensor], *, backend: Any = "pytorch",
                  device: str | torch.device = "cuda", dtype: torch.dtype = torch.float32,
                  use_cuda_graphs: bool = True, text_encoder: TextEncoder | None = None, report: Any = None):
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.backend: ComputeBackend = create_backend(backend, self.device, dtype)
+        super().__init__(backend, device, dtype, use_cuda_graphs, report)
         self.model = model
         self.config = model.config
         placed = {k: v.to(self.device, model.weight_dtype(k, dtype)) for k, v in weights.items()}
         self.weights = self.backend.prepare_weights(model, placed)
         self.text_encoder = text_encoder
-        self.checkpoint_report = report
-        self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda"
-                                    and self.backend.supports_cuda_graphs)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._embeddings: dict[str, np.ndarray] = {}
         self.last_tokens: np.ndarray | None = None
-        self.last_timings: dict[str, float] = {}
-
-    @property
-    def model_type(self):
-        return self.config.model_type
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(self, image: Any, instruction_embedding: Any = None,
@@ -156,16 +143,12 @@ class RT1Engine:
         buffers["context"].copy_(torch.from_numpy(contexts))
         prepared = time.perf_counter()
         with torch.inference_mode():
-            if self.use_cuda_graphs:
-                self._graph(len(pixels)).replay()
-            else:
-                self.model.forward(self.backend, self.weights, buffers)
+            self.run_forward(len(pixels), buffers)
             tokens = buffers["tokens"].to("cpu", copy=True).numpy()
         finished = time.perf_counter()
         self.last_tokens = tokens
         actions = detokenize_actions(tokens, self.config.actions, self.config.vocab_size)
-        self.last_timings = {"preprocess": (prepared - start) * 1e3, "model": (finished - prepared) * 1e3,
-                             "total": (time.perf_counter() - start) * 1e3}
+        self.record_timings(start, prepared, finished)
         return actions
 
     def _image(self, image: Any, name: str) -> np.ndarray:
@@ -210,23 +193,17 @@ class RT1Engine:
         """The static buffers (and episode state) of ``batch_size`` episodes."""
         if batch_size not in self._buffers:
             shapes = self.model.get_buffer_shapes(batch_size=batch_size)
-            self._buffers[batch_size] = {
-                name: torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
-                for name, shape in shapes.items()
-            }
+            self._buffers[batch_size] = {name: self.zeros(name, shape) for name, shape in shapes.items()}
         return self._buffers[batch_size]
 
-    def _graph(self, batch_size: int) -> "torch.cuda.CUDAGraph":
-        """Capture one step for ``batch_size`` episodes (two warm-up steps on a side stream first, then the
+    def _capture(self, buffers: dict[str, torch.Tensor], run) -> "torch.cuda.CUDAGraph":
+        """Capture one step of a batch of episodes (two warm-up steps on a side stream first, then the
         episode state they touched is restored)."""
-        if batch_size not in self._graphs:
-            buffers = self.buffers(batch_size)
-            saved = {name: buffers[name].clone() for name in EPISODE_STATE}
-            graph = capture_cuda_graph(lambda: self.model.forward(self.backend, self.weights, buffers), self.device)
-            for name, value in saved.items():
-                buffers[name].copy_(value)
-            self._graphs[batch_size] = graph
-        return self._graphs[batch_size]
+        saved = {name: buffers[name].clone() for name in EPISODE_STATE}
+        graph = capture_cuda_graph(run, self.device)
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+        return graph
 
 
 def universal_sentence_encoder(path: str | Path) -> TextEncoder:
@@ -243,27 +220,3 @@ def universal_sentence_encoder(path: str | Path) -> TextEncoder:
         raise TokenizerError(f"{path} is not a Universal Sentence Encoder SavedModel folder (no saved_model.pb)")
     module = tf.saved_model.load(str(path))
     return lambda text: module([text]).numpy()[0]
-
-
-def create_rt1_inference(
-    checkpoint_path: str | Path,
-    backend: Any = BackendType.PYTORCH,
-    device: str = "cuda",
-    dtype: "torch.dtype | str" = "float32",
-    use_cuda_graphs: bool = True,
-    model_config: Any = None,
-    use_model_path: str | Path | None = None,
-    text_encoder: TextEncoder | None = None,
-) -> RT1Engine:
-    """An RT-1 engine for a TF2 checkpoint (``ckpt-N`` prefix, its ``.index`` or its folder) or a
-    safetensors file written by ``cortexflow convert``; ``engine.predict(frame, instruction_embedding)``
-    -> action dict. ``model_config``: an ``RT1Config`` or field overrides (``input_size``, ...);
-    ``use_model_path``: a local Universal Sentence Encoder SavedModel, so that ``task_prompt`` strings
-    work (needs TensorFlow); ``text_encoder``: any other ``str -> (512,)`` function."""
-    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint
-
-    model, weights, report = load_rt1_checkpoint(checkpoint_path, model_config)
-    if text_encoder is None and use_model_path is not None:
-        text_encoder = universal_sentence_encoder(use_model_path)
-    return RT1Engine(model, weights, backend=backend, device=device, dtype=parse_dtype(dtype),
-                     use_cuda_graphs=use_cuda_graphs, text_encoder=text_encoder, report=report)

@@ -32,13 +32,11 @@ import numpy as np
 import torch
 
 from cortexflow.backends import create_backend
-from cortexflow.config import VLAModelType, dtype_name
+from cortexflow.config import VLAModelType
+from cortexflow.decoding_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.errors import ConfigError
 from cortexflow.models.vit import gelu, vit_features
-from cortexflow.token_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.tools import (
-    backend_options,
-    environment_info,
     random_prompt_ids,
     random_token_weights,
     resolve_device_dtype,
@@ -59,6 +57,7 @@ from cortexflow.tools.verify import (
     _vision_tower,
     exact_fp32,
     split_weights,
+    verify_report,
 )
 
 
@@ -283,8 +282,10 @@ def run_token_verify(
     modules: Iterable[str] | None = None,
     log: Callable[[str], None] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    views: int | None = None,
 ) -> dict:
-    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on OpenVLA or RT-2, module by module.
+    """Compare ``backend`` (in ``dtype``) with ``against`` (fp32) on OpenVLA or RT-2, module by module
+    (``views`` does not apply: the models take one image).
 
     Returns the report dict of :func:`cortexflow.tools.verify.run_verify` (same keys; the workload
     describes one image, the prompt in ids and the generated tokens). ``overrides`` changes fields of the
@@ -339,23 +340,9 @@ def run_token_verify(
                    else f"decode logits not computed ({decode['reason']})")
         failure += f" (the final actions agree: {actions['tokens_agree']}/{actions['tokens_total']} tokens)"
     padded = min(-(-len(ids) // DEFAULT_BUCKET) * DEFAULT_BUCKET, policy.config.max_text_tokens)
-    return {
-        "tool": "cortexflow verify",
-        "model": policy.model_type.value,
-        "size": size,
-        "backend": checked_backend.name,
-        "backend_options": backend_options(checked_backend),
-        "dtype": dtype_name(compute_dtype),
-        "reference": {"backend": reference_backend.name, "dtype": "float32"},
-        "threshold_rel_l2": threshold,
-        "seed": seed,
-        "workload": {"views": 1, "prompt_tokens": len(ids), "padded_prompt_tokens": padded,
-                     "chunk": getattr(policy.config, "chunk_size", 1), "steps": None,
-                     "generated_tokens": policy.num_generated_tokens, "constrained": True, "repeats": repeats},
-        "notes": [f"{policy.model_type.value}: one image and greedy decoding; --views does not apply (ignored)"],
-        "environment": environment_info(resolved_device),
-        "config": policy.config.to_dict(),
-        "modules": rows,
-        "passed": passed,
-        "failure": failure,
-    }
+    workload = {"views": 1, "prompt_tokens": len(ids), "padded_prompt_tokens": padded,
+                "chunk": getattr(policy.config, "chunk_size", 1), "steps": None,
+                "generated_tokens": policy.num_generated_tokens, "constrained": True, "repeats": repeats}
+    notes = [f"{policy.model_type.value}: one image and greedy decoding; --views does not apply (ignored)"]
+    return verify_report(policy.model_type.value, size, checked_backend, reference_backend, compute_dtype, threshold,
+                         seed, workload, resolved_device, policy.config, rows, passed, notes, failure)

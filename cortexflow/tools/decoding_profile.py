@@ -15,11 +15,12 @@ The engine runs one fused call, so only the whole call's time is measured (no sp
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from cortexflow.decoding_engine import TokenVLAEngine
 from cortexflow.errors import ConfigError
 from cortexflow.tools import (
     random_prompt_ids,
@@ -30,6 +31,12 @@ from cortexflow.tools import (
     token_model,
 )
 from cortexflow.tools.flops import StageCost
+from cortexflow.tools.profile import (
+    build_report,
+    device_peaks,
+    profile_call,
+    row_with_floor,
+)
 
 
 def token_costs(model, weights: dict[str, torch.Tensor], prompt_len: int, weight_bytes: int) -> list[StageCost]:
@@ -62,23 +69,12 @@ def token_costs(model, weights: dict[str, torch.Tensor], prompt_len: int, weight
     return [prefill, decode]
 
 
-def run_token_profile(
-    model: str = "openvla",
-    backend: str = "pytorch",
-    size: str = "auto",
-    device: str = "auto",
-    dtype: "str | torch.dtype" = "auto",
-    prompt_len: int = 20,
-    top: int = 20,
-    repeats: int = 3,
-    seed: int = 0,
-    peak_tflops: float | None = None,
-    peak_gbps: float | None = None,
-    log: Callable[[str], None] | None = None,
-) -> dict:
-    """Profile one un-graphed ``TokenVLAEngine.predict`` of ``model``; the report of ``run_profile``'s shape."""
-    from cortexflow.token_engine import TokenVLAEngine
-    from cortexflow.tools.profile import build_report, device_peaks, profile_call, row_with_floor
+def run_token_profile(*, model: str, backend: str, size: str, device: str, dtype: Any, prompt_len: int, top: int,
+                      repeats: int, seed: int, peak_tflops: float | None, peak_gbps: float | None,
+                      log: Callable[[str], None] | None, views: Any = None, chunk: Any = None, steps: Any = None) -> dict:
+    """:func:`~cortexflow.tools.profile.run_profile` (whose arguments these are) for a token-decoding policy:
+    one un-graphed ``TokenVLAEngine.predict`` of ``model``. ``views``, ``chunk`` and ``steps`` do not apply:
+    the models take one image and decode their own number of tokens."""
 
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)

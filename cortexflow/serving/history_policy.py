@@ -1,7 +1,7 @@
 """Serving RT-1 (``serve --model rt1``): one camera frame per request, an episode history per connection.
 
 RT-1 conditions each step on the image tokens of the episode's last frames, so the server keeps one episode
-per connection (:meth:`~cortexflow.rt1_engine.RT1Engine.new_episode`): a robot's requests continue its own
+per connection (:meth:`~cortexflow.history_engine.RT1Engine.new_episode`): a robot's requests continue its own
 episode whatever other robots send in between. The observation (``--robot raw``, RT-1's own inputs):
 
 * ``image``: one ``(H, W, 3)`` frame at the model's ``input_size``, uint8 or float in [0, 1];
@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from cortexflow.config import VLAModelType, is_auto
 from cortexflow.errors import ConfigError, InputError
 from cortexflow.serving.policy import (
     DEMO_CHECKPOINT,
@@ -32,7 +33,12 @@ from cortexflow.serving.policy import (
     common_metadata,
     engine_timings,
 )
-from cortexflow.serving.robots import EngineRequest, RobotMapping, _check_keys, _example_image
+from cortexflow.serving.robots import (
+    EngineRequest,
+    RobotMapping,
+    _check_keys,
+    _example_image,
+)
 
 
 @dataclass
@@ -89,7 +95,7 @@ def action_vector(actions: dict[str, np.ndarray], layout: list[tuple[str, int]])
 
 @dataclass
 class RT1ServedPolicy(MappedPolicy):
-    """An :class:`~cortexflow.rt1_engine.RT1Engine` served with one episode per connection (one thread at a time)."""
+    """An :class:`~cortexflow.history_engine.RT1Engine` served with one episode per connection (one thread at a time)."""
 
     engine: Any
     mapping: RT1Mapping
@@ -141,9 +147,10 @@ class RT1ServedPolicy(MappedPolicy):
         return self.infer_episode(request, self._episode)
 
 
-def build_rt1_policy(options: PolicyOptions, log: Callable[[str], None] | None = None) -> RT1ServedPolicy:
+def build_rt1_policy(options: PolicyOptions, model_type: VLAModelType = VLAModelType.RT1,
+                     log: Callable[[str], None] | None = None) -> RT1ServedPolicy:
     """Load an RT-1 engine (``create_rt1_inference``: a TF2 checkpoint or a converted folder) and wrap it."""
-    from cortexflow.rt1_engine import create_rt1_inference
+    from cortexflow.factory import create_rt1_inference
     from cortexflow.serving.policy import _resolve_dtype
 
     if str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT:
@@ -159,7 +166,7 @@ def build_rt1_policy(options: PolicyOptions, log: Callable[[str], None] | None =
         problems.append(f"--robot {robot} (RT-1 takes its own inputs: --robot raw)")
     if problems:
         raise ConfigError(f"--model rt1 does not take: {', '.join(problems)}")
-    dtype = "float32" if str(options.dtype).strip().lower() == "auto" else _resolve_dtype(options.dtype, options.device)
+    dtype = "float32" if is_auto(options.dtype) else _resolve_dtype(options.dtype, options.device)
     (log or (lambda message: None))(f"loading rt1 checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
     engine = create_rt1_inference(options.checkpoint, backend=options.backend, device=options.device, dtype=dtype,
                                   use_cuda_graphs=options.cuda_graphs, model_config=options.model_config or None)

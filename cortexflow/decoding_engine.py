@@ -1,6 +1,8 @@
-"""``TokenVLAEngine``: one image + a prompt -> greedy action tokens -> un-normalised actions.
+"""``TokenVLAEngine``, the token-decoding family's engine: one image + a prompt -> greedy action tokens ->
+un-normalised actions.
 
-Used by OpenVLA and the RT-2-style PaliGemma policy. The prompt ids are right-padded to a bucket (a
+Used by OpenVLA and the RT-2-style PaliGemma policy; the shared engine machinery (device, backend, graph
+capture) is :class:`~cortexflow.engine.PolicyEngine`. The prompt ids are right-padded to a bucket (a
 multiple of ``bucket`` ids, at most the model's ``max_text_tokens``) so that prompts of similar length
 share static buffers; padding sits after the real tokens, where causal (or prefix-valid) attention never
 looks. On a GPU the whole call (vision, prefill, every single-token step with its argmax) is captured
@@ -16,16 +18,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from cortexflow.backends import create_backend
-from cortexflow.backends.base import ComputeBackend
-from cortexflow.cuda_graphs import capture_cuda_graph
-from cortexflow.engine import resolve_device
+from cortexflow.engine import PolicyEngine
 from cortexflow.errors import InputError, TokenizerError
 
 DEFAULT_BUCKET = 16
 
 
-class TokenVLAEngine:
+class TokenVLAEngine(PolicyEngine):
     """Runs a token-decoding policy (``OpenVLAModel``, ``RT2Model``) on one backend and device.
 
     ``weights`` are canonical-name tensors already on ``device``; ``unnormalize`` maps normalised actions
@@ -48,9 +47,7 @@ class TokenVLAEngine:
         bucket: int = DEFAULT_BUCKET,
         report: Any = None,
     ):
-        self.device = resolve_device(device)
-        self.dtype = dtype
-        self.backend: ComputeBackend = create_backend(backend, self.device, dtype)
+        super().__init__(backend, device, dtype, use_cuda_graphs, report)
         self.model = model
         self.config = model.config
         self.weights = self.backend.prepare_weights(model, model.prepare_weights(weights))
@@ -59,17 +56,9 @@ class TokenVLAEngine:
         self.unnorm_key = unnorm_key
         self.constrained = constrained
         self.bucket = bucket
-        self.checkpoint_report = report
-        self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
         self._buffers: dict[int, dict[str, torch.Tensor]] = {}
         self._shared: dict[str, torch.Tensor] | None = None
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.last_tokens: np.ndarray | None = None
-        self.last_timings: dict[str, float] = {}
-
-    @property
-    def model_type(self):
-        return self.config.model_type
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(self, image: Any, task_prompt: str | None = None, *, prompt_tokens: Any = None) -> np.ndarray:
@@ -86,11 +75,7 @@ class TokenVLAEngine:
         actions = self.model.tokens_to_actions(tokens)
         if self.unnormalize is not None:
             actions = self.unnormalize(actions)
-        self.last_timings = {
-            "preprocess": (prepared - start) * 1e3,
-            "model": (finished - prepared) * 1e3,
-            "total": (time.perf_counter() - start) * 1e3,
-        }
+        self.record_timings(start, prepared, finished)
         return np.asarray(actions, dtype=np.float32)
 
     def prompt_ids(self, task_prompt: str | None, prompt_tokens: Any = None) -> list[int]:
@@ -122,10 +107,7 @@ class TokenVLAEngine:
         buffers["last_index"].fill_(real - 1)
         buffers["start"].fill_(real)
         with torch.inference_mode():
-            if self.use_cuda_graphs:
-                self._graph(length).replay()
-            else:
-                self.model.forward(self.backend, self.weights, buffers, constrained=self.constrained)
+            self.run_forward(length, buffers, constrained=self.constrained)
             tokens = buffers["tokens"].to("cpu", copy=True).numpy()[0]
         self.last_tokens = tokens
         return tokens
@@ -140,18 +122,7 @@ class TokenVLAEngine:
         if length not in self._buffers:
             shapes = self.model.get_buffer_shapes(prompt_len=length)
             if self._shared is None:
-                self._shared = {name: self._zeros(name, shape) for name, shape in shapes.items() if name != "token_ids"}
-            self._buffers[length] = dict(self._shared, token_ids=self._zeros("token_ids", shapes["token_ids"]))
+                self._shared = {name: self.zeros(name, shape) for name, shape in shapes.items() if name != "token_ids"}
+            self._buffers[length] = dict(self._shared, token_ids=self.zeros("token_ids", shapes["token_ids"]))
         return self._buffers[length]
 
-    def _zeros(self, name: str, shape) -> torch.Tensor:
-        return torch.zeros(shape, dtype=self.model.buffer_dtype(name, self.dtype), device=self.device)
-
-    def _graph(self, length: int) -> "torch.cuda.CUDAGraph":
-        """Capture the whole call for prompts padded to ``length`` (after two warm-up runs on a side stream)."""
-        if length not in self._graphs:
-            buffers = self.buffers(length)
-            self._graphs[length] = capture_cuda_graph(
-                lambda: self.model.forward(self.backend, self.weights, buffers, constrained=self.constrained),
-                self.device)
-        return self._graphs[length]

@@ -1,0 +1,5 @@
+"""``python -m cortexflow.cli``."""
+
+from cortexflow.cli import app
+
+app()
