@@ -1,5 +1,5 @@
-"""``RT1Engine``, the history family's engine: RT-1's history-keeping policy loop (spec ``openvla_rt1_rt2.md``
-§3.6), on the shared :class:`~cortexflow.engine.PolicyEngine` machinery.
+"""``RT1Engine``, the history family's engine: RT-1's history-keeping policy loop
+(``docs/reference_facts.md#F-RT1-4``), on the shared :class:`~cortexflow.engine.PolicyEngine` machinery.
 
 Each episode keeps the image tokens of its last ``T`` frames (6 for RT-1) and a frame count in static
 device buffers; a step tokenizes only the new frame (the reference's token reuse), writes it into the

@@ -2,7 +2,7 @@
 the token-embedding table and the SigLIP head count.
 
 The Orbax trees are written here with orbax-checkpoint from canonical weights by the inverse of the
-layout in specs/published_checkpoints.md 2.3 / 2.5, written independently of the package's reader."""
+layout in docs/reference_facts.md#F-OP-10 and F-OP-12, written independently of the package's reader."""
 
 import json
 import math

@@ -1,7 +1,7 @@
 """Camera images exactly as the references prepare them: openpi's resize-with-pad (Pillow bilinear on uint8)
 and OpenVLA's processor (Pillow bicubic), on the host path and on the device path's torch arithmetic.
 
-The references are written here from the specs (published_checkpoints.md §1.7 and §4): Pillow's own
+The references are written here from ``docs/reference_facts.md#F-OP-7`` and ``F-OV-2``: Pillow's own
 ``Image.resize``, ``Image.new`` + ``paste`` for the padding, ``x / 255 * 2 - 1`` or the two normalisations.
 Every comparison is exact (zero differing pixels / bit-identical floats) on fresh random images.
 """
@@ -38,7 +38,7 @@ def rng():
 
 
 def openpi_resize_with_pad(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """openpi's client ``resize_with_pad`` of one uint8 HWC image (spec §1.7), written with Pillow."""
+    """openpi's client ``resize_with_pad`` of one uint8 HWC image (``docs/reference_facts.md#F-OP-7``), written with Pillow."""
     pil = Image.fromarray(image)
     width, height = pil.size
     if (width, height) == (size, size):
@@ -52,7 +52,7 @@ def openpi_resize_with_pad(image: np.ndarray, size: int = 224) -> np.ndarray:
 
 
 def openvla_pixel_values(image: np.ndarray, size: int = 224) -> np.ndarray:
-    """OpenVLA's ``pixel_values`` (6, size, size) for one uint8 HWC image (spec §4): Pillow bicubic to
+    """OpenVLA's ``pixel_values`` (6, size, size) for one uint8 HWC image (``docs/reference_facts.md#F-OV-2``): Pillow bicubic to
     ``size x size``, ``u / 255``, DINOv2 then SigLIP normalisation, in float32 tensors."""
     pil = Image.fromarray(image).convert("RGB")
     if pil.size != (size, size):

@@ -1,5 +1,5 @@
 """LeRobot processor files (``policy_preprocessor.json`` / ``policy_postprocessor.json`` + stats safetensors) read as
-a pipeline: every normalisation mode against LeRobot's formulas (``specs/published_checkpoints.md`` 3.5), relative
+a pipeline: every normalisation mode against LeRobot's formulas (``docs/reference_facts.md#F-LR-4``), relative
 actions and their excluded joints (3.7), camera slots and empty cameras (3.8), prompt formats (3.6), and whole
 tiny Pi0 / Pi0.5 policies against a reference written here from those formulas."""
 

@@ -1,5 +1,5 @@
 """openpi policy configs as data: each registered config's actions against a reference pipeline written here from
-the spec's formulas (``specs/published_checkpoints.md`` 1.4-1.6): robot state -> (ALOHA conversion) -> normalise ->
+the spec's formulas (``docs/reference_facts.md#F-OP-4`` to ``F-OP-6``): robot state -> (ALOHA conversion) -> normalise ->
 model -> un-normalise -> delta -> absolute -> robot slice -> (ALOHA conversion).
 
 The model step of the reference is a plain engine on the same tiny checkpoint with no statistics, fed the state

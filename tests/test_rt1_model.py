@@ -1,4 +1,4 @@
-"""RT-1's pieces against direct formulas (spec ``openvla_rt1_rt2.md`` §3): the stride-2 padding quirk,
+"""RT-1's pieces against direct formulas (``docs/reference_facts.md#S-RT1``): the stride-2 padding quirk,
 the input normalisation and batch norm, the TokenLearner softmax axis, the causal mask over the 114-token
 sequence, action de-tokenisation, and the single-pass logits against a per-step recompute."""
 
@@ -173,7 +173,7 @@ def test_action_detokenisation_formula():
 
 
 def _decoder_recompute(model, weights, frame_tokens: list[torch.Tensor]) -> torch.Tensor:
-    """Reference loop of spec §3.6 for one episode: window of the last T frames, one transformer pass."""
+    """Reference loop of ``docs/reference_facts.md#F-RT1-4`` for one episode: window of the last T frames, one transformer pass."""
     c = model.config
     t = min(len(frame_tokens), c.time_steps) - 1
     window = frame_tokens[-c.time_steps:]

@@ -1,4 +1,4 @@
-"""RT-1-X (JAX / Flax) checkpoints and the RT-1-X configuration (spec ``openvla_rt1_rt2.md`` §3.8).
+"""RT-1-X (JAX / Flax) checkpoints and the RT-1-X configuration (``docs/reference_facts.md#F-RT1-6``).
 
 flax is not installed here, so the fixture is written by this file in flax's own on-disk format: the
 variable tree of ``open_x_embodiment/models/rt1.py`` (Linen names, Flax layouts) built with numpy and
@@ -457,7 +457,7 @@ def test_cli_convert_auto_detects_flax_and_safetensors_give_the_same_step(tmp_pa
     assert bad.exit_code == 2 and "Flax checkpoint (RT-1-X)" in bad.output
 
 
-# ---- §3.8, each difference against its formula at the real RT-1-X size --------------------------------------
+# ---- F-RT1-6, each difference against its formula at the real RT-1-X size --------------------------------------
 def test_published_rt1x_variable_tree_maps_onto_the_rt1x_config():
     """The full-size Flax tree of ``RT1(num_image_tokens=81, layer_size=256, vocab_size=512)`` (shapes only)
     matches ``RT1Config.rt1x_jax()`` exactly, with the config read back from its shapes."""

@@ -2,7 +2,7 @@
 
 The folder holds ``model.safetensors.index.json`` + shards (bf16), ``config.json`` (``OpenVLAConfig``
 with ``norm_stats`` and ``text_config``), optionally ``dataset_statistics.json``, and the Llama
-``tokenizer.model``. Keys (spec §1.11): ``vision_backbone.featurizer.*`` (DINOv2, LayerScale as
+``tokenizer.model``. Keys (``docs/reference_facts.md#F-OV-1``): ``vision_backbone.featurizer.*`` (DINOv2, LayerScale as
 ``ls{1,2}.scale_factor``; Prismatic's ``.gamma`` is accepted too), ``vision_backbone.fused_featurizer.*``
 (SigLIP), ``projector.fc{1,2,3}.*``, ``language_model.model.*`` and ``language_model.lm_head.weight``.
 The blocks after each tower's output block, the towers' final norms and SigLIP's attention-pool head are

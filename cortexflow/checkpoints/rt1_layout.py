@@ -1,5 +1,5 @@
 """RT-1 weights from the published TF2 object checkpoint (``ckpt-N.index`` + ``.data-*``) or a converted
-safetensors file, onto ``RT1Model``'s canonical names (spec ``openvla_rt1_rt2.md`` §3.9).
+safetensors file, onto ``RT1Model``'s canonical names (``docs/reference_facts.md#F-RT1-7``).
 
 TF names are object-graph paths under the actor network (``agent/_actor_network/`` in the released
 checkpoints, found from where ``_transformer/_output_tokens`` sits) with the suffix

@@ -1,6 +1,6 @@
 """RT-1-X weights from the published Flax checkpoint (``open_x_embodiment/models/rt1.py``, restored there by
 ``flax.training.checkpoints.restore_checkpoint(path, None)`` into ``{params, batch_stats}``), onto
-``RT1Model``'s canonical names (spec ``openvla_rt1_rt2.md`` §3.8). Reading needs msgpack (and
+``RT1Model``'s canonical names (``docs/reference_facts.md#F-RT1-6``). Reading needs msgpack (and
 orbax-checkpoint for an Orbax PyTree folder), never flax: see ``flax_checkpoint``.
 
 Flax names (Linen auto-naming: ``<Class>_<n>`` per class inside a compact module, ``name=`` where given):

@@ -1,4 +1,4 @@
-"""FiLM-EfficientNet: the image tokenizer of RT-1 (spec ``openvla_rt1_rt2.md`` §3.3).
+"""FiLM-EfficientNet: the image tokenizer of RT-1 (``docs/reference_facts.md#F-RT1-2``).
 
 Keras EfficientNet (B3 for RT-1: width 1.2, depth 1.4) with a FiLM layer after every MBConv block and
 after the 1x1 projection that follows the top convolution:

@@ -1,6 +1,6 @@
 """OpenVLA-7B (Prismatic ``dinosiglip-vit-so-224px`` + Llama-2-7B): image -> 7 greedy action tokens.
 
-Sequence (spec ``openvla_rt1_rt2.md`` §1.7): ``[emb(BOS), 256 projected patches, emb(prompt ids after
+Sequence (``docs/reference_facts.md#F-OV-5``): ``[emb(BOS), 256 projected patches, emb(prompt ids after
 BOS, ending with the "▁" id 29871)]``, positions ``0..P-1``, causal attention. Vision: DINOv2 ViT-L/14
 (registers, LayerScale) and SigLIP So400m/14, each read after its second-to-last block, concatenated on
 channels (1024 + 1152) and projected by ``fc1 -> GELU -> fc2 -> GELU -> fc3``. Decoding: one prefill,

@@ -1,6 +1,6 @@
 """Pi0 and Pi0.5 (Physical Intelligence): SigLIP + Gemma-2B prefix, Gemma-300M action expert, flow matching.
 
-Token layout (see ``specs/pi0_pi05.md`` §2): the prefix is ``[V x 256 image tokens][L text tokens]``
+Token layout (``docs/reference_facts.md#F-PI0-2``): the prefix is ``[V x 256 image tokens][L text tokens]``
 with bidirectional attention among valid tokens; the suffix is ``[state][H actions]`` (Pi0) or
 ``[H actions]`` (Pi0.5). RoPE positions count valid tokens only, so masked views and padding take no
 positions. The prefix pass fills a per-layer KV cache that every denoising step reuses.

@@ -1,6 +1,6 @@
 """RT-1 (Robotics Transformer) and RT-1-X: FiLM-EfficientNet + TokenLearner + a causal action transformer.
 
-Spec ``openvla_rt1_rt2.md`` §3. One step of the policy:
+Facts: ``docs/reference_facts.md#S-RT1``. One step of the policy:
 
 1. the new frame ``(B, 3, H, W)`` in [0, 1] is resized to 300x300 (bilinear, half-pixel centres, no
    antialias, as ``tf.image.resize``), scaled to [0, 255] and tokenized by the FiLM-EfficientNet
@@ -63,7 +63,7 @@ class ActionField:
         return 1 if self.discrete else self.size
 
 
-#: RT-1's action spec in token order (spec §3.7; bounds from ``rt1main/policy_specs.pbtxt``).
+#: RT-1's action spec in token order (``docs/reference_facts.md#F-RT1-5``; bounds from ``rt1main/policy_specs.pbtxt``).
 RT1_ACTIONS = (
     ActionField("terminate_episode", 3, discrete=True),
     ActionField("world_vector", 3, -1.0, 1.0),
@@ -72,7 +72,7 @@ RT1_ACTIONS = (
     ActionField("base_displacement_vertical_rotation", 1, -math.pi, math.pi),
     ActionField("base_displacement_vector", 2, -1.0, 1.0),
 )
-#: RT-1-X (JAX): world vector over (-2, 2), otherwise as RT-1 (spec §3.8).
+#: RT-1-X (JAX): world vector over (-2, 2), otherwise as RT-1 (``docs/reference_facts.md#F-RT1-6``).
 RT1X_ACTIONS = tuple(dataclasses.replace(f, low=-2.0, high=2.0) if f.name == "world_vector" else f
                      for f in RT1_ACTIONS)
 
@@ -117,7 +117,7 @@ class RT1Config:
 
     @classmethod
     def rt1x_jax(cls, **overrides: Any) -> "RT1Config":
-        """RT-1-X as released in Flax (spec §3.8): 15 frames, 81 tokens per frame, 8 heads of 256, SwiGLU,
+        """RT-1-X as released in Flax (``docs/reference_facts.md#F-RT1-6``): 15 frames, 81 tokens per frame, 8 heads of 256, SwiGLU,
         512 bins, world vector over (-2, 2), SAME padding, plain ImageNet mean/std input scaling."""
         base = dict(time_steps=15, num_tokens=81, head_dim=256, ffn="swiglu", vocab_size=512, padding="same",
                     image_sees_actions=False, input_rescale=(1.0, 1.0, 1.0), actions=RT1X_ACTIONS)

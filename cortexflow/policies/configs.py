@@ -1,6 +1,6 @@
 """openpi's inference configs as data: one :class:`PolicyConfig` record per named config users serve.
 
-Each record says what openpi's ``TrainConfig`` decides around the model (``specs/published_checkpoints.md`` 1.1-1.6):
+Each record says what openpi's ``TrainConfig`` decides around the model (``docs/reference_facts.md#S-OP``):
 model type, action horizon, prompt length, whether Pi0.5 writes the state into the prompt, the robot adapter,
 the delta-action mask (``make_bool_mask`` dims), the normalisation mode, the norm-stats asset id and the default
 prompt. :meth:`PolicyConfig.input_steps` / :meth:`PolicyConfig.output_steps` list the transforms it implies, in

@@ -1,7 +1,7 @@
 """A LeRobot Pi0 / Pi0.5 folder's processor files read as a :class:`~cortexflow.policies.pipeline.PolicyPipeline`.
 
 Reads ``config.json`` (``type``, ``input_features``, ``output_features``, ``empty_cameras``, ``chunk_size``),
-``policy_preprocessor.json`` and ``policy_postprocessor.json`` (``specs/published_checkpoints.md`` 3.1-3.8) and the
+``policy_preprocessor.json`` and ``policy_postprocessor.json`` (``docs/reference_facts.md#S-LR``) and the
 normaliser stats safetensors their normaliser steps name. Steps are found by ``registry_name``, never by index;
 a step this reader does not know is an error naming it (nothing is skipped silently).
 

@@ -1,7 +1,7 @@
 """Normalisation of one feature (the state or the actions) in a named mode, with openpi's or LeRobot's numerics.
 
 Modes are LeRobot's names; openpi uses ``MEAN_STD`` for Pi0 and ``QUANTILES`` for Pi0.5. Values are ``(..., D)``
-float arrays, statistics 1-D. The two conventions differ (``specs/published_checkpoints.md`` 1.6 and 3.5):
+float arrays, statistics 1-D. The two conventions differ (``docs/reference_facts.md#F-OP-6`` and ``F-LR-4``):
 
 ============ ======================================================= ====================================================
 mode         openpi (eps 1e-6, always added)                         LeRobot (eps 1e-8 by default)

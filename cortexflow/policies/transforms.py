@@ -5,8 +5,8 @@ before the state is normalised and the prompt tokenised. Output steps take the a
 the robot state ``(..., D)`` the input steps produced (``None`` when the call had none) and return the new chunk.
 Every step has ``describe()``, one line for ``cortexflow info``.
 
-ALOHA's conversion (``adapt_to_pi``) uses the constants openpi has used since 2025-07 (``specs/published_checkpoints.md``
-1.4): Pi gripper angles span (0.5476, 1.6296) rad.
+ALOHA's conversion (``adapt_to_pi``) uses the constants openpi has used since 2025-07
+(``docs/reference_facts.md#F-OP-4``): Pi gripper angles span (0.5476, 1.6296) rad.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Inputs of the token-decoding policies (OpenVLA, RT-2 style): one camera image and a prompt as ids.
 
-OpenVLA's image processor (spec §1.3): the RGB image is resized to exactly 224 x 224 (``resize-naive``,
+OpenVLA's image processor (``docs/reference_facts.md#F-OV-2``): the RGB image is resized to exactly 224 x 224 (``resize-naive``,
 by Pillow's bicubic filter, as the processor's ``TVF.resize`` of a PIL image does), scaled to [0, 1] and
 normalised twice, with ImageNet statistics for DINOv2 (channels 0-2) and with mean = std = 0.5 for SigLIP
 (channels 3-5). A 224 x 224 input is not resampled. Prompts are tokenised with the checkpoint's SentencePiece model.

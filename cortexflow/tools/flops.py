@@ -1,6 +1,6 @@
 """FLOP and minimum-byte counts of a Pi0 / Pi0.5 call per stage, and the roofline floor they imply.
 
-Counts follow ``specs/pi0_pi05.md`` §7: FLOPs = 2 x multiply-accumulates of the linears and of the two
+Counts follow ``docs/reference_facts.md#F-PI0-5``: FLOPs = 2 x multiply-accumulates of the linears and of the two
 attention products (QK^T and PV, every query head), element-wise work ignored. The prefix holds
 ``views * num_patches + prompt_len`` *valid* tokens (padding is not useful work); the suffix is the
 state token plus the chunk (Pi0) or the chunk alone (Pi0.5). Minimum bytes are the weights a stage
