@@ -284,7 +284,9 @@ class VLAInferenceEngine(PolicyEngine):
         call runs. The new chunk is guided so that its first actions continue them. ``execution_horizon``
         (the paper's ``s``) ends the guided overlap at ``chunk_size - s`` instead of ``R``; ``rtc`` sets the
         guidance clip and schedule. Without ``prev_actions`` the call is exactly the unguided one. A guided
-        call runs eagerly (no CUDA graph) and needs a backend with ``supports_guided_decoding``."""
+        call runs eagerly (no CUDA graph); the paper's guidance (``jacobian="vjp"``) needs a backend with
+        ``supports_guided_decoding`` (PyTorch), LeRobot's (``"identity"``) any backend that runs the model's loop
+        (PyTorch, Triton)."""
         start = time.perf_counter()
         sample = self.preprocessor(observation_images, task_prompt, state, prompt_tokens, image_masks,
                                    **self._images_out(1, 0))
@@ -352,14 +354,23 @@ class VLAInferenceEngine(PolicyEngine):
                         rtc: Any, samples: Sequence[Mapping[str, torch.Tensor]]) -> ChunkGuidance:
         """Check the real-time-chunking arguments and build the guidance of a call (target and mask ``(B, H, A)``);
         the previous actions are mapped back through the output steps with each sample's robot state."""
-        if not getattr(self.backend, "supports_guided_decoding", False):
-            raise ConfigError(
-                f"real-time chunking (prev_actions=) needs a backend that runs the denoising loop op by op, such as "
-                f"backend='pytorch'; this engine runs the {self.backend.name!r} backend"
-            )
         rtc = RTCConfig() if rtc is None else rtc
         if not isinstance(rtc, RTCConfig):
             raise InputError(f"rtc must be a cortexflow.RTCConfig or None, got {type(rtc).__name__}")
+        runs_loop = getattr(self.backend, "runs_denoising_loop", False)
+        if rtc.jacobian == "identity" and not runs_loop:
+            raise ConfigError(
+                f"real-time chunking (prev_actions=) needs a backend that runs the model's denoising loop, such as "
+                f"backend='pytorch' or 'triton'; this engine runs the {self.backend.name!r} backend"
+            )
+        if rtc.jacobian == "vjp" and not getattr(self.backend, "supports_guided_decoding", False):
+            hint = (" or rtc=RTCConfig(jacobian='identity') (LeRobot's guidance, no backward pass), which this backend "
+                    "runs") if runs_loop else ""
+            raise ConfigError(
+                f"real-time chunking with the paper's guidance (RTCConfig(jacobian='vjp'), the default) differentiates "
+                f"the denoising loop op by op: use backend='pytorch'{hint}; this engine runs the "
+                f"{self.backend.name!r} backend"
+            )
         to_model_space = getattr(self.postprocessor, "to_model_space", None)
         if to_model_space is None:
             raise ConfigError(

@@ -171,6 +171,9 @@ class ComputeBackend(ABC):
     #: ``transformer_decoder`` runs the model's own denoising loop on ops that autograd can differentiate
     #: with respect to the noisy actions, so real-time chunking can guide it (``engine.predict(prev_actions=)``).
     supports_guided_decoding: bool = True
+    #: ``transformer_decoder`` runs the model's own Euler loop in Python, so a guidance that needs no autograd
+    #: (real-time chunking with ``RTCConfig(jacobian="identity")``) can correct each step's velocity.
+    runs_denoising_loop: bool = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)

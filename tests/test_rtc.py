@@ -280,3 +280,55 @@ def test_backends_without_guided_decoding_refuse_rtc(engine):
             engine.predict(**obs, prev_actions=previous_chunk(engine, 2), inference_delay=1)
     finally:
         engine.backend = backend
+
+
+def test_identity_guidance_needs_only_a_backend_that_runs_the_loop(engine):
+    obs = observation(engine, 8)
+    prev = previous_chunk(engine, 2)
+    backend = engine.backend
+    identity = RTCConfig(jacobian="identity")
+    try:
+        # a backend that cannot differentiate the loop but runs it: the identity guidance works, the VJP is refused
+        engine.backend = type("Fused", (type(backend),), {"supports_guided_decoding": False, "name": "fused"})(
+            backend.device, backend.dtype)
+        fused = engine.predict(**obs, prev_actions=prev, inference_delay=1, rtc=identity)
+        with pytest.raises(ConfigError, match="jacobian='identity'"):
+            engine.predict(**obs, prev_actions=prev, inference_delay=1)
+        # an exported loop (ONNX) runs neither
+        engine.backend = type("Exported", (type(backend),), {"supports_guided_decoding": False, "name": "exported",
+                                                             "runs_denoising_loop": False})(backend.device, backend.dtype)
+        with pytest.raises(ConfigError, match="runs the model's denoising loop"):
+            engine.predict(**obs, prev_actions=prev, inference_delay=1, rtc=identity)
+    finally:
+        engine.backend = backend
+    assert np.array_equal(fused, engine.predict(**obs, prev_actions=prev, inference_delay=1, rtc=identity))
+
+
+@pytest.mark.parametrize("model_type", ["pi0", "pi05"])
+def test_identity_guidance_on_the_fused_triton_loop_matches_pytorch(tmp_path, model_type):
+    """The Triton backend's table-driven denoising loop (fused expert layers, under the interpreter on a CPU)
+    applies the identity-Jacobian guidance per step: the same chunk as the PyTorch backend's op-by-op loop."""
+    pytest.importorskip("triton")
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    config = tiny_model_config(model_type, action_dim=ACTION_DIM, chunk_size=4, num_diffusion_steps=3,
+                               num_vision_layers=1)
+    write_checkpoint(tmp_path, config, seed=2)
+    create = create_pi05_inference if model_type == "pi05" else create_pi0_inference
+    rng = np.random.default_rng(3)
+    obs = dict(observation_images=rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8), prompt_tokens=[2, 7, 8, 9],
+               state=rng.standard_normal(ACTION_DIM).astype(np.float32),
+               noise=rng.standard_normal((4, ACTION_DIM)).astype(np.float32))
+    prev = rng.standard_normal((3, ACTION_DIM)).astype(np.float32)
+    rtc = RTCConfig(jacobian="identity", max_guidance_weight=5.0)
+    out = {}
+    for name, backend in (("pytorch", "pytorch"), ("triton", TritonBackend)):
+        engine = create(tmp_path, backend=backend, device="cpu", dtype="float32", model_config=config,
+                        use_cuda_graphs=False, progress=False)
+        out[name] = engine.predict(**obs, prev_actions=prev, inference_delay=1, rtc=rtc)
+        out[name + "_plain"] = engine.predict(**obs)
+    assert engine.backend.table_denoising(engine.weights, engine.model.expert())   # the fused loop ran
+    rel = np.linalg.norm(out["triton"] - out["pytorch"]) / np.linalg.norm(out["pytorch"])
+    assert rel < 1e-4, rel
+    moved = np.linalg.norm(out["triton"] - out["triton_plain"]) / np.linalg.norm(out["triton_plain"])
+    assert moved > 1e-2, moved   # the guidance changed the chunk

@@ -81,3 +81,34 @@ def test_chunked_controller_against_a_real_server(openpi, start_server, policy):
     assert report.executed + report.starved_steps == 12
     assert report.chunks >= 2 and all(d >= 0 for d in report.delays_steps)
     assert all(action.shape == (8,) for action in executed)
+
+
+def test_rtc_jacobian_option_follows_the_backend(policy):
+    from cortexflow.errors import ConfigError
+    from cortexflow.serving.policy import PolicyOptions, build_policy
+
+    assert policy.rtc.jacobian == "vjp"                                  # pytorch backend: the paper's guidance
+    fused = build_policy(PolicyOptions(checkpoint="demo", robot="droid", device="cpu", backend="triton"))
+    assert fused.rtc.jacobian == "identity"                              # the fused loop cannot be differentiated
+    chosen = build_policy(PolicyOptions(checkpoint="demo", robot="droid", device="cpu", rtc_jacobian="identity"))
+    assert chosen.rtc.jacobian == "identity"
+    with pytest.raises(ConfigError, match="--backend pytorch"):
+        build_policy(PolicyOptions(checkpoint="demo", robot="droid", device="cpu", backend="triton",
+                                   rtc_jacobian="vjp"))
+    with pytest.raises(ConfigError, match="--rtc-jacobian must be one of"):
+        build_policy(PolicyOptions(checkpoint="demo", robot="droid", device="cpu", rtc_jacobian="exact"))
+
+
+def test_identity_rtc_policy_answers_a_follow_up_with_the_engines_identity_chunk():
+    from cortexflow import RTCConfig
+    from cortexflow.serving.policy import PolicyOptions, build_policy
+
+    served = build_policy(PolicyOptions(checkpoint="demo", robot="droid", device="cpu", seed=0,
+                                        rtc_jacobian="identity"))
+    first = served.engine.predict(**engine_args(served, small_droid_obs(3, 0)))
+    args = engine_args(served, small_droid_obs(3, 1))
+    request = served.prepare(small_droid_obs(3, 1))
+    _, _, chunk = served.infer_chunk(request, first[2:], 1)
+    expected = served.engine.predict(**args, prev_actions=first[2:], inference_delay=1, rtc=RTCConfig(jacobian="identity"))
+    assert np.array_equal(chunk, expected)
+    assert not np.array_equal(chunk, served.engine.predict(**args, prev_actions=first[2:], inference_delay=1))

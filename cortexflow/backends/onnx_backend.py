@@ -38,6 +38,7 @@ class OnnxBackend(PyTorchBackend):
     supports_cuda_graphs = False
     variable_prompt_length = False  # the exported prefix stage takes max_token_len tokens
     supports_guided_decoding = False  # the denoising loop is an exported graph
+    runs_denoising_loop = False
     _options: dict = {}
 
     def __init__(self, device: torch.device, dtype: torch.dtype, **options: Any):

@@ -223,8 +223,8 @@ class Pi0Model(VLAModel):
         positions = start + torch.arange(suffix_len, device=noise.device)[None, :]
         guidance = inputs.get("guidance")
         expert = self.expert()
-        if guidance is None and ops.table_denoising(weights, expert):
-            return self.decode_with_tables(ops, weights, inputs, expert, mask, positions)
+        if (guidance is None or guidance.jacobian == "identity") and ops.table_denoising(weights, expert):
+            return self.decode_with_tables(ops, weights, inputs, expert, mask, positions, guidance)
         ctx = dict(inputs, suffix_mask=mask, suffix_positions=positions)
         step = lambda x_t, t: self.velocity(ops, weights, x_t, t, ctx)  # noqa: E731
         if guidance is not None:
@@ -269,10 +269,11 @@ class Pi0Model(VLAModel):
         hidden[:, 1:] = tokens.view(x_t.shape[0], x_t.shape[1], -1)
 
     def decode_with_tables(self, ops, weights: Weights, inputs: Mapping[str, Any], expert: ExpertStack,
-                           mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+                           mask: torch.Tensor, positions: torch.Tensor, guidance: Any = None) -> torch.Tensor:
         """The Euler integration of ``transformer_decoder`` on the per-step tables (:meth:`denoising_tables`,
         kept per weights by the backend) and the expert as one unit per step (``ops.expert_stack``); the
-        same function as the op-by-op velocity, not differentiable. Returns ``(B, H, A)`` fp32."""
+        same function as the op-by-op velocity, not differentiable. ``guidance``: an identity-Jacobian
+        :class:`~cortexflow.models.rtc.ChunkGuidance` applied to each step's velocity. Returns ``(B, H, A)`` fp32."""
         c = self.config
         steps = c.num_diffusion_steps
         tables = ops.per_weights(weights, ("denoising_tables", steps), lambda: self.denoising_tables(weights, steps))
@@ -288,6 +289,8 @@ class Pi0Model(VLAModel):
             self.table_suffix_tokens(ops, tables, step, x_t, hidden)
             h = ops.expert_stack(weights, ctx, hidden, step)
             velocity = ops.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
+            if guidance is not None:
+                velocity = guidance.guide(velocity, x_t, tables.times[step])
             x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
         return x_t
 
@@ -296,8 +299,9 @@ class Pi0Model(VLAModel):
                 guidance: Any = None) -> torch.Tensor:
         """Vision -> prefix -> denoising over the static ``buffers``; writes and returns ``buffers["actions"]``.
 
-        ``guidance``: a :class:`~cortexflow.models.rtc.ChunkGuidance` for a real-time-chunking call (needs a
-        backend whose ``supports_guided_decoding`` is true, and autograd enabled)."""
+        ``guidance``: a :class:`~cortexflow.models.rtc.ChunkGuidance` for a real-time-chunking call (the paper's
+        VJP guidance needs a backend whose ``supports_guided_decoding`` is true and autograd enabled; the identity
+        Jacobian any backend that ``runs_denoising_loop``)."""
         timer = timer or _no_timer
         with timer("vision_encoder"):
             image_tokens = backend.vision_encoder(self, weights, {"images": buffers["images"]})

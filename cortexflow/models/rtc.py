@@ -107,12 +107,9 @@ class ChunkGuidance:
 
         ``v`` is evaluated once, with autograd on for ``x_t`` only; ``g`` is its vector-Jacobian product
         (``jacobian="vjp"``) or the weighted error itself (``"identity"``, ``v`` evaluated without autograd)."""
-        weight = guidance_weight(t, self.max_guidance_weight)
         if self.jacobian == "identity":
-            v = velocity(x_t, t).float()
-            if weight == 0.0:
-                return v
-            return v - weight * (self.target - (x_t.float() - t * v)) * self.weights
+            return self.guide(velocity(x_t, t), x_t, t)
+        weight = guidance_weight(t, self.max_guidance_weight)
         with torch.enable_grad():
             x = x_t.detach().float().requires_grad_(True)
             v = velocity(x, t).float()
@@ -122,6 +119,16 @@ class ChunkGuidance:
             error = (self.target - clean.detach()) * self.weights
             (grad,) = torch.autograd.grad(clean, x, error)
         return v.detach() - weight * grad
+
+
+    def guide(self, v: torch.Tensor, x_t: torch.Tensor, t: float) -> torch.Tensor:
+        """The identity-Jacobian guided velocity ``v - w * W * (Y - (x_t - t * v))`` (fp32) from an already
+        evaluated ``v (B, H, A)``: no autograd, so any backend's fused denoising loop can apply it per step."""
+        weight = guidance_weight(t, self.max_guidance_weight)
+        v = v.float()
+        if weight == 0.0:
+            return v
+        return v - weight * (self.target - (x_t.float() - t * v)) * self.weights
 
 
 def guided_euler_integrate(

@@ -181,6 +181,7 @@ def _check_token_options(options: PolicyOptions, model_type: VLAModelType) -> No
         ("--steps", options.steps, "no denoising steps: actions are decoded greedily"),
         ("--seed", options.seed, "greedy decoding is already deterministic"),
         ("--views", options.views, "the model takes one image"),
+        ("--rtc-jacobian", options.rtc_jacobian, "real-time chunking guides flow-matching policies"),
     ) if value is not None]
     if model_type == VLAModelType.OPENVLA:
         if options.norm_stats is not None:

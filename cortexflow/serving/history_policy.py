@@ -160,7 +160,8 @@ def build_rt1_policy(options: PolicyOptions, model_type: VLAModelType = VLAModel
     problems = [flag for flag, value in (("--steps", options.steps), ("--seed", options.seed),
                                          ("--views", options.views), ("--norm-stats", options.norm_stats),
                                          ("--tokenizer", options.tokenizer), ("--chunk", options.chunk),
-                                         ("--unnorm-key", options.unnorm_key), ("--config", options.config))
+                                         ("--unnorm-key", options.unnorm_key), ("--config", options.config),
+                                         ("--rtc-jacobian", options.rtc_jacobian))
                 if value is not None]
     if robot != "raw":
         problems.append(f"--robot {robot} (RT-1 takes its own inputs: --robot raw)")

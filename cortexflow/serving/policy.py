@@ -24,6 +24,7 @@ from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
 from cortexflow.families import FLOW_MATCHING, family_of
+from cortexflow.models.rtc import JACOBIANS, RTCConfig
 from cortexflow.serving.robots import EngineRequest, RobotMapping, make_mapping
 
 DEMO_CHECKPOINT = "demo"
@@ -104,6 +105,11 @@ class PolicyOptions:
     model_config: Mapping[str, Any] | None = field(default=None, metadata=cli_option(
         "--model-config", metavar="JSON|FILE",
         help="Model config overrides as a JSON object or file (rt2: '{\"action_dim\": 7, \"chunk_size\": 4}')."))
+    rtc_jacobian: str | None = field(default=None, metadata=cli_option(
+        "--rtc-jacobian", metavar="vjp|identity",
+        help="Real-time chunking guidance for clients that send the rtc/ keys: vjp (the paper's, through the "
+             "expert's backward pass; pytorch backend) or identity (LeRobot's, no backward pass; pytorch and triton) "
+             "[default: vjp on the pytorch backend, identity on the others]."))
     unnorm_key: str | None = field(default=None, metadata=cli_option(
         "--unnorm-key", metavar="DATASET",
         help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
@@ -180,6 +186,9 @@ class ServedPolicy(MappedPolicy):
     seed: int | None = None
     default_prompt: str | None = None
     prompt_encoding: str | None = None
+    #: The guidance of real-time-chunking requests (default: the paper's where the backend can differentiate the
+    #: denoising loop, else the identity Jacobian).
+    rtc: RTCConfig | None = None
     _noise: np.ndarray | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -197,6 +206,9 @@ class ServedPolicy(MappedPolicy):
         if self.seed is not None:
             rng = np.random.default_rng(self.seed)
             self._noise = rng.standard_normal((self.engine.chunk_size, config.action_dim)).astype(np.float32)
+        if self.rtc is None:
+            vjp = getattr(self.engine.backend, "supports_guided_decoding", False)
+            self.rtc = RTCConfig(jacobian="vjp" if vjp else "identity")
 
     def warmup(self) -> None:
         """The synthetic robot observation end to end, then (with CUDA graphs) one call per prompt bucket, so
@@ -250,7 +262,7 @@ class ServedPolicy(MappedPolicy):
                 raise InputError(f"noise has shape {noise.shape}; expected {shape} (chunk_size, action_dim)")
             noises.append(noise)
         guidance = {} if prev_actions is None else {"batch_prev_actions": prev_actions,
-                                                    "batch_inference_delays": inference_delays}
+                                                    "batch_inference_delays": inference_delays, "rtc": self.rtc}
         actions = self.engine.predict_batch(
             [r.images for r in requests], [r.prompt for r in requests], [r.state for r in requests],
             noise=np.stack(noises).astype(np.float32),
@@ -272,7 +284,8 @@ class ServedPolicy(MappedPolicy):
         as the engine returned them; real-time chunking) when given; also returns the engine's chunk."""
         start = time.perf_counter()
         noise = request.noise if request.noise is not None else self._noise
-        guidance = {} if prev_actions is None else {"prev_actions": prev_actions, "inference_delay": inference_delay}
+        guidance = {} if prev_actions is None else {"prev_actions": prev_actions, "inference_delay": inference_delay,
+                                                    "rtc": self.rtc}
         actions = self.engine.predict(
             request.images,
             request.prompt,
@@ -424,4 +437,18 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
         seed=options.seed,
         default_prompt=options.default_prompt or (policy_config.default_prompt if policy_config else None),
         prompt_encoding=encoding,
+        rtc=_rtc_config(options, engine),
     )
+
+
+def _rtc_config(options: PolicyOptions, engine) -> RTCConfig | None:
+    """``--rtc-jacobian`` checked against the engine's backend (None: the policy's default for the backend)."""
+    if options.rtc_jacobian is None:
+        return None
+    jacobian = str(options.rtc_jacobian).strip().lower()
+    if jacobian not in JACOBIANS:
+        raise ConfigError(f"--rtc-jacobian must be one of {', '.join(JACOBIANS)}, got {options.rtc_jacobian!r}")
+    if jacobian == "vjp" and not getattr(engine.backend, "supports_guided_decoding", False):
+        raise ConfigError(f"--rtc-jacobian vjp differentiates the denoising loop op by op: use --backend pytorch, or "
+                          f"--rtc-jacobian identity with --backend {engine.backend.name}")
+    return RTCConfig(jacobian=jacobian)
