@@ -1,6 +1,7 @@
 """What real-time chunking costs per call: Pi0 / Pi0.5 ``predict`` unguided (CUDA graph on a GPU, and eager)
 against a guided call (``prev_actions`` of 40 remaining actions, ``inference_delay`` 4, the paper's exp
-schedule, beta 5; the paper's VJP guidance and LeRobot's identity-Jacobian variant), on the PyTorch backend with random non-zero weights, 2 views, 224x224 uint8 images,
+schedule, beta 5; the paper's VJP guidance and LeRobot's identity-Jacobian variant), on the PyTorch backend
+(``--backend triton``: the fused loop, identity guidance only) with random non-zero weights, 2 views, 224x224 uint8 images,
 20 prompt ids, chunk 50, 10 steps. Also reports how far the guided chunk's first ``inference_delay``
 actions are from the previous chunk against the unguided one (same noise).
 
@@ -27,16 +28,16 @@ PREV_LEFT = 40
 DELAY = 4
 
 
-def bench_model(model: str, size: str, device, dtype, iters: int, warmup: int) -> dict:
+def bench_model(model: str, size: str, device, dtype, iters: int, warmup: int, backend: str = "pytorch") -> dict:
     config = model_config(model, size)
     state_dict = to_checkpoint_keys(random_weights(config, 0, dtype, device), config, "openpi")
     rng = np.random.default_rng(0)
     obs = random_observation(config, 2, 20, rng)
     prev_obs = random_observation(config, 2, 20, rng)
-    out = {"model": model, "size": size}
+    out = {"model": model, "size": size, "backend": backend}
     graphs = device.type == "cuda"
-    engines = {"unguided_graph": make_engine(state_dict, config, 2, True, dtype, device)} if graphs else {}
-    engines["unguided_eager"] = make_engine(state_dict, config, 2, False, dtype, device)
+    engines = {"unguided_graph": make_engine(state_dict, config, 2, True, dtype, device, backend)} if graphs else {}
+    engines["unguided_eager"] = make_engine(state_dict, config, 2, False, dtype, device, backend)
     eager = engines["unguided_eager"]
     state = obs.state if "state" in eager.buffers(1) else None
     prev = eager.predict(prev_obs.images, state=state, prompt_tokens=prev_obs.tokens, noise=prev_obs.noise)
@@ -49,11 +50,13 @@ def bench_model(model: str, size: str, device, dtype, iters: int, warmup: int) -
 
     for name, engine in engines.items():
         out[name] = time_calls(call(engine), device, iters, warmup)
-    out["guided_eager"] = time_calls(call(eager, "vjp"), device, iters, warmup)
+    jacobians = ("vjp", "identity") if eager.backend.supports_guided_decoding else ("identity",)
+    if "vjp" in jacobians:
+        out["guided_eager"] = time_calls(call(eager, "vjp"), device, iters, warmup)
     out["guided_identity_eager"] = time_calls(call(eager, "identity"), device, iters, warmup)
     plain = call(eager)()
     out["gap_to_previous_first_delay_actions"] = {"unguided": float(np.linalg.norm(plain[:DELAY] - prev_left[:DELAY]))}
-    for jacobian in ("vjp", "identity"):
+    for jacobian in jacobians:
         guided = call(eager, jacobian)()
         out["gap_to_previous_first_delay_actions"][f"guided_{jacobian}"] = float(
             np.linalg.norm(guided[:DELAY] - prev_left[:DELAY]))
@@ -66,6 +69,7 @@ def main() -> int:
     parser.add_argument("--size", default="auto", help="real, tiny or auto (real on a GPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backend", default="pytorch", help="pytorch (both guidances) or triton (the identity Jacobian)")
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", default=None)
@@ -73,9 +77,9 @@ def main() -> int:
     device, dtype = resolve_device_dtype(args.device, args.dtype)
     size = resolve_size(args.size, device)
     results = {"environment": environment_info(device), "dtype": str(dtype), "views": 2, "prompt_ids": 20,
-               "prev_actions_left": PREV_LEFT, "inference_delay": DELAY, "backend": "pytorch", "models": []}
+               "prev_actions_left": PREV_LEFT, "inference_delay": DELAY, "backend": args.backend, "models": []}
     for model in args.models.split(","):
-        results["models"].append(bench_model(model, size, device, dtype, args.iters, args.warmup))
+        results["models"].append(bench_model(model, size, device, dtype, args.iters, args.warmup, args.backend))
         torch.cuda.empty_cache() if device.type == "cuda" else None
     text = json.dumps(results, indent=1)
     if args.json:
@@ -84,8 +88,8 @@ def main() -> int:
     for entry in results["models"]:
         cells = "  ".join(f"{k} {v['median_ms']:.2f} ms" for k, v in entry.items() if isinstance(v, dict) and "median_ms" in v)
         gap = entry["gap_to_previous_first_delay_actions"]
-        print(f"{entry['model']} ({entry['size']}): {cells}  gap {gap['unguided']:.3f} -> vjp {gap['guided_vjp']:.3f}, "
-              f"identity {gap['guided_identity']:.3f}")
+        guided = ", ".join(f"{k.removeprefix('guided_')} {v:.3f}" for k, v in gap.items() if k != "unguided")
+        print(f"{entry['model']} ({entry['size']}, {entry['backend']}): {cells}  gap {gap['unguided']:.3f} -> {guided}")
     return 0
 
 
