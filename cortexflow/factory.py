@@ -22,6 +22,7 @@ from cortexflow.decoding_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.engine import VLAInferenceEngine, resolve_device
 from cortexflow.errors import ConfigError, NormStatsError
 from cortexflow.history_engine import RT1Engine, TextEncoder, universal_sentence_encoder
+from cortexflow.preprocessor import install_pipeline
 
 __all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
            "create_rt2_inference"]
@@ -65,7 +66,7 @@ def _create(
     )
     engine = VLAInferenceEngine(checkpoint_path, model_config, config, model_type=model_type, progress=progress)
     if pipeline is not None:
-        pipeline.install(engine)
+        install_pipeline(pipeline, engine)
     return engine
 
 

@@ -10,7 +10,7 @@ format, or given as ids) and the state (normalised, zero-padded); ``ActionPostpr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from cortexflow.processing import (
     tokenize_pi05_prompt,
 )
 from cortexflow.processing.tokenizer import tokenize_joined_newline_prompt
+
+if TYPE_CHECKING:
+    from cortexflow.policies.pipeline import PolicyPipeline
 
 PROMPT_FORMATS = ("openpi", "lerobot")
 
@@ -215,3 +218,29 @@ def split_norm_stats(stats: dict[str, NormStats] | None, normalize_requested: bo
             )
         return None, None
     return stats.get("state"), stats.get("actions")
+
+
+def install_pipeline(pipeline: "PolicyPipeline", engine: Any) -> None:
+    """Replace ``engine.preprocessor`` / ``engine.postprocessor`` by ``pipeline``'s (keeping the tokenizer)."""
+    pipeline.check_model_type(engine.config.model_type, "the loaded model")
+    if pipeline.action_dim is not None and engine.config.action_dim != pipeline.action_dim:
+        raise ConfigError(f"{pipeline.source} runs a model with {pipeline.action_dim}-D actions but the checkpoint's "
+                          f"has {engine.config.action_dim}-D actions")
+    previous = engine.preprocessor
+    engine.preprocessor = ObservationPreprocessor(
+        config=engine.config,
+        num_views=engine.num_views,
+        tokenizer=getattr(previous, "tokenizer", None),
+        state_stats=None if pipeline.state_normalizer is None else pipeline.state_normalizer.stats,
+        discrete_state_input=engine.config.discrete_state_input,
+        uses_state_token=getattr(previous, "uses_state_token", True),
+        input_steps=pipeline.input_steps,
+        state_normalizer=pipeline.state_normalizer,
+        prompt_format=pipeline.prompt_format,
+        state_prompt_width=pipeline.state_prompt_width,
+        state_required=pipeline.needs_state,
+        state_dim=pipeline.state_dim,
+    )
+    action_stats = next((step.normalizer.stats for step in pipeline.output_steps if isinstance(step, Unnormalize)), None)
+    engine.postprocessor = ActionPostprocessor(engine.config.model_type, action_stats, steps=pipeline.output_steps)
+    engine.policy = pipeline

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from cortexflow.config import VLAModelType
 from cortexflow.errors import ConfigError, NormStatsError
@@ -57,33 +56,6 @@ class PolicyPipeline:
         """``where`` (a factory or checkpoint) must be of this pipeline's model type."""
         if model_type != self.model_type:
             raise ConfigError(f"{self.source} is a {self.model_type.value} policy but {where} is {model_type.value}")
-
-    def install(self, engine: Any) -> None:
-        """Replace ``engine.preprocessor`` / ``engine.postprocessor`` by this pipeline's (keeping the tokenizer)."""
-        from cortexflow.preprocessor import ActionPostprocessor, ObservationPreprocessor
-
-        self.check_model_type(engine.config.model_type, "the loaded model")
-        if self.action_dim is not None and engine.config.action_dim != self.action_dim:
-            raise ConfigError(f"{self.source} runs a model with {self.action_dim}-D actions but the checkpoint's "
-                              f"has {engine.config.action_dim}-D actions")
-        previous = engine.preprocessor
-        engine.preprocessor = ObservationPreprocessor(
-            config=engine.config,
-            num_views=engine.num_views,
-            tokenizer=getattr(previous, "tokenizer", None),
-            state_stats=None if self.state_normalizer is None else self.state_normalizer.stats,
-            discrete_state_input=engine.config.discrete_state_input,
-            uses_state_token=getattr(previous, "uses_state_token", True),
-            input_steps=self.input_steps,
-            state_normalizer=self.state_normalizer,
-            prompt_format=self.prompt_format,
-            state_prompt_width=self.state_prompt_width,
-            state_required=self.needs_state,
-            state_dim=self.state_dim,
-        )
-        action_stats = next((step.normalizer.stats for step in self.output_steps if isinstance(step, Unnormalize)), None)
-        engine.postprocessor = ActionPostprocessor(engine.config.model_type, action_stats, steps=self.output_steps)
-        engine.policy = self
 
     def describe(self) -> list[str]:
         """The transforms that apply, in order, one line each."""
