@@ -306,10 +306,12 @@ def test_identity_guidance_needs_only_a_backend_that_runs_the_loop(engine):
 
 @pytest.mark.parametrize("model_type", ["pi0", "pi05"])
 def test_identity_guidance_on_the_fused_triton_loop_matches_pytorch(tmp_path, model_type):
-    """The Triton backend's table-driven denoising loop (fused expert layers, under the interpreter on a CPU)
-    applies the identity-Jacobian guidance per step: the same chunk as the PyTorch backend's op-by-op loop."""
+    """The Triton backend's table-driven denoising loop (fused expert layers; on the GPU, or under the interpreter
+    on a CPU) applies the identity-Jacobian guidance per step: the same chunk as the PyTorch backend's op-by-op loop."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
 
     config = tiny_model_config(model_type, action_dim=ACTION_DIM, chunk_size=4, num_diffusion_steps=3,
                                num_vision_layers=1)
@@ -323,7 +325,7 @@ def test_identity_guidance_on_the_fused_triton_loop_matches_pytorch(tmp_path, mo
     rtc = RTCConfig(jacobian="identity", max_guidance_weight=5.0)
     out = {}
     for name, backend in (("pytorch", "pytorch"), ("triton", TritonBackend)):
-        engine = create(tmp_path, backend=backend, device="cpu", dtype="float32", model_config=config,
+        engine = create(tmp_path, backend=backend, device=device, dtype="float32", model_config=config,
                         use_cuda_graphs=False, progress=False)
         out[name] = engine.predict(**obs, prev_actions=prev, inference_delay=1, rtc=rtc)
         out[name + "_plain"] = engine.predict(**obs)
