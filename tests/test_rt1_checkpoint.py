@@ -203,3 +203,33 @@ def test_cli_convert_writes_safetensors_that_give_the_same_step(tmp_path, expect
     assert torch.equal(converted.weights["transformer.output.weight"], weights["transformer.output.weight"])
     bad = CliRunner().invoke(app, ["convert", str(FIXTURE), str(tmp_path / "x"), "--model", "pi0"])
     assert bad.exit_code == 2 and "TensorFlow checkpoint (RT-1)" in bad.output
+
+
+def test_cli_info_describes_rt1_source_and_converted_checkpoints(tmp_path):
+    from typer.testing import CliRunner
+
+    from cortexflow.checkpoints.rt1_layout import is_converted_rt1, is_rt1_checkpoint
+    from cortexflow.cli import app
+
+    runner = CliRunner()
+    overrides = json.dumps({"image_size": 64, "input_size": [48, 64], "width": 0.2, "depth": 0.5})
+    source = runner.invoke(app, ["info", str(FIXTURE), "--model-config", overrides, "--json"])
+    assert source.exit_code == 0, source.output
+    report = json.loads(source.output)
+    model, weights, _ = load_rt1_checkpoint(FIXTURE, CONFIG)
+    assert report["model_type"] == "rt1" and report["layout"] == "tf2-checkpoint" and report["ok"]
+    assert report["num_parameters"] == sum(t.numel() for t in weights.values())
+    assert report["config"] == json.loads(json.dumps(model.config.to_dict()))
+    assert runner.invoke(app, ["convert", str(FIXTURE), str(tmp_path / "rt1"), "--model-config", overrides]).exit_code == 0
+    assert is_converted_rt1(tmp_path / "rt1") and is_converted_rt1(tmp_path / "rt1" / "model.safetensors")
+    assert not is_rt1_checkpoint(tmp_path / "rt1") and not is_converted_rt1(FIXTURE)
+    converted = runner.invoke(app, ["info", str(tmp_path / "rt1")])
+    assert converted.exit_code == 0, converted.output
+    assert "rt1" in converted.output and "safetensors" in converted.output
+    assert "3 frames x (4 image + 11 action tokens) = 45 tokens" in converted.output
+    with_config = runner.invoke(app, ["info", str(tmp_path / "rt1"), "--config", "pi0_droid"])
+    assert with_config.exit_code == 2 and "RT-1 checkpoints have none" in with_config.output
+    # a wrong configuration is a checkpoint error naming the mis-shaped variables, not a Pi0 message
+    wrong = runner.invoke(app, ["info", str(FIXTURE), "--model-config", json.dumps({"image_size": 64, "input_size":
+                                                                                     [48, 64], "width": 0.4})])
+    assert wrong.exit_code != 0 and "mis-shaped" in wrong.output and "Pi0" not in wrong.output

@@ -52,6 +52,15 @@ def test_auto_detects_rt1_and_describes_the_action_layout(policy):
     assert meta["action_dim"] == sum(size for _, size in meta["action_layout"])
 
 
+def test_auto_detects_a_converted_rt1_folder(tmp_path):
+    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint, save_converted
+
+    model, weights, _ = load_rt1_checkpoint(FIXTURE, OVERRIDES)
+    save_converted(model, weights, tmp_path / "rt1")
+    served = build_policy(PolicyOptions(checkpoint=str(tmp_path / "rt1"), model="auto", robot=None, device="cpu"))
+    assert served.metadata["model"] == "rt1" and served.engine.config == model.config
+
+
 def test_interleaved_robots_keep_their_own_episodes(openpi, start_server, policy):
     server = start_server(policy)
     robot_a, robot_b = openpi_client(openpi, server), openpi_client(openpi, server)

@@ -265,6 +265,20 @@ def is_rt1_checkpoint(path: str | Path) -> bool:
     return is_flax_checkpoint(path) or is_tf_checkpoint(path)
 
 
+def is_converted_rt1(path: str | Path) -> bool:
+    """Whether ``path`` is a folder (or its ``model.safetensors``) written by :func:`save_converted`: a
+    ``config.json`` with an ``"rt1"`` entry beside the safetensors; reads that small file only."""
+    path = Path(path).expanduser()
+    folder = path.parent if path.suffix == ".safetensors" else path
+    config = folder / "config.json"
+    if not config.is_file() or not any(folder.glob("*.safetensors")):
+        return False
+    try:
+        return "rt1" in json.loads(config.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def save_converted(model: RT1Model, weights: Mapping[str, torch.Tensor], out_dir: str | Path) -> Path:
     """Write ``model.safetensors`` (canonical names, fp32) and ``config.json`` (``{"rt1": config}``)."""
     from safetensors.torch import save_file

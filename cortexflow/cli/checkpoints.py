@@ -51,6 +51,13 @@ def info_command(
     from cortexflow.checkpoints.openvla_layout import inspect_any_checkpoint
 
     refuse_demo_name(checkpoint, "info CHECKPOINT")
+    from cortexflow.checkpoints.rt1_layout import is_converted_rt1, is_rt1_checkpoint
+
+    if is_rt1_checkpoint(checkpoint) or is_converted_rt1(checkpoint):
+        if config is not None:
+            raise ConfigError("--config names an openpi policy; RT-1 checkpoints have none")
+        _print_rt1_info(checkpoint, parse_model_config(model_config), json_output)
+        return
     report = inspect_any_checkpoint(checkpoint, parse_model_config(model_config))
     from cortexflow.policies.describe import policy_transforms
 
@@ -83,6 +90,41 @@ def info_command(
                 stdout_console().print(f"  note: {note}", markup=False, highlight=False)
     if not report.ok:
         raise typer.Exit(EXIT_PROBLEMS)
+
+
+def _print_rt1_info(checkpoint: Path, model_config, json_output: bool) -> None:
+    """``info`` for an RT-1 checkpoint (TF2, RT-1-X Flax or converted): its variables are read and mapped (RT-1 has
+    ~35M parameters); a checkpoint with key problems is a CheckpointError naming all of them."""
+    from cortexflow.checkpoints.rt1_layout import load_rt1_checkpoint
+
+    model, weights, report = load_rt1_checkpoint(checkpoint, model_config)
+    dtypes: dict[str, int] = {}
+    for tensor in weights.values():
+        dtypes[str(tensor.dtype).removeprefix("torch.")] = dtypes.get(str(tensor.dtype).removeprefix("torch."), 0) + 1
+    count = sum(t.numel() for t in weights.values())
+    c = model.config
+    if json_output:
+        typer.echo(json.dumps({"path": str(checkpoint), "model_type": "rt1", "layout": report.format,
+                               "config": c.to_dict(), "num_parameters": count, "dtypes": dtypes, "ok": True,
+                               "missing": [], "unexpected": [], "mis_shaped": [], "wrong_dtype": [],
+                               "skipped": report.skipped}, indent=2))
+        return
+    out = stdout_console()
+    summary = Table(show_header=False, box=None, pad_edge=False, padding=(0, 2, 0, 0))
+    summary.add_column(style="cyan", no_wrap=True)
+    summary.add_column()
+    summary.add_row("checkpoint", str(checkpoint))
+    summary.add_row("model type", "rt1")
+    summary.add_row("format", report.format)
+    summary.add_row("parameters", human_count(count))
+    summary.add_row("dtypes", ", ".join(f"{name}: {n} tensors" for name, n in sorted(dtypes.items())))
+    summary.add_row("history", f"{c.time_steps} frames x ({c.num_tokens} image + {c.num_action_tokens} action "
+                               f"tokens) = {c.sequence_length} tokens")
+    summary.add_row("vocabulary", f"{c.vocab_size} bins per action token")
+    summary.add_row("input", f"{tuple(c.input_size)} frames, resized to {c.image_size}x{c.image_size}")
+    out.print(summary)
+    out.print("[green]every variable mapped[/green] (missing, unexpected or mis-shaped ones would be a "
+              "checkpoint error listing them)")
 
 
 def _print_info(report) -> None:

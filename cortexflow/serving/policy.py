@@ -356,11 +356,11 @@ def build_policy(options: PolicyOptions, log: Callable[[str], None] | None = Non
     policy_config = _policy_config(options, demo)
     model_type = policy_config.model_type if policy_config is not None else _model_type(options, demo)
     if model_type is None and not demo:
-        # RT-1 TF2 checkpoints by their files, OpenVLA folders by their tensors; an RT-2 policy reads a
-        # Pi0-family checkpoint, so it is never auto-detected (--model rt2).
-        from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
+        # RT-1 (TF2, RT-1-X Flax, or converted) by its files, OpenVLA folders by their tensors; an RT-2 policy
+        # reads a Pi0-family checkpoint, so it is never auto-detected (--model rt2).
+        from cortexflow.checkpoints.rt1_layout import is_converted_rt1, is_rt1_checkpoint
 
-        if is_tf_checkpoint(options.checkpoint):
+        if is_rt1_checkpoint(options.checkpoint) or is_converted_rt1(options.checkpoint):
             model_type = VLAModelType.RT1
         else:
             model_type = inspect_any_checkpoint(options.checkpoint, dict(options.model_config or {}) or None).model_type
