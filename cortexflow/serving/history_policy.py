@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -96,6 +96,8 @@ def action_vector(actions: dict[str, np.ndarray], layout: list[tuple[str, int]])
 @dataclass
 class RT1ServedPolicy(MappedPolicy):
     """An :class:`~cortexflow.history_engine.RT1Engine` served with one episode per connection (one thread at a time)."""
+
+    keeps_episodes: ClassVar[bool] = True
 
     engine: Any
     mapping: RT1Mapping

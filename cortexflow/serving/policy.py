@@ -15,7 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
@@ -150,7 +150,18 @@ def engine_timings(engine: Any, start: float) -> dict[str, float]:
 
 class MappedPolicy:
     """What every served policy shares: ``prepare`` through ``self.mapping``, ``predict``, ``warmup``.
-    Subclasses define ``metadata`` and ``infer(request) -> (actions, timings)``."""
+    Subclasses define ``metadata`` and ``infer(request) -> (actions, timings)``, and declare what else the server
+    may ask of them:
+
+    - ``batches``: ``infer_batch(requests, prev_actions, inference_delays)`` and ``warmup_batches(sizes)``
+      (cross-request batching);
+    - ``guides_chunks``: ``infer_chunk(request, prev_actions, inference_delay) -> (actions, timings, chunk)``
+      (real-time chunking; the server keeps each connection's last chunk);
+    - ``keeps_episodes``: ``new_episode()`` and ``infer_episode(request, episode)`` (a history per connection)."""
+
+    batches: ClassVar[bool] = False
+    guides_chunks: ClassVar[bool] = False
+    keeps_episodes: ClassVar[bool] = False
 
     mapping: RobotMapping
     default_prompt: str | None
@@ -179,6 +190,9 @@ class MappedPolicy:
 @dataclass
 class ServedPolicy(MappedPolicy):
     """An engine behind a robot mapping. ``infer`` must only ever be called from one thread at a time."""
+
+    batches: ClassVar[bool] = True
+    guides_chunks: ClassVar[bool] = True
 
     engine: VLAInferenceEngine
     mapping: RobotMapping

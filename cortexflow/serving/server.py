@@ -266,7 +266,7 @@ class PolicyServer:
                 start = time.perf_counter()
                 for engine, warmup, policy in zip(engines, warmups, self.policies):  # one at a time: CUDA graph
                     await engine.submit(warmup)                                          # captures must not overlap
-                    if self.max_batch > 1 and hasattr(policy, "warmup_batches"):
+                    if self.max_batch > 1 and getattr(policy, "batches", False):
                         await engine.submit(policy.warmup_batches, range(2, self.max_batch + 1))
                 logger.info("warm-up request done in %.1f ms", (time.perf_counter() - start) * 1e3)
             async with server_module.serve(
@@ -412,10 +412,10 @@ class PolicyServer:
     # ---- engine worker ----------------------------------------------------------------------------
     async def _worker(self, policy: Any, engine: DaemonWorkers) -> None:
         """Runs queued jobs in arrival order on ``policy``'s engine thread; a job whose client left (its future
-        cancelled) is skipped. With ``max_batch > 1`` (and a policy with ``infer_batch``) the jobs queued behind
+        cancelled) is skipped. With ``max_batch > 1`` (and a policy that ``batches``) the jobs queued behind
         the first, and those arriving within ``batch_window_s``, run with it as one batched forward."""
         assert self._queue is not None
-        batching = self.max_batch > 1 and hasattr(policy, "infer_batch")
+        batching = self.max_batch > 1 and getattr(policy, "batches", False)
         while True:
             job = await self._queue.get()
             if job is None:
@@ -464,16 +464,15 @@ class PolicyServer:
         """One request on the engine thread; its result or error goes to the waiting connection handler."""
         started = time.perf_counter()
         try:
-            infer_chunk = getattr(policy, "infer_chunk", None)
-            if hasattr(policy, "infer_episode"):
+            if getattr(policy, "keeps_episodes", False):
                 if job.session.episode is None:
                     job.session.episode = await engine.submit(policy.new_episode)
                 actions, timings = await engine.submit(policy.infer_episode, job.request, job.session.episode)
-            elif infer_chunk is None:
+            elif not getattr(policy, "guides_chunks", False):
                 actions, timings = await engine.submit(policy.infer, job.request)
             else:
                 prev_actions, delay = job.session.previous_actions(job.follow_up)
-                actions, timings, chunk = await engine.submit(infer_chunk, job.request, prev_actions, delay)
+                actions, timings, chunk = await engine.submit(policy.infer_chunk, job.request, prev_actions, delay)
                 job.session.last_chunk = chunk
         except Exception as err:
             if not job.future.done():
@@ -626,7 +625,7 @@ class PolicyServer:
         """Decoder thread: the frame -> the policy's prepared request and its real-time-chunking keys (raises
         UndecodableFrame / InputError)."""
         observation, follow_up = split_follow_up(codec.unpack(frame))
-        if follow_up is not None and not hasattr(self.policy, "infer_chunk"):
+        if follow_up is not None and not getattr(self.policy, "guides_chunks", False):
             raise InputError(f"this server's {self.metadata.get('model', 'policy')} policy does not take the "
                              f"real-time-chunking keys {list(RTC_KEYS)}; send the observation without them")
         return self.policy.prepare(observation), follow_up
