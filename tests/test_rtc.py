@@ -105,9 +105,9 @@ def test_no_previous_chunk_and_zero_guidance_are_unguided_bit_for_bit(engine):
 
 
 # ---- against the paper's algorithm written out in its own convention -----------------------------
-def paper_algorithm_1(engine, obs, prev_model_space, delay, end, beta):
-    """Algorithm 1 of the paper, literally: tau from 0 to 1, A <- A + 1/n (v_pi + w g), with the model's
-    velocity as v_pi = -v(x, t = 1 - tau) and g the VJP of the predicted clean chunk A + (1 - tau) v_pi."""
+def velocity_context(engine, obs):
+    """What ``model.velocity`` reads for one observation: the prefix KV cache (computed without autograd), the
+    suffix mask and positions, and Pi0's state."""
     model, weights = engine.model, engine.weights
     sample = engine.preprocessor(obs["observation_images"], None, obs["state"], obs["prompt_tokens"], None)
     buffers = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
@@ -121,6 +121,14 @@ def paper_algorithm_1(engine, obs, prev_model_space, delay, end, beta):
     ctx = dict(prefix, suffix_mask=mask, suffix_positions=start + torch.arange(mask.shape[1])[None, :])
     if "state" in buffers:
         ctx["state"] = buffers["state"]
+    return ctx
+
+
+def paper_algorithm_1(engine, obs, prev_model_space, delay, end, beta):
+    """Algorithm 1 of the paper, literally: tau from 0 to 1, A <- A + 1/n (v_pi + w g), with the model's
+    velocity as v_pi = -v(x, t = 1 - tau) and g the VJP of the predicted clean chunk A + (1 - tau) v_pi."""
+    model, weights = engine.model, engine.weights
+    ctx = velocity_context(engine, obs)
     W = torch.zeros(CHUNK, ACTION_DIM, dtype=torch.float64)
     for i in range(CHUNK):
         if i < delay:
@@ -161,18 +169,8 @@ def lerobot_identity_guidance(engine, obs, prev_model_space, delay, horizon, bet
     ``n = horizon - delay``, zeros after; ``w = min(beta, c (tau'^2 + tau^2) / tau'^2)`` with ``tau = 1 - time``,
     ``tau' = 1 - tau`` and ``c = tau' / tau``; the step ``x <- x + dt (v - w * correction)``."""
     model, weights = engine.model, engine.weights
-    sample = engine.preprocessor(obs["observation_images"], None, obs["state"], obs["prompt_tokens"], None)
-    buffers = {k: v[None] if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+    ctx = velocity_context(engine, obs)
     with torch.no_grad():
-        tokens = engine.backend.vision_encoder(model, weights, {"images": buffers["images"]})
-        prefix = engine.backend.transformer_encoder(model, weights, {
-            "image_tokens": tokens, "image_masks": buffers["image_masks"],
-            "token_ids": buffers["token_ids"], "token_mask": buffers["token_mask"]})
-        mask = model.suffix_attention_mask(prefix["prefix_mask"], CHUNK)
-        start = prefix["prefix_mask"].long().sum(dim=1, keepdim=True)
-        ctx = dict(prefix, suffix_mask=mask, suffix_positions=start + torch.arange(mask.shape[1])[None, :])
-        if "state" in buffers:
-            ctx["state"] = buffers["state"]
         n = horizon - delay
         w_rows = torch.cat([torch.ones(delay), torch.linspace(1, 0, n + 2)[1:-1], torch.zeros(CHUNK - horizon)])
         prev = torch.zeros(1, CHUNK, ACTION_DIM)

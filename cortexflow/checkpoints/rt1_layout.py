@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from cortexflow.checkpoints.key_problems import RT1CheckpointReport
+from cortexflow.checkpoints.layout_transforms import Transform
+from cortexflow.checkpoints.layout_transforms import conv as _conv
+from cortexflow.checkpoints.layout_transforms import dense as _dense
+from cortexflow.checkpoints.layout_transforms import depthwise as _depthwise
+from cortexflow.checkpoints.layout_transforms import flat as _flat
+from cortexflow.checkpoints.layout_transforms import heads_in as _heads_in
+from cortexflow.checkpoints.layout_transforms import same as _same
 from cortexflow.errors import CheckpointError, ConfigError
 from cortexflow.models.rt1 import RT1Config, RT1Model
 
@@ -34,31 +41,6 @@ NET = "_image_tokenizer/_tokenizer/net/"
 UNUSED = ("_action_token_emb/kernel", "_action_token_emb/bias", NET + "layer_with_weights-0/count")
 
 
-def _same(a: np.ndarray) -> np.ndarray:
-    return a
-
-
-def _conv(a: np.ndarray) -> np.ndarray:
-    return a.transpose(3, 2, 0, 1)
-
-
-def _depthwise(a: np.ndarray) -> np.ndarray:
-    return a.transpose(2, 3, 0, 1)
-
-
-def _dense(a: np.ndarray) -> np.ndarray:
-    return a.reshape(-1, a.shape[-1]).T
-
-
-def _heads_in(a: np.ndarray) -> np.ndarray:
-    return a.reshape(a.shape[0], -1).T
-
-
-def _flat(a: np.ndarray) -> np.ndarray:
-    return a.reshape(-1)
-
-
-Transform = Callable[[np.ndarray], np.ndarray]
 
 
 def _bn(out: dict, canonical: str, tf: str) -> None:
