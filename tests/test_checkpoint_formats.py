@@ -235,6 +235,9 @@ def test_info_describes_an_orbax_checkpoint(tmp_path):
 
     config = tiny_model_config("pi05", num_vision_heads=3)
     save_params(jax_params(random_weights(config), config), tmp_path)
+    from cortexflow.checkpoints.rt1_layout import is_rt1_checkpoint
+
+    assert not is_rt1_checkpoint(tmp_path)   # an Orbax tree, but not RT-1-X's
     result = CliRunner().invoke(app, ["info", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

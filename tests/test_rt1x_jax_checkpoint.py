@@ -395,6 +395,9 @@ def test_orbax_pytree_folder(tmp_path, fixture_tree):
     ocp.PyTreeCheckpointer().save(folder, {"params": tree["params"], "batch_stats": tree["batch_stats"]})
     _, weights, report = load_rt1_checkpoint(folder, SHAPE_FREE)
     assert report.format == "flax-orbax" and report.ok
+    from cortexflow.checkpoints.rt1_layout import is_rt1_checkpoint
+
+    assert is_rt1_checkpoint(folder) and is_rt1_checkpoint(tmp_path)   # the folder, or the run folder holding it
     for name in ("tokenizer.blocks.3.dw.conv", "tokenizer.top.bn.var", "transformer.layers.1.ff.down"):
         np.testing.assert_array_equal(weights[name].numpy(), expected[name])
 

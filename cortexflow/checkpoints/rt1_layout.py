@@ -240,11 +240,20 @@ def load_rt1_checkpoint(path: str | Path, model_config: "RT1Config | Mapping[str
 
 
 def is_rt1_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is an RT-1 source checkpoint by its files: TF2 or Flax (RT-1-X); cheap."""
-    from cortexflow.checkpoints.flax_checkpoint import is_flax_checkpoint
+    """Whether ``path`` is an RT-1 source checkpoint: a TF2 checkpoint, a Flax msgpack state dict (RT-1-X's
+    format), or an Orbax tree whose variable names include RT-1-X's transformer (an openpi ``params/`` tree is
+    Orbax too); reads file names, first bytes and the Orbax metadata only."""
+    from cortexflow.checkpoints.flax_checkpoint import resolve_flax_checkpoint
+    from cortexflow.checkpoints.rt1x_jax_layout import orbax_holds_rt1x
     from cortexflow.checkpoints.tf_bundle import is_tf_checkpoint
 
-    return is_flax_checkpoint(path) or is_tf_checkpoint(path)
+    if is_tf_checkpoint(path):
+        return True
+    try:
+        kind, location = resolve_flax_checkpoint(path)
+    except (CheckpointError, OSError):
+        return False
+    return kind == "msgpack" or orbax_holds_rt1x(location)
 
 
 def is_converted_rt1(path: str | Path) -> bool:

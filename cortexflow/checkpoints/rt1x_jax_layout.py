@@ -53,6 +53,18 @@ NET = "image_tokenizer/EfficientNetWithFilm_0/"
 TOKEN_LEARNER = "image_tokenizer/TokenLearnerModuleV11_0/"
 
 
+def orbax_holds_rt1x(location: Path) -> bool:
+    """Whether the Orbax tree at ``location`` names RT-1-X's transformer (its metadata only; False when it
+    cannot be read, e.g. without orbax-checkpoint)."""
+    from cortexflow.checkpoints.orbax_reader import read_leaf_infos
+
+    try:
+        names = read_leaf_infos(location)
+    except (CheckpointError, ImportError, OSError):
+        return False
+    return any(name.endswith(ANCHOR) for name in names)
+
+
 def _bn(out: dict, canonical: str, flax: str) -> None:
     out[f"{canonical}.gamma"] = (PARAMS, f"{flax}/scale", _same)
     out[f"{canonical}.beta"] = (PARAMS, f"{flax}/bias", _same)
