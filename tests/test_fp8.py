@@ -164,3 +164,47 @@ def test_fp8_support_check(monkeypatch):
         assert (reason is None) == ok, (arch, reason)
         if not ok:
             assert f"{arch // 10}.{arch % 10}" in reason
+
+
+FP8_COMPILE_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels.fp8_linear import Fp8Tiling, fp8_linear
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.quantization.fp8 import E4M3, Fp8Tensor
+from cortexflow.tools.compile_check import compile_only
+
+meta = torch.device("meta")
+x = torch.empty(51, 1024, dtype=torch.bfloat16, device=meta)
+weight = Fp8Tensor(torch.empty(2560, 1024, dtype=E4M3, device=meta), torch.empty(2560, dtype=torch.float32, device=meta))
+out = {}
+for arch in (89, 90):
+    with compile_only(CompileTarget(arch=arch, processors=132)) as launches:
+        fp8_linear(x, weight, torch.empty(2560, dtype=torch.bfloat16, device=meta))
+        fp8_linear(x, weight, tiling=Fp8Tiling(block_n=32, block_k=256, split_k=4))
+    out[arch] = [{"name": l.name, "grid": list(l.grid), "atomic": l.constexprs.get("ATOMIC"),
+                  "ptx_fp8": "e4m3" in l.kernel.asm["ptx"]} for l in launches]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_fp8_linear_compiles_for_ada_and_hopper(tmp_path):
+    """The kernel through Triton's whole pipeline for sm_89 (L4, RTX 4090) and sm_90 (H100) on ``meta`` tensors
+    (compile-check's compile-only launches, in a subprocess without the interpreter); its PTX converts E4M3."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    report = json.loads(done.stdout)
+    for arch in ("89", "90"):
+        plain, split = report[arch]
+        assert plain["name"] == split["name"] == "_fp8_linear_kernel"
+        assert plain["grid"] == [40, 1, 1] and plain["atomic"] is False   # 2560 / 64 column tiles, one K range
+        assert split["grid"] == [80, 1, 4] and split["atomic"] is True
+        assert plain["ptx_fp8"] and split["ptx_fp8"]
