@@ -43,3 +43,21 @@ def heads_in(a: np.ndarray) -> np.ndarray:
 def flat(a: np.ndarray) -> np.ndarray:
     """Any shape -> 1-D (per-head biases ``(heads, head_dim)``)."""
     return a.reshape(-1)
+
+
+def match_variables(shapes, mapping, wanted, report) -> dict[str, tuple[str, Transform]]:
+    """``{canonical name: (stored name, transform)}`` for every entry of ``mapping`` (canonical name ->
+    ``(stored name, transform)``) whose stored variable exists in ``shapes`` and, transformed, has the shape
+    ``wanted`` gives; the others go to ``report.missing`` / ``report.mis_shaped``."""
+    sources = {}
+    for name, (full, transform) in mapping.items():
+        if full not in shapes:
+            report.missing.append(full)
+            continue
+        stored = tuple(shapes[full])
+        got = transform(np.empty(stored, dtype=np.uint8)).shape
+        if tuple(got) != wanted[name]:
+            report.mis_shaped.append(f"{full} {stored} (expected {name} {wanted[name]} in torch layout)")
+            continue
+        sources[name] = (full, transform)
+    return sources

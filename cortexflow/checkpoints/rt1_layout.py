@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from cortexflow.checkpoints.key_problems import RT1CheckpointReport
-from cortexflow.checkpoints.layout_transforms import Transform
+from cortexflow.checkpoints.layout_transforms import Transform, match_variables
 from cortexflow.checkpoints.layout_transforms import conv as _conv
 from cortexflow.checkpoints.layout_transforms import dense as _dense
 from cortexflow.checkpoints.layout_transforms import depthwise as _depthwise
@@ -154,18 +154,8 @@ def match_tf_checkpoint(shapes: Mapping[str, tuple[int, ...]], model: RT1Model, 
     """Canonical name -> (full TF name, layout map), and the report of missing / unexpected / mis-shaped."""
     report = RT1CheckpointReport(format="tf2-checkpoint", prefix=prefix)
     wanted = model.get_weight_shapes()
-    sources = {}
-    for name, (rel, transform) in tf_variable_map(model).items():
-        full = prefix + rel + SUFFIX
-        if full not in shapes:
-            report.missing.append(full)
-            continue
-        stored = tuple(shapes[full])
-        got = transform(np.empty(stored, dtype=np.uint8)).shape
-        if tuple(got) != wanted[name]:
-            report.mis_shaped.append(f"{full} {stored} (expected {name} {wanted[name]} in torch layout)")
-            continue
-        sources[name] = (full, transform)
+    sources = match_variables(shapes, {name: (prefix + rel + SUFFIX, transform)
+                                       for name, (rel, transform) in tf_variable_map(model).items()}, wanted, report)
     mapped = [rel for rel, _ in tf_variable_map(model).values()]
     used = {prefix + rel + SUFFIX for rel in (*UNUSED, *mapped)}
     for name in shapes:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from cortexflow.checkpoints.key_problems import RT1CheckpointReport
-from cortexflow.checkpoints.layout_transforms import Transform
+from cortexflow.checkpoints.layout_transforms import Transform, match_variables
 from cortexflow.checkpoints.layout_transforms import conv as _conv
 from cortexflow.checkpoints.layout_transforms import dense as _dense
 from cortexflow.checkpoints.layout_transforms import depthwise as _depthwise
@@ -202,18 +202,8 @@ def match_flax_checkpoint(shapes: Mapping[str, tuple[int, ...]], model: RT1Model
     report = RT1CheckpointReport(format=fmt, prefix=prefix)
     wanted = model.get_weight_shapes()
     mapping = flax_variable_map(model)
-    sources = {}
-    for name, (collection, rel, transform) in mapping.items():
-        full = full_name(collection, prefix, rel)
-        if full not in shapes:
-            report.missing.append(full)
-            continue
-        stored = tuple(shapes[full])
-        got = transform(np.empty(stored, dtype=np.uint8)).shape
-        if tuple(got) != wanted[name]:
-            report.mis_shaped.append(f"{full} {stored} (expected {name} {wanted[name]} in torch layout)")
-            continue
-        sources[name] = (full, transform)
+    sources = match_variables(shapes, {name: (full_name(collection, prefix, rel), transform)
+                                       for name, (collection, rel, transform) in mapping.items()}, wanted, report)
     used = {full_name(collection, prefix, rel) for collection, rel, _ in mapping.values()}
     ours = (prefix, _stats_prefix(prefix))
     for name in shapes:
