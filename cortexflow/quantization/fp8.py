@@ -123,3 +123,48 @@ def quantize_named(weights: Mapping[str, torch.Tensor], names: Iterable[str]) ->
         raise ConfigError(f"cannot quantise weights that are not loaded: {', '.join(missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
     return {n: quantize_weight(weights[n], n) for n in names}
+
+
+# ---- FP8 weights inside a model's weights dict ----------------------------------------------------------
+# A quantised linear weight keeps its name: ``weights[name]`` holds the E4M3 data ``(out, in)`` and
+# ``weights[fp8_scale_key(name)]`` the fp32 per-output-channel scales ``(out,)``. Code that runs a projection
+# checks :func:`is_fp8` on the weight and takes the scales from :func:`fp8_scale`.
+
+def fp8_scale_key(name: str) -> str:
+    """The weights-dict key of the per-output-channel scales of the FP8 weight ``name``."""
+    return f"{name}.fp8_scale"
+
+
+def is_fp8(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` holds E4M3 data (its scales are under :func:`fp8_scale_key`)."""
+    return weight.dtype == E4M3
+
+
+def fp8_scale(weights: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    """The fp32 per-output-channel scales of the FP8 weight ``weights[name]``."""
+    key = fp8_scale_key(name)
+    if key not in weights:
+        raise ConfigError(f"weight {name!r} is E4M3 but its scales {key!r} are missing; quantise weights with "
+                          "quantize_in_place")
+    return weights[key]
+
+
+def quantize_in_place(weights: dict[str, torch.Tensor], name: str, parts: Iterable[tuple[str, int]] = ()) -> None:
+    """Replace the linear weight ``weights[name] (out, in)`` by its E4M3 data and add its scales (one per
+    output channel) under :func:`fp8_scale_key`; the bf16 tensor is released. ``parts``: ``(part name, rows)``
+    of weights that are row ranges of ``name`` in order (the separate Q/K/V of a fused QKV): each becomes a
+    view into the E4M3 data, with its scales a view into the fused scales. A weight that is E4M3 already is
+    left as it is (quantising twice changes nothing)."""
+    weight = weights[name]
+    if is_fp8(weight):
+        return
+    q = quantize_weight(weight, name)
+    weights[name] = q.data
+    weights[fp8_scale_key(name)] = q.scale
+    start = 0
+    for part, rows in parts:
+        weights[part] = q.data[start:start + rows]
+        weights[fp8_scale_key(part)] = q.scale[start:start + rows]
+        start += rows
+    if start not in (0, weight.shape[0]):
+        raise ConfigError(f"the parts of {name!r} cover {start} of its {weight.shape[0]} rows")
