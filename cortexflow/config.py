@@ -241,7 +241,9 @@ class InferenceConfig:
     prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host).
 
     ``check_finite_actions``: ``predict`` / ``predict_batch`` raise
-    :class:`~cortexflow.errors.NonFiniteActionsError` instead of returning actions holding NaN or inf."""
+    :class:`~cortexflow.errors.NonFiniteActionsError` instead of returning actions holding NaN or inf.
+    ``precision``: "default" (weights in ``dtype``) or "fp8" (the triton backend's FP8 weights, Ada / Hopper GPUs
+    only; :mod:`cortexflow.quantization.precision`)."""
 
     num_views: int = 2
     chunk_size: int | None = None
@@ -259,6 +261,7 @@ class InferenceConfig:
     prompt_buckets: Any = "auto"
     image_preprocessing: str = "auto"
     check_finite_actions: bool = False
+    precision: str = "default"
 
     def __post_init__(self) -> None:
         if isinstance(self.backend, str):
@@ -267,6 +270,9 @@ class InferenceConfig:
             except ConfigError:  # maybe a name given to register_backend; checked when the backend is created
                 self.backend = self.backend.strip().lower()
         self.dtype = parse_dtype(self.dtype)
+        from cortexflow.quantization.precision import parse_precision
+
+        self.precision = parse_precision(self.precision)
         if not isinstance(self.num_views, int) or self.num_views < 1:
             raise ConfigError(f"num_views must be a positive integer, got {self.num_views!r}")
         self.prompt_buckets = parse_prompt_buckets(self.prompt_buckets)

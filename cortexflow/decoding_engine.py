@@ -46,8 +46,9 @@ class TokenVLAEngine(PolicyEngine):
         constrained: bool = False,
         bucket: int = DEFAULT_BUCKET,
         report: Any = None,
+        precision: str = "default",
     ):
-        super().__init__(backend, device, dtype, use_cuda_graphs, report)
+        super().__init__(backend, device, dtype, use_cuda_graphs, report, precision)
         self.model = model
         self.config = model.config
         self.weights = self.backend.prepare_weights(model, model.prepare_weights(weights))

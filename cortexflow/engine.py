@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from cortexflow.backends import create_backend
+from cortexflow.quantization.precision import backend_for_precision, parse_precision
 from cortexflow.checkpoints.files import CheckpointFiles
 from cortexflow.checkpoints.loader import load_pi0_checkpoint
 from cortexflow.config import (
@@ -116,10 +117,12 @@ class PolicyEngine:
     shares_graph_pool = False
 
     def __init__(self, backend: Any, device: "str | torch.device", dtype: torch.dtype, use_cuda_graphs: bool,
-                 report: Any = None):
+                 report: Any = None, precision: str = "default"):
         self.device = resolve_device(device)
         self.dtype = dtype
-        self.backend = create_backend(backend, self.device, dtype)
+        #: "default" or "fp8" (:mod:`cortexflow.quantization.precision`), checked before any weight is loaded.
+        self.precision = parse_precision(precision)
+        self.backend = create_backend(backend_for_precision(backend, precision, self.device, dtype), self.device, dtype)
         self.checkpoint_report = report
         self.use_cuda_graphs = bool(use_cuda_graphs and self.device.type == "cuda" and self.backend.supports_cuda_graphs)
         self._graphs: dict[Any, torch.cuda.CUDAGraph] = {}
@@ -189,7 +192,7 @@ class VLAInferenceEngine(PolicyEngine):
         progress: bool | None = None,
     ):
         self.inference_config = ic = inference_config or InferenceConfig()
-        super().__init__(ic.backend, ic.device, ic.dtype, ic.use_cuda_graphs)
+        super().__init__(ic.backend, ic.device, ic.dtype, ic.use_cuda_graphs, precision=ic.precision)
         if model is None:
             expected = VLAModelType.parse(model_type) if model_type is not None else None
             loaded = load_pi0_checkpoint(

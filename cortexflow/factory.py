@@ -23,6 +23,7 @@ from cortexflow.engine import VLAInferenceEngine, resolve_device
 from cortexflow.errors import ConfigError, NormStatsError
 from cortexflow.history_engine import RT1Engine, TextEncoder, universal_sentence_encoder
 from cortexflow.preprocessor import install_pipeline
+from cortexflow.quantization.precision import backend_for_precision
 
 __all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
            "create_rt2_inference"]
@@ -142,7 +143,9 @@ def create_pi0_inference(
 
     ``chunk_size=None`` takes the chunk from the checkpoint's config (50 by default). ``options`` are
     further :class:`InferenceConfig` fields (``normalize``, ``num_steps``, ``max_tokenize_len``,
-    ``discrete_state_input``, ``base_checkpoint_path``) and ``progress`` (show the loading bar).
+    ``discrete_state_input``, ``base_checkpoint_path``, ``precision``: "fp8" holds the Gemma prefix's and the
+    action expert's projections in FP8 on the triton backend, GPUs of compute capability 8.9+) and ``progress``
+    (show the loading bar).
 
     ``config="pi0_libero"`` (an openpi config name, ``cortexflow configs`` lists them) applies that config's
     transforms: its horizon and prompt length, the norm stats of its asset id under the checkpoint's ``assets/``
@@ -189,6 +192,7 @@ def create_openvla_inference(
     model_config: "Mapping[str, Any] | Any" = None,
     constrained_decoding: bool = False,
     bucket: int = DEFAULT_BUCKET,
+    precision: str = "default",
 ) -> TokenVLAEngine:
     """Load OpenVLA from a local Hugging Face folder; ``engine.predict(image, task)`` -> 7-D action.
 
@@ -197,7 +201,8 @@ def create_openvla_inference(
     (or pass ``tokenizer_path``). ``unnorm_key`` picks the dataset whose q01/q99 un-normalise the
     actions; it is required when the checkpoint has statistics for several datasets. Without any
     statistics the actions stay normalised in [-1, 1]. ``constrained_decoding`` restricts the argmax to
-    the 256 action ids (the reference does not)."""
+    the 256 action ids (the reference does not). ``precision="fp8"``: the language model's projections in FP8
+    on the triton backend (GPUs of compute capability 8.9+; :mod:`cortexflow.quantization.precision`)."""
     from cortexflow.checkpoints.openvla_layout import load_openvla_checkpoint
     from cortexflow.processing.action_tokens import (
         read_dataset_statistics,
@@ -207,6 +212,7 @@ def create_openvla_inference(
 
     device_ = resolve_device(device)
     dtype_ = parse_dtype(dtype)
+    backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
     path = Path(checkpoint_path).expanduser()
     model, weights, report, files = load_openvla_checkpoint(path, device_, dtype_, model_config)
     key, stats = select_action_stats(read_dataset_statistics(files.root, files.config), unnorm_key)
@@ -228,6 +234,7 @@ def create_openvla_inference(
         model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer,
         unnormalize=None if stats is None else stats.unnormalize, unnorm_key=key,
         use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=report,
+        precision=precision,
     )
 
 
@@ -242,6 +249,7 @@ def create_rt2_inference(
     model_config: "Mapping[str, Any] | Any" = None,
     constrained_decoding: bool = True,
     bucket: int = DEFAULT_BUCKET,
+    precision: str = "default",
 ) -> TokenVLAEngine:
     """An RT-2-style policy over the PaliGemma weights of an openpi PyTorch / LeRobot checkpoint.
 
@@ -250,13 +258,15 @@ def create_rt2_inference(
     ``processing/action_tokens.py``). ``tokenizer_path``: the PaliGemma ``tokenizer.model``;
     ``norm_stats_path``: openpi / LeRobot statistics whose action q01/q99 un-normalise (quantile) the
     output; without them actions stay in [-1, 1]. ``model_config`` sets ``action_dim``, ``chunk_size``,
-    ``max_text_tokens``, ``prompt_template`` or backbone fields."""
+    ``max_text_tokens``, ``prompt_template`` or backbone fields. ``precision="fp8"``: the language model's
+    projections in FP8 on the triton backend (GPUs of compute capability 8.9+)."""
     from cortexflow.checkpoints.rt2_layout import load_rt2_checkpoint
     from cortexflow.processing import load_norm_stats, unnormalize
     from cortexflow.processing.vla_inputs import SentencePieceTokenizer
 
     device_ = resolve_device(device)
     dtype_ = parse_dtype(dtype)
+    backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
     model, weights, match = load_rt2_checkpoint(Path(checkpoint_path).expanduser(), device_, dtype_, model_config)
     tokenizer = SentencePieceTokenizer(tokenizer_path) if tokenizer_path is not None else None
     unnorm = None
@@ -272,6 +282,7 @@ def create_rt2_inference(
     return TokenVLAEngine(
         model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer, unnormalize=unnorm,
         use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=match,
+        precision=precision,
     )
 
 

@@ -36,6 +36,7 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
     persistent_layer_unsupported,
     start_workspace,
 )
+from cortexflow.backends.triton_fp8 import fp8_layers, quantize_layers  # noqa: E402
 from cortexflow.backends.triton_encoder import (  # noqa: E402
     fuse_encoder_weights,
     fused_prefix,
@@ -91,6 +92,15 @@ class TritonBackend(PyTorchBackend):
             raise BackendUnavailableError(
                 "TritonOptions.pdl='on' needs a CUDA GPU of compute capability 9.0 or later (Hopper) and no "
                 f"Triton interpreter; device {str(self.device)!r} has none: use pdl='auto' or 'off'")
+        if options.fp8_stages:
+            from cortexflow.quantization.fp8 import fp8_unsupported_reason
+
+            reason = fp8_unsupported_reason(self.device, allow_interpreter=True)
+            if reason is not None:
+                raise BackendUnavailableError(f"TritonOptions.fp8={options.fp8!r}: {reason}; use fp8='off'")
+            if dtype != torch.bfloat16:
+                raise ConfigError(f"TritonOptions.fp8={options.fp8!r} runs with bfloat16 activations, got dtype "
+                                  f"{dtype}; use dtype='bfloat16' or fp8='off'")
         #: Whether the Triton kernel chains launch with programmatic dependent launch (kernels/pdl.py).
         self.pdl = options.pdl == "on" or (options.pdl == "auto" and pdl_supported(self.device))
 
@@ -109,14 +119,19 @@ class TritonBackend(PyTorchBackend):
         """Concatenate Q/K/V and gate/up of every decoder layer (the Pi0 family's expert, a token VLA's LM) and,
         with ``fused_encoder``, SigLIP's Q/K/V and the prefix layers' projections (the originals become views,
         one layer at a time, in place); fold the norm scales of decoder layers that allow it into their fused
-        projections when the fused layer runs them (``fold_token_norms``)."""
+        projections when the fused layer runs them (``fold_token_norms``); then make the projections of the
+        ``fp8`` stages E4M3 (``triton_fp8.py``)."""
         weights = fuse_layer_projections(weights, (layer.prefix for layer in groups.decoder_layers))
         if self.options.fused_encoder:
             weights = fuse_encoder_weights(groups, weights)
         foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)]
         if self.options.fold_token_norms and foldable:
             weights = fold_norm_weights(foldable, weights)
-        return weights
+        stages = self.options.fp8_stages
+        if "prefix" in stages and groups.encoder_layers and not self.options.fused_encoder:
+            raise ConfigError("TritonOptions.fp8 with 'prefix' needs fused_encoder=True (the op-by-op prefix runs "
+                              "cuBLAS GEMMs on bf16 weights); set fp8='decoder' or fused_encoder=1")
+        return quantize_layers(weights, fp8_layers(groups, stages))
 
     def per_weights(self, weights, key, build):
         """Kept per weights dict and key (the tables of a denoising loop are made on the first call)."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cortexflow.backends.triton_token_decoder import concat_as_views, fuse_layer_projections
+from cortexflow.backends.triton_fp8 import project
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
@@ -123,7 +124,8 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
                  mask: torch.Tensor, attention_tiling: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``ComputeBackend.prefix_kv_cache`` over the fused weights -> per layer ``(k, v)`` ``(B, P, Hkv, Dh)``
     after RoPE (the last layer computes K/V only). ``x (B, P, D)`` is the caller's temporary, updated in
-    place. ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
+    place. Projections whose weights are E4M3 (``TritonOptions.fp8`` with "prefix") run as FP8 GEMMs
+    (:func:`~cortexflow.backends.triton_fp8.project`). ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
     d = layers[0].dims
     tiling = PREFIX_ATTENTION_TILING if attention_tiling is None else attention_tiling
     x = x.contiguous()
@@ -135,7 +137,7 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
     cache = []
     for layer in layers:
         h = rms_kernel.rms_norm(rows, weights[layer.attn_norm], eps)
-        qkv = F.linear(h, weights[layer.name("qkv")]).view(b, p, -1)
+        qkv = project(weights, layer.name("qkv"), h).view(b, p, -1)
         k = torch.empty((b, p, d.num_kv_heads, d.head_dim), dtype=x.dtype, device=x.device)
         v = torch.empty_like(k)
         q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, k, v)
@@ -143,7 +145,8 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
         if layer is layers[-1]:
             break  # the last layer's output is unused: only its K/V are needed
         a = attention(q, k, v, mask, scale, **tiling)
-        rows.addmm_(a.view(b * p, -1), weights[layer.name("o")].T)
+        project(weights, layer.name("o"), a.view(b * p, -1), accumulate=rows)
         h = rms_kernel.rms_norm(rows, weights[layer.mlp_norm], eps)
-        rows.addmm_(gelu_tanh_gate_fused(F.linear(h, weights[layer.name("gate_up")])), weights[layer.name("down")].T)
+        project(weights, layer.name("down"), gelu_tanh_gate_fused(project(weights, layer.name("gate_up"), h)),
+                accumulate=rows)
     return cache

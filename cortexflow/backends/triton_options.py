@@ -22,6 +22,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fused_combine": ("grouped", "off"),
 }
 
+#: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
+#: layers (the Pi0 family's action expert; a token VLA's language model, prefill and decode steps).
+FP8_STAGES = ("prefix", "decoder")
+
 _TRUE = ("1", "true", "on", "yes")
 _FALSE = ("0", "false", "off", "no")
 
@@ -50,6 +54,13 @@ class TritonOptions:
     - ``concurrent_stages``: independent stages (OpenVLA's two vision towers) on two CUDA streams.
 
     Both:
+    - ``fp8``: which stages hold their linear weights in FP8 (E4M3, one fp32 scale per output channel, quantised
+      once at load; the bf16 weights are released): "off", "all", or stages of :data:`FP8_STAGES` joined by "+"
+      ("prefix+decoder"). Weight-only in the memory-bound kernels (the persistent expert layer, decode GEMVs:
+      E4M3 converted in the kernel, fp32 sums); E4M3 activations with per-row scales through cuBLASLt
+      (``torch._scaled_mm``) in the multi-row GEMMs (the prefix, a token VLA's prefill). Needs a GPU of compute
+      capability 8.9 or later (Triton's interpreter runs it for tests). ``precision="fp8"`` in the engine
+      factories and ``--precision fp8`` set "all".
     - ``pdl``: programmatic dependent launch for the Triton kernel chains (decode steps, expert layers):
       "auto" on where the GPU supports it (compute capability >= 9.0), "on" (refused on older GPUs), "off".
     """
@@ -62,12 +73,15 @@ class TritonOptions:
     fold_token_norms: bool = True
     fused_combine: str = "grouped"
     concurrent_stages: bool = True
+    fp8: str = "off"
     pdl: str = "auto"
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name in CHOICES:
+            if f.name == "fp8":
+                _check_fp8(value)
+            elif f.name in CHOICES:
                 if value not in CHOICES[f.name]:
                     raise ConfigError(f"TritonOptions.{f.name} must be {_either(CHOICES[f.name])}, got {value!r}")
             elif not isinstance(value, bool):
@@ -83,7 +97,7 @@ class TritonOptions:
             raise ConfigError(f"{source}: unknown Triton option(s) {unknown}; expected {', '.join(names)}")
         converted = {}
         for name, value in values.items():
-            if name not in CHOICES and isinstance(value, str):
+            if name not in CHOICES and name != "fp8" and isinstance(value, str):
                 text = value.strip().lower()
                 if text not in _TRUE + _FALSE:
                     raise ConfigError(f"{source}: {name} must be 1 or 0 (on/off, true/false), got {value!r}")
@@ -107,6 +121,15 @@ class TritonOptions:
             values[name.strip()] = value.strip()
         return cls.from_mapping(values, source)
 
+    @property
+    def fp8_stages(self) -> frozenset[str]:
+        """The stages of :data:`FP8_STAGES` that ``fp8`` names (empty when "off")."""
+        if self.fp8 == "off":
+            return frozenset()
+        if self.fp8 == "all":
+            return frozenset(FP8_STAGES)
+        return frozenset(self.fp8.split("+"))
+
     def as_dict(self) -> dict[str, Any]:
         """Every field and its value (what bench / verify / compile-check record in their JSON)."""
         return dataclasses.asdict(self)
@@ -117,8 +140,20 @@ class TritonOptions:
         return {k: v for k, v in self.as_dict().items() if getattr(default, k) != v}
 
 
+def _check_fp8(value: Any) -> None:
+    if not isinstance(value, str):
+        raise ConfigError(f"TritonOptions.fp8 must be 'off', 'all' or stages joined by '+', got {value!r}")
+    if value in ("off", "all"):
+        return
+    stages = value.split("+")
+    unknown = [s for s in stages if s not in FP8_STAGES]
+    if unknown or len(set(stages)) != len(stages):
+        raise ConfigError(f"TritonOptions.fp8 must be 'off', 'all' or some of {', '.join(repr(s) for s in FP8_STAGES)} joined by '+' "
+                          f"(e.g. 'prefix+decoder'), got {value!r}")
+
+
 def _either(choices: tuple[str, ...]) -> str:
     return f"{', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}"
 
 
-__all__ = ["CHOICES", "TritonOptions"]
+__all__ = ["CHOICES", "FP8_STAGES", "TritonOptions"]

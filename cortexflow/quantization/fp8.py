@@ -97,13 +97,16 @@ def _check_linear(x: torch.Tensor, weight: Fp8Tensor) -> None:
 FP8_MIN_CAPABILITY = 89
 
 
-def fp8_unsupported_reason(device: torch.device) -> str | None:
-    """Why FP8 kernels cannot run on ``device`` (None when they can): a CPU, Triton's interpreter, or a GPU
-    (or compile target) of compute capability below 8.9."""
-    from cortexflow.kernels.runtime import compute_capability, interpreting
+def fp8_unsupported_reason(device: torch.device, allow_interpreter: bool = False) -> str | None:
+    """Why FP8 kernels cannot run on ``device`` (None when they can): a CPU, Triton's interpreter (unless
+    ``allow_interpreter``: the kernels' tests run there), or a GPU (or compile target) of compute capability
+    below 8.9."""
+    from cortexflow.kernels.runtime import compile_target, compute_capability, interpreting
 
     device = torch.device(device)
-    if interpreting():
+    if interpreting() and compile_target(device) is None:
+        if allow_interpreter:
+            return None
         return "Triton's CPU interpreter has no FP8 tensor cores (TRITON_INTERPRET=1 is set)"
     capability = compute_capability(device)
     if capability is None:

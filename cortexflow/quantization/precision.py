@@ -1,0 +1,58 @@
+"""``precision``: the engines' switch between the compute dtype's weights ("default") and FP8 weights ("fp8").
+
+``precision="fp8"`` runs the ``triton`` backend with ``TritonOptions.fp8="all"`` (every stage that has an FP8
+path: the Pi0 family's Gemma prefix and action expert, a token VLA's language model; see
+:mod:`cortexflow.backends.triton_fp8`), or with the stages a ``TritonBackend.configured(fp8=...)`` class names
+(the per-stage switch). It is checked when the engine is created: FP8 needs a CUDA GPU of compute capability
+8.9 or later (Ada, Hopper), not Triton's CPU interpreter, bfloat16 activations and the triton backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cortexflow.errors import ConfigError
+
+PRECISIONS = ("default", "fp8")
+
+
+def parse_precision(precision: Any, source: str = "precision") -> str:
+    """``precision`` checked: "default" (also None) or "fp8"."""
+    value = "default" if precision is None else str(precision).strip().lower()
+    if value not in PRECISIONS:
+        raise ConfigError(f"{source} must be 'default' or 'fp8', got {precision!r}")
+    return value
+
+
+def backend_for_precision(backend: Any, precision: Any, device: torch.device, dtype: torch.dtype,
+                          source: str = "precision") -> Any:
+    """The ``backend`` argument to build an engine's backend from, for ``precision``: unchanged for "default";
+    for "fp8" a ``TritonBackend`` class whose options hold FP8 stages (the given class's when it names some,
+    else ``fp8="all"``). Raises :class:`ConfigError` saying what to change when FP8 cannot run."""
+    if parse_precision(precision, source) == "default":
+        return backend
+    from cortexflow.quantization.fp8 import fp8_unsupported_reason
+
+    reason = fp8_unsupported_reason(device)
+    if reason is not None:
+        raise ConfigError(f"{source}='fp8': {reason}; use {source}='default'")
+    if dtype != torch.bfloat16:
+        raise ConfigError(f"{source}='fp8' keeps activations in bfloat16; got dtype {dtype}: use dtype='bfloat16'")
+    name = getattr(backend, "value", backend)
+    if isinstance(name, str) and name.strip().lower() == "triton":
+        from cortexflow.backends.triton_backend import TritonBackend
+
+        return TritonBackend.configured(fp8="all")
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    if isinstance(backend, type) and issubclass(backend, TritonBackend):
+        return backend if backend._options.fp8 != "off" else backend.configured(fp8="all")
+    if isinstance(backend, TritonBackend):
+        if backend.options.fp8 == "off":
+            raise ConfigError(f"{source}='fp8' with a TritonBackend instance made without FP8: pass backend='triton' "
+                              "or TritonBackend.configured(fp8='all')")
+        return backend
+    shown = getattr(backend, "name", None) or (backend.__name__ if isinstance(backend, type) else name)
+    raise ConfigError(f"{source}='fp8' runs on the triton backend; got backend {shown!r}: use backend='triton'")

@@ -1,0 +1,124 @@
+"""``precision="fp8"`` and ``TritonOptions.fp8``: the checks at engine creation and the quantisation at load."""
+
+import pytest
+import torch
+
+from cortexflow.backends.triton_options import TritonOptions
+from cortexflow.errors import BackendUnavailableError, ConfigError
+from cortexflow.kernels import runtime
+from cortexflow.quantization.fp8 import E4M3, fp8_scale_key, quantize_weight
+from cortexflow.quantization.precision import backend_for_precision, parse_precision
+
+
+def test_precision_values_are_checked_with_the_argument_named():
+    assert parse_precision(None) == "default" and parse_precision(" FP8 ") == "fp8"
+    with pytest.raises(ConfigError, match="--precision must be 'default' or 'fp8', got 'int8'"):
+        parse_precision("int8", "--precision")
+
+
+def test_fp8_options_name_stages():
+    assert TritonOptions().fp8_stages == frozenset()
+    assert TritonOptions(fp8="all").fp8_stages == {"prefix", "decoder"}
+    assert TritonOptions.parse("fp8=decoder,pdl=off").fp8_stages == {"decoder"}
+    for bad in ("vision", "prefix,decoder", "decoder+decoder", 8):
+        with pytest.raises(ConfigError, match="TritonOptions.fp8"):
+            TritonOptions(fp8=bad)
+
+
+def test_fp8_is_refused_on_the_cpu_and_in_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ConfigError, match="precision='fp8': FP8 needs a CUDA GPU, got device 'cpu'; use precision='default'"):
+        backend_for_precision("triton", "fp8", torch.device("cpu"), torch.bfloat16)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ConfigError, match="interpreter"):
+        backend_for_precision("triton", "fp8", torch.device("cpu"), torch.bfloat16)
+    assert backend_for_precision("pytorch", "default", torch.device("cpu"), torch.float32) == "pytorch"
+
+
+@pytest.fixture
+def hopper():
+    previous = runtime.set_compile_target(runtime.CompileTarget(arch=90))
+    yield torch.device("meta")
+    runtime.set_compile_target(previous)
+
+
+def test_fp8_needs_ada_or_hopper_bfloat16_and_the_triton_backend(monkeypatch, hopper):
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    chosen = backend_for_precision("triton", "fp8", hopper, torch.bfloat16)
+    assert issubclass(chosen, TritonBackend) and chosen._options.fp8 == "all"
+    # The per-stage switch of a configured backend is kept; one without FP8 gets every stage.
+    decoder_only = TritonBackend.configured(fp8="decoder")
+    assert backend_for_precision(decoder_only, "fp8", hopper, torch.bfloat16) is decoder_only
+    assert backend_for_precision(TritonBackend, "fp8", hopper, torch.bfloat16)._options.fp8 == "all"
+    with pytest.raises(ConfigError, match="runs on the triton backend; got backend 'pytorch'"):
+        backend_for_precision("pytorch", "fp8", hopper, torch.bfloat16)
+    with pytest.raises(ConfigError, match="dtype='bfloat16'"):
+        backend_for_precision("triton", "fp8", hopper, torch.float32)
+    runtime.set_compile_target(runtime.CompileTarget(arch=86))
+    with pytest.raises(ConfigError, match="compute capability 8.9 or later .* has 8.6"):
+        backend_for_precision("triton", "fp8", hopper, torch.bfloat16)
+
+
+def test_engine_creation_refuses_fp8_before_loading(tmp_path, monkeypatch):
+    import cortexflow as cf
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # No checkpoint is there: the precision check comes first.
+    with pytest.raises(ConfigError, match="precision='fp8': FP8 needs a CUDA GPU"):
+        cf.create_pi0_inference(tmp_path / "missing", backend="triton", device="cpu", precision="fp8")
+    with pytest.raises(ConfigError, match="precision='fp8': FP8 needs a CUDA GPU"):
+        cf.create_openvla_inference(tmp_path / "missing", backend="triton", device="cpu", precision="fp8")
+    with pytest.raises(ConfigError, match="precision must be 'default' or 'fp8'"):
+        cf.create_pi0_inference(tmp_path / "missing", device="cpu", precision="fp16")
+
+
+def test_triton_backend_option_checks_device_and_dtype(monkeypatch):
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    with pytest.raises(ConfigError, match="bfloat16 activations"):
+        TritonBackend(torch.device("cpu"), torch.float32, TritonOptions(fp8="decoder"))
+    previous = runtime.set_compile_target(runtime.CompileTarget(arch=80))
+    try:
+        with pytest.raises(BackendUnavailableError, match="fp8='decoder'.*8.0"):
+            TritonBackend(torch.device("meta"), torch.bfloat16, TritonOptions(fp8="decoder"))
+    finally:
+        runtime.set_compile_target(previous)
+
+
+@pytest.mark.parametrize("stages", ["decoder", "prefix", "all"])
+def test_quantisation_at_load_is_deterministic_and_keeps_the_layout(stages):
+    """Pi0's tiny model prepared twice by the triton backend with ``fp8=stages``: the chosen layers' projections are
+    E4M3 with per-channel scales equal to quantising the fused (and folded) bf16 weights, the q/k/v names are
+    views into the fused E4M3 data, the other stages keep bf16, and both preparations give the same bits."""
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.models.pi0 import model_class
+    from cortexflow.random_checkpoint import random_weights, tiny_model_config
+
+    config = tiny_model_config("pi0")
+    model = model_class(config.model_type)(config)
+    raw = {k: v.to(torch.bfloat16) for k, v in random_weights(config, 3, torch.float32, torch.device("cpu")).items()}
+    plain = TritonBackend(torch.device("cpu"), torch.bfloat16).prepare_weights(model, dict(raw))
+    backend = TritonBackend(torch.device("cpu"), torch.bfloat16, TritonOptions(fp8=stages))
+    first = backend.prepare_weights(model, dict(raw))
+    second = backend.prepare_weights(model, dict(raw))
+    groups = model.fusable_weights()
+    chosen = set(TritonOptions(fp8=stages).fp8_stages)
+    for stage, layers in (("prefix", groups.encoder_layers), ("decoder", groups.decoder_layers)):
+        assert layers
+        for layer in layers:
+            for part in ("qkv", "o", "gate_up", "down"):
+                name = layer.name(part)
+                if stage not in chosen:
+                    assert first[name].dtype == torch.bfloat16
+                    continue
+                assert first[name].dtype == E4M3
+                expected = quantize_weight(plain[name])
+                assert torch.equal(first[name].view(torch.uint8), expected.data.view(torch.uint8))
+                assert torch.equal(first[fp8_scale_key(name)], expected.scale)
+                assert torch.equal(second[name].view(torch.uint8), first[name].view(torch.uint8))
+            q, qkv = first[layer.name("q")], first[layer.name("qkv")]
+            if stage in chosen:
+                assert q.dtype == E4M3 and q.data_ptr() == qkv.data_ptr()
+                assert torch.equal(first[fp8_scale_key(layer.name("q"))], first[fp8_scale_key(layer.name("qkv"))][:q.shape[0]])
