@@ -24,6 +24,7 @@ from cortexflow.cli.common import (
 )
 from cortexflow.cli_options import check_common_options, parse_model_option
 from cortexflow.config import is_auto
+from cortexflow.errors import ConfigError
 from cortexflow.families import models_for
 
 JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSON, on stdout)."
@@ -31,7 +32,11 @@ JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSO
 
 TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
                        "persistent_expert, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, "
-                       "fused_combine, concurrent_stages, pdl); recorded in the JSON.")
+                       "fused_combine, concurrent_stages, fp8, pdl); recorded in the JSON.")
+PRECISION_HELP = ("default (weights in --dtype) or fp8: the triton backend holds the Pi0 family's prefix and action "
+                  "expert, or a token VLA's language model, in FP8 (E4M3 with per-channel scales, quantised at load; "
+                  "the same as --triton-options fp8=all; fp8=decoder or fp8=prefix keeps the other stage in "
+                  "bfloat16). Needs a GPU of compute capability 8.9+ (L4, RTX 4090, H100) and --dtype bfloat16.")
 
 
 @cli_errors
@@ -46,6 +51,7 @@ def verify_command(
     views: Annotated[int, typer.Option("--views", metavar="N", help="Camera views of the random inputs (ignored for openvla/rt2: one image).")] = 2,
     repeats: Annotated[Optional[int], typer.Option("--repeats", metavar="N", help="Timed runs per module and backend (the median is shown) [default: 3; 1 under TRITON_INTERPRET=1, whose times mean nothing].")] = None,
     triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
+    precision: Annotated[str, typer.Option("--precision", metavar="NAME", help=PRECISION_HELP + " verify then also compares each module with the same backend in bfloat16 (limit on the final actions: 5e-2 and cosine >= 0.998).")] = "default",
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
     """Compare a backend with the reference module by module on random weights and random inputs.
@@ -94,7 +100,12 @@ def verify_command(
     from cortexflow.tools import backend_specs
     from cortexflow.tools.verify import print_verify, run_verify
 
+    from cortexflow.tools import options_for_precision
+
     name = backend.strip().lower()
+    if precision.strip().lower() != "default" and name != "triton":
+        raise ConfigError(f"--precision {precision} runs on the triton backend; got --backend {backend}: use --backend triton")
+    triton_options = options_for_precision(triton_options, precision, device, dtype)
     checked = backend_specs([name], triton_options, "--triton-options")[name]
     report = run_verify(model, checked, against, size=size, device=device, dtype=dtype, seed=seed, views=views,
                         repeats=repeats, log=progress_line)
@@ -121,6 +132,7 @@ def bench_command(
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16 or float32.")] = "auto",
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
     triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
+    precision: Annotated[str, typer.Option("--precision", metavar="NAME", help=PRECISION_HELP + " Applies to the triton rows of the grid.")] = "default",
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
     batch_scaling: Annotated[bool, typer.Option("--batch-scaling", help="Instead of the predict grid: time one image encoder (--encoder) at each batch size (--batches) on each of --backends (pytorch, triton, onnx).")] = False,
     encoder: Annotated[str, typer.Option("--encoder", metavar="NAME", help="--batch-scaling: siglip (the policy's tower, real size), siglip_tiny, vit_small_patch16_224 or resnet18d (timm, random init).")] = "siglip_tiny",
@@ -163,7 +175,12 @@ def bench_command(
         if png is not None:
             stderr_console().print(Text(f"wrote {plot_batch_scaling(report, png)}", style="dim"))
         return
+    from cortexflow.tools import options_for_precision
     from cortexflow.tools.bench import print_bench, run_bench
+
+    if precision.strip().lower() != "default" and "triton" not in [b.strip().lower() for b in backends.split(",")]:
+        raise ConfigError(f"--precision {precision} applies to the triton backend, which is not among --backends {backends}")
+    triton_options = options_for_precision(triton_options, precision, device, dtype)
 
     results = run_bench(
         models=[m.strip() for m in models.split(",") if m.strip()],

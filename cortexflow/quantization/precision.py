@@ -18,6 +18,11 @@ from cortexflow.errors import ConfigError
 PRECISIONS = ("default", "fp8")
 
 
+def _setting(source: str, value: str) -> str:
+    """``source`` set to ``value`` as the interface writes it: ``--precision fp8`` or ``precision='fp8'``."""
+    return f"{source} {value}" if source.startswith("--") else f"{source}={value!r}"
+
+
 def parse_precision(precision: Any, source: str = "precision") -> str:
     """``precision`` checked: "default" (also None) or "fp8"."""
     value = "default" if precision is None else str(precision).strip().lower()
@@ -37,9 +42,11 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
 
     reason = fp8_unsupported_reason(device)
     if reason is not None:
-        raise ConfigError(f"{source}='fp8': {reason}; use {source}='default'")
+        raise ConfigError(f"{_setting(source, 'fp8')}: {reason}; use {_setting(source, 'default')}")
     if dtype != torch.bfloat16:
-        raise ConfigError(f"{source}='fp8' keeps activations in bfloat16; got dtype {dtype}: use dtype='bfloat16'")
+        dtype_setting = _setting("--dtype" if source.startswith("--") else "dtype", "bfloat16")
+        raise ConfigError(f"{_setting(source, 'fp8')} keeps activations in bfloat16; got dtype {dtype}: use "
+                          f"{dtype_setting}")
     name = getattr(backend, "value", backend)
     if isinstance(name, str) and name.strip().lower() == "triton":
         from cortexflow.backends.triton_backend import TritonBackend
@@ -51,8 +58,9 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
         return backend if backend._options.fp8 != "off" else backend.configured(fp8="all")
     if isinstance(backend, TritonBackend):
         if backend.options.fp8 == "off":
-            raise ConfigError(f"{source}='fp8' with a TritonBackend instance made without FP8: pass backend='triton' "
+            raise ConfigError(f"{_setting(source, 'fp8')} with a TritonBackend instance made without FP8: pass backend='triton' "
                               "or TritonBackend.configured(fp8='all')")
         return backend
     shown = getattr(backend, "name", None) or (backend.__name__ if isinstance(backend, type) else name)
-    raise ConfigError(f"{source}='fp8' runs on the triton backend; got backend {shown!r}: use backend='triton'")
+    raise ConfigError(f"{_setting(source, 'fp8')} runs on the triton backend; got backend {shown!r}: use "
+                      f"{_setting('--backend' if source.startswith('--') else 'backend', 'triton')}")

@@ -136,6 +136,28 @@ def backend_specs(names: Sequence[str], triton_options=None, source: str = "trit
     return specs
 
 
+def options_for_precision(triton_options, precision: str, device: str, dtype: "str | torch.dtype",
+                          source: str = "--precision"):
+    """``triton_options`` (a TritonOptions, its text or None) for ``precision``: unchanged for "default"; for
+    "fp8", checked like an engine's ``precision="fp8"`` on the resolved ``device`` and ``dtype`` (a CUDA GPU of
+    compute capability 8.9+, no interpreter, bfloat16) and with ``fp8="all"`` unless they name FP8 stages."""
+    from cortexflow.quantization.precision import backend_for_precision, parse_precision
+
+    if parse_precision(precision, source) == "default":
+        return triton_options
+    from cortexflow.backends.triton_options import TritonOptions
+
+    resolved_device, resolved_dtype = resolve_device_dtype(device, dtype)
+    backend_for_precision("triton", precision, resolved_device, resolved_dtype, source)
+    if triton_options is None:
+        triton_options = TritonOptions()
+    elif isinstance(triton_options, str):
+        triton_options = TritonOptions.parse(triton_options)
+    if triton_options.fp8 != "off":
+        return triton_options
+    return TritonOptions.from_mapping({**triton_options.as_dict(), "fp8": "all"}, source)
+
+
 def triton_options_dict(spec) -> dict | None:
     """The options a ``triton`` spec runs with (None when the grid has no triton backend)."""
     if spec is None:
@@ -190,4 +212,5 @@ __all__ = [
     "synchronize",
     "token_model",
     "triton_options_dict",
+    "options_for_precision",
 ]

@@ -49,6 +49,7 @@ from cortexflow.tools.verify import (
     Module,
     Side,
     _check_module,
+    fp8_check,
     _patch_embed,
     _projector,
     _reference_run,
@@ -305,6 +306,9 @@ def run_token_verify(
     threshold = THRESHOLDS[compute_dtype]
     checked_backend = create_backend(backend, resolved_device, compute_dtype)
     reference_backend = create_backend(against, resolved_device, torch.float32)
+    fp8 = fp8_check(checked_backend, resolved_device, compute_dtype)
+    if fp8 is not None:
+        threshold = fp8.threshold
     log(f"drawing {size} {policy.model_type.value} weights on {resolved_device} ...")
     checked_raw, reference_raw = split_weights(
         policy, random_token_weights(policy, seed, torch.float32, resolved_device), compute_dtype)
@@ -316,13 +320,15 @@ def run_token_verify(
                          reference_backend.prepare_weights(policy, dict(reference_raw)))
         checked = Side("backend", checked_backend, checked_raw,
                        checked_backend.prepare_weights(policy, dict(checked_raw)))
+        fp8_sides = None if fp8 is None else (fp8, Side("bf16", fp8.baseline, checked_raw,
+                                                        fp8.baseline.prepare_weights(policy, dict(checked_raw))))
         ctx = TokenContext(model=policy, modules=table,
                            buffers={"images": random_image_inputs(policy, seed + 1, resolved_device)},
                            ids=torch.tensor([ids], dtype=torch.int64, device=resolved_device), reference=reference)
         for index, name in enumerate(selected, 1):
             log(f"checking {name} ({index}/{len(selected)}) ...")
             start = time.perf_counter()
-            rows.append(_check_module(table[name], ctx, checked, threshold, repeats, resolved_device))
+            rows.append(_check_module(table[name], ctx, checked, threshold, repeats, resolved_device, fp8_sides))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     by_name = {row["name"]: row for row in rows}
     actions, decode = by_name.get("actions"), by_name.get("decode_logits")
@@ -345,4 +351,4 @@ def run_token_verify(
                 "generated_tokens": policy.num_generated_tokens, "constrained": True, "repeats": repeats}
     notes = [f"{policy.model_type.value}: one image and greedy decoding; --views does not apply (ignored)"]
     return verify_report(policy.model_type.value, size, checked_backend, reference_backend, compute_dtype, threshold,
-                         seed, workload, resolved_device, policy.config, rows, passed, notes, failure)
+                         seed, workload, resolved_device, policy.config, rows, passed, notes, failure, fp8=fp8)

@@ -45,6 +45,9 @@ from cortexflow.tools import (
 
 #: ``‖Δ‖/‖ref‖`` allowed on the final actions, by the checked backend's dtype.
 THRESHOLDS = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+#: With FP8 weights (``TritonOptions.fp8``): ``‖Δ‖/‖ref‖`` and the cosine similarity the final actions must reach.
+FP8_THRESHOLD = 5e-2
+FP8_MIN_COSINE = 0.998
 PROMPT_LEN = 20
 NOT_IMPLEMENTED = (NotImplementedError, BackendUnavailableError)
 
@@ -212,15 +215,44 @@ def describe_shape(output: Any) -> str:
 
 
 def error_stats(output: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-    """``max |Δ|``, ``‖Δ‖/‖ref‖`` and ``‖ref‖`` (computed in fp64)."""
+    """``max |Δ|``, ``‖Δ‖/‖ref‖``, ``‖ref‖`` and the cosine similarity of the flattened tensors (fp64)."""
     ref = reference.double()
-    delta = output.double() - ref
+    out = output.double()
+    delta = out - ref
     ref_norm = ref.norm().item()
+    norms = ref_norm * out.norm().item()
     return {
         "max_abs": delta.abs().max().item(),
         "rel_l2": delta.norm().item() / ref_norm if ref_norm > 0 else math.inf,
         "ref_norm": ref_norm,
+        "cosine": (out.flatten() @ ref.flatten()).item() / norms if norms > 0 else math.nan,
     }
+
+
+@dataclass(frozen=True)
+class Fp8Check:
+    """How a backend holding FP8 weights is judged: the final actions' ``threshold`` and ``min_cosine`` against
+    the fp32 reference, and ``baseline``, the same backend without FP8 (in bf16), that every module is also
+    compared with (the row's ``vs_bf16``), so the error each FP8 stage adds is seen apart from bf16's."""
+
+    threshold: float
+    min_cosine: float
+    baseline: ComputeBackend
+
+
+def fp8_check(checked: ComputeBackend, device: torch.device, dtype: torch.dtype) -> Fp8Check | None:
+    """The :class:`Fp8Check` for ``checked`` when its options hold FP8 stages, else None."""
+    options = getattr(checked, "options", None)
+    if getattr(options, "fp8", "off") == "off":
+        return None
+    without = type(checked).configured(options, fp8="off")
+    return Fp8Check(FP8_THRESHOLD, FP8_MIN_COSINE, create_backend(without, device, dtype))
+
+
+def holds_fp8(weights: dict[str, torch.Tensor]) -> bool:
+    from cortexflow.quantization.fp8 import is_fp8
+
+    return any(is_fp8(t) for t in weights.values())
 
 
 def median_ms(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
@@ -240,6 +272,9 @@ def _first_run(module: Module, side: Side, ctx: Context) -> tuple[Callable[[], A
     if not module.op_level:
         fn = module.build(side, ctx, side.prepared)
         return fn, fn(), "prepared"
+    if holds_fp8(side.prepared):
+        fn = module.build(side, ctx, side.raw)
+        return fn, fn(), "raw (single ops take no FP8 weights; the fused stages below run them)"
     try:
         fn = module.build(side, ctx, side.prepared)
         return fn, fn(), "prepared"
@@ -349,6 +384,9 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
     threshold = THRESHOLDS[compute_dtype]
     checked_backend = create_backend(backend, resolved_device, compute_dtype)
     reference_backend = create_backend(against, resolved_device, torch.float32)
+    fp8 = fp8_check(checked_backend, resolved_device, compute_dtype)
+    if fp8 is not None:
+        threshold = fp8.threshold
     prompt_len = min(PROMPT_LEN, config.max_token_len)
     log(f"drawing {size} {config.model_type.value} weights on {resolved_device} ...")
     checked_raw, reference_raw = split_weights(
@@ -360,6 +398,8 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
                          reference_backend.prepare_weights(pi_model, dict(reference_raw)))
         checked = Side("backend", checked_backend, checked_raw,
                        checked_backend.prepare_weights(pi_model, dict(checked_raw)))
+        fp8_sides = None if fp8 is None else (fp8, Side("bf16", fp8.baseline, checked_raw,
+                                                        fp8.baseline.prepare_weights(pi_model, dict(checked_raw))))
         ctx = Context(
             model=pi_model,
             one_step_model=model_class(config.model_type)(config.replace(num_diffusion_steps=1)),
@@ -369,18 +409,20 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
         for index, name in enumerate(selected, 1):
             log(f"checking {name} ({index}/{len(selected)}) ...")
             start = time.perf_counter()
-            rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device))
+            rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device,
+                                      fp8_sides))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     actions = next((r for r in rows if r["name"] == "actions"), None)
     workload = {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
                 "steps": config.num_diffusion_steps, "repeats": repeats}
     return verify_report(config.model_type.value, size, checked_backend, reference_backend, compute_dtype, threshold,
-                         seed, workload, resolved_device, config, rows, actions is not None and actions["status"] == "ok")
+                         seed, workload, resolved_device, config, rows, actions is not None and actions["status"] == "ok",
+                         fp8=fp8)
 
 
 def verify_report(model: str, size: str, checked: ComputeBackend, reference: ComputeBackend, dtype: torch.dtype,
                   threshold: float, seed: int, workload: dict, device: torch.device, config: Any, rows: list[dict],
-                  passed: bool, notes: list[str] | None = None, failure: Any = ...) -> dict:
+                  passed: bool, notes: list[str] | None = None, failure: Any = ..., fp8: Fp8Check | None = None) -> dict:
     """The report every family's verify returns: what was compared (backends, dtypes, threshold, workload,
     machine, model config), the module rows and whether the final actions passed; ``notes`` and ``failure``
     (what failed beyond the actions) where the family gives them."""
@@ -394,6 +436,8 @@ def verify_report(model: str, size: str, checked: ComputeBackend, reference: Com
         "reference": {"backend": reference.name, "dtype": "float32"},
         "threshold_rel_l2": threshold,
         "seed": seed,
+        "fp8": None if fp8 is None else {"stages": checked.options.fp8, "min_cosine": fp8.min_cosine,
+                                         "baseline": "the same backend without FP8, " + dtype_name(dtype)},
         "workload": workload,
     }
     if notes is not None:
@@ -405,7 +449,9 @@ def verify_report(model: str, size: str, checked: ComputeBackend, reference: Com
 
 
 def _check_module(module: Module, ctx: Context, checked: Side, threshold: float, repeats: int,
-                  device: torch.device) -> dict:
+                  device: torch.device, fp8: tuple[Fp8Check, Side] | None = None) -> dict:
+    """One module's row: the checked backend against the reference (and, with ``fp8``, against the bf16
+    baseline side too, and the cosine limit applied)."""
     ref_fn, ref_out, _ = _reference_run(module, ctx)
     ctx.outputs.setdefault(module.name, ref_out)
     row = {"name": module.name, "description": module.description, "shape": describe_shape(ref_out),
@@ -423,7 +469,16 @@ def _check_module(module: Module, ctx: Context, checked: Side, threshold: float,
                 "max_abs": None, "rel_l2": None, "ref_norm": None}
     stats = error_stats(got, want)
     extra = module.extra(out, ref_out) if module.extra is not None else {}
-    return {**row, **stats, **extra, "status": "ok" if stats["rel_l2"] <= threshold else "over"}
+    within = stats["rel_l2"] <= threshold
+    if fp8 is not None:
+        check, baseline = fp8
+        within = within and stats["cosine"] >= check.min_cosine
+        try:
+            _, base_out, _ = _first_run(module, baseline, ctx)
+            extra["vs_bf16"] = error_stats(got, comparable(base_out))
+        except Exception as err:  # noqa: BLE001 - a missing baseline row is reported, the check goes on
+            extra["vs_bf16"] = {"error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
+    return {**row, **stats, **extra, "status": "ok" if within else "over"}
 
 
 def print_verify(report: dict, console) -> None:
@@ -436,8 +491,12 @@ def print_verify(report: dict, console) -> None:
     title = (f"{report['model']} ({report['size']}) on {report['environment']['device']}: "
              f"{report['backend']} {report['dtype']} vs {ref['backend']} {ref['dtype']}")
     table = Table(title=title, box=box.SIMPLE_HEAD, title_justify="left")
-    for header, justify in (("module", "left"), ("output", "left"), ("max |Δ|", "right"), ("‖Δ‖/‖ref‖", "right"),
-                            ("limit", "right"), ("status", "left"), ("ref ms", "right"), ("backend ms", "right")):
+    fp8 = report.get("fp8")
+    headers = [("module", "left"), ("output", "left"), ("max |Δ|", "right"), ("‖Δ‖/‖ref‖", "right")]
+    if fp8:
+        headers += [("cosine", "right"), ("vs bf16 ‖Δ‖/‖ref‖", "right")]
+    headers += [("limit", "right"), ("status", "left"), ("ref ms", "right"), ("backend ms", "right")]
+    for header, justify in headers:
         table.add_column(header, justify=justify)
     styles = {"ok": "green", "over": "yellow", "n/a": "dim", "mismatch": "red", "error": "red", "tie": "yellow"}
     for row in report["modules"]:
@@ -446,9 +505,14 @@ def print_verify(report: dict, console) -> None:
         status = row["status"]
         if row["name"] == "actions" and status not in ("ok", "tie"):
             status = "FAIL" if status == "over" else f"FAIL ({status})"
-        table.add_row(row["name"], row["shape"], number("max_abs"), number("rel_l2"), f"{row['threshold']:.0e}",
-                      Text(status, style="bold red" if status.startswith("FAIL") else styles.get(status)),
-                      ms("reference_ms"), ms("backend_ms"))
+        cells = [row["name"], row["shape"], number("max_abs"), number("rel_l2")]
+        if fp8:
+            vs = row.get("vs_bf16") or {}
+            cells += ["-" if row.get("cosine") is None else f"{row['cosine']:.5f}",
+                      f"{vs['rel_l2']:.3e}" if "rel_l2" in vs else "-"]
+        cells += [f"{row['threshold']:.0e}", Text(status, style="bold red" if status.startswith("FAIL") else styles.get(status)),
+                  ms("reference_ms"), ms("backend_ms")]
+        table.add_row(*cells)
     console.print(table)
     for row in report["modules"]:
         if row.get("reason"):
@@ -470,6 +534,9 @@ def print_verify(report: dict, console) -> None:
                        style="dim"))
     for note in report.get("notes", ()):
         console.print(Text(note, style="dim"))
+    if fp8:
+        console.print(Text(f"FP8 stages {fp8['stages']}: every module is also compared with {fp8['baseline']} "
+                           f"(vs bf16); the final actions must also reach cosine >= {fp8['min_cosine']}", style="dim"))
     actions = next((r for r in report["modules"] if r["name"] == "actions"), None)
     if actions is None:
         return
