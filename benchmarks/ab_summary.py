@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-BENCH_FILE = re.compile(r"bench_(?P<group>[a-z0-9]+)_(?P<build>old|new)_r(?P<round>\d+)\.json$")
+BENCH_FILE = re.compile(r"bench_(?P<group>[a-z0-9]+)_(?P<build>old|new|fp8)_r(?P<round>\d+)\.json$")
 
 
 def _load(path: Path):
@@ -39,6 +39,8 @@ def bench_rows(runs: Path) -> list[dict]:
             workload = f"{run['model']} views={run['views']} prompt={run['prompt_len']}"
             row = table.setdefault(workload, {"workload": workload})
             row[f"{match['build']}_r{match['round']}"] = round(float(run["median_ms"]), 3)
+            if run.get("peak_gpu_gib") is not None:
+                row[f"{match['build']}_peak_gib"] = run["peak_gpu_gib"]
             if match["build"] == "new" and run.get("backend_options"):
                 row["new_options"] = run["backend_options"]
         for failed in report.get("failed", []) + report.get("skipped", []):
@@ -50,6 +52,9 @@ def bench_rows(runs: Path) -> list[dict]:
         new = [v for k, v in row.items() if k.startswith("new_r")]
         if old and new:
             row["new_vs_old_pct"] = round(100.0 * (sum(new) / len(new) / (sum(old) / len(old)) - 1.0), 2)
+        fp8 = [v for k, v in row.items() if k.startswith("fp8_r")]
+        if fp8 and new:
+            row["fp8_vs_new_pct"] = round(100.0 * (sum(fp8) / len(fp8) / (sum(new) / len(new)) - 1.0), 2)
         if len(old) > 1:
             row["old_spread_pct"] = round(100.0 * (max(old) / min(old) - 1.0), 2)
     order = {"pi0": 0, "pi05": 1, "openvla": 2, "rt2": 3}
@@ -67,6 +72,9 @@ def verify_rows(runs: Path) -> dict:
             continue
         actions = next((m for m in report.get("modules", []) if m.get("name") == "actions"), {})
         out[model] = {"passed": report.get("passed"), "actions_rel_l2": actions.get("rel_l2"),
+                      "actions_cosine": actions.get("cosine"), "actions_vs_bf16": actions.get("vs_bf16"),
+                      "modules": {m.get("name"): {k: m.get(k) for k in ("rel_l2", "cosine", "vs_bf16", "status")}
+                                  for m in report.get("modules", [])},
                       "threshold": report.get("threshold_rel_l2"), "failure": report.get("failure"),
                       "backend_options": report.get("backend_options")}
     return out
@@ -86,14 +94,17 @@ def summarize(runs: Path) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    rounds = sorted({k for row in summary["bench"] for k in row if re.fullmatch(r"(old|new)_r\d+", k)},
-                    key=lambda k: (k[-1], k[:3] != "old"))
-    print(f"{'workload':28}" + "".join(f"{k:>10}" for k in rounds) + f"{'new/old':>9}{'old spread':>11}")
+    rounds = sorted({k for row in summary["bench"] for k in row if re.fullmatch(r"(old|new|fp8)_r\d+", k)},
+                    key=lambda k: (k[-1], ("old", "new", "fp8").index(k[:3])))
+    print(f"{'workload':28}" + "".join(f"{k:>10}" for k in rounds) + f"{'new/old':>9}{'fp8/new':>9}{'old spread':>11}"
+          f"{'peak GiB new/fp8':>18}")
     for row in summary["bench"]:
         cells = "".join(f"{row[k]:>10.2f}" if k in row else f"{'-':>10}" for k in rounds)
         change = f"{row['new_vs_old_pct']:+8.1f}%" if "new_vs_old_pct" in row else f"{'-':>9}"
+        fp8 = f"{row['fp8_vs_new_pct']:+8.1f}%" if "fp8_vs_new_pct" in row else f"{'-':>9}"
         spread = f"{row['old_spread_pct']:10.1f}%" if "old_spread_pct" in row else f"{'-':>11}"
-        print(f"{row['workload']:28}{cells}{change}{spread}")
+        peaks = "/".join(f"{row[k]:.2f}" if k in row else "-" for k in ("new_peak_gib", "fp8_peak_gib"))
+        print(f"{row['workload']:28}{cells}{change}{fp8}{spread}{peaks:>18}")
     for model, result in summary["verify"].items():
         err = result.get("actions_rel_l2")
         print(f"verify {model}: {'PASS' if result.get('passed') else 'FAIL'}"

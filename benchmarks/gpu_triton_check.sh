@@ -19,7 +19,9 @@
 #   every step's outcome) and results.tgz (every JSON and log of the run) -- 3 files, as the device tool returns 8.
 # Environment: ITERS (timed calls per case, 100), BUDGET (seconds for the mode; a step that would start later is
 #   left out and listed, 520), DEVICE / SIZE / BACKEND (cuda / real / triton; DEVICE=cpu SIZE=tiny BACKEND=pytorch
-#   SKIP_TESTS=1 runs the plumbing on a CPU), SKIP_TESTS=1 (no GPU tests).
+#   SKIP_TESTS=1 runs the plumbing on a CPU), SKIP_TESTS=1 (no GPU tests); for `final`: BUILDS (old new; fp8 adds
+#   this build with --precision fp8), GROUPS_TO_BENCH (pi0 pi05 token), ROUNDS (1 2; a device call may run one
+#   round), VERIFY (pi0 pi05 openvla) and VERIFY_FP8 (models verified with --precision fp8; none by default).
 set -u
 MODE="${1:-final}"
 OLD="${2:-}"
@@ -136,30 +138,55 @@ if [ -z "${SKIP_TESTS:-}" ]; then
 fi
 
 BENCH=(bench --backends "$BACKEND" --graphs "$GRAPHS" --iters "$ITERS" --warmup 5 --device "$DEVICE" --size "$SIZE")
-# bench_round ROUND FIRST SECOND: each workload group on both builds, FIRST's run before SECOND's.
+# bench_round ROUND BUILD...: each workload group on each build in the order given. Builds: old, new, and fp8 (the
+# new build with --precision fp8).
 bench_round() {
-  local round=$1 group build root
+  local round=$1 group build root extra
   shift
-  for group in pi0 pi05 token; do
+  for group in $GROUPS_TO_BENCH; do
     for build in "$@"; do
       root="$ROOT"; [ "$build" = old ] && root="$OLD_ROOT"
+      extra=(); [ "$build" = fp8 ] && extra=(--precision fp8)
       case "$group" in
-        pi0) cf_step 150 "bench_pi0_${build}_r$round" "$root" "${BENCH[@]}" --models pi0 --views 1,2,3 \
-               --prompt-len 20 --json "$RUNS/bench_pi0_${build}_r$round.json" ;;
-        pi05) cf_step 110 "bench_pi05_${build}_r$round" "$root" "${BENCH[@]}" --models pi05 --views 2 \
-                --prompt-len 20,60 --json "$RUNS/bench_pi05_${build}_r$round.json" ;;
-        token) cf_step 150 "bench_token_${build}_r$round" "$root" "${BENCH[@]}" --models openvla,rt2 \
+        pi0) cf_step 150 "bench_pi0_${build}_r$round" "$root" "${BENCH[@]}" "${extra[@]}" --models pi0 \
+               --views 1,2,3 --prompt-len 20 --json "$RUNS/bench_pi0_${build}_r$round.json" ;;
+        pi05) cf_step 110 "bench_pi05_${build}_r$round" "$root" "${BENCH[@]}" "${extra[@]}" --models pi05 \
+                --views 2 --prompt-len 20,60 --json "$RUNS/bench_pi05_${build}_r$round.json" ;;
+        token) cf_step 150 "bench_token_${build}_r$round" "$root" "${BENCH[@]}" "${extra[@]}" --models openvla,rt2 \
                  --prompt-len 26 --json "$RUNS/bench_token_${build}_r$round.json" ;;
       esac
     done
   done
 }
 
-bench_round 1 old new
-for model in pi0 pi05 openvla; do
-  limit=80; [ "$model" = openvla ] && limit=130
-  cf_step "$limit" "verify_$model" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
-    --device "$DEVICE" --json "$RUNS/verify_$model.json"
+# verify_models PRECISION MODEL...: real-size verify of this build.
+verify_models() {
+  local precision=$1 model limit suffix=""
+  shift
+  [ "$precision" = fp8 ] && suffix=_fp8
+  for model in "$@"; do
+    limit=80; [ "$model" = openvla ] && limit=130
+    cf_step "$limit" "verify_$model$suffix" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
+      --device "$DEVICE" --precision "$precision" --json "$RUNS/verify_$model$suffix.json"
+  done
+}
+
+# BUILDS (old new; add fp8 for this build's --precision fp8), GROUPS_TO_BENCH (pi0 pi05 token), ROUNDS (1 2; round 2
+# runs the builds in reverse order), VERIFY (pi0 pi05 openvla) and VERIFY_FP8 (none) choose what runs.
+BUILDS="${BUILDS:-old new}"; GROUPS_TO_BENCH="${GROUPS_TO_BENCH:-pi0 pi05 token}"; ROUNDS="${ROUNDS:-1 2}"
+VERIFY="${VERIFY-pi0 pi05 openvla}"; VERIFY_FP8="${VERIFY_FP8:-}"
+REVERSED="$(echo "$BUILDS" | tr ' ' '\n' | tac | tr '\n' ' ')"
+for round in $ROUNDS; do
+  if [ "$round" = 1 ]; then
+    # shellcheck disable=SC2086
+    bench_round 1 $BUILDS
+    # shellcheck disable=SC2086
+    verify_models default $VERIFY
+    # shellcheck disable=SC2086
+    verify_models fp8 $VERIFY_FP8
+  else
+    # shellcheck disable=SC2086
+    bench_round "$round" $REVERSED
+  fi
 done
-bench_round 2 new old
 finish
