@@ -122,3 +122,34 @@ def test_quantisation_at_load_is_deterministic_and_keeps_the_layout(stages):
             if stage in chosen:
                 assert q.dtype == E4M3 and q.data_ptr() == qkv.data_ptr()
                 assert torch.equal(first[fp8_scale_key(layer.name("q"))], first[fp8_scale_key(layer.name("qkv"))][:q.shape[0]])
+
+
+@pytest.mark.parametrize("args", [
+    ["verify", "--backend", "triton", "--precision", "fp8"],
+    ["bench", "--backends", "triton", "--precision", "fp8"],
+    ["serve", "--checkpoint", "demo", "--backend", "triton", "--precision", "fp8"],
+    ["run", "--checkpoint", "CHECKPOINT", "--image", "IMAGE", "--prompt-tokens", "2,3", "--state", "0.1",
+     "--backend", "triton", "--precision", "fp8"],
+], ids=["verify", "bench", "serve", "run"])
+def test_cli_refuses_fp8_on_the_cpu_in_its_own_words(args, monkeypatch, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    image = tmp_path / "view.png"
+    Image.new("RGB", (8, 8)).save(image)
+    args = [str(image) if a == "IMAGE" else str(tmp_path) if a == "CHECKPOINT" else a for a in args]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 2, result.output
+    assert "--precision fp8: FP8 needs a CUDA GPU, got device 'cpu'; use --precision default" in " ".join(result.output.split())
+
+
+def test_cli_names_the_backend_fp8_needs(monkeypatch):
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+
+    result = CliRunner().invoke(app, ["verify", "--backend", "pytorch", "--precision", "fp8", "--device", "cpu"])
+    assert result.exit_code == 2 and "use --backend triton" in " ".join(result.output.split())

@@ -100,6 +100,9 @@ def run_command(
     unnorm_key: Annotated[
         Optional[str], typer.Option("--unnorm-key", metavar="DATASET", help="openvla only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint has several).")
     ] = None,
+    precision: Annotated[
+        str, typer.Option("--precision", metavar="NAME", help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+, the prefix and action expert (pi0/pi05) or the language model (openvla/rt2) hold FP8 weights, quantised at load.")
+    ] = "default",
 ) -> None:
     """Run one observation through a checkpoint and print the action chunk as JSON on stdout.
 
@@ -135,19 +138,21 @@ def run_command(
             raise InputError(f"--mask-view {bad} out of range: there are {num_views} views (indices 0..{num_views - 1})")
         masks = [i not in set(mask_view) for i in range(num_views)]
 
+    check_precision(precision, backend, device, dtype)
     model_type = detect_model(checkpoint, model, overrides)
     if model_type in TOKEN_DECODING_MODELS:
         _run_token_model(model_type, checkpoint, images, prompt, tokens, robot_state is not None, backend, device,
                          dtype, tokenizer, norm_stats, unnorm_key, overrides, cuda_graphs,
                          {"--views": views, "--mask-view": mask_view, "--chunk": chunk, "--steps": steps,
-                          "--seed": seed is not None})
+                          "--seed": seed is not None}, precision)
         return
     result = run_flow_policy(
         model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, state=robot_state, image_masks=masks,
         num_views=num_views, backend=backend, device=device, dtype=resolve_dtype(dtype, device),
         tokenizer=None if tokenizer is None else str(tokenizer),
         norm_stats=None if norm_stats is None else str(norm_stats), unnorm_key=unnorm_key, model_config=overrides,
-        use_cuda_graphs=cuda_graphs, chunk=chunk, steps=steps, seed=seed, log=progress_line, warn=warning_line)
+        use_cuda_graphs=cuda_graphs, chunk=chunk, steps=steps, seed=seed, log=progress_line, warn=warning_line,
+        precision=precision)
     engine, actions, report = result.engine, result.actions, result.engine.checkpoint_report
     progress_line(f"{model_type.value} ({report.layout if report else 'custom'} layout, "
               f"{engine.config.num_diffusion_steps} steps) on {engine.device} {dtype_name(engine.dtype)}: "
@@ -161,10 +166,20 @@ def run_command(
     }))
 
 
+def check_precision(precision: str, backend: str, device: str, dtype: str) -> None:
+    """Refuse ``--precision fp8`` where it cannot run, in the CLI's words, before the checkpoint loads."""
+    from cortexflow.config import resolve_dtype as compute_dtype
+    from cortexflow.engine import resolve_device
+    from cortexflow.quantization.precision import backend_for_precision
+
+    resolved = resolve_device(device)
+    backend_for_precision(backend, precision, resolved, compute_dtype(dtype, resolved), "--precision")
+
+
 def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, prompt: Optional[str],
                      tokens: Optional[np.ndarray], has_state: bool, backend: str, device: str, dtype: str,
                      tokenizer: Optional[Path], norm_stats: Optional[Path], unnorm_key: Optional[str],
-                     overrides: Optional[dict], cuda_graphs: bool, flow_options: dict) -> None:
+                     overrides: Optional[dict], cuda_graphs: bool, flow_options: dict, precision: str) -> None:
     """``run`` for openvla / rt2: print the actions and generated token ids as JSON."""
     from cortexflow.tools.run import run_token_policy
 
@@ -174,7 +189,7 @@ def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, p
         model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, has_state=has_state, backend=backend,
         device=device, dtype=compute_dtype, tokenizer=None if tokenizer is None else str(tokenizer),
         norm_stats=None if norm_stats is None else str(norm_stats), unnorm_key=unnorm_key, model_config=overrides,
-        use_cuda_graphs=cuda_graphs, flow_options=flow_options)
+        use_cuda_graphs=cuda_graphs, flow_options=flow_options, precision=precision)
     engine = result.engine
     progress_line(f"{model_type.value} on {engine.device} {dtype_name(engine.dtype)}: {result.latency_ms:.1f} ms")
     typer.echo(json.dumps({

@@ -31,6 +31,7 @@ from cortexflow.serving.policy import (
     MappedPolicy,
     PolicyOptions,
     _resolve_dtype,
+    check_precision_option,
     checkpoint_name,
     common_metadata,
     engine_timings,
@@ -204,9 +205,10 @@ def build_token_policy(options: PolicyOptions, model_type: VLAModelType,
     _check_token_options(options, model_type)
     make_mapping(options.robot)  # validates the robot name before any loading
     dtype = _resolve_dtype(options.dtype, options.device)
+    check_precision_option(options, dtype)
     overrides = dict(options.model_config or {})
     common = dict(backend=options.backend, device=options.device, dtype=dtype, tokenizer_path=options.tokenizer,
-                  use_cuda_graphs=options.cuda_graphs)
+                  use_cuda_graphs=options.cuda_graphs, precision=options.precision)
     (log or (lambda message: None))(f"loading {model_type.value} checkpoint {options.checkpoint} "
                                     f"({options.device}, {dtype}) ...")
     if model_type == VLAModelType.OPENVLA:

@@ -110,10 +110,27 @@ class PolicyOptions:
         help="Real-time chunking guidance for clients that send the rtc/ keys: vjp (the paper's, through the "
              "expert's backward pass; pytorch backend) or identity (LeRobot's, no backward pass; pytorch and triton) "
              "[default: vjp on the pytorch backend, identity on the others]."))
+    precision: str = field(default="default", metadata=cli_option(
+        "--precision", metavar="NAME",
+        help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+ (L4, RTX "
+             "4090, H100), the prefix and action expert (pi0/pi05) or the language model (openvla/rt2) hold FP8 "
+             "weights (quantised at load; check the accuracy first with cortexflow verify --precision fp8)."))
     unnorm_key: str | None = field(default=None, metadata=cli_option(
         "--unnorm-key", metavar="DATASET",
         help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
              "has several)."))
+
+
+def check_precision_option(options: PolicyOptions, dtype: str) -> None:
+    """Refuse ``--precision fp8`` where it cannot run (CPU, interpreter, GPU before 8.9, not bfloat16, not
+    triton) in the CLI's words, before any checkpoint loads."""
+    from cortexflow.config import parse_dtype
+    from cortexflow.engine import resolve_device
+    from cortexflow.quantization.precision import backend_for_precision
+
+    for device in str(options.device).split(","):
+        backend_for_precision(options.backend, options.precision, resolve_device(device.strip()), parse_dtype(dtype),
+                              "--precision")
 
 
 def checkpoint_name(path: str) -> str:
@@ -135,6 +152,7 @@ def common_metadata(engine: Any, mapping: RobotMapping, checkpoint: str, prompt:
         "backend": getattr(engine.backend, "name", type(engine.backend).__name__),
         "device": str(engine.device),
         "dtype": dtype_name(engine.dtype),
+        "precision": getattr(engine, "precision", "default"),
         "robot": mapping.name,
         "robot_config": mapping.describe(),
         "prompt": prompt,
@@ -405,8 +423,10 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
             "a tokenizer.json, or a folder holding one); only --checkpoint demo runs without one"
         )
     dtype = _resolve_dtype(options.dtype, options.device)
+    check_precision_option(options, dtype)
     overrides = dict(options.model_config or {})
     common = dict(
+        precision=options.precision,
         num_views=num_views,
         chunk_size=options.chunk,
         backend=options.backend,

@@ -42,11 +42,12 @@ def run_flow_policy(model_type: VLAModelType, checkpoint: str | Path, images: li
                     tokenizer: str | None, norm_stats: str | None, unnorm_key: str | None,
                     model_config: dict | None, use_cuda_graphs: bool, chunk: int | None, steps: int | None,
                     seed: int | None, log: Callable[[str], None] | None = None,
-                    warn: Callable[[str], None] | None = None) -> RunResult:
+                    warn: Callable[[str], None] | None = None, precision: str = "default") -> RunResult:
     """Load ``checkpoint`` as ``model_type`` (pi0 or pi05) and run one observation through it.
 
     ``dtype`` is a dtype name (not ``auto``); ``seed`` seeds the starting noise (None: fresh noise). ``log``
-    receives the loading line; ``warn`` the warning that a pi05 state is unused when the prompt comes as ids.
+    receives the loading line; ``warn`` the warning that a pi05 state is unused when the prompt comes as ids;
+    ``precision``: "default" or "fp8" (the factories' argument).
     Raises ``TokenizerError`` for a text prompt without a tokenizer and ``InputError`` for ``unnorm_key`` (an
     OpenVLA option) or a pi0 call without a state."""
     if prompt is not None and tokenizer is None:
@@ -73,6 +74,7 @@ def run_flow_policy(model_type: VLAModelType, checkpoint: str | Path, images: li
         use_cuda_graphs=use_cuda_graphs,
         model_config=model_config,
         num_steps=steps,
+        precision=precision,
     )
     if (model_type == VLAModelType.PI05 and prompt_tokens is not None and state is not None
             and engine.config.discrete_state_input and warn is not None):
@@ -90,7 +92,7 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
                      prompt: str | None, prompt_tokens: np.ndarray | None, has_state: bool, backend: str,
                      device: str, dtype: str, tokenizer: str | None, norm_stats: str | None,
                      unnorm_key: str | None, model_config: dict | None, use_cuda_graphs: bool,
-                     flow_options: dict[str, Any]) -> RunResult:
+                     flow_options: dict[str, Any], precision: str = "default") -> RunResult:
     """Load ``checkpoint`` as ``model_type`` (openvla or rt2) and run one image and prompt through it.
 
     ``prompt_tokens`` are the ids the model sees, BOS included. ``flow_options`` maps the command's
@@ -105,7 +107,7 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
     if has_state:
         raise InputError(f"{name} takes no robot state: drop --state / --state-file")
     common: dict[str, Any] = dict(backend=backend, device=device, dtype=dtype, tokenizer_path=tokenizer,
-                                  use_cuda_graphs=use_cuda_graphs, model_config=model_config)
+                                  use_cuda_graphs=use_cuda_graphs, model_config=model_config, precision=precision)
     if model_type == VLAModelType.OPENVLA:
         if norm_stats is not None:
             raise InputError("openvla un-normalises with the statistics in its folder: drop --norm-stats "
