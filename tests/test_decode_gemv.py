@@ -167,3 +167,99 @@ def test_triton_greedy_head_matches_the_reference_head(allowed, monkeypatch):
         assert [lm.next_token(triton_backend, w, h, None).item() for w in (weights, other)] == pair
         changed += pair[0] != pair[1]
     assert changed > 0
+
+
+FP8_VARIANTS = ["plain", "norm", "folded norm", "residual", "norm+silu gate", "folded norm+gelu gate"]
+#: bf16 with E4M3 weights: Triton 3.7's interpreter casts fp32 to bf16 by truncation (1.999 -> 1.9922), at
+#: each of the kernel's roundings (normalised x, gate, up, output), where the reference rounds to nearest.
+FP8_BOUNDS = {**BOUNDS, torch.bfloat16: 3e-2}
+
+
+def check_fp8(out, ref, dtype):
+    out, ref = out.float(), ref.float()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= FP8_BOUNDS[dtype], f"‖Δ‖/‖ref‖ {rel:.3e} > {FP8_BOUNDS[dtype]:.0e}"
+
+
+def fp8_weight(n, k, seed):
+    """An E4M3 weight ``(n, k)`` and its per-row fp32 scales, rows of different magnitudes."""
+    from cortexflow.quantization.fp8 import quantize_weight
+
+    w = rand(n, k, dtype=torch.float32, seed=seed, scale=k**-0.5) * torch.logspace(-1, 1, n, device=DEVICE)[:, None]
+    q = quantize_weight(w)
+    return q.data, q.scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", FP8_VARIANTS)
+def test_fp8_decode_gemv_matches_reference(dtype, variant):
+    """E4M3 weights with per-row scales (weight-only FP8): the kernel's fp32 sums of ``x`` times the E4M3
+    values, scaled per row, against the reference on the same E4M3 values. Odd K (1100) and N (37)."""
+    k, n = 1100, 37
+    x = rand(1, 1, k, dtype=dtype, seed=1, scale=3.0)
+    gated = {"norm+silu gate": "silu", "folded norm+gelu gate": "gelu_tanh"}.get(variant)
+    w, scale = fp8_weight(2 * n if gated else n, k, seed=2)
+    kwargs = {"gated": gated}
+    if variant.startswith("folded norm"):
+        kwargs.update(normalize=True, eps=1e-5)
+    elif "norm" in variant:
+        kwargs.update(norm_weight=rand(k, dtype=torch.float32, seed=3, scale=0.2), eps=1e-5)
+    if variant == "residual":
+        kwargs["residual"] = rand(1, 1, n, dtype=dtype, seed=4)
+    out = decode_gemv(x, w, weight_scale=scale, block_n=8, block_k=512, **kwargs)
+    assert out.shape == (1, 1, n) and out.dtype == dtype
+    check_fp8(out, decode_gemv_reference(x, w, weight_scale=scale, **kwargs), dtype)
+    # The default FP8 tiling (a K chunk larger than K here) gives the same values.
+    check_fp8(decode_gemv(x, w, weight_scale=scale, **kwargs), out, dtype)
+
+
+def test_fp8_decode_gemv_applies_each_rows_scale_and_matches_the_dequantised_weight():
+    """Doubling one row's scale doubles that output alone; the result is the product with the dequantised
+    weight up to fp32 rounding; the scale is required exactly for E4M3 weights."""
+    from cortexflow.quantization.fp8 import Fp8Tensor
+
+    k, n = 300, 12
+    x = rand(k, dtype=torch.float32, seed=40)
+    w, scale = fp8_weight(n, k, seed=41)
+    base = decode_gemv(x, w, weight_scale=scale)
+    scale2 = scale.clone()
+    scale2[5] *= 2
+    doubled = decode_gemv(x, w, weight_scale=scale2)
+    torch.testing.assert_close(doubled[5], 2 * base[5])
+    assert torch.equal(torch.cat([doubled[:5], doubled[6:]]), torch.cat([base[:5], base[6:]]))
+    torch.testing.assert_close(base, Fp8Tensor(w, scale).dequantize() @ x, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="E4M3"):
+        decode_gemv(x, w)
+    with pytest.raises(ValueError, match="E4M3"):
+        decode_gemv(x, w.float(), weight_scale=scale)
+    with pytest.raises(ValueError, match="fp32"):
+        decode_gemv(x, w, weight_scale=scale.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_decode_qkv_rope_matches_reference(dtype):
+    """The fused QKV + RoPE + cache-write GEMV on an E4M3 weight against its reference (and against the FP8
+    decode GEMV followed by the QKV/RoPE kernel); head_dim 24, K 200, 3 query heads on 1 KV head."""
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_reference
+    from cortexflow.kernels.qkv_rope import qkv_rope
+    from cortexflow.kernels.rope import inverse_frequencies
+
+    hq, hkv, d, k, max_len = 3, 1, 24, 200, 9
+    x = rand(1, 1, k, dtype=dtype, seed=20, scale=3.0)
+    w, scale = fp8_weight((hq + 2 * hkv) * d, k, seed=21)
+    kwargs = {"norm_weight": rand(k, dtype=torch.float32, seed=22, scale=0.2), "eps": 1e-5}
+    position = torch.tensor([5], device=DEVICE)
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    caches = [torch.zeros(1, max_len, hkv, d, dtype=dtype, device=DEVICE) for _ in range(4)]
+    write_at = torch.tensor([6], device=DEVICE)
+    q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, weight_scale=scale,
+                        block_h=4, block_k=64, **kwargs)
+    qkv = decode_gemv(x, w, weight_scale=scale, block_k=64, **kwargs)
+    q2 = qkv_rope(qkv, position.view(1, 1), inv_freq, hq, hkv, caches[2], caches[3], write_at=write_at)
+    for a, b in ((q, q2), (caches[0], caches[2]), (caches[1], caches[3])):
+        assert (a.float() - b.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
+    rq, rk, rv = decode_qkv_rope_reference(x, w, hq, hkv, position, inv_freq, weight_scale=scale, **kwargs)
+    check_fp8(q, rq, dtype)
+    check_fp8(caches[0][:, 6:7], rk, dtype)
+    check_fp8(caches[1][:, 6:7], rv, dtype)
+    assert caches[0][:, 6].abs().sum() > 0 and not caches[0][:, :6].any()

@@ -14,6 +14,12 @@ one kernel per projection reads ``W`` once and does the small work around it in 
   ``act(gate) * up`` with both halves rounded to the output dtype first, as the reference rounds the
   two GEMM outputs before its activation kernel; ``F`` outputs.
 
+FP8 weights (weight-only): ``W`` may be E4M3 (``torch.float8_e4m3fn``) with one fp32 scale per row,
+``value = W[n, k] * weight_scale[n]`` (:mod:`cortexflow.quantization.fp8`). The kernel loads the E4M3 tiles
+(one byte per weight), converts them to fp32, accumulates ``sum_k x[k] * W[n, k]`` in fp32 and multiplies
+the sum by ``weight_scale[n]`` once per output row, before the epilogue. bf16 / fp16 / fp32 weights compile
+without the scale (a constexpr switch), so their code is the one without FP8 support.
+
 Layout: ``x (K,)``, ``W (N, K)`` with unit stride along ``K``; output ``(N,)`` (``(F,)`` gated). One
 program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K`` chunks, accumulating in fp32.
 """
@@ -28,20 +34,26 @@ from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 
-def default_tiling(n_rows: int, k_dim: int, gated: bool) -> tuple[int, int, int]:
-    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``: the fastest of the sweeps for
-    each kind of projection (``benchmarks/micro_decode_gemv.py``, one kernel repeated, and
-    ``benchmarks/micro_decode_chain.py``, OpenVLA's 32 decode layers chained in one graph with PDL; timings in
-    benchmarks/NOTES.md, "Tuning constants"): gated gate/up 16 rows, 512, 4 warps; long K (> 8192, OpenVLA's
-    down) 8 rows, 2048, 8 warps; wide N (>= 8192 rows, QKV) 32 rows, 1024, 8 warps; otherwise (o) 8 rows,
-    1024, 4 warps."""
+def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> tuple[int, int, int]:
+    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``.
+
+    bf16 / fp16 / fp32 weights: the fastest of the sweeps for each kind of projection
+    (``benchmarks/micro_decode_gemv.py``, one kernel repeated, and ``benchmarks/micro_decode_chain.py``,
+    OpenVLA's 32 decode layers chained in one graph with PDL; timings in benchmarks/NOTES.md, "Tuning
+    constants"): gated gate/up 16 rows, 512, 4 warps; long K (> 8192, OpenVLA's down) 8 rows, 2048, 8 warps;
+    wide N (>= 8192 rows, QKV) 32 rows, 1024, 8 warps; otherwise (o) 8 rows, 1024, 4 warps.
+
+    E4M3 weights (``fp8``): twice the K chunk, so each row's load is as many bytes as the bf16 tiling's, and
+    the same number of fp32 accumulator elements per thread as the bf16 tiling (twice the warps, or half the
+    rows where the bf16 tiling has 8 warps already). Not yet measured on a GPU:
+    ``benchmarks/bench_fp8_decode.py`` sweeps the alternatives."""
     if gated:
-        return 16, 512, 4
+        return (16, 1024, 8) if fp8 else (16, 512, 4)
     if k_dim > 8192:
-        return 8, 2048, 8
+        return (4, 4096, 8) if fp8 else (8, 2048, 8)
     if n_rows >= 8192:
-        return 32, 1024, 8
-    return 8, 1024, 4
+        return (16, 2048, 8) if fp8 else (32, 1024, 8)
+    return (8, 2048, 8) if fp8 else (8, 1024, 4)
 
 
 @triton.jit
@@ -58,12 +70,13 @@ def _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM: tl.constexpr, SCALE: tl.co
 
 @triton.jit
 def gemv_rows(
-    x_ptr, w_ptr, norm_w_ptr, rows, row_ok, k_dim, second_offset, stride_w, eps,
-    NORM: tl.constexpr, SCALE: tl.constexpr, TWO: tl.constexpr,
+    x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, second_offset, stride_w, eps,
+    NORM: tl.constexpr, SCALE: tl.constexpr, TWO: tl.constexpr, W_SCALE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """fp32 dot products of the (normalised) row ``x`` with weight rows ``rows`` and, when ``TWO``, also
     with rows ``rows + second_offset``: ``(y, y2)`` of shape ``(BLOCK_N,)`` (``y2`` zeros without ``TWO``).
+    ``W_SCALE``: the weight is E4M3 and each sum is multiplied by its row's fp32 scale ``w_scale_ptr[row]``.
     Starts the kernel's PDL protocol: releases the next kernel, loads the first weight chunk (which no
     kernel writes) and only then waits for the previous kernel before reading ``x``."""
     pdl_release(PDL)
@@ -94,20 +107,26 @@ def gemv_rows(
         if TWO:
             w2 = tl.load(w_rows + second_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
             acc2 += w2.to(tl.float32) * xv[None, :]
-    return tl.sum(acc, axis=1), tl.sum(acc2, axis=1)
+    y = tl.sum(acc, axis=1)
+    y2 = tl.sum(acc2, axis=1)
+    if W_SCALE:
+        y = y * tl.load(w_scale_ptr + rows, mask=row_ok, other=0.0)
+        if TWO:
+            y2 = y2 * tl.load(w_scale_ptr + rows + second_offset, mask=row_ok, other=0.0)
+    return y, y2
 
 
 @triton.jit
 def _decode_gemv_kernel(
-    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr,
+    x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, w_scale_ptr,
     n_out, k_dim, up_offset, stride_w, eps,
     NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
-    y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
-                        NORM, SCALE, GATED, BLOCK_N, BLOCK_K, PDL)
+    y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
+                        NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL)
     out_ty = out_ptr.dtype.element_ty
     if GATED:
         gate = y.to(out_ty).to(tl.float32)
@@ -130,6 +149,7 @@ def decode_gemv(
     eps: float = 1e-6,
     residual: torch.Tensor | None = None,
     gated: str | None = None,
+    weight_scale: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -141,10 +161,11 @@ def decode_gemv(
     ``norm_weight (K,)``: RMS-normalise ``x`` first with scale ``1 + norm_weight`` (``normalize``: without
     a scale, the norm weight being folded into ``weight``); ``residual (N,)``: add
     it; ``gated`` ("silu" or "gelu_tanh"): ``weight`` is ``[gate | up]`` and the result ``act(gate) * up``
-    ``(N/2,)``. Returns the output with ``x``'s leading dims, in ``x``'s dtype; ``out`` may be
-    ``residual`` itself (in place). Tiling: :func:`default_tiling` unless given. ``pdl``: launch with
-programmatic dependent launch (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the
-previous kernel finishes)."""
+    ``(N/2,)``; ``weight_scale (N,)`` fp32: ``weight`` is E4M3 and row ``n`` stands for
+    ``weight[n] * weight_scale[n]`` (required exactly when ``weight`` is E4M3). Returns the output with
+    ``x``'s leading dims, in ``x``'s dtype; ``out`` may be ``residual`` itself (in place). Tiling:
+    :func:`default_tiling` unless given. ``pdl``: launch with programmatic dependent launch
+    (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
         raise ValueError(f"decode_gemv takes one row, got x of shape {tuple(x.shape)}")
@@ -152,6 +173,7 @@ previous kernel finishes)."""
         raise ValueError(f"weight {tuple(weight.shape)} (stride {weight.stride()}) does not match x's K={k_dim}")
     if gated not in (None, "silu", "gelu_tanh"):
         raise ValueError(f"gated must be None, 'silu' or 'gelu_tanh', got {gated!r}")
+    fp8 = check_weight_scale(weight, weight_scale)
     n_out = weight.shape[0] // 2 if gated else weight.shape[0]
     x1 = x.reshape(k_dim)
     if not x1.is_contiguous():
@@ -159,20 +181,37 @@ previous kernel finishes)."""
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     res = residual.reshape(n_out) if residual is not None else out
-    tiling = default_tiling(weight.shape[0], k_dim, gated is not None)
+    tiling = default_tiling(weight.shape[0], k_dim, gated is not None, fp8)
     block_n, block_k, num_warps = block_n or tiling[0], block_k or tiling[1], num_warps or tiling[2]
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
-        x1, weight, out, res, norm_weight if norm_weight is not None else x1,
+        x1, weight, out, res, norm_weight if norm_weight is not None else x1, weight_scale if fp8 else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
-        GATED=gated is not None, SILU=gated == "silu", BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps,
-        **launch_options(pdl),
+        GATED=gated is not None, SILU=gated == "silu", W_SCALE=fp8, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
+        num_warps=num_warps, **launch_options(pdl),
     )
     return out.view(*x.shape[:-1], n_out)
 
 
-def decode_gemv_reference(x, weight, *, norm_weight=None, normalize=False, eps=1e-6, residual=None, gated=None):
-    """The same computation as the op-by-op reference runs it (norm kernel, GEMM, activation, add)."""
+def check_weight_scale(weight: torch.Tensor, weight_scale: torch.Tensor | None) -> bool:
+    """Whether ``weight`` is E4M3 with its per-row fp32 ``weight_scale (N,)`` (True) or a plain float weight
+    without one (False); a ValueError for any other combination."""
+    fp8 = weight.dtype == torch.float8_e4m3fn
+    if fp8 != (weight_scale is not None):
+        raise ValueError(f"weight_scale is required exactly for an E4M3 weight, got a {weight.dtype} weight "
+                         f"{'with' if weight_scale is not None else 'without'} a scale")
+    if fp8 and (weight_scale.dtype != torch.float32 or weight_scale.shape != (weight.shape[0],)
+                or weight_scale.stride(0) != 1):
+        raise ValueError(f"weight_scale must be contiguous fp32 ({weight.shape[0]},), one per weight row, got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")
+    return fp8
+
+
+def decode_gemv_reference(x, weight, *, norm_weight=None, normalize=False, eps=1e-6, residual=None, gated=None,
+                          weight_scale=None):
+    """The same computation as the op-by-op reference runs it (norm kernel, GEMM, activation, add). With an
+    E4M3 ``weight`` and its ``weight_scale``, the GEMM is the weight-only FP8 kernel's: the normalised ``x``
+    times the E4M3 values summed in fp32, the sum times the row's scale, rounded to ``x``'s dtype."""
     import torch.nn.functional as F
 
     h = x
@@ -180,7 +219,10 @@ def decode_gemv_reference(x, weight, *, norm_weight=None, normalize=False, eps=1
         xf = x.float()
         scale = 1.0 + norm_weight.float() if norm_weight is not None else 1.0
         h = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * scale).to(x.dtype)
-    y = F.linear(h, weight)
+    if weight_scale is not None:
+        y = (F.linear(h.float(), weight.float()) * weight_scale).to(x.dtype)
+    else:
+        y = F.linear(h, weight)
     if gated:
         gate, up = y.chunk(2, dim=-1)
         act = F.silu(gate.float()) if gated == "silu" else F.gelu(gate.float(), approximate="tanh")

@@ -9,7 +9,9 @@ Layout: ``x (K,)`` (one row), the fused weight ``W ((Hq + 2 Hkv) * D, K)`` laid 
 v heads]`` with unit stride along ``K``; outputs ``q (1, 1, Hq, D)`` and cache rows
 ``k_cache[0, write_at]``, ``v_cache[0, write_at]`` of caches ``(1, L, Hkv, D)`` (last dim contiguous).
 One program owns ``BLOCK_H`` rotation pairs of one head: weight rows ``h * D + j`` and ``h * D + D/2 + j``
-for ``j`` in its block, so both halves that RoPE mixes are in the same program.
+for ``j`` in its block, so both halves that RoPE mixes are in the same program. An E4M3 ``W`` with per-row
+fp32 scales (``weight_scale``) is the decode GEMV's weight-only FP8: each row's fp32 sum is multiplied by
+its scale before the rounding and RoPE.
 """
 
 from __future__ import annotations
@@ -18,26 +20,30 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import gemv_rows
+from cortexflow.kernels.decode_gemv import check_weight_scale, gemv_rows
 from cortexflow.kernels.pdl import launch_options
 
 #: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
 #: graph with PDL (``benchmarks/micro_decode_chain.py``; timings in benchmarks/NOTES.md, "Tuning constants").
 DEFAULT_TILING = (4, 512, 4)
+#: The same for E4M3 weights: twice the K chunk (as many bytes per row load as bf16's). Not yet measured on a
+#: GPU (``benchmarks/bench_fp8_decode.py`` sweeps it).
+DEFAULT_FP8_TILING = (4, 1024, 4)
 
 
 @triton.jit
 def _decode_qkv_rope_kernel(
-    x_ptr, w_ptr, norm_w_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
+    x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
     n_q_heads, n_kv_heads, head_dim, half, k_dim, stride_w, eps, s_k_t, s_k_h, s_v_t, s_v_h,
-    NORM: tl.constexpr, SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    NORM: tl.constexpr, SCALE: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     blocks_per_head = tl.cdiv(half, BLOCK_H)
     head = tl.program_id(0) // blocks_per_head
     j = (tl.program_id(0) % blocks_per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
     j_ok = j < half
-    y1, y2 = gemv_rows(x_ptr, w_ptr, norm_w_ptr, head * head_dim + j, j_ok, k_dim, half, stride_w, eps,
-                       NORM, SCALE, True, BLOCK_H, BLOCK_K, PDL)
+    y1, y2 = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, head * head_dim + j, j_ok, k_dim, half, stride_w,
+                       eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL)
     # The reference rounds the projection output, then rotates in fp32 (as qkv_rope does).
     out_ty = q_ptr.dtype.element_ty
     x1 = y1.to(out_ty).to(tl.float32)
@@ -75,6 +81,7 @@ def decode_qkv_rope(
     norm_weight: torch.Tensor | None = None,
     normalize: bool = False,
     eps: float = 1e-6,
+    weight_scale: torch.Tensor | None = None,
     block_h: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -84,8 +91,10 @@ def decode_qkv_rope(
     K and plain V written into ``k_cache`` / ``v_cache (1, L, Hkv, D)`` at row ``write_at`` (a ``(1,)``
     int64 device tensor, never checked against ``L`` on the device). ``position``: the token's RoPE
     position, a one-element int tensor. ``norm_weight`` / ``normalize`` / ``eps``: the RMSNorm prologue
-    of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``pdl``: programmatic dependent launch.
-    Tiling defaults to :data:`DEFAULT_TILING` (``block_h`` pairs per program: ``2 * block_h`` weight rows)."""
+    of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``weight_scale ((Hq + 2 Hkv) * D,)`` fp32: the
+    per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
+    Tiling defaults to :data:`DEFAULT_TILING` (:data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
+    program: ``2 * block_h`` weight rows)."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -99,29 +108,33 @@ def decode_qkv_rope(
             raise ValueError(f"{name} {tuple(cache.shape)} is not a (1, L, {n_kv_heads}, {head_dim}) cache")
     if position.numel() != 1 or write_at.numel() != 1:
         raise ValueError("position and write_at each hold one value")
+    fp8 = check_weight_scale(weight, weight_scale)
+    tiling = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING
     x1 = x.reshape(k_dim)
     if not x1.is_contiguous():
         x1 = x1.contiguous()
     half = head_dim // 2
-    block_h = block_h or min(DEFAULT_TILING[0], triton.next_power_of_2(half))
-    block_k, num_warps = block_k or DEFAULT_TILING[1], num_warps or DEFAULT_TILING[2]
+    block_h = block_h or min(tiling[0], triton.next_power_of_2(half))
+    block_k, num_warps = block_k or tiling[1], num_warps or tiling[2]
     q = torch.empty((1, 1, n_q_heads, head_dim), dtype=x.dtype, device=x.device)
     grid = (n_heads * triton.cdiv(half, block_h),)
     _decode_qkv_rope_kernel[grid](
-        x1, weight, norm_weight if norm_weight is not None else x1, q, k_cache, v_cache, position, inv_freq,
-        write_at, n_q_heads, n_kv_heads, head_dim, half, k_dim, weight.stride(0), eps,
+        x1, weight, norm_weight if norm_weight is not None else x1, weight_scale if fp8 else x1, q, k_cache, v_cache,
+        position, inv_freq, write_at, n_q_heads, n_kv_heads, head_dim, half, k_dim, weight.stride(0), eps,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None,
+        NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, W_SCALE=fp8,
         BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **launch_options(pdl),
     )
     return q
 
 
 def decode_qkv_rope_reference(x, weight, n_q_heads, n_kv_heads, position, inv_freq, *, norm_weight=None,
-                              normalize=False, eps=1e-6):
-    """The op-by-op computation: ``(q, k, v)`` of shapes ``(1, 1, H, D)`` (q and k rotated)."""
+                              normalize=False, eps=1e-6, weight_scale=None):
+    """The op-by-op computation: ``(q, k, v)`` of shapes ``(1, 1, H, D)`` (q and k rotated); an E4M3
+    ``weight`` with its ``weight_scale`` as :func:`~cortexflow.kernels.decode_gemv.decode_gemv_reference`."""
     from cortexflow.kernels.decode_gemv import decode_gemv_reference
     from cortexflow.kernels.qkv_rope import qkv_rope_reference
 
-    qkv = decode_gemv_reference(x.reshape(1, 1, -1), weight, norm_weight=norm_weight, normalize=normalize, eps=eps)
+    qkv = decode_gemv_reference(x.reshape(1, 1, -1), weight, norm_weight=norm_weight, normalize=normalize, eps=eps,
+                                weight_scale=weight_scale)
     return qkv_rope_reference(qkv, position.reshape(1, 1), inv_freq, n_q_heads, n_kv_heads)

@@ -1,0 +1,136 @@
+"""FP8 GEMM for several rows (a token LM's prefill): E4M3 activations times E4M3 weights on FP8 tensor cores.
+
+``fp8_linear(x, W, s_w) = x @ dequant(W)ᵀ``: the rows of ``x`` are quantised to E4M3 with one fp32 scale per
+row (:func:`quantize_activation_rows`, one Triton launch), then ``torch._scaled_mm`` multiplies the E4M3
+matrices with fp32 accumulation and applies the row scales of ``x`` and the per-output-channel scales of
+``W`` to each output before rounding it to ``x``'s dtype.
+
+The activation quantisation is :func:`cortexflow.quantization.fp8.quantize_rows` bit for bit: the scale of a
+row is ``amax(|row|) / 448`` (1 for an all-zero row), each value is divided by it (IEEE division), clamped
+to ``[-448, 448]`` and rounded to the nearest E4M3 value, ties to even. The rounding is done in fp32
+arithmetic (:func:`_round_to_e4m3`), so that the cast to E4M3 only ever sees E4M3 values: Triton 3.7's
+interpreter casts fp32 to fp8 without rounding to nearest.
+
+Layout: ``x (..., K)`` any float dtype, row-major rows; ``W (N, K)`` E4M3 row-major (``W.T`` is the
+column-major operand ``_scaled_mm`` takes), ``s_w (N,)`` fp32; output ``(..., N)`` in ``x``'s dtype.
+``_scaled_mm`` needs ``K`` and ``N`` multiples of 16. Reference: :func:`fp8_linear_reference`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from cortexflow.errors import InputError
+from cortexflow.quantization.fp8 import E4M3, Fp8Tensor, quantize_rows
+
+#: ``_scaled_mm``'s alignment: K and N must be multiples of it.
+SCALED_MM_ALIGNMENT = 16
+
+
+@triton.jit
+def _round_to_e4m3(v):
+    """fp32 ``v`` (``|v| <= 448``) rounded to the nearest E4M3 value, ties to even, still in fp32. The spacing
+    of E4M3 values in ``[2^e, 2^(e+1))`` is ``2^(e-3)`` (3 mantissa bits), ``2^-9`` below ``2^-6`` (the
+    subnormals); adding and subtracting ``1.5 * 2^(e+20)`` makes the fp32 addition round ``|v|`` to that
+    spacing (its ulp), ties to even. The sign bit is copied back afterwards, so negative values that round to
+    zero give ``-0.0`` as PyTorch's cast does (Triton's unary minus is ``0 - x``, which gives ``+0.0``)."""
+    bits = v.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
+    magic = (((exponent + 147) << 23) | 0x400000).to(tl.float32, bitcast=True)
+    rounded = (tl.abs(v) + magic) - magic
+    sign = (bits >> 31) << 31
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
+    """Row ``program_id(0)`` of ``x``: its scale ``amax / 448`` (1 if the row is all zeros) into
+    ``scale_ptr[row]`` and its E4M3 values into row ``row`` of the contiguous ``q``; two passes over the row
+    in ``BLOCK`` chunks (the amax, then the values)."""
+    row = tl.program_id(0)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    q_row = q_ptr + row.to(tl.int64) * n_cols
+    offs = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], tl.float32)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        amax = tl.maximum(amax, tl.abs(tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)))
+    row_max = tl.max(amax, axis=0)
+    # tl.div_rn: IEEE division, as PyTorch's; Triton's ``/`` on fp32 is an approximate division on NVIDIA GPUs.
+    scale = tl.where(row_max > 0, tl.div_rn(row_max, 448.0), 1.0)
+    tl.store(scale_ptr + row, scale)
+    for c0 in range(0, n_cols, BLOCK):
+        cols = c0 + offs
+        ok = cols < n_cols
+        v = tl.div_rn(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), scale)
+        v = _round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
+        tl.store(q_row + cols, v.to(q_ptr.dtype.element_ty), mask=ok)
+
+
+def quantize_activation_rows(x: torch.Tensor, block: int = 1024, num_warps: int = 4) -> Fp8Tensor:
+    """E4M3 copy of ``x (M, K)`` (rows with unit stride along K) with one fp32 scale per row, in one launch
+    (one program per row, ``block`` columns per chunk): the bits of
+    :func:`cortexflow.quantization.fp8.quantize_rows`. Non-finite inputs give unspecified values (the
+    reference refuses them; a kernel cannot)."""
+    if x.dim() != 2 or x.stride(1) != 1:
+        raise InputError(f"quantize_activation_rows takes (rows, columns) with unit column stride, got shape "
+                         f"{tuple(x.shape)} stride {x.stride()}")
+    m, k = x.shape
+    data = torch.empty((m, k), dtype=E4M3, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        _quantize_rows_kernel[(m,)](x, data, scale, k, x.stride(0), BLOCK=block, num_warps=num_warps)
+    return Fp8Tensor(data, scale)
+
+
+def check_fp8_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    """InputError unless ``weight (N, K)`` is E4M3 with fp32 ``weight_scale (N,)``, ``x`` has ``K`` features
+    and ``K`` and ``N`` are multiples of 16 (``torch._scaled_mm``'s alignment)."""
+    if weight.dtype != E4M3 or weight.dim() != 2:
+        raise InputError(f"fp8_linear takes a 2-D E4M3 weight, got {weight.dtype} {tuple(weight.shape)}")
+    n, k = weight.shape
+    if weight_scale.dtype != torch.float32 or weight_scale.shape != (n,):
+        raise InputError(f"fp8_linear takes fp32 weight scales ({n},), one per output channel, got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")
+    if x.shape[-1] != k:
+        raise InputError(f"x has {x.shape[-1]} features but the FP8 weight {tuple(weight.shape)} takes {k}")
+    for name, size in (("in_features (K)", k), ("out_features (N)", n)):
+        if size % SCALED_MM_ALIGNMENT:
+            raise InputError(f"fp8_linear needs {name} to be a multiple of {SCALED_MM_ALIGNMENT} "
+                             f"(torch._scaled_mm), got {size} for weight {tuple(weight.shape)}")
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (weight * weight_scale[:, None])ᵀ (+ residual)`` in ``x.dtype`` with both operands in E4M3:
+    ``x (..., K)`` quantised per row, ``weight (N, K)`` E4M3 with fp32 per-output-channel ``weight_scale
+    (N,)``; fp32 accumulation, scaled and rounded to ``x.dtype`` by ``torch._scaled_mm``. ``residual (..., N)``
+    (``x.dtype``) is then added to the rounded product (fp32 sum, one more rounding). Returns ``(..., N)``."""
+    check_fp8_operands(x, weight, weight_scale)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    qx = quantize_activation_rows(x2)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    y = torch._scaled_mm(qx.data, w.t(), scale_a=qx.scale[:, None], scale_b=weight_scale[None, :],
+                         out_dtype=x.dtype)
+    if residual is not None:
+        y.add_(residual.reshape(-1, n))
+    return y.view(*x.shape[:-1], n)
+
+
+def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """What :func:`fp8_linear` computes, in PyTorch: ``x`` quantised per row with
+    :func:`~cortexflow.quantization.fp8.quantize_rows`, both operands dequantised to fp32, their product in
+    fp32 rounded to ``x.dtype``, then ``residual`` added in fp32 and rounded again."""
+    check_fp8_operands(x, weight, weight_scale)
+    n, k = weight.shape
+    qx = quantize_rows(x.reshape(-1, k), "x")
+    y = (qx.dequantize() @ Fp8Tensor(weight, weight_scale).dequantize().T).to(x.dtype)
+    if residual is not None:
+        y = (y.float() + residual.reshape(-1, n).float()).to(x.dtype)
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,106 @@
+"""The prefill's FP8 GEMM (kernels/fp8_gemm.py): the row-quantisation kernel bit for bit against
+``quantize_rows``, and ``fp8_linear`` (``torch._scaled_mm``, which runs on CPU too) against its reference."""
+
+import pytest
+import torch
+
+from cortexflow.errors import InputError
+from cortexflow.quantization.fp8 import E4M3, E4M3_MAX, quantize_rows, quantize_weight
+
+pytest.importorskip("triton")
+
+from cortexflow.kernels.fp8_gemm import (  # noqa: E402
+    fp8_linear,
+    fp8_linear_reference,
+    quantize_activation_rows,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def hard_rows(k: int) -> torch.Tensor:
+    """Rows that exercise every rounding case, each with amax 448 (scale 1) unless stated: every E4M3 value;
+    exact ties between neighbours (normal and subnormal: ties go to the even mantissa); values that round to
+    zero from below (-0.0); an all-zero row (scale 1); a row whose scaled values land above 448 before the
+    clamp; a row of tiny values (scale far below 1)."""
+    codes = torch.arange(256, dtype=torch.uint8).view(E4M3).float()
+    finite = codes[torch.isfinite(codes)]
+    grid = torch.unique(finite[finite >= 0])
+    ties = (grid[:-1] + grid[1:]) / 2
+    rows = torch.zeros(6, k)
+    rows[0, :finite.numel()] = finite
+    rows[1, :ties.numel()] = ties
+    rows[1, ties.numel():2 * ties.numel()] = -ties
+    rows[1, -1] = E4M3_MAX
+    rows[2, :4] = torch.tensor([-2.0 ** -11, 2.0 ** -11, -0.0, E4M3_MAX])
+    rows[4, :3] = torch.tensor([1.0, -3.0, 2.9999998])
+    rows[5] = torch.linspace(-1e-30, 3e-30, k)
+    return rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_quantisation_kernel_is_quantize_rows_bit_for_bit(dtype):
+    """Random rows of very different magnitudes plus the hard rows, K = 1000 (a partial last chunk of 256),
+    read through a strided view (row stride 1040)."""
+    k = 1000
+    g = torch.Generator().manual_seed(0)
+    random_rows = torch.randn(37, k, generator=g) * torch.logspace(-6, 4, 37)[:, None]
+    x = torch.cat([random_rows, hard_rows(k)]).to(dtype)
+    if dtype == torch.float16:
+        x = x.nan_to_num(posinf=0.0, neginf=0.0)
+    padded = torch.zeros(x.shape[0], k + 40, dtype=dtype)
+    padded[:, :k] = x
+    x = padded[:, :k].to(DEVICE)
+    got = quantize_activation_rows(x, block=256)
+    ref = quantize_rows(x)
+    assert got.data.dtype == E4M3 and got.scale.dtype == torch.float32 and got.data.shape == x.shape
+    assert same_bits(got.scale.view(torch.uint8), ref.scale.view(torch.uint8))
+    assert same_bits(got.data, ref.data), (got.data.float() != ref.data.float()).nonzero()[:10]
+    assert got.scale[-3] == 1.0 and not got.data[-3].float().any()
+
+
+def test_row_quantisation_keeps_negative_zero_and_rounds_ties_to_even():
+    x = torch.tensor([[448.0, 1.0625, 1.1875, 2.0 ** -10, 3 * 2.0 ** -10, -2.0 ** -11, -0.0, 0.0]], device=DEVICE)
+    q = quantize_activation_rows(x)
+    assert q.scale.item() == 1.0
+    assert q.data.float().tolist()[0] == [448.0, 1.0, 1.25, 0.0, 2.0 ** -8, 0.0, 0.0, 0.0]
+    assert q.data.view(torch.uint8).tolist()[0][5:] == [0x80, 0x80, 0x00]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_fp8_linear_matches_reference(dtype, residual):
+    """``x (2, 7, 96)`` times an E4M3 ``(80, 96)`` weight (+ a residual) against the reference (both operands
+    dequantised, fp32 product); the result is within E4M3 error of the unquantised product."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(2, 7, 96, generator=g) * torch.logspace(-2, 2, 7)[:, None]).to(dtype).to(DEVICE)
+    w = (torch.randn(80, 96, generator=g) * 0.1).to(DEVICE)
+    q = quantize_weight(w)
+    res = torch.randn(2, 7, 80, generator=g).to(dtype).to(DEVICE) if residual else None
+    got = fp8_linear(x, q.data, q.scale, residual=res)
+    ref = fp8_linear_reference(x, q.data, q.scale, residual=res)
+    assert got.shape == (2, 7, 80) and got.dtype == dtype
+    rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert rel < (1e-6 if dtype == torch.float32 else 4e-3), rel
+    exact = x.float() @ w.T + (res.float() if residual else 0.0)
+    rel_exact = ((got.float() - exact).norm() / exact.norm()).item()
+    assert 1e-3 < rel_exact < 6e-2, rel_exact
+
+
+def test_fp8_linear_refuses_unaligned_or_unquantised_weights():
+    x = torch.randn(3, 64, device=DEVICE)
+    q = quantize_weight(torch.randn(32, 64, device=DEVICE))
+    with pytest.raises(InputError, match="in_features .* multiple of 16"):
+        fp8_linear(torch.randn(3, 24, device=DEVICE), quantize_weight(torch.randn(32, 24)).data, q.scale)
+    with pytest.raises(InputError, match="out_features .* multiple of 16"):
+        fp8_linear(x, q.data[:24], q.scale[:24])
+    with pytest.raises(InputError, match="E4M3"):
+        fp8_linear(x, q.data.float(), q.scale)
+    with pytest.raises(InputError, match="features"):
+        fp8_linear(torch.randn(3, 48, device=DEVICE), q.data, q.scale)
+    with pytest.raises(InputError, match="fp32 weight scales"):
+        fp8_linear(x, q.data, q.scale.bfloat16())
