@@ -152,3 +152,38 @@ def test_layer_norm_adds_the_residual_in_place(dtype):
         layer_norm(x.t(), w[:37], b[:37], 1e-6, residual=residual.t())
     with pytest.raises(ValueError, match="does not match"):
         layer_norm(x, w, b, 1e-6, residual=residual[:5])
+
+
+def test_fp8_prefix_stays_within_e4m3_error_of_the_reference():
+    """``TritonOptions(fp8="prefix")``: the prefix layers' projections are E4M3 GEMMs (activations quantised per
+    row); the K/V caches stay within E4M3's error of the fp32 reference and are not the bf16 path's values. On
+    random data a product's relative error is about the rms relative rounding error of its E4M3 operands (~3 %
+    each: 3 mantissa bits), and the layers chain several products, hence the 15 % bound (bf16: 2 %)."""
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.quantization.fp8 import is_fp8
+
+    model, raw, weights, images, text = _setup("pi0", torch.bfloat16)
+    reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
+    ref_tokens = reference.vision_encoder(model, raw, {"images": images})
+    inputs = dict(text, image_tokens=ref_tokens)
+    ref_prefix = reference.transformer_encoder(model, raw, inputs)
+    caches = {}
+    for stages in ("off", "prefix"):
+        backend = TritonBackend(torch.device(DEVICE), torch.bfloat16, TritonOptions(fp8=stages))
+        prepared = backend.prepare_weights(model, dict(weights))
+        layer = model.fusable_weights().encoder_layers[0]
+        assert is_fp8(prepared[layer.name("gate_up")]) == (stages == "prefix")
+        caches[stages] = backend.transformer_encoder(model, prepared, dict(inputs, image_tokens=ref_tokens.to(torch.bfloat16)))
+    valid = ref_prefix["prefix_mask"][0]
+
+    def rel(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+    for i, ((k, v), (bk, bv), (rk, rv)) in enumerate(zip(caches["prefix"]["kv_cache"], caches["off"]["kv_cache"],
+                                                         ref_prefix["kv_cache"])):
+        for got, bf16, want, what in ((k, bk, rk, "keys"), (v, bv, rv, "values")):
+            got, bf16, want = got[:, valid], bf16[:, valid], want[:, valid]
+            assert torch.isfinite(got.float()).all()
+            assert rel(got, want) <= 0.15, f"layer {i} {what}: {rel(got, want):.3e} from the fp32 reference"
+            if i > 0:  # layer 0's K/V come from the embeddings' QKV projection alone: E4M3 must show there too
+                assert rel(got, bf16) > 1e-3, f"layer {i} {what} equal the bf16 path's: the FP8 GEMMs did not run"
