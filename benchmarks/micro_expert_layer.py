@@ -7,7 +7,10 @@ Each variant's step is captured 50 times in one CUDA graph and replayed (``micro
 µs per layer = step time / 18. The weight floor of a layer is its 34.6 MB of bf16 weights at the measured copy
 bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
 
-    python benchmarks/micro_expert_layer.py [--prefix 532] [--quick]
+    python benchmarks/micro_expert_layer.py [--prefix 532] [--quick] [--only TEXT] [--fp8]
+
+With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
+such a layer is half the bf16 one).
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default tiling only")
     parser.add_argument("--only", metavar="TEXT", help="only the tilings whose name contains TEXT (and the default)")
     parser.add_argument("--no-phases", action="store_true", help="skip timing the phases alone")
+    parser.add_argument("--fp8", action="store_true",
+                        help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
     args = parser.parse_args()
     device = torch.device("cuda")
     dtype = torch.bfloat16
@@ -106,16 +111,28 @@ def main() -> None:
                               pdl=pdl)
         return x
 
-    def persistent(work, phases=el.ALL_PHASES):
+    fp8_weights = {}
+    if args.fp8:
+        from cortexflow.quantization.fp8 import quantize_weight
+
+        for name, w in weights.items():
+            if w.dim() == 2:
+                q = quantize_weight(w, name)
+                fp8_weights[name] = q.data
+                fp8_weights[f"{name}.scale"] = q.scale
+
+    def persistent(work, phases=el.ALL_PHASES, fp8=False):
         work.reset()
         out = work.residual
         x = hidden.view(s, D)
+        source = fp8_weights if fp8 else weights
         for i in range(LAYERS):
             pre = f"expert.layers.{i}"
-            el.expert_layer(x, out, weights[f"{pre}.qkv"], weights[f"{pre}.o"], weights[f"{pre}.gate_up"],
-                            weights[f"{pre}.down"], scales[i][0], scales[i][1], positions, inv_freq, keys[i], values[i],
-                            mask, EPS, scale, work, HEADS, launch=i, pending=i > 0, finish=i == LAYERS - 1,
-                            phases=phases)
+            names = [f"{pre}.{n}" for n in ("qkv", "o", "gate_up", "down")]
+            extra = {"weight_scales": tuple(fp8_weights[f"{n}.scale"] for n in names)} if fp8 else {}
+            el.expert_layer(x, out, *(source[n] for n in names), scales[i][0], scales[i][1], positions, inv_freq,
+                            keys[i], values[i], mask, EPS, scale, work, HEADS, launch=i, pending=i > 0,
+                            finish=i == LAYERS - 1, phases=phases, **extra)
             x = out
         return out
 
@@ -150,6 +167,18 @@ def main() -> None:
         rows.append(dict(variant=f"persistent: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling),
                          attention_splits=work.n_splits, programs=work.programs))
         print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
+        if args.fp8:
+            try:
+                out = persistent(work, fp8=True).float()
+                torch.cuda.synchronize()
+                err = rel(out, reference)
+                us = graph_time_us(lambda: persistent(work, fp8=True)) / LAYERS
+                rows.append(dict(variant=f"persistent fp8: {name}", us_per_layer=us, rel_vs_chain=err,
+                                 tiling=asdict(tiling)))
+                print(f"persistent fp8 {name}: {us:.2f} us/layer, rel vs chain {err:.2e}", flush=True)
+            except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
+                rows.append(dict(variant=f"persistent fp8: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
+                print(f"persistent fp8 {name}: failed: {failure}", flush=True)
     work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
     for name, mask_bits in ({} if args.no_phases else PHASES).items():
         us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
@@ -166,6 +195,9 @@ def main() -> None:
           f"({layer_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.0f} GB/s)")
     print(f"{'variant':<52} {'us/layer':>9} {'x floor':>8} {'rel vs chain':>13}")
     for row in rows:
+        if "error" in row:
+            print(f"{row['variant']:<52} {row['error'][:60]}")
+            continue
         err = row.get("rel_vs_chain")
         print(f"{row['variant']:<52} {row['us_per_layer']:9.2f} {row['us_per_layer'] / floor_us:8.2f} "
               f"{'' if err is None else f'{err:.2e}':>13}")

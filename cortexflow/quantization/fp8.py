@@ -56,7 +56,7 @@ def quantize_rows(x: torch.Tensor, name: str = "tensor") -> Fp8Tensor:
     if not x.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor to quantise, got {x.dtype}")
     xf = x.float()
-    if not torch.isfinite(xf).all():
+    if xf.device.type != "meta" and not torch.isfinite(xf).all():  # meta: compile-check's shapes without values
         raise InputError(f"{name} holds NaN or infinite values; FP8 scales need finite values")
     amax = xf.abs().amax(dim=1)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))

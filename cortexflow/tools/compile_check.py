@@ -48,6 +48,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     # The token VLAs' (OpenVLA, RT-2) decode steps without their fused paths, and no programmatic dependent launch.
     "token-unfused": {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
                       "fold_token_norms": False, "fused_combine": "off", "pdl": "off"},
+    # FP8 weights in every stage that has an FP8 path (refused below compute capability 8.9).
+    "fp8": {"fp8": "all"},
 }
 
 #: The models compile-check runs.
