@@ -11,6 +11,7 @@ import torch
 
 from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels.rope import inverse_frequencies
+from cortexflow.quantization.fp8 import quantize_weight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -140,6 +141,90 @@ def test_two_chained_layers_hand_the_down_projection_over(pi05):
         el.expert_layer(out, out, *args(t2), positions, inv_freq, keys2, values2, mask, 1e-6, scale, work, 4, launch=2)
 
 
+WEIGHTS = ("w_qkv", "w_o", "w_gate_up", "w_down")
+
+
+def _quantized(t):
+    """The E4M3 data of the four weights of ``t`` and their per-output-channel scales."""
+    q = [quantize_weight(t[n], n) for n in WEIGHTS]
+    return [w.data for w in q], tuple(w.scale for w in q)
+
+
+def _update_error(out, reference, x):
+    """``‖out - reference‖ / ‖reference - x‖``: the error relative to what the layer adds to its input."""
+    out, reference, x = out.float(), reference.float(), x.float()
+    return ((out - reference).norm() / (reference - x).norm()).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_fp8_weights_match_the_dequantised_reference(dtype, pi05):
+    """E4M3 weights with per-output-channel scales: the kernel computes the reference layer on the
+    dequantised weights (fp32: up to summation order), and differs from the layer on the unquantised
+    weights by E4M3's rounding (a few percent of the layer's update: neither scales left out, which
+    multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0)."""
+    t, positions, inv_freq, keys, values, mask, extra = _inputs(3, 6, 7, 32, 64, 4, 1, 32, dtype, 11, pi05)
+    data, scales = _quantized(t)
+    norms = (t["attn_scale"], t["mlp_scale"], positions, inv_freq)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    ref = el.expert_layer_reference(t["x"], *data, *norms, ref_keys, ref_values, mask, 1e-6, 32**-0.5, 4,
+                                    weight_scales=scales, **extra)
+    plain = el.expert_layer_reference(t["x"], *(t[n] for n in WEIGHTS), *norms, keys.clone(), values.clone(), mask,
+                                      1e-6, 32**-0.5, 4, **extra)
+    work = el.ExpertWorkspace(18, 6, 32, 64, 4, 1, 32, 13, dtype, torch.device(DEVICE), SMALL_TILING)
+    out = t["x"].clone()
+    el.expert_layer(out, out, *data, *norms, keys, values, mask, 1e-6, 32**-0.5, work, 4, weight_scales=scales, **extra)
+    _assert_close(out, ref, dtype)
+    _assert_close(keys, ref_keys, dtype)
+    _assert_close(values, ref_values, dtype)
+    if dtype == torch.float32:
+        assert _update_error(out, ref, t["x"]) < 1e-5
+    assert 1e-2 < _update_error(out, plain, t["x"]) < 1e-1
+
+
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_two_chained_fp8_layers(pi05):
+    """The split-K hand-over between two launches with E4M3 weights: the scaled down-projection partials of
+    layer 1 are added by layer 2 (fp32 activations, so the comparison is tight)."""
+    dtype = torch.float32
+    t1, positions, inv_freq, keys1, values1, mask, extra1 = _inputs(2, 6, 7, 32, 64, 4, 1, 32, dtype, 12, pi05)
+    t2, _, _, keys2, values2, _, extra2 = _inputs(2, 6, 7, 32, 64, 4, 1, 32, dtype, 13, pi05)
+    (data1, scales1), (data2, scales2) = _quantized(t1), _quantized(t2)
+    scale = 32**-0.5
+    r_keys1, r_values1, r_keys2, r_values2 = keys1.clone(), values1.clone(), keys2.clone(), values2.clone()
+    ref = el.expert_layer_reference(t1["x"], *data1, t1["attn_scale"], t1["mlp_scale"], positions, inv_freq, r_keys1,
+                                    r_values1, mask, 1e-6, scale, 4, weight_scales=scales1, **extra1)
+    ref = el.expert_layer_reference(ref, *data2, t2["attn_scale"], t2["mlp_scale"], positions, inv_freq, r_keys2,
+                                    r_values2, mask, 1e-6, scale, 4, weight_scales=scales2, **extra2)
+    work = el.ExpertWorkspace(12, 6, 32, 64, 4, 1, 32, 13, dtype, torch.device(DEVICE), SMALL_TILING, launches=2)
+    work.reset()
+    out = torch.empty_like(t1["x"])
+    el.expert_layer(t1["x"], out, *data1, t1["attn_scale"], t1["mlp_scale"], positions, inv_freq, keys1, values1,
+                    mask, 1e-6, scale, work, 4, launch=0, finish=False, weight_scales=scales1, **extra1)
+    el.expert_layer(out, out, *data2, t2["attn_scale"], t2["mlp_scale"], positions, inv_freq, keys2, values2, mask,
+                    1e-6, scale, work, 4, launch=1, pending=True, pending_gate=extra1.get("mlp_gate"),
+                    weight_scales=scales2, **extra2)
+    _assert_close(out, ref, dtype)
+    _assert_close(keys1, r_keys1, dtype)
+    _assert_close(keys2, r_keys2, dtype)
+
+
+def test_fp8_weights_need_all_four_and_their_scales():
+    t, positions, inv_freq, keys, values, mask, _ = _inputs(1, 6, 7, 32, 64, 4, 1, 32, torch.float32, 14, False)
+    data, scales = _quantized(t)
+    work = el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device(DEVICE), SMALL_TILING)
+    rest = (t["attn_scale"], t["mlp_scale"], positions, inv_freq, keys, values, mask, 1e-6, 32**-0.5, work, 4)
+    out = torch.empty_like(t["x"])
+    with pytest.raises(ValueError, match="all four weights in E4M3 or none"):
+        el.expert_layer(t["x"], out, data[0], t["w_o"], *data[2:], *rest, weight_scales=scales)
+    with pytest.raises(ValueError, match="need weight_scales"):
+        el.expert_layer(t["x"], out, *data, *rest)
+    with pytest.raises(ValueError, match="are for E4M3 weights"):
+        el.expert_layer(t["x"], out, *(t[n] for n in WEIGHTS), *rest, weight_scales=scales)
+    with pytest.raises(ValueError, match=r"scales of w_o \(32, 128\)"):
+        el.expert_layer(t["x"], out, *data, *rest, weight_scales=(scales[0], scales[0], *scales[2:]))
+
+
 def test_check_expert_shapes_names_what_does_not_fit():
     assert el.check_expert_shapes(1024, 4096, 8, 1, 256, el.ExpertTiling()) is None
     assert "head_dim 72" in el.check_expert_shapes(1024, 4096, 8, 1, 72, el.ExpertTiling())
@@ -169,6 +254,133 @@ def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_pat
             outputs[backend] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
     rel = np.linalg.norm(outputs["triton"] - outputs["pytorch"]) / np.linalg.norm(outputs["pytorch"])
     assert rel <= 1e-5
+
+
+EXPERT_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _fp8_expert_backends():
+    """A Triton backend that quantises the fused expert projections after fusing them (``quantize_in_place``),
+    and a PyTorch backend that replaces the same projections by their dequantised values."""
+    from cortexflow.backends.pytorch import PyTorchBackend
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.quantization.fp8 import quantize_in_place
+
+    class Fp8ExpertTriton(TritonBackend):
+        def fuse_weights(self, weights, groups):
+            weights = super().fuse_weights(weights, groups)
+            for layer in groups.decoder_layers:
+                for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+                    rows = [(layer.name(p), weights[layer.name(p)].shape[0]) for p in parts]
+                    quantize_in_place(weights, layer.name(fused), rows)
+                for name in ("o", "down"):
+                    quantize_in_place(weights, layer.name(name))
+            return weights
+
+    class DequantisedExpertPyTorch(PyTorchBackend):
+        def fuse_weights(self, weights, groups):
+            for layer in groups.decoder_layers:
+                for part in EXPERT_PROJECTIONS:
+                    w = weights[layer.name(part)]
+                    weights[layer.name(part)] = quantize_weight(w).dequantize(w.dtype)
+            return weights
+
+    return Fp8ExpertTriton, DequantisedExpertPyTorch
+
+
+def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
+    """A tiny Pi0 in fp32 whose fused expert projections are E4M3: the triton backend's actions equal the
+    PyTorch backend's on the dequantised weights (fp32 bound), and differ from the unquantised model's by
+    E4M3's rounding."""
+    import cortexflow as cf
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    fp8_triton, dequantised = _fp8_expert_backends()
+    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    write_checkpoint(tmp_path, config)
+    rng = np.random.default_rng(2)
+    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    noise = rng.standard_normal((3, 8)).astype(np.float32)
+    state = rng.standard_normal(5)
+
+    def predict(backend):
+        engine = cf.create_pi0_inference(tmp_path, backend=backend, device=DEVICE, dtype="float32",
+                                         model_config=config, use_cuda_graphs=False)
+        return engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
+
+    fp8 = predict(fp8_triton)
+    reference = predict(dequantised)
+    plain = predict("pytorch")
+    rel = lambda a, b: np.linalg.norm(a - b) / np.linalg.norm(b)  # noqa: E731
+    assert rel(fp8, reference) <= 1e-4
+    assert 5e-3 < rel(fp8, plain) < 5e-2
+
+
+def test_backend_refuses_fp8_expert_weights_without_the_persistent_kernel():
+    """The kernel chain's cuBLAS GEMMs cannot take E4M3 weights: ``begin_denoising`` says what to switch on
+    (and, on a GPU without E4M3 conversion, what is missing) before any kernel runs."""
+    from cortexflow.errors import ConfigError
+    from cortexflow.models.pi0 import Pi0Model
+    from cortexflow.random_checkpoint import random_weights, tiny_model_config
+
+    from cortexflow.kernels import runtime
+
+    fp8_triton, _ = _fp8_expert_backends()
+    config = tiny_model_config("pi0")
+    model = Pi0Model(config)
+    chain = fp8_triton.configured(persistent_expert=False)(torch.device(DEVICE), torch.float32)
+    weights = chain.prepare_weights(model, random_weights(config))
+    with pytest.raises(ConfigError, match=r"persistent_expert=True"):
+        chain.begin_denoising(weights, model.expert(), None, [], None, None, 3, 2)
+    previous = runtime.set_compile_target(runtime.CompileTarget(arch=80))  # an A100 that a meta device stands for
+    try:
+        ampere = fp8_triton(torch.device("meta"), torch.float32)
+        with pytest.raises(ConfigError, match=r"compute capability 8.9 .* has 8.0"):
+            ampere.begin_denoising(weights, model.expert(), None, [], None, None, 3, 2)
+    finally:
+        runtime.set_compile_target(previous)
+
+
+FP8_COMPILE_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels import expert_layer as el
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.quantization.fp8 import E4M3
+from cortexflow.tools.compile_check import compile_only
+
+meta = torch.device("meta")
+m, s, p, d, f, h, hkv, hd = 51, 51, 300, 1024, 4096, 8, 1, 256
+bf16, fp32 = torch.bfloat16, torch.float32
+e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
+weights = (e((h + 2 * hkv) * hd, d, dtype=E4M3), e(d, h * hd, dtype=E4M3), e(2 * f, d, dtype=E4M3), e(d, f, dtype=E4M3))
+scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
+with compile_only(CompileTarget(arch=90, processors=132)) as launches:
+    work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling())
+    el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32), e(1, s, dtype=torch.int64),
+                    e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd), e(1, p + s, hkv, hd), e(1, s, p + s, dtype=torch.bool),
+                    1e-6, hd**-0.5, work, h, weight_scales=scales)
+json.dump([{"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"), "shared": l.kernel.metadata.shared,
+            "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"]} for l in launches], sys.stdout)
+"""
+
+
+def test_fp8_expert_layer_compiles_for_hopper(tmp_path):
+    """The kernel with E4M3 weights through Triton's whole pipeline for sm_90 at Pi0's expert size on ``meta``
+    tensors (compile-check's compile-only launches, in a subprocess without the interpreter): one program per
+    SM, and its PTX converts E4M3 pairs in hardware."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (launch,) = json.loads(done.stdout)
+    assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [132] and launch["fp8"] is True
+    assert launch["ptx_e4m3_cvt"] and launch["shared"] <= 227 * 1024
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "

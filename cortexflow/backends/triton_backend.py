@@ -32,6 +32,7 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     raise BackendUnavailableError(f"the triton backend needs the 'triton' package: {TRITON_INSTALL_HINT}") from err
 
 from cortexflow.backends.triton_decoder import (  # noqa: E402
+    expert_weights_fp8,
     fused_expert_stack,
     persistent_layer_unsupported,
     start_workspace,
@@ -58,7 +59,8 @@ from cortexflow.backends.triton_token_decoder import (  # noqa: E402
 from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
 from cortexflow.kernels.pdl import pdl_supported
-from cortexflow.kernels.runtime import compile_target, interpreting
+from cortexflow.kernels.runtime import compile_target, compute_capability, interpreting
+from cortexflow.quantization.fp8 import FP8_MIN_CAPABILITY
 
 MAX_NORM_WIDTH = 16384
 
@@ -194,20 +196,37 @@ class TritonBackend(PyTorchBackend):
     def begin_denoising(self, weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps):
         """Adds the RoPE frequencies, whether the expert's Triton kernels launch with programmatic dependent
         launch and, with ``persistent_expert`` (for an expert the kernel was written for), the persistent
-        kernel's workspace for ``num_steps`` steps."""
+        kernel's workspace for ``num_steps`` steps. E4M3 expert weights run only in the persistent kernel:
+        without it, a ConfigError."""
+        persistent = self.options.persistent_expert
+        reason = persistent_layer_unsupported(weights, expert) if persistent else None
+        if self.table_denoising(weights, expert) and expert_weights_fp8(weights, expert):
+            self._check_fp8_expert(persistent, reason)
         ctx = super().begin_denoising(weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps)
         d = expert.layers[0].dims
         ctx.backend_state["inv_freq"] = self.inverse_frequencies(d.head_dim, d.rope_base, positions.device)
         ctx.backend_state["pdl"] = self.pdl
-        persistent = self.options.persistent_expert
-        if persistent:
-            reason = persistent_layer_unsupported(weights, expert)
-            if reason is not None:
-                self._fallback("persistent expert layer", reason)
-                persistent = False
+        if reason is not None:
+            self._fallback("persistent expert layer", reason)
+            persistent = False
         if persistent:
             ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
         return ctx
+
+    def _check_fp8_expert(self, persistent: bool, reason: str | None) -> None:
+        """ConfigError unless E4M3 expert weights can run: in the persistent kernel (``persistent`` and no
+        ``reason`` against it) on a device that converts E4M3 (compute capability 8.9 or later, or the CPU
+        interpreter)."""
+        if not persistent:
+            raise ConfigError("FP8 expert weights need TritonOptions(persistent_expert=True): the kernel chain's "
+                              "cuBLAS GEMMs take no E4M3 weights")
+        if reason is not None:
+            raise ConfigError(f"FP8 expert weights run only in the persistent expert kernel, which cannot run this "
+                              f"expert: {reason}")
+        capability = compute_capability(self.device)
+        if capability is not None and capability < FP8_MIN_CAPABILITY:
+            raise ConfigError(f"FP8 expert weights need a GPU of compute capability 8.9 or later (Ada, Hopper) to "
+                              f"convert E4M3; {str(self.device)!r} has {capability // 10}.{capability % 10}")
 
     def expert_stack(self, weights, ctx, x, step):
         """Every expert layer of the step as a persistent kernel or a kernel chain (``triton_decoder.py``)."""

@@ -12,7 +12,8 @@ What differs from the units' default compositions (:class:`cortexflow.ops.Comput
   norm, QKV + RoPE + cache write, attention, o + residual, norm, gate/up + GELU gate, down + residual in
   seven phases separated by grid barriers) instead of ~10 kernels (norm, cuBLAS GEMMs, QKV/RoPE,
   attention, GELU gate); the call's workspace carries the barrier counters and the split-K partials of
-  each layer's down projection into the next.
+  each layer's down projection into the next. E4M3 expert weights (``quantize_in_place`` on the fused
+  weights) run only there: the kernel converts them in its GEMMs and applies their per-channel scales.
 What depends only on the time step (the expert's norm scales, modulations and residual gates per step) is
 the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights and step count.
 """
@@ -28,6 +29,7 @@ from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.ops import DenoisingContext, ExpertStack
+from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
 def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWorkspace:
@@ -72,6 +74,15 @@ def fused_expert_stack(backend, weights, ctx: DenoisingContext, x: torch.Tensor,
     return rms_kernel.rms_norm(rows, weights[ctx.expert.final_norm], eps, pdl=pdl)
 
 
+#: The expert weights the persistent kernel takes, in the order of its ``weight_scales``.
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
+def expert_weights_fp8(weights, expert: ExpertStack) -> bool:
+    """Whether the expert's fused projections hold E4M3 data (:func:`~cortexflow.quantization.fp8.quantize_in_place`)."""
+    return is_fp8(weights[expert.layers[0].name("qkv")])
+
+
 def persistent_layer_unsupported(weights, expert: ExpertStack) -> str | None:
     """Why the persistent expert-layer kernel cannot run ``expert`` (None when it can)."""
     first = expert.layers[0]
@@ -95,6 +106,8 @@ def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, va
         extra = dict(attn_shift=mod[0, 1], mlp_shift=mod[1, 1], attn_gate=mod[0, 2], mlp_gate=mod[1, 2])
         if i > 0:
             extra["pending_gate"] = cond.modulation[step, i - 1, 1, 2]
+    if is_fp8(weights[layer.name("qkv")]):
+        extra["weight_scales"] = tuple(fp8_scale(weights, layer.name(p)) for p in PROJECTIONS)
     out = work.residual.view(b, s, d)
     # Each layer but the last leaves its down-projection as split-K partials; the next adds them first.
     expert_layer(x.view(b * s, d), out.view(b * s, d), weights[layer.name("qkv")], weights[layer.name("o")],

@@ -23,6 +23,12 @@ barriers:
 6. down-projection partials as 3, which the next layer's phase 0 adds to the residual (the last layer
    adds them in a final row phase 7).
 
+Weight-only FP8 (``weight_scales``): the four weights may be E4M3 ``(out, in)`` with fp32 scales ``(out,)``, one
+per output channel (:mod:`cortexflow.quantization.fp8`). Each GEMM converts its E4M3 tile to the activation
+dtype before ``tl.dot`` (exact: every E4M3 value is an fp16 / bf16 / fp32 value), sums in fp32, and multiplies
+the sum of output column ``n`` by ``scale[n]`` in its epilogue: before RoPE (1), before the GELU gate (5), on
+each split-K partial before it is stored (3, 6; the scale factors out of the sum over K ranges).
+
 A row phase gives one token row to each program (51 rows: ~1 us), where a split-K GEMM would otherwise
 need a last-arriving program per tile to add the partials up.
 
@@ -63,6 +69,7 @@ import triton.language as tl
 from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
+from cortexflow.quantization.fp8 import is_fp8
 
 
 @dataclass(frozen=True)
@@ -117,10 +124,12 @@ def _grid_sync(bar_ptr, n_programs):
 
 @triton.jit
 def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
-               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a[rows, k_start:k_end] @ W[cols1 | cols2, k_start:k_end]ᵀ`` as two fp32 ``(BLOCK_M, BLOCK_N)`` tiles
-    sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``)."""
+    sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
+    ``FP8``: ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact); the caller applies
+    the per-column scales to the sums."""
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -130,6 +139,9 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
                     cache_modifier=".cg")
         w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
         w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
+        if FP8:
+            w1 = w1.to(a.dtype)
+            w2 = w2.to(a.dtype)
         if UPCAST:
             a = a.to(tl.float32)
             w1 = w1.to(tl.float32)
@@ -171,11 +183,12 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
 
 
 @triton.jit
-def _split_k_phase(a_ptr, k_total, w_ptr, part_ptr, M, pid, n_programs, N: tl.constexpr, SPLITS: tl.constexpr,
-                   UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, HALF_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_programs, N: tl.constexpr,
+                   SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                   BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a @ Wᵀ`` over ``(M, N)`` as fp32 partials ``part (SPLITS, rows, N)``, one per K range; item = (row
-    block, tile of ``2*HALF_N`` columns, K range). A row phase adds them up after the next barrier."""
+    block, tile of ``2*HALF_N`` columns, K range). A row phase adds them up after the next barrier. ``FP8``:
+    ``W`` is E4M3 and each partial is multiplied by ``w_scale[column]`` before it is stored."""
     n_tiles: tl.constexpr = N // (2 * HALF_N)
     k_range = k_total // SPLITS
     n_items = tl.cdiv(M, BLOCK_M) * n_tiles * SPLITS
@@ -188,8 +201,11 @@ def _split_k_phase(a_ptr, k_total, w_ptr, part_ptr, M, pid, n_programs, N: tl.co
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols1 = tile * 2 * HALF_N + offs_n
         acc1, acc2 = _dual_tile(a_ptr, k_total, rows, rows < M, w_ptr, k_total, cols1, cols1 + HALF_N,
-                                split * k_range, split * k_range + k_range, UPCAST, DOT_PRECISION, BLOCK_M, HALF_N,
-                                BLOCK_K)
+                                split * k_range, split * k_range + k_range, UPCAST, DOT_PRECISION, FP8, BLOCK_M,
+                                HALF_N, BLOCK_K)
+        if FP8:
+            acc1 = acc1 * tl.load(w_scale_ptr + cols1)[None, :]
+            acc2 = acc2 * tl.load(w_scale_ptr + HALF_N + cols1)[None, :]
         part = part_ptr + (split * m_pad + rows[:, None]) * N
         tl.store(part + cols1[None, :], acc1)
         tl.store(part + HALF_N + cols1[None, :], acc2)
@@ -197,7 +213,8 @@ def _split_k_phase(a_ptr, k_total, w_ptr, part_ptr, M, pid, n_programs, N: tl.co
 
 @triton.jit
 def _expert_layer_kernel(
-    x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, attn_scale_ptr, mlp_scale_ptr,
+    x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
+    down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr,
     attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
     pending_gate_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr,
     part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
@@ -206,7 +223,7 @@ def _expert_layer_kernel(
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
     SHIFT: tl.constexpr, GATED: tl.constexpr, PENDING: tl.constexpr, FINISH: tl.constexpr,
     ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
     PHASES: tl.constexpr,
@@ -236,7 +253,10 @@ def _expert_layer_kernel(
         row_valid = rows < M
         cols1 = head * HD + c0 + offs_p
         y1, y2 = _dual_tile(hn_attn_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
-                            DOT_PRECISION, BLOCK_M, PAIR, BLOCK_K)
+                            DOT_PRECISION, FP8, BLOCK_M, PAIR, BLOCK_K)
+        if FP8:
+            y1 = y1 * tl.load(qkv_wscale_ptr + cols1)[None, :]
+            y2 = y2 * tl.load(qkv_wscale_ptr + HALF + cols1)[None, :]
         tok_b = rows // S
         tok_t = rows % S
         if head < HQ + HKV:
@@ -290,8 +310,8 @@ def _expert_layer_kernel(
     _grid_sync(sync_ptr + 2, n_programs)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
-    _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D, O_SPLITS,
-                   UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+    _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_wscale_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D,
+                   O_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
     _grid_sync(sync_ptr + 3, n_programs)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
@@ -309,14 +329,17 @@ def _expert_layer_kernel(
         row_valid = rows < M
         cols = tile * GU_COLS + offs_g
         gate, up = _dual_tile(hn_mlp_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST, DOT_PRECISION,
-                              BLOCK_M, GU_COLS, BLOCK_K)
+                              FP8, BLOCK_M, GU_COLS, BLOCK_K)
+        if FP8:
+            gate = gate * tl.load(gu_wscale_ptr + cols)[None, :]
+            up = up * tl.load(gu_wscale_ptr + F + cols)[None, :]
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
     _grid_sync(sync_ptr + 5, n_programs)
 
     # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual) ------
-    _split_k_phase(h_ptr, F, w_down_ptr, down_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D, DOWN_SPLITS,
-                   UPCAST, DOT_PRECISION, BLOCK_M, OUT_HALF, BLOCK_K)
+    _split_k_phase(h_ptr, F, w_down_ptr, down_wscale_ptr, down_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D,
+                   DOWN_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
     if FINISH:
         # ---- 7. residual out + (gate ⊙) down ------------------------------------------------------------
         _grid_sync(sync_ptr + 6, n_programs)
@@ -405,6 +428,7 @@ def expert_layer(
     mlp_shift: torch.Tensor | None = None, attn_gate: torch.Tensor | None = None,
     mlp_gate: torch.Tensor | None = None, launch: int = 0, pending: bool = False,
     pending_gate: torch.Tensor | None = None, finish: bool = True, phases: int = ALL_PHASES,
+    weight_scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One expert layer on ``x (M, D)`` (``M = B*S``) into ``out (M, D)`` (may be ``x``); writes the layer's
     suffix K/V into ``keys/values[:, P:]`` (``P = keys.shape[1] - S``). ``attn_scale`` / ``mlp_scale (D,)``
@@ -416,7 +440,10 @@ def expert_layer(
     partials in the workspace, which the next launch adds to its input first when called with
     ``pending=True``, ``x`` that same ``out`` buffer and ``pending_gate`` the previous layer's ``mlp_gate``.
     ``phases``: a bit mask of the phases to run (bit ``i`` = phase ``i`` of the module doc, 128 the final
-    residual; the barriers always run), for timing phases alone. Returns ``out``."""
+    residual; the barriers always run), for timing phases alone. ``weight_scales``: with E4M3 weights, the
+    fp32 per-output-channel scales of ``(w_qkv, w_o, w_gate_up, w_down)`` (all four weights E4M3, or none).
+    Returns ``out``."""
+    fp8 = _check_weight_scales((w_qkv, w_o, w_gate_up, w_down), weight_scales)
     t = workspace.tiling
     m, dim = x.shape
     s = workspace.seq_len
@@ -433,8 +460,9 @@ def expert_layer(
     shifted = attn_shift is not None
     gated = attn_gate is not None
     sync = workspace.sync[launch * workspace.BARRIERS:]
+    wscales = weight_scales if fp8 else (attn_scale,) * 4
     _expert_layer_kernel[(workspace.programs,)](
-        x, out, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale,
+        x, out, w_qkv, w_o, w_gate_up, w_down, *wscales, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
         attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
         pending_gate if pending and gated else attn_scale, workspace.normed_attn, workspace.normed_mlp, workspace.q,
@@ -446,7 +474,7 @@ def expert_layer(
         D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated, PENDING=pending,
         FINISH=finish,
         ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(x.dtype),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP8=fp8,
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
         BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), PHASES=phases,
@@ -456,10 +484,38 @@ def expert_layer(
     return out
 
 
+_WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
+
+
+def _check_weight_scales(weights, weight_scales) -> bool:
+    """Whether the four weights are E4M3 (with ``weight_scales`` matching them); ValueError for a mix."""
+    fp8 = [is_fp8(w) for w in weights]
+    if any(fp8) and not all(fp8):
+        named = ", ".join(f"{n} {w.dtype}" for n, w in zip(_WEIGHT_NAMES, weights))
+        raise ValueError(f"expert_layer takes all four weights in E4M3 or none: {named}")
+    if not fp8[0]:
+        if weight_scales is not None:
+            raise ValueError("weight_scales are for E4M3 weights; these weights are " + str(weights[0].dtype))
+        return False
+    if weight_scales is None or len(weight_scales) != 4:
+        raise ValueError("E4M3 weights need weight_scales=(qkv, o, gate_up, down), one fp32 scale per output channel")
+    for name, w, s in zip(_WEIGHT_NAMES, weights, weight_scales):
+        if s.dtype != torch.float32 or s.shape != (w.shape[0],) or not s.is_contiguous():
+            raise ValueError(f"the scales of {name} {tuple(w.shape)} must be contiguous fp32 ({w.shape[0]},), got "
+                             f"{s.dtype} {tuple(s.shape)}")
+    return True
+
+
 def expert_layer_reference(x, w_qkv, w_o, w_gate_up, w_down, attn_scale, mlp_scale, positions, inv_freq, keys, values,
-                           mask, eps, scale, heads, attn_shift=None, mlp_shift=None, attn_gate=None, mlp_gate=None):
+                           mask, eps, scale, heads, attn_shift=None, mlp_shift=None, attn_gate=None, mlp_gate=None,
+                           weight_scales=None):
     """The same layer in PyTorch (fp32 math on the given tensors): returns ``out (M, D)`` and writes the
-    suffix K/V into ``keys/values``, like :func:`expert_layer`."""
+    suffix K/V into ``keys/values``, like :func:`expert_layer`. With ``weight_scales`` the weights are E4M3 and
+    are dequantised first (``data * scale[:, None]`` in fp32), the function the FP8 kernel computes up to the
+    order of its fp32 sums."""
+    if weight_scales is not None:
+        w_qkv, w_o, w_gate_up, w_down = (w.float() * s[:, None] for w, s in
+                                         zip((w_qkv, w_o, w_gate_up, w_down), weight_scales))
     from cortexflow.kernels.attention import attention_reference
     from cortexflow.kernels.rope import rope_reference
 
