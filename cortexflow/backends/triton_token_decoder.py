@@ -40,13 +40,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 from cortexflow.kernels.fp8_gemm import fp8_linear
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
-from cortexflow.errors import ConfigError
 from cortexflow.ops import DecoderDims, GatedLayer
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
@@ -172,7 +172,8 @@ def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, posi
     qkv, scaling = _normed_projection(backend, weights, layer.attn_norm, layer.name("qkv"), x, folded, eps)
     attn = _attend(backend, layer, qkv, positions, mask, cache, write_at, scaling, eps, pdl)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
-    # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
+    # temporaries and, with bf16 weights, accumulate in place (an out-of-place addmm first copies the
+    # residual: one more kernel).
     x2 = project_add(weights, layer.name("o"), attn.reshape(b * length, -1), x.reshape(b * length, width), i > 0)
     x3 = x2.view(b, length, width)
     gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, layer.name("gate_up"), x3, folded, eps)
@@ -184,8 +185,9 @@ def _normed_projection(backend, weights, norm: str, name: str, x: torch.Tensor, 
     """``(projection, scaling)``: the projection by ``weights[name]`` of ``norm(x)``, or with folded norms
     the projection of ``x`` and the keyword (``rstd=`` for several rows: one statistics kernel;
     ``norm_input=`` for one row: its consumer recomputes the statistic) that makes the consumer scale it
-    into the same values. With FP8 activations the folded form quantises ``x`` itself: a row's E4M3 values
-    do not depend on the row's scale, so the statistic still applies afterwards."""
+    into the same values. With FP8 activations the folded form quantises ``x`` rather than the normalised
+    row: per-row quantisation moves the row statistic into the row's scale (up to fp32 rounding), so the
+    consumer's scaling still applies afterwards."""
     if not folded:
         return project(weights, name, backend.rms_norm(x, weights[norm], eps)), {}
     if x.shape[0] * x.shape[1] == 1:
