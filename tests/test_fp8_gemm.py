@@ -104,3 +104,66 @@ def test_fp8_linear_refuses_unaligned_or_unquantised_weights():
         fp8_linear(torch.randn(3, 48, device=DEVICE), q.data, q.scale)
     with pytest.raises(InputError, match="fp32 weight scales"):
         fp8_linear(x, q.data, q.scale.bfloat16())
+
+
+FP8_COMPILE_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels.decode_gemv import decode_gemv
+from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
+from cortexflow.kernels.fp8_gemm import quantize_activation_rows
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.quantization.fp8 import E4M3
+from cortexflow.tools.compile_check import compile_only
+
+meta = torch.device("meta")
+
+
+def empty(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device=meta)
+
+
+out = {}
+for arch in (89, 90):
+    with compile_only(CompileTarget(arch=arch, processors=132)) as launches:
+        for n, k, gated, kwargs in ((12288, 4096, None, {"normalize": True}),
+                                    (4096, 4096, None, {"residual": empty(1, 1, 4096)}),
+                                    (22016, 4096, "silu", {"normalize": True}),
+                                    (4096, 11008, None, {"residual": empty(1, 1, 4096)})):
+            decode_gemv(empty(1, 1, k), empty(n, k, dtype=E4M3), weight_scale=empty(n, dtype=torch.float32),
+                        gated=gated, **kwargs)
+        cache = empty(1, 512, 32, 128)
+        row = torch.empty(1, dtype=torch.int64, device=meta)
+        decode_qkv_rope(empty(1, 1, 4096), empty(12288, 4096, dtype=E4M3), 32, 32, row,
+                        empty(64, dtype=torch.float32), cache, cache, row, normalize=True,
+                        weight_scale=empty(12288, dtype=torch.float32))
+        quantize_activation_rows(empty(280, 4096))
+    out[arch] = [{"name": l.name, "grid": list(l.grid), "ptx_e4m3": "e4m3" in l.kernel.asm["ptx"],
+                  "ptx_div_rn": "div.rn.f32" in l.kernel.asm["ptx"]} for l in launches]
+json.dump(out, sys.stdout)
+"""
+
+
+def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path):
+    """The FP8 decode GEMVs at OpenVLA's shapes (default FP8 tilings), the FP8 QKV/RoPE GEMV and the row
+    quantisation through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta``
+    tensors, in a subprocess without the interpreter): their PTX converts E4M3, and the quantisation divides
+    with IEEE rounding (``div.rn.f32``), as PyTorch does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for arch in ("89", "90"):
+        launches = report[arch]
+        assert [launch["name"] for launch in launches] == ["_decode_gemv_kernel"] * 4 + [
+            "_decode_qkv_rope_kernel", "_quantize_rows_kernel"]
+        # default FP8 tilings: qkv 16 rows, o 8, gate/up 16 (of 11008 gated outputs), down 4; QKV/RoPE 4 pairs
+        assert [launch["grid"] for launch in launches] == [[768], [512], [688], [1024], [1536], [280]]
+        assert all(launch["ptx_e4m3"] for launch in launches)
+        assert launches[-1]["ptx_div_rn"]

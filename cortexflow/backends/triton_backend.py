@@ -60,7 +60,7 @@ from cortexflow.kernels import attention as attention_kernel
 from cortexflow.kernels import gelu_gate, layer_norm, rms_norm, rope
 from cortexflow.kernels.pdl import pdl_supported
 from cortexflow.kernels.runtime import compile_target, compute_capability, interpreting
-from cortexflow.quantization.fp8 import FP8_MIN_CAPABILITY
+from cortexflow.quantization.fp8 import FP8_MIN_CAPABILITY, is_fp8
 
 MAX_NORM_WIDTH = 16384
 
@@ -169,8 +169,15 @@ class TritonBackend(PyTorchBackend):
         return True
 
     def decoder_layer(self, weights, layer, x, positions, mask, cache, write_at):
-        """The fused layer (``triton_token_decoder.py``) when the weights were fused for it."""
+        """The fused layer (``triton_token_decoder.py``) when the weights were fused for it. E4M3 projection
+        weights run only there (the op-by-op composition multiplies in the compute dtype): a ConfigError when
+        such a layer cannot run fused."""
         if layer.name("qkv") not in weights or not fits_fused_layer(layer.dims):
+            if is_fp8(weights[layer.name("q")]):
+                raise ConfigError(f"decoder layer {layer.prefix!r} has FP8 (E4M3) weights but cannot run as the fused "
+                                  f"layer (fused weights: {layer.name('qkv') in weights}, head_dim "
+                                  f"{layer.dims.head_dim}: even and <= {MAX_HEAD_DIM} needed); quantise only layers "
+                                  "that fits_fused_layer accepts, after fuse_layer_projections")
             return super().decoder_layer(weights, layer, x, positions, mask, cache, write_at)
         return fused_token_layer(self, weights, layer, x, positions, mask, cache, write_at,
                                  gemv=self.options.decode_gemv == "all")

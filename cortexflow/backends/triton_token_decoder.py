@@ -20,6 +20,13 @@ before gate/up (recomputed per program from the one row), RoPE and the KV-cache 
 4 GEMVs + attention (+ combine) per layer, launched with programmatic dependent launch on Hopper
 (:mod:`cortexflow.kernels.pdl`: each GEMV loads its first weight chunk while the kernel before finishes).
 
+FP8 weights: a projection whose weight in the weights dict is E4M3 (``quantize_in_place``: per-output-channel
+fp32 scales under ``fp8_scale_key(name)``) runs in FP8. A decode step's GEMVs read the E4M3 weight and
+apply the scales per output row (weight-only FP8, ``weight_scale=`` of the decode kernels); every other call
+(several rows, or one row with ``decode_gemv="off"``) quantises the activation rows to E4M3 and multiplies on
+FP8 tensor cores (:func:`cortexflow.kernels.fp8_gemm.fp8_linear`). The norm folding works on bf16 weights, so
+it comes before quantisation; the LM head stays in the compute dtype.
+
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
 element-wise kernels for the MLP, 2 adds).
@@ -33,12 +40,15 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
+from cortexflow.kernels.fp8_gemm import fp8_linear
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
 from cortexflow.ops import DecoderDims, GatedLayer
+from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 #: The largest head size the attention and RoPE kernels were written for.
 MAX_HEAD_DIM = 256
@@ -81,11 +91,18 @@ def fold_norm_weights(layers: Sequence[GatedLayer], weights: dict[str, torch.Ten
     step needs no norm kernel: the consumer of the projection (QKV/RoPE, the gated activation, or the decode
     GEMV's prologue) applies the row statistic. The result stays correct for any backend's default
     composition, and a second fold changes nothing (it scales by ``1 + 0``). Needs the fused weights
-    (:func:`fuse_layer_projections`); marks each layer with :func:`folded_key` for the fused layer."""
+    (:func:`fuse_layer_projections`) in a float dtype: folding comes before FP8 quantisation (a ConfigError
+    for an E4M3 weight whose norm is not folded yet); marks each layer with :func:`folded_key` for the fused
+    layer."""
     marker = None
     for layer in layers:
         for fused, norm in (("qkv", layer.attn_norm), ("gate_up", layer.mlp_norm)):
             w = weights[layer.name(fused)]
+            if is_fp8(w):
+                if weights[norm].any():
+                    raise ConfigError(f"cannot fold norm {norm!r} into the E4M3 weight {layer.name(fused)!r}: fold "
+                                      "the norms (fold_norm_weights) before quantising (quantize_in_place)")
+                continue
             scale = 1.0 + weights[norm].float()
             for rows in w.split(FOLD_ROWS):  # in row chunks: the fp32 temporaries stay small
                 rows.copy_((rows.float() * scale[None, :]).to(rows.dtype))
@@ -113,11 +130,37 @@ def fuses_combine(backend, dims: DecoderDims) -> bool:
     return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
 
 
+def weight_scale(weights, name: str) -> torch.Tensor | None:
+    """The per-output-channel scales of ``weights[name]`` when it is E4M3, else None."""
+    return fp8_scale(weights, name) if is_fp8(weights[name]) else None
+
+
+def project(weights, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x @ weights[name].T`` for ``x (..., K)``: cuBLAS in ``x``'s dtype, or :func:`fp8_linear` (E4M3 rows of
+    ``x`` times the E4M3 weight) when the weight is E4M3."""
+    w = weights[name]
+    if is_fp8(w):
+        return fp8_linear(x, w, fp8_scale(weights, name))
+    return F.linear(x, w)
+
+
+def project_add(weights, name: str, x2: torch.Tensor, residual: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``residual + x2 @ weights[name].T`` for 2-D ``x2`` and ``residual``. bf16 weights: ``addmm`` (cuBLAS
+    reads the residual as its C operand), into ``residual`` itself with ``in_place`` (an out-of-place ``addmm``
+    first copies the residual); E4M3 weights: :func:`fp8_linear` with the residual added to its rounded
+    output, always a new tensor."""
+    w = weights[name]
+    if is_fp8(w):
+        return fp8_linear(x2, w, fp8_scale(weights, name), residual=residual)
+    return residual.addmm_(x2, w.T) if in_place else torch.addmm(residual, x2, w.T)
+
+
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
                       gemv: bool = False) -> torch.Tensor:
     """``layer`` over ``x (B, L, D)``; arguments as in ``ComputeBackend.decoder_layer``. ``gemv``: a one-row
-    call (a decode step at batch 1) runs every projection as a fused decode GEMV (else cuBLAS)."""
+    call (a decode step at batch 1) runs every projection as a fused decode GEMV (else cuBLAS). E4M3
+    projection weights run in FP8 (see the module doc)."""
     i = layer.index
     b, length, width = x.shape
     one_row = b * length == 1
@@ -126,32 +169,32 @@ def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, posi
     if gemv and one_row:
         return _decode_step_layer(backend, weights, layer, x, positions, mask, cache, write_at, folded, pdl)
     eps = layer.dims.rms_norm_eps
-    qkv, scaling = _normed_projection(backend, weights, layer.attn_norm, weights[layer.name("qkv")], x, folded, eps)
+    qkv, scaling = _normed_projection(backend, weights, layer.attn_norm, layer.name("qkv"), x, folded, eps)
     attn = _attend(backend, layer, qkv, positions, mask, cache, write_at, scaling, eps, pdl)
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
-    # temporaries and accumulate in place (an out-of-place addmm first copies the residual: one more kernel).
-    x2 = x.reshape(b * length, width)
-    x2 = x2.addmm_(attn.reshape(b * length, -1), weights[layer.name("o")].T) if i > 0 else \
-        torch.addmm(x2, attn.reshape(b * length, -1), weights[layer.name("o")].T)
+    # temporaries and, with bf16 weights, accumulate in place (an out-of-place addmm first copies the
+    # residual: one more kernel).
+    x2 = project_add(weights, layer.name("o"), attn.reshape(b * length, -1), x.reshape(b * length, width), i > 0)
     x3 = x2.view(b, length, width)
-    gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, weights[layer.name("gate_up")], x3,
-                                          folded, eps)
+    gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, layer.name("gate_up"), x3, folded, eps)
     act = gelu_tanh_gate_fused(gate_up, silu=layer.activation == "silu", eps=eps, **scaling)
-    x2.addmm_(act.reshape(b * length, -1), weights[layer.name("down")].T)
-    return x3
+    return project_add(weights, layer.name("down"), act.reshape(b * length, -1), x2, True).view(b, length, width)
 
 
-def _normed_projection(backend, weights, norm: str, weight: torch.Tensor, x: torch.Tensor, folded: bool, eps: float):
-    """``(projection, scaling)``: the projection of ``norm(x)``, or with folded norms the projection of
-    ``x`` and the keyword (``rstd=`` for several rows: one statistics kernel; ``norm_input=`` for one row:
-    its consumer recomputes the statistic) that makes the consumer scale it into the same values."""
+def _normed_projection(backend, weights, norm: str, name: str, x: torch.Tensor, folded: bool, eps: float):
+    """``(projection, scaling)``: the projection by ``weights[name]`` of ``norm(x)``, or with folded norms
+    the projection of ``x`` and the keyword (``rstd=`` for several rows: one statistics kernel;
+    ``norm_input=`` for one row: its consumer recomputes the statistic) that makes the consumer scale it
+    into the same values. With FP8 activations the folded form quantises ``x`` rather than the normalised
+    row: per-row quantisation moves the row statistic into the row's scale (up to fp32 rounding), so the
+    consumer's scaling still applies afterwards."""
     if not folded:
-        return F.linear(backend.rms_norm(x, weights[norm], eps), weight), {}
+        return project(weights, name, backend.rms_norm(x, weights[norm], eps)), {}
     if x.shape[0] * x.shape[1] == 1:
         scaling = {"norm_input": x.contiguous()}
     else:
         scaling = {"rstd": rms_rstd(x, eps)}
-    return F.linear(x, weight), scaling
+    return project(weights, name, x), scaling
 
 
 def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6, pdl=False):
@@ -197,16 +240,20 @@ def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, 
         inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
         cache_k, cache_v = cache
         q = decode_qkv_rope(x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
-                            cache_v, write_at, eps=eps, pdl=pdl, **norm_args(layer.attn_norm))
+                            cache_v, write_at, eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")), pdl=pdl,
+                            **norm_args(layer.attn_norm))
         attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl)
     else:
-        qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, pdl=pdl, **norm_args(layer.attn_norm))
+        qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")),
+                          pdl=pdl, **norm_args(layer.attn_norm))
         attn = _attend(backend, layer, qkv, positions, mask, cache, write_at, pdl=pdl)
     # Layer 0's input may be a caller's buffer: a new tensor; later layers accumulate in place.
-    x2 = decode_gemv(attn, weights[layer.name("o")], residual=x, out=None if i == 0 else x.view(-1), pdl=pdl)
-    act = decode_gemv(x2, weights[layer.name("gate_up")], eps=eps, gated=layer.activation, pdl=pdl,
-                      **norm_args(layer.mlp_norm))
-    return decode_gemv(act, weights[layer.name("down")], residual=x2, out=x2.view(-1), pdl=pdl)
+    x2 = decode_gemv(attn, weights[layer.name("o")], residual=x, out=None if i == 0 else x.view(-1),
+                     weight_scale=weight_scale(weights, layer.name("o")), pdl=pdl)
+    act = decode_gemv(x2, weights[layer.name("gate_up")], eps=eps, gated=layer.activation,
+                      weight_scale=weight_scale(weights, layer.name("gate_up")), pdl=pdl, **norm_args(layer.mlp_norm))
+    return decode_gemv(act, weights[layer.name("down")], residual=x2, out=x2.view(-1),
+                       weight_scale=weight_scale(weights, layer.name("down")), pdl=pdl)
 
 
 def greedy_head(backend, h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float,
