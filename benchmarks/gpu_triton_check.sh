@@ -7,6 +7,10 @@
 #       graphs, real size, random weights): Pi0 at 1/2/3 views (prompt 20), Pi0.5 at 2 views (prompts 20 and 60),
 #       OpenVLA-7B and RT-2 (prompt 26 ids); real-size `cortexflow verify` of Pi0, Pi0.5 and OpenVLA with this
 #       build runs between the rounds.
+#   bash benchmarks/gpu_triton_check.sh fp8
+#       FP8 on this build only: the FP8 GPU tests, the expert layer and decode GEMV micro-benchmarks with E4M3
+#       weights, real-size `verify --precision fp8` (VERIFY_FP8, default pi0 openvla) and Pi0 (2 views) and
+#       OpenVLA benchmarked without and with --precision fp8.
 #   bash benchmarks/gpu_triton_check.sh extra
 #       every Triton GPU test file, then the kernel micro-benchmarks (attention, expert layer, encoder, decode
 #       GEMV and its chain).
@@ -36,7 +40,7 @@ trap 'rm -rf "$RUNS" "$OLD_ROOT"' EXIT
 START=$SECONDS
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
-case "$MODE" in final|extra) ;; *) echo "usage: bash benchmarks/gpu_triton_check.sh final [OLD] | extra (got $MODE)"; exit 2 ;; esac
+case "$MODE" in final|extra|fp8) ;; *) echo "usage: bash benchmarks/gpu_triton_check.sh final [OLD] | extra | fp8 (got $MODE)"; exit 2 ;; esac
 for arg in "$ITERS" "$BUDGET"; do
   case "$arg" in ''|*[!0-9]*) echo "ITERS and BUDGET must be whole numbers of calls / seconds, got '$arg'"; exit 2 ;; esac
 done
@@ -81,6 +85,18 @@ package_path() {
   (cd "$1" && PYTHONPATH="$1" python3 -c "import cortexflow, os; print(os.path.dirname(cortexflow.__file__))")
 }
 
+# verify_models PRECISION MODEL...: real-size verify of this build.
+verify_models() {
+  local precision=$1 model limit suffix=""
+  shift
+  [ "$precision" = fp8 ] && suffix=_fp8
+  for model in "$@"; do
+    limit=80; [ "$model" = openvla ] && limit=130
+    cf_step "$limit" "verify_$model$suffix" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
+      --device "$DEVICE" --precision "$precision" --json "$RUNS/verify_$model$suffix.json"
+  done
+}
+
 prepare_old() {
   local old="$OLD"
   if [ -z "$old" ]; then
@@ -108,6 +124,22 @@ finish() {
   python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "no triton"
 } | tee "$RUNS/machine.txt"
 python3 -c "import typer, rich" || { echo "the CLI needs typer and rich in this Python"; exit 2; }
+
+if [ "$MODE" = fp8 ]; then
+  TAIL=3 step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_precision.py \
+    tests/test_decode_gemv.py tests/test_expert_layer.py tests/test_triton_encoder.py -k "fp8 or FP8 or real_size"
+  TAIL=30 step 150 micro_expert_fp8 env OUT="$RUNS" python3 benchmarks/micro_expert_layer.py --fp8 --no-phases \
+    --only "${FP8_TILINGS:-block_k 256}"
+  TAIL=30 step 120 bench_fp8_decode python3 benchmarks/bench_fp8_decode.py --out "$RUNS/bench_fp8_decode.json"
+  verify_models fp8 ${VERIFY_FP8:-pi0 openvla}
+  for build in new fp8; do
+    extra=(); [ "$build" = fp8 ] && extra=(--precision fp8)
+    cf_step 150 "bench_quick_${build}_r1" "$ROOT" bench --backends triton --graphs on --iters "$ITERS" --warmup 5 \
+      "${extra[@]}" --models pi0,openvla --views 2 --prompt-len 20 --json "$RUNS/bench_quick_${build}_r1.json"
+  done
+  finish
+  exit 0
+fi
 
 if [ "$MODE" = extra ]; then
   TAIL=3 step 420 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py \
@@ -156,18 +188,6 @@ bench_round() {
                  --prompt-len 26 --json "$RUNS/bench_token_${build}_r$round.json" ;;
       esac
     done
-  done
-}
-
-# verify_models PRECISION MODEL...: real-size verify of this build.
-verify_models() {
-  local precision=$1 model limit suffix=""
-  shift
-  [ "$precision" = fp8 ] && suffix=_fp8
-  for model in "$@"; do
-    limit=80; [ "$model" = openvla ] && limit=130
-    cf_step "$limit" "verify_$model$suffix" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
-      --device "$DEVICE" --precision "$precision" --json "$RUNS/verify_$model$suffix.json"
   done
 }
 
