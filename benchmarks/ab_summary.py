@@ -39,8 +39,9 @@ def bench_rows(runs: Path) -> list[dict]:
             workload = f"{run['model']} views={run['views']} prompt={run['prompt_len']}"
             row = table.setdefault(workload, {"workload": workload})
             row[f"{match['build']}_r{match['round']}"] = round(float(run["median_ms"]), 3)
-            if run.get("peak_gpu_gib") is not None:
-                row[f"{match['build']}_peak_gib"] = run["peak_gpu_gib"]
+            peak = run.get("calls_peak_gpu_gib", run.get("peak_gpu_gib"))  # the calls' peak, not the load's
+            if peak is not None:
+                row[f"{match['build']}_peak_gib"] = round(peak, 2)
             if match["build"] == "new" and run.get("backend_options"):
                 row["new_options"] = run["backend_options"]
         for failed in report.get("failed", []) + report.get("skipped", []):

@@ -54,7 +54,7 @@ PREFILL_SHAPES = {"qkv": (3 * WIDTH, WIDTH), "o": (WIDTH, WIDTH), "gate_up": (2 
 L2_BYTES = 50 * 2 ** 20
 SWEEPS = {  # (rows per program, K chunk, warps) for decode_gemv; (pairs per program, K chunk, warps) for QKV/RoPE
     ("gemv", "bf16"): ((8, 16, 32), (512, 1024, 2048), (4, 8)),
-    ("gemv", "fp8"): ((4, 8, 16), (1024, 2048, 4096), (4, 8, 16)),
+    ("gemv", "fp8"): ((4, 8, 16), (1024, 2048, 4096), (4, 8)),
     ("qkv_rope", "bf16"): ((2, 4, 8), (256, 512, 1024), (4, 8)),
     ("qkv_rope", "fp8"): ((2, 4, 8), (512, 1024, 2048), (4, 8)),
 }
@@ -111,9 +111,10 @@ def weight_copies(n: int, k: int, g: torch.Generator):
     return w16, [quantize_weight(w) for w in w16]
 
 
-def decode_cases(calls: int, repeats: int, sweep: bool) -> list[dict]:
+def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save) -> list[dict]:
+    """Every decode shape's variants appended to ``rows`` (``save()`` after each shape, so a run cut short keeps
+    what it measured); ``sweep``: the formats ("bf16", "fp8") whose tilings are swept beyond the default."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
     for label, (n, k, kind, gated) in DECODE_SHAPES.items():
         w16, w8 = weight_copies(n, k, g)
         count = len(w16)
@@ -136,7 +137,7 @@ def decode_cases(calls: int, repeats: int, sweep: bool) -> list[dict]:
                 decode_gemv_reference(x, w16[0], **kwargs)
             default = default_tiling(n, k, gated is not None, fmt == "fp8")
             tilings = [default]
-            if sweep:
+            if fmt in sweep:
                 tilings += [t for t in itertools.product(*SWEEPS[("gemv", fmt)]) if t != default]
             for bn, bk, warps in tilings:
                 def call(i, bn=bn, bk=bk, warps=warps, fmt=fmt):
@@ -148,8 +149,10 @@ def decode_cases(calls: int, repeats: int, sweep: bool) -> list[dict]:
                            "block_n": bn, "block_k": bk, "warps": warps, "default": (bn, bk, warps) == default}
                 row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref),
                                                fp8_bytes if fmt == "fp8" else bf16_bytes, calls, repeats))
+        save()
         if label.startswith("qkv"):
             rows.append(qkv_rope_case(x, w16, w8, kwargs["norm_weight"], calls, repeats, sweep))
+            save()
     return rows
 
 
@@ -170,7 +173,7 @@ def qkv_rope_case(x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
                                                 norm_weight=norm_weight, eps=1e-5, weight_scale=scale(0))
         default = DEFAULT_FP8_TILING if fmt == "fp8" else DEFAULT_TILING
         tilings = [default]
-        if sweep:
+        if fmt in sweep:
             tilings += [t for t in itertools.product(*SWEEPS[("qkv_rope", fmt)]) if t != default]
         for bh, bk, warps in tilings:
             def call(i, bh=bh, bk=bk, warps=warps, weight=weight, scale=scale):
@@ -242,7 +245,10 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=50, help="calls per CUDA graph (default 50)")
     parser.add_argument("--repeats", type=int, default=20, help="graph replays timed; the median counts (default 20)")
     parser.add_argument("--prefill-rows", type=int, default=280, help="rows of the prefill GEMMs (default 280)")
-    parser.add_argument("--no-sweep", action="store_true", help="time only the default tilings")
+    parser.add_argument("--sweep", choices=("none", "fp8", "all"), default="fp8",
+                        help="formats whose decode tilings are swept beyond the default (default: fp8; bf16's were "
+                             "tuned before)")
+    parser.add_argument("--no-sweep", action="store_true", help="the same as --sweep none")
     parser.add_argument("--skip", choices=("decode", "prefill"), action="append", default=[],
                         help="leave out a part (repeatable)")
     args = parser.parse_args()
@@ -253,8 +259,15 @@ def main() -> int:
 
     result = {"device": torch.cuda.get_device_name(), "capability": list(torch.cuda.get_device_capability()),
               "torch": torch.__version__, "triton": triton.__version__, "calls_per_graph": args.calls,
-              "repeats": args.repeats, "sweep": not args.no_sweep, "decode": [], "prefill": [], "errors": []}
-    parts = {"decode": lambda: decode_cases(args.calls, args.repeats, not args.no_sweep),
+              "repeats": args.repeats, "decode": [], "prefill": [], "errors": []}
+    sweep = frozenset() if args.no_sweep or args.sweep == "none" else \
+        frozenset({"fp8"} if args.sweep == "fp8" else {"bf16", "fp8"})
+    result["sweep"] = sorted(sweep)
+
+    def save():
+        args.out.write_text(json.dumps(result, indent=1))
+
+    parts = {"decode": lambda: decode_cases(args.calls, args.repeats, sweep, result["decode"], save),
              "prefill": lambda: prefill_cases(args.prefill_rows, args.calls, args.repeats)}
     for part, run in parts.items():
         if part in args.skip:

@@ -137,6 +137,8 @@ def test_cli_refuses_fp8_on_the_cpu_in_its_own_words(args, monkeypatch, tmp_path
 
     from cortexflow.cli import app
 
+    if args[0] == "serve":
+        pytest.importorskip("websockets", reason="serve checks for the websockets package before its options")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     image = tmp_path / "view.png"
     Image.new("RGB", (8, 8)).save(image)

@@ -332,20 +332,23 @@ def timed_entry(case: Case, make_engine: Callable[[], object], call: Callable[[o
                 peak_of_calls_only: bool = False) -> dict:
     """The bench row of ``case``: the engine ``make_engine()`` builds, ``call(engine)`` timed (``preprocess_ms``:
     with the engine's host preprocessing time per call), the fields every family records (graphs, dtype, stage
-    split, peak GPU memory: from the engine's build on, or with ``peak_of_calls_only`` from its first call) and
+    split, peak GPU memory: from the engine's build on, or with ``peak_of_calls_only`` from its first call; the
+    load's and the calls' peaks also apart, ``load_peak_gpu_gib`` / ``calls_peak_gpu_gib``) and
     ``describe(engine)``'s; a failed row when anything raises."""
     entry = asdict(case)
     memory.reset()
     engine = None
     try:
         engine = make_engine()
-        if peak_of_calls_only:
-            memory.reset()  # the peak of the calls, not of the load (the weights stay allocated and are counted)
+        load_peak = memory.peak_gib()
+        memory.reset()  # the peak of the calls apart from the load's (the weights stay allocated and are counted)
         pre = (lambda: engine.last_timings["preprocess"]) if preprocess_ms else None
         entry.update(time_calls(call(engine), device, iters, warmup, pre))
+        calls_peak = memory.peak_gib()
+        peak = calls_peak if peak_of_calls_only or calls_peak is None else max(load_peak, calls_peak)
         entry.update(cuda_graphs=engine.use_cuda_graphs, dtype=dtype_name(dtype),
                      stages_ms=None if engine.use_cuda_graphs else dict(engine.last_timings),
-                     peak_gpu_gib=memory.peak_gib(), **describe(engine))
+                     peak_gpu_gib=peak, load_peak_gpu_gib=load_peak, calls_peak_gpu_gib=calls_peak, **describe(engine))
         return entry
     except Exception as err:  # noqa: BLE001 - reported, and the grid goes on
         return failed_case(entry, err)
