@@ -8,9 +8,10 @@
 #       OpenVLA-7B and RT-2 (prompt 26 ids); real-size `cortexflow verify` of Pi0, Pi0.5 and OpenVLA with this
 #       build runs between the rounds.
 #   bash benchmarks/gpu_triton_check.sh fp8
-#       FP8 on this build only: the FP8 GPU tests, the expert layer and decode GEMV micro-benchmarks with E4M3
-#       weights, real-size `verify --precision fp8` (VERIFY_FP8, default pi0 openvla) and Pi0 (2 views) and
-#       OpenVLA benchmarked without and with --precision fp8.
+#       FP8 on this build only: the FP8 GPU tests (SKIP_TESTS), the expert layer (FP8_MICRO, FP8_TILINGS) and decode
+#       GEMV (FP8_DECODE) micro-benchmarks with E4M3 weights, real-size `verify` of VERIFY_FP8 (pi0 openvla) and
+#       `bench` of BENCH_MODELS (pi0,openvla; 2 views) for each TritonOptions.fp8 setting of FP8_STAGES (all), the
+#       bench also without FP8. FP8_MICRO= / FP8_DECODE= (empty) leave those steps out.
 #   bash benchmarks/gpu_triton_check.sh extra
 #       every Triton GPU test file, then the kernel micro-benchmarks (attention, expert layer, encoder, decode
 #       GEMV and its chain).
@@ -126,16 +127,24 @@ finish() {
 python3 -c "import typer, rich" || { echo "the CLI needs typer and rich in this Python"; exit 2; }
 
 if [ "$MODE" = fp8 ]; then
-  TAIL=3 step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_precision.py \
+  [ -z "${SKIP_TESTS:-}" ] && TAIL=3 step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_precision.py \
     tests/test_decode_gemv.py tests/test_expert_layer.py tests/test_triton_encoder.py -k "fp8 or FP8 or real_size"
-  TAIL=30 step 150 micro_expert_fp8 env OUT="$RUNS" python3 benchmarks/micro_expert_layer.py --fp8 --no-phases \
-    --only "${FP8_TILINGS:-block_k 256}"
-  TAIL=30 step 120 bench_fp8_decode python3 benchmarks/bench_fp8_decode.py --out "$RUNS/bench_fp8_decode.json"
-  verify_models fp8 ${VERIFY_FP8:-pi0 openvla}
-  for build in new fp8; do
-    extra=(); [ "$build" = fp8 ] && extra=(--precision fp8)
+  [ -n "${FP8_MICRO-1}" ] && TAIL=30 step 150 micro_expert_fp8 env OUT="$RUNS" python3 \
+    benchmarks/micro_expert_layer.py --fp8 --no-phases --only "${FP8_TILINGS:-block_k 256}"
+  [ -n "${FP8_DECODE-1}" ] && TAIL=30 step 150 bench_fp8_decode python3 benchmarks/bench_fp8_decode.py \
+    --out "$RUNS/bench_fp8_decode.json"
+  # FP8_STAGES: the TritonOptions.fp8 settings to verify and time (all, decoder, prefix, prefix+decoder).
+  for stages in ${FP8_STAGES:-all}; do
+    for model in ${VERIFY_FP8:-pi0 openvla}; do
+      cf_step 130 "verify_${model}_fp8-${stages}" "$ROOT" verify --model "$model" --backend "$BACKEND" --size "$SIZE" \
+        --device "$DEVICE" --triton-options "fp8=$stages" --json "$RUNS/verify_${model}_fp8-${stages}.json"
+    done
+  done
+  for build in new ${FP8_STAGES:-all}; do
+    extra=(); [ "$build" != new ] && extra=(--triton-options "fp8=$build") && build="fp8-$build"
     cf_step 150 "bench_quick_${build}_r1" "$ROOT" bench --backends triton --graphs on --iters "$ITERS" --warmup 5 \
-      "${extra[@]}" --models pi0,openvla --views 2 --prompt-len 20 --json "$RUNS/bench_quick_${build}_r1.json"
+      "${extra[@]}" --models "${BENCH_MODELS:-pi0,openvla}" --views 2 --prompt-len 20 \
+      --json "$RUNS/bench_quick_${build}_r1.json"
   done
   finish
   exit 0
