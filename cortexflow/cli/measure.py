@@ -30,8 +30,8 @@ JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSO
 
 
 TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
-                       "persistent_expert, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, "
-                       "fused_combine, concurrent_stages, pdl); recorded in the JSON.")
+                       "persistent_expert, expert_launch, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, "
+                       "fold_token_norms, fused_combine, concurrent_stages, pdl); recorded in the JSON.")
 
 
 @cli_errors
