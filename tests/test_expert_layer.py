@@ -12,6 +12,7 @@ import torch
 from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
+from expert_support import fp8_expert_backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -256,38 +257,6 @@ def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_pat
     assert rel <= 1e-5
 
 
-EXPERT_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def _fp8_expert_backends():
-    """A Triton backend that quantises the fused expert projections after fusing them (``quantize_in_place``),
-    and a PyTorch backend that replaces the same projections by their dequantised values."""
-    from cortexflow.backends.pytorch import PyTorchBackend
-    from cortexflow.backends.triton_backend import TritonBackend
-    from cortexflow.quantization.fp8 import quantize_in_place
-
-    class Fp8ExpertTriton(TritonBackend):
-        def fuse_weights(self, weights, groups):
-            weights = super().fuse_weights(weights, groups)
-            for layer in groups.decoder_layers:
-                for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
-                    rows = [(layer.name(p), weights[layer.name(p)].shape[0]) for p in parts]
-                    quantize_in_place(weights, layer.name(fused), rows)
-                for name in ("o", "down"):
-                    quantize_in_place(weights, layer.name(name))
-            return weights
-
-    class DequantisedExpertPyTorch(PyTorchBackend):
-        def fuse_weights(self, weights, groups):
-            for layer in groups.decoder_layers:
-                for part in EXPERT_PROJECTIONS:
-                    w = weights[layer.name(part)]
-                    weights[layer.name(part)] = quantize_weight(w).dequantize(w.dtype)
-            return weights
-
-    return Fp8ExpertTriton, DequantisedExpertPyTorch
-
-
 def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     """A tiny Pi0 in fp32 whose fused expert projections are E4M3: the triton backend's actions equal the
     PyTorch backend's on the dequantised weights (fp32 bound), and differ from the unquantised model's by
@@ -295,7 +264,7 @@ def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     import cortexflow as cf
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
-    fp8_triton, dequantised = _fp8_expert_backends()
+    fp8_triton, dequantised = fp8_expert_backends()
     config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(2)
@@ -325,7 +294,7 @@ def test_backend_refuses_fp8_expert_weights_without_the_persistent_kernel():
 
     from cortexflow.kernels import runtime
 
-    fp8_triton, _ = _fp8_expert_backends()
+    fp8_triton, _ = fp8_expert_backends()
     config = tiny_model_config("pi0")
     model = Pi0Model(config)
     chain = fp8_triton.configured(persistent_expert=False)(torch.device(DEVICE), torch.float32)

@@ -36,6 +36,7 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
     fused_expert_stack,
     persistent_layer_unsupported,
     start_workspace,
+    step_tables,
 )
 from cortexflow.backends.triton_fp8 import fp8_layers, quantize_layers  # noqa: E402
 from cortexflow.backends.triton_encoder import (  # noqa: E402
@@ -203,7 +204,8 @@ class TritonBackend(PyTorchBackend):
     def begin_denoising(self, weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps):
         """Adds the RoPE frequencies, whether the expert's Triton kernels launch with programmatic dependent
         launch and, with ``persistent_expert`` (for an expert the kernel was written for), the persistent
-        kernel's workspace for ``num_steps`` steps. E4M3 expert weights run only in the persistent kernel:
+        kernel's workspace for ``num_steps`` steps (and with ``expert_launch="step"`` the step kernel's
+        weight tables, made once per weights). E4M3 expert weights run only in the persistent kernel:
         without it, a ConfigError."""
         persistent = self.options.persistent_expert
         reason = persistent_layer_unsupported(weights, expert) if persistent else None
@@ -218,6 +220,9 @@ class TritonBackend(PyTorchBackend):
             persistent = False
         if persistent:
             ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
+            if self.options.expert_launch == "step":
+                ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
+                                                                    lambda: step_tables(weights, expert))
         return ctx
 
     def _check_fp8_expert(self, persistent: bool, reason: str | None) -> None:

@@ -12,8 +12,9 @@ What differs from the units' default compositions (:class:`cortexflow.ops.Comput
   norm, QKV + RoPE + cache write, attention, o + residual, norm, gate/up + GELU gate, down + residual in
   seven phases separated by grid barriers) instead of ~10 kernels (norm, cuBLAS GEMMs, QKV/RoPE,
   attention, GELU gate); the call's workspace carries the barrier counters and the split-K partials of
-  each layer's down projection into the next. E4M3 expert weights (``quantize_in_place`` on the fused
-  weights) run only there: the kernel converts them in its GEMMs and applies their per-channel scales.
+  each layer's down projection into the next; with ``expert_launch="step"`` one persistent kernel runs every
+  layer of the step (:mod:`cortexflow.kernels.expert_step`, its weight tables made once per weights). E4M3
+  expert weights (``quantize_in_place`` on the fused weights) run only there: the kernel converts them in its GEMMs and applies their per-channel scales.
 What depends only on the time step (the expert's norm scales, modulations and residual gates per step) is
 the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights and step count.
 """
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
+from cortexflow.kernels.expert_step import ExpertWeightTables, expert_step, expert_weight_tables
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.ops import DenoisingContext, ExpertStack
@@ -46,26 +48,40 @@ def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWor
     return work
 
 
+def step_tables(weights, expert: ExpertStack) -> ExpertWeightTables:
+    """The step kernel's tables of the expert's fused projections (and their FP8 scales)."""
+    layers = [tuple(weights[layer.name(p)] for p in PROJECTIONS) for layer in expert.layers]
+    scales = None
+    if expert_weights_fp8(weights, expert):
+        scales = [tuple(fp8_scale(weights, layer.name(p)) for p in PROJECTIONS) for layer in expert.layers]
+    return expert_weight_tables(layers, scales)
+
+
 def fused_expert_stack(backend, weights, ctx: DenoisingContext, x: torch.Tensor, step: int) -> torch.Tensor:
     """``ComputeBackend.expert_stack`` over the fused weights: the layers as persistent kernels (when
-    ``ctx.backend_state`` holds a workspace) or kernel chains, then the final norm; ``(B, chunk, D)``."""
+    ``ctx.backend_state`` holds a workspace; one for the whole step when it holds step tables too) or kernel
+    chains, then the final norm; ``(B, chunk, D)``."""
     cond = ctx.conditioning
     adaptive = cond.modulation is not None
     pdl = ctx.backend_state["pdl"]
     work = ctx.backend_state.get("workspace")
+    tables = ctx.backend_state.get("step_tables")
     inv_freq = ctx.backend_state["inv_freq"]
     first = ctx.expert.layers[0]
     d = first.dims
     scale = d.attention_scale
     eps = d.rms_norm_eps
-    for layer in ctx.expert.layers:
-        i = layer.index
-        if work is not None:
-            x = _persistent_layer(weights, layer, len(ctx.expert.layers), x, work, ctx.positions, ctx.mask,
-                                  ctx.keys[i], ctx.values[i], inv_freq, scale, eps, cond, step)
-            continue
-        x = _expert_layer(weights, layer, x, ctx.positions, ctx.mask, ctx.keys[i], ctx.values[i], ctx.prefix_len,
-                          inv_freq, scale, eps, cond.modulation[step, i] if adaptive else None, pdl)
+    if tables is not None:
+        x = _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, d.num_heads, step)
+    else:
+        for layer in ctx.expert.layers:
+            i = layer.index
+            if work is not None:
+                x = _persistent_layer(weights, layer, len(ctx.expert.layers), x, work, ctx.positions, ctx.mask,
+                                      ctx.keys[i], ctx.values[i], inv_freq, scale, eps, cond, step)
+                continue
+            x = _expert_layer(weights, layer, x, ctx.positions, ctx.mask, ctx.keys[i], ctx.values[i], ctx.prefix_len,
+                              inv_freq, scale, eps, cond.modulation[step, i] if adaptive else None, pdl)
     b = x.shape[0]
     rows = x[:, -ctx.chunk:]
     if adaptive:
@@ -115,6 +131,18 @@ def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, va
                  inv_freq, keys, values, mask, eps, scale, work, layer.dims.num_heads, launch=step * layers + i,
                  pending=i > 0, finish=i == layers - 1, **extra)
     return out
+
+
+def _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, heads, step):
+    """Every expert layer of step ``step`` as one persistent kernel on ``x (B, S, D)`` into ``work.residual``
+    (the same counters, buffers and numbers as the layer launches of :func:`_persistent_layer`)."""
+    b, s, d = x.shape
+    cond = ctx.conditioning
+    adaptive = cond.modulation is not None
+    norm_scales = cond.norm_scales[step] if adaptive else cond.norm_scales
+    expert_step(x.view(b * s, d), work.residual, tables, norm_scales, ctx.positions, inv_freq, ctx.keys, ctx.values,
+                ctx.mask, eps, scale, work, heads, cond.modulation[step] if adaptive else None, step=step)
+    return work.residual.view(b, s, d)
 
 
 def _norm(x, weight, eps, modulation, pdl=False):

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pdl": ("auto", "on", "off"),
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
+    "expert_launch": ("layer", "step"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -37,6 +38,8 @@ class TritonOptions:
     Pi0 family (flow matching):
     - ``persistent_expert``: each expert layer of a denoising step as one persistent kernel
       (``kernels/expert_layer.py``); False: the chain of ~10 kernels a layer (cuBLAS GEMMs + Triton glue).
+    - ``expert_launch``: with ``persistent_expert``, "layer": one launch per expert layer; "step": one launch
+      per denoising step that runs every layer (``kernels/expert_step.py``; not yet measured on a GPU).
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
 
@@ -66,6 +69,7 @@ class TritonOptions:
     """
 
     persistent_expert: bool = True
+    expert_launch: str = "layer"
     fused_encoder: bool = True
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True

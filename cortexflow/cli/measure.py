@@ -1,6 +1,7 @@
 """The measurement commands over :mod:`cortexflow.tools`: ``verify``, ``bench``, ``profile`` (any model:
 the family of ``--model`` supplies the work, see :mod:`cortexflow.families`) and ``compile-check``."""
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from cortexflow.cli.common import (
     write_report,
 )
 from cortexflow.cli_options import check_common_options, parse_model_option
+from cortexflow.backends.triton_options import TritonOptions
 from cortexflow.config import is_auto
 from cortexflow.errors import ConfigError
 from cortexflow.families import models_for
@@ -31,8 +33,7 @@ JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSO
 
 
 TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
-                       "persistent_expert, fused_encoder, decode_gemv, decode_qkv_rope, decode_head, fold_token_norms, "
-                       "fused_combine, concurrent_stages, fp8, pdl); recorded in the JSON.")
+                       f"{', '.join(f.name for f in dataclasses.fields(TritonOptions))}); recorded in the JSON.")
 PRECISION_HELP = ("default (weights in --dtype) or fp8: the triton backend holds the Pi0 family's prefix and action "
                   "expert, or a token VLA's language model, in FP8 (E4M3 with per-channel scales, quantised at load; "
                   "the same as --triton-options fp8=all; fp8=decoder or fp8=prefix keeps the other stage in "

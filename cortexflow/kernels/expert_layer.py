@@ -56,6 +56,9 @@ processes sharing one GPU through MPS, each running these kernels at once, could
 other waits for (CortexFlow runs one engine per GPU; ``TritonOptions(persistent_expert=False)`` avoids
 the kernel). Under the interpreter programs run one after another, so tests use one program there (the
 barrier then never waits).
+
+:mod:`cortexflow.kernels.expert_step` runs every layer of a step in one launch with this kernel's code
+(``_layer``), under a different memory-ordering argument (its module doc).
 """
 
 from __future__ import annotations
@@ -110,15 +113,23 @@ def default_tiling() -> ExpertTiling:
 
 
 @triton.jit
-def _grid_sync(bar_ptr, n_programs):
+def _grid_sync(bar_ptr, n_programs, ACQUIRE: tl.constexpr):
     """Wait until every program of the launch has arrived here; everything they stored before is
-    visible (at L2) afterwards. ``bar_ptr``: this barrier's own int32 counter, zero before the launch."""
+    visible (at L2) afterwards. ``bar_ptr``: this barrier's own int32 counter, zero before the launch.
+    ``ACQUIRE``: poll with acquire reads (atomic adds of 0 whose value the loop uses, so they stay in the code:
+    ``ld.acquire.gpu`` in the PTX), after which no load of this program returns a value from before the
+    other programs' arrivals (:mod:`cortexflow.kernels.expert_step` says why the step kernel needs it)."""
     tl.debug_barrier()
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.load(bar_ptr, volatile=True)
-    while arrived < n_programs:
+    if ACQUIRE:
+        arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        while arrived < n_programs:
+            arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+    else:
         arrived = tl.load(bar_ptr, volatile=True)
-    tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        while arrived < n_programs:
+            arrived = tl.load(bar_ptr, volatile=True)
+        tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
@@ -153,17 +164,18 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
 
 @triton.jit
 def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr, M, m_pad, eps, pid, n_programs,
-               PENDING: tl.constexpr, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+               pending, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-    """For rows ``pid, pid + n_programs, ...``: with ``PENDING``, finish the residual left by a split-K phase,
-    ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order, rounded to the residual's dtype);
-    with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale (+ shift)`` (rounded to its dtype).
+    """For rows ``pid, pid + n_programs, ...``: with ``pending`` (a constexpr or a runtime flag), finish the
+    residual left by a split-K phase, ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order,
+    rounded to the residual's dtype); with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale
+    (+ shift)`` (rounded to its dtype).
     Everything is read at L2."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < D
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row * D + offs, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if PENDING:
+        if pending:
             y = tl.zeros([BLOCK_D], tl.float32)
             for s in range(0, SPLITS):
                 y += tl.load(part_ptr + (s * m_pad + row) * D + offs, mask=valid, other=0.0, cache_modifier=".cg")
@@ -212,22 +224,22 @@ def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_progr
 
 
 @triton.jit
-def _expert_layer_kernel(
+def _layer(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
-    down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr,
-    attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
-    pending_gate_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr,
-    part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
-    keys_per_split, n_splits,
-    s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
-    D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
-    SHIFT: tl.constexpr, GATED: tl.constexpr, PENDING: tl.constexpr, FINISH: tl.constexpr,
-    ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
+    pending_gate_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr, h_ptr,
+    part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
+    keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, pending,
+    FINISH: tl.constexpr, D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+    SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr,
+    PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
 ):
+    """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
+    ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
+    ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 7 barrier counters."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -237,8 +249,8 @@ def _expert_layer_kernel(
 
     # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
     _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
-               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, PENDING, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
-    _grid_sync(sync_ptr, n_programs)
+               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+    _grid_sync(sync_ptr, n_programs, ACQUIRE)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
     pairs: tl.constexpr = HALF // PAIR
@@ -277,7 +289,7 @@ def _expert_layer_kernel(
             dst = v_ptr + tok_b[:, None] * s_vb + (P + tok_t[:, None]) * s_vl + (head - HQ - HKV) * s_vh + c0 + offs_p[None, :]
         tl.store(dst, z1.to(dst.dtype.element_ty), mask=row_valid[:, None])
         tl.store(dst + HALF, z2.to(dst.dtype.element_ty), mask=row_valid[:, None])
-    _grid_sync(sync_ptr + 1, n_programs)
+    _grid_sync(sync_ptr + 1, n_programs, ACQUIRE)
 
     # ---- 2. attention (+ merge of the key ranges by the last range program) --------------------------
     n_rows = S * GROUP
@@ -307,17 +319,17 @@ def _expert_layer_kernel(
             True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD)
         finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
                      n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
-    _grid_sync(sync_ptr + 2, n_programs)
+    _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
     _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_wscale_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D,
                    O_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
-    _grid_sync(sync_ptr + 3, n_programs)
+    _grid_sync(sync_ptr + 3, n_programs, ACQUIRE)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
     _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
-    _grid_sync(sync_ptr + 4, n_programs)
+    _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
     n_gu_tiles: tl.constexpr = F // GU_COLS
@@ -335,17 +347,43 @@ def _expert_layer_kernel(
             up = up * tl.load(gu_wscale_ptr + F + cols)[None, :]
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
-    _grid_sync(sync_ptr + 5, n_programs)
+    _grid_sync(sync_ptr + 5, n_programs, ACQUIRE)
 
     # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual) ------
     _split_k_phase(h_ptr, F, w_down_ptr, down_wscale_ptr, down_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D,
                    DOWN_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
     if FINISH:
         # ---- 7. residual out + (gate ⊙) down ------------------------------------------------------------
-        _grid_sync(sync_ptr + 6, n_programs)
+        _grid_sync(sync_ptr + 6, n_programs, ACQUIRE)
         _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                    M if PHASES & 128 else 0, m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D,
                    BLOCK_D)
+
+
+@triton.jit
+def _expert_layer_kernel(
+    x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
+    down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr,
+    attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr, pos_ptr, inv_freq_ptr,
+    pending_gate_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, mask_ptr, attn_ptr, h_ptr, part_acc_ptr,
+    part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
+    keys_per_split, n_splits,
+    s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
+    D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+    SHIFT: tl.constexpr, GATED: tl.constexpr, PENDING: tl.constexpr, FINISH: tl.constexpr,
+    ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
+    PHASES: tl.constexpr,
+):
+    _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
+           down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
+           pending_gate_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr,
+           h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
+           keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
+           D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
+           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, BLOCK_HD, BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
@@ -443,8 +481,7 @@ def expert_layer(
     residual; the barriers always run), for timing phases alone. ``weight_scales``: with E4M3 weights, the
     fp32 per-output-channel scales of ``(w_qkv, w_o, w_gate_up, w_down)`` (all four weights E4M3, or none).
     Returns ``out``."""
-    fp8 = _check_weight_scales((w_qkv, w_o, w_gate_up, w_down), weight_scales)
-    t = workspace.tiling
+    fp8 = check_weight_scales((w_qkv, w_o, w_gate_up, w_down), weight_scales)
     m, dim = x.shape
     s = workspace.seq_len
     b = m // s
@@ -461,6 +498,7 @@ def expert_layer(
     gated = attn_gate is not None
     sync = workspace.sync[launch * workspace.BARRIERS:]
     wscales = weight_scales if fp8 else (attn_scale,) * 4
+    constants = launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, shifted, gated, fp8, workspace)
     _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, *wscales, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
@@ -471,23 +509,29 @@ def expert_layer(
         workspace.counters, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
         values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
-        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated, PENDING=pending,
-        FINISH=finish,
-        ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(x.dtype),
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", FP8=fp8,
-        O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
-        GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), PHASES=phases,
-        num_warps=t.num_warps,
-        num_stages=t.num_stages,
+        PENDING=pending, FINISH=finish, PHASES=phases, **constants,
     )
     return out
+
+
+def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
+                     shifted: bool, gated: bool, fp8: bool, workspace: ExpertWorkspace) -> dict:
+    """The compile-time arguments (and launch options) that the one-layer and the step kernel share."""
+    t = workspace.tiling
+    return dict(
+        D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated,
+        ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(dtype),
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
+        O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
+        GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
+        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
+    )
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
 
 
-def _check_weight_scales(weights, weight_scales) -> bool:
+def check_weight_scales(weights, weight_scales) -> bool:
     """Whether the four weights are E4M3 (with ``weight_scales`` matching them); ValueError for a mix."""
     fp8 = [is_fp8(w) for w in weights]
     if any(fp8) and not all(fp8):

@@ -56,7 +56,7 @@ VARIANTS: dict[str, dict[str, object]] = {
 MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelType.RT2)
 
 #: Kernels that synchronise their whole grid (grid barriers): every program must be resident at once.
-PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel"})
+PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel", "_expert_step_kernel"})
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,34 @@
+"""Backends for tests that run a model with FP8 action-expert weights (tests/test_expert_layer.py, test_expert_step.py)."""
+
+from cortexflow.quantization.fp8 import quantize_weight
+
+EXPERT_PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def fp8_expert_backends():
+    """A Triton backend that quantises the fused expert projections after fusing them (``quantize_in_place``),
+    and a PyTorch backend that replaces the same projections by their dequantised values."""
+    from cortexflow.backends.pytorch import PyTorchBackend
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.quantization.fp8 import quantize_in_place
+
+    class Fp8ExpertTriton(TritonBackend):
+        def fuse_weights(self, weights, groups):
+            weights = super().fuse_weights(weights, groups)
+            for layer in groups.decoder_layers:
+                for fused, parts in (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up"))):
+                    rows = [(layer.name(p), weights[layer.name(p)].shape[0]) for p in parts]
+                    quantize_in_place(weights, layer.name(fused), rows)
+                for name in ("o", "down"):
+                    quantize_in_place(weights, layer.name(name))
+            return weights
+
+    class DequantisedExpertPyTorch(PyTorchBackend):
+        def fuse_weights(self, weights, groups):
+            for layer in groups.decoder_layers:
+                for part in EXPERT_PROJECTIONS:
+                    w = weights[layer.name(part)]
+                    weights[layer.name(part)] = quantize_weight(w).dequantize(w.dtype)
+            return weights
+
+    return Fp8ExpertTriton, DequantisedExpertPyTorch

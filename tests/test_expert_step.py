@@ -1,0 +1,236 @@
+"""The whole-step expert kernel (kernels/expert_step.py) against the one-layer launches and the PyTorch
+reference, alone and through the triton backend (``TritonOptions(expert_launch="step")``).
+
+CPU: Triton's interpreter with one program (see tests/test_expert_layer.py); both kernels then do the same
+arithmetic in the same order, so a step launch and the chain of layer launches agree bit for bit.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from cortexflow.kernels import expert_layer as el
+from cortexflow.kernels import expert_step as es
+from cortexflow.kernels.rope import inverse_frequencies
+from cortexflow.quantization.fp8 import quantize_weight
+from expert_support import fp8_expert_backends
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
+    block_m=16, pair=16, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2, down_splits=2, attn_rows=16,
+    attn_keys=16, attn_splits=2, programs=8, num_warps=4, num_stages=2)
+BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 4e-2}  # rel L2 after three layers
+LAYERS, BATCH, SEQ, PREFIX, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM = 3, 2, 6, 7, 32, 64, 4, 1, 32
+
+
+def _step_inputs(dtype, pi05, fp8, seed):
+    """Random layers (weights ``(L, 4)``, E4M3 with scales when ``fp8``), norm factors ``(L, 2, D)``, Pi0.5
+    modulation ``(L, 2, 3, D)``, input rows, positions, stacked caches ``(L, B, P + S, Hkv, Dh)`` and a mask."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    weights, scales = [], []
+    for _ in range(LAYERS):
+        layer = (rnd((HEADS + 2 * KV_HEADS) * HEAD_DIM, DIM, scale=DIM**-0.5), rnd(DIM, HEADS * HEAD_DIM,
+                 scale=(HEADS * HEAD_DIM) ** -0.5), rnd(2 * MLP, DIM, scale=DIM**-0.5), rnd(DIM, MLP, scale=MLP**-0.5))
+        if fp8:
+            q = [quantize_weight(w) for w in layer]
+            weights.append(tuple(w.data for w in q))
+            scales.append(tuple(w.scale for w in q))
+        else:
+            weights.append(tuple(w.to(dtype) for w in layer))
+    norm_scales = 1 + 0.2 * rnd(LAYERS, 2, DIM)
+    modulation = 0.3 * rnd(LAYERS, 2, 3, DIM) if pi05 else None
+    x = rnd(BATCH * SEQ, DIM).to(dtype)
+    positions = (torch.arange(SEQ)[None] + torch.randint(0, PREFIX, (BATCH, 1), generator=g)).to(DEVICE)
+    keys = rnd(LAYERS, BATCH, PREFIX + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
+    values = rnd(LAYERS, BATCH, PREFIX + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
+    prefix_mask = torch.rand(BATCH, PREFIX, generator=g) > 0.3
+    prefix_mask[:, 0] = True
+    suffix = torch.ones(SEQ, SEQ, dtype=torch.bool)
+    suffix[0, 1:] = False
+    mask = torch.cat([prefix_mask[:, None].expand(BATCH, SEQ, PREFIX), suffix[None].expand(BATCH, SEQ, SEQ)], 2)
+    return weights, scales or None, norm_scales, modulation, x, positions, keys, values, mask.contiguous().to(DEVICE)
+
+
+def _workspace(dtype, steps=1):
+    work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
+                              torch.device(DEVICE), SMALL_TILING, launches=steps * LAYERS)
+    work.reset()
+    return work
+
+
+def _layer_launches(weights, scales, norm_scales, modulation, x, positions, inv_freq, keys, values, mask, work, step):
+    """The step as ``L`` one-layer launches chained through the split-K partials (the backend's "layer" mode)."""
+    out = work.residual
+    for i, layer in enumerate(weights):
+        extra = {}
+        if modulation is not None:
+            mod = modulation[i]
+            extra = dict(attn_shift=mod[0, 1], mlp_shift=mod[1, 1], attn_gate=mod[0, 2], mlp_gate=mod[1, 2])
+            if i > 0:
+                extra["pending_gate"] = modulation[i - 1, 1, 2]
+        el.expert_layer(x if i == 0 else out, out, *layer, norm_scales[i, 0], norm_scales[i, 1], positions, inv_freq,
+                        keys[i], values[i], mask, 1e-6, HEAD_DIM**-0.5, work, HEADS, launch=step * LAYERS + i,
+                        pending=i > 0, finish=i == LAYERS - 1,
+                        weight_scales=None if scales is None else scales[i], **extra)
+    return out
+
+
+def _rel(a, b):
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("dtype, fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
+                                        (torch.bfloat16, True)], ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8"])
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_step_launch_equals_the_layer_launches(dtype, fp8, pi05):
+    """Three layers as one launch and as three launches: the same output and KV cache rows bit for bit (one
+    interpreter program: the same operations in the same order), close to the reference; two steps in a row
+    use their own barrier counters, and every program passed every barrier of both."""
+    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, fp8, 1)
+    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
+    tables = es.expert_weight_tables(weights, scales)
+    ref_keys, ref_values = keys.clone(), values.clone()
+    ref = es.expert_step_reference(x, weights, norm_scales, positions, inv_freq, ref_keys, ref_values, mask, 1e-6,
+                                   HEAD_DIM**-0.5, HEADS, modulation, scales)
+    layer_work, step_work = _workspace(dtype, steps=2), _workspace(dtype, steps=2)
+    layer_keys, layer_values = keys.clone(), values.clone()
+    for step in range(2):
+        by_layer = _layer_launches(weights, scales, norm_scales, modulation, x, positions, inv_freq, layer_keys,
+                                   layer_values, mask, layer_work, step)
+        by_step = es.expert_step(x, step_work.residual, tables, norm_scales, positions, inv_freq, keys, values, mask,
+                                 1e-6, HEAD_DIM**-0.5, step_work, HEADS, modulation, step=step)
+        assert torch.equal(by_step, by_layer)
+        assert torch.equal(keys, layer_keys) and torch.equal(values, layer_values)
+    assert _rel(by_step, ref) <= BOUNDS[dtype]
+    assert _rel(keys, ref_keys) <= BOUNDS[dtype] and _rel(values, ref_values) <= BOUNDS[dtype]
+    barriers = step_work.sync.view(2 * LAYERS, el.ExpertWorkspace.BARRIERS)[:, :7]
+    assert (barriers == step_work.programs).all() and int(step_work.counters.abs().sum()) == 0
+
+
+def test_step_launch_checks_its_tables_and_tensors():
+    weights, scales, norm_scales, _, x, positions, keys, values, mask = _step_inputs(torch.float32, False, True, 2)
+    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
+    with pytest.raises(ValueError, match="need weight_scales"):
+        es.expert_weight_tables(weights)
+    mixed = [weights[0], tuple(w.float() for w in weights[1])]
+    with pytest.raises(ValueError, match="are for E4M3 weights; these weights are torch.float32"):
+        es.expert_weight_tables(mixed, [scales[0], scales[0]])
+    wide = [weights[0], (weights[1][0], weights[1][1], weights[1][2], torch.cat([weights[1][3]] * 2, 1))]
+    with pytest.raises(ValueError, match="one shape per projection"):
+        es.expert_weight_tables(wide, scales[:2])
+    tables = es.expert_weight_tables(weights, scales)
+    assert tables.offsets.shape == (4, LAYERS) and tables.offsets[:, 0].tolist() == [0] * 4
+    assert tables.offsets[1, 2] == weights[2][1].data_ptr() - weights[0][1].data_ptr()  # E4M3: one byte an element
+    assert tables.scale_offsets[3, 1] * 4 == scales[1][3].data_ptr() - scales[0][3].data_ptr()
+    work = _workspace(torch.float32)
+    args = (positions, inv_freq, keys, values, mask, 1e-6, HEAD_DIM**-0.5, work, HEADS)
+    with pytest.raises(ValueError, match=r"norm_scales \(2, 2, 32\)"):
+        es.expert_step(x, work.residual, tables, norm_scales[:2], *args)
+    with pytest.raises(ValueError, match="keys / values"):
+        es.expert_step(x, work.residual, tables, norm_scales, positions, inv_freq, keys[:2], values[:2], mask, 1e-6,
+                       HEAD_DIM**-0.5, work, HEADS)
+    with pytest.raises(ValueError, match="beyond the workspace's 3 launches"):
+        es.expert_step(x, work.residual, tables, norm_scales, *args, step=1)
+
+
+@pytest.mark.parametrize("model, fp8", [("pi05", False), ("pi0", True)], ids=["pi05", "pi0-fp8"])
+def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8):
+    """A tiny Pi0.5 and a tiny Pi0 with E4M3 expert projections, in fp32, through the triton backend with
+    ``expert_launch="step"``: the actions of the PyTorch backend on the same (dequantised) weights, to the fp32
+    bound; the step tables were made once, for the engine's weights."""
+    import cortexflow as cf
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    fp8_triton, dequantised = fp8_expert_backends()
+    config = tiny_model_config(model, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    write_checkpoint(tmp_path, config)
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    noise = rng.standard_normal((3, 8)).astype(np.float32)
+    state = rng.standard_normal(5)
+    create = cf.create_pi0_inference if model == "pi0" else cf.create_pi05_inference
+    outputs = {}
+    for name, backend in (("step", (fp8_triton if fp8 else TritonBackend).configured(expert_launch="step")),
+                          ("reference", dequantised if fp8 else "pytorch")):
+        engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32", model_config=config,
+                        use_cuda_graphs=False)
+        outputs[name] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
+        if name == "step":
+            tables = engine.backend.per_weights(engine.weights, "expert_step_tables", lambda: None)
+            assert tables.layers == config.num_decoder_layers and (tables.scales is not None) == fp8
+    rel = np.linalg.norm(outputs["step"] - outputs["reference"]) / np.linalg.norm(outputs["reference"])
+    assert rel <= 1e-5
+
+
+def test_expert_launch_option():
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.errors import ConfigError
+
+    assert TritonOptions().expert_launch == "layer"
+    assert TritonOptions.parse("expert_launch=step").changed() == {"expert_launch": "step"}
+    with pytest.raises(ConfigError, match="expert_launch must be 'layer' or 'step'"):
+        TritonOptions(expert_launch="all")
+
+
+STEP_COMPILE_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels import expert_layer as el, expert_step as es
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.quantization.fp8 import E4M3
+from cortexflow.tools.compile_check import compile_only
+
+meta = torch.device("meta")
+layers, m, s, p, d, f, h, hkv, hd = 18, 51, 51, 300, 1024, 4096, 8, 1, 256
+bf16, fp32, i64 = torch.bfloat16, torch.float32, torch.int64
+e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
+shapes = (((h + 2 * hkv) * hd, d), (d, h * hd), (2 * f, d), (d, f))
+report = {}
+for fp8 in (False, True):
+    weights = tuple(e(*shape, dtype=E4M3 if fp8 else bf16) for shape in shapes)
+    scales = tuple(e(shape[0], dtype=fp32) for shape in shapes) if fp8 else None
+    tables = es.ExpertWeightTables(weights, e(4, layers, dtype=i64), scales, e(4, layers, dtype=i64) if fp8 else None,
+                                   16, ())
+    with compile_only(CompileTarget(arch=90, processors=132)) as launches:
+        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling(), launches=layers)
+        es.expert_step(e(m, d), e(m, d), tables, e(layers, 2, d, dtype=fp32), e(1, s, dtype=i64),
+                       e(hd // 2, dtype=fp32), e(layers, 1, p + s, hkv, hd), e(layers, 1, p + s, hkv, hd),
+                       e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h, e(layers, 2, 3, d, dtype=fp32))
+    (launch,) = launches
+    ptx = launch.kernel.asm["ptx"]
+    report[str(fp8)] = {"name": launch.name, "grid": list(launch.grid), "shared": launch.kernel.metadata.shared,
+                        "cp_async_cg": ptx.count("cp.async.cg.shared.global"),
+                        "cp_async_ca": ptx.count("cp.async.ca"), "scalar_b16_loads": ptx.count("ld.global.b16"),
+                        "acquire_polls": ptx.count("ld.global.gpu.acquire.b32"),
+                        "e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in ptx}
+json.dump(report, sys.stdout)
+"""
+
+
+def test_step_kernel_compiles_for_hopper(tmp_path):
+    """The step kernel (bf16 and E4M3 weights, Pi0.5's modulation, 18 layers of Pi0's expert) through Triton's
+    whole pipeline for sm_90 on ``meta`` tensors: one program per SM; the weight tiles, whose pointers come from
+    the tables, still load as 16-byte ``cp.async.cg`` copies (no element-wise loads, no ``.ca`` copies); every
+    barrier polls with acquire atomics; E4M3 converts in hardware."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    done = subprocess.run([sys.executable, "-c", STEP_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    for fp8, launch in report.items():
+        assert launch["name"] == "_expert_step_kernel" and launch["grid"] == [132]
+        assert launch["shared"] <= 227 * 1024
+        assert launch["cp_async_cg"] > 0 and launch["cp_async_ca"] == 0 and launch["scalar_b16_loads"] == 0
+        assert launch["acquire_polls"] >= 7  # one poll loop a barrier
+        assert launch["e4m3_cvt"] == (fp8 == "True")
