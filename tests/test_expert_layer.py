@@ -257,6 +257,10 @@ def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_pat
     assert rel <= 1e-5
 
 
+#: A tiny expert that the persistent kernel's GPU tiling also fits (K steps of 128, RoPE tiles of 2 x 16).
+GPU_TILING_EXPERT = dict(head_dim=32, decoder_dim=128, decoder_mlp_dim=256)
+
+
 def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     """A tiny Pi0 in fp32 whose fused expert projections are E4M3: the triton backend's actions equal the
     PyTorch backend's on the dequantised weights (fp32 bound), and differ from the unquantised model's by
@@ -265,7 +269,7 @@ def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     fp8_triton, dequantised = fp8_expert_backends()
-    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1, **GPU_TILING_EXPERT)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
@@ -295,7 +299,7 @@ def test_backend_refuses_fp8_expert_weights_without_the_persistent_kernel():
     from cortexflow.kernels import runtime
 
     fp8_triton, _ = fp8_expert_backends()
-    config = tiny_model_config("pi0")
+    config = tiny_model_config("pi0", **GPU_TILING_EXPERT)
     model = Pi0Model(config)
     chain = fp8_triton.configured(persistent_expert=False)(torch.device(DEVICE), torch.float32)
     weights = chain.prepare_weights(model, random_weights(config))
