@@ -29,8 +29,7 @@ range partials, gate/up output, split-K partials, the residual), so that rule ca
 barrier of this kernel is an acquire: after its release arrival a program polls the counter with
 ``atomic_add(0, sem="acquire")`` whose value the poll loop uses (so the compiler keeps it, as an acquire load
 ``ld.acquire.gpu``; for sm_90 ``ptxas`` follows it with ``CCTL.IVALL``, which invalidates the SM's L1), then a
-CTA barrier. The argument, for
-any buffer ``X``:
+CTA barrier. The argument, for any buffer ``X``:
 
 - read after write: ``X`` written in phase ``p`` (of layer ``l``) is read only in a later phase of layer ``l``
   or, for the down-projection partials, in phase 0 of layer ``l + 1``; in both cases at least one barrier
