@@ -17,7 +17,8 @@ import re
 import sys
 from pathlib import Path
 
-BENCH_FILE = re.compile(r"bench_(?P<group>[a-z0-9]+)_(?P<build>old|new|fp8(?:-[a-z+]+)?)_r(?P<round>\d+)\.json$")
+#: ``build``: old, new, fp8 (--precision fp8), or a --triton-options setting with ",=" as "+." and no "_".
+BENCH_FILE = re.compile(r"bench_(?P<group>[a-z0-9]+)_(?P<build>[a-z0-9+.-]+)_r(?P<round>\d+)\.json$")
 
 
 def _load(path: Path):
@@ -95,8 +96,8 @@ def summarize(runs: Path) -> dict:
 
 
 def print_summary(summary: dict) -> None:
-    rounds = sorted({k for row in summary["bench"] for k in row if re.fullmatch(r"(old|new|fp8(-[a-z+]+)?)_r\d+", k)},
-                    key=lambda k: (k[-1], ("old", "new", "fp8").index(k[:3]), k))
+    rounds = sorted({k for row in summary["bench"] for k in row if re.fullmatch(r"[a-z0-9+.-]+_r\d+", k)},
+                    key=lambda k: (k[-1], {"old": 0, "new": 1}.get(k.split("_r")[0], 2), k))
     print(f"{'workload':28}" + "".join(f"{k:>10}" for k in rounds) + f"{'new/old':>9}{'fp8/new':>9}{'old spread':>11}"
           f"{'peak GiB new/fp8':>18}")
     for row in summary["bench"]:

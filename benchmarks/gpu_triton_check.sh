@@ -127,8 +127,9 @@ finish() {
 python3 -c "import typer, rich" || { echo "the CLI needs typer and rich in this Python"; exit 2; }
 
 if [ "$MODE" = fp8 ]; then
-  [ -z "${SKIP_TESTS:-}" ] && TAIL=3 step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py tests/test_precision.py \
-    tests/test_decode_gemv.py tests/test_expert_layer.py tests/test_triton_encoder.py -k "fp8 or FP8 or real_size"
+  [ -z "${SKIP_TESTS:-}" ] && TAIL=3 step 150 gpu_tests python3 -m pytest -q -p no:cacheprovider tests/test_fp8.py \
+    tests/test_precision.py tests/test_decode_gemv.py tests/test_expert_layer.py tests/test_triton_encoder.py \
+    tests/test_expert_step.py tests/test_fp8_gemm.py tests/test_fp8_token_decoder.py -k "fp8 or FP8 or real_size or step"
   [ -n "${FP8_MICRO-1}" ] && TAIL=30 step 150 micro_expert_fp8 env OUT="$RUNS" python3 \
     benchmarks/micro_expert_layer.py --fp8 --no-phases --only "${FP8_TILINGS:-block_k 256}"
   [ -n "${FP8_DECODE-1}" ] && TAIL=30 step 150 bench_fp8_decode python3 benchmarks/bench_fp8_decode.py \
@@ -140,10 +141,14 @@ if [ "$MODE" = fp8 ]; then
         --device "$DEVICE" --triton-options "fp8=$stages" --json "$RUNS/verify_${model}_fp8-${stages}.json"
     done
   done
-  for build in new ${FP8_STAGES:-all}; do
-    extra=(); [ "$build" != new ] && extra=(--triton-options "fp8=$build") && build="fp8-$build"
+  # BENCH_OPTIONS: more --triton-options settings to time beside them (e.g. expert_launch=step,fp8=decoder).
+  for options in default $(for st in ${FP8_STAGES:-all}; do echo "fp8=$st"; done) ${BENCH_OPTIONS:-}; do
+    extra=(); build=new
+    if [ "$options" != default ]; then
+      extra=(--triton-options "$options"); build="$(echo "$options" | tr ',=' '+.' | tr -d '_')"
+    fi
     cf_step 150 "bench_quick_${build}_r1" "$ROOT" bench --backends triton --graphs on --iters "$ITERS" --warmup 5 \
-      "${extra[@]}" --models "${BENCH_MODELS:-pi0,openvla}" --views 2 --prompt-len 20 \
+      "${extra[@]}" --models "${BENCH_MODELS:-pi0,openvla}" --views 2 --prompt-len "${BENCH_PROMPT:-20}" \
       --json "$RUNS/bench_quick_${build}_r1.json"
   done
   finish
