@@ -12,7 +12,7 @@ import torch
 from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
-from expert_support import fp8_expert_backends
+from expert_support import GPU_TILING_EXPERT, fp8_expert_backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -255,10 +255,6 @@ def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_pat
             outputs[backend] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
     rel = np.linalg.norm(outputs["triton"] - outputs["pytorch"]) / np.linalg.norm(outputs["pytorch"])
     assert rel <= 1e-5
-
-
-#: A tiny expert that the persistent kernel's GPU tiling also fits (K steps of 128, RoPE tiles of 2 x 16).
-GPU_TILING_EXPERT = dict(head_dim=32, decoder_dim=128, decoder_mlp_dim=256)
 
 
 def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):

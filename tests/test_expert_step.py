@@ -13,7 +13,7 @@ from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels import expert_step as es
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
-from expert_support import fp8_expert_backends
+from expert_support import GPU_TILING_EXPERT, fp8_expert_backends
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
@@ -148,7 +148,7 @@ def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8):
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     fp8_triton, dequantised = fp8_expert_backends()
-    config = tiny_model_config(model, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    config = tiny_model_config(model, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1, **GPU_TILING_EXPERT)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(3)
     images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)

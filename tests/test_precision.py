@@ -47,11 +47,11 @@ def test_fp8_needs_ada_or_hopper_bfloat16_and_the_triton_backend(monkeypatch, ho
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     chosen = backend_for_precision("triton", "fp8", hopper, torch.bfloat16)
-    assert issubclass(chosen, TritonBackend) and chosen._options.fp8 == "all"
-    # The per-stage switch of a configured backend is kept; one without FP8 gets every stage.
-    decoder_only = TritonBackend.configured(fp8="decoder")
-    assert backend_for_precision(decoder_only, "fp8", hopper, torch.bfloat16) is decoder_only
-    assert backend_for_precision(TritonBackend, "fp8", hopper, torch.bfloat16)._options.fp8 == "all"
+    assert issubclass(chosen, TritonBackend) and chosen._options.fp8 == "decoder"
+    # The per-stage switch of a configured backend is kept; one without FP8 gets the decoder layers.
+    everything = TritonBackend.configured(fp8="all")
+    assert backend_for_precision(everything, "fp8", hopper, torch.bfloat16) is everything
+    assert backend_for_precision(TritonBackend, "fp8", hopper, torch.bfloat16)._options.fp8 == "decoder"
     with pytest.raises(ConfigError, match="runs on the triton backend; got backend 'pytorch'"):
         backend_for_precision("pytorch", "fp8", hopper, torch.bfloat16)
     with pytest.raises(ConfigError, match="dtype='bfloat16'"):

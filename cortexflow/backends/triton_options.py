@@ -63,7 +63,7 @@ class TritonOptions:
       E4M3 converted in the kernel, fp32 sums); E4M3 activations with per-row scales through cuBLASLt
       (``torch._scaled_mm``) in the multi-row GEMMs (the prefix, a token VLA's prefill). Needs a GPU of compute
       capability 8.9 or later (Triton's interpreter runs it for tests). ``precision="fp8"`` in the engine
-      factories and ``--precision fp8`` set "all".
+      factories and ``--precision fp8`` set "decoder" (:data:`~cortexflow.quantization.precision.PRECISION_FP8_STAGES`).
     - ``pdl``: programmatic dependent launch for the Triton kernel chains (decode steps, expert layers):
       "auto" on where the GPU supports it (compute capability >= 9.0), "on" (refused on older GPUs), "off".
     """

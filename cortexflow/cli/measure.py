@@ -34,10 +34,10 @@ JSON_PATH_HELP = "Also write the report as JSON to PATH ('-': print only the JSO
 
 TRITON_OPTIONS_HELP = ("triton backend: TritonOptions to change, e.g. persistent_expert=0,pdl=off (fields: "
                        f"{', '.join(f.name for f in dataclasses.fields(TritonOptions))}); recorded in the JSON.")
-PRECISION_HELP = ("default (weights in --dtype) or fp8: the triton backend holds the Pi0 family's prefix and action "
-                  "expert, or a token VLA's language model, in FP8 (E4M3 with per-channel scales, quantised at load; "
-                  "the same as --triton-options fp8=all; fp8=decoder or fp8=prefix keeps the other stage in "
-                  "bfloat16). Needs a GPU of compute capability 8.9+ (L4, RTX 4090, H100) and --dtype bfloat16.")
+PRECISION_HELP = ("default (weights in --dtype) or fp8: the triton backend holds a token VLA's language model, or the "
+                  "Pi0 family's action expert, in FP8 (E4M3 with per-channel scales, quantised at load; the same as "
+                  "--triton-options fp8=decoder; fp8=all also quantises the Pi0 family's Gemma prefix). Needs a GPU of "
+                  "compute capability 8.9+ (L4, RTX 4090, H100) and --dtype bfloat16.")
 
 
 @cli_errors

@@ -101,7 +101,7 @@ def run_command(
         Optional[str], typer.Option("--unnorm-key", metavar="DATASET", help="openvla only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint has several).")
     ] = None,
     precision: Annotated[
-        str, typer.Option("--precision", metavar="NAME", help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+, the prefix and action expert (pi0/pi05) or the language model (openvla/rt2) hold FP8 weights, quantised at load.")
+        str, typer.Option("--precision", metavar="NAME", help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+, the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 weights, quantised at load (fast on the token VLAs; slower than bfloat16 on pi0/pi05 on an H100).")
     ] = "default",
 ) -> None:
     """Run one observation through a checkpoint and print the action chunk as JSON on stdout.

@@ -59,7 +59,9 @@ def quantize_rows(x: torch.Tensor, name: str = "tensor") -> Fp8Tensor:
     if xf.device.type != "meta" and not torch.isfinite(xf).all():  # meta: compile-check's shapes without values
         raise InputError(f"{name} holds NaN or infinite values; FP8 scales need finite values")
     amax = xf.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    # A tensor divisor: PyTorch divides a CUDA tensor by a Python number as a product with its reciprocal, which
+    # is not the IEEE quotient the CPU (and the row-quantisation kernel) computes.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     data = (xf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return Fp8Tensor(data, scale)
 

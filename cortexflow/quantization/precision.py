@@ -1,9 +1,9 @@
 """``precision``: the engines' switch between the compute dtype's weights ("default") and FP8 weights ("fp8").
 
-``precision="fp8"`` runs the ``triton`` backend with ``TritonOptions.fp8="all"`` (every stage that has an FP8
-path: the Pi0 family's Gemma prefix and action expert, a token VLA's language model; see
-:mod:`cortexflow.backends.triton_fp8`), or with the stages a ``TritonBackend.configured(fp8=...)`` class names
-(the per-stage switch). It is checked when the engine is created: FP8 needs a CUDA GPU of compute capability
+``precision="fp8"`` runs the ``triton`` backend with ``TritonOptions.fp8=PRECISION_FP8_STAGES`` ("decoder": a
+token VLA's language model, the Pi0 family's action expert; see :mod:`cortexflow.backends.triton_fp8`), or with
+the stages a ``TritonBackend.configured(fp8=...)`` class names (the per-stage switch: "prefix" and "all" add the
+Pi0 family's Gemma prefix, whose E4M3 activations failed ``verify``'s limit on the H100, benchmarks/NOTES.md). It is checked when the engine is created: FP8 needs a CUDA GPU of compute capability
 8.9 or later (Ada, Hopper), not Triton's CPU interpreter, bfloat16 activations and the triton backend.
 """
 
@@ -16,6 +16,9 @@ import torch
 from cortexflow.errors import ConfigError
 
 PRECISIONS = ("default", "fp8")
+#: The ``TritonOptions.fp8`` stages that ``precision="fp8"`` picks: the stages whose FP8 path passed ``cortexflow
+#: verify --size real`` on the H100 (final actions within 5e-2 of fp32).
+PRECISION_FP8_STAGES = "decoder"
 
 
 def _setting(source: str, value: str) -> str:
@@ -35,7 +38,7 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
                           source: str = "precision") -> Any:
     """The ``backend`` argument to build an engine's backend from, for ``precision``: unchanged for "default";
     for "fp8" a ``TritonBackend`` class whose options hold FP8 stages (the given class's when it names some,
-    else ``fp8="all"``). Raises :class:`ConfigError` saying what to change when FP8 cannot run."""
+    else :data:`PRECISION_FP8_STAGES`). Raises :class:`ConfigError` saying what to change when FP8 cannot run."""
     if parse_precision(precision, source) == "default":
         return backend
     from cortexflow.quantization.fp8 import fp8_unsupported_reason
@@ -51,15 +54,15 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
     if isinstance(name, str) and name.strip().lower() == "triton":
         from cortexflow.backends.triton_backend import TritonBackend
 
-        return TritonBackend.configured(fp8="all")
+        return TritonBackend.configured(fp8=PRECISION_FP8_STAGES)
     from cortexflow.backends.triton_backend import TritonBackend
 
     if isinstance(backend, type) and issubclass(backend, TritonBackend):
-        return backend if backend._options.fp8 != "off" else backend.configured(fp8="all")
+        return backend if backend._options.fp8 != "off" else backend.configured(fp8=PRECISION_FP8_STAGES)
     if isinstance(backend, TritonBackend):
         if backend.options.fp8 == "off":
             raise ConfigError(f"{_setting(source, 'fp8')} with a TritonBackend instance made without FP8: pass backend='triton' "
-                              "or TritonBackend.configured(fp8='all')")
+                              f"or TritonBackend.configured(fp8={PRECISION_FP8_STAGES!r})")
         return backend
     shown = getattr(backend, "name", None) or (backend.__name__ if isinstance(backend, type) else name)
     raise ConfigError(f"{_setting(source, 'fp8')} runs on the triton backend; got backend {shown!r}: use "

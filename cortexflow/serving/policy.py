@@ -113,7 +113,7 @@ class PolicyOptions:
     precision: str = field(default="default", metadata=cli_option(
         "--precision", metavar="NAME",
         help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+ (L4, RTX "
-             "4090, H100), the prefix and action expert (pi0/pi05) or the language model (openvla/rt2) hold FP8 "
+             "4090, H100), the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 "
              "weights (quantised at load; check the accuracy first with cortexflow verify --precision fp8)."))
     unnorm_key: str | None = field(default=None, metadata=cli_option(
         "--unnorm-key", metavar="DATASET",

@@ -140,7 +140,8 @@ def options_for_precision(triton_options, precision: str, device: str, dtype: "s
                           source: str = "--precision"):
     """``triton_options`` (a TritonOptions, its text or None) for ``precision``: unchanged for "default"; for
     "fp8", checked like an engine's ``precision="fp8"`` on the resolved ``device`` and ``dtype`` (a CUDA GPU of
-    compute capability 8.9+, no interpreter, bfloat16) and with ``fp8="all"`` unless they name FP8 stages."""
+    compute capability 8.9+, no interpreter, bfloat16) and with ``fp8`` set to the stages ``precision="fp8"`` picks
+    unless they name FP8 stages."""
     from cortexflow.quantization.precision import backend_for_precision, parse_precision
 
     if parse_precision(precision, source) == "default":
@@ -155,7 +156,9 @@ def options_for_precision(triton_options, precision: str, device: str, dtype: "s
         triton_options = TritonOptions.parse(triton_options)
     if triton_options.fp8 != "off":
         return triton_options
-    return TritonOptions.from_mapping({**triton_options.as_dict(), "fp8": "all"}, source)
+    from cortexflow.quantization.precision import PRECISION_FP8_STAGES
+
+    return TritonOptions.from_mapping({**triton_options.as_dict(), "fp8": PRECISION_FP8_STAGES}, source)
 
 
 def triton_options_dict(spec) -> dict | None:
