@@ -111,11 +111,13 @@ def weight_copies(n: int, k: int, g: torch.Generator):
     return w16, [quantize_weight(w) for w in w16]
 
 
-def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save) -> list[dict]:
+def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, wanted: tuple = ()) -> list[dict]:
     """Every decode shape's variants appended to ``rows`` (``save()`` after each shape, so a run cut short keeps
     what it measured); ``sweep``: the formats ("bf16", "fp8") whose tilings are swept beyond the default."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for label, (n, k, kind, gated) in DECODE_SHAPES.items():
+        if wanted and not label.startswith(wanted):
+            continue
         w16, w8 = weight_copies(n, k, g)
         count = len(w16)
         x = (torch.randn(1, 1, k, device="cuda", generator=g) * 2).bfloat16()
@@ -249,6 +251,9 @@ def main() -> int:
                         help="formats whose decode tilings are swept beyond the default (default: fp8; bf16's were "
                              "tuned before)")
     parser.add_argument("--no-sweep", action="store_true", help="the same as --sweep none")
+    parser.add_argument("--shapes", metavar="TEXT", default="",
+                        help="only the decode shapes whose label starts with one of these comma-separated words "
+                             "(qkv, o, gate_up, down)")
     parser.add_argument("--skip", choices=("decode", "prefill"), action="append", default=[],
                         help="leave out a part (repeatable)")
     args = parser.parse_args()
@@ -267,7 +272,8 @@ def main() -> int:
     def save():
         args.out.write_text(json.dumps(result, indent=1))
 
-    parts = {"decode": lambda: decode_cases(args.calls, args.repeats, sweep, result["decode"], save),
+    wanted = tuple(w.strip() + " " for w in args.shapes.split(",") if w.strip())
+    parts = {"decode": lambda: decode_cases(args.calls, args.repeats, sweep, result["decode"], save, wanted),
              "prefill": lambda: prefill_cases(args.prefill_rows, args.calls, args.repeats)}
     for part, run in parts.items():
         if part in args.skip:
