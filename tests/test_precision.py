@@ -77,8 +77,12 @@ def test_engine_creation_refuses_fp8_before_loading(tmp_path, monkeypatch):
 def test_triton_backend_option_checks_device_and_dtype(monkeypatch):
     from cortexflow.backends.triton_backend import TritonBackend
 
-    with pytest.raises(ConfigError, match="bfloat16 activations"):
-        TritonBackend(torch.device("cpu"), torch.float32, TritonOptions(fp8="decoder"))
+    previous = runtime.set_compile_target(runtime.CompileTarget(arch=90))
+    try:
+        with pytest.raises(ConfigError, match="bfloat16 activations"):
+            TritonBackend(torch.device("meta"), torch.float32, TritonOptions(fp8="decoder"))
+    finally:
+        runtime.set_compile_target(previous)
     previous = runtime.set_compile_target(runtime.CompileTarget(arch=80))
     try:
         with pytest.raises(BackendUnavailableError, match="fp8='decoder'.*8.0"):
