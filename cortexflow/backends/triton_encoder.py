@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cortexflow.backends.triton_token_decoder import concat_as_views, fuse_layer_projections
-from cortexflow.backends.triton_fp8 import project
+from cortexflow.backends.triton_fp8 import project, project_add
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
@@ -125,7 +125,7 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
     """``ComputeBackend.prefix_kv_cache`` over the fused weights -> per layer ``(k, v)`` ``(B, P, Hkv, Dh)``
     after RoPE (the last layer computes K/V only). ``x (B, P, D)`` is the caller's temporary, updated in
     place. Projections whose weights are E4M3 (``TritonOptions.fp8`` with "prefix") run as FP8 GEMMs
-    (:func:`~cortexflow.backends.triton_fp8.project`). ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
+    (:func:`~cortexflow.backends.triton_fp8.project`, new residual tensors then). ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
     d = layers[0].dims
     tiling = PREFIX_ATTENTION_TILING if attention_tiling is None else attention_tiling
     x = x.contiguous()
@@ -145,8 +145,8 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
         if layer is layers[-1]:
             break  # the last layer's output is unused: only its K/V are needed
         a = attention(q, k, v, mask, scale, **tiling)
-        project(weights, layer.name("o"), a.view(b * p, -1), accumulate=rows)
+        rows = project_add(weights, layer.name("o"), a.view(b * p, -1), rows, in_place=True)
         h = rms_kernel.rms_norm(rows, weights[layer.mlp_norm], eps)
-        project(weights, layer.name("down"), gelu_tanh_gate_fused(project(weights, layer.name("gate_up"), h)),
-                accumulate=rows)
+        act = gelu_tanh_gate_fused(project(weights, layer.name("gate_up"), h))
+        rows = project_add(weights, layer.name("down"), act, rows, in_place=True)
     return cache

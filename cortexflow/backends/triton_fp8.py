@@ -7,6 +7,9 @@ fused ``qkv`` and ``gate_up`` and the ``o`` and ``down`` projections become E4M3
 channel (:func:`cortexflow.quantization.fp8.quantize_in_place`: the separate q/k/v and gate/up names become views
 into the E4M3 data). Norm scales are folded before (``fold_norm_weights``), so the folded values are what is
 quantised. Embeddings, LM heads, SigLIP and the action projections stay in the compute dtype.
+
+:func:`project` / :func:`project_add` are the projections of the fused units' multi-row paths (the prefix, a token
+VLA's prefill) over either kind of weight.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
 
 from cortexflow.errors import ConfigError
+from cortexflow.kernels.fp8_gemm import fp8_linear
 from cortexflow.ops import FusableWeights, GatedLayer
-from cortexflow.quantization.fp8 import is_fp8, quantize_in_place
+from cortexflow.quantization.fp8 import fp8_scale, is_fp8, quantize_in_place
 
 #: The projections of a gated layer made FP8, with the separate weights each fused one concatenates.
 FP8_PROJECTIONS = (("qkv", ("q", "k", "v")), ("o", ()), ("gate_up", ("gate", "up")), ("down", ()))
@@ -60,18 +65,27 @@ def fp8_weight_bytes(weights: dict[str, torch.Tensor]) -> int:
     return total
 
 
-def project(weights: dict[str, torch.Tensor], name: str, x: torch.Tensor,
-            accumulate: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (M, K) @ weights[name]ᵀ`` in ``x.dtype``: cuBLAS on a bf16 weight; on an E4M3 weight, ``x`` quantised
-    per row to E4M3 and multiplied through cuBLASLt with both scales (:func:`cortexflow.kernels.fp8_gemm.fp8_linear`).
-    ``accumulate (M, N)``: add the product into it in place and return it (the residual stream)."""
-    weight = weights[name]
-    if not is_fp8(weight):
-        if accumulate is None:
-            return torch.nn.functional.linear(x, weight)
-        return accumulate.addmm_(x, weight.T)
-    from cortexflow.kernels.fp8_gemm import fp8_linear
-    from cortexflow.quantization.fp8 import fp8_scale
 
-    y = fp8_linear(x, weight, fp8_scale(weights, name))
-    return y if accumulate is None else accumulate.add_(y)
+def weight_scale(weights, name: str) -> torch.Tensor | None:
+    """The per-output-channel scales of ``weights[name]`` when it is E4M3, else None."""
+    return fp8_scale(weights, name) if is_fp8(weights[name]) else None
+
+
+def project(weights, name: str, x: torch.Tensor) -> torch.Tensor:
+    """``x @ weights[name].T`` for ``x (..., K)``: cuBLAS in ``x``'s dtype, or :func:`fp8_linear` (E4M3 rows of
+    ``x`` times the E4M3 weight) when the weight is E4M3."""
+    w = weights[name]
+    if is_fp8(w):
+        return fp8_linear(x, w, fp8_scale(weights, name))
+    return F.linear(x, w)
+
+
+def project_add(weights, name: str, x2: torch.Tensor, residual: torch.Tensor, in_place: bool) -> torch.Tensor:
+    """``residual + x2 @ weights[name].T`` for 2-D ``x2`` and ``residual``. bf16 weights: ``addmm`` (cuBLAS
+    reads the residual as its C operand), into ``residual`` itself with ``in_place`` (an out-of-place ``addmm``
+    first copies the residual); E4M3 weights: :func:`fp8_linear` with the residual added to its rounded
+    output, always a new tensor."""
+    w = weights[name]
+    if is_fp8(w):
+        return fp8_linear(x2, w, fp8_scale(weights, name), residual=residual)
+    return residual.addmm_(x2, w.T) if in_place else torch.addmm(residual, x2, w.T)

@@ -38,17 +38,16 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from cortexflow.backends.triton_fp8 import project, project_add, weight_scale
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
-from cortexflow.kernels.fp8_gemm import fp8_linear
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
 from cortexflow.ops import DecoderDims, GatedLayer
-from cortexflow.quantization.fp8 import fp8_scale, is_fp8
+from cortexflow.quantization.fp8 import is_fp8
 
 #: The largest head size the attention and RoPE kernels were written for.
 MAX_HEAD_DIM = 256
@@ -128,31 +127,6 @@ def fuses_combine(backend, dims: DecoderDims) -> bool:
     """Whether the attention of layers with ``dims`` merges its key ranges in the last-arriving program:
     with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
     return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
-
-
-def weight_scale(weights, name: str) -> torch.Tensor | None:
-    """The per-output-channel scales of ``weights[name]`` when it is E4M3, else None."""
-    return fp8_scale(weights, name) if is_fp8(weights[name]) else None
-
-
-def project(weights, name: str, x: torch.Tensor) -> torch.Tensor:
-    """``x @ weights[name].T`` for ``x (..., K)``: cuBLAS in ``x``'s dtype, or :func:`fp8_linear` (E4M3 rows of
-    ``x`` times the E4M3 weight) when the weight is E4M3."""
-    w = weights[name]
-    if is_fp8(w):
-        return fp8_linear(x, w, fp8_scale(weights, name))
-    return F.linear(x, w)
-
-
-def project_add(weights, name: str, x2: torch.Tensor, residual: torch.Tensor, in_place: bool) -> torch.Tensor:
-    """``residual + x2 @ weights[name].T`` for 2-D ``x2`` and ``residual``. bf16 weights: ``addmm`` (cuBLAS
-    reads the residual as its C operand), into ``residual`` itself with ``in_place`` (an out-of-place ``addmm``
-    first copies the residual); E4M3 weights: :func:`fp8_linear` with the residual added to its rounded
-    output, always a new tensor."""
-    w = weights[name]
-    if is_fp8(w):
-        return fp8_linear(x2, w, fp8_scale(weights, name), residual=residual)
-    return residual.addmm_(x2, w.T) if in_place else torch.addmm(residual, x2, w.T)
 
 
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
