@@ -1,4 +1,4 @@
-"""FP8 (E4M3, ``torch.float8_e4m3fn``) quantisation with per-row scales, and the reference products.
+"""FP8 (E4M3, ``torch.float8_e4m3fn``) quantisation with per-row scales, and FP8 weights in a weights dict.
 
 A quantised tensor is ``data (R, C)`` in E4M3 and ``scale (R,)`` fp32 with ``value ≈ data * scale[:, None]``:
 
@@ -76,25 +76,6 @@ def quantize_activation(x: torch.Tensor) -> Fp8Tensor:
     return quantize_rows(x.reshape(-1, x.shape[-1]), "activation")
 
 
-def weight_only_linear_reference(x: torch.Tensor, weight: Fp8Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ dequant(weight).T + bias`` the way the weight-only kernel computes it: ``x`` rounded to its dtype,
-    products of ``x`` and the E4M3 values in fp32, the scale applied per output after the sum, the bias added
-    in fp32, one rounding to ``x.dtype``. ``x (..., K)``, ``weight (N, K)``; returns ``(..., N)``."""
-    _check_linear(x, weight)
-    y = (x.reshape(-1, x.shape[-1]).float() @ weight.data.float().T) * weight.scale
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
-
-
-def _check_linear(x: torch.Tensor, weight: Fp8Tensor) -> None:
-    if weight.data.dtype != E4M3 or weight.scale.dtype != torch.float32:
-        raise ConfigError(f"an FP8 weight holds E4M3 data and fp32 scales, got {weight.data.dtype} and "
-                          f"{weight.scale.dtype}; make it with quantize_weight")
-    if x.shape[-1] != weight.shape[1]:
-        raise InputError(f"x has {x.shape[-1]} features but the FP8 weight {tuple(weight.shape)} takes {weight.shape[1]}")
-
-
 #: The first compute capability with FP8 tensor cores (Ada, sm_89; Hopper is 90).
 FP8_MIN_CAPABILITY = 89
 
@@ -117,17 +98,6 @@ def fp8_unsupported_reason(device: torch.device, allow_interpreter: bool = False
         return (f"FP8 needs a GPU of compute capability 8.9 or later (Ada, Hopper); {str(device)!r} has "
                 f"{capability // 10}.{capability % 10}")
     return None
-
-
-def quantize_named(weights: Mapping[str, torch.Tensor], names: Iterable[str]) -> dict[str, Fp8Tensor]:
-    """Per-output-channel E4M3 copies of the linear weights ``names`` of ``weights`` (each ``(out, in)``), in
-    name order; a name missing from ``weights`` is an error naming it."""
-    names = sorted(set(names))
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise ConfigError(f"cannot quantise weights that are not loaded: {', '.join(missing[:5])}"
-                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    return {n: quantize_weight(weights[n], n) for n in names}
 
 
 # ---- FP8 weights inside a model's weights dict ----------------------------------------------------------
