@@ -113,6 +113,24 @@ def is_auto(value: Any) -> bool:
     return isinstance(value, str) and value.strip().lower() == "auto"
 
 
+#: The engines' ``precision`` values: weights in the compute dtype, or the triton backend's FP8 weights
+#: (:mod:`cortexflow.quantization.precision`).
+PRECISIONS = ("default", "fp8")
+
+
+def option_setting(source: str, value: str) -> str:
+    """``source`` set to ``value`` as the interface writes it: ``--precision fp8`` or ``precision='fp8'``."""
+    return f"{source} {value}" if source.startswith("--") else f"{source}={value!r}"
+
+
+def parse_precision(precision: Any, source: str = "precision") -> str:
+    """``precision`` checked: "default" (also None) or "fp8"."""
+    value = "default" if precision is None else str(precision).strip().lower()
+    if value not in PRECISIONS:
+        raise ConfigError(f"{source} must be 'default' or 'fp8', got {precision!r}")
+    return value
+
+
 def resolve_dtype(dtype: "torch.dtype | str", device: torch.device) -> torch.dtype:
     """The compute dtype for ``dtype`` on ``device``: ``"auto"`` -> bfloat16 on a GPU, float32 on the CPU;
     anything else as :func:`parse_dtype` reads it."""
@@ -270,8 +288,6 @@ class InferenceConfig:
             except ConfigError:  # maybe a name given to register_backend; checked when the backend is created
                 self.backend = self.backend.strip().lower()
         self.dtype = parse_dtype(self.dtype)
-        from cortexflow.quantization.precision import parse_precision
-
         self.precision = parse_precision(self.precision)
         if not isinstance(self.num_views, int) or self.num_views < 1:
             raise ConfigError(f"num_views must be a positive integer, got {self.num_views!r}")

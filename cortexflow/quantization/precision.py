@@ -13,25 +13,14 @@ from typing import Any
 
 import torch
 
+from cortexflow.config import PRECISIONS, option_setting, parse_precision
 from cortexflow.errors import ConfigError
 
-PRECISIONS = ("default", "fp8")
+__all__ = ["PRECISIONS", "PRECISION_FP8_STAGES", "backend_for_precision", "parse_precision"]
+
 #: The ``TritonOptions.fp8`` stages that ``precision="fp8"`` picks: the stages whose FP8 path passed ``cortexflow
 #: verify --size real`` on the H100 (final actions within 5e-2 of fp32).
 PRECISION_FP8_STAGES = "decoder"
-
-
-def _setting(source: str, value: str) -> str:
-    """``source`` set to ``value`` as the interface writes it: ``--precision fp8`` or ``precision='fp8'``."""
-    return f"{source} {value}" if source.startswith("--") else f"{source}={value!r}"
-
-
-def parse_precision(precision: Any, source: str = "precision") -> str:
-    """``precision`` checked: "default" (also None) or "fp8"."""
-    value = "default" if precision is None else str(precision).strip().lower()
-    if value not in PRECISIONS:
-        raise ConfigError(f"{source} must be 'default' or 'fp8', got {precision!r}")
-    return value
 
 
 def backend_for_precision(backend: Any, precision: Any, device: torch.device, dtype: torch.dtype,
@@ -45,10 +34,10 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
 
     reason = fp8_unsupported_reason(device)
     if reason is not None:
-        raise ConfigError(f"{_setting(source, 'fp8')}: {reason}; use {_setting(source, 'default')}")
+        raise ConfigError(f"{option_setting(source, 'fp8')}: {reason}; use {option_setting(source, 'default')}")
     if dtype != torch.bfloat16:
-        dtype_setting = _setting("--dtype" if source.startswith("--") else "dtype", "bfloat16")
-        raise ConfigError(f"{_setting(source, 'fp8')} keeps activations in bfloat16; got dtype {dtype}: use "
+        dtype_setting = option_setting("--dtype" if source.startswith("--") else "dtype", "bfloat16")
+        raise ConfigError(f"{option_setting(source, 'fp8')} keeps activations in bfloat16; got dtype {dtype}: use "
                           f"{dtype_setting}")
     name = getattr(backend, "value", backend)
     if isinstance(name, str) and name.strip().lower() == "triton":
@@ -61,9 +50,9 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
         return backend if backend._options.fp8 != "off" else backend.configured(fp8=PRECISION_FP8_STAGES)
     if isinstance(backend, TritonBackend):
         if backend.options.fp8 == "off":
-            raise ConfigError(f"{_setting(source, 'fp8')} with a TritonBackend instance made without FP8: pass backend='triton' "
+            raise ConfigError(f"{option_setting(source, 'fp8')} with a TritonBackend instance made without FP8: pass backend='triton' "
                               f"or TritonBackend.configured(fp8={PRECISION_FP8_STAGES!r})")
         return backend
     shown = getattr(backend, "name", None) or (backend.__name__ if isinstance(backend, type) else name)
-    raise ConfigError(f"{_setting(source, 'fp8')} runs on the triton backend; got backend {shown!r}: use "
-                      f"{_setting('--backend' if source.startswith('--') else 'backend', 'triton')}")
+    raise ConfigError(f"{option_setting(source, 'fp8')} runs on the triton backend; got backend {shown!r}: use "
+                      f"{option_setting('--backend' if source.startswith('--') else 'backend', 'triton')}")
