@@ -323,20 +323,27 @@ bf16, fp32 = torch.bfloat16, torch.float32
 e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
 weights = (e((h + 2 * hkv) * hd, d, dtype=E4M3), e(d, h * hd, dtype=E4M3), e(2 * f, d, dtype=E4M3), e(d, f, dtype=E4M3))
 scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
-with compile_only(CompileTarget(arch=90, processors=132)) as launches:
-    work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling())
-    el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32), e(1, s, dtype=torch.int64),
-                    e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd), e(1, p + s, hkv, hd), e(1, s, p + s, dtype=torch.bool),
-                    1e-6, hd**-0.5, work, h, weight_scales=scales)
-json.dump([{"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"), "shared": l.kernel.metadata.shared,
-            "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"]} for l in launches], sys.stdout)
+out = {}
+for arch, sms in ((89, 58), (90, 132)):  # an L4 and an H100
+    with compile_only(CompileTarget(arch=arch, processors=sms)) as launches:
+        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling())
+        el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32), e(1, s, dtype=torch.int64),
+                        e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd), e(1, p + s, hkv, hd),
+                        e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h, weight_scales=scales)
+    out[arch] = [{"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"),
+                  "shared": l.kernel.metadata.shared, "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"]}
+                 for l in launches]
+json.dump(out, sys.stdout)
 """
 
 
-def test_fp8_expert_layer_compiles_for_hopper(tmp_path):
-    """The kernel with E4M3 weights through Triton's whole pipeline for sm_90 at Pi0's expert size on ``meta``
-    tensors (compile-check's compile-only launches, in a subprocess without the interpreter): one program per
-    SM, and its PTX converts E4M3 pairs in hardware."""
+def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
+    """The kernel with E4M3 weights through Triton's whole pipeline for sm_89 (an L4's 58 SMs) and sm_90 (an
+    H100's 132) at Pi0's expert size on ``meta`` tensors (compile-check's compile-only launches, in a subprocess
+    without the interpreter): one program per SM, shared memory within the architecture's per-program limit, and
+    its PTX converts E4M3 pairs in hardware."""
+    from cortexflow.tools.compile_check import SM_LIMITS
+
     import json
     import os
     import subprocess
@@ -347,9 +354,11 @@ def test_fp8_expert_layer_compiles_for_hopper(tmp_path):
     done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
                           env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    (launch,) = json.loads(done.stdout)
-    assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [132] and launch["fp8"] is True
-    assert launch["ptx_e4m3_cvt"] and launch["shared"] <= 227 * 1024
+    report = json.loads(done.stdout)
+    for arch, sms in ((89, 58), (90, 132)):
+        (launch,) = report[str(arch)]
+        assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] is True
+        assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch["shared"])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "
