@@ -37,4 +37,4 @@ def fp8_expert_backends():
 #: Sizes of a tiny Pi0 / Pi0.5 whose expert the persistent kernel's GPU tiling also fits (``check_expert_shapes``
 #: with the default ``ExpertTiling``: K steps of 128, RoPE tiles of 2 x 16, o / down split into 8 K ranges of
 #: whole steps), so the backend tests run the kernel on a GPU too and not the kernel chain it falls back to.
-GPU_TILING_EXPERT = dict(head_dim=256, decoder_dim=128, decoder_mlp_dim=1024)
+GPU_TILING_EXPERT = dict(head_dim=256, decoder_dim=128, decoder_mlp_dim=1024)  # on a GPU only: slower interpreted

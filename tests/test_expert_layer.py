@@ -265,7 +265,8 @@ def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     fp8_triton, dequantised = fp8_expert_backends()
-    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1, **GPU_TILING_EXPERT)
+    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
+                               **(GPU_TILING_EXPERT if ON_GPU else {}))
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(2)
     images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
