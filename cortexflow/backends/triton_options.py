@@ -39,7 +39,8 @@ class TritonOptions:
     - ``persistent_expert``: each expert layer of a denoising step as one persistent kernel
       (``kernels/expert_layer.py``); False: the chain of ~10 kernels a layer (cuBLAS GEMMs + Triton glue).
     - ``expert_launch``: with ``persistent_expert``, "layer": one launch per expert layer; "step": one launch
-      per denoising step that runs every layer (``kernels/expert_step.py``; not yet measured on a GPU).
+      per denoising step that runs every layer (``kernels/expert_step.py``; on the H100 Pi0 within 0.5 % of
+      "layer", Pi0.5 1.7 % faster: benchmarks/NOTES.md, session 19).
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
 
