@@ -159,3 +159,21 @@ def test_cli_names_the_backend_fp8_needs(monkeypatch):
 
     result = CliRunner().invoke(app, ["verify", "--backend", "pytorch", "--precision", "fp8", "--device", "cpu"])
     assert result.exit_code == 2 and "use --backend triton" in " ".join(result.output.split())
+
+
+def test_verify_with_fp8_stages_compares_with_the_bf16_baseline():
+    """``verify`` of a backend with FP8 stages: the FP8 limits, the cosine, and each module compared with the same
+    backend without FP8 (``vs_bf16``); a single-op module runs on the raw weights (single ops take no E4M3), so it
+    equals the baseline's."""
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.tools.verify import FP8_MIN_COSINE, FP8_THRESHOLD, run_verify
+
+    report = run_verify("pi0", TritonBackend.configured(fp8="prefix"), "pytorch", size="tiny", device="cpu",
+                        dtype="bfloat16", repeats=1, modules=["prefix_layer"])
+    assert report["fp8"] == {"stages": "prefix", "min_cosine": FP8_MIN_COSINE,
+                             "baseline": "the same backend without FP8, bfloat16"}
+    assert report["threshold_rel_l2"] == FP8_THRESHOLD and report["backend_options"]["fp8"] == "prefix"
+    (row,) = report["modules"]
+    assert row["weights"].startswith("raw") and row["status"] == "ok"
+    assert 0.999 < row["cosine"] <= 1.0 + 1e-12 and 0 < row["rel_l2"] < 2e-2
+    assert row["vs_bf16"]["rel_l2"] == 0.0

@@ -50,6 +50,7 @@ from cortexflow.tools.verify import (
     Side,
     _check_module,
     fp8_check,
+    fp8_sides,
     _patch_embed,
     _projector,
     _reference_run,
@@ -320,15 +321,14 @@ def run_token_verify(
                          reference_backend.prepare_weights(policy, dict(reference_raw)))
         checked = Side("backend", checked_backend, checked_raw,
                        checked_backend.prepare_weights(policy, dict(checked_raw)))
-        fp8_sides = None if fp8 is None else (fp8, Side("bf16", fp8.baseline, checked_raw,
-                                                        fp8.baseline.prepare_weights(policy, dict(checked_raw))))
+        baseline = fp8_sides(fp8, policy, checked_raw)
         ctx = TokenContext(model=policy, modules=table,
                            buffers={"images": random_image_inputs(policy, seed + 1, resolved_device)},
                            ids=torch.tensor([ids], dtype=torch.int64, device=resolved_device), reference=reference)
         for index, name in enumerate(selected, 1):
             log(f"checking {name} ({index}/{len(selected)}) ...")
             start = time.perf_counter()
-            rows.append(_check_module(table[name], ctx, checked, threshold, repeats, resolved_device, fp8_sides))
+            rows.append(_check_module(table[name], ctx, checked, threshold, repeats, resolved_device, baseline))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     by_name = {row["name"]: row for row in rows}
     actions, decode = by_name.get("actions"), by_name.get("decode_logits")

@@ -249,6 +249,14 @@ def fp8_check(checked: ComputeBackend, device: torch.device, dtype: torch.dtype)
     return Fp8Check(FP8_THRESHOLD, FP8_MIN_COSINE, create_backend(without, device, dtype))
 
 
+def fp8_sides(fp8: Fp8Check | None, model: Any, raw: dict[str, torch.Tensor]) -> tuple[Fp8Check, "Side"] | None:
+    """``(fp8, the bf16 baseline side)`` for :func:`_check_module`: the baseline backend's weights prepared from the
+    checked side's ``raw`` weights (None without FP8 stages)."""
+    if fp8 is None:
+        return None
+    return fp8, Side("bf16", fp8.baseline, raw, fp8.baseline.prepare_weights(model, dict(raw)))
+
+
 def holds_fp8(weights: dict[str, torch.Tensor]) -> bool:
     from cortexflow.quantization.fp8 import is_fp8
 
@@ -398,8 +406,7 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
                          reference_backend.prepare_weights(pi_model, dict(reference_raw)))
         checked = Side("backend", checked_backend, checked_raw,
                        checked_backend.prepare_weights(pi_model, dict(checked_raw)))
-        fp8_sides = None if fp8 is None else (fp8, Side("bf16", fp8.baseline, checked_raw,
-                                                        fp8.baseline.prepare_weights(pi_model, dict(checked_raw))))
+        baseline = fp8_sides(fp8, pi_model, checked_raw)
         ctx = Context(
             model=pi_model,
             one_step_model=model_class(config.model_type)(config.replace(num_diffusion_steps=1)),
@@ -410,7 +417,7 @@ def run_flow_verify(*, model: str, backend: Any, against: str, size: str, device
             log(f"checking {name} ({index}/{len(selected)}) ...")
             start = time.perf_counter()
             rows.append(_check_module(MODULES_BY_NAME[name], ctx, checked, threshold, repeats, resolved_device,
-                                      fp8_sides))
+                                      baseline))
             log(f"{name}: {rows[-1]['status']} in {time.perf_counter() - start:.1f} s")
     actions = next((r for r in rows if r["name"] == "actions"), None)
     workload = {"views": views, "prompt_tokens": prompt_len, "chunk": config.chunk_size,
