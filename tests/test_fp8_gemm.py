@@ -86,7 +86,8 @@ def test_fp8_linear_matches_reference(dtype, residual):
     assert got.shape == (2, 7, 80) and got.dtype == dtype
     rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
     # Hopper's FP8 tensor cores keep fewer bits than fp32 in their accumulator (about 2^-14 relative), so on a GPU
-    # an fp32 result differs from the fp32 reference by ~1e-4; the CPU's _scaled_mm sums in fp32.
+    # an fp32 result differs from the fp32 reference by ~1e-4; the CPU's _scaled_mm sums in fp32
+    # (docs/reference_facts.md#F-HW-3).
     assert rel < ((1e-6 if DEVICE == "cpu" else 1e-3) if dtype == torch.float32 else 4e-3), rel
     exact = x.float() @ w.T + (res.float() if residual else 0.0)
     rel_exact = ((got.float() - exact).norm() / exact.norm()).item()

@@ -5,7 +5,8 @@ A quantised tensor is ``data (R, C)`` in E4M3 and ``scale (R,)`` fp32 with ``val
 - weights ``(out_features, in_features)`` get one scale per output channel, made once at load;
 - activations ``(tokens, features)`` get one scale per token, made per call (dynamic).
 
-The scale of a row is ``amax(|row|) / 448`` (448: the largest finite E4M3 value), 1 for an all-zero row;
+The scale of a row is ``amax(|row|) / 448`` (448: the largest finite E4M3 value, docs/reference_facts.md#F-HW-3),
+1 for an all-zero row;
 ``row / scale`` is clamped to ``[-448, 448]`` (saturation: E4M3FN has no infinity and casts beyond its range
 to NaN) and rounded to the nearest E4M3 value, ties to even (PyTorch's cast). Quantising the same tensor
 twice gives the same bits.
@@ -60,7 +61,7 @@ def quantize_rows(x: torch.Tensor, name: str = "tensor") -> Fp8Tensor:
         raise InputError(f"{name} holds NaN or infinite values; FP8 scales need finite values")
     amax = xf.abs().amax(dim=1)
     # A tensor divisor: PyTorch divides a CUDA tensor by a Python number as a product with its reciprocal, which
-    # is not the IEEE quotient the CPU (and the row-quantisation kernel) computes.
+    # is not the IEEE quotient the CPU (and the row-quantisation kernel) computes (docs/reference_facts.md#F-MISC-4).
     scale = torch.where(amax > 0, amax / torch.full_like(amax, E4M3_MAX), torch.ones_like(amax))
     data = (xf / scale[:, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(E4M3)
     return Fp8Tensor(data, scale)
