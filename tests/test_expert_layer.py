@@ -13,6 +13,7 @@ from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
 from expert_support import GPU_TILING_EXPERT, fp8_expert_backends
+from compile_support import run_compile_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -345,17 +346,7 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
     its PTX converts E4M3 pairs in hardware."""
     from cortexflow.tools.compile_check import SM_LIMITS
 
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch, sms in ((89, 58), (90, 132)):
         (launch,) = report[str(arch)]
         assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] is True

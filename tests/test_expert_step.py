@@ -14,6 +14,7 @@ from cortexflow.kernels import expert_step as es
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
 from expert_support import GPU_TILING_EXPERT, fp8_expert_backends
+from compile_support import run_compile_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
@@ -220,17 +221,7 @@ def test_step_kernel_compiles_for_hopper(tmp_path):
     whole pipeline for sm_90 on ``meta`` tensors: one program per SM; the weight tiles, whose pointers come from
     the tables, still load as 16-byte ``cp.async.cg`` copies (no element-wise loads, no ``.ca`` copies); every
     barrier polls with acquire atomics; E4M3 converts in hardware."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    done = subprocess.run([sys.executable, "-c", STEP_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_compile_script(STEP_COMPILE_SCRIPT, tmp_path)
     for fp8, launch in report.items():
         assert launch["name"] == "_expert_step_kernel" and launch["grid"] == [132]
         assert launch["shared"] <= 227 * 1024

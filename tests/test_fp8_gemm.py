@@ -9,6 +9,8 @@ from cortexflow.quantization.fp8 import E4M3, E4M3_MAX, quantize_rows, quantize_
 
 pytest.importorskip("triton")
 
+from compile_support import run_compile_script  # noqa: E402
+
 from cortexflow.kernels.fp8_gemm import (  # noqa: E402
     fp8_linear,
     fp8_linear_reference,
@@ -151,17 +153,7 @@ def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path
     quantisation through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta``
     tensors, in a subprocess without the interpreter): their PTX converts E4M3, and the quantisation divides
     with IEEE rounding (``div.rn.f32``), as PyTorch does."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
-    done = subprocess.run([sys.executable, "-c", FP8_COMPILE_SCRIPT], capture_output=True, text=True, timeout=600,
-                          env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch in ("89", "90"):
         launches = report[arch]
         assert [launch["name"] for launch in launches] == ["_decode_gemv_kernel"] * 4 + [
