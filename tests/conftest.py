@@ -64,3 +64,13 @@ def start_server():
     yield start
     for server in servers:
         server.stop(timeout=TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (restored after): the tiny models' small tensors, and the interpreter's,
+    run faster so on a shared CI machine. A module asks for it with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,6 +14,19 @@ def rand(*shape, dtype, seed, scale=1.0):
     return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=DEVICE)
 
 
+
+def variant_kwargs(variant: str, k: int, n: int, dtype: torch.dtype) -> dict:
+    """``decode_gemv`` keywords of a test variant: "silu" / "gelu" in its name gates, "folded norm" normalises
+    without a scale, "norm" RMS-normalises with a (seeded) scale, "residual" adds a (seeded) residual of ``n``."""
+    kwargs = {"gated": "silu" if "silu" in variant else "gelu_tanh" if "gelu" in variant else None}
+    if variant.startswith("folded norm"):
+        kwargs.update(normalize=True, eps=1e-5)
+    elif "norm" in variant:
+        kwargs.update(norm_weight=rand(k, dtype=torch.float32, seed=3, scale=0.2), eps=1e-5)
+    if variant == "residual":
+        kwargs["residual"] = rand(1, 1, n, dtype=dtype, seed=4)
+    return kwargs
+
 def check(out, ref, dtype):
     out, ref = out.float(), ref.float()
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -27,15 +40,8 @@ def test_decode_gemv_matches_reference(dtype, variant):
     """Odd K (1100: a partial last chunk) and odd N (37 outputs: a partial last row block)."""
     k, n = 1100, 37
     x = rand(1, 1, k, dtype=dtype, seed=1, scale=3.0)
-    gated = {"norm+silu gate": "silu", "norm+gelu gate": "gelu_tanh"}.get(variant)
-    w = rand(2 * n if gated else n, k, dtype=dtype, seed=2, scale=k**-0.5)
-    kwargs = {"gated": gated}
-    if variant.startswith("folded norm"):
-        kwargs.update(normalize=True, eps=1e-5)
-    elif "norm" in variant:
-        kwargs.update(norm_weight=rand(k, dtype=torch.float32, seed=3, scale=0.2), eps=1e-5)
-    if variant == "residual":
-        kwargs["residual"] = rand(1, 1, n, dtype=dtype, seed=4)
+    kwargs = variant_kwargs(variant, k, n, dtype)
+    w = rand(2 * n if kwargs["gated"] else n, k, dtype=dtype, seed=2, scale=k**-0.5)
     out = decode_gemv(x, w, block_n=8, block_k=256, **kwargs)
     assert out.shape == (1, 1, n) and out.dtype == dtype
     check(out, decode_gemv_reference(x, w, **kwargs), dtype)
@@ -197,15 +203,8 @@ def test_fp8_decode_gemv_matches_reference(dtype, variant):
     values, scaled per row, against the reference on the same E4M3 values. Odd K (1100) and N (37)."""
     k, n = 1100, 37
     x = rand(1, 1, k, dtype=dtype, seed=1, scale=3.0)
-    gated = {"norm+silu gate": "silu", "folded norm+gelu gate": "gelu_tanh"}.get(variant)
-    w, scale = fp8_weight(2 * n if gated else n, k, seed=2)
-    kwargs = {"gated": gated}
-    if variant.startswith("folded norm"):
-        kwargs.update(normalize=True, eps=1e-5)
-    elif "norm" in variant:
-        kwargs.update(norm_weight=rand(k, dtype=torch.float32, seed=3, scale=0.2), eps=1e-5)
-    if variant == "residual":
-        kwargs["residual"] = rand(1, 1, n, dtype=dtype, seed=4)
+    kwargs = variant_kwargs(variant, k, n, dtype)
+    w, scale = fp8_weight(2 * n if kwargs["gated"] else n, k, seed=2)
     out = decode_gemv(x, w, weight_scale=scale, block_n=8, block_k=512, **kwargs)
     assert out.shape == (1, 1, n) and out.dtype == dtype
     check_fp8(out, decode_gemv_reference(x, w, weight_scale=scale, **kwargs), dtype)

@@ -11,6 +11,7 @@ from cortexflow.quantization.fp8 import E4M3, Fp8Tensor, fp8_scale_key, quantize
 pytest.importorskip("triton")
 
 from cortexflow.backends.triton_backend import TritonBackend  # noqa: E402
+from cortexflow.backends.triton_fp8 import FP8_PROJECTIONS, quantize_layers  # noqa: E402
 from cortexflow.backends.triton_token_decoder import fold_norm_weights, fuse_layer_projections  # noqa: E402
 from cortexflow.models.llama import LlamaLM, llama_weight_shapes, prepare_llama_norms  # noqa: E402
 from cortexflow.models.token_decoding import DecoderDims, causal_mask  # noqa: E402
@@ -19,16 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16
 DIMS = DecoderDims(num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, rope_base=10000.0, rms_norm_eps=1e-5)
 WIDTH, MLP, VOCAB, PROMPT, STEPS = 64, 128, 256, 12, 5
-PROJECTIONS = (("qkv", ("q", "k", "v")), ("o", ()), ("gate_up", ("gate", "up")), ("down", ()))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the interpreter's small tensors are faster so on a shared machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama_weights(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,10 +43,7 @@ def fused_weights(lm: LlamaLM, fp8: bool) -> dict[str, torch.Tensor]:
     weights = fuse_layer_projections(tiny_llama_weights(), (layer.prefix for layer in lm.layers()))
     fold_norm_weights(lm.layers(), weights)
     if fp8:
-        for layer in lm.layers():
-            for fused, parts in PROJECTIONS:
-                quantize_in_place(weights, layer.name(fused),
-                                  [(layer.name(p), weights[layer.name(p)].shape[0]) for p in parts])
+        quantize_layers(weights, lm.layers())
     return weights
 
 
@@ -137,7 +128,7 @@ def test_fp8_decoder_layers_stay_close_to_bf16(bf16_run, fp8_runs, route):
     lm, _, _, ref_logits, ref_tokens, dequantized_logits = bf16_run
     weights = fused_weights(lm, fp8=True)
     for layer in lm.layers():
-        for fused, parts in PROJECTIONS:
+        for fused, parts in FP8_PROJECTIONS:
             for name in (fused, *parts):
                 assert weights[layer.name(name)].dtype == E4M3
                 assert weights[fp8_scale_key(layer.name(name))].dtype == torch.float32

@@ -40,13 +40,7 @@ class NoisyRmsNormBackend(PyTorchBackend):
         return (y.float() + 0.05 * y.float().std() * noise).to(y.dtype)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tiny models are faster so on a shared CI machine (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
