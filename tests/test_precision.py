@@ -131,10 +131,11 @@ def test_quantisation_at_load_is_deterministic_and_keeps_the_layout(stages):
 @pytest.mark.parametrize("args", [
     ["verify", "--backend", "triton", "--precision", "fp8"],
     ["bench", "--backends", "triton", "--precision", "fp8"],
+    ["profile", "--backend", "triton", "--precision", "fp8"],
     ["serve", "--checkpoint", "demo", "--backend", "triton", "--precision", "fp8"],
     ["run", "--checkpoint", "CHECKPOINT", "--image", "IMAGE", "--prompt-tokens", "2,3", "--state", "0.1",
      "--backend", "triton", "--precision", "fp8"],
-], ids=["verify", "bench", "serve", "run"])
+], ids=["verify", "bench", "profile", "serve", "run"])
 def test_cli_refuses_fp8_on_the_cpu_in_its_own_words(args, monkeypatch, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner

@@ -256,6 +256,8 @@ def profile_command(
     seed: Annotated[int, typer.Option("--seed", metavar="N", help="Seed of the random weights and inputs.")] = 0,
     peak_tflops: Annotated[Optional[float], typer.Option("--peak-tflops", metavar="X", help="Use this peak TFLOP/s instead of measuring it (with --peak-gbps).")] = None,
     peak_gbps: Annotated[Optional[float], typer.Option("--peak-gbps", metavar="X", help="Use this peak memory bandwidth in GB/s instead of measuring it.")] = None,
+    triton_options: Annotated[Optional[str], typer.Option("--triton-options", metavar="NAME=VALUE,...", help=TRITON_OPTIONS_HELP)] = None,
+    precision: Annotated[str, typer.Option("--precision", metavar="NAME", help=PRECISION_HELP)] = "default",
     json_path: Annotated[Optional[str], typer.Option("--json", metavar="PATH", help=JSON_PATH_HELP)] = None,
 ) -> None:
     """Run one predict without CUDA graphs under torch.profiler and show where the time goes.
@@ -269,11 +271,16 @@ def profile_command(
     and prompt tokens) and decode (the single-token steps, memory-bound); the engine runs one fused
     call, so the rows are not timed separately.
     """
+    from cortexflow.tools import backend_specs, options_for_precision
     from cortexflow.tools.profile import print_profile, run_profile
 
     parse_model_option(model, models_for("profile"), command="profile")
     check_common_options(device=device, backend=backend, dtype=dtype)
-    report = run_profile(model, backend, views=views, size=size, device=device, dtype=dtype, prompt_len=prompt_len,
+    name = backend.strip().lower()
+    if precision.strip().lower() != "default" and name != "triton":
+        raise ConfigError(f"--precision {precision} runs on the triton backend; got --backend {backend}: use --backend triton")
+    triton_options = options_for_precision(triton_options, precision, device, dtype)
+    report = run_profile(model, backend_specs([name], triton_options, "--triton-options")[name], views=views, size=size, device=device, dtype=dtype, prompt_len=prompt_len,
                          chunk=chunk, steps=steps, top=top, repeats=repeats, seed=seed, peak_tflops=peak_tflops,
                          peak_gbps=peak_gbps, log=progress_line)
     write_report(report, json_path, print_profile)

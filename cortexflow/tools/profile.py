@@ -24,6 +24,7 @@ from cortexflow.errors import ConfigError
 from cortexflow.families import family_of
 from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import (
+    backend_options,
     environment_info,
     model_config,
     resolve_device_dtype,
@@ -92,7 +93,7 @@ def kernel_rows(prof, cuda: bool, top: int) -> tuple[list[dict], float]:
 
 def run_profile(
     model: str = "pi0",
-    backend: str = "pytorch",
+    backend: Any = "pytorch",
     views: int = 2,
     size: str = "auto",
     device: str = "auto",
@@ -107,7 +108,8 @@ def run_profile(
     peak_gbps: float | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Profile one un-graphed ``predict`` of ``model`` on ``backend``; returns the report dict.
+    """Profile one un-graphed ``predict`` of ``model`` on ``backend`` (a name, or a backend class such as a
+    ``TritonBackend.configured(...)``); returns the report dict.
 
     ``peak_tflops`` / ``peak_gbps`` replace the measured peaks (on a CPU nothing is measured, so without
     them there is no floor). The model's family (:mod:`cortexflow.families`) supplies the run:
@@ -119,7 +121,7 @@ def run_profile(
                    peak_tflops=peak_tflops, peak_gbps=peak_gbps, log=log)
 
 
-def run_flow_profile(*, model: str, backend: str, views: int, size: str, device: str, dtype: Any, prompt_len: int,
+def run_flow_profile(*, model: str, backend: Any, views: int, size: str, device: str, dtype: Any, prompt_len: int,
                      chunk: int | None, steps: int | None, top: int, repeats: int, seed: int,
                      peak_tflops: float | None, peak_gbps: float | None, log: Callable[[str], None] | None) -> dict:
     """:func:`run_profile` (whose arguments these are) for a flow-matching policy: vision, prefix and expert
@@ -202,6 +204,7 @@ def build_report(model: str, engine, size: str, dtype: torch.dtype, seed: int, w
         "tool": "cortexflow profile",
         "model": model,
         "backend": engine.backend.name,
+        "backend_options": backend_options(engine.backend),
         "size": size,
         "dtype": dtype_name(dtype),
         "seed": seed,
