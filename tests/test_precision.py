@@ -1,5 +1,7 @@
 """``precision="fp8"`` and ``TritonOptions.fp8``: the checks at engine creation and the quantisation at load."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -35,11 +37,20 @@ def test_fp8_is_refused_on_the_cpu_and_in_the_interpreter(monkeypatch):
     assert backend_for_precision("pytorch", "default", torch.device("cpu"), torch.float32) == "pytorch"
 
 
+@contextlib.contextmanager
+def gpu_of(arch: int):
+    """The ``meta`` device standing for a GPU of compute capability ``arch`` (compile-check's target), restored after."""
+    previous = runtime.set_compile_target(runtime.CompileTarget(arch=arch))
+    try:
+        yield torch.device("meta")
+    finally:
+        runtime.set_compile_target(previous)
+
+
 @pytest.fixture
 def hopper():
-    previous = runtime.set_compile_target(runtime.CompileTarget(arch=90))
-    yield torch.device("meta")
-    runtime.set_compile_target(previous)
+    with gpu_of(90) as device:
+        yield device
 
 
 def test_fp8_needs_ada_or_hopper_bfloat16_and_the_triton_backend(monkeypatch, hopper):
@@ -77,18 +88,10 @@ def test_engine_creation_refuses_fp8_before_loading(tmp_path, monkeypatch):
 def test_triton_backend_option_checks_device_and_dtype(monkeypatch):
     from cortexflow.backends.triton_backend import TritonBackend
 
-    previous = runtime.set_compile_target(runtime.CompileTarget(arch=90))
-    try:
-        with pytest.raises(ConfigError, match="bfloat16 activations"):
-            TritonBackend(torch.device("meta"), torch.float32, TritonOptions(fp8="decoder"))
-    finally:
-        runtime.set_compile_target(previous)
-    previous = runtime.set_compile_target(runtime.CompileTarget(arch=80))
-    try:
-        with pytest.raises(BackendUnavailableError, match="fp8='decoder'.*8.0"):
-            TritonBackend(torch.device("meta"), torch.bfloat16, TritonOptions(fp8="decoder"))
-    finally:
-        runtime.set_compile_target(previous)
+    with gpu_of(90) as device, pytest.raises(ConfigError, match="bfloat16 activations"):
+        TritonBackend(device, torch.float32, TritonOptions(fp8="decoder"))
+    with gpu_of(80) as device, pytest.raises(BackendUnavailableError, match="fp8='decoder'.*8.0"):
+        TritonBackend(device, torch.bfloat16, TritonOptions(fp8="decoder"))
 
 
 @pytest.mark.parametrize("stages", ["decoder", "prefix", "all"])
