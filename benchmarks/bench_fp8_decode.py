@@ -52,6 +52,10 @@ DECODE_SHAPES = {
 }
 PREFILL_SHAPES = {"qkv": (3 * WIDTH, WIDTH), "o": (WIDTH, WIDTH), "gate_up": (2 * MLP, WIDTH), "down": (WIDTH, MLP)}
 L2_BYTES = 50 * 2 ** 20
+#: fp32 accumulators per thread above which a decode_gemv tiling is left out of a sweep: ``decode_gemv`` holds
+#: ``(BLOCK_N, BLOCK_K)`` of them (two with a gated activation), and past 128 a thread spills and the compile
+#: alone takes minutes (gate/up at 16 x 4096 ran past a device call's limit twice).
+MAX_ACCUMULATORS_PER_THREAD = 128
 SWEEPS = {  # (rows per program, K chunk, warps) for decode_gemv; (pairs per program, K chunk, warps) for QKV/RoPE
     ("gemv", "bf16"): ((8, 16, 32), (512, 1024, 2048), (4, 8)),
     ("gemv", "fp8"): ((4, 8, 16), (1024, 2048, 4096), (4, 8)),
@@ -111,6 +115,11 @@ def weight_copies(n: int, k: int, g: torch.Generator):
     return w16, [quantize_weight(w) for w in w16]
 
 
+def accumulators_per_thread(block_n: int, block_k: int, warps: int, gated: bool) -> float:
+    """fp32 accumulators each thread of a ``decode_gemv`` launch holds at this tiling."""
+    return block_n * block_k * (2 if gated else 1) / (32 * warps)
+
+
 def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, wanted: tuple = ()) -> list[dict]:
     """Every decode shape's variants appended to ``rows`` (``save()`` after each shape, so a run cut short keeps
     what it measured); ``sweep``: the formats ("bf16", "fp8") whose tilings are swept beyond the default."""
@@ -140,7 +149,8 @@ def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, w
             default = default_tiling(n, k, gated is not None, fmt == "fp8")
             tilings = [default]
             if fmt in sweep:
-                tilings += [t for t in itertools.product(*SWEEPS[("gemv", fmt)]) if t != default]
+                tilings += [t for t in itertools.product(*SWEEPS[("gemv", fmt)])
+                            if t != default and accumulators_per_thread(*t, gated is not None) <= MAX_ACCUMULATORS_PER_THREAD]
             for bn, bk, warps in tilings:
                 def call(i, bn=bn, bk=bk, warps=warps, fmt=fmt):
                     if fmt == "fp8":
@@ -151,6 +161,7 @@ def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, w
                            "block_n": bn, "block_k": bk, "warps": warps, "default": (bn, bk, warps) == default}
                 row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref),
                                                fp8_bytes if fmt == "fp8" else bf16_bytes, calls, repeats))
+                print(f"   {variant['name']}: {variant.get('us', variant.get('error', ''))}", flush=True)
         save()
         if label.startswith("qkv"):
             rows.append(qkv_rope_case(x, w16, w8, kwargs["norm_weight"], calls, repeats, sweep))

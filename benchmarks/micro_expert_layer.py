@@ -8,6 +8,12 @@ Each variant's step is captured 50 times in one CUDA graph and replayed (``micro
 bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
 
     python benchmarks/micro_expert_layer.py [--prefix 532] [--quick] [--only TEXT] [--fp8]
+    ncu --profile-from-start off --launch-skip 1 --launch-count 1 --set full -o expert \
+        python benchmarks/micro_expert_layer.py --ncu
+
+With ``--ncu`` nothing is timed: after a warm-up, one step of the default persistent path runs eagerly between
+``cudaProfilerStart`` and ``cudaProfilerStop`` (18 launches: layer 0, 16 middle layers, the last), for Nsight
+Compute to profile.
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one).
@@ -58,6 +64,9 @@ def tilings(quick: bool, only: str | None = None) -> dict[str, el.ExpertTiling]:
         "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
         "attention 32 rows": replace(base, attn_rows=32),
+        "attention logits in 2 parts": replace(base, attn_d_parts=2),
+        "attention logits in 4 parts": replace(base, attn_d_parts=4),
+        "attention 64-key steps, logits in 4 parts": replace(base, attn_keys=64, attn_d_parts=4),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or only in name}
@@ -70,9 +79,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="default tiling only")
     parser.add_argument("--only", metavar="TEXT", help="only the tilings whose name contains TEXT (and the default)")
     parser.add_argument("--no-phases", action="store_true", help="skip timing the phases alone")
+    parser.add_argument("--phases-of", metavar="NAME", action="append", default=[],
+                        help="also time the phases alone at this tiling (a variant's name; repeatable)")
     parser.add_argument("--fp8", action="store_true",
                         help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="time nothing: run one step of the default persistent path between cudaProfilerStart "
+                             "and cudaProfilerStop, for ncu --profile-from-start off")
     args = parser.parse_args()
+    unknown = [name for name in args.phases_of if name not in tilings(False)]
+    if unknown:
+        parser.error(f"--phases-of {unknown[0]!r}: not a variant; the variants are {', '.join(tilings(False))}")
     device = torch.device("cuda")
     dtype = torch.bfloat16
     s, p = 51, args.prefix
@@ -136,6 +153,19 @@ def main() -> None:
             x = out
         return out
 
+    if args.ncu:
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
+        for _ in range(3):
+            persistent(work)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStart()
+        persistent(work)
+        torch.cuda.synchronize()
+        torch.cuda.cudart().cudaProfilerStop()
+        print(f"profiled one step: {LAYERS} launches of the persistent layer ({work.programs} programs, "
+              f"{work.n_splits} attention key ranges)")
+        return
+
     # Bandwidth the floor divides by: a 1 GiB device copy.
     big = torch.empty(1 << 29, dtype=torch.float16, device=device)
     dst = torch.empty_like(big)
@@ -179,10 +209,13 @@ def main() -> None:
             except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
                 rows.append(dict(variant=f"persistent fp8: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
                 print(f"persistent fp8 {name}: failed: {failure}", flush=True)
-    work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
-    for name, mask_bits in ({} if args.no_phases else PHASES).items():
-        us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
-        rows.append(dict(variant=f"phase {name} (default tiling)", us_per_layer=us))
+    phase_tilings = {} if args.no_phases else {"default": el.ExpertTiling()}
+    phase_tilings.update({name: tilings(False)[name] for name in args.phases_of})
+    for tiling_name, tiling in phase_tilings.items():
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
+        for name, mask_bits in PHASES.items():
+            us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
+            rows.append(dict(variant=f"phase {name} ({tiling_name} tiling)", us_per_layer=us))
     result = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
         triton=__import__("triton").__version__, prefix=p, suffix=s, pdl=pdl, copy_bandwidth_GBps=bandwidth / 1e9,

@@ -98,6 +98,34 @@ def test_expert_layer_matches_reference(dtype, pi05, batch, inplace):
     assert work.sync[:7].tolist() == [work.programs] * 7 and int(work.counters.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("parts", [2, 4])
+def test_logits_from_independent_column_parts(dtype, parts):
+    """``attn_d_parts``: the attention logits summed from 2 or 4 products over column parts of the head (64
+    wide here, so 4 parts are 16 columns each) give the reference layer, as one product does."""
+    from dataclasses import replace
+
+    tiling = replace(SMALL_TILING, attn_d_parts=parts)
+    out, ref, keys, values, _ = _run(2, 5, 9, 32, 64, 4, 1, 64, dtype, True, False, tiling)
+    _assert_close(out, ref, dtype)
+    _assert_close(keys[0], keys[1], dtype)
+    assert el.launch_constants(dtype, 32, 64, 4, 1, 64, True, True, False, _workspace(tiling, 64))["ATTN_D_PARTS"] \
+        == parts
+    # A 32-wide head has two 16-column parts at most.
+    assert el.launch_constants(dtype, 32, 64, 4, 1, 32, True, True, False, _workspace(tiling, 32))["ATTN_D_PARTS"] \
+        == min(parts, 2)
+
+
+def _workspace(tiling, head_dim):
+    return el.ExpertWorkspace(10, 5, 32, 64, 4, 1, head_dim, 14, torch.float32, torch.device(DEVICE), tiling)
+
+
+def test_check_expert_shapes_refuses_other_logit_parts():
+    from dataclasses import replace
+
+    assert "attn_d_parts 3" in el.check_expert_shapes(1024, 4096, 8, 1, 256, replace(el.ExpertTiling(), attn_d_parts=3))
+
+
 def test_expert_layer_with_grouped_kv_heads():
     out, ref, keys, _, _ = _run(2, 5, 9, 32, 64, 4, 2, 32, torch.float32, False, False, SMALL_TILING)
     _assert_close(out, ref, torch.float32)

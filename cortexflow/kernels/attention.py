@@ -72,28 +72,79 @@ def _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, row
 
 
 @triton.jit
+def _halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``x[:, :COLS // 2], x[:, COLS // 2:]`` of a ``(ROWS, COLS)`` register tile."""
+    return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, COLS // 2]), [0, 2, 1]))
+
+
+@triton.jit
+def _part_logits(qj, j, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, CACHE: tl.constexpr, PART: tl.constexpr):
+    """``qj · k[:, j*PART:(j+1)*PART]ᵀ * scale_log2`` in fp32 for the keys ``keys`` (``qj``: the query tile's
+    columns ``j*PART..``)."""
+    cols = j * PART + tl.arange(0, PART)
+    kt = tl.load(k_base + keys[None, :] * skl + cols[:, None], mask=k_valid[None, :] & (cols < head_dim)[:, None],
+                 other=0.0, cache_modifier=CACHE)
+    if UPCAST:
+        kt = kt.to(tl.float32)
+    return tl.dot(qj, kt, input_precision=DOT_PRECISION) * scale_log2
+
+
+@triton.jit
+def _logits(q0, q1, q2, q3, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST: tl.constexpr,
+            DOT_PRECISION: tl.constexpr, CACHE: tl.constexpr, D_PARTS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``q · kᵀ * scale_log2`` in fp32 for the keys ``keys`` as ``D_PARTS`` (1, 2 or 4) products over
+    ``BLOCK_D / D_PARTS`` columns each, summed after (``q0..q3``: the query tile's column parts; the unused ones
+    are ignored). Separate products are independent chains of MMAs, where one product over all ``BLOCK_D``
+    columns is one chain of ``BLOCK_D / 16`` dependent MMAs per warp; each part is scaled before the sum, which
+    keeps the compiler from folding the sum into one chain (an add of two dots becomes a dot accumulating the
+    other)."""
+    PART: tl.constexpr = BLOCK_D // D_PARTS
+    s = _part_logits(q0, 0, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE, PART)
+    if D_PARTS >= 2:
+        s += _part_logits(q1, 1, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE, PART)
+    if D_PARTS == 4:
+        s += _part_logits(q2, 2, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE, PART)
+        s += _part_logits(q3, 3, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE, PART)
+    return s
+
+
+@triton.jit
 def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
                  HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, CACHE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_PARTS: tl.constexpr = 1):
     """Online softmax of the rows ``q (BLOCK_M, BLOCK_D)`` over keys ``key_start..key_end`` of one KV head
     (``k_base``/``v_base`` point at key 0, rows ``skl``/``svl`` apart; ``mask_rows`` at each row's mask
     entry for key 0, keys ``smk`` apart). Returns the unnormalised fp32 ``acc``, the running max ``m`` (log2
     units) and sum ``l``. ``CACHE``: the loads' cache modifier (".cg" where another program of the same
-    launch wrote the keys)."""
+    launch wrote the keys). ``D_PARTS`` (1, 2 or 4; ``BLOCK_D / D_PARTS >= 16``): the logits as that many
+    independent products over column parts (:func:`_logits`), for a tile so short that each warp's share of the
+    logits is one MMA chain."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_valid = offs_d < head_dim
+    if D_PARTS == 1:
+        q0 = q
+        q1 = q
+        q2 = q
+        q3 = q
+    else:
+        low, high = _halves(q, BLOCK_M, BLOCK_D)
+        q0 = low
+        q1 = high
+        q2 = low
+        q3 = high
+        if D_PARTS == 4:
+            q0, q1 = _halves(low, BLOCK_M, BLOCK_D // 2)
+            q2, q3 = _halves(high, BLOCK_M, BLOCK_D // 2)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(key_start, key_end, BLOCK_N):
         keys = start + offs_n
         k_valid = keys < key_end
-        kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=k_valid[None, :] & d_valid[:, None], other=0.0,
-                     cache_modifier=CACHE)
-        if UPCAST:
-            kt = kt.to(tl.float32)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        s = _logits(q0, q1, q2, q3, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE,
+                    D_PARTS, BLOCK_D)
         if HAS_MASK:
             allowed = tl.load(mask_rows[:, None] + keys[None, :] * smk, mask=row_valid[:, None] & k_valid[None, :],
                               other=0)

@@ -81,8 +81,9 @@ class ExpertTiling:
     in the QKV phase (tile width ``2 * pair``); ``block_k`` the K step of every GEMM; ``gate_up_cols`` gate
     (and as many up) columns per gate/up tile; ``out_cols`` output columns per o / down tile and
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
-    ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs);
-    ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
+    ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
+    ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
+    :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
 
     block_m: int = 64
     pair: int = 16
@@ -94,6 +95,7 @@ class ExpertTiling:
     attn_rows: int = 16
     attn_keys: int = 32
     attn_splits: int | None = None
+    attn_d_parts: int = 1
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -234,8 +236,8 @@ def _layer(
     SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
+    BLOCK_D: tl.constexpr, PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
@@ -316,7 +318,7 @@ def _layer(
         acc, m_i, l_i = attend_range(
             q, k_ptr + b * s_kb + kv_h * s_kh, v_ptr + b * s_vb + kv_h * s_vh, s_kl, s_vl,
             mask_ptr + b * s_mb + query * s_mq, s_mk, key_start, key_end, scale_log2, row_valid, HD,
-            True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD)
+            True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD, ATTN_D_PARTS)
         finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
                      n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
     _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
@@ -374,8 +376,8 @@ def _expert_layer_kernel(
     ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
+    BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -383,7 +385,7 @@ def _expert_layer_kernel(
            h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
-           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, BLOCK_HD, BLOCK_D, PHASES, False)
+           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, BLOCK_HD, BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
@@ -455,6 +457,8 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return "the o / down K ranges do not divide into whole K steps"
     if head_dim > 256:
         return f"head_dim {head_dim} > 256"
+    if t.attn_d_parts not in (1, 2, 4):
+        return f"attn_d_parts {t.attn_d_parts} is not 1, 2 or 4"
     return None
 
 
@@ -524,7 +528,8 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        BLOCK_HD=workspace.block_hd, BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
+        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), BLOCK_HD=workspace.block_hd,
+        BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
 
