@@ -130,6 +130,24 @@ class ExpertConditioning:
     final_modulation: torch.Tensor | None = None
 
 
+def kv_buffers(layers: int, batch: int, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty key and value buffers ``(layers, batch, rows, Hkv, Dh)`` in the dtype and on the device of ``like``
+    (a ``(B, P, Hkv, Dh)`` K or V tensor)."""
+    keys = torch.empty((layers, batch, rows) + tuple(like.shape[2:]), dtype=like.dtype, device=like.device)
+    return keys, torch.empty_like(keys)
+
+
+class PrefixKVCache(list):
+    """A prefix pass's KV cache written with room for a suffix: per layer ``(k, v)``, each ``(B, P, Hkv, Dh)``, the
+    views ``keys[i, :, :P]`` / ``values[i, :, :P]`` of buffers ``(layers, B, P + room, Hkv, Dh)``.
+    :meth:`ComputeBackend.begin_denoising` writes a suffix of ``room`` rows after the prefix's in these buffers,
+    where a plain list of ``(k, v)`` is first copied into new ones."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prefix_len: int):
+        super().__init__((keys[i, :, :prefix_len], values[i, :, :prefix_len]) for i in range(keys.shape[0]))
+        self.keys, self.values = keys, values
+
+
 @dataclass
 class DenoisingContext:
     """The per-call state of a flow-matching decoder between ``begin_denoising`` and its ``expert_stack`` calls.
@@ -303,14 +321,24 @@ class ComputeBackend(ABC):
                                stack.eps)
 
     def prefix_kv_cache(self, weights: Weights, layers: Sequence[GatedLayer], x: torch.Tensor,
-                        positions: torch.Tensor, mask: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                        positions: torch.Tensor, mask: torch.Tensor,
+                        room: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """A prefill whose only output is its KV cache: the gated ``layers`` (plain norms) over ``x (B, P, D)``
         at ``positions (B, P)`` with ``mask (B, P, P)`` -> per layer ``(k, v)``, each ``(B, P, Hkv, Dh)``
         after RoPE. The last layer computes K/V only (its output is unused). ``x`` is the caller's temporary:
-        a backend may update it in place."""
+        a backend may update it in place. ``room > 0``: a :class:`PrefixKVCache` whose buffers have ``room`` rows
+        after the prefix's, for the suffix of the denoising call that follows (``begin_denoising``)."""
         cache = []
+        buffers = None
 
         def keep(k, v):
+            nonlocal buffers
+            if room:
+                if buffers is None:
+                    buffers = kv_buffers(len(layers), k.shape[0], k.shape[1] + room, k)
+                i = len(cache)
+                buffers[0][i, :, :k.shape[1]] = k
+                buffers[1][i, :, :v.shape[1]] = v
             cache.append((k, v))
             return k, v
 
@@ -319,8 +347,8 @@ class ComputeBackend(ABC):
             x = gated_layer(self, weights, layer, x, positions, mask, keep)
         h = self.rms_norm(x, weights[last.attn_norm], last.dims.rms_norm_eps)
         _, k, v = project_qkv(self, weights, last, h, positions)
-        cache.append((k, v))
-        return cache
+        keep(k, v)
+        return PrefixKVCache(*buffers, k.shape[1]) if room else cache
 
     def decoder_layer(self, weights: Weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor],
@@ -366,16 +394,21 @@ class ComputeBackend(ABC):
                         kv_cache: Sequence[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor,
                         mask: torch.Tensor, chunk: int, num_steps: int) -> DenoisingContext:
         """The context of one denoising call: the prefix ``kv_cache`` (per layer ``(B, P, Hkv, Dh)``) copied into
-        per-layer key/value buffers with room for the ``S`` suffix rows; ``positions (B, S)``,
+        per-layer key/value buffers with room for the ``S`` suffix rows (used in place, without a copy, when it is
+        a :class:`PrefixKVCache` of this dtype with room for ``S``); ``positions (B, S)``,
         ``mask (B, S, P + S)``; ``chunk`` action rows at the end of the suffix; ``num_steps`` steps follow."""
         b, s = positions.shape
         p = kv_cache[0][0].shape[1]
-        keys = torch.empty((len(kv_cache), b, p + s) + kv_cache[0][0].shape[2:], dtype=self.dtype,
-                           device=positions.device)
-        values = torch.empty_like(keys)
-        for i, (k, v) in enumerate(kv_cache):
-            keys[i, :, :p] = k
-            values[i, :, :p] = v
+        if (isinstance(kv_cache, PrefixKVCache) and kv_cache.keys.shape[2] == p + s
+                and kv_cache.keys.dtype == self.dtype and kv_cache.keys.device == positions.device):
+            keys, values = kv_cache.keys, kv_cache.values
+        else:
+            keys = torch.empty((len(kv_cache), b, p + s) + kv_cache[0][0].shape[2:], dtype=self.dtype,
+                               device=positions.device)
+            values = torch.empty_like(keys)
+            for i, (k, v) in enumerate(kv_cache):
+                keys[i, :, :p] = k
+                values[i, :, :p] = v
         return DenoisingContext(expert, conditioning, keys, values, p, positions, mask, chunk)
 
     def expert_stack(self, weights: Weights, ctx: DenoisingContext, x: torch.Tensor, step: int) -> torch.Tensor:

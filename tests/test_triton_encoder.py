@@ -82,6 +82,38 @@ def test_fused_encoder_matches_op_by_op_reference(model_type, dtype):
         _close(v[:, valid], rv[:, valid], dtype, f"layer {i} values")
 
 
+@pytest.mark.parametrize("backend_name", ["pytorch", "triton"])
+def test_prefix_cache_written_with_room_for_the_suffix_is_used_in_place(backend_name):
+    """With the chunk of the denoising call that follows, the prefix pass writes its K/V into buffers with room for
+    that call's suffix (on Triton, straight from the QKV/RoPE kernel); the K/V equal the plain pass's bit for bit,
+    and ``begin_denoising`` takes the buffers as they are, where a plain list is copied."""
+    from cortexflow.ops import ComputeBackend, PrefixKVCache
+
+    model, raw, weights, images, text = _setup("pi0", torch.float32)
+    backend = PyTorchBackend(torch.device(DEVICE), torch.float32) if backend_name == "pytorch" else \
+        TritonBackend(torch.device(DEVICE), torch.float32)
+    weights = backend.prepare_weights(model, weights)
+    tokens = backend.vision_encoder(model, weights, {"images": images})
+    inputs = dict(text, image_tokens=tokens)
+    plain = backend.transformer_encoder(model, weights, inputs)["kv_cache"]
+    chunk = 5
+    cache = backend.transformer_encoder(model, weights, dict(inputs, chunk=chunk))["kv_cache"]
+    p, s = plain[0][0].shape[1], model.suffix_length(chunk)
+    assert isinstance(cache, PrefixKVCache) and cache.keys.shape[:3] == (model.config.num_encoder_layers, 1, p + s)
+    for (k, v), (pk, pv) in zip(cache, plain):
+        assert torch.equal(k, pk) and torch.equal(v, pv)
+    positions = torch.arange(p, p + s, device=DEVICE)[None]
+    mask = torch.ones(1, s, p + s, dtype=torch.bool, device=DEVICE)
+    ctx = ComputeBackend.begin_denoising(backend, weights, model.expert(), None, cache, positions, mask, chunk, 1)
+    assert ctx.keys is cache.keys and ctx.values is cache.values
+    copied = ComputeBackend.begin_denoising(backend, weights, model.expert(), None, plain, positions, mask, chunk, 1)
+    assert copied.keys.data_ptr() != cache.keys.data_ptr() and torch.equal(copied.keys[:, :, :p], cache.keys[:, :, :p])
+    # Room for another suffix length: copied as a plain list would be.
+    other = ComputeBackend.begin_denoising(backend, weights, model.expert(), None, cache, positions[:, :-1],
+                                           mask[:, :-1, :-1], chunk - 1, 1)
+    assert other.keys.data_ptr() != cache.keys.data_ptr() and other.keys.shape[2] == p + s - 1
+
+
 def test_fused_weights_are_views_and_fusing_twice_changes_nothing():
     model, _, weights, _, _ = _setup("pi0", torch.float32)
     before = {k: v.clone() for k, v in weights.items()}

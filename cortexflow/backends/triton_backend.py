@@ -151,12 +151,12 @@ class TritonBackend(PyTorchBackend):
             return super().pre_ln_encoder(weights, stack, x)
         return fused_vision_tower(weights, stack, x)
 
-    def prefix_kv_cache(self, weights, layers, x, positions, mask):
+    def prefix_kv_cache(self, weights, layers, x, positions, mask, room=0):
         """The fused Gemma prefix (``triton_encoder.py``) when its weights were fused; else op by op."""
         if not self._encoder_fused(prefix_layers_fused(layers, weights),
                                    prefix_unsupported(layers, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
-            return super().prefix_kv_cache(weights, layers, x, positions, mask)
-        return fused_prefix(self, weights, layers, x, positions, mask)
+            return super().prefix_kv_cache(weights, layers, x, positions, mask, room)
+        return fused_prefix(self, weights, layers, x, positions, mask, room=room)
 
     def _encoder_fused(self, fused: bool, unsupported: str | None) -> bool:
         """Whether a fused encoder unit runs: its weights were fused (``fused_encoder``) and its config fits;

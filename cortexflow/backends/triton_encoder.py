@@ -31,7 +31,7 @@ from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
 from cortexflow.kernels.layer_norm import layer_norm
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer
+from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer, PrefixKVCache
 
 VISION_QKV = "qkv"
 #: How the SigLIP attention runs: "triton" (kernels/attention.py) or "sdpa" (torch's fused attention;
@@ -121,11 +121,15 @@ def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_att
 
 
 def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor, positions: torch.Tensor,
-                 mask: torch.Tensor, attention_tiling: dict | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                 mask: torch.Tensor, attention_tiling: dict | None = None,
+                 room: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``ComputeBackend.prefix_kv_cache`` over the fused weights -> per layer ``(k, v)`` ``(B, P, Hkv, Dh)``
     after RoPE (the last layer computes K/V only). ``x (B, P, D)`` is the caller's temporary, updated in
     place. Projections whose weights are E4M3 (``TritonOptions.fp8`` with "prefix") run as FP8 GEMMs
-    (:func:`~cortexflow.backends.triton_fp8.project`, new residual tensors then). ``attention_tiling`` overrides :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark)."""
+    (:func:`~cortexflow.backends.triton_fp8.project`, new residual tensors then). ``attention_tiling`` overrides
+    :data:`PREFIX_ATTENTION_TILING` (for the micro-benchmark). Each layer's QKV/RoPE kernel writes its K/V straight
+    into ``(layers, B, P + room, Hkv, Dh)`` buffers, returned as a :class:`~cortexflow.ops.PrefixKVCache` (with
+    ``room`` the suffix length, the denoising call writes its suffix rows after them and copies nothing)."""
     d = layers[0].dims
     tiling = PREFIX_ATTENTION_TILING if attention_tiling is None else attention_tiling
     x = x.contiguous()
@@ -134,14 +138,13 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
     scale = d.attention_scale
     eps = d.rms_norm_eps
     rows = x.view(b * p, width)
-    cache = []
-    for layer in layers:
+    keys = torch.empty((len(layers), b, p + room, d.num_kv_heads, d.head_dim), dtype=x.dtype, device=x.device)
+    values = torch.empty_like(keys)
+    cache = PrefixKVCache(keys, values, p)
+    for layer, (k, v) in zip(layers, cache):
         h = rms_kernel.rms_norm(rows, weights[layer.attn_norm], eps)
         qkv = project(weights, layer.name("qkv"), h).view(b, p, -1)
-        k = torch.empty((b, p, d.num_kv_heads, d.head_dim), dtype=x.dtype, device=x.device)
-        v = torch.empty_like(k)
         q = qkv_rope(qkv, positions, inv_freq, d.num_heads, d.num_kv_heads, k, v)
-        cache.append((k, v))
         if layer is layers[-1]:
             break  # the last layer's output is unused: only its K/V are needed
         a = attention(q, k, v, mask, scale, **tiling)

@@ -167,16 +167,24 @@ class Pi0Model(VLAModel):
     def transformer_encoder(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> dict[str, Any]:
         """Prefix pass over the Gemma-2B layers -> ``{"kv_cache": [(k, v)] per layer, "prefix_mask": (B, P)}``.
 
-        k/v are ``(B, P, Hkv, Dh)`` after RoPE. The last layer computes K/V only (its output is unused)."""
+        k/v are ``(B, P, Hkv, Dh)`` after RoPE. The last layer computes K/V only (its output is unused). With
+        ``inputs["chunk"]`` (the action chunk of the denoising call that follows) the cache is written with room
+        for that call's suffix rows (``ops.prefix_kv_cache``'s ``room``), which it then fills without a copy."""
         x, valid = self.embed_prefix(ops, weights, inputs)
         positions, mask = self.prefix_positions_and_mask(valid)
-        cache = ops.prefix_kv_cache(weights, self.prefix_layers(), x, positions, mask)
+        chunk = inputs.get("chunk")
+        room = 0 if chunk is None else self.suffix_length(chunk)
+        cache = ops.prefix_kv_cache(weights, self.prefix_layers(), x, positions, mask, room)
         return {"kv_cache": cache, "prefix_mask": valid}
+
+    def suffix_length(self, chunk_size: int) -> int:
+        """Suffix tokens of a denoising call: the state token and ``chunk_size`` action tokens."""
+        return chunk_size + 1
 
     def suffix_attention_mask(self, prefix_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """``(B, S, P+S)``: every suffix token sees the valid prefix; the state token sees itself, not the actions."""
         b = prefix_mask.shape[0]
-        s = chunk_size + 1
+        s = self.suffix_length(chunk_size)
         suffix = torch.ones(s, s, dtype=torch.bool, device=prefix_mask.device)
         suffix[0, 1:] = False
         return torch.cat([prefix_mask[:, None, :].expand(b, s, -1), suffix[None].expand(b, s, s)], dim=2)
@@ -314,6 +322,7 @@ class Pi0Model(VLAModel):
                     "image_masks": buffers["image_masks"],
                     "token_ids": buffers["token_ids"],
                     "token_mask": buffers["token_mask"],
+                    "chunk": buffers["noise"].shape[1],
                 },
             )
         with timer("transformer_decoder"):
@@ -346,6 +355,10 @@ class Pi05Model(Pi0Model):
         shapes = super().get_buffer_shapes(num_views, chunk_size, batch_size)
         del shapes["state"]
         return shapes
+
+    def suffix_length(self, chunk_size: int) -> int:
+        """Suffix tokens of a denoising call: the ``chunk_size`` action tokens (the state is in the prompt)."""
+        return chunk_size
 
     def suffix_attention_mask(self, prefix_mask: torch.Tensor, chunk_size: int) -> torch.Tensor:
         """``(B, H, P+H)``: actions see the valid prefix and every action."""
