@@ -27,7 +27,8 @@ DEFAULT_BUCKET = 16
 class TokenVLAEngine(PolicyEngine):
     """Runs a token-decoding policy (``OpenVLAModel``, ``RT2Model``) on one backend and device.
 
-    ``weights`` are canonical-name tensors already on ``device``; ``unnormalize`` maps normalised actions
+    ``weights`` are canonical-name tensors on ``device``, or on the host with ``precision="fp8"`` (the backend moves
+    them, quantising the language model layer by layer); ``unnormalize`` maps normalised actions
     to robot actions (None: actions stay normalised); ``constrained`` restricts every argmax to the
     action ids (off by default, as in the OpenVLA reference)."""
 

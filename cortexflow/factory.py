@@ -23,7 +23,7 @@ from cortexflow.engine import VLAInferenceEngine, resolve_device
 from cortexflow.errors import ConfigError, NormStatsError
 from cortexflow.history_engine import RT1Engine, TextEncoder, universal_sentence_encoder
 from cortexflow.preprocessor import install_pipeline
-from cortexflow.quantization.precision import backend_for_precision
+from cortexflow.quantization.precision import backend_for_precision, parse_precision
 
 __all__ = ["create_openvla_inference", "create_pi0_inference", "create_pi05_inference", "create_rt1_inference",
            "create_rt2_inference"]
@@ -181,6 +181,13 @@ def create_pi05_inference(
     )
 
 
+def load_device(precision: str, device: torch.device) -> torch.device:
+    """Where a token VLA's checkpoint is read to: the host for ``precision="fp8"`` (the triton backend then moves the
+    weights to ``device`` one language-model layer at a time, quantising each before the next, so the GPU never
+    holds the bfloat16 model), else ``device``."""
+    return torch.device("cpu") if parse_precision(precision) == "fp8" else device
+
+
 def create_openvla_inference(
     checkpoint_path: str | Path,
     backend: Any = BackendType.PYTORCH,
@@ -214,7 +221,7 @@ def create_openvla_inference(
     dtype_ = parse_dtype(dtype)
     backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
     path = Path(checkpoint_path).expanduser()
-    model, weights, report, files = load_openvla_checkpoint(path, device_, dtype_, model_config)
+    model, weights, report, files = load_openvla_checkpoint(path, load_device(precision, device_), dtype_, model_config)
     key, stats = select_action_stats(read_dataset_statistics(files.root, files.config), unnorm_key)
     if stats is not None and stats.dim != model.config.action_dim:
         model.config.action_dim = stats.dim
@@ -267,7 +274,8 @@ def create_rt2_inference(
     device_ = resolve_device(device)
     dtype_ = parse_dtype(dtype)
     backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
-    model, weights, match = load_rt2_checkpoint(Path(checkpoint_path).expanduser(), device_, dtype_, model_config)
+    model, weights, match = load_rt2_checkpoint(Path(checkpoint_path).expanduser(), load_device(precision, device_),
+                                                dtype_, model_config)
     tokenizer = SentencePieceTokenizer(tokenizer_path) if tokenizer_path is not None else None
     unnorm = None
     if norm_stats_path is not None:

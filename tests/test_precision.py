@@ -131,6 +131,85 @@ def test_quantisation_at_load_is_deterministic_and_keeps_the_layout(stages):
                 assert torch.equal(first[fp8_scale_key(layer.name("q"))], first[fp8_scale_key(layer.name("qkv"))][:q.shape[0]])
 
 
+def _tiny_pi0_bf16():
+    from cortexflow.models.pi0 import model_class
+    from cortexflow.random_checkpoint import random_weights, tiny_model_config
+
+    config = tiny_model_config("pi0")
+    model = model_class(config.model_type)(config)
+    raw = {k: v.to(torch.bfloat16) for k, v in random_weights(config, 3, torch.float32, torch.device("cpu")).items()}
+    return model, raw
+
+
+@pytest.mark.parametrize("stages", ["decoder", "all"])
+def test_host_loaded_weights_are_quantised_layer_by_layer_with_the_same_bits(stages, monkeypatch):
+    """Weights that are not on the backend's device yet take the streaming path (each FP8 layer moved, fused,
+    folded and quantised before the next); on the CPU (where the move is a no-op) it gives the same tensors, bit
+    for bit, as quantising after everything is on the device."""
+    from cortexflow.backends import triton_backend
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    model, raw = _tiny_pi0_bf16()
+    backend = TritonBackend(torch.device("cpu"), torch.bfloat16, TritonOptions(fp8=stages))
+    plain = backend.prepare_weights(model, dict(raw))
+    streamed_layers = []
+    original = triton_backend.prepare_fp8_layer
+    monkeypatch.setattr(triton_backend, "on_device", lambda tensor, device: False)
+    monkeypatch.setattr(triton_backend, "prepare_fp8_layer",
+                        lambda w, layer, fold: (streamed_layers.append(layer.prefix), original(w, layer, fold)))
+    streamed = backend.prepare_weights(model, dict(raw))
+    groups = model.fusable_weights()
+    expected = [layer.prefix for layer in groups.decoder_layers]
+    if stages == "all":
+        expected = [layer.prefix for layer in groups.encoder_layers] + expected
+    assert streamed_layers == expected
+    assert streamed.keys() == plain.keys()
+    for name, tensor in plain.items():
+        other = streamed[name]
+        assert other.dtype == tensor.dtype and other.shape == tensor.shape, name
+        assert torch.equal(other.view(torch.uint8), tensor.view(torch.uint8)) if tensor.dtype == E4M3 else \
+            torch.equal(other, tensor), name
+
+
+def test_token_vlas_are_read_to_the_host_for_fp8():
+    from cortexflow.factory import load_device
+
+    gpu = torch.device("cuda", 0)
+    assert load_device("fp8", gpu) == torch.device("cpu") and load_device("default", gpu) == gpu
+
+
+def test_host_loaded_weights_reach_the_device_one_fp8_layer_at_a_time(hopper):
+    """Weights on the host and a backend on a GPU (the meta device standing for an H100): when a layer is
+    prepared, the layers before it are E4M3 on the device and the layers after it are still on the host; at the
+    end every tensor is on the device."""
+    from cortexflow.backends import triton_fp8
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    model, raw = _tiny_pi0_bf16()
+    backend = TritonBackend(hopper, torch.bfloat16, TritonOptions(fp8="decoder"))
+    layers = model.fusable_weights().decoder_layers
+    weights = dict(raw)
+    seen = []
+
+    def prepare(layer):
+        i = len(seen)
+        seen.append(layer.prefix)
+        for before in layers[:i]:
+            assert weights[before.name("down")].dtype == E4M3 and weights[before.name("down")].device.type == "meta"
+        for after in layers[i + 1:]:
+            assert weights[after.name("down")].device.type == "cpu"
+        from cortexflow.backends.triton_backend import prepare_fp8_layer
+
+        prepare_fp8_layer(weights, layer, False)
+
+    triton_fp8.stream_layers_to_device(weights, layers, hopper, prepare)
+    assert seen == [layer.prefix for layer in layers]
+    assert all(t.device.type == "meta" for t in weights.values())
+    prepared = backend.prepare_weights(model, dict(raw))
+    assert all(t.device.type == "meta" for t in prepared.values())
+    assert all(prepared[layer.name(p)].dtype == E4M3 for layer in layers for p in ("qkv", "o", "gate_up", "down"))
+
+
 @pytest.mark.parametrize("args", [
     ["verify", "--backend", "triton", "--precision", "fp8"],
     ["bench", "--backends", "triton", "--precision", "fp8"],

@@ -38,7 +38,12 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
     start_workspace,
     step_tables,
 )
-from cortexflow.backends.triton_fp8 import fp8_layers, quantize_layers  # noqa: E402
+from cortexflow.backends.triton_fp8 import (  # noqa: E402
+    fp8_layers,
+    on_device,
+    quantize_layers,
+    stream_layers_to_device,
+)
 from cortexflow.backends.triton_encoder import (  # noqa: E402
     fuse_encoder_weights,
     fused_prefix,
@@ -123,18 +128,27 @@ class TritonBackend(PyTorchBackend):
         with ``fused_encoder``, SigLIP's Q/K/V and the prefix layers' projections (the originals become views,
         one layer at a time, in place); fold the norm scales of decoder layers that allow it into their fused
         projections when the fused layer runs them (``fold_token_norms``); then make the projections of the
-        ``fp8`` stages E4M3 (``triton_fp8.py``)."""
-        weights = fuse_layer_projections(weights, (layer.prefix for layer in groups.decoder_layers))
-        if self.options.fused_encoder:
-            weights = fuse_encoder_weights(groups, weights)
-        foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)]
-        if self.options.fold_token_norms and foldable:
-            weights = fold_norm_weights(foldable, weights)
+        ``fp8`` stages E4M3 (``triton_fp8.py``). Weights not on this backend's device yet (loaded on the host, as the
+        engines do with ``precision="fp8"``) move there one FP8 layer at a time, each fused, folded and quantised
+        before the next moves (:func:`~cortexflow.backends.triton_fp8.stream_layers_to_device`), so the device
+        never holds the whole model in bfloat16."""
         stages = self.options.fp8_stages
         if "prefix" in stages and groups.encoder_layers and not self.options.fused_encoder:
             raise ConfigError("TritonOptions.fp8 with 'prefix' needs fused_encoder=True (the op-by-op prefix runs "
                               "cuBLAS GEMMs on bf16 weights); set fp8='decoder' or fused_encoder=1")
-        return quantize_layers(weights, fp8_layers(groups, stages))
+        foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)]
+        if not self.options.fold_token_norms:
+            foldable = []
+        quantised = fp8_layers(groups, stages)
+        if quantised and not all(on_device(t, self.device) for t in weights.values()):
+            stream_layers_to_device(weights, quantised, self.device,
+                                    lambda layer: prepare_fp8_layer(weights, layer, layer in foldable))
+        weights = fuse_layer_projections(weights, (layer.prefix for layer in groups.decoder_layers))
+        if self.options.fused_encoder:
+            weights = fuse_encoder_weights(groups, weights)
+        if foldable:
+            weights = fold_norm_weights(foldable, weights)
+        return quantize_layers(weights, quantised)
 
     def per_weights(self, weights, key, build):
         """Kept per weights dict and key (the tables of a denoising loop are made on the first call)."""
@@ -313,3 +327,13 @@ class TritonBackend(PyTorchBackend):
 
     def gelu_tanh_gate(self, gate, up):
         return gelu_gate.gelu_tanh_gate(gate, up)
+
+
+def prepare_fp8_layer(weights: dict[str, torch.Tensor], layer, fold: bool) -> None:
+    """``layer`` as :meth:`TritonBackend.fuse_weights` leaves an FP8 layer, in place: Q/K/V and gate/up fused, its
+    norm scales folded into them (``fold``), its projections E4M3. Every step is idempotent, so the whole-model
+    pass after it changes nothing in this layer."""
+    fuse_layer_projections(weights, [layer.prefix])
+    if fold:
+        fold_norm_weights([layer], weights)
+    quantize_layers(weights, [layer])

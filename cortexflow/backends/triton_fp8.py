@@ -14,7 +14,7 @@ VLA's prefill) over either kind of weight.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +50,28 @@ def quantize_layers(weights: dict[str, torch.Tensor], layers: Iterable[GatedLaye
                                   "(the triton backend fuses Q/K/V and gate/up of the layers it quantises)")
             split = [(layer.name(p), weights[layer.name(p)].shape[0]) for p in parts if layer.name(p) in weights]
             quantize_in_place(weights, name, split)
+    return weights
+
+
+def on_device(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether ``tensor`` is on ``device`` (a device without an index matches any of its type's)."""
+    return tensor.device.type == device.type and (device.index is None or tensor.device.index == device.index)
+
+
+def stream_layers_to_device(weights: dict[str, torch.Tensor], layers: Iterable[GatedLayer], device: torch.device,
+                            prepare_layer: Callable[[GatedLayer], None]) -> dict[str, torch.Tensor]:
+    """Move ``weights`` onto ``device`` in place, one layer at a time: a layer's tensors (the names under its
+    prefix), then ``prepare_layer(layer)`` (which fuses and quantises it) before the next layer's move; then every
+    other tensor. Weights loaded on the host thus reach the device with at most one layer in the load dtype
+    beside the layers already in E4M3, where moving them all first holds every layer in the load dtype."""
+    for layer in layers:
+        under = layer.prefix + "."
+        for name in [n for n in weights if n.startswith(under)]:
+            weights[name] = weights[name].to(device)
+        prepare_layer(layer)
+    for name, tensor in weights.items():
+        if not on_device(tensor, device):
+            weights[name] = tensor.to(device)
     return weights
 
 
