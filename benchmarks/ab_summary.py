@@ -17,7 +17,7 @@ import re
 import sys
 from pathlib import Path
 
-#: ``build``: old, new, fp8 (--precision fp8), or a --triton-options setting with ",=" as "+." and no "_".
+#: ``build``: old, new, fp8 / oldfp8 (the new / old build with --precision fp8), or a --triton-options setting with ",=" as "+." and no "_".
 BENCH_FILE = re.compile(r"bench_(?P<group>[a-z0-9]+)_(?P<build>[a-z0-9+.-]+)_r(?P<round>\d+)\.json$")
 
 
@@ -57,6 +57,9 @@ def bench_rows(runs: Path) -> list[dict]:
         fp8 = [v for k, v in row.items() if k.startswith("fp8_r")]
         if fp8 and new:
             row["fp8_vs_new_pct"] = round(100.0 * (sum(fp8) / len(fp8) / (sum(new) / len(new)) - 1.0), 2)
+        old_fp8 = [v for k, v in row.items() if k.startswith("oldfp8_r")]
+        if old_fp8 and fp8:
+            row["fp8_vs_oldfp8_pct"] = round(100.0 * (sum(fp8) / len(fp8) / (sum(old_fp8) / len(old_fp8)) - 1.0), 2)
         if len(old) > 1:
             row["old_spread_pct"] = round(100.0 * (max(old) / min(old) - 1.0), 2)
     order = {"pi0": 0, "pi05": 1, "openvla": 2, "rt2": 3}
@@ -98,15 +101,16 @@ def summarize(runs: Path) -> dict:
 def print_summary(summary: dict) -> None:
     rounds = sorted({k for row in summary["bench"] for k in row if re.fullmatch(r"[a-z0-9+.-]+_r\d+", k)},
                     key=lambda k: (k[-1], {"old": 0, "new": 1}.get(k.split("_r")[0], 2), k))
-    print(f"{'workload':28}" + "".join(f"{k:>10}" for k in rounds) + f"{'new/old':>9}{'fp8/new':>9}{'old spread':>11}"
-          f"{'peak GiB new/fp8':>18}")
+    print(f"{'workload':28}" + "".join(f"{k:>10}" for k in rounds) + f"{'new/old':>9}{'fp8/new':>9}{'fp8/oldfp8':>11}"
+          f"{'old spread':>11}{'peak GiB new/fp8':>18}")
     for row in summary["bench"]:
         cells = "".join(f"{row[k]:>10.2f}" if k in row else f"{'-':>10}" for k in rounds)
         change = f"{row['new_vs_old_pct']:+8.1f}%" if "new_vs_old_pct" in row else f"{'-':>9}"
         fp8 = f"{row['fp8_vs_new_pct']:+8.1f}%" if "fp8_vs_new_pct" in row else f"{'-':>9}"
+        fp8_change = f"{row['fp8_vs_oldfp8_pct']:+10.1f}%" if "fp8_vs_oldfp8_pct" in row else f"{'-':>11}"
         spread = f"{row['old_spread_pct']:10.1f}%" if "old_spread_pct" in row else f"{'-':>11}"
         peaks = "/".join(f"{row[k]:.2f}" if k in row else "-" for k in ("new_peak_gib", "fp8_peak_gib"))
-        print(f"{row['workload']:28}{cells}{change}{fp8}{spread}{peaks:>18}")
+        print(f"{row['workload']:28}{cells}{change}{fp8}{fp8_change}{spread}{peaks:>18}")
     for model, result in summary["verify"].items():
         err = result.get("actions_rel_l2")
         print(f"verify {model}: {'PASS' if result.get('passed') else 'FAIL'}"

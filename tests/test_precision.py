@@ -144,13 +144,15 @@ def _tiny_pi0_bf16():
 @pytest.mark.parametrize("stages", ["decoder", "all"])
 def test_host_loaded_weights_are_quantised_layer_by_layer_with_the_same_bits(stages, monkeypatch):
     """Weights that are not on the backend's device yet take the streaming path (each FP8 layer moved, fused,
-    folded and quantised before the next); on the CPU (where the move is a no-op) it gives the same tensors, bit
-    for bit, as quantising after everything is on the device."""
+    folded and quantised before the next); forced on weights already on the device (where the move is a no-op), it
+    gives the same tensors, bit for bit, as quantising after everything is on the device."""
     from cortexflow.backends import triton_backend
     from cortexflow.backends.triton_backend import TritonBackend
 
     model, raw = _tiny_pi0_bf16()
-    backend = TritonBackend(torch.device("cpu"), torch.bfloat16, TritonOptions(fp8=stages))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    raw = {k: v.to(device) for k, v in raw.items()}
+    backend = TritonBackend(device, torch.bfloat16, TritonOptions(fp8=stages))
     plain = backend.prepare_weights(model, dict(raw))
     streamed_layers = []
     original = triton_backend.prepare_fp8_layer

@@ -43,12 +43,12 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> t
     constants"): gated gate/up 16 rows, 512, 4 warps; long K (> 8192, OpenVLA's down) 8 rows, 2048, 8 warps;
     wide N (>= 8192 rows, QKV) 32 rows, 1024, 8 warps; otherwise (o) 8 rows, 1024, 4 warps.
 
-    E4M3 weights (``fp8``), from ``benchmarks/bench_fp8_decode.py``'s H100 sweep (18 tilings a shape): wide N
-    4 rows, 1024, 4 warps (OpenVLA's QKV: 21.9 us, 2.30 TB/s of E4M3 weights); otherwise 8 rows, 1024, 4 warps
-    (o: 8.3 us, 2.03 TB/s). Gated and long-K weights were not reached by that sweep: twice the bf16 K chunk,
-    so each row's load is as many bytes as the bf16 tiling's, with as many fp32 accumulators per thread."""
+    E4M3 weights (``fp8``), from ``benchmarks/bench_fp8_decode.py``'s H100 sweeps (NOTES, sessions 19 and 20): wide
+    N 4 rows, 1024, 4 warps (OpenVLA's QKV: 21.9 us, 2.30 TB/s of E4M3 weights); gated 4 rows, 1024, 4 warps (gate/up
+    + SiLU gate: 39.1 us, 2.31 TB/s, against 44.0 us at 16 rows, 1024, 8 warps); long K 4 rows, 4096, 8 warps (down:
+    21.0 us, within 0.2 us of the sweep's best); otherwise 8 rows, 1024, 4 warps (o: 8.3 us, 2.03 TB/s)."""
     if gated:
-        return (16, 1024, 8) if fp8 else (16, 512, 4)
+        return (4, 1024, 4) if fp8 else (16, 512, 4)
     if k_dim > 8192:
         return (4, 4096, 8) if fp8 else (8, 2048, 8)
     if n_rows >= 8192:

@@ -83,7 +83,8 @@ class ExpertTiling:
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
-    :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
+    :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``; 4: Pi0's 16-row tiles give
+    each warp one MMA chain over the 256 columns otherwise); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
 
     block_m: int = 64
     pair: int = 16
@@ -95,7 +96,7 @@ class ExpertTiling:
     attn_rows: int = 16
     attn_keys: int = 32
     attn_splits: int | None = None
-    attn_d_parts: int = 1
+    attn_d_parts: int = 4
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
