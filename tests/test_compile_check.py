@@ -74,8 +74,12 @@ def test_every_variant_compiles_for_hopper_at_real_size(pi0_family_run):
     for case in report["cases"]:
         assert case["launches"] > 300 and case["torch_kernels"] > 100, case
         assert not {"sin", "cos", "linspace", "reciprocal", "pow"} & set(case["torch_ops"]), case["torch_ops"]
-        # The prefix's QKV/RoPE kernels write K/V into the buffers the denoising steps read (no copy per layer).
-        assert case["torch_ops"].get("copy_", 0) < 18, case["torch_ops"]
+        # The fused prefix's QKV/RoPE kernels write K/V into the buffers the denoising steps read (no copy per
+        # layer); the op-by-op encoder copies each layer's K/V once.
+        if case["variant"] != "op-by-op-encoder":
+            assert case["torch_ops"].get("copy_", 0) < 18, case
+        else:
+            assert case["torch_ops"].get("copy_", 0) >= 2 * 18, case
     # 18 layers x 10 steps per predict (Pi0 and Pi0.5).
     assert sum(k["launches_by_variant"].get("default", 0) for k in experts) == 2 * 180
     assert sum(k["launches_by_variant"].get("kernel-chain", 0) for k in experts) == 0
