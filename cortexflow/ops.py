@@ -130,10 +130,10 @@ class ExpertConditioning:
     final_modulation: torch.Tensor | None = None
 
 
-def kv_buffers(layers: int, batch: int, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Empty key and value buffers ``(layers, batch, rows, Hkv, Dh)`` in the dtype and on the device of ``like``
-    (a ``(B, P, Hkv, Dh)`` K or V tensor)."""
-    keys = torch.empty((layers, batch, rows) + tuple(like.shape[2:]), dtype=like.dtype, device=like.device)
+def kv_buffers(layers: int, batch: int, rows: int, head_shape: Sequence[int], dtype: torch.dtype,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty key and value buffers ``(layers, batch, rows, Hkv, Dh)``, ``head_shape = (Hkv, Dh)``."""
+    keys = torch.empty((layers, batch, rows, *head_shape), dtype=dtype, device=device)
     return keys, torch.empty_like(keys)
 
 
@@ -335,7 +335,7 @@ class ComputeBackend(ABC):
             nonlocal buffers
             if room:
                 if buffers is None:
-                    buffers = kv_buffers(len(layers), k.shape[0], k.shape[1] + room, k)
+                    buffers = kv_buffers(len(layers), k.shape[0], k.shape[1] + room, k.shape[2:], k.dtype, k.device)
                 i = len(cache)
                 buffers[0][i, :, :k.shape[1]] = k
                 buffers[1][i, :, :v.shape[1]] = v
@@ -403,9 +403,7 @@ class ComputeBackend(ABC):
                 and kv_cache.keys.dtype == self.dtype and kv_cache.keys.device == positions.device):
             keys, values = kv_cache.keys, kv_cache.values
         else:
-            keys = torch.empty((len(kv_cache), b, p + s) + kv_cache[0][0].shape[2:], dtype=self.dtype,
-                               device=positions.device)
-            values = torch.empty_like(keys)
+            keys, values = kv_buffers(len(kv_cache), b, p + s, kv_cache[0][0].shape[2:], self.dtype, positions.device)
             for i, (k, v) in enumerate(kv_cache):
                 keys[i, :, :p] = k
                 values[i, :, :p] = v

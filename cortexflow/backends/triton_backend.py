@@ -136,9 +136,8 @@ class TritonBackend(PyTorchBackend):
         if "prefix" in stages and groups.encoder_layers and not self.options.fused_encoder:
             raise ConfigError("TritonOptions.fp8 with 'prefix' needs fused_encoder=True (the op-by-op prefix runs "
                               "cuBLAS GEMMs on bf16 weights); set fp8='decoder' or fused_encoder=1")
-        foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)]
-        if not self.options.fold_token_norms:
-            foldable = []
+        foldable = [layer for layer in groups.decoder_layers if layer.foldable_norms and fits_fused_layer(layer.dims)
+                    and self.options.fold_token_norms]
         quantised = fp8_layers(groups, stages)
         if quantised and not all(on_device(t, self.device) for t in weights.values()):
             stream_layers_to_device(weights, quantised, self.device,

@@ -31,7 +31,7 @@ from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
 from cortexflow.kernels.layer_norm import layer_norm
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer, PrefixKVCache
+from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer, PrefixKVCache, kv_buffers
 
 VISION_QKV = "qkv"
 #: How the SigLIP attention runs: "triton" (kernels/attention.py) or "sdpa" (torch's fused attention;
@@ -138,9 +138,7 @@ def fused_prefix(backend, weights, layers: Sequence[GatedLayer], x: torch.Tensor
     scale = d.attention_scale
     eps = d.rms_norm_eps
     rows = x.view(b * p, width)
-    keys = torch.empty((len(layers), b, p + room, d.num_kv_heads, d.head_dim), dtype=x.dtype, device=x.device)
-    values = torch.empty_like(keys)
-    cache = PrefixKVCache(keys, values, p)
+    cache = PrefixKVCache(*kv_buffers(len(layers), b, p + room, (d.num_kv_heads, d.head_dim), x.dtype, x.device), p)
     for layer, (k, v) in zip(layers, cache):
         h = rms_kernel.rms_norm(rows, weights[layer.attn_norm], eps)
         qkv = project(weights, layer.name("qkv"), h).view(b, p, -1)
