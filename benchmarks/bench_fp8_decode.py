@@ -228,6 +228,17 @@ def prefill_cases(m: int, calls: int, repeats: int) -> list[dict]:
             lambda: rel_err(torch._scaled_mm(qx.data, w8[0].data.t(), scale_a=qx.scale[:, None],
                                              scale_b=w8[0].scale[None, :], out_dtype=torch.bfloat16), ref),
             fp8_bytes, calls, repeats))
+        # The same product with one scale per tensor (cuBLAS's other FP8 scaling mode): x's largest row scale and the
+        # weight's largest channel scale, so the values are not what fp8_linear computes; it times the kernel cuBLAS
+        # picks for tensor-wise scales (rel_err against the row-scaled product says how far it is).
+        scale_x, scale_w = qx.scale.max().reshape(()), w8[0].scale.max().reshape(())
+        row["variants"].append(measure(
+            {"name": "_scaled_mm tensor-wise scales (timing)"},
+            lambda i: torch._scaled_mm(qx.data, w8[i % count].data.t(), scale_a=scale_x, scale_b=scale_w,
+                                       out_dtype=torch.bfloat16),
+            lambda: rel_err(torch._scaled_mm(qx.data, w8[0].data.t(), scale_a=scale_x, scale_b=scale_w,
+                                             out_dtype=torch.bfloat16), ref),
+            fp8_bytes, calls, repeats))
         row["variants"].append(measure(
             {"name": "quantize_activation_rows alone"}, lambda i: quantize_activation_rows(x),
             lambda: 0.0 if torch.equal(quantize_activation_rows(x).data.view(torch.uint8),
