@@ -87,7 +87,6 @@ def fp8_weight_bytes(weights: dict[str, torch.Tensor]) -> int:
     return total
 
 
-
 def weight_scale(weights, name: str) -> torch.Tensor | None:
     """The per-output-channel scales of ``weights[name]`` when it is E4M3, else None."""
     return fp8_scale(weights, name) if is_fp8(weights[name]) else None
