@@ -96,6 +96,22 @@ def test_fp8_linear_matches_reference(dtype, residual):
     assert 1e-3 < rel_exact < 6e-2, rel_exact
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_product_rounds_like_pytorch(dtype):
+    """The epilogue of ``fp8_linear``: an fp32 product times its row and column scales, rounded to ``dtype`` (to
+    nearest even), then a residual added and rounded again, bit for bit what PyTorch computes."""
+    from cortexflow.kernels.fp8_gemm import scale_product
+
+    g = torch.Generator().manual_seed(5)
+    product = (torch.randn(9, 1100, generator=g) * 300).to(DEVICE)
+    rows, cols = torch.rand(9, generator=g).to(DEVICE) + 0.01, torch.rand(1100, generator=g).to(DEVICE) + 0.01
+    residual = torch.randn(9, 1100, generator=g).to(dtype).to(DEVICE)
+    expected = (product * rows[:, None] * cols[None, :]).to(dtype)
+    assert torch.equal(scale_product(product, rows, cols, dtype), expected)
+    assert torch.equal(scale_product(product, rows, cols, dtype, residual),
+                       (expected.float() + residual.float()).to(dtype))
+
+
 def test_fp8_linear_refuses_unaligned_or_unquantised_weights():
     x = torch.randn(3, 64, device=DEVICE)
     q = quantize_weight(torch.randn(32, 64, device=DEVICE))

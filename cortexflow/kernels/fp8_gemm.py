@@ -2,8 +2,11 @@
 
 ``fp8_linear(x, W, s_w) = x @ dequant(W)ᵀ``: the rows of ``x`` are quantised to E4M3 with one fp32 scale per
 row (:func:`quantize_activation_rows`, one Triton launch), then ``torch._scaled_mm`` multiplies the E4M3
-matrices with fp32 accumulation and applies the row scales of ``x`` and the per-output-channel scales of
-``W`` to each output before rounding it to ``x``'s dtype.
+matrices with fp32 accumulation and unit tensor-wise scales into an fp32 product, and one Triton launch
+(:func:`scale_product`) multiplies each output by its row scale of ``x`` and its per-output-channel scale of ``W``
+and rounds it to ``x``'s dtype (adding a residual after that rounding). cuBLAS's kernel for row-wise scales
+streams about half the bytes per second of its tensor-wise one at a token VLA's prefill shapes (H100, 280 rows:
+QKV 62.4 vs 32.0 µs, benchmarks/NOTES.md, session 20), more than the separate scaling launch costs.
 
 The activation quantisation is :func:`cortexflow.quantization.fp8.quantize_rows` bit for bit: the scale of a
 row is ``amax(|row|) / 448`` (1 for an all-zero row), each value is divided by it (IEEE division), clamped
@@ -106,7 +109,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])ᵀ (+ residual)`` in ``x.dtype`` with both operands in E4M3:
     ``x (..., K)`` quantised per row, ``weight (N, K)`` E4M3 with fp32 per-output-channel ``weight_scale
-    (N,)``; fp32 accumulation, scaled and rounded to ``x.dtype`` by ``torch._scaled_mm``. ``residual (..., N)``
+    (N,)``; fp32 accumulation, scaled and rounded to ``x.dtype`` by :func:`scale_product`. ``residual (..., N)``
     (``x.dtype``) is then added to the rounded product (fp32 sum, one more rounding). Returns ``(..., N)``."""
     check_fp8_operands(x, weight, weight_scale)
     n, k = weight.shape
@@ -115,11 +118,62 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
         x2 = x2.contiguous()
     qx = quantize_activation_rows(x2)
     w = weight if weight.is_contiguous() else weight.contiguous()
-    y = torch._scaled_mm(qx.data, w.t(), scale_a=qx.scale[:, None], scale_b=weight_scale[None, :],
-                         out_dtype=x.dtype)
-    if residual is not None:
-        y.add_(residual.reshape(-1, n))
-    return y.view(*x.shape[:-1], n)
+    one = _unit_scale(x.device)
+    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    res = None if residual is None else residual.reshape(-1, n)
+    return scale_product(product, qx.scale, weight_scale, x.dtype, res).view(*x.shape[:-1], n)
+
+
+_UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
+
+
+def _unit_scale(device: torch.device) -> torch.Tensor:
+    """The fp32 scalar 1 on ``device`` (``_scaled_mm``'s tensor-wise scale), made once per device."""
+    if device not in _UNIT_SCALES:
+        _UNIT_SCALES[device] = torch.ones((), dtype=torch.float32, device=device)
+    return _UNIT_SCALES[device]
+
+
+@triton.jit
+def _rounded(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (bf16 to nearest, ties to even, in integer arithmetic first: Triton 3.7's
+    interpreter casts fp32 to bf16 by truncation; a value already in bf16 casts exactly everywhere)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _scale_product_kernel(p_ptr, sx_ptr, sw_ptr, res_ptr, out_ptr, n_cols, HAS_RES: tl.constexpr,
+                          BLOCK_N: tl.constexpr):
+    """Row ``program_id(0)``, columns ``program_id(1) * BLOCK_N ..``: ``out = round(p * sx[row] * sw[col])`` (then
+    ``round(out + res)``)."""
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    valid = cols < n_cols
+    p = tl.load(p_ptr + row * n_cols + cols, mask=valid, other=0.0)
+    y = p * tl.load(sx_ptr + row) * tl.load(sw_ptr + cols, mask=valid, other=0.0)
+    y = _rounded(y, out_ptr.dtype.element_ty)
+    if HAS_RES:
+        y = _rounded(y.to(tl.float32) + tl.load(res_ptr + row * n_cols + cols, mask=valid, other=0.0).to(tl.float32),
+                     out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * n_cols + cols, y, mask=valid)
+
+
+def scale_product(product: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype,
+                  residual: torch.Tensor | None = None, block_n: int = 1024) -> torch.Tensor:
+    """``(product * row_scale[:, None] * col_scale[None, :])`` rounded to ``dtype`` (then ``+ residual``, rounded
+    again) for a contiguous fp32 ``product (M, N)``, ``row_scale (M,)``, ``col_scale (N,)`` and ``residual (M, N)``
+    in ``dtype``; one Triton launch. Returns a new ``(M, N)`` tensor."""
+    m, n = product.shape
+    out = torch.empty((m, n), dtype=dtype, device=product.device)
+    res = residual if residual is None or residual.is_contiguous() else residual.contiguous()
+    _scale_product_kernel[(m, triton.cdiv(n, block_n))](product, row_scale, col_scale,
+                                                        res if res is not None else out, out, n,
+                                                        HAS_RES=res is not None, BLOCK_N=block_n, num_warps=4)
+    return out
 
 
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
