@@ -5,14 +5,17 @@ the Triton decode step of ``backends/triton_token_decoder.py``: QKV GEMV with Ro
 split attention over 290 cached keys (+ combine), o GEMV + residual, gate/up GEMV + SiLU gate, down GEMV
 + residual; all 32 in one CUDA graph, launched with programmatic dependent launch (PDL) unlike the
 isolated kernels of a profile. Coordinate descent over the tiling of each projection (rows per program,
-K chunk, warps; the others at their current choice), then the chosen tiling with PDL off for reference.
-Prints per-layer µs and the weight stream's TB/s; writes ``$OUT/micro_decode_chain.json``.
+K chunk, warps, stages: 0 for the FMA GEMV, ``n >= 1`` for the tensor-core GEMV pipelined ``n`` deep; the
+others at their current choice), then the chosen tiling with PDL off for reference. ``--fp8``: the same with
+E4M3 weights and per-row scales (weight-only FP8, 6.6 GB). Prints per-layer µs and the weight stream's TB/s;
+writes ``$OUT/micro_decode_chain.json`` (``micro_decode_chain_fp8.json``).
 
-    python benchmarks/micro_decode_chain.py
+    python benchmarks/micro_decode_chain.py [--fp8] [--only-current]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -25,55 +28,91 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortexflow.kernels.attention import attention  # noqa: E402
 from cortexflow.kernels.decode_gemv import decode_gemv, default_tiling  # noqa: E402
-from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope  # noqa: E402
+from cortexflow.kernels.decode_qkv_rope import DEFAULT_FP8_TILING, DEFAULT_TILING, decode_qkv_rope  # noqa: E402
+from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
 LAYERS, WIDTH, FFN, HEADS, HEAD_DIM, KEYS = 32, 4096, 11008, 32, 128, 290
-SWEEP = {
+#: FMA tilings per projection (pairs or rows per program, K chunk, warps); E4M3 weights take twice the K chunk.
+FMA_SWEEP = {
     "qkv": [(bh, bk, w) for bh in (4, 8, 16, 32) for bk in (512, 1024) for w in (4, 8)],
     "o": [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)],
     "gate_up": [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)],
     "down": [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)],
 }
+#: Tensor-core tilings (rows per program >= 16, K chunk, warps, stages), the same for every projection.
+MMA_SWEEP = [(bn, bk, 4, st) for bn in (16, 32) for bk in (128, 256, 512) for st in (3, 4, 6)]
+#: fp32 accumulators per thread past which an FMA tiling is left out (it spills and compiles for minutes).
+MAX_ACCUMULATORS_PER_THREAD = 128
+#: Shared memory a tensor-core tiling may take for its pipelined weight tiles (an H100 SM has 227 KB).
+MAX_PIPELINE_BYTES = 200 * 1024
 
 
-def current_tilings() -> dict[str, tuple[int, int, int]]:
-    qkv_rows, qkv_k, qkv_w = default_tiling(3 * WIDTH, WIDTH, False)
-    return {"qkv": (qkv_rows // 2, qkv_k, qkv_w), "o": default_tiling(WIDTH, WIDTH, False),
-            "gate_up": default_tiling(2 * FFN, WIDTH, True), "down": default_tiling(WIDTH, FFN, False)}
+def sweep(proj: str, fp8: bool, kinds: str) -> list[tuple[int, int, int, int]]:
+    """The tilings tried for ``proj`` with bf16 or E4M3 weights (``kinds``: "fma", "mma" or "fma,mma"), those
+    that would spill or overflow shared memory left out."""
+    two = 2 if proj in ("gate_up", "qkv") else 1  # gated rows, or RoPE's pairs of rows
+    fma = [(b, bk * (2 if fp8 else 1), w, 0) for b, bk, w in FMA_SWEEP[proj]]
+    fma = [t for t in fma if t[0] * t[1] * two / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
+    mma = [t for t in MMA_SWEEP if t[3] * t[0] * t[1] * (1 if fp8 else 2) * two <= MAX_PIPELINE_BYTES]
+    return (fma if "fma" in kinds else []) + (mma if "mma" in kinds else [])
+
+
+def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int, int]]:
+    qkv = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING
+    return {"qkv": qkv, "o": default_tiling(WIDTH, WIDTH, False, fp8),
+            "gate_up": default_tiling(2 * FFN, WIDTH, True, fp8), "down": default_tiling(WIDTH, FFN, False, fp8)}
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fp8", action="store_true", help="E4M3 weights with per-row scales (weight-only FP8)")
+    parser.add_argument("--only-current", action="store_true", help="time the current tilings only, no sweep")
+    parser.add_argument("--kinds", default="fma,mma",
+                        help="GEMV kernels whose tilings are swept: fma, mma or fma,mma (default: both)")
+    args = parser.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
 
     def rand(*shape, scale):
         return (torch.randn(*shape, device=dev, generator=g) * scale).bfloat16()
 
-    layers = [{"qkv": rand(3 * WIDTH, WIDTH, scale=WIDTH**-0.5), "o": rand(WIDTH, WIDTH, scale=WIDTH**-0.5),
-               "gate_up": rand(2 * FFN, WIDTH, scale=WIDTH**-0.5), "down": rand(WIDTH, FFN, scale=FFN**-0.5),
-               "k": rand(1, KEYS + 8, HEADS, HEAD_DIM, scale=1.0), "v": rand(1, KEYS + 8, HEADS, HEAD_DIM, scale=1.0)}
+    def weight(n, k):
+        """A random projection as (weight, per-row scale or None): bf16, or E4M3 with ``--fp8``."""
+        w = rand(n, k, scale=k**-0.5)
+        if not args.fp8:
+            return w, None
+        q = quantize_weight(w)
+        return q.data, q.scale
+
+    layers = [{"qkv": weight(3 * WIDTH, WIDTH), "o": weight(WIDTH, WIDTH), "gate_up": weight(2 * FFN, WIDTH),
+               "down": weight(WIDTH, FFN), "k": rand(1, KEYS + 8, HEADS, HEAD_DIM, scale=1.0),
+               "v": rand(1, KEYS + 8, HEADS, HEAD_DIM, scale=1.0)}
               for _ in range(LAYERS)]
-    weight_bytes = sum(t.numel() * 2 for layer in layers for n, t in layer.items() if n not in ("k", "v"))
+    weight_bytes = sum(layer[n][0].numel() * layer[n][0].element_size() for layer in layers
+                       for n in ("qkv", "o", "gate_up", "down"))
     x0 = rand(1, 1, WIDTH, scale=1.0)
     position = torch.tensor([KEYS - 1], device=dev)
     mask = (torch.arange(KEYS + 8, device=dev) <= KEYS - 1)[None, None]
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, dev)
 
-    def chain(t: dict[str, tuple[int, int, int]], pdl: bool) -> torch.Tensor:
+    def chain(t: dict[str, tuple[int, int, int, int]], pdl: bool) -> torch.Tensor:
         x = x0.clone()
         for layer in layers:
-            bh, bk, w = t["qkv"]
-            q = decode_qkv_rope(x, layer["qkv"], HEADS, HEADS, position, inv_freq, layer["k"], layer["v"], position,
-                                normalize=True, eps=1e-5, block_h=bh, block_k=bk, num_warps=w, pdl=pdl)
+            (w, scale), (bh, bk, nw, st) = layer["qkv"], t["qkv"]
+            q = decode_qkv_rope(x, w, HEADS, HEADS, position, inv_freq, layer["k"], layer["v"], position,
+                                normalize=True, eps=1e-5, weight_scale=scale, block_h=bh, block_k=bk, num_warps=nw,
+                                stages=st, pdl=pdl)
             a = attention(q, layer["k"], layer["v"], mask, 1.0 / math.sqrt(HEAD_DIM), pdl=pdl).reshape(1, 1, -1)
-            bn, bk, w = t["o"]
-            decode_gemv(a, layer["o"], residual=x, out=x.view(-1), block_n=bn, block_k=bk, num_warps=w, pdl=pdl)
-            bn, bk, w = t["gate_up"]
-            act = decode_gemv(x, layer["gate_up"], normalize=True, eps=1e-5, gated="silu", block_n=bn, block_k=bk,
-                              num_warps=w, pdl=pdl)
-            bn, bk, w = t["down"]
-            decode_gemv(act, layer["down"], residual=x, out=x.view(-1), block_n=bn, block_k=bk, num_warps=w, pdl=pdl)
+            (w, scale), (bn, bk, nw, st) = layer["o"], t["o"]
+            decode_gemv(a, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
+                        stages=st, pdl=pdl)
+            (w, scale), (bn, bk, nw, st) = layer["gate_up"], t["gate_up"]
+            act = decode_gemv(x, w, normalize=True, eps=1e-5, gated="silu", weight_scale=scale, block_n=bn,
+                              block_k=bk, num_warps=nw, stages=st, pdl=pdl)
+            (w, scale), (bn, bk, nw, st) = layer["down"], t["down"]
+            decode_gemv(act, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
+                        stages=st, pdl=pdl)
         return x
 
     def time_us(t, pdl) -> float:
@@ -96,13 +135,26 @@ def main() -> None:
         return sorted(times)[len(times) // 2]
 
     rows = []
-    best = current_tilings()
+    per_layer_bytes = weight_bytes / LAYERS
+    out = Path(os.environ.get("OUT", ".")) / ("micro_decode_chain_fp8.json" if args.fp8 else "micro_decode_chain.json")
+
+    def save():
+        """Everything measured so far to ``out`` (a run cut short keeps it)."""
+        out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                   "triton": __import__("triton").__version__, "fp8": args.fp8,
+                                   "weight_mb_per_layer": per_layer_bytes / 1e6, "rows": rows}, indent=2))
+
+    best = current_tilings(args.fp8)
     base = time_us(best, True)
     rows.append({"stage": "current", "tilings": dict(best), "us_per_layer": base})
     print(f"current tilings {best}: {base:.1f} us/layer", flush=True)
-    for proj, options in SWEEP.items():
-        results = []
-        for option in options:
+    save()
+    best_us = base
+    for proj in () if args.only_current else FMA_SWEEP:
+        results = [(best_us, best[proj])]
+        for option in sweep(proj, args.fp8, args.kinds):
+            if option == best[proj]:
+                continue
             trial = dict(best, **{proj: option})
             try:
                 us = time_us(trial, True)
@@ -111,17 +163,14 @@ def main() -> None:
                 continue
             results.append((us, option))
             rows.append({"stage": proj, "option": option, "us_per_layer": us})
-        us, option = min(results)
-        print(f"{proj:8} best {option} {us:.1f} us/layer (was {best[proj]})", flush=True)
+        best_us, option = min(results)
+        print(f"{proj:8} best {option} {best_us:.1f} us/layer (was {best[proj]})", flush=True)
         best[proj] = option
+        save()
     final = time_us(best, True)
     no_pdl = time_us(best, False)
     rows.append({"stage": "chosen", "tilings": dict(best), "us_per_layer": final, "us_per_layer_no_pdl": no_pdl})
-    per_layer_bytes = weight_bytes / LAYERS
-    out = Path(os.environ.get("OUT", ".")) / "micro_decode_chain.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                               "triton": __import__("triton").__version__, "weight_mb_per_layer": per_layer_bytes / 1e6,
-                               "rows": rows}, indent=2))
+    save()
     print(f"weights per layer {per_layer_bytes / 1e6:.1f} MB")
     print(f"{'tiling':40} {'us/layer':>9} {'TB/s':>6}")
     for name, us in (("current (PDL)", base), ("chosen (PDL)", final), ("chosen, PDL off", no_pdl)):

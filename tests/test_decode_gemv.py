@@ -262,3 +262,70 @@ def test_fp8_decode_qkv_rope_matches_reference(dtype):
     check_fp8(caches[0][:, 6:7], rk, dtype)
     check_fp8(caches[1][:, 6:7], rv, dtype)
     assert caches[0][:, 6].abs().sum() > 0 and not caches[0][:, :6].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["plain", "norm", "folded norm", "residual", "norm+silu gate", "norm+gelu gate"])
+@pytest.mark.parametrize("weight_format", ["16-bit", "e4m3"])
+def test_tensor_core_decode_gemv_matches_reference(dtype, variant, weight_format):
+    """``stages >= 1`` (the tensor-core kernel, x in the first column of a 16-wide operand): the reference's values
+    for 16-bit and E4M3 weights, odd K (1100: a partial last chunk) and N (37: a partial row block); and the FMA
+    kernel's values to fp32 summation order (the products are the same exact 16-bit products)."""
+    k, n = 1100, 37
+    x = rand(1, 1, k, dtype=dtype, seed=11, scale=3.0)
+    kwargs = variant_kwargs(variant, k, n, dtype)
+    rows = 2 * n if kwargs["gated"] else n
+    if weight_format == "e4m3":
+        w, scale = fp8_weight(rows, k, seed=12)
+        kwargs["weight_scale"] = scale
+    else:
+        w = rand(rows, k, dtype=dtype, seed=12, scale=k**-0.5)
+    out = decode_gemv(x, w, block_n=16, block_k=256, num_warps=4, stages=2, **kwargs)
+    assert out.shape == (1, 1, n) and out.dtype == dtype
+    ref = decode_gemv_reference(x, w, **kwargs)
+    (check_fp8 if weight_format == "e4m3" else check)(out, ref, dtype)
+    fma = decode_gemv(x, w, block_n=8, block_k=256, stages=0, **kwargs)
+    ulp = torch.finfo(dtype).eps
+    assert ((out.float() - fma.float()).abs() <= 2 * ulp * fma.float().abs() + 1e-6).float().mean() >= 0.9
+
+
+def test_tensor_core_decode_gemv_refuses_what_it_cannot_run():
+    """fp32 activations and row blocks under 16 (the MMA's smallest M) are refused with the reason."""
+    k, n = 64, 16
+    w = rand(n, k, dtype=torch.float32, seed=13)
+    with pytest.raises(ValueError, match="bf16 or fp16 x"):
+        decode_gemv(rand(k, dtype=torch.float32, seed=14), w, block_n=16, stages=2)
+    with pytest.raises(ValueError, match="block_n >= 16"):
+        decode_gemv(rand(k, dtype=torch.bfloat16, seed=14), w.bfloat16(), block_n=8, stages=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("weight_format", ["16-bit", "e4m3"])
+def test_tensor_core_decode_qkv_rope_matches_reference(dtype, weight_format):
+    """The fused QKV + RoPE + cache-write GEMV on tensor cores (``stages >= 1``, 16 pairs a program) against the
+    op-by-op reference; head_dim 40 (half 20: a partial pair block), K 200, 3 query heads on 1 KV head."""
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_reference
+    from cortexflow.kernels.rope import inverse_frequencies
+
+    hq, hkv, d, k, max_len = 3, 1, 40, 200, 9
+    x = rand(1, 1, k, dtype=dtype, seed=30, scale=3.0)
+    rows = (hq + 2 * hkv) * d
+    kwargs = {"norm_weight": rand(k, dtype=torch.float32, seed=32, scale=0.2), "eps": 1e-5}
+    if weight_format == "e4m3":
+        w, kwargs["weight_scale"] = fp8_weight(rows, k, seed=31)
+    else:
+        w = rand(rows, k, dtype=dtype, seed=31, scale=k**-0.5)
+    position = torch.tensor([5], device=DEVICE)
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    caches = [torch.zeros(1, max_len, hkv, d, dtype=dtype, device=DEVICE) for _ in range(2)]
+    write_at = torch.tensor([6], device=DEVICE)
+    q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, block_h=16, block_k=64,
+                        stages=3, **kwargs)
+    rq, rk, rv = decode_qkv_rope_reference(x, w, hq, hkv, position, inv_freq, **kwargs)
+    checked = check_fp8 if weight_format == "e4m3" else check
+    checked(q, rq, dtype)
+    checked(caches[0][:, 6:7], rk, dtype)
+    checked(caches[1][:, 6:7], rv, dtype)
+    with pytest.raises(ValueError, match="block_h >= 16"):
+        decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, block_h=8, stages=3,
+                        **kwargs)
