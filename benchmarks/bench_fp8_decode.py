@@ -38,12 +38,7 @@ from cortexflow.kernels.decode_qkv_rope import (  # noqa: E402
     decode_qkv_rope,
     decode_qkv_rope_reference,
 )
-from cortexflow.kernels.fp8_gemm import (  # noqa: E402
-    fp8_linear,
-    fp8_linear_reference,
-    quantize_activation_rows,
-    scale_product,
-)
+from cortexflow.kernels.fp8_gemm import fp8_linear, fp8_linear_reference, quantize_activation_rows  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 
@@ -61,28 +56,21 @@ L2_BYTES = 50 * 2 ** 20
 #: ``(BLOCK_N, BLOCK_K)`` of them (two with a gated activation), and past 128 a thread spills and the compile
 #: alone takes minutes (gate/up at 16 x 4096 ran past a device call's limit twice).
 MAX_ACCUMULATORS_PER_THREAD = 128
-SWEEPS = {  # (rows per program, K chunk, warps, stages) for decode_gemv; (pairs per program, ...) for QKV/RoPE
-    ("gemv", "bf16"): ((8, 16, 32), (512, 1024, 2048), (4, 8), (0,)),
-    ("gemv", "fp8"): ((4, 8, 16), (1024, 2048, 4096), (4, 8), (0,)),
-    ("qkv_rope", "bf16"): ((2, 4, 8), (256, 512, 1024), (4, 8), (0,)),
-    ("qkv_rope", "fp8"): ((2, 4, 8), (512, 1024, 2048), (4, 8), (0,)),
-    # the tensor-core GEMV (stages >= 1), both formats and both kernels
-    ("mma", "bf16"): ((16, 32, 64), (128, 256, 512), (4,), (3, 4, 6)),
-    ("mma", "fp8"): ((16, 32, 64), (128, 256, 512), (4,), (3, 4, 6)),
+SWEEPS = {  # (rows per program, K chunk, warps) for decode_gemv; (pairs per program, K chunk, warps) for QKV/RoPE
+    ("gemv", "bf16"): ((8, 16, 32), (512, 1024, 2048), (4, 8)),
+    ("gemv", "fp8"): ((4, 8, 16), (1024, 2048, 4096), (4, 8)),
+    ("qkv_rope", "bf16"): ((2, 4, 8), (256, 512, 1024), (4, 8)),
+    ("qkv_rope", "fp8"): ((2, 4, 8), (512, 1024, 2048), (4, 8)),
 }
-#: Shared memory a tensor-core tiling may take for its pipelined weight tiles (an H100 SM has 227 KB).
-MAX_PIPELINE_BYTES = 200 * 1024
 
 
-def swept_tilings(kernel: str, fmt: str, default: tuple, two: bool) -> list[tuple[int, int, int, int]]:
-    """``default`` first, then the FMA and tensor-core tilings of ``kernel`` ("gemv" or "qkv_rope") for ``fmt``
-    whose accumulators fit a thread (FMA) or whose pipelined tiles fit shared memory (tensor cores)."""
+def swept_tilings(kernel: str, fmt: str, default: tuple, two: bool) -> list[tuple[int, int, int]]:
+    """``default`` first, then the tilings of ``kernel`` ("gemv" or "qkv_rope") for ``fmt`` whose accumulators
+    fit a thread (``two``: two rows per output, gated or RoPE pairs)."""
     rows = 2 if two else 1
-    fma = [t for t in itertools.product(*SWEEPS[(kernel, fmt)])
-           if t[0] * t[1] * rows / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
-    mma = [t for t in itertools.product(*SWEEPS[("mma", fmt)])
-           if t[3] * t[0] * t[1] * rows * (1 if fmt == "fp8" else 2) <= MAX_PIPELINE_BYTES]
-    return [default] + [t for t in fma + mma if t != default]
+    swept = [t for t in itertools.product(*SWEEPS[(kernel, fmt)])
+             if t[0] * t[1] * rows / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
+    return [default] + [t for t in swept if t != default]
 
 
 def time_graph(fn, calls: int, repeats: int) -> float:
@@ -164,16 +152,14 @@ def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, w
                 decode_gemv_reference(x, w16[0], **kwargs)
             default = default_tiling(n, k, gated is not None, fmt == "fp8")
             tilings = swept_tilings("gemv", fmt, default, gated is not None) if fmt in sweep else [default]
-            for bn, bk, warps, stages in tilings:
-                def call(i, bn=bn, bk=bk, warps=warps, stages=stages, fmt=fmt):
+            for bn, bk, warps in tilings:
+                def call(i, bn=bn, bk=bk, warps=warps, fmt=fmt):
                     if fmt == "fp8":
                         return decode_gemv(x, w8[i % count].data, weight_scale=w8[i % count].scale, block_n=bn,
-                                           block_k=bk, num_warps=warps, stages=stages, **kwargs)
-                    return decode_gemv(x, w16[i % count], block_n=bn, block_k=bk, num_warps=warps, stages=stages,
-                                       **kwargs)
-                variant = {"name": f"decode_gemv {fmt} bn={bn} bk={bk} w={warps} st={stages}", "format": fmt,
-                           "block_n": bn, "block_k": bk, "warps": warps, "stages": stages,
-                           "default": (bn, bk, warps, stages) == default}
+                                           block_k=bk, num_warps=warps, **kwargs)
+                    return decode_gemv(x, w16[i % count], block_n=bn, block_k=bk, num_warps=warps, **kwargs)
+                variant = {"name": f"decode_gemv {fmt} bn={bn} bk={bk} w={warps}", "format": fmt,
+                           "block_n": bn, "block_k": bk, "warps": warps, "default": (bn, bk, warps) == default}
                 row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref),
                                                fp8_bytes if fmt == "fp8" else bf16_bytes, calls, repeats))
                 print(f"   {variant['name']}: {variant.get('us', variant.get('error', ''))}", flush=True)
@@ -201,14 +187,13 @@ def qkv_rope_case(x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
                                                 norm_weight=norm_weight, eps=1e-5, weight_scale=scale(0))
         default = DEFAULT_FP8_TILING if fmt == "fp8" else DEFAULT_TILING
         tilings = swept_tilings("qkv_rope", fmt, default, True) if fmt in sweep else [default]
-        for bh, bk, warps, stages in tilings:
-            def call(i, bh=bh, bk=bk, warps=warps, stages=stages, weight=weight, scale=scale):
+        for bh, bk, warps in tilings:
+            def call(i, bh=bh, bk=bk, warps=warps, weight=weight, scale=scale):
                 return decode_qkv_rope(x, weight(i), HEADS, HEADS, position, inv_freq, caches[0], caches[1], write_at,
                                        norm_weight=norm_weight, eps=1e-5, weight_scale=scale(i), block_h=bh,
-                                       block_k=bk, num_warps=warps, stages=stages)
-            variant = {"name": f"decode_qkv_rope {fmt} bh={bh} bk={bk} w={warps} st={stages}", "format": fmt,
-                       "block_h": bh, "block_k": bk, "warps": warps, "stages": stages,
-                       "default": (bh, bk, warps, stages) == default}
+                                       block_k=bk, num_warps=warps)
+            variant = {"name": f"decode_qkv_rope {fmt} bh={bh} bk={bk} w={warps}", "format": fmt, "block_h": bh,
+                       "block_k": bk, "warps": warps, "default": (bh, bk, warps) == default}
             row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref_q),
                                            n * k + 4 * n if fmt == "fp8" else n * k * 2, calls, repeats))
     return row
@@ -235,18 +220,8 @@ def prefill_cases(m: int, calls: int, repeats: int) -> list[dict]:
             {"name": "fp8_linear (quantise x + _scaled_mm)"},
             lambda i: fp8_linear(x, w8[i % count].data, w8[i % count].scale),
             lambda: rel_err(fp8_linear(x, w8[0].data, w8[0].scale), ref), fp8_bytes, calls, repeats))
-        one = torch.ones((), device="cuda")
-
-        def bf16_product(i):
-            """fp8_linear with a bf16 product between _scaled_mm and the scaling launch (one more rounding)."""
-            w = w8[i % count]
-            q = quantize_activation_rows(x)
-            p = torch._scaled_mm(q.data, w.data.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
-            return scale_product(p, q.scale, w.scale, torch.bfloat16)
-        row["variants"].append(measure({"name": "fp8_linear, bf16 product"}, bf16_product,
-                                       lambda: rel_err(bf16_product(0), ref), fp8_bytes, calls, repeats))
         row["variants"].append(measure(
-            {"name": "_scaled_mm alone (x quantised once)"},
+            {"name": "_scaled_mm row-wise scales (x quantised once)"},
             lambda i: torch._scaled_mm(qx.data, w8[i % count].data.t(), scale_a=qx.scale[:, None],
                                        scale_b=w8[i % count].scale[None, :], out_dtype=torch.bfloat16),
             lambda: rel_err(torch._scaled_mm(qx.data, w8[0].data.t(), scale_a=qx.scale[:, None],

@@ -5,8 +5,7 @@ the Triton decode step of ``backends/triton_token_decoder.py``: QKV GEMV with Ro
 split attention over 290 cached keys (+ combine), o GEMV + residual, gate/up GEMV + SiLU gate, down GEMV
 + residual; all 32 in one CUDA graph, launched with programmatic dependent launch (PDL) unlike the
 isolated kernels of a profile. Coordinate descent over the tiling of each projection (rows per program,
-K chunk, warps, stages: 0 for the FMA GEMV, ``n >= 1`` for the tensor-core GEMV pipelined ``n`` deep; the
-others at their current choice), then the chosen tiling with PDL off for reference. ``--fp8``: the same with
+K chunk, warps; the others at their current choice), then the chosen tiling with PDL off for reference. ``--fp8``: the same with
 E4M3 weights and per-row scales (weight-only FP8, 6.6 GB). Prints per-layer µs and the weight stream's TB/s;
 writes ``$OUT/micro_decode_chain.json`` (``micro_decode_chain_fp8.json``).
 
@@ -33,32 +32,25 @@ from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
 LAYERS, WIDTH, FFN, HEADS, HEAD_DIM, KEYS = 32, 4096, 11008, 32, 128, 290
-#: FMA tilings per projection (pairs or rows per program, K chunk, warps); E4M3 weights take twice the K chunk.
-FMA_SWEEP = {
+#: Tilings per projection (pairs or rows per program, K chunk, warps); E4M3 weights take twice the K chunk.
+SWEEP = {
     "qkv": [(bh, bk, w) for bh in (4, 8, 16, 32) for bk in (512, 1024) for w in (4, 8)],
     "o": [(bn, bk, w) for bn in (4, 8, 16) for bk in (512, 1024) for w in (4, 8)],
     "gate_up": [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)],
     "down": [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)],
 }
-#: Tensor-core tilings (rows per program >= 16, K chunk, warps, stages), the same for every projection.
-MMA_SWEEP = [(bn, bk, 4, st) for bn in (16, 32) for bk in (128, 256, 512) for st in (3, 4, 6)]
-#: fp32 accumulators per thread past which an FMA tiling is left out (it spills and compiles for minutes).
+#: fp32 accumulators per thread past which a tiling is left out (it spills and compiles for minutes).
 MAX_ACCUMULATORS_PER_THREAD = 128
-#: Shared memory a tensor-core tiling may take for its pipelined weight tiles (an H100 SM has 227 KB).
-MAX_PIPELINE_BYTES = 200 * 1024
 
 
-def sweep(proj: str, fp8: bool, kinds: str) -> list[tuple[int, int, int, int]]:
-    """The tilings tried for ``proj`` with bf16 or E4M3 weights (``kinds``: "fma", "mma" or "fma,mma"), those
-    that would spill or overflow shared memory left out."""
+def sweep(proj: str, fp8: bool) -> list[tuple[int, int, int]]:
+    """The tilings tried for ``proj`` with bf16 or E4M3 weights, those that would spill left out."""
     two = 2 if proj in ("gate_up", "qkv") else 1  # gated rows, or RoPE's pairs of rows
-    fma = [(b, bk * (2 if fp8 else 1), w, 0) for b, bk, w in FMA_SWEEP[proj]]
-    fma = [t for t in fma if t[0] * t[1] * two / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
-    mma = [t for t in MMA_SWEEP if t[3] * t[0] * t[1] * (1 if fp8 else 2) * two <= MAX_PIPELINE_BYTES]
-    return (fma if "fma" in kinds else []) + (mma if "mma" in kinds else [])
+    tilings = [(b, bk * (2 if fp8 else 1), w) for b, bk, w in SWEEP[proj]]
+    return [t for t in tilings if t[0] * t[1] * two / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
 
 
-def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int, int]]:
+def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int]]:
     qkv = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING
     return {"qkv": qkv, "o": default_tiling(WIDTH, WIDTH, False, fp8),
             "gate_up": default_tiling(2 * FFN, WIDTH, True, fp8), "down": default_tiling(WIDTH, FFN, False, fp8)}
@@ -68,8 +60,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp8", action="store_true", help="E4M3 weights with per-row scales (weight-only FP8)")
     parser.add_argument("--only-current", action="store_true", help="time the current tilings only, no sweep")
-    parser.add_argument("--kinds", default="fma,mma",
-                        help="GEMV kernels whose tilings are swept: fma, mma or fma,mma (default: both)")
     args = parser.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -96,23 +86,22 @@ def main() -> None:
     mask = (torch.arange(KEYS + 8, device=dev) <= KEYS - 1)[None, None]
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, dev)
 
-    def chain(t: dict[str, tuple[int, int, int, int]], pdl: bool) -> torch.Tensor:
+    def chain(t: dict[str, tuple[int, int, int]], pdl: bool) -> torch.Tensor:
         x = x0.clone()
         for layer in layers:
-            (w, scale), (bh, bk, nw, st) = layer["qkv"], t["qkv"]
+            (w, scale), (bh, bk, nw) = layer["qkv"], t["qkv"]
             q = decode_qkv_rope(x, w, HEADS, HEADS, position, inv_freq, layer["k"], layer["v"], position,
-                                normalize=True, eps=1e-5, weight_scale=scale, block_h=bh, block_k=bk, num_warps=nw,
-                                stages=st, pdl=pdl)
+                                normalize=True, eps=1e-5, weight_scale=scale, block_h=bh, block_k=bk, num_warps=nw, pdl=pdl)
             a = attention(q, layer["k"], layer["v"], mask, 1.0 / math.sqrt(HEAD_DIM), pdl=pdl).reshape(1, 1, -1)
-            (w, scale), (bn, bk, nw, st) = layer["o"], t["o"]
+            (w, scale), (bn, bk, nw) = layer["o"], t["o"]
             decode_gemv(a, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
-                        stages=st, pdl=pdl)
-            (w, scale), (bn, bk, nw, st) = layer["gate_up"], t["gate_up"]
+                        pdl=pdl)
+            (w, scale), (bn, bk, nw) = layer["gate_up"], t["gate_up"]
             act = decode_gemv(x, w, normalize=True, eps=1e-5, gated="silu", weight_scale=scale, block_n=bn,
-                              block_k=bk, num_warps=nw, stages=st, pdl=pdl)
-            (w, scale), (bn, bk, nw, st) = layer["down"], t["down"]
+                              block_k=bk, num_warps=nw, pdl=pdl)
+            (w, scale), (bn, bk, nw) = layer["down"], t["down"]
             decode_gemv(act, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
-                        stages=st, pdl=pdl)
+                        pdl=pdl)
         return x
 
     def time_us(t, pdl) -> float:
@@ -150,9 +139,9 @@ def main() -> None:
     print(f"current tilings {best}: {base:.1f} us/layer", flush=True)
     save()
     best_us = base
-    for proj in () if args.only_current else FMA_SWEEP:
+    for proj in () if args.only_current else SWEEP:
         results = [(best_us, best[proj])]
-        for option in sweep(proj, args.fp8, args.kinds):
+        for option in sweep(proj, args.fp8):
             if option == best[proj]:
                 continue
             trial = dict(best, **{proj: option})

@@ -33,12 +33,9 @@ import triton.language as tl
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
-from cortexflow.kernels.runtime import upcast_dots
 
-
-def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> tuple[int, int, int, int]:
-    """(rows per program, K chunk, warps, stages) for a weight of ``n_rows x k_dim``; ``stages`` 0 is the FMA
-    kernel (:func:`gemv_rows`), ``stages >= 1`` the tensor-core one (:func:`gemv_rows_mma`) pipelined that deep.
+def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> tuple[int, int, int]:
+    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``.
 
     bf16 / fp16 / fp32 weights: the fastest of the sweeps for each kind of projection
     (``benchmarks/micro_decode_gemv.py``, one kernel repeated, and ``benchmarks/micro_decode_chain.py``,
@@ -51,12 +48,12 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> t
     + SiLU gate: 39.1 us, 2.31 TB/s, against 44.0 us at 16 rows, 1024, 8 warps); long K 4 rows, 4096, 8 warps (down:
     21.0 us, within 0.2 us of the sweep's best); otherwise 8 rows, 1024, 4 warps (o: 8.3 us, 2.03 TB/s)."""
     if gated:
-        return (4, 1024, 4, 0) if fp8 else (16, 512, 4, 0)
+        return (4, 1024, 4) if fp8 else (16, 512, 4)
     if k_dim > 8192:
-        return (4, 4096, 8, 0) if fp8 else (8, 2048, 8, 0)
+        return (4, 4096, 8) if fp8 else (8, 2048, 8)
     if n_rows >= 8192:
-        return (4, 1024, 4, 0) if fp8 else (32, 1024, 8, 0)
-    return (8, 1024, 4, 0) if fp8 else (8, 1024, 4, 0)
+        return (4, 1024, 4) if fp8 else (32, 1024, 8)
+    return (8, 1024, 4) if fp8 else (8, 1024, 4)
 
 
 @triton.jit
@@ -120,68 +117,16 @@ def gemv_rows(
 
 
 @triton.jit
-def gemv_rows_mma(
-    x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, second_offset, stride_w, eps,
-    NORM: tl.constexpr, SCALE: tl.constexpr, TWO: tl.constexpr, W_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
-):
-    """:func:`gemv_rows` on tensor cores: each ``(BLOCK_N, BLOCK_K)`` weight tile (E4M3 converted exactly to
-    ``x``'s 16-bit dtype) is multiplied by a ``(BLOCK_K, 16)`` operand whose first column is the (normalised)
-    ``x`` chunk and whose other columns are zeros, accumulating ``(BLOCK_N, 16)`` in fp32; column 0 is the dot
-    product. The accumulator is 16 fp32 per row instead of ``BLOCK_K`` (:func:`gemv_rows`), and the K loop,
-    having a ``tl.dot``, is software-pipelined ``STAGES`` deep (weight tiles copied to shared memory
-    asynchronously), so more weight bytes are in flight per program. The products are exact (16-bit values);
-    only the fp32 summation order differs from :func:`gemv_rows`. ``BLOCK_N >= 16``. With ``PDL`` the
-    program waits for the previous kernel before its first load (the pipeline's prologue). ``UPCAST`` (the
-    interpreter, whose bf16 ``tl.dot`` is wrong): both operands in fp32 instead, the same exact products."""
-    pdl_release(PDL)
-    pdl_wait(PDL)
-    dot_ty: tl.constexpr = tl.float32 if UPCAST else x_ptr.dtype.element_ty
-    precision: tl.constexpr = "ieee" if UPCAST else "tf32"
-    rstd = 1.0
-    if NORM:
-        rstd = row_rstd(x_ptr, 0, k_dim, eps, BLOCK_K)
-    offs_k = tl.arange(0, BLOCK_K)
-    first_column = tl.arange(0, 16)[None, :] == 0
-    w_rows = w_ptr + rows[:, None] * stride_w
-    acc = tl.zeros([BLOCK_N, 16], tl.float32)
-    acc2 = tl.zeros([BLOCK_N, 16], tl.float32)
-    for k0 in tl.range(0, k_dim, BLOCK_K, num_stages=STAGES):
-        kk = k0 + offs_k
-        k_ok = kk < k_dim
-        xv = _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM, SCALE)
-        x_operand = tl.where(first_column, xv[:, None], 0.0).to(dot_ty)
-        tile_ok = row_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
-        acc = tl.dot(w.to(dot_ty), x_operand, acc, input_precision=precision)
-        if TWO:
-            w2 = tl.load(w_rows + second_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
-            acc2 = tl.dot(w2.to(dot_ty), x_operand, acc2, input_precision=precision)
-    y = tl.sum(tl.where(first_column, acc, 0.0), axis=1)
-    y2 = tl.sum(tl.where(first_column, acc2, 0.0), axis=1)
-    if W_SCALE:
-        y = y * tl.load(w_scale_ptr + rows, mask=row_ok, other=0.0)
-        if TWO:
-            y2 = y2 * tl.load(w_scale_ptr + rows + second_offset, mask=row_ok, other=0.0)
-    return y, y2
-
-
-@triton.jit
 def _decode_gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, w_scale_ptr,
     n_out, k_dim, up_offset, stride_w, eps,
     NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
     W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-    MMA: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
-    if MMA:
-        y, y_up = gemv_rows_mma(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w,
-                                eps, NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL, STAGES, UPCAST)
-    else:
-        y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
-                            NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL)
+    y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
+                        NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL)
     out_ty = out_ptr.dtype.element_ty
     if GATED:
         gate = y.to(out_ty).to(tl.float32)
@@ -209,7 +154,6 @@ def decode_gemv(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
-    stages: int | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
@@ -220,8 +164,7 @@ def decode_gemv(
     ``(N/2,)``; ``weight_scale (N,)`` fp32: ``weight`` is E4M3 and row ``n`` stands for
     ``weight[n] * weight_scale[n]`` (required exactly when ``weight`` is E4M3). Returns the output with
     ``x``'s leading dims, in ``x``'s dtype; ``out`` may be ``residual`` itself (in place). Tiling:
-    :func:`default_tiling` unless given (``stages``: 0 for the FMA kernel, ``n >= 1`` for the tensor-core one,
-    pipelined ``n`` deep, which needs a 16-bit ``x`` and ``block_n >= 16``). ``pdl``: launch with programmatic dependent launch
+    :func:`default_tiling` unless given. ``pdl``: launch with programmatic dependent launch
     (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
@@ -240,16 +183,12 @@ def decode_gemv(
     res = residual.reshape(n_out) if residual is not None else out
     tiling = default_tiling(weight.shape[0], k_dim, gated is not None, fp8)
     block_n, block_k, num_warps = block_n or tiling[0], block_k or tiling[1], num_warps or tiling[2]
-    stages = tiling[3] if stages is None else stages
-    if stages and (x.dtype not in (torch.bfloat16, torch.float16) or block_n < 16):
-        raise ValueError(f"the tensor-core decode GEMV (stages={stages}) needs a bf16 or fp16 x and block_n >= 16, "
-                         f"got {x.dtype} and block_n={block_n}")
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1, weight_scale if fp8 else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
         GATED=gated is not None, SILU=gated == "silu", W_SCALE=fp8, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        MMA=stages > 0, STAGES=max(stages, 1), UPCAST=upcast_dots(x.dtype), num_warps=num_warps, **launch_options(pdl),
+        num_warps=num_warps, **launch_options(pdl),
     )
     return out.view(*x.shape[:-1], n_out)
 

@@ -20,18 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import check_weight_scale, gemv_rows, gemv_rows_mma
+from cortexflow.kernels.decode_gemv import check_weight_scale, gemv_rows
 from cortexflow.kernels.pdl import launch_options
-from cortexflow.kernels.runtime import upcast_dots
 
-#: (rotation pairs per program, K chunk, warps, stages): the fastest in OpenVLA's 32 decode layers chained in one
+#: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
 #: graph with PDL (``benchmarks/micro_decode_chain.py``; timings in benchmarks/NOTES.md, "Tuning constants").
-#: ``stages`` 0: the FMA GEMV (:func:`~cortexflow.kernels.decode_gemv.gemv_rows`); ``n >= 1``: the tensor-core
-#: one (:func:`~cortexflow.kernels.decode_gemv.gemv_rows_mma`) pipelined ``n`` deep, ``block_h >= 16``.
-DEFAULT_TILING = (4, 512, 4, 0)
-#: The same for E4M3 weights: twice the K chunk (as many bytes per row load as bf16's), from
-#: ``benchmarks/bench_fp8_decode.py``'s H100 sweep.
-DEFAULT_FP8_TILING = (4, 1024, 4, 0)
+DEFAULT_TILING = (4, 512, 4)
+#: The same for E4M3 weights: twice the K chunk (as many bytes per row load as bf16's). Not yet measured on a
+#: GPU (``benchmarks/bench_fp8_decode.py`` sweeps it).
+DEFAULT_FP8_TILING = (4, 1024, 4)
 
 
 @triton.jit
@@ -39,18 +36,14 @@ def _decode_qkv_rope_kernel(
     x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
     n_q_heads, n_kv_heads, head_dim, half, k_dim, stride_w, eps, s_k_t, s_k_h, s_v_t, s_v_h,
     NORM: tl.constexpr, SCALE: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr, MMA: tl.constexpr, STAGES: tl.constexpr, UPCAST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     blocks_per_head = tl.cdiv(half, BLOCK_H)
     head = tl.program_id(0) // blocks_per_head
     j = (tl.program_id(0) % blocks_per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
     j_ok = j < half
-    if MMA:
-        y1, y2 = gemv_rows_mma(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, head * head_dim + j, j_ok, k_dim, half,
-                               stride_w, eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL, STAGES, UPCAST)
-    else:
-        y1, y2 = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, head * head_dim + j, j_ok, k_dim, half, stride_w,
-                           eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL)
+    y1, y2 = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, head * head_dim + j, j_ok, k_dim, half, stride_w,
+                       eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL)
     # The reference rounds the projection output, then rotates in fp32 (as qkv_rope does).
     out_ty = q_ptr.dtype.element_ty
     x1 = y1.to(out_ty).to(tl.float32)
@@ -92,7 +85,6 @@ def decode_qkv_rope(
     block_h: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
-    stages: int | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Rotated ``q (1, 1, Hq, D)`` of the one row ``x`` (``K`` values, any leading dims of size 1); rotated
@@ -102,7 +94,7 @@ def decode_qkv_rope(
     of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``weight_scale ((Hq + 2 Hkv) * D,)`` fp32: the
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
     Tiling defaults to :data:`DEFAULT_TILING` (:data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
-    program: ``2 * block_h`` weight rows; ``stages`` as in the tilings)."""
+    program: ``2 * block_h`` weight rows)."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -124,10 +116,6 @@ def decode_qkv_rope(
     half = head_dim // 2
     block_h = block_h or min(tiling[0], triton.next_power_of_2(half))
     block_k, num_warps = block_k or tiling[1], num_warps or tiling[2]
-    stages = tiling[3] if stages is None else stages
-    if stages and (x.dtype not in (torch.bfloat16, torch.float16) or block_h < 16):
-        raise ValueError(f"the tensor-core QKV GEMV (stages={stages}) needs a bf16 or fp16 x and block_h >= 16, "
-                         f"got {x.dtype} and block_h={block_h}")
     q = torch.empty((1, 1, n_q_heads, head_dim), dtype=x.dtype, device=x.device)
     grid = (n_heads * triton.cdiv(half, block_h),)
     _decode_qkv_rope_kernel[grid](
@@ -135,8 +123,7 @@ def decode_qkv_rope(
         position, inv_freq, write_at, n_q_heads, n_kv_heads, head_dim, half, k_dim, weight.stride(0), eps,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, W_SCALE=fp8,
-        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, MMA=stages > 0, STAGES=max(stages, 1),
-        UPCAST=upcast_dots(x.dtype), num_warps=num_warps, **launch_options(pdl),
+        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **launch_options(pdl),
     )
     return q
 

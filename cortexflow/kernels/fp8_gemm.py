@@ -2,11 +2,13 @@
 
 ``fp8_linear(x, W, s_w) = x @ dequant(W)ᵀ``: the rows of ``x`` are quantised to E4M3 with one fp32 scale per
 row (:func:`quantize_activation_rows`, one Triton launch), then ``torch._scaled_mm`` multiplies the E4M3
-matrices with fp32 accumulation and unit tensor-wise scales into an fp32 product, and one Triton launch
-(:func:`scale_product`) multiplies each output by its row scale of ``x`` and its per-output-channel scale of ``W``
-and rounds it to ``x``'s dtype (adding a residual after that rounding). cuBLAS's kernel for row-wise scales
-streams about half the bytes per second of its tensor-wise one at a token VLA's prefill shapes (H100, 280 rows:
-QKV 62.4 vs 32.0 µs, benchmarks/NOTES.md, session 20), more than the separate scaling launch costs.
+matrices with fp32 accumulation and unit tensor-wise scales into an unscaled product (bf16, or fp32 for an fp32
+``x``; :func:`product_dtype`), and one Triton launch (:func:`scale_product`) multiplies each output by its row
+scale of ``x`` and its per-output-channel scale of ``W`` and rounds it to ``x``'s dtype (adding a residual after
+that rounding). cuBLAS's kernel for row-wise scales streams about half the bytes per second of its tensor-wise
+one at a token VLA's prefill shapes (H100, 280 rows: QKV 57.2 vs 31.8 µs), more than the separate scaling launch
+costs; a bf16 product moves half the bytes of an fp32 one between the two launches (benchmarks/NOTES.md,
+session 21). The unscaled product of E4M3 values is at most ``448² K`` in magnitude, far inside bf16's range.
 
 The activation quantisation is :func:`cortexflow.quantization.fp8.quantize_rows` bit for bit: the scale of a
 row is ``amax(|row|) / 448`` (1 for an all-zero row), each value is divided by it (IEEE division), clamped
@@ -109,7 +111,8 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])ᵀ (+ residual)`` in ``x.dtype`` with both operands in E4M3:
     ``x (..., K)`` quantised per row, ``weight (N, K)`` E4M3 with fp32 per-output-channel ``weight_scale
-    (N,)``; fp32 accumulation, scaled and rounded to ``x.dtype`` by :func:`scale_product`. ``residual (..., N)``
+    (N,)``; fp32 accumulation rounded to :func:`product_dtype`, then scaled and rounded to ``x.dtype`` by
+    :func:`scale_product`. ``residual (..., N)``
     (``x.dtype``) is then added to the rounded product (fp32 sum, one more rounding). Returns ``(..., N)``."""
     check_fp8_operands(x, weight, weight_scale)
     n, k = weight.shape
@@ -119,9 +122,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     qx = quantize_activation_rows(x2)
     w = weight if weight.is_contiguous() else weight.contiguous()
     one = _unit_scale(x.device)
-    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(x.dtype))
     res = None if residual is None else residual.reshape(-1, n)
     return scale_product(product, qx.scale, weight_scale, x.dtype, res).view(*x.shape[:-1], n)
+
+
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of ``fp8_linear``'s unscaled product for activations of ``dtype``: fp32 for fp32, else bf16
+    (bf16's range, unlike fp16's, holds any product of E4M3 values)."""
+    return torch.float32 if dtype == torch.float32 else torch.bfloat16
 
 
 _UNIT_SCALES: dict[torch.device, torch.Tensor] = {}
@@ -164,8 +173,8 @@ def _scale_product_kernel(p_ptr, sx_ptr, sw_ptr, res_ptr, out_ptr, n_cols, HAS_R
 
 def scale_product(product: torch.Tensor, row_scale: torch.Tensor, col_scale: torch.Tensor, dtype: torch.dtype,
                   residual: torch.Tensor | None = None, block_n: int = 1024) -> torch.Tensor:
-    """``(product * row_scale[:, None] * col_scale[None, :])`` rounded to ``dtype`` (then ``+ residual``, rounded
-    again) for a contiguous fp32 ``product (M, N)``, ``row_scale (M,)``, ``col_scale (N,)`` and ``residual (M, N)``
+    """``(product * row_scale[:, None] * col_scale[None, :])`` in fp32, rounded to ``dtype`` (then ``+ residual``,
+    rounded again) for a contiguous fp32 or bf16 ``product (M, N)``, ``row_scale (M,)``, ``col_scale (N,)`` and ``residual (M, N)``
     in ``dtype``; one Triton launch. Returns a new ``(M, N)`` tensor."""
     m, n = product.shape
     out = torch.empty((m, n), dtype=dtype, device=product.device)
@@ -179,12 +188,14 @@ def scale_product(product: torch.Tensor, row_scale: torch.Tensor, col_scale: tor
 def fp8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                          residual: torch.Tensor | None = None) -> torch.Tensor:
     """What :func:`fp8_linear` computes, in PyTorch: ``x`` quantised per row with
-    :func:`~cortexflow.quantization.fp8.quantize_rows`, both operands dequantised to fp32, their product in
-    fp32 rounded to ``x.dtype``, then ``residual`` added in fp32 and rounded again."""
+    :func:`~cortexflow.quantization.fp8.quantize_rows`, the E4M3 values multiplied in fp32 and rounded to
+    :func:`product_dtype`, times the row and channel scales in fp32 rounded to ``x.dtype``, then ``residual``
+    added in fp32 and rounded again."""
     check_fp8_operands(x, weight, weight_scale)
     n, k = weight.shape
     qx = quantize_rows(x.reshape(-1, k), "x")
-    y = (qx.dequantize() @ Fp8Tensor(weight, weight_scale).dequantize().T).to(x.dtype)
+    product = (qx.data.float() @ weight.float().T).to(product_dtype(x.dtype)).float()
+    y = (product * qx.scale[:, None] * weight_scale[None, :]).to(x.dtype)
     if residual is not None:
         y = (y.float() + residual.reshape(-1, n).float()).to(x.dtype)
     return y.view(*x.shape[:-1], n)
