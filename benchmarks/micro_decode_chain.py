@@ -5,7 +5,8 @@ the Triton decode step of ``backends/triton_token_decoder.py``: QKV GEMV with Ro
 split attention over 290 cached keys (+ combine), o GEMV + residual, gate/up GEMV + SiLU gate, down GEMV
 + residual; all 32 in one CUDA graph, launched with programmatic dependent launch (PDL) unlike the
 isolated kernels of a profile. Coordinate descent over the tiling of each projection (rows per program,
-K chunk, warps; the others at their current choice), then the chosen tiling with PDL off for reference. ``--fp8``: the same with
+K chunk, warps, and with ``--schedules`` the K group and prefetch of
+``decode_gemv``; the others at their current choice), then the chosen tiling with PDL off for reference. ``--fp8``: the same with
 E4M3 weights and per-row scales (weight-only FP8, 6.6 GB). Prints per-layer µs and the weight stream's TB/s;
 writes ``$OUT/micro_decode_chain.json`` (``micro_decode_chain_fp8.json``).
 
@@ -26,8 +27,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortexflow.kernels.attention import attention  # noqa: E402
-from cortexflow.kernels.decode_gemv import decode_gemv, default_tiling  # noqa: E402
-from cortexflow.kernels.decode_qkv_rope import DEFAULT_FP8_TILING, DEFAULT_TILING, decode_qkv_rope  # noqa: E402
+from cortexflow.kernels.decode_gemv import decode_gemv, default_schedule, default_tiling  # noqa: E402
+from cortexflow.kernels.decode_qkv_rope import (  # noqa: E402
+    DEFAULT_FP8_SCHEDULE,
+    DEFAULT_FP8_TILING,
+    DEFAULT_SCHEDULE,
+    DEFAULT_TILING,
+    decode_qkv_rope,
+)
 from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
@@ -39,27 +46,53 @@ SWEEP = {
     "gate_up": [(bn, bk, w) for bn in (4, 8, 16, 32) for bk in (256, 512, 1024) for w in (4, 8)],
     "down": [(bn, bk, w) for bn in (2, 4, 8, 16) for bk in (512, 1024, 2048) for w in (4, 8)],
 }
+#: ``--schedules``: tilings (rows, K chunk, warps) each tried with every (K group, prefetch) of ``SCHEDULES``.
+SCHEDULE_TILINGS = {
+    "bf16": [(b, bk, w) for b in (8, 16, 32) for bk in (512, 1024) for w in (4, 8)],
+    "fp8": [(b, bk, w) for b in (4, 8, 16) for bk in (1024, 2048) for w in (4, 8)],
+}
+SCHEDULES = {"bf16": [(8, False), (8, True)], "fp8": [(16, False), (16, True)]}
 #: fp32 accumulators per thread past which a tiling is left out (it spills and compiles for minutes).
 MAX_ACCUMULATORS_PER_THREAD = 128
+#: Weight bytes a thread may hold in registers (two chunks with prefetch) before a tiling is left out.
+MAX_WEIGHT_BYTES_PER_THREAD = 256
 
 
-def sweep(proj: str, fp8: bool) -> list[tuple[int, int, int]]:
-    """The tilings tried for ``proj`` with bf16 or E4M3 weights, those that would spill left out."""
+def fits(tiling: tuple, two: int, element_bytes: int) -> bool:
+    """Whether a (rows, K chunk, warps, K group, prefetch) tiling keeps its accumulators and weights in registers."""
+    rows, block_k, warps, group, prefetch = tiling
+    per_thread = rows * block_k * two / (32 * warps)
+    return (per_thread / group <= MAX_ACCUMULATORS_PER_THREAD
+            and per_thread * element_bytes * (2 if prefetch else 1) <= MAX_WEIGHT_BYTES_PER_THREAD)
+
+
+def sweep(proj: str, fp8: bool, schedules: bool) -> list[tuple[int, int, int, int, bool]]:
+    """The tilings tried for ``proj`` with bf16 or E4M3 weights, those that would spill left out: the plain
+    sweep, or (``schedules``) the K-group and prefetch schedules over their tilings."""
     two = 2 if proj in ("gate_up", "qkv") else 1  # gated rows, or RoPE's pairs of rows
-    tilings = [(b, bk * (2 if fp8 else 1), w) for b, bk, w in SWEEP[proj]]
-    return [t for t in tilings if t[0] * t[1] * two / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
+    fmt = "fp8" if fp8 else "bf16"
+    if schedules:
+        tilings = [t + schedule for t in SCHEDULE_TILINGS[fmt] for schedule in SCHEDULES[fmt]]
+    else:
+        tilings = [(b, bk * (2 if fp8 else 1), w, 1, False) for b, bk, w in SWEEP[proj]]
+    return [t for t in tilings if fits(t, two, 1 if fp8 else 2)]
 
 
-def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int]]:
-    qkv = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING
-    return {"qkv": qkv, "o": default_tiling(WIDTH, WIDTH, False, fp8),
-            "gate_up": default_tiling(2 * FFN, WIDTH, True, fp8), "down": default_tiling(WIDTH, FFN, False, fp8)}
+def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int, int, bool]]:
+    """The tilings the engine uses now: :func:`default_tiling` and the QKV/RoPE defaults, with their schedules."""
+    qkv = DEFAULT_FP8_TILING + DEFAULT_FP8_SCHEDULE if fp8 else DEFAULT_TILING + DEFAULT_SCHEDULE
+    return {"qkv": qkv,
+            "o": default_tiling(WIDTH, WIDTH, False, fp8) + default_schedule(fp8),
+            "gate_up": default_tiling(2 * FFN, WIDTH, True, fp8) + default_schedule(fp8),
+            "down": default_tiling(WIDTH, FFN, False, fp8) + default_schedule(fp8)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp8", action="store_true", help="E4M3 weights with per-row scales (weight-only FP8)")
     parser.add_argument("--only-current", action="store_true", help="time the current tilings only, no sweep")
+    parser.add_argument("--schedules", action="store_true",
+                        help="sweep the K-group and prefetch schedules (SCHEDULES) instead of the plain tilings")
     args = parser.parse_args()
     dev = torch.device("cuda")
     g = torch.Generator(device=dev).manual_seed(0)
@@ -86,22 +119,23 @@ def main() -> None:
     mask = (torch.arange(KEYS + 8, device=dev) <= KEYS - 1)[None, None]
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, dev)
 
-    def chain(t: dict[str, tuple[int, int, int]], pdl: bool) -> torch.Tensor:
+    def chain(t: dict[str, tuple[int, int, int, int, bool]], pdl: bool) -> torch.Tensor:
         x = x0.clone()
         for layer in layers:
-            (w, scale), (bh, bk, nw) = layer["qkv"], t["qkv"]
+            (w, scale), (bh, bk, nw, kg, pf) = layer["qkv"], t["qkv"]
             q = decode_qkv_rope(x, w, HEADS, HEADS, position, inv_freq, layer["k"], layer["v"], position,
-                                normalize=True, eps=1e-5, weight_scale=scale, block_h=bh, block_k=bk, num_warps=nw, pdl=pdl)
+                                normalize=True, eps=1e-5, weight_scale=scale, block_h=bh, block_k=bk, num_warps=nw,
+                                k_group=kg, prefetch=pf, pdl=pdl)
             a = attention(q, layer["k"], layer["v"], mask, 1.0 / math.sqrt(HEAD_DIM), pdl=pdl).reshape(1, 1, -1)
-            (w, scale), (bn, bk, nw) = layer["o"], t["o"]
+            (w, scale), (bn, bk, nw, kg, pf) = layer["o"], t["o"]
             decode_gemv(a, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
-                        pdl=pdl)
-            (w, scale), (bn, bk, nw) = layer["gate_up"], t["gate_up"]
+                        k_group=kg, prefetch=pf, pdl=pdl)
+            (w, scale), (bn, bk, nw, kg, pf) = layer["gate_up"], t["gate_up"]
             act = decode_gemv(x, w, normalize=True, eps=1e-5, gated="silu", weight_scale=scale, block_n=bn,
-                              block_k=bk, num_warps=nw, pdl=pdl)
-            (w, scale), (bn, bk, nw) = layer["down"], t["down"]
+                              block_k=bk, num_warps=nw, k_group=kg, prefetch=pf, pdl=pdl)
+            (w, scale), (bn, bk, nw, kg, pf) = layer["down"], t["down"]
             decode_gemv(act, w, residual=x, out=x.view(-1), weight_scale=scale, block_n=bn, block_k=bk, num_warps=nw,
-                        pdl=pdl)
+                        k_group=kg, prefetch=pf, pdl=pdl)
         return x
 
     def time_us(t, pdl) -> float:
@@ -141,7 +175,7 @@ def main() -> None:
     best_us = base
     for proj in () if args.only_current else SWEEP:
         results = [(best_us, best[proj])]
-        for option in sweep(proj, args.fp8):
+        for option in sweep(proj, args.fp8, args.schedules):
             if option == best[proj]:
                 continue
             trial = dict(best, **{proj: option})

@@ -262,3 +262,47 @@ def test_fp8_decode_qkv_rope_matches_reference(dtype):
     check_fp8(caches[0][:, 6:7], rk, dtype)
     check_fp8(caches[1][:, 6:7], rv, dtype)
     assert caches[0][:, 6].abs().sum() > 0 and not caches[0][:, :6].any()
+
+
+@pytest.mark.parametrize("weight_format", ["bf16", "e4m3"])
+@pytest.mark.parametrize("k_group,prefetch", [(16, False), (1, True), (8, True)])
+@pytest.mark.parametrize("variant", ["norm+silu gate", "residual"])
+def test_grouped_and_prefetching_decode_gemv_match_reference(weight_format, k_group, prefetch, variant):
+    """``k_group`` (products summed in runs along K before the accumulator) and ``prefetch`` (the next chunk loaded
+    before the current one is multiplied) change only the fp32 summation order: the reference's values, odd K
+    (1100: partial chunks, the prefetch past the end masked) and N (37)."""
+    k, n = 1100, 37
+    x = rand(1, 1, k, dtype=torch.bfloat16, seed=51, scale=3.0)
+    kwargs = variant_kwargs(variant, k, n, torch.bfloat16)
+    rows = 2 * n if kwargs["gated"] else n
+    if weight_format == "e4m3":
+        w, kwargs["weight_scale"] = fp8_weight(rows, k, seed=52)
+    else:
+        w = rand(rows, k, dtype=torch.bfloat16, seed=52, scale=k**-0.5)
+    out = decode_gemv(x, w, block_n=8, block_k=256, k_group=k_group, prefetch=prefetch, **kwargs)
+    ref = decode_gemv_reference(x, w, **kwargs)
+    (check_fp8 if weight_format == "e4m3" else check)(out, ref, torch.bfloat16)
+    plain = decode_gemv(x, w, block_n=8, block_k=256, **kwargs)
+    assert (out.float() - plain.float()).abs().max() <= 2 * torch.finfo(torch.bfloat16).eps * plain.float().abs().max()
+
+
+@pytest.mark.parametrize("k_group,prefetch", [(16, False), (8, True)])
+def test_grouped_and_prefetching_decode_qkv_rope_match_reference(k_group, prefetch):
+    """The QKV/RoPE GEMV with ``k_group`` / ``prefetch`` on an E4M3 weight: the reference's q, k and v."""
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_reference
+    from cortexflow.kernels.rope import inverse_frequencies
+
+    hq, hkv, d, k, max_len = 3, 1, 24, 200, 9
+    x = rand(1, 1, k, dtype=torch.bfloat16, seed=60, scale=3.0)
+    w, scale = fp8_weight((hq + 2 * hkv) * d, k, seed=61)
+    kwargs = {"norm_weight": rand(k, dtype=torch.float32, seed=62, scale=0.2), "eps": 1e-5, "weight_scale": scale}
+    position = torch.tensor([5], device=DEVICE)
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    caches = [torch.zeros(1, max_len, hkv, d, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+    write_at = torch.tensor([6], device=DEVICE)
+    q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, block_h=4, block_k=64,
+                        k_group=k_group, prefetch=prefetch, **kwargs)
+    rq, rk, rv = decode_qkv_rope_reference(x, w, hq, hkv, position, inv_freq, **kwargs)
+    check_fp8(q, rq, torch.bfloat16)
+    check_fp8(caches[0][:, 6:7], rk, torch.bfloat16)
+    check_fp8(caches[1][:, 6:7], rv, torch.bfloat16)

@@ -56,6 +56,11 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> t
     return (8, 1024, 4) if fp8 else (8, 1024, 4)
 
 
+def default_schedule(fp8: bool) -> tuple[int, bool]:
+    """(K group, prefetch) of :func:`gemv_rows` for bf16 / fp16 / fp32 (``fp8`` False) or E4M3 weights."""
+    return (1, False)
+
+
 @triton.jit
 def _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM: tl.constexpr, SCALE: tl.constexpr):
     """``x[kk]`` in fp32, RMS-normalised (and scaled by ``1 + w``) and rounded as the reference's norm."""
@@ -69,16 +74,32 @@ def _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM: tl.constexpr, SCALE: tl.co
 
 
 @triton.jit
+def _products(w, xv, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_GROUP: tl.constexpr):
+    """``w * x`` of one ``(BLOCK_N, BLOCK_K)`` weight chunk in fp32, with each run of ``K_GROUP`` consecutive
+    products along K summed: ``(BLOCK_N, BLOCK_K // K_GROUP)``."""
+    products = w.to(tl.float32) * xv[None, :]
+    if K_GROUP > 1:
+        products = tl.sum(tl.reshape(products, [BLOCK_N, BLOCK_K // K_GROUP, K_GROUP]), axis=2)
+    return products
+
+
+@triton.jit
 def gemv_rows(
     x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, second_offset, stride_w, eps,
     NORM: tl.constexpr, SCALE: tl.constexpr, TWO: tl.constexpr, W_SCALE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, K_GROUP: tl.constexpr = 1,
+    PREFETCH: tl.constexpr = False,
 ):
     """fp32 dot products of the (normalised) row ``x`` with weight rows ``rows`` and, when ``TWO``, also
     with rows ``rows + second_offset``: ``(y, y2)`` of shape ``(BLOCK_N,)`` (``y2`` zeros without ``TWO``).
     ``W_SCALE``: the weight is E4M3 and each sum is multiplied by its row's fp32 scale ``w_scale_ptr[row]``.
     Starts the kernel's PDL protocol: releases the next kernel, loads the first weight chunk (which no
-    kernel writes) and only then waits for the previous kernel before reading ``x``."""
+    kernel writes) and only then waits for the previous kernel before reading ``x``.
+
+    The accumulator holds ``(BLOCK_N, BLOCK_K // K_GROUP)`` fp32 partial sums: ``K_GROUP`` consecutive products
+    of a chunk are added before they reach it (fewer registers per weight byte, a different fp32 summation
+    order). ``PREFETCH``: each iteration loads the next chunk before it multiplies the current one, so two
+    chunks are in flight per program."""
     pdl_release(PDL)
     offs_k = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + rows[:, None] * stride_w
@@ -86,27 +107,45 @@ def gemv_rows(
     k_ok = offs_k < k_dim
     tile_ok = row_ok[:, None] & k_ok[None, :]
     w = tl.load(w_rows + offs_k[None, :], mask=tile_ok, other=0.0)
+    w2 = w
     if TWO:
         w2 = tl.load(w_rows + second_offset * stride_w + offs_k[None, :], mask=tile_ok, other=0.0)
     pdl_wait(PDL)
     rstd = 1.0
     if NORM:
         rstd = row_rstd(x_ptr, 0, k_dim, eps, BLOCK_K)
-    xv = _x_chunk(x_ptr, norm_w_ptr, offs_k, k_ok, rstd, NORM, SCALE)
-    acc = w.to(tl.float32) * xv[None, :]
-    acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    if TWO:
-        acc2 = w2.to(tl.float32) * xv[None, :]
-    for k0 in range(BLOCK_K, k_dim, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < k_dim
-        xv = _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM, SCALE)
-        tile_ok = row_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
-        acc += w.to(tl.float32) * xv[None, :]
+    acc = tl.zeros([BLOCK_N, BLOCK_K // K_GROUP], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_K // K_GROUP], tl.float32)
+    if PREFETCH:
+        for k0 in range(0, k_dim, BLOCK_K):
+            next_k = k0 + BLOCK_K + offs_k
+            next_ok = row_ok[:, None] & (next_k < k_dim)[None, :]
+            w_next = tl.load(w_rows + next_k[None, :], mask=next_ok, other=0.0)
+            w2_next = w_next
+            if TWO:
+                w2_next = tl.load(w_rows + second_offset * stride_w + next_k[None, :], mask=next_ok, other=0.0)
+            kk = k0 + offs_k
+            xv = _x_chunk(x_ptr, norm_w_ptr, kk, kk < k_dim, rstd, NORM, SCALE)
+            acc += _products(w, xv, BLOCK_N, BLOCK_K, K_GROUP)
+            if TWO:
+                acc2 += _products(w2, xv, BLOCK_N, BLOCK_K, K_GROUP)
+            w = w_next
+            w2 = w2_next
+    else:
+        xv = _x_chunk(x_ptr, norm_w_ptr, offs_k, k_ok, rstd, NORM, SCALE)
+        acc += _products(w, xv, BLOCK_N, BLOCK_K, K_GROUP)
         if TWO:
-            w2 = tl.load(w_rows + second_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
-            acc2 += w2.to(tl.float32) * xv[None, :]
+            acc2 += _products(w2, xv, BLOCK_N, BLOCK_K, K_GROUP)
+        for k0 in range(BLOCK_K, k_dim, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < k_dim
+            xv = _x_chunk(x_ptr, norm_w_ptr, kk, k_ok, rstd, NORM, SCALE)
+            tile_ok = row_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_rows + kk[None, :], mask=tile_ok, other=0.0)
+            acc += _products(w, xv, BLOCK_N, BLOCK_K, K_GROUP)
+            if TWO:
+                w2 = tl.load(w_rows + second_offset * stride_w + kk[None, :], mask=tile_ok, other=0.0)
+                acc2 += _products(w2, xv, BLOCK_N, BLOCK_K, K_GROUP)
     y = tl.sum(acc, axis=1)
     y2 = tl.sum(acc2, axis=1)
     if W_SCALE:
@@ -121,12 +160,13 @@ def _decode_gemv_kernel(
     x_ptr, w_ptr, out_ptr, res_ptr, norm_w_ptr, w_scale_ptr,
     n_out, k_dim, up_offset, stride_w, eps,
     NORM: tl.constexpr, SCALE: tl.constexpr, RESIDUAL: tl.constexpr, GATED: tl.constexpr, SILU: tl.constexpr,
-    W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    W_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, K_GROUP: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < n_out
     y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
-                        NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL)
+                        NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL, K_GROUP, PREFETCH)
     out_ty = out_ptr.dtype.element_ty
     if GATED:
         gate = y.to(out_ty).to(tl.float32)
@@ -154,6 +194,8 @@ def decode_gemv(
     block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
+    k_group: int | None = None,
+    prefetch: bool | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """``W x`` for one row ``x (K,)`` (any leading dims of total size 1) and ``weight (N, K)``.
@@ -164,7 +206,8 @@ def decode_gemv(
     ``(N/2,)``; ``weight_scale (N,)`` fp32: ``weight`` is E4M3 and row ``n`` stands for
     ``weight[n] * weight_scale[n]`` (required exactly when ``weight`` is E4M3). Returns the output with
     ``x``'s leading dims, in ``x``'s dtype; ``out`` may be ``residual`` itself (in place). Tiling:
-    :func:`default_tiling` unless given. ``pdl``: launch with programmatic dependent launch
+    :func:`default_tiling` unless given; ``k_group`` and ``prefetch``: :func:`gemv_rows`' ``K_GROUP`` (a power of two
+    dividing ``block_k``) and ``PREFETCH``, :func:`default_schedule` unless given. ``pdl``: launch with programmatic dependent launch
     (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
@@ -183,12 +226,15 @@ def decode_gemv(
     res = residual.reshape(n_out) if residual is not None else out
     tiling = default_tiling(weight.shape[0], k_dim, gated is not None, fp8)
     block_n, block_k, num_warps = block_n or tiling[0], block_k or tiling[1], num_warps or tiling[2]
+    schedule = default_schedule(fp8)
+    k_group = schedule[0] if k_group is None else k_group
+    prefetch = schedule[1] if prefetch is None else prefetch
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1, weight_scale if fp8 else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, RESIDUAL=residual is not None,
         GATED=gated is not None, SILU=gated == "silu", W_SCALE=fp8, BLOCK_N=block_n, BLOCK_K=block_k, PDL=pdl,
-        num_warps=num_warps, **launch_options(pdl),
+        K_GROUP=k_group, PREFETCH=prefetch, num_warps=num_warps, **launch_options(pdl),
     )
     return out.view(*x.shape[:-1], n_out)
 

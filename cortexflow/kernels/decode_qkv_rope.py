@@ -29,6 +29,9 @@ DEFAULT_TILING = (4, 512, 4)
 #: The same for E4M3 weights: twice the K chunk (as many bytes per row load as bf16's). Not yet measured on a
 #: GPU (``benchmarks/bench_fp8_decode.py`` sweeps it).
 DEFAULT_FP8_TILING = (4, 1024, 4)
+#: (K group, prefetch) of the GEMV (:func:`~cortexflow.kernels.decode_gemv.gemv_rows`) for bf16 and E4M3 weights.
+DEFAULT_SCHEDULE = (1, False)
+DEFAULT_FP8_SCHEDULE = (1, False)
 
 
 @triton.jit
@@ -36,14 +39,14 @@ def _decode_qkv_rope_kernel(
     x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, q_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, write_at_ptr,
     n_q_heads, n_kv_heads, head_dim, half, k_dim, stride_w, eps, s_k_t, s_k_h, s_v_t, s_v_h,
     NORM: tl.constexpr, SCALE: tl.constexpr, W_SCALE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, K_GROUP: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     blocks_per_head = tl.cdiv(half, BLOCK_H)
     head = tl.program_id(0) // blocks_per_head
     j = (tl.program_id(0) % blocks_per_head) * BLOCK_H + tl.arange(0, BLOCK_H)
     j_ok = j < half
     y1, y2 = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, head * head_dim + j, j_ok, k_dim, half, stride_w,
-                       eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL)
+                       eps, NORM, SCALE, True, W_SCALE, BLOCK_H, BLOCK_K, PDL, K_GROUP, PREFETCH)
     # The reference rounds the projection output, then rotates in fp32 (as qkv_rope does).
     out_ty = q_ptr.dtype.element_ty
     x1 = y1.to(out_ty).to(tl.float32)
@@ -85,6 +88,8 @@ def decode_qkv_rope(
     block_h: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
+    k_group: int | None = None,
+    prefetch: bool | None = None,
     pdl: bool = False,
 ) -> torch.Tensor:
     """Rotated ``q (1, 1, Hq, D)`` of the one row ``x`` (``K`` values, any leading dims of size 1); rotated
@@ -94,7 +99,9 @@ def decode_qkv_rope(
     of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``weight_scale ((Hq + 2 Hkv) * D,)`` fp32: the
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
     Tiling defaults to :data:`DEFAULT_TILING` (:data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
-    program: ``2 * block_h`` weight rows)."""
+    program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
+    :func:`~cortexflow.kernels.decode_gemv.decode_gemv` (:data:`DEFAULT_SCHEDULE` / :data:`DEFAULT_FP8_SCHEDULE` unless
+    given)."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -116,6 +123,9 @@ def decode_qkv_rope(
     half = head_dim // 2
     block_h = block_h or min(tiling[0], triton.next_power_of_2(half))
     block_k, num_warps = block_k or tiling[1], num_warps or tiling[2]
+    schedule = DEFAULT_FP8_SCHEDULE if fp8 else DEFAULT_SCHEDULE
+    k_group = schedule[0] if k_group is None else k_group
+    prefetch = schedule[1] if prefetch is None else prefetch
     q = torch.empty((1, 1, n_q_heads, head_dim), dtype=x.dtype, device=x.device)
     grid = (n_heads * triton.cdiv(half, block_h),)
     _decode_qkv_rope_kernel[grid](
@@ -123,7 +133,8 @@ def decode_qkv_rope(
         position, inv_freq, write_at, n_q_heads, n_kv_heads, head_dim, half, k_dim, weight.stride(0), eps,
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
         NORM=norm_weight is not None or normalize, SCALE=norm_weight is not None, W_SCALE=fp8,
-        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, **launch_options(pdl),
+        BLOCK_H=block_h, BLOCK_K=block_k, PDL=pdl, K_GROUP=k_group, PREFETCH=prefetch, num_warps=num_warps,
+        **launch_options(pdl),
     )
     return q
 
