@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cortexflow.kernels.decode_gemv import decode_gemv, decode_gemv_reference, default_tiling  # noqa: E402
+from cortexflow.kernels.decode_gemv import GemvTiling, decode_gemv, decode_gemv_reference, default_tiling  # noqa: E402
 from cortexflow.kernels.decode_qkv_rope import (  # noqa: E402
     DEFAULT_FP8_TILING,
     DEFAULT_TILING,
@@ -64,12 +64,12 @@ SWEEPS = {  # (rows per program, K chunk, warps) for decode_gemv; (pairs per pro
 }
 
 
-def swept_tilings(kernel: str, fmt: str, default: tuple, two: bool) -> list[tuple[int, int, int]]:
-    """``default`` first, then the tilings of ``kernel`` ("gemv" or "qkv_rope") for ``fmt`` whose accumulators
-    fit a thread (``two``: two rows per output, gated or RoPE pairs)."""
+def swept_tilings(kernel: str, fmt: str, default: GemvTiling, two: bool) -> list[GemvTiling]:
+    """``default`` first, then the tilings of ``kernel`` ("gemv" or "qkv_rope") for ``fmt`` with the default's K
+    group and prefetch, those whose accumulators fit a thread (``two``: two rows per output, gated or RoPE pairs)."""
     rows = 2 if two else 1
-    swept = [t for t in itertools.product(*SWEEPS[(kernel, fmt)])
-             if t[0] * t[1] * rows / (32 * t[2]) <= MAX_ACCUMULATORS_PER_THREAD]
+    swept = [GemvTiling(*t, default.k_group, default.prefetch) for t in itertools.product(*SWEEPS[(kernel, fmt)])]
+    swept = [t for t in swept if t.block_n * t.block_k * rows / (32 * t.warps * t.k_group) <= MAX_ACCUMULATORS_PER_THREAD]
     return [default] + [t for t in swept if t != default]
 
 
@@ -152,14 +152,16 @@ def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, w
                 decode_gemv_reference(x, w16[0], **kwargs)
             default = default_tiling(n, k, gated is not None, fmt == "fp8")
             tilings = swept_tilings("gemv", fmt, default, gated is not None) if fmt in sweep else [default]
-            for bn, bk, warps in tilings:
-                def call(i, bn=bn, bk=bk, warps=warps, fmt=fmt):
+            for t in tilings:
+                def call(i, t=t, fmt=fmt):
+                    options = {"block_n": t.block_n, "block_k": t.block_k, "num_warps": t.warps, "k_group": t.k_group,
+                               "prefetch": t.prefetch}
                     if fmt == "fp8":
-                        return decode_gemv(x, w8[i % count].data, weight_scale=w8[i % count].scale, block_n=bn,
-                                           block_k=bk, num_warps=warps, **kwargs)
-                    return decode_gemv(x, w16[i % count], block_n=bn, block_k=bk, num_warps=warps, **kwargs)
-                variant = {"name": f"decode_gemv {fmt} bn={bn} bk={bk} w={warps}", "format": fmt,
-                           "block_n": bn, "block_k": bk, "warps": warps, "default": (bn, bk, warps) == default}
+                        return decode_gemv(x, w8[i % count].data, weight_scale=w8[i % count].scale, **options,
+                                           **kwargs)
+                    return decode_gemv(x, w16[i % count], **options, **kwargs)
+                variant = {"name": f"decode_gemv {fmt} {tuple(t)}", "format": fmt, **t._asdict(),
+                           "default": t == default}
                 row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref),
                                                fp8_bytes if fmt == "fp8" else bf16_bytes, calls, repeats))
                 print(f"   {variant['name']}: {variant.get('us', variant.get('error', ''))}", flush=True)
@@ -187,13 +189,13 @@ def qkv_rope_case(x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
                                                 norm_weight=norm_weight, eps=1e-5, weight_scale=scale(0))
         default = DEFAULT_FP8_TILING if fmt == "fp8" else DEFAULT_TILING
         tilings = swept_tilings("qkv_rope", fmt, default, True) if fmt in sweep else [default]
-        for bh, bk, warps in tilings:
-            def call(i, bh=bh, bk=bk, warps=warps, weight=weight, scale=scale):
+        for t in tilings:
+            def call(i, t=t, weight=weight, scale=scale):
                 return decode_qkv_rope(x, weight(i), HEADS, HEADS, position, inv_freq, caches[0], caches[1], write_at,
-                                       norm_weight=norm_weight, eps=1e-5, weight_scale=scale(i), block_h=bh,
-                                       block_k=bk, num_warps=warps)
-            variant = {"name": f"decode_qkv_rope {fmt} bh={bh} bk={bk} w={warps}", "format": fmt, "block_h": bh,
-                       "block_k": bk, "warps": warps, "default": (bh, bk, warps) == default}
+                                       norm_weight=norm_weight, eps=1e-5, weight_scale=scale(i), block_h=t.block_n,
+                                       block_k=t.block_k, num_warps=t.warps, k_group=t.k_group, prefetch=t.prefetch)
+            variant = {"name": f"decode_qkv_rope {fmt} {tuple(t)}", "format": fmt, **t._asdict(),
+                       "default": t == default}
             row["variants"].append(measure(variant, call, lambda call=call: rel_err(call(0), ref_q),
                                            n * k + 4 * n if fmt == "fp8" else n * k * 2, calls, repeats))
     return row

@@ -27,14 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cortexflow.kernels.attention import attention  # noqa: E402
-from cortexflow.kernels.decode_gemv import decode_gemv, default_schedule, default_tiling  # noqa: E402
-from cortexflow.kernels.decode_qkv_rope import (  # noqa: E402
-    DEFAULT_FP8_SCHEDULE,
-    DEFAULT_FP8_TILING,
-    DEFAULT_SCHEDULE,
-    DEFAULT_TILING,
-    decode_qkv_rope,
-)
+from cortexflow.kernels.decode_gemv import decode_gemv, default_tiling  # noqa: E402
+from cortexflow.kernels.decode_qkv_rope import DEFAULT_FP8_TILING, DEFAULT_TILING, decode_qkv_rope  # noqa: E402
 from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 
@@ -79,12 +73,11 @@ def sweep(proj: str, fp8: bool, schedules: bool) -> list[tuple[int, int, int, in
 
 
 def current_tilings(fp8: bool) -> dict[str, tuple[int, int, int, int, bool]]:
-    """The tilings the engine uses now: :func:`default_tiling` and the QKV/RoPE defaults, with their schedules."""
-    qkv = DEFAULT_FP8_TILING + DEFAULT_FP8_SCHEDULE if fp8 else DEFAULT_TILING + DEFAULT_SCHEDULE
-    return {"qkv": qkv,
-            "o": default_tiling(WIDTH, WIDTH, False, fp8) + default_schedule(fp8),
-            "gate_up": default_tiling(2 * FFN, WIDTH, True, fp8) + default_schedule(fp8),
-            "down": default_tiling(WIDTH, FFN, False, fp8) + default_schedule(fp8)}
+    """The tilings the engine uses now: :func:`default_tiling` and the QKV/RoPE defaults."""
+    return {"qkv": tuple(DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING),
+            "o": tuple(default_tiling(WIDTH, WIDTH, False, fp8)),
+            "gate_up": tuple(default_tiling(2 * FFN, WIDTH, True, fp8)),
+            "down": tuple(default_tiling(WIDTH, FFN, False, fp8))}
 
 
 def main() -> None:

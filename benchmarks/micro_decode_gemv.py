@@ -79,7 +79,7 @@ def main() -> None:
         best = min((r for r in timed if r["variant"].startswith("decode_gemv")), key=lambda r: r["us"])
         from cortexflow.kernels.decode_gemv import default_tiling
         k, n, _, gated = SHAPES[label]
-        bn, bk, warps = default_tiling(n, k, gated is not None)
+        bn, bk, warps = default_tiling(n, k, gated is not None)[:3]
         default = next((r for r in timed if r["variant"] == f"decode_gemv bn={bn} bk={bk} w={warps}"), None)
         print(f"{label}")
         for r in (base, default, best):

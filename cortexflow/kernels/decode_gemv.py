@@ -26,6 +26,8 @@ program owns ``BLOCK_N`` output rows and walks ``K`` in ``BLOCK_K`` chunks, accu
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -34,31 +36,40 @@ from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
 
-def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> tuple[int, int, int]:
-    """(rows per program, K chunk, warps) for a weight of ``n_rows x k_dim``.
+class GemvTiling(NamedTuple):
+    """How :func:`decode_gemv` splits a weight: rows per program, K chunk, warps, and :func:`gemv_rows`' K group
+    (products summed in runs of this many along K before the accumulator) and prefetch (the next chunk loaded
+    before the current one is multiplied)."""
 
-    bf16 / fp16 / fp32 weights: the fastest of the sweeps for each kind of projection
-    (``benchmarks/micro_decode_gemv.py``, one kernel repeated, and ``benchmarks/micro_decode_chain.py``,
-    OpenVLA's 32 decode layers chained in one graph with PDL; timings in benchmarks/NOTES.md, "Tuning
-    constants"): gated gate/up 16 rows, 512, 4 warps; long K (> 8192, OpenVLA's down) 8 rows, 2048, 8 warps;
-    wide N (>= 8192 rows, QKV) 32 rows, 1024, 8 warps; otherwise (o) 8 rows, 1024, 4 warps.
+    block_n: int
+    block_k: int
+    warps: int
+    k_group: int = 1
+    prefetch: bool = False
 
-    E4M3 weights (``fp8``), from ``benchmarks/bench_fp8_decode.py``'s H100 sweeps (NOTES, sessions 19 and 20): wide
-    N 4 rows, 1024, 4 warps (OpenVLA's QKV: 21.9 us, 2.30 TB/s of E4M3 weights); gated 4 rows, 1024, 4 warps (gate/up
-    + SiLU gate: 39.1 us, 2.31 TB/s, against 44.0 us at 16 rows, 1024, 8 warps); long K 4 rows, 4096, 8 warps (down:
-    21.0 us, within 0.2 us of the sweep's best); otherwise 8 rows, 1024, 4 warps (o: 8.3 us, 2.03 TB/s)."""
+
+def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> GemvTiling:
+    """The tiling for a weight of ``n_rows x k_dim``: the fastest of the sweeps for each kind of projection
+    (``benchmarks/micro_decode_chain.py``, OpenVLA's 32 decode layers chained in one CUDA graph with PDL, and
+    ``benchmarks/micro_decode_gemv.py`` / ``bench_fp8_decode.py``, one kernel repeated; timings in
+    benchmarks/NOTES.md, "Tuning constants" and sessions 19–21).
+
+    bf16 / fp16 / fp32 weights: gated gate/up 8 rows, 1024, 8 warps, K group 8; long K (> 8192, OpenVLA's down)
+    16 rows, 1024, 8 warps, K group 8, prefetch; wide N (>= 8192 rows, an unfused QKV, the LM head) 32 rows, 1024,
+    8 warps; otherwise (o) 16 rows, 1024, 8 warps, K group 8, prefetch. In the chained decode (H100, session 21):
+    147.7 µs a layer against 150.3 without K groups and prefetch.
+
+    E4M3 weights (``fp8``), K group 16 (a quarter of the accumulator registers of the bf16 tilings per weight
+    byte): gated 4 rows, 1024, 4 warps; long K 8 rows, 1024, 8 warps, prefetch; wide N 4 rows, 1024, 4 warps (no
+    K group: not measured with one); otherwise 8 rows, 2048, 8 warps. In the chained decode: 84.4 µs a layer
+    (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch."""
     if gated:
-        return (4, 1024, 4) if fp8 else (16, 512, 4)
+        return GemvTiling(4, 1024, 4, 16) if fp8 else GemvTiling(8, 1024, 8, 8)
     if k_dim > 8192:
-        return (4, 4096, 8) if fp8 else (8, 2048, 8)
+        return GemvTiling(8, 1024, 8, 16, True) if fp8 else GemvTiling(16, 1024, 8, 8, True)
     if n_rows >= 8192:
-        return (4, 1024, 4) if fp8 else (32, 1024, 8)
-    return (8, 1024, 4) if fp8 else (8, 1024, 4)
-
-
-def default_schedule(fp8: bool) -> tuple[int, bool]:
-    """(K group, prefetch) of :func:`gemv_rows` for bf16 / fp16 / fp32 (``fp8`` False) or E4M3 weights."""
-    return (1, False)
+        return GemvTiling(4, 1024, 4) if fp8 else GemvTiling(32, 1024, 8)
+    return GemvTiling(8, 2048, 8, 16) if fp8 else GemvTiling(16, 1024, 8, 8, True)
 
 
 @triton.jit
@@ -207,7 +218,7 @@ def decode_gemv(
     ``weight[n] * weight_scale[n]`` (required exactly when ``weight`` is E4M3). Returns the output with
     ``x``'s leading dims, in ``x``'s dtype; ``out`` may be ``residual`` itself (in place). Tiling:
     :func:`default_tiling` unless given; ``k_group`` and ``prefetch``: :func:`gemv_rows`' ``K_GROUP`` (a power of two
-    dividing ``block_k``) and ``PREFETCH``, :func:`default_schedule` unless given. ``pdl``: launch with programmatic dependent launch
+    dividing ``block_k``) and ``PREFETCH``. ``pdl``: launch with programmatic dependent launch
     (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
@@ -225,10 +236,11 @@ def decode_gemv(
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     res = residual.reshape(n_out) if residual is not None else out
     tiling = default_tiling(weight.shape[0], k_dim, gated is not None, fp8)
-    block_n, block_k, num_warps = block_n or tiling[0], block_k or tiling[1], num_warps or tiling[2]
-    schedule = default_schedule(fp8)
-    k_group = schedule[0] if k_group is None else k_group
-    prefetch = schedule[1] if prefetch is None else prefetch
+    block_n, block_k, num_warps = block_n or tiling.block_n, block_k or tiling.block_k, num_warps or tiling.warps
+    k_group = tiling.k_group if k_group is None else k_group
+    prefetch = tiling.prefetch if prefetch is None else prefetch
+    if block_k % k_group:
+        raise ValueError(f"k_group {k_group} does not divide block_k {block_k}")
     _decode_gemv_kernel[(triton.cdiv(n_out, block_n),)](
         x1, weight, out, res, norm_weight if norm_weight is not None else x1, weight_scale if fp8 else x1,
         n_out, k_dim, n_out, weight.stride(0), eps,

@@ -20,18 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import check_weight_scale, gemv_rows
+from cortexflow.kernels.decode_gemv import GemvTiling, check_weight_scale, gemv_rows
 from cortexflow.kernels.pdl import launch_options
 
-#: (rotation pairs per program, K chunk, warps): the fastest in OpenVLA's 32 decode layers chained in one
-#: graph with PDL (``benchmarks/micro_decode_chain.py``; timings in benchmarks/NOTES.md, "Tuning constants").
-DEFAULT_TILING = (4, 512, 4)
-#: The same for E4M3 weights: twice the K chunk (as many bytes per row load as bf16's). Not yet measured on a
-#: GPU (``benchmarks/bench_fp8_decode.py`` sweeps it).
-DEFAULT_FP8_TILING = (4, 1024, 4)
-#: (K group, prefetch) of the GEMV (:func:`~cortexflow.kernels.decode_gemv.gemv_rows`) for bf16 and E4M3 weights.
-DEFAULT_SCHEDULE = (1, False)
-DEFAULT_FP8_SCHEDULE = (1, False)
+#: (rotation pairs per program, K chunk, warps, K group, prefetch) for bf16 / fp16 / fp32 weights: the fastest in
+#: OpenVLA's 32 decode layers chained in one graph with PDL (``benchmarks/micro_decode_chain.py``; timings in
+#: benchmarks/NOTES.md, "Tuning constants" and session 21). K group and prefetch: as in
+#: :class:`~cortexflow.kernels.decode_gemv.GemvTiling`.
+DEFAULT_TILING = GemvTiling(8, 512, 4, 8, True)
+#: The same for E4M3 weights.
+DEFAULT_FP8_TILING = GemvTiling(4, 2048, 8, 16)
 
 
 @triton.jit
@@ -100,8 +98,7 @@ def decode_qkv_rope(
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
     Tiling defaults to :data:`DEFAULT_TILING` (:data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
     program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
-    :func:`~cortexflow.kernels.decode_gemv.decode_gemv` (:data:`DEFAULT_SCHEDULE` / :data:`DEFAULT_FP8_SCHEDULE` unless
-    given)."""
+    :func:`~cortexflow.kernels.decode_gemv.decode_gemv`."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -121,11 +118,12 @@ def decode_qkv_rope(
     if not x1.is_contiguous():
         x1 = x1.contiguous()
     half = head_dim // 2
-    block_h = block_h or min(tiling[0], triton.next_power_of_2(half))
-    block_k, num_warps = block_k or tiling[1], num_warps or tiling[2]
-    schedule = DEFAULT_FP8_SCHEDULE if fp8 else DEFAULT_SCHEDULE
-    k_group = schedule[0] if k_group is None else k_group
-    prefetch = schedule[1] if prefetch is None else prefetch
+    block_h = block_h or min(tiling.block_n, triton.next_power_of_2(half))
+    block_k, num_warps = block_k or tiling.block_k, num_warps or tiling.warps
+    k_group = tiling.k_group if k_group is None else k_group
+    prefetch = tiling.prefetch if prefetch is None else prefetch
+    if block_k % k_group:
+        raise ValueError(f"k_group {k_group} does not divide block_k {block_k}")
     q = torch.empty((1, 1, n_q_heads, head_dim), dtype=x.dtype, device=x.device)
     grid = (n_heads * triton.cdiv(half, block_h),)
     _decode_qkv_rope_kernel[grid](
