@@ -306,3 +306,16 @@ def test_grouped_and_prefetching_decode_qkv_rope_match_reference(k_group, prefet
     check_fp8(q, rq, torch.bfloat16)
     check_fp8(caches[0][:, 6:7], rk, torch.bfloat16)
     check_fp8(caches[1][:, 6:7], rv, torch.bfloat16)
+
+
+def test_rows_per_program_keep_every_sm_busy():
+    """A default tiling's rows per program are halved until the outputs give a program per SM: RT-2's 2048-output
+    o / down projections get 8 rows (256 programs on 132 SMs) where OpenVLA's 4096 keep the chosen 16."""
+    from cortexflow.kernels.decode_gemv import default_tiling, rows_for_grid
+
+    rows = default_tiling(2048, 2048, False).block_n
+    assert rows == 16
+    assert rows_for_grid(4096, rows, 132) == 16
+    assert rows_for_grid(2048, rows, 132) == 8
+    assert rows_for_grid(37, rows, 132) == 1
+    assert rows_for_grid(2048, rows, 1) == 16  # the CPU counts as one processor: nothing changes there

@@ -35,6 +35,7 @@ import triton.language as tl
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.rms_norm import row_rstd
+from cortexflow.kernels.runtime import processor_count
 
 class GemvTiling(NamedTuple):
     """How :func:`decode_gemv` splits a weight: rows per program, K chunk, warps, and :func:`gemv_rows`' K group
@@ -70,6 +71,15 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> G
     if n_rows >= 8192:
         return GemvTiling(4, 1024, 4) if fp8 else GemvTiling(32, 1024, 8)
     return GemvTiling(8, 2048, 8, 16) if fp8 else GemvTiling(16, 1024, 8, 8, True)
+
+
+def rows_for_grid(n_out: int, block_n: int, processors: int) -> int:
+    """``block_n`` halved until ``n_out`` outputs give at least one program per SM (``processors``), or 1: a
+    tiling chosen for OpenVLA's 4096 outputs (16 rows, 256 programs) keeps every SM of an H100 streaming on
+    RT-2's 2048 (8 rows, 256 programs instead of 128)."""
+    while block_n > 1 and triton.cdiv(n_out, block_n) < processors:
+        block_n //= 2
+    return block_n
 
 
 @triton.jit
@@ -217,8 +227,8 @@ def decode_gemv(
     ``(N/2,)``; ``weight_scale (N,)`` fp32: ``weight`` is E4M3 and row ``n`` stands for
     ``weight[n] * weight_scale[n]`` (required exactly when ``weight`` is E4M3). Returns the output with
     ``x``'s leading dims, in ``x``'s dtype; ``out`` may be ``residual`` itself (in place). Tiling:
-    :func:`default_tiling` unless given; ``k_group`` and ``prefetch``: :func:`gemv_rows`' ``K_GROUP`` (a power of two
-    dividing ``block_k``) and ``PREFETCH``. ``pdl``: launch with programmatic dependent launch
+    :func:`default_tiling` unless given (its rows per program through :func:`rows_for_grid`); ``k_group`` and
+    ``prefetch``: :func:`gemv_rows`' ``K_GROUP`` (a power of two dividing ``block_k``) and ``PREFETCH``. ``pdl``: launch with programmatic dependent launch
     (:mod:`cortexflow.kernels.pdl`; the first weight chunk loads while the previous kernel finishes)."""
     k_dim = x.shape[-1]
     if x.numel() != k_dim:
@@ -236,7 +246,8 @@ def decode_gemv(
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     res = residual.reshape(n_out) if residual is not None else out
     tiling = default_tiling(weight.shape[0], k_dim, gated is not None, fp8)
-    block_n, block_k, num_warps = block_n or tiling.block_n, block_k or tiling.block_k, num_warps or tiling.warps
+    block_n = block_n or rows_for_grid(n_out, tiling.block_n, processor_count(x.device))
+    block_k, num_warps = block_k or tiling.block_k, num_warps or tiling.warps
     k_group = tiling.k_group if k_group is None else k_group
     prefetch = tiling.prefetch if prefetch is None else prefetch
     if block_k % k_group:
