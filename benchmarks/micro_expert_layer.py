@@ -63,6 +63,7 @@ def tilings(quick: bool, only: str | None = None) -> dict[str, el.ExpertTiling]:
         "o/down 16 splits": replace(base, o_splits=16, down_splits=16),
         "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
+        "QKV pair 8 (160 tiles)": replace(base, pair=8),
         "attention 32 rows": replace(base, attn_rows=32),
         "attention logits in 2 parts": replace(base, attn_d_parts=2),
         "attention logits in 4 parts": replace(base, attn_d_parts=4),
