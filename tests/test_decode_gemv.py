@@ -309,13 +309,31 @@ def test_grouped_and_prefetching_decode_qkv_rope_match_reference(k_group, prefet
 
 
 def test_rows_per_program_keep_every_sm_busy():
-    """A default tiling's rows per program are halved until the outputs give a program per SM: RT-2's 2048-output
-    o / down projections get 8 rows (256 programs on 132 SMs) where OpenVLA's 4096 keep the chosen 16."""
+    """A default tiling's rows per program are halved until the outputs give a program per SM: 2048 outputs at the
+    16 rows chosen for OpenVLA's 4096 get 8 rows (256 programs on 132 SMs, not 128)."""
     from cortexflow.kernels.decode_gemv import default_tiling, rows_for_grid
 
-    rows = default_tiling(2048, 2048, False).block_n
+    rows = default_tiling(4096, 4096, False).block_n
     assert rows == 16
     assert rows_for_grid(4096, rows, 132) == 16
     assert rows_for_grid(2048, rows, 132) == 8
     assert rows_for_grid(37, rows, 132) == 1
     assert rows_for_grid(2048, rows, 1) == 16  # the CPU counts as one processor: nothing changes there
+
+
+def test_default_tilings_by_model_width():
+    """bf16: K groups and prefetch from OpenVLA's width (4096) up, the earlier tilings for RT-2's 2048 (the new ones
+    measured slower there); E4M3: K group 16 at both widths."""
+    from cortexflow.kernels.decode_gemv import GemvTiling, default_tiling
+    from cortexflow.kernels import decode_qkv_rope as qkv
+
+    # OpenVLA-7B (width 4096, MLP 11008) and RT-2's Gemma-2B (width 2048, MLP 16384), bf16
+    assert default_tiling(2 * 11008, 4096, True) == GemvTiling(8, 1024, 8, 8)
+    assert default_tiling(4096, 11008, False) == GemvTiling(16, 1024, 8, 8, True)
+    assert default_tiling(4096, 4096, False) == GemvTiling(16, 1024, 8, 8, True)
+    assert default_tiling(2 * 16384, 2048, True) == GemvTiling(16, 512, 4)
+    assert default_tiling(2048, 16384, False) == GemvTiling(8, 2048, 8)
+    assert default_tiling(2048, 2048, False) == GemvTiling(8, 1024, 4)
+    assert qkv.DEFAULT_TILING.k_group == 8 and qkv.NARROW_TILING == GemvTiling(4, 512, 4)
+    for n, k, gated in ((2 * 16384, 2048, True), (2048, 16384, False), (2048, 2048, False), (2 * 11008, 4096, True)):
+        assert default_tiling(n, k, gated, fp8=True).k_group == 16

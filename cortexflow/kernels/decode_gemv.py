@@ -49,34 +49,48 @@ class GemvTiling(NamedTuple):
     prefetch: bool = False
 
 
+#: Model width (hidden size) from which the bf16 tilings with K groups and prefetch apply: they were chosen at
+#: OpenVLA-7B's 4096; at RT-2's 2048 they made the call slower (NOTES, session 21), so narrower models keep the
+#: tilings measured on them before.
+WIDE_MODEL = 4096
+
+
 def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> GemvTiling:
     """The tiling for a weight of ``n_rows x k_dim``: the fastest of the sweeps for each kind of projection
     (``benchmarks/micro_decode_chain.py``, OpenVLA's 32 decode layers chained in one CUDA graph with PDL, and
     ``benchmarks/micro_decode_gemv.py`` / ``bench_fp8_decode.py``, one kernel repeated; timings in
-    benchmarks/NOTES.md, "Tuning constants" and sessions 19–21).
+    benchmarks/NOTES.md, "Tuning constants" and sessions 19–21). The model's width is ``k_dim`` of a gated gate/up
+    weight and ``n_rows`` of an o or down weight.
 
-    bf16 / fp16 / fp32 weights: gated gate/up 8 rows, 1024, 8 warps, K group 8; long K (> 8192, OpenVLA's down)
-    16 rows, 1024, 8 warps, K group 8, prefetch; wide N (>= 8192 rows, an unfused QKV, the LM head) 32 rows, 1024,
-    8 warps; otherwise (o) 16 rows, 1024, 8 warps, K group 8, prefetch. In the chained decode (H100, session 21):
-    147.7 µs a layer against 150.3 without K groups and prefetch.
+    bf16 / fp16 / fp32 weights, width >= :data:`WIDE_MODEL`: gated gate/up 8 rows, 1024, 8 warps, K group 8; long K
+    (> 8192, OpenVLA's down) 16 rows, 1024, 8 warps, K group 8, prefetch; otherwise (o) 16 rows, 1024, 8 warps, K
+    group 8, prefetch (chained decode on an H100, session 21: 147.7 µs a layer against 150.3 with the narrow
+    tilings). Narrower: gated 16 rows, 512, 4 warps; long K 8 rows, 2048, 8 warps; otherwise 8 rows, 1024, 4 warps.
+    Wide N (>= 8192 rows: an unfused QKV, the LM head): 32 rows, 1024, 8 warps.
 
     E4M3 weights (``fp8``), K group 16 (a quarter of the accumulator registers of the bf16 tilings per weight
     byte): gated 4 rows, 1024, 4 warps; long K 8 rows, 1024, 8 warps, prefetch; wide N 4 rows, 1024, 4 warps (no
     K group: not measured with one); otherwise 8 rows, 2048, 8 warps. In the chained decode: 84.4 µs a layer
-    (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch."""
+    (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch; RT-2 with FP8 2.5 % faster."""
     if gated:
-        return GemvTiling(4, 1024, 4, 16) if fp8 else GemvTiling(8, 1024, 8, 8)
+        if fp8:
+            return GemvTiling(4, 1024, 4, 16)
+        return GemvTiling(8, 1024, 8, 8) if k_dim >= WIDE_MODEL else GemvTiling(16, 512, 4)
     if k_dim > 8192:
-        return GemvTiling(8, 1024, 8, 16, True) if fp8 else GemvTiling(16, 1024, 8, 8, True)
+        if fp8:
+            return GemvTiling(8, 1024, 8, 16, True)
+        return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 2048, 8)
     if n_rows >= 8192:
         return GemvTiling(4, 1024, 4) if fp8 else GemvTiling(32, 1024, 8)
-    return GemvTiling(8, 2048, 8, 16) if fp8 else GemvTiling(16, 1024, 8, 8, True)
+    if fp8:
+        return GemvTiling(8, 2048, 8, 16)
+    return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 1024, 4)
 
 
 def rows_for_grid(n_out: int, block_n: int, processors: int) -> int:
     """``block_n`` halved until ``n_out`` outputs give at least one program per SM (``processors``), or 1: a
-    tiling chosen for OpenVLA's 4096 outputs (16 rows, 256 programs) keeps every SM of an H100 streaming on
-    RT-2's 2048 (8 rows, 256 programs instead of 128)."""
+    tiling chosen for 4096 outputs (16 rows, 256 programs) keeps every SM of an H100 streaming on 2048 (8 rows,
+    256 programs instead of 128)."""
     while block_n > 1 and triton.cdiv(n_out, block_n) < processors:
         block_n //= 2
     return block_n

@@ -20,14 +20,16 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import GemvTiling, check_weight_scale, gemv_rows
+from cortexflow.kernels.decode_gemv import WIDE_MODEL, GemvTiling, check_weight_scale, gemv_rows
 from cortexflow.kernels.pdl import launch_options
 
 #: (rotation pairs per program, K chunk, warps, K group, prefetch) for bf16 / fp16 / fp32 weights: the fastest in
 #: OpenVLA's 32 decode layers chained in one graph with PDL (``benchmarks/micro_decode_chain.py``; timings in
-#: benchmarks/NOTES.md, "Tuning constants" and session 21). K group and prefetch: as in
-#: :class:`~cortexflow.kernels.decode_gemv.GemvTiling`.
+#: benchmarks/NOTES.md, "Tuning constants" and session 21), for a model width (K) of at least
+#: :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`; narrower models keep :data:`NARROW_TILING`. K group and
+#: prefetch: as in :class:`~cortexflow.kernels.decode_gemv.GemvTiling`.
 DEFAULT_TILING = GemvTiling(8, 512, 4, 8, True)
+NARROW_TILING = GemvTiling(4, 512, 4)
 #: The same for E4M3 weights.
 DEFAULT_FP8_TILING = GemvTiling(4, 2048, 8, 16)
 
@@ -96,7 +98,8 @@ def decode_qkv_rope(
     position, a one-element int tensor. ``norm_weight`` / ``normalize`` / ``eps``: the RMSNorm prologue
     of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``weight_scale ((Hq + 2 Hkv) * D,)`` fp32: the
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
-    Tiling defaults to :data:`DEFAULT_TILING` (:data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
+    Tiling defaults to :data:`DEFAULT_TILING` (:data:`NARROW_TILING` below a width ``K`` of
+    :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`, :data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
     program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
     :func:`~cortexflow.kernels.decode_gemv.decode_gemv`."""
     k_dim = x.shape[-1]
@@ -113,7 +116,7 @@ def decode_qkv_rope(
     if position.numel() != 1 or write_at.numel() != 1:
         raise ValueError("position and write_at each hold one value")
     fp8 = check_weight_scale(weight, weight_scale)
-    tiling = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING
+    tiling = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING if k_dim >= WIDE_MODEL else NARROW_TILING
     x1 = x.reshape(k_dim)
     if not x1.is_contiguous():
         x1 = x1.contiguous()
