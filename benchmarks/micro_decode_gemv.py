@@ -2,7 +2,9 @@
 
 For each of OpenVLA-7B's four decode projections (norm + QKV, o + residual, norm + gate/up + SiLU gate,
 down + residual) and RT-2's (Gemma-2B) gate/up: the cuBLAS path (RMSNorm kernel, ``F.linear`` / ``addmm``,
-gate kernel) vs ``decode_gemv`` over a sweep of rows per program, K chunk and warps. 50 calls in one CUDA
+gate kernel) vs ``decode_gemv`` over a sweep of rows per program, K chunk and warps (each with the shape's
+default K group and prefetch, ``decode_gemv.default_tiling``; ``micro_decode_chain.py --schedules`` sweeps
+those). 50 calls in one CUDA
 graph (see ``micro_decoder_kernels.graph_time_us``); GB/s counts the weight bytes. Writes
 ``$OUT/micro_decode_gemv.json`` and prints a table (best decode_gemv per shape last).
 """
