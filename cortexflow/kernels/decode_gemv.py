@@ -202,6 +202,14 @@ def _decode_gemv_kernel(
     row_ok = rows < n_out
     y, y_up = gemv_rows(x_ptr, w_ptr, norm_w_ptr, w_scale_ptr, rows, row_ok, k_dim, up_offset, stride_w, eps,
                         NORM, SCALE, GATED, W_SCALE, BLOCK_N, BLOCK_K, PDL, K_GROUP, PREFETCH)
+    store_rows(y, y_up, rows, row_ok, out_ptr, res_ptr, RESIDUAL, GATED, SILU)
+
+
+@triton.jit
+def store_rows(y, y_up, rows, row_ok, out_ptr, res_ptr, RESIDUAL: tl.constexpr, GATED: tl.constexpr,
+               SILU: tl.constexpr):
+    """The GEMV epilogue of output ``rows``: with ``GATED``, ``act(gate) * up`` of the fp32 sums ``y`` (gate) and
+    ``y_up`` (up), each rounded to the output dtype first; with ``RESIDUAL``, ``+ res[rows]``; rounded and stored."""
     out_ty = out_ptr.dtype.element_ty
     if GATED:
         gate = y.to(out_ty).to(tl.float32)
