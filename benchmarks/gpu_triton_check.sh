@@ -14,7 +14,7 @@
 #       bench also without FP8. FP8_MICRO= / FP8_DECODE= (empty) leave those steps out.
 #   bash benchmarks/gpu_triton_check.sh extra
 #       every Triton GPU test file, then the kernel micro-benchmarks (attention, expert layer, encoder, decode
-#       GEMV and its chain).
+#       GEMV, its chain, and the decode GEMVs on persistent grids).
 #
 # OLD: a tarball of the old tree, made where the git history is (the device machine gets the working tree without
 #   .git): `git archive -o old_build.tar 2fac96a`; or a commit, when git and the history are here. Default:
@@ -162,6 +162,7 @@ if [ "$MODE" = extra ]; then
   for micro in micro_decoder_kernels micro_expert_layer micro_encoder micro_decode_gemv micro_decode_chain; do
     TAIL=12 step 150 "$micro" env OUT="$RUNS" python3 "benchmarks/$micro.py"
   done
+  TAIL=12 step 150 micro_persistent_gemv python3 benchmarks/micro_persistent_gemv.py --out "$RUNS/micro_persistent_gemv.json"
   finish
   exit 0
 fi
