@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_fp8_decode import time_graph  # noqa: E402  (a sibling script: 50 calls in one CUDA graph, median)
 from cortexflow.kernels.decode_gemv import decode_gemv, default_tiling, gemv_rows, store_rows  # noqa: E402
 from cortexflow.kernels.runtime import processor_count  # noqa: E402
 from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
@@ -70,28 +70,6 @@ def persistent_gemv(x, weight, weight_scale, residual, gated: bool, programs: in
         NORM=residual is None, RESIDUAL=residual is not None, GATED=gated, W_SCALE=weight_scale is not None,
         BLOCK_N=t.block_n, BLOCK_K=t.block_k, K_GROUP=t.k_group, PREFETCH=t.prefetch, num_warps=t.warps)
     return out
-
-
-def time_graph(fn, calls: int = 50, repeats: int = 20) -> float:
-    """Median µs per call of ``fn(i)``, ``calls`` of them captured in one CUDA graph."""
-    for i in range(3):
-        fn(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(calls):
-            fn(i)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / calls)
-    return statistics.median(times)
 
 
 def cases(device: torch.device, shapes: dict, copies: int | None):
@@ -156,7 +134,7 @@ def main() -> int:
             variants[f"persistent, {p} a SM"] = (lambda i, p=p: persistent_gemv(
                 x, weights[i % count][0], weights[i % count][1], residual, gated, p * sms))
         for name, fn in variants.items():
-            us = time_graph(fn)
+            us = time_graph(fn, calls=50, repeats=20)
             result["timings"].append({"shape": label, "format": fmt, "variant": name, "us": round(us, 2),
                                       "tb_s": round(nbytes / us / 1e6, 2)})
             print(f"{label:44} {fmt:5} {name:22} {us:8.2f} us {nbytes / us / 1e6:6.2f} TB/s", flush=True)
