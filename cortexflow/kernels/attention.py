@@ -282,6 +282,7 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     num_splits: int | None = None, fused_combine: bool = False, block_m: int | None = None,
     num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
@@ -289,7 +290,8 @@ def attention(
     ``fused_combine`` merges them in the last-arriving range program instead of a second kernel.
     Tuning knobs (defaults from the micro-benchmark, benchmarks/NOTES.md v5):
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
-    rows per program of the separate combine kernel. ``pdl``: launch both kernels with programmatic
+    rows per program of the separate combine kernel, ``block_n`` keys per step (default 64, 32 from head
+    dimension 256 up; a range holds whole steps, so it also bounds the key ranges). ``pdl``: launch both kernels with programmatic
     dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
@@ -307,7 +309,8 @@ def attention(
         block_m = min(block_m, max(16, next_power_of_two(n_rows)))
     if num_warps is None:
         num_warps = 8 if block_d >= 256 else 4
-    block_n = 64 if block_d <= 128 else 32
+    if block_n is None:
+        block_n = 64 if block_d <= 128 else 32
     if mask is not None:
         mask = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
         mask_strides = mask.stride()
