@@ -97,3 +97,48 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
         counters = torch.zeros(max(count, _MIN_COUNTERS), dtype=torch.int32, device=device)
         _ARRIVAL_COUNTERS[device] = counters
     return counters
+
+
+@dataclass(frozen=True)
+class SMLimits:
+    """What one SM of an architecture holds at once (CUDA programming guide, compute capabilities table):
+    registers, shared memory (of which one program may take ``program_shared``; the driver reserves 1 KiB per
+    program on top), resident warps and resident programs."""
+
+    registers: int
+    shared: int
+    program_shared: int
+    warps: int
+    programs: int
+
+
+#: Per compute capability (major * 10 + minor) that compile-check targets.
+SM_LIMITS = {
+    80: SMLimits(65536, 164 * 1024, 163 * 1024, 64, 32),   # A100
+    86: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 16),    # RTX 30xx, A10, A40
+    87: SMLimits(65536, 164 * 1024, 163 * 1024, 48, 16),   # Jetson AGX Orin
+    89: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 24),    # L4, L40, RTX 40xx
+    90: SMLimits(65536, 228 * 1024, 227 * 1024, 64, 32),   # H100, H200
+}
+RESERVED_SHARED_PER_PROGRAM = 1024
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SM_LIMITS[90]) -> int:
+    """How many programs of a kernel fit on one SM (Hopper's by default) at once: the least of what its
+    registers (allocated per warp in units of 256), its shared memory (plus the 1 KiB the driver reserves
+    per program), its warps and the resident-program limit allow."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = limits.registers // (per_warp * num_warps)
+    by_shared = limits.shared // (shared_bytes + RESERVED_SHARED_PER_PROGRAM)
+    return max(0, min(by_registers, by_shared, limits.warps // num_warps, limits.programs))
+
+
+def resident_programs(compiled, device: torch.device) -> int:
+    """How many programs of ``compiled`` (a Triton ``CompiledKernel``, e.g. from ``kernel.warmup``) one SM of
+    CUDA ``device`` holds at once, from the registers and shared memory the driver reports for it; 1 for a
+    compute capability missing from :data:`SM_LIMITS`."""
+    limits = SM_LIMITS.get(compute_capability(device))
+    if limits is None:
+        return 1
+    compiled.run  # noqa: B018  (loads the binary: the driver fills in n_regs)
+    return programs_per_sm(compiled.n_regs, compiled.metadata.num_warps, compiled.metadata.shared, limits)
