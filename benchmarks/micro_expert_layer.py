@@ -68,15 +68,6 @@ def tilings(quick: bool, only: str | None = None) -> dict[str, el.ExpertTiling]:
         "attention logits in 2 parts": replace(base, attn_d_parts=2),
         "attention logits in 4 parts": replace(base, attn_d_parts=4),
         "attention 64-key steps, logits in 4 parts": replace(base, attn_keys=64, attn_d_parts=4),
-        # Two resident programs an SM (8 warps an SM; the attention gets twice the key ranges), alone and with
-        # the GEMM phases cut into at least 2 x 132 items.
-        "2/SM": replace(base, programs_per_sm=2),
-        "2/SM, QKV pair 8": replace(base, programs_per_sm=2, pair=8),
-        "2/SM, gate/up 16 cols": replace(base, programs_per_sm=2, gate_up_cols=16),
-        "2/SM, o/down 16 splits": replace(base, programs_per_sm=2, o_splits=16, down_splits=16),
-        "2/SM, all three": replace(base, programs_per_sm=2, pair=8, gate_up_cols=16, o_splits=16, down_splits=16),
-        "2/SM, all three, 4 stages": replace(base, programs_per_sm=2, pair=8, gate_up_cols=16, o_splits=16,
-                                             down_splits=16, num_stages=4),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or only in name}

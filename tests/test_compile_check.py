@@ -13,7 +13,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.runtime import CompileTarget
@@ -142,23 +141,6 @@ def test_programs_per_sm_follows_the_hopper_limits():
     l4 = compile_check.SM_LIMITS[89]
     assert programs_per_sm(registers=180, num_warps=4, shared_bytes=97 * 1024, limits=l4) == 1
     assert programs_per_sm(registers=16, num_warps=1, shared_bytes=0, limits=l4) == 24
-
-
-def test_resident_programs_reads_the_compiled_kernel_for_its_target():
-    """The expert layer's launch check: the driver-reported registers and shared memory of a compiled kernel
-    on the target's SM (a fake kernel: ``run`` loads nothing, ``n_regs`` is what the driver would fill in)."""
-    from cortexflow.kernels.runtime import resident_programs, set_compile_target
-
-    kernel = SimpleNamespace(run=None, n_regs=182, metadata=SimpleNamespace(num_warps=4, shared=98 * 1024))
-    previous = set_compile_target(CompileTarget(arch=90))
-    try:
-        assert resident_programs(kernel, torch.device("meta")) == 2
-        set_compile_target(CompileTarget(arch=89, processors=58))
-        assert resident_programs(kernel, torch.device("meta")) == 1
-        set_compile_target(CompileTarget(arch=75, processors=40))   # not in SM_LIMITS: one program an SM
-        assert resident_programs(kernel, torch.device("meta")) == 1
-    finally:
-        set_compile_target(previous)
 
 
 def _fake_launch(name, grid, shared, warps=4, key="abc"):

@@ -384,25 +384,21 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "
                                        "(the interpreter runs programs one after another)")
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-@pytest.mark.parametrize("per_sm", [1, 2], ids=["1-per-sm", "2-per-sm"])
-def test_expert_layer_real_size(pi05, per_sm):
+def test_expert_layer_real_size(pi05):
     """Pi0's expert (D 1024, MLP 4096, 8 heads of 256 on 1 KV head), 51 suffix rows after a 300-token
-    prefix, bf16, the default tiling with one and with two programs per SM (the compiled kernel fits two)."""
-    from dataclasses import replace
-
-    tiling = replace(el.default_tiling(), programs_per_sm=per_sm)
-    out, ref, keys, values, work = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, pi05, True, tiling)
+    prefix, bf16, the default tiling (one program per SM)."""
+    out, ref, keys, values, work = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, pi05, True, None)
     _assert_close(out, ref, torch.bfloat16)
     _assert_close(keys[0], keys[1], torch.bfloat16)
     assert int(work.counters.abs().sum()) == 0
-    assert work.sync[:7].tolist() == [work.programs] * 7
 
 
-@pytest.mark.skipif(not ON_GPU, reason="asks the CUDA driver for the compiled kernel's registers")
-def test_launch_refuses_programs_an_sm_cannot_hold():
-    """17 programs of 4 warps per SM pass Hopper's 64 resident warps: refused before the launch (it would hang)."""
+@pytest.mark.skipif(not ON_GPU, reason="counts the SMs of a CUDA GPU")
+def test_workspace_refuses_more_programs_than_sms():
     from dataclasses import replace
 
-    too_many = replace(SMALL_TILING, programs=None, programs_per_sm=17)
-    with pytest.raises(ValueError, match="an SM holds only"):
-        _run(1, 6, 7, 32, 64, 4, 1, 32, torch.float32, False, False, too_many)
+    from cortexflow.kernels.runtime import processor_count
+
+    too_many = replace(SMALL_TILING, programs=processor_count(torch.device(DEVICE)) + 1)
+    with pytest.raises(ValueError, match="at most one per SM"):
+        el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device(DEVICE), too_many)

@@ -182,28 +182,6 @@ def test_expert_launch_option():
         TritonOptions(expert_launch="all")
 
 
-def test_expert_programs_per_sm_option():
-    """1 or 2 programs an SM, as an int or (CLI) a string; the tiling for 2 cuts Pi0's GEMM phases into at least
-    2 x 132 items and is accepted by the kernel's shape check for Pi0's expert."""
-    from cortexflow.backends.triton_options import TritonOptions
-    from cortexflow.errors import ConfigError
-    from cortexflow.kernels import expert_layer as el
-
-    assert TritonOptions().expert_programs_per_sm == 1
-    assert TritonOptions.parse("expert_programs_per_sm=2").changed() == {"expert_programs_per_sm": 2}
-    for bad in (3, 0, True, "2"):
-        with pytest.raises(ConfigError, match="expert_programs_per_sm must be 1 or 2"):
-            TritonOptions(expert_programs_per_sm=bad)
-    with pytest.raises(ConfigError, match="--triton-options: TritonOptions.expert_programs_per_sm must be 1 or 2"):
-        TritonOptions.parse("expert_programs_per_sm=two")
-    two = el.TWO_PER_SM_TILING
-    assert two.programs_per_sm == 2 and el.check_expert_shapes(1024, 4096, 8, 1, 256, two) is None
-    qkv_items = (8 + 2) * 256 // (2 * two.pair)
-    gate_up_items = 4096 // two.gate_up_cols
-    o_items, down_items = (1024 // (2 * two.out_cols) * n for n in (two.o_splits, two.down_splits))
-    assert min(qkv_items, gate_up_items, o_items, down_items) >= 132
-
-
 STEP_COMPILE_SCRIPT = r"""
 import json, sys, torch
 from cortexflow.kernels import expert_layer as el, expert_step as es

@@ -32,7 +32,6 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     raise BackendUnavailableError(f"the triton backend needs the 'triton' package: {TRITON_INSTALL_HINT}") from err
 
 from cortexflow.backends.triton_decoder import (  # noqa: E402
-    expert_tiling,
     expert_weights_fp8,
     fused_expert_stack,
     persistent_layer_unsupported,
@@ -222,8 +221,7 @@ class TritonBackend(PyTorchBackend):
         weight tables, made once per weights). E4M3 expert weights run only in the persistent kernel:
         without it, a ConfigError."""
         persistent = self.options.persistent_expert
-        tiling = expert_tiling(self.options.expert_programs_per_sm)
-        reason = persistent_layer_unsupported(weights, expert, tiling) if persistent else None
+        reason = persistent_layer_unsupported(weights, expert) if persistent else None
         if self.table_denoising(weights, expert) and expert_weights_fp8(weights, expert):
             self._check_fp8_expert(persistent, reason)
         ctx = super().begin_denoising(weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps)
@@ -234,7 +232,7 @@ class TritonBackend(PyTorchBackend):
             self._fallback("persistent expert layer", reason)
             persistent = False
         if persistent:
-            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps, tiling)
+            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
             if self.options.expert_launch == "step":
                 ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
                                                                     lambda: step_tables(weights, expert))

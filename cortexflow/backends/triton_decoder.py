@@ -26,8 +26,7 @@ import torch.nn.functional as F
 
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
-from cortexflow.kernels.expert_layer import (ExpertTiling, ExpertWorkspace, check_expert_shapes, default_tiling,
-                                             expert_layer)
+from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
 from cortexflow.kernels.expert_step import ExpertWeightTables, expert_step, expert_weight_tables
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
@@ -35,21 +34,15 @@ from cortexflow.ops import DenoisingContext, ExpertStack
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
-def expert_tiling(programs_per_sm: int) -> ExpertTiling:
-    """The persistent kernel's tiling for ``TritonOptions.expert_programs_per_sm``."""
-    return default_tiling(programs_per_sm)
-
-
-def start_workspace(ctx: DenoisingContext, weights, num_steps: int, tiling: ExpertTiling) -> ExpertWorkspace:
-    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert at ``tiling``, counters
-    reset."""
+def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWorkspace:
+    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset."""
     first = ctx.expert.layers[0]
     d = first.dims
     b, s = ctx.positions.shape
     width = weights[first.name("o")].shape[0]
     mlp_dim = weights[first.name("down")].shape[1]
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
-                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device, tiling,
+                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device, default_tiling(),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work
@@ -106,12 +99,12 @@ def expert_weights_fp8(weights, expert: ExpertStack) -> bool:
     return is_fp8(weights[expert.layers[0].name("qkv")])
 
 
-def persistent_layer_unsupported(weights, expert: ExpertStack, tiling: ExpertTiling) -> str | None:
-    """Why the persistent expert-layer kernel cannot run ``expert`` at ``tiling`` (None when it can)."""
+def persistent_layer_unsupported(weights, expert: ExpertStack) -> str | None:
+    """Why the persistent expert-layer kernel cannot run ``expert`` (None when it can)."""
     first = expert.layers[0]
     d = first.dims
     return check_expert_shapes(weights[first.name("o")].shape[0], weights[first.name("down")].shape[1], d.num_heads,
-                               d.num_kv_heads, d.head_dim, tiling)
+                               d.num_kv_heads, d.head_dim)
 
 
 def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, values, inv_freq, scale, eps, cond, step):

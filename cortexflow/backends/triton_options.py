@@ -15,16 +15,13 @@ from typing import Any, Mapping
 
 from cortexflow.errors import ConfigError
 
-#: Allowed values of the string fields.
+#: Allowed values of the fields that are not booleans.
 CHOICES: dict[str, tuple[str, ...]] = {
     "pdl": ("auto", "on", "off"),
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
     "expert_launch": ("layer", "step"),
 }
-
-#: Allowed values of the integer fields.
-INTEGER_CHOICES: dict[str, tuple[int, ...]] = {"expert_programs_per_sm": (1, 2)}
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
 #: layers (the Pi0 family's action expert; a token VLA's language model, prefill and decode steps).
@@ -44,9 +41,6 @@ class TritonOptions:
     - ``expert_launch``: with ``persistent_expert``, "layer": one launch per expert layer; "step": one launch
       per denoising step that runs every layer (``kernels/expert_step.py``; on the H100 Pi0 within 0.5 % of
       "layer", Pi0.5 1.7 % faster: benchmarks/NOTES.md, session 19).
-    - ``expert_programs_per_sm``: resident programs an SM of the persistent expert kernel, 1 or 2 (2: twice the
-      programs, each GEMM phase cut into smaller items; refused at the first launch where an SM cannot hold
-      two of the compiled kernel).
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
 
@@ -77,7 +71,6 @@ class TritonOptions:
 
     persistent_expert: bool = True
     expert_launch: str = "layer"
-    expert_programs_per_sm: int = 1
     fused_encoder: bool = True
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
@@ -93,10 +86,6 @@ class TritonOptions:
             value = getattr(self, f.name)
             if f.name == "fp8":
                 _check_fp8(value)
-            elif f.name in INTEGER_CHOICES:
-                if isinstance(value, bool) or value not in INTEGER_CHOICES[f.name]:
-                    raise ConfigError(f"TritonOptions.{f.name} must be {_either(INTEGER_CHOICES[f.name])}, "
-                                      f"got {value!r}")
             elif f.name in CHOICES:
                 if value not in CHOICES[f.name]:
                     raise ConfigError(f"TritonOptions.{f.name} must be {_either(CHOICES[f.name])}, got {value!r}")
@@ -113,10 +102,7 @@ class TritonOptions:
             raise ConfigError(f"{source}: unknown Triton option(s) {unknown}; expected {', '.join(names)}")
         converted = {}
         for name, value in values.items():
-            if name in INTEGER_CHOICES and isinstance(value, str):
-                text = value.strip()
-                value = int(text) if text.isdigit() else text
-            elif name not in CHOICES and name != "fp8" and isinstance(value, str):
+            if name not in CHOICES and name != "fp8" and isinstance(value, str):
                 text = value.strip().lower()
                 if text not in _TRUE + _FALSE:
                     raise ConfigError(f"{source}: {name} must be 1 or 0 (on/off, true/false), got {value!r}")
@@ -175,4 +161,4 @@ def _either(choices: tuple[str, ...]) -> str:
     return f"{', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}"
 
 
-__all__ = ["CHOICES", "FP8_STAGES", "INTEGER_CHOICES", "TritonOptions"]
+__all__ = ["CHOICES", "FP8_STAGES", "TritonOptions"]

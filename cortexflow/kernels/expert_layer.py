@@ -4,8 +4,7 @@ A denoising step runs 18 expert layers on only ``B x 51`` token rows; as a chain
 (norm, QKV GEMM, QKV/RoPE, attention, combine, o GEMM, norm, gate/up GEMM, GELU gate, down GEMM) each
 kernel lasts a few microseconds, most of it launch, ramp-up and tail, while the layer's 35 MB of bf16
 weights would stream in ~12 us at the H100's 3 TB/s (benchmarks/NOTES.md). Here one launch of
-``programs`` (all resident at once: one per SM, or as many as the compiled kernel's registers and shared
-memory let an SM hold) runs the layer in phases separated by grid
+``programs`` (<= the SM count, all resident at once) runs the layer in phases separated by grid
 barriers:
 
 0. (row phase) the residual the previous launch left pending (see 6), then the attention norm
@@ -52,8 +51,7 @@ a line the SM cached earlier in the launch (seen on the H100: a small fp32 confi
 norm's output in the gate/up phase when both norms shared a buffer). So no buffer is read at the same
 address twice in one launch with a write in between: each norm output and each split-K phase's partials
 has its own buffer. It needs every program resident at once,
-which holds while each SM can hold its share of the programs (:meth:`ExpertWorkspace.launch` checks the
-compiled kernel when there are more programs than SMs) and nothing else occupies the GPU's SMs indefinitely: two
+which holds with at most one program per SM while nothing else occupies the GPU's SMs indefinitely: two
 processes sharing one GPU through MPS, each running these kernels at once, could each hold SMs the
 other waits for (CortexFlow runs one engine per GPU; ``TritonOptions(persistent_expert=False)`` avoids
 the kernel). Under the interpreter programs run one after another, so tests use one program there (the
@@ -73,8 +71,7 @@ import triton.language as tl
 
 from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.runtime import (interpreting, next_power_of_two, processor_count, resident_programs,
-                                        upcast_dots)
+from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
 
 
@@ -87,9 +84,7 @@ class ExpertTiling:
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
     :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``; 4: Pi0's 16-row tiles give
-    each warp one MMA chain over the 256 columns otherwise); ``programs`` persistent programs (None:
-    ``programs_per_sm`` x the SM count; above the SM count the first launch checks on the compiled kernel that
-    so many are resident at once); ``num_warps``, ``num_stages``: the launch's."""
+    each warp one MMA chain over the 256 columns otherwise); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
 
     block_m: int = 64
     pair: int = 16
@@ -103,7 +98,6 @@ class ExpertTiling:
     attn_splits: int | None = None
     attn_d_parts: int = 4
     programs: int | None = None
-    programs_per_sm: int = 1
     num_warps: int = 4
     num_stages: int = 3
 
@@ -117,16 +111,8 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 ALL_PHASES = 255
 
 
-#: Two programs an SM (the default tiling's kernel fits two: ~182 registers, ~97 KiB of shared memory on sm_90),
-#: with each GEMM phase cut into at least 2 x 132 items (QKV 160, gate/up 256, o / down 512 at Pi0's sizes).
-TWO_PER_SM_TILING = ExpertTiling(pair=8, gate_up_cols=16, o_splits=16, down_splits=16, programs_per_sm=2)
-
-
-def default_tiling(programs_per_sm: int = 1) -> ExpertTiling:
-    """The tiling for ``programs_per_sm`` resident programs an SM (1 or 2; the interpreter's: one program)."""
-    if interpreting():
-        return INTERPRETER_TILING
-    return TWO_PER_SM_TILING if programs_per_sm == 2 else ExpertTiling()
+def default_tiling() -> ExpertTiling:
+    return INTERPRETER_TILING if interpreting() else ExpertTiling()
 
 
 @triton.jit
@@ -434,8 +420,10 @@ class ExpertWorkspace:
         n_rows = seq_len * (heads // kv_heads)
         n_bkv = (rows // seq_len) * kv_heads
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * n_bkv
-        self.programs = t.programs or t.programs_per_sm * processor_count(device)
-        self.device = device
+        self.programs = t.programs or processor_count(device)
+        if (device.type == "cuda" or compile_target(device) is not None) and self.programs > processor_count(device):
+            raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
+                             "grid barriers need every program resident at once (at most one per SM)")
         # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).
         splits = t.attn_splits or max(1, min(self.programs // row_blocks, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
@@ -445,21 +433,6 @@ class ExpertWorkspace:
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
         self.launches = launches
         self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
-
-    def launch(self, kernel, args: tuple, constants: dict) -> None:
-        """Launch the persistent ``kernel`` on ``self.programs`` programs. With more programs than SMs on a GPU,
-        each launch first compiles (or finds in Triton's cache) the kernel and checks that one SM holds
-        ``ceil(programs / SMs)`` of them at once: the grid barriers would wait forever for a program that
-        cannot be resident."""
-        grid = (self.programs,)
-        sms = processor_count(self.device)
-        if self.programs > sms and self.device.type == "cuda":
-            resident = resident_programs(kernel.warmup(*args, grid=grid, **constants), self.device)
-            if self.programs > resident * sms:
-                raise ValueError(f"{self.programs} persistent programs on {sms} SMs, but an SM holds only {resident} "
-                                 f"of this kernel at once (its registers and shared memory): the grid barriers need "
-                                 f"every program resident; use programs_per_sm={max(1, resident)} or fewer programs")
-        kernel[grid](*args, **constants)
 
     def reset(self) -> None:
         """Zero every launch's barrier counters (one memset; inside a CUDA graph it replays each call)."""
@@ -531,8 +504,7 @@ def expert_layer(
     sync = workspace.sync[launch * workspace.BARRIERS:]
     wscales = weight_scales if fp8 else (attn_scale,) * 4
     constants = launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, shifted, gated, fp8, workspace)
-    constants.update(PENDING=pending, FINISH=finish, PHASES=phases)
-    workspace.launch(_expert_layer_kernel, (
+    _expert_layer_kernel[(workspace.programs,)](
         x, out, w_qkv, w_o, w_gate_up, w_down, *wscales, attn_scale, mlp_scale,
         attn_shift if shifted else attn_scale, mlp_shift if shifted else mlp_scale,
         attn_gate if gated else attn_scale, mlp_gate if gated else mlp_scale, positions, inv_freq,
@@ -541,7 +513,9 @@ def expert_layer(
         workspace.down_part, sync,
         workspace.counters, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1),
-        values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2)), constants)
+        values.stride(2), mask.stride(0), mask.stride(1), mask.stride(2),
+        PENDING=pending, FINISH=finish, PHASES=phases, **constants,
+    )
     return out
 
 

@@ -240,9 +240,7 @@ def expert_step(
     mod_strides = modulation.stride()[:3] if adaptive else (0, 0, 0)
     sync = workspace.sync[step * layers * workspace.BARRIERS:]
     fp8 = tables.scales is not None
-    constants = launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace)
-    constants.update(BARRIERS=workspace.BARRIERS, ALIGN=tables.alignment)
-    workspace.launch(_expert_step_kernel, (
+    _expert_step_kernel[(workspace.programs,)](
         x, out, *tables.weights, tables.offsets, *(tables.scales if fp8 else (norm_scales,) * 4),
         tables.scale_offsets if fp8 else tables.offsets, norm_scales,
         norm_scales.stride(0), norm_scales.stride(1), mod, *mod_strides, positions, inv_freq, workspace.normed_attn,
@@ -250,7 +248,10 @@ def expert_step(
         workspace.h, workspace.part_acc, workspace.part_ml, workspace.o_part, workspace.down_part, sync,
         workspace.counters, layers, m, s, p, eps, scale * LOG2E, workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), values.stride(1), values.stride(2),
-        values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2)), constants)
+        values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2), BARRIERS=workspace.BARRIERS,
+        ALIGN=tables.alignment,
+        **launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace),
+    )
     return out
 
 

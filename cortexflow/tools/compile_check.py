@@ -33,7 +33,7 @@ import torch
 from cortexflow.config import TOKEN_DECODING_MODELS, ModelConfig, VLAModelType, dtype_name, parse_dtype
 from cortexflow.errors import BackendUnavailableError, ConfigError
 from cortexflow.kernels import runtime
-from cortexflow.kernels.runtime import SM_LIMITS, CompileTarget, interpreting, programs_per_sm
+from cortexflow.kernels.runtime import CompileTarget, interpreting
 from cortexflow.backends.triton_options import TritonOptions
 
 #: The Triton backend's paths other than the default, each a set of :class:`TritonOptions` fields (the A/B runs
@@ -59,6 +59,28 @@ MODELS = (VLAModelType.PI0, VLAModelType.PI05, VLAModelType.OPENVLA, VLAModelTyp
 PERSISTENT_KERNELS = frozenset({"_expert_layer_kernel", "_expert_step_kernel"})
 
 
+@dataclass(frozen=True)
+class SMLimits:
+    """What one SM of an architecture holds at once (CUDA programming guide, compute capabilities table):
+    registers, shared memory (of which one program may take ``program_shared``; the driver reserves 1 KiB per
+    program on top), resident warps and resident programs."""
+
+    registers: int
+    shared: int
+    program_shared: int
+    warps: int
+    programs: int
+
+
+#: Per compute capability (major * 10 + minor) that compile-check targets.
+SM_LIMITS = {
+    80: SMLimits(65536, 164 * 1024, 163 * 1024, 64, 32),   # A100
+    86: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 16),    # RTX 30xx, A10, A40
+    87: SMLimits(65536, 164 * 1024, 163 * 1024, 48, 16),   # Jetson AGX Orin
+    89: SMLimits(65536, 100 * 1024, 99 * 1024, 48, 24),    # L4, L40, RTX 40xx
+    90: SMLimits(65536, 228 * 1024, 227 * 1024, 64, 32),   # H100, H200
+}
+RESERVED_SHARED_PER_PROGRAM = 1024
 
 
 @dataclass
@@ -100,6 +122,16 @@ class KernelUsage:
     @property
     def variants(self) -> list[str]:
         return sorted(self.launches_by_variant)
+
+
+def programs_per_sm(registers: int, num_warps: int, shared_bytes: int, limits: SMLimits = SM_LIMITS[90]) -> int:
+    """How many programs of a kernel fit on one SM (Hopper's by default) at once: the least of what its
+    registers (allocated per warp in units of 256), its shared memory (plus the 1 KiB the driver reserves
+    per program), its warps and the resident-program limit allow."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = limits.registers // (per_warp * num_warps)
+    by_shared = limits.shared // (shared_bytes + RESERVED_SHARED_PER_PROGRAM)
+    return max(0, min(by_registers, by_shared, limits.warps // num_warps, limits.programs))
 
 
 _RESOURCE_LINE = re.compile(r"Function\s+(\S+):\s*\n\s*REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
