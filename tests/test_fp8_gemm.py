@@ -132,6 +132,81 @@ def test_fp8_linear_refuses_unaligned_or_unquantised_weights():
         fp8_linear(x, q.data, q.scale.bfloat16())
 
 
+def test_row_quantisation_kernel_also_gives_the_rms_statistic():
+    """``rstd=``: the quantisation launch also writes ``rsqrt(mean(x^2) + eps)`` per row (the folded RMSNorm's
+    statistic, fp32 sums in another order than ``rms_rstd``), and the E4M3 values and scales keep their bits."""
+    from cortexflow.kernels.rms_norm import rms_rstd_reference
+
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(11, 1000, generator=g) * torch.logspace(-2, 2, 11)[:, None]).bfloat16().to(DEVICE)
+    rstd = torch.empty(11, dtype=torch.float32, device=DEVICE)
+    got = quantize_activation_rows(x, block=256, rstd=rstd, eps=1e-5)
+    plain = quantize_activation_rows(x, block=256)
+    assert same_bits(got.data, plain.data) and torch.equal(got.scale, plain.scale)
+    torch.testing.assert_close(rstd, rms_rstd_reference(x, 1e-5), rtol=2e-6, atol=0)
+    with pytest.raises(InputError, match="rstd must be fp32"):
+        quantize_activation_rows(x, rstd=rstd[:5])
+
+
+def _unscaled_product(rows: int, n: int, k: int = 64, seed: int = 0):
+    """A real ``fp8_product`` of random rows (bf16 activations, E4M3 weight with channel scales)."""
+    from cortexflow.kernels.fp8_gemm import fp8_product
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, k, generator=g) * 3).bfloat16().to(DEVICE)
+    q = quantize_weight((torch.randn(n, k, generator=g) * 0.05).to(DEVICE))
+    return x, fp8_product(x, q.data, q.scale, rms_eps=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded-norm"])
+def test_gated_activation_applies_product_scales_as_scale_product_would(activation, folded):
+    """The gated activation over an unscaled FP8 ``[gate | up]`` product with ``product_scales`` gives the bits of
+    ``scale_product`` followed by the activation over the scaled product (with the folded norm's rstd or not)."""
+    from cortexflow.kernels.fp8_gemm import scale_product
+    from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
+
+    x, p = _unscaled_product(7, 2 * 1040)
+    rstd = {"rstd": p.rstd} if folded else {}
+    scaled = scale_product(p.product, p.row_scale, p.col_scale, torch.bfloat16)
+    expected = gelu_tanh_gate_fused(scaled, silu=activation == "silu", **rstd)
+    got = gelu_tanh_gate_fused(p.product, silu=activation == "silu", product_scales=(p.row_scale, p.col_scale),
+                               dtype=torch.bfloat16, **rstd)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert expected.float().abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded-norm"])
+def test_qkv_rope_applies_product_scales_as_scale_product_would(folded):
+    """QKV/RoPE over an unscaled FP8 QKV product (2 sequences of 5 tokens, 4 query heads on 2 KV heads of 32)
+    gives the bits of ``scale_product`` followed by QKV/RoPE, for q and the K/V written into the cache."""
+    from cortexflow.kernels.fp8_gemm import scale_product
+    from cortexflow.kernels.qkv_rope import qkv_rope
+    from cortexflow.kernels.rope import inverse_frequencies
+
+    b, s, hq, hkv, d = 2, 5, 4, 2, 32
+    x, p = _unscaled_product(b * s, (hq + 2 * hkv) * d, seed=1)
+    rstd = {"rstd": p.rstd} if folded else {}
+    positions = torch.arange(s, device=DEVICE).repeat(b, 1) + 3
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    outputs = []
+    for scaled in (False, True):
+        cache = [torch.zeros(b, s + 2, hkv, d, dtype=torch.bfloat16, device=DEVICE) for _ in range(2)]
+        if scaled:
+            q = qkv_rope(p.product.view(b, s, -1), positions, inv_freq, hq, hkv, cache[0][:, :s], cache[1][:, :s],
+                         product_scales=(p.row_scale, p.col_scale), **rstd)
+        else:
+            product = scale_product(p.product, p.row_scale, p.col_scale, torch.bfloat16).view(b, s, -1)
+            q = qkv_rope(product, positions, inv_freq, hq, hkv, cache[0][:, :s], cache[1][:, :s], **rstd)
+        outputs.append((q, *cache))
+    for expected, got in zip(*outputs):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    assert outputs[0][1].abs().sum() > 0 and outputs[0][2].abs().sum() > 0
+    with pytest.raises(ValueError, match="product_scales"):
+        qkv_rope(p.product.view(b, s, -1), positions, inv_freq, hq, hkv, cache[0][:, :s], cache[1][:, :s],
+                 product_scales=(p.row_scale[:3], p.col_scale))
+
+
 FP8_COMPILE_SCRIPT = r"""
 import json, sys, torch
 from cortexflow.kernels.decode_gemv import decode_gemv

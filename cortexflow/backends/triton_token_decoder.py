@@ -24,8 +24,9 @@ FP8 weights: a projection whose weight in the weights dict is E4M3 (``quantize_i
 fp32 scales under ``fp8_scale_key(name)``) runs in FP8. A decode step's GEMVs read the E4M3 weight and
 apply the scales per output row (weight-only FP8, ``weight_scale=`` of the decode kernels); every other call
 (several rows, or one row with ``decode_gemv="off"``) quantises the activation rows to E4M3 and multiplies on
-FP8 tensor cores (:func:`cortexflow.kernels.fp8_gemm.fp8_linear`). The norm folding works on bf16 weights, so
-it comes before quantisation; the LM head stays in the compute dtype.
+FP8 tensor cores (:func:`cortexflow.kernels.fp8_gemm.fp8_linear`; for QKV and gate/up the unscaled product, whose
+consumers, the QKV/RoPE and gated-activation kernels, apply the scales: ``fp8_product``). The norm folding works
+on bf16 weights, so it comes before quantisation; the LM head stays in the compute dtype.
 
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
@@ -43,11 +44,12 @@ from cortexflow.backends.triton_fp8 import project, project_add, weight_scale
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
+from cortexflow.kernels.fp8_gemm import fp8_product
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
 from cortexflow.ops import DecoderDims, GatedLayer
-from cortexflow.quantization.fp8 import is_fp8
+from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 #: The largest head size the attention and RoPE kernels were written for.
 MAX_HEAD_DIM = 256
@@ -151,7 +153,7 @@ def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, posi
     x2 = project_add(weights, layer.name("o"), attn.reshape(b * length, -1), x.reshape(b * length, width), i > 0)
     x3 = x2.view(b, length, width)
     gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, layer.name("gate_up"), x3, folded, eps)
-    act = gelu_tanh_gate_fused(gate_up, silu=layer.activation == "silu", eps=eps, **scaling)
+    act = gelu_tanh_gate_fused(gate_up, silu=layer.activation == "silu", eps=eps, dtype=x.dtype, **scaling)
     return project_add(weights, layer.name("down"), act.reshape(b * length, -1), x2, True).view(b, length, width)
 
 
@@ -161,7 +163,16 @@ def _normed_projection(backend, weights, norm: str, name: str, x: torch.Tensor, 
     ``norm_input=`` for one row: its consumer recomputes the statistic) that makes the consumer scale it
     into the same values. With FP8 activations the folded form quantises ``x`` rather than the normalised
     row: per-row quantisation moves the row statistic into the row's scale (up to fp32 rounding), so the
-    consumer's scaling still applies afterwards."""
+    consumer's scaling still applies afterwards. An E4M3 weight gives the unscaled FP8 product and
+    ``product_scales=`` (the consumer applies the scales, :func:`~cortexflow.kernels.fp8_gemm.fp8_product`), and
+    the folded row statistic comes from the quantisation launch."""
+    if is_fp8(weights[name]):
+        p = fp8_product(x if folded else backend.rms_norm(x, weights[norm], eps), weights[name],
+                        fp8_scale(weights, name), rms_eps=eps if folded else None)
+        scaling = {"product_scales": (p.row_scale, p.col_scale)}
+        if folded:
+            scaling["rstd"] = p.rstd
+        return p.product, scaling
     if not folded:
         return project(weights, name, backend.rms_norm(x, weights[norm], eps)), {}
     if x.shape[0] * x.shape[1] == 1:

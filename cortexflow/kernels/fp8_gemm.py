@@ -23,6 +23,8 @@ column-major operand ``_scaled_mm`` takes), ``s_w (N,)`` fp32; output ``(..., N)
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -50,18 +52,26 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rstd_ptr, n_cols, stride_x, eps, RSTD: tl.constexpr,
+                          BLOCK: tl.constexpr):
     """Row ``program_id(0)`` of ``x``: its scale ``amax / 448`` (1 if the row is all zeros) into
     ``scale_ptr[row]`` and its E4M3 values into row ``row`` of the contiguous ``q``; two passes over the row
-    in ``BLOCK`` chunks (the amax, then the values)."""
+    in ``BLOCK`` chunks (the amax, then the values). ``RSTD``: the first pass also sums the squares, and
+    ``rsqrt(mean(x^2) + eps)`` goes to ``rstd_ptr[row]`` (an RMSNorm's row statistic)."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * n_cols
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], tl.float32)
+    squares = tl.zeros([BLOCK], tl.float32)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
-        amax = tl.maximum(amax, tl.abs(tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)))
+        v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(v))
+        if RSTD:
+            squares += v * v
+    if RSTD:
+        tl.store(rstd_ptr + row, 1.0 / tl.sqrt(tl.sum(squares, axis=0) / n_cols + eps))
     row_max = tl.max(amax, axis=0)
     # tl.div_rn: IEEE division, as PyTorch's; Triton's ``/`` on fp32 is an approximate division on NVIDIA GPUs.
     scale = tl.where(row_max > 0, tl.div_rn(row_max, 448.0), 1.0)
@@ -74,19 +84,25 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, stride_x, BLOCK: tl.c
         tl.store(q_row + cols, v.to(q_ptr.dtype.element_ty), mask=ok)
 
 
-def quantize_activation_rows(x: torch.Tensor, block: int = 1024, num_warps: int = 4) -> Fp8Tensor:
+def quantize_activation_rows(x: torch.Tensor, block: int = 1024, num_warps: int = 4,
+                             rstd: torch.Tensor | None = None, eps: float = 1e-6) -> Fp8Tensor:
     """E4M3 copy of ``x (M, K)`` (rows with unit stride along K) with one fp32 scale per row, in one launch
     (one program per row, ``block`` columns per chunk): the bits of
     :func:`cortexflow.quantization.fp8.quantize_rows`. Non-finite inputs give unspecified values (the
-    reference refuses them; a kernel cannot)."""
+    reference refuses them; a kernel cannot). ``rstd (M,)`` fp32: also filled with each row's
+    ``rsqrt(mean(x^2) + eps)`` (:func:`~cortexflow.kernels.rms_norm.rms_rstd`'s statistic, summed in another
+    order) in the same launch."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise InputError(f"quantize_activation_rows takes (rows, columns) with unit column stride, got shape "
                          f"{tuple(x.shape)} stride {x.stride()}")
     m, k = x.shape
     data = torch.empty((m, k), dtype=E4M3, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    if rstd is not None and (rstd.dtype != torch.float32 or rstd.shape != (m,)):
+        raise InputError(f"rstd must be fp32 ({m},), got {rstd.dtype} {tuple(rstd.shape)}")
     if m:
-        _quantize_rows_kernel[(m,)](x, data, scale, k, x.stride(0), BLOCK=block, num_warps=num_warps)
+        _quantize_rows_kernel[(m,)](x, data, scale, rstd if rstd is not None else scale, k, x.stride(0), eps,
+                                    RSTD=rstd is not None, BLOCK=block, num_warps=num_warps)
     return Fp8Tensor(data, scale)
 
 
@@ -107,6 +123,38 @@ def check_fp8_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
                              f"(torch._scaled_mm), got {size} for weight {tuple(weight.shape)}")
 
 
+class ScaledProduct(NamedTuple):
+    """:func:`fp8_linear` before its scaling launch, for a consumer that applies the scales itself
+    (:func:`~cortexflow.kernels.qkv_rope.qkv_rope`, :func:`~cortexflow.kernels.gelu_gate.gelu_tanh_gate`): the
+    output is ``round(product * row_scale[:, None] * col_scale[None, :])`` in ``dtype``, as :func:`scale_product`
+    rounds it. ``product (..., N)`` in :func:`product_dtype`; ``row_scale (rows,)`` fp32 (rows = the leading dims
+    flattened), ``col_scale (N,)`` fp32; ``rstd (rows,)`` fp32 when asked for (the rows' RMSNorm statistic)."""
+
+    product: torch.Tensor
+    row_scale: torch.Tensor
+    col_scale: torch.Tensor
+    dtype: torch.dtype
+    rstd: torch.Tensor | None = None
+
+
+def fp8_product(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                rms_eps: float | None = None) -> ScaledProduct:
+    """The first two launches of :func:`fp8_linear` (``x (..., K)`` quantised per row, ``torch._scaled_mm`` with
+    unit scales); ``rms_eps``: the quantisation launch also computes the rows' ``rsqrt(mean(x^2) + rms_eps)``
+    (``ScaledProduct.rstd``), which a folded RMSNorm's consumer needs."""
+    check_fp8_operands(x, weight, weight_scale)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    rstd = None if rms_eps is None else torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    qx = quantize_activation_rows(x2, rstd=rstd, eps=1e-6 if rms_eps is None else rms_eps)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    one = _unit_scale(x.device)
+    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(x.dtype))
+    return ScaledProduct(product.view(*x.shape[:-1], n), qx.scale, weight_scale, x.dtype, rstd)
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                residual: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ (weight * weight_scale[:, None])ᵀ (+ residual)`` in ``x.dtype`` with both operands in E4M3:
@@ -114,17 +162,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     (N,)``; fp32 accumulation rounded to :func:`product_dtype`, then scaled and rounded to ``x.dtype`` by
     :func:`scale_product`. ``residual (..., N)``
     (``x.dtype``) is then added to the rounded product (fp32 sum, one more rounding). Returns ``(..., N)``."""
-    check_fp8_operands(x, weight, weight_scale)
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    qx = quantize_activation_rows(x2)
-    w = weight if weight.is_contiguous() else weight.contiguous()
-    one = _unit_scale(x.device)
-    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(x.dtype))
+    p = fp8_product(x, weight, weight_scale)
+    n = weight.shape[0]
     res = None if residual is None else residual.reshape(-1, n)
-    return scale_product(product, qx.scale, weight_scale, x.dtype, res).view(*x.shape[:-1], n)
+    return scale_product(p.product.view(-1, n), p.row_scale, weight_scale, x.dtype, res).view(*x.shape[:-1], n)
 
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -144,7 +185,7 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def _rounded(v, dtype: tl.constexpr):
+def round_to_dtype(v, dtype: tl.constexpr):
     """fp32 ``v`` rounded to ``dtype`` (bf16 to nearest, ties to even, in integer arithmetic first: Triton 3.7's
     interpreter casts fp32 to bf16 by truncation; a value already in bf16 casts exactly everywhere)."""
     if dtype == tl.bfloat16:
@@ -164,9 +205,9 @@ def _scale_product_kernel(p_ptr, sx_ptr, sw_ptr, res_ptr, out_ptr, n_cols, HAS_R
     valid = cols < n_cols
     p = tl.load(p_ptr + row * n_cols + cols, mask=valid, other=0.0)
     y = p * tl.load(sx_ptr + row) * tl.load(sw_ptr + cols, mask=valid, other=0.0)
-    y = _rounded(y, out_ptr.dtype.element_ty)
+    y = round_to_dtype(y, out_ptr.dtype.element_ty)
     if HAS_RES:
-        y = _rounded(y.to(tl.float32) + tl.load(res_ptr + row * n_cols + cols, mask=valid, other=0.0).to(tl.float32),
+        y = round_to_dtype(y.to(tl.float32) + tl.load(res_ptr + row * n_cols + cols, mask=valid, other=0.0).to(tl.float32),
                      out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * n_cols + cols, y, mask=valid)
 
