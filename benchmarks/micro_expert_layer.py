@@ -68,14 +68,6 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "attention logits in 2 parts": replace(base, attn_d_parts=2),
         "attention logits in 4 parts": replace(base, attn_d_parts=4),
         "attention 64-key steps, logits in 4 parts": replace(base, attn_keys=64, attn_d_parts=4),
-        # The key ranges merged in a phase of their own after one more barrier (no last-arriver tail), which lets
-        # the attention use taller row tiles (each warp owning rows) and more, shorter key ranges.
-        "merge phase": replace(base, attn_merge_rows=4),
-        "merge phase, 8 rows an item": replace(base, attn_merge_rows=8),
-        "merge phase, attention 32 rows": replace(base, attn_rows=32, attn_merge_rows=4),
-        "merge phase, attention 64 rows": replace(base, attn_rows=64, attn_merge_rows=4),
-        "merge phase, attention 64 rows, 16-key steps": replace(base, attn_rows=64, attn_keys=16, attn_merge_rows=4),
-        "attention 64 rows": replace(base, attn_rows=64),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

@@ -116,24 +116,6 @@ def test_logits_from_independent_column_parts(dtype, parts):
         == min(parts, 2)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kv_heads", [1, 2])
-def test_merge_of_key_ranges_as_a_phase(dtype, kv_heads):
-    """``attn_merge_rows``: the key ranges merged in a phase of their own (4 packed rows an item, after a grid
-    barrier) give the reference layer, as the last-arriver merge does; the arrival counters stay unused and the
-    eighth barrier counter is passed by every program."""
-    from dataclasses import replace
-
-    tiling = replace(SMALL_TILING, attn_merge_rows=4)
-    out, ref, keys, values, work = _run(2, 5, 40, 32, 64, 4, kv_heads, 32, dtype, True, True, tiling)
-    _assert_close(out, ref, dtype)
-    _assert_close(values[0], values[1], dtype)
-    assert work.n_splits > 1
-    assert work.sync[:8].tolist() == [work.programs] * 8 and int(work.counters.abs().sum()) == 0
-    last_arriver, *_ = _run(2, 5, 40, 32, 64, 4, kv_heads, 32, dtype, True, True, SMALL_TILING)
-    assert ((out.float() - last_arriver.float()).norm() / last_arriver.float().norm()) <= BOUNDS[dtype][0]
-
-
 def _workspace(tiling, head_dim):
     return el.ExpertWorkspace(10, 5, 32, 64, 4, 1, head_dim, 14, torch.float32, torch.device(DEVICE), tiling)
 
@@ -409,20 +391,6 @@ def test_expert_layer_real_size(pi05):
     _assert_close(out, ref, torch.bfloat16)
     _assert_close(keys[0], keys[1], torch.bfloat16)
     assert int(work.counters.abs().sum()) == 0
-
-
-@pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "
-                                       "(the interpreter runs programs one after another)")
-@pytest.mark.parametrize("rows", [16, 64])
-def test_expert_layer_real_size_with_the_merge_phase(rows):
-    """Pi0's expert at real size with the key ranges merged in a phase of their own, 16- and 64-row attention
-    tiles."""
-    from dataclasses import replace
-
-    tiling = replace(el.default_tiling(), attn_rows=rows, attn_merge_rows=4)
-    out, ref, keys, values, work = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True, tiling)
-    _assert_close(out, ref, torch.bfloat16)
-    assert work.n_splits > 1 and work.sync[:8].tolist() == [work.programs] * 8
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts the SMs of a CUDA GPU")

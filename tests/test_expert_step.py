@@ -24,7 +24,7 @@ BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 4e-2}  # rel L2 after three layer
 LAYERS, BATCH, SEQ, PREFIX, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM = 3, 2, 6, 7, 32, 64, 4, 1, 32
 
 
-def _step_inputs(dtype, pi05, fp8, seed, prefix=PREFIX):
+def _step_inputs(dtype, pi05, fp8, seed):
     """Random layers (weights ``(L, 4)``, E4M3 with scales when ``fp8``), norm factors ``(L, 2, D)``, Pi0.5
     modulation ``(L, 2, 3, D)``, input rows, positions, stacked caches ``(L, B, P + S, Hkv, Dh)`` and a mask."""
     g = torch.Generator().manual_seed(seed)
@@ -45,20 +45,20 @@ def _step_inputs(dtype, pi05, fp8, seed, prefix=PREFIX):
     norm_scales = 1 + 0.2 * rnd(LAYERS, 2, DIM)
     modulation = 0.3 * rnd(LAYERS, 2, 3, DIM) if pi05 else None
     x = rnd(BATCH * SEQ, DIM).to(dtype)
-    positions = (torch.arange(SEQ)[None] + torch.randint(0, prefix, (BATCH, 1), generator=g)).to(DEVICE)
-    keys = rnd(LAYERS, BATCH, prefix + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
-    values = rnd(LAYERS, BATCH, prefix + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
-    prefix_mask = torch.rand(BATCH, prefix, generator=g) > 0.3
+    positions = (torch.arange(SEQ)[None] + torch.randint(0, PREFIX, (BATCH, 1), generator=g)).to(DEVICE)
+    keys = rnd(LAYERS, BATCH, PREFIX + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
+    values = rnd(LAYERS, BATCH, PREFIX + SEQ, KV_HEADS, HEAD_DIM).to(dtype)
+    prefix_mask = torch.rand(BATCH, PREFIX, generator=g) > 0.3
     prefix_mask[:, 0] = True
     suffix = torch.ones(SEQ, SEQ, dtype=torch.bool)
     suffix[0, 1:] = False
-    mask = torch.cat([prefix_mask[:, None].expand(BATCH, SEQ, prefix), suffix[None].expand(BATCH, SEQ, SEQ)], 2)
+    mask = torch.cat([prefix_mask[:, None].expand(BATCH, SEQ, PREFIX), suffix[None].expand(BATCH, SEQ, SEQ)], 2)
     return weights, scales or None, norm_scales, modulation, x, positions, keys, values, mask.contiguous().to(DEVICE)
 
 
-def _workspace(dtype, steps=1, prefix=PREFIX, tiling=SMALL_TILING):
-    work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, prefix + SEQ, dtype,
-                              torch.device(DEVICE), tiling, launches=steps * LAYERS)
+def _workspace(dtype, steps=1):
+    work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
+                              torch.device(DEVICE), SMALL_TILING, launches=steps * LAYERS)
     work.reset()
     return work
 
@@ -111,31 +111,6 @@ def test_step_launch_equals_the_layer_launches(dtype, fp8, pi05):
     assert _rel(keys, ref_keys) <= BOUNDS[dtype] and _rel(values, ref_values) <= BOUNDS[dtype]
     barriers = step_work.sync.view(2 * LAYERS, el.ExpertWorkspace.BARRIERS)[:, :7]
     assert (barriers == step_work.programs).all() and int(step_work.counters.abs().sum()) == 0
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_step_launch_with_the_merge_phase(dtype):
-    """``attn_merge_rows``: with the key ranges merged in a phase of their own (40 prefix keys: 2 ranges), the
-    step launch still equals the layer launches bit for bit and the reference, and every program passed all 8
-    barriers of every layer."""
-    from dataclasses import replace
-
-    tiling = replace(SMALL_TILING, attn_merge_rows=4)
-    weights, scales, norm_scales, _, x, positions, keys, values, mask = _step_inputs(dtype, False, False, 2, 40)
-    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
-    ref_keys, ref_values = keys.clone(), values.clone()
-    ref = es.expert_step_reference(x, weights, norm_scales, positions, inv_freq, ref_keys, ref_values, mask, 1e-6,
-                                   HEAD_DIM**-0.5, HEADS)
-    layer_work, step_work = _workspace(dtype, prefix=40, tiling=tiling), _workspace(dtype, prefix=40, tiling=tiling)
-    assert step_work.n_splits == 2
-    layer_keys, layer_values = keys.clone(), values.clone()
-    by_layer = _layer_launches(weights, None, norm_scales, None, x, positions, inv_freq, layer_keys, layer_values,
-                               mask, layer_work, 0)
-    by_step = es.expert_step(x, step_work.residual, es.expert_weight_tables(weights, None), norm_scales, positions,
-                             inv_freq, keys, values, mask, 1e-6, HEAD_DIM**-0.5, step_work, HEADS, None, step=0)
-    assert torch.equal(by_step, by_layer) and torch.equal(keys, layer_keys)
-    assert _rel(by_step, ref) <= BOUNDS[dtype]
-    assert (step_work.sync.view(LAYERS, el.ExpertWorkspace.BARRIERS) == step_work.programs).all()
 
 
 def test_step_launch_checks_its_tables_and_tensors():

@@ -15,8 +15,7 @@ barriers:
    ``[c+Dh/2, c+Dh/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile;
 2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
    boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
-   range program of a row block merges the ranges (log-sum-exp) into the attention output, or (with
-   ``ExpertTiling.attn_merge_rows``) every program merges some rows in a phase 2b after one more barrier;
+   range program of a row block merges the ranges (log-sum-exp) into the attention output;
 3. o-projection, split-K: one fp32 partial per K range (``o_splits``) and output tile, stored, not added;
 4. (row phase) ``x2 = x + (gate ⊙) Σ partials`` (K ranges added in order: deterministic; Pi0.5's gate),
    rounded like the reference's residual, then the MLP norm of ``x2`` as in 0;
@@ -70,7 +69,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.attention import LOG2E, attend_range, finish_range, merge_ranges
+from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
@@ -83,8 +82,6 @@ class ExpertTiling:
     (and as many up) columns per gate/up tile; ``out_cols`` output columns per o / down tile and
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
-    ``attn_merge_rows`` how the ranges are merged (0: by the last range program of a row block to arrive; else in
-    a phase of its own after a grid barrier, that many packed rows an item),
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
     :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``; 4: Pi0's 16-row tiles give
     each warp one MMA chain over the 256 columns otherwise); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
@@ -100,7 +97,6 @@ class ExpertTiling:
     attn_keys: int = 32
     attn_splits: int | None = None
     attn_d_parts: int = 4
-    attn_merge_rows: int = 0
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -241,12 +237,12 @@ def _layer(
     SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, MERGE_ROWS: tl.constexpr,
-    BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
+    BLOCK_D: tl.constexpr, PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
-    ``v_ptr``: the layer's KV cache; ``sync_ptr``: its barrier counters (7; 8 with the merge phase 2b)."""
+    ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 7 barrier counters."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -325,19 +321,8 @@ def _layer(
             mask_ptr + b * s_mb + query * s_mq, s_mk, key_start, key_end, scale_log2, row_valid, HD,
             True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD, ATTN_D_PARTS)
         finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
-                     n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, MERGE_ROWS == 0, ATTN_ROWS,
-                     BLOCK_HD)
+                     n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
     _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
-    if MERGE_ROWS > 0:
-        if ATTN_SPLIT:
-            # ---- 2b. merge of the key ranges, MERGE_ROWS packed rows an item ------------------------------
-            n_merge = tl.cdiv(n_rows, MERGE_ROWS)
-            for item in range(pid, n_bkv * n_merge if PHASES & 4 else 0, n_programs):
-                b_kvh = item // n_merge
-                rows = (item % n_merge) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
-                merge_ranges(part_acc_ptr, part_ml_ptr, attn_ptr, b_kvh // HKV, b_kvh % HKV, b_kvh, n_bkv, rows, S, HD,
-                             GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD)
-            _grid_sync(sync_ptr + 7, n_programs, ACQUIRE)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
     _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_wscale_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D,
@@ -392,8 +377,8 @@ def _expert_layer_kernel(
     ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, MERGE_ROWS: tl.constexpr,
-    BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
+    BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -401,8 +386,7 @@ def _expert_layer_kernel(
            h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
-           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, MERGE_ROWS, BLOCK_HD, BLOCK_D, PHASES,
-           False)
+           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, BLOCK_HD, BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
@@ -545,8 +529,7 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), MERGE_ROWS=t.attn_merge_rows,
-        BLOCK_HD=workspace.block_hd,
+        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
