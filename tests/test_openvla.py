@@ -33,6 +33,7 @@ from cortexflow.processing.action_tokens import (
 )
 from cortexflow.random_token_vla import (
     example_norm_stats,
+    random_openvla_weights,
     tiny_openvla_config,
     write_openvla_checkpoint,
 )
@@ -187,6 +188,30 @@ def test_siglip_tower_matches_hf():
         reference = model(pixel_values=images, output_hidden_states=True).hidden_states[spec.out_layer + 1]
     ours = vit_features(OPS, weights, spec, images, torch.float32)
     assert_close(ours, reference, what="siglip features")
+
+
+@pytest.mark.parametrize("spec_name", ["dino_spec", "siglip_spec"])
+def test_vit_residual_stream_is_row_major(spec_name):
+    """The convolution's patch tokens are a transposed view, and so is their sum with the position embedding: the
+    tower makes the stream row-major once, so no LayerNorm or linear of any block gets (and copies) a strided
+    input."""
+    config = tiny_openvla_config()
+    spec = getattr(config, spec_name)()
+    weights = {k: v for k, v in random_openvla_weights(config).items() if k.startswith(spec.prefix + ".")}
+    seen = []
+
+    class Recording(PyTorchBackend):
+        def layer_norm(self, x, weight, bias, eps):
+            seen.append(x.is_contiguous())
+            return super().layer_norm(x, weight, bias, eps)
+
+        def linear(self, x, weight, bias=None):
+            seen.append(x.is_contiguous())
+            return super().linear(x, weight, bias)
+
+    images = torch.rand(1, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(1))
+    vit_features(Recording(torch.device("cpu"), torch.float32), weights, spec, images, torch.float32)
+    assert len(seen) == 6 * (spec.out_layer + 1) and all(seen)
 
 
 @pytest.mark.parametrize("eps", [1e-6, 1e-5])

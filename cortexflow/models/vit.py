@@ -116,6 +116,10 @@ def vit_features(
         prefix_tokens.append(weights[f"{p}.reg"].to(dtype)[None].expand(n, -1, -1))
     if prefix_tokens:
         x = torch.cat([*prefix_tokens, x], dim=1)
+    # The patch embedding may be a transposed view of the convolution's output, and the sum above keeps that
+    # layout: made row-major once here (the concatenation already is), the residual stream is contiguous for
+    # every op that reads it (else each norm and linear of every block copies it first).
+    x = x.contiguous()
     for i in range(spec.out_layer + 1):
         x = vit_block(ops, weights, spec, i, x)
     return x[:, spec.num_prefix_tokens:]
