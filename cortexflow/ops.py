@@ -310,6 +310,14 @@ class ComputeBackend(ABC):
         """``1 / (1 + exp(-x))``."""
 
     # ---- fused units (default: a composition of the primitive ops) -----------------------------
+    def add_layer_norm(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A pre-LN block's residual add and the next LayerNorm: ``s = x + y`` (``x + scale * y`` with ``scale
+        (D,)``, LayerScale, in one rounding) and ``layer_norm(s)`` -> ``(s, normed)`` in ``x.dtype``. ``x`` is
+        the caller's temporary (the residual stream): a backend may update it in place and return it as ``s``."""
+        s = x + y if scale is None else torch.addcmul(x, y, scale.to(y.dtype))
+        return s, self.layer_norm(s, weight, bias, eps)
+
     def pre_ln_encoder(self, weights: Weights, stack: EncoderStack, x: torch.Tensor) -> torch.Tensor:
         """Every layer of the pre-LN encoder ``stack`` over the embedded tokens ``x (N, T, D)``, then its final
         LayerNorm -> ``(N, T, D)`` in ``x.dtype``. Layer: ``x + o(MHA(LN1(x)))`` (q/k/v/o with bias, no mask,

@@ -165,6 +165,28 @@ def test_layer_norm(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("scaled", [False, True], ids=["add", "layer-scale"])
+def test_add_layer_norm_updates_the_stream_in_place(dtype, scaled):
+    """The Triton backend's ``add_layer_norm``: the residual (times DINOv2's LayerScale) added to the stream in place
+    by the LayerNorm kernel; the sum equals ``x + y`` / ``torch.addcmul`` (one rounding) and the normalised rows the
+    reference's, as the default composition (PyTorch backend) computes them."""
+    from cortexflow.backends.pytorch import PyTorchBackend
+    from cortexflow.backends.triton_backend import TritonBackend
+
+    x = randn(2, 9, 1040, dtype=dtype, seed=41) * 2
+    y = randn(2, 9, 1040, dtype=dtype, seed=42)
+    w, b = randn(1040, dtype=dtype, seed=43), randn(1040, dtype=dtype, seed=44)
+    scale = randn(1040, dtype=dtype, seed=45) * 0.1 if scaled else None
+    stream = x.clone()
+    s, normed = TritonBackend(torch.device(DEVICE), dtype).add_layer_norm(stream, y, w, b, 1e-6, scale)
+    ref_s, ref_normed = PyTorchBackend(torch.device(DEVICE), dtype).add_layer_norm(x, y, w, b, 1e-6, scale)
+    assert s.data_ptr() == stream.data_ptr()
+    assert_close(s, ref_s, dtype)
+    assert_close(normed, ref_normed, dtype)
+    assert_close(normed, layer_norm_reference(x, w, b, 1e-6, residual=y, residual_scale=scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_into_a_cache_slice(dtype):
     x = randn(2, 7, 3, 48, dtype=dtype, seed=14)
     positions = torch.tensor([[0, 1, 2, 5, 6, 9, 700], [3, 4, 5, 6, 7, 8, 9]], device=DEVICE)

@@ -297,6 +297,14 @@ class TritonBackend(PyTorchBackend):
             return super().layer_norm(x, weight, bias, eps)
         return layer_norm.layer_norm(x, weight, bias, eps)
 
+    def add_layer_norm(self, x, y, weight, bias, eps, scale=None):
+        """The residual add in the LayerNorm kernel (``x`` updated in place, no add kernel) when ``x`` is a
+        contiguous stream of the same shape and dtype as ``y``; else the default composition."""
+        if x.shape[-1] > MAX_NORM_WIDTH or not x.is_contiguous() or y.shape != x.shape or y.dtype != x.dtype:
+            return super().add_layer_norm(x, y, weight, bias, eps, scale)
+        residual_scale = None if scale is None else scale.to(x.dtype)
+        return x, layer_norm.layer_norm(x, weight, bias, eps, residual=y, residual_scale=residual_scale)
+
     def rms_norm(self, x, weight, eps):
         if x.shape[-1] > MAX_NORM_WIDTH:
             self._fallback("rms_norm", f"width {x.shape[-1]} > {MAX_NORM_WIDTH}")

@@ -79,23 +79,36 @@ def vit_weight_shapes(spec: ViTSpec) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def vit_block(ops: "ComputeBackend", weights, spec: ViTSpec, i: int, x: torch.Tensor) -> torch.Tensor:
+def vit_block(ops: "ComputeBackend", weights, spec: ViTSpec, i: int, x: torch.Tensor,
+              pending: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> tuple[torch.Tensor, tuple]:
     """``x + ls1 * proj(MHA(norm1(x)))``, then ``+ ls2 * fc2(gelu(fc1(norm2(.))))`` on ``x (N, T, D)``.
 
-    The fused ``qkv`` output is split as (3, heads, head_dim), as timm does."""
+    The second residual add is left to the caller: returns ``(x, (mlp_out, ls2 or None))``, which the next block
+    takes as ``pending`` and adds in its first norm (``ops.add_layer_norm``: a backend may do both in one kernel,
+    updating ``x`` in place); :func:`finish_pending` adds the last one. The fused ``qkv`` output is split as
+    (3, heads, head_dim), as timm does."""
     w = lambda name: weights[f"{spec.prefix}.blocks.{i}.{name}"]  # noqa: E731
     n, t, d = x.shape
     heads = spec.num_heads
     head_dim = d // heads
-    h = ops.layer_norm(x, w("norm1.weight"), w("norm1.bias"), spec.norm_eps)
+    if pending is None:
+        h = ops.layer_norm(x, w("norm1.weight"), w("norm1.bias"), spec.norm_eps)
+    else:
+        x, h = ops.add_layer_norm(x, pending[0], w("norm1.weight"), w("norm1.bias"), spec.norm_eps, pending[1])
     qkv = ops.linear(h, w("qkv.weight"), w("qkv.bias")).view(n, t, 3, heads, head_dim)
     attn = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, 1.0 / math.sqrt(head_dim))
     attn = ops.linear(attn, w("proj.weight"), w("proj.bias"))
-    # LayerScale and the residual add in one kernel (addcmul: one rounding instead of two).
-    x = torch.addcmul(x, attn, w("ls1").to(attn.dtype)) if spec.layer_scale else x + attn
-    h = ops.layer_norm(x, w("norm2.weight"), w("norm2.bias"), spec.norm_eps)
+    # LayerScale and the residual add in one rounding (addcmul), as the reference computes them.
+    x, h = ops.add_layer_norm(x, attn, w("norm2.weight"), w("norm2.bias"), spec.norm_eps,
+                              w("ls1") if spec.layer_scale else None)
     h = ops.linear(gelu(ops, ops.linear(h, w("fc1.weight"), w("fc1.bias"))), w("fc2.weight"), w("fc2.bias"))
-    return torch.addcmul(x, h, w("ls2").to(h.dtype)) if spec.layer_scale else x + h
+    return x, (h, w("ls2") if spec.layer_scale else None)
+
+
+def finish_pending(x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    """``x + mlp_out`` (``x + ls2 * mlp_out``, one rounding) for the last block's ``pending``."""
+    y, scale = pending
+    return x + y if scale is None else torch.addcmul(x, y, scale.to(y.dtype))
 
 
 def vit_features(
@@ -120,6 +133,7 @@ def vit_features(
     # layout: made row-major once here (the concatenation already is), the residual stream is contiguous for
     # every op that reads it (else each norm and linear of every block copies it first).
     x = x.contiguous()
+    pending = None
     for i in range(spec.out_layer + 1):
-        x = vit_block(ops, weights, spec, i, x)
-    return x[:, spec.num_prefix_tokens:]
+        x, pending = vit_block(ops, weights, spec, i, x, pending)
+    return finish_pending(x, pending)[:, spec.num_prefix_tokens:]
