@@ -174,6 +174,8 @@ def test_gated_activation_applies_product_scales_as_scale_product_would(activati
                                dtype=torch.bfloat16, **rstd)
     assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     assert expected.float().abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="product scales .* are not fp32"):
+        gelu_tanh_gate_fused(p.product, product_scales=(p.row_scale.bfloat16(), p.col_scale), dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("folded", [False, True], ids=["plain", "folded-norm"])
@@ -202,9 +204,10 @@ def test_qkv_rope_applies_product_scales_as_scale_product_would(folded):
     for expected, got in zip(*outputs):
         assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
     assert outputs[0][1].abs().sum() > 0 and outputs[0][2].abs().sum() > 0
-    with pytest.raises(ValueError, match="product_scales"):
-        qkv_rope(p.product.view(b, s, -1), positions, inv_freq, hq, hkv, cache[0][:, :s], cache[1][:, :s],
-                 product_scales=(p.row_scale[:3], p.col_scale))
+    for row_scale, col_scale in ((p.row_scale[:3], p.col_scale), (p.row_scale, p.col_scale.bfloat16())):
+        with pytest.raises(ValueError, match="product_scales .* are not fp32"):
+            qkv_rope(p.product.view(b, s, -1), positions, inv_freq, hq, hkv, cache[0][:, :s], cache[1][:, :s],
+                     product_scales=(row_scale, col_scale))
 
 
 FP8_COMPILE_SCRIPT = r"""

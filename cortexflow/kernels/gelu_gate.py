@@ -77,8 +77,10 @@ def _launch(gate: torch.Tensor, up: torch.Tensor | None, silu: bool = False, rst
     up2 = None if up is None else up.reshape(-1, n_cols)
     rows = gate2.shape[0]
     rstd_mode, norm_cols = folded_norm_mode(rstd, norm_input, rows)
-    if scales is not None and (scales[0].shape != (rows,) or any(c.shape != (n_cols,) for c in scales[1:])):
-        raise ValueError(f"product scales {[tuple(c.shape) for c in scales]} are not ({rows},), ({n_cols},) x 2")
+    if scales is not None and (scales[0].shape != (rows,) or any(c.shape != (n_cols,) for c in scales[1:])
+                               or any(c.dtype != torch.float32 for c in scales)):
+        raise ValueError(f"product scales {[(c.dtype, tuple(c.shape)) for c in scales]} are not fp32 ({rows},), "
+                         f"({n_cols},) x 2")
     out = torch.empty(gate2.shape, dtype=dtype or gate.dtype, device=gate.device)
     block = 1024
     grid = (rows, triton.cdiv(n_cols, block))

@@ -117,9 +117,10 @@ def qkv_rope(
         qkv = qkv.contiguous()
     if product_scales is not None:
         row_scale, col_scale = product_scales
-        if row_scale.shape != (b * s,) or col_scale.shape != (width,):
-            raise ValueError(f"product_scales {tuple(row_scale.shape)}, {tuple(col_scale.shape)} are not "
-                             f"({b * s},), ({width},)")
+        if row_scale.shape != (b * s,) or col_scale.shape != (width,) or {row_scale.dtype, col_scale.dtype} != {
+                torch.float32}:
+            raise ValueError(f"product_scales {row_scale.dtype} {tuple(row_scale.shape)}, {col_scale.dtype} "
+                             f"{tuple(col_scale.shape)} are not fp32 ({b * s},), ({width},)")
     q = torch.empty((b, s, n_q_heads, head_dim), dtype=qkv.dtype if product_scales is None else k_out.dtype,
                     device=qkv.device)
     _qkv_rope_kernel[(b, s, n_q_heads + 2 * n_kv_heads)](
