@@ -7,10 +7,13 @@ GEMM kernels this script also timed were deleted after measuring no gain: benchm
 
 Each variant is captured 50 times in one CUDA graph and replayed (no launch overhead, as in ``predict``);
 the time per call is the median over 20 replays / 50. Writes ``$OUT/micro_decoder_kernels.json``.
+
+    python benchmarks/micro_decoder_kernels.py [TEXT]   # TEXT: only the shapes whose label contains it
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -119,9 +122,11 @@ def attention_cases(rows: list, only: str | None = None) -> None:
 
 
 def main() -> None:
-    only = sys.argv[1] if len(sys.argv) > 1 else None  # time only the shapes whose label contains this text
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("only", nargs="?", metavar="TEXT",
+                        help="time only the shapes whose label contains TEXT (decoder, prefix, vision, openvla)")
     rows: list = []
-    attention_cases(rows, only)
+    attention_cases(rows, parser.parse_args().only)
     out = Path(os.environ.get("OUT", "."))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "calls_per_graph": CALLS, "rows": rows}
