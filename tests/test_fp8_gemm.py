@@ -215,6 +215,8 @@ import json, sys, torch
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 from cortexflow.kernels.fp8_gemm import quantize_activation_rows
+from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
+from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.runtime import CompileTarget
 from cortexflow.quantization.fp8 import E4M3
 from cortexflow.tools.compile_check import compile_only
@@ -241,23 +243,36 @@ for arch in (89, 90):
                         empty(64, dtype=torch.float32), cache, cache, row, normalize=True,
                         weight_scale=empty(12288, dtype=torch.float32))
         quantize_activation_rows(empty(280, 4096))
+        # The prefill's consumers of an unscaled FP8 product (fp8_product): the quantisation with the folded
+        # norm's rstd, QKV/RoPE and the gated activation applying the product scales.
+        quantize_activation_rows(empty(280, 4096), rstd=empty(280, dtype=torch.float32))
+        scales = lambda n: (empty(280, dtype=torch.float32), empty(n, dtype=torch.float32))  # noqa: E731
+        qkv_rope(empty(1, 280, 12288), torch.empty(1, 280, dtype=torch.int64, device=meta),
+                 empty(64, dtype=torch.float32), 32, 32, cache[:, :280], cache[:, :280],
+                 rstd=empty(280, dtype=torch.float32), product_scales=scales(12288))
+        gelu_tanh_gate_fused(empty(280, 22016), silu=True, rstd=empty(280, dtype=torch.float32),
+                             product_scales=scales(22016), dtype=torch.bfloat16)
     out[arch] = [{"name": l.name, "grid": list(l.grid), "ptx_e4m3": "e4m3" in l.kernel.asm["ptx"],
-                  "ptx_div_rn": "div.rn.f32" in l.kernel.asm["ptx"]} for l in launches]
+                  "ptx_div_rn": "div.rn.f32" in l.kernel.asm["ptx"],
+                  "scaled": l.constexprs.get("SCALED"), "rstd": l.constexprs.get("RSTD")} for l in launches]
 json.dump(out, sys.stdout)
 """
 
 
 def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path):
-    """The FP8 decode GEMVs at OpenVLA's shapes (default FP8 tilings), the FP8 QKV/RoPE GEMV and the row
-    quantisation through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta``
-    tensors, in a subprocess without the interpreter): their PTX converts E4M3, and the quantisation divides
-    with IEEE rounding (``div.rn.f32``), as PyTorch does."""
+    """The FP8 decode GEMVs at OpenVLA's shapes (default FP8 tilings), the FP8 QKV/RoPE GEMV, the row
+    quantisation (also with the rstd) and the prefill's QKV/RoPE and gated activation over an unscaled FP8 product
+    through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta`` tensors, in a subprocess
+    without the interpreter): the PTX of the E4M3 kernels converts E4M3, and the quantisation divides with IEEE
+    rounding (``div.rn.f32``), as PyTorch does."""
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch in ("89", "90"):
         launches = report[arch]
         assert [launch["name"] for launch in launches] == ["_decode_gemv_kernel"] * 4 + [
-            "_decode_qkv_rope_kernel", "_quantize_rows_kernel"]
+            "_decode_qkv_rope_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel", "_qkv_rope_kernel",
+            "_gelu_gate_kernel"]
         # default FP8 tilings: qkv 4 rows, o 8, gate/up 4 (of 11008 gated outputs), down 8; QKV/RoPE 4 pairs
-        assert [launch["grid"] for launch in launches] == [[3072], [512], [2752], [512], [1536], [280]]
-        assert all(launch["ptx_e4m3"] for launch in launches)
-        assert launches[-1]["ptx_div_rn"]
+        assert [launch["grid"] for launch in launches[:6]] == [[3072], [512], [2752], [512], [1536], [280]]
+        assert all(launch["ptx_e4m3"] for launch in launches[:7])
+        assert launches[5]["ptx_div_rn"] and launches[6]["ptx_div_rn"] and launches[6]["rstd"]
+        assert launches[7]["scaled"] and launches[8]["scaled"] and launches[7]["rstd"] == launches[8]["rstd"] == 1
