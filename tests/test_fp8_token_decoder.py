@@ -137,7 +137,10 @@ def test_fp8_decoder_layers_stay_close_to_bf16(bf16_run, fp8_runs, route):
     rel = relative_error(logits, ref_logits)
     assert (rel > 1e-2).all() and (rel < 0.15).all(), rel
     rel_dequantized = relative_error(logits, dequantized_logits)
-    assert (rel_dequantized < 8e-2).all() and rel_dequantized.mean() < rel.mean(), (rel_dequantized, rel)
+    # With decode_gemv="off" every step's GEMMs quantise their activations to E4M3 too: up to 7.1e-2 on the CPU,
+    # 9.4e-2 for one step on an H100 (benchmarks/NOTES.md, session 22); the weight-only routes stay under 6.4e-2.
+    bound = 0.12 if route == "decode_gemv off" else 8e-2
+    assert (rel_dequantized < bound).all() and rel_dequantized.mean() < rel.mean(), (rel_dequantized, rel)
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.5
     assert tokens.shape == ref_tokens.shape
 
