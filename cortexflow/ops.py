@@ -179,6 +179,11 @@ class StagedModel(Protocol):
     def fusable_weights(self) -> FusableWeights: ...
 
 
+def residual_add(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + y``, or with ``scale (D,)`` (LayerScale) ``x + scale * y`` in one rounding (``torch.addcmul``)."""
+    return x + y if scale is None else torch.addcmul(x, y, scale.to(y.dtype))
+
+
 class ComputeBackend(ABC):
     """Computes a model's stages. Subclasses implement the primitive ops and may override fused units."""
 
@@ -315,7 +320,7 @@ class ComputeBackend(ABC):
         """A pre-LN block's residual add and the next LayerNorm: ``s = x + y`` (``x + scale * y`` with ``scale
         (D,)``, LayerScale, in one rounding) and ``layer_norm(s)`` -> ``(s, normed)`` in ``x.dtype``. ``x`` is
         the caller's temporary (the residual stream): a backend may update it in place and return it as ``s``."""
-        s = x + y if scale is None else torch.addcmul(x, y, scale.to(y.dtype))
+        s = residual_add(x, y, scale)
         return s, self.layer_norm(s, weight, bias, eps)
 
     def pre_ln_encoder(self, weights: Weights, stack: EncoderStack, x: torch.Tensor) -> torch.Tensor:

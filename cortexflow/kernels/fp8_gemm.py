@@ -126,14 +126,13 @@ def check_fp8_operands(x: torch.Tensor, weight: torch.Tensor, weight_scale: torc
 class ScaledProduct(NamedTuple):
     """:func:`fp8_linear` before its scaling launch, for a consumer that applies the scales itself
     (:func:`~cortexflow.kernels.qkv_rope.qkv_rope`, :func:`~cortexflow.kernels.gelu_gate.gelu_tanh_gate`): the
-    output is ``round(product * row_scale[:, None] * col_scale[None, :])`` in ``dtype``, as :func:`scale_product`
+    output is ``round(product * row_scale[:, None] * col_scale[None, :])`` in the activations' dtype, as :func:`scale_product`
     rounds it. ``product (..., N)`` in :func:`product_dtype`; ``row_scale (rows,)`` fp32 (rows = the leading dims
     flattened), ``col_scale (N,)`` fp32; ``rstd (rows,)`` fp32 when asked for (the rows' RMSNorm statistic)."""
 
     product: torch.Tensor
     row_scale: torch.Tensor
     col_scale: torch.Tensor
-    dtype: torch.dtype
     rstd: torch.Tensor | None = None
 
 
@@ -152,7 +151,7 @@ def fp8_product(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     w = weight if weight.is_contiguous() else weight.contiguous()
     one = _unit_scale(x.device)
     product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(x.dtype))
-    return ScaledProduct(product.view(*x.shape[:-1], n), qx.scale, weight_scale, x.dtype, rstd)
+    return ScaledProduct(product.view(*x.shape[:-1], n), qx.scale, weight_scale, rstd)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -165,7 +164,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor
     p = fp8_product(x, weight, weight_scale)
     n = weight.shape[0]
     res = None if residual is None else residual.reshape(-1, n)
-    return scale_product(p.product.view(-1, n), p.row_scale, weight_scale, x.dtype, res).view(*x.shape[:-1], n)
+    return scale_product(p.product.view(-1, n), p.row_scale, p.col_scale, x.dtype, res).view(*x.shape[:-1], n)
 
 
 def product_dtype(dtype: torch.dtype) -> torch.dtype:

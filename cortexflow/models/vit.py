@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from cortexflow.ops import residual_add
+
 if TYPE_CHECKING:
     from cortexflow.ops import ComputeBackend
 
@@ -85,7 +87,8 @@ def vit_block(ops: "ComputeBackend", weights, spec: ViTSpec, i: int, x: torch.Te
 
     The second residual add is left to the caller: returns ``(x, (mlp_out, ls2 or None))``, which the next block
     takes as ``pending`` and adds in its first norm (``ops.add_layer_norm``: a backend may do both in one kernel,
-    updating ``x`` in place); :func:`finish_pending` adds the last one. The fused ``qkv`` output is split as
+    updating ``x`` in place); the caller adds the last one (:func:`~cortexflow.ops.residual_add`). The fused
+    ``qkv`` output is split as
     (3, heads, head_dim), as timm does."""
     w = lambda name: weights[f"{spec.prefix}.blocks.{i}.{name}"]  # noqa: E731
     n, t, d = x.shape
@@ -103,12 +106,6 @@ def vit_block(ops: "ComputeBackend", weights, spec: ViTSpec, i: int, x: torch.Te
                               w("ls1") if spec.layer_scale else None)
     h = ops.linear(gelu(ops, ops.linear(h, w("fc1.weight"), w("fc1.bias"))), w("fc2.weight"), w("fc2.bias"))
     return x, (h, w("ls2") if spec.layer_scale else None)
-
-
-def finish_pending(x: torch.Tensor, pending: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    """``x + mlp_out`` (``x + ls2 * mlp_out``, one rounding) for the last block's ``pending``."""
-    y, scale = pending
-    return x + y if scale is None else torch.addcmul(x, y, scale.to(y.dtype))
 
 
 def vit_features(
@@ -136,4 +133,4 @@ def vit_features(
     pending = None
     for i in range(spec.out_layer + 1):
         x, pending = vit_block(ops, weights, spec, i, x, pending)
-    return finish_pending(x, pending)[:, spec.num_prefix_tokens:]
+    return residual_add(x, *pending)[:, spec.num_prefix_tokens:]
