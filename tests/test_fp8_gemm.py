@@ -210,11 +210,42 @@ def test_qkv_rope_applies_product_scales_as_scale_product_would(folded):
                      product_scales=(row_scale, col_scale))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rms", [False, True], ids=["plain", "rstd"])
+def test_product_sum_quantisation_is_scale_product_then_quantisation_bit_for_bit(dtype, rms):
+    """``fp8_product_of_sum``: an unscaled FP8 product (o, 13 rows, K = 1040: a partial last chunk of 256) scaled,
+    added to a residual read through a strided view, and the sum quantised for the next projection (gate/up) in one
+    launch gives the bits of ``scale_product(..., residual)`` followed by ``fp8_product`` of the sum: the sum, the
+    E4M3 rows and scales, the rstd and the next product."""
+    from cortexflow.kernels.fp8_gemm import fp8_product, fp8_product_of_sum, quantize_sum_rows, scale_product
+
+    g = torch.Generator().manual_seed(7)
+    rows, k, n = 13, 1040, 96
+    attn = (torch.randn(rows, 64, generator=g) * 2).to(dtype).to(DEVICE)
+    w_o = quantize_weight((torch.randn(k, 64, generator=g) * 0.1).to(DEVICE))
+    w_next = quantize_weight((torch.randn(n, k, generator=g) * 0.05).to(DEVICE))
+    padded = (torch.randn(rows, k + 16, generator=g) * torch.logspace(-1, 1, rows)[:, None]).to(dtype).to(DEVICE)
+    residual = padded[:, :k]
+    pending = fp8_product(attn, w_o.data, w_o.scale)
+    eps = 1e-5 if rms else None
+    total, got = fp8_product_of_sum(pending, residual, w_next.data, w_next.scale, rms_eps=eps)
+    expected_total = scale_product(pending.product, pending.row_scale, pending.col_scale, dtype, residual)
+    expected = fp8_product(expected_total, w_next.data, w_next.scale, rms_eps=eps)
+    assert total.dtype == dtype and torch.equal(total, expected_total)
+    assert torch.equal(got.row_scale, expected.row_scale) and torch.equal(got.product, expected.product)
+    assert (got.rstd is None) == (not rms) and (not rms or torch.equal(got.rstd, expected.rstd))
+    _, q = quantize_sum_rows(pending, residual, block=256)
+    assert same_bits(q.data, quantize_rows(expected_total).data)
+    assert (expected_total.float() - residual.float()).abs().mean() > 1e-2
+    with pytest.raises(InputError, match="scales of shapes"):
+        quantize_sum_rows(pending._replace(row_scale=pending.row_scale[:5]), residual)
+
+
 FP8_COMPILE_SCRIPT = r"""
 import json, sys, torch
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
-from cortexflow.kernels.fp8_gemm import quantize_activation_rows
+from cortexflow.kernels.fp8_gemm import ScaledProduct, quantize_activation_rows, quantize_sum_rows
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.runtime import CompileTarget
@@ -246,6 +277,10 @@ for arch in (89, 90):
         # The prefill's consumers of an unscaled FP8 product (fp8_product): the quantisation with the folded
         # norm's rstd, QKV/RoPE and the gated activation applying the product scales.
         quantize_activation_rows(empty(280, 4096), rstd=empty(280, dtype=torch.float32))
+        # o's product scaled and added to the residual in gate/up's quantisation launch.
+        quantize_sum_rows(ScaledProduct(empty(280, 4096), empty(280, dtype=torch.float32),
+                                        empty(4096, dtype=torch.float32)), empty(280, 4096),
+                          rstd=empty(280, dtype=torch.float32))
         scales = lambda n: (empty(280, dtype=torch.float32), empty(n, dtype=torch.float32))  # noqa: E731
         qkv_rope(empty(1, 280, 12288), torch.empty(1, 280, dtype=torch.int64, device=meta),
                  empty(64, dtype=torch.float32), 32, 32, cache[:, :280], cache[:, :280],
@@ -254,14 +289,15 @@ for arch in (89, 90):
                              product_scales=scales(22016), dtype=torch.bfloat16)
     out[arch] = [{"name": l.name, "grid": list(l.grid), "ptx_e4m3": "e4m3" in l.kernel.asm["ptx"],
                   "ptx_div_rn": "div.rn.f32" in l.kernel.asm["ptx"],
-                  "scaled": l.constexprs.get("SCALED"), "rstd": l.constexprs.get("RSTD")} for l in launches]
+                  "scaled": l.constexprs.get("SCALED"), "rstd": l.constexprs.get("RSTD"),
+                  "pending": l.constexprs.get("PENDING")} for l in launches]
 json.dump(out, sys.stdout)
 """
 
 
 def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path):
     """The FP8 decode GEMVs at OpenVLA's shapes (default FP8 tilings), the FP8 QKV/RoPE GEMV, the row
-    quantisation (also with the rstd) and the prefill's QKV/RoPE and gated activation over an unscaled FP8 product
+    quantisation (also with the rstd, and of a scaled product plus residual) and the prefill's QKV/RoPE and gated activation over an unscaled FP8 product
     through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta`` tensors, in a subprocess
     without the interpreter): the PTX of the E4M3 kernels converts E4M3, and the quantisation divides with IEEE
     rounding (``div.rn.f32``), as PyTorch does."""
@@ -269,10 +305,11 @@ def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path
     for arch in ("89", "90"):
         launches = report[arch]
         assert [launch["name"] for launch in launches] == ["_decode_gemv_kernel"] * 4 + [
-            "_decode_qkv_rope_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel", "_qkv_rope_kernel",
-            "_gelu_gate_kernel"]
+            "_decode_qkv_rope_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel",
+            "_qkv_rope_kernel", "_gelu_gate_kernel"]
         # default FP8 tilings: qkv 4 rows, o 8, gate/up 4 (of 11008 gated outputs), down 8; QKV/RoPE 4 pairs
         assert [launch["grid"] for launch in launches[:6]] == [[3072], [512], [2752], [512], [1536], [280]]
-        assert all(launch["ptx_e4m3"] for launch in launches[:7])
+        assert all(launch["ptx_e4m3"] for launch in launches[:8])
         assert launches[5]["ptx_div_rn"] and launches[6]["ptx_div_rn"] and launches[6]["rstd"]
-        assert launches[7]["scaled"] and launches[8]["scaled"] and launches[7]["rstd"] == launches[8]["rstd"] == 1
+        assert launches[7]["pending"] and launches[7]["rstd"] and launches[7]["ptx_div_rn"] and not launches[6]["pending"]
+        assert launches[8]["scaled"] and launches[9]["scaled"] and launches[8]["rstd"] == launches[9]["rstd"] == 1

@@ -25,8 +25,9 @@ fp32 scales under ``fp8_scale_key(name)``) runs in FP8. A decode step's GEMVs re
 apply the scales per output row (weight-only FP8, ``weight_scale=`` of the decode kernels); every other call
 (several rows, or one row with ``decode_gemv="off"``) quantises the activation rows to E4M3 and multiplies on
 FP8 tensor cores (:func:`cortexflow.kernels.fp8_gemm.fp8_linear`; for QKV and gate/up the unscaled product, whose
-consumers, the QKV/RoPE and gated-activation kernels, apply the scales: ``fp8_product``). The norm folding works
-on bf16 weights, so it comes before quantisation; the LM head stays in the compute dtype.
+consumers, the QKV/RoPE and gated-activation kernels, apply the scales: ``fp8_product``; with folded norms, o's
+unscaled product is scaled and added to the residual in gate/up's row-quantisation launch: ``fp8_product_of_sum``).
+The norm folding works on bf16 weights, so it comes before quantisation; the LM head stays in the compute dtype.
 
 Per Llama layer that is 9 kernels (2 norms, 4 GEMMs, QKV+RoPE, attention, gated activation; plus the
 attention's split combine) instead of ~17 (3 Q/K/V GEMMs, 2 RoPE kernels, 2 cache copies, 2 GEMMs and 2
@@ -44,7 +45,7 @@ from cortexflow.backends.triton_fp8 import project, project_add, weight_scale
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
-from cortexflow.kernels.fp8_gemm import fp8_product
+from cortexflow.kernels.fp8_gemm import ScaledProduct, fp8_product, fp8_product_of_sum
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.kernels.rms_norm import rms_rstd
@@ -150,9 +151,17 @@ def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, posi
     # Layer 0's input may be a caller's buffer: a new tensor. Later residuals are this stage's own
     # temporaries and, with bf16 weights, accumulate in place (an out-of-place addmm first copies the
     # residual: one more kernel).
-    x2 = project_add(weights, layer.name("o"), attn.reshape(b * length, -1), x.reshape(b * length, width), i > 0)
-    x3 = x2.view(b, length, width)
-    gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, layer.name("gate_up"), x3, folded, eps)
+    o_name, gu_name = layer.name("o"), layer.name("gate_up")
+    attn_rows, residual = attn.reshape(b * length, -1), x.reshape(b * length, width)
+    if folded and is_fp8(weights[o_name]) and is_fp8(weights[gu_name]):
+        # o's product scaling and the residual add run in gate/up's row-quantisation launch.
+        pending = fp8_product(attn_rows, weights[o_name], fp8_scale(weights, o_name))
+        x2, p = fp8_product_of_sum(pending, residual, weights[gu_name], fp8_scale(weights, gu_name), rms_eps=eps)
+        gate_up, scaling = p.product.view(b, length, -1), _product_scaling(p)
+    else:
+        x2 = project_add(weights, o_name, attn_rows, residual, i > 0)
+        gate_up, scaling = _normed_projection(backend, weights, layer.mlp_norm, gu_name, x2.view(b, length, width),
+                                              folded, eps)
     act = gelu_tanh_gate_fused(gate_up, silu=layer.activation == "silu", eps=eps, dtype=x.dtype, **scaling)
     return project_add(weights, layer.name("down"), act.reshape(b * length, -1), x2, True).view(b, length, width)
 
@@ -169,10 +178,7 @@ def _normed_projection(backend, weights, norm: str, name: str, x: torch.Tensor, 
     if is_fp8(weights[name]):
         p = fp8_product(x if folded else backend.rms_norm(x, weights[norm], eps), weights[name],
                         fp8_scale(weights, name), rms_eps=eps if folded else None)
-        scaling = {"product_scales": (p.row_scale, p.col_scale)}
-        if folded:
-            scaling["rstd"] = p.rstd
-        return p.product, scaling
+        return p.product, _product_scaling(p)
     if not folded:
         return project(weights, name, backend.rms_norm(x, weights[norm], eps)), {}
     if x.shape[0] * x.shape[1] == 1:
@@ -180,6 +186,15 @@ def _normed_projection(backend, weights, norm: str, name: str, x: torch.Tensor, 
     else:
         scaling = {"rstd": rms_rstd(x, eps)}
     return project(weights, name, x), scaling
+
+
+def _product_scaling(p: ScaledProduct) -> dict:
+    """The keywords that make a consumer of the unscaled ``p.product`` apply its scales (and the folded norm's
+    ``rstd``, when the quantisation launch computed it)."""
+    scaling = {"product_scales": (p.row_scale, p.col_scale)}
+    if p.rstd is not None:
+        scaling["rstd"] = p.rstd
+    return scaling
 
 
 def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, scaling=None, eps=1e-6, pdl=False):

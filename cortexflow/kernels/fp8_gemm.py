@@ -10,6 +10,10 @@ one at a token VLA's prefill shapes (H100, 280 rows: QKV 57.2 vs 31.8 µs), more
 costs; a bf16 product moves half the bytes of an fp32 one between the two launches (benchmarks/NOTES.md,
 session 21). The unscaled product of E4M3 values is at most ``448² K`` in magnitude, far inside bf16's range.
 
+Chained projections (a token LM's prefill, folded norms): :func:`fp8_product` stops before the scaling launch
+(QKV/RoPE and the gated activation apply the scales themselves), and :func:`fp8_product_of_sum` scales o's
+unscaled product, adds the residual and quantises the sum for gate/up in one launch (:func:`quantize_sum_rows`).
+
 The activation quantisation is :func:`cortexflow.quantization.fp8.quantize_rows` bit for bit: the scale of a
 row is ``amax(|row|) / 448`` (1 for an all-zero row), each value is divided by it (IEEE division), clamped
 to ``[-448, 448]`` and rounded to the nearest E4M3 value, ties to even. The rounding is done in fp32
@@ -52,21 +56,46 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rstd_ptr, n_cols, stride_x, eps, RSTD: tl.constexpr,
-                          BLOCK: tl.constexpr):
+def round_to_dtype(v, dtype: tl.constexpr):
+    """fp32 ``v`` rounded to ``dtype`` (bf16 to nearest, ties to even, in integer arithmetic first: Triton 3.7's
+    interpreter casts fp32 to bf16 by truncation; a value already in bf16 casts exactly everywhere)."""
+    if dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = bits.to(tl.float32, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rstd_ptr, p_ptr, sx_ptr, sw_ptr, sum_ptr, n_cols, stride_x, eps,
+                          RSTD: tl.constexpr, PENDING: tl.constexpr, BLOCK: tl.constexpr):
     """Row ``program_id(0)`` of ``x``: its scale ``amax / 448`` (1 if the row is all zeros) into
     ``scale_ptr[row]`` and its E4M3 values into row ``row`` of the contiguous ``q``; two passes over the row
     in ``BLOCK`` chunks (the amax, then the values). ``RSTD``: the first pass also sums the squares, and
-    ``rsqrt(mean(x^2) + eps)`` goes to ``rstd_ptr[row]`` (an RMSNorm's row statistic)."""
+    ``rsqrt(mean(x^2) + eps)`` goes to ``rstd_ptr[row]`` (an RMSNorm's row statistic). ``PENDING``: the row
+    quantised is ``s = round(round(p * sx[row] * sw) + x)`` (:func:`scale_product` with ``x`` as the residual;
+    ``p`` and ``s`` contiguous, ``s`` in its own dtype), which the first pass also stores into ``sum_ptr`` and
+    the second reads back."""
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     q_row = q_ptr + row.to(tl.int64) * n_cols
     offs = tl.arange(0, BLOCK)
     amax = tl.zeros([BLOCK], tl.float32)
     squares = tl.zeros([BLOCK], tl.float32)
+    if PENDING:
+        p_row = p_ptr + row.to(tl.int64) * n_cols
+        sum_row = sum_ptr + row.to(tl.int64) * n_cols
+        row_scale = tl.load(sx_ptr + row)
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
-        v = tl.load(x_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        ok = cols < n_cols
+        v = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        if PENDING:
+            y = tl.load(p_row + cols, mask=ok, other=0.0) * row_scale * tl.load(sw_ptr + cols, mask=ok, other=0.0)
+            y = round_to_dtype(y, sum_ptr.dtype.element_ty).to(tl.float32)
+            y = round_to_dtype(y + v, sum_ptr.dtype.element_ty)
+            tl.store(sum_row + cols, y, mask=ok)
+            v = y.to(tl.float32)
         amax = tl.maximum(amax, tl.abs(v))
         if RSTD:
             squares += v * v
@@ -76,11 +105,17 @@ def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, rstd_ptr, n_cols, stride_x, e
     # tl.div_rn: IEEE division, as PyTorch's; Triton's ``/`` on fp32 is an approximate division on NVIDIA GPUs.
     scale = tl.where(row_max > 0, tl.div_rn(row_max, 448.0), 1.0)
     tl.store(scale_ptr + row, scale)
+    if PENDING:
+        # Each thread reads back the elements it stored (same layout); the barrier orders the whole row anyway.
+        tl.debug_barrier()
     for c0 in range(0, n_cols, BLOCK):
         cols = c0 + offs
         ok = cols < n_cols
-        v = tl.div_rn(tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32), scale)
-        v = _round_to_e4m3(tl.minimum(tl.maximum(v, -448.0), 448.0))
+        if PENDING:
+            v = tl.load(sum_row + cols, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        else:
+            v = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
+        v = _round_to_e4m3(tl.minimum(tl.maximum(tl.div_rn(v, scale), -448.0), 448.0))
         tl.store(q_row + cols, v.to(q_ptr.dtype.element_ty), mask=ok)
 
 
@@ -92,17 +127,50 @@ def quantize_activation_rows(x: torch.Tensor, block: int = 1024, num_warps: int 
     reference refuses them; a kernel cannot). ``rstd (M,)`` fp32: also filled with each row's
     ``rsqrt(mean(x^2) + eps)`` (:func:`~cortexflow.kernels.rms_norm.rms_rstd`'s statistic, summed in another
     order) in the same launch."""
+    _check_rows(x, "quantize_activation_rows")
+    return _quantize(x, rstd, eps, None, None, block, num_warps)
+
+
+def quantize_sum_rows(product: ScaledProduct, residual: torch.Tensor, rstd: torch.Tensor | None = None,
+                      eps: float = 1e-6, block: int = 1024, num_warps: int = 4) -> tuple[torch.Tensor, Fp8Tensor]:
+    """``(s, E4M3 rows of s)`` in one launch, where ``s = residual + product`` scaled and rounded exactly as
+    ``scale_product(product.product, product.row_scale, product.col_scale, residual.dtype, residual)`` gives it
+    (a new ``(M, K)`` tensor in ``residual``'s dtype), and its rows are quantised as
+    :func:`quantize_activation_rows` quantises ``s`` (with ``rstd``, the rows' RMSNorm statistic too). For an
+    ``fp8_linear`` with a residual followed by another FP8 projection of the sum: the scaling launch is gone.
+    ``product.product (M, K)`` contiguous, ``residual (M, K)`` rows with unit stride."""
+    _check_rows(residual, "quantize_sum_rows")
+    p = product.product.reshape(residual.shape)
+    if not p.is_contiguous():
+        raise InputError(f"quantize_sum_rows takes a contiguous product, got stride {p.stride()}")
+    m, k = residual.shape
+    if product.row_scale.shape != (m,) or product.col_scale.shape != (k,):
+        raise InputError(f"quantize_sum_rows: scales of shapes {tuple(product.row_scale.shape)} and "
+                         f"{tuple(product.col_scale.shape)} do not fit a ({m}, {k}) product")
+    total = torch.empty((m, k), dtype=residual.dtype, device=residual.device)
+    return total, _quantize(residual, rstd, eps, (p, product.row_scale, product.col_scale), total, block, num_warps)
+
+
+def _check_rows(x: torch.Tensor, name: str) -> None:
     if x.dim() != 2 or x.stride(1) != 1:
-        raise InputError(f"quantize_activation_rows takes (rows, columns) with unit column stride, got shape "
+        raise InputError(f"{name} takes (rows, columns) with unit column stride, got shape "
                          f"{tuple(x.shape)} stride {x.stride()}")
+
+
+def _quantize(x, rstd, eps, pending, total, block, num_warps) -> Fp8Tensor:
+    """One launch of ``_quantize_rows_kernel`` over ``x (M, K)``; ``pending = (p, sx, sw)`` with ``total``: the
+    rows quantised are ``round(round(p * sx * sw) + x)``, also stored into ``total``."""
     m, k = x.shape
     data = torch.empty((m, k), dtype=E4M3, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
     if rstd is not None and (rstd.dtype != torch.float32 or rstd.shape != (m,)):
         raise InputError(f"rstd must be fp32 ({m},), got {rstd.dtype} {tuple(rstd.shape)}")
+    p, sx, sw = pending if pending is not None else (scale, scale, scale)
     if m:
-        _quantize_rows_kernel[(m,)](x, data, scale, rstd if rstd is not None else scale, k, x.stride(0), eps,
-                                    RSTD=rstd is not None, BLOCK=block, num_warps=num_warps)
+        _quantize_rows_kernel[(m,)](x, data, scale, rstd if rstd is not None else scale, p, sx, sw,
+                                    total if total is not None else scale, k, x.stride(0), eps,
+                                    RSTD=rstd is not None, PENDING=pending is not None, BLOCK=block,
+                                    num_warps=num_warps)
     return Fp8Tensor(data, scale)
 
 
@@ -142,16 +210,40 @@ def fp8_product(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     unit scales); ``rms_eps``: the quantisation launch also computes the rows' ``rsqrt(mean(x^2) + rms_eps)``
     (``ScaledProduct.rstd``), which a folded RMSNorm's consumer needs."""
     check_fp8_operands(x, weight, weight_scale)
-    n, k = weight.shape
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, weight.shape[1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    rstd = None if rms_eps is None else torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
+    rstd = _rstd_buffer(x2, rms_eps)
     qx = quantize_activation_rows(x2, rstd=rstd, eps=1e-6 if rms_eps is None else rms_eps)
+    return _unscaled_product(qx, weight, weight_scale, x.shape, x.dtype, rstd)
+
+
+def fp8_product_of_sum(pending: ScaledProduct, residual: torch.Tensor, weight: torch.Tensor,
+                       weight_scale: torch.Tensor, rms_eps: float | None = None) -> tuple[torch.Tensor, ScaledProduct]:
+    """``(s, fp8_product(s, weight, weight_scale, rms_eps))`` for ``s = fp8_linear(..., residual=residual)``'s
+    output, from that linear's unscaled ``pending`` product: the scaling, the residual add and the row
+    quantisation of ``s`` are one launch (:func:`quantize_sum_rows`), bit for bit the separate launches.
+    ``residual (..., K)``; ``s`` is a new tensor of its shape and dtype."""
+    check_fp8_operands(residual, weight, weight_scale)
+    r2 = residual.reshape(-1, weight.shape[1])
+    if r2.stride(-1) != 1:
+        r2 = r2.contiguous()
+    rstd = _rstd_buffer(r2, rms_eps)
+    total, qx = quantize_sum_rows(pending, r2, rstd=rstd, eps=1e-6 if rms_eps is None else rms_eps)
+    return total.view(residual.shape), _unscaled_product(qx, weight, weight_scale, residual.shape, residual.dtype,
+                                                         rstd)
+
+
+def _rstd_buffer(rows: torch.Tensor, rms_eps: float | None) -> torch.Tensor | None:
+    return None if rms_eps is None else torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+
+
+def _unscaled_product(qx: Fp8Tensor, weight, weight_scale, shape, dtype, rstd) -> ScaledProduct:
+    """``torch._scaled_mm`` of the E4M3 rows ``qx`` and ``weight`` with unit scales, viewed as ``(*shape[:-1], N)``."""
     w = weight if weight.is_contiguous() else weight.contiguous()
-    one = _unit_scale(x.device)
-    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(x.dtype))
-    return ScaledProduct(product.view(*x.shape[:-1], n), qx.scale, weight_scale, rstd)
+    one = _unit_scale(qx.data.device)
+    product = torch._scaled_mm(qx.data, w.t(), scale_a=one, scale_b=one, out_dtype=product_dtype(dtype))
+    return ScaledProduct(product.view(*shape[:-1], weight.shape[0]), qx.scale, weight_scale, rstd)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
@@ -181,17 +273,6 @@ def _unit_scale(device: torch.device) -> torch.Tensor:
     if device not in _UNIT_SCALES:
         _UNIT_SCALES[device] = torch.ones((), dtype=torch.float32, device=device)
     return _UNIT_SCALES[device]
-
-
-@triton.jit
-def round_to_dtype(v, dtype: tl.constexpr):
-    """fp32 ``v`` rounded to ``dtype`` (bf16 to nearest, ties to even, in integer arithmetic first: Triton 3.7's
-    interpreter casts fp32 to bf16 by truncation; a value already in bf16 casts exactly everywhere)."""
-    if dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-# device call 4 of session 22 (new build = commit cc91503; old = old_build.tar = 47c1d2b, the session's start; the device
+# device call 4 of session 22 (new build = commit 3328bbc; old = old_build.tar = 47c1d2b, the session's start; the device
 # copy's git HEAD is stale). Each step packs what it wrote into OUT/call4.tgz (the device time left may cut the call):
 # (1) round 1 of the token VLAs old / new / oldfp8 / fp8 (new: FP8 product scales in the consumers, the ViT towers'
 #     residual stream row-major and their residual adds in the LayerNorm kernel), verify OpenVLA bf16;
