@@ -19,6 +19,7 @@ cubin and the compiler's metadata; per call, the Triton launches and the torch o
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import re
@@ -196,8 +197,15 @@ def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
 
     launches: list[CompiledLaunch] = []
     original_run = JITFunction.run
+    # A JIT function keeps its compile target per device index in ``device_caches``, made at its first launch:
+    # without a fresh one in this block, a function first compiled for another target (an earlier block, a real
+    # GPU) would be compiled for that target again. The originals come back when the block ends.
+    saved_caches: dict = {}
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
+        if self not in saved_caches:
+            saved_caches[self] = self.device_caches
+            self.device_caches = collections.defaultdict(self.create_binder)
         start = time.perf_counter()
         kernel = original_run(self, *args, grid=grid, warmup=True, **kwargs)
         constexprs = {k: v for k, v in kwargs.items() if k.isupper() or k in ("num_warps", "num_stages")}
@@ -213,6 +221,8 @@ def compile_only(target: CompileTarget) -> Iterator[list[CompiledLaunch]]:
         yield launches
     finally:
         JITFunction.run = original_run
+        for function, caches in saved_caches.items():
+            function.device_caches = caches
         driver.set_active(previous_driver)
         runtime.set_compile_target(previous_target)
 
