@@ -63,6 +63,9 @@ def bench_rows(runs: Path) -> list[dict]:
         opt = [v for k, v in row.items() if k.startswith("opt_r")]
         if opt and new:
             row["opt_vs_new_pct"] = round(100.0 * (sum(opt) / len(opt) / (sum(new) / len(new)) - 1.0), 2)
+        opt_fp8 = [v for k, v in row.items() if k.startswith("optfp8_r")]
+        if opt_fp8 and fp8:
+            row["optfp8_vs_fp8_pct"] = round(100.0 * (sum(opt_fp8) / len(opt_fp8) / (sum(fp8) / len(fp8)) - 1.0), 2)
         if len(old) > 1:
             row["old_spread_pct"] = round(100.0 * (max(old) / min(old) - 1.0), 2)
     order = {"pi0": 0, "pi05": 1, "openvla": 2, "rt2": 3}
@@ -114,6 +117,7 @@ def print_summary(summary: dict) -> None:
         spread = f"{row['old_spread_pct']:10.1f}%" if "old_spread_pct" in row else f"{'-':>11}"
         peaks = "/".join(f"{row[k]:.2f}" if k in row else "-" for k in ("new_peak_gib", "fp8_peak_gib"))
         opt = f"   opt/new {row['opt_vs_new_pct']:+.1f}%" if "opt_vs_new_pct" in row else ""
+        opt += f"   optfp8/fp8 {row['optfp8_vs_fp8_pct']:+.1f}%" if "optfp8_vs_fp8_pct" in row else ""
         print(f"{row['workload']:28}{cells}{change}{fp8}{fp8_change}{spread}{peaks:>18}{opt}")
     for model, result in summary["verify"].items():
         err = result.get("actions_rel_l2")
