@@ -1,4 +1,4 @@
-# device call 1 of session 23 (new build = commit c013834 + this script; old = old_build.tar = 47c1d2b, session 22's start; the device
+# device call 1 of session 23 (new build = commit 603d118; old = old_build.tar = 47c1d2b, session 22's start; the device
 # copy's git HEAD is stale). Times session 22's untimed ViT change (row-major residual stream, residual adds in the
 # LayerNorm kernel), this session's FP8 o-scaling in gate/up's quantisation launch and the decode attention's L2
 # prefetch of the o weight (opt = decode_o_prefetch=all); each step packs OUT/call1.tgz:

@@ -1,5 +1,5 @@
 # device call 3 of session 23, same warm machine: the decode attention's L2 prefetch of the o weight issued after the
-# programmatic-dependent-launch wait instead of before it (commit b2a0a52 with the prefetch_l2 call moved below
+# programmatic-dependent-launch wait instead of before it (commit 603d118 with the prefetch_l2 call moved below
 # pdl_wait in _attention_kernel; uncommitted), half / all of the o weight, bf16 and fp8 in one process; then a profile
 # of OpenVLA with --precision fp8 (this session's build, prefetch off). Run as one command line:
 export PYTHONPATH=$PWD; R=/tmp/s23call3; rm -rf $R; mkdir -p $R; timeout 75 python3 benchmarks/bench_openvla.py --triton-only --iters 30 --json $R/prefetch_after_wait.json --triton-options half=decode_o_prefetch=half --triton-options all=decode_o_prefetch=all --triton-options fp8=fp8=decoder --triton-options fp8half=fp8=decoder,decode_o_prefetch=half --triton-options fp8all=fp8=decoder,decode_o_prefetch=all > $R/prefetch_after_wait.log 2>&1; echo sweep $?; tar czf $OUT/call3.tgz -C $R .; timeout 60 python3 -m cortexflow.cli profile --model openvla --backend triton --size real --precision fp8 --top 40 --json $R/profile_openvla_fp8.json > $R/profile_openvla_fp8.txt 2>&1; echo profile $?; tar czf $OUT/call3.tgz -C $R .; tail -8 $R/prefetch_after_wait.log
