@@ -201,3 +201,29 @@ def test_hopper_only_options_are_refused_on_older_gpus(monkeypatch):
         assert TritonBackend(meta, torch.bfloat16).pdl
     finally:
         runtime.set_compile_target(previous)
+
+
+TWO_TARGETS_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels.fp8_gemm import quantize_activation_rows
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.tools.compile_check import compile_only
+
+rows = torch.empty(8, 256, dtype=torch.bfloat16, device="meta")
+targets = []
+for arch in (89, 90, 89):
+    with compile_only(CompileTarget(arch=arch, processors=132)) as launches:
+        quantize_activation_rows(rows)
+    ptx = launches[0].kernel.asm["ptx"]
+    targets.append([line.split()[1] for line in ptx.splitlines() if line.startswith(".target")][0])
+json.dump(targets, sys.stdout)
+"""
+
+
+def test_each_compile_only_block_compiles_for_its_own_target(tmp_path):
+    """One kernel compiled for sm_89, then sm_90, then sm_89 again in one process: each block's PTX targets its
+    own architecture (a JIT function keeps its first target per device index unless the block gives it a fresh
+    cache)."""
+    from compile_support import run_compile_script
+
+    assert run_compile_script(TWO_TARGETS_SCRIPT, tmp_path) == ["sm_89", "sm_90a", "sm_89"]

@@ -320,17 +320,13 @@ class TritonBackend(PyTorchBackend):
     def rope(self, x, positions, base):
         return rope.rope(x, positions, self.inverse_frequencies(x.shape[-1], base, x.device))
 
-    def attention(self, q, k, v, mask, scale, fused_combine: bool = False, pdl: bool = False,
-                  l2_prefetch: torch.Tensor | None = None, l2_prefetch_fraction: float = 1.0):
+    def attention(self, q, k, v, mask, scale, fused_combine: bool = False, pdl: bool = False):
         """``fused_combine``: merge the split key ranges in the last-arriving program (the caller checked
-        :meth:`fuses_combine`); ``pdl``: launch with programmatic dependent launch (the caller checked ``self.pdl``);
-        ``l2_prefetch`` / ``l2_prefetch_fraction``: the next kernel's weight, that part of it pulled into L2 by the
-        attention's programs (:func:`cortexflow.kernels.attention.attention`)."""
+        :meth:`fuses_combine`); ``pdl``: launch with programmatic dependent launch (the caller checked ``self.pdl``)."""
         if q.shape[-1] > MAX_HEAD_DIM:
             self._fallback("attention", f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
             return super().attention(q, k, v, mask, scale)
-        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused_combine, pdl=pdl,
-                                         l2_prefetch=l2_prefetch, l2_prefetch_fraction=l2_prefetch_fraction)
+        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused_combine, pdl=pdl)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def gelu_tanh(self, x):

@@ -21,11 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
     "expert_launch": ("layer", "step"),
-    "decode_o_prefetch": ("off", "half", "all"),
 }
-
-#: The part of the o-projection weight each ``decode_o_prefetch`` choice has the decode attention prefetch into L2.
-O_PREFETCH_FRACTIONS = {"off": 0.0, "half": 0.5, "all": 1.0}
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
 #: layers (the Pi0 family's action expert; a token VLA's language model, prefill and decode steps).
@@ -59,9 +55,6 @@ class TritonOptions:
     - ``fused_combine``: "grouped": the split attention's key ranges merged by the last-arriving program
       (no combine kernel) in decoder layers whose query heads share a KV head (RT-2's Gemma); "off": a
       combine kernel everywhere. Layers with one KV head per query head (OpenVLA's Llama) never fuse it.
-    - ``decode_o_prefetch``: in a one-row decode step, the attention's programs ask L2 to pull in "half" or
-      "all" of the o-projection's weight (bulk prefetches, Hopper only), so that the o GEMV after it reads those
-      bytes from L2 while HBM would otherwise idle through the attention; "off": no prefetch.
     - ``concurrent_stages``: independent stages (OpenVLA's two vision towers) on two CUDA streams.
 
     Both:
@@ -84,7 +77,6 @@ class TritonOptions:
     decode_head: bool = True
     fold_token_norms: bool = True
     fused_combine: str = "grouped"
-    decode_o_prefetch: str = "off"
     concurrent_stages: bool = True
     fp8: str = "off"
     pdl: str = "auto"
@@ -169,4 +161,4 @@ def _either(choices: tuple[str, ...]) -> str:
     return f"{', '.join(repr(c) for c in choices[:-1])} or {choices[-1]!r}"
 
 
-__all__ = ["CHOICES", "FP8_STAGES", "O_PREFETCH_FRACTIONS", "TritonOptions"]
+__all__ = ["CHOICES", "FP8_STAGES", "TritonOptions"]

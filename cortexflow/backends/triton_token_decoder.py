@@ -42,7 +42,6 @@ from typing import Sequence
 import torch
 
 from cortexflow.backends.triton_fp8 import project, project_add, weight_scale
-from cortexflow.backends.triton_options import O_PREFETCH_FRACTIONS
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
 from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
@@ -217,14 +216,10 @@ def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, s
     return _attention(backend, d, q, cache_k, cache_v, mask, pdl)
 
 
-def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl, next_weight=None):
-    """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``.
-    ``next_weight``: the weight of the projection after it, part of which the attention's programs have L2
-    prefetch (``TritonOptions.decode_o_prefetch``)."""
-    fraction = O_PREFETCH_FRACTIONS[backend.options.decode_o_prefetch] if next_weight is not None else 0.0
+def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl):
+    """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
     return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(dims.head_dim),
-                             fused_combine=fuses_combine(backend, dims), pdl=pdl,
-                             l2_prefetch=next_weight if fraction else None, l2_prefetch_fraction=fraction)
+                             fused_combine=fuses_combine(backend, dims), pdl=pdl)
 
 
 def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, cache, write_at, folded, pdl):
@@ -247,7 +242,7 @@ def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, 
         q = decode_qkv_rope(x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
                             cache_v, write_at, eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")), pdl=pdl,
                             **norm_args(layer.attn_norm))
-        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl, next_weight=weights[layer.name("o")])
+        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl)
     else:
         qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")),
                           pdl=pdl, **norm_args(layer.attn_norm))

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.l2_prefetch import L2Prefetch, prefetch_l2
 from cortexflow.kernels.pdl import launch_options, pdl_release, pdl_wait
 from cortexflow.kernels.runtime import arrival_counters, interpreting, next_power_of_two, processor_count, upcast_dots
 
@@ -206,21 +205,18 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, prefetch_ptr, prefetch_share,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_release(PDL)
+    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if PREFETCH:
-        # A weight no kernel of the chain writes: asked for before the wait for the previous kernel.
-        prefetch_l2(prefetch_ptr, pid_m + tl.num_programs(0) * (b_kvh + tl.num_programs(1) * split), prefetch_share)
-    pdl_wait(PDL)
     b = b_kvh // n_kv_heads
     kv_h = b_kvh % n_kv_heads
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -286,7 +282,7 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     num_splits: int | None = None, fused_combine: bool = False, block_m: int | None = None,
     num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
-    block_n: int | None = None, l2_prefetch: torch.Tensor | None = None, l2_prefetch_fraction: float = 1.0,
+    block_n: int | None = None,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
@@ -296,9 +292,7 @@ def attention(
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
     rows per program of the separate combine kernel, ``block_n`` keys per step (default 64, 32 from head
     dimension 256 up; a range holds whole steps, so it also bounds the key ranges). ``pdl``: launch both kernels with programmatic
-    dependent launch (:mod:`cortexflow.kernels.pdl`). ``l2_prefetch``: a contiguous tensor (the next kernel's
-    weight) whose first ``l2_prefetch_fraction`` of bytes the attention's programs ask L2 to pull in, in equal
-    shares (:mod:`cortexflow.kernels.l2_prefetch`; ignored where bulk prefetches do not exist)."""
+    dependent launch (:mod:`cortexflow.kernels.pdl`)."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -337,16 +331,14 @@ def attention(
     counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
     grid = (row_blocks, b * kv_heads, num_splits)
     launch = launch_options(pdl)
-    prefetch = L2Prefetch.of(l2_prefetch, row_blocks * b * kv_heads * num_splits, l2_prefetch_fraction)
     _attention_kernel[grid](
-        q, k, v, mask, out, part_acc, part_ml, counters, prefetch.base if prefetch else out,
-        prefetch.share if prefetch else 0,
+        q, k, v, mask, out, part_acc, part_ml, counters,
         scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
         HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl, PREFETCH=prefetch is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl,
         num_warps=num_warps, num_stages=2, **launch,
     )
     if split and not fused:
