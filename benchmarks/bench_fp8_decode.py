@@ -1,4 +1,4 @@
-"""GPU micro-benchmark: FP8 (E4M3) against bf16 weights in OpenVLA-7B's decoder projections, one GPU.
+"""GPU micro-benchmark: FP8 (E4M3) against bf16 weights in OpenVLA-7B's (or RT-2's, ``--model rt2``) decoder projections, one GPU.
 
 Decode (one row): ``decode_gemv`` (o + residual, norm + gate/up + SiLU gate, down + residual, norm + QKV) and
 ``decode_qkv_rope`` (norm + QKV + RoPE + cache write, what a decode step runs) with bf16 weights and with E4M3
@@ -25,6 +25,7 @@ import statistics
 import sys
 import traceback
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,15 +43,36 @@ from cortexflow.kernels.fp8_gemm import fp8_linear, fp8_linear_reference, quanti
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 from cortexflow.quantization.fp8 import quantize_weight  # noqa: E402
 
-WIDTH, MLP, HEADS, HEAD_DIM = 4096, 11008, 32, 128
-#: label: (N, K, prologue / epilogue, gated activation), OpenVLA-7B's Llama-2 decoder projections.
-DECODE_SHAPES = {
-    "qkv (norm, 4096 -> 12288)": (3 * WIDTH, WIDTH, "norm", None),
-    "o + residual (4096 -> 4096)": (WIDTH, WIDTH, "residual", None),
-    "gate_up + silu (norm, 4096 -> 2 x 11008)": (2 * MLP, WIDTH, "norm", "silu"),
-    "down + residual (11008 -> 4096)": (WIDTH, MLP, "residual", None),
-}
-PREFILL_SHAPES = {"qkv": (3 * WIDTH, WIDTH), "o": (WIDTH, WIDTH), "gate_up": (2 * MLP, WIDTH), "down": (WIDTH, MLP)}
+class LanguageModel(NamedTuple):
+    """The decoder dimensions whose projections are timed."""
+
+    width: int
+    mlp: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    activation: str
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    def decode_shapes(self) -> dict:
+        """label: (N, K, prologue / epilogue, gated activation) of the four decode projections."""
+        d, f, qkv = self.width, self.mlp, self.qkv_rows
+        return {f"qkv (norm, {d} -> {qkv})": (qkv, d, "norm", None),
+                f"o + residual ({self.heads * self.head_dim} -> {d})": (d, self.heads * self.head_dim, "residual", None),
+                f"gate_up + {self.activation} (norm, {d} -> 2 x {f})": (2 * f, d, "norm", self.activation),
+                f"down + residual ({f} -> {d})": (d, f, "residual", None)}
+
+    def prefill_shapes(self) -> dict:
+        d, f = self.width, self.mlp
+        return {"qkv": (self.qkv_rows, d), "o": (d, self.heads * self.head_dim), "gate_up": (2 * f, d), "down": (d, f)}
+
+
+#: OpenVLA-7B's Llama-2 and RT-2's (PaliGemma-3B's) Gemma-2B decoders.
+MODELS = {"openvla": LanguageModel(4096, 11008, 32, 32, 128, "silu"),
+          "rt2": LanguageModel(2048, 16384, 8, 1, 256, "gelu_tanh")}
 L2_BYTES = 50 * 2 ** 20
 #: fp32 accumulators per thread above which a decode_gemv tiling is left out of a sweep: ``decode_gemv`` holds
 #: ``(BLOCK_N, BLOCK_K)`` of them (two with a gated activation), and past 128 a thread spills and the compile
@@ -124,11 +146,12 @@ def weight_copies(n: int, k: int, g: torch.Generator):
     return w16, [quantize_weight(w) for w in w16]
 
 
-def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, wanted: tuple = ()) -> list[dict]:
+def decode_cases(lm: LanguageModel, calls: int, repeats: int, sweep: frozenset, rows: list, save,
+                 wanted: tuple = ()) -> list[dict]:
     """Every decode shape's variants appended to ``rows`` (``save()`` after each shape, so a run cut short keeps
     what it measured); ``sweep``: the formats ("bf16", "fp8") whose tilings are swept beyond the default."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    for label, (n, k, kind, gated) in DECODE_SHAPES.items():
+    for label, (n, k, kind, gated) in lm.decode_shapes().items():
         if wanted and not label.startswith(wanted):
             continue
         w16, w8 = weight_copies(n, k, g)
@@ -167,31 +190,31 @@ def decode_cases(calls: int, repeats: int, sweep: frozenset, rows: list, save, w
                 print(f"   {variant['name']}: {variant.get('us', variant.get('error', ''))}", flush=True)
         save()
         if label.startswith("qkv"):
-            rows.append(qkv_rope_case(x, w16, w8, kwargs["norm_weight"], calls, repeats, sweep))
+            rows.append(qkv_rope_case(lm, x, w16, w8, kwargs["norm_weight"], calls, repeats, sweep))
             save()
     return rows
 
 
-def qkv_rope_case(x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
+def qkv_rope_case(lm: LanguageModel, x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
     """``decode_qkv_rope`` (norm + QKV + RoPE + cache write) with bf16 and E4M3 weights over its tilings."""
     count, (n, k) = len(w16), w16[0].shape
     max_len = 512
-    caches = [torch.zeros(1, max_len, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    caches = [torch.zeros(1, max_len, lm.kv_heads, lm.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     position = torch.tensor([300], device="cuda")
     write_at = torch.tensor([300], device="cuda")
-    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device("cuda"))
-    row = {"shape": "qkv + rope + cache write (norm, 4096 -> 12288)", "n": n, "k": k, "weight_copies": count,
+    inv_freq = inverse_frequencies(lm.head_dim, 10000.0, torch.device("cuda"))
+    row = {"shape": f"qkv + rope + cache write (norm, {k} -> {n})", "n": n, "k": k, "weight_copies": count,
            "variants": []}
     for fmt in ("bf16", "fp8"):
         weight = (lambda i: w8[i % count].data) if fmt == "fp8" else (lambda i: w16[i % count])
         scale = (lambda i: w8[i % count].scale) if fmt == "fp8" else (lambda i: None)
-        ref_q, _, _ = decode_qkv_rope_reference(x, weight(0), HEADS, HEADS, position, inv_freq,
+        ref_q, _, _ = decode_qkv_rope_reference(x, weight(0), lm.heads, lm.kv_heads, position, inv_freq,
                                                 norm_weight=norm_weight, eps=1e-5, weight_scale=scale(0))
         default = DEFAULT_FP8_TILING if fmt == "fp8" else DEFAULT_TILING
         tilings = swept_tilings("qkv_rope", fmt, default, True) if fmt in sweep else [default]
         for t in tilings:
             def call(i, t=t, weight=weight, scale=scale):
-                return decode_qkv_rope(x, weight(i), HEADS, HEADS, position, inv_freq, caches[0], caches[1], write_at,
+                return decode_qkv_rope(x, weight(i), lm.heads, lm.kv_heads, position, inv_freq, caches[0], caches[1], write_at,
                                        norm_weight=norm_weight, eps=1e-5, weight_scale=scale(i), block_h=t.block_n,
                                        block_k=t.block_k, num_warps=t.warps, k_group=t.k_group, prefetch=t.prefetch)
             variant = {"name": f"decode_qkv_rope {fmt} {tuple(t)}", "format": fmt, **t._asdict(),
@@ -201,10 +224,10 @@ def qkv_rope_case(x, w16, w8, norm_weight, calls, repeats, sweep) -> dict:
     return row
 
 
-def prefill_cases(m: int, calls: int, repeats: int) -> list[dict]:
+def prefill_cases(lm: LanguageModel, m: int, calls: int, repeats: int) -> list[dict]:
     g = torch.Generator(device="cuda").manual_seed(1)
     rows = []
-    for label, (n, k) in PREFILL_SHAPES.items():
+    for label, (n, k) in lm.prefill_shapes().items():
         w16, w8 = weight_copies(n, k, g)
         count = len(w16)
         x = torch.randn(m, k, device="cuda", generator=g).bfloat16()
@@ -267,6 +290,8 @@ def print_summary(rows: list[dict]) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="write the JSON results here")
+    parser.add_argument("--model", choices=sorted(MODELS), default="openvla",
+                        help="whose decoder projections are timed (default openvla)")
     parser.add_argument("--calls", type=int, default=50, help="calls per CUDA graph (default 50)")
     parser.add_argument("--repeats", type=int, default=20, help="graph replays timed; the median counts (default 20)")
     parser.add_argument("--prefill-rows", type=int, default=280, help="rows of the prefill GEMMs (default 280)")
@@ -296,8 +321,10 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=1))
 
     wanted = tuple(w.strip() + " " for w in args.shapes.split(",") if w.strip())
-    parts = {"decode": lambda: decode_cases(args.calls, args.repeats, sweep, result["decode"], save, wanted),
-             "prefill": lambda: prefill_cases(args.prefill_rows, args.calls, args.repeats)}
+    lm = MODELS[args.model]
+    result["model"] = {"name": args.model, **lm._asdict()}
+    parts = {"decode": lambda: decode_cases(lm, args.calls, args.repeats, sweep, result["decode"], save, wanted),
+             "prefill": lambda: prefill_cases(lm, args.prefill_rows, args.calls, args.repeats)}
     for part, run in parts.items():
         if part in args.skip:
             continue
