@@ -28,6 +28,14 @@ def _load(path: Path):
         return None
 
 
+#: (build, baseline) pairs whose mean medians ``bench_rows`` compares, as ``<build>_vs_<baseline>_pct``.
+COMPARISONS = (("new", "old"), ("fp8", "new"), ("fp8", "oldfp8"), ("opt", "new"), ("optfp8", "fp8"))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def bench_rows(runs: Path) -> list[dict]:
     """One row per workload: ``{"workload", "old_r1", "new_r1", ...}`` medians (ms), the change and the spread."""
     table: dict[str, dict] = {}
@@ -50,22 +58,12 @@ def bench_rows(runs: Path) -> list[dict]:
             row = table.setdefault(workload, {"workload": workload})
             row.setdefault("problems", []).append(f"{match['build']} r{match['round']}: {failed.get('reason')}")
     for row in table.values():
-        old = [v for k, v in row.items() if k.startswith("old_r")]
-        new = [v for k, v in row.items() if k.startswith("new_r")]
-        if old and new:
-            row["new_vs_old_pct"] = round(100.0 * (sum(new) / len(new) / (sum(old) / len(old)) - 1.0), 2)
-        fp8 = [v for k, v in row.items() if k.startswith("fp8_r")]
-        if fp8 and new:
-            row["fp8_vs_new_pct"] = round(100.0 * (sum(fp8) / len(fp8) / (sum(new) / len(new)) - 1.0), 2)
-        old_fp8 = [v for k, v in row.items() if k.startswith("oldfp8_r")]
-        if old_fp8 and fp8:
-            row["fp8_vs_oldfp8_pct"] = round(100.0 * (sum(fp8) / len(fp8) / (sum(old_fp8) / len(old_fp8)) - 1.0), 2)
-        opt = [v for k, v in row.items() if k.startswith("opt_r")]
-        if opt and new:
-            row["opt_vs_new_pct"] = round(100.0 * (sum(opt) / len(opt) / (sum(new) / len(new)) - 1.0), 2)
-        opt_fp8 = [v for k, v in row.items() if k.startswith("optfp8_r")]
-        if opt_fp8 and fp8:
-            row["optfp8_vs_fp8_pct"] = round(100.0 * (sum(opt_fp8) / len(opt_fp8) / (sum(fp8) / len(fp8)) - 1.0), 2)
+        medians = {build: [v for k, v in row.items() if k.startswith(f"{build}_r")]
+                   for build in ("old", "new", "fp8", "oldfp8", "opt", "optfp8")}
+        for build, base in COMPARISONS:
+            if medians[build] and medians[base]:
+                row[f"{build}_vs_{base}_pct"] = round(100.0 * (_mean(medians[build]) / _mean(medians[base]) - 1.0), 2)
+        old = medians["old"]
         if len(old) > 1:
             row["old_spread_pct"] = round(100.0 * (max(old) / min(old) - 1.0), 2)
     order = {"pi0": 0, "pi05": 1, "openvla": 2, "rt2": 3}
