@@ -118,6 +118,72 @@ def test_decode_qkv_rope_matches_gemv_then_qkv_rope(dtype, norm):
     assert torch.equal(caches[0][:, :6], untouched[:, :6]) and torch.equal(caches[0][:, 7:], untouched[:, 7:])
 
 
+@pytest.mark.parametrize("case", ["mha fp32", "gqa bf16", "mqa bf16 fp8 weight", "mqa fp32 no mask"])
+def test_decode_qkv_rope_attention_matches_qkv_rope_then_attention(case):
+    """The QKV/RoPE GEMV with the attention in its last-arriving programs equals the QKV/RoPE GEMV followed by
+    the attention kernel (same cache writes, outputs within rounding) and the op-by-op reference (the GEMV, RoPE,
+    the cache row written, fp32 softmax over every cache row). Heads: 2 KV heads with 1 query head each (OpenVLA's
+    layout), 4 query heads on 2 KV heads, 3 on 1 (a group that is not a power of two). The mask hides the rows
+    after the new one and one row before it; the query attends to its own new row. Run twice: the arrival
+    counters are back at zero after a launch."""
+    from cortexflow.kernels.attention import attention, attention_reference
+    from cortexflow.kernels.decode_qkv_rope import (decode_qkv_rope, decode_qkv_rope_attention,
+                                                    decode_qkv_rope_reference)
+    from cortexflow.kernels.rope import inverse_frequencies
+    from cortexflow.quantization.fp8 import quantize_weight
+
+    hq, hkv = {"mha": (2, 2), "gqa": (4, 2), "mqa": (3, 1)}[case.split()[0]]
+    dtype = torch.bfloat16 if "bf16" in case else torch.float32
+    d, k, max_len, at = 32, 96, 40, 29
+    x = rand(1, 1, k, dtype=dtype, seed=40, scale=3.0)
+    w = rand((hq + 2 * hkv) * d, k, dtype=dtype, seed=41, scale=k**-0.5)
+    kwargs = {"normalize": True}
+    if "fp8" in case:
+        q8 = quantize_weight(w)
+        w, kwargs["weight_scale"] = q8.data, q8.scale
+    position = torch.tensor([at], device=DEVICE)
+    inv_freq = inverse_frequencies(d, 10000.0, torch.device(DEVICE))
+    mask = None
+    if "no mask" not in case:
+        mask = torch.zeros(1, 1, max_len, dtype=torch.bool, device=DEVICE)
+        mask[..., :at + 1] = True
+        mask[..., 7] = False
+    write_at = torch.tensor([at], device=DEVICE)
+    caches = [rand(1, max_len, hkv, d, dtype=dtype, seed=42 + i) for i in range(2)]
+    caches += [c.clone() for c in caches]
+    scale = d**-0.5
+    for _ in range(2):
+        out = decode_qkv_rope_attention(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, mask,
+                                        scale, block_h=4, block_k=32, block_n=16, **kwargs)
+        q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[2], caches[3], write_at, block_h=4,
+                            block_k=32, **kwargs)
+        two_kernels = attention(q, caches[2], caches[3], mask, scale, num_splits=1)
+        assert out.shape == (1, 1, hq, d) and out.dtype == dtype
+        assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+        assert (out.float() - two_kernels.float()).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
+    rq, rk, rv = decode_qkv_rope_reference(x, w, hq, hkv, position, inv_freq, eps=1e-6, **kwargs)
+    keys, values = caches[0].clone(), caches[1].clone()
+    keys[:, at], values[:, at] = rk[:, 0], rv[:, 0]
+    check(out, attention_reference(rq, keys, values, mask, scale), dtype)
+    if mask is not None:  # the masked rows are really left out
+        unmasked = attention_reference(rq, keys, values, torch.ones_like(mask), scale)
+        assert (out.float() - unmasked.float()).norm() > 0.05 * unmasked.float().norm()
+
+
+def test_decode_qkv_rope_attention_rejects_bad_input():
+    from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope_attention
+
+    x = rand(1, 1, 32, dtype=torch.float32, seed=35)
+    w = rand(7 * 8, 32, dtype=torch.float32, seed=36)
+    cache = rand(1, 5, 2, 8, dtype=torch.float32, seed=37)
+    pos = torch.tensor([1], device=DEVICE)
+    inv = torch.ones(4, device=DEVICE)
+    with pytest.raises(ValueError, match="mask"):
+        decode_qkv_rope_attention(x, w, 3, 2, pos, inv, cache, cache, pos, torch.ones(1, 1, 4, dtype=torch.bool), 1.0)
+    with pytest.raises(ValueError, match="evenly"):
+        decode_qkv_rope_attention(x, w, 3, 2, pos, inv, cache, cache, pos, None, 1.0)
+
+
 def test_decode_qkv_rope_rejects_bad_input():
     from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 
