@@ -9,7 +9,8 @@ kernel at its default tiling. Variants of the attention:
 - ``launch``: the attention kernel after the QKV/RoPE GEMV (split key ranges, combine kernel or the fused
   combine as the engine picks), as the engine runs it by default;
 - ``in_qkv/N``: the attention in the QKV/RoPE GEMV's last-arriving program of each KV head
-  (:func:`~cortexflow.kernels.decode_qkv_rope.decode_qkv_rope_attention`) with ``N`` keys a step.
+  (:func:`~cortexflow.kernels.decode_qkv_rope.decode_qkv_rope_attention`) with ``N`` keys a step; ``in_qkv/N+p``
+  with the next key tile loaded before the current one is used (``key_prefetch``, one query head per KV head).
 
 Each variant is timed in ``--rounds`` interleaved rounds (median of 15 graph replays each); prints µs per layer and
 writes ``$OUT/micro_decode_attention_{model}[_fp8].json``. Checks first that both placements give the same
@@ -61,7 +62,8 @@ def main() -> None:
     parser.add_argument("--model", choices=sorted(MODELS), default="openvla")
     parser.add_argument("--fp8", action="store_true", help="E4M3 weights with per-row scales (weight-only FP8)")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of every variant")
-    parser.add_argument("--block-n", default="16,32,64", help="keys a step of the in-QKV attention, comma-separated")
+    parser.add_argument("--block-n", default="16,32,64,16+p,32+p",
+                        help="keys a step of the in-QKV attention, comma-separated; N+p: with key_prefetch")
     args = parser.parse_args()
     m = MODELS[args.model]
     dev = torch.device("cuda")
@@ -95,9 +97,9 @@ def main() -> None:
         if variant == "launch":
             q = decode_qkv_rope(x, w, m.heads, m.kv_heads, at, inv_freq, layer["k"], layer["v"], at, **common)
             return attention(q, layer["k"], layer["v"], mask, scale, fused_combine=grouped, pdl=True)
-        block_n = int(variant.split("/")[1])
+        block_n, _, prefetch = variant.split("/")[1].partition("+")
         return decode_qkv_rope_attention(x, w, m.heads, m.kv_heads, at, inv_freq, layer["k"], layer["v"], at, mask,
-                                         scale, block_n=block_n, **common)
+                                         scale, block_n=int(block_n), key_prefetch=prefetch == "p", **common)
 
     def chain(variant):
         x = x0.clone()

@@ -118,14 +118,16 @@ def test_decode_qkv_rope_matches_gemv_then_qkv_rope(dtype, norm):
     assert torch.equal(caches[0][:, :6], untouched[:, :6]) and torch.equal(caches[0][:, 7:], untouched[:, 7:])
 
 
-@pytest.mark.parametrize("case", ["mha fp32", "gqa bf16", "mqa bf16 fp8 weight", "mqa fp32 no mask"])
+@pytest.mark.parametrize("case", ["mha fp32", "mha bf16 key prefetch", "mha fp32 no mask key prefetch", "gqa bf16",
+                                  "mqa bf16 fp8 weight", "mqa fp32 no mask"])
 def test_decode_qkv_rope_attention_matches_qkv_rope_then_attention(case):
     """The QKV/RoPE GEMV with the attention in its last-arriving programs equals the QKV/RoPE GEMV followed by
     the attention kernel (same cache writes, outputs within rounding) and the op-by-op reference (the GEMV, RoPE,
     the cache row written, fp32 softmax over every cache row). Heads: 2 KV heads with 1 query head each (OpenVLA's
     layout), 4 query heads on 2 KV heads, 3 on 1 (a group that is not a power of two). The mask hides the rows
     after the new one and one row before it; the query attends to its own new row. Run twice: the arrival
-    counters are back at zero after a launch."""
+    counters are back at zero after a launch. One query head per KV head also with the next key tile loaded
+    before the current one is used (``key_prefetch``)."""
     from cortexflow.kernels.attention import attention, attention_reference
     from cortexflow.kernels.decode_qkv_rope import (decode_qkv_rope, decode_qkv_rope_attention,
                                                     decode_qkv_rope_reference)
@@ -154,7 +156,8 @@ def test_decode_qkv_rope_attention_matches_qkv_rope_then_attention(case):
     scale = d**-0.5
     for _ in range(2):
         out = decode_qkv_rope_attention(x, w, hq, hkv, position, inv_freq, caches[0], caches[1], write_at, mask,
-                                        scale, block_h=4, block_k=32, block_n=16, **kwargs)
+                                        scale, block_h=4, block_k=32, block_n=16, key_prefetch="prefetch" in case,
+                                        **kwargs)
         q = decode_qkv_rope(x, w, hq, hkv, position, inv_freq, caches[2], caches[3], write_at, block_h=4,
                             block_k=32, **kwargs)
         two_kernels = attention(q, caches[2], caches[3], mask, scale, num_splits=1)

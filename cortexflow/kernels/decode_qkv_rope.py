@@ -48,7 +48,7 @@ DEFAULT_FP8_TILING = GemvTiling(4, 2048, 8, 16)
 @triton.jit
 def _attend_group(q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, kv_head, group, head_dim, k_len, s_k_t, s_k_h, s_v_t, s_v_h,
                   smk, scale_log2, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEY_PREFETCH: tl.constexpr):
     """Attention of the one query's heads ``kv_head * group ..`` (rotated, in ``q``) over every cache row
     ``0..k_len`` of ``kv_head``, normalised, into ``out (Hq, D)``. Every load is ``.cg`` (at L2): other
     programs of this launch wrote the queries and the new K/V row. One query head (``BLOCK_M`` 1): products and
@@ -56,7 +56,7 @@ def _attend_group(q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, kv_head, group, head_d
     stage deep (its K/V tiles are this kernel's only shared memory, which every GEMV program reserves too)."""
     if BLOCK_M == 1:
         _attend_head(q_ptr, k_ptr + kv_head * s_k_h, v_ptr + kv_head * s_v_h, out_ptr, mask_ptr, kv_head, head_dim,
-                     k_len, s_k_t, s_v_t, smk, scale_log2, HAS_MASK, BLOCK_N, BLOCK_D)
+                     k_len, s_k_t, s_v_t, smk, scale_log2, HAS_MASK, BLOCK_N, BLOCK_D, KEY_PREFETCH)
     else:
         rows = tl.arange(0, BLOCK_M)
         row_valid = rows < group
@@ -77,10 +77,12 @@ def _attend_group(q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, kv_head, group, head_d
 
 @triton.jit
 def _attend_head(q_ptr, k_base, v_base, out_ptr, mask_ptr, head, head_dim, k_len, skl, svl, smk, scale_log2,
-                 HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                 HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, KEY_PREFETCH: tl.constexpr):
     """The online softmax of :func:`~cortexflow.kernels.attention.attend_range` for one query row ``head`` without
     tensor cores: fp32 products of the query with each key tile summed along ``D``, ``p`` rounded to ``v``'s dtype
-    before ``p · v`` (as the tensor-core loop feeds it), normalised into ``out[head]``."""
+    before ``p · v`` (as the tensor-core loop feeds it), normalised into ``out[head]``. Each step loads its K and V
+    tiles (and mask entries) together; with ``KEY_PREFETCH`` it loads the next step's before it computes with the
+    current ones, so two steps' loads are in flight."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < head_dim
@@ -88,25 +90,49 @@ def _attend_head(q_ptr, k_base, v_base, out_ptr, mask_ptr, head, head_dim, k_len
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), axis=0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), axis=0)
     acc = tl.zeros([BLOCK_D], tl.float32)
-    for start in range(0, k_len, BLOCK_N):
-        keys = start + offs_n
-        k_ok = keys < k_len
-        tile_ok = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + keys[:, None] * skl + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
-        s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale_log2
-        if HAS_MASK:
-            allowed = tl.load(mask_ptr + keys * smk, mask=k_ok, other=0)
-            s = tl.where(allowed != 0, s, _MASKED_LOGIT)
-        s = tl.where(k_ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
-        p_v = p.to(v.dtype).to(tl.float32)
-        acc = acc * alpha + tl.sum(p_v[:, None] * v.to(tl.float32), axis=0)
-        m_i = m_new
+    if KEY_PREFETCH:
+        k, v, allowed = _key_tile(k_base, v_base, mask_ptr, offs_n, offs_d, d_ok, k_len, skl, svl, smk, HAS_MASK)
+        for start in range(0, k_len, BLOCK_N):
+            k_next, v_next, allowed_next = _key_tile(k_base, v_base, mask_ptr, start + BLOCK_N + offs_n, offs_d,
+                                                     d_ok, k_len, skl, svl, smk, HAS_MASK)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, start + offs_n < k_len, m_i, l_i, acc, scale_log2,
+                                                 HAS_MASK)
+            k, v, allowed = k_next, v_next, allowed_next
+    else:
+        for start in range(0, k_len, BLOCK_N):
+            k, v, allowed = _key_tile(k_base, v_base, mask_ptr, start + offs_n, offs_d, d_ok, k_len, skl, svl, smk,
+                                      HAS_MASK)
+            m_i, l_i, acc = _online_softmax_step(q, k, v, allowed, start + offs_n < k_len, m_i, l_i, acc, scale_log2,
+                                                 HAS_MASK)
     tl.store(out_ptr + head * head_dim + offs_d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+@triton.jit
+def _online_softmax_step(q, k, v, allowed, k_ok, m_i, l_i, acc, scale_log2, HAS_MASK: tl.constexpr):
+    """One key tile of the online softmax of one query row ``q (D,)`` over ``k, v (N, D)``: the new running max
+    ``m_i`` (log2 units), sum ``l_i`` and unnormalised ``acc (D,)``."""
+    s = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * scale_log2
+    if HAS_MASK:
+        s = tl.where(allowed != 0, s, _MASKED_LOGIT)
+    s = tl.where(k_ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=0))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new)
+    p_v = p.to(v.dtype).to(tl.float32)
+    return m_new, l_i * alpha + tl.sum(p, axis=0), acc * alpha + tl.sum(p_v[:, None] * v.to(tl.float32), axis=0)
+
+
+@triton.jit
+def _key_tile(k_base, v_base, mask_ptr, keys, offs_d, d_ok, k_len, skl, svl, smk, HAS_MASK: tl.constexpr):
+    """The K and V rows ``keys`` (zeros past ``k_len``) and their mask entries (ones without a mask), at L2."""
+    k_ok = keys < k_len
+    tile_ok = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(k_base + keys[:, None] * skl + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
+    v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=tile_ok, other=0.0, cache_modifier=".cg")
+    allowed = tl.full(keys.shape, 1, tl.uint8)
+    if HAS_MASK:
+        allowed = tl.load(mask_ptr + keys * smk, mask=k_ok, other=0)
+    return k, v, allowed
 
 
 @triton.jit
@@ -119,7 +145,7 @@ def _decode_qkv_rope_kernel(
     PDL: tl.constexpr, K_GROUP: tl.constexpr, PREFETCH: tl.constexpr,
     ATTEND: tl.constexpr = False, HAS_MASK: tl.constexpr = False, UPCAST: tl.constexpr = False,
     DOT_PRECISION: tl.constexpr = "tf32", BLOCK_M: tl.constexpr = 16, BLOCK_N: tl.constexpr = 64,
-    BLOCK_D: tl.constexpr = 128,
+    BLOCK_D: tl.constexpr = 128, KEY_PREFETCH: tl.constexpr = False,
 ):
     blocks_per_head = tl.cdiv(half, BLOCK_H)
     block = tl.program_id(0) % blocks_per_head
@@ -167,7 +193,8 @@ def _decode_qkv_rope_kernel(
         if arrived == per_group - 1:
             tl.debug_barrier()
             _attend_group(q_ptr, k_ptr, v_ptr, out_ptr, mask_ptr, kv_head, group, head_dim, k_len, s_k_t, s_k_h,
-                          s_v_t, s_v_h, smk, scale_log2, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D)
+                          s_v_t, s_v_h, smk, scale_log2, HAS_MASK, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
+                          KEY_PREFETCH)
             tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
@@ -222,19 +249,21 @@ def decode_qkv_rope_attention(
     scale: float,
     *,
     block_n: int | None = None,
+    key_prefetch: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """:func:`decode_qkv_rope` followed by the step's attention, in one launch: the attention output
     ``(1, 1, Hq, D)`` of the rotated query over every row of ``k_cache`` / ``v_cache`` (the new one included),
     as :func:`~cortexflow.kernels.attention.attention` computes it (fp32 logits times ``scale``, ``mask (1, 1, L)``
     bool, True = may attend, or None). ``block_n``: keys per step of the attention (default 64, 32 from head
-    dimension 256 up); the other keywords are :func:`decode_qkv_rope`'s."""
+    dimension 256 up); ``key_prefetch``: with one query head per KV head, each step loads the next step's keys
+    first; the other keywords are :func:`decode_qkv_rope`'s."""
     length = k_cache.shape[1]
     if mask is not None and (mask.dim() != 3 or mask.shape[:2] != (1, 1) or mask.shape[2] != length):
         raise ValueError(f"mask {tuple(mask.shape)} is not the (1, 1, {length}) mask of one query over the cache")
     if n_q_heads % n_kv_heads:
         raise ValueError(f"{n_q_heads} query heads do not share {n_kv_heads} KV heads evenly")
-    return _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cache, write_at, (mask, scale),
+    return _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cache, write_at, (mask, scale, key_prefetch),
                    block_n=block_n, **kwargs)
 
 
@@ -242,7 +271,7 @@ def _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cac
             norm_weight=None, normalize=False, eps=1e-6, weight_scale=None, block_h=None, block_k=None,
             num_warps=None, k_group=None, prefetch=None, pdl=False, block_n=None):
     """The kernel launch of :func:`decode_qkv_rope` (``attend`` None: returns ``q``) and
-    :func:`decode_qkv_rope_attention` (``attend = (mask, scale)``: returns the attention output)."""
+    :func:`decode_qkv_rope_attention` (``attend = (mask, scale, key_prefetch)``: returns the attention output)."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
     if x.numel() != k_dim:
@@ -274,7 +303,7 @@ def _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cac
         out, mask, counters, extra = q, x1, x1, {}
         k_len = smk = scale_log2 = 0
     else:
-        mask, scale = attend
+        mask, scale, key_prefetch = attend
         out = torch.empty_like(q)
         counters = arrival_counters(x.device, n_kv_heads)
         group = n_q_heads // n_kv_heads
@@ -283,7 +312,7 @@ def _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cac
         extra = dict(ATTEND=True, HAS_MASK=mask is not None, UPCAST=upcast_dots(x.dtype),
                      DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                      BLOCK_M=1 if group == 1 else max(16, next_power_of_two(group)),
-                     BLOCK_N=block_n or (64 if block_d <= 128 else 32), BLOCK_D=block_d)
+                     BLOCK_N=block_n or (64 if block_d <= 128 else 32), BLOCK_D=block_d, KEY_PREFETCH=key_prefetch)
         if mask is None:
             mask, smk = x1, 0
         else:
