@@ -173,6 +173,60 @@ def test_decode_qkv_rope_attention_matches_qkv_rope_then_attention(case):
         assert (out.float() - unmasked.float()).norm() > 0.05 * unmasked.float().norm()
 
 
+IN_QKV_COMPILE_SCRIPT = r"""
+import json, sys, torch
+from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_attention
+from cortexflow.kernels.runtime import CompileTarget
+from cortexflow.quantization.fp8 import E4M3
+from cortexflow.tools.compile_check import compile_only, cubin_resources
+
+meta = torch.device("meta")
+
+
+def empty(*shape, dtype=torch.bfloat16):
+    return torch.empty(*shape, dtype=dtype, device=meta)
+
+
+row = torch.empty(1, dtype=torch.int64, device=meta)
+report = {}
+for arch in (89, 90):
+    with compile_only(CompileTarget(arch=arch, processors=132)) as launches:
+        for hq, hkv, d, k, length, fp8 in ((32, 32, 128, 4096, 290, False), (32, 32, 128, 4096, 290, True),
+                                           (8, 1, 256, 2048, 330, False)):
+            n = (hq + 2 * hkv) * d
+            kw = {"weight_scale": empty(n, dtype=torch.float32)} if fp8 else {}
+            args = (empty(1, 1, k), empty(n, k, dtype=E4M3 if fp8 else torch.bfloat16), hq, hkv, row,
+                    empty(d // 2, dtype=torch.float32), empty(1, length, hkv, d), empty(1, length, hkv, d), row)
+            decode_qkv_rope(*args, normalize=True, pdl=arch >= 90, **kw)
+            decode_qkv_rope_attention(*args, empty(1, 1, length, dtype=torch.bool), d**-0.5, normalize=True,
+                                      pdl=arch >= 90, **kw)
+    report[arch] = [dict(cubin_resources(l.kernel.asm["cubin"]), grid=l.grid[0], warps=l.kernel.metadata.num_warps,
+                         shared=l.kernel.metadata.shared, attend=bool(l.constexprs.get("ATTEND"))) for l in launches]
+json.dump(report, sys.stdout)
+"""
+
+
+def test_decode_qkv_rope_attention_compiles_without_costing_the_gemv_occupancy(tmp_path):
+    """The QKV/RoPE GEMV with the attention tail, at OpenVLA's shapes (bf16 and E4M3 weights, default tilings) and
+    RT-2's (8 query heads on 1 KV head: the tensor-core tail), through Triton's whole pipeline for sm_89 and sm_90
+    on ``meta`` tensors: same grid as the plain kernel, no register spills, and, for OpenVLA, as many programs an
+    SM as the plain kernel (registers and shared memory: the tail must not slow the weight stream it hides
+    behind)."""
+    from compile_support import run_compile_script
+
+    report = run_compile_script(IN_QKV_COMPILE_SCRIPT, tmp_path)
+    for arch, launches in report.items():
+        assert [launch["attend"] for launch in launches] == [False, True] * 3, arch
+        for plain, tail in zip(launches[0::2], launches[1::2]):
+            assert tail["grid"] == plain["grid"] and tail["warps"] == plain["warps"]
+            assert tail["local"] == 0 and tail["local_instructions"] <= plain["local_instructions"] + 4, (arch, tail)
+        for plain, tail in zip(launches[0:4:2], launches[1:4:2]):  # OpenVLA, bf16 and E4M3
+            threads = 32 * plain["warps"]
+            per_sm = [min(65536 // (launch["registers"] * threads), (228 * 1024) // max(launch["shared"], 1))
+                      for launch in (plain, tail)]
+            assert per_sm[1] == per_sm[0], (arch, plain, tail)
+
+
 def test_decode_qkv_rope_attention_rejects_bad_input():
     from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope_attention
 

@@ -255,8 +255,9 @@ def decode_qkv_rope_attention(
     """:func:`decode_qkv_rope` followed by the step's attention, in one launch: the attention output
     ``(1, 1, Hq, D)`` of the rotated query over every row of ``k_cache`` / ``v_cache`` (the new one included),
     as :func:`~cortexflow.kernels.attention.attention` computes it (fp32 logits times ``scale``, ``mask (1, 1, L)``
-    bool, True = may attend, or None). ``block_n``: keys per step of the attention (default 64, 32 from head
-    dimension 256 up); ``key_prefetch``: with one query head per KV head, each step loads the next step's keys
+    bool, True = may attend, or None). ``block_n``: keys per step of the attention (default 32; 64 for query heads
+    sharing a KV head below head dimension 256; with one query head per KV head the tail's K/V tiles live in
+    registers, and at 64 keys they cost the FP8 GEMV at OpenVLA's shapes a program per SM); ``key_prefetch``: with one query head per KV head, each step loads the next step's keys
     first; the other keywords are :func:`decode_qkv_rope`'s."""
     length = k_cache.shape[1]
     if mask is not None and (mask.dim() != 3 or mask.shape[:2] != (1, 1) or mask.shape[2] != length):
@@ -312,7 +313,8 @@ def _launch(x, weight, n_q_heads, n_kv_heads, position, inv_freq, k_cache, v_cac
         extra = dict(ATTEND=True, HAS_MASK=mask is not None, UPCAST=upcast_dots(x.dtype),
                      DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                      BLOCK_M=1 if group == 1 else max(16, next_power_of_two(group)),
-                     BLOCK_N=block_n or (64 if block_d <= 128 else 32), BLOCK_D=block_d, KEY_PREFETCH=key_prefetch)
+                     BLOCK_N=block_n or (32 if group == 1 or block_d > 128 else 64), BLOCK_D=block_d,
+                     KEY_PREFETCH=key_prefetch)
         if mask is None:
             mask, smk = x1, 0
         else:

@@ -8,7 +8,7 @@
 # (1) GPU tests of the kernel and of the Triton backend with the option;
 # (2) micro_decode_attention.py, OpenVLA bf16 / FP8: launch vs in_qkv at 16 / 32 / 64 keys a step and 16 / 32 with
 #     key prefetch, 2 rounds;
-# (3) whole predict, new (default) / opt (in_qkv at the kernel's default: 64 keys a step, no key prefetch) / fp8 /
+# (3) whole predict, new (default) / opt (in_qkv at the kernel's default: 32 keys a step, no key prefetch) / fp8 /
 #     optfp8, two interleaved rounds of 30 calls;
 # (4) verify --size real of OpenVLA with in_qkv, bf16 and fp8;
 # (5) micro_decode_attention.py, RT-2 bf16 / FP8 (16 / 32 / 64 keys a step).
