@@ -80,7 +80,6 @@ TOKEN_VARIANTS = {
     "norms not folded": {"fold_token_norms": False, "pdl": "off"},
     "separate qkv/rope kernel and head": {"decode_qkv_rope": False, "decode_head": False, "pdl": "off"},
     "combine kernel": {"fused_combine": "off", "pdl": "off"},
-    "attention in qkv": {"decode_attention": "in_qkv", "pdl": "off"},
     "pdl, decode gemv on": {"pdl": "on"},
     "pdl, decode gemv off": {"decode_gemv": "off", "pdl": "on"},
 }
@@ -99,8 +98,7 @@ def test_verify_triton_matches_pytorch(model, variant):
     """Module by module (towers, one LLM layer, prefill and teacher-forced decode logits, actions), with
     the default options (norm weights folded into QKV and gate/up; decode GEMVs), with the decode GEMV off,
     with the norms kept as kernels, with the QKV/RoPE kernel after the QKV GEMV instead of in its epilogue
-    and the LM head on cuBLAS, with the attention's combine kernel in every layer, with the decode step's attention
-    in the QKV/RoPE GEMV's last-arriving programs, and with programmatic
+    and the LM head on cuBLAS, with the attention's combine kernel in every layer, and with programmatic
     dependent launch (Hopper)."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
@@ -231,8 +229,6 @@ def test_bad_triton_options_are_refused():
         TritonOptions(decode_gemv="out")
     with pytest.raises(ConfigError, match="fused_combine must be 'grouped' or 'off', got 'yes'"):
         TritonOptions(fused_combine="yes")
-    with pytest.raises(ConfigError, match="decode_attention must be 'launch' or 'in_qkv', got 'tail'"):
-        TritonOptions.parse("decode_attention=tail")
     for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert"):
         with pytest.raises(ConfigError, match=f"TritonOptions.{name} must be True or False, got 'on'"):
             TritonOptions(**{name: "on"})

@@ -21,7 +21,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
     "expert_launch": ("layer", "step"),
-    "decode_attention": ("launch", "in_qkv"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -50,9 +49,6 @@ class TritonOptions:
       prologue, residual / gated-activation epilogue); "off": cuBLAS and separate norm / activation kernels.
     - ``decode_qkv_rope``: the QKV decode GEMV applies RoPE and writes the KV cache in its epilogue; False:
       a separate QKV/RoPE kernel after the GEMV.
-    - ``decode_attention``: where a one-row decode step's attention runs: "launch": its own kernel after the
-      QKV/RoPE GEMV (split key ranges and their merge); "in_qkv": in the QKV/RoPE GEMV's last-arriving program of
-      each KV head (``kernels/decode_qkv_rope.py``), no attention launch (needs ``decode_qkv_rope``).
     - ``decode_head``: the final RMSNorm and LM head of a one-row step as one decode GEMV before the argmax.
     - ``fold_token_norms``: the pre-attention / pre-MLP RMSNorm weights folded into the QKV and gate/up
       weights at load (the projection's consumer applies the row statistic).
@@ -78,7 +74,6 @@ class TritonOptions:
     fused_encoder: bool = True
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
-    decode_attention: str = "launch"
     decode_head: bool = True
     fold_token_norms: bool = True
     fused_combine: str = "grouped"

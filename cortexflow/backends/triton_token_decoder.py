@@ -44,7 +44,7 @@ import torch
 from cortexflow.backends.triton_fp8 import project, project_add, weight_scale
 from cortexflow.errors import ConfigError
 from cortexflow.kernels.decode_gemv import decode_gemv
-from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope, decode_qkv_rope_attention
+from cortexflow.kernels.decode_qkv_rope import decode_qkv_rope
 from cortexflow.kernels.fp8_gemm import ScaledProduct, fp8_product, fp8_product_of_sum
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
@@ -239,15 +239,10 @@ def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, 
     if backend.options.decode_qkv_rope and write_at is not None:
         inv_freq = backend.inverse_frequencies(d.head_dim, d.rope_base, x.device)
         cache_k, cache_v = cache
-        qkv_args = (x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k, cache_v,
-                    write_at)
-        qkv_kwargs = dict(eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")), pdl=pdl,
-                          **norm_args(layer.attn_norm))
-        if backend.options.decode_attention == "in_qkv":
-            attn = decode_qkv_rope_attention(*qkv_args, _step_mask(mask, cache_k.shape[1]),
-                                             1.0 / math.sqrt(d.head_dim), **qkv_kwargs).view(1, 1, -1)
-        else:
-            attn = _attention(backend, d, decode_qkv_rope(*qkv_args, **qkv_kwargs), cache_k, cache_v, mask, pdl)
+        q = decode_qkv_rope(x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
+                            cache_v, write_at, eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")), pdl=pdl,
+                            **norm_args(layer.attn_norm))
+        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl)
     else:
         qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")),
                           pdl=pdl, **norm_args(layer.attn_norm))
@@ -259,11 +254,6 @@ def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, 
                       weight_scale=weight_scale(weights, layer.name("gate_up")), pdl=pdl, **norm_args(layer.mlp_norm))
     return decode_gemv(act, weights[layer.name("down")], residual=x2, out=x2.view(-1),
                        weight_scale=weight_scale(weights, layer.name("down")), pdl=pdl)
-
-
-def _step_mask(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
-    """A decode step's attention mask as ``(1, 1, length)``: the one query's row over the cache."""
-    return None if mask is None else mask.reshape(1, 1, length)
 
 
 def greedy_head(backend, h: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor, eps: float,

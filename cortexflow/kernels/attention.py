@@ -112,16 +112,14 @@ def _logits(q0, q1, q2, q3, k_base, keys, skl, k_valid, head_dim, scale_log2, UP
 @triton.jit
 def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
                  HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, CACHE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_PARTS: tl.constexpr = 1,
-                 STAGES: tl.constexpr = None):
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D_PARTS: tl.constexpr = 1):
     """Online softmax of the rows ``q (BLOCK_M, BLOCK_D)`` over keys ``key_start..key_end`` of one KV head
     (``k_base``/``v_base`` point at key 0, rows ``skl``/``svl`` apart; ``mask_rows`` at each row's mask
     entry for key 0, keys ``smk`` apart). Returns the unnormalised fp32 ``acc``, the running max ``m`` (log2
     units) and sum ``l``. ``CACHE``: the loads' cache modifier (".cg" where another program of the same
     launch wrote the keys). ``D_PARTS`` (1, 2 or 4; ``BLOCK_D / D_PARTS >= 16``): the logits as that many
     independent products over column parts (:func:`_logits`), for a tile so short that each warp's share of the
-    logits is one MMA chain. ``STAGES``: the software pipeline depth of the key loop (None: the kernel's
-    ``num_stages``; each stage holds a K and a V tile in shared memory)."""
+    logits is one MMA chain."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_valid = offs_d < head_dim
@@ -142,7 +140,7 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in tl.range(key_start, key_end, BLOCK_N, num_stages=STAGES):
+    for start in range(key_start, key_end, BLOCK_N):
         keys = start + offs_n
         k_valid = keys < key_end
         s = _logits(q0, q1, q2, q3, k_base, keys, skl, k_valid, head_dim, scale_log2, UPCAST, DOT_PRECISION, CACHE,
