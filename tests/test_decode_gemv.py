@@ -323,7 +323,8 @@ def test_rows_per_program_keep_every_sm_busy():
 
 def test_default_tilings_by_model_width():
     """bf16: K groups and prefetch from OpenVLA's width (4096) up, the earlier tilings for RT-2's 2048 (the new ones
-    measured slower there); E4M3: K group 16 at both widths."""
+    measured slower there); E4M3: K group 16 at both widths, and for the narrow model its own o, down and QKV/RoPE
+    tilings."""
     from cortexflow.kernels.decode_gemv import GemvTiling, default_tiling
     from cortexflow.kernels import decode_qkv_rope as qkv
 
@@ -337,3 +338,9 @@ def test_default_tilings_by_model_width():
     assert qkv.DEFAULT_TILING.k_group == 8 and qkv.NARROW_TILING == GemvTiling(4, 512, 4)
     for n, k, gated in ((2 * 16384, 2048, True), (2048, 16384, False), (2048, 2048, False), (2 * 11008, 4096, True)):
         assert default_tiling(n, k, gated, fp8=True).k_group == 16
+    # E4M3: the narrow model's own o / down / QKV-RoPE tilings (RT-2's sweep), OpenVLA's unchanged
+    assert default_tiling(2048, 2048, False, fp8=True) == GemvTiling(4, 2048, 4, 16)
+    assert default_tiling(2048, 16384, False, fp8=True) == GemvTiling(8, 2048, 8, 16, True)
+    assert default_tiling(4096, 4096, False, fp8=True) == GemvTiling(8, 2048, 8, 16)
+    assert default_tiling(4096, 11008, False, fp8=True) == GemvTiling(8, 1024, 8, 16, True)
+    assert qkv.NARROW_FP8_TILING == GemvTiling(2, 1024, 4, 16) and qkv.DEFAULT_FP8_TILING == GemvTiling(4, 2048, 8, 16)

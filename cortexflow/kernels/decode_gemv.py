@@ -71,19 +71,21 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> G
     E4M3 weights (``fp8``), K group 16 (a quarter of the accumulator registers of the bf16 tilings per weight
     byte): gated 4 rows, 1024, 4 warps; long K 8 rows, 1024, 8 warps, prefetch; wide N 4 rows, 1024, 4 warps (no
     K group: not measured with one); otherwise 8 rows, 2048, 8 warps. In the chained decode: 84.4 µs a layer
-    (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch; RT-2 with FP8 2.5 % faster."""
+    (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch; RT-2 with FP8 2.5 % faster. Narrower
+    than :data:`WIDE_MODEL` (RT-2's 2048; ``bench_fp8_decode.py --model rt2``, session 24): long K 8 rows, 2048,
+    8 warps, prefetch (15.1 against 16.2 µs); otherwise 4 rows, 2048, 4 warps (4.0 against 4.2 µs)."""
     if gated:
         if fp8:
             return GemvTiling(4, 1024, 4, 16)
         return GemvTiling(8, 1024, 8, 8) if k_dim >= WIDE_MODEL else GemvTiling(16, 512, 4)
     if k_dim > 8192:
         if fp8:
-            return GemvTiling(8, 1024, 8, 16, True)
+            return GemvTiling(8, 1024 if n_rows >= WIDE_MODEL else 2048, 8, 16, True)
         return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 2048, 8)
     if n_rows >= 8192:
         return GemvTiling(4, 1024, 4) if fp8 else GemvTiling(32, 1024, 8)
     if fp8:
-        return GemvTiling(8, 2048, 8, 16)
+        return GemvTiling(8, 2048, 8, 16) if n_rows >= WIDE_MODEL else GemvTiling(4, 2048, 4, 16)
     return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 1024, 4)
 
 

@@ -30,8 +30,11 @@ from cortexflow.kernels.pdl import launch_options
 #: prefetch: as in :class:`~cortexflow.kernels.decode_gemv.GemvTiling`.
 DEFAULT_TILING = GemvTiling(8, 512, 4, 8, True)
 NARROW_TILING = GemvTiling(4, 512, 4)
-#: The same for E4M3 weights.
+#: The same for E4M3 weights; :data:`NARROW_FP8_TILING` below a width of
+#: :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL` (RT-2's 2048: 5.5 against 6.2 µs a layer, weights streamed from
+#: HBM, ``bench_fp8_decode.py --model rt2``; NOTES, session 24).
 DEFAULT_FP8_TILING = GemvTiling(4, 2048, 8, 16)
+NARROW_FP8_TILING = GemvTiling(2, 1024, 4, 16)
 
 
 @triton.jit
@@ -99,7 +102,8 @@ def decode_qkv_rope(
     of :func:`~cortexflow.kernels.decode_gemv.decode_gemv`; ``weight_scale ((Hq + 2 Hkv) * D,)`` fp32: the
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
     Tiling defaults to :data:`DEFAULT_TILING` (:data:`NARROW_TILING` below a width ``K`` of
-    :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`, :data:`DEFAULT_FP8_TILING` for E4M3; ``block_h`` pairs per
+    :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`, :data:`DEFAULT_FP8_TILING` / :data:`NARROW_FP8_TILING` for
+    E4M3; ``block_h`` pairs per
     program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
     :func:`~cortexflow.kernels.decode_gemv.decode_gemv`."""
     k_dim = x.shape[-1]
@@ -116,7 +120,10 @@ def decode_qkv_rope(
     if position.numel() != 1 or write_at.numel() != 1:
         raise ValueError("position and write_at each hold one value")
     fp8 = check_weight_scale(weight, weight_scale)
-    tiling = DEFAULT_FP8_TILING if fp8 else DEFAULT_TILING if k_dim >= WIDE_MODEL else NARROW_TILING
+    if fp8:
+        tiling = DEFAULT_FP8_TILING if k_dim >= WIDE_MODEL else NARROW_FP8_TILING
+    else:
+        tiling = DEFAULT_TILING if k_dim >= WIDE_MODEL else NARROW_TILING
     x1 = x.reshape(k_dim)
     if not x1.is_contiguous():
         x1 = x1.contiguous()
