@@ -287,6 +287,14 @@ for arch in (89, 90):
                  rstd=empty(280, dtype=torch.float32), product_scales=scales(12288))
         gelu_tanh_gate_fused(empty(280, 22016), silu=True, rstd=empty(280, dtype=torch.float32),
                              product_scales=scales(22016), dtype=torch.bfloat16)
+        # RT-2's narrower layers (width 2048) and their own FP8 tilings: o, down, QKV/RoPE (8 query heads on 1 KV head)
+        decode_gemv(empty(1, 1, 2048), empty(2048, 2048, dtype=E4M3), weight_scale=empty(2048, dtype=torch.float32),
+                    residual=empty(1, 1, 2048))
+        decode_gemv(empty(1, 1, 16384), empty(2048, 16384, dtype=E4M3), weight_scale=empty(2048, dtype=torch.float32),
+                    residual=empty(1, 1, 2048))
+        narrow_cache = empty(1, 512, 1, 256)
+        decode_qkv_rope(empty(1, 1, 2048), empty(2560, 2048, dtype=E4M3), 8, 1, row, empty(128, dtype=torch.float32),
+                        narrow_cache, narrow_cache, row, normalize=True, weight_scale=empty(2560, dtype=torch.float32))
     out[arch] = [{"name": l.name, "grid": list(l.grid), "ptx_e4m3": "e4m3" in l.kernel.asm["ptx"],
                   "ptx_div_rn": "div.rn.f32" in l.kernel.asm["ptx"],
                   "scaled": l.constexprs.get("SCALED"), "rstd": l.constexprs.get("RSTD"),
@@ -297,8 +305,8 @@ json.dump(out, sys.stdout)
 
 def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path):
     """The FP8 decode GEMVs at OpenVLA's shapes (default FP8 tilings), the FP8 QKV/RoPE GEMV, the row
-    quantisation (also with the rstd, and of a scaled product plus residual) and the prefill's QKV/RoPE and gated activation over an unscaled FP8 product
-    through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta`` tensors, in a subprocess
+    quantisation (also with the rstd, and of a scaled product plus residual) and the prefill's QKV/RoPE and gated activation over an unscaled FP8 product,
+    and RT-2's narrower decode GEMVs (o, down, QKV/RoPE at their own tilings), through Triton's whole pipeline for sm_89 and sm_90 (compile-only launches on ``meta`` tensors, in a subprocess
     without the interpreter): the PTX of the E4M3 kernels converts E4M3, and the quantisation divides with IEEE
     rounding (``div.rn.f32``), as PyTorch does."""
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
@@ -306,10 +314,13 @@ def test_fp8_decode_and_quantisation_kernels_compile_for_ada_and_hopper(tmp_path
         launches = report[arch]
         assert [launch["name"] for launch in launches] == ["_decode_gemv_kernel"] * 4 + [
             "_decode_qkv_rope_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel", "_quantize_rows_kernel",
-            "_qkv_rope_kernel", "_gelu_gate_kernel"]
+            "_qkv_rope_kernel", "_gelu_gate_kernel", "_decode_gemv_kernel", "_decode_gemv_kernel",
+            "_decode_qkv_rope_kernel"]
         # default FP8 tilings: qkv 4 rows, o 8, gate/up 4 (of 11008 gated outputs), down 8; QKV/RoPE 4 pairs
         assert [launch["grid"] for launch in launches[:6]] == [[3072], [512], [2752], [512], [1536], [280]]
-        assert all(launch["ptx_e4m3"] for launch in launches[:8])
+        # RT-2's: o 4 rows, down 8, QKV/RoPE 2 pairs (10 heads x 128 pairs)
+        assert [launch["grid"] for launch in launches[10:]] == [[512], [256], [640]]
+        assert all(launch["ptx_e4m3"] for launch in launches[:8] + launches[10:])
         assert launches[5]["ptx_div_rn"] and launches[6]["ptx_div_rn"] and launches[6]["rstd"]
         assert launches[7]["pending"] and launches[7]["rstd"] and launches[7]["ptx_div_rn"] and not launches[6]["pending"]
         assert launches[8]["scaled"] and launches[9]["scaled"] and launches[8]["rstd"] == launches[9]["rstd"] == 1

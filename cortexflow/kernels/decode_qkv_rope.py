@@ -103,8 +103,7 @@ def decode_qkv_rope(
     per-row scales of an E4M3 ``weight`` (required exactly then); ``pdl``: programmatic dependent launch.
     Tiling defaults to :data:`DEFAULT_TILING` (:data:`NARROW_TILING` below a width ``K`` of
     :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`, :data:`DEFAULT_FP8_TILING` / :data:`NARROW_FP8_TILING` for
-    E4M3; ``block_h`` pairs per
-    program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
+    E4M3; ``block_h`` pairs per program: ``2 * block_h`` weight rows); ``k_group``, ``prefetch``: as in
     :func:`~cortexflow.kernels.decode_gemv.decode_gemv`."""
     k_dim = x.shape[-1]
     n_heads = n_q_heads + 2 * n_kv_heads
