@@ -344,3 +344,9 @@ def test_default_tilings_by_model_width():
     assert default_tiling(4096, 4096, False, fp8=True) == GemvTiling(8, 2048, 8, 16)
     assert default_tiling(4096, 11008, False, fp8=True) == GemvTiling(8, 1024, 8, 16, True)
     assert qkv.NARROW_FP8_TILING == GemvTiling(2, 1024, 4, 16) and qkv.DEFAULT_FP8_TILING == GemvTiling(4, 2048, 8, 16)
+    # test-size widths (below 2048) keep the earlier E4M3 tilings
+    assert default_tiling(256, 256, False, fp8=True) == GemvTiling(8, 2048, 8, 16)
+    assert default_tiling(256, 16384, False, fp8=True) == GemvTiling(8, 1024, 8, 16, True)
+    from cortexflow.kernels.decode_gemv import narrow_fp8_width
+
+    assert [narrow_fp8_width(w) for w in (256, 2047, 2048, 3072, 4096)] == [False, False, True, True, False]

@@ -53,6 +53,10 @@ class GemvTiling(NamedTuple):
 #: OpenVLA-7B's 4096; at RT-2's 2048 they made the call slower (NOTES, session 21), so narrower models keep the
 #: tilings measured on them before.
 WIDE_MODEL = 4096
+#: Model width from which (up to :data:`WIDE_MODEL`) E4M3 weights take the tilings measured at RT-2's 2048 (NOTES,
+#: session 24); narrower (test-size) models keep the earlier ones, whose fewer programs the Triton interpreter runs
+#: faster and which no sweep ranked below 2048.
+NARROW_MODEL = 2048
 
 
 def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> GemvTiling:
@@ -72,7 +76,8 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> G
     byte): gated 4 rows, 1024, 4 warps; long K 8 rows, 1024, 8 warps, prefetch; wide N 4 rows, 1024, 4 warps (no
     K group: not measured with one); otherwise 8 rows, 2048, 8 warps. In the chained decode: 84.4 µs a layer
     (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch; RT-2 with FP8 2.5 % faster. Narrower
-    than :data:`WIDE_MODEL` (RT-2's 2048; ``bench_fp8_decode.py --model rt2``, session 24): long K 8 rows, 2048,
+    than :data:`WIDE_MODEL` and at least :data:`NARROW_MODEL` (RT-2's 2048; ``bench_fp8_decode.py --model rt2``,
+    session 24): long K 8 rows, 2048,
     8 warps, prefetch (15.1 against 16.2 µs); otherwise 4 rows, 2048, 4 warps (4.0 against 4.2 µs); with the QKV/RoPE
     tiling RT-2 with FP8 134.9 -> 122.8 ms on an H100."""
     if gated:
@@ -81,13 +86,19 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> G
         return GemvTiling(8, 1024, 8, 8) if k_dim >= WIDE_MODEL else GemvTiling(16, 512, 4)
     if k_dim > 8192:
         if fp8:
-            return GemvTiling(8, 1024 if n_rows >= WIDE_MODEL else 2048, 8, 16, True)
+            return GemvTiling(8, 2048 if narrow_fp8_width(n_rows) else 1024, 8, 16, True)
         return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 2048, 8)
     if n_rows >= 8192:
         return GemvTiling(4, 1024, 4) if fp8 else GemvTiling(32, 1024, 8)
     if fp8:
-        return GemvTiling(8, 2048, 8, 16) if n_rows >= WIDE_MODEL else GemvTiling(4, 2048, 4, 16)
+        return GemvTiling(4, 2048, 4, 16) if narrow_fp8_width(n_rows) else GemvTiling(8, 2048, 8, 16)
     return GemvTiling(16, 1024, 8, 8, True) if n_rows >= WIDE_MODEL else GemvTiling(8, 1024, 4)
+
+
+def narrow_fp8_width(width: int) -> bool:
+    """Whether a model of this width takes the narrow-model E4M3 decode tilings (:data:`NARROW_MODEL` up to
+    :data:`WIDE_MODEL`)."""
+    return NARROW_MODEL <= width < WIDE_MODEL
 
 
 def rows_for_grid(n_out: int, block_n: int, processors: int) -> int:

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.decode_gemv import WIDE_MODEL, GemvTiling, check_weight_scale, gemv_rows
+from cortexflow.kernels.decode_gemv import WIDE_MODEL, GemvTiling, check_weight_scale, gemv_rows, narrow_fp8_width
 from cortexflow.kernels.pdl import launch_options
 
 #: (rotation pairs per program, K chunk, warps, K group, prefetch) for bf16 / fp16 / fp32 weights: the fastest in
@@ -30,9 +30,10 @@ from cortexflow.kernels.pdl import launch_options
 #: prefetch: as in :class:`~cortexflow.kernels.decode_gemv.GemvTiling`.
 DEFAULT_TILING = GemvTiling(8, 512, 4, 8, True)
 NARROW_TILING = GemvTiling(4, 512, 4)
-#: The same for E4M3 weights; :data:`NARROW_FP8_TILING` below a width of
-#: :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL` (RT-2's 2048: 5.5 against 6.2 µs a layer, weights streamed from
-#: HBM, ``bench_fp8_decode.py --model rt2``; NOTES, session 24).
+#: The same for E4M3 weights; :data:`NARROW_FP8_TILING` for widths of
+#: :data:`~cortexflow.kernels.decode_gemv.NARROW_MODEL` up to :data:`~cortexflow.kernels.decode_gemv.WIDE_MODEL`
+#: (RT-2's 2048: 5.5 against 6.2 µs a layer, weights streamed from HBM, ``bench_fp8_decode.py --model rt2``; NOTES,
+#: session 24).
 DEFAULT_FP8_TILING = GemvTiling(4, 2048, 8, 16)
 NARROW_FP8_TILING = GemvTiling(2, 1024, 4, 16)
 
@@ -120,7 +121,7 @@ def decode_qkv_rope(
         raise ValueError("position and write_at each hold one value")
     fp8 = check_weight_scale(weight, weight_scale)
     if fp8:
-        tiling = DEFAULT_FP8_TILING if k_dim >= WIDE_MODEL else NARROW_FP8_TILING
+        tiling = NARROW_FP8_TILING if narrow_fp8_width(k_dim) else DEFAULT_FP8_TILING
     else:
         tiling = DEFAULT_TILING if k_dim >= WIDE_MODEL else NARROW_TILING
     x1 = x.reshape(k_dim)
