@@ -77,9 +77,8 @@ def default_tiling(n_rows: int, k_dim: int, gated: bool, fp8: bool = False) -> G
     K group: not measured with one); otherwise 8 rows, 2048, 8 warps. In the chained decode: 84.4 µs a layer
     (2.40 TB/s of E4M3 weights) against 93.6 without K groups and prefetch; RT-2 with FP8 2.5 % faster. Narrower
     than :data:`WIDE_MODEL` and at least :data:`NARROW_MODEL` (RT-2's 2048; ``bench_fp8_decode.py --model rt2``,
-    session 24): long K 8 rows, 2048,
-    8 warps, prefetch (15.1 against 16.2 µs); otherwise 4 rows, 2048, 4 warps (4.0 against 4.2 µs); with the QKV/RoPE
-    tiling RT-2 with FP8 134.9 -> 122.8 ms on an H100."""
+    session 24): long K 8 rows, 2048, 8 warps, prefetch (15.1 against 16.2 µs); otherwise 4 rows, 2048, 4 warps
+    (4.0 against 4.2 µs); with the QKV/RoPE tiling RT-2 with FP8 134.9 -> 122.8 ms on an H100."""
     if gated:
         if fp8:
             return GemvTiling(4, 1024, 4, 16)

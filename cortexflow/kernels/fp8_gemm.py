@@ -210,9 +210,7 @@ def fp8_product(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     unit scales); ``rms_eps``: the quantisation launch also computes the rows' ``rsqrt(mean(x^2) + rms_eps)``
     (``ScaledProduct.rstd``), which a folded RMSNorm's consumer needs."""
     check_fp8_operands(x, weight, weight_scale)
-    x2 = x.reshape(-1, weight.shape[1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _unit_stride_rows(x, weight.shape[1])
     rstd = _rstd_buffer(x2, rms_eps)
     qx = quantize_activation_rows(x2, rstd=rstd, eps=1e-6 if rms_eps is None else rms_eps)
     return _unscaled_product(qx, weight, weight_scale, x.shape, x.dtype, rstd)
@@ -225,13 +223,17 @@ def fp8_product_of_sum(pending: ScaledProduct, residual: torch.Tensor, weight: t
     quantisation of ``s`` are one launch (:func:`quantize_sum_rows`), bit for bit the separate launches.
     ``residual (..., K)``; ``s`` is a new tensor of its shape and dtype."""
     check_fp8_operands(residual, weight, weight_scale)
-    r2 = residual.reshape(-1, weight.shape[1])
-    if r2.stride(-1) != 1:
-        r2 = r2.contiguous()
+    r2 = _unit_stride_rows(residual, weight.shape[1])
     rstd = _rstd_buffer(r2, rms_eps)
     total, qx = quantize_sum_rows(pending, r2, rstd=rstd, eps=1e-6 if rms_eps is None else rms_eps)
     return total.view(residual.shape), _unscaled_product(qx, weight, weight_scale, residual.shape, residual.dtype,
                                                          rstd)
+
+
+def _unit_stride_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``x (..., k)`` as ``(M, k)`` rows with unit column stride (a copy only when the view has none)."""
+    rows = x.reshape(-1, k)
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _rstd_buffer(rows: torch.Tensor, rms_eps: float | None) -> torch.Tensor | None:
