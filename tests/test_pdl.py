@@ -18,9 +18,11 @@ needs_hopper = pytest.mark.skipif(not HOPPER, reason="programmatic dependent lau
                                                      "capability >= 9.0 (Hopper); this machine has none")
 
 
-def decode_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_freq, pdl):
+def decode_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_freq, pdl, preload=False):
     """A Llama-style one-row layer: norm + QKV GEMV, QKV/RoPE into the cache, split attention + combine,
-    o GEMV + residual, norm + gate/up + SiLU GEMV, down GEMV + residual (in place)."""
+    o GEMV + residual, norm + gate/up + SiLU GEMV, down GEMV + residual (in place). ``preload``: the attention
+    reads the cache rows but ``write_at`` before its PDL wait (the test writes them, the mask and ``write_at``
+    with copies before the chain, which keeps ``fresh_row``'s promise)."""
     from cortexflow.kernels.attention import attention
     from cortexflow.kernels.decode_gemv import decode_gemv
     from cortexflow.kernels.qkv_rope import qkv_rope
@@ -28,7 +30,8 @@ def decode_layer_chain(x, w, cache_k, cache_v, write_at, positions, mask, inv_fr
     heads, kv_heads, head_dim = 4, 2, 64
     qkv = decode_gemv(x, w["qkv"], norm_weight=w["attn_norm"], eps=1e-5, pdl=pdl)
     q = qkv_rope(qkv, positions, inv_freq, heads, kv_heads, cache_k, cache_v, write_at=write_at, pdl=pdl)
-    attn = attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(head_dim), num_splits=4, pdl=pdl)
+    attn = attention(q, cache_k, cache_v, mask, 1.0 / math.sqrt(head_dim), num_splits=4, pdl=pdl,
+                     fresh_row=write_at if preload else None)
     h = decode_gemv(attn.reshape(1, 1, -1), w["o"], residual=x, pdl=pdl)
     act = decode_gemv(h, w["gate_up"], norm_weight=w["mlp_norm"], eps=1e-5, gated="silu", pdl=pdl)
     return decode_gemv(act, w["down"], residual=h, out=h.view(-1), pdl=pdl)
@@ -75,10 +78,17 @@ def make_inputs(seed):
     return w, cache_k, cache_v
 
 
+def preloading_decode_layer_chain(*args):
+    return decode_layer_chain(*args, preload=True)
+
+
 @needs_hopper
-@pytest.mark.parametrize("chain, rows", [(decode_layer_chain, 1), (expert_layer_chain, 7)])
+@pytest.mark.parametrize("chain, rows", [(decode_layer_chain, 1), (preloading_decode_layer_chain, 1),
+                                         (expert_layer_chain, 7)])
 def test_layer_chain_is_identical_with_pdl_eager_and_in_a_graph(chain, rows):
-    """Token-VLA decode layer (one row) and Pi0-expert kernel chain (7 rows, fp32 state update)."""
+    """Token-VLA decode layer (one row; its attention's cache rows loaded after or before the PDL wait) and
+    Pi0-expert kernel chain (7 rows, fp32 state update). With the preload, a fresh row read before the QKV/RoPE
+    kernel wrote it would change the outputs of the steps after the first."""
     from cortexflow.kernels.rope import inverse_frequencies
 
     w, cache_k, cache_v = make_inputs(0)

@@ -227,9 +227,10 @@ def test_bad_triton_options_are_refused():
 
     with pytest.raises(ConfigError, match="TritonOptions.decode_gemv must be 'all' or 'off', got 'out'"):
         TritonOptions(decode_gemv="out")
-    with pytest.raises(ConfigError, match="fused_combine must be 'grouped' or 'off', got 'yes'"):
+    with pytest.raises(ConfigError, match="fused_combine must be 'grouped', 'all' or 'off', got 'yes'"):
         TritonOptions(fused_combine="yes")
-    for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert"):
+    for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert",
+                 "preload_decode_keys"):
         with pytest.raises(ConfigError, match=f"TritonOptions.{name} must be True or False, got 'on'"):
             TritonOptions(**{name: "on"})
         assert TritonOptions.parse(f"{name}=on").changed() == {}
@@ -244,7 +245,7 @@ def test_bad_triton_options_are_refused():
 
 def test_fused_combine_follows_the_lm_shape():
     """With fused_combine="grouped" the combine is fused in LMs whose query heads share KV heads (RT-2's Gemma:
-    8 on 1) and not where each query head has its own (OpenVLA's Llama); "off" never fuses it."""
+    8 on 1) and not where each query head has its own (OpenVLA's Llama); "all" fuses it in both, "off" in neither."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.tools import token_model
@@ -255,6 +256,8 @@ def test_fused_combine_follows_the_lm_shape():
     assert backend.fuses_combine(rt2.dims) and not backend.fuses_combine(openvla.dims)
     unfused = TritonBackend.configured(fused_combine="off")(torch.device(TRITON_DEVICE), torch.float32)
     assert not unfused.fuses_combine(rt2.dims)
+    everywhere = TritonBackend.configured(fused_combine="all")(torch.device(TRITON_DEVICE), torch.float32)
+    assert everywhere.fuses_combine(rt2.dims) and everywhere.fuses_combine(openvla.dims)
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

@@ -102,6 +102,38 @@ def test_attention_tiling_knobs_keep_the_result(block_m, combine_block_m):
     assert_close(out1, attention_reference(q1, k1, v1, mask1, 32**-0.5), torch.float32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,num_splits,fresh", [
+    (4, 4, 32, 5, 61),    # OpenVLA-like: one query row a KV head, one key block a range, fresh row in range 3
+    (8, 1, 64, 2, 0),     # RT-2-like: 8 query heads on one KV head, ranges of several blocks, fresh row first
+    (4, 2, 40, 1, 149),   # unsplit keys, fresh row the last key
+])
+def test_attention_with_a_fresh_row_matches(dtype, heads, kv_heads, head_dim, num_splits, fresh):
+    """A decode step's attention with ``fresh_row``: each range's first key block, its values and mask entries
+    are read before the PDL wait, the fresh row's key and value after it. Without PDL (here) the result must be
+    the plain attention's, whichever range holds the fresh row: the masked loads of the settled rows and the
+    fresh row's fill exactly one entry each."""
+    q = randn(2, 1, heads, head_dim, dtype=dtype, seed=41)
+    k = randn(2, 150, kv_heads, head_dim, dtype=dtype, seed=42)
+    v = randn(2, 150, kv_heads, head_dim, dtype=dtype, seed=43)
+    position = torch.tensor([fresh], device=DEVICE)
+    visible = torch.arange(150, device=DEVICE)[None, :] <= max(fresh, 100)
+    mask = visible[:, None, :].expand(2, 1, 150)
+    scale = head_dim**-0.5
+    ref = attention_reference(q, k, v, mask, scale)
+    plain = attention(q, k, v, mask, scale, num_splits=num_splits, block_n=32)
+    out = attention(q, k, v, mask, scale, num_splits=num_splits, block_n=32, fresh_row=position)
+    assert_close(out, ref, dtype)
+    assert torch.equal(out, plain)
+
+
+def test_attention_refuses_a_fresh_row_that_is_not_one_integer():
+    q = randn(1, 1, 2, 16, dtype=torch.float32, seed=44)
+    k = v = randn(1, 20, 2, 16, dtype=torch.float32, seed=45)
+    with pytest.raises(ValueError, match="fresh_row must be one integer"):
+        attention(q, k, v, None, 0.25, fresh_row=torch.tensor([1, 2], device=DEVICE))
+
+
 def test_fused_combine_leaves_its_counters_at_zero():
     """The last-arriving range program resets its arrival counter, so a second call (as in a CUDA graph
     replay) starts from zero and merges again; a counter left non-zero would skip or repeat the merge."""

@@ -198,7 +198,7 @@ class TritonBackend(PyTorchBackend):
 
     def fuses_combine(self, dims) -> bool:
         """Whether the attention of fused layers with ``dims`` merges its key ranges in the last-arriving
-        program: with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
+        program: with ``fused_combine="grouped"``, in layers whose query heads share a KV head; "all": in every one."""
         return fuses_combine(self, dims)
 
     def lm_head_argmax(self, h, norm_weight, head, eps, allowed, dims):
@@ -320,13 +320,17 @@ class TritonBackend(PyTorchBackend):
     def rope(self, x, positions, base):
         return rope.rope(x, positions, self.inverse_frequencies(x.shape[-1], base, x.device))
 
-    def attention(self, q, k, v, mask, scale, fused_combine: bool = False, pdl: bool = False):
+    def attention(self, q, k, v, mask, scale, fused_combine: bool = False, pdl: bool = False,
+                  fresh_row: torch.Tensor | None = None):
         """``fused_combine``: merge the split key ranges in the last-arriving program (the caller checked
-        :meth:`fuses_combine`); ``pdl``: launch with programmatic dependent launch (the caller checked ``self.pdl``)."""
+        :meth:`fuses_combine`); ``pdl``: launch with programmatic dependent launch (the caller checked ``self.pdl``);
+        ``fresh_row``: a decode step's cache row written by the kernel just before, every other row settled
+        (:func:`cortexflow.kernels.attention.attention`)."""
         if q.shape[-1] > MAX_HEAD_DIM:
             self._fallback("attention", f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM}")
             return super().attention(q, k, v, mask, scale)
-        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused_combine, pdl=pdl)
+        out = attention_kernel.attention(q, k, v, mask, scale, fused_combine=fused_combine, pdl=pdl,
+                                         fresh_row=fresh_row)
         return out.reshape(out.shape[0], out.shape[1], -1)
 
     def gelu_tanh(self, x):

@@ -19,7 +19,7 @@ from cortexflow.errors import ConfigError
 CHOICES: dict[str, tuple[str, ...]] = {
     "pdl": ("auto", "on", "off"),
     "decode_gemv": ("all", "off"),
-    "fused_combine": ("grouped", "off"),
+    "fused_combine": ("grouped", "all", "off"),
     "expert_launch": ("layer", "step"),
 }
 
@@ -54,7 +54,10 @@ class TritonOptions:
       weights at load (the projection's consumer applies the row statistic).
     - ``fused_combine``: "grouped": the split attention's key ranges merged by the last-arriving program
       (no combine kernel) in decoder layers whose query heads share a KV head (RT-2's Gemma); "off": a
-      combine kernel everywhere. Layers with one KV head per query head (OpenVLA's Llama) never fuse it.
+      combine kernel everywhere; "all": fused in every decoder layer (OpenVLA's Llama too, one KV head a query head).
+    - ``preload_decode_keys``: with ``pdl``, a decode step's attention loads each key range's first block of
+      the cache (every row but the one the step writes) and its mask entries while the QKV/RoPE GEMV before it
+      still runs; False: after that GEMV has finished, like every other kernel's inputs.
     - ``concurrent_stages``: independent stages (OpenVLA's two vision towers) on two CUDA streams.
 
     Both:
@@ -77,6 +80,7 @@ class TritonOptions:
     decode_head: bool = True
     fold_token_norms: bool = True
     fused_combine: str = "grouped"
+    preload_decode_keys: bool = True
     concurrent_stages: bool = True
     fp8: str = "off"
     pdl: str = "auto"

@@ -128,8 +128,9 @@ def fits_fused_layer(dims: DecoderDims) -> bool:
 
 def fuses_combine(backend, dims: DecoderDims) -> bool:
     """Whether the attention of layers with ``dims`` merges its key ranges in the last-arriving program:
-    with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
-    return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
+    with ``fused_combine="grouped"``, in layers whose query heads share a KV head; with "all", in every layer."""
+    mode = backend.options.fused_combine
+    return mode == "all" or (mode == "grouped" and dims.num_kv_heads < dims.num_heads)
 
 
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
@@ -213,13 +214,18 @@ def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, s
                  eps=eps, pdl=pdl, **(scaling or {}))
     if write_at is None:
         cache_k, cache_v = cache_k[:, :length], cache_v[:, :length]
-    return _attention(backend, d, q, cache_k, cache_v, mask, pdl)
+    return _attention(backend, d, q, cache_k, cache_v, mask, pdl, write_at)
 
 
-def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl):
-    """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``."""
+def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl, write_at=None):
+    """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``. A decode
+    step (``write_at``: the cache row its QKV kernel just wrote) with ``pdl`` and ``options.preload_decode_keys``
+    loads the other rows before its PDL wait: its mask, position and those rows come from kernels before the step's
+    embedding, which runs without PDL (:meth:`cortexflow.models.token_decoding.DecoderLM.step`)."""
+    preload = pdl and write_at is not None and backend.options.preload_decode_keys
     return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(dims.head_dim),
-                             fused_combine=fuses_combine(backend, dims), pdl=pdl)
+                             fused_combine=fuses_combine(backend, dims), pdl=pdl,
+                             fresh_row=write_at if preload else None)
 
 
 def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, cache, write_at, folded, pdl):
@@ -242,7 +248,7 @@ def _decode_step_layer(backend, weights, layer: GatedLayer, x, positions, mask, 
         q = decode_qkv_rope(x, weights[layer.name("qkv")], d.num_heads, d.num_kv_heads, positions, inv_freq, cache_k,
                             cache_v, write_at, eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")), pdl=pdl,
                             **norm_args(layer.attn_norm))
-        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl)
+        attn = _attention(backend, d, q, cache_k, cache_v, mask, pdl, write_at)
     else:
         qkv = decode_gemv(x, weights[layer.name("qkv")], eps=eps, weight_scale=weight_scale(weights, layer.name("qkv")),
                           pdl=pdl, **norm_args(layer.attn_norm))

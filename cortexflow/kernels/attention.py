@@ -120,6 +120,18 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
     launch wrote the keys). ``D_PARTS`` (1, 2 or 4; ``BLOCK_D / D_PARTS >= 16``): the logits as that many
     independent products over column parts (:func:`_logits`), for a tile so short that each warp's share of the
     logits is one MMA chain."""
+    return continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid,
+                          head_dim, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
+                          tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                          HAS_MASK, UPCAST, DOT_PRECISION, CACHE, BLOCK_M, BLOCK_N, BLOCK_D, D_PARTS)
+
+
+@triton.jit
+def continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
+                   acc, m_i, l_i, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   CACHE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   D_PARTS: tl.constexpr):
+    """:func:`attend_range` from the running state ``acc``, ``m_i``, ``l_i`` of keys before ``key_start``."""
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     d_valid = offs_d < head_dim
@@ -137,9 +149,6 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
         if D_PARTS == 4:
             q0, q1 = _halves(low, BLOCK_M, BLOCK_D // 2)
             q2, q3 = _halves(high, BLOCK_M, BLOCK_D // 2)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start in range(key_start, key_end, BLOCK_N):
         keys = start + offs_n
         k_valid = keys < key_end
@@ -149,21 +158,31 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
             allowed = tl.load(mask_rows[:, None] + keys[None, :] * smk, mask=row_valid[:, None] & k_valid[None, :],
                               other=0)
             s = tl.where(allowed != 0, s, _MASKED_LOGIT)
-        s = tl.where(k_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
+        p, alpha, m_i, l_i = _block_weights(s, k_valid, m_i, l_i)
         v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0,
                     cache_modifier=CACHE)
-        if UPCAST:
-            v = v.to(tl.float32)
-            p_cast = p
-        else:
-            p_cast = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p_cast, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc = _accumulate(acc, alpha, p, v, UPCAST, DOT_PRECISION)
     return acc, m_i, l_i
+
+
+@triton.jit
+def _block_weights(s, k_valid, m_i, l_i):
+    """One key block of the online softmax: from the (masked) logits ``s (rows, keys)`` in log2 units, of which
+    only the ``k_valid`` keys count, and the running max ``m_i`` and sum ``l_i`` -> ``(p, alpha, m, l)``: the
+    block's unnormalised weights, the factor that rescales the running accumulator, the new max and sum."""
+    s = tl.where(k_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _accumulate(acc, alpha, p, v, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """``acc * alpha + p · v`` (``p`` rounded to ``v``'s dtype for the product, as flash attention feeds its MMA)."""
+    if UPCAST:
+        return acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision=DOT_PRECISION)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -205,15 +224,14 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
 
 @triton.jit
 def _attention_kernel(
-    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
+    q_ptr, k_ptr, v_ptr, mask_ptr, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, fresh_ptr,
     scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRELOAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_release(PDL)
-    pdl_wait(PDL)
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -225,18 +243,60 @@ def _attention_kernel(
     query = rows // group
     head = kv_h * group + rows % group
     offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    key_start = split * keys_per_split
+    key_end = tl.minimum(key_start + keys_per_split, k_len)
+    k_base = k_ptr + b * skb + kv_h * skh
+    v_base = v_ptr + b * svb + kv_h * svh
+    mask_rows = mask_ptr + b * smb + query * smq
+    if PRELOAD:
+        # The range's first key block, its mask entries and the fresh row's index were written before the
+        # last kernel launched without PDL (the caller's promise): load them while the kernel before runs.
+        keys = key_start + tl.arange(0, BLOCK_N)
+        k_valid = keys < key_end
+        fresh = tl.load(fresh_ptr)
+        settled = k_valid & (keys != fresh)
+        kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=settled[None, :] & d_valid[:, None],
+                     other=0.0)
+        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=settled[:, None] & d_valid[None, :],
+                    other=0.0)
+        if HAS_MASK:
+            allowed = tl.load(mask_rows[:, None] + keys[None, :] * smk, mask=row_valid[:, None] & k_valid[None, :],
+                              other=0)
+        pdl_wait(PDL)
+        # The fresh row (the kernel before wrote it) is read after the wait, at L2 (.cg: an L1 line filled before
+        # the wait may hold its bytes from before the write), the others' entries stay.
+        is_fresh = k_valid & (keys == fresh)
+        kt = tl.where(is_fresh[None, :], tl.load(k_base + keys[None, :] * skl + offs_d[:, None],
+                                                 mask=is_fresh[None, :] & d_valid[:, None], other=0.0,
+                                                 cache_modifier=".cg"), kt)
+        v = tl.where(is_fresh[:, None], tl.load(v_base + keys[:, None] * svl + offs_d[None, :],
+                                                mask=is_fresh[:, None] & d_valid[None, :], other=0.0,
+                                                cache_modifier=".cg"), v)
+    else:
+        pdl_wait(PDL)
     q = tl.load(
         q_ptr + b * sqb + query[:, None] * sql + head[:, None] * sqh + offs_d[None, :],
-        mask=row_valid[:, None] & (offs_d < head_dim)[None, :], other=0.0,
+        mask=row_valid[:, None] & d_valid[None, :], other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
-    key_start = split * keys_per_split
-    key_end = tl.minimum(key_start + keys_per_split, k_len)
-    acc, m_i, l_i = attend_range(
-        q, k_ptr + b * skb + kv_h * skh, v_ptr + b * svb + kv_h * svh, skl, svl, mask_ptr + b * smb + query * smq, smk,
-        key_start, key_end, scale_log2, row_valid, head_dim, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N,
-        BLOCK_D)
+    if PRELOAD:
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * scale_log2
+        if HAS_MASK:
+            s = tl.where(allowed != 0, s, _MASKED_LOGIT)
+        p, alpha, m_i, l_i = _block_weights(s, k_valid, tl.full([BLOCK_M], float("-inf"), tl.float32),
+                                            tl.zeros([BLOCK_M], tl.float32))
+        acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), alpha, p, v, UPCAST, DOT_PRECISION)
+        acc, m_i, l_i = continue_range(
+            q, k_base, v_base, skl, svl, mask_rows, smk, key_start + BLOCK_N, key_end, scale_log2, row_valid, head_dim,
+            acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1)
+    else:
+        acc, m_i, l_i = attend_range(
+            q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim, HAS_MASK,
+            UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D)
     finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr, b, kv_h, b_kvh, tl.num_programs(1),
                  pid_m, split, tl.num_programs(2), rows, q_len, head_dim, group, sob, sol, soh, SPLIT, FUSED_COMBINE,
                  BLOCK_M, BLOCK_D)
@@ -282,7 +342,7 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
     num_splits: int | None = None, fused_combine: bool = False, block_m: int | None = None,
     num_warps: int | None = None, combine_block_m: int = COMBINE_BLOCK_M, pdl: bool = False,
-    block_n: int | None = None,
+    block_n: int | None = None, fresh_row: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked multi-/grouped-query attention; returns ``(B, Lq, Hq, D)`` in ``q``'s dtype.
 
@@ -292,7 +352,14 @@ def attention(
     ``block_m`` rows per program (16/32/64), ``num_warps`` of the attention kernel, ``combine_block_m``
     rows per program of the separate combine kernel, ``block_n`` keys per step (default 64, 32 from head
     dimension 256 up; a range holds whole steps, so it also bounds the key ranges). ``pdl``: launch both kernels with programmatic
-    dependent launch (:mod:`cortexflow.kernels.pdl`)."""
+    dependent launch (:mod:`cortexflow.kernels.pdl`).
+
+    ``fresh_row`` (an int tensor ``(1,)`` on the device), for a decode step's attention over its KV cache: the
+    caller's promise that every key and value row except the one at ``fresh_row[0]``, the mask and ``fresh_row``
+    itself were written before the last kernel launched without PDL (a decode step's embedding and mask come from
+    such kernels; only the step's own QKV kernel, just before, writes its row). Each program then loads its first
+    key block, values and mask entries before its PDL wait, i.e. while the kernel before still runs, and reads
+    only the fresh row after it. Without PDL the result is the same."""
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -329,15 +396,17 @@ def attention(
     else:
         part_acc = part_ml = out
     counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
+    if fresh_row is not None and (fresh_row.numel() != 1 or fresh_row.dtype.is_floating_point):
+        raise ValueError(f"fresh_row must be one integer on the device, got {fresh_row.dtype} {tuple(fresh_row.shape)}")
     grid = (row_blocks, b * kv_heads, num_splits)
     launch = launch_options(pdl)
     _attention_kernel[grid](
-        q, k, v, mask, out, part_acc, part_ml, counters,
+        q, k, v, mask, out, part_acc, part_ml, counters, out if fresh_row is None else fresh_row,
         scale * LOG2E, q_len, k_len, head_dim, kv_heads, group, keys_per_split,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
         HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PRELOAD=fresh_row is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl,
         num_warps=num_warps, num_stages=2, **launch,
     )
