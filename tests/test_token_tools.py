@@ -229,8 +229,7 @@ def test_bad_triton_options_are_refused():
         TritonOptions(decode_gemv="out")
     with pytest.raises(ConfigError, match="fused_combine must be 'grouped', 'all' or 'off', got 'yes'"):
         TritonOptions(fused_combine="yes")
-    for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert",
-                 "preload_decode_keys"):
+    for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert"):
         with pytest.raises(ConfigError, match=f"TritonOptions.{name} must be True or False, got 'on'"):
             TritonOptions(**{name: "on"})
         assert TritonOptions.parse(f"{name}=on").changed() == {}
@@ -258,6 +257,20 @@ def test_fused_combine_follows_the_lm_shape():
     assert not unfused.fuses_combine(rt2.dims)
     everywhere = TritonBackend.configured(fused_combine="all")(torch.device(TRITON_DEVICE), torch.float32)
     assert everywhere.fuses_combine(rt2.dims) and everywhere.fuses_combine(openvla.dims)
+
+
+def test_decode_key_preload_follows_the_lm_shape():
+    """preload_decode_keys="grouped" (the default) preloads in RT-2's Gemma (8 query heads on 1 KV head) and not in
+    OpenVLA's Llama; "all" in both, "off" in neither."""
+    pytest.importorskip("triton")
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.backends.triton_token_decoder import preloads_decode_keys
+    from cortexflow.tools import token_model
+
+    rt2, openvla = token_model("rt2", "real").lm.dims, token_model("openvla", "real").lm.dims
+    for mode, expected in (("grouped", (True, False)), ("all", (True, True)), ("off", (False, False))):
+        backend = TritonBackend.configured(preload_decode_keys=mode)(torch.device(TRITON_DEVICE), torch.float32)
+        assert (preloads_decode_keys(backend, rt2), preloads_decode_keys(backend, openvla)) == expected, mode
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

@@ -124,7 +124,8 @@ def test_attention_with_a_fresh_row_matches(dtype, heads, kv_heads, head_dim, nu
     plain = attention(q, k, v, mask, scale, num_splits=num_splits, block_n=32)
     out = attention(q, k, v, mask, scale, num_splits=num_splits, block_n=32, fresh_row=position)
     assert_close(out, ref, dtype)
-    assert torch.equal(out, plain)
+    # bf16 to the bit; fp32 within rounding (on the GPU the preloaded block's products may round differently).
+    assert torch.equal(out, plain) if dtype == torch.bfloat16 else torch.allclose(out, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_refuses_a_fresh_row_that_is_not_one_integer():

@@ -20,6 +20,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pdl": ("auto", "on", "off"),
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "all", "off"),
+    "preload_decode_keys": ("grouped", "all", "off"),
     "expert_launch": ("layer", "step"),
 }
 
@@ -57,7 +58,8 @@ class TritonOptions:
       combine kernel everywhere; "all": fused in every decoder layer (OpenVLA's Llama too, one KV head a query head).
     - ``preload_decode_keys``: with ``pdl``, a decode step's attention loads each key range's first block of
       the cache (every row but the one the step writes) and its mask entries while the QKV/RoPE GEMV before it
-      still runs; False: after that GEMV has finished, like every other kernel's inputs.
+      still runs: "grouped": in layers whose query heads share a KV head (RT-2's Gemma: 14 programs); "all": in
+      every layer; "off": after that GEMV has finished, like every other kernel's inputs.
     - ``concurrent_stages``: independent stages (OpenVLA's two vision towers) on two CUDA streams.
 
     Both:
@@ -80,7 +82,7 @@ class TritonOptions:
     decode_head: bool = True
     fold_token_norms: bool = True
     fused_combine: str = "grouped"
-    preload_decode_keys: bool = True
+    preload_decode_keys: str = "grouped"
     concurrent_stages: bool = True
     fp8: str = "off"
     pdl: str = "auto"

@@ -133,6 +133,14 @@ def fuses_combine(backend, dims: DecoderDims) -> bool:
     return mode == "all" or (mode == "grouped" and dims.num_kv_heads < dims.num_heads)
 
 
+def preloads_decode_keys(backend, dims: DecoderDims) -> bool:
+    """Whether a decode step's attention in layers with ``dims`` loads its settled cache rows before its PDL wait:
+    with ``preload_decode_keys="grouped"``, in layers whose query heads share a KV head; with "all", in every
+    layer."""
+    mode = backend.options.preload_decode_keys
+    return mode == "all" or (mode == "grouped" and dims.num_kv_heads < dims.num_heads)
+
+
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,
                       mask: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor], write_at: torch.Tensor | None,
                       gemv: bool = False) -> torch.Tensor:
@@ -219,10 +227,11 @@ def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, s
 
 def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl, write_at=None):
     """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``. A decode
-    step (``write_at``: the cache row its QKV kernel just wrote) with ``pdl`` and ``options.preload_decode_keys``
+    step (``write_at``: the cache row its QKV kernel just wrote) with ``pdl``, where ``options.preload_decode_keys``
+    selects the layer (:func:`preloads_decode_keys`),
     loads the other rows before its PDL wait: its mask, position and those rows come from kernels before the step's
     embedding, which runs without PDL (:meth:`cortexflow.models.token_decoding.DecoderLM.step`)."""
-    preload = pdl and write_at is not None and backend.options.preload_decode_keys
+    preload = pdl and write_at is not None and preloads_decode_keys(backend, dims)
     return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(dims.head_dim),
                              fused_combine=fuses_combine(backend, dims), pdl=pdl,
                              fresh_row=write_at if preload else None)
