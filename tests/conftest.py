@@ -23,6 +23,9 @@ if not torch.cuda.is_available():
             importlib.import_module(f"cortexflow.kernels.{_module.name}")
     except ImportError:  # no triton: the kernel tests fail with their own message
         pass
+    from interpreter_patching import install as _install_interpreter_patching
+
+    _install_interpreter_patching()
 
 
 @pytest.fixture(scope="session")
