@@ -227,7 +227,7 @@ def test_bad_triton_options_are_refused():
 
     with pytest.raises(ConfigError, match="TritonOptions.decode_gemv must be 'all' or 'off', got 'out'"):
         TritonOptions(decode_gemv="out")
-    with pytest.raises(ConfigError, match="fused_combine must be 'grouped', 'all' or 'off', got 'yes'"):
+    with pytest.raises(ConfigError, match="fused_combine must be 'grouped' or 'off', got 'yes'"):
         TritonOptions(fused_combine="yes")
     for name in ("fold_token_norms", "concurrent_stages", "decode_qkv_rope", "decode_head", "persistent_expert"):
         with pytest.raises(ConfigError, match=f"TritonOptions.{name} must be True or False, got 'on'"):
@@ -244,7 +244,7 @@ def test_bad_triton_options_are_refused():
 
 def test_fused_combine_follows_the_lm_shape():
     """With fused_combine="grouped" the combine is fused in LMs whose query heads share KV heads (RT-2's Gemma:
-    8 on 1) and not where each query head has its own (OpenVLA's Llama); "all" fuses it in both, "off" in neither."""
+    8 on 1) and not where each query head has its own (OpenVLA's Llama); "off" never fuses it."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.tools import token_model
@@ -255,22 +255,24 @@ def test_fused_combine_follows_the_lm_shape():
     assert backend.fuses_combine(rt2.dims) and not backend.fuses_combine(openvla.dims)
     unfused = TritonBackend.configured(fused_combine="off")(torch.device(TRITON_DEVICE), torch.float32)
     assert not unfused.fuses_combine(rt2.dims)
-    everywhere = TritonBackend.configured(fused_combine="all")(torch.device(TRITON_DEVICE), torch.float32)
-    assert everywhere.fuses_combine(rt2.dims) and everywhere.fuses_combine(openvla.dims)
 
 
 def test_decode_key_preload_follows_the_lm_shape():
     """preload_decode_keys="grouped" (the default) preloads in RT-2's Gemma (8 query heads on 1 KV head) and not in
-    OpenVLA's Llama; "all" in both, "off" in neither."""
+    OpenVLA's Llama; "off" in neither; any other value is refused."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.backends.triton_options import TritonOptions
     from cortexflow.backends.triton_token_decoder import preloads_decode_keys
+    from cortexflow.errors import ConfigError
     from cortexflow.tools import token_model
 
     rt2, openvla = token_model("rt2", "real").lm.dims, token_model("openvla", "real").lm.dims
-    for mode, expected in (("grouped", (True, False)), ("all", (True, True)), ("off", (False, False))):
+    for mode, expected in (("grouped", (True, False)), ("off", (False, False))):
         backend = TritonBackend.configured(preload_decode_keys=mode)(torch.device(TRITON_DEVICE), torch.float32)
         assert (preloads_decode_keys(backend, rt2), preloads_decode_keys(backend, openvla)) == expected, mode
+    with pytest.raises(ConfigError, match="preload_decode_keys must be 'grouped' or 'off', got 'all'"):
+        TritonOptions(preload_decode_keys="all")
 
 
 def test_norm_folding_runs_once_and_changes_the_fused_weights():

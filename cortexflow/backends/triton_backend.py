@@ -198,7 +198,7 @@ class TritonBackend(PyTorchBackend):
 
     def fuses_combine(self, dims) -> bool:
         """Whether the attention of fused layers with ``dims`` merges its key ranges in the last-arriving
-        program: with ``fused_combine="grouped"``, in layers whose query heads share a KV head; "all": in every one."""
+        program: with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
         return fuses_combine(self, dims)
 
     def lm_head_argmax(self, h, norm_weight, head, eps, allowed, dims):

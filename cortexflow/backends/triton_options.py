@@ -19,8 +19,8 @@ from cortexflow.errors import ConfigError
 CHOICES: dict[str, tuple[str, ...]] = {
     "pdl": ("auto", "on", "off"),
     "decode_gemv": ("all", "off"),
-    "fused_combine": ("grouped", "all", "off"),
-    "preload_decode_keys": ("grouped", "all", "off"),
+    "fused_combine": ("grouped", "off"),
+    "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step"),
 }
 
@@ -55,11 +55,12 @@ class TritonOptions:
       weights at load (the projection's consumer applies the row statistic).
     - ``fused_combine``: "grouped": the split attention's key ranges merged by the last-arriving program
       (no combine kernel) in decoder layers whose query heads share a KV head (RT-2's Gemma); "off": a
-      combine kernel everywhere; "all": fused in every decoder layer (OpenVLA's Llama too, one KV head a query head).
+      combine kernel everywhere. Layers with one KV head per query head (OpenVLA's Llama) never fuse it.
     - ``preload_decode_keys``: with ``pdl``, a decode step's attention loads each key range's first block of
       the cache (every row but the one the step writes) and its mask entries while the QKV/RoPE GEMV before it
-      still runs: "grouped": in layers whose query heads share a KV head (RT-2's Gemma: 14 programs); "all": in
-      every layer; "off": after that GEMV has finished, like every other kernel's inputs.
+      still runs: "grouped": in layers whose query heads share a KV head (RT-2's Gemma: 14 programs; OpenVLA's
+      Llama, 160 programs, measured slower with it); "off": after that GEMV has finished, like every other kernel's
+      inputs.
     - ``concurrent_stages``: independent stages (OpenVLA's two vision towers) on two CUDA streams.
 
     Both:

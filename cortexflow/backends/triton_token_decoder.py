@@ -128,17 +128,14 @@ def fits_fused_layer(dims: DecoderDims) -> bool:
 
 def fuses_combine(backend, dims: DecoderDims) -> bool:
     """Whether the attention of layers with ``dims`` merges its key ranges in the last-arriving program:
-    with ``fused_combine="grouped"``, in layers whose query heads share a KV head; with "all", in every layer."""
-    mode = backend.options.fused_combine
-    return mode == "all" or (mode == "grouped" and dims.num_kv_heads < dims.num_heads)
+    with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
+    return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
 
 
 def preloads_decode_keys(backend, dims: DecoderDims) -> bool:
     """Whether a decode step's attention in layers with ``dims`` loads its settled cache rows before its PDL wait:
-    with ``preload_decode_keys="grouped"``, in layers whose query heads share a KV head; with "all", in every
-    layer."""
-    mode = backend.options.preload_decode_keys
-    return mode == "all" or (mode == "grouped" and dims.num_kv_heads < dims.num_heads)
+    with ``preload_decode_keys="grouped"``, in layers whose query heads share a KV head."""
+    return backend.options.preload_decode_keys == "grouped" and dims.num_kv_heads < dims.num_heads
 
 
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,

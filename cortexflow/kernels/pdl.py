@@ -10,7 +10,9 @@ runs, do the work that does not depend on it (a GEMV loads its first weight chun
 Rules every kernel with ``PDL`` set follows (they keep the chain exactly as ordered as without PDL):
 - :func:`pdl_release` first: the next kernel in the stream may be launched once every program of this
   one has started (it still waits for this one to finish before it touches its results);
-- before :func:`pdl_wait`: only loads of data no kernel of the chain writes (weights); no stores.
+- before :func:`pdl_wait`: only loads of data no kernel of the chain writes (weights), or data written before
+  the last kernel launched without PDL (whose dependants start only after it has finished: a decode step's
+  attention with ``fresh_row`` loads its KV cache so, :func:`cortexflow.kernels.attention.attention`); no stores.
 After the wait everything the previous kernels wrote is visible, and since each of them also waited for
 its predecessor, so is everything before it.
 
