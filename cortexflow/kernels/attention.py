@@ -120,14 +120,14 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
     launch wrote the keys). ``D_PARTS`` (1, 2 or 4; ``BLOCK_D / D_PARTS >= 16``): the logits as that many
     independent products over column parts (:func:`_logits`), for a tile so short that each warp's share of the
     logits is one MMA chain."""
-    return continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid,
+    return _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid,
                           head_dim, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
                           tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
                           HAS_MASK, UPCAST, DOT_PRECISION, CACHE, BLOCK_M, BLOCK_N, BLOCK_D, D_PARTS)
 
 
 @triton.jit
-def continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
+def _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
                    acc, m_i, l_i, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    CACHE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                    D_PARTS: tl.constexpr):
@@ -290,7 +290,7 @@ def _attention_kernel(
         p, alpha, m_i, l_i = _block_weights(s, k_valid, tl.full([BLOCK_M], float("-inf"), tl.float32),
                                             tl.zeros([BLOCK_M], tl.float32))
         acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), alpha, p, v, UPCAST, DOT_PRECISION)
-        acc, m_i, l_i = continue_range(
+        acc, m_i, l_i = _continue_range(
             q, k_base, v_base, skl, svl, mask_rows, smk, key_start + BLOCK_N, key_end, scale_log2, row_valid, head_dim,
             acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1)
     else:
