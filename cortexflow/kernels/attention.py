@@ -228,7 +228,7 @@ def _attention_kernel(
     scale_log2, q_len, k_len, head_dim, n_kv_heads, group, keys_per_split,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh, smb, smq, smk, sob, sol, soh,
     HAS_MASK: tl.constexpr, SPLIT: tl.constexpr, FUSED_COMBINE: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, PRELOAD: tl.constexpr, ONE_BLOCK: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PRELOAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
     pdl_release(PDL)
@@ -290,10 +290,9 @@ def _attention_kernel(
         p, alpha, m_i, l_i = _block_weights(s, k_valid, tl.full([BLOCK_M], float("-inf"), tl.float32),
                                             tl.zeros([BLOCK_M], tl.float32))
         acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), alpha, p, v, UPCAST, DOT_PRECISION)
-        if not ONE_BLOCK:
-            acc, m_i, l_i = _continue_range(
-                q, k_base, v_base, skl, svl, mask_rows, smk, key_start + BLOCK_N, key_end, scale_log2, row_valid,
-                head_dim, acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1)
+        acc, m_i, l_i = _continue_range(
+            q, k_base, v_base, skl, svl, mask_rows, smk, key_start + BLOCK_N, key_end, scale_log2, row_valid, head_dim,
+            acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1)
     else:
         acc, m_i, l_i = attend_range(
             q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim, HAS_MASK,
@@ -408,7 +407,7 @@ def attention(
         v.stride(0), v.stride(1), v.stride(2), *mask_strides, out.stride(0), out.stride(1), out.stride(2),
         HAS_MASK=mask is not q, SPLIT=split, FUSED_COMBINE=fused, UPCAST=upcast_dots(q.dtype),
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", PRELOAD=fresh_row is not None,
-        ONE_BLOCK=keys_per_split == block_n, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PDL=pdl,
         num_warps=num_warps, num_stages=2, **launch,
     )
     if split and not fused:
