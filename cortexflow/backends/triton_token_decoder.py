@@ -224,10 +224,10 @@ def _attend(backend, layer: GatedLayer, qkv, positions, mask, cache, write_at, s
 
 def _attention(backend, dims: DecoderDims, q, keys, values, mask, pdl, write_at=None):
     """The attention of the rotated ``q (B, L, Hq, Dh)`` over ``keys`` / ``values``; ``(B, L, Hq * Dh)``. A decode
-    step (``write_at``: the cache row its QKV kernel just wrote) with ``pdl``, where ``options.preload_decode_keys``
-    selects the layer (:func:`preloads_decode_keys`),
-    loads the other rows before its PDL wait: its mask, position and those rows come from kernels before the step's
-    embedding, which runs without PDL (:meth:`cortexflow.models.token_decoding.DecoderLM.step`)."""
+    step (``write_at``: the cache row its QKV kernel just wrote) with ``pdl``, in the layers
+    :func:`preloads_decode_keys` selects, loads the other rows before its PDL wait: they come from earlier steps, and
+    the step's mask and position from torch kernels (launched without PDL) before its first layer
+    (:meth:`cortexflow.models.token_decoding.DecoderLM.step`)."""
     preload = pdl and write_at is not None and preloads_decode_keys(backend, dims)
     return backend.attention(q, keys, values, mask, 1.0 / math.sqrt(dims.head_dim),
                              fused_combine=fuses_combine(backend, dims), pdl=pdl,
