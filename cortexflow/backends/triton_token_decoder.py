@@ -129,13 +129,19 @@ def fits_fused_layer(dims: DecoderDims) -> bool:
 def fuses_combine(backend, dims: DecoderDims) -> bool:
     """Whether the attention of layers with ``dims`` merges its key ranges in the last-arriving program:
     with ``fused_combine="grouped"``, in layers whose query heads share a KV head."""
-    return backend.options.fused_combine == "grouped" and dims.num_kv_heads < dims.num_heads
+    return backend.options.fused_combine == "grouped" and _shares_kv_heads(dims)
 
 
 def preloads_decode_keys(backend, dims: DecoderDims) -> bool:
     """Whether a decode step's attention in layers with ``dims`` loads its settled cache rows before its PDL wait:
     with ``preload_decode_keys="grouped"``, in layers whose query heads share a KV head."""
-    return backend.options.preload_decode_keys == "grouped" and dims.num_kv_heads < dims.num_heads
+    return backend.options.preload_decode_keys == "grouped" and _shares_kv_heads(dims)
+
+
+def _shares_kv_heads(dims: DecoderDims) -> bool:
+    """Whether the layer's query heads share KV heads (grouped / multi-query: RT-2's Gemma, not OpenVLA's Llama),
+    the layers a ``"grouped"`` option applies to."""
+    return dims.num_kv_heads < dims.num_heads
 
 
 def fused_token_layer(backend, weights, layer: GatedLayer, x: torch.Tensor, positions: torch.Tensor,

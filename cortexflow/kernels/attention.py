@@ -256,10 +256,10 @@ def _attention_kernel(
         k_valid = keys < key_end
         fresh = tl.load(fresh_ptr)
         settled = k_valid & (keys != fresh)
-        kt = tl.load(k_base + keys[None, :] * skl + offs_d[:, None], mask=settled[None, :] & d_valid[:, None],
-                     other=0.0)
-        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=settled[:, None] & d_valid[None, :],
-                    other=0.0)
+        kt_ptrs = k_base + keys[None, :] * skl + offs_d[:, None]
+        v_ptrs = v_base + keys[:, None] * svl + offs_d[None, :]
+        kt = tl.load(kt_ptrs, mask=settled[None, :] & d_valid[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=settled[:, None] & d_valid[None, :], other=0.0)
         if HAS_MASK:
             allowed = tl.load(mask_rows[:, None] + keys[None, :] * smk, mask=row_valid[:, None] & k_valid[None, :],
                               other=0)
@@ -267,11 +267,9 @@ def _attention_kernel(
         # The fresh row (the kernel before wrote it) is read after the wait, at L2 (.cg: an L1 line filled before
         # the wait may hold its bytes from before the write), the others' entries stay.
         is_fresh = k_valid & (keys == fresh)
-        kt = tl.where(is_fresh[None, :], tl.load(k_base + keys[None, :] * skl + offs_d[:, None],
-                                                 mask=is_fresh[None, :] & d_valid[:, None], other=0.0,
+        kt = tl.where(is_fresh[None, :], tl.load(kt_ptrs, mask=is_fresh[None, :] & d_valid[:, None], other=0.0,
                                                  cache_modifier=".cg"), kt)
-        v = tl.where(is_fresh[:, None], tl.load(v_base + keys[:, None] * svl + offs_d[None, :],
-                                                mask=is_fresh[:, None] & d_valid[None, :], other=0.0,
+        v = tl.where(is_fresh[:, None], tl.load(v_ptrs, mask=is_fresh[:, None] & d_valid[None, :], other=0.0,
                                                 cache_modifier=".cg"), v)
     else:
         pdl_wait(PDL)
@@ -360,6 +358,8 @@ def attention(
     such kernels; only the step's own QKV kernel, just before, writes its row). Each program then loads its first
     key block, values and mask entries before its PDL wait, i.e. while the kernel before still runs, and reads
     only the fresh row after it. Without PDL the result is the same."""
+    if fresh_row is not None and (fresh_row.numel() != 1 or fresh_row.dtype.is_floating_point):
+        raise ValueError(f"fresh_row must be one integer on the device, got {fresh_row.dtype} {tuple(fresh_row.shape)}")
     b, q_len, q_heads, head_dim = q.shape
     k_len, kv_heads = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
@@ -396,8 +396,6 @@ def attention(
     else:
         part_acc = part_ml = out
     counters = arrival_counters(q.device, row_blocks * b * kv_heads) if fused else out
-    if fresh_row is not None and (fresh_row.numel() != 1 or fresh_row.dtype.is_floating_point):
-        raise ValueError(f"fresh_row must be one integer on the device, got {fresh_row.dtype} {tuple(fresh_row.shape)}")
     grid = (row_blocks, b * kv_heads, num_splits)
     launch = launch_options(pdl)
     _attention_kernel[grid](
