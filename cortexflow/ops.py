@@ -10,8 +10,8 @@ Tensor layouts used by every op:
 
 Primitive ops (``linear``, ``rms_norm``, ``attention``, ...) are abstract: every backend implements them.
 Fused units (``pre_ln_encoder``, ``prefix_kv_cache``, ``decoder_layer``, ``lm_head_argmax``,
-``begin_denoising`` / ``expert_stack``) are what the fast paths accelerate; each has a PyTorch composition
-of the primitive ops as its default, so the ``pytorch`` backend stays the reference and a backend overrides
+``begin_denoising`` / ``expert_stack`` / ``denoising_step``) are what the fast paths accelerate; each has a
+PyTorch composition of the primitive ops as its default, so the ``pytorch`` backend stays the reference and a backend overrides
 only the units it accelerates. A unit receives weight names and dimensions (:class:`GatedLayer`,
 :class:`EncoderStack`, :class:`ExpertStack`), never a model object. Weight re-layouts (concatenated
 projections, folded norms) are the ``fuse_weights`` hook over the weight-name groups a model declares
@@ -128,6 +128,33 @@ class ExpertConditioning:
     norm_scales: torch.Tensor
     modulation: torch.Tensor | None = None
     final_modulation: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ActionPath:
+    """What a flow-matching decoder computes around its expert at each Euler step, in tensors made once per
+    weights and step count. The action tokens of the noisy actions ``x_t (B, H, A)`` (fp32):
+    ``tokens = x_t @ in_weightᵀ + in_bias[step]``, and with ``mid_weight`` then
+    ``tokens = silu(tokens) @ mid_weightᵀ + mid_bias``; they fill the last ``H`` suffix rows. The velocity:
+    ``expert_stack(...) @ head_weightᵀ + head_bias`` in the compute dtype.
+
+    ``in_weight (D, A)``, ``in_bias (steps, D)``, ``mid_weight (D, D)``, ``mid_bias (D,)``: fp32;
+    ``head_weight (A, D)``, ``head_bias (A,)``: the model's weights."""
+
+    in_weight: torch.Tensor
+    in_bias: torch.Tensor
+    head_weight: torch.Tensor
+    head_bias: torch.Tensor
+    mid_weight: torch.Tensor | None = None
+    mid_bias: torch.Tensor | None = None
+
+
+def action_tokens(ops: "ComputeBackend", path: ActionPath, x_t: torch.Tensor, step: int) -> torch.Tensor:
+    """The action tokens of step ``step`` for ``x_t (B, H, A)`` as ``(B * H, D)`` fp32 (:class:`ActionPath`)."""
+    tokens = torch.addmm(path.in_bias[step], x_t.reshape(-1, x_t.shape[-1]), path.in_weight.T)
+    if path.mid_weight is not None:
+        tokens = torch.addmm(path.mid_bias, ops.silu(tokens), path.mid_weight.T)
+    return tokens
 
 
 def kv_buffers(layers: int, batch: int, rows: int, head_shape: Sequence[int], dtype: torch.dtype,
@@ -400,7 +427,7 @@ class ComputeBackend(ABC):
 
     def table_denoising(self, weights: Weights, expert: ExpertStack) -> bool:
         """Whether a flow-matching model runs its decoder on per-step conditioning tables through
-        :meth:`begin_denoising` / :meth:`expert_stack` (False: its op-by-op velocity, differentiable)."""
+        :meth:`begin_denoising` / :meth:`denoising_step` (False: its op-by-op velocity, differentiable)."""
         return False
 
     def begin_denoising(self, weights: Weights, expert: ExpertStack, conditioning: ExpertConditioning,
@@ -450,6 +477,22 @@ class ComputeBackend(ABC):
         final = cond.final_modulation[step]
         return self.ada_rms_norm(rows, final[0].expand(b, -1), final[1].expand(b, -1), eps)
 
+
+    def denoising_step(self, weights: Weights, ctx: DenoisingContext, path: ActionPath, hidden: torch.Tensor,
+                       x_t: torch.Tensor, step: int, dt: float,
+                       guide: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """One Euler step of the noisy actions ``x_t (B, H, A)`` fp32, in place: ``x_t += dt * v`` with the
+        velocity ``v`` of step ``step``: :func:`action_tokens` into the last ``H`` rows of the suffix buffer
+        ``hidden (B, S, D)`` (its first ``S - H`` rows, Pi0's state token, are the caller's and are only read;
+        the last ``H`` are this unit's scratch), :meth:`expert_stack`, then ``path``'s action head. ``guide``
+        (real-time chunking) maps the velocity to the one the step takes."""
+        b, chunk, _ = x_t.shape
+        hidden[:, -chunk:] = action_tokens(self, path, x_t, step).view(b, chunk, -1)
+        h = self.expert_stack(weights, ctx, hidden, step)
+        velocity = self.linear(h, path.head_weight, path.head_bias)
+        if guide is not None:
+            velocity = guide(velocity)
+        x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
 
 # ---- the compositions the fused units default to --------------------------------------------------
 def project_qkv(ops: ComputeBackend, weights: Weights, layer: GatedLayer, h: torch.Tensor,

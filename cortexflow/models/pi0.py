@@ -31,7 +31,7 @@ from cortexflow.models.gemma import (
     modulation,
 )
 from cortexflow.models.siglip import siglip_stack, siglip_tower, siglip_weight_shapes
-from cortexflow.ops import ExpertConditioning, ExpertStack, FusableWeights
+from cortexflow.ops import ActionPath, ExpertConditioning, ExpertStack, FusableWeights
 
 
 def _no_timer(_stage: str):
@@ -41,19 +41,14 @@ def _no_timer(_stage: str):
 @dataclass
 class DenoisingTables:
     """What the decoder computes from the time alone, for the Euler ``times``, made once per weights and step
-    count (fp32): the expert's per-step ``conditioning``; Pi0: ``action_weight (D, A)`` and
-    ``action_bias (steps, D)`` (``action_in_proj`` folded into the action half of ``action_time_mlp_in``, its
-    time half applied to each step's time embedding) and ``action_out_weight (D, D)`` / ``action_out_bias (D,)``
-    (``action_time_mlp_out``); Pi0.5: ``action_in_weight (D, A)`` / ``action_in_bias (D,)`` (``action_in_proj``)."""
+    count (fp32): the expert's per-step ``conditioning`` and the ``action`` path around it. Pi0's
+    ``action_in_proj`` is folded into the action half of ``action_time_mlp_in`` (``in_weight``), whose time half
+    is applied to each step's time embedding (``in_bias``), and ``action_time_mlp_out`` is the path's middle
+    layer; Pi0.5's path is ``action_in_proj`` alone."""
 
     times: list[float]
     conditioning: ExpertConditioning
-    action_weight: torch.Tensor | None = None
-    action_bias: torch.Tensor | None = None
-    action_in_weight: torch.Tensor | None = None
-    action_in_bias: torch.Tensor | None = None
-    action_out_weight: torch.Tensor | None = None
-    action_out_bias: torch.Tensor | None = None
+    action: ActionPath
 
 
 class Pi0Model(VLAModel):
@@ -260,27 +255,20 @@ class Pi0Model(VLAModel):
             torch.stack([1.0 + w(f"expert.layers.{i}.attn_norm"), 1.0 + w(f"expert.layers.{i}.mlp_norm")])
             for i in range(c.num_decoder_layers)
         ])
-        return DenoisingTables(times, ExpertConditioning(norm_scales), action_weight=action_weight,
-                               action_bias=action_bias, action_out_weight=w("action_time_mlp_out.weight"),
-                               action_out_bias=w("action_time_mlp_out.bias"))
+        action = ActionPath(action_weight, action_bias, weights["action_out_proj.weight"], weights["action_out_proj.bias"],
+                            mid_weight=w("action_time_mlp_out.weight"), mid_bias=w("action_time_mlp_out.bias"))
+        return DenoisingTables(times, ExpertConditioning(norm_scales), action)
 
     def table_suffix_start(self, weights: Weights, inputs: Mapping[str, Any], hidden: torch.Tensor) -> None:
         """Write the suffix rows that do not change between steps into ``hidden (B, S, D)``: Pi0's state token."""
         state = F.linear(inputs["state"].float(), weights["state_proj.weight"].float(), weights["state_proj.bias"].float())
         hidden[:, 0] = state.to(hidden.dtype)
 
-    def table_suffix_tokens(self, ops, tables: DenoisingTables, step: int, x_t: torch.Tensor, hidden: torch.Tensor) -> None:
-        """Write step ``step``'s action tokens of ``x_t (B, H, A)`` into ``hidden (B, S, D)`` from the tables:
-        ``mlp_out(swish(x_t @ action_weightᵀ + action_bias[step]))``, fp32 GEMMs as the reference."""
-        mixed = ops.silu(torch.addmm(tables.action_bias[step], x_t.view(-1, x_t.shape[-1]), tables.action_weight.T))
-        tokens = torch.addmm(tables.action_out_bias, mixed, tables.action_out_weight.T)
-        hidden[:, 1:] = tokens.view(x_t.shape[0], x_t.shape[1], -1)
-
     def decode_with_tables(self, ops, weights: Weights, inputs: Mapping[str, Any], expert: ExpertStack,
                            mask: torch.Tensor, positions: torch.Tensor, guidance: Any = None) -> torch.Tensor:
         """The Euler integration of ``transformer_decoder`` on the per-step tables (:meth:`denoising_tables`,
-        kept per weights by the backend) and the expert as one unit per step (``ops.expert_stack``); the
-        same function as the op-by-op velocity, not differentiable. ``guidance``: an identity-Jacobian
+        kept per weights by the backend), each Euler step one unit (``ops.denoising_step``: action tokens, the
+        expert, the action head); the same function as the op-by-op velocity, not differentiable. ``guidance``: an identity-Jacobian
         :class:`~cortexflow.models.rtc.ChunkGuidance` applied to each step's velocity. Returns ``(B, H, A)`` fp32."""
         c = self.config
         steps = c.num_diffusion_steps
@@ -293,13 +281,9 @@ class Pi0Model(VLAModel):
         self.table_suffix_start(weights, inputs, hidden)
         dt = float(np.float32(-1.0 / len(tables.times)))
         x_t = noise.to(torch.float32, copy=True)  # updated in place by the Euler step
-        for step in range(len(tables.times)):
-            self.table_suffix_tokens(ops, tables, step, x_t, hidden)
-            h = ops.expert_stack(weights, ctx, hidden, step)
-            velocity = ops.linear(h, weights["action_out_proj.weight"], weights["action_out_proj.bias"])
-            if guidance is not None:
-                velocity = guidance.guide(velocity, x_t, tables.times[step])
-            x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
+        for step, t in enumerate(tables.times):
+            guide = None if guidance is None else lambda v, t=t: guidance.guide(v, x_t, t)
+            ops.denoising_step(weights, ctx, tables.action, hidden, x_t, step, dt, guide)
         return x_t
 
     # ---- whole call ---------------------------------------------------------------------------
@@ -404,16 +388,13 @@ class Pi05Model(Pi0Model):
         final = F.linear(cond, w("expert.norm_mod.weight"), w("expert.norm_mod.bias")).view(num_steps, 3, d)
         norm_scales = 1.0 + mod[:, :, :, 0]  # (steps, layers, 2, D)
         conditioning = ExpertConditioning(norm_scales.contiguous(), mod.contiguous(), final.contiguous())
-        return DenoisingTables(times, conditioning, action_in_weight=w("action_in_proj.weight"),
-                               action_in_bias=w("action_in_proj.bias"))
+        in_bias = w("action_in_proj.bias").expand(num_steps, -1).contiguous()
+        action = ActionPath(w("action_in_proj.weight"), in_bias, weights["action_out_proj.weight"],
+                            weights["action_out_proj.bias"])
+        return DenoisingTables(times, conditioning, action)
 
     def table_suffix_start(self, weights: Weights, inputs: Mapping[str, Any], hidden: torch.Tensor) -> None:
         """Pi0.5's suffix is the action tokens only."""
-
-    def table_suffix_tokens(self, ops, tables: DenoisingTables, step: int, x_t: torch.Tensor, hidden: torch.Tensor) -> None:
-        """``action_in_proj(x_t)`` in fp32 into ``hidden (B, H, D)``."""
-        tokens = torch.addmm(tables.action_in_bias, x_t.view(-1, x_t.shape[-1]), tables.action_in_weight.T)
-        hidden.copy_(tokens.view(hidden.shape))
 
 
 def model_class(model_type: VLAModelType) -> type[Pi0Model]:
