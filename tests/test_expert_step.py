@@ -228,3 +228,112 @@ def test_step_kernel_compiles_for_hopper(tmp_path):
         assert launch["cp_async_cg"] > 0 and launch["cp_async_ca"] == 0 and launch["scalar_b16_loads"] == 0
         assert launch["acquire_polls"] >= 7  # one poll loop a barrier
         assert launch["e4m3_cvt"] == (fp8 == "True")
+
+
+def _euler_inputs(dtype, pi05, seed):
+    """An action path for :func:`expert_step`'s ``euler``: Pi0 (a middle layer, a state row before the actions,
+    plain final norm) or Pi0.5 (no middle layer, every suffix row an action, adaptive final norm); action
+    dimension 5 (padded to 16 in the kernel)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE)
+
+    a, chunk = 5, SEQ if pi05 else SEQ - 1
+    mid = {} if pi05 else dict(mid_weight=rnd(DIM, DIM, scale=DIM**-0.5), mid_bias=rnd(DIM, scale=0.1))
+    return es.EulerUpdate(rnd(BATCH * chunk, a), rnd(DIM, a, scale=a**-0.5), rnd(DIM, scale=0.1),
+                          rnd(a, DIM, scale=DIM**-0.5).to(dtype), rnd(a, scale=0.1).to(dtype), 1 + 0.2 * rnd(DIM),
+                          chunk, -0.1, final_shift=rnd(DIM, scale=0.3) if pi05 else None, **mid)
+
+
+def _euler_composition(euler, x, dtype, run_layers, eps=1e-6):
+    """The Euler step as ``ComputeBackend.denoising_step`` composes it: the action tokens in fp32 into the last
+    ``chunk`` rows of each batch of ``x`` (rounded), the layers (``run_layers(hidden) -> out``), the final norm,
+    the head (rounded to its dtype) and ``x_t + dt * v``. Returns ``(out, x_t)``."""
+    tokens = euler.x_t @ euler.in_weight.T + euler.in_bias
+    if euler.mid_weight is not None:
+        tokens = torch.nn.functional.silu(tokens) @ euler.mid_weight.T + euler.mid_bias
+    hidden = x.clone()
+    hidden.view(BATCH, SEQ, DIM)[:, -euler.chunk:] = tokens.view(BATCH, euler.chunk, DIM).to(dtype)
+    out = run_layers(hidden).clone()
+    rows = out.view(BATCH, SEQ, DIM)[:, -euler.chunk:].reshape(-1, DIM).float()
+    h = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps) * euler.final_scale
+    if euler.final_shift is not None:
+        h = h + euler.final_shift
+    h = h.to(dtype).float()
+    v = (h @ euler.head_weight.float().T + euler.head_bias.float()).to(euler.head_weight.dtype).float()
+    return out, euler.x_t + euler.dt * v
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+@pytest.mark.parametrize("layers", [LAYERS, 1], ids=["3-layers", "1-layer"])
+def test_euler_step_launch_equals_its_composition(dtype, pi05, layers):
+    """A whole Euler step in one launch (action tokens, the layers, final norm, action head, update of ``x_t``)
+    against the same step composed of PyTorch ops around the step kernel without the action path: the residual,
+    the KV cache rows and ``x_t`` agree to the dtype's rounding (fp32: the action GEMMs sum in another order);
+    with one layer the kernel's two action-path barriers share a counter, which every program passed twice."""
+    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, False, 4)
+    weights, norm_scales = weights[:layers], norm_scales[:layers]
+    modulation = None if modulation is None else modulation[:layers]
+    keys, values = keys[:layers].contiguous(), values[:layers].contiguous()
+    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
+    tables = es.expert_weight_tables(weights, scales)
+    euler = _euler_inputs(dtype, pi05, 5)
+    x_t_before = euler.x_t.clone()
+
+    def workspace():
+        work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
+                                  torch.device(DEVICE), SMALL_TILING, launches=layers)
+        work.reset()
+        return work
+
+    args = (positions, inv_freq)
+    composed_keys, composed_values = keys.clone(), values.clone()
+    plain = workspace()
+    run_layers = lambda hidden: es.expert_step(hidden, plain.residual, tables, norm_scales, *args,  # noqa: E731
+                                               composed_keys, composed_values, mask, 1e-6, HEAD_DIM**-0.5, plain,
+                                               HEADS, modulation)
+    composed_out, composed_x_t = _euler_composition(es.EulerUpdate(**{**euler.__dict__, "x_t": x_t_before.clone()}),
+                                                    x, dtype, run_layers)
+    work = workspace()
+    hidden = x.clone()
+    out = es.expert_step(hidden, work.residual, tables, norm_scales, *args, keys, values, mask, 1e-6, HEAD_DIM**-0.5,
+                         work, HEADS, modulation, euler=euler)
+    bound = BOUNDS[dtype]
+    assert _rel(out, composed_out) <= bound
+    assert _rel(keys, composed_keys) <= bound and _rel(values, composed_values) <= bound
+    assert _rel(euler.x_t - x_t_before, composed_x_t - x_t_before) <= bound
+    assert torch.equal(hidden, x)  # only read
+    barriers = work.sync.view(layers, el.ExpertWorkspace.BARRIERS)
+    action_barrier, head_barrier = int(barriers[0, 7]), int(barriers[-1, 7])
+    if layers == 1:
+        assert action_barrier == 2 * work.programs
+    else:
+        assert action_barrier == work.programs and head_barrier == work.programs
+    assert (barriers[:, :7] == work.programs).all()
+
+
+def test_euler_step_checks_its_action_path():
+    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(torch.float32, True, False, 6)
+    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
+    tables = es.expert_weight_tables(weights, scales)
+    work = _workspace(torch.float32)
+    pi0, pi05 = _euler_inputs(torch.float32, False, 7), _euler_inputs(torch.float32, True, 7)
+
+    def launch(euler, mod=modulation):
+        es.expert_step(x, work.residual, tables, norm_scales, positions, inv_freq, keys, values, mask, 1e-6,
+                       HEAD_DIM**-0.5, work, HEADS, mod, euler=euler)
+
+    with pytest.raises(ValueError, match=r"x_t must be contiguous fp32 \(12, A\), got torch.float32 \(11, 5\)"):
+        launch(es.EulerUpdate(**{**pi05.__dict__, "x_t": pi05.x_t[:-1]}))
+    with pytest.raises(ValueError, match=r"in_weight must be contiguous \(32, 5\)"):
+        launch(es.EulerUpdate(**{**pi05.__dict__, "in_weight": pi05.in_weight.T.contiguous()}))
+    with pytest.raises(ValueError, match="in_bias must be fp32"):
+        launch(es.EulerUpdate(**{**pi05.__dict__, "in_bias": pi05.in_bias.double()}))
+    with pytest.raises(ValueError, match="chunk 7 must be 1..6"):
+        launch(es.EulerUpdate(**{**pi05.__dict__, "chunk": 7}))
+    with pytest.raises(ValueError, match="final_shift goes with modulation"):
+        launch(pi05, mod=None)
+    with pytest.raises(ValueError, match="needs plain norms"):
+        launch(es.EulerUpdate(**{**pi0.__dict__, "final_shift": pi05.final_shift}))
