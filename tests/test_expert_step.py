@@ -5,10 +5,13 @@ CPU: Triton's interpreter with one program (see tests/test_expert_layer.py); bot
 arithmetic in the same order, so a step launch and the chain of layer launches agree bit for bit.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from cortexflow.errors import CortexFlowWarning
 from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels import expert_step as es
 from cortexflow.kernels.rope import inverse_frequencies
@@ -140,12 +143,15 @@ def test_step_launch_checks_its_tables_and_tensors():
 
 
 # Pi0 with E4M3 weights in one launch per step is the step kernel's FP8 build (equal to the layer launches above)
-# behind the same backend wiring as test_expert_layer's FP8 backend test: one end-to-end case, Pi0.5, suffices.
-@pytest.mark.parametrize("model, fp8", [("pi05", False)], ids=["pi05"])
-def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8):
-    """A tiny Pi0.5 and a tiny Pi0 with E4M3 expert projections, in fp32, through the triton backend with
-    ``expert_launch="step"``: the actions of the PyTorch backend on the same (dequantised) weights, to the fp32
-    bound; the step tables were made once, for the engine's weights."""
+# behind the same backend wiring as test_expert_layer's FP8 backend test: one end-to-end case, Pi0.5, suffices for
+# "step"; "euler" runs both models (Pi0's action path has a middle layer and a state row, Pi0.5's adaptive final norm).
+@pytest.mark.parametrize("model, fp8, launch", [("pi05", False, "step"), ("pi05", False, "euler"),
+                                                ("pi0", False, "euler")], ids=["pi05-step", "pi05-euler", "pi0-euler"])
+def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
+    """A tiny Pi0.5 and a tiny Pi0 in fp32 through the triton backend with ``expert_launch="step"`` (a launch a
+    step for the expert layers) or "euler" (a launch a whole Euler step, the action path included; the launches'
+    barrier counters are the ones the action path uses): the actions of the PyTorch backend on the same weights,
+    to the fp32 bound; the step tables were made once, for the engine's weights."""
     import cortexflow as cf
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
@@ -160,14 +166,19 @@ def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8):
     state = rng.standard_normal(5)
     create = cf.create_pi0_inference if model == "pi0" else cf.create_pi05_inference
     outputs = {}
-    for name, backend in (("step", (fp8_triton if fp8 else TritonBackend).configured(expert_launch="step")),
+    for name, backend in (("step", (fp8_triton if fp8 else TritonBackend).configured(expert_launch=launch)),
                           ("reference", dequantised if fp8 else "pytorch")):
         engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32", model_config=config,
                         use_cuda_graphs=False)
-        outputs[name] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CortexFlowWarning)  # no fallback to another path
+            outputs[name] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
         if name == "step":
             tables = engine.backend.per_weights(engine.weights, "expert_step_tables", lambda: None)
             assert tables.layers == config.num_decoder_layers and (tables.scales is not None) == fp8
+            if launch == "euler":  # the Euler launch made its final-norm factors
+                key = "euler_final_scale" if model == "pi0" else ("euler_final_scales", config.num_diffusion_steps)
+                assert engine.backend.per_weights(engine.weights, key, lambda: None) is not None
     rel = np.linalg.norm(outputs["step"] - outputs["reference"]) / np.linalg.norm(outputs["reference"])
     assert rel <= 1e-5
 
@@ -178,7 +189,8 @@ def test_expert_launch_option():
 
     assert TritonOptions().expert_launch == "layer"
     assert TritonOptions.parse("expert_launch=step").changed() == {"expert_launch": "step"}
-    with pytest.raises(ConfigError, match="expert_launch must be 'layer' or 'step'"):
+    assert TritonOptions.parse("expert_launch=euler").changed() == {"expert_launch": "euler"}
+    with pytest.raises(ConfigError, match="expert_launch must be 'layer', 'step' or 'euler'"):
         TritonOptions(expert_launch="all")
 
 
@@ -337,3 +349,17 @@ def test_euler_step_checks_its_action_path():
         launch(pi05, mod=None)
     with pytest.raises(ValueError, match="needs plain norms"):
         launch(es.EulerUpdate(**{**pi0.__dict__, "final_shift": pi05.final_shift}))
+
+
+def test_euler_launch_leaves_a_guided_step_to_the_composition(monkeypatch):
+    """A real-time-chunking step (a ``guide`` that changes the velocity between the head and the update) does not
+    run as one launch: the triton backend hands it to the composition, which calls the guide."""
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.ops import ComputeBackend
+
+    calls = []
+    monkeypatch.setattr(ComputeBackend, "denoising_step", lambda self, *args: calls.append(args[-1]))
+    backend = TritonBackend.configured(expert_launch="euler")(torch.device(DEVICE), torch.float32)
+    guide = lambda v: v  # noqa: E731
+    backend.denoising_step({}, None, None, None, None, 0, -0.1, guide)
+    assert calls == [guide]

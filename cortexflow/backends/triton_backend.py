@@ -32,6 +32,8 @@ except ImportError as err:  # pragma: no cover - exercised only where triton is 
     raise BackendUnavailableError(f"the triton backend needs the 'triton' package: {TRITON_INSTALL_HINT}") from err
 
 from cortexflow.backends.triton_decoder import (  # noqa: E402
+    euler_step,
+    euler_step_unsupported,
     expert_weights_fp8,
     fused_expert_stack,
     persistent_layer_unsupported,
@@ -217,7 +219,7 @@ class TritonBackend(PyTorchBackend):
     def begin_denoising(self, weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps):
         """Adds the RoPE frequencies, whether the expert's Triton kernels launch with programmatic dependent
         launch and, with ``persistent_expert`` (for an expert the kernel was written for), the persistent
-        kernel's workspace for ``num_steps`` steps (and with ``expert_launch="step"`` the step kernel's
+        kernel's workspace for ``num_steps`` steps (and with ``expert_launch="step"`` or "euler" the step kernel's
         weight tables, made once per weights). E4M3 expert weights run only in the persistent kernel:
         without it, a ConfigError."""
         persistent = self.options.persistent_expert
@@ -233,7 +235,7 @@ class TritonBackend(PyTorchBackend):
             persistent = False
         if persistent:
             ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
-            if self.options.expert_launch == "step":
+            if self.options.expert_launch in ("step", "euler"):
                 ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
                                                                     lambda: step_tables(weights, expert))
         return ctx
@@ -258,6 +260,18 @@ class TritonBackend(PyTorchBackend):
         if ctx.expert.layers[0].name("qkv") not in weights:
             return super().expert_stack(weights, ctx, x, step)
         return fused_expert_stack(self, weights, ctx, x, step)
+
+    def denoising_step(self, weights, ctx, path, hidden, x_t, step, dt, guide=None):
+        """With ``expert_launch="euler"``, the whole Euler step as one launch (``triton_decoder.euler_step``);
+        otherwise, with a ``guide`` (whose velocity correction runs between the head and the update), or where that
+        launch cannot run, the composition around :meth:`expert_stack`."""
+        if self.options.expert_launch != "euler" or guide is not None:
+            return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
+        reason = euler_step_unsupported(weights, ctx, path)
+        if reason is not None:
+            self._fallback("Euler step in one launch", reason)
+            return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
+        euler_step(self, weights, ctx, path, hidden, x_t, step, dt)
 
     def run_concurrently(self, first, second):
         """``(first(), second())``: on a GPU ``first`` runs on a side stream while ``second`` runs on the

@@ -1,5 +1,6 @@
 """The Triton backend's flow-matching units for the Pi0 family's action expert (``begin_denoising`` and
-``expert_stack``: every expert layer of one denoising step, then the final norm).
+``expert_stack``: every expert layer of one denoising step, then the final norm; ``denoising_step``: a whole Euler
+step).
 
 What differs from the units' default compositions (:class:`cortexflow.ops.ComputeBackend`; same function, fewer kernels):
 - Q/K/V and gate/up projections each run as one GEMM over concatenated weights (the separate weights
@@ -15,6 +16,8 @@ What differs from the units' default compositions (:class:`cortexflow.ops.Comput
   each layer's down projection into the next; with ``expert_launch="step"`` one persistent kernel runs every
   layer of the step (:mod:`cortexflow.kernels.expert_step`, its weight tables made once per weights). E4M3
   expert weights (``quantize_in_place`` on the fused weights) run only there: the kernel converts them in its GEMMs and applies their per-channel scales.
+- with ``expert_launch="euler"`` one launch is a whole Euler step (``denoising_step``): the step kernel with the
+  action path around the layers (:class:`~cortexflow.kernels.expert_step.EulerUpdate`).
 What depends only on the time step (the expert's norm scales, modulations and residual gates per step) is
 the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights and step count.
 """
@@ -27,10 +30,10 @@ import torch.nn.functional as F
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
-from cortexflow.kernels.expert_step import ExpertWeightTables, expert_step, expert_weight_tables
+from cortexflow.kernels.expert_step import EulerUpdate, ExpertWeightTables, expert_step, expert_weight_tables
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.ops import DenoisingContext, ExpertStack
+from cortexflow.ops import ActionPath, DenoisingContext, ExpertStack
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
@@ -88,6 +91,46 @@ def fused_expert_stack(backend, weights, ctx: DenoisingContext, x: torch.Tensor,
         final = cond.final_modulation[step]
         return rms_kernel.rms_norm(rows, None, eps, final[0].expand(b, -1), final[1].expand(b, -1))
     return rms_kernel.rms_norm(rows, weights[ctx.expert.final_norm], eps, pdl=pdl)
+
+
+def euler_step_unsupported(weights, ctx: DenoisingContext, path: ActionPath) -> str | None:
+    """Why :func:`euler_step` cannot run this call (None when it can)."""
+    if "step_tables" not in ctx.backend_state:
+        return "the expert does not run in the step kernel"
+    t = ctx.backend_state["workspace"].tiling
+    dim = path.in_weight.shape[0]
+    if dim % (t.down_splits * t.block_k):
+        return f"width {dim} is not {t.down_splits} K ranges of whole {t.block_k}-column steps"
+    if path.mid_weight is not None and ctx.conditioning.modulation is not None:
+        return "an action path with a middle layer and adaptive norms"
+    return None
+
+
+def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden: torch.Tensor, x_t: torch.Tensor,
+               step: int, dt: float) -> None:
+    """``ComputeBackend.denoising_step`` as one launch of the step kernel with the action path
+    (:func:`euler_step_unsupported` said it can run): ``x_t (B, H, A)`` updated in place; ``hidden (B, S, D)`` is
+    only read (its first ``S - H`` rows). The final norm's column factors are made once per weights (and step
+    count)."""
+    cond = ctx.conditioning
+    adaptive = cond.modulation is not None
+    b, s, d = hidden.shape
+    if adaptive:
+        scales = backend.per_weights(weights, ("euler_final_scales", cond.final_modulation.shape[0]),
+                                     lambda: (1.0 + cond.final_modulation[:, 0]).contiguous())
+        final_scale, final_shift = scales[step], cond.final_modulation[step, 1]
+    else:
+        final_scale = backend.per_weights(weights, "euler_final_scale",
+                                          lambda: 1.0 + weights[ctx.expert.final_norm].float())
+        final_shift = None
+    euler = EulerUpdate(x_t.view(-1, x_t.shape[-1]), path.in_weight, path.in_bias[step], path.head_weight,
+                        path.head_bias, final_scale, x_t.shape[1], dt, path.mid_weight, path.mid_bias, final_shift)
+    work = ctx.backend_state["workspace"]
+    dims = ctx.expert.layers[0].dims
+    expert_step(hidden.view(b * s, d), work.residual, ctx.backend_state["step_tables"],
+                cond.norm_scales[step] if adaptive else cond.norm_scales, ctx.positions, ctx.backend_state["inv_freq"],
+                ctx.keys, ctx.values, ctx.mask, dims.rms_norm_eps, dims.attention_scale, work, dims.num_heads,
+                cond.modulation[step] if adaptive else None, step=step, euler=euler)
 
 
 #: The expert weights the persistent kernel takes, in the order of its ``weight_scales``.

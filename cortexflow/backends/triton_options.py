@@ -21,7 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
     "preload_decode_keys": ("grouped", "off"),
-    "expert_launch": ("layer", "step"),
+    "expert_launch": ("layer", "step", "euler"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -41,7 +41,10 @@ class TritonOptions:
       (``kernels/expert_layer.py``); False: the chain of ~10 kernels a layer (cuBLAS GEMMs + Triton glue).
     - ``expert_launch``: with ``persistent_expert``, "layer": one launch per expert layer; "step": one launch
       per denoising step that runs every layer (``kernels/expert_step.py``; on the H100 Pi0 within 0.5 % of
-      "layer", Pi0.5 1.7 % faster: benchmarks/NOTES.md, session 19).
+      "layer", Pi0.5 1.7 % faster: benchmarks/NOTES.md, session 19); "euler": one launch per Euler step, the
+      action path included (action tokens, the layers, final norm, action head, the update of the noisy
+      actions), where "step" launches ~7 more kernels a step around it. A real-time-chunking call, whose
+      guidance changes each velocity, runs "step".
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
 
