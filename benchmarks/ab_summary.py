@@ -29,7 +29,8 @@ def _load(path: Path):
 
 
 #: (build, baseline) pairs whose mean medians ``bench_rows`` compares, as ``<build>_vs_<baseline>_pct``.
-COMPARISONS = (("new", "old"), ("fp8", "new"), ("fp8", "oldfp8"), ("opt", "new"), ("optfp8", "fp8"))
+COMPARISONS = (("new", "old"), ("fp8", "new"), ("fp8", "oldfp8"), ("opt", "new"), ("optfp8", "fp8"), ("opt2", "new"),
+               ("opt", "opt2"))
 
 
 def _mean(values: list[float]) -> float:
@@ -59,7 +60,7 @@ def bench_rows(runs: Path) -> list[dict]:
             row.setdefault("problems", []).append(f"{match['build']} r{match['round']}: {failed.get('reason')}")
     for row in table.values():
         medians = {build: [v for k, v in row.items() if k.startswith(f"{build}_r")]
-                   for build in ("old", "new", "fp8", "oldfp8", "opt", "optfp8")}
+                   for build in ("old", "new", "fp8", "oldfp8", "opt", "optfp8", "opt2")}
         for build, base in COMPARISONS:
             if medians[build] and medians[base]:
                 row[f"{build}_vs_{base}_pct"] = round(100.0 * (_mean(medians[build]) / _mean(medians[base]) - 1.0), 2)
@@ -116,6 +117,8 @@ def print_summary(summary: dict) -> None:
         peaks = "/".join(f"{row[k]:.2f}" if k in row else "-" for k in ("new_peak_gib", "fp8_peak_gib"))
         opt = f"   opt/new {row['opt_vs_new_pct']:+.1f}%" if "opt_vs_new_pct" in row else ""
         opt += f"   optfp8/fp8 {row['optfp8_vs_fp8_pct']:+.1f}%" if "optfp8_vs_fp8_pct" in row else ""
+        opt += f"   opt2/new {row['opt2_vs_new_pct']:+.1f}%" if "opt2_vs_new_pct" in row else ""
+        opt += f"   opt/opt2 {row['opt_vs_opt2_pct']:+.1f}%" if "opt_vs_opt2_pct" in row else ""
         print(f"{row['workload']:28}{cells}{change}{fp8}{fp8_change}{spread}{peaks:>18}{opt}")
     for model, result in summary["verify"].items():
         err = result.get("actions_rel_l2")

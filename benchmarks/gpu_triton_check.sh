@@ -26,8 +26,8 @@
 #   left out and listed, 520), DEVICE / SIZE / BACKEND (cuda / real / triton; DEVICE=cpu SIZE=tiny BACKEND=pytorch
 #   SKIP_TESTS=1 runs the plumbing on a CPU), SKIP_TESTS=1 (no GPU tests); for `final`: BUILDS (old new; fp8 adds
 #   this build with --precision fp8, oldfp8 the old build with it, opt this build with --triton-options
-#   "$OPT_OPTIONS", optfp8 opt with --precision fp8), GROUPS_TO_BENCH (pi0 pi05 token), ROUNDS (1 2; a device call may run one
-#   round), VERIFY (pi0 pi05 openvla) and VERIFY_FP8 (models verified with --precision fp8; none by default).
+#   "$OPT_OPTIONS", optfp8 opt with --precision fp8, opt2 this build with "$OPT2_OPTIONS"), GROUPS_TO_BENCH (pi0
+#   pi05 token), ROUNDS (1 2; a device call may run one round), VERIFY (pi0 pi05 openvla) and VERIFY_FP8 (models verified with --precision fp8; none by default).
 set -u
 MODE="${1:-final}"
 OLD="${2:-}"
@@ -188,7 +188,7 @@ fi
 BENCH=(bench --backends "$BACKEND" --graphs "$GRAPHS" --iters "$ITERS" --warmup 5 --device "$DEVICE" --size "$SIZE")
 # bench_round ROUND BUILD...: each workload group on each build in the order given. Builds: old, new, fp8 (the
 # new build with --precision fp8), oldfp8 (the old build with --precision fp8), opt (the new build with
-# --triton-options "$OPT_OPTIONS") and optfp8 (opt with --precision fp8).
+# --triton-options "$OPT_OPTIONS"), optfp8 (opt with --precision fp8) and opt2 (--triton-options "$OPT2_OPTIONS").
 bench_round() {
   local round=$1 group build root extra
   shift
@@ -196,7 +196,7 @@ bench_round() {
     for build in "$@"; do
       root="$ROOT"; case "$build" in old|oldfp8) root="$OLD_ROOT" ;; esac
       extra=(); case "$build" in *fp8) extra=(--precision fp8) ;; esac
-      case "$build" in opt*) extra+=(--triton-options "$OPT_OPTIONS") ;; esac
+      case "$build" in opt2) extra+=(--triton-options "$OPT2_OPTIONS") ;; opt*) extra+=(--triton-options "$OPT_OPTIONS") ;; esac
       case "$group" in
         pi0) cf_step 150 "bench_pi0_${build}_r$round" "$root" "${BENCH[@]}" "${extra[@]}" --models pi0 \
                --views 1,2,3 --prompt-len 20 --json "$RUNS/bench_pi0_${build}_r$round.json" ;;

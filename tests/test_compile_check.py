@@ -71,8 +71,16 @@ def test_every_variant_compiles_for_hopper_at_real_size(pi0_family_run):
     assert {k["max_grid"] for k in experts} == {132}
     # Every call after the first: the time terms come from tables made once (no sin / cos / linspace kernels
     # per call), and the Pi0 family's GEMMs stay on cuBLAS (torch ops) beside the Triton kernels.
+    default = {(c["model"], c["views"]): c for c in report["cases"] if c["variant"] == "default"}
     for case in report["cases"]:
-        assert case["launches"] > 300 and case["torch_kernels"] > 100, case
+        if case["variant"] == "expert-euler":
+            # One launch an Euler step, where the default launches 18 expert layers and the final norm, and the
+            # action path's torch kernels (fp32 GEMMs, SiLU, the update) are gone.
+            assert case["launches"] <= default[case["model"], case["views"]]["launches"] - 170, case
+            assert not {"addmm", "silu", "add_"} & set(case["torch_ops"]), case["torch_ops"]
+        else:
+            assert case["launches"] > 300, case
+        assert case["torch_kernels"] > 100, case
         assert not {"sin", "cos", "linspace", "reciprocal", "pow"} & set(case["torch_ops"]), case["torch_ops"]
         # The fused prefix's QKV/RoPE kernels write K/V into the buffers the denoising steps read (no copy per
         # layer); the op-by-op encoder copies each layer's K/V once.

@@ -136,7 +136,7 @@ def _action_phase(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_p
         kept = tl.load(x_ptr + at, mask=(rows < M)[:, None] & ~action[:, None], other=0.0)
         if MID:
             acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for k0 in tl.range(split * k_range, split * k_range + k_range, BLOCK_K, num_stages=1):
+            for k0 in tl.range(split * k_range, split * k_range + k_range, BLOCK_K, num_stages=2):
                 ks = k0 + offs_k
                 w_in = tl.load(in_w_ptr + ks[None, :] * A + offs_a[:, None], mask=(offs_a < A)[:, None], other=0.0)
                 first = tl.dot(x, w_in, input_precision=PRECISION) + tl.load(in_b_ptr + ks)[None, :]
