@@ -363,3 +363,14 @@ def test_euler_launch_leaves_a_guided_step_to_the_composition(monkeypatch):
     guide = lambda v: v  # noqa: E731
     backend.denoising_step({}, None, None, None, None, 0, -0.1, guide)
     assert calls == [guide]
+
+
+def test_action_path_takes_k_ranges_of_whole_16_column_steps():
+    """The action phase steps through the middle layer's K ranges (``width / down_splits`` columns) in the largest
+    power of two up to 32 dividing them: Pi0's 1024 / 8 in 32-column steps; widths whose ranges are not a multiple
+    of 16 columns (``tl.dot``'s least K) are refused with the reason."""
+    tiling = el.ExpertTiling()
+    assert es.action_k_step(1024, 8) == 32 and es.action_k_step(128, 8) == 16 and es.action_k_step(32, 2) == 16
+    assert es.action_path_unsupported(1024, tiling) is None and es.action_path_unsupported(128, tiling) is None
+    assert "width 64 does not split into 8 K ranges of a multiple of 16" in es.action_path_unsupported(64, tiling)
+    assert es.action_path_unsupported(1000, tiling) is not None

@@ -30,7 +30,13 @@ import torch.nn.functional as F
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
-from cortexflow.kernels.expert_step import EulerUpdate, ExpertWeightTables, expert_step, expert_weight_tables
+from cortexflow.kernels.expert_step import (
+    EulerUpdate,
+    ExpertWeightTables,
+    action_path_unsupported,
+    expert_step,
+    expert_weight_tables,
+)
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
 from cortexflow.ops import ActionPath, DenoisingContext, ExpertStack
@@ -97,10 +103,9 @@ def euler_step_unsupported(weights, ctx: DenoisingContext, path: ActionPath) -> 
     """Why :func:`euler_step` cannot run this call (None when it can)."""
     if "step_tables" not in ctx.backend_state:
         return "the expert does not run in the step kernel"
-    t = ctx.backend_state["workspace"].tiling
-    dim = path.in_weight.shape[0]
-    if dim % (t.down_splits * t.block_k):
-        return f"width {dim} is not {t.down_splits} K ranges of whole {t.block_k}-column steps"
+    reason = action_path_unsupported(path.in_weight.shape[0], ctx.backend_state["workspace"].tiling)
+    if reason is not None:
+        return reason
     if path.mid_weight is not None and ctx.conditioning.modulation is not None:
         return "an action path with a middle layer and adaptive norms"
     return None

@@ -92,7 +92,7 @@ from cortexflow.kernels.runtime import interpreting, next_power_of_two
 
 #: The largest offset alignment (elements) the tables record.
 MAX_ALIGNMENT = 16
-#: The action phase's K step through the middle layer, at most the tiling's ``block_k`` (its fp32 tiles are
+#: The action phase's largest K step through the middle layer (:func:`action_k_step`; its fp32 tiles are
 #: ``block_m x ACTION_K_STEP``: at 64 Pi0's step kernel spills more registers when compiled for sm_90).
 ACTION_K_STEP = 32
 
@@ -302,7 +302,7 @@ class EulerUpdate:
 
     def check(self, rows: int, seq_len: int, dim: int, tiling) -> None:
         """ValueError unless the tensors fit ``rows`` suffix rows of ``seq_len`` per batch, width ``dim`` and the
-        tiling (the middle layer's K ranges are whole K steps)."""
+        tiling (:func:`action_path_unsupported`)."""
         a = self.x_t.shape[-1]
         batch = rows // seq_len
         if not 0 < self.chunk <= seq_len:
@@ -324,8 +324,25 @@ class EulerUpdate:
                 raise ValueError(f"{name} must be contiguous {shape}, got {tuple(t.shape)}")
             if name not in ("head_weight", "head_bias") and t.dtype != torch.float32:
                 raise ValueError(f"{name} must be fp32, got {t.dtype}")
-        if dim % (tiling.down_splits * tiling.block_k):
-            raise ValueError(f"width {dim} is not {tiling.down_splits} K ranges of whole {tiling.block_k}-column steps")
+        reason = action_path_unsupported(dim, tiling)
+        if reason is not None:
+            raise ValueError(reason)
+
+
+def action_k_step(dim: int, splits: int) -> int:
+    """The action phase's K step: the largest power of two up to :data:`ACTION_K_STEP` that divides the middle
+    layer's K ranges (``dim / splits`` columns each)."""
+    k_range = dim // splits
+    return min(ACTION_K_STEP, k_range & -k_range)
+
+
+def action_path_unsupported(dim: int, tiling) -> str | None:
+    """Why the step kernel cannot run the action path of an expert of width ``dim`` with ``tiling`` (None when it
+    can): the middle layer's ``down_splits`` K ranges must be whole steps of at least 16 columns (``tl.dot``)."""
+    if dim % tiling.down_splits or action_k_step(dim, tiling.down_splits) < 16:
+        return (f"width {dim} does not split into {tiling.down_splits} K ranges of a multiple of 16 columns "
+                "(the action path's middle layer)")
+    return None
 
 
 def expert_weight_tables(weights: Sequence[Sequence[torch.Tensor]],
@@ -431,7 +448,7 @@ def expert_step(
         workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), values.stride(1), values.stride(2),
         values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2), BARRIERS=workspace.BARRIERS,
-        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling.block_k),
+        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling.down_splits),
         **launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace),
     )
     return out
@@ -449,7 +466,7 @@ def _euler_arguments(euler: EulerUpdate | None, filler: torch.Tensor) -> tuple:
             euler.final_scale, shift, euler.chunk, euler.dt)
 
 
-def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, block_k: int) -> dict:
+def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, splits: int) -> dict:
     """The kernel's action-path constants: its fp32 products in fp32 (``ieee``) for fp32 activations and on the CPU
     interpreter, else as three TF32 products (``tf32x3``, fp32 to about its last bits, on tensor cores)."""
     if euler is None:
@@ -457,7 +474,7 @@ def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, bl
     a = euler.x_t.shape[1]
     exact = dtype == torch.float32 or interpreting()
     return dict(EULER=True, MID=euler.mid_weight is not None, A=a, BLOCK_A=max(16, next_power_of_two(a)),
-                ACTION_PRECISION="ieee" if exact else "tf32x3", ACTION_K=min(ACTION_K_STEP, block_k), HEAD_K=min(256, next_power_of_two(dim)))
+                ACTION_PRECISION="ieee" if exact else "tf32x3", ACTION_K=action_k_step(dim, splits), HEAD_K=min(256, next_power_of_two(dim)))
 
 
 def expert_step_reference(x, weights, norm_scales, positions, inv_freq, keys, values, mask, eps, scale, heads,
