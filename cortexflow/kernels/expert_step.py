@@ -95,6 +95,9 @@ MAX_ALIGNMENT = 16
 #: The action phase's largest K step through the middle layer (:func:`action_k_step`; its fp32 tiles are
 #: ``block_m x ACTION_K_STEP``: at 64 Pi0's step kernel spills more registers when compiled for sm_90).
 ACTION_K_STEP = 32
+#: Columns a tile of the action phase: Pi0's 1024 columns x 8 K ranges are then 128 items, one wave of an H100's
+#: programs (with the o / down tiles' 32 columns, two).
+ACTION_COLS = 64
 
 
 @triton.jit
@@ -193,7 +196,8 @@ def _expert_step_kernel(
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BARRIERS: tl.constexpr, ALIGN: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
-    BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_K: tl.constexpr, HEAD_K: tl.constexpr,
+    BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_N: tl.constexpr, ACTION_K: tl.constexpr,
+    HEAD_K: tl.constexpr,
 ):
     """Every layer of one denoising step (see :func:`expert_step`): layer ``l`` takes projection ``j``'s weight
     (and FP8 scales) at layer 0's plus the element offset ``table[j, l]`` (a multiple of ``ALIGN``), its norm /
@@ -204,7 +208,7 @@ def _expert_step_kernel(
     m_pad = tl.cdiv(M, BLOCK_M) * BLOCK_M
     if EULER:
         _action_phase(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_ptr, down_part_ptr, M, S, chunk,
-                      pid, n_programs, MID, A, BLOCK_A, D, DOWN_SPLITS, ACTION_PRECISION, BLOCK_M, 2 * OUT_HALF, ACTION_K)
+                      pid, n_programs, MID, A, BLOCK_A, D, DOWN_SPLITS, ACTION_PRECISION, BLOCK_M, ACTION_N, ACTION_K)
         _grid_sync(sync_ptr + BARRIERS - 1, n_programs, True)
     for layer in range(0, n_layers):
         w_qkv = w_qkv_ptr + tl.multiple_of(tl.load(w_table_ptr + layer), ALIGN)
@@ -448,7 +452,7 @@ def expert_step(
         workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), values.stride(1), values.stride(2),
         values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2), BARRIERS=workspace.BARRIERS,
-        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling.down_splits),
+        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling),
         **launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace),
     )
     return out
@@ -466,15 +470,20 @@ def _euler_arguments(euler: EulerUpdate | None, filler: torch.Tensor) -> tuple:
             euler.final_scale, shift, euler.chunk, euler.dt)
 
 
-def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, splits: int) -> dict:
+def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, tiling) -> dict:
     """The kernel's action-path constants: its fp32 products in fp32 (``ieee``) for fp32 activations and on the CPU
-    interpreter, else as three TF32 products (``tf32x3``, fp32 to about its last bits, on tensor cores)."""
+    interpreter, else as three TF32 products (``tf32x3``, fp32 to about its last bits, on tensor cores); the
+    action phase's columns a tile (:data:`ACTION_COLS` where they divide the width, else the o / down tiles') and
+    K step (:func:`action_k_step`)."""
     if euler is None:
-        return dict(EULER=False, MID=False, A=1, BLOCK_A=16, ACTION_PRECISION="ieee", ACTION_K=16, HEAD_K=16)
+        return dict(EULER=False, MID=False, A=1, BLOCK_A=16, ACTION_PRECISION="ieee", ACTION_N=16, ACTION_K=16,
+                    HEAD_K=16)
     a = euler.x_t.shape[1]
     exact = dtype == torch.float32 or interpreting()
     return dict(EULER=True, MID=euler.mid_weight is not None, A=a, BLOCK_A=max(16, next_power_of_two(a)),
-                ACTION_PRECISION="ieee" if exact else "tf32x3", ACTION_K=action_k_step(dim, splits), HEAD_K=min(256, next_power_of_two(dim)))
+                ACTION_PRECISION="ieee" if exact else "tf32x3",
+                ACTION_N=ACTION_COLS if dim % ACTION_COLS == 0 else 2 * tiling.out_cols,
+                ACTION_K=action_k_step(dim, tiling.down_splits), HEAD_K=min(256, next_power_of_two(dim)))
 
 
 def expert_step_reference(x, weights, norm_scales, positions, inv_freq, keys, values, mask, eps, scale, heads,
