@@ -198,6 +198,12 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
 
 
 @triton.jit
+def split_item(item, splits, n_tiles):
+    """Item ``item`` of a split-K phase as (K range, column tile, row block), the K ranges varying fastest."""
+    return item % splits, (item // splits) % n_tiles, item // (splits * n_tiles)
+
+
+@triton.jit
 def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_programs, N: tl.constexpr,
                    SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                    BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -210,9 +216,7 @@ def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_progr
     m_pad = tl.cdiv(M, BLOCK_M) * BLOCK_M
     offs_n = tl.arange(0, HALF_N)
     for item in range(pid, n_items, n_programs):
-        split = item % SPLITS
-        tile = (item // SPLITS) % n_tiles
-        mb = item // (SPLITS * n_tiles)
+        split, tile, mb = split_item(item, SPLITS, n_tiles)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols1 = tile * 2 * HALF_N + offs_n
         acc1, acc2 = _dual_tile(a_ptr, k_total, rows, rows < M, w_ptr, k_total, cols1, cols1 + HALF_N,

@@ -87,6 +87,7 @@ from cortexflow.kernels.expert_layer import (
     check_weight_scales,
     expert_layer_reference,
     launch_constants,
+    split_item,
 )
 from cortexflow.kernels.runtime import interpreting, next_power_of_two
 
@@ -127,9 +128,7 @@ def _action_phase(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_p
     offs_a = tl.arange(0, BLOCK_A)
     offs_k = tl.arange(0, BLOCK_K)
     for item in range(pid, n_items, n_programs):
-        split = item % splits
-        tile = (item // splits) % n_tiles
-        mb = item // (splits * n_tiles)
+        split, tile, mb = split_item(item, splits, n_tiles)
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         action, xt_row = _action_rows(rows, M, S, chunk)
