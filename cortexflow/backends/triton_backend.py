@@ -267,7 +267,7 @@ class TritonBackend(PyTorchBackend):
         launch cannot run, the composition around :meth:`expert_stack`."""
         if self.options.expert_launch != "euler" or guide is not None:
             return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
-        reason = euler_step_unsupported(weights, ctx, path)
+        reason = euler_step_unsupported(ctx, path)
         if reason is not None:
             self._fallback("Euler step in one launch", reason)
             return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)

@@ -99,7 +99,7 @@ def fused_expert_stack(backend, weights, ctx: DenoisingContext, x: torch.Tensor,
     return rms_kernel.rms_norm(rows, weights[ctx.expert.final_norm], eps, pdl=pdl)
 
 
-def euler_step_unsupported(weights, ctx: DenoisingContext, path: ActionPath) -> str | None:
+def euler_step_unsupported(ctx: DenoisingContext, path: ActionPath) -> str | None:
     """Why :func:`euler_step` cannot run this call (None when it can)."""
     if "step_tables" not in ctx.backend_state:
         return "the expert does not run in the step kernel"
@@ -118,9 +118,7 @@ def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden
     only read (its first ``S - H`` rows). The final norm's column factors are made once per weights (and step
     count)."""
     cond = ctx.conditioning
-    adaptive = cond.modulation is not None
-    b, s, d = hidden.shape
-    if adaptive:
+    if cond.modulation is not None:
         scales = backend.per_weights(weights, ("euler_final_scales", cond.final_modulation.shape[0]),
                                      lambda: (1.0 + cond.final_modulation[:, 0]).contiguous())
         final_scale, final_shift = scales[step], cond.final_modulation[step, 1]
@@ -130,12 +128,9 @@ def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden
         final_shift = None
     euler = EulerUpdate(x_t.view(-1, x_t.shape[-1]), path.in_weight, path.in_bias[step], path.head_weight,
                         path.head_bias, final_scale, x_t.shape[1], dt, path.mid_weight, path.mid_bias, final_shift)
-    work = ctx.backend_state["workspace"]
     dims = ctx.expert.layers[0].dims
-    expert_step(hidden.view(b * s, d), work.residual, ctx.backend_state["step_tables"],
-                cond.norm_scales[step] if adaptive else cond.norm_scales, ctx.positions, ctx.backend_state["inv_freq"],
-                ctx.keys, ctx.values, ctx.mask, dims.rms_norm_eps, dims.attention_scale, work, dims.num_heads,
-                cond.modulation[step] if adaptive else None, step=step, euler=euler)
+    _persistent_step(ctx.backend_state["step_tables"], hidden, ctx.backend_state["workspace"], ctx,
+                     ctx.backend_state["inv_freq"], dims.attention_scale, dims.rms_norm_eps, dims.num_heads, step, euler)
 
 
 #: The expert weights the persistent kernel takes, in the order of its ``weight_scales``.
@@ -181,15 +176,16 @@ def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, va
     return out
 
 
-def _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, heads, step):
+def _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, heads, step, euler=None):
     """Every expert layer of step ``step`` as one persistent kernel on ``x (B, S, D)`` into ``work.residual``
-    (the same counters, buffers and numbers as the layer launches of :func:`_persistent_layer`)."""
+    (the same counters, buffers and numbers as the layer launches of :func:`_persistent_layer`); with ``euler``
+    the whole Euler step (:func:`~cortexflow.kernels.expert_step.expert_step`)."""
     b, s, d = x.shape
     cond = ctx.conditioning
     adaptive = cond.modulation is not None
     norm_scales = cond.norm_scales[step] if adaptive else cond.norm_scales
     expert_step(x.view(b * s, d), work.residual, tables, norm_scales, ctx.positions, inv_freq, ctx.keys, ctx.values,
-                ctx.mask, eps, scale, work, heads, cond.modulation[step] if adaptive else None, step=step)
+                ctx.mask, eps, scale, work, heads, cond.modulation[step] if adaptive else None, step=step, euler=euler)
     return work.residual.view(b, s, d)
 
 
