@@ -18,7 +18,7 @@ timeout 90 python3 -m cortexflow.cli verify --model pi0 --backend triton --size 
   --triton-options expert_launch=euler --json $R/ab/verify_pi0_euler.json > $R/verify_pi0.log 2>&1
 pack verify $?
 bench() {  # bench BUILD ROUND OPTIONS
-  timeout 60 python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 5 --device cuda \
+  timeout 100 python3 -m cortexflow.cli bench --backends triton --graphs on --iters 30 --warmup 5 --device cuda \
     --size real --models pi0,pi05 --views 2 --prompt-len 20 --triton-options "$3" \
     --json $R/ab/bench_pi0family_$1_r$2.json > $R/bench_$1_r$2.log 2>&1
   pack bench_$1_r$2 $?
