@@ -11,8 +11,8 @@ Tensor layouts used by every op:
 Primitive ops (``linear``, ``rms_norm``, ``attention``, ...) are abstract: every backend implements them.
 Fused units (``pre_ln_encoder``, ``prefix_kv_cache``, ``decoder_layer``, ``lm_head_argmax``,
 ``begin_denoising`` / ``expert_stack`` / ``denoising_step``) are what the fast paths accelerate; each has a
-PyTorch composition of the primitive ops as its default, so the ``pytorch`` backend stays the reference and a backend overrides
-only the units it accelerates. A unit receives weight names and dimensions (:class:`GatedLayer`,
+PyTorch composition of the primitive ops as its default, so the ``pytorch`` backend stays the reference and a
+backend overrides only the units it accelerates. A unit receives weight names and dimensions (:class:`GatedLayer`,
 :class:`EncoderStack`, :class:`ExpertStack`), never a model object. Weight re-layouts (concatenated
 projections, folded norms) are the ``fuse_weights`` hook over the weight-name groups a model declares
 (:class:`FusableWeights`).
@@ -477,7 +477,6 @@ class ComputeBackend(ABC):
         final = cond.final_modulation[step]
         return self.ada_rms_norm(rows, final[0].expand(b, -1), final[1].expand(b, -1), eps)
 
-
     def denoising_step(self, weights: Weights, ctx: DenoisingContext, path: ActionPath, hidden: torch.Tensor,
                        x_t: torch.Tensor, step: int, dt: float,
                        guide: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
@@ -493,6 +492,7 @@ class ComputeBackend(ABC):
         if guide is not None:
             velocity = guide(velocity)
         x_t.add_(velocity, alpha=dt)  # fp32 += dt * velocity (upcast in the same kernel)
+
 
 # ---- the compositions the fused units default to --------------------------------------------------
 def project_qkv(ops: ComputeBackend, weights: Weights, layer: GatedLayer, h: torch.Tensor,

@@ -129,8 +129,9 @@ def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden
     euler = EulerUpdate(x_t.view(-1, x_t.shape[-1]), path.in_weight, path.in_bias[step], path.head_weight,
                         path.head_bias, final_scale, x_t.shape[1], dt, path.mid_weight, path.mid_bias, final_shift)
     dims = ctx.expert.layers[0].dims
-    _persistent_step(ctx.backend_state["step_tables"], hidden, ctx.backend_state["workspace"], ctx,
-                     ctx.backend_state["inv_freq"], dims.attention_scale, dims.rms_norm_eps, dims.num_heads, step, euler)
+    state = ctx.backend_state
+    _persistent_step(state["step_tables"], hidden, state["workspace"], ctx, state["inv_freq"], dims.attention_scale,
+                     dims.rms_norm_eps, dims.num_heads, step, euler)
 
 
 #: The expert weights the persistent kernel takes, in the order of its ``weight_scales``.

@@ -241,9 +241,9 @@ def _expert_step_kernel(
                v_ptr + layer * s_v_layer, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr,
                h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync, counters, M, S, P, eps, scale_log2,
                keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
-               (layer > 0) | MID, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS,
-               BLOCK_M, PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, BLOCK_HD, BLOCK_D, 255,
-               True)
+               (layer > 0) | MID, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8,
+               O_SPLITS, DOWN_SPLITS, BLOCK_M, PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS,
+               BLOCK_HD, BLOCK_D, 255, True)
         # The next layer's first phase reads this layer's down-projection partials; the last layer adds
         # them to the residual here.
         _grid_sync(sync + 6, n_programs, True)

@@ -255,8 +255,9 @@ class Pi0Model(VLAModel):
             torch.stack([1.0 + w(f"expert.layers.{i}.attn_norm"), 1.0 + w(f"expert.layers.{i}.mlp_norm")])
             for i in range(c.num_decoder_layers)
         ])
-        action = ActionPath(action_weight, action_bias, weights["action_out_proj.weight"], weights["action_out_proj.bias"],
-                            mid_weight=w("action_time_mlp_out.weight"), mid_bias=w("action_time_mlp_out.bias"))
+        action = ActionPath(action_weight, action_bias, weights["action_out_proj.weight"],
+                            weights["action_out_proj.bias"], mid_weight=w("action_time_mlp_out.weight"),
+                            mid_bias=w("action_time_mlp_out.bias"))
         return DenoisingTables(times, ExpertConditioning(norm_scales), action)
 
     def table_suffix_start(self, weights: Weights, inputs: Mapping[str, Any], hidden: torch.Tensor) -> None:
@@ -268,8 +269,9 @@ class Pi0Model(VLAModel):
                            mask: torch.Tensor, positions: torch.Tensor, guidance: Any = None) -> torch.Tensor:
         """The Euler integration of ``transformer_decoder`` on the per-step tables (:meth:`denoising_tables`,
         kept per weights by the backend), each Euler step one unit (``ops.denoising_step``: action tokens, the
-        expert, the action head); the same function as the op-by-op velocity, not differentiable. ``guidance``: an identity-Jacobian
-        :class:`~cortexflow.models.rtc.ChunkGuidance` applied to each step's velocity. Returns ``(B, H, A)`` fp32."""
+        expert, the action head); the same function as the op-by-op velocity, not differentiable. ``guidance``: an
+        identity-Jacobian :class:`~cortexflow.models.rtc.ChunkGuidance` applied to each step's velocity. Returns
+        ``(B, H, A)`` fp32."""
         c = self.config
         steps = c.num_diffusion_steps
         tables = ops.per_weights(weights, ("denoising_tables", steps), lambda: self.denoising_tables(weights, steps))
