@@ -148,10 +148,10 @@ def test_step_launch_checks_its_tables_and_tensors():
 @pytest.mark.parametrize("model, fp8, launch", [("pi05", False, "step"), ("pi05", False, "euler"),
                                                 ("pi0", False, "euler")], ids=["pi05-step", "pi05-euler", "pi0-euler"])
 def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
-    """A tiny Pi0.5 and a tiny Pi0 in fp32 through the triton backend with ``expert_launch="step"`` (a launch a
-    step for the expert layers) or "euler" (a launch a whole Euler step, the action path included; the launches'
-    barrier counters are the ones the action path uses): the actions of the PyTorch backend on the same weights,
-    to the fp32 bound; the step tables were made once, for the engine's weights."""
+    """A tiny Pi0.5 and a tiny Pi0 in fp32 through the triton backend with ``expert_launch="step"`` (one launch a
+    step for the expert layers) or "euler" (one launch a whole Euler step, the action path included): the actions of
+    the PyTorch backend on the same weights, to the fp32 bound (on a GPU in replayed CUDA graphs); the step tables
+    were made once, for the engine's weights."""
     import cortexflow as cf
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
@@ -168,8 +168,9 @@ def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
     outputs = {}
     for name, backend in (("step", (fp8_triton if fp8 else TritonBackend).configured(expert_launch=launch)),
                           ("reference", dequantised if fp8 else "pytorch")):
+        # On a GPU the engines replay CUDA graphs (the Euler launches' counters and x_t are the graph's buffers).
         engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32", model_config=config,
-                        use_cuda_graphs=False)
+                        use_cuda_graphs=DEVICE == "cuda")
         with warnings.catch_warnings():
             warnings.simplefilter("error", CortexFlowWarning)  # no fallback to another path
             outputs[name] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
