@@ -170,8 +170,9 @@ def _head_phase(hn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_
             acc = tl.zeros([BLOCK_A], tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 ks = k0 + offs_k
-                h = tl.load(hn_ptr + row * D + ks, cache_modifier=".cg").to(tl.float32)
-                w = tl.load(head_w_ptr + offs_a[:, None] * D + ks[None, :], mask=a_valid[:, None], other=0.0)
+                h = tl.load(hn_ptr + row * D + ks, mask=ks < D, other=0.0, cache_modifier=".cg").to(tl.float32)
+                w = tl.load(head_w_ptr + offs_a[:, None] * D + ks[None, :], mask=a_valid[:, None] & (ks < D)[None, :],
+                            other=0.0)
                 acc += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
             v = acc + tl.load(head_b_ptr + offs_a, mask=a_valid, other=0.0).to(tl.float32)
             v = v.to(head_w_ptr.dtype.element_ty).to(tl.float32)
