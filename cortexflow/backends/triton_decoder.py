@@ -103,12 +103,8 @@ def euler_step_unsupported(ctx: DenoisingContext, path: ActionPath) -> str | Non
     """Why :func:`euler_step` cannot run this call (None when it can)."""
     if "step_tables" not in ctx.backend_state:
         return "the expert does not run in the step kernel"
-    reason = action_path_unsupported(path.in_weight.shape[0], ctx.backend_state["workspace"].tiling)
-    if reason is not None:
-        return reason
-    if path.mid_weight is not None and ctx.conditioning.modulation is not None:
-        return "an action path with a middle layer and adaptive norms"
-    return None
+    return action_path_unsupported(path.in_weight.shape[0], ctx.backend_state["workspace"].tiling,
+                                   path.mid_weight is not None, ctx.conditioning.modulation is not None)
 
 
 def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden: torch.Tensor, x_t: torch.Tensor,

@@ -65,8 +65,8 @@ layers included (``ComputeBackend.denoising_step``'s composition, one launch ins
   dtype, ``x_t += dt * v``.
 
 Its two barriers are the 8th counter of the first and of the last layer, which the layers leave unused (one
-counter, arrived at twice, for a one-layer expert). ``x_t`` is
-read in the action phase and written in the head phase, one barrier apart; the next step is the next launch.
+counter, arrived at twice, for a one-layer expert). ``x_t`` is read in the action phase and written in the head
+phase, one barrier apart; the next step is the next launch.
 """
 
 from __future__ import annotations
@@ -304,9 +304,9 @@ class EulerUpdate:
     mid_bias: torch.Tensor | None = None
     final_shift: torch.Tensor | None = None
 
-    def check(self, rows: int, seq_len: int, dim: int, tiling) -> None:
-        """ValueError unless the tensors fit ``rows`` suffix rows of ``seq_len`` per batch, width ``dim`` and the
-        tiling (:func:`action_path_unsupported`)."""
+    def check(self, rows: int, seq_len: int, dim: int, tiling, adaptive: bool) -> None:
+        """ValueError unless the tensors fit ``rows`` suffix rows of ``seq_len`` per batch, width ``dim``, the
+        tiling and the norms (``adaptive``: with modulation; :func:`action_path_unsupported`)."""
         a = self.x_t.shape[-1]
         batch = rows // seq_len
         if not 0 < self.chunk <= seq_len:
@@ -328,7 +328,9 @@ class EulerUpdate:
                 raise ValueError(f"{name} must be contiguous {shape}, got {tuple(t.shape)}")
             if name not in ("head_weight", "head_bias") and t.dtype != torch.float32:
                 raise ValueError(f"{name} must be fp32, got {t.dtype}")
-        reason = action_path_unsupported(dim, tiling)
+        if (self.final_shift is not None) != adaptive:
+            raise ValueError("final_shift goes with modulation (adaptive norms), and only with it")
+        reason = action_path_unsupported(dim, tiling, self.mid_weight is not None, adaptive)
         if reason is not None:
             raise ValueError(reason)
 
@@ -340,12 +342,17 @@ def action_k_step(dim: int, splits: int) -> int:
     return min(ACTION_K_STEP, k_range & -k_range)
 
 
-def action_path_unsupported(dim: int, tiling) -> str | None:
+def action_path_unsupported(dim: int, tiling, middle_layer: bool = False, adaptive: bool = False) -> str | None:
     """Why the step kernel cannot run the action path of an expert of width ``dim`` with ``tiling`` (None when it
-    can): the middle layer's ``down_splits`` K ranges must be whole steps of at least 16 columns (``tl.dot``)."""
+    can): the middle layer's ``down_splits`` K ranges must be whole steps of at least 16 columns (``tl.dot``), and
+    a path with a ``middle_layer`` (its tokens a pending residual of layer 0) needs plain norms, not ``adaptive``
+    ones (layer 0 would gate them)."""
     if dim % tiling.down_splits or action_k_step(dim, tiling.down_splits) < 16:
         return (f"width {dim} does not split into {tiling.down_splits} K ranges of a multiple of 16 columns "
                 "(the action path's middle layer)")
+    if middle_layer and adaptive:
+        return ("an action path with a middle layer (its tokens a pending residual of layer 0) needs plain norms: "
+                "with modulation layer 0 would gate them")
     return None
 
 
@@ -429,14 +436,9 @@ def expert_step(
         raise ValueError(f"step {step} of {layers} layers needs launches beyond the workspace's "
                          f"{workspace.launches} launches")
     if euler is not None:
-        euler.check(m, s, dim, workspace.tiling)
+        euler.check(m, s, dim, workspace.tiling, modulation is not None)
         if out.device.type != "meta" and out.data_ptr() == x.data_ptr():
             raise ValueError("with euler, out must be another buffer than x (x's action rows are only read)")
-        if (euler.final_shift is not None) != (modulation is not None):
-            raise ValueError("final_shift goes with modulation (adaptive norms), and only with it")
-        if euler.mid_weight is not None and modulation is not None:
-            raise ValueError("an action path with a middle layer (its tokens a pending residual of layer 0) needs "
-                             "plain norms: with modulation layer 0 would gate them")
     adaptive = modulation is not None
     mod = modulation if adaptive else norm_scales
     mod_strides = modulation.stride()[:3] if adaptive else (0, 0, 0)
