@@ -258,6 +258,12 @@ class InferenceConfig:
     torch on the CPU, then one float32 copy), ``"device"`` (each view copied as it comes, uint8 usually, and
     prepared on the engine's GPU), ``"auto"`` (the device on a GPU, else the host).
 
+    ``token_embedding``: where the prompt's text embeddings are looked up: ``"host"`` (the model's lookup table,
+    Pi0's 1 GB text embedding, stays in host memory; each call gathers the prompt's rows on the CPU and copies
+    them in with the other inputs), ``"device"`` (the table on the engine's device, looked up inside the call),
+    ``"auto"`` (the host on a GPU where the model and backend allow it, else the device). Both give the same
+    bits; "host" takes the table's bytes off the GPU.
+
     ``check_finite_actions``: ``predict`` / ``predict_batch`` raise
     :class:`~cortexflow.errors.NonFiniteActionsError` instead of returning actions holding NaN or inf.
     ``precision``: "default" (weights in ``dtype``) or "fp8" (the triton backend's FP8 weights, Ada / Hopper GPUs
@@ -278,6 +284,7 @@ class InferenceConfig:
     num_steps: int | None = None
     prompt_buckets: Any = "auto"
     image_preprocessing: str = "auto"
+    token_embedding: str = "auto"
     check_finite_actions: bool = False
     precision: str = "default"
 
@@ -294,6 +301,8 @@ class InferenceConfig:
         self.prompt_buckets = parse_prompt_buckets(self.prompt_buckets)
         if self.image_preprocessing not in ("auto", "device", "host"):
             raise ConfigError(f"image_preprocessing must be 'auto', 'device' or 'host', got {self.image_preprocessing!r}")
+        if self.token_embedding not in ("auto", "device", "host"):
+            raise ConfigError(f"token_embedding must be 'auto', 'device' or 'host', got {self.token_embedding!r}")
         for name in ("chunk_size", "max_tokenize_len", "num_steps"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):

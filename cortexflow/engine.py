@@ -36,7 +36,8 @@ from cortexflow.errors import (
     InputError,
     NonFiniteActionsError,
 )
-from cortexflow.models.base import VLAModel
+from cortexflow.models.base import HostEmbedding, VLAModel
+from cortexflow.models.pi0 import Pi0Model
 from cortexflow.models.rtc import ChunkGuidance, RTCConfig, prefix_weights
 from cortexflow.preprocessor import (
     ActionPostprocessor,
@@ -45,7 +46,7 @@ from cortexflow.preprocessor import (
 )
 from cortexflow.processing import PromptTokenizer, load_norm_stats
 
-#: The static buffers whose last dimension is the padded prompt length.
+#: The static buffers ``(B, L)`` whose last dimension is the padded prompt length.
 TOKEN_BUFFERS = ("token_ids", "token_mask")
 
 
@@ -195,14 +196,20 @@ class VLAInferenceEngine(PolicyEngine):
         super().__init__(ic.backend, ic.device, ic.dtype, ic.use_cuda_graphs, precision=ic.precision)
         if model is None:
             expected = VLAModelType.parse(model_type) if model_type is not None else None
+            host = self._host_embedding(Pi0Model)  # the loader's models, Pi0 and Pi0.5, share Pi0's
             loaded = load_pi0_checkpoint(
                 checkpoint, expected, self.device, self.dtype, self._merged_config(model_config), progress,
-                ic.base_checkpoint_path,
+                ic.base_checkpoint_path, host_weights=() if host is None else (host.table,),
             )
             self.model, weights, self.checkpoint_report = loaded.model, loaded.weights, loaded.report
         else:
-            self.model, weights = model, self._load_custom(model, checkpoint)
+            host = self._host_embedding(model)
+            self.model, weights = model, self._load_custom(model, checkpoint, host)
         self.config: ModelConfig = self.model.config
+        #: The model's ``host_embedding`` when its table is kept in host memory (``token_embedding``), else None.
+        self.host_embedding: HostEmbedding | None = host
+        #: That table, made once by ``model.host_table`` (CPU); each call gathers the prompt's rows from it.
+        self.host_table = None if host is None else self.model.host_table(weights.pop(host.table), self.dtype)
         self.weights = self.backend.prepare_weights(self.model, weights)
         self.num_views = ic.num_views
         self.chunk_size = self.config.chunk_size
@@ -241,8 +248,24 @@ class VLAInferenceEngine(PolicyEngine):
             return model_config.replace(**overrides)
         return {**dict(model_config or {}), **overrides}
 
-    def _load_custom(self, model: VLAModel, checkpoint) -> dict[str, torch.Tensor]:
-        """Weights for a user-supplied model: raw tensors -> ``preprocess_checkpoint`` -> shape check -> device."""
+    def _host_embedding(self, model: "VLAModel | type[VLAModel]") -> HostEmbedding | None:
+        """``model.host_embedding`` when ``InferenceConfig.token_embedding`` puts its table in host memory:
+        "host", or "auto" on a GPU where the model has one and the backend takes the rows as an input."""
+        choice, spec = self.inference_config.token_embedding, model.host_embedding
+        usable = spec is not None and self.backend.supports_host_embedding
+        if choice == "device" or (choice == "auto" and (self.device.type != "cuda" or not usable)):
+            return None
+        if spec is None:
+            raise ConfigError(f"token_embedding='host': {model.__name__ if isinstance(model, type) else type(model).__name__} "
+                              "has no lookup table to keep in host memory (host_embedding is None); use 'auto' or 'device'")
+        if not usable:
+            raise ConfigError(f"token_embedding='host' needs a backend that runs the model's own stages; the "
+                              f"{self.backend.name} backend looks the token ids up itself; use 'auto' or 'device'")
+        return spec
+
+    def _load_custom(self, model: VLAModel, checkpoint, host: HostEmbedding | None) -> dict[str, torch.Tensor]:
+        """Weights for a user-supplied model: raw tensors -> ``preprocess_checkpoint`` -> shape check -> device
+        (the table of ``host`` to host memory)."""
         if isinstance(checkpoint, Mapping):
             raw = dict(checkpoint)
         else:
@@ -258,7 +281,8 @@ class VLAInferenceEngine(PolicyEngine):
             raise CheckpointError(
                 f"weights do not match {type(model).__name__}: missing {missing}; unexpected {unexpected}; mis-shaped {wrong}"
             )
-        return {n: t.to(device=self.device, dtype=model.weight_dtype(n, self.dtype)) for n, t in weights.items()}
+        return {n: t.to(device="cpu" if host is not None and n == host.table else self.device,
+                        dtype=model.weight_dtype(n, self.dtype)) for n, t in weights.items()}
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(
@@ -429,7 +453,9 @@ class VLAInferenceEngine(PolicyEngine):
     def buffers(self, batch: int, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
         """The static buffers for batch size ``batch`` and prompts padded to ``prompt_len`` tokens (default
         ``max_token_len``), allocated on first use and reused by every call. Only the token buffers differ
-        between prompt lengths; the images, state, noise and actions buffers of a batch size are shared."""
+        between prompt lengths; the images, state, noise and actions buffers of a batch size are shared.
+        With a host-side embedding (:attr:`host_embedding`) the token ids buffer is replaced by the looked-up
+        rows ``(B, L, D)``."""
         return self._buffer_set(self._buffers, batch, prompt_len, self.device, pinned=False)
 
     def staging(self, batch: int, prompt_len: int | None = None) -> dict[str, torch.Tensor]:
@@ -452,13 +478,29 @@ class VLAInferenceEngine(PolicyEngine):
 
         if (batch, full) not in sets:
             shapes = self.model.get_buffer_shapes(self.num_views, self.chunk_size, batch)
+            if self.host_embedding is not None:
+                ids, rows = self.host_embedding.ids, self.host_embedding.embeddings
+                shapes[rows] = (*shapes.pop(ids), self.host_table.shape[1])
             sets[(batch, full)] = {name: zeros(name, shape) for name, shape in shapes.items()}
         if (batch, length) not in sets:
-            sets[(batch, length)] = {
-                name: zeros(name, (*tensor.shape[:-1], length)) if name in TOKEN_BUFFERS else tensor
+            prompt = TOKEN_BUFFERS if self.host_embedding is None else (*TOKEN_BUFFERS, self.host_embedding.embeddings)
+            sets[(batch, length)] = {  # the prompt buffers' dimension 1 is the prompt length
+                name: zeros(name, (tensor.shape[0], length, *tensor.shape[2:])) if name in prompt else tensor
                 for name, tensor in sets[(batch, full)].items()
             }
         return sets[(batch, length)]
+
+    def _look_up_prompts(self, samples: Sequence[Mapping[str, torch.Tensor]], length: int,
+                         buffers: dict[str, torch.Tensor], staging: dict[str, torch.Tensor]) -> None:
+        """Gather each sample's first ``length`` token ids' rows of :attr:`host_table` into the staged embeddings
+        buffer (no allocation) and copy it to the device's."""
+        spec = self.host_embedding
+        host, tensor = staging[spec.embeddings], buffers[spec.embeddings]
+        for index, sample in enumerate(samples):
+            ids = torch.as_tensor(sample[spec.ids]).reshape(-1)[:length]
+            torch.index_select(self.host_table, 0, ids, out=host[index])
+        if host is not tensor:
+            tensor.copy_(host, non_blocking=True)
 
     def prompt_bucket(self, samples: Sequence[Mapping[str, torch.Tensor]]) -> int:
         """The padded prompt length for a call: the smallest bucket that holds every sample's last valid token."""
@@ -526,6 +568,8 @@ class VLAInferenceEngine(PolicyEngine):
                     host[index].copy_(value)
             if staged and host is not tensor:
                 tensor.copy_(host, non_blocking=True)  # page-locked: asynchronous, ordered before the replay
+        if self.host_embedding is not None:
+            self._look_up_prompts(samples, length, buffers, staging)
         if noise is None:
             noise = torch.randn(buffers["noise"].shape, dtype=torch.float32)
         staging["noise"].copy_(noise)

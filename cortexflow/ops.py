@@ -224,6 +224,9 @@ class ComputeBackend(ABC):
     #: ``transformer_decoder`` runs the model's own Euler loop in Python, so a guidance that needs no autograd
     #: (real-time chunking with ``RTCConfig(jacobian="identity")``) can correct each step's velocity.
     runs_denoising_loop: bool = True
+    #: Runs the model's own Python stages, so the engine may look a model's ``host_embedding`` up on the host and
+    #: pass the rows in (False: exported graphs that take the token ids).
+    supports_host_embedding: bool = True
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device = torch.device(device)

@@ -208,3 +208,87 @@ def test_graphs_of_several_buckets_share_one_pool_and_match_eager(tmp_path):
     square = dict(calls[0], observation_images=rng.integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8))
     assert _rel(host.predict(**square), engines[True].predict(**square)) < 1e-5
     np.testing.assert_array_equal(host.buffers(1)["images"].cpu().numpy(), engines[True].buffers(1)["images"].cpu().numpy())
+
+
+# ---- token_embedding: the text embedding table in host memory ----------------------------------------
+@pytest.mark.parametrize("model_type,dtype", [("pi0", "float32"), ("pi0", "bfloat16"), ("pi05", "bfloat16")])
+def test_host_token_embedding_gives_the_device_lookups_bits(tmp_path, model_type, dtype):
+    """token_embedding="host": the table leaves the device's weights, each call gathers the prompt's scaled rows
+    on the CPU into a (B, L, D) buffer in place of the ids, and the actions are the device lookup's, bit for bit,
+    at every prompt bucket and in a batch."""
+    config = tiny_model_config(model_type, chunk_size=5)
+    write_checkpoint(tmp_path, config)
+    create = cf.create_pi0_inference if model_type == "pi0" else cf.create_pi05_inference
+    engines = {where: create(tmp_path, device="cpu", dtype=dtype, model_config=config, prompt_buckets=(8, 16),
+                             token_embedding=where) for where in ("device", "host", "auto")}
+    host = engines["host"]
+    assert engines["auto"].host_embedding is None  # auto: the device's own lookup on a CPU
+    assert "llm.embed" in engines["device"].weights and "llm.embed" not in host.weights
+    table = engines["device"].weights["llm.embed"]
+    assert host.host_table.device.type == "cpu" and host.host_table.dtype == cf.config.parse_dtype(dtype)
+    normalizer = torch.tensor(config.encoder_dim**0.5, dtype=table.dtype).item()
+    assert torch.equal(host.host_table, (table * normalizer).to(host.host_table.dtype))
+    rng = np.random.default_rng(3)
+    prompts = [[2] + rng.integers(3, config.vocab_size, n - 1).tolist() for n in (3, 12, 40)]
+    for tokens in prompts:
+        images, state, noise = _inputs(int(rng.integers(1000)))
+        got = host.predict(images, state=state, prompt_tokens=tokens, noise=noise)
+        np.testing.assert_array_equal(got, engines["device"].predict(images, state=state, prompt_tokens=tokens, noise=noise))
+    full = config.max_token_len
+    buffers = host.buffers(1, full)
+    assert "token_ids" not in buffers and buffers["token_embeddings"].shape == (1, full, config.encoder_dim)
+    ids = torch.as_tensor(prompts[2] + [0] * (full - len(prompts[2])))
+    assert torch.equal(buffers["token_embeddings"][0], host.host_table[ids])  # the last call's rows, padding included
+    assert host.buffers(1, 8)["token_embeddings"].shape == (1, 8, config.encoder_dim)
+    images = [_inputs(s)[0] for s in (5, 6)]
+    states = [_inputs(s)[1] for s in (5, 6)]
+    noise = np.stack([_inputs(s)[2] for s in (5, 6)])
+    batch = {where: engines[where].predict_batch(images, batch_states=states, batch_prompt_tokens=prompts[:2], noise=noise)
+             for where in ("device", "host")}
+    np.testing.assert_array_equal(batch["host"], batch["device"])
+    assert _rel(batch["host"][0], batch["host"][1]) > 1e-3  # different samples really differ
+
+
+def test_token_embedding_setting_is_checked(tmp_path):
+    from cortexflow.models.pi0 import Pi0Model
+
+    with pytest.raises(cf.ConfigError, match="token_embedding must be 'auto', 'device' or 'host', got 'gpu'"):
+        cf.InferenceConfig(device="cpu", token_embedding="gpu")
+    config = tiny_model_config("pi0", chunk_size=5)
+    write_checkpoint(tmp_path, config)
+    with pytest.raises(cf.ConfigError, match="token_embedding='host' needs a backend that runs the model's own stages; "
+                                              "the onnx backend looks the token ids up itself"):
+        cf.create_pi0_inference(tmp_path, backend="onnx", device="cpu", dtype="float32", model_config=config,
+                                token_embedding="host")
+
+    class NoHostTable(Pi0Model):
+        host_embedding = None
+
+    weights = random_weights(config, seed=0)
+    inference = cf.InferenceConfig(device="cpu", dtype="float32", token_embedding="host")
+    with pytest.raises(cf.ConfigError, match="NoHostTable has no lookup table to keep in host memory"):
+        cf.VLAInferenceEngine(weights, inference_config=inference, model=NoHostTable(config))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the table's GPU memory and CUDA graphs need a CUDA GPU")
+def test_host_token_embedding_frees_the_tables_gpu_memory_and_matches_in_a_graph(tmp_path):
+    """On a GPU the default ("auto") keeps the table in host memory: the engine's GPU weights are the table's bytes
+    fewer, and its graphed calls give the device lookup's actions bit for bit."""
+    config = tiny_model_config("pi0", chunk_size=5, vocab_size=4096)
+    write_checkpoint(tmp_path, config)
+    engines = {}
+    for where in ("device", "auto"):
+        before = torch.cuda.memory_allocated()
+        engines[where] = cf.create_pi0_inference(tmp_path, device="cuda", dtype="bfloat16", model_config=config,
+                                                 token_embedding=where, prompt_buckets=(8, 16))
+        engines[where].allocated = torch.cuda.memory_allocated() - before
+    assert engines["auto"].host_embedding is not None and engines["auto"].host_table.device.type == "cpu"
+    table_bytes = 4096 * config.encoder_dim * 2
+    assert engines["device"].allocated - engines["auto"].allocated >= table_bytes
+    rng = np.random.default_rng(4)
+    for n in (3, 12, 3):
+        images, state, noise = _inputs(int(rng.integers(1000)))
+        tokens = [2] + rng.integers(3, 4096, n - 1).tolist()
+        got = engines["auto"].predict(images, state=state, prompt_tokens=tokens, noise=noise)
+        np.testing.assert_array_equal(got, engines["device"].predict(images, state=state, prompt_tokens=tokens, noise=noise))
+    assert engines["auto"].staging(1, 8)["token_embeddings"].is_pinned()

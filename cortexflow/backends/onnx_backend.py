@@ -39,6 +39,7 @@ class OnnxBackend(PyTorchBackend):
     variable_prompt_length = False  # the exported prefix stage takes max_token_len tokens
     supports_guided_decoding = False  # the denoising loop is an exported graph
     runs_denoising_loop = False
+    supports_host_embedding = False  # the exported prefix stage looks the token ids up itself
     _options: dict = {}
 
     def __init__(self, device: torch.device, dtype: torch.dtype, **options: Any):

@@ -14,7 +14,7 @@ import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -259,8 +259,11 @@ def load_pi0_checkpoint(
     model_config: "ModelConfig | Mapping[str, Any] | None" = None,
     progress: bool | None = None,
     base_checkpoint: "str | Path | None" = None,
+    host_weights: Collection[str] = (),
 ) -> LoadedCheckpoint:
     """Validate and load the checkpoint at ``path`` onto ``device``; one ``CheckpointError`` lists every bad tensor.
+    The canonical names in ``host_weights`` are loaded into host memory instead (the engine's host-side lookup
+    tables, :class:`~cortexflow.models.base.HostEmbedding`).
 
     ``path`` is safetensors, an openpi Orbax checkpoint or a LoRA adapter folder (:func:`open_checkpoint`;
     ``base_checkpoint`` is an adapter's base). ``expected_type`` (when given) must match the type detected
@@ -284,7 +287,7 @@ def load_pi0_checkpoint(
         for name, raw in match.sources.items():
             tensor = files.read(raw)
             target = model.weight_dtype(name, dtype)
-            weights[name] = tensor.to(device=device, dtype=target)
+            weights[name] = tensor.to(device="cpu" if name in host_weights else device, dtype=target)
             if not torch.isfinite(weights[name]).all():
                 raise CheckpointError(f"tensor {raw!r} in {path} contains NaN or inf values")
             del tensor

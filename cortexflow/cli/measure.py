@@ -123,6 +123,7 @@ def bench_command(
     prompt_len: Annotated[str, typer.Option("--prompt-len", metavar="LIST", help="Comma-separated prompt lengths in tokens (pi0/pi05: padded to the smallest --prompt-buckets length that holds them; openvla/rt2: ids incl. BOS and closing id, padded to a multiple of 16).")] = "20",
     image_preprocessing: Annotated[str, typer.Option("--image-preprocessing", metavar="WHERE", help="pi0/pi05: where the 224x224 uint8 views are scaled: auto (the GPU on a GPU), device or host.")] = "auto",
     prompt_buckets: Annotated[str, typer.Option("--prompt-buckets", metavar="SPEC", help="pi0/pi05 padded prompt lengths: auto (32, 64, 128, ... and max_token_len), off (always max_token_len, as openpi pads) or a list like 32,64.")] = "auto",
+    token_embedding: Annotated[str, typer.Option("--token-embedding", metavar="WHERE", help="pi0/pi05: where the prompt's rows of the 1 GB text embedding are looked up: auto (the host on a GPU, keeping the table off it), host or device.")] = "auto",
     chunk: Annotated[str, typer.Option("--chunk", metavar="LIST", help="Comma-separated action chunk lengths.")] = "50",
     steps: Annotated[str, typer.Option("--steps", metavar="LIST", help="Comma-separated denoising step counts.")] = "10",
     graphs: Annotated[str, typer.Option("--graphs", metavar="LIST", help="Whole-predict CUDA graph: on, off or on,off (GPU only; the CPU runs off).")] = "on,off",
@@ -179,6 +180,8 @@ def bench_command(
     from cortexflow.tools import options_for_precision
     from cortexflow.tools.bench import print_bench, run_bench
 
+    if token_embedding not in ("auto", "host", "device"):
+        raise ConfigError(f"--token-embedding must be auto, host or device, got {token_embedding!r}")
     if precision.strip().lower() != "default" and "triton" not in [b.strip().lower() for b in backends.split(",")]:
         raise ConfigError(f"--precision {precision} applies to the triton backend, which is not among --backends {backends}")
     triton_options = options_for_precision(triton_options, precision, device, dtype)
@@ -200,6 +203,7 @@ def bench_command(
         log=progress_line,
         prompt_buckets=prompt_buckets,
         image_preprocessing=image_preprocessing,
+        token_embedding=token_embedding,
         triton_options=triton_options,
         options_source="--triton-options",
     )

@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
 
 from cortexflow.config import ModelConfig, VLAModelType
 from cortexflow.ops import ComputeBackend, FusableWeights, Weights
+
+
+@dataclass(frozen=True)
+class HostEmbedding:
+    """A lookup table that the engine may keep in host memory instead of on the GPU.
+
+    Each call, the engine gathers the rows of the ids in buffer ``ids`` ``(B, L)`` from the table that
+    :meth:`VLAModel.host_table` makes once from ``weights[table]``. It passes them to the forward pass in
+    buffer ``embeddings`` ``(B, L, D)``, in the compute dtype. The forward pass reads that buffer when it is
+    there and otherwise looks ``ids`` up on the device."""
+
+    table: str
+    ids: str
+    embeddings: str
 
 
 class VLAModel(ABC):
@@ -24,6 +39,8 @@ class VLAModel(ABC):
     #: The forward pass takes ``token_ids`` / ``token_mask`` buffers of any length up to ``max_token_len``
     #: (the engine may then pad a prompt to a shorter bucket); False: always ``max_token_len``.
     variable_prompt_length: bool = False
+    #: The lookup table the engine may keep off the GPU (:class:`HostEmbedding`); None: every weight is on the device.
+    host_embedding: HostEmbedding | None = None
 
     def __init__(self, config: ModelConfig):
         config.validate()
@@ -48,6 +65,11 @@ class VLAModel(ABC):
     def weight_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
         """The dtype weight ``name`` is stored in at run time (default: the compute dtype)."""
         return compute_dtype
+
+    def host_table(self, table: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        """The host-side table of :attr:`host_embedding`, made once from the weight ``table`` (CPU): its rows are
+        what the forward pass would compute from the looked-up rows, in ``compute_dtype`` (default: the rows)."""
+        return table.to(compute_dtype)
 
     def fusable_weights(self) -> FusableWeights:
         """The weight-name groups a backend may re-lay out once after loading (default: none)."""

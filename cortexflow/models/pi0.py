@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from cortexflow.models.pi0_keys import match_keys
 from cortexflow.config import VLAModelType
 from cortexflow.errors import CheckpointError
-from cortexflow.models.base import VLAModel, Weights
+from cortexflow.models.base import HostEmbedding, VLAModel, Weights
 from cortexflow.models.flow_matching import euler_integrate, euler_times, sinusoidal_time_embedding
 from cortexflow.models.rtc import guided_euler_integrate
 from cortexflow.models.gemma import (
@@ -56,6 +56,8 @@ class Pi0Model(VLAModel):
 
     model_type = VLAModelType.PI0
     variable_prompt_length = True  # padded tokens are masked keys; every length derives from the buffers
+    #: The 257k-row text embedding (1 GB in bf16) is only looked up at the prompt's ids.
+    host_embedding = HostEmbedding(table="llm.embed", ids="token_ids", embeddings="token_embeddings")
 
     # ---- declarations -------------------------------------------------------------------------
     def get_weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -115,7 +117,9 @@ class Pi0Model(VLAModel):
         }
 
     def buffer_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
-        return {"image_masks": torch.bool, "token_mask": torch.bool, "token_ids": torch.int64}.get(name, torch.float32)
+        dtypes = {"image_masks": torch.bool, "token_mask": torch.bool, "token_ids": torch.int64,
+                  "token_embeddings": compute_dtype}
+        return dtypes.get(name, torch.float32)
 
     def weight_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
         """Patch/position embeddings and RMSNorm scales stay fp32 (as openpi PyTorch keeps them)."""
@@ -142,13 +146,27 @@ class Pi0Model(VLAModel):
         tokens = ops.linear(tokens, weights["projector.weight"], weights["projector.bias"])
         return tokens.reshape(b, views * tokens.shape[1], tokens.shape[2])
 
+    def text_normalizer(self, table_dtype: torch.dtype) -> float:
+        """Gemma's embedding scale sqrt(D), rounded to the table's dtype."""
+        return torch.tensor(self.config.encoder_dim**0.5, dtype=table_dtype).item()
+
+    def host_table(self, table: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        """The text embedding x bf16(sqrt(D)) in ``compute_dtype``: row for row what :meth:`embed_prefix`
+        computes from the looked-up rows (an elementwise product, so the same bits)."""
+        return (table * self.text_normalizer(table.dtype)).to(compute_dtype)
+
     def embed_prefix(self, ops, weights: Weights, inputs: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prefix embeddings ``(B, P, D)`` = [image tokens, text embeddings x bf16(sqrt(D))] and validity ``(B, P)``."""
+        """Prefix embeddings ``(B, P, D)`` = [image tokens, text embeddings x bf16(sqrt(D))] and validity ``(B, P)``.
+
+        The text embeddings are ``inputs["token_embeddings"]`` when the engine looked them up on the host
+        (:attr:`host_embedding`), else rows of ``weights["llm.embed"]`` at ``inputs["token_ids"]``."""
         image_tokens = inputs["image_tokens"]
-        table = weights["llm.embed"]
-        text = ops.embedding(inputs["token_ids"], table)
-        normalizer = torch.tensor(self.config.encoder_dim**0.5, dtype=table.dtype).item()
-        x = torch.cat([image_tokens.to(ops.dtype), (text * normalizer).to(ops.dtype)], dim=1)
+        if "token_embeddings" in inputs:
+            text = inputs["token_embeddings"].to(ops.dtype)
+        else:
+            table = weights["llm.embed"]
+            text = (ops.embedding(inputs["token_ids"], table) * self.text_normalizer(table.dtype)).to(ops.dtype)
+        x = torch.cat([image_tokens.to(ops.dtype), text], dim=1)
         per_view = image_tokens.shape[1] // inputs["image_masks"].shape[1]
         valid = torch.cat([inputs["image_masks"].repeat_interleave(per_view, dim=1), inputs["token_mask"]], dim=1)
         return x, valid
@@ -306,9 +324,9 @@ class Pi0Model(VLAModel):
                 {
                     "image_tokens": image_tokens,
                     "image_masks": buffers["image_masks"],
-                    "token_ids": buffers["token_ids"],
                     "token_mask": buffers["token_mask"],
                     "chunk": buffers["noise"].shape[1],
+                    **{name: buffers[name] for name in ("token_ids", "token_embeddings") if name in buffers},
                 },
             )
         with timer("transformer_decoder"):

@@ -94,11 +94,12 @@ def random_observation(config: ModelConfig, views: int, prompt_len: int, rng: np
 
 def make_engine(state_dict, config: ModelConfig, views: int, graphs: bool, dtype: torch.dtype,
                 device: torch.device, backend: str = "pytorch", prompt_buckets="auto",
-                image_preprocessing: str = "auto") -> VLAInferenceEngine:
+                image_preprocessing: str = "auto", token_embedding: str = "auto") -> VLAInferenceEngine:
     """An engine over an in-memory openpi-layout state dict (its tensors are reused, not copied)."""
     model = model_class(config.model_type)(config)
     inference = InferenceConfig(num_views=views, device=str(device), dtype=dtype, use_cuda_graphs=graphs, backend=backend,
-                                prompt_buckets=prompt_buckets, image_preprocessing=image_preprocessing)
+                                prompt_buckets=prompt_buckets, image_preprocessing=image_preprocessing,
+                                token_embedding=token_embedding)
     return VLAInferenceEngine(state_dict, inference_config=inference, model=model)
 
 
@@ -198,6 +199,7 @@ def run_bench(
     log: Callable[[str], None] | None = None,
     prompt_buckets="auto",
     image_preprocessing: str = "auto",
+    token_embedding: str = "auto",
     triton_options=None,
     options_source: str = "triton_options",
 ) -> dict:
@@ -206,13 +208,16 @@ def run_bench(
     On a CPU CUDA graphs do not exist, so only the ``graphs=off`` cases run. ``iters_without_graphs``
     (default ``iters``) sets the call count of the slower un-graphed cases. ``prompt_buckets``: the Pi0
     family engines' :class:`~cortexflow.config.InferenceConfig` ``prompt_buckets`` (``"off"``: openpi's padding
-    to ``max_token_len``); ``image_preprocessing``: theirs too (``"host"``: the images prepared on the CPU).
+    to ``max_token_len``); ``image_preprocessing``: theirs too (``"host"``: the images prepared on the CPU);
+    ``token_embedding``: theirs too (``"device"``: the text embedding table on the GPU).
     The inputs are 224x224 uint8 views (no resize). ``triton_options``: the ``triton`` backend's
     :class:`~cortexflow.backends.triton_options.TritonOptions` (or their ``"name=value,..."`` text; default:
     its defaults; ``options_source`` names it in errors); every row records its backend's options."""
     prompt_buckets = parse_prompt_buckets(prompt_buckets)
     if image_preprocessing not in ("auto", "device", "host"):
         raise ConfigError(f"image_preprocessing must be 'auto', 'device' or 'host', got {image_preprocessing!r}")
+    if token_embedding not in ("auto", "device", "host"):
+        raise ConfigError(f"token_embedding must be 'auto', 'device' or 'host', got {token_embedding!r}")
     resolved_device, compute_dtype = resolve_device_dtype(device, dtype)
     size = resolve_size(size, resolved_device)
     backends = check_backend_names(backends)
@@ -233,7 +238,7 @@ def run_bench(
         "workload": {"size": size, "dtype": dtype_name(compute_dtype), "iters": iters, "warmup": warmup,
                      "iters_without_graphs": iters_without_graphs or iters, "seed": seed,
                      "prompt_buckets": prompt_buckets if isinstance(prompt_buckets, str) else list(prompt_buckets),
-                     "image_preprocessing": image_preprocessing,
+                     "image_preprocessing": image_preprocessing, "token_embedding": token_embedding,
                      "triton_options": triton_options_dict(specs.get("triton")),
                      "weights": "random non-zero (cortexflow.random_checkpoint.random_weights)"},
         "runs": [],
@@ -241,7 +246,8 @@ def run_bench(
         "failed": [],
     }
     memory = GpuMemory(resolved_device)
-    grid = BenchGrid(views, prompt_lens, chunks, steps, graph_modes, prompt_buckets, image_preprocessing)
+    grid = BenchGrid(views, prompt_lens, chunks, steps, graph_modes, prompt_buckets, image_preprocessing,
+                     token_embedding)
     for model_name in model_types:
         log(f"drawing {size} {model_name} weights on {resolved_device} ...")
         workload = family_of(model_name).part("bench")(model_name, size, seed, compute_dtype, resolved_device, grid)
@@ -284,6 +290,7 @@ class BenchGrid:
     graph_modes: Sequence[bool]
     prompt_buckets: object = "auto"
     image_preprocessing: str = "auto"
+    token_embedding: str = "auto"
 
 
 class FlowWorkload:
@@ -318,7 +325,7 @@ class FlowWorkload:
     def run(self, case: Case, memory: GpuMemory, rng: np.random.Generator, iters: int, warmup: int,
             backend=None) -> dict:
         return _run_case(case, self.base, self.draw_state_dict, self.dtype, self.device, memory, rng, iters, warmup,
-                         self.grid.prompt_buckets, self.grid.image_preprocessing, backend)
+                         self.grid.prompt_buckets, self.grid.image_preprocessing, backend, self.grid.token_embedding)
 
 
 def _label(case: Case) -> str:
@@ -359,7 +366,7 @@ def timed_entry(case: Case, make_engine: Callable[[], object], call: Callable[[o
 
 def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict], dtype, device, memory: GpuMemory,
               rng: np.random.Generator, iters: int, warmup: int, prompt_buckets="auto",
-              image_preprocessing: str = "auto", backend=None) -> dict:
+              image_preprocessing: str = "auto", backend=None, token_embedding: str = "auto") -> dict:
     """Time one case; when it cannot run, a dict with ``reason`` and ``outcome`` (skipped / failed).
     ``draw_state_dict()`` gives the weights, which the case's engine then owns alone. ``backend``: what the
     engine's backend is created from (default: ``case.backend``, the name)."""
@@ -376,7 +383,7 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
     return timed_entry(
         case,
         lambda: make_engine(draw_state_dict(), config, case.views, case.cuda_graphs, dtype, device,
-                            backend or case.backend, prompt_buckets, image_preprocessing),
+                            backend or case.backend, prompt_buckets, image_preprocessing, token_embedding),
         lambda engine: predict_call(engine, random_observation(config, case.views, case.prompt_len, rng)),
         memory, device, iters, warmup, dtype, describe, preprocess_ms=True, peak_of_calls_only=True)
 

@@ -263,9 +263,10 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
     compiled for ``target`` instead of run; returns the launches. ``pi0`` / ``pi05``: one ``predict`` with
     ``views`` cameras and the model's chunk, steps and full prompt length; ``openvla`` / ``rt2``: prefill of
     the longest prompt and every greedy decode step (one image; ``views`` does not apply), decoding constrained
-    as their factories default. ``options``: the backend's (default: its defaults). ``census``: counts the torch operators of a second forward (as every call after
-    the first runs: without the weight preparation and the backend's one-time tables); its launches compile nothing
-    new and are not returned."""
+    as their factories default; the Pi0 family's text embedding is looked up on the host, as the engine does on a
+    GPU (``InferenceConfig.token_embedding``). ``options``: the backend's (default: its defaults). ``census``:
+    counts the torch operators of a second forward (as every call after the first runs: without the weight
+    preparation and the backend's one-time tables); its launches compile nothing new and are not returned."""
     from cortexflow.backends.triton_backend import TritonBackend
 
     model_type = VLAModelType.parse(model_name)
@@ -285,8 +286,12 @@ def compile_predict(model_name: str, views: int, dtype: torch.dtype, target: Com
         buffer_shapes = model.get_buffer_shapes(views, config.chunk_size)
     with compile_only(target) as launches:
         backend = TritonBackend(meta, dtype, options)
+        shapes = model.get_weight_shapes()
+        host = None if token_vla else model.host_embedding
+        if host is not None:  # the engine's default on a GPU: the table in host memory, its rows a buffer
+            buffer_shapes[host.embeddings] = (*buffer_shapes.pop(host.ids), shapes.pop(host.table)[1])
         weights = {name: torch.empty(shape, dtype=model.weight_dtype(name, dtype), device=meta)
-                   for name, shape in model.get_weight_shapes().items()}
+                   for name, shape in shapes.items()}
         if token_vla:
             weights = model.prepare_weights(weights)
         weights = backend.prepare_weights(model, weights)
