@@ -247,6 +247,10 @@ def test_host_token_embedding_gives_the_device_lookups_bits(tmp_path, model_type
              for where in ("device", "host")}
     np.testing.assert_array_equal(batch["host"], batch["device"])
     assert _rel(batch["host"][0], batch["host"][1]) > 1e-3  # different samples really differ
+    guided = {where: engines[where].predict(images[0], state=states[0], prompt_tokens=prompts[0], noise=noise[0],
+                                            prev_actions=batch["device"][1][:4], inference_delay=2)
+              for where in ("device", "host")}  # real-time chunking: the eager, guided forward
+    np.testing.assert_array_equal(guided["host"], guided["device"])
 
 
 def test_token_embedding_setting_is_checked(tmp_path):
