@@ -265,7 +265,7 @@ class VLAInferenceEngine(PolicyEngine):
 
     def _load_custom(self, model: VLAModel, checkpoint, host: HostEmbedding | None) -> dict[str, torch.Tensor]:
         """Weights for a user-supplied model: raw tensors -> ``preprocess_checkpoint`` -> shape check -> device
-        (the table of ``host`` to host memory)."""
+        (the table of ``host`` to host memory; the model's ``unread_weights`` left out)."""
         if isinstance(checkpoint, Mapping):
             raw = dict(checkpoint)
         else:
@@ -281,8 +281,9 @@ class VLAInferenceEngine(PolicyEngine):
             raise CheckpointError(
                 f"weights do not match {type(model).__name__}: missing {missing}; unexpected {unexpected}; mis-shaped {wrong}"
             )
+        unread = set(model.unread_weights())
         return {n: t.to(device="cpu" if host is not None and n == host.table else self.device,
-                        dtype=model.weight_dtype(n, self.dtype)) for n, t in weights.items()}
+                        dtype=model.weight_dtype(n, self.dtype)) for n, t in weights.items() if n not in unread}
 
     # ---- public API ---------------------------------------------------------------------------
     def predict(

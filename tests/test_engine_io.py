@@ -296,3 +296,41 @@ def test_host_token_embedding_frees_the_tables_gpu_memory_and_matches_in_a_graph
         got = engines["auto"].predict(images, state=state, prompt_tokens=tokens, noise=noise)
         np.testing.assert_array_equal(got, engines["device"].predict(images, state=state, prompt_tokens=tokens, noise=noise))
     assert engines["auto"].staging(1, 8)["token_embeddings"].is_pinned()
+
+
+@pytest.mark.parametrize("model_type", ["pi0", "pi05"])
+def test_the_last_prefix_layers_unread_weights_are_neither_read_nor_loaded(tmp_path, model_type):
+    """The prefix pass needs only its last layer's K/V: that layer's o-projection, MLP norm and MLP set to NaN leave
+    the actions unchanged (so nothing reads them), and the engine neither loads nor keeps them."""
+    from cortexflow.backends.pytorch import PyTorchBackend
+    from cortexflow.models.pi0 import Pi0Model, Pi05Model
+    from cortexflow.tools.verify import random_inputs
+
+    config = tiny_model_config(model_type, chunk_size=5)
+    model = (Pi0Model if model_type == "pi0" else Pi05Model)(config)
+    last = config.num_encoder_layers - 1
+    unread = model.unread_weights()
+    assert sorted(unread) == sorted(f"llm.layers.{last}.{p}" for p in ("o", "mlp_norm", "gate", "up", "down"))
+    weights = random_weights(config, seed=3)
+    inputs = random_inputs(model, 2, 6, seed=4, device=torch.device("cpu"))
+    backend = PyTorchBackend(torch.device("cpu"), torch.float32)
+    want = model.forward(backend, weights, {n: t.clone() for n, t in inputs.items()}).clone()
+    poisoned = {n: torch.full_like(t, float("nan")) if n in unread else t for n, t in weights.items()}
+    got = model.forward(backend, poisoned, {n: t.clone() for n, t in inputs.items()})
+    assert torch.isfinite(want).all() and torch.equal(got, want)
+    poisoned[f"llm.layers.{last}.k"] = torch.full_like(weights[f"llm.layers.{last}.k"], float("nan"))
+    assert torch.isnan(model.forward(backend, poisoned, {n: t.clone() for n, t in inputs.items()})).all()  # K is read
+
+    write_checkpoint(tmp_path, config, weights=weights)
+    create = cf.create_pi0_inference if model_type == "pi0" else cf.create_pi05_inference
+    engine = create(tmp_path, device="cpu", dtype="float32", model_config=config)
+    assert not set(unread) & set(engine.weights) and f"llm.layers.{last}.k" in engine.weights
+    state = inputs.get("state", torch.zeros(1, config.action_dim))[0, :6].numpy()
+    images, _, noise = _inputs(8)
+    from cortexflow.models.pi0_keys import to_checkpoint_keys
+
+    full = cf.VLAInferenceEngine(to_checkpoint_keys(weights, config), model=model,  # the in-memory state-dict path
+                                 inference_config=cf.InferenceConfig(device="cpu", dtype="float32"))
+    assert not set(unread) & set(full.weights)
+    np.testing.assert_array_equal(engine.predict(images, state=state, prompt_tokens=[2, 7, 9], noise=noise),
+                                  full.predict(images, state=state, prompt_tokens=[2, 7, 9], noise=noise))

@@ -41,10 +41,13 @@ def fp8_layers(groups: FusableWeights, stages: Iterable[str]) -> list[GatedLayer
 
 def quantize_layers(weights: dict[str, torch.Tensor], layers: Iterable[GatedLayer]) -> dict[str, torch.Tensor]:
     """Make every projection of ``layers`` FP8, in place, one weight at a time (the fp32 temporaries of one
-    weight are the peak); the layers' q/k/v and gate/up must have been fused (``fuse_layer_projections``)."""
+    weight are the peak); the layers' q/k/v and gate/up must have been fused (``fuse_layer_projections``). A
+    projection whose weights are all absent (a model's ``unread_weights``) is left out."""
     for layer in layers:
         for fused, parts in FP8_PROJECTIONS:
             name = layer.name(fused)
+            if not any(n in weights for n in (name, *(layer.name(p) for p in parts))):
+                continue
             if name not in weights:
                 raise ConfigError(f"FP8 needs the fused projection {name!r}, which is not in the weights "
                                   "(the triton backend fuses Q/K/V and gate/up of the layers it quantises)")

@@ -64,8 +64,9 @@ FUSED_PROJECTIONS = (("qkv", ("q", "k", "v")), ("gate_up", ("gate", "up")))
 
 def concat_as_views(weights: dict[str, torch.Tensor], fused: str, parts: list[str]) -> None:
     """Add ``weights[fused]`` = the ``parts`` concatenated along dim 0, in place, and replace each part by a view
-    into it, so the originals can be freed (nothing when ``fused`` is there already)."""
-    if fused in weights:
+    into it, so the originals can be freed (nothing when ``fused`` is there already, or when none of the parts is:
+    a model's ``unread_weights``)."""
+    if fused in weights or not any(name in weights for name in parts):
         return
     tensors = [weights[name] for name in parts]
     joined = torch.cat(tensors, dim=0)

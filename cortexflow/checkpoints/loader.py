@@ -267,7 +267,8 @@ def load_pi0_checkpoint(
 
     ``path`` is safetensors, an openpi Orbax checkpoint or a LoRA adapter folder (:func:`open_checkpoint`;
     ``base_checkpoint`` is an adapter's base). ``expected_type`` (when given) must match the type detected
-    from the tensors. Unused tensors (the action expert's LM head, the prefix final norm) are never read.
+    from the tensors. Unused tensors (the action expert's LM head, the prefix final norm, the model's
+    ``unread_weights``: the last prefix layer's o-projection and MLP) are never read.
     ``progress=None`` shows a bar for checkpoints over 64 MiB."""
     files = open_checkpoint(path, base_checkpoint)
     report = inspect_checkpoint(path, model_config, files)
@@ -282,9 +283,11 @@ def load_pi0_checkpoint(
     model = model_class(report.model_type)(report.config)
     match = match_keys(files.tensors, report.config)
     show = progress if progress is not None else files.total_bytes >= PROGRESS_MIN_BYTES
+    unread = set(model.unread_weights())
+    sources = {name: raw for name, raw in match.sources.items() if name not in unread}
     weights = {}
-    with _progress_bar(show, sum(files.tensors[r].nbytes for r in match.sources.values()), str(path)) as advance:
-        for name, raw in match.sources.items():
+    with _progress_bar(show, sum(files.tensors[r].nbytes for r in sources.values()), str(path)) as advance:
+        for name, raw in sources.items():
             tensor = files.read(raw)
             target = model.weight_dtype(name, dtype)
             weights[name] = tensor.to(device="cpu" if name in host_weights else device, dtype=target)

@@ -66,6 +66,11 @@ class VLAModel(ABC):
         """The dtype weight ``name`` is stored in at run time (default: the compute dtype)."""
         return compute_dtype
 
+    def unread_weights(self) -> tuple[str, ...]:
+        """Declared weights (:meth:`get_weight_shapes`) that the forward pass never reads, which the engine neither
+        loads nor keeps (default: none)."""
+        return ()
+
     def host_table(self, table: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
         """The host-side table of :attr:`host_embedding`, made once from the weight ``table`` (CPU): its rows are
         what the forward pass would compute from the looked-up rows, in ``compute_dtype`` (default: the rows)."""

@@ -94,6 +94,12 @@ class Pi0Model(VLAModel):
         """The Gemma-2B prefix layers ``llm.layers.i``."""
         return gemma_layers("llm.layers", gemma_dims(self.config, self.config.num_encoder_layers))
 
+    def unread_weights(self) -> tuple[str, ...]:
+        """The last prefix layer's o-projection, MLP norm and MLP: the prefix pass computes only that layer's K/V
+        (nothing reads its output), 105 M parameters (0.2 GB in bf16) at the published size."""
+        last = self.prefix_layers()[-1]
+        return (last.name("o"), last.mlp_norm, last.name("gate"), last.name("up"), last.name("down"))
+
     def expert(self) -> ExpertStack:
         """The action expert's layers ``expert.layers.i`` and its final norm (plain RMSNorm for Pi0)."""
         dims = gemma_dims(self.config, self.config.num_decoder_layers)

@@ -4,7 +4,9 @@
 #  "new" = the defaults (token_embedding auto = host on a GPU; expert_launch layer),
 #  "opt" = the defaults with expert_launch=euler (session 26: a whole Euler step in one launch, never timed).
 # Predictions: new vs old: peak GPU memory of the calls -0.98 GiB (257152 x 2048 bf16 rows), time within the
-# spread (+~0.02 ms: 80 KiB more in the input copy, two kernels fewer); opt vs new: -0.2 to -0.4 ms (-1.5 to -2.5 %).
+# spread (128 KiB more in the input copy, the lookup's kernels gone); both builds leave out the last prefix layer's
+# unread o / MLP weights (-0.195 GiB), so Pi0 2 views ~6.01 GiB old, ~5.03 new (session 19: 6.21);
+# opt vs new: -0.2 to -0.4 ms (-1.5 to -2.5 %).
 # Steps pack OUT/call.tgz, most needed first: (1) verify Pi0 with euler at real size; (2) the benches; (3) the GPU
 # tests of the Euler step and of the host embedding.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
