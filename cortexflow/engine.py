@@ -248,6 +248,14 @@ class VLAInferenceEngine(PolicyEngine):
             return model_config.replace(**overrides)
         return {**dict(model_config or {}), **overrides}
 
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of weights the engine holds: ``"device"`` on its device (each storage once: fused weights' parts
+        are views into them) and ``"host"`` in host memory (the :attr:`host_table`, else 0)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self.weights.values()
+                    if isinstance(t, torch.Tensor)}
+        host = 0 if self.host_table is None else self.host_table.numel() * self.host_table.element_size()
+        return {"device": sum(storages.values()), "host": host}
+
     def _host_embedding(self, model: "VLAModel | type[VLAModel]") -> HostEmbedding | None:
         """``model.host_embedding`` when ``InferenceConfig.token_embedding`` puts its table in host memory:
         "host", or "auto" on a GPU where the model has one and the backend takes the rows as an input."""

@@ -228,6 +228,9 @@ def test_host_token_embedding_gives_the_device_lookups_bits(tmp_path, model_type
     assert host.host_table.device.type == "cpu" and host.host_table.dtype == cf.config.parse_dtype(dtype)
     normalizer = torch.tensor(config.encoder_dim**0.5, dtype=table.dtype).item()
     assert torch.equal(host.host_table, (table * normalizer).to(host.host_table.dtype))
+    table_bytes = table.numel() * table.element_size()
+    assert host.weight_bytes()["host"] == table_bytes and engines["device"].weight_bytes()["host"] == 0
+    assert engines["device"].weight_bytes()["device"] - host.weight_bytes()["device"] == table_bytes
     rng = np.random.default_rng(3)
     prompts = [[2] + rng.integers(3, config.vocab_size, n - 1).tolist() for n in (3, 12, 40)]
     for tokens in prompts:

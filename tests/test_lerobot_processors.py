@@ -248,9 +248,12 @@ def test_serve_a_lerobot_folder(tmp_path, tiny_tokenizer_path):
     rng = np.random.default_rng(13)
     norm_map = {"VISUAL": "IDENTITY", "STATE": "QUANTILES", "ACTION": "MEAN_STD"}
     write_lerobot_policy(tmp_path, VLAModelType.PI05, rng, norm_map)
+    lines = []
     served = build_policy(PolicyOptions(checkpoint=str(tmp_path), device="cpu", seed=1, cuda_graphs=False,
-                                        tokenizer=str(tiny_tokenizer_path)))
+                                        tokenizer=str(tiny_tokenizer_path)), log=lines.append)
     assert served.mapping.name == "raw" and served.engine.num_views == 3 and served.metadata["state_dim"] == STATE_DIM
+    held = served.engine.weight_bytes()
+    assert held["host"] == 0 and lines[-1] == f"weights: {held['device'] / 2**30:.2f} GiB on cpu"  # the table: on a GPU
     served.warmup()
     observation = served.example_observation(seed=2, height=40, width=56)
     actions = served.predict(observation)

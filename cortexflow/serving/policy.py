@@ -451,6 +451,9 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
         log(f"loading {model_type.value} checkpoint {options.checkpoint} ({options.device}, {dtype}) ...")
         engine = create_inference(model_type, options.checkpoint, model_config=overrides or None, **common)
         label = checkpoint_name(options.checkpoint)
+        held = engine.weight_bytes()
+        log(f"weights: {held['device'] / 2**30:.2f} GiB on {engine.device}"
+            + (f", the text embedding {held['host'] / 2**30:.2f} GiB in host memory" if held["host"] else ""))
     if options.tokenizer is not None:
         encoding = f"tokenizer {options.tokenizer}"
     elif demo:

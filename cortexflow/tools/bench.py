@@ -376,7 +376,9 @@ def _run_case(case: Case, base: ModelConfig, draw_state_dict: Callable[[], dict]
                 "reason": f"prompt length {case.prompt_len} > the model's max_token_len {config.max_token_len}"}
     def describe(engine: VLAInferenceEngine) -> dict:
         bucket = next(n for n in engine.prompt_buckets if n >= case.prompt_len)
+        held = engine.weight_bytes()
         return dict(backend_options=backend_options(engine.backend), prompt_bucket=bucket,
+                    device_weights_gib=held["device"] / 2**30, host_weights_gib=held["host"] / 2**30,
                     prefix_tokens=case.views * config.num_patches + bucket,
                     valid_prefix_tokens=case.views * config.num_patches + case.prompt_len)
 
