@@ -1,5 +1,5 @@
 # Device call of session 27 (new build = the commit adding this file; the device copy's git HEAD is stale).
-# Two A/Bs of one build (euler: interleaved in two rounds; the embedding's placement: one round, last), Pi0 and Pi0.5 at 2 views, prompt 20, 30 calls each:
+# Two A/Bs of one build (euler: interleaved in two rounds; the embedding's placement: one round, in round 1), Pi0 and Pi0.5 at 2 views, prompt 20, 30 calls each:
 #  "old" = --token-embedding device (the text embedding table on the GPU, as before this session),
 #  "new" = the defaults (token_embedding auto = host on a GPU; expert_launch layer),
 #  "opt" = the defaults with expert_launch=euler (session 26: a whole Euler step in one launch, never timed).
@@ -23,8 +23,8 @@ bench() {  # bench BUILD ROUND OPTIONS EMBEDDING
     --json $R/ab/bench_pi0family_$1_r$2.json > $R/bench_$1_r$2.log 2>&1
   pack bench_$1_r$2 $?
 }
-bench new 1 expert_launch=layer auto; bench opt 1 expert_launch=euler auto
-bench opt 2 expert_launch=euler auto; bench new 2 expert_launch=layer auto; bench old 1 expert_launch=layer device
+bench new 1 expert_launch=layer auto; bench opt 1 expert_launch=euler auto; bench old 1 expert_launch=layer device
+bench opt 2 expert_launch=euler auto; bench new 2 expert_launch=layer auto
 python3 benchmarks/ab_summary.py $R/ab $R/ab > $R/summary.txt 2>&1
 python3 - $R/ab >> $R/summary.txt 2>&1 <<'PY'
 import json, pathlib, sys
