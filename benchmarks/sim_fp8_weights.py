@@ -27,7 +27,7 @@ from cortexflow.models.pi0 import Pi0Model, Pi05Model
 from cortexflow.quantization.fp8 import quantize_weight
 from cortexflow.random_checkpoint import random_weights
 from cortexflow.tools import model_config
-from cortexflow.tools.verify import random_inputs
+from cortexflow.tools.verify import error_stats, random_inputs
 
 #: Stage -> the canonical names of its linear weights (2-D, output channels first).
 STAGES = {
@@ -35,12 +35,6 @@ STAGES = {
     "prefix": re.compile(r"llm\.layers\.\d+\.(q|k|v|o|gate|up|down)$"),
     "vision": re.compile(r"vision\.layers\.\d+\.(q|k|v|o|fc1|fc2)\.weight$"),
 }
-
-
-def errors(got: torch.Tensor, want: torch.Tensor) -> dict[str, float]:
-    got, want = got.double().flatten(), want.double().flatten()
-    return {"rel_l2": float((got - want).norm() / want.norm()), "max_abs": float((got - want).abs().max()),
-            "cosine": float(got @ want / (got.norm() * want.norm()))}
 
 
 def main() -> None:
@@ -78,7 +72,7 @@ def main() -> None:
         got = actions()
         rows.append({"stages": "+".join(quantised), "weights": len(names),
                      "weight_rel_l2_mean": sum(weight_error) / len(weight_error),
-                     "parameters": sum(weights[n].numel() for n in names), **errors(got, reference)})
+                     "parameters": sum(weights[n].numel() for n in names), **error_stats(got, reference)})
         print(rows[-1], flush=True)
     report = {"tool": "benchmarks/sim_fp8_weights.py", "model": args.model, "size": args.size, "seed": args.seed,
               "views": 2, "prompt_len": min(20, config.max_token_len), "compute": "fp32, PyTorch backend, CPU",
