@@ -30,7 +30,7 @@ def _load(path: Path):
 
 #: (build, baseline) pairs whose mean medians ``bench_rows`` compares, as ``<build>_vs_<baseline>_pct``.
 COMPARISONS = (("new", "old"), ("fp8", "new"), ("fp8", "oldfp8"), ("opt", "new"), ("optfp8", "fp8"), ("opt2", "new"),
-               ("opt", "opt2"))
+               ("opt", "opt2"), ("optg", "opt"))
 
 
 def _mean(values: list[float]) -> float:

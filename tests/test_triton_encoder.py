@@ -147,6 +147,56 @@ def test_fused_encoder_can_be_switched_off():
         TritonOptions(fused_encoder="yes")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_gelu_in_the_fc1_epilogue_matches_the_reference(dtype):
+    from cortexflow.backends.triton_options import TritonOptions
+
+    model, raw, weights, images, _ = _setup("pi0", dtype, seed=3)
+    reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
+    triton = TritonBackend(torch.device(DEVICE), dtype, TritonOptions(vision_gelu="epilogue"))
+    weights = triton.prepare_weights(model, weights)
+    assert _encoder_weights_fused(model, weights)
+    tokens = triton.vision_encoder(model, weights, {"images": images})
+    _close(tokens, reference.vision_encoder(model, raw, {"images": images}), dtype, "image tokens")
+
+
+def test_linear_gelu_tanh_is_the_tanh_gelu_with_or_without_the_epilogue():
+    """CUDA: cuBLASLt's GELU epilogue; CPU: the kernel path, because there ``torch._addmm_activation``
+    computes the erf GELU (checked here, so a change of either is seen)."""
+    from cortexflow.backends.triton_encoder import linear_gelu_tanh
+
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(37, 64, generator=g, dtype=torch.float64)
+    w = torch.randn(96, 64, generator=g, dtype=torch.float64) * 0.3
+    b = torch.randn(96, generator=g, dtype=torch.float64)
+    y = torch.nn.functional.linear(x, w, b)
+    assert y.abs().max() > 3  # the range where tanh and erf GELU differ by ~1e-4
+    tanh_ref = torch.nn.functional.gelu(y, approximate="tanh")
+    erf_gap = (torch.nn.functional.gelu(y) - tanh_ref).abs().max().item()
+    assert erf_gap > 1e-4
+    if DEVICE == "cpu":
+        cpu_op = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        assert (cpu_op - tanh_ref).abs().max().item() > erf_gap / 2  # the erf GELU
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for epilogue in (False, True):
+            out = linear_gelu_tanh(*(t.float().to(DEVICE) for t in (x, w, b)), epilogue=epilogue)
+            assert out.shape == (37, 96) and out.dtype == torch.float32
+            assert (out.double().cpu() - tanh_ref).abs().max().item() < erf_gap / 20, epilogue
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def test_vision_gelu_takes_kernel_or_epilogue():
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.errors import ConfigError
+
+    assert TritonOptions.from_mapping({"vision_gelu": "epilogue"}).vision_gelu == "epilogue"
+    with pytest.raises(ConfigError, match="TritonOptions.vision_gelu must be .*'kernel'.*'epilogue'.*got 'cublas'"):
+        TritonOptions(vision_gelu="cublas")
+
+
 def test_a_vision_tower_the_fused_stage_was_not_written_for_falls_back_with_one_warning():
     """SigLIP heads of 288 (> the attention kernel's 256): the tower runs op by op (its attention on the
     PyTorch op), with one warning naming the fused stage, and matches the reference."""

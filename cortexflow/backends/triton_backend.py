@@ -164,7 +164,7 @@ class TritonBackend(PyTorchBackend):
         if not self._encoder_fused(vision_stack_fused(stack, weights),
                                    vision_stack_unsupported(stack, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
             return super().pre_ln_encoder(weights, stack, x)
-        return fused_vision_tower(weights, stack, x)
+        return fused_vision_tower(weights, stack, x, gelu_epilogue=self.options.vision_gelu == "epilogue")
 
     def prefix_kv_cache(self, weights, layers, x, positions, mask, room=0):
         """The fused Gemma prefix (``triton_encoder.py``) when its weights were fused; else op by op."""

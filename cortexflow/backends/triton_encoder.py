@@ -86,13 +86,27 @@ def prefix_unsupported(layers: Sequence[GatedLayer], width: int, max_width: int,
     return None
 
 
-def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_attention: str | None = None) -> torch.Tensor:
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, epilogue: bool) -> torch.Tensor:
+    """``gelu_tanh(x @ weight.T + bias)`` for ``x (M, K)``, ``weight (N, K)``, ``bias (N,)`` -> ``(M, N)``.
+
+    ``epilogue`` on a CUDA (or ``meta``) tensor: one cuBLASLt GEMM with the bias and tanh-GELU in its epilogue
+    (``torch._addmm_activation``; the activation reads the fp32 sum, one rounding). Otherwise, and always on
+    the CPU, where that operator computes the erf GELU: the GEMM's output rounded to ``x.dtype``, then the
+    Triton GELU kernel (the reference's roundings)."""
+    if epilogue and x.device.type in ("cuda", "meta"):
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True)
+    return gelu_tanh(F.linear(x, weight, bias))
+
+
+def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_attention: str | None = None,
+                       gelu_epilogue: bool = False) -> torch.Tensor:
     """``ComputeBackend.pre_ln_encoder`` over the fused weights: the embedded tokens ``x (N, T, D)`` -> post-LN
     tokens ``(N, T, D)`` in ``x.dtype``.
 
     The residual stream ``x (N*T, D)`` is the caller's temporary, updated in place; ``pending`` is the
     last sublayer's output, which the next LayerNorm adds to it first. ``vision_attention``
-    overrides :data:`VISION_ATTENTION` (for the micro-benchmark)."""
+    overrides :data:`VISION_ATTENTION` (for the micro-benchmark); ``gelu_epilogue``: fc1 and its GELU as
+    :func:`linear_gelu_tanh` with ``epilogue`` (``TritonOptions.vision_gelu="epilogue"``)."""
     x = x.contiguous()
     n, t, d = x.shape
     heads = stack.num_heads
@@ -113,7 +127,7 @@ def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_att
             attn = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, scale)
         attn_out = F.linear(attn.view(n * t, d), w("o.weight"), w("o.bias"))
         h = layer_norm(rows, w("ln2.weight"), w("ln2.bias"), eps, residual=attn_out)
-        act = gelu_tanh(F.linear(h, w("fc1.weight"), w("fc1.bias")))
+        act = linear_gelu_tanh(h, w("fc1.weight"), w("fc1.bias"), gelu_epilogue)
         pending = F.linear(act, w("fc2.weight"), w("fc2.bias"))
     out = layer_norm(rows, weights[f"{stack.final_norm}.weight"], weights[f"{stack.final_norm}.bias"], eps,
                      residual=pending)

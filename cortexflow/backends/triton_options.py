@@ -22,6 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fused_combine": ("grouped", "off"),
     "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step", "euler"),
+    "vision_gelu": ("kernel", "epilogue"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -47,6 +48,10 @@ class TritonOptions:
       guidance changes each velocity, runs "step".
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
+    - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "kernel": a Triton kernel
+      over the GEMM's rounded output; "epilogue": in cuBLASLt's epilogue of the fc1 GEMM
+      (``torch._addmm_activation``, the fp32 sum plus bias through tanh-GELU, rounded once; one kernel a layer
+      fewer). CUDA only: elsewhere that operator computes the erf GELU, so other devices keep the kernel.
 
     Token VLAs (OpenVLA, RT-2):
     - ``decode_gemv``: "all": every projection of a one-row decode step as a fused decode GEMV (norm
@@ -81,6 +86,7 @@ class TritonOptions:
     persistent_expert: bool = True
     expert_launch: str = "layer"
     fused_encoder: bool = True
+    vision_gelu: str = "kernel"
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
     decode_head: bool = True
