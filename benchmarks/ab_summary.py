@@ -60,7 +60,7 @@ def bench_rows(runs: Path) -> list[dict]:
             row.setdefault("problems", []).append(f"{match['build']} r{match['round']}: {failed.get('reason')}")
     for row in table.values():
         medians = {build: [v for k, v in row.items() if k.startswith(f"{build}_r")]
-                   for build in ("old", "new", "fp8", "oldfp8", "opt", "optfp8", "opt2")}
+                   for build in {name for pair in COMPARISONS for name in pair} | {"old"}}
         for build, base in COMPARISONS:
             if medians[build] and medians[base]:
                 row[f"{build}_vs_{base}_pct"] = round(100.0 * (_mean(medians[build]) / _mean(medians[base]) - 1.0), 2)

@@ -26,7 +26,8 @@
 #   left out and listed, 520), DEVICE / SIZE / BACKEND (cuda / real / triton; DEVICE=cpu SIZE=tiny BACKEND=pytorch
 #   SKIP_TESTS=1 runs the plumbing on a CPU), SKIP_TESTS=1 (no GPU tests); for `final`: BUILDS (old new; fp8 adds
 #   this build with --precision fp8, oldfp8 the old build with it, opt this build with --triton-options
-#   "$OPT_OPTIONS", optfp8 opt with --precision fp8, opt2 this build with "$OPT2_OPTIONS"), GROUPS_TO_BENCH (pi0
+#   "$OPT_OPTIONS", or with the bench arguments OPT_ARGS when set, e.g. "--token-embedding device"; optfp8 opt with
+#   --precision fp8, opt2 this build with "$OPT2_OPTIONS"), GROUPS_TO_BENCH (pi0
 #   pi05 token), ROUNDS (1 2; a device call may run one round), VERIFY (pi0 pi05 openvla) and VERIFY_FP8 (models verified with --precision fp8; none by default).
 set -u
 MODE="${1:-final}"
@@ -196,7 +197,11 @@ bench_round() {
     for build in "$@"; do
       root="$ROOT"; case "$build" in old|oldfp8) root="$OLD_ROOT" ;; esac
       extra=(); case "$build" in *fp8) extra=(--precision fp8) ;; esac
-      case "$build" in opt2) extra+=(--triton-options "$OPT2_OPTIONS") ;; opt*) extra+=(--triton-options "$OPT_OPTIONS") ;; esac
+      case "$build" in
+        opt2) extra+=(--triton-options "$OPT2_OPTIONS") ;;
+        opt*) if [ -n "${OPT_ARGS:-}" ]; then read -ra more <<< "$OPT_ARGS"; extra+=("${more[@]}")
+              else extra+=(--triton-options "$OPT_OPTIONS"); fi ;;
+      esac
       case "$group" in
         pi0) cf_step 150 "bench_pi0_${build}_r$round" "$root" "${BENCH[@]}" "${extra[@]}" --models pi0 \
                --views 1,2,3 --prompt-len 20 --json "$RUNS/bench_pi0_${build}_r$round.json" ;;

@@ -188,9 +188,9 @@ def test_expert_launch_option():
     from cortexflow.backends.triton_options import TritonOptions
     from cortexflow.errors import ConfigError
 
-    assert TritonOptions().expert_launch == "layer"
+    assert TritonOptions().expert_launch == "euler"
     assert TritonOptions.parse("expert_launch=step").changed() == {"expert_launch": "step"}
-    assert TritonOptions.parse("expert_launch=euler").changed() == {"expert_launch": "euler"}
+    assert TritonOptions.parse("expert_launch=layer").changed() == {"expert_launch": "layer"}
     with pytest.raises(ConfigError, match="expert_launch must be 'layer', 'step' or 'euler'"):
         TritonOptions(expert_launch="all")
 

@@ -265,7 +265,7 @@ class TritonBackend(PyTorchBackend):
         """With ``expert_launch="euler"``, the whole Euler step as one launch (``triton_decoder.euler_step``);
         otherwise, with a ``guide`` (whose velocity correction runs between the head and the update), or where that
         launch cannot run, the composition around :meth:`expert_stack`."""
-        if self.options.expert_launch != "euler" or guide is not None:
+        if self.options.expert_launch != "euler" or not self.options.persistent_expert or guide is not None:
             return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
         reason = euler_step_unsupported(ctx, path)
         if reason is not None:

@@ -40,18 +40,19 @@ class TritonOptions:
     Pi0 family (flow matching):
     - ``persistent_expert``: each expert layer of a denoising step as one persistent kernel
       (``kernels/expert_layer.py``); False: the chain of ~10 kernels a layer (cuBLAS GEMMs + Triton glue).
-    - ``expert_launch``: with ``persistent_expert``, "layer": one launch per expert layer; "step": one launch
-      per denoising step that runs every layer (``kernels/expert_step.py``; on the H100 Pi0 within 0.5 % of
-      "layer", Pi0.5 1.7 % faster: benchmarks/NOTES.md, session 19); "euler": one launch per Euler step, the
-      action path included (action tokens, the layers, final norm, action head, the update of the noisy
-      actions), where "step" launches ~7 more kernels a step around it. A real-time-chunking call, whose
-      guidance changes each velocity, runs "step".
+    - ``expert_launch``: with ``persistent_expert``, "euler": one launch per Euler step, the action path
+      included (action tokens, the layers, final norm, action head, the update of the noisy actions;
+      ``kernels/expert_step.py``; on the H100 Pi0 4 % and Pi0.5 2 % faster than "layer": benchmarks/NOTES.md,
+      session 28); "step": one launch per denoising step that runs every layer, with ~7 kernels a step around it;
+      "layer": one launch per expert layer. A real-time-chunking call, whose guidance changes each velocity,
+      runs "step" where "euler" is asked for.
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
-    - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "kernel": a Triton kernel
-      over the GEMM's rounded output; "epilogue": in cuBLASLt's epilogue of the fc1 GEMM
-      (``torch._addmm_activation``, the fp32 sum plus bias through tanh-GELU, rounded once; one kernel a layer
-      fewer). CUDA only: elsewhere that operator computes the erf GELU, so other devices keep the kernel.
+    - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "epilogue": in
+      cuBLASLt's epilogue of the fc1 GEMM (``torch._addmm_activation``, the fp32 sum plus bias through tanh-GELU,
+      rounded once; one kernel a layer fewer; on the H100 Pi0 0.8 % faster, benchmarks/NOTES.md, session 28);
+      "kernel": a Triton kernel over the GEMM's rounded output. CUDA only: elsewhere that operator computes the
+      erf GELU, so other devices run the kernel.
 
     Token VLAs (OpenVLA, RT-2):
     - ``decode_gemv``: "all": every projection of a one-row decode step as a fused decode GEMV (norm
@@ -84,9 +85,9 @@ class TritonOptions:
     """
 
     persistent_expert: bool = True
-    expert_launch: str = "layer"
+    expert_launch: str = "euler"
     fused_encoder: bool = True
-    vision_gelu: str = "kernel"
+    vision_gelu: str = "epilogue"
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
     decode_head: bool = True

@@ -44,8 +44,8 @@ VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     # The Pi0 family's expert layers as a chain of ~10 kernels instead of one persistent kernel each.
     "kernel-chain": {"persistent_expert": False},
-    # The Pi0 family's Euler steps as one launch each, the action path included.
-    "expert-euler": {"expert_launch": "euler"},
+    # The Pi0 family's expert layers as one launch each (the default launches a whole Euler step).
+    "expert-layer": {"expert_launch": "layer"},
     # The Pi0 family's vision tower and prefix op by op.
     "op-by-op-encoder": {"fused_encoder": False},
     # The token VLAs' (OpenVLA, RT-2) decode steps without their fused paths, and no programmatic dependent launch.
