@@ -333,10 +333,10 @@ def test_gated_activation_applies_the_folded_norm(dtype, silu):
 #: Options of the end-to-end variants (the rest stay at their defaults).
 DECODER_VARIANTS = {
     "kernel chain": {"persistent_expert": False, "pdl": "off"},
-    "persistent expert": {"pdl": "off"},
+    "persistent layer": {"expert_launch": "layer", "pdl": "off"},
     "op-by-op encoder": {"persistent_expert": False, "fused_encoder": False, "pdl": "off"},
     "pdl, kernel chain": {"persistent_expert": False, "pdl": "on"},
-    "pdl, persistent expert": {"pdl": "on"},
+    "pdl, Euler launch": {"pdl": "on"},
 }
 
 
@@ -346,8 +346,9 @@ DECODER_VARIANTS = {
 def test_backend_matches_pytorch_end_to_end(tmp_path, model_type, decoder_variant):
     """The op kernels and the fused stages compute the reference function (fp32), for each
     :class:`TritonOptions` path of the Pi0 family: each expert layer as a kernel chain (cuBLAS GEMMs with
-    separate norm, QKV/RoPE, attention and GELU-gate kernels) or as one persistent kernel; the vision tower
-    and prefix fused or op by op; with programmatic dependent launch (Hopper GPUs only)."""
+    separate norm, QKV/RoPE, attention and GELU-gate kernels) or as one persistent kernel (the default's Euler
+    launch is tested in test_expert_step.py); the vision tower and prefix fused or op by op; with programmatic
+    dependent launch (Hopper GPUs only)."""
     import cortexflow as cf
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.backends.triton_options import TritonOptions
