@@ -151,7 +151,8 @@ def main() -> None:
 
 def _fused_vision(backend, model, weights, images, mode):
     x = siglip_embed(backend, weights, images.flatten(0, 1)).to(backend.dtype)
-    tokens = te.fused_vision_tower(weights, siglip_stack(model.config), x, vision_attention=mode)
+    tokens = te.fused_vision_tower(weights, siglip_stack(model.config), x, vision_attention=mode,
+                                   gelu_epilogue=backend.options.vision_gelu == "epilogue")
     tokens = F.linear(tokens, weights["projector.weight"], weights["projector.bias"])
     return tokens.reshape(images.shape[0], -1, tokens.shape[-1])
 

@@ -98,8 +98,8 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return gelu_tanh(F.linear(x, weight, bias))
 
 
-def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, vision_attention: str | None = None,
-                       gelu_epilogue: bool = False) -> torch.Tensor:
+def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, *, gelu_epilogue: bool,
+                       vision_attention: str | None = None) -> torch.Tensor:
     """``ComputeBackend.pre_ln_encoder`` over the fused weights: the embedded tokens ``x (N, T, D)`` -> post-LN
     tokens ``(N, T, D)`` in ``x.dtype``.
 
