@@ -119,21 +119,19 @@ def default_tiling() -> ExpertTiling:
 def _grid_sync(bar_ptr, n_programs, ACQUIRE: tl.constexpr):
     """Wait until every program of the launch has arrived here; everything they stored before is
     visible (at L2) afterwards. ``bar_ptr``: this barrier's own int32 counter, zero before the launch.
-    The poll is a volatile load by every thread (no CTA barrier inside the loop). ``ACQUIRE``: once the count is
-    complete, one acquire read of the counter (an atomic add of 0 whose value a loop uses, so it stays in the code:
-    ``ld.acquire.gpu`` in the PTX; the loop never repeats, as the count only grows), after which no load of this
-    program returns a value from before the other programs' arrivals (:mod:`cortexflow.kernels.expert_step` says
-    why the step kernel needs it)."""
+    ``ACQUIRE``: poll with acquire reads (atomic adds of 0 whose value the loop uses, so they stay in the code:
+    ``ld.acquire.gpu`` in the PTX), after which no load of this program returns a value from before the
+    other programs' arrivals (:mod:`cortexflow.kernels.expert_step` says why the step kernel needs it)."""
     tl.debug_barrier()
     tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-    arrived = tl.load(bar_ptr, volatile=True)
-    while arrived < n_programs:
-        arrived = tl.load(bar_ptr, volatile=True)
     if ACQUIRE:
         arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
         while arrived < n_programs:
             arrived = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     else:
+        arrived = tl.load(bar_ptr, volatile=True)
+        while arrived < n_programs:
+            arrived = tl.load(bar_ptr, volatile=True)
         tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
