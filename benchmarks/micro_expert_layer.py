@@ -59,6 +59,10 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "block_k 256, 2 stages": replace(base, block_k=256, num_stages=2),
         "4 stages": replace(base, num_stages=4),
         "o/down 32-col tiles x 4 splits": replace(base, out_cols=16, o_splits=4, down_splits=4),
+        # Without split-K (or nearly) each tile's program owns whole output columns: the premise of a layer
+        # whose o / down epilogue adds the residual itself, without the row phase after it (NOTES, session 29).
+        "o/down 32-col tiles x 2 splits": replace(base, out_cols=16, o_splits=2, down_splits=2),
+        "o/down 32-col tiles x 1 split": replace(base, out_cols=16, o_splits=1, down_splits=1),
         "o 4 splits, down 16 splits": replace(base, o_splits=4, down_splits=16),
         "o/down 16 splits": replace(base, o_splits=16, down_splits=16),
         "attention 64-key steps": replace(base, attn_keys=64),
@@ -83,6 +87,9 @@ def main() -> None:
     parser.add_argument("--no-phases", action="store_true", help="skip timing the phases alone")
     parser.add_argument("--phases-of", metavar="NAME", action="append", default=[],
                         help="also time the phases alone at this tiling (a variant's name; repeatable)")
+    parser.add_argument("--phase", metavar="TEXT", action="append",
+                        help="time only the phases whose name contains TEXT (each phase mask compiles its own kernel); "
+                             "repeatable")
     parser.add_argument("--fp8", action="store_true",
                         help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
     parser.add_argument("--ncu", action="store_true",
@@ -221,8 +228,11 @@ def main() -> None:
     for tiling_name, tiling in phase_tilings.items():
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
         for name, mask_bits in PHASES.items():
+            if args.phase and not any(text in name for text in args.phase):
+                continue
             us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
             rows.append(dict(variant=f"phase {name} ({tiling_name} tiling)", us_per_layer=us))
+            print(f"phase {name} ({tiling_name} tiling): {us:.2f} us/layer", flush=True)
     result = dict(
         device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
         triton=__import__("triton").__version__, prefix=p, suffix=s, pdl=pdl, copy_bandwidth_GBps=bandwidth / 1e9,
