@@ -24,8 +24,10 @@ if not torch.cuda.is_available():
     except ImportError:  # no triton: the kernel tests fail with their own message
         pass
     from interpreter_patching import install as _install_interpreter_patching
+    from interpreter_patching import skip_unreported_overflow_checks as _skip_unreported_overflow_checks
 
     _install_interpreter_patching()
+    _skip_unreported_overflow_checks()
 
 
 @pytest.fixture(scope="session")
