@@ -267,7 +267,8 @@ def test_backend_falls_back_for_an_expert_the_kernel_was_not_written_for(tmp_pat
     import cortexflow as cf
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
-    config = tiny_model_config("pi0", head_dim=12, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    config = tiny_model_config("pi0", head_dim=12, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
+                               image_size=56)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
@@ -294,7 +295,7 @@ def test_backend_runs_fp8_expert_weights_in_the_persistent_kernel(tmp_path):
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
     fp8_triton, dequantised = fp8_expert_backends()
-    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
+    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1, image_size=56,
                                **(GPU_TILING_EXPERT if ON_GPU else {}))
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(2)

@@ -438,17 +438,28 @@ def test_pil_image_and_float_image_agree(engine):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory, llama_tokenizer_path):
+    """The tiny OpenVLA with 56 px images (16 patches a tower instead of 256), for the Triton interpreter."""
+    directory = tmp_path_factory.mktemp("openvla_tiny_56px")
+    write_openvla_checkpoint(directory, tiny_openvla_config(image_size=56), seed=3, dtype=torch.float32)
+    (directory / "tokenizer.model").write_bytes(llama_tokenizer_path.read_bytes())
+    return directory
+
+
 @pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
                                           "fold_token_norms": False, "fused_combine": "off"}],
                          ids=["default", "unfused decode"])
-def test_triton_backend_matches_pytorch(checkpoint, engine, options):
+def test_triton_backend_matches_pytorch(small_checkpoint, options):
     """Same tokens and actions on the Triton backend, with the default fused decode path and with every
     token switch of TritonOptions off (cuBLAS decode steps, separate norms, QKV/RoPE and combine kernels)."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
 
-    triton_engine = cf.create_openvla_inference(checkpoint, backend=TritonBackend.configured(**options),
+    engine = cf.create_openvla_inference(small_checkpoint, device="cpu", dtype="float32")
+    triton_engine = cf.create_openvla_inference(small_checkpoint, backend=TritonBackend.configured(**options),
                                                 device=TRITON_DEVICE, dtype="float32")
+    assert triton_engine.model.config.image_size == 56
     for kind in ("1",):
         expected = engine.predict(_image(kind), "pick up the cup")
         got = triton_engine.predict(_image(kind), "pick up the cup")

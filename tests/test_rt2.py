@@ -152,15 +152,25 @@ def test_bad_inputs(engine):
         engine.predict(_image("black"), "pick up the block " * 20)
 
 
+@pytest.fixture(scope="module")
+def small_checkpoint(tmp_path_factory):
+    """The tiny RT-2 with 56 px images (16 image tokens instead of 256), for the Triton interpreter."""
+    config = tiny_rt2_config(image_size=56)
+    return write_rt2_checkpoint(tmp_path_factory.mktemp("rt2_56px"), config, seed=4), config
+
+
 @pytest.mark.parametrize("options", [{}, {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
                                           "fold_token_norms": False, "fused_combine": "off"}],
                          ids=["default", "unfused decode"])
-def test_triton_backend_matches_pytorch(checkpoint, config, engine, options):
+def test_triton_backend_matches_pytorch(small_checkpoint, tiny_tokenizer_path, options):
     """Same tokens and chunk on the Triton backend, with the default fused decode path and with every token
     switch of TritonOptions off (cuBLAS decode steps, separate norms, QKV/RoPE and combine kernels)."""
     pytest.importorskip("triton")
     from cortexflow.backends.triton_backend import TritonBackend
 
+    checkpoint, config = small_checkpoint
+    engine = cf.create_rt2_inference(checkpoint, device="cpu", dtype="float32", tokenizer_path=tiny_tokenizer_path,
+                                     model_config=config, constrained_decoding=False)
     triton_engine = cf.create_rt2_inference(checkpoint, backend=TritonBackend.configured(**options),
                                             device=TRITON_DEVICE, dtype="float32",
                                             model_config=config, constrained_decoding=False)

@@ -312,7 +312,7 @@ def test_identity_guidance_on_the_fused_triton_loop_matches_pytorch(tmp_path, mo
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
     config = tiny_model_config(model_type, action_dim=ACTION_DIM, chunk_size=4, num_diffusion_steps=3,
-                               num_vision_layers=1)
+                               num_vision_layers=1, image_size=56)
     write_checkpoint(tmp_path, config, seed=2)
     create = create_pi05_inference if model_type == "pi05" else create_pi0_inference
     rng = np.random.default_rng(3)

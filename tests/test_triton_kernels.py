@@ -360,7 +360,7 @@ def test_backend_matches_pytorch_end_to_end(tmp_path, model_type, decoder_varian
     triton_backend = TritonBackend.configured(**options)
     from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
 
-    config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1)
+    config = tiny_model_config(model_type, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1, image_size=56)
     write_checkpoint(tmp_path, config)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
