@@ -20,6 +20,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16
 DIMS = DecoderDims(num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16, rope_base=10000.0, rms_norm_eps=1e-5)
 WIDTH, MLP, VOCAB, PROMPT, STEPS = 64, 128, 256, 12, 5
+#: Tokens the backend generates itself after the prompt: the prefill's and two cached steps (the second reads
+#: the K/V row the first wrote).
+GENERATED = 3
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -47,10 +50,11 @@ def fused_weights(lm: LlamaLM, fp8: bool) -> dict[str, torch.Tensor]:
     return weights
 
 
-def run(lm: LlamaLM, backend, weights, prompt: torch.Tensor, forced: torch.Tensor):
+def run(lm: LlamaLM, backend, weights, prompt: torch.Tensor, forced: torch.Tensor, generate: bool = True):
     """Prefill ``prompt`` then cached one-row steps fed the tokens ``forced`` (the same for every run, so the
     runs see the same inputs): the fp32 logits ``(1 + STEPS, VOCAB)`` after the prompt and each step (final
-    norm and LM head in PyTorch), and the greedy tokens the backend itself generates from the prompt."""
+    norm and LM head in PyTorch), and the greedy tokens the backend itself generates from the prompt (None
+    without ``generate``)."""
     cache = tuple(torch.zeros(DIMS.num_layers, 1, PROMPT + STEPS + 1, DIMS.num_kv_heads, DIMS.head_dim, dtype=DTYPE,
                               device=DEVICE) for _ in range(2))
 
@@ -72,12 +76,14 @@ def run(lm: LlamaLM, backend, weights, prompt: torch.Tensor, forced: torch.Tenso
         for i in range(DIMS.num_layers):
             x = lm.layer(backend, weights, i, x, position[None], mask, cache, position)
         out.append(logits(x))
+    if not generate:
+        return torch.stack(out), None
     for c in cache:
         c.zero_()
     last = torch.tensor([PROMPT - 1], device=DEVICE)
     first = lm.prefill(backend, weights, lm.embed(backend, weights, prompt), causal_mask(PROMPT, 1, DEVICE), cache,
                        last, None)
-    tokens = lm.generate(backend, weights, first, torch.tensor([PROMPT], device=DEVICE), STEPS, cache, None)
+    tokens = lm.generate(backend, weights, first, torch.tensor([PROMPT], device=DEVICE), GENERATED, cache, None)
     return torch.stack(out), tokens[0]
 
 
@@ -96,7 +102,8 @@ def bf16_run():
     forced = torch.randint(0, VOCAB, (STEPS,), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     backend = TritonBackend(torch.device(DEVICE), DTYPE)
     logits, tokens = run(lm, backend, fused_weights(lm, fp8=False), prompt, forced)
-    dequantized_logits, _ = run(lm, backend, dequantized(fused_weights(lm, fp8=True)), prompt, forced)
+    dequantized_logits, _ = run(lm, backend, dequantized(fused_weights(lm, fp8=True)), prompt, forced,
+                                generate=False)
     return lm, prompt, forced, logits, tokens, dequantized_logits
 
 
@@ -142,7 +149,7 @@ def test_fp8_decoder_layers_stay_close_to_bf16(bf16_run, fp8_runs, route):
     bound = 0.12 if route == "decode_gemv off" else 8e-2
     assert (rel_dequantized < bound).all() and rel_dequantized.mean() < rel.mean(), (rel_dequantized, rel)
     assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.5
-    assert tokens.shape == ref_tokens.shape
+    assert tokens.shape == ref_tokens.shape == (GENERATED,)
 
 
 def test_fp8_one_row_routes_agree(fp8_runs):

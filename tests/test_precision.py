@@ -258,7 +258,7 @@ def test_verify_with_fp8_stages_compares_with_the_bf16_baseline():
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("FP8 needs a GPU of compute capability 8.9 or later")
     report = run_verify("pi0", TritonBackend.configured(fp8="prefix"), "pytorch", size="tiny", device=device,
-                        dtype="bfloat16", repeats=1, modules=["prefix_layer"])
+                        dtype="bfloat16", views=1, repeats=1, modules=["prefix_layer"])
     assert report["fp8"] == {"stages": "prefix", "min_cosine": FP8_MIN_COSINE,
                              "baseline": "the same backend without FP8, bfloat16"}
     assert report["threshold_rel_l2"] == FP8_THRESHOLD and report["backend_options"]["fp8"] == "prefix"
