@@ -1,4 +1,4 @@
-# Device call 2 of session 29: session 25's H100 preload A/B (h200_2026-12-06_session25/call2_h100_ab_unrun/command.sh),
+# Device call 2 of session 29: session 25's H100 preload A/B (written as h200_2026-12-06_session25/call2_h100_ab_unrun/command.sh, removed after it ran here),
 # run as written with old_build25.tar = `git archive 3992919` (session 25's start) in place of old_build.tar; new build = 8b1f8d7.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 R=/tmp/s26ab; rm -rf $R; mkdir -p $R
