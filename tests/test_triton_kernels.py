@@ -346,9 +346,9 @@ DECODER_VARIANTS = {
 def test_backend_matches_pytorch_end_to_end(tmp_path, model_type, decoder_variant):
     """The op kernels and the fused stages compute the reference function (fp32), for each
     :class:`TritonOptions` path of the Pi0 family: each expert layer as a kernel chain (cuBLAS GEMMs with
-    separate norm, QKV/RoPE, attention and GELU-gate kernels) or as one persistent kernel (the default's Euler
-    launch is tested in test_expert_step.py); the vision tower and prefix fused or op by op; with programmatic
-    dependent launch (Hopper GPUs only)."""
+    separate norm, QKV/RoPE, attention and GELU-gate kernels), as one persistent kernel a layer, or (the default)
+    one launch a whole Euler step, here with programmatic dependent launch (Hopper GPUs only; without it the Euler
+    launch is tested in test_expert_step.py); the vision tower and prefix fused or op by op."""
     import cortexflow as cf
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.backends.triton_options import TritonOptions
