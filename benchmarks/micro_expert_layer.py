@@ -7,7 +7,7 @@ Each variant's step is captured 50 times in one CUDA graph and replayed (``micro
 µs per layer = step time / 18. The weight floor of a layer is its 34.6 MB of bf16 weights at the measured copy
 bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
 
-    python benchmarks/micro_expert_layer.py [--prefix 532] [--quick] [--only TEXT ...] [--fp8]
+    python benchmarks/micro_expert_layer.py [--prefix 532] [--quick] [--only TEXT ...] [--fp8] [--step]
     ncu --profile-from-start off --launch-skip 1 --launch-count 1 --set full -o expert \
         python benchmarks/micro_expert_layer.py --ncu
 
@@ -72,6 +72,19 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "attention logits in 2 parts": replace(base, attn_d_parts=2),
         "attention logits in 4 parts": replace(base, attn_d_parts=4),
         "attention 64-key steps, logits in 4 parts": replace(base, attn_keys=64, attn_d_parts=4),
+        # The key ranges merged in a phase of their own, spread over every program (NOTES, session 30); taller
+        # tiles split by value columns so that the accumulator stays in registers.
+        "attention merge phase": replace(base, attn_merge="phase"),
+        "attention merge phase, 64 rows, 2 value parts": replace(base, attn_merge="phase", attn_rows=64, attn_v_parts=2,
+                                                                 attn_d_parts=1),
+        "attention merge phase, 64 rows, 2 value parts, 16-key steps": replace(
+            base, attn_merge="phase", attn_rows=64, attn_v_parts=2, attn_d_parts=1, attn_keys=16),
+        "attention merge phase, 64 rows, 4 value parts": replace(base, attn_merge="phase", attn_rows=64, attn_v_parts=4,
+                                                                 attn_d_parts=1),
+        "attention merge phase, 64 rows, 4 value parts, 64-key steps": replace(
+            base, attn_merge="phase", attn_rows=64, attn_v_parts=4, attn_d_parts=1, attn_keys=64),
+        "attention merge phase, 32 rows, 2 value parts": replace(base, attn_merge="phase", attn_rows=32, attn_v_parts=2,
+                                                                 attn_d_parts=2),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
@@ -90,6 +103,9 @@ def main() -> None:
     parser.add_argument("--phase", metavar="TEXT", action="append",
                         help="time only the phases whose name contains TEXT (each phase mask compiles its own kernel); "
                              "repeatable")
+    parser.add_argument("--step", action="store_true",
+                        help="also time each tiling as the step kernel (kernels/expert_step.py: the 18 layers in one "
+                             "launch, as the backend runs them), µs per layer")
     parser.add_argument("--fp8", action="store_true",
                         help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
     parser.add_argument("--ncu", action="store_true",
@@ -162,6 +178,18 @@ def main() -> None:
             x = out
         return out
 
+    from cortexflow.kernels import expert_step as es
+
+    step_tables = es.expert_weight_tables([tuple(weights[f"expert.layers.{i}.{n}"] for n in ("qkv", "o", "gate_up",
+                                                                                              "down"))
+                                           for i in range(LAYERS)])
+    norm_scales = torch.stack([torch.stack(pair) for pair in scales]).contiguous()
+
+    def step_kernel(work):
+        work.reset()
+        return es.expert_step(hidden.view(s, D), work.residual, step_tables, norm_scales, positions, inv_freq, keys,
+                              values, mask, EPS, scale, work, HEADS)
+
     if args.ncu:
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
         for _ in range(3):
@@ -211,6 +239,18 @@ def main() -> None:
         rows.append(dict(variant=f"persistent: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling),
                          attention_splits=work.n_splits, programs=work.programs))
         print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
+        if args.step:
+            try:
+                out = step_kernel(work).float()
+                torch.cuda.synchronize()
+                err = rel(out, reference)
+                us = graph_time_us(lambda: step_kernel(work)) / LAYERS
+                rows.append(dict(variant=f"step kernel: {name}", us_per_layer=us, rel_vs_chain=err,
+                                 tiling=asdict(tiling)))
+                print(f"step kernel {name}: {us:.2f} us/layer, rel vs chain {err:.2e}", flush=True)
+            except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
+                rows.append(dict(variant=f"step kernel: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
+                print(f"step kernel {name}: failed: {failure}", flush=True)
         if args.fp8:
             try:
                 out = persistent(work, fp8=True).float()

@@ -126,6 +126,43 @@ def test_check_expert_shapes_refuses_other_logit_parts():
     assert "attn_d_parts 3" in el.check_expert_shapes(1024, 4096, 8, 1, 256, replace(el.ExpertTiling(), attn_d_parts=3))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("v_parts, splits, rows, merge_rows", [(1, 2, 16, None), (2, 3, 32, 8), (4, 2, 64, None),
+                                                               (2, 1, 32, None)])
+def test_attention_merge_phase(dtype, v_parts, splits, rows, merge_rows):
+    """``attn_merge="phase"``: each key range stores its partials (``v_parts`` programs a tile, each with its part
+    of the value columns; 4 parts of a 64-wide head are 16 columns each), and after a barrier of their own the
+    programs merge ``merge_rows`` packed rows an item (8: three items over 20 rows, the last one partial; None: one
+    wave's worth). The layer matches the reference; the merge barrier (the 8th counter) is passed by every program,
+    and with one key range there is nothing to merge: the ranges write the output, the counter stays 0."""
+    from dataclasses import replace
+
+    tiling = replace(SMALL_TILING, attn_rows=rows, attn_splits=splits, attn_merge="phase", attn_v_parts=v_parts,
+                     attn_merge_rows=merge_rows)
+    assert el.check_expert_shapes(32, 64, 4, 1, 64, tiling) is None
+    out, ref, keys, values, work = _run(2, 5, 40, 32, 64, 4, 1, 64, dtype, True, False, tiling)
+    _assert_close(out, ref, dtype)
+    _assert_close(values[0], values[1], dtype)
+    assert work.n_splits == splits
+    assert work.merge_rows == (merge_rows or max(2, el.next_power_of_two(-(-40 // work.programs))))
+    assert work.sync[:7].tolist() == [work.programs] * 7
+    assert work.sync[7].item() == (work.programs if splits > 1 else 0)
+
+
+def test_check_expert_shapes_names_a_bad_attention_merge():
+    from dataclasses import replace
+
+    base = el.ExpertTiling()
+    check = lambda **f: el.check_expert_shapes(1024, 4096, 8, 1, 256, replace(base, **f))  # noqa: E731
+    assert "attn_merge 'first'" in check(attn_merge="first")
+    assert "attn_v_parts 2" in check(attn_v_parts=2)  # value parts need the merge phase
+    assert "attn_v_parts 3" in check(attn_merge="phase", attn_v_parts=3)
+    assert "attn_merge_rows 6" in check(attn_merge="phase", attn_merge_rows=6)
+    assert check(attn_merge="phase", attn_v_parts=4, attn_rows=64) is None
+    small = replace(el.INTERPRETER_TILING, attn_merge="phase", attn_v_parts=4)
+    assert "fewer than 16 columns" in el.check_expert_shapes(32, 64, 4, 1, 32, small)
+
+
 def test_expert_layer_with_grouped_kv_heads():
     out, ref, keys, _, _ = _run(2, 5, 9, 32, 64, 4, 2, 32, torch.float32, False, False, SMALL_TILING)
     _assert_close(out, ref, torch.float32)

@@ -6,6 +6,7 @@ arithmetic in the same order, so a step launch and the chain of layer launches a
 """
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,8 +24,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
     block_m=16, pair=16, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2, down_splits=2, attn_rows=16,
     attn_keys=16, attn_splits=2, programs=8, num_warps=4, num_stages=2)
+#: The attention's key ranges merged in a phase of their own, two programs a tile (one per half of the value
+#: columns), 32-row tiles (``ExpertTiling.attn_merge``).
+MERGE_PHASE_TILING = replace(SMALL_TILING, attn_rows=32, attn_merge="phase", attn_v_parts=2)
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 4e-2}  # rel L2 after three layers
-LAYERS, BATCH, SEQ, PREFIX, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM = 3, 2, 6, 7, 32, 64, 4, 1, 32
+#: 27 prefix + 6 suffix keys: two key ranges of 16-key steps with the tilings above (the range partials are merged).
+LAYERS, BATCH, SEQ, PREFIX, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM = 3, 2, 6, 27, 32, 64, 4, 1, 32
 
 
 def _step_inputs(dtype, pi05, fp8, seed):
@@ -59,9 +64,9 @@ def _step_inputs(dtype, pi05, fp8, seed):
     return weights, scales or None, norm_scales, modulation, x, positions, keys, values, mask.contiguous().to(DEVICE)
 
 
-def _workspace(dtype, steps=1):
+def _workspace(dtype, steps=1, tiling=SMALL_TILING):
     work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
-                              torch.device(DEVICE), SMALL_TILING, launches=steps * LAYERS)
+                              torch.device(DEVICE), tiling, launches=steps * LAYERS)
     work.reset()
     return work
 
@@ -88,20 +93,24 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("dtype, fp8", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True),
-                                        (torch.bfloat16, True)], ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8"])
+@pytest.mark.parametrize("dtype, fp8, tiling", [
+    (torch.float32, False, SMALL_TILING), (torch.bfloat16, False, SMALL_TILING), (torch.float32, True, SMALL_TILING),
+    (torch.bfloat16, True, SMALL_TILING), (torch.float32, False, MERGE_PHASE_TILING),
+    (torch.bfloat16, True, MERGE_PHASE_TILING)],
+    ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8", "fp32-merge-phase", "bf16-fp8-merge-phase"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-def test_step_launch_equals_the_layer_launches(dtype, fp8, pi05):
+def test_step_launch_equals_the_layer_launches(dtype, fp8, tiling, pi05):
     """Three layers as one launch and as three launches: the same output and KV cache rows bit for bit (one
     interpreter program: the same operations in the same order), close to the reference; two steps in a row
-    use their own barrier counters, and every program passed every barrier of both."""
+    use their own barrier counters, and every program passed every barrier of both (the merge phase's too, with
+    ``attn_merge="phase"``)."""
     weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, fp8, 1)
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
     tables = es.expert_weight_tables(weights, scales)
     ref_keys, ref_values = keys.clone(), values.clone()
     ref = es.expert_step_reference(x, weights, norm_scales, positions, inv_freq, ref_keys, ref_values, mask, 1e-6,
                                    HEAD_DIM**-0.5, HEADS, modulation, scales)
-    layer_work, step_work = _workspace(dtype, steps=2), _workspace(dtype, steps=2)
+    layer_work, step_work = _workspace(dtype, 2, tiling), _workspace(dtype, 2, tiling)
     layer_keys, layer_values = keys.clone(), values.clone()
     for step in range(2):
         by_layer = _layer_launches(weights, scales, norm_scales, modulation, x, positions, inv_freq, layer_keys,
@@ -112,8 +121,10 @@ def test_step_launch_equals_the_layer_launches(dtype, fp8, pi05):
         assert torch.equal(keys, layer_keys) and torch.equal(values, layer_values)
     assert _rel(by_step, ref) <= BOUNDS[dtype]
     assert _rel(keys, ref_keys) <= BOUNDS[dtype] and _rel(values, ref_values) <= BOUNDS[dtype]
-    barriers = step_work.sync.view(2 * LAYERS, el.ExpertWorkspace.BARRIERS)[:, :7]
-    assert (barriers == step_work.programs).all() and int(step_work.counters.abs().sum()) == 0
+    used = 8 if tiling.attn_merge == "phase" else 7
+    barriers = step_work.sync.view(2 * LAYERS, el.ExpertWorkspace.BARRIERS)
+    assert (barriers[:, :used] == step_work.programs).all() and (barriers[:, used:] == 0).all()
+    assert int(step_work.counters.abs().sum()) == 0
 
 
 def test_step_launch_checks_its_tables_and_tensors():
@@ -286,6 +297,18 @@ def test_euler_step_launch_equals_its_composition(dtype, pi05, layers):
     against the same step composed of PyTorch ops around the step kernel without the action path: the residual,
     the KV cache rows and ``x_t`` agree to the dtype's rounding (fp32: the action GEMMs sum in another order);
     with one layer the kernel's two action-path barriers share a counter, which every program passed twice."""
+    _check_euler_step(dtype, pi05, layers, SMALL_TILING)
+
+
+@pytest.mark.parametrize("layers", [LAYERS, 1], ids=["3-layers", "1-layer"])
+def test_euler_step_with_the_attention_merge_phase(layers):
+    """The Euler step with the key ranges merged in a phase of their own (``attn_merge="phase"``, value columns in
+    two parts): every layer's merge barrier (its 8th counter) and the action path's (the 9th) were each passed by
+    every program, so the two never share a counter."""
+    _check_euler_step(torch.float32, False, layers, MERGE_PHASE_TILING)
+
+
+def _check_euler_step(dtype, pi05, layers, tiling):
     weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, False, 4)
     weights, norm_scales = weights[:layers], norm_scales[:layers]
     modulation = None if modulation is None else modulation[:layers]
@@ -297,7 +320,7 @@ def test_euler_step_launch_equals_its_composition(dtype, pi05, layers):
 
     def workspace():
         work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
-                                  torch.device(DEVICE), SMALL_TILING, launches=layers)
+                                  torch.device(DEVICE), tiling, launches=layers)
         work.reset()
         return work
 
@@ -319,12 +342,13 @@ def test_euler_step_launch_equals_its_composition(dtype, pi05, layers):
     assert _rel(euler.x_t - x_t_before, composed_x_t - x_t_before) <= bound
     assert torch.equal(hidden, x)  # only read
     barriers = work.sync.view(layers, el.ExpertWorkspace.BARRIERS)
-    action_barrier, head_barrier = int(barriers[0, 7]), int(barriers[-1, 7])
+    action_barrier, head_barrier = int(barriers[0, -1]), int(barriers[-1, -1])
     if layers == 1:
         assert action_barrier == 2 * work.programs
     else:
         assert action_barrier == work.programs and head_barrier == work.programs
     assert (barriers[:, :7] == work.programs).all()
+    assert (barriers[:, 7] == (work.programs if tiling.attn_merge == "phase" else 0)).all()
 
 
 def test_euler_step_checks_its_action_path():

@@ -38,7 +38,7 @@ MIN_BLOCKS_PER_SPLIT = 1
 
 
 @triton.jit
-def _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim, group, n_splits,
+def merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim, group, n_splits,
                   sob, sol, soh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the key ranges of rows ``rows`` of tile ``b_kvh``:
     ``out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s`` with ``m = max_s m_s``."""
@@ -123,18 +123,34 @@ def attend_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end
     return _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid,
                           head_dim, tl.zeros([BLOCK_M, BLOCK_D], tl.float32),
                           tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
-                          HAS_MASK, UPCAST, DOT_PRECISION, CACHE, BLOCK_M, BLOCK_N, BLOCK_D, D_PARTS)
+                          HAS_MASK, UPCAST, DOT_PRECISION, CACHE, BLOCK_M, BLOCK_N, BLOCK_D, D_PARTS, head_dim, BLOCK_D)
+
+
+@triton.jit
+def attend_value_part(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
+                      v_cols, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      CACHE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                      D_PARTS: tl.constexpr, V_COLS: tl.constexpr):
+    """:func:`attend_range` with the values' columns ``0..V_COLS`` from ``v_base`` only (``v_cols`` of them
+    valid): the logits over all ``head_dim`` columns of ``q`` and the keys, so ``m`` and ``l`` are those of the
+    whole head, and ``acc (BLOCK_M, V_COLS)`` those columns of its unnormalised output. Programs that own
+    different column parts of one tile compute the same logits; each holds a part of the accumulator."""
+    return _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid,
+                          head_dim, tl.zeros([BLOCK_M, V_COLS], tl.float32),
+                          tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+                          HAS_MASK, UPCAST, DOT_PRECISION, CACHE, BLOCK_M, BLOCK_N, BLOCK_D, D_PARTS, v_cols, V_COLS)
 
 
 @triton.jit
 def _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim,
                    acc, m_i, l_i, HAS_MASK: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    CACHE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                   D_PARTS: tl.constexpr):
-    """:func:`attend_range` from the running state ``acc``, ``m_i``, ``l_i`` of keys before ``key_start``."""
-    offs_d = tl.arange(0, BLOCK_D)
+                   D_PARTS: tl.constexpr, v_cols, V_COLS: tl.constexpr):
+    """:func:`attend_range` from the running state ``acc (BLOCK_M, V_COLS)``, ``m_i``, ``l_i`` of keys before
+    ``key_start``; the values' columns ``0..V_COLS`` from ``v_base`` (``v_cols`` of them valid)."""
+    offs_v = tl.arange(0, V_COLS)
     offs_n = tl.arange(0, BLOCK_N)
-    d_valid = offs_d < head_dim
+    v_valid = offs_v < v_cols
     if D_PARTS == 1:
         q0 = q
         q1 = q
@@ -159,7 +175,7 @@ def _continue_range(q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_
                               other=0)
             s = tl.where(allowed != 0, s, _MASKED_LOGIT)
         p, alpha, m_i, l_i = _block_weights(s, k_valid, m_i, l_i)
-        v = tl.load(v_base + keys[:, None] * svl + offs_d[None, :], mask=k_valid[:, None] & d_valid[None, :], other=0.0,
+        v = tl.load(v_base + keys[:, None] * svl + offs_v[None, :], mask=k_valid[:, None] & v_valid[None, :], other=0.0,
                     cache_modifier=CACHE)
         acc = _accumulate(acc, alpha, p, v, UPCAST, DOT_PRECISION)
     return acc, m_i, l_i
@@ -208,7 +224,7 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
             arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
             if arrived == n_splits - 1:
                 tl.debug_barrier()
-                _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
+                merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
                               group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
@@ -219,6 +235,35 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
             out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
             out.to(out_ptr.dtype.element_ty),
             mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
+        )
+
+
+@triton.jit
+def store_value_part(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, kv_h, b_kvh, n_bkv, split, rows, q_len,
+                     group, col0, v_cols, sob, sol, soh, SPLIT: tl.constexpr, BLOCK_D: tl.constexpr,
+                     V_COLS: tl.constexpr):
+    """Write one key range's result for the value columns ``col0..col0+V_COLS`` (``v_cols`` of them valid) of the
+    rows ``rows`` (:func:`attend_value_part`): the normalised output when the keys are not split; else the
+    partials in :func:`finish_range`'s layout (rows ``BLOCK_D`` apart), the running max and sum written by the
+    program of the first column part only (every part holds the same). The caller merges the ranges later
+    (:func:`merge_ranges`, after a grid barrier)."""
+    n_rows = q_len * group
+    row_valid = rows < n_rows
+    offs_v = tl.arange(0, V_COLS)
+    if SPLIT:
+        base = (split * n_bkv + b_kvh) * n_rows + rows
+        tl.store(part_acc_ptr + base[:, None] * BLOCK_D + col0 + offs_v[None, :], acc, mask=row_valid[:, None])
+        first = row_valid & (col0 == 0)
+        tl.store(part_ml_ptr + base * 2, m_i, mask=first)
+        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=first)
+    else:
+        out = acc / l_i[:, None]
+        query = rows // group
+        head = kv_h * group + rows % group
+        tl.store(
+            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + col0 + offs_v[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & (offs_v < v_cols)[None, :],
         )
 
 
@@ -290,7 +335,7 @@ def _attention_kernel(
         acc = _accumulate(tl.zeros([BLOCK_M, BLOCK_D], tl.float32), alpha, p, v, UPCAST, DOT_PRECISION)
         acc, m_i, l_i = _continue_range(
             q, k_base, v_base, skl, svl, mask_rows, smk, key_start + BLOCK_N, key_end, scale_log2, row_valid, head_dim,
-            acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1)
+            acc, m_i, l_i, HAS_MASK, UPCAST, DOT_PRECISION, "", BLOCK_M, BLOCK_N, BLOCK_D, 1, head_dim, BLOCK_D)
     else:
         acc, m_i, l_i = attend_range(
             q, k_base, v_base, skl, svl, mask_rows, smk, key_start, key_end, scale_log2, row_valid, head_dim, HAS_MASK,
@@ -313,7 +358,7 @@ def _combine_kernel(
     pid_m = tl.program_id(0)
     b_kvh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    _merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b_kvh // n_kv_heads, b_kvh % n_kv_heads, b_kvh,
+    merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b_kvh // n_kv_heads, b_kvh % n_kv_heads, b_kvh,
                   tl.num_programs(1), rows, q_len, head_dim, group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
 
 

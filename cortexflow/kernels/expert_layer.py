@@ -13,9 +13,12 @@ barriers:
 1. QKV: ``h @ W_qkvᵀ`` with split-half RoPE on Q and K in the epilogue; Q goes to a scratch buffer, K and V
    straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns ``[c, c+PAIR)`` and
    ``[c+Dh/2, c+Dh/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile;
-2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_range`,
+2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_value_part`,
    boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
-   range program of a row block merges the ranges (log-sum-exp) into the attention output;
+   range program of a row block merges the ranges (log-sum-exp) into the attention output. With
+   ``ExpertTiling.attn_merge="phase"`` instead (2b) every range program stores its partials, and after a grid
+   barrier of its own the programs merge a few rows each; a (tile, key range) may then be split over
+   ``attn_v_parts`` programs by value columns;
 3. o-projection, split-K: one fp32 partial per K range (``o_splits``) and output tile, stored, not added;
 4. (row phase) ``x2 = x + (gate ⊙) Σ partials`` (K ranges added in order: deterministic; Pi0.5's gate),
    rounded like the reference's residual, then the MLP norm of ``x2`` as in 0;
@@ -69,7 +72,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.attention import LOG2E, attend_range, finish_range
+from cortexflow.kernels.attention import LOG2E, attend_value_part, finish_range, merge_ranges, store_value_part
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
@@ -84,7 +87,13 @@ class ExpertTiling:
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
     :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``; 4: Pi0's 16-row tiles give
-    each warp one MMA chain over the 256 columns otherwise); ``programs`` persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's."""
+    each warp one MMA chain over the 256 columns otherwise); ``attn_merge`` how the key ranges of a tile are merged:
+    "last" by the last range program to arrive (phase 2 of the module doc), "phase" in a phase of their own after
+    one more grid barrier, ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of
+    the programs); ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile, key range), each
+    accumulating its part of the value columns (all of them compute the tile's logits), which keeps the
+    accumulator of a tall tile in registers; ``programs`` persistent programs (None: the SM count); ``num_warps``,
+    ``num_stages``: the launch's."""
 
     block_m: int = 64
     pair: int = 16
@@ -97,6 +106,9 @@ class ExpertTiling:
     attn_keys: int = 32
     attn_splits: int | None = None
     attn_d_parts: int = 4
+    attn_merge: str = "last"
+    attn_merge_rows: int | None = None
+    attn_v_parts: int = 1
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -241,12 +253,14 @@ def _layer(
     SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
-    BLOCK_D: tl.constexpr, PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
+    ACQUIRE: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
-    ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 7 barrier counters."""
+    ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 8 barrier counters (the 8th for the merge phase 2b, which
+    runs with ``MERGE_ROWS > 0``)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -298,16 +312,18 @@ def _layer(
         tl.store(dst + HALF, z2.to(dst.dtype.element_ty), mask=row_valid[:, None])
     _grid_sync(sync_ptr + 1, n_programs, ACQUIRE)
 
-    # ---- 2. attention (+ merge of the key ranges by the last range program) --------------------------
+    # ---- 2. attention (+ merge of the key ranges by the last range program, or 2b) --------------------
     n_rows = S * GROUP
     n_rb = tl.cdiv(n_rows, ATTN_ROWS)
     n_bkv = (M // S) * HKV
     offs_d = tl.arange(0, BLOCK_HD)
     n_keys = P + S
-    for item in range(pid, n_bkv * n_rb * n_splits if PHASES & 4 else 0, n_programs):
-        split = item % n_splits
-        pid_m = (item // n_splits) % n_rb
-        b_kvh = item // (n_splits * n_rb)
+    V_COLS: tl.constexpr = BLOCK_HD // ATTN_V_PARTS
+    for item in range(pid, n_bkv * n_rb * n_splits * ATTN_V_PARTS if PHASES & 4 else 0, n_programs):
+        v_col0 = (item % ATTN_V_PARTS) * V_COLS
+        split = (item // ATTN_V_PARTS) % n_splits
+        pid_m = (item // (ATTN_V_PARTS * n_splits)) % n_rb
+        b_kvh = item // (ATTN_V_PARTS * n_splits * n_rb)
         b = b_kvh // HKV
         kv_h = b_kvh % HKV
         rows = pid_m * ATTN_ROWS + tl.arange(0, ATTN_ROWS)
@@ -320,12 +336,26 @@ def _layer(
             q = q.to(tl.float32)
         key_start = split * keys_per_split
         key_end = tl.minimum(key_start + keys_per_split, n_keys)
-        acc, m_i, l_i = attend_range(
-            q, k_ptr + b * s_kb + kv_h * s_kh, v_ptr + b * s_vb + kv_h * s_vh, s_kl, s_vl,
-            mask_ptr + b * s_mb + query * s_mq, s_mk, key_start, key_end, scale_log2, row_valid, HD,
-            True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD, ATTN_D_PARTS)
-        finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m, split,
-                     n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS, BLOCK_HD)
+        acc, m_i, l_i = attend_value_part(
+            q, k_ptr + b * s_kb + kv_h * s_kh, v_ptr + b * s_vb + kv_h * s_vh + v_col0, s_kl, s_vl,
+            mask_ptr + b * s_mb + query * s_mq, s_mk, key_start, key_end, scale_log2, row_valid, HD, HD - v_col0,
+            True, UPCAST, DOT_PRECISION, ".cg", ATTN_ROWS, ATTN_KEYS, BLOCK_HD, ATTN_D_PARTS, V_COLS)
+        if MERGE_ROWS > 0:
+            store_value_part(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, b, kv_h, b_kvh, n_bkv, split, rows, S,
+                             GROUP, v_col0, HD - v_col0, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, BLOCK_HD, V_COLS)
+        else:
+            finish_range(acc, m_i, l_i, attn_ptr, part_acc_ptr, part_ml_ptr, counters, b, kv_h, b_kvh, n_bkv, pid_m,
+                         split, n_splits, rows, S, HD, GROUP, S * HQ * HD, HQ * HD, HD, ATTN_SPLIT, True, ATTN_ROWS,
+                         BLOCK_HD)
+    if (MERGE_ROWS > 0) & ATTN_SPLIT:
+        # ---- 2b. the key ranges merged, MERGE_ROWS packed rows an item over every program ---------------
+        _grid_sync(sync_ptr + 7, n_programs, ACQUIRE)
+        n_merge_blocks = tl.cdiv(n_rows, MERGE_ROWS)
+        for item in range(pid, n_bkv * n_merge_blocks if PHASES & 4 else 0, n_programs):
+            b_kvh = item // n_merge_blocks
+            rows = (item % n_merge_blocks) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
+            merge_ranges(part_acc_ptr, part_ml_ptr, attn_ptr, b_kvh // HKV, b_kvh % HKV, b_kvh, n_bkv, rows, S, HD,
+                         GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD)
     _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
@@ -381,8 +411,8 @@ def _expert_layer_kernel(
     ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
-    BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -390,18 +420,19 @@ def _expert_layer_kernel(
            h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
-           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, BLOCK_HD, BLOCK_D, PHASES, False)
+           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
+           BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
     """Scratch of :func:`expert_layer` for ``rows`` token rows of one expert config, allocated once per
     denoising loop and shared by its ``launches`` layer launches: the barrier counters of every launch
-    (8 int32 each, zeroed by :meth:`reset`, once per loop before the first launch), the attention merge's
+    (:attr:`BARRIERS` int32 each, zeroed by :meth:`reset`, once per loop before the first launch), the attention merge's
     arrival counters (left at zero by each launch), the split-K partials that one launch may leave for the
     next, the per-phase activations, and ``residual (rows, D)``: the layers' output buffer for a caller that
     chains them (layer 0 reads its own input, every later layer updates ``residual`` in place)."""
 
-    BARRIERS = 8
+    BARRIERS = 9
 
     def __init__(self, rows: int, seq_len: int, dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
                  n_keys: int, dtype: torch.dtype, device: torch.device, tiling: ExpertTiling | None = None,
@@ -429,9 +460,14 @@ class ExpertWorkspace:
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
                              "grid barriers need every program resident at once (at most one per SM)")
         # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).
-        splits = t.attn_splits or max(1, min(self.programs // row_blocks, triton.cdiv(n_keys, t.attn_keys)))
+        tiles = row_blocks * t.attn_v_parts
+        splits = t.attn_splits or max(1, min(self.programs // tiles, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
         self.n_splits = triton.cdiv(n_keys, self.keys_per_split)
+        # Merge phase 2b: the fewest rows an item (a power of two) that spread the rows over one wave.
+        self.merge_rows = 0
+        if t.attn_merge == "phase":
+            self.merge_rows = t.attn_merge_rows or max(2, next_power_of_two(triton.cdiv(n_bkv * n_rows, self.programs)))
         self.part_acc = torch.empty((self.n_splits, n_bkv, n_rows, self.block_hd), dtype=torch.float32, device=device)
         self.part_ml = torch.empty((self.n_splits, n_bkv, n_rows, 2), dtype=torch.float32, device=device)
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
@@ -464,6 +500,14 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"head_dim {head_dim} > 256"
     if t.attn_d_parts not in (1, 2, 4):
         return f"attn_d_parts {t.attn_d_parts} is not 1, 2 or 4"
+    if t.attn_merge not in ("last", "phase"):
+        return f"attn_merge {t.attn_merge!r} is not 'last' or 'phase'"
+    if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
+        return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
+    if max(16, next_power_of_two(head_dim)) // t.attn_v_parts < 16:
+        return f"head_dim {head_dim} in {t.attn_v_parts} value parts leaves fewer than 16 columns a part"
+    if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
+        return f"attn_merge_rows {t.attn_merge_rows} is not a power of two"
     return None
 
 
@@ -533,7 +577,8 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), BLOCK_HD=workspace.block_hd,
+        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=t.attn_v_parts,
+        MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
 

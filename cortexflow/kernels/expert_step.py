@@ -15,7 +15,7 @@ costs one launch, ramp-up and tail instead of 18. Per layer ``l`` the kernel tak
 - its norm column factors ``norm_scales[l] (2, D)`` and Pi0.5's ``modulation[l] (2, 3, D)`` (attention, MLP)
   x (scale, shift, gate), and its KV cache ``keys[l], values[l]``, at ``l`` times the layer stride of those
   stacked tensors (which the backend holds anyway);
-- its own 8 barrier counters, ``workspace.sync[(step * L + l) * 8:]``: the same counters the one-layer
+- its own 9 barrier counters, ``workspace.sync[(step * L + l) * 9:]``: the same counters the one-layer
   launches ``launch = step * L + l`` use, so one workspace (and one ``reset`` per loop) serves both.
 
 Layer 0 reads the step's input ``x``; every later layer adds the previous layer's down-projection partials to
@@ -64,7 +64,7 @@ layers included (``ComputeBackend.denoising_step``'s composition, one launch ins
 - after a barrier, a head phase: one action row a program, ``v = hn @ head_wᵀ + head_b`` rounded to the head's
   dtype, ``x_t += dt * v``.
 
-Its two barriers are the 8th counter of the first and of the last layer, which the layers leave unused (one
+Its two barriers are the 9th counter of the first and of the last layer, which the layers leave unused (one
 counter, arrived at twice, for a one-layer expert). ``x_t`` is read in the action phase and written in the head
 phase, one barrier apart; the next step is the next launch.
 """
@@ -193,8 +193,8 @@ def _expert_step_kernel(
     SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
-    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, BLOCK_HD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BARRIERS: tl.constexpr, ALIGN: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
     BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_N: tl.constexpr, ACTION_K: tl.constexpr,
     HEAD_K: tl.constexpr,
@@ -244,7 +244,7 @@ def _expert_step_kernel(
                keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
                (layer > 0) | MID, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8,
                O_SPLITS, DOWN_SPLITS, BLOCK_M, PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS,
-               BLOCK_HD, BLOCK_D, 255, True)
+               ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD, BLOCK_D, 255, True)
         # The next layer's first phase reads this layer's down-projection partials; the last layer adds
         # them to the residual here.
         _grid_sync(sync + 6, n_programs, True)
