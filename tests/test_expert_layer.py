@@ -155,7 +155,7 @@ def test_check_expert_shapes_names_a_bad_attention_merge():
     base = el.ExpertTiling()
     check = lambda **f: el.check_expert_shapes(1024, 4096, 8, 1, 256, replace(base, **f))  # noqa: E731
     assert "attn_merge 'first'" in check(attn_merge="first")
-    assert "attn_v_parts 2" in check(attn_v_parts=2)  # value parts need the merge phase
+    assert "attn_v_parts 2" in check(attn_merge="last", attn_v_parts=2)  # value parts need the merge phase
     assert "attn_v_parts 3" in check(attn_merge="phase", attn_v_parts=3)
     assert "attn_merge_rows 6" in check(attn_merge="phase", attn_merge_rows=6)
     assert check(attn_merge="phase", attn_v_parts=4, attn_rows=64) is None
