@@ -68,23 +68,18 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "attention 64-key steps": replace(base, attn_keys=64),
         "gate/up 64 cols": replace(base, gate_up_cols=64),
         "QKV pair 8 (160 tiles)": replace(base, pair=8),
-        "attention 32 rows": replace(base, attn_rows=32),
-        "attention logits in 2 parts": replace(base, attn_d_parts=2),
+        "attention logits in 1 part": replace(base, attn_d_parts=1),
         "attention logits in 4 parts": replace(base, attn_d_parts=4),
-        "attention 64-key steps, logits in 4 parts": replace(base, attn_keys=64, attn_d_parts=4),
-        # The key ranges merged in a phase of their own, spread over every program (NOTES, session 30); taller
-        # tiles split by value columns so that the accumulator stays in registers.
-        "attention merge phase": replace(base, attn_merge="phase"),
-        "attention merge phase, 64 rows, 2 value parts": replace(base, attn_merge="phase", attn_rows=64, attn_v_parts=2,
-                                                                 attn_d_parts=1),
-        "attention merge phase, 64 rows, 2 value parts, 16-key steps": replace(
-            base, attn_merge="phase", attn_rows=64, attn_v_parts=2, attn_d_parts=1, attn_keys=16),
-        "attention merge phase, 64 rows, 4 value parts": replace(base, attn_merge="phase", attn_rows=64, attn_v_parts=4,
-                                                                 attn_d_parts=1),
-        "attention merge phase, 64 rows, 4 value parts, 64-key steps": replace(
-            base, attn_merge="phase", attn_rows=64, attn_v_parts=4, attn_d_parts=1, attn_keys=64),
-        "attention merge phase, 32 rows, 2 value parts": replace(base, attn_merge="phase", attn_rows=32, attn_v_parts=2,
-                                                                 attn_d_parts=2),
+        # Session 30's sweep of the attention work split (NOTES): the default is 64-row tiles in 4 value parts with
+        # the logits in 2 parts and the key ranges merged in a phase of their own.
+        "attention 16 rows, last-arriver merge": replace(base, attn_rows=16, attn_merge="last", attn_v_parts=1,
+                                                         attn_d_parts=4),
+        "attention 16 rows, merge phase": replace(base, attn_rows=16, attn_v_parts=1, attn_d_parts=4),
+        "attention 32 rows, 2 value parts": replace(base, attn_rows=32, attn_v_parts=2),
+        "attention 64 rows, 2 value parts, logits in 1 part": replace(base, attn_v_parts=2, attn_d_parts=1),
+        "attention 64 rows, 2 value parts, logits in 1 part, 16-key steps": replace(base, attn_v_parts=2, attn_d_parts=1,
+                                                                                    attn_keys=16),
+        "attention 64 rows, 4 value parts, logits in 1 part, 64-key steps": replace(base, attn_d_parts=1, attn_keys=64),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

@@ -21,7 +21,8 @@ ON_GPU = DEVICE == "cuda"
 #: persistent programs (so the grid barriers and last-arriver merges really wait for each other).
 SMALL_TILING = el.INTERPRETER_TILING if not ON_GPU else el.ExpertTiling(
     block_m=16, pair=16, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2, down_splits=2, attn_rows=16,
-    attn_keys=16, attn_splits=2, programs=8, num_warps=4, num_stages=2)
+    attn_keys=16, attn_splits=2, attn_d_parts=4, attn_merge="last", attn_v_parts=1, programs=8, num_warps=4,
+    num_stages=2)
 BOUNDS = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2**-8), torch.bfloat16: (1.5e-2, 2**-5)}
 
 

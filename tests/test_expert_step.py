@@ -23,7 +23,8 @@ from compile_support import run_compile_script
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
     block_m=16, pair=16, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2, down_splits=2, attn_rows=16,
-    attn_keys=16, attn_splits=2, programs=8, num_warps=4, num_stages=2)
+    attn_keys=16, attn_splits=2, attn_d_parts=4, attn_merge="last", attn_v_parts=1, programs=8, num_warps=4,
+    num_stages=2)
 #: The attention's key ranges merged in a phase of their own, two programs a tile (one per half of the value
 #: columns), 32-row tiles (``ExpertTiling.attn_merge``).
 MERGE_PHASE_TILING = replace(SMALL_TILING, attn_rows=32, attn_merge="phase", attn_v_parts=2)

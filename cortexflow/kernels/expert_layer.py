@@ -14,11 +14,12 @@ barriers:
    straight into the layer's KV cache rows ``P..P+S-1``. One item = the columns ``[c, c+PAIR)`` and
    ``[c+Dh/2, c+Dh/2+PAIR)`` of one head, so both halves of a RoPE pair meet in one tile;
 2. attention over the cached prefix and the suffix (:func:`~cortexflow.kernels.attention.attend_value_part`,
-   boolean mask, the query heads of a KV head packed into the rows), keys split into ranges; the last
-   range program of a row block merges the ranges (log-sum-exp) into the attention output. With
-   ``ExpertTiling.attn_merge="phase"`` instead (2b) every range program stores its partials, and after a grid
-   barrier of its own the programs merge a few rows each; a (tile, key range) may then be split over
-   ``attn_v_parts`` programs by value columns;
+   boolean mask, the query heads of a KV head packed into the rows), keys split into ranges, each (row tile,
+   key range) split over ``attn_v_parts`` programs by value columns (each computes the tile's logits and
+   accumulates its columns); every range program stores its fp32 partials, and
+   2b. after a grid barrier of its own, the programs merge the ranges (log-sum-exp) a few packed rows each into
+   the attention output (``ExpertTiling.attn_merge="phase"``, the default; with "last" the last range program
+   of a tile to arrive merges its ranges instead, and there is no phase 2b);
 3. o-projection, split-K: one fp32 partial per K range (``o_splits``) and output tile, stored, not added;
 4. (row phase) ``x2 = x + (gate ⊙) Σ partials`` (K ranges added in order: deterministic; Pi0.5's gate),
    rounded like the reference's residual, then the MLP norm of ``x2`` as in 0;
@@ -86,14 +87,18 @@ class ExpertTiling:
     ``o_splits`` / ``down_splits`` their K ranges; ``attn_rows`` packed query rows per attention program,
     ``attn_keys`` keys per step, ``attn_splits`` key ranges (None: as many as fit in one wave of the programs),
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
-    :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``; 4: Pi0's 16-row tiles give
-    each warp one MMA chain over the 256 columns otherwise); ``attn_merge`` how the key ranges of a tile are merged:
-    "last" by the last range program to arrive (phase 2 of the module doc), "phase" in a phase of their own after
-    one more grid barrier, ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of
-    the programs); ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile, key range), each
-    accumulating its part of the value columns (all of them compute the tile's logits), which keeps the
-    accumulator of a tall tile in registers; ``programs`` persistent programs (None: the SM count); ``num_warps``,
-    ``num_stages``: the launch's."""
+    :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``); ``attn_merge`` how the key
+    ranges of a tile are merged: "phase" in a phase of their own after one more grid barrier (2b of the module doc),
+    ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs), "last"
+    by the last range program to arrive; ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a
+    (tile, key range), each accumulating its part of the value columns (all of them compute the tile's logits),
+    which keeps the accumulator of a tall tile in registers; ``programs`` persistent programs (None: the SM count);
+    ``num_warps``, ``num_stages``: the launch's.
+
+    The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
+    1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
+    range program, and 1-3 % off the whole predict on the H100; with the logits in one part Pi0's Euler step kernel
+    spills for sm_90 and Pi0 ran 1-2 % slower (benchmarks/NOTES.md, session 30)."""
 
     block_m: int = 64
     pair: int = 16
@@ -102,21 +107,23 @@ class ExpertTiling:
     out_cols: int = 32
     o_splits: int = 8
     down_splits: int = 8
-    attn_rows: int = 16
+    attn_rows: int = 64
     attn_keys: int = 32
     attn_splits: int | None = None
-    attn_d_parts: int = 4
-    attn_merge: str = "last"
+    attn_d_parts: int = 2
+    attn_merge: str = "phase"
     attn_merge_rows: int | None = None
-    attn_v_parts: int = 1
+    attn_v_parts: int = 4
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
 
 
-#: Sizes for the CPU interpreter (tiny configs): one program, small blocks.
+#: Sizes for the CPU interpreter (tiny configs): one program, small blocks; the key ranges merged by the last range
+#: program (tiny heads have too few columns for value parts; the merge phase has its own tests).
 INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=16, out_cols=16, o_splits=2,
-                                  down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, programs=1)
+                                  down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, attn_d_parts=4,
+                                  attn_merge="last", attn_v_parts=1, programs=1)
 
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
