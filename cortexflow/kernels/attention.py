@@ -39,7 +39,7 @@ MIN_BLOCKS_PER_SPLIT = 1
 
 @triton.jit
 def merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim, group, n_splits,
-                  sob, sol, soh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                 sob, sol, soh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Merge the key ranges of rows ``rows`` of tile ``b_kvh``:
     ``out = Σ_s 2^(m_s - m) acc_s / Σ_s 2^(m_s - m) l_s`` with ``m = max_s m_s``."""
     n_rows = q_len * group
@@ -225,7 +225,7 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
             if arrived == n_splits - 1:
                 tl.debug_barrier()
                 merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
-                              group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
+                             group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
     else:
         out = acc / l_i[:, None]
@@ -359,7 +359,7 @@ def _combine_kernel(
     b_kvh = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b_kvh // n_kv_heads, b_kvh % n_kv_heads, b_kvh,
-                  tl.num_programs(1), rows, q_len, head_dim, group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
+                 tl.num_programs(1), rows, q_len, head_dim, group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
 
 
 #: Rows per program of the separate combine kernel. Each program reads ``splits x rows x D`` fp32
