@@ -160,8 +160,13 @@ def test_check_expert_shapes_names_a_bad_attention_merge():
     assert "attn_v_parts 3" in check(attn_merge="phase", attn_v_parts=3)
     assert "attn_merge_rows 6" in check(attn_merge="phase", attn_merge_rows=6)
     assert check(attn_merge="phase", attn_v_parts=4, attn_rows=64) is None
+    # A 32-wide head has two value parts of 16 columns at most; a 64-wide one four.
     small = replace(el.INTERPRETER_TILING, attn_merge="phase", attn_v_parts=4)
-    assert "fewer than 16 columns" in el.check_expert_shapes(32, 64, 4, 1, 32, small)
+    assert el.check_expert_shapes(32, 64, 4, 1, 32, small) is None
+    assert el.launch_constants(torch.float32, 32, 64, 4, 1, 32, False, False, False, _workspace(small, 32))[
+        "ATTN_V_PARTS"] == 2
+    assert el.launch_constants(torch.float32, 32, 64, 4, 1, 64, False, False, False, _workspace(small, 64))[
+        "ATTN_V_PARTS"] == 4
 
 
 def test_expert_layer_with_grouped_kv_heads():

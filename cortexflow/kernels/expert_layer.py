@@ -92,7 +92,7 @@ class ExpertTiling:
     ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs), "last"
     by the last range program to arrive; ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a
     (tile, key range), each accumulating its part of the value columns (all of them compute the tile's logits),
-    which keeps the accumulator of a tall tile in registers; ``programs`` persistent programs (None: the SM count);
+    which keeps the accumulator of a tall tile in registers (at most ``head_dim / 16`` parts, as for the logits); ``programs`` persistent programs (None: the SM count);
     ``num_warps``, ``num_stages``: the launch's.
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
@@ -466,8 +466,10 @@ class ExpertWorkspace:
         if (device.type == "cuda" or compile_target(device) is not None) and self.programs > processor_count(device):
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
                              "grid barriers need every program resident at once (at most one per SM)")
+        # Value parts of at least 16 columns (a narrower head has fewer parts than asked for).
+        self.v_parts = min(t.attn_v_parts, self.block_hd // 16)
         # As many key ranges as fit in one wave of the programs (a second, partial wave costs a whole range).
-        tiles = row_blocks * t.attn_v_parts
+        tiles = row_blocks * self.v_parts
         splits = t.attn_splits or max(1, min(self.programs // tiles, triton.cdiv(n_keys, t.attn_keys)))
         self.keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), t.attn_keys) * t.attn_keys
         self.n_splits = triton.cdiv(n_keys, self.keys_per_split)
@@ -511,8 +513,6 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"attn_merge {t.attn_merge!r} is not 'last' or 'phase'"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
-    if max(16, next_power_of_two(head_dim)) // t.attn_v_parts < 16:
-        return f"head_dim {head_dim} in {t.attn_v_parts} value parts leaves fewer than 16 columns a part"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
         return f"attn_merge_rows {t.attn_merge_rows} is not a power of two"
     return None
@@ -584,7 +584,7 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
-        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=t.attn_v_parts,
+        ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
         MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
