@@ -221,45 +221,33 @@ def main() -> None:
     chain_us = graph_time_us(chain) / LAYERS
     rows.append(dict(variant="kernel chain (default path)", us_per_layer=chain_us, rel_vs_chain=0.0))
     print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
-    for name, tiling in tilings(args.quick, args.only).items():
+
+    def time_variant(label: str, name: str, tiling: el.ExpertTiling, run, **extra) -> bool:
+        """Check ``run`` (one step's 18 layers) against the chain and time it in a CUDA graph: a row of ``rows``. A
+        tiling that does not compile or run gets a row with its error and does not end the sweep."""
         t0 = time.time()
-        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
         try:
-            out = persistent(work).float()
+            out = run().float()
             torch.cuda.synchronize()
+            err = rel(out, reference)
+            us = graph_time_us(run) / LAYERS
         except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
-            rows.append(dict(variant=f"persistent: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
-            print(f"persistent {name}: failed: {failure}", flush=True)
+            rows.append(dict(variant=f"{label}: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
+            print(f"{label} {name}: failed: {failure}", flush=True)
+            return False
+        rows.append(dict(variant=f"{label}: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling), **extra))
+        print(f"{label} {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
+        return True
+
+    for name, tiling in tilings(args.quick, args.only).items():
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
+        if not time_variant("persistent", name, tiling, lambda: persistent(work), attention_splits=work.n_splits,
+                            programs=work.programs):
             continue
-        err = rel(out, reference)
-        us = graph_time_us(lambda: persistent(work)) / LAYERS
-        rows.append(dict(variant=f"persistent: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling),
-                         attention_splits=work.n_splits, programs=work.programs))
-        print(f"persistent {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
         if args.step:
-            try:
-                out = step_kernel(work).float()
-                torch.cuda.synchronize()
-                err = rel(out, reference)
-                us = graph_time_us(lambda: step_kernel(work)) / LAYERS
-                rows.append(dict(variant=f"step kernel: {name}", us_per_layer=us, rel_vs_chain=err,
-                                 tiling=asdict(tiling)))
-                print(f"step kernel {name}: {us:.2f} us/layer, rel vs chain {err:.2e}", flush=True)
-            except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
-                rows.append(dict(variant=f"step kernel: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
-                print(f"step kernel {name}: failed: {failure}", flush=True)
+            time_variant("step kernel", name, tiling, lambda: step_kernel(work))
         if args.fp8:
-            try:
-                out = persistent(work, fp8=True).float()
-                torch.cuda.synchronize()
-                err = rel(out, reference)
-                us = graph_time_us(lambda: persistent(work, fp8=True)) / LAYERS
-                rows.append(dict(variant=f"persistent fp8: {name}", us_per_layer=us, rel_vs_chain=err,
-                                 tiling=asdict(tiling)))
-                print(f"persistent fp8 {name}: {us:.2f} us/layer, rel vs chain {err:.2e}", flush=True)
-            except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
-                rows.append(dict(variant=f"persistent fp8: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
-                print(f"persistent fp8 {name}: failed: {failure}", flush=True)
+            time_variant("persistent fp8", name, tiling, lambda: persistent(work, fp8=True))
     phase_tilings = {} if args.no_phases else {"default": el.ExpertTiling()}
     phase_tilings.update({name: tilings(False)[name] for name in args.phases_of})
     for tiling_name, tiling in phase_tilings.items():
