@@ -16,7 +16,7 @@ With ``--ncu`` nothing is timed: after a warm-up, one step of the default persis
 Compute to profile.
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
-such a layer is half the bf16 one).
+such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from micro_decoder_kernels import graph_time_us, rel  # noqa: E402
 
 from cortexflow.backends.triton_decoder import _expert_layer  # noqa: E402
 from cortexflow.kernels import expert_layer as el  # noqa: E402
+from cortexflow.kernels import expert_step as es  # noqa: E402
 from cortexflow.kernels.pdl import pdl_supported  # noqa: E402
 from cortexflow.kernels.rope import inverse_frequencies  # noqa: E402
 from cortexflow.models.gemma import gemma_layers  # noqa: E402
@@ -56,6 +57,10 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "8 warps": replace(base, num_warps=8),
         "block_k 64": replace(base, block_k=64),
         "block_k 64, 5 stages": replace(base, block_k=64, num_stages=5),
+        # With E4M3 weights the Euler step kernel compiled for sm_90 spills 216 B (172 local-memory instructions) at
+        # the default tiling, 40 B (43) with these two (NOTES, session 30).
+        "block_k 64, 2 stages": replace(base, block_k=64, num_stages=2),
+        "QKV pair 8, block_k 64, 2 stages": replace(base, pair=8, block_k=64, num_stages=2),
         "block_k 256, 2 stages": replace(base, block_k=256, num_stages=2),
         "4 stages": replace(base, num_stages=4),
         "o/down 32-col tiles x 4 splits": replace(base, out_cols=16, o_splits=4, down_splits=4),
@@ -175,17 +180,19 @@ def main() -> None:
             x = out
         return out
 
-    from cortexflow.kernels import expert_step as es
-
-    step_tables = es.expert_weight_tables([tuple(weights[f"expert.layers.{i}.{n}"] for n in ("qkv", "o", "gate_up",
-                                                                                              "down"))
-                                           for i in range(LAYERS)])
+    projections = ("qkv", "o", "gate_up", "down")
+    layer_names = [[f"expert.layers.{i}.{n}" for n in projections] for i in range(LAYERS)]
+    step_tables = {False: es.expert_weight_tables([tuple(weights[n] for n in names) for names in layer_names])}
+    if args.fp8:
+        step_tables[True] = es.expert_weight_tables([tuple(fp8_weights[n] for n in names) for names in layer_names],
+                                                    [tuple(fp8_weights[f"{n}.scale"] for n in names)
+                                                     for names in layer_names])
     norm_scales = torch.stack([torch.stack(pair) for pair in scales]).contiguous()
 
-    def step_kernel(work):
+    def step_kernel(work, fp8=False):
         work.reset()
-        return es.expert_step(hidden.view(s, D), work.residual, step_tables, norm_scales, positions, inv_freq, keys,
-                              values, mask, EPS, scale, work, HEADS)
+        return es.expert_step(hidden.view(s, D), work.residual, step_tables[fp8], norm_scales, positions, inv_freq,
+                              keys, values, mask, EPS, scale, work, HEADS)
 
     if args.ncu:
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
@@ -248,6 +255,8 @@ def main() -> None:
             time_variant("step kernel", name, tiling, lambda: step_kernel(work))
         if args.fp8:
             time_variant("persistent fp8", name, tiling, lambda: persistent(work, fp8=True))
+        if args.fp8 and args.step:
+            time_variant("step kernel fp8", name, tiling, lambda: step_kernel(work, fp8=True))
     phase_tilings = {} if args.no_phases else {"default": el.ExpertTiling()}
     phase_tilings.update({name: tilings(False)[name] for name in args.phases_of})
     for tiling_name, tiling in phase_tilings.items():
