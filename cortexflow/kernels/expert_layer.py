@@ -96,13 +96,14 @@ class ExpertTiling:
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
     :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``); ``attn_merge`` how the key
     ranges of a tile are merged: "phase" in a phase of their own after one more grid barrier (2b of the module doc),
-    ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs), and with
-    ``attn_merge_at_once`` an item loads all ranges' partials in one tile
-    (:func:`~cortexflow.kernels.attention.merge_ranges_at_once`; where the tile holds at most
-    :data:`MERGE_TILE_ELEMENTS` values, else range by range), "last" by the last range program to arrive; ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a
-    (tile, key range), each accumulating its part of the value columns (all of them compute the tile's logits),
-    which keeps the accumulator of a tall tile in registers (at most ``head_dim / 16`` parts, as for the logits); ``programs`` persistent programs (None: the SM count);
-    ``num_warps``, ``num_stages``: the launch's.
+    ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs), with
+    ``attn_merge_at_once`` all ranges' partials of an item loaded in one tile
+    (:func:`~cortexflow.kernels.attention.merge_ranges_at_once`, where that tile holds at most
+    :data:`MERGE_TILE_ELEMENTS` values; else range by range); "last": by the last range program to arrive;
+    ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile, key range), each accumulating its
+    part of the value columns (all of them compute the tile's logits), which keeps the accumulator of a tall tile in
+    registers (at most ``head_dim / 16`` parts, as for the logits); ``programs`` persistent programs (None: the SM
+    count); ``num_warps``, ``num_stages``: the launch's.
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last

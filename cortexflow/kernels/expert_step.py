@@ -42,8 +42,9 @@ CTA barrier. The argument, for any buffer ``X``:
   the barrier ending phase ``q``; the next write of ``X`` is in a later phase (layer ``l + 1``), after that
   barrier, so no program overwrites ``X`` while another still reads it;
 - within a phase, no program reads what another writes in the same phase, except the attention ranges'
-  partials, merged by the last-arriving program after its own acquire (as in the one-layer kernel); the row
-  phases give row ``r`` to the same program every time, so the residual row it updates in place is its own.
+  partials with ``ExpertTiling.attn_merge="last"``, merged by the last-arriving program after its own acquire (as
+  in the one-layer kernel; the default merge phase 2b reads them after a barrier of its own); the row phases give
+  row ``r`` to the same program every time, so the residual row it updates in place is its own.
 
 The KV cache rows of layer ``l`` are written in its phase 1 and read in its phase 2 only; other layers' rows
 are other addresses.
