@@ -176,10 +176,17 @@ def test_check_expert_shapes_names_a_bad_attention_merge():
     assert _workspace(at_once, 256).merge_splits == 0  # 1 x 64 x 256: range by range
 
 
-def test_expert_layer_with_grouped_kv_heads():
-    out, ref, keys, _, _ = _run(2, 5, 9, 32, 64, 4, 2, 32, torch.float32, False, False, SMALL_TILING)
+@pytest.mark.parametrize("merge", ["last", "phase"])
+def test_expert_layer_with_grouped_kv_heads(merge):
+    """Two KV heads of two query heads each, the key ranges merged by the last range program or in the merge phase
+    (two value parts): every (batch, KV head) tile merges its own rows."""
+    from dataclasses import replace
+
+    tiling = SMALL_TILING if merge == "last" else replace(SMALL_TILING, attn_merge="phase", attn_v_parts=2)
+    out, ref, keys, _, work = _run(2, 5, 30, 32, 64, 4, 2, 32, torch.float32, False, False, tiling)
     _assert_close(out, ref, torch.float32)
     _assert_close(keys[0], keys[1], torch.float32)
+    assert work.n_splits == 2
 
 
 def test_expert_layer_is_deterministic():
