@@ -61,8 +61,8 @@ def merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows
         l_run = l_run * alpha + l_s * beta
         acc = acc * alpha[:, None] + acc_s * beta[:, None]
         m_run = m_new
-    _store_merged(acc / tl.where(row_valid, l_run, 1.0)[:, None], out_ptr, b, kv_h, rows, row_valid, head_dim, group,
-                  sob, sol, soh, BLOCK_D)
+    _store_output(acc / tl.where(row_valid, l_run, 1.0)[:, None], out_ptr, b, kv_h, rows, row_valid, 0, head_dim,
+                  group, sob, sol, soh, BLOCK_D)
 
 
 @triton.jit
@@ -86,20 +86,21 @@ def merge_ranges_at_once(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_b
     weight = tl.exp2(m_s - m[None, :])
     total = tl.sum(weight * l_s, axis=0)
     out = tl.sum(weight[:, :, None] * acc_s, axis=0) / tl.where(row_valid, total, 1.0)[:, None]
-    _store_merged(out, out_ptr, b, kv_h, rows, row_valid, head_dim, group, sob, sol, soh, BLOCK_D)
+    _store_output(out, out_ptr, b, kv_h, rows, row_valid, 0, head_dim, group, sob, sol, soh, BLOCK_D)
 
 
 @triton.jit
-def _store_merged(out, out_ptr, b, kv_h, rows, row_valid, head_dim, group, sob, sol, soh, BLOCK_D: tl.constexpr):
-    """Store the merged ``out (rows, BLOCK_D)`` of packed rows ``rows`` (query ``r // group``, head
-    ``kv_h * group + r % group``) into ``out_ptr`` (batch, query, head strides ``sob, sol, soh``)."""
-    offs_d = tl.arange(0, BLOCK_D)
+def _store_output(out, out_ptr, b, kv_h, rows, row_valid, col0, n_cols, group, sob, sol, soh, COLS: tl.constexpr):
+    """Store the normalised ``out (rows, COLS)``, the head columns ``col0..col0+COLS`` (``n_cols`` of them valid) of
+    packed rows ``rows`` (query ``r // group``, head ``kv_h * group + r % group``), into ``out_ptr`` (batch, query,
+    head strides ``sob, sol, soh``)."""
+    offs = tl.arange(0, COLS)
     query = rows // group
     head = kv_h * group + rows % group
     tl.store(
-        out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
+        out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + col0 + offs[None, :],
         out.to(out_ptr.dtype.element_ty),
-        mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
+        mask=row_valid[:, None] & (offs < n_cols)[None, :],
     )
 
 
@@ -240,34 +241,19 @@ def finish_range(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, counter_ptr,
     """Write one key range's result: the normalised output when the keys are not split; else its
     partials, laid out (split, batch*kv_head, row, D) and (split, batch*kv_head, row, 2), and with
     ``FUSED_COMBINE`` the merge of all ranges by the last range program of the tile to arrive."""
-    n_rows = q_len * group
-    row_valid = rows < n_rows
-    offs_d = tl.arange(0, BLOCK_D)
-    if SPLIT:
-        base = (split * n_bkv + b_kvh) * n_rows + rows
-        tl.store(part_acc_ptr + base[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_valid[:, None])
-        tl.store(part_ml_ptr + base * 2, m_i, mask=row_valid)
-        tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=row_valid)
-        if FUSED_COMBINE:
-            # Every thread's partials are written before the (release) arrival; the last program to
-            # arrive (acquire) merges all ranges, then zeroes the counter for the next call.
+    store_value_part(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, kv_h, b_kvh, n_bkv, split, rows, q_len, group,
+                     0, head_dim, sob, sol, soh, SPLIT, BLOCK_D, BLOCK_D)
+    if SPLIT & FUSED_COMBINE:
+        # Every thread's partials are written before the (release) arrival; the last program to
+        # arrive (acquire) merges all ranges, then zeroes the counter for the next call.
+        tl.debug_barrier()
+        counter = counter_ptr + pid_m * n_bkv + b_kvh
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
             tl.debug_barrier()
-            counter = counter_ptr + pid_m * n_bkv + b_kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_splits - 1:
-                tl.debug_barrier()
-                merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
-                             group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-    else:
-        out = acc / l_i[:, None]
-        query = rows // group
-        head = kv_h * group + rows % group
-        tl.store(
-            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & (offs_d < head_dim)[None, :],
-        )
+            merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim,
+                         group, n_splits, sob, sol, soh, BLOCK_M, BLOCK_D)
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -277,8 +263,9 @@ def store_value_part(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, kv_h,
     """Write one key range's result for the value columns ``col0..col0+V_COLS`` (``v_cols`` of them valid) of the
     rows ``rows`` (:func:`attend_value_part`): the normalised output when the keys are not split; else the
     partials in :func:`finish_range`'s layout (rows ``BLOCK_D`` apart), the running max and sum written by the
-    program of the first column part only (every part holds the same). The caller merges the ranges later
-    (:func:`merge_ranges`, after a grid barrier)."""
+    program of the first column part only (every part holds the same). The ranges are merged by
+    :func:`merge_ranges` afterwards: in :func:`finish_range` by the last range program to arrive, in the persistent
+    expert layer in a phase of its own."""
     n_rows = q_len * group
     row_valid = rows < n_rows
     offs_v = tl.arange(0, V_COLS)
@@ -289,14 +276,7 @@ def store_value_part(acc, m_i, l_i, out_ptr, part_acc_ptr, part_ml_ptr, b, kv_h,
         tl.store(part_ml_ptr + base * 2, m_i, mask=first)
         tl.store(part_ml_ptr + base * 2 + 1, l_i, mask=first)
     else:
-        out = acc / l_i[:, None]
-        query = rows // group
-        head = kv_h * group + rows % group
-        tl.store(
-            out_ptr + b * sob + query[:, None] * sol + head[:, None] * soh + col0 + offs_v[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None] & (offs_v < v_cols)[None, :],
-        )
+        _store_output(acc / l_i[:, None], out_ptr, b, kv_h, rows, row_valid, col0, v_cols, group, sob, sol, soh, V_COLS)
 
 
 @triton.jit
