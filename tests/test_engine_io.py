@@ -337,3 +337,19 @@ def test_the_last_prefix_layers_unread_weights_are_neither_read_nor_loaded(tmp_p
     assert not set(unread) & set(full.weights)
     np.testing.assert_array_equal(engine.predict(images, state=state, prompt_tokens=[2, 7, 9], noise=noise),
                                   full.predict(images, state=state, prompt_tokens=[2, 7, 9], noise=noise))
+
+
+def test_cpu_weights_are_copied_to_aligned_memory():
+    """The PyTorch backend on the CPU copies weights whose data does not start on a 64-byte boundary (a safetensors
+    file's 8-byte offsets), leaves aligned ones in place, and keeps every value."""
+    from cortexflow.backends.pytorch import CPU_WEIGHT_ALIGNMENT, PyTorchBackend
+    from cortexflow.ops import FusableWeights
+
+    buffer = torch.randn(4 * 64 + 2, generator=torch.Generator().manual_seed(5))
+    unaligned = buffer[2:].view(4, 64)
+    aligned = torch.randn(3, 5)
+    assert unaligned.data_ptr() % CPU_WEIGHT_ALIGNMENT and aligned.data_ptr() % CPU_WEIGHT_ALIGNMENT == 0
+    weights = {"a.weight": unaligned, "b.weight": aligned}
+    out = PyTorchBackend(torch.device("cpu"), torch.float32).fuse_weights(dict(weights), FusableWeights())
+    assert out["a.weight"].data_ptr() % CPU_WEIGHT_ALIGNMENT == 0 and torch.equal(out["a.weight"], unaligned)
+    assert out["b.weight"].data_ptr() == aligned.data_ptr()

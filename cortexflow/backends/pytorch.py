@@ -14,11 +14,25 @@ from cortexflow.ops import ComputeBackend
 # The value openpi adds to masked attention logits (big_vision's large negative).
 MASKED_LOGIT = -2.3819763e38
 
+#: Byte alignment of the CPU weights the BLAS reads (that of torch's CPU allocator).
+CPU_WEIGHT_ALIGNMENT = 64
+
 
 class PyTorchBackend(ComputeBackend):
     """Plain PyTorch ops; the ground truth the fast backends are compared with."""
 
     name = "pytorch"
+
+    def fuse_weights(self, weights, groups):
+        """On the CPU, copy every weight whose data does not start on a :data:`CPU_WEIGHT_ALIGNMENT`-byte boundary
+        (tensors read from a safetensors file start at the file's 8-byte offsets; torch allocates at 64). The CPU
+        BLAS's sums depend on its operands' alignment: on an AVX2 machine the same weights read from a file and built
+        in memory gave actions 1-2 ulp apart. With the copies every load path computes the same bits."""
+        if self.device.type == "cpu":
+            for name, tensor in weights.items():
+                if tensor.device.type == "cpu" and tensor.data_ptr() % CPU_WEIGHT_ALIGNMENT:
+                    weights[name] = tensor.clone()
+        return weights
 
     def linear(self, x, weight, bias=None):
         if weight.dtype != x.dtype:
