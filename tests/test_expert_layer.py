@@ -414,13 +414,12 @@ scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
 out = {}
 for arch, sms in ((89, 58), (90, 132)):  # an L4 and an H100
     with compile_only(CompileTarget(arch=arch, processors=sms)) as launches:
-        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.default_tiling(fp8=True))
+        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling())
         el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32), e(1, s, dtype=torch.int64),
                         e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd), e(1, p + s, hkv, hd),
                         e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h, weight_scales=scales)
     out[arch] = [{"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"),
-                  "shared": l.kernel.metadata.shared, "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"],
-                  "block_k": l.constexprs.get("BLOCK_K"), "pair": l.constexprs.get("PAIR")}
+                  "shared": l.kernel.metadata.shared, "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"]}
                  for l in launches]
 json.dump(out, sys.stdout)
 """
@@ -430,8 +429,7 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
     """The kernel with E4M3 weights through Triton's whole pipeline for sm_89 (an L4's 58 SMs) and sm_90 (an
     H100's 132) at Pi0's expert size on ``meta`` tensors (compile-check's compile-only launches, in a subprocess
     without the interpreter): one program per SM, shared memory within the architecture's per-program limit, and
-    its PTX converts E4M3 pairs in hardware; outside the interpreter the E4M3 weights get their own tiling
-    (:data:`~cortexflow.kernels.expert_layer.FP8_TILING`)."""
+    its PTX converts E4M3 pairs in hardware."""
     from cortexflow.tools.compile_check import SM_LIMITS
 
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
@@ -439,17 +437,6 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
         (launch,) = report[str(arch)]
         assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] is True
         assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch["shared"])
-        assert (launch["block_k"], launch["pair"]) == (el.FP8_TILING.block_k, el.FP8_TILING.pair)
-        assert (el.FP8_TILING.block_k, el.FP8_TILING.pair) != (el.ExpertTiling().block_k, el.ExpertTiling().pair)
-
-
-def test_default_tiling_by_weight_format(monkeypatch):
-    """On a GPU the E4M3 expert runs :data:`~cortexflow.kernels.expert_layer.FP8_TILING`, which fits Pi0's expert,
-    and bf16 the dataclass's defaults; under the interpreter both run the interpreter's tiling."""
-    assert el.default_tiling(fp8=True) == el.default_tiling() == el.INTERPRETER_TILING
-    monkeypatch.setattr(el, "interpreting", lambda: False)
-    assert el.default_tiling() == el.ExpertTiling() and el.default_tiling(fp8=True) == el.FP8_TILING
-    assert el.check_expert_shapes(1024, 4096, 8, 1, 256, el.FP8_TILING) is None
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "

@@ -51,8 +51,7 @@ def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWor
     width = weights[first.name("o")].shape[0]
     mlp_dim = weights[first.name("down")].shape[1]
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
-                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device,
-                           default_tiling(expert_weights_fp8(weights, ctx.expert)),
+                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device, default_tiling(),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work
@@ -145,7 +144,7 @@ def persistent_layer_unsupported(weights, expert: ExpertStack) -> str | None:
     first = expert.layers[0]
     d = first.dims
     return check_expert_shapes(weights[first.name("o")].shape[0], weights[first.name("down")].shape[1], d.num_heads,
-                               d.num_kv_heads, d.head_dim, default_tiling(expert_weights_fp8(weights, expert)))
+                               d.num_kv_heads, d.head_dim)
 
 
 def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, values, inv_freq, scale, eps, cond, step):

@@ -145,18 +145,8 @@ MERGE_TILE_ELEMENTS = 8192
 ALL_PHASES = 255
 
 
-#: The GPU tiling with E4M3 weights: 16-column QKV tiles and a 64-deep K step in 2 stages, where the default
-#: tiling's E4M3 tiles made the Euler step kernel compiled for sm_90 spill 216 B (172 local-memory instructions)
-#: against 40 B (43) with these (benchmarks/NOTES.md, session 30).
-FP8_TILING = ExpertTiling(pair=8, block_k=64, num_stages=2)
-
-
-def default_tiling(fp8: bool = False) -> ExpertTiling:
-    """The tiling the backend runs: the interpreter's under Triton's interpreter, else :data:`FP8_TILING` for E4M3
-    weights (``fp8``) and :class:`ExpertTiling`'s defaults for bf16 / fp32 ones."""
-    if interpreting():
-        return INTERPRETER_TILING
-    return FP8_TILING if fp8 else ExpertTiling()
+def default_tiling() -> ExpertTiling:
+    return INTERPRETER_TILING if interpreting() else ExpertTiling()
 
 
 @triton.jit
