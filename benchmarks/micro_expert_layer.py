@@ -85,8 +85,6 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "attention 64 rows, 2 value parts, logits in 1 part, 16-key steps": replace(base, attn_v_parts=2, attn_d_parts=1,
                                                                                     attn_keys=16),
         "attention 64 rows, 4 value parts, logits in 1 part, 64-key steps": replace(base, attn_d_parts=1, attn_keys=64),
-        # Each merge item loads every key range's partials in one tile (built in session 30, not timed yet).
-        "attention merge at once": replace(base, attn_merge_at_once=True),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

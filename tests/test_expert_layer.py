@@ -128,27 +128,24 @@ def test_check_expert_shapes_refuses_other_logit_parts():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("v_parts, splits, rows, merge_rows, at_once", [
-    (1, 2, 16, None, False), (2, 3, 32, 8, False), (4, 2, 64, None, False), (2, 1, 32, None, False),
-    (2, 3, 32, 8, True), (4, 2, 64, None, True)])
-def test_attention_merge_phase(dtype, v_parts, splits, rows, merge_rows, at_once):
+@pytest.mark.parametrize("v_parts, splits, rows, merge_rows", [(1, 2, 16, None), (2, 3, 32, 8), (4, 2, 64, None),
+                                                               (2, 1, 32, None)])
+def test_attention_merge_phase(dtype, v_parts, splits, rows, merge_rows):
     """``attn_merge="phase"``: each key range stores its partials (``v_parts`` programs a tile, each with its part
     of the value columns; 4 parts of a 64-wide head are 16 columns each), and after a barrier of their own the
     programs merge ``merge_rows`` packed rows an item (8: three items over 20 rows, the last one partial; None: one
-    wave's worth), range by range or with ``attn_merge_at_once`` all ranges in one tile (3 ranges in a tile of 4: the
-    4th weighs 0). The layer matches the reference; the merge barrier (the 8th counter) is passed by every program,
+    wave's worth). The layer matches the reference; the merge barrier (the 8th counter) is passed by every program,
     and with one key range there is nothing to merge: the ranges write the output, the counter stays 0."""
     from dataclasses import replace
 
     tiling = replace(SMALL_TILING, attn_rows=rows, attn_splits=splits, attn_merge="phase", attn_v_parts=v_parts,
-                     attn_merge_rows=merge_rows, attn_merge_at_once=at_once)
+                     attn_merge_rows=merge_rows)
     assert el.check_expert_shapes(32, 64, 4, 1, 64, tiling) is None
     out, ref, keys, values, work = _run(2, 5, 40, 32, 64, 4, 1, 64, dtype, True, False, tiling)
     _assert_close(out, ref, dtype)
     _assert_close(values[0], values[1], dtype)
     assert work.n_splits == splits
     assert work.merge_rows == (merge_rows or max(2, el.next_power_of_two(-(-40 // work.programs))))
-    assert work.merge_splits == (el.next_power_of_two(splits) if at_once else 0)
     assert work.sync[:7].tolist() == [work.programs] * 7
     assert work.sync[7].item() == (work.programs if splits > 1 else 0)
 
@@ -170,10 +167,6 @@ def test_check_expert_shapes_names_a_bad_attention_merge():
         "ATTN_V_PARTS"] == 2
     assert el.launch_constants(torch.float32, 32, 64, 4, 1, 64, False, False, False, _workspace(small, 64))[
         "ATTN_V_PARTS"] == 4
-    # attn_merge_at_once loads the ranges in one tile only while it holds at most MERGE_TILE_ELEMENTS values.
-    at_once = replace(small, attn_merge_at_once=True, attn_merge_rows=64)
-    assert _workspace(at_once, 32).merge_splits == 1  # 1 range x 64 rows x 32 columns
-    assert _workspace(at_once, 256).merge_splits == 0  # 1 x 64 x 256: range by range
 
 
 @pytest.mark.parametrize("merge", ["last", "phase"])

@@ -28,8 +28,6 @@ SMALL_TILING = el.INTERPRETER_TILING if DEVICE == "cpu" else el.ExpertTiling(
 #: The attention's key ranges merged in a phase of their own, two programs a tile (one per half of the value
 #: columns), 32-row tiles (``ExpertTiling.attn_merge``).
 MERGE_PHASE_TILING = replace(SMALL_TILING, attn_rows=32, attn_merge="phase", attn_v_parts=2)
-#: The same, each merge item loading all key ranges' partials in one tile.
-MERGE_AT_ONCE_TILING = replace(MERGE_PHASE_TILING, attn_merge_at_once=True)
 BOUNDS = {torch.float32: 1e-5, torch.bfloat16: 4e-2}  # rel L2 after three layers
 #: 27 prefix + 6 suffix keys: two key ranges of 16-key steps with the tilings above (the range partials are merged).
 LAYERS, BATCH, SEQ, PREFIX, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM = 3, 2, 6, 27, 32, 64, 4, 1, 32
@@ -99,8 +97,8 @@ def _rel(a, b):
 @pytest.mark.parametrize("dtype, fp8, tiling", [
     (torch.float32, False, SMALL_TILING), (torch.bfloat16, False, SMALL_TILING), (torch.float32, True, SMALL_TILING),
     (torch.bfloat16, True, SMALL_TILING), (torch.float32, False, MERGE_PHASE_TILING),
-    (torch.bfloat16, True, MERGE_AT_ONCE_TILING)],
-    ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8", "fp32-merge-phase", "bf16-fp8-merge-at-once"])
+    (torch.bfloat16, True, MERGE_PHASE_TILING)],
+    ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8", "fp32-merge-phase", "bf16-fp8-merge-phase"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 def test_step_launch_equals_the_layer_launches(dtype, fp8, tiling, pi05):
     """Three layers as one launch and as three launches: the same output and KV cache rows bit for bit (one

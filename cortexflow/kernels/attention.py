@@ -66,30 +66,6 @@ def merge_ranges(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows
 
 
 @triton.jit
-def merge_ranges_at_once(part_acc_ptr, part_ml_ptr, out_ptr, b, kv_h, b_kvh, n_bkv, rows, q_len, head_dim, group,
-                         n_splits, sob, sol, soh, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr):
-    """:func:`merge_ranges` with every range's partials loaded in one ``(SPLITS, BLOCK_M, BLOCK_D)`` tile
-    (``SPLITS >= n_splits``, a power of two; the ranges past ``n_splits`` weigh 0), so the loads of all ranges are in
-    flight together where the loop waits for one range after another. The same sums in another order."""
-    n_rows = q_len * group
-    row_valid = rows < n_rows
-    offs_d = tl.arange(0, BLOCK_D)
-    splits = tl.arange(0, SPLITS)
-    valid = (splits < n_splits)[:, None] & row_valid[None, :]
-    base = (splits[:, None] * n_bkv + b_kvh) * n_rows + rows[None, :]
-    # .cg: read at L2, where the other programs' partials are (never a stale L1 line).
-    m_s = tl.load(part_ml_ptr + base * 2, mask=valid, other=float("-inf"), cache_modifier=".cg")
-    l_s = tl.load(part_ml_ptr + base * 2 + 1, mask=valid, other=0.0, cache_modifier=".cg")
-    acc_s = tl.load(part_acc_ptr + base[:, :, None] * BLOCK_D + offs_d[None, None, :], mask=valid[:, :, None],
-                    other=0.0, cache_modifier=".cg")
-    m = tl.where(row_valid, tl.max(m_s, axis=0), 0.0)
-    weight = tl.exp2(m_s - m[None, :])
-    total = tl.sum(weight * l_s, axis=0)
-    out = tl.sum(weight[:, :, None] * acc_s, axis=0) / tl.where(row_valid, total, 1.0)[:, None]
-    _store_output(out, out_ptr, b, kv_h, rows, row_valid, 0, head_dim, group, sob, sol, soh, BLOCK_D)
-
-
-@triton.jit
 def _store_output(out, out_ptr, b, kv_h, rows, row_valid, col0, n_cols, group, sob, sol, soh, COLS: tl.constexpr):
     """Store the normalised ``out (rows, COLS)``, the head columns ``col0..col0+COLS`` (``n_cols`` of them valid) of
     packed rows ``rows`` (query ``r // group``, head ``kv_h * group + r % group``), into ``out_ptr`` (batch, query,

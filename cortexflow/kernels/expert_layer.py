@@ -73,14 +73,7 @@ import torch
 import triton
 import triton.language as tl
 
-from cortexflow.kernels.attention import (
-    LOG2E,
-    attend_value_part,
-    finish_range,
-    merge_ranges,
-    merge_ranges_at_once,
-    store_value_part,
-)
+from cortexflow.kernels.attention import LOG2E, attend_value_part, finish_range, merge_ranges, store_value_part
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
@@ -96,14 +89,11 @@ class ExpertTiling:
     ``attn_d_parts`` independent products the logits are summed from (1, 2 or 4 column parts of the head,
     :func:`~cortexflow.kernels.attention.attend_range`; at most ``head_dim / 16``); ``attn_merge`` how the key
     ranges of a tile are merged: "phase" in a phase of their own after one more grid barrier (2b of the module doc),
-    ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs), with
-    ``attn_merge_at_once`` all ranges' partials of an item loaded in one tile
-    (:func:`~cortexflow.kernels.attention.merge_ranges_at_once`, where that tile holds at most
-    :data:`MERGE_TILE_ELEMENTS` values; else range by range); "last": by the last range program to arrive;
-    ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile, key range), each accumulating its
-    part of the value columns (all of them compute the tile's logits), which keeps the accumulator of a tall tile in
-    registers (at most ``head_dim / 16`` parts, as for the logits); ``programs`` persistent programs (None: the SM
-    count); ``num_warps``, ``num_stages``: the launch's.
+    ``attn_merge_rows`` rows an item there (None: as few as spread the rows over one wave of the programs); "last": by
+    the last range program to arrive; ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile,
+    key range), each accumulating its part of the value columns (all of them compute the tile's logits), which keeps
+    the accumulator of a tall tile in registers (at most ``head_dim / 16`` parts, as for the logits); ``programs``
+    persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's.
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -123,7 +113,6 @@ class ExpertTiling:
     attn_d_parts: int = 2
     attn_merge: str = "phase"
     attn_merge_rows: int | None = None
-    attn_merge_at_once: bool = False
     attn_v_parts: int = 4
     programs: int | None = None
     num_warps: int = 4
@@ -136,10 +125,6 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
                                   down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, attn_d_parts=4,
                                   attn_merge="last", attn_v_parts=1, programs=1)
 
-
-#: The largest ``(ranges, rows, columns)`` fp32 tile of the merge phase with ``attn_merge_at_once`` (64 values a
-#: thread at 4 warps).
-MERGE_TILE_ELEMENTS = 8192
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -276,8 +261,8 @@ def _layer(
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, MERGE_SPLITS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr, ACQUIRE: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
+    ACQUIRE: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
@@ -376,13 +361,8 @@ def _layer(
         for item in range(pid, n_bkv * n_merge_blocks if PHASES & 4 else 0, n_programs):
             b_kvh = item // n_merge_blocks
             rows = (item % n_merge_blocks) * MERGE_ROWS + tl.arange(0, MERGE_ROWS)
-            if MERGE_SPLITS > 0:
-                merge_ranges_at_once(part_acc_ptr, part_ml_ptr, attn_ptr, b_kvh // HKV, b_kvh % HKV, b_kvh, n_bkv, rows,
-                                     S, HD, GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD,
-                                     MERGE_SPLITS)
-            else:
-                merge_ranges(part_acc_ptr, part_ml_ptr, attn_ptr, b_kvh // HKV, b_kvh % HKV, b_kvh, n_bkv, rows, S,
-                             HD, GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD)
+            merge_ranges(part_acc_ptr, part_ml_ptr, attn_ptr, b_kvh // HKV, b_kvh % HKV, b_kvh, n_bkv, rows, S, HD,
+                         GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD)
     _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
 
     # ---- 3. o-projection partials -------------------------------------------------------------------
@@ -439,8 +419,7 @@ def _expert_layer_kernel(
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
-    MERGE_ROWS: tl.constexpr, MERGE_SPLITS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    PHASES: tl.constexpr,
+    MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -448,8 +427,8 @@ def _expert_layer_kernel(
            h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
-           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS,
-           MERGE_SPLITS, BLOCK_HD, BLOCK_D, PHASES, False)
+           PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
+           BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
@@ -498,12 +477,6 @@ class ExpertWorkspace:
         self.merge_rows = 0
         if t.attn_merge == "phase":
             self.merge_rows = t.attn_merge_rows or max(2, next_power_of_two(triton.cdiv(n_bkv * n_rows, self.programs)))
-        # With attn_merge_at_once: the ranges a merge item loads at once (0: range by range).
-        self.merge_splits = 0
-        if t.attn_merge_at_once and self.merge_rows:
-            splits = next_power_of_two(self.n_splits)
-            if splits * self.merge_rows * self.block_hd <= MERGE_TILE_ELEMENTS:
-                self.merge_splits = splits
         self.part_acc = torch.empty((self.n_splits, n_bkv, n_rows, self.block_hd), dtype=torch.float32, device=device)
         self.part_ml = torch.empty((self.n_splits, n_bkv, n_rows, 2), dtype=torch.float32, device=device)
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
@@ -612,7 +585,7 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
         ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
-        MERGE_ROWS=workspace.merge_rows, MERGE_SPLITS=workspace.merge_splits, BLOCK_HD=workspace.block_hd,
+        MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
