@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -20,7 +21,7 @@ from cortexflow.config import (
 )
 from cortexflow.decoding_engine import DEFAULT_BUCKET, TokenVLAEngine
 from cortexflow.engine import VLAInferenceEngine, resolve_device
-from cortexflow.errors import ConfigError, NormStatsError
+from cortexflow.errors import ConfigError, CortexFlowWarning, NormStatsError
 from cortexflow.history_engine import RT1Engine, TextEncoder, universal_sentence_encoder
 from cortexflow.preprocessor import install_pipeline
 from cortexflow.quantization.precision import backend_for_precision, parse_precision
@@ -188,6 +189,39 @@ def load_device(precision: str, device: torch.device) -> torch.device:
     return torch.device("cpu") if parse_precision(precision) == "fp8" else device
 
 
+def _check_fp8_cache(fp8_cache: Any, precision: Any) -> None:
+    """Refuse an ``fp8_cache`` that is not True, False or a folder, or one given without ``precision="fp8"``."""
+    if fp8_cache is False or fp8_cache is None:
+        return
+    if not isinstance(fp8_cache, (bool, str, Path)) or (isinstance(fp8_cache, str) and not fp8_cache.strip()):
+        raise ConfigError(f"fp8_cache must be True (the default folder), False or a folder; got {fp8_cache!r}")
+    if parse_precision(precision) != "fp8":
+        raise ConfigError(f"fp8_cache needs precision='fp8' (it holds the FP8 layers); got precision={precision!r}")
+
+
+def _fp8_layer_cache(fp8_cache: Any, backend: Any, checkpoint_path: Path, dtype: torch.dtype,
+                     header_model: Callable[[], Any]):
+    """The FP8 cache entry of a token VLA engine (``header_model()``: its model, from the checkpoint's headers) on
+    ``backend`` (what :func:`backend_for_precision` gave for ``precision="fp8"``), or None without ``fp8_cache``."""
+    if fp8_cache is False or fp8_cache is None:
+        return None
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.quantization.fp8_cache import fp8_layer_cache
+
+    options = backend.options if isinstance(backend, TritonBackend) else backend._options
+    return fp8_layer_cache(fp8_cache, checkpoint_path, header_model(), options, dtype)
+
+
+def _write_fp8_cache(cache, engine: TokenVLAEngine, checkpoint_path: Path) -> None:
+    """Write ``engine``'s prepared FP8 layers into ``cache`` (after a miss); a folder that cannot be written is a
+    warning, the engine runs without the entry."""
+    try:
+        cache.save(engine.weights, str(checkpoint_path))
+    except OSError as err:
+        warnings.warn(f"could not write the FP8 cache entry {cache.folder}: {err}; the engine runs without it",
+                      CortexFlowWarning, stacklevel=3)
+
+
 def create_openvla_inference(
     checkpoint_path: str | Path,
     backend: Any = BackendType.PYTORCH,
@@ -200,6 +234,7 @@ def create_openvla_inference(
     constrained_decoding: bool = False,
     bucket: int = DEFAULT_BUCKET,
     precision: str = "default",
+    fp8_cache: "bool | str | Path" = False,
 ) -> TokenVLAEngine:
     """Load OpenVLA from a local Hugging Face folder; ``engine.predict(image, task)`` -> 7-D action.
 
@@ -209,19 +244,29 @@ def create_openvla_inference(
     actions; it is required when the checkpoint has statistics for several datasets. Without any
     statistics the actions stay normalised in [-1, 1]. ``constrained_decoding`` restricts the argmax to
     the 256 action ids (the reference does not). ``precision="fp8"``: the language model's projections in FP8
-    on the triton backend (GPUs of compute capability 8.9+; :mod:`cortexflow.quantization.precision`)."""
-    from cortexflow.checkpoints.openvla_layout import load_openvla_checkpoint
+    on the triton backend (GPUs of compute capability 8.9+; :mod:`cortexflow.quantization.precision`).
+    ``fp8_cache`` (with ``precision="fp8"``): True or a folder keeps the quantised language-model layers on disk
+    (:mod:`cortexflow.quantization.fp8_cache`; True: ``$CORTEXFLOW_CACHE/fp8`` or ``~/.cache/cortexflow/fp8``), so
+    that the next start reads them instead of their bfloat16 projections."""
+    from cortexflow.checkpoints.openvla_layout import inspect_openvla_checkpoint, load_openvla_checkpoint
+    from cortexflow.models.openvla import OpenVLAModel
     from cortexflow.processing.action_tokens import (
         read_dataset_statistics,
         select_action_stats,
     )
     from cortexflow.processing.vla_inputs import SPACE_PIECE, SentencePieceTokenizer
 
+    _check_fp8_cache(fp8_cache, precision)
     device_ = resolve_device(device)
     dtype_ = parse_dtype(dtype)
     backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
     path = Path(checkpoint_path).expanduser()
-    model, weights, report, files = load_openvla_checkpoint(path, load_device(precision, device_), dtype_, model_config)
+    cache = _fp8_layer_cache(fp8_cache, backend, path, dtype_,
+                             lambda: OpenVLAModel(inspect_openvla_checkpoint(path, model_config).config))
+    cached = cache.load() if cache is not None else None
+    model, weights, report, files = load_openvla_checkpoint(path, load_device(precision, device_), dtype_, model_config,
+                                                            skip=cache.checkpoint_names if cached is not None else ())
+    weights.update(cached or {})
     key, stats = select_action_stats(read_dataset_statistics(files.root, files.config), unnorm_key)
     if stats is not None and stats.dim != model.config.action_dim:
         model.config.action_dim = stats.dim
@@ -237,12 +282,15 @@ def create_openvla_inference(
         if not 0 <= getattr(model.config, name) < model.config.vocab_size:
             raise ConfigError(f"{name} {getattr(model.config, name)} is outside the vocabulary "
                               f"[0, {model.config.vocab_size}); give the checkpoint's tokenizer.model or set it in model_config")
-    return TokenVLAEngine(
+    engine = TokenVLAEngine(
         model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer,
         unnormalize=None if stats is None else stats.unnormalize, unnorm_key=key,
         use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=report,
         precision=precision,
     )
+    if cache is not None and cached is None:
+        _write_fp8_cache(cache, engine, path)
+    return engine
 
 
 def create_rt2_inference(
@@ -257,6 +305,7 @@ def create_rt2_inference(
     constrained_decoding: bool = True,
     bucket: int = DEFAULT_BUCKET,
     precision: str = "default",
+    fp8_cache: "bool | str | Path" = False,
 ) -> TokenVLAEngine:
     """An RT-2-style policy over the PaliGemma weights of an openpi PyTorch / LeRobot checkpoint.
 
@@ -266,16 +315,22 @@ def create_rt2_inference(
     ``norm_stats_path``: openpi / LeRobot statistics whose action q01/q99 un-normalise (quantile) the
     output; without them actions stay in [-1, 1]. ``model_config`` sets ``action_dim``, ``chunk_size``,
     ``max_text_tokens``, ``prompt_template`` or backbone fields. ``precision="fp8"``: the language model's
-    projections in FP8 on the triton backend (GPUs of compute capability 8.9+)."""
-    from cortexflow.checkpoints.rt2_layout import load_rt2_checkpoint
+    projections in FP8 on the triton backend (GPUs of compute capability 8.9+); ``fp8_cache`` as for
+    :func:`create_openvla_inference`."""
+    from cortexflow.checkpoints.rt2_layout import load_rt2_checkpoint, open_rt2_checkpoint
     from cortexflow.processing import load_norm_stats, unnormalize
     from cortexflow.processing.vla_inputs import SentencePieceTokenizer
 
+    _check_fp8_cache(fp8_cache, precision)
     device_ = resolve_device(device)
     dtype_ = parse_dtype(dtype)
     backend = backend_for_precision(backend, precision, device_, dtype_)  # refused before the weights load
-    model, weights, match = load_rt2_checkpoint(Path(checkpoint_path).expanduser(), load_device(precision, device_),
-                                                dtype_, model_config)
+    path = Path(checkpoint_path).expanduser()
+    cache = _fp8_layer_cache(fp8_cache, backend, path, dtype_, lambda: open_rt2_checkpoint(path, model_config)[0])
+    cached = cache.load() if cache is not None else None
+    model, weights, match = load_rt2_checkpoint(path, load_device(precision, device_), dtype_, model_config,
+                                                skip=cache.checkpoint_names if cached is not None else ())
+    weights.update(cached or {})
     tokenizer = SentencePieceTokenizer(tokenizer_path) if tokenizer_path is not None else None
     unnorm = None
     if norm_stats_path is not None:
@@ -287,11 +342,14 @@ def create_rt2_inference(
             raise NormStatsError(f"{norm_stats_path}: {stats.dim}-D action statistics but the policy decodes "
                                  f"{model.config.action_dim}-D actions")
         unnorm = lambda actions: unnormalize(actions, stats, "quantile")  # noqa: E731
-    return TokenVLAEngine(
+    engine = TokenVLAEngine(
         model, weights, backend=backend, device=device_, dtype=dtype_, tokenizer=tokenizer, unnormalize=unnorm,
         use_cuda_graphs=use_cuda_graphs, constrained=constrained_decoding, bucket=bucket, report=match,
         precision=precision,
     )
+    if cache is not None and cached is None:
+        _write_fp8_cache(cache, engine, path)
+    return engine
 
 
 def create_rt1_inference(

@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Collection, Mapping
 
 import torch
 
@@ -164,11 +164,13 @@ def inspect_openvla_checkpoint(path: str | Path, model_config: Any = None,
     return report
 
 
-def load_openvla_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype, model_config: Any = None):
+def load_openvla_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype, model_config: Any = None,
+                            skip: Collection[str] = ()):
     """Validate and load an OpenVLA folder onto ``device`` in ``dtype``.
 
     Returns ``(model, weights, report, files)``; one ``CheckpointError`` lists every bad tensor, and
-    tensors with NaN or inf are refused."""
+    tensors with NaN or inf are refused. ``skip``: canonical names left out of ``weights`` and never read from
+    disk (those an FP8 cache entry replaces); their headers are validated like every other tensor's."""
     files = CheckpointFiles.open(path)
     report = inspect_openvla_checkpoint(path, model_config, files)
     if not report.ok:
@@ -177,6 +179,8 @@ def load_openvla_checkpoint(path: str | Path, device: torch.device, dtype: torch
     expected = model.get_weight_shapes()
     weights = {}
     for name, raw in match_openvla_keys(files.tensors, report.config).sources.items():
+        if name in skip:
+            continue
         tensor = to_canonical_tensor(files.read(raw), expected[name]).to(device=device, dtype=dtype)
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor {raw!r} in {path} contains NaN or inf values")

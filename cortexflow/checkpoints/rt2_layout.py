@@ -9,7 +9,7 @@ are skipped without being read, so a Pi0 / Pi0.5 checkpoint also provides a back
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import torch
 
@@ -34,17 +34,26 @@ def rt2_config_from_checkpoint(files: CheckpointFiles, overrides: Any = None) ->
     return config
 
 
-def load_rt2_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype, model_config: Any = None):
-    """Validate and load the PaliGemma part of a checkpoint. Returns ``(model, weights, match)``."""
+def open_rt2_checkpoint(path: str | Path, model_config: Any = None) -> tuple[RT2Model, CheckpointFiles]:
+    """The policy a checkpoint's headers describe (no tensor read) and its files; ``CheckpointError`` when they
+    give no valid RT-2 configuration."""
     files = CheckpointFiles.open(path)
     try:
         config = rt2_config_from_checkpoint(files, model_config)
         config.validate()
     except ConfigError as err:
         raise CheckpointError(f"{path}: cannot derive a valid RT-2 configuration: {err}") from err
-    model = RT2Model(config)
+    return RT2Model(config), files
+
+
+def load_rt2_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype, model_config: Any = None,
+                        skip: Collection[str] = ()):
+    """Validate and load the PaliGemma part of a checkpoint. Returns ``(model, weights, match)``. ``skip``:
+    canonical names left out of ``weights`` and never read from disk (those an FP8 cache entry replaces); their
+    headers are validated like every other tensor's."""
+    model, files = open_rt2_checkpoint(path, model_config)
     expected = model.get_weight_shapes()
-    match = match_rt2_keys(files.tensors, config, expected)
+    match = match_rt2_keys(files.tensors, model.config, expected)
     match.raise_if_bad(str(path))
     problems = []
     for name, raw in match.sources.items():
@@ -57,6 +66,8 @@ def load_rt2_checkpoint(path: str | Path, device: torch.device, dtype: torch.dty
         raise CheckpointError(f"{path}: mis-shaped or wrongly typed tensors: {', '.join(problems[:20])}")
     weights = {}
     for name, raw in match.sources.items():
+        if name in skip:
+            continue
         tensor = files.read(raw).to(device=device, dtype=model.weight_dtype(name, dtype))
         if not torch.isfinite(tensor).all():
             raise CheckpointError(f"tensor {raw!r} in {path} contains NaN or inf values")
