@@ -322,3 +322,67 @@ def test_the_default_folder_follows_the_cache_variables(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "cortexflow" / "fp8"
+
+
+# ---- the command line: run --fp8-cache, serve --fp8-cache --------------------------------------------------------
+def _run_args(checkpoint: Path, image: Path, *extra: str) -> list[str]:
+    return ["run", "--checkpoint", str(checkpoint), "--image", str(image), "--prompt-tokens", "1,40,41",
+            "--device", DEVICE, "--dtype", "bfloat16", "--model-config", json.dumps(OPENVLA_IDS), *extra]
+
+
+def test_run_keeps_the_layers_in_the_fp8_cache_folder(tmp_path, caplog):
+    """``run --precision fp8 --fp8-cache DIR`` on OpenVLA: the first run writes one entry into DIR, the second
+    reads it (logged as a hit) and prints the same tokens and actions."""
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+
+    checkpoint = write_checkpoint("openvla", tmp_path / "vla", seed=4)
+    image = tmp_path / "cam.npy"
+    np.save(image, np.random.default_rng(4).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    args = _run_args(checkpoint, image, "--backend", "triton", "--precision", "fp8", "--fp8-cache",
+                     str(tmp_path / "fp8"))
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert [p.name for p in entries(tmp_path / "fp8")] == [entry_of("openvla", checkpoint, tmp_path / "fp8").folder.name]
+    with caplog.at_level(logging.INFO, logger="cortexflow.quantization.fp8_cache"):
+        second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert any("FP8 cache hit" in r.getMessage() for r in caplog.records)
+    one, two = json.loads(first.stdout), json.loads(second.stdout)
+    assert one["tokens"] == two["tokens"] and one["actions"] == two["actions"]
+
+
+def test_fp8_cache_options_are_refused_in_the_command_lines_words(tmp_path):
+    """Without ``--precision fp8``, and for a policy that has no FP8 language model (pi0 in ``run``, the demo pi0
+    and rt1 in ``serve``), ``--fp8-cache`` is one error line that says what to change."""
+    from typer.testing import CliRunner
+
+    from cortexflow.cli import app
+    from cortexflow.random_checkpoint import tiny_model_config
+    from cortexflow.random_checkpoint import write_checkpoint as write_pi0
+
+    runner = CliRunner()
+    image = tmp_path / "cam.npy"
+    np.save(image, np.zeros((28, 28, 3), dtype=np.uint8) + 7)
+
+    def error(args) -> str:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        return " ".join(result.output.split())
+
+    vla = write_checkpoint("openvla", tmp_path / "vla", seed=5)
+    text = error(_run_args(vla, image, "--fp8-cache", str(tmp_path / "fp8")))
+    assert "--fp8-cache" in text and "add --precision fp8 or drop --fp8-cache" in text
+    assert not (tmp_path / "fp8").exists()
+    pi0 = write_pi0(tmp_path / "pi0", tiny_model_config("pi0"))
+    text = error(["run", "--checkpoint", str(pi0), "--image", str(image), "--prompt-tokens", "2,3", "--state", "0.1",
+                  "--device", DEVICE, "--dtype", "bfloat16", "--backend", "triton", "--precision", "fp8",
+                  "--fp8-cache", "default"])
+    assert "--fp8-cache keeps the FP8 language-model layers of openvla/rt2; pi0" in text and "drop --fp8-cache" in text
+    pytest.importorskip("websockets", reason="serve checks for the websockets package before its options")
+    text = error(["serve", "--checkpoint", "demo", "--device", "cpu", "--fp8-cache", "default"])
+    assert "pi0/pi05 quantise only their action expert at load: drop --fp8-cache" in text
+    text = error(["serve", "--checkpoint", str(tmp_path), "--model", "rt1", "--device", "cpu", "--fp8-cache", "x"])
+    assert "--model rt1 does not take" in text and "--fp8-cache" in text

@@ -103,6 +103,9 @@ def run_command(
     precision: Annotated[
         str, typer.Option("--precision", metavar="NAME", help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+, the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 weights, quantised at load (fast on the token VLAs; slower than bfloat16 on pi0/pi05 on an H100).")
     ] = "default",
+    fp8_cache: Annotated[
+        Optional[str], typer.Option("--fp8-cache", metavar="DIR|default", help="openvla/rt2 with --precision fp8: keep the quantised language-model layers in the folder DIR ('default': $CORTEXFLOW_CACHE/fp8 or ~/.cache/cortexflow/fp8), keyed by the checkpoint and the FP8 settings; the next run reads them instead of the bfloat16 projections.")
+    ] = None,
 ) -> None:
     """Run one observation through a checkpoint and print the action chunk as JSON on stdout.
 
@@ -139,12 +142,18 @@ def run_command(
         masks = [i not in set(mask_view) for i in range(num_views)]
 
     check_precision(precision, backend, device, dtype)
+    from cortexflow.quantization.precision import fp8_cache_setting
+
+    cache = fp8_cache_setting(fp8_cache, precision)
     model_type = detect_model(checkpoint, model, overrides)
+    if cache is not False and model_type not in TOKEN_DECODING_MODELS:
+        raise InputError(f"--fp8-cache keeps the FP8 language-model layers of openvla/rt2; {model_type.value} "
+                         "quantises only its action expert at load: drop --fp8-cache")
     if model_type in TOKEN_DECODING_MODELS:
         _run_token_model(model_type, checkpoint, images, prompt, tokens, robot_state is not None, backend, device,
                          dtype, tokenizer, norm_stats, unnorm_key, overrides, cuda_graphs,
                          {"--views": views, "--mask-view": mask_view, "--chunk": chunk, "--steps": steps,
-                          "--seed": seed is not None}, precision)
+                          "--seed": seed is not None}, precision, cache)
         return
     result = run_flow_policy(
         model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, state=robot_state, image_masks=masks,
@@ -179,7 +188,8 @@ def check_precision(precision: str, backend: str, device: str, dtype: str) -> No
 def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, prompt: Optional[str],
                      tokens: Optional[np.ndarray], has_state: bool, backend: str, device: str, dtype: str,
                      tokenizer: Optional[Path], norm_stats: Optional[Path], unnorm_key: Optional[str],
-                     overrides: Optional[dict], cuda_graphs: bool, flow_options: dict, precision: str) -> None:
+                     overrides: Optional[dict], cuda_graphs: bool, flow_options: dict, precision: str,
+                     fp8_cache) -> None:
     """``run`` for openvla / rt2: print the actions and generated token ids as JSON."""
     from cortexflow.tools.run import run_token_policy
 
@@ -189,7 +199,7 @@ def _run_token_model(model_type: VLAModelType, checkpoint: Path, images: list, p
         model_type, checkpoint, images, prompt=prompt, prompt_tokens=tokens, has_state=has_state, backend=backend,
         device=device, dtype=compute_dtype, tokenizer=None if tokenizer is None else str(tokenizer),
         norm_stats=None if norm_stats is None else str(norm_stats), unnorm_key=unnorm_key, model_config=overrides,
-        use_cuda_graphs=cuda_graphs, flow_options=flow_options, precision=precision)
+        use_cuda_graphs=cuda_graphs, flow_options=flow_options, precision=precision, fp8_cache=fp8_cache)
     engine = result.engine
     progress_line(f"{model_type.value} on {engine.device} {dtype_name(engine.dtype)}: {result.latency_ms:.1f} ms")
     typer.echo(json.dumps({

@@ -9,6 +9,7 @@ Pi0 family's Gemma prefix, whose E4M3 activations failed ``verify``'s limit on t
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,11 +17,26 @@ import torch
 from cortexflow.config import PRECISIONS, option_setting, parse_precision
 from cortexflow.errors import ConfigError
 
-__all__ = ["PRECISIONS", "PRECISION_FP8_STAGES", "backend_for_precision", "parse_precision"]
+__all__ = ["PRECISIONS", "PRECISION_FP8_STAGES", "backend_for_precision", "fp8_cache_setting", "parse_precision"]
 
 #: The ``TritonOptions.fp8`` stages that ``precision="fp8"`` picks: the stages whose FP8 path passed ``cortexflow
 #: verify --size real`` on the H100 (final actions within 5e-2 of fp32).
 PRECISION_FP8_STAGES = "decoder"
+
+
+def fp8_cache_setting(value: "str | None", precision: Any) -> "bool | Path":
+    """The factories' ``fp8_cache`` for the command-line option ``--fp8-cache DIR|default``: False when not given,
+    True for "default" (the default folder, :mod:`cortexflow.quantization.fp8_cache`), else the folder. Raises
+    :class:`ConfigError` in the command line's words when it is given without ``--precision fp8``."""
+    if value is None:
+        return False
+    text = str(value).strip()
+    if not text:
+        raise ConfigError("--fp8-cache needs a folder, or 'default' for ~/.cache/cortexflow/fp8")
+    if parse_precision(precision, "--precision") != "fp8":
+        raise ConfigError(f"--fp8-cache {text} keeps the FP8 layers of --precision fp8; got --precision {precision}: "
+                          "add --precision fp8 or drop --fp8-cache")
+    return True if text.lower() == "default" else Path(text).expanduser()
 
 
 def backend_for_precision(backend: Any, precision: Any, device: torch.device, dtype: torch.dtype,

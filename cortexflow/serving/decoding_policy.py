@@ -200,6 +200,7 @@ def build_token_policy(options: PolicyOptions, model_type: VLAModelType,
     """Load an OpenVLA (``create_openvla_inference``) or RT-2 (``create_rt2_inference``) engine and wrap it;
     ``--chunk`` sets RT-2's ``chunk_size``; the robot defaults to droid."""
     from cortexflow.factory import create_openvla_inference, create_rt2_inference
+    from cortexflow.quantization.precision import fp8_cache_setting
 
     options = replace(options, robot=options.robot or "droid")
     _check_token_options(options, model_type)
@@ -208,7 +209,8 @@ def build_token_policy(options: PolicyOptions, model_type: VLAModelType,
     check_precision_option(options, dtype)
     overrides = dict(options.model_config or {})
     common = dict(backend=options.backend, device=options.device, dtype=dtype, tokenizer_path=options.tokenizer,
-                  use_cuda_graphs=options.cuda_graphs, precision=options.precision)
+                  use_cuda_graphs=options.cuda_graphs, precision=options.precision,
+                  fp8_cache=fp8_cache_setting(options.fp8_cache, options.precision))
     (log or (lambda message: None))(f"loading {model_type.value} checkpoint {options.checkpoint} "
                                     f"({options.device}, {dtype}) ...")
     if model_type == VLAModelType.OPENVLA:

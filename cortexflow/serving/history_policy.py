@@ -164,7 +164,8 @@ def build_rt1_policy(options: PolicyOptions, model_type: VLAModelType = VLAModel
                                          ("--tokenizer", options.tokenizer), ("--chunk", options.chunk),
                                          ("--unnorm-key", options.unnorm_key), ("--config", options.config),
                                          ("--rtc-jacobian", options.rtc_jacobian),
-                                         ("--precision", None if options.precision == "default" else options.precision))
+                                         ("--precision", None if options.precision == "default" else options.precision),
+                                         ("--fp8-cache", options.fp8_cache))
                 if value is not None]
     if robot != "raw":
         problems.append(f"--robot {robot} (RT-1 takes its own inputs: --robot raw)")

@@ -115,6 +115,11 @@ class PolicyOptions:
         help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+ (L4, RTX "
              "4090, H100), the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 "
              "weights (quantised at load; check the accuracy first with cortexflow verify --precision fp8)."))
+    fp8_cache: str | None = field(default=None, metadata=cli_option(
+        "--fp8-cache", metavar="DIR|default",
+        help="openvla/rt2 with --precision fp8: keep the quantised language-model layers in the folder DIR ('default': "
+             "$CORTEXFLOW_CACHE/fp8 or ~/.cache/cortexflow/fp8), keyed by the checkpoint and the FP8 settings; the "
+             "next start reads them instead of the bfloat16 projections (OpenVLA-7B: about 6.5 GB instead of 13)."))
     unnorm_key: str | None = field(default=None, metadata=cli_option(
         "--unnorm-key", metavar="DATASET",
         help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
@@ -412,6 +417,9 @@ def build_flow_policy(options: PolicyOptions, model_type: VLAModelType, log: Cal
     demo = str(options.checkpoint).strip().lower() == DEMO_CHECKPOINT
     if options.unnorm_key is not None:
         raise ConfigError("--unnorm-key picks an OpenVLA dataset's action statistics; pi0/pi05 use --norm-stats")
+    if options.fp8_cache is not None:
+        raise ConfigError("--fp8-cache keeps the FP8 language-model layers of openvla/rt2; pi0/pi05 quantise only "
+                          "their action expert at load: drop --fp8-cache")
     robot = str(options.robot or _default_robot(options.checkpoint, policy_config)).strip().lower()
     mapping_probe = make_mapping(robot)  # validates the robot name before any loading
     if robot != "raw" and options.views not in (None, ROBOT_VIEWS):

@@ -92,8 +92,10 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
                      prompt: str | None, prompt_tokens: np.ndarray | None, has_state: bool, backend: str,
                      device: str, dtype: str, tokenizer: str | None, norm_stats: str | None,
                      unnorm_key: str | None, model_config: dict | None, use_cuda_graphs: bool,
-                     flow_options: dict[str, Any], precision: str = "default") -> RunResult:
-    """Load ``checkpoint`` as ``model_type`` (openvla or rt2) and run one image and prompt through it.
+                     flow_options: dict[str, Any], precision: str = "default",
+                     fp8_cache: "bool | str | Path" = False) -> RunResult:
+    """Load ``checkpoint`` as ``model_type`` (openvla or rt2) and run one image and prompt through it
+    (``precision`` and ``fp8_cache`` as the factories take them).
 
     ``prompt_tokens`` are the ids the model sees, BOS included. ``flow_options`` maps the command's
     flow-matching-only options (``--chunk``, ``--steps``, ...) to their values. Raises ``InputError`` for
@@ -107,7 +109,8 @@ def run_token_policy(model_type: VLAModelType, checkpoint: str | Path, images: l
     if has_state:
         raise InputError(f"{name} takes no robot state: drop --state / --state-file")
     common: dict[str, Any] = dict(backend=backend, device=device, dtype=dtype, tokenizer_path=tokenizer,
-                                  use_cuda_graphs=use_cuda_graphs, model_config=model_config, precision=precision)
+                                  use_cuda_graphs=use_cuda_graphs, model_config=model_config, precision=precision,
+                                  fp8_cache=fp8_cache)
     if model_type == VLAModelType.OPENVLA:
         if norm_stats is not None:
             raise InputError("openvla un-normalises with the statistics in its folder: drop --norm-stats "
