@@ -1,4 +1,5 @@
-# Device call 2 of session 31 (build: the working tree on top of e3688da): the FP8 weight cache on a GPU.
+# Pending device call, written in session 31 and not run there (its device budget went to failed starts): the FP8
+# weight cache on a GPU, for the build that holds it (main from 863ceb5 on). About 5 min on an H100.
 # 1. tests/test_fp8_cache.py with the real FP8 kernels (no interpreter).
 # 2. benchmarks/bench_fp8_cache.py: OpenVLA-7B (random bf16 weights, published size) created with precision="fp8"
 #    without the cache, with an empty one (miss) and with the entry (hit), the page cache emptied before each.
