@@ -236,13 +236,18 @@ def _update_error(out, reference, x):
     return ((out - reference).norm() / (reference - x).norm()).item()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype, operands", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
+                                             (torch.bfloat16, "f16")])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-def test_fp8_weights_match_the_dequantised_reference(dtype, pi05):
+def test_fp8_weights_match_the_dequantised_reference(dtype, operands, pi05):
     """E4M3 weights with per-output-channel scales: the kernel computes the reference layer on the
     dequantised weights (fp32: up to summation order), and differs from the layer on the unquantised
     weights by E4M3's rounding (a few percent of the layer's update: neither scales left out, which
-    multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0)."""
+    multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0). With
+    ``fp8_operands="f16"`` the rows QKV, o and gate/up multiply are float16 (the workspace's) and within the same
+    bounds."""
+    from dataclasses import replace
+
     t, positions, inv_freq, keys, values, mask, extra = _inputs(3, 6, 7, 32, 64, 4, 1, 32, dtype, 11, pi05)
     data, scales = _quantized(t)
     norms = (t["attn_scale"], t["mlp_scale"], positions, inv_freq)
@@ -251,7 +256,10 @@ def test_fp8_weights_match_the_dequantised_reference(dtype, pi05):
                                     weight_scales=scales, **extra)
     plain = el.expert_layer_reference(t["x"], *(t[n] for n in WEIGHTS), *norms, keys.clone(), values.clone(), mask,
                                       1e-6, 32**-0.5, 4, **extra)
-    work = el.ExpertWorkspace(18, 6, 32, 64, 4, 1, 32, 13, dtype, torch.device(DEVICE), SMALL_TILING)
+    tiling = replace(SMALL_TILING, fp8_operands=operands)
+    work = el.ExpertWorkspace(18, 6, 32, 64, 4, 1, 32, 13, dtype, torch.device(DEVICE), tiling)
+    assert (work.normed_attn.dtype, work.normed_mlp.dtype, work.attn.dtype, work.h.dtype) == (
+        (torch.float16,) * 3 + (dtype,) if operands == "f16" else (dtype,) * 4)
     out = t["x"].clone()
     el.expert_layer(out, out, *data, *norms, keys, values, mask, 1e-6, 32**-0.5, work, 4, weight_scales=scales, **extra)
     _assert_close(out, ref, dtype)
@@ -287,6 +295,29 @@ def test_two_chained_fp8_layers(pi05):
     _assert_close(out, ref, dtype)
     _assert_close(keys1, r_keys1, dtype)
     _assert_close(keys2, r_keys2, dtype)
+
+
+def test_f16_operands_are_for_fp8_weights_and_saturate():
+    """``fp8_operands="f16"`` with bf16 weights is refused (the bf16 GEMMs cannot take float16 rows);
+    ``check_expert_shapes`` names an unknown setting; a norm row beyond float16's range is stored saturated at
+    ±65504, never as inf."""
+    from dataclasses import replace
+
+    tiling = replace(SMALL_TILING, fp8_operands="f16")
+    t, positions, inv_freq, keys, values, mask, _ = _inputs(1, 6, 7, 32, 64, 4, 1, 32, torch.bfloat16, 15, False)
+    work = el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.bfloat16, torch.device(DEVICE), tiling)
+    with pytest.raises(ValueError, match="fp8_operands='f16' is for E4M3 weights"):
+        el.expert_layer(t["x"], torch.empty_like(t["x"]), *(t[n] for n in WEIGHTS), t["attn_scale"], t["mlp_scale"],
+                        positions, inv_freq, keys, values, mask, 1e-6, 32**-0.5, work, 4)
+    assert "fp8_operands 'fp16'" in el.check_expert_shapes(1024, 4096, 8, 1, 256,
+                                                          replace(el.ExpertTiling(), fp8_operands="fp16"))
+    data, scales = _quantized(t)
+    huge = t["attn_scale"].clone()
+    huge[:4] = 1e6  # the attention norm's first columns far beyond float16
+    el.expert_layer(t["x"].clone(), torch.empty_like(t["x"]), *data, huge, t["mlp_scale"], positions, inv_freq,
+                    keys.clone(), values.clone(), mask, 1e-6, 32**-0.5, work, 4, weight_scales=scales)
+    rows = work.normed_attn.float()
+    assert torch.isfinite(rows).all() and rows[:, :4].abs().max().item() == 65504.0
 
 
 def test_fp8_weights_need_all_four_and_their_scales():

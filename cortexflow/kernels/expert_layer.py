@@ -93,7 +93,11 @@ class ExpertTiling:
     the last range program to arrive; ``attn_v_parts`` (1, 2 or 4; more than 1 only with "phase") programs a (tile,
     key range), each accumulating its part of the value columns (all of them compute the tile's logits), which keeps
     the accumulator of a tall tile in registers (at most ``head_dim / 16`` parts, as for the logits); ``programs``
-    persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's.
+    persistent programs (None: the SM count); ``num_warps``, ``num_stages``: the launch's. ``fp8_operands``, with E4M3
+    weights and bf16 activations: "bf16" (each weight converted to the activations' bf16, E4M3 -> f16 -> bf16) or
+    "f16" (the rows that QKV, o and gate/up multiply, i.e. the two norms' outputs and the attention output, stored in
+    float16 and each weight converted to f16 in one step; the down projection keeps bf16, its input ``h`` having no
+    bound; not timed yet, benchmarks/NOTES.md, session 31).
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -114,6 +118,7 @@ class ExpertTiling:
     attn_merge: str = "phase"
     attn_merge_rows: int | None = None
     attn_v_parts: int = 4
+    fp8_operands: str = "bf16"
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -125,6 +130,9 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
                                   down_splits=2, attn_rows=16, attn_keys=16, attn_splits=2, attn_d_parts=4,
                                   attn_merge="last", attn_v_parts=1, programs=1)
 
+
+#: The largest finite float16 (the norm rows' saturation with ``fp8_operands="f16"``).
+F16_MAX = tl.constexpr(65504.0)
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -213,6 +221,8 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
             if SHIFT:
                 h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
+            if hn_ptr.dtype.element_ty == tl.float16:
+                h = tl.clamp(h, -F16_MAX, F16_MAX)  # saturated, never inf
             tl.store(hn_ptr + row * D + offs, h.to(hn_ptr.dtype.element_ty), mask=valid)
 
 
@@ -450,10 +460,12 @@ class ExpertWorkspace:
         self.residual = torch.empty((rows, dim), dtype=dtype, device=device)
         # One buffer per use: no address is read twice in one launch with a write in between (see the
         # module doc), so the two norms' outputs and the two split-K phases' partials never share one.
-        self.normed_attn = torch.empty((rows, dim), dtype=dtype, device=device)
-        self.normed_mlp = torch.empty((rows, dim), dtype=dtype, device=device)
+        # The rows QKV, o and gate/up multiply: float16 with ``fp8_operands="f16"`` (E4M3 weights only).
+        operand = torch.float16 if t.fp8_operands == "f16" and dtype == torch.bfloat16 else dtype
+        self.normed_attn = torch.empty((rows, dim), dtype=operand, device=device)
+        self.normed_mlp = torch.empty((rows, dim), dtype=operand, device=device)
         self.q = torch.empty((rows, heads * head_dim), dtype=dtype, device=device)
-        self.attn = torch.empty_like(self.q)
+        self.attn = torch.empty((rows, heads * head_dim), dtype=operand, device=device)
         self.h = torch.empty((rows, mlp_dim), dtype=dtype, device=device)
         m_pad = triton.cdiv(rows, t.block_m) * t.block_m
         self.o_part = torch.empty((t.o_splits, m_pad, dim), dtype=torch.float32, device=device)
@@ -483,6 +495,12 @@ class ExpertWorkspace:
         self.launches = launches
         self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
 
+    def check_weights(self, fp8: bool) -> None:
+        """ValueError when this workspace's float16 operand rows (``fp8_operands="f16"``) meet bf16 weights."""
+        if self.normed_attn.dtype != self.residual.dtype and not fp8:
+            raise ValueError("ExpertTiling.fp8_operands='f16' is for E4M3 weights; these are "
+                             f"{self.residual.dtype}: use fp8_operands='bf16'")
+
     def reset(self) -> None:
         """Zero every launch's barrier counters (one memset; inside a CUDA graph it replays each call)."""
         self.sync.zero_()
@@ -511,6 +529,8 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"attn_d_parts {t.attn_d_parts} is not 1, 2 or 4"
     if t.attn_merge not in ("last", "phase"):
         return f"attn_merge {t.attn_merge!r} is not 'last' or 'phase'"
+    if t.fp8_operands not in ("bf16", "f16"):
+        return f"fp8_operands {t.fp8_operands!r} is not 'bf16' or 'f16'"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
@@ -542,6 +562,7 @@ def expert_layer(
     fp32 per-output-channel scales of ``(w_qkv, w_o, w_gate_up, w_down)`` (all four weights E4M3, or none).
     Returns ``out``."""
     fp8 = check_weight_scales((w_qkv, w_o, w_gate_up, w_down), weight_scales)
+    workspace.check_weights(fp8)
     m, dim = x.shape
     s = workspace.seq_len
     b = m // s

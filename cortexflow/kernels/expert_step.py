@@ -445,6 +445,7 @@ def expert_step(
     mod_strides = modulation.stride()[:3] if adaptive else (0, 0, 0)
     sync = workspace.sync[step * layers * workspace.BARRIERS:]
     fp8 = tables.scales is not None
+    workspace.check_weights(fp8)
     _expert_step_kernel[(workspace.programs,)](
         x, out, *tables.weights, tables.offsets, *(tables.scales if fp8 else (norm_scales,) * 4),
         tables.scale_offsets if fp8 else tables.offsets, norm_scales,
