@@ -309,9 +309,17 @@ def test_euler_step_with_the_attention_merge_phase(layers):
     _check_euler_step(torch.float32, False, layers, MERGE_PHASE_TILING)
 
 
-def _check_euler_step(dtype, pi05, layers, tiling):
-    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, False, 4)
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_euler_step_with_fp8_weights_and_f16_operands(pi05):
+    """The Euler step with E4M3 weights and float16 operand rows (``fp8_operands="f16"``; the final norm's rows, which
+    the action head reads, are float16 too) against its composition, within bf16's rounding."""
+    _check_euler_step(torch.bfloat16, pi05, LAYERS, replace(SMALL_TILING, fp8_operands="f16"), fp8=True)
+
+
+def _check_euler_step(dtype, pi05, layers, tiling, fp8=False):
+    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, fp8, 4)
     weights, norm_scales = weights[:layers], norm_scales[:layers]
+    scales = None if scales is None else scales[:layers]
     modulation = None if modulation is None else modulation[:layers]
     keys, values = keys[:layers].contiguous(), values[:layers].contiguous()
     inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
