@@ -225,10 +225,23 @@ def main() -> None:
     floor_us = layer_bytes / bandwidth * 1e6
 
     rows = []
+    out_dir = Path(os.environ.get("OUT", "."))
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        """Write the JSON with the rows so far (after every row: a run cut off by its time limit keeps them)."""
+        result = dict(
+            device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
+            triton=__import__("triton").__version__, prefix=p, suffix=s, pdl=pdl, copy_bandwidth_GBps=bandwidth / 1e9,
+            layer_weight_MB=layer_bytes / 1e6, floor_us_per_layer=floor_us, rows=rows,
+        )
+        (out_dir / "micro_expert_layer.json").write_text(json.dumps(result, indent=1))
+
     reference = chain().float()
     chain_us = graph_time_us(chain) / LAYERS
     rows.append(dict(variant="kernel chain (default path)", us_per_layer=chain_us, rel_vs_chain=0.0))
     print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
+    save()
 
     def time_variant(label: str, name: str, tiling: el.ExpertTiling, run, **extra) -> bool:
         """Check ``run`` (one step's 18 layers) against the chain and time it in a CUDA graph: a row of ``rows``. A
@@ -241,9 +254,11 @@ def main() -> None:
             us = graph_time_us(run) / LAYERS
         except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
             rows.append(dict(variant=f"{label}: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
+            save()
             print(f"{label} {name}: failed: {failure}", flush=True)
             return False
         rows.append(dict(variant=f"{label}: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling), **extra))
+        save()
         print(f"{label} {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
         return True
 
@@ -270,15 +285,8 @@ def main() -> None:
                 continue
             us = graph_time_us(lambda: persistent(work, mask_bits)) / LAYERS
             rows.append(dict(variant=f"phase {name} ({tiling_name} tiling)", us_per_layer=us))
+            save()
             print(f"phase {name} ({tiling_name} tiling): {us:.2f} us/layer", flush=True)
-    result = dict(
-        device=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda,
-        triton=__import__("triton").__version__, prefix=p, suffix=s, pdl=pdl, copy_bandwidth_GBps=bandwidth / 1e9,
-        layer_weight_MB=layer_bytes / 1e6, floor_us_per_layer=floor_us, rows=rows,
-    )
-    out_dir = Path(os.environ.get("OUT", "."))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "micro_expert_layer.json").write_text(json.dumps(result, indent=1))
     print(f"\nPi0 expert layer, prefix {p}, suffix {s}, bf16; floor {floor_us:.2f} us/layer "
           f"({layer_bytes / 1e6:.1f} MB at {bandwidth / 1e9:.0f} GB/s)")
     print(f"{'variant':<52} {'us/layer':>9} {'x floor':>8} {'rel vs chain':>13}")
