@@ -386,3 +386,16 @@ def test_fp8_cache_options_are_refused_in_the_command_lines_words(tmp_path):
     assert "pi0/pi05 quantise only their action expert at load: drop --fp8-cache" in text
     text = error(["serve", "--checkpoint", str(tmp_path), "--model", "rt1", "--device", "cpu", "--fp8-cache", "x"])
     assert "--model rt1 does not take" in text and "--fp8-cache" in text
+
+
+def test_the_onnx_cache_keeps_its_own_variable_and_shares_the_rest(monkeypatch, tmp_path):
+    from cortexflow.onnx.cache import default_cache_dir as onnx_cache_dir
+
+    monkeypatch.setenv("CORTEXFLOW_CACHE", str(tmp_path / "cf"))
+    assert onnx_cache_dir() == tmp_path / "cf" / "onnx"
+    monkeypatch.setenv("CORTEXFLOW_ONNX_CACHE", str(tmp_path / "own"))
+    assert onnx_cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("CORTEXFLOW_ONNX_CACHE")
+    monkeypatch.delenv("CORTEXFLOW_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert onnx_cache_dir() == tmp_path / "xdg" / "cortexflow" / "onnx"

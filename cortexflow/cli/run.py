@@ -22,7 +22,7 @@ from cortexflow.cli.common import (
     resolve_dtype,
     warning_line,
 )
-from cortexflow.cli_options import check_common_options, parse_model_option
+from cortexflow.cli_options import FP8_CACHE_HELP, check_common_options, parse_model_option
 from cortexflow.config import (
     IMAGE_PROMPT_MODELS,
     TOKEN_DECODING_MODELS,
@@ -104,7 +104,7 @@ def run_command(
         str, typer.Option("--precision", metavar="NAME", help="default (weights in --dtype) or fp8: with --backend triton on a GPU of compute capability 8.9+, the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 weights, quantised at load (fast on the token VLAs; slower than bfloat16 on pi0/pi05 on an H100).")
     ] = "default",
     fp8_cache: Annotated[
-        Optional[str], typer.Option("--fp8-cache", metavar="DIR|default", help="openvla/rt2 with --precision fp8: keep the quantised language-model layers in the folder DIR ('default': $CORTEXFLOW_CACHE/fp8 or ~/.cache/cortexflow/fp8), keyed by the checkpoint and the FP8 settings; the next run reads them instead of the bfloat16 projections.")
+        Optional[str], typer.Option("--fp8-cache", metavar="DIR|default", help=FP8_CACHE_HELP)
     ] = None,
 ) -> None:
     """Run one observation through a checkpoint and print the action chunk as JSON on stdout.

@@ -22,7 +22,7 @@ import torch
 from cortexflow.onnx import policy as _policy
 from cortexflow.onnx._deps import version
 from cortexflow.onnx.exporter import OnnxExportError
-from cortexflow.onnx.hashing import settings_key, weights_fingerprint
+from cortexflow.onnx.hashing import cache_root, settings_key, weights_fingerprint
 from cortexflow.onnx.settings import ExportSettings
 
 
@@ -30,10 +30,7 @@ def default_cache_dir() -> Path:
     """The cache root (see module doc)."""
     if os.environ.get("CORTEXFLOW_ONNX_CACHE"):
         return Path(os.environ["CORTEXFLOW_ONNX_CACHE"]).expanduser()
-    if os.environ.get("CORTEXFLOW_CACHE"):
-        return Path(os.environ["CORTEXFLOW_CACHE"]).expanduser() / "onnx"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "cortexflow" / "onnx"
+    return cache_root("onnx")
 
 
 def bundle_key(fingerprint: str, model, num_views: int, chunk: int, settings: ExportSettings, extra=None) -> str:

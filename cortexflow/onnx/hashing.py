@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Mapping
 
@@ -65,6 +66,15 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
             flat = flat[index]
         digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def cache_root(kind: str) -> Path:
+    """The folder of CortexFlow's ``kind`` cache ("onnx", "fp8"): ``$CORTEXFLOW_CACHE/{kind}``, else
+    ``$XDG_CACHE_HOME/cortexflow/{kind}``, else ``~/.cache/cortexflow/{kind}``."""
+    if os.environ.get("CORTEXFLOW_CACHE"):
+        return Path(os.environ["CORTEXFLOW_CACHE"]).expanduser() / kind
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
+    return base / "cortexflow" / kind
 
 
 def settings_key(*parts: object) -> str:

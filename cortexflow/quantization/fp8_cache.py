@@ -54,7 +54,7 @@ from cortexflow.backends.triton_fp8 import FP8_PROJECTIONS, fp8_layers
 from cortexflow.backends.triton_options import TritonOptions
 from cortexflow.backends.triton_token_decoder import folded_key
 from cortexflow.config import dtype_name
-from cortexflow.onnx.hashing import CHECKPOINT_HASH_METHOD, checkpoint_hash, settings_key
+from cortexflow.onnx.hashing import CHECKPOINT_HASH_METHOD, cache_root, checkpoint_hash, settings_key
 from cortexflow.ops import GatedLayer
 from cortexflow.quantization.fp8 import E4M3, fp8_scale_key
 
@@ -68,10 +68,7 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     """The cache root when no folder is given (see module doc)."""
-    if os.environ.get("CORTEXFLOW_CACHE"):
-        return Path(os.environ["CORTEXFLOW_CACHE"]).expanduser() / "fp8"
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
-    return base / "cortexflow" / "fp8"
+    return cache_root("fp8")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
 
-from cortexflow.cli_options import cli_option
+from cortexflow.cli_options import FP8_CACHE_HELP, cli_option
 from cortexflow.config import VLAModelType, dtype_name
 from cortexflow.engine import VLAInferenceEngine
 from cortexflow.errors import ConfigError, CortexFlowError, InputError
@@ -116,10 +116,7 @@ class PolicyOptions:
              "4090, H100), the language model (openvla/rt2) or the action expert (pi0/pi05) hold FP8 "
              "weights (quantised at load; check the accuracy first with cortexflow verify --precision fp8)."))
     fp8_cache: str | None = field(default=None, metadata=cli_option(
-        "--fp8-cache", metavar="DIR|default",
-        help="openvla/rt2 with --precision fp8: keep the quantised language-model layers in the folder DIR ('default': "
-             "$CORTEXFLOW_CACHE/fp8 or ~/.cache/cortexflow/fp8), keyed by the checkpoint and the FP8 settings; the "
-             "next start reads them instead of the bfloat16 projections (OpenVLA-7B: about 6.5 GB instead of 13)."))
+        "--fp8-cache", metavar="DIR|default", help=FP8_CACHE_HELP))
     unnorm_key: str | None = field(default=None, metadata=cli_option(
         "--unnorm-key", metavar="DATASET",
         help="OpenVLA only: the dataset whose action statistics un-normalise the actions (needed when the checkpoint "
