@@ -196,6 +196,41 @@ def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
     assert rel <= 1e-5
 
 
+def test_backend_runs_fp8_expert_weights_on_float16_operand_rows_in_bf16(tmp_path, monkeypatch):
+    """A tiny Pi0 in bf16 whose fused expert projections are E4M3, through the triton backend's Euler launch: the
+    workspace it starts (``default_tiling(fp8=True)``) keeps the rows QKV, o and gate/up multiply in float16 and
+    the residual in bf16, and the actions are those of the PyTorch backend on the dequantised weights in fp32 to
+    bf16's bound."""
+    import cortexflow as cf
+    from cortexflow.backends import triton_backend
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+
+    started = []
+    start = triton_backend.start_workspace
+    monkeypatch.setattr(triton_backend, "start_workspace", lambda *args: started.append(start(*args)) or started[-1])
+    fp8_triton, dequantised = fp8_expert_backends()
+    config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
+                               **(GPU_TILING_EXPERT if DEVICE == "cuda" else {}))
+    write_checkpoint(tmp_path, config)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    noise = rng.standard_normal((3, 8)).astype(np.float32)
+    state = rng.standard_normal(5)
+    outputs = {}
+    for name, backend, dtype in (("fp8", fp8_triton, "bfloat16"), ("reference", dequantised, "float32")):
+        engine = cf.create_pi0_inference(tmp_path, backend=backend, device=DEVICE, dtype=dtype, model_config=config,
+                                         use_cuda_graphs=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CortexFlowWarning)  # no fallback to another path
+            outputs[name] = engine.predict(images, prompt_tokens=[2, 7], state=state, noise=noise)
+    work = started[0]
+    assert work.tiling.fp8_operands == "f16"
+    assert (work.normed_attn.dtype, work.normed_mlp.dtype, work.attn.dtype) == (torch.float16,) * 3
+    assert work.residual.dtype == torch.bfloat16
+    rel = np.linalg.norm(outputs["fp8"] - outputs["reference"]) / np.linalg.norm(outputs["reference"])
+    assert rel <= BOUNDS[torch.bfloat16]
+
+
 def test_expert_launch_option():
     from cortexflow.backends.triton_options import TritonOptions
     from cortexflow.errors import ConfigError

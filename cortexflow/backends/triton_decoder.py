@@ -51,7 +51,8 @@ def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWor
     width = weights[first.name("o")].shape[0]
     mlp_dim = weights[first.name("down")].shape[1]
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
-                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device, default_tiling(),
+                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device,
+                           default_tiling(expert_weights_fp8(weights, ctx.expert)),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work

@@ -67,7 +67,7 @@ barrier then never waits).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -97,8 +97,8 @@ class ExpertTiling:
     weights and bf16 activations: "bf16" (each weight converted to the activations' bf16, E4M3 -> f16 -> bf16) or
     "f16" (the rows that QKV, o and gate/up multiply, i.e. the two norms' outputs and the attention output, stored in
     float16 and each weight converted to f16 in one step; the down projection keeps bf16, its input ``h`` having no
-    bound; Pi0's FP8 step kernel 50.1 against 54.7 µs a layer on an H200, not yet timed in a whole predict: not the
-    default, benchmarks/NOTES.md, session 31).
+    bound; Pi0's FP8 step kernel 50.1 against 54.7 µs a layer on an H200, benchmarks/NOTES.md, session 31).
+    :func:`default_tiling` picks "f16" for E4M3 weights.
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -139,8 +139,11 @@ F16_MAX = tl.constexpr(65504.0)
 ALL_PHASES = 255
 
 
-def default_tiling() -> ExpertTiling:
-    return INTERPRETER_TILING if interpreting() else ExpertTiling()
+def default_tiling(fp8: bool = False) -> ExpertTiling:
+    """The tiling the backend runs: the interpreter's under Triton's interpreter, else :class:`ExpertTiling`'s
+    defaults; with E4M3 weights (``fp8``) the same with ``fp8_operands="f16"``."""
+    base = INTERPRETER_TILING if interpreting() else ExpertTiling()
+    return replace(base, fp8_operands="f16") if fp8 else base
 
 
 @triton.jit
