@@ -437,18 +437,20 @@ weights = (e((h + 2 * hkv) * hd, d, dtype=E4M3), e(d, h * hd, dtype=E4M3), e(2 *
 scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
 out = {}
 for arch, sms in ((89, 58), (90, 132)):  # an L4 and an H100
-    for operands in ("bf16", "f16"):
+    for operands, convert in (("bf16", "cvt"), ("f16", "cvt"), ("f16", "bits")):
         with compile_only(CompileTarget(arch=arch, processors=sms)) as launches:
-            tiling = el.ExpertTiling(fp8_operands=operands)
+            tiling = el.ExpertTiling(fp8_operands=operands, fp8_convert=convert)
             work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, tiling)
             el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32),
                             e(1, s, dtype=torch.int64), e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd),
                             e(1, p + s, hkv, hd), e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h,
                             weight_scales=scales)
-        out[f"{arch} {operands}"] = [
+        out[f"{arch} {operands} {convert}"] = [
             {"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"), "shared": l.kernel.metadata.shared,
              "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"],
              "f16_products": "f32.f16.f16" in l.kernel.asm["ptx"],
+             "bf16_fmas": l.kernel.asm["ptx"].count("fma.rn.bf16x2"),
+             "f16_to_bf16": l.kernel.asm["ptx"].count("cvt.bf16.f16") + l.kernel.asm["ptx"].count("cvt.f32.f16"),
              "conversions": l.kernel.asm["ptx"].count("cvt.")}
             for l in launches]
 json.dump(out, sys.stdout)
@@ -460,18 +462,21 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
     H100's 132) at Pi0's expert size on ``meta`` tensors (compile-check's compile-only launches, in a subprocess
     without the interpreter): one program per SM, shared memory within the architecture's per-program limit, and
     its PTX converts E4M3 pairs in hardware. With ``fp8_operands="f16"`` it multiplies float16 tiles and has fewer
-    conversion instructions (the weights' E4M3 -> f16 -> bf16 chain ends at f16)."""
+    conversion instructions (the weights' E4M3 -> f16 -> bf16 chain ends at f16); with ``fp8_convert="bits"`` too,
+    the down projection's f16 -> bf16 conversions are bf16 FMAs (one a pair) and fewer conversions remain."""
     from cortexflow.tools.compile_check import SM_LIMITS
 
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch, sms in ((89, 58), (90, 132)):
-        for operands in ("bf16", "f16"):
-            (launch,) = report[f"{arch} {operands}"]
-            assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] is True
+        for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 2)):
+            (launch,) = report[f"{arch} {variant}"]
+            assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] == mode
             assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch)
-        bf16, f16 = report[f"{arch} bf16"][0], report[f"{arch} f16"][0]
-        assert f16["f16_products"] and not bf16["f16_products"]
+        bf16, f16, bits = (report[f"{arch} {v}"][0] for v in ("bf16 cvt", "f16 cvt", "f16 bits"))
+        assert f16["f16_products"] and not bf16["f16_products"] and bits["f16_products"]
         assert f16["conversions"] < bf16["conversions"], (arch, bf16["conversions"], f16["conversions"])
+        assert bits["conversions"] < f16["conversions"] and not f16["bf16_fmas"] and bits["bf16_fmas"], (arch, bits)
+        assert bits["f16_to_bf16"] < f16["f16_to_bf16"], (arch, f16["f16_to_bf16"], bits["f16_to_bf16"])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "

@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from cortexflow.kernels.attention import LOG2E, attend_value_part, finish_range, merge_ranges, store_value_part
+from cortexflow.kernels.e4m3 import e4m3_to_bf16
 from cortexflow.kernels.gelu_gate import _gelu_tanh
 from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
@@ -98,7 +99,10 @@ class ExpertTiling:
     "f16" (the rows that QKV, o and gate/up multiply, i.e. the two norms' outputs and the attention output, stored in
     float16 and each weight converted to f16 in one step; the down projection keeps bf16, its input ``h`` having no
     bound; Pi0's FP8 step kernel 50.1 against 54.7 µs a layer on an H200, benchmarks/NOTES.md, session 31).
-    :func:`default_tiling` picks "f16" for E4M3 weights.
+    :func:`default_tiling` picks "f16" for E4M3 weights. ``fp8_convert``, with E4M3 weights, how each weight
+    tile that meets bf16 rows becomes bf16: "cvt" (Triton's conversion, one instruction an element after the
+    pairwise E4M3 -> f16) or "bits" (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one
+    bf16 FMA a pair; GPU only, the interpreter cannot run its inline PTX).
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -120,6 +124,7 @@ class ExpertTiling:
     attn_merge_rows: int | None = None
     attn_v_parts: int = 4
     fp8_operands: str = "bf16"
+    fp8_convert: str = "cvt"
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -173,8 +178,9 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a[rows, k_start:k_end] @ W[cols1 | cols2, k_start:k_end]ᵀ`` as two fp32 ``(BLOCK_M, BLOCK_N)`` tiles
     sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
-    ``FP8``: ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact); the caller applies
-    the per-column scales to the sums."""
+    ``FP8`` (:func:`fp8_mode`): ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact; with
+    2 and bf16 ``a`` by :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16`); the caller applies the per-column scales
+    to the sums."""
     acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -184,7 +190,10 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
                     cache_modifier=".cg")
         w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
         w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
-        if FP8:
+        if FP8 == 2 and a.dtype == tl.bfloat16:
+            w1 = e4m3_to_bf16(w1)
+            w2 = e4m3_to_bf16(w2)
+        elif FP8:
             w1 = w1.to(a.dtype)
             w2 = w2.to(a.dtype)
         if UPCAST:
@@ -535,6 +544,10 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"attn_merge {t.attn_merge!r} is not 'last' or 'phase'"
     if t.fp8_operands not in ("bf16", "f16"):
         return f"fp8_operands {t.fp8_operands!r} is not 'bf16' or 'f16'"
+    if t.fp8_convert not in ("cvt", "bits"):
+        return f"fp8_convert {t.fp8_convert!r} is not 'cvt' or 'bits'"
+    if t.fp8_convert == "bits" and interpreting():
+        return "fp8_convert 'bits' runs inline PTX, which Triton's interpreter cannot run: use 'cvt'"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
@@ -606,13 +619,21 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
     return dict(
         D=dim, F=mlp_dim, HQ=heads, HKV=kv_heads, HD=head_dim, SHIFT=shifted, GATED=gated,
         ATTN_SPLIT=workspace.n_splits > 1, UPCAST=upcast_dots(dtype),
-        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", FP8=fp8_mode(fp8, t),
         O_SPLITS=t.o_splits, DOWN_SPLITS=t.down_splits, BLOCK_M=t.block_m, PAIR=t.pair, BLOCK_K=t.block_k,
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
         ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
         MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
+
+
+def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
+    """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights, 1 for E4M3 converted by Triton, 2 for E4M3
+    tiles converted to bf16 by :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` (``fp8_convert="bits"``)."""
+    if not fp8:
+        return 0
+    return 2 if tiling.fp8_convert == "bits" else 1
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
