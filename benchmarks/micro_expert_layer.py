@@ -92,6 +92,14 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         # (kernels/e4m3.py; session 32).
         "fp8 f16 operands, bits": replace(base, fp8_operands="f16", fp8_convert="bits"),
         "fp8 bits": replace(base, fp8_convert="bits"),
+        # E4M3 weight tiles loaded a K step ahead into registers, and as the MMA's first operand (session 32: Triton
+        # loads E4M3 tiles outside its copy pipeline; as the second operand they go back to shared memory).
+        "fp8 f16 operands, prefetch": replace(base, fp8_operands="f16", fp8_prefetch=True),
+        "fp8 f16 operands, weights first": replace(base, fp8_operands="f16", fp8_weights_first=True),
+        "fp8 f16 operands, weights first, prefetch": replace(base, fp8_operands="f16", fp8_weights_first=True,
+                                                            fp8_prefetch=True),
+        "fp8 f16 operands, bits, weights first, prefetch": replace(base, fp8_operands="f16", fp8_convert="bits",
+                                                                  fp8_weights_first=True, fp8_prefetch=True),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
@@ -268,8 +276,10 @@ def main() -> None:
 
     for name, tiling in tilings(args.quick, args.only).items():
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
-        # float16 operand rows take E4M3 weights only; the conversion by bits changes only E4M3 weights
-        fp8_only = tiling.fp8_operands != "bf16" or tiling.fp8_convert != "cvt"
+        # float16 operand rows take E4M3 weights only; the conversion by bits and the FP8 GEMM forms change only
+        # E4M3 weights
+        fp8_only = (tiling.fp8_operands != "bf16" or tiling.fp8_convert != "cvt" or tiling.fp8_weights_first
+                    or tiling.fp8_prefetch)
         if fp8_only and not args.fp8:
             continue
         if not fp8_only and not time_variant("persistent", name, tiling, lambda: persistent(work),

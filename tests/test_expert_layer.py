@@ -236,16 +236,25 @@ def _update_error(out, reference, x):
     return ((out - reference).norm() / (reference - x).norm()).item()
 
 
-@pytest.mark.parametrize("dtype, operands", [(torch.float32, "bf16"), (torch.bfloat16, "bf16"),
-                                             (torch.bfloat16, "f16")])
+#: ExpertTiling fields of the FP8 GEMM forms: weights loaded a K step ahead; weights as the MMA's first operand.
+PREFETCH = {"fp8_prefetch": True}
+WEIGHTS_FIRST = {"fp8_weights_first": True, "fp8_prefetch": True}
+
+
+@pytest.mark.parametrize("dtype, operands, forms", [
+    (torch.float32, "bf16", {}), (torch.bfloat16, "bf16", {}), (torch.bfloat16, "f16", {}),
+    (torch.bfloat16, "f16", PREFETCH), (torch.float32, "bf16", WEIGHTS_FIRST), (torch.bfloat16, "f16", WEIGHTS_FIRST),
+    (torch.bfloat16, "bf16", {"fp8_weights_first": True})],
+    ids=["fp32", "bf16", "f16", "f16-prefetch", "fp32-weights-first", "f16-weights-first", "bf16-weights-first"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-def test_fp8_weights_match_the_dequantised_reference(dtype, operands, pi05):
+def test_fp8_weights_match_the_dequantised_reference(dtype, operands, forms, pi05):
     """E4M3 weights with per-output-channel scales: the kernel computes the reference layer on the
     dequantised weights (fp32: up to summation order), and differs from the layer on the unquantised
     weights by E4M3's rounding (a few percent of the layer's update: neither scales left out, which
     multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0). With
     ``fp8_operands="f16"`` the rows QKV, o and gate/up multiply are float16 (the workspace's) and within the same
-    bounds."""
+    bounds; so are the GEMM forms with the weights loaded a K step ahead (``fp8_prefetch``) and as the MMA's first
+    operand (``fp8_weights_first``)."""
     from dataclasses import replace
 
     t, positions, inv_freq, keys, values, mask, extra = _inputs(3, 6, 7, 32, 64, 4, 1, 32, dtype, 11, pi05)
@@ -256,7 +265,7 @@ def test_fp8_weights_match_the_dequantised_reference(dtype, operands, pi05):
                                     weight_scales=scales, **extra)
     plain = el.expert_layer_reference(t["x"], *(t[n] for n in WEIGHTS), *norms, keys.clone(), values.clone(), mask,
                                       1e-6, 32**-0.5, 4, **extra)
-    tiling = replace(SMALL_TILING, fp8_operands=operands)
+    tiling = replace(SMALL_TILING, fp8_operands=operands, **forms)
     work = el.ExpertWorkspace(18, 6, 32, 64, 4, 1, 32, 13, dtype, torch.device(DEVICE), tiling)
     assert (work.normed_attn.dtype, work.normed_mlp.dtype, work.attn.dtype, work.h.dtype) == (
         (torch.float16,) * 3 + (dtype,) if operands == "f16" else (dtype,) * 4)

@@ -102,7 +102,12 @@ class ExpertTiling:
     :func:`default_tiling` picks "f16" for E4M3 weights. ``fp8_convert``, with E4M3 weights, how each weight
     tile that meets bf16 rows becomes bf16: "cvt" (Triton's conversion, one instruction an element after the
     pairwise E4M3 -> f16) or "bits" (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one
-    bf16 FMA a pair; GPU only, the interpreter cannot run its inline PTX).
+    bf16 FMA a pair; GPU only, the interpreter cannot run its inline PTX). ``fp8_weights_first``, with E4M3
+    weights: each GEMM tile computed as ``(W_tile @ rowsᵀ)ᵀ``, so the converted weights are the MMA's first
+    operand, which the tensor cores read from registers (as the second operand they go back to shared memory
+    after the conversion). ``fp8_prefetch``, with E4M3 weights: each GEMM's weight tiles loaded one K step ahead
+    into registers (Triton loads E4M3 tiles that are converted before the MMA with plain loads, outside its
+    asynchronous-copy pipeline, so without this each K step waits for its own weights).
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -125,6 +130,8 @@ class ExpertTiling:
     attn_v_parts: int = 4
     fp8_operands: str = "bf16"
     fp8_convert: str = "cvt"
+    fp8_weights_first: bool = False
+    fp8_prefetch: bool = False
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -139,6 +146,10 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 
 #: The largest finite float16 (the norm rows' saturation with ``fp8_operands="f16"``).
 F16_MAX = tl.constexpr(65504.0)
+
+#: Flags of the kernels' ``FP8`` constant (:func:`fp8_mode`): E4M3 tiles converted to bf16 by bits; E4M3 tiles as
+#: the MMA's first operand; E4M3 tiles loaded a K step ahead.
+FP8_BITS, FP8_WEIGHTS_FIRST, FP8_PREFETCH = 2, 4, 8
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -178,31 +189,77 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a[rows, k_start:k_end] @ W[cols1 | cols2, k_start:k_end]ᵀ`` as two fp32 ``(BLOCK_M, BLOCK_N)`` tiles
     sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
-    ``FP8`` (:func:`fp8_mode`): ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact; with
-    2 and bf16 ``a`` by :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16`); the caller applies the per-column scales
-    to the sums."""
-    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    ``FP8`` (:func:`fp8_mode`): ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact; by
+    :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` for bf16 ``a`` with the ``FP8_BITS`` flag); the caller applies the
+    per-column scales to the sums. Flags for E4M3 weights: ``FP8_WEIGHTS_FIRST``: the products are
+    ``W_tile @ a_tileᵀ``, the converted weights the MMA's first operand (which the tensor cores take from registers,
+    where the second must be in shared memory), transposed back once at the end; ``FP8_PREFETCH``: each K step's
+    weight tiles are loaded one step ahead into registers (the last step loads its own tiles again, so no address
+    leaves the range)."""
+    WEIGHTS_FIRST: tl.constexpr = (FP8 // 4) % 2 == 1  # FP8_WEIGHTS_FIRST
+    PREFETCH: tl.constexpr = (FP8 // 8) % 2 == 1  # FP8_PREFETCH
+    if WEIGHTS_FIRST:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
+    if PREFETCH:
+        next1, next2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, k_start + offs_k, WEIGHTS_FIRST)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
-        a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
-                    cache_modifier=".cg")
-        w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
-        w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
-        if FP8 == 2 and a.dtype == tl.bfloat16:
-            w1 = e4m3_to_bf16(w1)
-            w2 = e4m3_to_bf16(w2)
-        elif FP8:
-            w1 = w1.to(a.dtype)
-            w2 = w2.to(a.dtype)
+        if PREFETCH:
+            w1, w2 = next1, next2
+            ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) + offs_k
+            next1, next2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ahead, WEIGHTS_FIRST)
+        else:
+            w1, w2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST)
+        if WEIGHTS_FIRST:
+            a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
+                        cache_modifier=".cg")
+        else:
+            a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
+                        cache_modifier=".cg")
+        if FP8:
+            w1 = _e4m3_to(w1, a.dtype, FP8)
+            w2 = _e4m3_to(w2, a.dtype, FP8)
         if UPCAST:
             a = a.to(tl.float32)
             w1 = w1.to(tl.float32)
             w2 = w2.to(tl.float32)
-        acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
-        acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
-    return acc1, acc2
+        if WEIGHTS_FIRST:
+            acc1 = tl.dot(w1, a, acc1, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(w2, a, acc2, input_precision=DOT_PRECISION)
+        else:
+            acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
+            acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+    if WEIGHTS_FIRST:
+        out1, out2 = tl.trans(acc1), tl.trans(acc2)
+    else:
+        out1, out2 = acc1, acc2
+    return out1, out2
+
+
+@triton.jit
+def _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST: tl.constexpr):
+    """Rows ``cols1`` and ``cols2`` of ``W`` at columns ``ks``: ``(len(ks), BLOCK_N)`` tiles, or ``(BLOCK_N,
+    len(ks))`` with ``WEIGHTS_FIRST``."""
+    if WEIGHTS_FIRST:
+        w1 = tl.load(w_ptr + cols1[:, None] * w_cols + ks[None, :])
+        w2 = tl.load(w_ptr + cols2[:, None] * w_cols + ks[None, :])
+    else:
+        w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
+        w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
+    return w1, w2
+
+
+@triton.jit
+def _e4m3_to(w, dtype: tl.constexpr, FP8: tl.constexpr):
+    """E4M3 ``w`` as ``dtype`` (exact): by bits for bf16 with the ``FP8_BITS`` flag, else Triton's conversion."""
+    if (FP8 // 2) % 2 == 1 and dtype == tl.bfloat16:  # FP8_BITS
+        return e4m3_to_bf16(w)
+    return w.to(dtype)
 
 
 @triton.jit
@@ -629,11 +686,13 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
 
 
 def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
-    """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights, 1 for E4M3 converted by Triton, 2 for E4M3
-    tiles converted to bf16 by :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` (``fp8_convert="bits"``)."""
+    """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights; for E4M3 ones 1 plus the flags
+    :data:`FP8_BITS` (``fp8_convert="bits"``), :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``) and
+    :data:`FP8_PREFETCH` (``fp8_prefetch``)."""
     if not fp8:
         return 0
-    return 2 if tiling.fp8_convert == "bits" else 1
+    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
+            | (FP8_PREFETCH if tiling.fp8_prefetch else 0))
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
