@@ -477,7 +477,7 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
 
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch, sms in ((89, 58), (90, 132)):
-        for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 2)):
+        for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 1 | el.FP8_BITS)):
             (launch,) = report[f"{arch} {variant}"]
             assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] == mode
             assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch)
