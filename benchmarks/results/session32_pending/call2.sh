@@ -1,14 +1,10 @@
-# Session 32, call 2 (this tree).
-# 1. micro_expert_layer.py --fp8 --step: the one-layer and step kernels with E4M3 weights: float16 operands (the FP8
-#    default), with down's tiles converted by bits (fp8_convert="bits"), and bits with bf16 operands.
-# 2. benchmarks/bench_fp8_cache.py: OpenVLA-7B (random bf16 weights, published size) created with precision="fp8"
-#    without the cache, with an empty one (miss) and with the entry (hit), the page cache emptied before each.
+# Session 32, call 2: the FP8 expert's new default tiling (default_tiling(fp8=True)) against session 31's end
+# (old_build.tar = git archive 34b6e1e), whole predict with --precision fp8, two interleaved rounds of 100 calls:
+# Pi0 1/2/3 views, Pi0.5 prompts 20 and 60; real-size verify --precision fp8 of Pi0 and Pi0.5 with the new build.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/machine.txt
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $OUT/machine.txt
 cat $OUT/machine.txt
-mkdir -p $OUT/micro; OUT=$OUT/micro timeout 170 python3 benchmarks/micro_expert_layer.py --fp8 --step --no-phases \
-  --only "fp8" > $OUT/micro/micro.log 2>&1; grep -E "^(persistent|step kernel)" $OUT/micro/micro.log
-timeout 300 python3 benchmarks/bench_fp8_cache.py --dir /tmp/fp8_cache_bench --out $OUT/fp8_cache.json \
-  --drop-caches > $OUT/fp8_cache.log 2>&1; grep -v Warning $OUT/fp8_cache.log | tail -8
-df -h /tmp | tail -1
+mkdir -p $OUT/grid
+OUT=$OUT/grid BUDGET=520 BUILDS="oldfp8 fp8" GROUPS_TO_BENCH="pi0 pi05" VERIFY="" VERIFY_FP8="pi0 pi05" \
+  ROUNDS="1 2" ITERS=100 SKIP_TESTS=1 bash benchmarks/gpu_triton_check.sh final old_build.tar 2>&1 | tail -30
