@@ -158,8 +158,10 @@ ALL_PHASES = 255
 def default_tiling(fp8: bool = False) -> ExpertTiling:
     """The tiling the backend runs: the interpreter's under Triton's interpreter, else :class:`ExpertTiling`'s
     defaults; with E4M3 weights (``fp8``) the same with ``fp8_operands="f16"``."""
-    base = INTERPRETER_TILING if interpreting() else ExpertTiling()
-    return replace(base, fp8_operands="f16") if fp8 else base
+    if interpreting():
+        return replace(INTERPRETER_TILING, fp8_operands="f16", fp8_weights_first=True) if fp8 else INTERPRETER_TILING
+    base = ExpertTiling()
+    return replace(base, fp8_operands="f16", fp8_convert="bits", fp8_weights_first=True) if fp8 else base
 
 
 @triton.jit
