@@ -365,3 +365,21 @@ def test_batch_scaling_skips_triton_for_timm():
 
     with pytest.raises(BackendUnavailableError, match="no triton path"):
         _runner("resnet18d", "triton", torch.device("cpu"), torch.float32, 0, [1], None, 20, None, print)
+
+
+def test_weights_fingerprint_samples_large_tensors_within_range():
+    """A weight of more than 2^24 elements (where a float32 position would round past the end): the sampled
+    positions run from the first element to the last, evenly, all in range; the fingerprint sees a change in
+    the last element and none between the samples."""
+    from cortexflow.onnx.hashing import SAMPLE_ELEMENTS, sample_positions, weights_fingerprint
+
+    numel = 2**24 + 4  # a float32 linspace puts its last position at 2**24 + 4, one past the end
+    positions = sample_positions(numel, torch.device("cpu"))
+    assert positions[0] == 0 and positions[-1] == numel - 1 and len(positions) == SAMPLE_ELEMENTS
+    assert (positions.diff() > 0).all() and positions.diff().max() - positions.diff().min() <= 1
+    weights = {"w": torch.randint(0, 255, (numel,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))}
+    before = weights_fingerprint(weights)
+    weights["w"][1] += 1  # between samples 0 and 1
+    assert weights_fingerprint(weights) == before
+    weights["w"][-1] += 1
+    assert weights_fingerprint(weights) != before

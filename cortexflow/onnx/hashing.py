@@ -62,10 +62,17 @@ def weights_fingerprint(weights: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
         flat = tensor.reshape(-1)
         if flat.numel() > SAMPLE_ELEMENTS:
-            index = torch.linspace(0, flat.numel() - 1, SAMPLE_ELEMENTS, device=flat.device).long()
-            flat = flat[index]
+            flat = flat[sample_positions(flat.numel(), flat.device)]
         digest.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def sample_positions(numel: int, device: torch.device) -> torch.Tensor:
+    """The :data:`SAMPLE_ELEMENTS` evenly spaced positions ``i * (numel - 1) // (SAMPLE_ELEMENTS - 1)`` that
+    :func:`weights_fingerprint` reads of a tensor of ``numel`` elements, first and last included (int64
+    arithmetic: a float32 ``linspace`` rounds its last position past the end above 2^24 elements)."""
+    steps = torch.arange(SAMPLE_ELEMENTS, dtype=torch.int64, device=device)
+    return steps * (numel - 1) // (SAMPLE_ELEMENTS - 1)
 
 
 def cache_root(kind: str) -> Path:
