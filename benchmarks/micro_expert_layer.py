@@ -86,20 +86,17 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
                                                                                     attn_keys=16),
         "attention 64 rows, 4 value parts, logits in 1 part, 64-key steps": replace(base, attn_d_parts=1, attn_keys=64),
         # E4M3 weights converted to float16 in one step, times float16 norm and attention rows (timed with --fp8
-        # only): the FP8 default since session 32 (``default_tiling(fp8=True)``).
+        # only; session 31).
         "fp8 f16 operands": replace(base, fp8_operands="f16"),
         # The E4M3 tiles that meet bf16 rows (down; every tile with bf16 operands) converted by bits
         # (kernels/e4m3.py; session 32).
         "fp8 f16 operands, bits": replace(base, fp8_operands="f16", fp8_convert="bits"),
         "fp8 bits": replace(base, fp8_convert="bits"),
-        # E4M3 weight tiles loaded a K step ahead into registers, and as the MMA's first operand (session 32: Triton
-        # loads E4M3 tiles outside its copy pipeline; as the second operand they go back to shared memory).
-        "fp8 f16 operands, prefetch": replace(base, fp8_operands="f16", fp8_prefetch=True),
+        # E4M3 weights as the MMA's first operand, which the tensor cores take from registers (session 32). The last
+        # is the FP8 default since then (``default_tiling(fp8=True)``).
         "fp8 f16 operands, weights first": replace(base, fp8_operands="f16", fp8_weights_first=True),
-        "fp8 f16 operands, weights first, prefetch": replace(base, fp8_operands="f16", fp8_weights_first=True,
-                                                            fp8_prefetch=True),
-        "fp8 f16 operands, bits, weights first, prefetch": replace(base, fp8_operands="f16", fp8_convert="bits",
-                                                                  fp8_weights_first=True, fp8_prefetch=True),
+        "fp8 f16 operands, bits, weights first": replace(base, fp8_operands="f16", fp8_convert="bits",
+                                                        fp8_weights_first=True),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
@@ -276,10 +273,9 @@ def main() -> None:
 
     for name, tiling in tilings(args.quick, args.only).items():
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
-        # float16 operand rows take E4M3 weights only; the conversion by bits and the FP8 GEMM forms change only
+        # float16 operand rows take E4M3 weights only; the conversion by bits and the weights-first form change only
         # E4M3 weights
-        fp8_only = (tiling.fp8_operands != "bf16" or tiling.fp8_convert != "cvt" or tiling.fp8_weights_first
-                    or tiling.fp8_prefetch)
+        fp8_only = tiling.fp8_operands != "bf16" or tiling.fp8_convert != "cvt" or tiling.fp8_weights_first
         if fp8_only and not args.fp8:
             continue
         if not fp8_only and not time_variant("persistent", name, tiling, lambda: persistent(work),

@@ -99,15 +99,15 @@ class ExpertTiling:
     "f16" (the rows that QKV, o and gate/up multiply, i.e. the two norms' outputs and the attention output, stored in
     float16 and each weight converted to f16 in one step; the down projection keeps bf16, its input ``h`` having no
     bound; Pi0's FP8 step kernel 50.1 against 54.7 µs a layer on an H200, benchmarks/NOTES.md, session 31).
-    :func:`default_tiling` picks "f16" for E4M3 weights. ``fp8_convert``, with E4M3 weights, how each weight
-    tile that meets bf16 rows becomes bf16: "cvt" (Triton's conversion, one instruction an element after the
-    pairwise E4M3 -> f16) or "bits" (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one
-    bf16 FMA a pair; GPU only, the interpreter cannot run its inline PTX). ``fp8_weights_first``, with E4M3
-    weights: each GEMM tile computed as ``(W_tile @ rowsᵀ)ᵀ``, so the converted weights are the MMA's first
-    operand, which the tensor cores read from registers (as the second operand they go back to shared memory
-    after the conversion). ``fp8_prefetch``, with E4M3 weights: each GEMM's weight tiles loaded one K step ahead
-    into registers (Triton loads E4M3 tiles that are converted before the MMA with plain loads, outside its
-    asynchronous-copy pipeline, so without this each K step waits for its own weights).
+    ``fp8_convert``, with E4M3 weights, how each weight tile that meets bf16 rows becomes bf16: "cvt" (Triton's
+    conversion, one instruction an element after the pairwise E4M3 -> f16) or "bits"
+    (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one bf16 FMA a pair; GPU only, the
+    interpreter cannot run its inline PTX). ``fp8_weights_first``, with E4M3 weights: each GEMM tile computed as
+    ``(W_tile @ rowsᵀ)ᵀ``, so the converted weights are the MMA's first operand, which the tensor cores read from
+    registers (as the second operand they go back to shared memory after the conversion). :func:`default_tiling`
+    sets all three for E4M3 weights: Pi0's FP8 step kernel 52.7 (bf16 operands) -> 49.7 (f16) -> 49.0 (and bits)
+    -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
+    bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
 
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
@@ -131,7 +131,6 @@ class ExpertTiling:
     fp8_operands: str = "bf16"
     fp8_convert: str = "cvt"
     fp8_weights_first: bool = False
-    fp8_prefetch: bool = False
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -148,8 +147,8 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 F16_MAX = tl.constexpr(65504.0)
 
 #: Flags of the kernels' ``FP8`` constant (:func:`fp8_mode`): E4M3 tiles converted to bf16 by bits; E4M3 tiles as
-#: the MMA's first operand; E4M3 tiles loaded a K step ahead.
-FP8_BITS, FP8_WEIGHTS_FIRST, FP8_PREFETCH = 2, 4, 8
+#: the MMA's first operand.
+FP8_BITS, FP8_WEIGHTS_FIRST = 2, 4
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -195,11 +194,8 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
     :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` for bf16 ``a`` with the ``FP8_BITS`` flag); the caller applies the
     per-column scales to the sums. Flags for E4M3 weights: ``FP8_WEIGHTS_FIRST``: the products are
     ``W_tile @ a_tileᵀ``, the converted weights the MMA's first operand (which the tensor cores take from registers,
-    where the second must be in shared memory), transposed back once at the end; ``FP8_PREFETCH``: each K step's
-    weight tiles are loaded one step ahead into registers (the last step loads its own tiles again, so no address
-    leaves the range)."""
+    where the second must be in shared memory), transposed back once at the end."""
     WEIGHTS_FIRST: tl.constexpr = (FP8 // 4) % 2 == 1  # FP8_WEIGHTS_FIRST
-    PREFETCH: tl.constexpr = (FP8 // 8) % 2 == 1  # FP8_PREFETCH
     if WEIGHTS_FIRST:
         acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -207,16 +203,9 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    if PREFETCH:
-        next1, next2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, k_start + offs_k, WEIGHTS_FIRST)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
-        if PREFETCH:
-            w1, w2 = next1, next2
-            ahead = tl.minimum(k0 + BLOCK_K, k_end - BLOCK_K) + offs_k
-            next1, next2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ahead, WEIGHTS_FIRST)
-        else:
-            w1, w2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST)
+        w1, w2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST)
         if WEIGHTS_FIRST:
             a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
                         cache_modifier=".cg")
@@ -689,12 +678,10 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
 
 def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
     """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights; for E4M3 ones 1 plus the flags
-    :data:`FP8_BITS` (``fp8_convert="bits"``), :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``) and
-    :data:`FP8_PREFETCH` (``fp8_prefetch``)."""
+    :data:`FP8_BITS` (``fp8_convert="bits"``) and :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``)."""
     if not fp8:
         return 0
-    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
-            | (FP8_PREFETCH if tiling.fp8_prefetch else 0))
+    return 1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
