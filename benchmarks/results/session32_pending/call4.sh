@@ -4,5 +4,5 @@
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $OUT/machine.txt
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $OUT/machine.txt
-timeout 330 python3 benchmarks/bench_fp8_cache.py --dir /tmp/fp8_cache_bench --out $OUT/fp8_cache.json \
+timeout 220 python3 benchmarks/bench_fp8_cache.py --dir /tmp/fp8_cache_bench --out $OUT/fp8_cache.json \
   --drop-caches > $OUT/fp8_cache.log 2>&1; grep -v Warning $OUT/fp8_cache.log | tail -8
