@@ -97,6 +97,10 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "fp8 f16 operands, weights first": replace(base, fp8_operands="f16", fp8_weights_first=True),
         "fp8 f16 operands, bits, weights first": replace(base, fp8_operands="f16", fp8_convert="bits",
                                                         fp8_weights_first=True),
+        # Both column sets' E4M3 tiles as one 64-row first operand: gate/up and o/down on wgmma with the weights in
+        # registers instead of mma.sync (session 32, not timed).
+        "fp8 f16 operands, bits, weights first, joined": replace(base, fp8_operands="f16", fp8_convert="bits",
+                                                                fp8_weights_first=True, fp8_joined_tiles=True),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

@@ -27,6 +27,8 @@ def test_the_bit_arithmetic_is_pytorchs_conversion_for_every_code():
 
 
 def test_the_interpreter_is_refused_the_conversion_by_bits(monkeypatch):
+    """``fp8_convert="bits"`` under the interpreter, an unknown conversion, and joined tiles without the
+    weights-first form are each refused with the field named."""
     from dataclasses import replace
 
     from cortexflow.kernels import expert_layer
@@ -35,6 +37,8 @@ def test_the_interpreter_is_refused_the_conversion_by_bits(monkeypatch):
     tiling = replace(el.INTERPRETER_TILING, fp8_convert="bits")
     assert "interpreter cannot run" in el.check_expert_shapes(32, 64, 4, 1, 32, tiling)
     assert "'cvt' or 'bits'" in el.check_expert_shapes(32, 64, 4, 1, 32, replace(tiling, fp8_convert="fast"))
+    joined_alone = replace(el.INTERPRETER_TILING, fp8_joined_tiles=True)
+    assert "needs fp8_weights_first" in el.check_expert_shapes(32, 64, 4, 1, 32, joined_alone)
 
 
 @pytest.mark.skipif(not ON_FP8_GPU, reason=NEEDS_FP8_GPU)

@@ -236,14 +236,17 @@ def _update_error(out, reference, x):
     return ((out - reference).norm() / (reference - x).norm()).item()
 
 
-#: The FP8 GEMM form with the weights as the MMA's first operand.
+#: The FP8 GEMM forms with the weights as the MMA's first operand, alone and with both column sets' tiles joined.
 WEIGHTS_FIRST = {"fp8_weights_first": True}
+JOINED = {"fp8_weights_first": True, "fp8_joined_tiles": True}
 
 
 @pytest.mark.parametrize("dtype, operands, forms", [
     (torch.float32, "bf16", {}), (torch.bfloat16, "bf16", {}), (torch.bfloat16, "f16", {}),
-    (torch.float32, "bf16", WEIGHTS_FIRST), (torch.bfloat16, "f16", WEIGHTS_FIRST), (torch.bfloat16, "bf16", WEIGHTS_FIRST)],
-    ids=["fp32", "bf16", "f16", "fp32-weights-first", "f16-weights-first", "bf16-weights-first"])
+    (torch.float32, "bf16", WEIGHTS_FIRST), (torch.bfloat16, "f16", WEIGHTS_FIRST), (torch.bfloat16, "bf16", WEIGHTS_FIRST),
+    (torch.float32, "bf16", JOINED), (torch.bfloat16, "f16", JOINED)],
+    ids=["fp32", "bf16", "f16", "fp32-weights-first", "f16-weights-first", "bf16-weights-first", "fp32-joined",
+         "f16-joined"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 def test_fp8_weights_match_the_dequantised_reference(dtype, operands, forms, pi05):
     """E4M3 weights with per-output-channel scales: the kernel computes the reference layer on the
@@ -251,7 +254,8 @@ def test_fp8_weights_match_the_dequantised_reference(dtype, operands, forms, pi0
     weights by E4M3's rounding (a few percent of the layer's update: neither scales left out, which
     multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0). With
     ``fp8_operands="f16"`` the rows QKV, o and gate/up multiply are float16 (the workspace's) and within the same
-    bounds; so is the GEMM form with the weights as the MMA's first operand (``fp8_weights_first``)."""
+    bounds; so are the GEMM forms with the weights as the MMA's first operand (``fp8_weights_first``), alone and
+    with both column sets' tiles joined into one operand (``fp8_joined_tiles``)."""
     from dataclasses import replace
 
     t, positions, inv_freq, keys, values, mask, extra = _inputs(3, 6, 7, 32, 64, 4, 1, 32, dtype, 11, pi05)

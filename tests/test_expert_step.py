@@ -98,9 +98,10 @@ def _rel(a, b):
     (torch.float32, False, SMALL_TILING), (torch.bfloat16, False, SMALL_TILING), (torch.float32, True, SMALL_TILING),
     (torch.bfloat16, True, SMALL_TILING), (torch.float32, False, MERGE_PHASE_TILING),
     (torch.bfloat16, True, MERGE_PHASE_TILING), (torch.bfloat16, True, replace(SMALL_TILING, fp8_operands="f16")),
-    (torch.bfloat16, True, replace(SMALL_TILING, fp8_operands="f16", fp8_weights_first=True))],
+    (torch.bfloat16, True, replace(SMALL_TILING, fp8_operands="f16", fp8_weights_first=True)),
+    (torch.bfloat16, True, replace(SMALL_TILING, fp8_operands="f16", fp8_weights_first=True, fp8_joined_tiles=True))],
     ids=["fp32", "bf16", "fp32-fp8", "bf16-fp8", "fp32-merge-phase", "bf16-fp8-merge-phase", "bf16-fp8-f16-operands",
-         "bf16-fp8-weights-first"])
+         "bf16-fp8-weights-first", "bf16-fp8-joined"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 def test_step_launch_equals_the_layer_launches(dtype, fp8, tiling, pi05):
     """Three layers as one launch and as three launches: the same output and KV cache rows bit for bit (one

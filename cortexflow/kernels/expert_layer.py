@@ -104,7 +104,10 @@ class ExpertTiling:
     (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one bf16 FMA a pair; GPU only, the
     interpreter cannot run its inline PTX). ``fp8_weights_first``, with E4M3 weights: each GEMM tile computed as
     ``(W_tile @ rowsᵀ)ᵀ``, so the converted weights are the MMA's first operand, which the tensor cores read from
-    registers (as the second operand they go back to shared memory after the conversion). :func:`default_tiling`
+    registers (as the second operand they go back to shared memory after the conversion); ``fp8_joined_tiles`` (with
+    ``fp8_weights_first``): the two column sets of each GEMM tile (Q/K or V halves, gate and up, the two output
+    halves) as one first operand of twice the rows, one MMA a K step (64 rows: a whole ``wgmma`` tile for 4 warps,
+    where each half alone runs on ``mma.sync``; the QKV tiles' 32 rows stay on ``mma.sync``). :func:`default_tiling`
     sets all three for E4M3 weights: Pi0's FP8 step kernel 52.7 (bf16 operands) -> 49.7 (f16) -> 49.0 (and bits)
     -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
     bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
@@ -131,6 +134,7 @@ class ExpertTiling:
     fp8_operands: str = "bf16"
     fp8_convert: str = "cvt"
     fp8_weights_first: bool = False
+    fp8_joined_tiles: bool = False
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -147,8 +151,8 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 F16_MAX = tl.constexpr(65504.0)
 
 #: Flags of the kernels' ``FP8`` constant (:func:`fp8_mode`): E4M3 tiles converted to bf16 by bits; E4M3 tiles as
-#: the MMA's first operand.
-FP8_BITS, FP8_WEIGHTS_FIRST = 2, 4
+#: the MMA's first operand; with that, both column sets' E4M3 tiles as one MMA operand.
+FP8_BITS, FP8_WEIGHTS_FIRST, FP8_JOINED = 2, 4, 8
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -194,8 +198,13 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
     :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` for bf16 ``a`` with the ``FP8_BITS`` flag); the caller applies the
     per-column scales to the sums. Flags for E4M3 weights: ``FP8_WEIGHTS_FIRST``: the products are
     ``W_tile @ a_tileᵀ``, the converted weights the MMA's first operand (which the tensor cores take from registers,
-    where the second must be in shared memory), transposed back once at the end."""
+    where the second must be in shared memory), transposed back once at the end; ``FP8_JOINED`` (with weights first):
+    the two column sets' weights as one tile of ``2 * BLOCK_N`` rows (interleaved) in one MMA, whose
+    ``(2 * BLOCK_N, BLOCK_M)`` sums are split at the end (:func:`_joined_tile`)."""
     WEIGHTS_FIRST: tl.constexpr = (FP8 // 4) % 2 == 1  # FP8_WEIGHTS_FIRST
+    if (FP8 // 8) % 2 == 1:  # FP8_JOINED
+        return _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end, UPCAST,
+                            DOT_PRECISION, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
     if WEIGHTS_FIRST:
         acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
         acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
@@ -230,6 +239,28 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
     else:
         out1, out2 = acc1, acc2
     return out1, out2
+
+
+@triton.jit
+def _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
+                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_dual_tile` with E4M3 weights first and joined: ``W[cols1[0], cols2[0], cols1[1], ...] @ a_tileᵀ`` as
+    one ``(2 * BLOCK_N, BLOCK_M)`` product per K step (a 64-row first operand is a whole ``wgmma`` tile for 4 warps),
+    transposed and split into the two ``(BLOCK_M, BLOCK_N)`` tiles at the end."""
+    cols = tl.reshape(tl.join(cols1, cols2), [2 * BLOCK_N])
+    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
+                    cache_modifier=".cg")
+        w = _e4m3_to(tl.load(w_ptr + cols[:, None] * w_cols + ks[None, :]), a.dtype, FP8)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(w, a, acc, input_precision=DOT_PRECISION)
+    return tl.split(tl.reshape(tl.trans(acc), [BLOCK_M, BLOCK_N, 2]))
 
 
 @triton.jit
@@ -594,6 +625,8 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"fp8_operands {t.fp8_operands!r} is not 'bf16' or 'f16'"
     if t.fp8_convert not in ("cvt", "bits"):
         return f"fp8_convert {t.fp8_convert!r} is not 'cvt' or 'bits'"
+    if t.fp8_joined_tiles and not t.fp8_weights_first:
+        return "fp8_joined_tiles needs fp8_weights_first"
     if t.fp8_convert == "bits" and interpreting():
         return "fp8_convert 'bits' runs inline PTX, which Triton's interpreter cannot run: use 'cvt'"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
@@ -678,10 +711,12 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
 
 def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
     """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights; for E4M3 ones 1 plus the flags
-    :data:`FP8_BITS` (``fp8_convert="bits"``) and :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``)."""
+    :data:`FP8_BITS` (``fp8_convert="bits"``), :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``) and
+    :data:`FP8_JOINED` (``fp8_joined_tiles``)."""
     if not fp8:
         return 0
-    return 1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
+    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
+            | (FP8_JOINED if tiling.fp8_joined_tiles else 0))
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")
