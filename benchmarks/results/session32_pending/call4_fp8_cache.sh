@@ -1,4 +1,4 @@
-# Session 32, call 4: benchmarks/bench_fp8_cache.py after the fingerprint fix (call 3's run stopped at a device-side
+# Pending device call (session 32; it replaces session 31's fp8_cache_call.sh): benchmarks/bench_fp8_cache.py after the fingerprint fix (call 3's run stopped at a device-side
 # assert in weights_fingerprint): OpenVLA-7B (random bf16 weights, published size) created with precision="fp8"
 # without the cache, with an empty one (miss) and with the entry (hit), the page cache emptied before each.
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
