@@ -160,7 +160,8 @@ ALL_PHASES = 255
 
 def default_tiling(fp8: bool = False) -> ExpertTiling:
     """The tiling the backend runs: the interpreter's under Triton's interpreter, else :class:`ExpertTiling`'s
-    defaults; with E4M3 weights (``fp8``) the same with ``fp8_operands="f16"``."""
+    defaults; with E4M3 weights (``fp8``) the same with float16 operand rows, the weights as the MMA's first operand
+    and, on a GPU, down's tiles converted by bits (:class:`ExpertTiling`, session 32's measurements)."""
     if interpreting():
         return replace(INTERPRETER_TILING, fp8_operands="f16", fp8_weights_first=True) if fp8 else INTERPRETER_TILING
     base = ExpertTiling()
