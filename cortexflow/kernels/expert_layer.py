@@ -716,8 +716,8 @@ def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
     :data:`FP8_JOINED` (``fp8_joined_tiles``)."""
     if not fp8:
         return 0
-    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
-            | (FP8_JOINED if tiling.fp8_joined_tiles else 0))
+    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0)
+            | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0) | (FP8_JOINED if tiling.fp8_joined_tiles else 0))
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")

@@ -29,7 +29,9 @@ SAMPLE_ELEMENTS = 4096
 CHECKPOINT_HASH_METHOD = (
     f"sha256(file name, size, safetensors header, {SAMPLE_BLOCKS} x {SAMPLE_BYTES} B samples of the data) per file"
 )
-WEIGHTS_FINGERPRINT_METHOD = f"sha256(name, dtype, shape, {SAMPLE_ELEMENTS} elements at i * (n - 1) // {SAMPLE_ELEMENTS - 1}) per weight"
+WEIGHTS_FINGERPRINT_METHOD = (
+    f"sha256(name, dtype, shape, {SAMPLE_ELEMENTS} elements at i * (n - 1) // {SAMPLE_ELEMENTS - 1}) per weight"
+)
 
 
 def checkpoint_hash(path: "str | Path") -> str:
