@@ -38,3 +38,13 @@ def fp8_expert_backends():
 #: with the default ``ExpertTiling``: K steps of 128, RoPE tiles of 2 x 16, o / down split into 8 K ranges of
 #: whole steps), so the backend tests run the kernel on a GPU too and not the kernel chain it falls back to.
 GPU_TILING_EXPERT = dict(head_dim=256, decoder_dim=128, decoder_mlp_dim=1024)  # on a GPU only: slower interpreted
+
+
+def tiny_pi0_call(seed: int):
+    """Random inputs of one call of a tiny Pi0 (``tiny_model_config`` with chunk 3): two 30 x 30 views, the
+    noise ``(3, 8)`` and a 5-value state."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    return images, rng.standard_normal((3, 8)).astype(np.float32), rng.standard_normal(5)

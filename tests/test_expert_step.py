@@ -17,7 +17,7 @@ from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels import expert_step as es
 from cortexflow.kernels.rope import inverse_frequencies
 from cortexflow.quantization.fp8 import quantize_weight
-from expert_support import GPU_TILING_EXPERT, fp8_expert_backends
+from expert_support import GPU_TILING_EXPERT, fp8_expert_backends, tiny_pi0_call
 from compile_support import run_compile_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -215,10 +215,7 @@ def test_backend_runs_fp8_expert_weights_on_float16_operand_rows_in_bf16(tmp_pat
     config = tiny_model_config("pi0", chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
                                **(GPU_TILING_EXPERT if DEVICE == "cuda" else {}))
     write_checkpoint(tmp_path, config)
-    rng = np.random.default_rng(5)
-    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
-    noise = rng.standard_normal((3, 8)).astype(np.float32)
-    state = rng.standard_normal(5)
+    images, noise, state = tiny_pi0_call(5)
     outputs = {}
     for name, backend, dtype in (("fp8", fp8_triton, "bfloat16"), ("reference", dequantised, "float32")):
         engine = cf.create_pi0_inference(tmp_path, backend=backend, device=DEVICE, dtype=dtype, model_config=config,
