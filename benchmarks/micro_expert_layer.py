@@ -101,6 +101,9 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         # registers instead of mma.sync (session 32, not timed).
         "fp8 f16 operands, bits, weights first, joined": replace(base, fp8_operands="f16", fp8_convert="bits",
                                                                 fp8_weights_first=True, fp8_joined_tiles=True),
+        # ... and QKV's tiles 64 weight rows too (32-column pairs: half as many QKV items).
+        "fp8 f16 operands, bits, weights first, joined, QKV pair 32": replace(
+            base, fp8_operands="f16", fp8_convert="bits", fp8_weights_first=True, fp8_joined_tiles=True, pair=32),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
