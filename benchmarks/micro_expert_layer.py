@@ -13,7 +13,7 @@ bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
 
 With ``--ncu`` nothing is timed: after a warm-up, one step of the default persistent path runs eagerly between
 ``cudaProfilerStart`` and ``cudaProfilerStop`` (18 launches: layer 0, 16 middle layers, the last), for Nsight
-Compute to profile.
+Compute to profile; with ``--fp8`` too, with E4M3 weights at the backend's FP8 tiling (``default_tiling(fp8=True)``).
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
@@ -212,16 +212,17 @@ def main() -> None:
                               keys, values, mask, EPS, scale, work, HEADS)
 
     if args.ncu:
-        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, launches=LAYERS)
+        tiling = el.default_tiling(fp8=args.fp8)  # with --fp8: E4M3 weights at the backend's FP8 tiling
+        work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
         for _ in range(3):
-            persistent(work)
+            persistent(work, fp8=args.fp8)
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStart()
-        persistent(work)
+        persistent(work, fp8=args.fp8)
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
         print(f"profiled one step: {LAYERS} launches of the persistent layer ({work.programs} programs, "
-              f"{work.n_splits} attention key ranges)")
+              f"{work.n_splits} attention key ranges, {'E4M3' if args.fp8 else 'bf16'} weights)")
         return
 
     # Bandwidth the floor divides by: a 1 GiB device copy.
