@@ -433,7 +433,7 @@ def test_backend_refuses_fp8_expert_weights_without_the_persistent_kernel():
 
 
 FP8_COMPILE_SCRIPT = r"""
-import json, sys, torch
+import json, re, sys, torch
 from cortexflow.kernels import expert_layer as el
 from cortexflow.kernels.runtime import CompileTarget
 from cortexflow.quantization.fp8 import E4M3
@@ -445,22 +445,29 @@ bf16, fp32 = torch.bfloat16, torch.float32
 e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
 weights = (e((h + 2 * hkv) * hd, d, dtype=E4M3), e(d, h * hd, dtype=E4M3), e(2 * f, d, dtype=E4M3), e(d, f, dtype=E4M3))
 scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
+f16_bits = {"fp8_operands": "f16", "fp8_convert": "bits"}
+VARIANTS = {"bf16 cvt": {}, "f16 cvt": {"fp8_operands": "f16"}, "f16 bits": f16_bits,
+            "first": {**f16_bits, "fp8_weights_first": True},
+            "joined": {**f16_bits, "fp8_weights_first": True, "fp8_joined_tiles": True}}
 out = {}
 for arch, sms in ((89, 58), (90, 132)):  # an L4 and an H100
-    for operands, convert in (("bf16", "cvt"), ("f16", "cvt"), ("f16", "bits")):
+    for variant, fields in VARIANTS.items():
         with compile_only(CompileTarget(arch=arch, processors=sms)) as launches:
-            tiling = el.ExpertTiling(fp8_operands=operands, fp8_convert=convert)
+            tiling = el.ExpertTiling(**fields)
             work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, tiling)
             el.expert_layer(e(m, d), e(m, d), *weights, e(d, dtype=fp32), e(d, dtype=fp32),
                             e(1, s, dtype=torch.int64), e(hd // 2, dtype=fp32), e(1, p + s, hkv, hd),
                             e(1, p + s, hkv, hd), e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h,
                             weight_scales=scales)
-        out[f"{arch} {operands} {convert}"] = [
+        out[f"{arch} {variant}"] = [
             {"name": l.name, "grid": list(l.grid), "fp8": l.constexprs.get("FP8"), "shared": l.kernel.metadata.shared,
              "ptx_e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in l.kernel.asm["ptx"],
              "f16_products": "f32.f16.f16" in l.kernel.asm["ptx"],
              "bf16_fmas": l.kernel.asm["ptx"].count("fma.rn.bf16x2"),
              "f16_to_bf16": l.kernel.asm["ptx"].count("cvt.bf16.f16") + l.kernel.asm["ptx"].count("cvt.f32.f16"),
+             "mma_sync_f16": l.kernel.asm["ptx"].count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16"),
+             "wgmma_f16_registers": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n64k16\.f32\.f16\.f16 "
+                                                   r"\{[^}]*\}, \{", l.kernel.asm["ptx"])),
              "conversions": l.kernel.asm["ptx"].count("cvt.")}
             for l in launches]
 json.dump(out, sys.stdout)
@@ -473,12 +480,16 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
     without the interpreter): one program per SM, shared memory within the architecture's per-program limit, and
     its PTX converts E4M3 pairs in hardware. With ``fp8_operands="f16"`` it multiplies float16 tiles and has fewer
     conversion instructions (the weights' E4M3 -> f16 -> bf16 chain ends at f16); with ``fp8_convert="bits"`` too,
-    the down projection's f16 -> bf16 conversions are bf16 FMAs (one a pair) and fewer conversions remain."""
+    the down projection's f16 -> bf16 conversions are bf16 FMAs (one a pair) and fewer conversions remain. With the
+    weights first (the backend's FP8 tiling) the f16 products are ``mma.sync``; with the tiles joined, on sm_90, most
+    of them are ``wgmma`` with the weights as a register operand (sm_89 has no ``wgmma``)."""
     from cortexflow.tools.compile_check import SM_LIMITS
 
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch, sms in ((89, 58), (90, 132)):
-        for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 1 | el.FP8_BITS)):
+        for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 1 | el.FP8_BITS),
+                              ("first", 1 | el.FP8_BITS | el.FP8_WEIGHTS_FIRST),
+                              ("joined", 1 | el.FP8_BITS | el.FP8_WEIGHTS_FIRST | el.FP8_JOINED)):
             (launch,) = report[f"{arch} {variant}"]
             assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] == mode
             assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch)
@@ -487,6 +498,12 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
         assert f16["conversions"] < bf16["conversions"], (arch, bf16["conversions"], f16["conversions"])
         assert bits["conversions"] < f16["conversions"] and not f16["bf16_fmas"] and bits["bf16_fmas"], (arch, bits)
         assert bits["f16_to_bf16"] < f16["f16_to_bf16"], (arch, f16["f16_to_bf16"], bits["f16_to_bf16"])
+        first, joined = report[f"{arch} first"][0], report[f"{arch} joined"][0]
+        assert first["mma_sync_f16"] > 0 and not first["wgmma_f16_registers"], (arch, first)
+        if arch == 90:
+            assert joined["wgmma_f16_registers"] > 0 and joined["mma_sync_f16"] < first["mma_sync_f16"], joined
+        else:
+            assert not joined["wgmma_f16_registers"] and joined["mma_sync_f16"] > 0, joined
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "
