@@ -197,34 +197,23 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
     sharing the A loads (``a`` row-major with ``a_cols`` columns, read at L2; ``W`` row-major ``(N, w_cols)``).
     ``FP8`` (:func:`fp8_mode`): ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact; by
     :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` for bf16 ``a`` with the ``FP8_BITS`` flag); the caller applies the
-    per-column scales to the sums. Flags for E4M3 weights: ``FP8_WEIGHTS_FIRST``: the products are
-    ``W_tile @ a_tileᵀ``, the converted weights the MMA's first operand (which the tensor cores take from registers,
-    where the second must be in shared memory), transposed back once at the end; ``FP8_JOINED`` (with weights first):
-    the two column sets' weights as one tile of ``2 * BLOCK_N`` rows (interleaved) in one MMA, whose
-    ``(2 * BLOCK_N, BLOCK_M)`` sums are split at the end (:func:`_joined_tile`)."""
-    WEIGHTS_FIRST: tl.constexpr = (FP8 // 4) % 2 == 1  # FP8_WEIGHTS_FIRST
+    per-column scales to the sums. With the ``FP8_WEIGHTS_FIRST`` flag the products are computed with the weights
+    as the MMA's first operand (:func:`_weights_first_tiles`, :func:`_joined_tile`)."""
     if (FP8 // 8) % 2 == 1:  # FP8_JOINED
         return _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end, UPCAST,
                             DOT_PRECISION, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
-    if WEIGHTS_FIRST:
-        acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-        acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-    else:
-        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if (FP8 // 4) % 2 == 1:  # FP8_WEIGHTS_FIRST
+        return _weights_first_tiles(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
+                                    UPCAST, DOT_PRECISION, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
-        # The loads' order is part of the code Triton generates: the rows' tile first in the bf16 form (as measured
-        # before session 32), the weights first in the weights-first form (as measured in session 32).
-        if WEIGHTS_FIRST:
-            w1, w2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST)
-            a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
-                        cache_modifier=".cg")
-        else:
-            a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
-                        cache_modifier=".cg")
-            w1, w2 = _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST)
+        a = tl.load(a_ptr + rows[:, None] * a_cols + ks[None, :], mask=row_valid[:, None], other=0.0,
+                    cache_modifier=".cg")
+        w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
+        w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
         if FP8:
             w1 = _e4m3_to(w1, a.dtype, FP8)
             w2 = _e4m3_to(w2, a.dtype, FP8)
@@ -232,26 +221,45 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
             a = a.to(tl.float32)
             w1 = w1.to(tl.float32)
             w2 = w2.to(tl.float32)
-        if WEIGHTS_FIRST:
-            acc1 = tl.dot(w1, a, acc1, input_precision=DOT_PRECISION)
-            acc2 = tl.dot(w2, a, acc2, input_precision=DOT_PRECISION)
-        else:
-            acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
-            acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
-    if WEIGHTS_FIRST:
-        out1, out2 = tl.trans(acc1), tl.trans(acc2)
-    else:
-        out1, out2 = acc1, acc2
-    return out1, out2
+        acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
+    return acc1, acc2
+
+
+@triton.jit
+def _weights_first_tiles(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_dual_tile` with E4M3 weights first: ``W[cols] @ a_tileᵀ`` per column set, the converted weights the
+    MMA's first operand (which the tensor cores take from registers, where the second must be in shared memory),
+    transposed back once at the end."""
+    acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        w1 = tl.load(w_ptr + cols1[:, None] * w_cols + ks[None, :])
+        w2 = tl.load(w_ptr + cols2[:, None] * w_cols + ks[None, :])
+        a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
+                    cache_modifier=".cg")
+        w1 = _e4m3_to(w1, a.dtype, FP8)
+        w2 = _e4m3_to(w2, a.dtype, FP8)
+        if UPCAST:
+            a = a.to(tl.float32)
+            w1 = w1.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        acc1 = tl.dot(w1, a, acc1, input_precision=DOT_PRECISION)
+        acc2 = tl.dot(w2, a, acc2, input_precision=DOT_PRECISION)
+    return tl.trans(acc1), tl.trans(acc2)
 
 
 @triton.jit
 def _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
                  UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`_dual_tile` with E4M3 weights first and joined: ``W[cols1[0], cols2[0], cols1[1], ...] @ a_tileᵀ`` as
-    one ``(2 * BLOCK_N, BLOCK_M)`` product per K step (a 64-row first operand is a whole ``wgmma`` tile for 4 warps),
-    transposed and split into the two ``(BLOCK_M, BLOCK_N)`` tiles at the end."""
+    """:func:`_weights_first_tiles` with the two column sets joined: ``W[cols1[0], cols2[0], cols1[1], ...] @
+    a_tileᵀ`` as one ``(2 * BLOCK_N, BLOCK_M)`` product per K step (a 64-row first operand is a whole ``wgmma`` tile
+    for 4 warps), transposed and split into the two ``(BLOCK_M, BLOCK_N)`` tiles at the end."""
     cols = tl.reshape(tl.join(cols1, cols2), [2 * BLOCK_N])
     acc = tl.zeros([2 * BLOCK_N, BLOCK_M], tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -265,19 +273,6 @@ def _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_
             w = w.to(tl.float32)
         acc = tl.dot(w, a, acc, input_precision=DOT_PRECISION)
     return tl.split(tl.reshape(tl.trans(acc), [BLOCK_M, BLOCK_N, 2]))
-
-
-@triton.jit
-def _weight_tiles(w_ptr, w_cols, cols1, cols2, ks, WEIGHTS_FIRST: tl.constexpr):
-    """Rows ``cols1`` and ``cols2`` of ``W`` at columns ``ks``: ``(len(ks), BLOCK_N)`` tiles, or ``(BLOCK_N,
-    len(ks))`` with ``WEIGHTS_FIRST``."""
-    if WEIGHTS_FIRST:
-        w1 = tl.load(w_ptr + cols1[:, None] * w_cols + ks[None, :])
-        w2 = tl.load(w_ptr + cols2[:, None] * w_cols + ks[None, :])
-    else:
-        w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
-        w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
-    return w1, w2
 
 
 @triton.jit
