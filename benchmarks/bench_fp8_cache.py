@@ -4,8 +4,11 @@ Writes a random checkpoint at the published size (OpenVLA-7B by default, bf16 sa
 the engine three times, each in its own process (so each has its own peak host memory): without the cache, with an
 empty cache (a miss: the layers are quantised and the entry written) and with the entry (a hit: the language model's
 bf16 projections are never read). Each case records its seconds, the process's peak host memory (``ru_maxrss``), the
-peak GPU memory and a fingerprint of the engine's prepared weights (equal in all three cases when the cache
-restores exactly what the quantisation makes). ``--drop-caches`` empties the page cache before each case (needs
+peak GPU memory and a fingerprint of each of the engine's prepared weights. The tensors every case holds must have
+equal fingerprints (the cache restores exactly what the quantisation makes); the engines without a hit hold more
+tensors besides, the q/k/v and gate/up views into the fused projections and the raw norm weights the fold replaced
+(``tests/test_fp8_cache.py`` checks the same on tiny checkpoints), so the fingerprints of whole weight dicts differ.
+``--drop-caches`` empties the page cache before each case (needs
 root; recorded whether it worked), so that the reads come from the disk and not from the memory the checkpoint was
 just written through. Writes JSON to ``--out``.
 
@@ -72,7 +75,8 @@ def run_case(case: str, checkpoint: Path, cache: Path) -> dict:
     seconds = time.perf_counter() - start
     return {"case": case, "seconds": seconds, "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "weights_fingerprint": weights_fingerprint(engine.weights)}
+            "weights_fingerprint": weights_fingerprint(engine.weights),
+            "tensor_fingerprints": {name: weights_fingerprint({name: t}) for name, t in engine.weights.items()}}
 
 
 def main() -> None:
@@ -99,13 +103,23 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--model", args.model, "--size", args.size, "--dir", str(args.dir),
                         "--out", str(part), "--case", case], check=True)
         result["cases"].append({**json.loads(part.read_text()), "page_cache_dropped": dropped})
-        print(json.dumps(result["cases"][-1]), flush=True)
+        print(json.dumps({k: v for k, v in result["cases"][-1].items() if k != "tensor_fingerprints"}), flush=True)
         args.out.write_text(json.dumps(result, indent=2))
     entry = [p for p in cache.iterdir() if not p.name.startswith(".")]
     result["cache_entry_bytes"] = sum(f.stat().st_size for p in entry for f in p.iterdir())
-    result["fingerprints_equal"] = len({c["weights_fingerprint"] for c in result["cases"]}) == 1
+    result.update(compare_tensors([c["tensor_fingerprints"] for c in result["cases"]]))
     args.out.write_text(json.dumps(result, indent=2))
-    print(f"fingerprints equal: {result['fingerprints_equal']}; entry {result['cache_entry_bytes'] / 2**30:.2f} GiB")
+    print(f"the {result['common_tensors']} tensors every case holds equal in all cases: {result['fingerprints_equal']} "
+          f"(differing: {result['differing_tensors'][:5]}); tensors only some cases hold: "
+          f"{result['tensors_not_in_every_case']}; entry {result['cache_entry_bytes'] / 2**30:.2f} GiB")
+
+
+def compare_tensors(cases: list[dict[str, str]]) -> dict:
+    """Per-tensor fingerprints of several engines compared over the tensors all of them hold."""
+    common = set.intersection(*(set(c) for c in cases))
+    differing = sorted(name for name in common if len({c[name] for c in cases}) > 1)
+    return {"common_tensors": len(common), "fingerprints_equal": not differing, "differing_tensors": differing,
+            "tensors_not_in_every_case": len(set.union(*(set(c) for c in cases)) - common)}
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ bandwidth. Writes ``$OUT/micro_expert_layer.json`` and prints a table last.
 
 With ``--ncu`` nothing is timed: after a warm-up, one step of the default persistent path runs eagerly between
 ``cudaProfilerStart`` and ``cudaProfilerStop`` (18 launches: layer 0, 16 middle layers, the last), for Nsight
-Compute to profile; with ``--fp8`` too, with E4M3 weights at the backend's FP8 tiling (``default_tiling(fp8=True)``).
+Compute to profile; with ``--fp8`` too, with E4M3 weights at the backend's FP8 tiling (``default_tiling(fp8=True)``);
+with ``--step`` the step runs as one launch of the step kernel (all 18 layers, as the backend runs them: profile it
+with ``--cache-control none``, so that what the instruction cache holds carries over from layer to layer).
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
@@ -104,6 +106,13 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         # ... and QKV's tiles 64 weight rows too (32-column pairs: half as many QKV items).
         "fp8 f16 operands, bits, weights first, joined, QKV pair 32": replace(
             base, fp8_operands="f16", fp8_convert="bits", fp8_weights_first=True, fp8_joined_tiles=True, pair=32),
+        # The programs without an item in a phase ask L2 for a later phase's weights (ExpertTiling.idle_prefetch;
+        # session 33, after v11's prefetch by every program measured slower).
+        "idle prefetch qkv": replace(base, idle_prefetch=el.PREFETCH_QKV),
+        "idle prefetch qkv, down": replace(base, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_DOWN),
+        "idle prefetch qkv, o, down": replace(base, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_O | el.PREFETCH_DOWN),
+        "idle prefetch all": replace(base, idle_prefetch=15),
+        "idle prefetch o, gate/up": replace(base, idle_prefetch=el.PREFETCH_O | el.PREFETCH_GATE_UP),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
@@ -129,7 +138,8 @@ def main() -> None:
                         help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
     parser.add_argument("--ncu", action="store_true",
                         help="time nothing: run one step of the default persistent path between cudaProfilerStart "
-                             "and cudaProfilerStop, for ncu --profile-from-start off")
+                             "and cudaProfilerStop, for ncu --profile-from-start off (with --step: as one launch "
+                             "of the step kernel)")
     args = parser.parse_args()
     unknown = [name for name in args.phases_of if name not in tilings(False)]
     if unknown:
@@ -214,15 +224,18 @@ def main() -> None:
     if args.ncu:
         tiling = el.default_tiling(fp8=args.fp8)  # with --fp8: E4M3 weights at the backend's FP8 tiling
         work = el.ExpertWorkspace(s, s, D, F, HEADS, KV_HEADS, HEAD_DIM, p + s, dtype, device, tiling, LAYERS)
+        run = step_kernel if args.step else persistent
         for _ in range(3):
-            persistent(work, fp8=args.fp8)
+            run(work, fp8=args.fp8)
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStart()
-        persistent(work, fp8=args.fp8)
+        run(work, fp8=args.fp8)
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
-        print(f"profiled one step: {LAYERS} launches of the persistent layer ({work.programs} programs, "
-              f"{work.n_splits} attention key ranges, {'E4M3' if args.fp8 else 'bf16'} weights)")
+        launches = f"one launch of the step kernel ({LAYERS} layers)" if args.step else \
+            f"{LAYERS} launches of the persistent layer"
+        print(f"profiled one step: {launches} ({work.programs} programs, {work.n_splits} attention key ranges, "
+              f"{'E4M3' if args.fp8 else 'bf16'} weights)")
         return
 
     # Bandwidth the floor divides by: a 1 GiB device copy.

@@ -7,9 +7,11 @@ merge adds one more, before the atomic of its last-arriver count). Samples in a 
 load of its counter and the compare after it; the loop opens the segment after the fence) are programs done with
 the phase before, waiting for the others: they are counted as that phase's ``waiting`` samples, the rest as its
 ``working`` samples. Prints, per phase, both shares and the top stall reasons of its work; writes JSON with
-``--out``.
+``--out``. With ``--whole`` (any kernel, e.g. the step kernel of ``micro_expert_layer.py --ncu --step``, whose
+layers run one code in a loop): the stall reasons summed over all instructions, the samples in barrier polls, and
+the samples of each acquire barrier's window against those of the code segment before it.
 
-    python benchmarks/ncu_phase_stalls.py ncu_sass.csv [--out phases.json]
+    python benchmarks/ncu_phase_stalls.py ncu_sass.csv [--whole] [--out phases.json]
 """
 
 from __future__ import annotations
@@ -64,11 +66,75 @@ def phase_stalls(header: list[str], rows: list[list[str]]) -> list[dict]:
     return result
 
 
+def whole_kernel_stalls(header: list[str], rows: list[list[str]]) -> dict:
+    """Every stall reason's samples over all instructions, largest first, and the samples on the instructions of
+    grid-barrier polls (a strong or acquire load of a counter and the instruction after it)."""
+    col = {name: i for i, name in enumerate(header)}
+    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
+
+    def count(row, name):
+        try:
+            return int(row[col[name]])
+        except (ValueError, IndexError):
+            return 0
+
+    source = [row[col["Source"]] for row in rows]
+    polls = {i for i, text in enumerate(source) if "LDG.E.STRONG" in text}
+    polls |= {i + 1 for i in polls}
+    by_reason = {r[len("stall_"):]: sum(count(row, r) for row in rows) for r in reasons}
+    total = sum(count(row, SAMPLES) for row in rows)
+    # The step kernel's barriers (acquire polls): each is a fence, the arrival, then a poll loop in which thread 0
+    # reads the counter (``CCTL.IVALL`` after each acquire load) and the other warps wait at a CTA barrier, and a
+    # shared-memory load of the value after it; a window runs from the fence before a pair of ``CCTL.IVALL`` to
+    # that load. The segments between windows are the phases, in code order.
+    cctl = [i for i, text in enumerate(source) if "CCTL.IVALL" in text]
+    windows = []
+    for first, second in zip(cctl[::2], cctl[1::2]):
+        lo = first
+        while lo > 0 and "MEMBAR" not in source[lo] and first - lo < 40:
+            lo -= 1
+        hi = second
+        while hi < len(source) - 1 and hi - second < 12:
+            hi += 1
+            if "LDS" in source[hi] and "[UR" in source[hi]:
+                break
+        windows.append((lo, hi))
+    segments, start = [], 0
+    for lo, hi in windows:
+        segments.append(dict(instructions=[start, lo], working_share=sum(count(r, SAMPLES) for r in rows[start:lo]) / total,
+                             barrier_share=sum(count(r, SAMPLES) for r in rows[lo:hi + 1]) / total,
+                             hgmma=sum("HGMMA" in t for t in source[start:lo]),
+                             ldgsts=sum("LDGSTS" in t for t in source[start:lo])))
+        start = hi + 1
+    return dict(samples=total, poll_samples=sum(count(rows[i], SAMPLES) for i in polls if i < len(rows)),
+                instructions=len(rows),
+                barrier_window_share=sum(seg["barrier_share"] for seg in segments),
+                segments=segments,
+                stalls=dict(sorted(((k, v) for k, v in by_reason.items() if v), key=lambda kv: -kv[1])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("sass_csv", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--whole", action="store_true",
+                        help="stall reasons over the whole kernel instead of per phase of the one-layer kernel")
     args = parser.parse_args()
+    if args.whole:
+        result = whole_kernel_stalls(*read_sass(args.sass_csv))
+        total = sum(result["stalls"].values())
+        print(f"{result['samples']} warp-stall samples over {result['instructions']} SASS instructions, "
+              f"{result['poll_samples'] / max(result['samples'], 1):.0%} in grid-barrier polls")
+        for reason, n in result["stalls"].items():
+            print(f"  {reason:<28} {n:8d} {n / max(total, 1):6.1%}")
+        print(f"{result['barrier_window_share']:.1%} of the samples in acquire-barrier windows; by segment (code order):")
+        for seg in result["segments"]:
+            lo, hi = seg["instructions"]
+            print(f"  instructions {lo:5d}-{hi:5d}: working {seg['working_share']:6.1%}, then the barrier "
+                  f"{seg['barrier_share']:6.1%} ({seg['hgmma']} HGMMA, {seg['ldgsts']} LDGSTS)")
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=1))
+        return
     phases = phase_stalls(*read_sass(args.sass_csv))
     working = sum(p["working_samples"] for p in phases)
     waiting = sum(p["waiting_samples"] for p in phases)
