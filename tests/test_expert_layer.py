@@ -518,6 +518,20 @@ def test_expert_layer_real_size(pi05):
     assert int(work.counters.abs().sum()) == 0
 
 
+@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() < (9, 0),
+                    reason="the bulk L2 prefetch (inline PTX) needs a CUDA GPU of compute capability 9.0 or later")
+def test_the_idle_prefetch_changes_no_bit():
+    """Pi0's expert at real size with every ``idle_prefetch`` bit: the prefetches only warm L2, so the output and the
+    K/V written are the same bits as without."""
+    from dataclasses import replace
+
+    plain = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True, el.default_tiling(), seed=3)
+    warmed = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True,
+                  replace(el.default_tiling(), idle_prefetch=15), seed=3)
+    assert torch.equal(plain[0], warmed[0])
+    assert torch.equal(plain[2][0], warmed[2][0]) and torch.equal(plain[3][0], warmed[3][0])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="counts the SMs of a CUDA GPU")
 def test_workspace_refuses_more_programs_than_sms():
     from dataclasses import replace

@@ -247,7 +247,7 @@ import json, sys, torch
 from cortexflow.kernels import expert_layer as el, expert_step as es
 from cortexflow.kernels.runtime import CompileTarget
 from cortexflow.quantization.fp8 import E4M3
-from cortexflow.tools.compile_check import compile_only
+from cortexflow.tools.compile_check import compile_only, cubin_resources
 
 meta = torch.device("meta")
 layers, m, s, p, d, f, h, hkv, hd = 18, 51, 51, 300, 1024, 4096, 8, 1, 256
@@ -255,23 +255,25 @@ bf16, fp32, i64 = torch.bfloat16, torch.float32, torch.int64
 e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
 shapes = (((h + 2 * hkv) * hd, d), (d, h * hd), (2 * f, d), (d, f))
 report = {}
-for fp8 in (False, True):
+for key, fp8, prefetch in (("False", False, 0), ("True", True, 0), ("prefetch", False, 15)):
     weights = tuple(e(*shape, dtype=E4M3 if fp8 else bf16) for shape in shapes)
     scales = tuple(e(shape[0], dtype=fp32) for shape in shapes) if fp8 else None
     tables = es.ExpertWeightTables(weights, e(4, layers, dtype=i64), scales, e(4, layers, dtype=i64) if fp8 else None,
                                    16, ())
     with compile_only(CompileTarget(arch=90, processors=132)) as launches:
-        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling(), launches=layers)
+        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling(idle_prefetch=prefetch),
+                                  launches=layers)
         es.expert_step(e(m, d), e(m, d), tables, e(layers, 2, d, dtype=fp32), e(1, s, dtype=i64),
                        e(hd // 2, dtype=fp32), e(layers, 1, p + s, hkv, hd), e(layers, 1, p + s, hkv, hd),
                        e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h, e(layers, 2, 3, d, dtype=fp32))
     (launch,) = launches
     ptx = launch.kernel.asm["ptx"]
-    report[str(fp8)] = {"name": launch.name, "grid": list(launch.grid), "shared": launch.kernel.metadata.shared,
-                        "cp_async_cg": ptx.count("cp.async.cg.shared.global"),
-                        "cp_async_ca": ptx.count("cp.async.ca"), "scalar_b16_loads": ptx.count("ld.global.b16"),
-                        "acquire_polls": ptx.count("ld.global.gpu.acquire.b32"),
-                        "e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in ptx}
+    report[key] = {"name": launch.name, "grid": list(launch.grid), "shared": launch.kernel.metadata.shared,
+                   "cp_async_cg": ptx.count("cp.async.cg.shared.global"),
+                   "cp_async_ca": ptx.count("cp.async.ca"), "scalar_b16_loads": ptx.count("ld.global.b16"),
+                   "acquire_polls": ptx.count("ld.global.gpu.acquire.b32"),
+                   "e4m3_cvt": "cvt.rn.f16x2.e4m3x2" in ptx, "l2_prefetches": ptx.count("cp.async.bulk.prefetch.L2"),
+                   "local_instructions": cubin_resources(launch.kernel.asm["cubin"])["local_instructions"]}
 json.dump(report, sys.stdout)
 """
 
@@ -280,14 +282,17 @@ def test_step_kernel_compiles_for_hopper(tmp_path):
     """The step kernel (bf16 and E4M3 weights, Pi0.5's modulation, 18 layers of Pi0's expert) through Triton's
     whole pipeline for sm_90 on ``meta`` tensors: one program per SM; the weight tiles, whose pointers come from
     the tables, still load as 16-byte ``cp.async.cg`` copies (no element-wise loads, no ``.ca`` copies); every
-    barrier polls with acquire atomics; E4M3 converts in hardware."""
+    barrier polls with acquire atomics; E4M3 converts in hardware. With ``idle_prefetch`` (every bit) the bf16 kernel
+    has its four bulk L2 prefetches (QKV, o, gate/up, down) and spills no more than without."""
     report = run_compile_script(STEP_COMPILE_SCRIPT, tmp_path)
-    for fp8, launch in report.items():
+    for key, launch in report.items():
         assert launch["name"] == "_expert_step_kernel" and launch["grid"] == [132]
         assert launch["shared"] <= 227 * 1024
         assert launch["cp_async_cg"] > 0 and launch["cp_async_ca"] == 0 and launch["scalar_b16_loads"] == 0
         assert launch["acquire_polls"] >= 7  # one poll loop a barrier
-        assert launch["e4m3_cvt"] == (fp8 == "True")
+        assert launch["e4m3_cvt"] == (key == "True")
+        assert launch["l2_prefetches"] == (4 if key == "prefetch" else 0)
+    assert report["prefetch"]["local_instructions"] <= report["False"]["local_instructions"]
 
 
 def _euler_inputs(dtype, pi05, seed):

@@ -24,12 +24,20 @@ the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
-from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
+from cortexflow.kernels.expert_layer import (
+    PREFETCH_CHOICES,
+    ExpertWorkspace,
+    check_expert_shapes,
+    default_tiling,
+    expert_layer,
+)
 from cortexflow.kernels.expert_step import (
     EulerUpdate,
     ExpertWeightTables,
@@ -43,8 +51,9 @@ from cortexflow.ops import ActionPath, DenoisingContext, ExpertStack
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
-def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWorkspace:
-    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset."""
+def start_workspace(ctx: DenoisingContext, weights, num_steps: int, prefetch: str = "off") -> ExpertWorkspace:
+    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset; ``prefetch``:
+    ``TritonOptions.expert_prefetch``."""
     first = ctx.expert.layers[0]
     d = first.dims
     b, s = ctx.positions.shape
@@ -52,7 +61,8 @@ def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWor
     mlp_dim = weights[first.name("down")].shape[1]
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
                            ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device,
-                           default_tiling(expert_weights_fp8(weights, ctx.expert)),
+                           replace(default_tiling(expert_weights_fp8(weights, ctx.expert)),
+                                   idle_prefetch=PREFETCH_CHOICES[prefetch]),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work

@@ -76,7 +76,14 @@ import triton.language as tl
 from cortexflow.kernels.attention import LOG2E, attend_value_part, finish_range, merge_ranges, store_value_part
 from cortexflow.kernels.e4m3 import e4m3_to_bf16
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
+from cortexflow.kernels.runtime import (
+    compile_target,
+    compute_capability,
+    interpreting,
+    next_power_of_two,
+    processor_count,
+    upcast_dots,
+)
 from cortexflow.quantization.fp8 import is_fp8
 
 
@@ -107,7 +114,10 @@ class ExpertTiling:
     registers (as the second operand they go back to shared memory after the conversion); ``fp8_joined_tiles`` (with
     ``fp8_weights_first``): the two column sets of each GEMM tile (Q/K or V halves, gate and up, the two output
     halves) as one first operand of twice the rows, one MMA a K step (64 rows: a whole ``wgmma`` tile for 4 warps,
-    where each half alone runs on ``mma.sync``; the QKV tiles' 32 rows stay on ``mma.sync``). :func:`default_tiling`
+    where each half alone runs on ``mma.sync``; the QKV tiles' 32 rows stay on ``mma.sync``). ``idle_prefetch`` (a
+    bit mask of :data:`PREFETCH_QKV`, :data:`PREFETCH_O`, :data:`PREFETCH_GATE_UP`, :data:`PREFETCH_DOWN`; sm_90 and
+    later, not under the interpreter): the programs that have no item in a phase ask L2 for a later GEMM phase's
+    weights, in equal shares, while the others work (:func:`_prefetch_share`). :func:`default_tiling`
     sets all three for E4M3 weights: Pi0's FP8 step kernel 52.7 (bf16 operands) -> 49.7 (f16) -> 49.0 (and bits)
     -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
     bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
@@ -135,6 +145,7 @@ class ExpertTiling:
     fp8_convert: str = "cvt"
     fp8_weights_first: bool = False
     fp8_joined_tiles: bool = False
+    idle_prefetch: int = 0
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -153,6 +164,16 @@ F16_MAX = tl.constexpr(65504.0)
 #: Flags of the kernels' ``FP8`` constant (:func:`fp8_mode`): E4M3 tiles converted to bf16 by bits; E4M3 tiles as
 #: the MMA's first operand; with that, both column sets' E4M3 tiles as one MMA operand.
 FP8_BITS, FP8_WEIGHTS_FIRST, FP8_JOINED = 2, 4, 8
+
+#: Bits of ``ExpertTiling.idle_prefetch``: which weights of the layer the programs without an item ask L2 for, and
+#: when. The programs without a row in the attention norm's row phase: QKV's; without an attention item: o's and
+#: gate/up's; without a row in the MLP norm's row phase: down's.
+PREFETCH_QKV, PREFETCH_O, PREFETCH_GATE_UP, PREFETCH_DOWN = 1, 2, 4, 8
+
+#: ``TritonOptions.expert_prefetch``'s choices as ``idle_prefetch`` masks.
+PREFETCH_CHOICES = {"off": 0, "qkv": PREFETCH_QKV, "qkv+down": PREFETCH_QKV | PREFETCH_DOWN,
+                    "qkv+o+down": PREFETCH_QKV | PREFETCH_O | PREFETCH_DOWN, "o+gate_up": PREFETCH_O | PREFETCH_GATE_UP,
+                    "all": PREFETCH_QKV | PREFETCH_O | PREFETCH_GATE_UP | PREFETCH_DOWN}
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -187,6 +208,27 @@ def _grid_sync(bar_ptr, n_programs, ACQUIRE: tl.constexpr):
             arrived = tl.load(bar_ptr, volatile=True)
         tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
+
+
+@triton.jit
+def _prefetch_share(ptr, n_elements, part, n_parts, CHUNKS: tl.constexpr):
+    """Ask L2 for share ``part`` of ``n_parts`` equal shares of the contiguous tensor at ``ptr`` (``n_elements``
+    elements) and return at once: ``CHUNKS`` bulk prefetches (``cp.async.bulk.prefetch.L2``, sm_90; one a thread when
+    ``CHUNKS`` is the program's thread count). The instruction wants a 16-byte aligned address and a size that is a
+    multiple of 16: each chunk's address is rounded up to 16 bytes in the PTX, sizes are rounded down, and the
+    shares cover the tensor but its last 16 bytes, so no address leaves it. Nothing waits for the prefetches; a
+    later load of those bytes finds them in L2 if they arrived and are still there."""
+    base = ptr.to(tl.pointer_type(tl.int8))
+    n_bytes = n_elements * (ptr.dtype.element_ty.primitive_bitwidth // 8) - 16
+    share = n_bytes // n_parts
+    chunk = share // CHUNKS // 16 * 16
+    if chunk > 0:
+        addrs = base + part * share + tl.arange(0, CHUNKS) * chunk
+        sizes = tl.full([CHUNKS], 0, tl.int32) + chunk
+        tl.inline_asm_elementwise(
+            "{ .reg .b64 a; add.u64 a, $1, 15; and.b64 a, a, 0xfffffffffffffff0; "
+            "cp.async.bulk.prefetch.L2.global [a], $2; }\n mov.u32 $0, 0;",
+            "=r,l,r", [addrs, sizes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -363,12 +405,12 @@ def _layer(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
-    ACQUIRE: tl.constexpr,
+    ACQUIRE: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
     ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 8 barrier counters (the 8th for the merge phase 2b, which
-    runs with ``MERGE_ROWS > 0``)."""
+    runs with ``MERGE_ROWS > 0``). ``PREFETCH``: ``ExpertTiling.idle_prefetch``."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -377,6 +419,9 @@ def _layer(
     m_pad = n_mb * BLOCK_M
 
     # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
+    if PREFETCH & 1:  # PREFETCH_QKV, by the programs without a row
+        if (pid >= M) & (n_programs > M):
+            _prefetch_share(w_qkv_ptr, (HQ + 2 * HKV) * HD * D, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
                M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr, n_programs, ACQUIRE)
@@ -427,7 +472,14 @@ def _layer(
     offs_d = tl.arange(0, BLOCK_HD)
     n_keys = P + S
     V_COLS: tl.constexpr = BLOCK_HD // ATTN_V_PARTS
-    for item in range(pid, n_bkv * n_rb * n_splits * ATTN_V_PARTS if PHASES & 4 else 0, n_programs):
+    n_attn_items = n_bkv * n_rb * n_splits * ATTN_V_PARTS
+    if PREFETCH & 6:  # PREFETCH_O, PREFETCH_GATE_UP, by the programs without an attention item
+        if (pid >= n_attn_items) & (n_programs > n_attn_items):
+            if PREFETCH & 2:
+                _prefetch_share(w_o_ptr, D * HQ * HD, pid - n_attn_items, n_programs - n_attn_items, PREFETCH_CHUNKS)
+            if PREFETCH & 4:
+                _prefetch_share(w_gu_ptr, 2 * F * D, pid - n_attn_items, n_programs - n_attn_items, PREFETCH_CHUNKS)
+    for item in range(pid, n_attn_items if PHASES & 4 else 0, n_programs):
         v_col0 = (item % ATTN_V_PARTS) * V_COLS
         split = (item // ATTN_V_PARTS) % n_splits
         pid_m = (item // (ATTN_V_PARTS * n_splits)) % n_rb
@@ -472,6 +524,9 @@ def _layer(
     _grid_sync(sync_ptr + 3, n_programs, ACQUIRE)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
+    if PREFETCH & 8:  # PREFETCH_DOWN, by the programs without a row
+        if (pid >= M) & (n_programs > M):
+            _prefetch_share(w_down_ptr, D * F, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
@@ -521,6 +576,7 @@ def _expert_layer_kernel(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
+    PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -529,7 +585,7 @@ def _expert_layer_kernel(
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
            PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
-           BLOCK_D, PHASES, False)
+           BLOCK_D, PHASES, False, PREFETCH, PREFETCH_CHUNKS)
 
 
 class ExpertWorkspace:
@@ -566,6 +622,10 @@ class ExpertWorkspace:
         n_bkv = (rows // seq_len) * kv_heads
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * n_bkv
         self.programs = t.programs or processor_count(device)
+        arch = compute_capability(device)
+        if t.idle_prefetch and arch is not None and arch < 90:
+            raise ValueError(f"ExpertTiling.idle_prefetch uses the bulk L2 prefetch of sm_90 and later; this GPU is "
+                             f"sm_{arch}: use idle_prefetch=0")
         if (device.type == "cuda" or compile_target(device) is not None) and self.programs > processor_count(device):
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
                              "grid barriers need every program resident at once (at most one per SM)")
@@ -628,6 +688,10 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return "fp8_joined_tiles needs fp8_weights_first"
     if t.fp8_convert == "bits" and interpreting():
         return "fp8_convert 'bits' runs inline PTX, which Triton's interpreter cannot run: use 'cvt'"
+    if not 0 <= t.idle_prefetch <= 15:
+        return f"idle_prefetch {t.idle_prefetch} is not a mask of the PREFETCH_* bits (0-15)"
+    if t.idle_prefetch and interpreting():
+        return "idle_prefetch runs inline PTX, which Triton's interpreter cannot run: use 0"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
@@ -704,7 +768,8 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
         ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
         MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
-        BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_D=next_power_of_two(dim), PREFETCH=t.idle_prefetch, PREFETCH_CHUNKS=32 * t.num_warps,
+        num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
 

@@ -1,0 +1,30 @@
+# Device call C of session 33 (~9 min on an H100): the idle programs' L2 prefetch (ExpertTiling.idle_prefetch,
+# TritonOptions.expert_prefetch), built after call A's profile of the step kernel (35 % of its warp samples wait at
+# grid barriers; the QKV phase's 52 and the row phases' 81 programs without an item wait through the phase).
+# 1. micro_expert_layer.py --step --only "idle prefetch": each mask against the default, one-layer and step kernel.
+# 2. The best mask's whole predict against the default: Pi0 1/2/3 views, two interleaved rounds of 100 calls
+#    (gpu_triton_check.sh final with BUILDS="new opt", OPT_OPTIONS=expert_prefetch=BEST), no verify (the prefetch
+#    changes no bit: tests/test_expert_layer.py::test_the_idle_prefetch_changes_no_bit runs first).
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+R=$OUT; mkdir -p $R/micro $R/grid
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/machine.txt
+python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $R/machine.txt
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py -k "idle_prefetch" > $R/tests.log 2>&1
+echo "bit-equality test rc $?" >> $R/steps.txt; tail -1 $R/tests.log
+OUT=$R/micro timeout 200 python3 benchmarks/micro_expert_layer.py --step --no-phases --only "idle prefetch" \
+  > $R/micro/micro.log 2>&1; echo "micro rc $?" >> $R/steps.txt
+grep -E "^(persistent|step kernel|kernel chain)" $R/micro/micro.log
+BEST=$(python3 - "$R/micro/micro_expert_layer.json" <<'PY'
+import json, sys
+names = {"idle prefetch qkv": "qkv", "idle prefetch qkv, down": "qkv+down", "idle prefetch qkv, o, down": "qkv+o+down",
+         "idle prefetch all": "all", "idle prefetch o, gate/up": "o+gate_up"}
+rows = {r["variant"]: r["us_per_layer"] for r in json.load(open(sys.argv[1]))["rows"]}
+step = {n: rows.get(f"step kernel: {n}") for n in names}
+best = min((v, n) for n, v in step.items() if v is not None)
+print(names[best[1]])
+PY
+)
+echo "best mask: $BEST" | tee -a $R/steps.txt
+OUT=$R/grid BUDGET=310 BUILDS="new opt" OPT_OPTIONS="expert_prefetch=$BEST" GROUPS_TO_BENCH="pi0" VERIFY="" \
+  ROUNDS="1 2" SKIP_TESTS=1 bash benchmarks/gpu_triton_check.sh final > $R/grid.log 2>&1; echo "grid rc $?" >> $R/steps.txt
+tail -6 $R/grid/summary.txt; cat $R/steps.txt
