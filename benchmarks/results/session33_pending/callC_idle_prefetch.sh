@@ -1,4 +1,4 @@
-# Device call C of session 33 (~9 min on an H100): the idle programs' L2 prefetch (ExpertTiling.idle_prefetch,
+# Device call C of session 33 (~8 min on an H100): the idle programs' L2 prefetch (ExpertTiling.idle_prefetch,
 # TritonOptions.expert_prefetch), built after call A's profile of the step kernel (35 % of its warp samples wait at
 # grid barriers; the QKV phase's 52 and the row phases' 81 programs without an item wait through the phase).
 # 1. micro_expert_layer.py --step --only "idle prefetch": each mask against the default, one-layer and step kernel.
@@ -28,3 +28,8 @@ echo "best mask: $BEST" | tee -a $R/steps.txt
 OUT=$R/grid BUDGET=310 BUILDS="new opt" OPT_OPTIONS="expert_prefetch=$BEST" GROUPS_TO_BENCH="pi0" VERIFY="" \
   ROUNDS="1 2" SKIP_TESTS=1 bash benchmarks/gpu_triton_check.sh final > $R/grid.log 2>&1; echo "grid rc $?" >> $R/steps.txt
 tail -6 $R/grid/summary.txt; cat $R/steps.txt
+# 3. Session 32's joined FP8 tiles (call A's micro run stopped at its limit before them): the FP8 default against
+#    the same with ExpertTiling.fp8_joined_tiles, step kernel.
+mkdir -p $R/joined; OUT=$R/joined timeout 170 python3 benchmarks/micro_expert_layer.py --fp8 --step --no-phases \
+  --only "bits, weights first" > $R/joined/micro.log 2>&1; echo "joined micro rc $?" >> $R/steps.txt
+grep -E "^step kernel" $R/joined/micro.log; tail -1 $R/steps.txt
