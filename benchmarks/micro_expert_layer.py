@@ -113,6 +113,10 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "idle prefetch qkv, o, down": replace(base, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_O | el.PREFETCH_DOWN),
         "idle prefetch all": replace(base, idle_prefetch=15),
         "idle prefetch o, gate/up": replace(base, idle_prefetch=el.PREFETCH_O | el.PREFETCH_GATE_UP),
+        # The row phases' column vectors loaded before the rows' partials (session 33: after the sum they cost a
+        # second dependent L2 round trip, call A's SASS profile).
+        "row vectors early": replace(base, row_vectors_early=True),
+        "row vectors early, idle prefetch qkv, o, down": replace(base, row_vectors_early=True, idle_prefetch=11),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

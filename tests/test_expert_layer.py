@@ -84,6 +84,20 @@ def _assert_close(out, ref, dtype):
     assert max_abs <= ulp * (ref.abs().max().item() + 1.0), f"max |d| {max_abs:.3e}"
 
 
+@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
+def test_row_vectors_loaded_early_change_no_bit(pi05):
+    """``row_vectors_early`` only moves the row phases' loads of the norm scale (and Pi0.5's shift and gate): the
+    output and the K/V written are the same bits as without (bf16, batch 3, in place)."""
+    from dataclasses import replace
+
+    plain = _run(3, 6, 7, 32, 64, 4, 1, 32, torch.bfloat16, pi05, True, SMALL_TILING, seed=4)
+    early = _run(3, 6, 7, 32, 64, 4, 1, 32, torch.bfloat16, pi05, True, replace(SMALL_TILING, row_vectors_early=True),
+                 seed=4)
+    assert torch.equal(plain[0], early[0])
+    assert torch.equal(plain[2][0], early[2][0]) and torch.equal(plain[3][0], early[3][0])
+    _assert_close(early[0], early[1], torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 @pytest.mark.parametrize("batch, inplace", [(1, False), (3, True)])

@@ -256,13 +256,13 @@ e = lambda *shape, dtype=bf16: torch.empty(*shape, dtype=dtype, device=meta)
 shapes = (((h + 2 * hkv) * hd, d), (d, h * hd), (2 * f, d), (d, f))
 report = {}
 for key, fp8, prefetch in (("False", False, 0), ("True", True, 0), ("prefetch", False, 15)):
+    tiling = el.ExpertTiling(idle_prefetch=prefetch, row_vectors_early=key == "prefetch")
     weights = tuple(e(*shape, dtype=E4M3 if fp8 else bf16) for shape in shapes)
     scales = tuple(e(shape[0], dtype=fp32) for shape in shapes) if fp8 else None
     tables = es.ExpertWeightTables(weights, e(4, layers, dtype=i64), scales, e(4, layers, dtype=i64) if fp8 else None,
                                    16, ())
     with compile_only(CompileTarget(arch=90, processors=132)) as launches:
-        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, el.ExpertTiling(idle_prefetch=prefetch),
-                                  launches=layers)
+        work = el.ExpertWorkspace(m, s, d, f, h, hkv, hd, p + s, bf16, meta, tiling, launches=layers)
         es.expert_step(e(m, d), e(m, d), tables, e(layers, 2, d, dtype=fp32), e(1, s, dtype=i64),
                        e(hd // 2, dtype=fp32), e(layers, 1, p + s, hkv, hd), e(layers, 1, p + s, hkv, hd),
                        e(1, s, p + s, dtype=torch.bool), 1e-6, hd**-0.5, work, h, e(layers, 2, 3, d, dtype=fp32))
@@ -282,8 +282,9 @@ def test_step_kernel_compiles_for_hopper(tmp_path):
     """The step kernel (bf16 and E4M3 weights, Pi0.5's modulation, 18 layers of Pi0's expert) through Triton's
     whole pipeline for sm_90 on ``meta`` tensors: one program per SM; the weight tiles, whose pointers come from
     the tables, still load as 16-byte ``cp.async.cg`` copies (no element-wise loads, no ``.ca`` copies); every
-    barrier polls with acquire atomics; E4M3 converts in hardware. With ``idle_prefetch`` (every bit) the bf16 kernel
-    has its four bulk L2 prefetches (QKV, o, gate/up, down) and spills no more than without."""
+    barrier polls with acquire atomics; E4M3 converts in hardware. With ``idle_prefetch`` (every bit) and
+    ``row_vectors_early`` the bf16 kernel has its four bulk L2 prefetches (QKV, o, gate/up, down) and spills no more
+    than without."""
     report = run_compile_script(STEP_COMPILE_SCRIPT, tmp_path)
     for key, launch in report.items():
         assert launch["name"] == "_expert_step_kernel" and launch["grid"] == [132]

@@ -117,7 +117,9 @@ class ExpertTiling:
     where each half alone runs on ``mma.sync``; the QKV tiles' 32 rows stay on ``mma.sync``). ``idle_prefetch`` (a
     bit mask of :data:`PREFETCH_QKV`, :data:`PREFETCH_O`, :data:`PREFETCH_GATE_UP`, :data:`PREFETCH_DOWN`; sm_90 and
     later, not under the interpreter): the programs that have no item in a phase ask L2 for a later GEMM phase's
-    weights, in equal shares, while the others work (:func:`_prefetch_share`). :func:`default_tiling`
+    weights, in equal shares, while the others work (:func:`_prefetch_share`). ``row_vectors_early``: the row
+    phases load their column vectors (norm scale, Pi0.5's shift and gate) before the rows' partials, not after each
+    row's sum (:func:`_row_phase`). :func:`default_tiling`
     sets all three for E4M3 weights: Pi0's FP8 step kernel 52.7 (bf16 operands) -> 49.7 (f16) -> 49.0 (and bits)
     -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
     bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
@@ -146,6 +148,7 @@ class ExpertTiling:
     fp8_weights_first: bool = False
     fp8_joined_tiles: bool = False
     idle_prefetch: int = 0
+    row_vectors_early: bool = False
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -328,14 +331,26 @@ def _e4m3_to(w, dtype: tl.constexpr, FP8: tl.constexpr):
 @triton.jit
 def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr, M, m_pad, eps, pid, n_programs,
                pending, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr = False):
     """For rows ``pid, pid + n_programs, ...``: with ``pending`` (a constexpr or a runtime flag), finish the
     residual left by a split-K phase, ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order,
     rounded to the residual's dtype); with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale
     (+ shift)`` (rounded to its dtype).
-    Everything is read at L2."""
+    Everything is read at L2. ``EARLY`` (``ExpertTiling.row_vectors_early``): the column vectors (gate, scale,
+    shift) are loaded once, before the rows, instead of after each row's sum (where a CTA barrier keeps the compiler
+    from issuing them with the row's loads); the same values either way."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < D
+    col_gate = tl.zeros([BLOCK_D], tl.float32)
+    col_scale = tl.zeros([BLOCK_D], tl.float32)
+    col_shift = tl.zeros([BLOCK_D], tl.float32)
+    if EARLY:
+        if GATED:
+            col_gate = tl.load(gate_ptr + offs, mask=valid, other=0.0)
+        if NORM:
+            col_scale = tl.load(scale_ptr + offs, mask=valid, other=0.0)
+            if SHIFT:
+                col_shift = tl.load(shift_ptr + offs, mask=valid, other=0.0)
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row * D + offs, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
         if pending:
@@ -343,7 +358,10 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             for s in range(0, SPLITS):
                 y += tl.load(part_ptr + (s * m_pad + row) * D + offs, mask=valid, other=0.0, cache_modifier=".cg")
             if GATED:
-                y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
+                if EARLY:
+                    y = y * col_gate
+                else:
+                    y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
             x = (x + y).to(out_ptr.dtype.element_ty)
             # ``out`` may be ``x``: when the row is narrower than the program's threads, several warps hold
             # copies of the same elements, so none may store before all have loaded.
@@ -351,9 +369,14 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             tl.store(out_ptr + row * D + offs, x, mask=valid)
             x = x.to(tl.float32)
         if NORM:
-            h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
-            if SHIFT:
-                h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
+            if EARLY:
+                h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * col_scale
+                if SHIFT:
+                    h += col_shift
+            else:
+                h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
+                if SHIFT:
+                    h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
             if hn_ptr.dtype.element_ty == tl.float16:
                 h = tl.clamp(h, -F16_MAX, F16_MAX)  # saturated, never inf
             tl.store(hn_ptr + row * D + offs, h.to(hn_ptr.dtype.element_ty), mask=valid)
@@ -405,12 +428,13 @@ def _layer(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
-    ACQUIRE: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
+    ACQUIRE: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr, ROW_EARLY: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
     ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 8 barrier counters (the 8th for the merge phase 2b, which
-    runs with ``MERGE_ROWS > 0``). ``PREFETCH``: ``ExpertTiling.idle_prefetch``."""
+    runs with ``MERGE_ROWS > 0``). ``PREFETCH``: ``ExpertTiling.idle_prefetch``; ``ROW_EARLY``:
+    ``ExpertTiling.row_vectors_early``."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -423,7 +447,8 @@ def _layer(
         if (pid >= M) & (n_programs > M):
             _prefetch_share(w_qkv_ptr, (HQ + 2 * HKV) * HD * D, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
-               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D,
+               ROW_EARLY)
     _grid_sync(sync_ptr, n_programs, ACQUIRE)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
@@ -528,7 +553,8 @@ def _layer(
         if (pid >= M) & (n_programs > M):
             _prefetch_share(w_down_ptr, D * F, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
-               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D,
+               ROW_EARLY)
     _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
@@ -557,7 +583,7 @@ def _layer(
         _grid_sync(sync_ptr + 6, n_programs, ACQUIRE)
         _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                    M if PHASES & 128 else 0, m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D,
-                   BLOCK_D)
+                   BLOCK_D, ROW_EARLY)
 
 
 @triton.jit
@@ -576,7 +602,7 @@ def _expert_layer_kernel(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr,
+    PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr, ROW_EARLY: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -585,7 +611,7 @@ def _expert_layer_kernel(
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
            PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
-           BLOCK_D, PHASES, False, PREFETCH, PREFETCH_CHUNKS)
+           BLOCK_D, PHASES, False, PREFETCH, PREFETCH_CHUNKS, ROW_EARLY)
 
 
 class ExpertWorkspace:
@@ -769,6 +795,7 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
         MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
         BLOCK_D=next_power_of_two(dim), PREFETCH=t.idle_prefetch, PREFETCH_CHUNKS=32 * t.num_warps,
+        ROW_EARLY=t.row_vectors_early,
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
 

@@ -1,7 +1,8 @@
 # Device call C of session 33 (~8 min on an H100): the idle programs' L2 prefetch (ExpertTiling.idle_prefetch,
 # TritonOptions.expert_prefetch), built after call A's profile of the step kernel (35 % of its warp samples wait at
 # grid barriers; the QKV phase's 52 and the row phases' 81 programs without an item wait through the phase).
-# 1. micro_expert_layer.py --step --only "idle prefetch": each mask against the default, one-layer and step kernel.
+# 1. micro_expert_layer.py --step --only "idle prefetch" --only "row vectors": each prefetch mask, and the row phases'
+#    column vectors loaded first (ExpertTiling.row_vectors_early), against the default, one-layer and step kernel.
 # 2. The best mask's whole predict against the default: Pi0 1/2/3 views, two interleaved rounds of 100 calls
 #    (gpu_triton_check.sh final with BUILDS="new opt", OPT_OPTIONS=expert_prefetch=BEST), no verify (the prefetch
 #    changes no bit: tests/test_expert_layer.py::test_the_idle_prefetch_changes_no_bit runs first).
@@ -9,9 +10,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 R=$OUT; mkdir -p $R/micro $R/grid
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/machine.txt
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $R/machine.txt
-timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py -k "idle_prefetch" > $R/tests.log 2>&1
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py -k "idle_prefetch or early" > $R/tests.log 2>&1
 echo "bit-equality test rc $?" >> $R/steps.txt; tail -1 $R/tests.log
-OUT=$R/micro timeout 200 python3 benchmarks/micro_expert_layer.py --step --no-phases --only "idle prefetch" \
+OUT=$R/micro timeout 230 python3 benchmarks/micro_expert_layer.py --step --no-phases --only "idle prefetch" --only "row vectors" \
   > $R/micro/micro.log 2>&1; echo "micro rc $?" >> $R/steps.txt
 grep -E "^(persistent|step kernel|kernel chain)" $R/micro/micro.log
 BEST=$(python3 - "$R/micro/micro_expert_layer.json" <<'PY'
