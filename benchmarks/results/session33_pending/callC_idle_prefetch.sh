@@ -7,7 +7,7 @@
 #    (gpu_triton_check.sh final with BUILDS="new opt", OPT_OPTIONS=expert_prefetch=BEST), no verify (the prefetch
 #    changes no bit: tests/test_expert_layer.py::test_the_idle_prefetch_changes_no_bit runs first).
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-R=$OUT; mkdir -p $R/micro $R/grid
+R=$OUT/r; mkdir -p $R/micro $R/grid
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/machine.txt
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $R/machine.txt
 timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_expert_layer.py -k "idle_prefetch or early" > $R/tests.log 2>&1
@@ -34,3 +34,7 @@ tail -6 $R/grid/summary.txt; cat $R/steps.txt
 mkdir -p $R/joined; OUT=$R/joined timeout 140 python3 benchmarks/micro_expert_layer.py --fp8 --step --no-phases \
   --only "bits, weights first" > $R/joined/micro.log 2>&1; echo "joined micro rc $?" >> $R/steps.txt
 grep -E "^step kernel" $R/joined/micro.log; tail -1 $R/steps.txt
+# At most a few files come back from the device: everything in results.tgz, the summaries beside it.
+cd $OUT && tar czf results.tgz r && cp r/steps.txt r/micro/micro_expert_layer.json . && \
+  cp r/grid/summary.txt grid_summary.txt; cp r/grid/summary.json grid_summary.json; \
+  cp r/joined/micro_expert_layer.json micro_joined.json 2>/dev/null; ls $OUT
