@@ -1,0 +1,3 @@
+# Device call E of session 33 (warm, after call D): Pi0.5 at 2 views, prompts 20 and 60, TritonOptions
+# expert_prefetch=off against =qkv, two interleaved rounds of 100 calls (bf16, CUDA graphs).
+export PYTHONPATH=$PWD; for r in 1 2; do for v in off qkv; do [ $r = 2 ] && v=$([ $v = off ] && echo qkv || echo off); timeout 60 python3 -m cortexflow.cli bench --backends triton --graphs on --iters 100 --warmup 5 --device cuda --size real --models pi05 --views 2 --prompt-len 20,60 --triton-options expert_prefetch=$v --json $OUT/bench_pi05_${v}_r$r.json > $OUT/bench_pi05_${v}_r$r.log 2>&1; echo "$v r$r rc $?"; grep -E "^ +pi05" $OUT/bench_pi05_${v}_r$r.log; done; done
