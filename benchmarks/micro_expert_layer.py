@@ -99,24 +99,6 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "fp8 f16 operands, weights first": replace(base, fp8_operands="f16", fp8_weights_first=True),
         "fp8 f16 operands, bits, weights first": replace(base, fp8_operands="f16", fp8_convert="bits",
                                                         fp8_weights_first=True),
-        # Both column sets' E4M3 tiles as one 64-row first operand: gate/up and o/down on wgmma with the weights in
-        # registers instead of mma.sync (session 32, not timed).
-        "fp8 f16 operands, bits, weights first, joined": replace(base, fp8_operands="f16", fp8_convert="bits",
-                                                                fp8_weights_first=True, fp8_joined_tiles=True),
-        # ... and QKV's tiles 64 weight rows too (32-column pairs: half as many QKV items).
-        "fp8 f16 operands, bits, weights first, joined, QKV pair 32": replace(
-            base, fp8_operands="f16", fp8_convert="bits", fp8_weights_first=True, fp8_joined_tiles=True, pair=32),
-        # The programs without an item in a phase ask L2 for a later phase's weights (ExpertTiling.idle_prefetch;
-        # session 33, after v11's prefetch by every program measured slower).
-        "idle prefetch qkv": replace(base, idle_prefetch=el.PREFETCH_QKV),
-        "idle prefetch qkv, down": replace(base, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_DOWN),
-        "idle prefetch qkv, o, down": replace(base, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_O | el.PREFETCH_DOWN),
-        "idle prefetch all": replace(base, idle_prefetch=15),
-        "idle prefetch o, gate/up": replace(base, idle_prefetch=el.PREFETCH_O | el.PREFETCH_GATE_UP),
-        # The row phases' column vectors loaded before the rows' partials (session 33: after the sum they cost a
-        # second dependent L2 round trip, call A's SASS profile).
-        "row vectors early": replace(base, row_vectors_early=True),
-        "row vectors early, idle prefetch qkv, o, down": replace(base, row_vectors_early=True, idle_prefetch=11),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}

@@ -27,8 +27,8 @@ def test_the_bit_arithmetic_is_pytorchs_conversion_for_every_code():
 
 
 def test_the_interpreter_is_refused_the_conversion_by_bits(monkeypatch):
-    """``fp8_convert="bits"`` under the interpreter, an unknown conversion, and joined tiles without the
-    weights-first form are each refused with the field named."""
+    """``fp8_convert="bits"`` under the interpreter and an unknown conversion are each refused with the field
+    named."""
     from dataclasses import replace
 
     from cortexflow.kernels import expert_layer
@@ -37,30 +37,6 @@ def test_the_interpreter_is_refused_the_conversion_by_bits(monkeypatch):
     tiling = replace(el.INTERPRETER_TILING, fp8_convert="bits")
     assert "interpreter cannot run" in el.check_expert_shapes(32, 64, 4, 1, 32, tiling)
     assert "'cvt' or 'bits'" in el.check_expert_shapes(32, 64, 4, 1, 32, replace(tiling, fp8_convert="fast"))
-    joined_alone = replace(el.INTERPRETER_TILING, fp8_joined_tiles=True)
-    assert "needs fp8_weights_first" in el.check_expert_shapes(32, 64, 4, 1, 32, joined_alone)
-
-
-def test_the_idle_prefetch_is_refused_where_it_cannot_run(monkeypatch):
-    """``idle_prefetch`` (inline PTX of sm_90) under the interpreter, outside its bit mask, and for a GPU before
-    sm_90 (a ``meta`` device standing for an L4) is refused with the field named."""
-    from dataclasses import replace
-
-    from cortexflow.kernels import expert_layer, runtime
-
-    tiling = replace(el.INTERPRETER_TILING, idle_prefetch=el.PREFETCH_QKV | el.PREFETCH_DOWN)
-    assert "0-15" in el.check_expert_shapes(32, 64, 4, 1, 32, replace(tiling, idle_prefetch=16))
-    monkeypatch.setattr(expert_layer, "interpreting", lambda: True)
-    assert "interpreter cannot run" in el.check_expert_shapes(32, 64, 4, 1, 32, tiling)
-    previous = runtime.set_compile_target(runtime.CompileTarget(arch=89, processors=58))
-    try:
-        with pytest.raises(ValueError, match=r"idle_prefetch .* sm_89"):
-            el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device("meta"),
-                               replace(tiling, programs=1))
-        el.ExpertWorkspace(6, 6, 32, 64, 4, 1, 32, 13, torch.float32, torch.device("meta"),
-                           replace(tiling, idle_prefetch=0, programs=1))
-    finally:
-        runtime.set_compile_target(previous)
 
 
 @pytest.mark.skipif(not ON_FP8_GPU, reason=NEEDS_FP8_GPU)

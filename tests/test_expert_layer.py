@@ -84,20 +84,6 @@ def _assert_close(out, ref, dtype):
     assert max_abs <= ulp * (ref.abs().max().item() + 1.0), f"max |d| {max_abs:.3e}"
 
 
-@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-def test_row_vectors_loaded_early_change_no_bit(pi05):
-    """``row_vectors_early`` only moves the row phases' loads of the norm scale (and Pi0.5's shift and gate): the
-    output and the K/V written are the same bits as without (bf16, batch 3, in place)."""
-    from dataclasses import replace
-
-    plain = _run(3, 6, 7, 32, 64, 4, 1, 32, torch.bfloat16, pi05, True, SMALL_TILING, seed=4)
-    early = _run(3, 6, 7, 32, 64, 4, 1, 32, torch.bfloat16, pi05, True, replace(SMALL_TILING, row_vectors_early=True),
-                 seed=4)
-    assert torch.equal(plain[0], early[0])
-    assert torch.equal(plain[2][0], early[2][0]) and torch.equal(plain[3][0], early[3][0])
-    _assert_close(early[0], early[1], torch.bfloat16)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 @pytest.mark.parametrize("batch, inplace", [(1, False), (3, True)])
@@ -250,17 +236,14 @@ def _update_error(out, reference, x):
     return ((out - reference).norm() / (reference - x).norm()).item()
 
 
-#: The FP8 GEMM forms with the weights as the MMA's first operand, alone and with both column sets' tiles joined.
+#: The FP8 GEMM form with the weights as the MMA's first operand.
 WEIGHTS_FIRST = {"fp8_weights_first": True}
-JOINED = {"fp8_weights_first": True, "fp8_joined_tiles": True}
 
 
 @pytest.mark.parametrize("dtype, operands, forms", [
     (torch.float32, "bf16", {}), (torch.bfloat16, "bf16", {}), (torch.bfloat16, "f16", {}),
-    (torch.float32, "bf16", WEIGHTS_FIRST), (torch.bfloat16, "f16", WEIGHTS_FIRST), (torch.bfloat16, "bf16", WEIGHTS_FIRST),
-    (torch.float32, "bf16", JOINED), (torch.bfloat16, "f16", JOINED)],
-    ids=["fp32", "bf16", "f16", "fp32-weights-first", "f16-weights-first", "bf16-weights-first", "fp32-joined",
-         "f16-joined"])
+    (torch.float32, "bf16", WEIGHTS_FIRST), (torch.bfloat16, "f16", WEIGHTS_FIRST), (torch.bfloat16, "bf16", WEIGHTS_FIRST)],
+    ids=["fp32", "bf16", "f16", "fp32-weights-first", "f16-weights-first", "bf16-weights-first"])
 @pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
 def test_fp8_weights_match_the_dequantised_reference(dtype, operands, forms, pi05):
     """E4M3 weights with per-output-channel scales: the kernel computes the reference layer on the
@@ -268,8 +251,7 @@ def test_fp8_weights_match_the_dequantised_reference(dtype, operands, forms, pi0
     weights by E4M3's rounding (a few percent of the layer's update: neither scales left out, which
     multiplies the update by ~448 / amax, nor applied twice, which shrinks it to ~0). With
     ``fp8_operands="f16"`` the rows QKV, o and gate/up multiply are float16 (the workspace's) and within the same
-    bounds; so are the GEMM forms with the weights as the MMA's first operand (``fp8_weights_first``), alone and
-    with both column sets' tiles joined into one operand (``fp8_joined_tiles``)."""
+    bounds; so is the GEMM form with the weights as the MMA's first operand (``fp8_weights_first``)."""
     from dataclasses import replace
 
     t, positions, inv_freq, keys, values, mask, extra = _inputs(3, 6, 7, 32, 64, 4, 1, 32, dtype, 11, pi05)
@@ -461,8 +443,7 @@ weights = (e((h + 2 * hkv) * hd, d, dtype=E4M3), e(d, h * hd, dtype=E4M3), e(2 *
 scales = tuple(e(w.shape[0], dtype=fp32) for w in weights)
 f16_bits = {"fp8_operands": "f16", "fp8_convert": "bits"}
 VARIANTS = {"bf16 cvt": {}, "f16 cvt": {"fp8_operands": "f16"}, "f16 bits": f16_bits,
-            "first": {**f16_bits, "fp8_weights_first": True},
-            "joined": {**f16_bits, "fp8_weights_first": True, "fp8_joined_tiles": True}}
+            "first": {**f16_bits, "fp8_weights_first": True}}
 out = {}
 for arch, sms in ((89, 58), (90, 132)):  # an L4 and an H100
     for variant, fields in VARIANTS.items():
@@ -495,15 +476,13 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
     its PTX converts E4M3 pairs in hardware. With ``fp8_operands="f16"`` it multiplies float16 tiles and has fewer
     conversion instructions (the weights' E4M3 -> f16 -> bf16 chain ends at f16); with ``fp8_convert="bits"`` too,
     the down projection's f16 -> bf16 conversions are bf16 FMAs (one a pair) and fewer conversions remain. With the
-    weights first (the backend's FP8 tiling) the f16 products are ``mma.sync``; with the tiles joined, on sm_90, most
-    of them are ``wgmma`` with the weights as a register operand (sm_89 has no ``wgmma``)."""
+    weights first (the backend's FP8 tiling) the f16 products are ``mma.sync`` with the weights in registers."""
     from cortexflow.tools.compile_check import SM_LIMITS
 
     report = run_compile_script(FP8_COMPILE_SCRIPT, tmp_path)
     for arch, sms in ((89, 58), (90, 132)):
         for variant, mode in (("bf16 cvt", 1), ("f16 cvt", 1), ("f16 bits", 1 | el.FP8_BITS),
-                              ("first", 1 | el.FP8_BITS | el.FP8_WEIGHTS_FIRST),
-                              ("joined", 1 | el.FP8_BITS | el.FP8_WEIGHTS_FIRST | el.FP8_JOINED)):
+                              ("first", 1 | el.FP8_BITS | el.FP8_WEIGHTS_FIRST)):
             (launch,) = report[f"{arch} {variant}"]
             assert launch["name"] == "_expert_layer_kernel" and launch["grid"] == [sms] and launch["fp8"] == mode
             assert launch["ptx_e4m3_cvt"] and launch["shared"] <= SM_LIMITS[arch].program_shared, (arch, launch)
@@ -512,12 +491,8 @@ def test_fp8_expert_layer_compiles_for_ada_and_hopper(tmp_path):
         assert f16["conversions"] < bf16["conversions"], (arch, bf16["conversions"], f16["conversions"])
         assert bits["conversions"] < f16["conversions"] and not f16["bf16_fmas"] and bits["bf16_fmas"], (arch, bits)
         assert bits["f16_to_bf16"] < f16["f16_to_bf16"], (arch, f16["f16_to_bf16"], bits["f16_to_bf16"])
-        first, joined = report[f"{arch} first"][0], report[f"{arch} joined"][0]
+        first = report[f"{arch} first"][0]
         assert first["mma_sync_f16"] > 0 and not first["wgmma_f16_registers"], (arch, first)
-        if arch == 90:
-            assert joined["wgmma_f16_registers"] > 0 and joined["mma_sync_f16"] < first["mma_sync_f16"], joined
-        else:
-            assert not joined["wgmma_f16_registers"] and joined["mma_sync_f16"] > 0, joined
 
 
 @pytest.mark.skipif(not ON_GPU, reason="real-size run with every SM as a persistent program needs a CUDA GPU "
@@ -530,20 +505,6 @@ def test_expert_layer_real_size(pi05):
     _assert_close(out, ref, torch.bfloat16)
     _assert_close(keys[0], keys[1], torch.bfloat16)
     assert int(work.counters.abs().sum()) == 0
-
-
-@pytest.mark.skipif(not ON_GPU or torch.cuda.get_device_capability() < (9, 0),
-                    reason="the bulk L2 prefetch (inline PTX) needs a CUDA GPU of compute capability 9.0 or later")
-def test_the_idle_prefetch_changes_no_bit():
-    """Pi0's expert at real size with every ``idle_prefetch`` bit: the prefetches only warm L2, so the output and the
-    K/V written are the same bits as without."""
-    from dataclasses import replace
-
-    plain = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True, el.default_tiling(), seed=3)
-    warmed = _run(1, 51, 300, 1024, 4096, 8, 1, 256, torch.bfloat16, False, True,
-                  replace(el.default_tiling(), idle_prefetch=15), seed=3)
-    assert torch.equal(plain[0], warmed[0])
-    assert torch.equal(plain[2][0], warmed[2][0]) and torch.equal(plain[3][0], warmed[3][0])
 
 
 @pytest.mark.skipif(not ON_GPU, reason="counts the SMs of a CUDA GPU")

@@ -234,7 +234,7 @@ class TritonBackend(PyTorchBackend):
             self._fallback("persistent expert layer", reason)
             persistent = False
         if persistent:
-            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps, self.options.expert_prefetch)
+            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
             if self.options.expert_launch in ("step", "euler"):
                 ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
                                                                     lambda: step_tables(weights, expert))

@@ -24,20 +24,12 @@ the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights a
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
-from cortexflow.kernels.expert_layer import (
-    PREFETCH_CHOICES,
-    ExpertWorkspace,
-    check_expert_shapes,
-    default_tiling,
-    expert_layer,
-)
+from cortexflow.kernels.expert_layer import ExpertWorkspace, check_expert_shapes, default_tiling, expert_layer
 from cortexflow.kernels.expert_step import (
     EulerUpdate,
     ExpertWeightTables,
@@ -51,9 +43,8 @@ from cortexflow.ops import ActionPath, DenoisingContext, ExpertStack
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
-def start_workspace(ctx: DenoisingContext, weights, num_steps: int, prefetch: str = "off") -> ExpertWorkspace:
-    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset; ``prefetch``:
-    ``TritonOptions.expert_prefetch``."""
+def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWorkspace:
+    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset."""
     first = ctx.expert.layers[0]
     d = first.dims
     b, s = ctx.positions.shape
@@ -61,8 +52,7 @@ def start_workspace(ctx: DenoisingContext, weights, num_steps: int, prefetch: st
     mlp_dim = weights[first.name("down")].shape[1]
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
                            ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device,
-                           replace(default_tiling(expert_weights_fp8(weights, ctx.expert)),
-                                   idle_prefetch=PREFETCH_CHOICES[prefetch]),
+                           default_tiling(expert_weights_fp8(weights, ctx.expert)),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work

@@ -23,7 +23,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step", "euler"),
     "vision_gelu": ("kernel", "epilogue"),
-    "expert_prefetch": ("off", "qkv", "qkv+down", "qkv+o+down", "o+gate_up", "all"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -47,10 +46,6 @@ class TritonOptions:
       session 28); "step": one launch per denoising step that runs every layer, with ~7 kernels a step around it;
       "layer": one launch per expert layer. A real-time-chunking call, whose guidance changes each velocity,
       runs "step" where "euler" is asked for.
-    - ``expert_prefetch``: with ``persistent_expert``, the persistent kernel's programs that have no item in a
-      phase ask L2 for a later phase's weights of the layer (``ExpertTiling.idle_prefetch``; sm_90 and later):
-      "qkv" during the attention norm's row phase, "down" during the MLP norm's, "o" and "gate_up" during the
-      attention; "all" for the four; "off" (the default): none.
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
     - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "epilogue": in
@@ -91,7 +86,6 @@ class TritonOptions:
 
     persistent_expert: bool = True
     expert_launch: str = "euler"
-    expert_prefetch: str = "off"
     fused_encoder: bool = True
     vision_gelu: str = "epilogue"
     decode_gemv: str = "all"

@@ -76,14 +76,7 @@ import triton.language as tl
 from cortexflow.kernels.attention import LOG2E, attend_value_part, finish_range, merge_ranges, store_value_part
 from cortexflow.kernels.e4m3 import e4m3_to_bf16
 from cortexflow.kernels.gelu_gate import _gelu_tanh
-from cortexflow.kernels.runtime import (
-    compile_target,
-    compute_capability,
-    interpreting,
-    next_power_of_two,
-    processor_count,
-    upcast_dots,
-)
+from cortexflow.kernels.runtime import compile_target, interpreting, next_power_of_two, processor_count, upcast_dots
 from cortexflow.quantization.fp8 import is_fp8
 
 
@@ -111,15 +104,7 @@ class ExpertTiling:
     (:func:`cortexflow.kernels.e4m3.e4m3_to_bf16`: integer operations and one bf16 FMA a pair; GPU only, the
     interpreter cannot run its inline PTX). ``fp8_weights_first``, with E4M3 weights: each GEMM tile computed as
     ``(W_tile @ rowsᵀ)ᵀ``, so the converted weights are the MMA's first operand, which the tensor cores read from
-    registers (as the second operand they go back to shared memory after the conversion); ``fp8_joined_tiles`` (with
-    ``fp8_weights_first``): the two column sets of each GEMM tile (Q/K or V halves, gate and up, the two output
-    halves) as one first operand of twice the rows, one MMA a K step (64 rows: a whole ``wgmma`` tile for 4 warps,
-    where each half alone runs on ``mma.sync``; the QKV tiles' 32 rows stay on ``mma.sync``). ``idle_prefetch`` (a
-    bit mask of :data:`PREFETCH_QKV`, :data:`PREFETCH_O`, :data:`PREFETCH_GATE_UP`, :data:`PREFETCH_DOWN`; sm_90 and
-    later, not under the interpreter): the programs that have no item in a phase ask L2 for a later GEMM phase's
-    weights, in equal shares, while the others work (:func:`_prefetch_share`). ``row_vectors_early``: the row
-    phases load their column vectors (norm scale, Pi0.5's shift and gate) before the rows' partials, not after each
-    row's sum (:func:`_row_phase`). :func:`default_tiling`
+    registers (as the second operand they go back to shared memory after the conversion). :func:`default_tiling`
     sets all three for E4M3 weights: Pi0's FP8 step kernel 52.7 (bf16 operands) -> 49.7 (f16) -> 49.0 (and bits)
     -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
     bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
@@ -146,9 +131,6 @@ class ExpertTiling:
     fp8_operands: str = "bf16"
     fp8_convert: str = "cvt"
     fp8_weights_first: bool = False
-    fp8_joined_tiles: bool = False
-    idle_prefetch: int = 0
-    row_vectors_early: bool = False
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -165,18 +147,8 @@ INTERPRETER_TILING = ExpertTiling(block_m=16, pair=8, block_k=16, gate_up_cols=1
 F16_MAX = tl.constexpr(65504.0)
 
 #: Flags of the kernels' ``FP8`` constant (:func:`fp8_mode`): E4M3 tiles converted to bf16 by bits; E4M3 tiles as
-#: the MMA's first operand; with that, both column sets' E4M3 tiles as one MMA operand.
-FP8_BITS, FP8_WEIGHTS_FIRST, FP8_JOINED = 2, 4, 8
-
-#: Bits of ``ExpertTiling.idle_prefetch``: which weights of the layer the programs without an item ask L2 for, and
-#: when. The programs without a row in the attention norm's row phase: QKV's; without an attention item: o's and
-#: gate/up's; without a row in the MLP norm's row phase: down's.
-PREFETCH_QKV, PREFETCH_O, PREFETCH_GATE_UP, PREFETCH_DOWN = 1, 2, 4, 8
-
-#: ``TritonOptions.expert_prefetch``'s choices as ``idle_prefetch`` masks.
-PREFETCH_CHOICES = {"off": 0, "qkv": PREFETCH_QKV, "qkv+down": PREFETCH_QKV | PREFETCH_DOWN,
-                    "qkv+o+down": PREFETCH_QKV | PREFETCH_O | PREFETCH_DOWN, "o+gate_up": PREFETCH_O | PREFETCH_GATE_UP,
-                    "all": PREFETCH_QKV | PREFETCH_O | PREFETCH_GATE_UP | PREFETCH_DOWN}
+#: the MMA's first operand.
+FP8_BITS, FP8_WEIGHTS_FIRST = 2, 4
 
 #: ``phases`` of :func:`expert_layer` that runs the whole layer.
 ALL_PHASES = 255
@@ -214,27 +186,6 @@ def _grid_sync(bar_ptr, n_programs, ACQUIRE: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_share(ptr, n_elements, part, n_parts, CHUNKS: tl.constexpr):
-    """Ask L2 for share ``part`` of ``n_parts`` equal shares of the contiguous tensor at ``ptr`` (``n_elements``
-    elements) and return at once: ``CHUNKS`` bulk prefetches (``cp.async.bulk.prefetch.L2``, sm_90; one a thread when
-    ``CHUNKS`` is the program's thread count). The instruction wants a 16-byte aligned address and a size that is a
-    multiple of 16: each chunk's address is rounded up to 16 bytes in the PTX, sizes are rounded down, and the
-    shares cover the tensor but its last 16 bytes, so no address leaves it. Nothing waits for the prefetches; a
-    later load of those bytes finds them in L2 if they arrived and are still there."""
-    base = ptr.to(tl.pointer_type(tl.int8))
-    n_bytes = n_elements * (ptr.dtype.element_ty.primitive_bitwidth // 8) - 16
-    share = n_bytes // n_parts
-    chunk = share // CHUNKS // 16 * 16
-    if chunk > 0:
-        addrs = base + part * share + tl.arange(0, CHUNKS) * chunk
-        sizes = tl.full([CHUNKS], 0, tl.int32) + chunk
-        tl.inline_asm_elementwise(
-            "{ .reg .b64 a; add.u64 a, $1, 15; and.b64 a, a, 0xfffffffffffffff0; "
-            "cp.async.bulk.prefetch.L2.global [a], $2; }\n mov.u32 $0, 0;",
-            "=r,l,r", [addrs, sizes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -243,10 +194,7 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
     ``FP8`` (:func:`fp8_mode`): ``W`` holds E4M3 values, converted to ``a``'s dtype before the product (exact; by
     :func:`~cortexflow.kernels.e4m3.e4m3_to_bf16` for bf16 ``a`` with the ``FP8_BITS`` flag); the caller applies the
     per-column scales to the sums. With the ``FP8_WEIGHTS_FIRST`` flag the products are computed with the weights
-    as the MMA's first operand (:func:`_weights_first_tiles`, :func:`_joined_tile`)."""
-    if (FP8 // 8) % 2 == 1:  # FP8_JOINED
-        return _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end, UPCAST,
-                            DOT_PRECISION, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
+    as the MMA's first operand (:func:`_weights_first_tiles`)."""
     if (FP8 // 4) % 2 == 1:  # FP8_WEIGHTS_FIRST
         return _weights_first_tiles(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
                                     UPCAST, DOT_PRECISION, FP8, BLOCK_M, BLOCK_N, BLOCK_K)
@@ -299,28 +247,6 @@ def _weights_first_tiles(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, c
 
 
 @triton.jit
-def _joined_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_start, k_end,
-                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`_weights_first_tiles` with the two column sets joined: ``W[cols1[0], cols2[0], cols1[1], ...] @
-    a_tileᵀ`` as one ``(2 * BLOCK_N, BLOCK_M)`` product per K step (a 64-row first operand is a whole ``wgmma`` tile
-    for 4 warps), transposed and split into the two ``(BLOCK_M, BLOCK_N)`` tiles at the end."""
-    cols = tl.reshape(tl.join(cols1, cols2), [2 * BLOCK_N])
-    acc = tl.zeros([2 * BLOCK_N, BLOCK_M], tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
-                    cache_modifier=".cg")
-        w = _e4m3_to(tl.load(w_ptr + cols[:, None] * w_cols + ks[None, :]), a.dtype, FP8)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(w, a, acc, input_precision=DOT_PRECISION)
-    return tl.split(tl.reshape(tl.trans(acc), [BLOCK_M, BLOCK_N, 2]))
-
-
-@triton.jit
 def _e4m3_to(w, dtype: tl.constexpr, FP8: tl.constexpr):
     """E4M3 ``w`` as ``dtype`` (exact): by bits for bf16 with the ``FP8_BITS`` flag, else Triton's conversion."""
     if (FP8 // 2) % 2 == 1 and dtype == tl.bfloat16:  # FP8_BITS
@@ -331,26 +257,14 @@ def _e4m3_to(w, dtype: tl.constexpr, FP8: tl.constexpr):
 @triton.jit
 def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr, M, m_pad, eps, pid, n_programs,
                pending, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr = False):
+               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """For rows ``pid, pid + n_programs, ...``: with ``pending`` (a constexpr or a runtime flag), finish the
     residual left by a split-K phase, ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order,
     rounded to the residual's dtype); with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale
     (+ shift)`` (rounded to its dtype).
-    Everything is read at L2. ``EARLY`` (``ExpertTiling.row_vectors_early``): the column vectors (gate, scale,
-    shift) are loaded once, before the rows, instead of after each row's sum (where a CTA barrier keeps the compiler
-    from issuing them with the row's loads); the same values either way."""
+    Everything is read at L2."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < D
-    col_gate = tl.zeros([BLOCK_D], tl.float32)
-    col_scale = tl.zeros([BLOCK_D], tl.float32)
-    col_shift = tl.zeros([BLOCK_D], tl.float32)
-    if EARLY:
-        if GATED:
-            col_gate = tl.load(gate_ptr + offs, mask=valid, other=0.0)
-        if NORM:
-            col_scale = tl.load(scale_ptr + offs, mask=valid, other=0.0)
-            if SHIFT:
-                col_shift = tl.load(shift_ptr + offs, mask=valid, other=0.0)
     for row in range(pid, M, n_programs):
         x = tl.load(x_ptr + row * D + offs, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
         if pending:
@@ -358,10 +272,7 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             for s in range(0, SPLITS):
                 y += tl.load(part_ptr + (s * m_pad + row) * D + offs, mask=valid, other=0.0, cache_modifier=".cg")
             if GATED:
-                if EARLY:
-                    y = y * col_gate
-                else:
-                    y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
+                y = y * tl.load(gate_ptr + offs, mask=valid, other=0.0)
             x = (x + y).to(out_ptr.dtype.element_ty)
             # ``out`` may be ``x``: when the row is narrower than the program's threads, several warps hold
             # copies of the same elements, so none may store before all have loaded.
@@ -369,14 +280,9 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             tl.store(out_ptr + row * D + offs, x, mask=valid)
             x = x.to(tl.float32)
         if NORM:
-            if EARLY:
-                h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * col_scale
-                if SHIFT:
-                    h += col_shift
-            else:
-                h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
-                if SHIFT:
-                    h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
+            h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
+            if SHIFT:
+                h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
             if hn_ptr.dtype.element_ty == tl.float16:
                 h = tl.clamp(h, -F16_MAX, F16_MAX)  # saturated, never inf
             tl.store(hn_ptr + row * D + offs, h.to(hn_ptr.dtype.element_ty), mask=valid)
@@ -428,13 +334,12 @@ def _layer(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
-    ACQUIRE: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr, ROW_EARLY: tl.constexpr,
+    ACQUIRE: tl.constexpr,
 ):
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
     ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 8 barrier counters (the 8th for the merge phase 2b, which
-    runs with ``MERGE_ROWS > 0``). ``PREFETCH``: ``ExpertTiling.idle_prefetch``; ``ROW_EARLY``:
-    ``ExpertTiling.row_vectors_early``."""
+    runs with ``MERGE_ROWS > 0``)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
@@ -443,12 +348,8 @@ def _layer(
     m_pad = n_mb * BLOCK_M
 
     # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
-    if PREFETCH & 1:  # PREFETCH_QKV, by the programs without a row
-        if (pid >= M) & (n_programs > M):
-            _prefetch_share(w_qkv_ptr, (HQ + 2 * HKV) * HD * D, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
-               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D,
-               ROW_EARLY)
+               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr, n_programs, ACQUIRE)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
@@ -497,14 +398,7 @@ def _layer(
     offs_d = tl.arange(0, BLOCK_HD)
     n_keys = P + S
     V_COLS: tl.constexpr = BLOCK_HD // ATTN_V_PARTS
-    n_attn_items = n_bkv * n_rb * n_splits * ATTN_V_PARTS
-    if PREFETCH & 6:  # PREFETCH_O, PREFETCH_GATE_UP, by the programs without an attention item
-        if (pid >= n_attn_items) & (n_programs > n_attn_items):
-            if PREFETCH & 2:
-                _prefetch_share(w_o_ptr, D * HQ * HD, pid - n_attn_items, n_programs - n_attn_items, PREFETCH_CHUNKS)
-            if PREFETCH & 4:
-                _prefetch_share(w_gu_ptr, 2 * F * D, pid - n_attn_items, n_programs - n_attn_items, PREFETCH_CHUNKS)
-    for item in range(pid, n_attn_items if PHASES & 4 else 0, n_programs):
+    for item in range(pid, n_bkv * n_rb * n_splits * ATTN_V_PARTS if PHASES & 4 else 0, n_programs):
         v_col0 = (item % ATTN_V_PARTS) * V_COLS
         split = (item // ATTN_V_PARTS) % n_splits
         pid_m = (item // (ATTN_V_PARTS * n_splits)) % n_rb
@@ -549,12 +443,8 @@ def _layer(
     _grid_sync(sync_ptr + 3, n_programs, ACQUIRE)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
-    if PREFETCH & 8:  # PREFETCH_DOWN, by the programs without a row
-        if (pid >= M) & (n_programs > M):
-            _prefetch_share(w_down_ptr, D * F, pid - M, n_programs - M, PREFETCH_CHUNKS)
     _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
-               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D,
-               ROW_EARLY)
+               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
     _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
@@ -583,7 +473,7 @@ def _layer(
         _grid_sync(sync_ptr + 6, n_programs, ACQUIRE)
         _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
                    M if PHASES & 128 else 0, m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D,
-                   BLOCK_D, ROW_EARLY)
+                   BLOCK_D)
 
 
 @triton.jit
@@ -602,7 +492,6 @@ def _expert_layer_kernel(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr, PHASES: tl.constexpr,
-    PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr, ROW_EARLY: tl.constexpr,
 ):
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
@@ -611,7 +500,7 @@ def _expert_layer_kernel(
            keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
            D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
            PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
-           BLOCK_D, PHASES, False, PREFETCH, PREFETCH_CHUNKS, ROW_EARLY)
+           BLOCK_D, PHASES, False)
 
 
 class ExpertWorkspace:
@@ -648,10 +537,6 @@ class ExpertWorkspace:
         n_bkv = (rows // seq_len) * kv_heads
         row_blocks = triton.cdiv(n_rows, t.attn_rows) * n_bkv
         self.programs = t.programs or processor_count(device)
-        arch = compute_capability(device)
-        if t.idle_prefetch and arch is not None and arch < 90:
-            raise ValueError(f"ExpertTiling.idle_prefetch uses the bulk L2 prefetch of sm_90 and later; this GPU is "
-                             f"sm_{arch}: use idle_prefetch=0")
         if (device.type == "cuda" or compile_target(device) is not None) and self.programs > processor_count(device):
             raise ValueError(f"{self.programs} persistent programs on a GPU with {processor_count(device)} SMs: the "
                              "grid barriers need every program resident at once (at most one per SM)")
@@ -710,14 +595,8 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"fp8_operands {t.fp8_operands!r} is not 'bf16' or 'f16'"
     if t.fp8_convert not in ("cvt", "bits"):
         return f"fp8_convert {t.fp8_convert!r} is not 'cvt' or 'bits'"
-    if t.fp8_joined_tiles and not t.fp8_weights_first:
-        return "fp8_joined_tiles needs fp8_weights_first"
     if t.fp8_convert == "bits" and interpreting():
         return "fp8_convert 'bits' runs inline PTX, which Triton's interpreter cannot run: use 'cvt'"
-    if not 0 <= t.idle_prefetch <= 15:
-        return f"idle_prefetch {t.idle_prefetch} is not a mask of the PREFETCH_* bits (0-15)"
-    if t.idle_prefetch and interpreting():
-        return "idle_prefetch runs inline PTX, which Triton's interpreter cannot run: use 0"
     if t.attn_v_parts not in (1, 2, 4) or (t.attn_v_parts > 1 and t.attn_merge != "phase"):
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
@@ -794,20 +673,16 @@ def launch_constants(dtype: torch.dtype, dim: int, mlp_dim: int, heads: int, kv_
         GU_COLS=t.gate_up_cols, OUT_HALF=t.out_cols, ATTN_ROWS=t.attn_rows, ATTN_KEYS=t.attn_keys,
         ATTN_D_PARTS=min(t.attn_d_parts, workspace.block_hd // 16), ATTN_V_PARTS=workspace.v_parts,
         MERGE_ROWS=workspace.merge_rows, BLOCK_HD=workspace.block_hd,
-        BLOCK_D=next_power_of_two(dim), PREFETCH=t.idle_prefetch, PREFETCH_CHUNKS=32 * t.num_warps,
-        ROW_EARLY=t.row_vectors_early,
-        num_warps=t.num_warps, num_stages=t.num_stages,
+        BLOCK_D=next_power_of_two(dim), num_warps=t.num_warps, num_stages=t.num_stages,
     )
 
 
 def fp8_mode(fp8: bool, tiling: ExpertTiling) -> int:
     """The kernels' ``FP8`` constant: 0 for bf16 / fp32 weights; for E4M3 ones 1 plus the flags
-    :data:`FP8_BITS` (``fp8_convert="bits"``), :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``) and
-    :data:`FP8_JOINED` (``fp8_joined_tiles``)."""
+    :data:`FP8_BITS` (``fp8_convert="bits"``) and :data:`FP8_WEIGHTS_FIRST` (``fp8_weights_first``)."""
     if not fp8:
         return 0
-    return (1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0)
-            | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0) | (FP8_JOINED if tiling.fp8_joined_tiles else 0))
+    return 1 | (FP8_BITS if tiling.fp8_convert == "bits" else 0) | (FP8_WEIGHTS_FIRST if tiling.fp8_weights_first else 0)
 
 
 _WEIGHT_NAMES = ("w_qkv", "w_o", "w_gate_up", "w_down")

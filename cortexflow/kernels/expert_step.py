@@ -198,7 +198,7 @@ def _expert_step_kernel(
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BARRIERS: tl.constexpr, ALIGN: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
     BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_N: tl.constexpr, ACTION_K: tl.constexpr,
-    HEAD_K: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_CHUNKS: tl.constexpr, ROW_EARLY: tl.constexpr,
+    HEAD_K: tl.constexpr,
 ):
     """Every layer of one denoising step (see :func:`expert_step`): layer ``l`` takes projection ``j``'s weight
     (and FP8 scales) at layer 0's plus the element offset ``table[j, l]`` (a multiple of ``ALIGN``), its norm /
@@ -245,7 +245,7 @@ def _expert_step_kernel(
                keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
                (layer > 0) | MID, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8,
                O_SPLITS, DOWN_SPLITS, BLOCK_M, PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS,
-               ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD, BLOCK_D, 255, True, PREFETCH, PREFETCH_CHUNKS, ROW_EARLY)
+               ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD, BLOCK_D, 255, True)
         # The next layer's first phase reads this layer's down-projection partials; the last layer adds
         # them to the residual here.
         _grid_sync(sync + 6, n_programs, True)
@@ -253,14 +253,14 @@ def _expert_step_kernel(
             if EULER:
                 # The residual and the final norm of every row, then the action head on the action rows.
                 _row_phase(out_ptr, out_ptr, hn_attn_ptr, down_part_ptr, mlp_gate, final_scale_ptr, final_shift_ptr, M,
-                           m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D, ROW_EARLY)
+                           m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
                 # With one layer this counter also held the action phase's arrivals.
                 _grid_sync(sync + BARRIERS - 1, n_programs * (1 + (n_layers == 1)), True)
                 _head_phase(hn_attn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_programs, A, BLOCK_A,
                             D, HEAD_K)
             else:
                 _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate, mlp_scale, mlp_shift, M, m_pad, eps,
-                           pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D, BLOCK_D, ROW_EARLY)
+                           pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D, BLOCK_D)
 
 
 @dataclass(frozen=True)
