@@ -34,7 +34,9 @@ def read_sass(path: Path) -> tuple[list[str], list[list[str]]]:
     return rows[start], rows[start + 1:]
 
 
-def phase_stalls(header: list[str], rows: list[list[str]]) -> list[dict]:
+def _columns(header: list[str]):
+    """The source page's column index by name, its stall-reason columns, and ``count(row, column)`` (0 where a row
+    has no number there)."""
     col = {name: i for i, name in enumerate(header)}
     reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
 
@@ -43,6 +45,12 @@ def phase_stalls(header: list[str], rows: list[list[str]]) -> list[dict]:
             return int(row[col[name]])
         except (ValueError, IndexError):
             return 0
+
+    return col, reasons, count
+
+
+def phase_stalls(header: list[str], rows: list[list[str]]) -> list[dict]:
+    col, reasons, count = _columns(header)
 
     fences = [i for i, row in enumerate(rows) if "MEMBAR.ALL.GPU" in row[col["Source"]]]
     if len(fences) != len(PHASES) - 1:
@@ -69,14 +77,7 @@ def phase_stalls(header: list[str], rows: list[list[str]]) -> list[dict]:
 def whole_kernel_stalls(header: list[str], rows: list[list[str]]) -> dict:
     """Every stall reason's samples over all instructions, largest first, and the samples on the instructions of
     grid-barrier polls (a strong or acquire load of a counter and the instruction after it)."""
-    col = {name: i for i, name in enumerate(header)}
-    reasons = [h for h in header if h.startswith("stall_") and "Not Issued" not in h]
-
-    def count(row, name):
-        try:
-            return int(row[col[name]])
-        except (ValueError, IndexError):
-            return 0
+    col, reasons, count = _columns(header)
 
     source = [row[col["Source"]] for row in rows]
     polls = {i for i, text in enumerate(source) if "LDG.E.STRONG" in text}
