@@ -15,7 +15,12 @@ With ``--ncu`` nothing is timed: after a warm-up, one step of the default persis
 ``cudaProfilerStart`` and ``cudaProfilerStop`` (18 launches: layer 0, 16 middle layers, the last), for Nsight
 Compute to profile; with ``--fp8`` too, with E4M3 weights at the backend's FP8 tiling (``default_tiling(fp8=True)``);
 with ``--step`` the step runs as one launch of the step kernel (all 18 layers, as the backend runs them: profile it
-with ``--cache-control none``, so that what the instruction cache holds carries over from layer to layer).
+with ``--cache-control none``, so that what the instruction cache holds carries over from layer to layer), with
+``--euler`` too as the whole Euler step the backend launches (action path, final norm, action head).
+
+``--step --euler`` times the Euler step kernel, the launch the backend runs by default: a change measured on the
+layers-only step kernel need not carry over (session 33: a tiling 2 µs a layer faster there ran the whole predict
+0.8-6 % slower, benchmarks/NOTES.md).
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
@@ -47,6 +52,7 @@ from cortexflow.models.gemma import gemma_layers  # noqa: E402
 from cortexflow.ops import DecoderDims  # noqa: E402
 
 D, F, HEADS, KV_HEADS, HEAD_DIM, LAYERS, EPS = 1024, 4096, 8, 1, 256, 18, 1e-6
+ACTION_DIM = 32
 PHASES = {"barriers only": 0, "0 residual + attention norm": 1, "1 QKV + RoPE": 2, "2 attention": 4,
           "3 o partials": 8, "4 residual + MLP norm": 16, "5 gate/up + GELU": 32, "6 down partials": 64,
           "all": el.ALL_PHASES}
@@ -120,6 +126,10 @@ def main() -> None:
     parser.add_argument("--step", action="store_true",
                         help="also time each tiling as the step kernel (kernels/expert_step.py: the 18 layers in one "
                              "launch, as the backend runs them), µs per layer")
+    parser.add_argument("--euler", action="store_true",
+                        help="with --step: the step kernel as a whole Euler step (Pi0's action path, final norm and "
+                             "action head in the launch), as the backend runs it (TritonOptions.expert_launch='euler'); "
+                             "its rows have no rel vs chain (layer 0 reads the action tokens); with --ncu: profile it")
     parser.add_argument("--fp8", action="store_true",
                         help="also time each tiling with E4M3 weights (per-channel scales, weight-only)")
     parser.add_argument("--ncu", action="store_true",
@@ -202,10 +212,21 @@ def main() -> None:
                                                      for names in layer_names])
     norm_scales = torch.stack([torch.stack(pair) for pair in scales]).contiguous()
 
+    # Pi0's action path for --euler: 32 action dimensions, the 50 action rows after the state row, fp32 weights.
+    def rnd32(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g, device=device) * scale
+
+    euler = None
+    if args.euler:
+        euler = es.EulerUpdate(x_t=rnd32(s - 1, ACTION_DIM), in_weight=rnd32(D, ACTION_DIM, scale=ACTION_DIM**-0.5),
+                               in_bias=rnd32(D, scale=0.1), head_weight=rnd32(ACTION_DIM, D, scale=D**-0.5),
+                               head_bias=rnd32(ACTION_DIM, scale=0.1), final_scale=1.0 + rnd32(D, scale=0.1),
+                               chunk=s - 1, dt=-0.1, mid_weight=rnd32(D, D, scale=D**-0.5), mid_bias=rnd32(D, scale=0.1))
+
     def step_kernel(work, fp8=False):
         work.reset()
         return es.expert_step(hidden.view(s, D), work.residual, step_tables[fp8], norm_scales, positions, inv_freq,
-                              keys, values, mask, EPS, scale, work, HEADS)
+                              keys, values, mask, EPS, scale, work, HEADS, euler=euler)
 
     if args.ncu:
         tiling = el.default_tiling(fp8=args.fp8)  # with --fp8: E4M3 weights at the backend's FP8 tiling
@@ -218,8 +239,8 @@ def main() -> None:
         run(work, fp8=args.fp8)
         torch.cuda.synchronize()
         torch.cuda.cudart().cudaProfilerStop()
-        launches = f"one launch of the step kernel ({LAYERS} layers)" if args.step else \
-            f"{LAYERS} launches of the persistent layer"
+        launches = f"one launch of the {'Euler ' if args.euler else ''}step kernel ({LAYERS} layers)" if args.step \
+            else f"{LAYERS} launches of the persistent layer"
         print(f"profiled one step: {launches} ({work.programs} programs, {work.n_splits} attention key ranges, "
               f"{'E4M3' if args.fp8 else 'bf16'} weights)")
         return
@@ -259,14 +280,15 @@ def main() -> None:
     print(f"kernel chain: {chain_us:.2f} us/layer (floor {floor_us:.2f})", flush=True)
     save()
 
-    def time_variant(label: str, name: str, tiling: el.ExpertTiling, run, **extra) -> bool:
-        """Check ``run`` (one step's 18 layers) against the chain and time it in a CUDA graph: a row of ``rows``. A
-        tiling that does not compile or run gets a row with its error and does not end the sweep."""
+    def time_variant(label: str, name: str, tiling: el.ExpertTiling, run, compare: bool = True, **extra) -> bool:
+        """Check ``run`` (one step's 18 layers) against the chain (unless not ``compare``) and time it in a CUDA
+        graph: a row of ``rows``. A tiling that does not compile or run gets a row with its error and does not end the
+        sweep."""
         t0 = time.time()
         try:
             out = run().float()
             torch.cuda.synchronize()
-            err = rel(out, reference)
+            err = rel(out, reference) if compare else None
             us = graph_time_us(run) / LAYERS
         except Exception as failure:  # noqa: BLE001 - one tiling that does not compile must not end the sweep
             rows.append(dict(variant=f"{label}: {name}", error=f"{type(failure).__name__}: {failure}"[:300]))
@@ -275,7 +297,8 @@ def main() -> None:
             return False
         rows.append(dict(variant=f"{label}: {name}", us_per_layer=us, rel_vs_chain=err, tiling=asdict(tiling), **extra))
         save()
-        print(f"{label} {name}: {us:.2f} us/layer, rel vs chain {err:.2e} ({time.time() - t0:.1f} s)", flush=True)
+        versus = "not compared" if err is None else f"{err:.2e}"
+        print(f"{label} {name}: {us:.2f} us/layer, rel vs chain {versus} ({time.time() - t0:.1f} s)", flush=True)
         return True
 
     for name, tiling in tilings(args.quick, args.only).items():
@@ -288,12 +311,13 @@ def main() -> None:
         if not fp8_only and not time_variant("persistent", name, tiling, lambda: persistent(work),
                                              attention_splits=work.n_splits, programs=work.programs):
             continue
+        step_label = "Euler step kernel" if args.euler else "step kernel"
         if args.step and not fp8_only:
-            time_variant("step kernel", name, tiling, lambda: step_kernel(work))
+            time_variant(step_label, name, tiling, lambda: step_kernel(work), compare=not args.euler)
         if args.fp8:
             time_variant("persistent fp8", name, tiling, lambda: persistent(work, fp8=True))
         if args.fp8 and args.step:
-            time_variant("step kernel fp8", name, tiling, lambda: step_kernel(work, fp8=True))
+            time_variant(f"{step_label} fp8", name, tiling, lambda: step_kernel(work, fp8=True), compare=not args.euler)
     phase_tilings = {} if args.no_phases else {"default": el.ExpertTiling()}
     phase_tilings.update({name: tilings(False)[name] for name in args.phases_of})
     for tiling_name, tiling in phase_tilings.items():
