@@ -9,9 +9,9 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 R=$OUT/r; mkdir -p $R/micro $R/micro_euler $R/grid
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader > $R/machine.txt
 python3 -c "import torch, triton; print(torch.__version__, torch.version.cuda, triton.__version__)" >> $R/machine.txt
-OUT=$R/micro timeout 100 python3 benchmarks/micro_expert_layer.py --step --fp8 --no-phases --quick \
+OUT=$R/micro timeout 100 python3 benchmarks/micro_expert_layer.py --step --fp8 --no-phases --only "bits, weights first" \
   > $R/micro/micro.log 2>&1; echo "micro rc $?" >> $R/steps.txt
-OUT=$R/micro_euler timeout 100 python3 benchmarks/micro_expert_layer.py --step --euler --fp8 --no-phases --quick \
+OUT=$R/micro_euler timeout 100 python3 benchmarks/micro_expert_layer.py --step --euler --fp8 --no-phases --only "bits, weights first" \
   > $R/micro_euler/micro.log 2>&1; echo "micro euler rc $?" >> $R/steps.txt
 grep -hE "step kernel" $R/micro/micro.log $R/micro_euler/micro.log | grep -v "^ " | head
 timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_e4m3.py tests/test_expert_layer.py tests/test_expert_step.py \
