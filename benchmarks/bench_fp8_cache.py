@@ -75,7 +75,6 @@ def run_case(case: str, checkpoint: Path, cache: Path) -> dict:
     seconds = time.perf_counter() - start
     return {"case": case, "seconds": seconds, "host_peak_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "weights_fingerprint": weights_fingerprint(engine.weights),
             "tensor_fingerprints": {name: weights_fingerprint({name: t}) for name, t in engine.weights.items()}}
 
 

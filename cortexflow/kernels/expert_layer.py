@@ -207,13 +207,7 @@ def _dual_tile(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, cols2, k_st
                     cache_modifier=".cg")
         w1 = tl.load(w_ptr + cols1[None, :] * w_cols + ks[:, None])
         w2 = tl.load(w_ptr + cols2[None, :] * w_cols + ks[:, None])
-        if FP8:
-            w1 = _e4m3_to(w1, a.dtype, FP8)
-            w2 = _e4m3_to(w2, a.dtype, FP8)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w1 = w1.to(tl.float32)
-            w2 = w2.to(tl.float32)
+        a, w1, w2 = _mma_operands(a, w1, w2, UPCAST, FP8)
         acc1 = tl.dot(a, w1, acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(a, w2, acc2, input_precision=DOT_PRECISION)
     return acc1, acc2
@@ -235,15 +229,24 @@ def _weights_first_tiles(a_ptr, a_cols, rows, row_valid, w_ptr, w_cols, cols1, c
         w2 = tl.load(w_ptr + cols2[:, None] * w_cols + ks[None, :])
         a = tl.load(a_ptr + rows[None, :] * a_cols + ks[:, None], mask=row_valid[None, :], other=0.0,
                     cache_modifier=".cg")
-        w1 = _e4m3_to(w1, a.dtype, FP8)
-        w2 = _e4m3_to(w2, a.dtype, FP8)
-        if UPCAST:
-            a = a.to(tl.float32)
-            w1 = w1.to(tl.float32)
-            w2 = w2.to(tl.float32)
+        a, w1, w2 = _mma_operands(a, w1, w2, UPCAST, FP8)
         acc1 = tl.dot(w1, a, acc1, input_precision=DOT_PRECISION)
         acc2 = tl.dot(w2, a, acc2, input_precision=DOT_PRECISION)
     return tl.trans(acc1), tl.trans(acc2)
+
+
+@triton.jit
+def _mma_operands(a, w1, w2, UPCAST: tl.constexpr, FP8: tl.constexpr):
+    """One K step's operands as the MMA takes them: E4M3 weight tiles (``FP8``) converted to ``a``'s dtype, and with
+    ``UPCAST`` all three in fp32."""
+    if FP8:
+        w1 = _e4m3_to(w1, a.dtype, FP8)
+        w2 = _e4m3_to(w2, a.dtype, FP8)
+    if UPCAST:
+        a = a.to(tl.float32)
+        w1 = w1.to(tl.float32)
+        w2 = w2.to(tl.float32)
+    return a, w1, w2
 
 
 @triton.jit
