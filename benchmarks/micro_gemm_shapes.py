@@ -22,14 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from micro_decoder_kernels import graph_time_us, rel  # noqa: E402
 
-from cortexflow.kernels.gelu_gate import _gelu_tanh  # noqa: E402
+from cortexflow.kernels.gemm import GemmTiling, gemm  # noqa: E402
 from cortexflow.tools import environment_info  # noqa: E402
 
 #: (name, N, K, epilogue) of the Pi0 GEMMs; the vision ones run on 256 rows a view, the prefix ones on 256 a view plus
@@ -46,93 +45,13 @@ TILES = [
     (64, 256, 64, 8, 3), (128, 256, 64, 8, 3), (64, 64, 128, 4, 3), (64, 128, 128, 4, 3), (128, 128, 128, 8, 3),
 ]
 SPLITS = (1, 2, 4)
-EPILOGUES = {"none": 0, "bias": 1, "bias_gelu": 2, "residual": 3}
 
 
-@triton.jit
-def _gemm_kernel(a_ptr, w_ptr, bias_ptr, out_ptr, part_ptr, M, N, K, k_per_split, EPILOGUE,
-                 SPLIT: tl.constexpr, DESCRIPTORS: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """``a (M, K) @ w (N, K)ᵀ`` for one (BLOCK_M, BLOCK_N) tile and one K range of ``k_per_split`` (a multiple of
-    BLOCK_K); with ``SPLIT`` the fp32 sum goes to ``part (splits, M, N)``, else the epilogue is applied and the tile
-    stored in ``out``'s dtype."""
-    pid = tl.program_id(0)
-    split = tl.program_id(1)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * n_n
-    first_m = (pid // group) * GROUP_M
-    size_m = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
-    k0 = split * k_per_split
-    k1 = tl.minimum(k0 + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    if DESCRIPTORS:
-        a_desc = tl.make_tensor_descriptor(a_ptr, shape=[M, K], strides=[K, 1], block_shape=[BLOCK_M, BLOCK_K])
-        w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[K, 1], block_shape=[BLOCK_N, BLOCK_K])
-        for k in tl.range(k0, k1, BLOCK_K):
-            a = a_desc.load([pid_m * BLOCK_M, k])
-            w = w_desc.load([pid_n * BLOCK_N, k])
-            acc = tl.dot(a, w.T, acc)
-    else:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        for k in tl.range(k0, k1, BLOCK_K):
-            ks = k + offs_k
-            a = tl.load(a_ptr + offs_m[:, None] * K + ks[None, :], mask=(offs_m < M)[:, None] & (ks < k1)[None, :],
-                        other=0.0)
-            w = tl.load(w_ptr + offs_n[None, :] * K + ks[:, None], mask=(offs_n < N)[None, :] & (ks < k1)[:, None],
-                        other=0.0)
-            acc = tl.dot(a, w, acc)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = (rows < M)[:, None] & (cols < N)[None, :]
-    if SPLIT:
-        tl.store(part_ptr + (split * M + rows[:, None]) * N + cols[None, :], acc, mask=valid)
-    else:
-        _epilogue(acc, rows, cols, valid, bias_ptr, out_ptr, N, EPILOGUE)
-
-
-@triton.jit
-def _epilogue(acc, rows, cols, valid, bias_ptr, out_ptr, N, EPILOGUE):
-    ptrs = out_ptr + rows[:, None] * N + cols[None, :]
-    if (EPILOGUE == 1) | (EPILOGUE == 2):
-        acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    if EPILOGUE == 2:
-        acc = _gelu_tanh(acc)
-    if EPILOGUE == 3:
-        acc += tl.load(ptrs, mask=valid, other=0.0).to(tl.float32)
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=valid)
-
-
-@triton.jit
-def _split_sum_kernel(part_ptr, bias_ptr, out_ptr, M, N, splits, EPILOGUE, BLOCK_M: tl.constexpr,
-                      BLOCK_N: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    valid = (rows < M)[:, None] & (cols < N)[None, :]
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for s in range(0, splits):
-        acc += tl.load(part_ptr + (s * M + rows[:, None]) * N + cols[None, :], mask=valid, other=0.0)
-    _epilogue(acc, rows, cols, valid, bias_ptr, out_ptr, N, EPILOGUE)
-
-
-def triton_gemm(a, w, bias, out, part, epilogue: int, tile, splits: int, descriptors: bool) -> None:
+def triton_gemm(a, w, bias, out, part, epilogue: str, tile, splits: int, descriptors: bool) -> None:
     bm, bn, bk, warps, stages = tile
-    m, k = a.shape
-    n = w.shape[0]
-    k_per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
-    splits = triton.cdiv(k, k_per_split)
-    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn), splits)
-    _gemm_kernel[grid](a, w, bias, out, part, m, n, k, k_per_split, EPILOGUE=epilogue, SPLIT=splits > 1,
-                       DESCRIPTORS=descriptors, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps,
-                       num_stages=stages)
-    if splits > 1:
-        _split_sum_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](part, bias, out, m, n, splits,
-                                                                    EPILOGUE=epilogue, BLOCK_M=32, BLOCK_N=128,
-                                                                    num_warps=4)
+    tiling = GemmTiling(bm, bn, bk, splits, 8, descriptors, warps, stages)
+    gemm(a, w, out, tiling, bias=bias if epilogue in ("bias", "bias_gelu") else None, gelu=epilogue == "bias_gelu",
+         residual=epilogue == "residual", workspace=part)
 
 
 def cublas(a, w, bias, out, epilogue: str) -> torch.Tensor:
@@ -178,7 +97,6 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=20)
     args = parser.parse_args()
     device = torch.device("cuda")
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
     only = set(args.only.split(","))
     out_dir = Path(os.environ.get("OUT", "."))
     result = {"environment": environment_info(device), "cublas": [], "sweep": []}
@@ -209,9 +127,9 @@ def main() -> None:
                         label = f"{'tma' if descriptors else 'ptr'} {tile} split {splits}"
                         try:
                             mine = residual.clone()
-                            triton_gemm(a, weights[0], bias, mine, part, EPILOGUES[epilogue], tile, splits, descriptors)
+                            triton_gemm(a, weights[0], bias, mine, part, epilogue, tile, splits, descriptors)
                             err = rel(mine, ref)
-                            us = graph_time_us(cycle(lambda w: triton_gemm(a, w, bias, out, part, EPILOGUES[epilogue],
+                            us = graph_time_us(cycle(lambda w: triton_gemm(a, w, bias, out, part, epilogue,
                                                                            tile, splits, descriptors)), args.calls)
                             rows.append({"variant": label, "us": us, "rel_err": err})
                         except Exception as error:  # a tiling that does not compile or fit: recorded, not fatal
