@@ -208,7 +208,7 @@ def _fp8_layer_cache(fp8_cache: Any, backend: Any, checkpoint_path: Path, dtype:
     from cortexflow.backends.triton_backend import TritonBackend
     from cortexflow.quantization.fp8_cache import fp8_layer_cache
 
-    options = backend.options if isinstance(backend, TritonBackend) else backend._options
+    options = backend.options if isinstance(backend, TritonBackend) else backend.default_options()
     return fp8_layer_cache(fp8_cache, checkpoint_path, header_model(), options, dtype)
 
 

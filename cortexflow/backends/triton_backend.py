@@ -124,6 +124,11 @@ class TritonBackend(PyTorchBackend):
         chosen = TritonOptions.from_mapping({**base.as_dict(), **fields}, "TritonBackend.configured")
         return type(cls.__name__, (cls,), {"_options": chosen})
 
+    @classmethod
+    def default_options(cls) -> TritonOptions:
+        """The options an instance of this class gets without ``options=`` (:meth:`configured`'s choice)."""
+        return cls._options
+
     # ---- weights ------------------------------------------------------------------------------
     def fuse_weights(self, weights, groups):
         """Concatenate Q/K/V and gate/up of every decoder layer (the Pi0 family's expert, a token VLA's LM) and,

@@ -63,7 +63,7 @@ def backend_for_precision(backend: Any, precision: Any, device: torch.device, dt
     from cortexflow.backends.triton_backend import TritonBackend
 
     if isinstance(backend, type) and issubclass(backend, TritonBackend):
-        return backend if backend._options.fp8 != "off" else backend.configured(fp8=PRECISION_FP8_STAGES)
+        return backend if backend.default_options().fp8 != "off" else backend.configured(fp8=PRECISION_FP8_STAGES)
     if isinstance(backend, TritonBackend):
         if backend.options.fp8 == "off":
             raise ConfigError(f"{option_setting(source, 'fp8')} with a TritonBackend instance made without FP8: pass backend='triton' "

@@ -167,7 +167,7 @@ def triton_options_dict(spec) -> dict | None:
         return None
     from cortexflow.backends.triton_options import TritonOptions
 
-    return (TritonOptions() if isinstance(spec, str) else spec._options).as_dict()
+    return (TritonOptions() if isinstance(spec, str) else spec.default_options()).as_dict()
 
 
 def synchronize(device: torch.device) -> None:
