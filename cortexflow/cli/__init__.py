@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from cortexflow.cli import checkpoints, demo, export, measure, run, serve
+from cortexflow.cli import cache, checkpoints, demo, export, measure, run, serve
 from cortexflow.cli.common import cli_errors
 
 __all__ = ["app", "main", "cli_errors"]
@@ -66,6 +66,8 @@ COMMANDS = (
      "Export a policy's stages (or a perception encoder) to ONNX, checked in ONNX Runtime."),
     ("configs", checkpoints.configs_command,
      "List the openpi policy configs --config accepts."),
+    ("cache", cache.cache_command,
+     "List or clear CortexFlow's disk caches (FP8 weights, ONNX exports)."),
     ("serve", serve.serve_command,
      "Serve a policy over WebSocket with openpi's protocol (openpi_client connects unchanged)."),
     ("loadtest", serve.loadtest_command,
