@@ -13,6 +13,7 @@ result is compared with cuBLAS's (‖Δ‖/‖ref‖). Writes ``$OUT/micro_gemm_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -47,9 +48,13 @@ TILES = [
 SPLITS = (1, 2, 4)
 
 
-def triton_gemm(a, w, bias, out, part, epilogue: str, tile, splits: int, descriptors: bool) -> None:
+def tiling_of(tile, splits: int, descriptors: bool) -> GemmTiling:
     bm, bn, bk, warps, stages = tile
-    tiling = GemmTiling(bm, bn, bk, splits, 8, descriptors, warps, stages)
+    return GemmTiling(bm, bn, bk, splits, 8, descriptors, warps, stages)
+
+
+def triton_gemm(a, w, bias, out, part, epilogue: str, tile, splits: int, descriptors: bool) -> None:
+    tiling = tiling_of(tile, splits, descriptors)
     gemm(a, w, out, tiling, bias=bias if epilogue in ("bias", "bias_gelu") else None, gelu=epilogue == "bias_gelu",
          residual=epilogue == "residual", workspace=part)
 
@@ -95,6 +100,9 @@ def main() -> None:
     parser.add_argument("--cublas-views", default="1,2,3", help="views at which every shape is timed in cuBLAS")
     parser.add_argument("--quick", action="store_true", help="split-K 1 and 2 only, pointer loads only")
     parser.add_argument("--calls", type=int, default=20)
+    parser.add_argument("--tilings-out", default=None, metavar="FILE",
+                        help="write the fastest Triton tiling of each swept shape that beats cuBLAS by 3 %% or more, as "
+                             "JSON {\"N,K\": GemmTiling fields} (for with_vision_tilings.py)")
     args = parser.parse_args()
     device = torch.device("cuda")
     only = set(args.only.split(","))
@@ -112,6 +120,7 @@ def main() -> None:
             result["cublas"].append({"shape": name, "views": views, "M": m, "N": n, "K": k, "us": us, "tflops": tflops})
             print(f"  {name:<10} views {views}  M {m:4d} N {n:5d} K {k:5d}  {us:8.2f} us  {tflops:5.0f} TFLOP/s", flush=True)
     (out_dir / "micro_gemm_shapes.json").write_text(json.dumps(result, indent=1))
+    best: dict[str, dict] = {}
     for views in [int(v) for v in args.views.split(",")]:
         for name, n, k, epilogue in SHAPES:
             if name not in only:
@@ -131,7 +140,8 @@ def main() -> None:
                             err = rel(mine, ref)
                             us = graph_time_us(cycle(lambda w: triton_gemm(a, w, bias, out, part, epilogue,
                                                                            tile, splits, descriptors)), args.calls)
-                            rows.append({"variant": label, "us": us, "rel_err": err})
+                            rows.append({"variant": label, "us": us, "rel_err": err,
+                                         "tiling": dataclasses.asdict(tiling_of(tile, splits, descriptors))})
                         except Exception as error:  # a tiling that does not compile or fit: recorded, not fatal
                             rows.append({"variant": label, "error": f"{type(error).__name__}: {str(error)[:200]}"})
             base = rows[0]["us"]
@@ -143,9 +153,13 @@ def main() -> None:
             bad = [r for r in rows[1:] if "error" in r or r.get("rel_err", 0) >= 2e-2]
             if bad:
                 print(f"  {len(bad)} variants failed or differ, e.g. {bad[0]}")
+            if timed and timed[0]["us"] < 0.97 * base:
+                best[f"{n},{k}"] = timed[0]["tiling"]
             result["sweep"].append({"shape": name, "views": views, "M": m, "N": n, "K": k, "epilogue": epilogue,
                                     "cublas_us": base, "rows": rows})
             (out_dir / "micro_gemm_shapes.json").write_text(json.dumps(result, indent=1))
+            if args.tilings_out:
+                Path(args.tilings_out).write_text(json.dumps(best, indent=1))
 
 
 if __name__ == "__main__":
