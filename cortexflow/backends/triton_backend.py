@@ -49,6 +49,7 @@ from cortexflow.backends.triton_fp8 import (  # noqa: E402
 from cortexflow.backends.triton_encoder import (  # noqa: E402
     fuse_encoder_weights,
     fused_prefix,
+    VISION_GEMM_TILINGS,
     fused_vision_tower,
     prefix_layers_fused,
     prefix_unsupported,
@@ -169,7 +170,8 @@ class TritonBackend(PyTorchBackend):
         if not self._encoder_fused(vision_stack_fused(stack, weights),
                                    vision_stack_unsupported(stack, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
             return super().pre_ln_encoder(weights, stack, x)
-        return fused_vision_tower(weights, stack, x, gelu_epilogue=self.options.vision_gelu == "epilogue")
+        return fused_vision_tower(weights, stack, x, gelu_epilogue=self.options.vision_gelu == "epilogue",
+                                  gemm_tilings=VISION_GEMM_TILINGS if self.options.vision_gemm == "triton" else None)
 
     def prefix_kv_cache(self, weights, layers, x, positions, mask, room=0):
         """The fused Gemma prefix (``triton_encoder.py``) when its weights were fused; else op by op."""

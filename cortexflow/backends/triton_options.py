@@ -23,6 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step", "euler"),
     "vision_gelu": ("kernel", "epilogue"),
+    "vision_gemm": ("cublas", "triton"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -53,6 +54,9 @@ class TritonOptions:
       rounded once; one kernel a layer fewer; on the H100 Pi0 0.8 % faster, benchmarks/NOTES.md, session 28);
       "kernel": a Triton kernel over the GEMM's rounded output. CUDA only: elsewhere that operator computes the
       erf GELU, so other devices run the kernel.
+    - ``vision_gemm``: with ``fused_encoder``, SigLIP's four GEMMs a layer: "cublas"; "triton":
+      ``kernels/gemm.py`` with the tilings of ``triton_encoder.VISION_GEMM_TILINGS`` (by weight shape; others stay on
+      cuBLAS), bias and GELU in its epilogue.
 
     Token VLAs (OpenVLA, RT-2):
     - ``decode_gemv``: "all": every projection of a one-row decode step as a fused decode GEMV (norm
@@ -88,6 +92,7 @@ class TritonOptions:
     expert_launch: str = "euler"
     fused_encoder: bool = True
     vision_gelu: str = "epilogue"
+    vision_gemm: str = "cublas"
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
     decode_head: bool = True
