@@ -174,18 +174,18 @@ def test_vision_gemm_triton_matches_the_reference(dtype):
     _close(tokens, reference.vision_encoder(model, raw, {"images": images}), dtype, "image tokens")
 
 
-def test_vision_gemm_tiling_by_weight_shape():
-    from cortexflow.backends.triton_encoder import INTERPRETER_GEMM_TILING, vision_gemm_tiling
+def test_vision_gemm_tiling_by_weight_shape(monkeypatch):
+    from cortexflow.backends import triton_encoder as te
     from cortexflow.kernels.gemm import GemmTiling
 
     w = torch.empty(96, 64)
-    assert vision_gemm_tiling(w, None) is None  # "cublas"
-    if DEVICE == "cpu":  # the interpreter: every shape
-        assert vision_gemm_tiling(w, {}) == INTERPRETER_GEMM_TILING
-    else:
-        tiling = GemmTiling(splits=2)
-        assert vision_gemm_tiling(w.cuda(), {(96, 64): tiling}) == tiling
-        assert vision_gemm_tiling(w.cuda(), {(64, 96): tiling}) is None  # not measured: cuBLAS
+    assert te.vision_gemm_tiling(w, None) is None  # "cublas"
+    assert te.vision_gemm_tiling(w, {}) == (te.INTERPRETER_GEMM_TILING if DEVICE == "cpu" else
+                                            te.VISION_GEMM_DEFAULT_TILING)
+    monkeypatch.setattr(te, "interpreting", lambda: False)  # the GPU's choice, checked on the CPU too
+    tiling = GemmTiling(splits=2)
+    assert te.vision_gemm_tiling(w, {(96, 64): tiling}) == tiling
+    assert te.vision_gemm_tiling(w, {(64, 96): tiling}) == te.VISION_GEMM_DEFAULT_TILING
 
 
 def test_linear_gelu_tanh_is_the_tanh_gelu_with_or_without_the_epilogue():

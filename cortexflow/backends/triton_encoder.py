@@ -46,28 +46,31 @@ PREFIX_ATTENTION_TILING: dict = {"block_m": 64, "num_warps": 4}
 
 
 #: Tilings of :func:`cortexflow.kernels.gemm.gemm` for SigLIP's GEMMs by weight shape ``(N, K)``
-#: (``TritonOptions.vision_gemm="triton"``; other shapes stay on cuBLAS): from ``benchmarks/micro_gemm_shapes.py``.
+#: (``TritonOptions.vision_gemm="triton"``), each measured against cuBLAS by ``benchmarks/micro_gemm_shapes.py``;
+#: none yet (the sweep has not run on a GPU: benchmarks/NOTES.md, session 34).
 VISION_GEMM_TILINGS: dict[tuple[int, int], GemmTiling] = {}
+#: The tiling of a shape :data:`VISION_GEMM_TILINGS` lacks: 64 x 128 tiles, so that SigLIP's 512-row (2-view) GEMMs
+#: have 36-216 tiles for the H100's 132 SMs; not timed.
+VISION_GEMM_DEFAULT_TILING = GemmTiling(block_m=64, block_n=128, block_k=64, splits=1, num_warps=4, num_stages=4)
 #: The tiling every shape gets under Triton's interpreter (tests).
 INTERPRETER_GEMM_TILING = GemmTiling(block_m=32, block_n=32, block_k=32, splits=2, num_warps=4)
 
 
 def vision_gemm_tiling(weight: torch.Tensor, tilings: dict | None) -> GemmTiling | None:
-    """The Triton GEMM tiling of ``weight``'s shape in ``tilings`` (None: cuBLAS) on a GPU (or ``meta``, where
-    ``cortexflow compile-check`` compiles for one); under the interpreter every shape gets
-    :data:`INTERPRETER_GEMM_TILING`."""
+    """The Triton GEMM tiling of ``weight``'s shape: None (cuBLAS) without ``tilings``; else its entry in
+    ``tilings``, or :data:`VISION_GEMM_DEFAULT_TILING`; under the interpreter :data:`INTERPRETER_GEMM_TILING`."""
     if tilings is None:
         return None
     if interpreting():
         return INTERPRETER_GEMM_TILING
-    return tilings.get(tuple(weight.shape)) if weight.device.type in ("cuda", "meta") else None
+    return tilings.get(tuple(weight.shape), VISION_GEMM_DEFAULT_TILING)
 
 
 def vision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tilings: dict | None, gelu: bool = False,
                   gelu_epilogue: bool = True) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then tanh-GELU with ``gelu``) for ``x (M, K)`` -> ``(M, N)``: the Triton GEMM where
-    ``tilings`` has the weight's shape (:func:`vision_gemm_tiling`; bias and GELU in its epilogue, one rounding), else
-    cuBLAS (:func:`linear_gelu_tanh` with ``gelu_epilogue`` for the GELU)."""
+    """``x @ weight.T + bias`` (then tanh-GELU with ``gelu``) for ``x (M, K)`` -> ``(M, N)``: with ``tilings`` the Triton
+    GEMM (:func:`vision_gemm_tiling`; bias and GELU in its epilogue, one rounding), else cuBLAS
+    (:func:`linear_gelu_tanh` with ``gelu_epilogue`` for the GELU)."""
     tiling = vision_gemm_tiling(weight, tilings)
     if tiling is not None:
         out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)

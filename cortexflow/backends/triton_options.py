@@ -54,9 +54,10 @@ class TritonOptions:
       rounded once; one kernel a layer fewer; on the H100 Pi0 0.8 % faster, benchmarks/NOTES.md, session 28);
       "kernel": a Triton kernel over the GEMM's rounded output. CUDA only: elsewhere that operator computes the
       erf GELU, so other devices run the kernel.
-    - ``vision_gemm``: with ``fused_encoder``, SigLIP's four GEMMs a layer: "cublas"; "triton":
-      ``kernels/gemm.py`` with the tilings of ``triton_encoder.VISION_GEMM_TILINGS`` (by weight shape; others stay on
-      cuBLAS), bias and GELU in its epilogue.
+    - ``vision_gemm``: with ``fused_encoder``, SigLIP's four GEMMs a layer: "cublas"; "triton": ``kernels/gemm.py``
+      (bias and GELU in its epilogue, optional split-K) at the tilings of ``triton_encoder.VISION_GEMM_TILINGS``, else
+      ``VISION_GEMM_DEFAULT_TILING``. Built for SigLIP's few-hundred-row GEMMs, where cuBLAS's tiles leave SMs idle;
+      not yet timed on a GPU (benchmarks/NOTES.md, session 34), so not the default.
 
     Token VLAs (OpenVLA, RT-2):
     - ``decode_gemv``: "all": every projection of a one-row decode step as a fused decode GEMV (norm
