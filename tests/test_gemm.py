@@ -64,6 +64,8 @@ def test_gemm_rejects_mismatched_arguments():
     tiling = GemmTiling(block_m=32, block_n=64, block_k=32, num_warps=4)
     with pytest.raises(ValueError, match="do not match"):
         gemm(a, w, torch.empty(M, N + 1), tiling)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm(a.t().contiguous().t(), w, torch.empty(M, N), tiling)
     with pytest.raises(ValueError, match="no bias or GELU"):
         gemm(a, w, residual.clone(), tiling, bias=bias, residual=True)
     with pytest.raises(ValueError, match="pass bias"):

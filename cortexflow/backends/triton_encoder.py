@@ -50,7 +50,7 @@ PREFIX_ATTENTION_TILING: dict = {"block_m": 64, "num_warps": 4}
 #: none yet (the sweep has not run on a GPU: benchmarks/NOTES.md, session 34).
 VISION_GEMM_TILINGS: dict[tuple[int, int], GemmTiling] = {}
 #: The tiling of a shape :data:`VISION_GEMM_TILINGS` lacks: 64 x 128 tiles, so that SigLIP's 512-row (2-view) GEMMs
-#: have 36-216 tiles for the H100's 132 SMs; not timed.
+#: have 72 (o, fc2) to 272 (fc1) tiles for the H100's 132 SMs; not timed.
 VISION_GEMM_DEFAULT_TILING = GemmTiling(block_m=64, block_n=128, block_k=64, splits=1, num_warps=4, num_stages=4)
 #: The tiling every shape gets under Triton's interpreter (tests).
 INTERPRETER_GEMM_TILING = GemmTiling(block_m=32, block_n=32, block_k=32, splits=2, num_warps=4)

@@ -136,6 +136,8 @@ def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, tiling: GemmTiling
     n = w.shape[0]
     if w.shape[1] != k or out.shape != (m, n):
         raise ValueError(f"gemm: a {tuple(a.shape)}, w {tuple(w.shape)}, out {tuple(out.shape)} do not match")
+    if not (a.is_contiguous() and w.is_contiguous() and out.is_contiguous()):
+        raise ValueError("gemm reads a, w and writes out as contiguous row-major tensors; pass .contiguous() ones")
     if residual and (bias is not None or gelu):
         raise ValueError("gemm: residual=True adds the product into out; it takes no bias or GELU")
     if gelu and bias is None:
