@@ -47,9 +47,9 @@ from cortexflow.backends.triton_fp8 import (  # noqa: E402
     stream_layers_to_device,
 )
 from cortexflow.backends.triton_encoder import (  # noqa: E402
+    VISION_GEMM_TILINGS,
     fuse_encoder_weights,
     fused_prefix,
-    VISION_GEMM_TILINGS,
     fused_vision_tower,
     prefix_layers_fused,
     prefix_unsupported,

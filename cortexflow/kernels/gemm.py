@@ -11,6 +11,7 @@ and rounds once. ``descriptors``: the tiles are loaded through tensor descriptor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -142,13 +143,18 @@ def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, tiling: GemmTiling
         raise ValueError("gemm: residual=True adds the product into out; it takes no bias or GELU")
     if gelu and bias is None:
         raise ValueError("gemm: gelu=True is applied after the bias; pass bias")
-    epilogue = EPILOGUE_RESIDUAL if residual else EPILOGUE_BIAS_GELU if gelu else EPILOGUE_BIAS if bias is not None \
-        else EPILOGUE_NONE
+    if residual:
+        epilogue = EPILOGUE_RESIDUAL
+    elif bias is None:
+        epilogue = EPILOGUE_NONE
+    else:
+        epilogue = EPILOGUE_BIAS_GELU if gelu else EPILOGUE_BIAS
     t = tiling
     per, splits = k_ranges(k, t)
     part = out
-    if splits > 1:
-        size = splits * m * n
+    shape = workspace_shape(m, n, k, t)
+    if shape is not None:
+        size = shape[0] * shape[1] * shape[2]
         part = workspace if workspace is not None else torch.empty(size, dtype=torch.float32, device=a.device)
         if part.dtype != torch.float32 or part.numel() < size:
             raise ValueError(f"gemm: the workspace needs {size} fp32 elements, got {part.numel()} {part.dtype}")
@@ -157,16 +163,19 @@ def gemm(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, tiling: GemmTiling
     bias_arg = bias if bias is not None else out
     grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n), splits)
     _gemm_kernel[grid](a, w, bias_arg, out, part, m, n, k, per, epilogue, SPLIT=splits > 1,
-                       DESCRIPTORS=t.descriptors, UPCAST=upcast_dots(a.dtype), BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                       GROUP_M=t.group_m, num_warps=t.num_warps, num_stages=t.num_stages)
+                       DESCRIPTORS=t.descriptors, UPCAST=upcast_dots(a.dtype), BLOCK_M=t.block_m,
+                       BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m, num_warps=t.num_warps,
+                       num_stages=t.num_stages)
     if splits > 1:
         _sum_ranges_kernel[(triton.cdiv(m, 32), triton.cdiv(n, 128))](part, bias_arg, out, m, n, splits, epilogue,
                                                                       BLOCK_M=32, BLOCK_N=128, num_warps=4)
     return out
 
 
+@functools.cache
 def _use_torch_allocator() -> None:
-    """Device-side tensor descriptors need global scratch: Triton takes it from the allocator set here (torch's)."""
+    """Device-side tensor descriptors need global scratch: Triton takes it from the allocator set here, once per
+    process (torch's caching allocator on the current CUDA device, or host memory under the interpreter)."""
     triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda")
                          if torch.cuda.is_available() else torch.empty(size, dtype=torch.int8))
 
