@@ -231,6 +231,29 @@ def test_a_changed_checkpoint_or_changed_fp8_settings_miss(tmp_path):
     assert len(keys) == 3 and third.folder in keys
 
 
+def test_the_key_follows_the_quantised_layers_not_the_rest_of_the_config(tmp_path):
+    """A config change that leaves the language-model layers as they are (prompt template, action bins, text
+    length, vision tower, norm epsilon) keeps the entry; one that changes them (layer count, MLP width) misses."""
+    from dataclasses import replace
+
+    from cortexflow.checkpoints.openvla_layout import inspect_openvla_checkpoint
+    from cortexflow.models.openvla import OpenVLAModel
+
+    checkpoint, cache = write_checkpoint("openvla", tmp_path / "ckpt", seed=9), tmp_path / "fp8"
+    config = inspect_openvla_checkpoint(checkpoint, OPENVLA_IDS).config
+    options = TritonOptions(fp8="decoder")
+
+    def folder(**changes):
+        return fp8_layer_cache(cache, checkpoint, OpenVLAModel(replace(config, **changes)), options,
+                               torch.bfloat16).folder
+
+    same = folder()
+    assert folder(prompt_template="Q: {instruction}? A:", n_action_bins=128, max_text_tokens=96,
+                  siglip_layers=config.siglip_layers + 1, rms_norm_eps=1e-5) == same
+    assert folder(llm_layers=config.llm_layers + 1) != same
+    assert folder(llm_mlp_dim=config.llm_mlp_dim + 64) != same
+
+
 def test_an_interrupted_write_leaves_no_entry(tmp_path, monkeypatch):
     import safetensors.torch
 

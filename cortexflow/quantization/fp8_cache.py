@@ -27,7 +27,9 @@ An entry is one folder ``{root}/{key}`` with two files:
 
 The key (:func:`~cortexflow.onnx.hashing.settings_key`) covers :data:`FORMAT_VERSION`, the checkpoint's
 :func:`~cortexflow.onnx.hashing.checkpoint_hash` (sampled: a change confined to bytes between the samples is not
-seen), the model class and configuration, the compute dtype, the backend's FP8 stages and ``fold_token_norms``
+seen), the model class, the stored tensors' names, shapes and dtypes (the model configuration only as far as it shapes
+the quantised layers: a change to the prompt template, the action bins or the vision tower keeps the entry), the
+compute dtype, the backend's FP8 stages and ``fold_token_norms``
 (the options that change the stored values), and the torch version. An entry is written into a temporary folder
 beside the final one and renamed into place only when complete, so an interrupted write is never found. A damaged
 entry is removed and counts as a miss.
@@ -162,16 +164,6 @@ def fp8_layer_cache(location: "bool | str | Path", checkpoint_path: "str | Path"
     backend with ``options`` (its ``fp8_stages`` say which layers are quantised) in compute ``dtype``, under
     ``location`` (True: :func:`default_cache_dir`, else that folder)."""
     root = default_cache_dir() if location is True else Path(location).expanduser()
-    key_parts = {
-        "format": FORMAT_VERSION,
-        "checkpoint_hash": checkpoint_hash(checkpoint_path),
-        "model": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": model.config.to_dict(),
-        "dtype": dtype_name(dtype),
-        "fp8_stages": sorted(options.fp8_stages),
-        "fold_token_norms": options.fold_token_norms,
-        "torch": torch.__version__,
-    }
     layers = tuple(fp8_layers(model.fusable_weights(), options.fp8_stages))
     shapes = model.get_weight_shapes()
     stored: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
@@ -185,6 +177,17 @@ def fp8_layer_cache(location: "bool | str | Path", checkpoint_path: "str | Path"
         for norm in (layer.attn_norm, layer.mlp_norm):
             if norm is not None:
                 stored[norm] = ((width,), None)
+    key_parts = {
+        "format": FORMAT_VERSION,
+        "checkpoint_hash": checkpoint_hash(checkpoint_path),
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "stored": [f"{name} {list(shape)} {'prepared' if kind is None else dtype_name(kind)}"
+                   for name, (shape, kind) in sorted(stored.items())],
+        "dtype": dtype_name(dtype),
+        "fp8_stages": sorted(options.fp8_stages),
+        "fold_token_norms": options.fold_token_norms,
+        "torch": torch.__version__,
+    }
     under = tuple(layer.prefix + "." for layer in layers)
     return Fp8LayerCache(
         folder=root / settings_key(key_parts), key_parts=key_parts, layers=layers, stored=stored,
