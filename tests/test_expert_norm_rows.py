@@ -182,3 +182,66 @@ def test_fold_norm_scales_multiplies_the_input_columns():
         torch.testing.assert_close(new[0], layer[0] * norm_scales[i, 0][None, :])
         torch.testing.assert_close(new[2], layer[2] * norm_scales[i, 1][None, :])
         assert new[1] is layer[1] and new[3] is layer[3]
+
+
+def _tiny_engine_outputs(tmp_path, model, backend):
+    import numpy as np
+
+    import cortexflow as cf
+    from cortexflow.random_checkpoint import tiny_model_config, write_checkpoint
+    from expert_support import GPU_TILING_EXPERT
+
+    config = tiny_model_config(model, chunk_size=3, num_diffusion_steps=2, num_vision_layers=1,
+                               **(GPU_TILING_EXPERT if DEVICE == "cuda" else {}))
+    write_checkpoint(tmp_path, config)
+    rng = np.random.default_rng(7)
+    images = rng.integers(0, 256, (2, 30, 30, 3), dtype=np.uint8)
+    noise = rng.standard_normal((3, 8)).astype(np.float32)
+    create = cf.create_pi0_inference if model == "pi0" else cf.create_pi05_inference
+    engine = create(tmp_path, backend=backend, device=DEVICE, dtype="float32", model_config=config,
+                    use_cuda_graphs=DEVICE == "cuda")
+    return engine, engine.predict(images, prompt_tokens=[2, 7], state=rng.standard_normal(5), noise=noise)
+
+
+def test_backend_runs_pi0_with_folded_norms(tmp_path):
+    """``TritonOptions(expert_norms="folded")``: a tiny Pi0 in fp32 through the Euler launch with folded norms gives
+    the PyTorch backend's actions to the fp32 bound, with no warning, over step tables of folded copies."""
+    import warnings
+
+    import numpy as np
+
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.errors import CortexFlowWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CortexFlowWarning)
+        engine, folded = _tiny_engine_outputs(tmp_path / "a", "pi0", TritonBackend.configured(expert_norms="folded"))
+    _, reference = _tiny_engine_outputs(tmp_path / "b", "pi0", "pytorch")
+    assert np.linalg.norm(folded - reference) / np.linalg.norm(reference) <= 1e-5
+    tables = engine.backend.per_weights(engine.weights, "expert_step_tables_folded", lambda: None)
+    assert tables is not None
+    assert tables.weights[0].data_ptr() != engine.weights["expert.layers.0.qkv"].data_ptr()  # a folded copy
+    assert tables.weights[1].data_ptr() == engine.weights["expert.layers.0.o"].data_ptr()  # o as it is
+
+
+def test_backend_keeps_row_phases_for_adaptive_norms(tmp_path):
+    """Pi0.5's adaptive norms cannot be folded: one warning that says so, and the row-phase kernel's actions."""
+    import numpy as np
+
+    from cortexflow.backends.triton_backend import TritonBackend
+    from cortexflow.errors import CortexFlowWarning
+
+    with pytest.warns(CortexFlowWarning, match="expert_norms='folded' does not apply.*adaptive"):
+        _, folded = _tiny_engine_outputs(tmp_path / "a", "pi05", TritonBackend.configured(expert_norms="folded"))
+    _, reference = _tiny_engine_outputs(tmp_path / "b", "pi05", "pytorch")
+    assert np.linalg.norm(folded - reference) / np.linalg.norm(reference) <= 1e-5
+
+
+def test_expert_norms_option():
+    from cortexflow.backends.triton_options import TritonOptions
+    from cortexflow.errors import ConfigError
+
+    assert TritonOptions().expert_norms == "phase"
+    assert TritonOptions.parse("expert_norms=folded").expert_norms == "folded"
+    with pytest.raises(ConfigError, match="TritonOptions.expert_norms must be 'phase' or 'folded', got 'fused'"):
+        TritonOptions(expert_norms="fused")

@@ -648,13 +648,16 @@ class ExpertWorkspace:
         self.part_ml = torch.empty((self.n_splits, n_bkv, n_rows, 2), dtype=torch.float32, device=device)
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
         # ``norm_rows="folded"``: the residual rows' sums of squares by o / down column tile (attention norm, MLP
-        # norm), and the arrival counters of those tiles (o, then down), left at zero by each launch.
+        # norm), and the arrival counters of those tiles (o, then down), after the barrier counters in one buffer
+        # (zeroed with them; each launch leaves them at zero).
         groups = dim // (2 * t.out_cols) if t.norm_rows == "folded" else 0
-        self.ss_attn = torch.zeros((groups, m_pad), dtype=torch.float32, device=device)
-        self.ss_mlp = torch.zeros((groups, m_pad), dtype=torch.float32, device=device)
-        self.tile_counters = torch.zeros(2 * (m_pad // t.block_m) * groups, dtype=torch.int32, device=device)
+        self.ss_attn = torch.empty((groups, m_pad), dtype=torch.float32, device=device)
+        self.ss_mlp = torch.empty((groups, m_pad), dtype=torch.float32, device=device)
         self.launches = launches
-        self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
+        self._all_counters = torch.zeros(launches * self.BARRIERS + 2 * (m_pad // t.block_m) * groups,
+                                         dtype=torch.int32, device=device)
+        self.sync = self._all_counters[:launches * self.BARRIERS]
+        self.tile_counters = self._all_counters[launches * self.BARRIERS:]
 
     def check_weights(self, fp8: bool) -> None:
         """ValueError when this workspace's float16 operand rows (``fp8_operands="f16"``) meet bf16 weights."""
@@ -663,8 +666,9 @@ class ExpertWorkspace:
                              f"{self.residual.dtype}: use fp8_operands='bf16'")
 
     def reset(self) -> None:
-        """Zero every launch's barrier counters (one memset; inside a CUDA graph it replays each call)."""
-        self.sync.zero_()
+        """Zero every launch's barrier counters and the tile counters (one memset; inside a CUDA graph it replays
+        each call)."""
+        self._all_counters.zero_()
 
 
 def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
