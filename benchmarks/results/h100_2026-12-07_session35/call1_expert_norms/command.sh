@@ -1,4 +1,4 @@
-# Device call written in session 35 (~5 min on an H100): the step kernel's folded norms (ExpertTiling.norm_rows,
+# Device call 1 of session 35 (H100, fresh start, 227 s; written as session35_pending/call2_expert_norms.sh at a2b75aa):
 # TritonOptions.expert_norms), its first GPU run:
 # (1) the GPU tests of the folded norms (tile counters and sums of squares across many programs);
 # (2) micro_expert_layer.py --step --euler: the Euler step kernel at the default tiling vs "norms folded";
