@@ -105,8 +105,6 @@ def tilings(quick: bool, only: list[str] | None = None) -> dict[str, el.ExpertTi
         "fp8 f16 operands, weights first": replace(base, fp8_operands="f16", fp8_weights_first=True),
         "fp8 f16 operands, bits, weights first": replace(base, fp8_operands="f16", fp8_convert="bits",
                                                         fp8_weights_first=True),
-        # The norms folded into the weights, no row phases after the first layer (step kernel only, bf16; session 35).
-        "norms folded": replace(base, norm_rows="folded"),
     }
     if only:
         return {name: t for name, t in variants.items() if name == "default" or any(o in name for o in only)}
@@ -213,8 +211,6 @@ def main() -> None:
                                                     [tuple(fp8_weights[f"{n}.scale"] for n in names)
                                                      for names in layer_names])
     norm_scales = torch.stack([torch.stack(pair) for pair in scales]).contiguous()
-    step_tables["folded"] = es.expert_weight_tables(es.fold_norm_scales(
-        [tuple(weights[n] for n in names) for names in layer_names], norm_scales))
 
     # Pi0's action path for --euler: 32 action dimensions, the 50 action rows after the state row, fp32 weights.
     def rnd32(*shape, scale=1.0):
@@ -229,8 +225,7 @@ def main() -> None:
 
     def step_kernel(work, fp8=False):
         work.reset()
-        tables = step_tables["folded" if work.tiling.norm_rows == "folded" else fp8]
-        return es.expert_step(hidden.view(s, D), work.residual, tables, norm_scales, positions, inv_freq,
+        return es.expert_step(hidden.view(s, D), work.residual, step_tables[fp8], norm_scales, positions, inv_freq,
                               keys, values, mask, EPS, scale, work, HEADS, euler=euler)
 
     if args.ncu:
@@ -312,11 +307,6 @@ def main() -> None:
         # E4M3 weights
         fp8_only = tiling.fp8_operands != "bf16" or tiling.fp8_convert != "cvt" or tiling.fp8_weights_first
         if fp8_only and not args.fp8:
-            continue
-        if tiling.norm_rows == "folded":  # the step kernel's, bf16 weights only
-            if args.step:
-                time_variant("Euler step kernel" if args.euler else "step kernel", name, tiling,
-                             lambda: step_kernel(work), compare=not args.euler)
             continue
         if not fp8_only and not time_variant("persistent", name, tiling, lambda: persistent(work),
                                              attention_splits=work.n_splits, programs=work.programs):

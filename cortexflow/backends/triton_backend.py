@@ -35,7 +35,6 @@ from cortexflow.backends.triton_decoder import (  # noqa: E402
     euler_step,
     euler_step_unsupported,
     expert_weights_fp8,
-    folded_norms_unsupported,
     fused_expert_stack,
     persistent_layer_unsupported,
     start_workspace,
@@ -242,19 +241,8 @@ class TritonBackend(PyTorchBackend):
             self._fallback("persistent expert layer", reason)
             persistent = False
         if persistent:
-            folded = self.options.expert_norms == "folded"
-            if folded:
-                why = folded_norms_unsupported(weights, ctx, self.options.expert_launch)
-                if why is not None:
-                    self._warn_once("expert_norms", f"triton backend: expert_norms='folded' does not apply, the norms "
-                                    f"run as row phases ({why})")
-                    folded = False
-            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps, folded)
-            if folded:
-                ctx.backend_state["step_tables"] = self.per_weights(
-                    weights, "expert_step_tables_folded",
-                    lambda: step_tables(weights, expert, ctx.conditioning.norm_scales))
-            elif self.options.expert_launch in ("step", "euler"):
+            ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
+            if self.options.expert_launch in ("step", "euler"):
                 ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
                                                                     lambda: step_tables(weights, expert))
         return ctx
@@ -320,12 +308,9 @@ class TritonBackend(PyTorchBackend):
     # ---- ops ----------------------------------------------------------------------------------
 
     def _fallback(self, op: str, reason: str) -> None:
-        self._warn_once(op, f"triton backend: {op} falls back to the PyTorch op ({reason})")
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, CortexFlowWarning, stacklevel=4)
+        if op not in self._warned:
+            self._warned.add(op)
+            warnings.warn(f"triton backend: {op} falls back to the PyTorch op ({reason})", CortexFlowWarning, stacklevel=3)
 
     def layer_norm(self, x, weight, bias, eps):
         if x.shape[-1] > MAX_NORM_WIDTH:

@@ -24,8 +24,6 @@ the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights a
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 import torch.nn.functional as F
 
@@ -38,7 +36,6 @@ from cortexflow.kernels.expert_step import (
     action_path_unsupported,
     expert_step,
     expert_weight_tables,
-    fold_norm_scales,
 )
 from cortexflow.kernels.gelu_gate import gelu_tanh_gate_fused
 from cortexflow.kernels.qkv_rope import qkv_rope
@@ -46,46 +43,28 @@ from cortexflow.ops import ActionPath, DenoisingContext, ExpertStack
 from cortexflow.quantization.fp8 import fp8_scale, is_fp8
 
 
-def start_workspace(ctx: DenoisingContext, weights, num_steps: int, folded_norms: bool = False) -> ExpertWorkspace:
-    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset;
-    ``folded_norms``: for the step kernel over :func:`step_tables` with ``fold_norms`` (``norm_rows="folded"``)."""
+def start_workspace(ctx: DenoisingContext, weights, num_steps: int) -> ExpertWorkspace:
+    """The persistent kernel's workspace for ``num_steps`` steps of ``ctx``'s expert, counters reset."""
     first = ctx.expert.layers[0]
     d = first.dims
     b, s = ctx.positions.shape
     width = weights[first.name("o")].shape[0]
     mlp_dim = weights[first.name("down")].shape[1]
-    tiling = default_tiling(expert_weights_fp8(weights, ctx.expert))
-    if folded_norms:
-        tiling = replace(tiling, norm_rows="folded")
     work = ExpertWorkspace(b * s, s, width, mlp_dim, d.num_heads, d.num_kv_heads, d.head_dim,
-                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device, tiling,
+                           ctx.prefix_len + s, ctx.keys.dtype, ctx.keys.device,
+                           default_tiling(expert_weights_fp8(weights, ctx.expert)),
                            launches=num_steps * len(ctx.expert.layers))
     work.reset()
     return work
 
 
-def step_tables(weights, expert: ExpertStack, fold_norms: torch.Tensor | None = None) -> ExpertWeightTables:
-    """The step kernel's tables of the expert's fused projections (and their FP8 scales); with ``fold_norms``, the
-    plain norms' column factors ``(L, 2, D)``, of copies of the QKV and gate/up weights with them folded in
-    (:func:`~cortexflow.kernels.expert_step.fold_norm_scales`)."""
+def step_tables(weights, expert: ExpertStack) -> ExpertWeightTables:
+    """The step kernel's tables of the expert's fused projections (and their FP8 scales)."""
     layers = [tuple(weights[layer.name(p)] for p in PROJECTIONS) for layer in expert.layers]
-    if fold_norms is not None:
-        layers = fold_norm_scales(layers, fold_norms)
     scales = None
     if expert_weights_fp8(weights, expert):
         scales = [tuple(fp8_scale(weights, layer.name(p)) for p in PROJECTIONS) for layer in expert.layers]
     return expert_weight_tables(layers, scales)
-
-
-def folded_norms_unsupported(weights, ctx: DenoisingContext, expert_launch: str) -> str | None:
-    """Why the step kernel cannot run ``ctx``'s expert with its norms folded into the weights (None when it can)."""
-    if expert_launch not in ("step", "euler"):
-        return f"expert_launch={expert_launch!r} runs a launch a layer; folded norms need 'step' or 'euler'"
-    if ctx.conditioning.modulation is not None:
-        return "the expert's norms are adaptive (Pi0.5): their column factors change with the time step"
-    if expert_weights_fp8(weights, ctx.expert):
-        return "the expert's weights are FP8 (E4M3)"
-    return None
 
 
 def fused_expert_stack(backend, weights, ctx: DenoisingContext, x: torch.Tensor, step: int) -> torch.Tensor:

@@ -22,7 +22,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "fused_combine": ("grouped", "off"),
     "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step", "euler"),
-    "expert_norms": ("phase", "folded"),
     "vision_gelu": ("kernel", "epilogue"),
     "vision_gemm": ("cublas", "triton"),
 }
@@ -48,12 +47,6 @@ class TritonOptions:
       session 28); "step": one launch per denoising step that runs every layer, with ~7 kernels a step around it;
       "layer": one launch per expert layer. A real-time-chunking call, whose guidance changes each velocity,
       runs "step" where "euler" is asked for.
-    - ``expert_norms``: with ``expert_launch`` "step" or "euler", Pi0's plain norms in bf16 / fp32 expert weights:
-      "phase": each norm a row phase of the step kernel; "folded": the norms' column factors folded into copies of
-      the QKV and gate/up weights (made once per weights, ~0.4 GB for Pi0's expert) and the row statistic applied in
-      those GEMMs' epilogues, so that no row phase and two grid barriers fewer run a layer
-      (``ExpertTiling.norm_rows``). Other experts (Pi0.5's adaptive norms, FP8 weights, one launch a layer) keep
-      "phase" with a one-time warning. Not yet timed on a GPU (benchmarks/NOTES.md, session 35), so not the default.
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
     - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "epilogue": in
@@ -98,7 +91,6 @@ class TritonOptions:
 
     persistent_expert: bool = True
     expert_launch: str = "euler"
-    expert_norms: str = "phase"
     fused_encoder: bool = True
     vision_gelu: str = "epilogue"
     vision_gemm: str = "cublas"

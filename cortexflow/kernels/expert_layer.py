@@ -109,11 +109,6 @@ class ExpertTiling:
     -> 47.3 µs a layer (and weights first) on the H100, bf16's 42.5; the whole predict 8-10 % faster than with
     bf16 operands, 4-6 % slower than bf16 (benchmarks/NOTES.md, session 32).
 
-    ``norm_rows`` (step kernel only): "phase", the norms as row phases (0 and 4 of the module doc); "folded", with
-    plain norms and bf16 / fp32 weights whose norm column factors the caller folded into ``W_qkv`` / ``W_gate_up``
-    (:func:`~cortexflow.kernels.expert_step.fold_norm_scales`): after the step's first layer no row phases and two
-    grid barriers fewer a layer (``_layer``'s ``FOLDED``). Not yet timed on a GPU (benchmarks/NOTES.md, session 35).
-
     The attention defaults (64-row tiles in 4 value parts of 64 columns, logits in 2 parts, the merge phase) took
     1.2 us a layer off Pi0's step kernel against 16-row tiles in one part with logits in 4 parts merged by the last
     range program, and 1-3 % off the whole predict on the H100; with the logits in one part Pi0's Euler step kernel
@@ -136,7 +131,6 @@ class ExpertTiling:
     fp8_operands: str = "bf16"
     fp8_convert: str = "cvt"
     fp8_weights_first: bool = False
-    norm_rows: str = "phase"
     programs: int | None = None
     num_warps: int = 4
     num_stages: int = 3
@@ -266,12 +260,11 @@ def _e4m3_to(w, dtype: tl.constexpr, FP8: tl.constexpr):
 @triton.jit
 def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr, M, m_pad, eps, pid, n_programs,
                pending, SPLITS: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
-               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, SS_COLS: tl.constexpr = 0):
+               SHIFT: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """For rows ``pid, pid + n_programs, ...``: with ``pending`` (a constexpr or a runtime flag), finish the
     residual left by a split-K phase, ``out[r] = x[r] + (gate ⊙) Σ_s part[s, r]`` (K ranges added in order,
     rounded to the residual's dtype); with ``NORM``, ``hn[r] = out[r] * rsqrt(mean(out[r]^2) + eps) * scale
-    (+ shift)`` (rounded to its dtype), or with ``SS_COLS`` instead the row's sums of squares over each group of
-    ``SS_COLS`` columns, ``hn[g, r]`` fp32 ``(D / SS_COLS, m_pad)`` (:func:`_row_scale` reads them).
+    (+ shift)`` (rounded to its dtype).
     Everything is read at L2."""
     offs = tl.arange(0, BLOCK_D)
     valid = offs < D
@@ -289,11 +282,7 @@ def _row_phase(x_ptr, out_ptr, hn_ptr, part_ptr, gate_ptr, scale_ptr, shift_ptr,
             tl.debug_barrier()
             tl.store(out_ptr + row * D + offs, x, mask=valid)
             x = x.to(tl.float32)
-        if NORM & (SS_COLS > 0):
-            groups = tl.arange(0, BLOCK_D // SS_COLS)
-            sums = tl.sum(tl.reshape(x * x, (BLOCK_D // SS_COLS, SS_COLS)), axis=1)
-            tl.store(hn_ptr + groups * m_pad + row, sums, mask=groups < D // SS_COLS)
-        elif NORM:
+        if NORM:
             h = x * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps) * tl.load(scale_ptr + offs, mask=valid, other=0.0)
             if SHIFT:
                 h += tl.load(shift_ptr + offs, mask=valid, other=0.0)
@@ -311,12 +300,10 @@ def split_item(item, splits, n_tiles):
 @triton.jit
 def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_programs, N: tl.constexpr,
                    SPLITS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                   BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr, res_ptr=None, out_ptr=None,
-                   ss_ptr=None, counter_ptr=None, FINISH_ROWS: tl.constexpr = False):
+                   BLOCK_M: tl.constexpr, HALF_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``a @ Wᵀ`` over ``(M, N)`` as fp32 partials ``part (SPLITS, rows, N)``, one per K range; item = (row
-    block, tile of ``2*HALF_N`` columns, K range). A row phase adds them up after the next barrier, or with
-    ``FINISH_ROWS`` the last program of a tile to arrive (:func:`_finish_tile`). ``FP8``: ``W`` is E4M3 and each
-    partial is multiplied by ``w_scale[column]`` before it is stored."""
+    block, tile of ``2*HALF_N`` columns, K range). A row phase adds them up after the next barrier. ``FP8``:
+    ``W`` is E4M3 and each partial is multiplied by ``w_scale[column]`` before it is stored."""
     n_tiles: tl.constexpr = N // (2 * HALF_N)
     k_range = k_total // SPLITS
     n_items = tl.cdiv(M, BLOCK_M) * n_tiles * SPLITS
@@ -335,46 +322,6 @@ def _split_k_phase(a_ptr, k_total, w_ptr, w_scale_ptr, part_ptr, M, pid, n_progr
         part = part_ptr + (split * m_pad + rows[:, None]) * N
         tl.store(part + cols1[None, :], acc1)
         tl.store(part + HALF_N + cols1[None, :], acc2)
-        if FINISH_ROWS:
-            _finish_tile(part_ptr, res_ptr, out_ptr, ss_ptr, counter_ptr + mb * n_tiles + tile, rows, tile, M, m_pad,
-                         N, SPLITS, BLOCK_M, 2 * HALF_N)
-
-
-@triton.jit
-def _finish_tile(part_ptr, res_ptr, out_ptr, ss_ptr, counter, rows, tile, M, m_pad, N: tl.constexpr,
-                 SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, COLS: tl.constexpr):
-    """After a split-K item has stored its partial: the last of the tile's ``SPLITS`` programs to arrive at
-    ``counter`` (acquire-release; it zeroes the counter again) finishes the residual of the tile's columns as a row
-    phase would, ``out = res + Σ_s part[s]`` (K ranges in order, rounded to ``out``'s dtype; ``out`` may be
-    ``res``), and stores each row's sum of squares over those columns (of the rounded values) in
-    ``ss[tile, row] (N / COLS, m_pad)`` fp32."""
-    tl.debug_barrier()  # every thread's partial is stored before the arrival
-    arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLITS - 1:
-        tl.debug_barrier()
-        cols = tile * COLS + tl.arange(0, COLS)
-        y = tl.zeros([BLOCK_M, COLS], tl.float32)
-        for s in range(0, SPLITS):
-            y += tl.load(part_ptr + (s * m_pad + rows[:, None]) * N + cols[None, :], cache_modifier=".cg")
-        valid = (rows < M)[:, None]
-        at = rows[:, None] * N + cols[None, :]
-        x = tl.load(res_ptr + at, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
-        x = (x + y).to(out_ptr.dtype.element_ty)
-        tl.debug_barrier()  # ``out`` may be ``res``: every thread has loaded before any stores
-        tl.store(out_ptr + at, x, mask=valid)
-        x = tl.where(valid, x.to(tl.float32), 0.0)
-        tl.store(ss_ptr + tile * m_pad + rows, tl.sum(x * x, axis=1))
-        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _row_scale(ss_ptr, rows, m_pad, eps, D: tl.constexpr, GROUPS: tl.constexpr, BLOCK_G: tl.constexpr):
-    """``rsqrt(mean(x[r]^2) + eps)`` of the residual rows ``rows`` from their sums of squares by column group
-    ``ss (GROUPS, m_pad)`` (:func:`_finish_tile`, :func:`_row_phase`), added in a fixed order (deterministic)."""
-    groups = tl.arange(0, BLOCK_G)
-    ss = tl.load(ss_ptr + groups[:, None] * m_pad + rows[None, :], mask=(groups < GROUPS)[:, None], other=0.0,
-                 cache_modifier=".cg")
-    return tl.rsqrt(tl.sum(ss, axis=0) / D + eps)
 
 
 @triton.jit
@@ -382,10 +329,9 @@ def _layer(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
     down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
     pending_gate_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr, h_ptr,
-    part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, ss_attn_ptr, ss_mlp_ptr,
-    tile_counters, M, S, P, eps, scale_log2, keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-    s_mb, s_mq, s_mk, pending, first, FOLDED: tl.constexpr, FINISH: tl.constexpr, D: tl.constexpr,
-    F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
+    part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
+    keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, pending,
+    FINISH: tl.constexpr, D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
     SHIFT: tl.constexpr, GATED: tl.constexpr, ATTN_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, FP8: tl.constexpr, O_SPLITS: tl.constexpr, DOWN_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
@@ -396,40 +342,18 @@ def _layer(
     """One expert layer, phases 0-6 (and 7 with ``FINISH``) of the module doc, by every program of the launch;
     ``pending`` is a constexpr (one-layer kernel) or a runtime flag (step kernel). ``k_ptr`` /
     ``v_ptr``: the layer's KV cache; ``sync_ptr``: its 8 barrier counters (the 8th for the merge phase 2b, which
-    runs with ``MERGE_ROWS > 0``).
-
-    ``FOLDED`` (step kernel, plain norms, bf16 / fp32 weights; ``ExpertTiling.norm_rows="folded"``): the norms'
-    column factors are folded into ``W_qkv`` and ``W_gate_up`` (``W[:, k] * c[k]``) and there are no row phases
-    after the first layer's: the o and down phases' last programs of each tile finish the residual and store the
-    rows' sums of squares by column group (:func:`_finish_tile`) into ``ss_mlp`` / ``ss_attn``, and the QKV and
-    gate/up phases multiply the raw residual rows, scaling each row's sums by ``rsqrt(mean(x^2) + eps)``
-    (:func:`_row_scale`) in their epilogues. Phase 0 then runs only where ``first`` (a runtime flag: the step's
-    layer 0), storing the sums of squares instead of normed rows; the layer's input is ``x`` after it."""
+    runs with ``MERGE_ROWS > 0``)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     HALF: tl.constexpr = HD // 2
     GROUP: tl.constexpr = HQ // HKV
     n_mb = tl.cdiv(M, BLOCK_M)
     m_pad = n_mb * BLOCK_M
-    SS_COLS: tl.constexpr = 2 * OUT_HALF
-    SS_GROUPS: tl.constexpr = D // SS_COLS
-    BLOCK_G: tl.constexpr = BLOCK_D // SS_COLS
 
     # ---- 0. the previous layer's down-projection residual (when pending), attention norm -------------
-    if FOLDED:
-        if first:
-            _row_phase(x_ptr, out_ptr, ss_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
-                       M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D,
-                       BLOCK_D, SS_COLS)
-            _grid_sync(sync_ptr, n_programs, ACQUIRE)
-    else:
-        _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
-                   M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D,
-                   BLOCK_D)
-        _grid_sync(sync_ptr, n_programs, ACQUIRE)
-    qkv_rows_ptr = hn_attn_ptr
-    if FOLDED:
-        qkv_rows_ptr = out_ptr if pending else x_ptr
+    _row_phase(x_ptr, out_ptr, hn_attn_ptr, down_part_ptr, pending_gate_ptr, attn_scale_ptr, attn_shift_ptr,
+               M if PHASES & 1 else 0, m_pad, eps, pid, n_programs, pending, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+    _grid_sync(sync_ptr, n_programs, ACQUIRE)
 
     # ---- 1. QKV + RoPE, written to q scratch and the KV cache -----------------------------------------
     pairs: tl.constexpr = HALF // PAIR
@@ -443,15 +367,11 @@ def _layer(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols1 = head * HD + c0 + offs_p
-        y1, y2 = _dual_tile(qkv_rows_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
+        y1, y2 = _dual_tile(hn_attn_ptr, D, rows, row_valid, w_qkv_ptr, D, cols1, cols1 + HALF, 0, D, UPCAST,
                             DOT_PRECISION, FP8, BLOCK_M, PAIR, BLOCK_K)
         if FP8:
             y1 = y1 * tl.load(qkv_wscale_ptr + cols1)[None, :]
             y2 = y2 * tl.load(qkv_wscale_ptr + HALF + cols1)[None, :]
-        if FOLDED:
-            r = _row_scale(ss_attn_ptr, rows, m_pad, eps, D, SS_GROUPS, BLOCK_G)[:, None]
-            y1 = y1 * r
-            y2 = y2 * r
         tok_b = rows // S
         tok_t = rows % S
         if head < HQ + HKV:
@@ -520,20 +440,15 @@ def _layer(
                          GROUP, n_splits, S * HQ * HD, HQ * HD, HD, MERGE_ROWS, BLOCK_HD)
     _grid_sync(sync_ptr + 2, n_programs, ACQUIRE)
 
-    # ---- 3. o-projection partials (FOLDED: and the residual x + o, finished tile by tile) ------------
+    # ---- 3. o-projection partials -------------------------------------------------------------------
     _split_k_phase(attn_ptr, HQ * HD, w_o_ptr, o_wscale_ptr, o_part_ptr, M if PHASES & 8 else 0, pid, n_programs, D,
-                   O_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K, x_ptr, out_ptr, ss_mlp_ptr,
-                   tile_counters, FOLDED)
+                   O_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
     _grid_sync(sync_ptr + 3, n_programs, ACQUIRE)
 
     # ---- 4. residual x + (gate ⊙) o, MLP norm -----------------------------------------------------------
-    gu_rows_ptr = out_ptr
-    if not FOLDED:
-        _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
-                   M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D,
-                   BLOCK_D)
-        _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
-        gu_rows_ptr = hn_mlp_ptr
+    _row_phase(x_ptr, out_ptr, hn_mlp_ptr, o_part_ptr, attn_gate_ptr, mlp_scale_ptr, mlp_shift_ptr,
+               M if PHASES & 16 else 0, m_pad, eps, pid, n_programs, True, O_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+    _grid_sync(sync_ptr + 4, n_programs, ACQUIRE)
 
     # ---- 5. gate/up and gelu_tanh(gate) * up ------------------------------------------------------------
     n_gu_tiles: tl.constexpr = F // GU_COLS
@@ -544,24 +459,18 @@ def _layer(
         rows = mb * BLOCK_M + tl.arange(0, BLOCK_M)
         row_valid = rows < M
         cols = tile * GU_COLS + offs_g
-        gate, up = _dual_tile(gu_rows_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST,
-                              DOT_PRECISION, FP8, BLOCK_M, GU_COLS, BLOCK_K)
+        gate, up = _dual_tile(hn_mlp_ptr, D, rows, row_valid, w_gu_ptr, D, cols, cols + F, 0, D, UPCAST, DOT_PRECISION,
+                              FP8, BLOCK_M, GU_COLS, BLOCK_K)
         if FP8:
             gate = gate * tl.load(gu_wscale_ptr + cols)[None, :]
             up = up * tl.load(gu_wscale_ptr + F + cols)[None, :]
-        if FOLDED:
-            r = _row_scale(ss_mlp_ptr, rows, m_pad, eps, D, SS_GROUPS, BLOCK_G)[:, None]
-            gate = gate * r
-            up = up * r
         act = _gelu_tanh(gate) * up
         tl.store(h_ptr + rows[:, None] * F + cols[None, :], act.to(h_ptr.dtype.element_ty), mask=row_valid[:, None])
     _grid_sync(sync_ptr + 5, n_programs, ACQUIRE)
 
-    # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual; FOLDED: the
-    # tiles' last programs, and store the sums of squares that the next layer's QKV phase reads) -----------
+    # ---- 6. down-projection partials (the next layer's phase 0, or 7, adds them to the residual) ------
     _split_k_phase(h_ptr, F, w_down_ptr, down_wscale_ptr, down_part_ptr, M if PHASES & 64 else 0, pid, n_programs, D,
-                   DOWN_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K, out_ptr, out_ptr, ss_attn_ptr,
-                   tile_counters + n_mb * SS_GROUPS, FOLDED)
+                   DOWN_SPLITS, UPCAST, DOT_PRECISION, FP8, BLOCK_M, OUT_HALF, BLOCK_K)
     if FINISH:
         # ---- 7. residual out + (gate ⊙) down ------------------------------------------------------------
         _grid_sync(sync_ptr + 6, n_programs, ACQUIRE)
@@ -590,9 +499,9 @@ def _expert_layer_kernel(
     _layer(x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, qkv_wscale_ptr, o_wscale_ptr, gu_wscale_ptr,
            down_wscale_ptr, attn_scale_ptr, mlp_scale_ptr, attn_shift_ptr, mlp_shift_ptr, attn_gate_ptr, mlp_gate_ptr,
            pending_gate_ptr, k_ptr, v_ptr, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr,
-           h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, o_part_ptr, o_part_ptr,
-           counters, M, S, P, eps, scale_log2, keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh,
-           s_mb, s_mq, s_mk, PENDING, False, False, FINISH, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
+           h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters, M, S, P, eps, scale_log2,
+           keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk, PENDING, FINISH,
+           D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8, O_SPLITS, DOWN_SPLITS, BLOCK_M,
            PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS, ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD,
            BLOCK_D, PHASES, False)
 
@@ -648,17 +557,8 @@ class ExpertWorkspace:
         self.part_acc = torch.empty((self.n_splits, n_bkv, n_rows, self.block_hd), dtype=torch.float32, device=device)
         self.part_ml = torch.empty((self.n_splits, n_bkv, n_rows, 2), dtype=torch.float32, device=device)
         self.counters = torch.zeros(row_blocks, dtype=torch.int32, device=device)
-        # ``norm_rows="folded"``: the residual rows' sums of squares by o / down column tile (attention norm, MLP
-        # norm), and the arrival counters of those tiles (o, then down), after the barrier counters in one buffer
-        # (zeroed with them; each launch leaves them at zero).
-        groups = dim // (2 * t.out_cols) if t.norm_rows == "folded" else 0
-        self.ss_attn = torch.empty((groups, m_pad), dtype=torch.float32, device=device)
-        self.ss_mlp = torch.empty((groups, m_pad), dtype=torch.float32, device=device)
         self.launches = launches
-        self._all_counters = torch.zeros(launches * self.BARRIERS + 2 * (m_pad // t.block_m) * groups,
-                                         dtype=torch.int32, device=device)
-        self.sync = self._all_counters[:launches * self.BARRIERS]
-        self.tile_counters = self._all_counters[launches * self.BARRIERS:]
+        self.sync = torch.zeros(launches * self.BARRIERS, dtype=torch.int32, device=device)
 
     def check_weights(self, fp8: bool) -> None:
         """ValueError when this workspace's float16 operand rows (``fp8_operands="f16"``) meet bf16 weights."""
@@ -667,9 +567,8 @@ class ExpertWorkspace:
                              f"{self.residual.dtype}: use fp8_operands='bf16'")
 
     def reset(self) -> None:
-        """Zero every launch's barrier counters and the tile counters (one memset; inside a CUDA graph it replays
-        each call)."""
-        self._all_counters.zero_()
+        """Zero every launch's barrier counters (one memset; inside a CUDA graph it replays each call)."""
+        self.sync.zero_()
 
 
 def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_dim: int,
@@ -705,10 +604,6 @@ def check_expert_shapes(dim: int, mlp_dim: int, heads: int, kv_heads: int, head_
         return f"attn_v_parts {t.attn_v_parts} is not 1, or 2 or 4 with attn_merge='phase'"
     if t.attn_merge_rows is not None and (t.attn_merge_rows < 1 or t.attn_merge_rows & (t.attn_merge_rows - 1)):
         return f"attn_merge_rows {t.attn_merge_rows} is not a power of two"
-    if t.norm_rows not in ("phase", "folded"):
-        return f"norm_rows {t.norm_rows!r} is not 'phase' or 'folded'"
-    if t.norm_rows == "folded" and t.out_cols & (t.out_cols - 1):
-        return f"norm_rows 'folded' sums squares by tiles of 2 x out_cols columns: out_cols {t.out_cols} is not a power of two"
     return None
 
 
@@ -737,9 +632,6 @@ def expert_layer(
     Returns ``out``."""
     fp8 = check_weight_scales((w_qkv, w_o, w_gate_up, w_down), weight_scales)
     workspace.check_weights(fp8)
-    if workspace.tiling.norm_rows != "phase":
-        raise ValueError(f"norm_rows {workspace.tiling.norm_rows!r} runs in the step kernel (expert_step) only; "
-                         "the one-layer kernel takes norm_rows='phase'")
     m, dim = x.shape
     s = workspace.seq_len
     b = m // s

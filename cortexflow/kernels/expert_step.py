@@ -187,7 +187,7 @@ def _expert_step_kernel(
     down_ws_ptr, ws_table_ptr, norm_ptr, s_norm_layer, s_norm_which, mod_ptr, s_mod_layer,
     s_mod_which, s_mod_kind, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, k_ptr, v_ptr, s_k_layer,
     s_v_layer, mask_ptr, attn_ptr, h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync_ptr, counters,
-    ss_attn_ptr, ss_mlp_ptr, tile_counters, xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, head_w_ptr, head_b_ptr, final_scale_ptr, final_shift_ptr,
+    xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, head_w_ptr, head_b_ptr, final_scale_ptr, final_shift_ptr,
     chunk, dt, n_layers, M, S, P, eps, scale_log2, keys_per_split, n_splits,
     s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
     D: tl.constexpr, F: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr, HD: tl.constexpr,
@@ -196,7 +196,7 @@ def _expert_step_kernel(
     BLOCK_M: tl.constexpr, PAIR: tl.constexpr, BLOCK_K: tl.constexpr, GU_COLS: tl.constexpr, OUT_HALF: tl.constexpr,
     ATTN_ROWS: tl.constexpr, ATTN_KEYS: tl.constexpr, ATTN_D_PARTS: tl.constexpr, ATTN_V_PARTS: tl.constexpr,
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
-    BARRIERS: tl.constexpr, ALIGN: tl.constexpr, FOLDED: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
+    BARRIERS: tl.constexpr, ALIGN: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
     BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_N: tl.constexpr, ACTION_K: tl.constexpr,
     HEAD_K: tl.constexpr,
 ):
@@ -241,9 +241,9 @@ def _expert_step_kernel(
         _layer(src, out_ptr, w_qkv, w_o, w_gu, w_down, qkv_ws, o_ws, gu_ws, down_ws, attn_scale, mlp_scale,
                mod + s_mod_kind, mlp_shift, mod + 2 * s_mod_kind, mlp_gate, pending_gate, k_ptr + layer * s_k_layer,
                v_ptr + layer * s_v_layer, pos_ptr, inv_freq_ptr, hn_attn_ptr, hn_mlp_ptr, q_ptr, mask_ptr, attn_ptr,
-               h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync, counters, ss_attn_ptr, ss_mlp_ptr,
-               tile_counters, M, S, P, eps, scale_log2, keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb,
-               s_vl, s_vh, s_mb, s_mq, s_mk, (layer > 0) | MID, layer == 0, FOLDED, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8,
+               h_ptr, part_acc_ptr, part_ml_ptr, o_part_ptr, down_part_ptr, sync, counters, M, S, P, eps, scale_log2,
+               keys_per_split, n_splits, s_pos_b, s_kb, s_kl, s_kh, s_vb, s_vl, s_vh, s_mb, s_mq, s_mk,
+               (layer > 0) | MID, False, D, F, HQ, HKV, HD, SHIFT, GATED, ATTN_SPLIT, UPCAST, DOT_PRECISION, FP8,
                O_SPLITS, DOWN_SPLITS, BLOCK_M, PAIR, BLOCK_K, GU_COLS, OUT_HALF, ATTN_ROWS, ATTN_KEYS, ATTN_D_PARTS,
                ATTN_V_PARTS, MERGE_ROWS, BLOCK_HD, BLOCK_D, 255, True)
         # The next layer's first phase reads this layer's down-projection partials; the last layer adds
@@ -252,14 +252,13 @@ def _expert_step_kernel(
         if layer == n_layers - 1:
             if EULER:
                 # The residual and the final norm of every row, then the action head on the action rows.
-                # (FOLDED: the down phase finished the residual; the final norm only.)
                 _row_phase(out_ptr, out_ptr, hn_attn_ptr, down_part_ptr, mlp_gate, final_scale_ptr, final_shift_ptr, M,
-                           m_pad, eps, pid, n_programs, not FOLDED, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
+                           m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
                 # With one layer this counter also held the action phase's arrivals.
                 _grid_sync(sync + BARRIERS - 1, n_programs * (1 + (n_layers == 1)), True)
                 _head_phase(hn_attn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_programs, A, BLOCK_A,
                             D, HEAD_K)
-            elif not FOLDED:
+            else:
                 _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate, mlp_scale, mlp_shift, M, m_pad, eps,
                            pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D, BLOCK_D)
 
@@ -442,9 +441,6 @@ def expert_step(
         if out.device.type != "meta" and out.data_ptr() == x.data_ptr():
             raise ValueError("with euler, out must be another buffer than x (x's action rows are only read)")
     adaptive = modulation is not None
-    if workspace.tiling.norm_rows == "folded" and (adaptive or tables.scales is not None):
-        raise ValueError("norm_rows='folded' takes plain norms (no modulation) and bf16 / fp32 weights whose norm "
-                         "factors fold_norm_scales folded in; use norm_rows='phase'")
     mod = modulation if adaptive else norm_scales
     mod_strides = modulation.stride()[:3] if adaptive else (0, 0, 0)
     sync = workspace.sync[step * layers * workspace.BARRIERS:]
@@ -456,12 +452,11 @@ def expert_step(
         norm_scales.stride(0), norm_scales.stride(1), mod, *mod_strides, positions, inv_freq, workspace.normed_attn,
         workspace.normed_mlp, workspace.q, keys, values, keys.stride(0), values.stride(0), mask, workspace.attn,
         workspace.h, workspace.part_acc, workspace.part_ml, workspace.o_part, workspace.down_part, sync,
-        workspace.counters, workspace.ss_attn, workspace.ss_mlp, workspace.tile_counters,
-        *_euler_arguments(euler, norm_scales), layers, m, s, p, eps, scale * LOG2E,
+        workspace.counters, *_euler_arguments(euler, norm_scales), layers, m, s, p, eps, scale * LOG2E,
         workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), values.stride(1), values.stride(2),
         values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2), BARRIERS=workspace.BARRIERS,
-        ALIGN=tables.alignment, FOLDED=workspace.tiling.norm_rows == "folded", **_euler_constants(euler, x.dtype, dim, workspace.tiling),
+        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling),
         **launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace),
     )
     return out
@@ -493,19 +488,6 @@ def _euler_constants(euler: EulerUpdate | None, dtype: torch.dtype, dim: int, ti
                 ACTION_PRECISION="ieee" if exact else "tf32x3",
                 ACTION_N=ACTION_COLS if dim % ACTION_COLS == 0 else 2 * tiling.out_cols,
                 ACTION_K=action_k_step(dim, tiling.down_splits), HEAD_K=min(256, next_power_of_two(dim)))
-
-
-def fold_norm_scales(weights: Sequence[Sequence[torch.Tensor]], norm_scales: torch.Tensor) -> list[tuple]:
-    """The layers' ``(w_qkv, w_o, w_gate_up, w_down)`` for ``ExpertTiling(norm_rows="folded")``: ``W_qkv[:, k]`` times
-    the attention norm's column factor ``norm_scales[l, 0, k]`` and ``W_gate_up[:, k]`` times the MLP norm's
-    ``norm_scales[l, 1, k]``, in fp32 and rounded to the weights' dtype (new tensors; ``w_o`` and ``w_down`` as
-    given). ``norm_scales (L, 2, D)`` fp32 as :func:`expert_step` takes them."""
-    folded = []
-    for i, (w_qkv, w_o, w_gate_up, w_down) in enumerate(weights):
-        attn, mlp = norm_scales[i, 0].to(w_qkv.device), norm_scales[i, 1].to(w_qkv.device)
-        folded.append(((w_qkv.float() * attn[None, :]).to(w_qkv.dtype), w_o,
-                       (w_gate_up.float() * mlp[None, :]).to(w_gate_up.dtype), w_down))
-    return folded
 
 
 def expert_step_reference(x, weights, norm_scales, positions, inv_freq, keys, values, mask, eps, scale, heads,

@@ -50,8 +50,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "op-by-op-encoder": {"fused_encoder": False},
     # SigLIP's GEMMs in Triton (kernels/gemm.py) instead of cuBLAS.
     "vision-gemm": {"vision_gemm": "triton"},
-    # Pi0's expert norms folded into the QKV and gate/up weights, no row phases (Pi0.5 keeps them, with a warning).
-    "expert-norms": {"expert_norms": "folded"},
     # The token VLAs' (OpenVLA, RT-2) decode steps without their fused paths, and no programmatic dependent launch.
     "token-unfused": {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
                       "fold_token_norms": False, "fused_combine": "off", "pdl": "off"},
