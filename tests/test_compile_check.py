@@ -24,8 +24,8 @@ pytest.importorskip("triton")
 DEFAULT_KERNELS = {"_expert_step_kernel", "_attention_kernel", "_qkv_rope_kernel", "_layer_norm_kernel",
                    "_gelu_gate_kernel", "_rms_norm_kernel"}
 #: Kernels only the other variants launch (one expert layer a launch, the kernel chain's combine, the op-by-op
-#: encoder's RoPE, SigLIP's GEMMs in Triton).
-VARIANT_KERNELS = {"_expert_layer_kernel", "_combine_kernel", "_rope_kernel", "_gemm_kernel"}
+#: encoder's RoPE).
+VARIANT_KERNELS = {"_expert_layer_kernel", "_combine_kernel", "_rope_kernel"}
 
 
 def compile_check_cli(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
@@ -84,11 +84,7 @@ def test_every_variant_compiles_for_hopper_at_real_size(pi0_family_run):
         else:
             assert not {"addmm", "silu", "add_"} & set(case["torch_ops"]), case["torch_ops"]
             assert case["launches"] > 150, case
-        if case["variant"] == "vision-gemm":  # SigLIP's 4 GEMMs a layer become Triton launches
-            assert case["torch_kernels"] == default[case["model"], case["views"]]["torch_kernels"] - 4 * 27, case
-            assert case["launches"] == default[case["model"], case["views"]]["launches"] + 4 * 27, case
-        else:
-            assert case["torch_kernels"] > 100, case
+        assert case["torch_kernels"] > 100, case
         assert not {"sin", "cos", "linspace", "reciprocal", "pow"} & set(case["torch_ops"]), case["torch_ops"]
         # The fused prefix's QKV/RoPE kernels write K/V into the buffers the denoising steps read (no copy per
         # layer); the op-by-op encoder copies each layer's K/V once.

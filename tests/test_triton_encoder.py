@@ -160,34 +160,6 @@ def test_vision_gelu_in_the_fc1_epilogue_matches_the_reference(dtype):
     _close(tokens, reference.vision_encoder(model, raw, {"images": images}), dtype, "image tokens")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_vision_gemm_triton_matches_the_reference(dtype):
-    """``vision_gemm="triton"``: SigLIP's four GEMMs in kernels/gemm.py (split-K, bias and GELU in its epilogue; on the
-    CPU the interpreter's tiling for every shape) give the reference's image tokens."""
-    from cortexflow.backends.triton_options import TritonOptions
-
-    model, raw, weights, images, _ = _setup("pi0", dtype, seed=5)
-    reference = PyTorchBackend(torch.device(DEVICE), torch.float32)
-    triton = TritonBackend(torch.device(DEVICE), dtype, TritonOptions(vision_gemm="triton"))
-    weights = triton.prepare_weights(model, weights)
-    tokens = triton.vision_encoder(model, weights, {"images": images})
-    _close(tokens, reference.vision_encoder(model, raw, {"images": images}), dtype, "image tokens")
-
-
-def test_vision_gemm_tiling_by_weight_shape(monkeypatch):
-    from cortexflow.backends import triton_encoder as te
-    from cortexflow.kernels.gemm import GemmTiling
-
-    w = torch.empty(96, 64)
-    assert te.vision_gemm_tiling(w, None) is None  # "cublas"
-    assert te.vision_gemm_tiling(w, {}) == (te.INTERPRETER_GEMM_TILING if DEVICE == "cpu" else
-                                            te.VISION_GEMM_DEFAULT_TILING)
-    monkeypatch.setattr(te, "interpreting", lambda: False)  # the GPU's choice, checked on the CPU too
-    tiling = GemmTiling(splits=2)
-    assert te.vision_gemm_tiling(w, {(96, 64): tiling}) == tiling
-    assert te.vision_gemm_tiling(w, {(64, 96): tiling}) == te.VISION_GEMM_DEFAULT_TILING
-
-
 def test_linear_gelu_tanh_is_the_tanh_gelu_with_or_without_the_epilogue():
     """CUDA: cuBLASLt's GELU epilogue; CPU: the kernel path, because there ``torch._addmm_activation``
     computes the erf GELU (checked here, so a change of either is seen)."""
@@ -221,9 +193,6 @@ def test_vision_gelu_takes_kernel_or_epilogue():
     from cortexflow.errors import ConfigError
 
     assert TritonOptions.from_mapping({"vision_gelu": "epilogue"}).vision_gelu == "epilogue"
-    assert TritonOptions.parse("vision_gemm=triton").vision_gemm == "triton"
-    with pytest.raises(ConfigError, match="TritonOptions.vision_gemm must be 'cublas' or 'triton', got 'cutlass'"):
-        TritonOptions(vision_gemm="cutlass")
     with pytest.raises(ConfigError, match="TritonOptions.vision_gelu must be .*'kernel'.*'epilogue'.*got 'cublas'"):
         TritonOptions(vision_gelu="cublas")
 

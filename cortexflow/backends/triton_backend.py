@@ -47,7 +47,6 @@ from cortexflow.backends.triton_fp8 import (  # noqa: E402
     stream_layers_to_device,
 )
 from cortexflow.backends.triton_encoder import (  # noqa: E402
-    VISION_GEMM_TILINGS,
     fuse_encoder_weights,
     fused_prefix,
     fused_vision_tower,
@@ -170,8 +169,7 @@ class TritonBackend(PyTorchBackend):
         if not self._encoder_fused(vision_stack_fused(stack, weights),
                                    vision_stack_unsupported(stack, x.shape[-1], MAX_NORM_WIDTH, MAX_HEAD_DIM)):
             return super().pre_ln_encoder(weights, stack, x)
-        return fused_vision_tower(weights, stack, x, gelu_epilogue=self.options.vision_gelu == "epilogue",
-                                  gemm_tilings=VISION_GEMM_TILINGS if self.options.vision_gemm == "triton" else None)
+        return fused_vision_tower(weights, stack, x, gelu_epilogue=self.options.vision_gelu == "epilogue")
 
     def prefix_kv_cache(self, weights, layers, x, positions, mask, room=0):
         """The fused Gemma prefix (``triton_encoder.py``) when its weights were fused; else op by op."""

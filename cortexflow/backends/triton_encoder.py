@@ -29,10 +29,8 @@ from cortexflow.backends.triton_fp8 import project, project_add
 from cortexflow.kernels import rms_norm as rms_kernel
 from cortexflow.kernels.attention import attention
 from cortexflow.kernels.gelu_gate import gelu_tanh, gelu_tanh_gate_fused
-from cortexflow.kernels.gemm import GemmTiling, gemm
 from cortexflow.kernels.layer_norm import layer_norm
 from cortexflow.kernels.qkv_rope import qkv_rope
-from cortexflow.kernels.runtime import interpreting
 from cortexflow.ops import EncoderStack, FusableWeights, GatedLayer, PrefixKVCache, kv_buffers
 
 VISION_QKV = "qkv"
@@ -43,41 +41,6 @@ VISION_ATTENTION = "triton"
 #: Tiling of the prefix attention (``kernels.attention.attention`` keywords): 64-row tiles with 4 warps instead
 #: of the kernel's default 8 warps for D 256, the fastest in the sweep of benchmarks/NOTES.md, "Tuning constants".
 PREFIX_ATTENTION_TILING: dict = {"block_m": 64, "num_warps": 4}
-
-
-#: Tilings of :func:`cortexflow.kernels.gemm.gemm` for SigLIP's GEMMs by weight shape ``(N, K)``
-#: (``TritonOptions.vision_gemm="triton"``), each measured against cuBLAS by ``benchmarks/micro_gemm_shapes.py``;
-#: none yet (the sweep has not run on a GPU: benchmarks/NOTES.md, session 34).
-VISION_GEMM_TILINGS: dict[tuple[int, int], GemmTiling] = {}
-#: The tiling of a shape :data:`VISION_GEMM_TILINGS` lacks: 64 x 128 tiles, so that SigLIP's 512-row (2-view) GEMMs
-#: have 72 (o, fc2) to 272 (fc1) tiles for the H100's 132 SMs; not timed.
-VISION_GEMM_DEFAULT_TILING = GemmTiling(block_m=64, block_n=128, block_k=64, splits=1, num_warps=4, num_stages=4)
-#: The tiling every shape gets under Triton's interpreter (tests).
-INTERPRETER_GEMM_TILING = GemmTiling(block_m=32, block_n=32, block_k=32, splits=2, num_warps=4)
-
-
-def vision_gemm_tiling(weight: torch.Tensor, tilings: dict | None) -> GemmTiling | None:
-    """The Triton GEMM tiling of ``weight``'s shape: None (cuBLAS) without ``tilings``; else its entry in
-    ``tilings``, or :data:`VISION_GEMM_DEFAULT_TILING`; under the interpreter :data:`INTERPRETER_GEMM_TILING`."""
-    if tilings is None:
-        return None
-    if interpreting():
-        return INTERPRETER_GEMM_TILING
-    return tilings.get(tuple(weight.shape), VISION_GEMM_DEFAULT_TILING)
-
-
-def vision_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, tilings: dict | None, gelu: bool = False,
-                  gelu_epilogue: bool = True) -> torch.Tensor:
-    """``x @ weight.T + bias`` (then tanh-GELU with ``gelu``) for ``x (M, K)`` -> ``(M, N)``: with ``tilings`` the Triton
-    GEMM (:func:`vision_gemm_tiling`; bias and GELU in its epilogue, one rounding), else cuBLAS
-    (:func:`linear_gelu_tanh` with ``gelu_epilogue`` for the GELU)."""
-    tiling = vision_gemm_tiling(weight, tilings)
-    if tiling is not None:
-        out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
-        return gemm(x, weight, out, tiling, bias=bias, gelu=gelu)
-    if gelu:
-        return linear_gelu_tanh(x, weight, bias, gelu_epilogue)
-    return F.linear(x, weight, bias)
 
 
 def fuse_encoder_weights(groups: FusableWeights, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -136,15 +99,14 @@ def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 
 
 def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, *, gelu_epilogue: bool,
-                       vision_attention: str | None = None, gemm_tilings: dict | None = None) -> torch.Tensor:
+                       vision_attention: str | None = None) -> torch.Tensor:
     """``ComputeBackend.pre_ln_encoder`` over the fused weights: the embedded tokens ``x (N, T, D)`` -> post-LN
     tokens ``(N, T, D)`` in ``x.dtype``.
 
     The residual stream ``x (N*T, D)`` is the caller's temporary, updated in place; ``pending`` is the
     last sublayer's output, which the next LayerNorm adds to it first. ``vision_attention``
     overrides :data:`VISION_ATTENTION` (for the micro-benchmark); ``gelu_epilogue``: fc1 and its GELU as
-    :func:`linear_gelu_tanh` with ``epilogue`` (``TritonOptions.vision_gelu="epilogue"``); ``gemm_tilings``: the four
-    GEMMs through :func:`vision_linear` (``TritonOptions.vision_gemm="triton"``: :data:`VISION_GEMM_TILINGS`)."""
+    :func:`linear_gelu_tanh` with ``epilogue`` (``TritonOptions.vision_gelu="epilogue"``)."""
     x = x.contiguous()
     n, t, d = x.shape
     heads = stack.num_heads
@@ -157,17 +119,16 @@ def fused_vision_tower(weights, stack: EncoderStack, x: torch.Tensor, *, gelu_ep
     for i in range(stack.num_layers):
         w = lambda name: weights[f"{stack.layer(i)}.{name}"]  # noqa: E731
         h = layer_norm(rows, w("ln1.weight"), w("ln1.bias"), eps, residual=pending)
-        qkv = vision_linear(h, w(f"{VISION_QKV}.weight"), w(f"{VISION_QKV}.bias"), gemm_tilings)
-        qkv = qkv.view(n, t, 3, heads, head_dim)
+        qkv = F.linear(h, w(f"{VISION_QKV}.weight"), w(f"{VISION_QKV}.bias")).view(n, t, 3, heads, head_dim)
         if sdpa:  # (N, H, T, Dh) views in, (N, T, H, Dh) memory out
             q, k, v = (qkv[:, :, j].transpose(1, 2) for j in range(3))
             attn = F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).contiguous()
         else:
             attn = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], None, scale)
-        attn_out = vision_linear(attn.view(n * t, d), w("o.weight"), w("o.bias"), gemm_tilings)
+        attn_out = F.linear(attn.view(n * t, d), w("o.weight"), w("o.bias"))
         h = layer_norm(rows, w("ln2.weight"), w("ln2.bias"), eps, residual=attn_out)
-        act = vision_linear(h, w("fc1.weight"), w("fc1.bias"), gemm_tilings, gelu=True, gelu_epilogue=gelu_epilogue)
-        pending = vision_linear(act, w("fc2.weight"), w("fc2.bias"), gemm_tilings)
+        act = linear_gelu_tanh(h, w("fc1.weight"), w("fc1.bias"), gelu_epilogue)
+        pending = F.linear(act, w("fc2.weight"), w("fc2.bias"))
     out = layer_norm(rows, weights[f"{stack.final_norm}.weight"], weights[f"{stack.final_norm}.bias"], eps,
                      residual=pending)
     return out.view(n, t, d)

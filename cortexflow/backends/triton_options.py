@@ -23,7 +23,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "preload_decode_keys": ("grouped", "off"),
     "expert_launch": ("layer", "step", "euler"),
     "vision_gelu": ("kernel", "epilogue"),
-    "vision_gemm": ("cublas", "triton"),
 }
 
 #: The stages whose linear weights ``fp8`` may hold in E4M3: the Gemma prefix of the Pi0 family, and the decoder
@@ -54,10 +53,6 @@ class TritonOptions:
       rounded once; one kernel a layer fewer; on the H100 Pi0 0.8 % faster, benchmarks/NOTES.md, session 28);
       "kernel": a Triton kernel over the GEMM's rounded output. CUDA only: elsewhere that operator computes the
       erf GELU, so other devices run the kernel.
-    - ``vision_gemm``: with ``fused_encoder``, SigLIP's four GEMMs a layer: "cublas"; "triton": ``kernels/gemm.py``
-      (bias and GELU in its epilogue, optional split-K) at the tilings of ``triton_encoder.VISION_GEMM_TILINGS``, else
-      ``VISION_GEMM_DEFAULT_TILING``. Built for SigLIP's few-hundred-row GEMMs, where cuBLAS's tiles leave SMs idle;
-      not yet timed on a GPU (benchmarks/NOTES.md, session 34), so not the default.
 
     Token VLAs (OpenVLA, RT-2):
     - ``decode_gemv``: "all": every projection of a one-row decode step as a fused decode GEMV (norm
@@ -93,7 +88,6 @@ class TritonOptions:
     expert_launch: str = "euler"
     fused_encoder: bool = True
     vision_gelu: str = "epilogue"
-    vision_gemm: str = "cublas"
     decode_gemv: str = "all"
     decode_qkv_rope: bool = True
     decode_head: bool = True

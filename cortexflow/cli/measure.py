@@ -214,7 +214,7 @@ def bench_command(
 def compile_check_command(
     models: Annotated[str, typer.Option("--models", metavar="LIST", help=f"Comma-separated: {MODELS_HELP}.")] = "pi0,pi05",
     views: Annotated[str, typer.Option("--views", metavar="LIST", help="Comma-separated camera view counts (Pi0 family; openvla/rt2 take one image).")] = "2",
-    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated TritonOptions variants to compile: default, kernel-chain, expert-layer, op-by-op-encoder, vision-gemm, token-unfused, fp8; or all.")] = "default",
+    variants: Annotated[str, typer.Option("--variants", metavar="LIST", help="Comma-separated TritonOptions variants to compile: default, kernel-chain, expert-layer, op-by-op-encoder, token-unfused, fp8; or all.")] = "default",
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="bfloat16, float16 or float32.")] = "bfloat16",
     arch: Annotated[int, typer.Option("--arch", metavar="N", help="Compute capability as major*10+minor: 90 (H100/H200), 80 (A100), 89 (L4/L40).")] = 90,
     sms: Annotated[int, typer.Option("--sms", metavar="N", help="SM count of the GPU (grids and tilings follow it): 132 for the H100 SXM.")] = 132,

@@ -48,8 +48,6 @@ VARIANTS: dict[str, dict[str, object]] = {
     "expert-layer": {"expert_launch": "layer"},
     # The Pi0 family's vision tower and prefix op by op.
     "op-by-op-encoder": {"fused_encoder": False},
-    # SigLIP's GEMMs in Triton (kernels/gemm.py) instead of cuBLAS.
-    "vision-gemm": {"vision_gemm": "triton"},
     # The token VLAs' (OpenVLA, RT-2) decode steps without their fused paths, and no programmatic dependent launch.
     "token-unfused": {"decode_gemv": "off", "decode_qkv_rope": False, "decode_head": False,
                       "fold_token_norms": False, "fused_combine": "off", "pdl": "off"},
