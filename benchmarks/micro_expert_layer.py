@@ -20,7 +20,8 @@ with ``--cache-control none``, so that what the instruction cache holds carries 
 
 ``--step --euler`` times the Euler step kernel, the launch the backend runs by default: a change measured on the
 layers-only step kernel need not carry over (session 33: a tiling 2 µs a layer faster there ran the whole predict
-0.8-6 % slower, benchmarks/NOTES.md).
+0.8-6 % slower, benchmarks/NOTES.md). It times the layers-only step kernel and the Euler step in three launches
+(``expert_step(split_ends=True)``, ``TritonOptions.expert_launch="euler_split"``) beside it.
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
@@ -223,10 +224,11 @@ def main() -> None:
                                head_bias=rnd32(ACTION_DIM, scale=0.1), final_scale=1.0 + rnd32(D, scale=0.1),
                                chunk=s - 1, dt=-0.1, mid_weight=rnd32(D, D, scale=D**-0.5), mid_bias=rnd32(D, scale=0.1))
 
-    def step_kernel(work, fp8=False):
+    def step_kernel(work, fp8=False, action_path=True, split_ends=False):
         work.reset()
         return es.expert_step(hidden.view(s, D), work.residual, step_tables[fp8], norm_scales, positions, inv_freq,
-                              keys, values, mask, EPS, scale, work, HEADS, euler=euler)
+                              keys, values, mask, EPS, scale, work, HEADS, euler=euler if action_path else None,
+                              split_ends=split_ends)
 
     if args.ncu:
         tiling = el.default_tiling(fp8=args.fp8)  # with --fp8: E4M3 weights at the backend's FP8 tiling
@@ -312,12 +314,19 @@ def main() -> None:
                                              attention_splits=work.n_splits, programs=work.programs):
             continue
         step_label = "Euler step kernel" if args.euler else "step kernel"
-        if args.step and not fp8_only:
-            time_variant(step_label, name, tiling, lambda: step_kernel(work), compare=not args.euler)
+        # With --euler: the layers-only step kernel, the Euler step in one launch and in three (split_ends).
+        forms = [("step kernel", dict(action_path=False))] if args.euler else []
+        forms.append((step_label, {}))
+        if args.euler:
+            forms.append(("Euler step in 3 launches", dict(split_ends=True)))
+        for label, form in forms if args.step and not fp8_only else ():
+            time_variant(label, name, tiling, lambda: step_kernel(work, **form), compare="action_path" in form
+                         or not args.euler)
         if args.fp8:
             time_variant("persistent fp8", name, tiling, lambda: persistent(work, fp8=True))
-        if args.fp8 and args.step:
-            time_variant(f"{step_label} fp8", name, tiling, lambda: step_kernel(work, fp8=True), compare=not args.euler)
+        for label, form in forms if args.fp8 and args.step else ():
+            time_variant(f"{label} fp8", name, tiling, lambda: step_kernel(work, fp8=True, **form),
+                         compare="action_path" in form or not args.euler)
     phase_tilings = {} if args.no_phases else {"default": el.ExpertTiling()}
     phase_tilings.update({name: tilings(False)[name] for name in args.phases_of})
     for tiling_name, tiling in phase_tilings.items():
