@@ -16,7 +16,7 @@ OUT=$S/micro timeout 150 python3 benchmarks/micro_expert_layer.py --step --euler
   --only "bits, weights first" > $OUT/micro.log 2>&1; echo "micro rc $?" >> $OUT/steps.txt
 cp $S/micro/micro_expert_layer.json $OUT/micro_euler_split.json
 grep -E "^(step kernel|Euler)" $OUT/micro.log | grep -v "(" 
-timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_expert_step.py -k "split" > $OUT/tests.log 2>&1
+timeout 75 python3 -m pytest -q -p no:cacheprovider tests/test_expert_step.py -k "split" > $OUT/tests.log 2>&1
 echo "tests rc $?" >> $OUT/steps.txt; tail -2 $OUT/tests.log
 OUT=$S/grid BUDGET=280 BUILDS="new opt" OPT_OPTIONS="expert_launch=euler_split" GROUPS_TO_BENCH="pi0 pi05" VERIFY="" \
   ROUNDS="1 2" SKIP_TESTS=1 bash benchmarks/gpu_triton_check.sh final > $OUT/grid.log 2>&1; echo "grid rc $?" >> $OUT/steps.txt
