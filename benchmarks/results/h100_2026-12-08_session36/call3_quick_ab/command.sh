@@ -1,0 +1,4 @@
+# Session 36, calls 3 and 4 (warm after call 2, the same H100): Pi0 at 2 views, then at 1 view, prompt 20, this build
+# with expert_launch=euler and euler_split alternated, two rounds, 300 timed calls each.
+export PYTHONPATH=$PWD; for r in 1 2; do for o in euler euler_split; do timeout 30 python3 -m cortexflow.cli bench --backends triton --graphs on --iters 300 --warmup 5 --device cuda --size real --models pi0 --views 2 --prompt-len 20 --triton-options expert_launch=$o --json $OUT/b_${o}_$r.json 2>&1 | grep -E "pi0 +triton" ; done; done
+export PYTHONPATH=$PWD; for r in 1 2; do for o in euler euler_split; do timeout 25 python3 -m cortexflow.cli bench --backends triton --graphs on --iters 300 --warmup 5 --device cuda --size real --models pi0 --views 1 --prompt-len 20 --triton-options expert_launch=$o --json $OUT/b1_${o}_$r.json 2>&1 | grep -E "^  pi0 +triton" ; done; done
