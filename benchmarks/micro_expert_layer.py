@@ -20,8 +20,8 @@ with ``--cache-control none``, so that what the instruction cache holds carries 
 
 ``--step --euler`` times the Euler step kernel, the launch the backend runs by default: a change measured on the
 layers-only step kernel need not carry over (session 33: a tiling 2 µs a layer faster there ran the whole predict
-0.8-6 % slower, benchmarks/NOTES.md). It times the layers-only step kernel and the Euler step in three launches
-(``expert_step(split_ends=True)``, ``TritonOptions.expert_launch="euler_split"``) beside it.
+0.8-6 % slower, benchmarks/NOTES.md). It times the layers-only step kernel beside it, and restores the noisy
+actions ``x_t`` before each Euler step, so every replay runs the same step.
 
 With ``--fp8`` each tiling is also timed with E4M3 weights (weight-only, per-output-channel scales; the floor of
 such a layer is half the bf16 one), as the one-layer kernel and, with ``--step``, as the step kernel.
@@ -224,11 +224,14 @@ def main() -> None:
                                head_bias=rnd32(ACTION_DIM, scale=0.1), final_scale=1.0 + rnd32(D, scale=0.1),
                                chunk=s - 1, dt=-0.1, mid_weight=rnd32(D, D, scale=D**-0.5), mid_bias=rnd32(D, scale=0.1))
 
-    def step_kernel(work, fp8=False, action_path=True, split_ends=False):
+    x_t_start = None if euler is None else euler.x_t.clone()
+
+    def step_kernel(work, fp8=False, action_path=True):
         work.reset()
+        if euler is not None and action_path:
+            euler.x_t.copy_(x_t_start)  # every replay the same Euler step, as every predict starts from its noise
         return es.expert_step(hidden.view(s, D), work.residual, step_tables[fp8], norm_scales, positions, inv_freq,
-                              keys, values, mask, EPS, scale, work, HEADS, euler=euler if action_path else None,
-                              split_ends=split_ends)
+                              keys, values, mask, EPS, scale, work, HEADS, euler=euler if action_path else None)
 
     if args.ncu:
         tiling = el.default_tiling(fp8=args.fp8)  # with --fp8: E4M3 weights at the backend's FP8 tiling
@@ -314,11 +317,9 @@ def main() -> None:
                                              attention_splits=work.n_splits, programs=work.programs):
             continue
         step_label = "Euler step kernel" if args.euler else "step kernel"
-        # With --euler: the layers-only step kernel, the Euler step in one launch and in three (split_ends).
+        # With --euler: the layers-only step kernel beside the Euler step kernel.
         forms = [("step kernel", dict(action_path=False))] if args.euler else []
         forms.append((step_label, {}))
-        if args.euler:
-            forms.append(("Euler step in 3 launches", dict(split_ends=True)))
         for label, form in forms if args.step and not fp8_only else ():
             time_variant(label, name, tiling, lambda: step_kernel(work, **form), compare="action_path" in form
                          or not args.euler)

@@ -160,8 +160,7 @@ def test_step_launch_checks_its_tables_and_tensors():
 # behind the same backend wiring as test_expert_layer's FP8 backend test: one end-to-end case, Pi0.5, suffices for
 # "step"; "euler" runs both models (Pi0's action path has a middle layer and a state row, Pi0.5's adaptive final norm).
 @pytest.mark.parametrize("model, fp8, launch", [("pi05", False, "step"), ("pi05", False, "euler"),
-                                                ("pi0", False, "euler"), ("pi0", False, "euler_split")],
-                         ids=["pi05-step", "pi05-euler", "pi0-euler", "pi0-euler-split"])
+                                                ("pi0", False, "euler")], ids=["pi05-step", "pi05-euler", "pi0-euler"])
 def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
     """A tiny Pi0.5 and a tiny Pi0 in fp32 through the triton backend with ``expert_launch="step"`` (one launch a
     step for the expert layers) or "euler" (one launch a whole Euler step, the action path included): the actions of
@@ -192,7 +191,7 @@ def test_backend_runs_a_step_in_one_launch(tmp_path, model, fp8, launch):
         if name == "step":
             tables = engine.backend.per_weights(engine.weights, "expert_step_tables", lambda: None)
             assert tables.layers == config.num_decoder_layers and (tables.scales is not None) == fp8
-            if launch.startswith("euler"):  # the Euler launch made its final-norm factors
+            if launch == "euler":  # the Euler launch made its final-norm factors
                 key = "euler_final_scale" if model == "pi0" else ("euler_final_scales", config.num_diffusion_steps)
                 assert engine.backend.per_weights(engine.weights, key, lambda: None) is not None
     rel = np.linalg.norm(outputs["step"] - outputs["reference"]) / np.linalg.norm(outputs["reference"])
@@ -238,7 +237,7 @@ def test_expert_launch_option():
     assert TritonOptions().expert_launch == "euler"
     assert TritonOptions.parse("expert_launch=step").changed() == {"expert_launch": "step"}
     assert TritonOptions.parse("expert_launch=layer").changed() == {"expert_launch": "layer"}
-    with pytest.raises(ConfigError, match="expert_launch must be 'layer', 'step', 'euler' or 'euler_split'"):
+    with pytest.raises(ConfigError, match="expert_launch must be 'layer', 'step' or 'euler'"):
         TritonOptions(expert_launch="all")
 
 
@@ -393,38 +392,6 @@ def _check_euler_step(dtype, pi05, layers, tiling, fp8=False):
         assert action_barrier == work.programs and head_barrier == work.programs
     assert (barriers[:, :7] == work.programs).all()
     assert (barriers[:, 7] == (work.programs if tiling.attn_merge == "phase" else 0)).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("pi05", [False, True], ids=["pi0", "pi05"])
-@pytest.mark.parametrize("layers", [LAYERS, 1], ids=["3-layers", "1-layer"])
-def test_euler_step_with_split_ends_equals_the_one_launch(dtype, pi05, layers):
-    """``split_ends=True`` (the action phase and the action head as launches of their own around the layers' launch)
-    computes the one launch's Euler step bit for bit: the residual, the KV cache rows and ``x_t``; the layers' launch
-    passes no action-path barrier (the 9th counters stay zero) and every layer barrier as the one launch does."""
-    weights, scales, norm_scales, modulation, x, positions, keys, values, mask = _step_inputs(dtype, pi05, False, 8)
-    weights, norm_scales = weights[:layers], norm_scales[:layers]
-    modulation = None if modulation is None else modulation[:layers]
-    keys, values = keys[:layers].contiguous(), values[:layers].contiguous()
-    inv_freq = inverse_frequencies(HEAD_DIM, 10000.0, torch.device(DEVICE))
-    tables = es.expert_weight_tables(weights)
-    euler = _euler_inputs(dtype, pi05, 9)
-    results = {}
-    for split in (False, True):
-        work = el.ExpertWorkspace(BATCH * SEQ, SEQ, DIM, MLP, HEADS, KV_HEADS, HEAD_DIM, PREFIX + SEQ, dtype,
-                                  torch.device(DEVICE), SMALL_TILING, launches=layers)
-        work.reset()
-        step_euler = es.EulerUpdate(**{**euler.__dict__, "x_t": euler.x_t.clone()})
-        k, v = keys.clone(), values.clone()
-        out = es.expert_step(x.clone(), work.residual, tables, norm_scales, positions, inv_freq, k, v, mask, 1e-6,
-                             HEAD_DIM**-0.5, work, HEADS, modulation, euler=step_euler, split_ends=split)
-        results[split] = (out.clone(), k, v, step_euler.x_t, work.sync.view(layers, el.ExpertWorkspace.BARRIERS).clone())
-    one, split = results[False], results[True]
-    assert not torch.equal(split[3], euler.x_t)  # the head launch updated x_t
-    for a, b in zip(one[:4], split[:4]):
-        assert torch.equal(a, b)
-    assert torch.equal(one[4][:, :-1], split[4][:, :-1])
-    assert (split[4][:, -1] == 0).all() and (one[4][:, -1] > 0).any()
 
 
 def test_euler_step_checks_its_action_path():

@@ -224,7 +224,7 @@ class TritonBackend(PyTorchBackend):
     def begin_denoising(self, weights, expert, conditioning, kv_cache, positions, mask, chunk, num_steps):
         """Adds the RoPE frequencies, whether the expert's Triton kernels launch with programmatic dependent
         launch and, with ``persistent_expert`` (for an expert the kernel was written for), the persistent
-        kernel's workspace for ``num_steps`` steps (and with ``expert_launch`` other than "layer" the step kernel's
+        kernel's workspace for ``num_steps`` steps (and with ``expert_launch="step"`` or "euler" the step kernel's
         weight tables, made once per weights). E4M3 expert weights run only in the persistent kernel:
         without it, a ConfigError."""
         persistent = self.options.persistent_expert
@@ -240,7 +240,7 @@ class TritonBackend(PyTorchBackend):
             persistent = False
         if persistent:
             ctx.backend_state["workspace"] = start_workspace(ctx, weights, num_steps)
-            if self.options.expert_launch != "layer":
+            if self.options.expert_launch in ("step", "euler"):
                 ctx.backend_state["step_tables"] = self.per_weights(weights, "expert_step_tables",
                                                                     lambda: step_tables(weights, expert))
         return ctx
@@ -267,17 +267,16 @@ class TritonBackend(PyTorchBackend):
         return fused_expert_stack(self, weights, ctx, x, step)
 
     def denoising_step(self, weights, ctx, path, hidden, x_t, step, dt, guide=None):
-        """With ``expert_launch="euler"``, the whole Euler step as one launch (``triton_decoder.euler_step``), with
-        "euler_split" as three; otherwise, with a ``guide`` (whose velocity correction runs between the head and the
-        update), or where those launches cannot run, the composition around :meth:`expert_stack`."""
-        euler_launch = self.options.expert_launch in ("euler", "euler_split")
-        if not euler_launch or not self.options.persistent_expert or guide is not None:
+        """With ``expert_launch="euler"``, the whole Euler step as one launch (``triton_decoder.euler_step``);
+        otherwise, with a ``guide`` (whose velocity correction runs between the head and the update), or where that
+        launch cannot run, the composition around :meth:`expert_stack`."""
+        if self.options.expert_launch != "euler" or not self.options.persistent_expert or guide is not None:
             return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
         reason = euler_step_unsupported(ctx, path)
         if reason is not None:
             self._fallback("Euler step in one launch", reason)
             return super().denoising_step(weights, ctx, path, hidden, x_t, step, dt, guide)
-        euler_step(self, weights, ctx, path, hidden, x_t, step, dt, split_ends=self.options.expert_launch == "euler_split")
+        euler_step(self, weights, ctx, path, hidden, x_t, step, dt)
 
     def run_concurrently(self, first, second):
         """``(first(), second())``: on a GPU ``first`` runs on a side stream while ``second`` runs on the

@@ -17,8 +17,7 @@ What differs from the units' default compositions (:class:`cortexflow.ops.Comput
   layer of the step (:mod:`cortexflow.kernels.expert_step`, its weight tables made once per weights). E4M3
   expert weights (``quantize_in_place`` on the fused weights) run only there: the kernel converts them in its GEMMs and applies their per-channel scales.
 - with ``expert_launch="euler"`` one launch is a whole Euler step (``denoising_step``): the step kernel with the
-  action path around the layers (:class:`~cortexflow.kernels.expert_step.EulerUpdate`); with "euler_split" the
-  action tokens and the action head are launches of their own before and after it.
+  action path around the layers (:class:`~cortexflow.kernels.expert_step.EulerUpdate`).
 What depends only on the time step (the expert's norm scales, modulations and residual gates per step) is
 the model's :class:`~cortexflow.ops.ExpertConditioning`, made once per weights and step count.
 """
@@ -110,12 +109,11 @@ def euler_step_unsupported(ctx: DenoisingContext, path: ActionPath) -> str | Non
 
 
 def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden: torch.Tensor, x_t: torch.Tensor,
-               step: int, dt: float, split_ends: bool = False) -> None:
+               step: int, dt: float) -> None:
     """``ComputeBackend.denoising_step`` as one launch of the step kernel with the action path
-    (:func:`euler_step_unsupported` said it can run), or with ``split_ends`` as three (the action tokens, the layers,
-    the head: :func:`~cortexflow.kernels.expert_step.expert_step`): ``x_t (B, H, A)`` updated in place; ``hidden (B,
-    S, D)`` is only read (its first ``S - H`` rows). The final norm's column factors are made once per weights (and
-    step count)."""
+    (:func:`euler_step_unsupported` said it can run): ``x_t (B, H, A)`` updated in place; ``hidden (B, S, D)`` is
+    only read (its first ``S - H`` rows). The final norm's column factors are made once per weights (and step
+    count)."""
     cond = ctx.conditioning
     if cond.modulation is not None:
         scales = backend.per_weights(weights, ("euler_final_scales", cond.final_modulation.shape[0]),
@@ -130,7 +128,7 @@ def euler_step(backend, weights, ctx: DenoisingContext, path: ActionPath, hidden
     dims = ctx.expert.layers[0].dims
     state = ctx.backend_state
     _persistent_step(state["step_tables"], hidden, state["workspace"], ctx, state["inv_freq"], dims.attention_scale,
-                     dims.rms_norm_eps, dims.num_heads, step, euler, split_ends)
+                     dims.rms_norm_eps, dims.num_heads, step, euler)
 
 
 #: The expert weights the persistent kernel takes, in the order of its ``weight_scales``.
@@ -176,17 +174,16 @@ def _persistent_layer(weights, layer, layers, x, work, positions, mask, keys, va
     return out
 
 
-def _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, heads, step, euler=None, split_ends=False):
+def _persistent_step(tables, x, work, ctx, inv_freq, scale, eps, heads, step, euler=None):
     """Every expert layer of step ``step`` as one persistent kernel on ``x (B, S, D)`` into ``work.residual``
     (the same counters, buffers and numbers as the layer launches of :func:`_persistent_layer`); with ``euler``
-    the whole Euler step (:func:`~cortexflow.kernels.expert_step.expert_step`, ``split_ends`` as there)."""
+    the whole Euler step (:func:`~cortexflow.kernels.expert_step.expert_step`)."""
     b, s, d = x.shape
     cond = ctx.conditioning
     adaptive = cond.modulation is not None
     norm_scales = cond.norm_scales[step] if adaptive else cond.norm_scales
     expert_step(x.view(b * s, d), work.residual, tables, norm_scales, ctx.positions, inv_freq, ctx.keys, ctx.values,
-                ctx.mask, eps, scale, work, heads, cond.modulation[step] if adaptive else None, step=step, euler=euler,
-                split_ends=split_ends)
+                ctx.mask, eps, scale, work, heads, cond.modulation[step] if adaptive else None, step=step, euler=euler)
     return work.residual.view(b, s, d)
 
 

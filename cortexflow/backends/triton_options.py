@@ -21,7 +21,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "decode_gemv": ("all", "off"),
     "fused_combine": ("grouped", "off"),
     "preload_decode_keys": ("grouped", "off"),
-    "expert_launch": ("layer", "step", "euler", "euler_split"),
+    "expert_launch": ("layer", "step", "euler"),
     "vision_gelu": ("kernel", "epilogue"),
 }
 
@@ -43,11 +43,9 @@ class TritonOptions:
     - ``expert_launch``: with ``persistent_expert``, "euler": one launch per Euler step, the action path
       included (action tokens, the layers, final norm, action head, the update of the noisy actions;
       ``kernels/expert_step.py``; on the H100 Pi0 4 % and Pi0.5 2 % faster than "layer": benchmarks/NOTES.md,
-      session 28); "euler_split": the same Euler step in three launches, the action tokens, the layers with the
-      final norm, the action head and update (the same arithmetic; the layers' kernel then carries no action-path
-      code); "step": one launch per denoising step that runs every layer, with ~7 kernels a step around it;
+      session 28); "step": one launch per denoising step that runs every layer, with ~7 kernels a step around it;
       "layer": one launch per expert layer. A real-time-chunking call, whose guidance changes each velocity,
-      runs "step" where "euler" or "euler_split" is asked for.
+      runs "step" where "euler" is asked for.
     - ``fused_encoder``: the SigLIP tower and Gemma prefix with fused Q/K/V and gate/up GEMMs, in-place
       residuals and the prefix K/V written by the QKV/RoPE kernel; False: the model's op-by-op stages.
     - ``vision_gelu``: with ``fused_encoder``, where SigLIP's tanh-GELU after fc1 runs: "epilogue": in

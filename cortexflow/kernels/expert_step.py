@@ -68,10 +68,6 @@ layers included (``ComputeBackend.denoising_step``'s composition, one launch ins
 Its two barriers are the 9th counter of the first and of the last layer, which the layers leave unused (one
 counter, arrived at twice, for a one-layer expert). ``x_t`` is read in the action phase and written in the head
 phase, one barrier apart; the next step is the next launch.
-
-With ``split_ends`` the action phase and the head phase are launches of their own (:func:`_action_kernel` before the
-step kernel, :func:`_head_kernel` after it, on the same stream): the launch boundaries take the two barriers' place,
-and the step kernel compiles without either phase's code (Pi0's, for sm_90: 244 registers a thread against 255).
 """
 
 from __future__ import annotations
@@ -186,24 +182,6 @@ def _head_phase(hn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_
 
 
 @triton.jit
-def _action_kernel(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_ptr, part_ptr, M, S, chunk,
-                   MID: tl.constexpr, A: tl.constexpr, BLOCK_A: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`_action_phase` as a launch of its own (``expert_step(split_ends=True)``)."""
-    _action_phase(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_ptr, part_ptr, M, S, chunk,
-                  tl.program_id(0), tl.num_programs(0), MID, A, BLOCK_A, D, SPLITS, PRECISION, BLOCK_M, BLOCK_N,
-                  BLOCK_K)
-
-
-@triton.jit
-def _head_kernel(hn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, A: tl.constexpr, BLOCK_A: tl.constexpr,
-                 D: tl.constexpr, BLOCK_K: tl.constexpr):
-    """:func:`_head_phase` as a launch of its own (``expert_step(split_ends=True)``)."""
-    _head_phase(hn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, tl.program_id(0), tl.num_programs(0), A,
-                BLOCK_A, D, BLOCK_K)
-
-
-@triton.jit
 def _expert_step_kernel(
     x_ptr, out_ptr, w_qkv_ptr, w_o_ptr, w_gu_ptr, w_down_ptr, w_table_ptr, qkv_ws_ptr, o_ws_ptr, gu_ws_ptr,
     down_ws_ptr, ws_table_ptr, norm_ptr, s_norm_layer, s_norm_which, mod_ptr, s_mod_layer,
@@ -220,18 +198,16 @@ def _expert_step_kernel(
     MERGE_ROWS: tl.constexpr, BLOCK_HD: tl.constexpr, BLOCK_D: tl.constexpr,
     BARRIERS: tl.constexpr, ALIGN: tl.constexpr, EULER: tl.constexpr, MID: tl.constexpr, A: tl.constexpr,
     BLOCK_A: tl.constexpr, ACTION_PRECISION: tl.constexpr, ACTION_N: tl.constexpr, ACTION_K: tl.constexpr,
-    HEAD_K: tl.constexpr, ENDS: tl.constexpr,
+    HEAD_K: tl.constexpr,
 ):
     """Every layer of one denoising step (see :func:`expert_step`): layer ``l`` takes projection ``j``'s weight
     (and FP8 scales) at layer 0's plus the element offset ``table[j, l]`` (a multiple of ``ALIGN``), its norm /
     modulation vectors and KV cache at ``l`` times the layer strides, and its barrier counters at
-    ``sync_ptr + l * BARRIERS``. ``EULER``: an Euler step (module doc): layer 0 on ``out``, whose action rows (and
-    ``MID``'s pending partials) the action phase wrote, and the final norm after the last layer; ``ENDS``: the action
-    and head phases in this launch, else in :func:`_action_kernel` before it and :func:`_head_kernel` after it."""
+    ``sync_ptr + l * BARRIERS``. ``EULER``: the action and head phases around the layers (module doc)."""
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     m_pad = tl.cdiv(M, BLOCK_M) * BLOCK_M
-    if EULER & ENDS:
+    if EULER:
         _action_phase(xt_ptr, in_w_ptr, in_b_ptr, mid_w_ptr, mid_b_ptr, x_ptr, out_ptr, down_part_ptr, M, S, chunk,
                       pid, n_programs, MID, A, BLOCK_A, D, DOWN_SPLITS, ACTION_PRECISION, BLOCK_M, ACTION_N, ACTION_K)
         _grid_sync(sync_ptr + BARRIERS - 1, n_programs, True)
@@ -278,11 +254,10 @@ def _expert_step_kernel(
                 # The residual and the final norm of every row, then the action head on the action rows.
                 _row_phase(out_ptr, out_ptr, hn_attn_ptr, down_part_ptr, mlp_gate, final_scale_ptr, final_shift_ptr, M,
                            m_pad, eps, pid, n_programs, True, DOWN_SPLITS, GATED, True, SHIFT, D, BLOCK_D)
-                if ENDS:
-                    # With one layer this counter also held the action phase's arrivals.
-                    _grid_sync(sync + BARRIERS - 1, n_programs * (1 + (n_layers == 1)), True)
-                    _head_phase(hn_attn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_programs, A,
-                                BLOCK_A, D, HEAD_K)
+                # With one layer this counter also held the action phase's arrivals.
+                _grid_sync(sync + BARRIERS - 1, n_programs * (1 + (n_layers == 1)), True)
+                _head_phase(hn_attn_ptr, head_w_ptr, head_b_ptr, xt_ptr, M, S, chunk, dt, pid, n_programs, A, BLOCK_A,
+                            D, HEAD_K)
             else:
                 _row_phase(out_ptr, out_ptr, hn_mlp_ptr, down_part_ptr, mlp_gate, mlp_scale, mlp_shift, M, m_pad, eps,
                            pid, n_programs, True, DOWN_SPLITS, GATED, False, SHIFT, D, BLOCK_D)
@@ -424,7 +399,7 @@ def expert_step(
     x: torch.Tensor, out: torch.Tensor, tables: ExpertWeightTables, norm_scales: torch.Tensor, positions: torch.Tensor,
     inv_freq: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, eps: float, scale: float,
     workspace: ExpertWorkspace, heads: int, modulation: torch.Tensor | None = None, step: int = 0,
-    euler: EulerUpdate | None = None, split_ends: bool = False,
+    euler: EulerUpdate | None = None,
 ) -> torch.Tensor:
     """Every expert layer of one step on ``x (M, D)`` into ``out (M, D)`` (layer 0 reads ``x``, later layers
     update ``out`` in place; ``out`` may be ``x``), in one launch. ``tables``: the layers' weights
@@ -437,9 +412,7 @@ def expert_step(
     in the same order of operations. ``euler``: the launch is a whole Euler step (:class:`EulerUpdate`): layer 0
     runs on ``x`` with the action tokens in the last ``chunk`` rows of each batch (``x`` is only read there; ``out``
     may not be ``x``), the final norm and the action head follow the layers, and ``euler.x_t`` is updated in
-    place. ``split_ends`` (with ``euler``): the action phase and the action head run as launches of their own before
-    and after the layers' launch (three launches a step, the same arithmetic), so the step kernel carries neither's
-    code. Returns ``out``."""
+    place. Returns ``out``."""
     layers = tables.layers
     m, dim = x.shape
     s = workspace.seq_len
@@ -473,34 +446,19 @@ def expert_step(
     sync = workspace.sync[step * layers * workspace.BARRIERS:]
     fp8 = tables.scales is not None
     workspace.check_weights(fp8)
-    euler_arguments = _euler_arguments(euler, norm_scales)
-    euler_constants = _euler_constants(euler, x.dtype, dim, workspace.tiling)
-    ends = euler is None or not split_ends
-    if not ends:
-        _action_kernel[(workspace.programs,)](
-            *euler_arguments[:5], x, out, workspace.down_part, m, s, euler.chunk, MID=euler_constants["MID"],
-            A=euler_constants["A"], BLOCK_A=euler_constants["BLOCK_A"], D=dim, SPLITS=workspace.tiling.down_splits,
-            PRECISION=euler_constants["ACTION_PRECISION"], BLOCK_M=workspace.tiling.block_m,
-            BLOCK_N=euler_constants["ACTION_N"], BLOCK_K=euler_constants["ACTION_K"],
-            num_warps=workspace.tiling.num_warps)
     _expert_step_kernel[(workspace.programs,)](
         x, out, *tables.weights, tables.offsets, *(tables.scales if fp8 else (norm_scales,) * 4),
         tables.scale_offsets if fp8 else tables.offsets, norm_scales,
         norm_scales.stride(0), norm_scales.stride(1), mod, *mod_strides, positions, inv_freq, workspace.normed_attn,
         workspace.normed_mlp, workspace.q, keys, values, keys.stride(0), values.stride(0), mask, workspace.attn,
         workspace.h, workspace.part_acc, workspace.part_ml, workspace.o_part, workspace.down_part, sync,
-        workspace.counters, *euler_arguments, layers, m, s, p, eps, scale * LOG2E,
+        workspace.counters, *_euler_arguments(euler, norm_scales), layers, m, s, p, eps, scale * LOG2E,
         workspace.keys_per_split, workspace.n_splits,
         positions.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), values.stride(1), values.stride(2),
         values.stride(3), mask.stride(0), mask.stride(1), mask.stride(2), BARRIERS=workspace.BARRIERS,
-        ALIGN=tables.alignment, ENDS=ends, **euler_constants,
+        ALIGN=tables.alignment, **_euler_constants(euler, x.dtype, dim, workspace.tiling),
         **launch_constants(x.dtype, dim, mlp_dim, heads, kv_heads, head_dim, adaptive, adaptive, fp8, workspace),
     )
-    if not ends:
-        _head_kernel[(min(m, workspace.programs),)](
-            workspace.normed_attn, euler.head_weight, euler.head_bias, euler.x_t, m, s, euler.chunk, euler.dt,
-            A=euler_constants["A"], BLOCK_A=euler_constants["BLOCK_A"], D=dim, BLOCK_K=euler_constants["HEAD_K"],
-            num_warps=workspace.tiling.num_warps)
     return out
 
 
